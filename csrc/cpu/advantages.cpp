@@ -1,0 +1,50 @@
+// GAE on the CPU: one reverse scan per sequence, sequences in parallel.
+//   δ_t = r_t + γ·V_{t+1}·m_{t+1} - V_t,   A_t = δ_t + γλ·A_{t+1}·m_{t+1},
+//   returns = A + V; both zeroed where m_t == 0.
+#include "advantages.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+namespace rlhf_kernels {
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor> gae(
+    const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask, double gamma, double lam) {
+  TORCH_CHECK(values.dim() == 2, "values must be [B, T], got ", values.sizes());
+  TORCH_CHECK(rewards.sizes() == values.sizes() && mask.sizes() == values.sizes(),
+              "rewards, values and mask must share one [B, T] shape");
+  const at::Tensor r = rewards.to(values.scalar_type()).contiguous();
+  const at::Tensor v = values.contiguous();
+  const at::Tensor m = mask.to(values.scalar_type()).contiguous();
+  at::Tensor adv = at::empty_like(v);
+  at::Tensor ret = at::empty_like(v);
+  const int64_t B = v.size(0), T = v.size(1);
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "gae_cpu", [&] {
+    const scalar_t* rp = r.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    const scalar_t* mp = m.const_data_ptr<scalar_t>();
+    scalar_t* ap = adv.data_ptr<scalar_t>();
+    scalar_t* tp = ret.data_ptr<scalar_t>();
+    const scalar_t g = static_cast<scalar_t>(gamma), gl = static_cast<scalar_t>(gamma * lam);
+    at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t o = b * T;
+        scalar_t next_value = 0, next_adv = 0, next_mask = 0;
+        for (int64_t t = T - 1; t >= 0; --t) {
+          const scalar_t delta = rp[o + t] + g * next_value * next_mask - vp[o + t];
+          const scalar_t a = delta + gl * next_adv * next_mask;
+          ap[o + t] = a * mp[o + t];
+          tp[o + t] = (a + vp[o + t]) * mp[o + t];
+          next_value = vp[o + t];
+          next_adv = a;
+          next_mask = mp[o + t];
+        }
+      }
+    });
+  });
+  return {adv, ret};
+}
+
+}  // namespace cpu
+}  // namespace rlhf_kernels

@@ -1,0 +1,289 @@
+// Fused log-prob + entropy on the CPU: one pass over each row of logits,
+// no [N, V] temporaries, fp32 accumulation (fp64 for fp64 inputs).
+//
+// Forward, per row with z = x / T:
+//   online over chunks of the vocabulary: m = max z, s = Σ exp(z - m),
+//   t = Σ exp(z - m)·(z - m)
+//   lse = m + log s,  entropy = log s - t / s,  logp = z[y] - lse
+// Keeping t relative to the running max makes the entropy exact even for
+// logits of size 1e4 (no lse - Σp·z cancellation).
+//
+// Backward, per element with lp = z - lse, p = exp(lp), H the entropy:
+//   dz = g_logp·(onehot(y) - p) - g_ent·p·(lp + H);   dlogits = dz / T
+// Everything is rebuilt from the saved per-row lse and entropy.
+#include "logprobs.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace rlhf_kernels {
+namespace cpu {
+namespace {
+
+// Chunk of the row converted to the accumulation type; 2048 floats = 8 KiB stays in L1,
+// so each chunk is read from memory once and re-read from cache.
+constexpr int64_t kChunk = 2048;
+
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+// buf[i] = x[i] * inv_t, converted to the accumulation type.
+template <typename scalar_t, typename acc_t>
+inline void load_scaled(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* buf) {
+  for (int64_t i = 0; i < n; ++i) {
+    buf[i] = static_cast<acc_t>(x[i]) * inv_t;
+  }
+}
+
+// NaN-propagating maximum of buf[0:n].
+template <typename acc_t>
+inline acc_t chunk_max(const acc_t* buf, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return at::vec::reduce_all<acc_t>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, buf, n);
+}
+
+// Adds Σ exp(z - m) to *s and Σ exp(z - m)·(z - m) to *t over buf[0:n].
+template <typename acc_t>
+inline void chunk_sum_exp(const acc_t* buf, int64_t n, acc_t m, acc_t* s, acc_t* t) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec vm(m);
+  // -inf logits give exp = 0; clamping the shift keeps 0·(-inf) from becoming NaN.
+  const Vec floor_shift(-std::numeric_limits<acc_t>::max());
+  Vec vs(0), vt(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec d = Vec::loadu(buf + i) - vm;
+    Vec e = d.exp();
+    vs = vs + e;
+    vt = at::vec::fmadd(e, at::vec::maximum(d, floor_shift), vt);
+  }
+  if (i < n) {
+    const int64_t rest = n - i;
+    // Lanes past the tail become -inf so they add exactly 0 (loadu zero-fills them).
+    Vec d = Vec::set(Vec(-std::numeric_limits<acc_t>::infinity()), Vec::loadu(buf + i, rest) - vm, rest);
+    Vec e = d.exp();
+    vs = vs + e;
+    vt = at::vec::fmadd(e, at::vec::maximum(d, floor_shift), vt);
+  }
+  *s += at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vs);
+  *t += at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vt);
+}
+
+template <typename scalar_t>
+void forward_rows(
+    const scalar_t* logits,
+    int64_t rows_inner,  // T: rows per outer index
+    int64_t stride_outer,
+    int64_t stride_inner,
+    int64_t vocab,
+    const int64_t* targets,
+    int64_t ignore_index,
+    double temperature,
+    float_or_double_t<scalar_t>* logp_out,
+    float_or_double_t<scalar_t>* entropy_out,
+    float_or_double_t<scalar_t>* lse_out,
+    int64_t begin,
+    int64_t end) {
+  using acc_t = acc_type_t<scalar_t>;
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  alignas(64) acc_t buf[kChunk];
+  for (int64_t row = begin; row < end; ++row) {
+    const scalar_t* x = logits + (row / rows_inner) * stride_outer + (row % rows_inner) * stride_inner;
+    acc_t m = neg_inf, s = 0, t = 0;
+    bool has_nan = false;
+    for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, vocab - c0);
+      load_scaled(x + c0, n, inv_t, buf);
+      const acc_t cm = chunk_max(buf, n);
+      if (std::isnan(cm)) {
+        has_nan = true;
+        break;
+      }
+      if (cm > m) {
+        if (m != neg_inf) {
+          const acc_t shift = m - cm;
+          const acc_t f = std::exp(shift);
+          t = (t + s * shift) * f;
+          s *= f;
+        }
+        m = cm;
+      }
+      if (m == neg_inf) {
+        continue;  // every entry so far is -inf: contributes nothing
+      }
+      chunk_sum_exp(buf, n, m, &s, &t);
+    }
+    acc_t lse, entropy;
+    if (has_nan) {
+      lse = entropy = std::numeric_limits<acc_t>::quiet_NaN();
+    } else {
+      const acc_t log_s = std::log(s);
+      lse = m + log_s;
+      entropy = log_s - t / s;
+    }
+    const int64_t y = targets[row];
+    acc_t logp;
+    if (y == ignore_index) {
+      logp = 0;
+      entropy = 0;
+    } else if (y < 0 || y >= vocab) {
+      logp = std::numeric_limits<acc_t>::quiet_NaN();  // unvalidated bad target: never read out of bounds
+    } else {
+      logp = static_cast<acc_t>(x[y]) * inv_t - lse;
+    }
+    logp_out[row] = logp;
+    entropy_out[row] = entropy;
+    lse_out[row] = lse;
+  }
+}
+
+template <typename scalar_t>
+void backward_rows(
+    const scalar_t* logits,
+    int64_t rows_inner,
+    int64_t stride_outer,
+    int64_t stride_inner,
+    int64_t vocab,
+    const int64_t* targets,
+    int64_t ignore_index,
+    double temperature,
+    const float_or_double_t<scalar_t>* grad_logp,
+    const float_or_double_t<scalar_t>* grad_entropy,
+    const float_or_double_t<scalar_t>* lse_in,
+    const float_or_double_t<scalar_t>* entropy_in,
+    scalar_t* grad_out,  // contiguous [rows, vocab]
+    int64_t begin,
+    int64_t end) {
+  using acc_t = acc_type_t<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  alignas(64) acc_t buf[kChunk];
+  for (int64_t row = begin; row < end; ++row) {
+    const scalar_t* x = logits + (row / rows_inner) * stride_outer + (row % rows_inner) * stride_inner;
+    scalar_t* dx = grad_out + row * vocab;
+    const int64_t y = targets[row];
+    if (y == ignore_index) {
+      std::fill(dx, dx + vocab, scalar_t(0));
+      continue;
+    }
+    const bool target_ok = y >= 0 && y < vocab;
+    const acc_t g_logp = static_cast<acc_t>(grad_logp[row]);
+    const acc_t g_ent = static_cast<acc_t>(grad_entropy[row]);
+    const acc_t lse = static_cast<acc_t>(lse_in[row]);
+    const acc_t entropy = static_cast<acc_t>(entropy_in[row]);
+    // dlogits = p·(a + b·lp) with a = -(g_logp + g_ent·H)/T, b = -g_ent/T
+    const Vec va(-(g_logp + g_ent * entropy) * inv_t);
+    const Vec vb(-g_ent * inv_t);
+    const Vec vlse(lse);
+    const Vec floor_lp(-std::numeric_limits<acc_t>::max());
+    for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, vocab - c0);
+      load_scaled(x + c0, n, inv_t, buf);
+      int64_t i = 0;
+      for (; i < n; i += Vec::size()) {
+        const int64_t lanes = std::min<int64_t>(Vec::size(), n - i);
+        Vec lp = Vec::loadu(buf + i, lanes) - vlse;
+        Vec p = lp.exp();
+        Vec d = p * at::vec::fmadd(vb, at::vec::maximum(lp, floor_lp), va);
+        d.store(buf + i, lanes);
+      }
+      if (target_ok && y >= c0 && y < c0 + n) {
+        buf[y - c0] += g_logp * inv_t;
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        dx[c0 + j] = static_cast<scalar_t>(buf[j]);
+      }
+    }
+  }
+}
+
+struct RowLayout {
+  int64_t outer, inner, vocab, stride_outer, stride_inner;
+};
+
+RowLayout check_layout(const at::Tensor& logits, const at::Tensor& targets) {
+  TORCH_CHECK(logits.dim() == 3, "logits must be viewed as [B, T, V], got ", logits.sizes());
+  TORCH_CHECK(logits.stride(2) == 1, "logits must have unit stride over the vocabulary");
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64");
+  TORCH_CHECK(targets.is_contiguous() && targets.numel() == logits.size(0) * logits.size(1),
+              "targets must be a contiguous tensor with B*T elements");
+  TORCH_CHECK(logits.device().is_cpu() && targets.device().is_cpu(), "the cpu kernels need CPU tensors");
+  return {logits.size(0), logits.size(1), logits.size(2), logits.stride(0), logits.stride(1)};
+}
+
+int64_t grain_for(int64_t vocab) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
+    const at::Tensor& logits, const at::Tensor& targets, double temperature, int64_t ignore_index) {
+  const RowLayout L = check_layout(logits, targets);
+  const int64_t rows = L.outer * L.inner;
+  const auto out_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = logits.options().dtype(out_dtype);
+  at::Tensor logp = at::empty({L.outer, L.inner}, opts);
+  at::Tensor entropy = at::empty({L.outer, L.inner}, opts);
+  at::Tensor lse = at::empty({L.outer, L.inner}, opts);
+  if (rows == 0) return {logp, entropy, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_fwd_cpu", [&] {
+    using out_t = float_or_double_t<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const int64_t* y = targets.const_data_ptr<int64_t>();
+    out_t* lp = logp.data_ptr<out_t>();
+    out_t* ent = entropy.data_ptr<out_t>();
+    out_t* ls = lse.data_ptr<out_t>();
+    at::parallel_for(0, rows, grain_for(L.vocab), [&](int64_t begin, int64_t end) {
+      forward_rows<scalar_t>(x, L.inner, L.stride_outer, L.stride_inner, L.vocab, y, ignore_index,
+                             temperature, lp, ent, ls, begin, end);
+    });
+  });
+  return {logp, entropy, lse};
+}
+
+at::Tensor logprobs_bwd(
+    const at::Tensor& grad_logp,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logits,
+    const at::Tensor& targets,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    double temperature,
+    int64_t ignore_index) {
+  const RowLayout L = check_layout(logits, targets);
+  const int64_t rows = L.outer * L.inner;
+  const auto stat_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&grad_logp, &grad_entropy, &lse, &entropy}) {
+    TORCH_CHECK(t->numel() == rows && t->scalar_type() == stat_dtype,
+                "per-row inputs of logprobs_bwd must have B*T elements of the statistics dtype");
+  }
+  const at::Tensor g_lp = grad_logp.contiguous(), g_ent = grad_entropy.contiguous();
+  const at::Tensor lse_c = lse.contiguous(), ent_c = entropy.contiguous();
+  at::Tensor grad = at::empty({L.outer, L.inner, L.vocab}, logits.options());
+  if (rows == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_bwd_cpu", [&] {
+    using out_t = float_or_double_t<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const int64_t* y = targets.const_data_ptr<int64_t>();
+    scalar_t* dx = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_for(L.vocab), [&](int64_t begin, int64_t end) {
+      backward_rows<scalar_t>(x, L.inner, L.stride_outer, L.stride_inner, L.vocab, y, ignore_index, temperature,
+                              g_lp.const_data_ptr<out_t>(), g_ent.const_data_ptr<out_t>(),
+                              lse_c.const_data_ptr<out_t>(), ent_c.const_data_ptr<out_t>(), dx, begin, end);
+    });
+  });
+  return grad;
+}
+
+}  // namespace cpu
+}  // namespace rlhf_kernels

@@ -1,0 +1,73 @@
+"""Loads the compiled extension ``rlhf_kernels._C`` and reports what it holds.
+
+The package works without the extension (reference backend); importing it
+never fails. The first time a caller needs the extension and it is missing,
+one warning says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Optional
+
+_load_error: Optional[str] = None
+_warned = False
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """The ``rlhf_kernels._C`` module, or ``None`` when it cannot be loaded."""
+    global _load_error
+    try:
+        import torch  # noqa: F401  (the extension links against libtorch)
+
+        from rlhf_kernels import _C  # type: ignore[attr-defined]
+
+        return _C
+    except (ImportError, OSError) as exc:  # missing build, ABI mismatch, missing libs
+        _load_error = f"{type(exc).__name__}: {exc}"
+        return None
+
+
+def available() -> bool:
+    """True when the compiled extension (at least its CPU kernels) is loaded."""
+    return load() is not None
+
+
+def load_error() -> Optional[str]:
+    """Why the extension is not available, or ``None`` when it is."""
+    load()
+    return _load_error
+
+
+def warn_once_if_missing() -> None:
+    """Warn (once per process) that the C++ backends fall back to the reference."""
+    global _warned
+    if not available() and not _warned:
+        _warned = True
+        warnings.warn(
+            "rlhf_kernels: compiled extension not available "
+            f"({load_error()}); using the PyTorch reference backend. "
+            "Rebuild with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension was built with its CUDA kernels."""
+    ext = load()
+    return bool(ext is not None and ext.compiled_with_cuda())
+
+
+def cuda_arch_list() -> str:
+    """The CUDA architectures the extension was compiled for ('' when none)."""
+    ext = load()
+    return ext.cuda_arch_list() if ext is not None else ""
+
+
+def cpu_capability() -> str:
+    """The CPU vector instruction set the C++ kernels were compiled for."""
+    ext = load()
+    return ext.cpu_capability() if ext is not None else ""

@@ -1,0 +1,46 @@
+"""``rlhf-kernels``: the command-line entry point.
+
+    rlhf-kernels info                     versions, device, live backends
+    rlhf-kernels bench [...]              kernel benchmarks (benchmarks/run.py)
+    rlhf-kernels sft|rm|ppo|demo [...]    the trainer (rlhf_kernels/trainer)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+TRAINER_COMMANDS = ("sft", "rm", "ppo", "grpo", "dpo", "demo")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="rlhf-kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("info", "bench") + TRAINER_COMMANDS, help="what to run")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    args, rest = parser.parse_known_args(argv[:1])
+    if args.command == "info":
+        from .info import info
+
+        info()
+        return 0
+    if args.command == "bench":
+        try:
+            from benchmarks.run import main as bench_main
+        except ImportError as exc:
+            print(f"rlhf-kernels bench needs the repository's benchmarks/ folder on the path ({exc})", file=sys.stderr)
+            return 2
+        return int(bench_main(argv[1:]) or 0)
+    try:
+        from .trainer.cli import main as trainer_main
+    except ImportError as exc:
+        print(f"rlhf-kernels {args.command}: the trainer is not available ({exc})", file=sys.stderr)
+        return 2
+    return int(trainer_main(argv) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

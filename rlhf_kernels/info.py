@@ -1,0 +1,74 @@
+"""``rk.info()`` / ``rlhf-kernels info``: versions, device and which backends are live (and why not)."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+import torch
+
+from . import _ext
+from .ops._dispatch import BACKENDS, unavailable_reason
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info(print_report: bool = True) -> dict:
+    """Collect (and print) what this installation can run.
+
+    Returns a dict with ``versions``, ``device``, ``extension`` and
+    ``backends`` (``name -> "live"`` or the reason it is not, for the CPU
+    and, when present, the CUDA device).
+    """
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    report = {
+        "versions": {
+            "rlhf_kernels": _version("rlhf-kernels"),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch CUDA": torch.version.cuda or "none (CPU build)",
+            "triton": _version("triton"),
+            "transformers": _version("transformers"),
+        },
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({platform.machine()})",
+        "extension": {
+            "loaded": _ext.available(),
+            "error": _ext.load_error(),
+            "cpu_capability": _ext.cpu_capability(),
+            "cuda_kernels": _ext.has_cuda_kernels(),
+            "cuda_archs": _ext.cuda_arch_list(),
+        },
+        "backends": {},
+    }
+    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+    for dev in devices:
+        for backend in BACKENDS:
+            reason = unavailable_reason(backend, dev)
+            report["backends"][f"{backend} ({dev.type})"] = "live" if reason is None else reason
+    if print_report:
+        print(format_report(report))
+    return report
+
+
+def format_report(report: dict) -> str:
+    """Human-readable text of ``info()``'s dict."""
+    lines = ["rlhf_kernels"]
+    lines += [f"  {k:<14} {v}" for k, v in report["versions"].items()]
+    lines.append(f"  {'device':<14} {report['device']}")
+    ext = report["extension"]
+    if ext["loaded"]:
+        archs = ext["cuda_archs"] or "-"
+        lines.append(
+            f"  {'extension':<14} loaded (CPU: {ext['cpu_capability']}; CUDA kernels: "
+            f"{'yes' if ext['cuda_kernels'] else 'no'}, archs {archs})"
+        )
+    else:
+        lines.append(f"  {'extension':<14} NOT loaded: {ext['error']}")
+    lines.append("backends:")
+    lines += [f"  {k:<16} {v}" for k, v in report["backends"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""Backend choice shared by every op (DESIGN.md §3).
+
+Order for ``backend=None``: CUDA tensors -> Triton (or the CUDA C++ kernel
+where an op prefers it), CPU tensors -> the C++ CPU kernel, anything else or a
+missing extension -> the PyTorch reference. ``backend=`` on the call forces a
+backend (an error if it cannot run here); ``RLHF_KERNELS_BACKEND`` sets a
+process-wide preference that falls back to the automatic choice for ops or
+devices it cannot serve.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Iterable, Optional
+
+import torch
+
+from .. import _ext
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    """True when the ``triton`` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device`` (``None`` when it can)."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend needs CPU tensors, got {device.type}"
+        if not _ext.available():
+            return f"compiled extension missing ({_ext.load_error()})"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device.type}"
+        if not _ext.has_cuda_kernels():
+            return "extension built without CUDA kernels" if _ext.available() else (
+                f"compiled extension missing ({_ext.load_error()})"
+            )
+        return None
+    if backend == "triton":
+        if not triton_importable():
+            return "triton is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+            return None
+        return f"triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def _automatic(device: torch.device, implemented: Iterable[str]) -> str:
+    implemented = tuple(implemented)
+    preference = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    for candidate in preference:
+        if candidate in implemented and unavailable_reason(candidate, device) is None:
+            return candidate
+    if device.type == "cpu" and "cpu" in implemented:
+        _ext.warn_once_if_missing()
+    return "torch"
+
+
+def resolve_backend(op: str, device: torch.device, backend: Optional[str], implemented: Iterable[str]) -> str:
+    """Pick the backend that runs ``op`` for tensors on ``device``.
+
+    ``implemented`` lists the backends that have a kernel for this op
+    (``"torch"`` is always implied).
+    """
+    implemented = tuple(implemented) + ("torch",)
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        if backend not in implemented:
+            raise ValueError(f"backend={backend!r} has no kernel for {op}; implemented: {implemented}")
+        reason = unavailable_reason(backend, device)
+        if reason is not None:
+            raise RuntimeError(f"backend={backend!r} cannot run {op}: {reason}")
+        return backend
+    preferred = os.environ.get("RLHF_KERNELS_BACKEND", "").strip().lower()
+    if preferred and preferred != "auto":
+        if preferred not in BACKENDS:
+            raise ValueError(f"RLHF_KERNELS_BACKEND must be one of {BACKENDS} or 'auto', got {preferred!r}")
+        if preferred in implemented and unavailable_reason(preferred, device) is None:
+            return preferred
+    return _automatic(device, implemented)
+
+
+def validation_enabled() -> bool:
+    """Target validation (a host sync) is on unless ``RLHF_KERNELS_VALIDATE=0``."""
+    return os.environ.get("RLHF_KERNELS_VALIDATE", "1") != "0"

@@ -1,0 +1,48 @@
+"""Advantage estimation: GAE as one reverse-scan kernel instead of a Python time loop."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import reference
+from ._checks import FLOAT_DTYPES, check_same_device, check_same_shape, check_tensor
+from ._dispatch import resolve_backend
+
+IMPLEMENTED = ("cpu", "cuda")
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (no gradient).
+
+    ``δ_t = r_t + γ·V_{t+1}·m_{t+1} - V_t``; ``A_t = δ_t + γλ·A_{t+1}·m_{t+1}``;
+    ``returns = A + V``; both 0 where ``mask == 0``.
+
+    Shapes: ``rewards, values, mask: [B, T]`` -> ``(advantages, returns)``, ``[B, T]``
+    in ``values``' dtype.
+    """
+    check_tensor("values", values, FLOAT_DTYPES)
+    check_tensor("rewards", rewards, FLOAT_DTYPES)
+    check_tensor("mask", mask)
+    if values.dim() != 2:
+        raise ValueError(f"values must have shape [B, T], got {tuple(values.shape)}")
+    check_same_shape("rewards", rewards, values.shape, "values")
+    check_same_shape("mask", mask, values.shape, "values")
+    check_same_device("values", values, rewards=rewards, mask=mask)
+    for name, value in (("gamma", gamma), ("lam", lam)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    chosen = resolve_backend("gae", values.device, backend, IMPLEMENTED)
+    with torch.no_grad():
+        if chosen in ("cpu", "cuda"):
+            return tuple(torch.ops.rlhf_kernels_C.gae(rewards, values, mask, float(gamma), float(lam)))
+        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)

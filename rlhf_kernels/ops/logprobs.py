@@ -1,0 +1,208 @@
+"""``logprobs``: fused log-prob of the target token and entropy, forward and backward.
+
+Registered as the custom ops ``rlhf_kernels::logprobs_fwd`` / ``logprobs_bwd``
+(fake impls + autograd, so ``torch.compile(fullgraph=True)`` traces them and
+``torch.library.opcheck`` passes). Each runs one of the backends of
+DESIGN.md §3; none materialises an ``[N, V]`` float32 temporary except the
+``torch`` reference backend.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..reference import _xlogy_safe
+from ._checks import (
+    INDEX_DTYPES,
+    as_rows,
+    check_logits,
+    check_positive,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+    find_bad_target,
+)
+from ._dispatch import resolve_backend, validation_enabled
+
+# Backends with a kernel for this family (the reference "torch" is implied).
+IMPLEMENTED = ("cpu",)
+
+
+def _stats_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Per-token outputs are float32 (float64 for float64 logits)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _validate_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    if not validation_enabled():
+        return
+    bad = find_bad_target(targets, vocab, ignore_index)
+    if bad is not None:
+        position, value = bad
+        raise ValueError(
+            f"targets{list(position)} = {value} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
+        )
+
+
+def _torch_fwd(rows: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int):
+    """Reference forward on ``[B, T, V]`` rows (materialises the log-softmax)."""
+    z = rows.to(_stats_dtype(rows)) / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    log_p = z - lse.unsqueeze(-1)
+    valid = targets != ignore_index
+    in_range = (targets >= 0) & (targets < rows.shape[-1])
+    safe = torch.where(valid & in_range, targets, torch.zeros_like(targets))
+    logp = log_p.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(in_range, logp, torch.full_like(logp, float("nan")))
+    entropy = -_xlogy_safe(log_p.exp(), log_p).sum(-1)
+    zero = torch.zeros_like(logp)
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero), lse
+
+
+def _torch_bwd(grad_logp, grad_entropy, rows, targets, lse, entropy, temperature: float, ignore_index: int):
+    """Reference backward: ``dz = g_logp·(onehot(y) - p) - g_ent·p·(log p + H)``."""
+    z = rows.to(lse.dtype) / temperature
+    log_p = z - lse.unsqueeze(-1)
+    p = log_p.exp()
+    shifted = torch.where(p > 0, log_p + entropy.unsqueeze(-1), torch.zeros_like(p))
+    dz = -grad_logp.unsqueeze(-1) * p - grad_entropy.unsqueeze(-1) * p * shifted
+    valid = (targets != ignore_index) & (targets >= 0) & (targets < rows.shape[-1])
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    dz.scatter_add_(-1, safe.unsqueeze(-1), torch.where(valid, grad_logp, torch.zeros_like(grad_logp)).unsqueeze(-1))
+    dz = torch.where((targets != ignore_index).unsqueeze(-1), dz, torch.zeros_like(dz))
+    return (dz / temperature).to(rows.dtype)
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_fwd", mutates_args=())
+def logprobs_fwd(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, backend: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``logits[*, V]``, ``targets[*]`` (int64) -> ``(logp, entropy, lse)``, each ``[*]``."""
+    _validate_targets(targets, logits.shape[-1], ignore_index)
+    lead = logits.shape[:-1]
+    rows = as_rows(logits)
+    flat_targets = targets.reshape(rows.shape[:2])
+    if backend == "cpu":
+        out = torch.ops.rlhf_kernels_C.logprobs_fwd(rows, flat_targets.contiguous(), temperature, ignore_index)
+    elif backend == "triton":
+        from ..triton.logprobs import logprobs_fwd as triton_fwd
+
+        out = triton_fwd(rows, flat_targets, temperature, ignore_index)
+    else:
+        out = _torch_fwd(rows, flat_targets, temperature, ignore_index)
+    return tuple(t.reshape(lead) for t in out)
+
+
+@logprobs_fwd.register_fake
+def _(logits, targets, temperature, ignore_index, backend):
+    shape = logits.shape[:-1]
+    dtype = _stats_dtype(logits)
+    return tuple(logits.new_empty(shape, dtype=dtype) for _ in range(3))
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_bwd", mutates_args=())
+def logprobs_bwd(
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> torch.Tensor:
+    """Gradient of ``(logp, entropy)`` w.r.t. ``logits``, shaped like ``logits``, in its dtype."""
+    rows = as_rows(logits)
+    shape2 = rows.shape[:2]
+    args = [t.reshape(shape2).to(lse.dtype).contiguous() for t in (grad_logp, grad_entropy, lse, entropy)]
+    flat_targets = targets.reshape(shape2).contiguous()
+    if backend == "cpu":
+        grad = torch.ops.rlhf_kernels_C.logprobs_bwd(
+            args[0], args[1], rows, flat_targets, args[2], args[3], temperature, ignore_index
+        )
+    elif backend == "triton":
+        from ..triton.logprobs import logprobs_bwd as triton_bwd
+
+        grad = triton_bwd(args[0], args[1], rows, flat_targets, args[2], args[3], temperature, ignore_index)
+    else:
+        grad = _torch_bwd(args[0], args[1], rows, flat_targets, args[2], args[3], temperature, ignore_index)
+    return grad.reshape(logits.shape)
+
+
+@logprobs_bwd.register_fake
+def _(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, temperature, ignore_index, backend = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, targets, lse, entropy)
+    ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
+
+
+def _backward(ctx, grad_logp, grad_entropy, grad_lse):
+    # lse is an internal statistic saved for backward; it is not differentiable.
+    logits, targets, lse, entropy = ctx.saved_tensors
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    if grad_entropy is None:
+        grad_entropy = torch.zeros_like(lse)
+    grad = logprobs_bwd(
+        grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature, ctx.ignore_index, ctx.backend
+    )
+    return grad, None, None, None, None
+
+
+logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: Optional[str] = None,
+):
+    """Log-probability of each target token, and optionally the entropy, in one pass.
+
+    With ``z = logits / temperature``, ``lse = logsumexp(z)``, ``p = softmax(z)``::
+
+        logp    = z[y] - lse                  # [*]
+        entropy = lse - Σ_v p_v·z_v           # [*], = -Σ p·log p
+
+    Both are 0.0 where ``targets == ignore_index``. Gradients flow to ``logits``
+    (``dz = g_logp·(onehot(y) - p) - g_ent·p·(log p + entropy)``, divided by
+    ``temperature``), in the logits' dtype.
+
+    Args:
+        logits: ``[*, V]`` float32 / bfloat16 / float16 (float64 for checks).
+            The vocab dim needs stride 1; rows may be strided (``logits[:, :-1]``
+            works without a copy).
+        targets: ``[*]`` int64 / int32 token ids in ``[0, V)`` or ``ignore_index``.
+        temperature: divides the logits (sampling temperature), > 0.
+        ignore_index: target value whose outputs (and gradients) are 0.
+        return_entropy: also return the per-token entropy.
+        backend: ``"triton" | "cuda" | "cpu" | "torch"``; ``None`` picks automatically.
+
+    Returns:
+        ``logp`` float32 ``[*]``, or ``(logp, entropy)`` when ``return_entropy``.
+
+    Raises:
+        TypeError / ValueError naming the argument on bad dtypes or shapes, and
+        ValueError naming the position of a target outside ``[0, V)``
+        (disable the check, a host sync, with ``RLHF_KERNELS_VALIDATE=0``).
+    """
+    check_logits("logits", logits)
+    check_tensor("targets", targets, INDEX_DTYPES)
+    check_same_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
+    check_same_device("logits", logits, targets=targets)
+    temperature = check_positive("temperature", temperature)
+    chosen = resolve_backend("logprobs", logits.device, backend, IMPLEMENTED)
+    logp, entropy, _ = logprobs_fwd(logits, targets.long(), temperature, int(ignore_index), chosen)
+    return (logp, entropy) if return_entropy else logp
