@@ -1,0 +1,160 @@
+"""Triton kernels for ``logprobs`` (log-prob of the target token + entropy).
+
+Forward, one program per row of ``z = x / T`` (one read of the logits)::
+
+    M, S, T_ = online per-lane (max, Σexp(z - m), Σexp(z - m)·(z - m)), merged
+    lse = M + log S;  entropy = log S - T_ / S;  logp = (z[y] - M) - log S
+
+Backward, a 2-D grid (rows x vocab blocks) that rebuilds ``p`` from the saved
+``lse`` and entropy ``H``, with ``lp = z - lse``::
+
+    dz = p·(-(g_logp + g_ent·H) - g_ent·lp) + g_logp·onehot(y);   dlogits = dz / T
+
+written in the logits' dtype. Rows are addressed as ``[B, T, V]`` with strides
+(``logits[:, :-1]`` needs no copy). Ignored targets give 0 outputs and 0
+gradient; an out-of-range target (validation off) is never dereferenced and
+gives a NaN ``logp``. Accumulation is fp32 (float64 logits are computed in
+fp32; the op layer sends them elsewhere unless ``backend="triton"`` is forced).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import device_guard, row_softmax_stats, vocab_config
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    logp_ptr,
+    ent_ptr,
+    lse_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    inv_t,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
+    M, S, TT = row_softmax_stats(x_row, V, inv_t, BLOCK_V)
+    log_s = tl.log(S)
+    lse = M + log_s
+    ent = log_s - TT / S
+    y = tl.load(y_ptr + row)
+    valid = y != ignore_index
+    in_range = (y >= 0) & (y < V)
+    zy = tl.load(x_row + tl.where(in_range, y, 0), mask=in_range, other=0.0).to(tl.float32) * inv_t
+    logp = tl.where(in_range, (zy - M) - log_s, float("nan"))
+    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
+    tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    dx_ptr,
+    x_ptr,
+    y_ptr,
+    g_logp_ptr,
+    g_ent_ptr,
+    lse_ptr,
+    ent_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    inv_t,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    b = row // T
+    x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
+    y = tl.load(y_ptr + row)
+    g_logp = tl.load(g_logp_ptr + row).to(tl.float32)
+    g_ent = tl.load(g_ent_ptr + row).to(tl.float32)
+    lse = tl.load(lse_ptr + row).to(tl.float32)
+    ent = tl.load(ent_ptr + row).to(tl.float32)
+    z = tl.load(x_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32) * inv_t
+    dz = logprobs_dz(z, cols, y, lse, ent, g_logp, g_ent)
+    dz = tl.where(y != ignore_index, dz, 0.0) * inv_t
+    tl.store(dx_ptr + row * V + cols, dz.to(dx_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def logprobs_dz(z, cols, y, lse, ent, g_logp, g_ent):
+    """``∂(g_logp·logp + g_ent·H)/∂z`` for a block of columns (before ``/ T``)."""
+    lp = z - lse
+    p = tl.exp2(lp * 1.4426950408889634)
+    lp = tl.where(lp == float("-inf"), 0.0, lp)  # p = 0 there: keeps 0·(-inf) out
+    dz = p * (-(g_logp + g_ent * ent) - g_ent * lp)
+    return tl.where(cols == y, dz + g_logp, dz)
+
+
+def _check_rows(rows: torch.Tensor) -> None:
+    if rows.dim() != 3 or rows.stride(2) != 1:
+        raise ValueError(f"rows must be [B, T, V] with unit vocab stride, got shape {tuple(rows.shape)} strides {rows.stride()}")
+
+
+def _stats_dtype(rows: torch.Tensor) -> torch.dtype:
+    return torch.float64 if rows.dtype == torch.float64 else torch.float32
+
+
+def logprobs_fwd(
+    rows: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows[B, T, V]`` (vocab stride 1), ``targets[B, T]`` int -> ``(logp, entropy, lse)``, each ``[B, T]`` float32."""
+    _check_rows(rows)
+    B, T, V = rows.shape
+    targets = targets.reshape(B, T).to(torch.int64).contiguous()
+    dtype = _stats_dtype(rows)
+    logp = torch.empty((B, T), dtype=dtype, device=rows.device)
+    entropy = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    if B * T == 0:
+        return logp, entropy, lse
+    block, warps = vocab_config(V, rows.device, "fwd")
+    with device_guard(rows):
+        _logprobs_fwd_kernel[(B * T,)](
+            rows, targets, logp, entropy, lse, T, V, rows.stride(0), rows.stride(1),
+            1.0 / float(temperature), int(ignore_index), BLOCK_V=block, num_warps=warps,
+        )
+    return logp, entropy, lse
+
+
+def logprobs_bwd(
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Gradient w.r.t. ``rows[B, T, V]``: a new contiguous ``[B, T, V]`` tensor in ``rows.dtype``."""
+    _check_rows(rows)
+    B, T, V = rows.shape
+    flat = [t.reshape(B * T).contiguous() for t in (targets.to(torch.int64), grad_logp, grad_entropy, lse, entropy)]
+    grad = torch.empty((B, T, V), dtype=rows.dtype, device=rows.device)
+    if grad.numel() == 0:
+        return grad
+    block, warps = vocab_config(V, rows.device, "bwd")
+    with device_guard(rows):
+        _logprobs_bwd_kernel[(B * T, triton.cdiv(V, block))](
+            grad, rows, *flat, T, V, rows.stride(0), rows.stride(1),
+            1.0 / float(temperature), int(ignore_index), BLOCK_V=block, num_warps=warps,
+        )
+    return grad

@@ -1,0 +1,262 @@
+"""Triton kernels for the fused per-token PPO term, straight from logits.
+
+Forward, one program per row (one read of the logits): ``logp``, entropy and
+``lse`` as in ``logprobs.py``, then per token::
+
+    r    = exp(clamp(logp - old_logp, -20, 20))
+    pg   = max(-A·r, -A·clip(r, 1 - clip_low, 1 + clip_high))
+    pg   = min(pg, -A·dual_clip)                    where A < 0 (HAS_DUAL)
+    term = pg + kl_coef·k(logp, ref_logp) - entropy_coef·entropy
+
+Backward, a 2-D grid (rows x vocab blocks): each program recomputes the
+per-token derivative from the saved ``logp`` (the same sub-gradient choices as
+PyTorch autograd: ``max``/``min`` split ties evenly, ``clamp`` passes the
+gradient on its closed interval)::
+
+    ∂term/∂logp = -A·r·[pg_unclipped >= pg_clipped]·[|logp - old| <= 20]·dual + kl_coef·∂k/∂logp
+    ∂term/∂H    = -entropy_coef
+
+and writes ``dlogits`` from ``G_logp = g_logp + g_term·∂term/∂logp + g_kl·∂k/∂logp``
+and ``G_H = g_H - g_term·entropy_coef`` with the log-prob backward formula.
+The ``[B, T]`` aggregation (``loss_agg``) stays outside: its gradient arrives
+as the per-token weight ``g_term``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import KL_EST_CODES, device_guard, kl_k, kl_k_dlogp, row_softmax_stats, vocab_config
+from .logprobs import logprobs_dz
+
+
+@triton.jit
+def _ppo_pg(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL: tl.constexpr):
+    """``(pg, clipped, d pg / d logp)`` of the clipped surrogate for one token."""
+    raw = logp - old
+    log_ratio = tl.where(raw < -20.0, -20.0, tl.where(raw > 20.0, 20.0, raw))
+    in_lr = (raw >= -20.0) & (raw <= 20.0)
+    ratio = tl.exp(log_ratio)
+    lo = 1.0 - clip_low
+    hi = 1.0 + clip_high
+    ratio_c = tl.where(ratio < lo, lo, tl.where(ratio > hi, hi, ratio))
+    pg_u = -adv * ratio
+    pg_c = -adv * ratio_c
+    clipped = pg_c > pg_u
+    pg = tl.where(clipped, pg_c, pg_u)
+    # ties (ratio inside the clip range) give the full unclipped derivative
+    dpg = tl.where(clipped, 0.0, -adv)
+    if HAS_DUAL:
+        pg_d = -adv * dual_clip
+        neg = adv < 0
+        use_dual = neg & (pg_d < pg)
+        dpg = tl.where(neg & (pg == pg_d), 0.5 * dpg, tl.where(use_dual, 0.0, dpg))
+        pg = tl.where(use_dual, pg_d, pg)
+        clipped = clipped | use_dual
+    dpg = tl.where(in_lr, dpg * ratio, 0.0)
+    return pg, clipped, dpg
+
+
+@triton.jit
+def _ppo_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    old_ptr,
+    adv_ptr,
+    ref_ptr,
+    term_ptr,
+    logp_ptr,
+    ent_ptr,
+    kl_ptr,
+    clip_ptr,
+    lse_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    inv_t,
+    ignore_index,
+    kl_coef,
+    ent_coef,
+    clip_low,
+    clip_high,
+    dual_clip,
+    HAS_REF: tl.constexpr,
+    KL_EST: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
+    M, S, TT = row_softmax_stats(x_row, V, inv_t, BLOCK_V)
+    log_s = tl.log(S)
+    y = tl.load(y_ptr + row)
+    valid = y != ignore_index
+    in_range = (y >= 0) & (y < V)
+    zy = tl.load(x_row + tl.where(in_range, y, 0), mask=in_range, other=0.0).to(tl.float32) * inv_t
+    logp = tl.where(valid, tl.where(in_range, (zy - M) - log_s, float("nan")), 0.0)
+    ent = tl.where(valid, log_s - TT / S, 0.0)
+    old = tl.load(old_ptr + row).to(tl.float32)
+    adv = tl.load(adv_ptr + row).to(tl.float32)
+    pg, clipped, _ = _ppo_pg(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
+    term = pg - ent_coef * ent
+    if HAS_REF:
+        kl = kl_k(logp, tl.load(ref_ptr + row).to(tl.float32), KL_EST)
+        term = term + kl_coef * kl
+    else:
+        kl = logp * 0.0
+    tl.store(term_ptr + row, term)
+    tl.store(logp_ptr + row, logp)
+    tl.store(ent_ptr + row, ent)
+    tl.store(kl_ptr + row, kl)
+    tl.store(clip_ptr + row, clipped.to(tl.float32))
+    tl.store(lse_ptr + row, M + log_s)
+
+
+@triton.jit
+def _ppo_bwd_kernel(
+    dx_ptr,
+    x_ptr,
+    y_ptr,
+    g_term_ptr,
+    g_logp_ptr,
+    g_ent_ptr,
+    g_kl_ptr,
+    logp_ptr,
+    ent_ptr,
+    lse_ptr,
+    old_ptr,
+    adv_ptr,
+    ref_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    inv_t,
+    ignore_index,
+    kl_coef,
+    ent_coef,
+    clip_low,
+    clip_high,
+    dual_clip,
+    HAS_REF: tl.constexpr,
+    KL_EST: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    b = row // T
+    x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
+    y = tl.load(y_ptr + row)
+    logp = tl.load(logp_ptr + row).to(tl.float32)
+    ent = tl.load(ent_ptr + row).to(tl.float32)
+    lse = tl.load(lse_ptr + row).to(tl.float32)
+    old = tl.load(old_ptr + row).to(tl.float32)
+    adv = tl.load(adv_ptr + row).to(tl.float32)
+    g_term = tl.load(g_term_ptr + row).to(tl.float32)
+    _, _, dpg = _ppo_pg(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
+    g_logp = tl.load(g_logp_ptr + row).to(tl.float32) + g_term * dpg
+    if HAS_REF:
+        dk = kl_k_dlogp(logp, tl.load(ref_ptr + row).to(tl.float32), KL_EST)
+        g_logp += (g_term * kl_coef + tl.load(g_kl_ptr + row).to(tl.float32)) * dk
+    g_ent = tl.load(g_ent_ptr + row).to(tl.float32) - g_term * ent_coef
+    z = tl.load(x_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32) * inv_t
+    dz = logprobs_dz(z, cols, y, lse, ent, g_logp, g_ent)
+    dz = tl.where(y != ignore_index, dz, 0.0) * inv_t
+    tl.store(dx_ptr + row * V + cols, dz.to(dx_ptr.dtype.element_ty), mask=col_mask)
+
+
+def _check_rows(rows: torch.Tensor) -> None:
+    if rows.dim() != 3 or rows.stride(2) != 1:
+        raise ValueError(f"rows must be [B, T, V] with unit vocab stride, got shape {tuple(rows.shape)} strides {rows.stride()}")
+
+
+def _flat(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t.reshape(n).contiguous()
+
+
+def ppo_term_fwd(
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logp: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: Optional[float],
+) -> Tuple[torch.Tensor, ...]:
+    """``rows[B, T, V]``, per-token ``[B, T]`` inputs -> ``(term, logp, entropy, kl, clipped, lse)``, each ``[B, T]`` float32.
+
+    ``clipped`` is 1.0 where the clipped (or dual-clipped) branch was active.
+    """
+    _check_rows(rows)
+    B, T, V = rows.shape
+    n = B * T
+    outs = [torch.empty((B, T), dtype=torch.float32, device=rows.device) for _ in range(6)]
+    if n == 0:
+        return tuple(outs)
+    y, old, adv = _flat(targets.to(torch.int64), n), _flat(old_logp, n), _flat(advantages, n)
+    ref = _flat(ref_logp, n) if ref_logp is not None else old
+    block, warps = vocab_config(V, rows.device, "fwd")
+    with device_guard(rows):
+        _ppo_fwd_kernel[(n,)](
+            rows, y, old, adv, ref, *outs, T, V, rows.stride(0), rows.stride(1), 1.0 / float(temperature),
+            int(ignore_index), float(kl_coef), float(entropy_coef), float(clip_low), float(clip_high),
+            float(dual_clip or 0.0), HAS_REF=ref_logp is not None, KL_EST=KL_EST_CODES[kl_estimator],
+            HAS_DUAL=dual_clip is not None, BLOCK_V=block, num_warps=warps,
+        )
+    return tuple(outs)
+
+
+def ppo_term_bwd(
+    grad_term: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    grad_kl: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    logp: torch.Tensor,
+    entropy: torch.Tensor,
+    lse: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logp: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: Optional[float],
+) -> torch.Tensor:
+    """Gradient w.r.t. ``rows[B, T, V]`` of ``Σ g_term·term + g_logp·logp + g_H·H + g_kl·kl``; contiguous, ``rows.dtype``."""
+    _check_rows(rows)
+    B, T, V = rows.shape
+    n = B * T
+    grad = torch.empty((B, T, V), dtype=rows.dtype, device=rows.device)
+    if grad.numel() == 0:
+        return grad
+    flat = [_flat(t, n) for t in (targets.to(torch.int64), grad_term, grad_logp, grad_entropy, grad_kl, logp, entropy, lse, old_logp, advantages)]
+    ref = _flat(ref_logp, n) if ref_logp is not None else flat[-2]
+    block, warps = vocab_config(V, rows.device, "bwd")
+    with device_guard(rows):
+        _ppo_bwd_kernel[(n, triton.cdiv(V, block))](
+            grad, rows, *flat, ref, T, V, rows.stride(0), rows.stride(1), 1.0 / float(temperature),
+            int(ignore_index), float(kl_coef), float(entropy_coef), float(clip_low), float(clip_high),
+            float(dual_clip or 0.0), HAS_REF=ref_logp is not None, KL_EST=KL_EST_CODES[kl_estimator],
+            HAS_DUAL=dual_clip is not None, BLOCK_V=block, num_warps=warps,
+        )
+    return grad
