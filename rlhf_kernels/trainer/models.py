@@ -1,0 +1,189 @@
+"""Models and tokenizers for the trainer.
+
+* ``build_policy(cfg)`` — any Hugging Face ``AutoModelForCausalLM`` given as a local
+  path or hub name (where a network exists), or the default: a tiny GPT-2 built
+  from a config (nothing downloaded) with a byte-level tokenizer.
+* ``ScalarHeadModel`` — the LM body plus a linear scalar head. The reward model
+  reads it at the last non-pad token, the critic at every token.
+
+Sequences may be left- or right-padded; position ids are always derived from the
+attention mask so that both paddings see the same positions.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+# ----------------------------------------------------------------------------- tokenizers
+class ByteTokenizer:
+    """UTF-8 bytes are ids 0..255; then EOS=256, PAD=257. No download, no training."""
+
+    kind = "byte"
+
+    def __init__(self):
+        self.eos_id, self.pad_id, self.vocab_size = 256, 257, 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def save_pretrained(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "rk_tokenizer.json"), "w") as f:
+            json.dump({"kind": "byte"}, f)
+
+
+class HFTokenizer:
+    """Adapter around a ``transformers`` tokenizer to the small interface the trainer uses."""
+
+    kind = "hf"
+
+    def __init__(self, tok):
+        self.tok = tok
+        if tok.eos_token_id is None:
+            raise ValueError("tokenizer has no eos_token; set one (the trainer needs EOS handling)")
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.vocab_size = len(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([i for i in ids if i not in (self.eos_id, self.pad_id)])
+
+    def save_pretrained(self, path: str) -> None:
+        self.tok.save_pretrained(path)
+
+
+def load_tokenizer(path: str | None):
+    if path is None or path == "byte":
+        return ByteTokenizer()
+    marker = os.path.join(path, "rk_tokenizer.json")
+    if os.path.isfile(marker):
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+    return HFTokenizer(AutoTokenizer.from_pretrained(path))
+
+
+# ----------------------------------------------------------------------------- models
+@dataclass
+class ModelConfig:
+    model: str = "tiny-gpt2"      # "tiny-gpt2" (built from a config) | local path | hub name
+    tokenizer: str | None = None  # defaults to `model` for paths/hub names, byte-level for tiny-gpt2
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    n_positions: int = 64
+    dtype: str = "float32"
+
+
+def tiny_gpt2(tok, cfg: ModelConfig):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    conf = GPT2Config(vocab_size=tok.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+                      n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tok.eos_id,
+                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: RL needs π_old == π at step 0
+    return GPT2LMHeadModel(conf)
+
+
+def build_policy(cfg: ModelConfig):
+    """Returns (model, tokenizer)."""
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.model == "tiny-gpt2":
+        tok = load_tokenizer(cfg.tokenizer)
+        return tiny_gpt2(tok, cfg).to(dtype), tok
+    from transformers import AutoModelForCausalLM
+    tok = load_tokenizer(cfg.tokenizer or cfg.model)
+    if not os.path.isdir(cfg.model) and os.path.sep in cfg.model and cfg.model.startswith(("/", ".")):
+        raise FileNotFoundError(f"model path {cfg.model!r} does not exist")
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    return model, tok
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def lm_logits(model, input_ids, attention_mask):
+    """Logits [B, T, V] for a possibly left-padded batch."""
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-pad token of each row (works for left and right padding)."""
+    ar = torch.arange(mask.shape[-1], device=mask.device)
+    return (mask.long() * (ar + 1)).argmax(-1)
+
+
+class ScalarHeadModel(nn.Module):
+    """LM body + scalar head. ``forward`` gives per-token values [B, T];
+    ``score`` gives one reward per sequence, read at the last non-pad token."""
+
+    def __init__(self, body: nn.Module, hidden_size: int):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_causal_lm(cls, lm) -> "ScalarHeadModel":
+        """Copy the body of a causal LM (the head starts fresh)."""
+        import copy
+        body = copy.deepcopy(lm.base_model)
+        return cls(body, lm.config.hidden_size)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.body(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def score(self, input_ids, attention_mask):
+        v = self(input_ids, attention_mask)
+        return v.gather(1, last_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+    def save_pretrained(self, path: str) -> None:
+        from safetensors.torch import save_file
+        self.body.save_pretrained(path)
+        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()},
+                  os.path.join(path, "scalar_head.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "ScalarHeadModel":
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+        body = AutoModel.from_pretrained(path)
+        m = cls(body, body.config.hidden_size)
+        m.head.load_state_dict(load_file(os.path.join(path, "scalar_head.safetensors")))
+        return m
+
+
+def load_policy(path: str):
+    """Load a policy saved by the trainer (model + tokenizer from the same dir)."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(path)
+
+
+def device_of(pref: str = "auto") -> torch.device:
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(pref)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process RSS)
+    except Exception:
+        return float("nan")

@@ -1,0 +1,83 @@
+"""Rollouts: sample responses with ``generate`` and score them.
+
+``generate_responses`` returns sequences laid out as ``[left-padded prompt | response | pad]``
+with ``attention_mask`` (1 on real tokens) and ``loss_mask`` (1 on response tokens up to and
+including the first EOS). ``sequence_logprobs`` evaluates per-token log-probs of the
+response tokens through the fused op, aligned with ``logits[:, :-1]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_kernels as rk
+
+from .data import collate_prompts, shifted_targets
+from .models import lm_logits
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+
+
+@torch.no_grad()
+def generate_responses(model, tok, prompt_rows, sc: SamplingConfig, device, max_len: int = 512) -> dict:
+    batch = collate_prompts(prompt_rows, tok, max_len)
+    ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=sc.temperature,
+                         top_k=sc.top_k, top_p=sc.top_p, max_new_tokens=sc.max_new_tokens,
+                         eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    model.train(was_training)
+    P = ids.shape[1]
+    resp = out[:, P:]
+    # response mask: every token up to and including the first EOS
+    is_eos = resp == tok.eos_id
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    rmask = (~after_eos).long()
+    resp = torch.where(rmask.bool(), resp, torch.full_like(resp, tok.pad_id))
+    has_eos = is_eos.any(1)
+    seq = torch.cat([ids, resp], 1)
+    return {
+        "input_ids": seq,
+        "attention_mask": torch.cat([attn, rmask], 1),
+        "loss_mask": torch.cat([torch.zeros_like(attn), rmask], 1),
+        "has_eos": has_eos,
+        "prompts": batch["prompts"],
+        "responses": [tok.decode(r[m.bool()].tolist()) for r, m in zip(resp.cpu(), rmask.cpu())],
+        "prompt_len": P,
+    }
+
+
+def sequence_logprobs(model, batch, temperature=1.0, backend=None, return_entropy=False):
+    """Per-token log-probs [B, T-1] of response tokens (0 elsewhere)."""
+    logits = lm_logits(model, batch["input_ids"], batch["attention_mask"])
+    targets = shifted_targets(batch["input_ids"], batch["loss_mask"])
+    return rk.logprobs(logits[:, :-1], targets, temperature=temperature, return_entropy=return_entropy,
+                       backend=backend)
+
+
+@torch.no_grad()
+def gold_rewards(task, batch) -> torch.Tensor:
+    return torch.tensor([task.gold_reward(p, r) for p, r in zip(batch["prompts"], batch["responses"])])
+
+
+@torch.no_grad()
+def evaluate_gold(model, tok, task, prompt_rows, sc: SamplingConfig, device, batch_size: int = 256,
+                  max_len: int = 512) -> dict:
+    """Mean gold reward (and EOS rate, mean length) of sampled responses on ``prompt_rows``."""
+    golds, eos, lens = [], [], []
+    for i in range(0, len(prompt_rows), batch_size):
+        b = generate_responses(model, tok, prompt_rows[i:i + batch_size], sc, device, max_len)
+        golds.append(gold_rewards(task, b))
+        eos.append(b["has_eos"].float().cpu())
+        lens.append(torch.tensor([len(r) for r in b["responses"]], dtype=torch.float))
+    g = torch.cat(golds)
+    return {"gold": g.mean().item(), "gold_std": g.std().item(), "eos_rate": torch.cat(eos).mean().item(),
+            "mean_len": torch.cat(lens).mean().item(), "n": len(g)}

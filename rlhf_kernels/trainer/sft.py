@@ -1,0 +1,103 @@
+"""Supervised fine-tuning: -Σ_{t∈response} log P(x_t | x_<t), through the fused log-prob op.
+
+    python -m rlhf_kernels.trainer.cli sft --data sft.jsonl --out_dir runs/sft --steps 200
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_kernels as rk
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import BaseConfig, lr_lambda, seed_all
+from .data import batches, collate_sft, load_jsonl, shifted_targets, validate_rows
+from .models import build_policy, device_of, peak_memory_mb
+
+
+@dataclass
+class SFTConfig(BaseConfig):
+    out_dir: str = "runs/sft"
+    data: str | None = None     # JSONL with prompt/response; None = the embedded task
+    task: str = "letters"
+    n_train: int = 4000         # embedded-task examples
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+
+    def validate(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+
+
+def sft_loss(model, batch, backend=None):
+    """Token-mean NLL over response tokens. Returns (loss, n_tokens)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    targets = shifted_targets(batch["input_ids"], batch["loss_mask"])
+    logp = rk.logprobs(logits[:, :-1], targets, backend=backend)   # strided view, no copy
+    n = (targets != -100).sum()
+    return -logp.sum() / n.clamp(min=1), n
+
+
+def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
+    """Returns (model, tokenizer, history). ``rows`` overrides cfg.data / the task."""
+    seed_all(cfg.seed)
+    dev = device_of(cfg.device)
+    if model is None:
+        model, tok = build_policy(cfg.model_config())
+    model.to(dev).train()
+    if rows is None:
+        if cfg.data:
+            rows = load_jsonl(cfg.data, "sft")
+        else:
+            from ..tasks import get_task
+            rows = get_task(cfg.task).sft_data(cfg.n_train, cfg.seed)
+    rows = validate_rows(rows, "sft")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
+    step, history = 0, []
+    if cfg.resume and (ck := latest_checkpoint(cfg.out_dir)):
+        step, extra = load_checkpoint(ck, {"policy": model}, {"policy": opt}, {"policy": sched})
+        history = extra.get("history", [])
+    pbar = _pbar(cfg, "sft", initial=step)
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        batch = collate_sft([rows[i] for i in batches(len(rows), cfg.batch_size, cfg.seed, step)], tok, cfg.max_len)
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        loss, n = sft_loss(model, batch, cfg.backend)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        rec = {"step": step, "loss": loss.item(), "grad_norm": gn.item(), "lr": sched.get_last_lr()[0],
+               "tokens_per_s": batch["attention_mask"].sum().item() / dt, "peak_mem_mb": peak_memory_mb(dev)}
+        history.append(rec)
+        _log(pbar, cfg, rec)
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+            save_checkpoint(cfg.out_dir, step, {"policy": model}, {"policy": opt}, {"policy": sched},
+                            {"history": history}, tok)
+    pbar.close()
+    save_checkpoint(cfg.out_dir, step, {"policy": model}, {"policy": opt}, {"policy": sched}, {"history": history}, tok)
+    final = os.path.join(cfg.out_dir, "final")
+    model.save_pretrained(final)
+    tok.save_pretrained(final)
+    return model, tok, history
+
+
+def _pbar(cfg, desc, initial=0):
+    from tqdm.auto import tqdm
+    return tqdm(total=cfg.steps, initial=initial, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
+
+
+def _log(pbar, cfg, rec):
+    pbar.update(1)
+    pbar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k in ("loss", "acc", "gold", "proxy", "kl")})
+    if cfg.log_every and rec["step"] % cfg.log_every == 0:
+        line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
+        (pbar.write if cfg.progress else print)(line)
