@@ -8,9 +8,10 @@ import torch
 
 from .. import reference
 from ._checks import FLOAT_DTYPES, check_same_device, check_same_shape, check_tensor
-from ._dispatch import resolve_backend
+from .logprobs import resolve_for
 
-IMPLEMENTED = ("cpu", "cuda")
+# CUDA tensors try Triton first, then the CUDA C++ kernel (ops/_dispatch.py order).
+IMPLEMENTED = ("triton", "cpu", "cuda")
 
 
 def gae(
@@ -29,6 +30,10 @@ def gae(
 
     Shapes: ``rewards, values, mask: [B, T]`` -> ``(advantages, returns)``, ``[B, T]``
     in ``values``' dtype.
+
+    Backends: ``"triton"`` (CUDA default; one program per block of sequences,
+    fp32 scan; float64 values skip it), ``"cuda"`` / ``"cpu"`` (C++ kernels),
+    ``"torch"`` (the reference loop).
     """
     check_tensor("values", values, FLOAT_DTYPES)
     check_tensor("rewards", rewards, FLOAT_DTYPES)
@@ -41,8 +46,12 @@ def gae(
     for name, value in (("gamma", gamma), ("lam", lam)):
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    chosen = resolve_backend("gae", values.device, backend, IMPLEMENTED)
+    chosen = resolve_for("gae", values, backend, IMPLEMENTED)
     with torch.no_grad():
+        if chosen == "triton":
+            from ..triton.advantages import gae_fwd
+
+            return gae_fwd(rewards, values, mask, float(gamma), float(lam))
         if chosen in ("cpu", "cuda"):
             return tuple(torch.ops.rlhf_kernels_C.gae(rewards, values, mask, float(gamma), float(lam)))
         return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)

@@ -1,36 +1,140 @@
-"""KL ops: per-token sample estimators (k1/k2/k3) and the exact full-vocabulary KL."""
+"""KL ops: per-token sample estimators (k1/k2/k3) and the exact full-vocabulary KL.
+
+Both are ``torch.library`` custom ops (``rlhf_kernels::kl_divergence_fwd`` /
+``_bwd`` and ``rlhf_kernels::kl_estimate_fwd`` / ``_bwd``) with fake impls and
+registered autograd. Backends: ``triton`` (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``) and ``torch`` (the reference math, inside the op for
+``kl_divergence``; plain eager reference for ``kl_estimate``).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .. import reference
-from ._checks import FLOAT_DTYPES, check_choice, check_logits, check_positive, check_same_device, check_same_shape, check_tensor
+from ._checks import (
+    FLOAT_DTYPES,
+    as_rows,
+    check_choice,
+    check_logits,
+    check_positive,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+)
+from .logprobs import resolve_for
+
+# Backends with a kernel for this family (the reference "torch" is implied).
+IMPLEMENTED = ("triton",)
 
 
-def kl_estimate(
-    logp: torch.Tensor,
-    ref_logp: torch.Tensor,
-    estimator: str = "k3",
-    clamp: Optional[float] = None,
-) -> torch.Tensor:
-    """Per-token estimate of ``KL(π ‖ π_ref)`` from sampled-token log-probs.
+# ------------------------------------------------------------- exact KL
 
-    With ``d = ref_logp - logp``: ``k1 = -d``; ``k2 = ½·d²``;
-    ``k3 = exp(d) - d - 1`` (unbiased and non-negative). ``clamp`` clips the
-    result to ``[-clamp, clamp]``. Shapes: ``[*]`` and ``[*]`` -> ``[*]``;
-    differentiable w.r.t. both inputs.
-    """
-    check_tensor("logp", logp, FLOAT_DTYPES)
-    check_tensor("ref_logp", ref_logp, FLOAT_DTYPES)
-    check_same_shape("ref_logp", ref_logp, logp.shape, "logp")
-    check_same_device("logp", logp, ref_logp=ref_logp)
-    check_choice("estimator", estimator, reference.KL_ESTIMATORS)
-    if clamp is not None:
-        check_positive("clamp", clamp)
-    return reference.kl_estimate(logp, ref_logp, estimator, clamp)
+
+def _kl_dtype(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (logits.dtype, ref_logits.dtype) else torch.float32
+
+
+def _torch_kl_fwd(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float):
+    dtype = _kl_dtype(logits, ref_logits)
+    z = logits.to(dtype) / temperature
+    r = ref_logits.to(dtype) / temperature
+    lse_z = torch.logsumexp(z, dim=-1)
+    lse_r = torch.logsumexp(r, dim=-1)
+    log_p = z - lse_z.unsqueeze(-1)
+    log_q = r - lse_r.unsqueeze(-1)
+    kl = reference._xlogy_safe(log_p.exp(), log_p - log_q).sum(-1)
+    return kl, lse_z, lse_r
+
+
+def _torch_kl_bwd(grad, logits, ref_logits, kl, lse_z, lse_r, temperature: float, need_ref_grad: bool):
+    dtype = kl.dtype
+    log_p = logits.to(dtype) / temperature - lse_z.unsqueeze(-1)
+    log_q = ref_logits.to(dtype) / temperature - lse_r.unsqueeze(-1)
+    p = log_p.exp()
+    g = (grad.to(dtype) / temperature).unsqueeze(-1)
+    inner = torch.where(p > 0, log_p - log_q - kl.unsqueeze(-1), torch.zeros_like(p))
+    dz = (g * p * inner).to(logits.dtype)
+    dr = (g * (log_q.exp() - p)).to(ref_logits.dtype) if need_ref_grad else None
+    return dz, dr
+
+
+@torch.library.custom_op("rlhf_kernels::kl_divergence_fwd", mutates_args=())
+def kl_divergence_fwd(
+    logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float, backend: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``logits, ref_logits[*, V]`` -> ``(kl, lse_z, lse_r)``, each ``[*]`` float32 (float64 for float64 inputs)."""
+    lead = logits.shape[:-1]
+    if backend == "triton":
+        from ..triton.kl import kl_divergence_fwd as triton_fwd
+
+        out = triton_fwd(as_rows(logits), as_rows(ref_logits), temperature)
+    else:
+        out = _torch_kl_fwd(logits, ref_logits, temperature)
+    return tuple(t.reshape(lead) for t in out)
+
+
+@kl_divergence_fwd.register_fake
+def _(logits, ref_logits, temperature, backend):
+    dtype = _kl_dtype(logits, ref_logits)
+    return tuple(logits.new_empty(logits.shape[:-1], dtype=dtype) for _ in range(3))
+
+
+@torch.library.custom_op("rlhf_kernels::kl_divergence_bwd", mutates_args=())
+def kl_divergence_bwd(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    kl: torch.Tensor,
+    lse_z: torch.Tensor,
+    lse_r: torch.Tensor,
+    temperature: float,
+    need_ref_grad: bool,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dlogits, dref_logits)`` shaped like the inputs; ``dref_logits`` is empty unless ``need_ref_grad``."""
+    if backend == "triton":
+        from ..triton.kl import kl_divergence_bwd as triton_bwd
+
+        rows = as_rows(logits)
+        shape2 = rows.shape[:2]
+        dz, dr = triton_bwd(
+            grad.reshape(shape2).to(kl.dtype), rows, as_rows(ref_logits), kl.reshape(shape2),
+            lse_z.reshape(shape2), lse_r.reshape(shape2), temperature, need_ref_grad,
+        )
+    else:
+        dz, dr = _torch_kl_bwd(grad, logits, ref_logits, kl, lse_z, lse_r, temperature, need_ref_grad)
+    dz = dz.reshape(logits.shape)
+    dr = dr.reshape(ref_logits.shape) if need_ref_grad else ref_logits.new_empty(0)
+    return dz, dr
+
+
+@kl_divergence_bwd.register_fake
+def _(grad, logits, ref_logits, kl, lse_z, lse_r, temperature, need_ref_grad, backend):
+    dr = torch.empty_like(ref_logits, memory_format=torch.contiguous_format) if need_ref_grad else ref_logits.new_empty(0)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format), dr
+
+
+def _kl_setup_context(ctx, inputs, output):
+    logits, ref_logits, temperature, backend = inputs
+    kl, lse_z, lse_r = output
+    ctx.save_for_backward(logits, ref_logits, kl, lse_z, lse_r)
+    ctx.temperature, ctx.backend = temperature, backend
+
+
+def _kl_backward(ctx, grad_kl, grad_lse_z, grad_lse_r):
+    # lse_z / lse_r are statistics saved for backward, not differentiable outputs.
+    logits, ref_logits, kl, lse_z, lse_r = ctx.saved_tensors
+    if grad_kl is None:
+        grad_kl = torch.zeros_like(kl)
+    need_ref = bool(ctx.needs_input_grad[1])
+    dz, dr = kl_divergence_bwd(grad_kl, logits, ref_logits, kl, lse_z, lse_r, ctx.temperature, need_ref, ctx.backend)
+    return (dz if ctx.needs_input_grad[0] else None), (dr if need_ref else None), None, None
+
+
+kl_divergence_fwd.register_autograd(_kl_backward, setup_context=_kl_setup_context)
 
 
 def kl_divergence(
@@ -39,13 +143,18 @@ def kl_divergence(
     *,
     temperature: float = 1.0,
     mask: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Exact per-token ``KL(softmax(z) ‖ softmax(r))`` over the full vocabulary.
 
     ``KL = Σ_v p_v·(z_v - r_v) - lse_z + lse_r`` with ``z = logits / T``,
-    ``r = ref_logits / T``; 0 where ``mask == 0``. Gradients:
-    ``dz = p·(log p - log q - KL)``, ``dr = q - p`` (both ``/ T``).
-    Shapes: ``[*, V]`` and ``[*, V]`` (+ ``mask[*]``) -> float32 ``[*]``.
+    ``r = ref_logits / T``; 0 where ``mask == 0``. One pass over both rows
+    (Triton). Gradients: ``dz = p·(log p - log q - KL)``, ``dr = q - p`` (both
+    ``/ T``; ``dr`` only when ``ref_logits`` requires grad), in each input's dtype.
+
+    Shapes: ``[*, V]`` and ``[*, V]`` (+ ``mask[*]``) -> float32 ``[*]``
+    (float64 when an input is float64). Rows may be strided (vocab stride 1).
+    ``backend``: ``"triton" | "torch"``; ``None`` picks Triton for CUDA tensors.
     """
     check_logits("logits", logits)
     check_logits("ref_logits", ref_logits)
@@ -55,4 +164,97 @@ def kl_divergence(
         check_tensor("mask", mask)
         check_same_shape("mask", mask, logits.shape[:-1], "logits.shape[:-1]")
     temperature = check_positive("temperature", temperature)
-    return reference.kl_divergence(logits, ref_logits, temperature=temperature, mask=mask)
+    probe = logits if logits.dtype == torch.float64 else ref_logits
+    chosen = resolve_for("kl_divergence", probe, backend, IMPLEMENTED)
+    kl, _, _ = kl_divergence_fwd(logits, ref_logits, temperature, chosen)
+    if mask is not None:
+        kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
+    return kl
+
+
+# ------------------------------------------------------------- estimators
+
+
+@torch.library.custom_op("rlhf_kernels::kl_estimate_fwd", mutates_args=())
+def kl_estimate_fwd(
+    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: Optional[float], backend: str
+) -> torch.Tensor:
+    """Elementwise k1/k2/k3 estimate, shape of ``logp``, dtype ``promote(logp, ref_logp)``."""
+    if backend == "triton":
+        from ..triton.kl import kl_estimate_fwd as triton_fwd
+
+        return triton_fwd(logp, ref_logp, estimator, clamp)
+    return reference.kl_estimate(logp, ref_logp, estimator, clamp).contiguous()
+
+
+@kl_estimate_fwd.register_fake
+def _(logp, ref_logp, estimator, clamp, backend):
+    return logp.new_empty(logp.shape, dtype=torch.promote_types(logp.dtype, ref_logp.dtype))
+
+
+@torch.library.custom_op("rlhf_kernels::kl_estimate_bwd", mutates_args=())
+def kl_estimate_bwd(
+    grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: Optional[float], backend: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dlogp, dref_logp)`` in the inputs' dtypes."""
+    if backend == "triton":
+        from ..triton.kl import kl_estimate_bwd as triton_bwd
+
+        return triton_bwd(grad, logp, ref_logp, estimator, clamp)
+    with torch.enable_grad():
+        a = logp.detach().requires_grad_()
+        b = ref_logp.detach().requires_grad_()
+        da, db = torch.autograd.grad(reference.kl_estimate(a, b, estimator, clamp), (a, b), grad)
+    return da.contiguous(), db.contiguous()
+
+
+@kl_estimate_bwd.register_fake
+def _(grad, logp, ref_logp, estimator, clamp, backend):
+    return torch.empty_like(logp, memory_format=torch.contiguous_format), torch.empty_like(
+        ref_logp, memory_format=torch.contiguous_format
+    )
+
+
+def _est_setup_context(ctx, inputs, output):
+    logp, ref_logp, estimator, clamp, backend = inputs
+    ctx.save_for_backward(logp, ref_logp)
+    ctx.estimator, ctx.clamp, ctx.backend = estimator, clamp, backend
+
+
+def _est_backward(ctx, grad):
+    logp, ref_logp = ctx.saved_tensors
+    dlogp, dref = kl_estimate_bwd(grad, logp, ref_logp, ctx.estimator, ctx.clamp, ctx.backend)
+    return dlogp, dref, None, None, None
+
+
+kl_estimate_fwd.register_autograd(_est_backward, setup_context=_est_setup_context)
+
+
+def kl_estimate(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    estimator: str = "k3",
+    clamp: Optional[float] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Per-token estimate of ``KL(π ‖ π_ref)`` from sampled-token log-probs.
+
+    With ``d = ref_logp - logp``: ``k1 = -d``; ``k2 = ½·d²``;
+    ``k3 = exp(d) - d - 1`` (unbiased and non-negative). ``clamp`` clips the
+    result to ``[-clamp, clamp]``. Shapes: ``[*]`` and ``[*]`` -> ``[*]``;
+    differentiable w.r.t. both inputs. ``backend``: ``"triton"`` (one
+    elementwise kernel, fp32 math, the default for CUDA tensors) or ``"torch"``.
+    """
+    check_tensor("logp", logp, FLOAT_DTYPES)
+    check_tensor("ref_logp", ref_logp, FLOAT_DTYPES)
+    check_same_shape("ref_logp", ref_logp, logp.shape, "logp")
+    check_same_device("logp", logp, ref_logp=ref_logp)
+    check_choice("estimator", estimator, reference.KL_ESTIMATORS)
+    if clamp is not None:
+        clamp = check_positive("clamp", clamp)
+    probe = logp if logp.dtype == torch.float64 else ref_logp
+    chosen = resolve_for("kl_estimate", probe, backend, IMPLEMENTED)
+    if chosen == "triton":
+        return kl_estimate_fwd(logp, ref_logp, estimator, clamp, chosen)
+    return reference.kl_estimate(logp, ref_logp, estimator, clamp)

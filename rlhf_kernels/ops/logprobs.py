@@ -27,7 +27,19 @@ from ._checks import (
 from ._dispatch import resolve_backend, validation_enabled
 
 # Backends with a kernel for this family (the reference "torch" is implied).
-IMPLEMENTED = ("cpu",)
+IMPLEMENTED = ("triton", "cpu")
+
+
+def resolve_for(op: str, tensor: torch.Tensor, backend: Optional[str], implemented) -> str:
+    """``resolve_backend`` that keeps float64 inputs off Triton unless it is asked for by name.
+
+    The Triton kernels accumulate in fp32; float64 inputs (gradient checks,
+    oracles) go to the next backend in line when the choice is automatic.
+    """
+    chosen = resolve_backend(op, tensor.device, backend, implemented)
+    if chosen == "triton" and backend is None and tensor.dtype == torch.float64:
+        chosen = resolve_backend(op, tensor.device, None, tuple(b for b in implemented if b != "triton"))
+    return chosen
 
 
 def _stats_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -188,7 +200,9 @@ def logprobs(
         temperature: divides the logits (sampling temperature), > 0.
         ignore_index: target value whose outputs (and gradients) are 0.
         return_entropy: also return the per-token entropy.
-        backend: ``"triton" | "cuda" | "cpu" | "torch"``; ``None`` picks automatically.
+        backend: ``"triton" | "cpu" | "torch"``; ``None`` picks automatically
+            (Triton for CUDA tensors, the C++ kernel for CPU tensors; float64
+            logits skip Triton, which accumulates in fp32).
 
     Returns:
         ``logp`` float32 ``[*]``, or ``(logp, entropy)`` when ``return_entropy``.
@@ -203,6 +217,6 @@ def logprobs(
     check_same_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
     check_same_device("logits", logits, targets=targets)
     temperature = check_positive("temperature", temperature)
-    chosen = resolve_backend("logprobs", logits.device, backend, IMPLEMENTED)
+    chosen = resolve_for("logprobs", logits, backend, IMPLEMENTED)
     logp, entropy, _ = logprobs_fwd(logits, targets.long(), temperature, int(ignore_index), chosen)
     return (logp, entropy) if return_entropy else logp
