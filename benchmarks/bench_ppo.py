@@ -1,0 +1,148 @@
+"""ppo_loss: PPO clipped policy loss (k3 KL penalty, token-mean) straight from ``logits[B, T+1, V]``.
+
+Every provider gets the model's output ``logits[B, T+1, V]`` and scores the
+``T`` completion positions as users do, through the view ``logits[:, :-1]``
+(Liger-Kernel's GRPO loss takes the full tensor itself). Per token:
+``r = exp(logp - old_logp)``, ``pg = max(-A·r, -A·clip(r, 0.8, 1.2))``,
+``term = pg + 0.04·k3(logp, ref_logp)``; the loss is the masked token mean.
+Eager / chunked also compute the entropy (without gradient) for logging, as
+the trainers of TRL and verl do; ours returns it from the same pass.
+Liger-Kernel's equivalent: ``triton_grpo_loss(loss_type="bnpo")`` (token
+mean), with its default ``inplace=True`` (the gradient overwrites the logits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import rlhf_kernels as rk
+
+from .providers import (
+    OURS,
+    Case,
+    OpSpec,
+    Provider,
+    chunked_logprobs,
+    compile_reason,
+    compiled,
+    eager_logprobs,
+    liger_reason,
+    our_reason,
+)
+
+KL_COEF = 0.04
+CLIP = 0.2
+
+
+def _ppo_terms(logp, old_logp, advantages, ref_logp, mask):
+    ratio = (logp - old_logp).clamp(-20.0, 20.0).exp()
+    pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - CLIP, 1.0 + CLIP))
+    d = ref_logp - logp
+    term = pg + KL_COEF * (d.exp() - d - 1.0)
+    maskf = mask.float()
+    return (term * maskf).sum() / maskf.sum().clamp(min=1.0)
+
+
+def eager_ppo(logits, targets, old_logp, advantages, ref_logp, mask):
+    (logp,) = eager_logprobs(logits, targets, entropy=False)
+    with torch.no_grad():
+        z = logits.float()
+        entropy = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)  # logged, not differentiated
+    return _ppo_terms(logp, old_logp, advantages, ref_logp, mask), entropy
+
+
+def chunked_ppo(logits, targets, old_logp, advantages, ref_logp, mask):
+    (logp,) = chunked_logprobs(logits, targets, entropy=False)
+    with torch.no_grad():
+        _, entropy = chunked_logprobs(logits, targets, entropy=True)
+    return _ppo_terms(logp, old_logp, advantages, ref_logp, mask), entropy
+
+
+def make_inputs(case: Case, device: torch.device, seed: int):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B, T, V = case.B, case.T, case.V
+    logits = (torch.randn(B, T + 1, V, generator=g) * 2.0).to(device=device, dtype=case.dtype)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    with torch.no_grad():
+        logp = torch.log_softmax(logits[:, :-1].float().cpu(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    old_logp = logp + 0.1 * torch.randn(B, T, generator=g)
+    ref_logp = logp + 0.1 * torch.randn(B, T, generator=g)
+    adv_seq = torch.randn(B, generator=g)
+    mask = torch.ones(B, T)
+    mask[:, T - max(1, T // 10) :] = 0.0  # padded tail
+    to = lambda t: t.to(device).contiguous()  # noqa: E731
+    return {
+        "logits_full": logits,
+        "targets": to(targets),
+        "old_logp": to(old_logp),
+        "ref_logp": to(ref_logp),
+        "adv_seq": to(adv_seq),
+        "advantages": to(adv_seq[:, None].expand(B, T)),
+        "mask": to(mask),
+    }
+
+
+def _args(i):
+    return i["logits_full"][:, :-1], i["targets"], i["old_logp"], i["advantages"], i["ref_logp"], i["mask"]
+
+
+def build_liger(i):
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    def fn():
+        loss, _metrics = triton_grpo_loss(
+            i["logits_full"], i["old_logp"], i["ref_logp"], i["targets"], i["adv_seq"], i["mask"],
+            temperature=1.0, beta=KL_COEF, eps_low=CLIP, eps_high=CLIP, loss_type="bnpo", reduce=True,
+        )  # fmt: skip
+        return (loss,)
+
+    return fn
+
+
+def _ours(backend):
+    def build(i):
+        logits, targets, old_logp, adv, ref_logp, mask = _args(i)
+        return lambda: (
+            rk.ppo_loss(
+                logits, targets, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=KL_COEF, clip_low=CLIP,
+                clip_high=CLIP, backend=backend,
+            ).loss,
+        )  # fmt: skip
+
+    return build
+
+
+def _probe(backend, device):
+    logits = torch.randn(1, 3, 7, device=device)
+    z = torch.zeros(1, 3, device=device)
+    rk.ppo_loss(logits, torch.tensor([[0, 6, 2]], device=device), z, z + 1, z + 1, backend=backend)
+
+
+providers = {
+    "eager": Provider(lambda i: lambda: eager_ppo(*_args(i))[:1]),
+    "compile": Provider(lambda i: (lambda f: lambda: f(*_args(i))[:1])(compiled("ppo", eager_ppo)), compile_reason),
+    "chunked": Provider(lambda i: lambda: chunked_ppo(*_args(i))[:1]),
+    "liger": Provider(build_liger, liger_reason),
+}
+for _b in OURS:
+    providers[_b] = Provider(_ours(_b), our_reason("ppo_loss", rk.ppo_loss, _b, _probe))
+
+
+def bytes_moved(case: Case, mode: str) -> float:
+    nv = float(case.N) * case.V * case.elem
+    reads = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[mode] * nv
+    writes = nv if mode in ("bwd", "fwd+bwd") else 0.0
+    return reads + writes + case.N * 24 * (2 if mode == "fwd+bwd" else 1)
+
+
+OPS = {
+    "ppo_loss": OpSpec(
+        name="ppo_loss",
+        family="logits",
+        make_inputs=make_inputs,
+        grad_names=("logits_full",),
+        providers=providers,
+        bytes_moved=bytes_moved,
+        description="PPO clipped loss + k3 KL penalty (token-mean) from logits [B, T+1, V], N = B·T",
+    )
+}

@@ -1,0 +1,192 @@
+"""What each op is measured against, and how a provider says it cannot run.
+
+An op family (``bench_<family>.py``) describes its inputs and, per provider,
+a ``build(inputs) -> fn`` whose ``fn()`` returns the differentiable outputs
+as a tuple, plus a ``reason(case, device)`` that is ``None`` when the
+provider can run and otherwise says why not (printed, and kept in the CSV).
+
+Providers
+    eager    the formula users write today: ``log_softmax(...).gather(...)``
+             and the entropy from the full softmax, all in float32.
+    compile  ``torch.compile`` of that same eager function.
+    chunked  the loop TRL / verl use to bound memory: rows in chunks, each
+             chunk's ``logsumexp`` / softmax computed separately (written here
+             from the published formula: ``logp = z[y] - logsumexp(z)``,
+             ``entropy = logsumexp(z) - Σ softmax(z)·z``).
+    liger    Liger-Kernel's closest op, when installed (GPU only).
+    triton / cuda / cpu
+             this package, ``backend=`` forced; skipped when the backend is
+             unavailable here or has no kernel for the op yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+OURS = ("triton", "cuda", "cpu")
+COMPETITORS = ("eager", "compile", "chunked", "liger")
+ALL_PROVIDERS = COMPETITORS + OURS
+
+# Rows per chunk of the chunked loop (verl's entropy chunking uses 2048 rows; TRL loops per sequence).
+CHUNK_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op at one shape and dtype. ``B x T = N`` where the op needs a batch layout."""
+
+    op: str
+    N: int
+    V: int = 0
+    H: int = 0
+    dtype: torch.dtype = torch.float32
+    B: int = 1
+    T: int = 1
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    @property
+    def elem(self) -> int:
+        return torch.tensor([], dtype=self.dtype).element_size()
+
+
+@dataclass
+class Provider:
+    build: Callable[[Dict[str, torch.Tensor]], Callable[[], Tuple[torch.Tensor, ...]]]
+    reason: Callable[[Case, torch.device], Optional[str]] = lambda case, device: None
+
+
+@dataclass
+class OpSpec:
+    """An op of the suite."""
+
+    name: str
+    family: str  # "logits" (N x V), "linear" (N x V x H) or "scan" (B x T)
+    make_inputs: Callable[[Case, torch.device, int], Dict[str, torch.Tensor]]
+    grad_names: Tuple[str, ...]
+    providers: Dict[str, Provider]
+    bytes_moved: Callable[[Case, str], float]
+    flops: Optional[Callable[[Case, str], float]] = None
+    modes: Tuple[str, ...] = ("fwd", "bwd", "fwd+bwd")
+    description: str = ""
+    notes: Dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- eager formulas
+
+
+def eager_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool):
+    """``log_softmax(z).gather(y)`` and ``entropy = lse - Σ softmax(z)·z`` in float32."""
+    z = logits.float()
+    logp = torch.log_softmax(z, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not entropy:
+        return (logp,)
+    p = torch.softmax(z, dim=-1)
+    ent = torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
+    return logp, ent
+
+
+def chunked_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool, chunk: int = CHUNK_ROWS):
+    """Row chunks of ``[*, V]``: per chunk ``logsumexp`` then ``z[y] - lse`` (TRL's selective_log_softmax,
+    verl's chunked entropy)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    logps, ents = [], []
+    for start in range(0, flat.shape[0], chunk):
+        z = flat[start : start + chunk].float()
+        y = flat_targets[start : start + chunk]
+        lse = torch.logsumexp(z, dim=-1)
+        logps.append(z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse)
+        if entropy:
+            p = torch.softmax(z, dim=-1)
+            ents.append(lse - (p * z).sum(-1))
+    logp = torch.cat(logps).reshape(targets.shape)
+    if not entropy:
+        return (logp,)
+    return logp, torch.cat(ents).reshape(targets.shape)
+
+
+_COMPILED: Dict[str, Callable] = {}
+
+
+def compiled(name: str, fn: Callable) -> Callable:
+    """One ``torch.compile`` object per eager function (shape changes recompile once, then go dynamic)."""
+    if name not in _COMPILED:
+        try:
+            import torch._dynamo
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        except Exception:  # noqa: BLE001 - older / newer torch without this knob
+            pass
+        _COMPILED[name] = torch.compile(fn)
+    return _COMPILED[name]
+
+
+def compile_reason(case: Case, device: torch.device) -> Optional[str]:
+    if not hasattr(torch, "compile"):
+        return "torch.compile is missing"
+    return None
+
+
+# --------------------------------------------------------------------------- Liger-Kernel
+
+
+@functools.lru_cache(maxsize=None)
+def liger_import_error() -> Optional[str]:
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel, or benchmarks/fetch_wheels.sh)"
+    return None
+
+
+def liger_reason(case: Case, device: torch.device) -> Optional[str]:
+    missing = liger_import_error()
+    if missing:
+        return missing
+    if device.type != "cuda":
+        return "Liger-Kernel is Triton-only and needs CUDA tensors"
+    return None
+
+
+def no_liger(why: str) -> Provider:
+    return Provider(build=lambda inputs: None, reason=lambda case, device: f"no Liger-Kernel equivalent: {why}")
+
+
+# --------------------------------------------------------------------------- our backends
+
+_PROBES: Dict[Tuple[str, str, str], Optional[str]] = {}
+
+
+def our_reason(op: str, fn: Callable, backend: str, probe: Callable[[str, torch.device], object]):
+    """A ``reason`` for ``backend=``: dispatch says it cannot run, the op has no ``backend=``
+    parameter yet, or a tiny probe call raises (e.g. "has no kernel for ...")."""
+
+    def reason(case: Case, device: torch.device) -> Optional[str]:
+        key = (op, backend, device.type)
+        if key not in _PROBES:
+            _PROBES[key] = _probe(op, fn, backend, probe, device)
+        return _PROBES[key]
+
+    return reason
+
+
+def _probe(op, fn, backend, probe, device) -> Optional[str]:
+    if "backend" not in inspect.signature(fn).parameters:
+        return f"rk.{op} takes no backend= yet (reference only)"
+    from rlhf_kernels.ops._dispatch import unavailable_reason
+
+    why = unavailable_reason(backend, device)
+    if why:
+        return why
+    try:
+        probe(backend, device)
+    except (ValueError, RuntimeError, NotImplementedError, ImportError, TypeError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return None
