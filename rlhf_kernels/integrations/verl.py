@@ -225,9 +225,7 @@ def compute_policy_loss(
 
 
 def _config_get(config, name, default=None):
-    if isinstance(config, dict):
-        return config.get(name, default)
-    value = getattr(config, name, default)
+    value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
     return default if value is None else value
 
 
