@@ -55,6 +55,18 @@ def vocab_config(vocab: int, device: torch.device, kind: str = "fwd"):
     return block, (8 if block >= 1024 else 4)
 
 
+# Tests set this to fill every launcher output with NaN first, proving the kernels write all of it.
+POISON_OUTPUTS = False
+
+
+def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs (NaN-filled when ``POISON_OUTPUTS`` is set)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
 def device_guard(tensor: torch.Tensor):
     """Launch on ``tensor``'s GPU (multi-GPU safe); no-op for CPU tensors."""
     if tensor.device.type == "cuda":

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import device_guard, next_pow2
 
 
@@ -44,8 +45,8 @@ def _gae_fwd_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, B, T, gamma, gamma_la
 def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """``rewards, values, mask[B, T]`` -> ``(advantages, returns)``, ``[B, T]`` in ``values.dtype``."""
     B, T = values.shape
-    adv = torch.empty((B, T), dtype=values.dtype, device=values.device)
-    ret = torch.empty_like(adv)
+    adv = _common.alloc((B, T), values.dtype, values.device)
+    ret = _common.alloc(adv.shape, adv.dtype, adv.device)
     if adv.numel() == 0:
         return adv, ret
     rewards = rewards.contiguous()

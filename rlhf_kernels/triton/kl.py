@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KL_EST_CODES, device_guard, kl_k, kl_k_dlogp, merge_lanes, next_pow2, vocab_config
+from . import _common
+from ._common import KL_EST_CODES, device_guard, kl_k, kl_k_dlogp, next_pow2, vocab_config
 
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -152,9 +152,9 @@ def kl_divergence_fwd(rows: torch.Tensor, ref_rows: torch.Tensor, temperature: f
     _check_rows("ref_rows", ref_rows)
     B, T, V = rows.shape
     dtype = torch.float64 if torch.float64 in (rows.dtype, ref_rows.dtype) else torch.float32
-    kl = torch.empty((B, T), dtype=dtype, device=rows.device)
-    lse_z = torch.empty_like(kl)
-    lse_r = torch.empty_like(kl)
+    kl = _common.alloc((B, T), dtype, rows.device)
+    lse_z = _common.alloc(kl.shape, kl.dtype, kl.device)
+    lse_r = _common.alloc(kl.shape, kl.dtype, kl.device)
     if B * T == 0:
         return kl, lse_z, lse_r
     block, warps = vocab_config(V, rows.device, "kl")
@@ -181,8 +181,8 @@ def kl_divergence_bwd(
     _check_rows("ref_rows", ref_rows)
     B, T, V = rows.shape
     flat = [t.reshape(B * T).contiguous() for t in (grad, kl, lse_z, lse_r)]
-    dx = torch.empty((B, T, V), dtype=rows.dtype, device=rows.device)
-    dr = torch.empty((B, T, V), dtype=ref_rows.dtype, device=rows.device) if need_ref_grad else None
+    dx = _common.alloc((B, T, V), rows.dtype, rows.device)
+    dr = _common.alloc((B, T, V), ref_rows.dtype, rows.device) if need_ref_grad else None
     if dx.numel() == 0:
         return dx, dr
     block, warps = vocab_config(V, rows.device, "bwd")
@@ -235,7 +235,7 @@ def _elementwise_block(n: int, device: torch.device) -> int:
 
 def kl_estimate_fwd(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: Optional[float]) -> torch.Tensor:
     """Elementwise estimator, same shape as ``logp``, dtype ``promote(logp, ref_logp)`` (fp32 math)."""
-    out = torch.empty(logp.shape, dtype=torch.promote_types(logp.dtype, ref_logp.dtype), device=logp.device)
+    out = _common.alloc(logp.shape, torch.promote_types(logp.dtype, ref_logp.dtype), logp.device)
     n = out.numel()
     if n == 0:
         return out
@@ -252,8 +252,8 @@ def kl_estimate_bwd(
     grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: Optional[float]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dlogp, dref_logp)`` in the inputs' dtypes."""
-    dlogp = torch.empty(logp.shape, dtype=logp.dtype, device=logp.device)
-    dref = torch.empty(ref_logp.shape, dtype=ref_logp.dtype, device=logp.device)
+    dlogp = _common.alloc(logp.shape, logp.dtype, logp.device)
+    dref = _common.alloc(ref_logp.shape, ref_logp.dtype, logp.device)
     n = dlogp.numel()
     if n == 0:
         return dlogp, dref

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import device_guard, row_softmax_stats, vocab_config
 
 
@@ -120,9 +121,9 @@ def logprobs_fwd(
     B, T, V = rows.shape
     targets = targets.reshape(B, T).to(torch.int64).contiguous()
     dtype = _stats_dtype(rows)
-    logp = torch.empty((B, T), dtype=dtype, device=rows.device)
-    entropy = torch.empty_like(logp)
-    lse = torch.empty_like(logp)
+    logp = _common.alloc((B, T), dtype, rows.device)
+    entropy = _common.alloc(logp.shape, logp.dtype, logp.device)
+    lse = _common.alloc(logp.shape, logp.dtype, logp.device)
     if B * T == 0:
         return logp, entropy, lse
     block, warps = vocab_config(V, rows.device, "fwd")
@@ -148,7 +149,7 @@ def logprobs_bwd(
     _check_rows(rows)
     B, T, V = rows.shape
     flat = [t.reshape(B * T).contiguous() for t in (targets.to(torch.int64), grad_logp, grad_entropy, lse, entropy)]
-    grad = torch.empty((B, T, V), dtype=rows.dtype, device=rows.device)
+    grad = _common.alloc((B, T, V), rows.dtype, rows.device)
     if grad.numel() == 0:
         return grad
     block, warps = vocab_config(V, rows.device, "bwd")

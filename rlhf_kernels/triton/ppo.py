@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import KL_EST_CODES, device_guard, kl_k, kl_k_dlogp, row_softmax_stats, vocab_config
 from .logprobs import logprobs_dz
 
@@ -204,7 +205,7 @@ def ppo_term_fwd(
     _check_rows(rows)
     B, T, V = rows.shape
     n = B * T
-    outs = [torch.empty((B, T), dtype=torch.float32, device=rows.device) for _ in range(6)]
+    outs = [_common.alloc((B, T), torch.float32, rows.device) for _ in range(6)]
     if n == 0:
         return tuple(outs)
     y, old, adv = _flat(targets.to(torch.int64), n), _flat(old_logp, n), _flat(advantages, n)
@@ -246,7 +247,7 @@ def ppo_term_bwd(
     _check_rows(rows)
     B, T, V = rows.shape
     n = B * T
-    grad = torch.empty((B, T, V), dtype=rows.dtype, device=rows.device)
+    grad = _common.alloc((B, T, V), rows.dtype, rows.device)
     if grad.numel() == 0:
         return grad
     flat = [_flat(t, n) for t in (targets.to(torch.int64), grad_term, grad_logp, grad_entropy, grad_kl, logp, entropy, lse, old_logp, advantages)]
