@@ -201,11 +201,14 @@ def kl_estimate_bwd(
         from ..triton.kl import kl_estimate_bwd as triton_bwd
 
         return triton_bwd(grad, logp, ref_logp, estimator, clamp)
-    with torch.enable_grad():
-        a = logp.detach().requires_grad_()
-        b = ref_logp.detach().requires_grad_()
-        da, db = torch.autograd.grad(reference.kl_estimate(a, b, estimator, clamp), (a, b), grad)
-    return da.contiguous(), db.contiguous()
+    dtype = torch.promote_types(logp.dtype, ref_logp.dtype)
+    d = ref_logp.to(dtype) - logp.to(dtype)
+    dk = {"k1": torch.ones_like(d), "k2": -d, "k3": -torch.expm1(d)}[estimator]
+    g = grad.to(dtype) * dk
+    if clamp is not None:
+        k = reference.kl_estimate(logp.to(dtype), ref_logp.to(dtype), estimator)
+        g = torch.where((k >= -clamp) & (k <= clamp), g, torch.zeros_like(g))
+    return g.to(logp.dtype).contiguous(), (-g).to(ref_logp.dtype).contiguous()
 
 
 @kl_estimate_bwd.register_fake

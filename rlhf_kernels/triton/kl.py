@@ -80,8 +80,10 @@ def _kl_divergence_fwd_kernel(
         xdz = tl.where(xz > 0, xz * dz, 0.0)
         z_rel = tl.where(gt_z, 0.0, dz)  # z - mz_new
         e = tl.where(gt_z, 1.0, xz)
-        term = tl.where(z == float("-inf"), 0.0, e * (z_rel - (r - mr)))
-        u = tl.where(gt_z, xz * u + sz * xdz, u) + term
+        r_rel = tl.where(r == float("-inf"), float("-inf"), r - mr)  # q = 0 where p > 0: KL = +inf
+        term = tl.where(z == float("-inf"), 0.0, e * (z_rel - r_rel))
+        # underflowed weights drop their terms (the 0·x = 0 convention of Σ p·(log p - log q))
+        u = tl.where(gt_z, tl.where(xz > 0, xz * u, 0.0) + sz * xdz, u) + term
         sz = tl.where(gt_z, sz * xz + 1.0, sz + xz)
         mz = tl.where(gt_z, z, mz)
     Mz = tl.max(mz, axis=0)
@@ -90,7 +92,7 @@ def _kl_divergence_fwd_kernel(
     dmz = tl.where(live_z, mz - Mz, 0.0)
     wz = tl.where(live_z, tl.exp2(dmz * 1.4426950408889634), 0.0)
     Sz = tl.sum(wz * sz, axis=0)
-    U = tl.sum(tl.where(live_z, wz * (u + sz * (dmz - (mr - Mr))), 0.0), axis=0)
+    U = tl.sum(tl.where(live_z & (wz > 0), wz * (u + sz * (dmz - (mr - Mr))), 0.0), axis=0)
     live_r = sr != 0.0
     wr = tl.where(live_r, tl.exp2(tl.where(live_r, mr - Mr, 0.0) * 1.4426950408889634), 0.0)
     Sr = tl.sum(wr * sr, axis=0)
