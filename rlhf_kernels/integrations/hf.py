@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from ..ops._checks import check_same_shape
 from ..ops.linear import linear_logprobs
 
 __all__ = ["causal_lm_body", "causal_lm_logprobs", "shifted_targets"]
@@ -122,14 +123,12 @@ def causal_lm_logprobs(
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq_len], got {tuple(input_ids.shape)}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask must have shape {tuple(input_ids.shape)} (from input_ids), got {tuple(attention_mask.shape)}"
-        )
+    if attention_mask is not None:
+        check_same_shape("attention_mask", attention_mask, input_ids.shape, "input_ids")
     if targets is None:
         targets = shifted_targets(input_ids, attention_mask, ignore_index)
-    elif targets.shape != input_ids.shape:
-        raise ValueError(f"targets must have shape {tuple(input_ids.shape)} (from input_ids), got {tuple(targets.shape)}")
+    else:
+        check_same_shape("targets", targets, input_ids.shape, "input_ids")
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"{type(model).__name__} has no output embedding (LM head) with a weight")

@@ -43,6 +43,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .. import reference
+from ..ops._checks import check_same_shape
 from ..ops.logprobs import logprobs as _rk_logprobs
 from ..ops.losses import aggregate_loss as _rk_aggregate_loss
 
@@ -108,8 +109,7 @@ def agg_loss(
     """
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
-    if loss_mask.shape != loss_mat.shape:
-        raise ValueError(f"loss_mask must have shape {tuple(loss_mat.shape)} (from loss_mat), got {tuple(loss_mask.shape)}")
+    check_same_shape("loss_mask", loss_mask, loss_mat.shape, "loss_mat")
     mask = loss_mask.to(loss_mat.dtype)
     term = torch.where(loss_mask.bool(), loss_mat, torch.zeros_like(loss_mat))
     if loss_agg_mode == "token-sum":
@@ -121,7 +121,9 @@ def agg_loss(
             return _rk_aggregate_loss(term, mask, "token-mean")
         return _rk_aggregate_loss(term, mask, "token-mean") * mask.sum() / batch_num_tokens * dp_size
     if term.dim() < 2:
-        raise ValueError(f"loss_agg_mode={loss_agg_mode!r} needs [batch, response_length] inputs, got {tuple(term.shape)}")
+        raise ValueError(
+            f"loss_agg_mode={loss_agg_mode!r} needs [batch, response_length] inputs, got {tuple(term.shape)}"
+        )
     num_seqs = term.numel() // term.shape[-1]
     non_empty = (mask.sum(-1) > 0).sum().to(term.dtype)
     if global_batch_size is None:
@@ -160,8 +162,7 @@ def _policy_loss(
     if clip_low is None or clip_high is None:
         raise ValueError("cliprange (or both cliprange_low and cliprange_high) must be given")
     for name, value in (("old_log_prob", old_log_prob), ("advantages", advantages), ("response_mask", response_mask)):
-        if value.shape != log_prob.shape:
-            raise ValueError(f"{name} must have shape {tuple(log_prob.shape)} (from log_prob), got {tuple(value.shape)}")
+        check_same_shape(name, value, log_prob.shape, "log_prob")
     # Per-token PPO term with dual clip: the project's reference semantics (DESIGN.md §2, ppo_loss).
     pg_losses, _, _ = reference.ppo_token_terms(
         log_prob,

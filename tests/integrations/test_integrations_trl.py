@@ -245,7 +245,8 @@ def _orpo_losses():
     )
     torch.manual_seed(0)
     config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(vocab), bos_token_id=1, eos_token_id=1, pad_token_id=0
+        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(vocab),
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
     )
     model = GPT2LMHeadModel(config)
     with tempfile.TemporaryDirectory() as out:

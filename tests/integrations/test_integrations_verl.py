@@ -68,7 +68,8 @@ def verl_compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, 
     pg_clipfrac = verl_masked_mean(torch.gt(pg_losses2, pg_losses1).float(), response_mask)
     pg_losses3 = -advantages * clip_ratio_c
     clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
-    pg_clipfrac_lower = verl_masked_mean(torch.gt(clip_pg_losses1, pg_losses3) * (advantages < 0).float(), response_mask)
+    lower = torch.gt(clip_pg_losses1, pg_losses3) * (advantages < 0).float()
+    pg_clipfrac_lower = verl_masked_mean(lower, response_mask)
     pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
     if weights is not None:
         pg_losses = pg_losses * weights
@@ -82,7 +83,7 @@ def verl_compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, 
 def _batch(seed, B=6, T=9, empty_rows=(), dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 4
-    new = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 1.0  # many ratios outside [0.8, 1.28], some past c
+    new = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 1.0  # many ratios outside [0.8, 1.28]
     adv = torch.randn(B, T, generator=g, dtype=torch.float64) * 2
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
@@ -223,4 +224,20 @@ def test_entropy_from_logits(dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)
     torch.testing.assert_close(ours.double(), ref, **tol)
     torch.testing.assert_close(chunked, ours.detach())
-    torch.testing.assert_close(x.grad.double(), y.grad, **(tol if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)))
+    grad_tol = tol if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(x.grad.double(), y.grad, **grad_tol)
+
+
+def test_torch_compile_fullgraph():
+    """verl wraps entropy_from_logits in torch.compile(dynamic=True): the drop-ins must trace without graph breaks."""
+    g = torch.Generator().manual_seed(10)
+    logits = torch.randn(2, 5, 33, generator=g)
+    labels = torch.randint(0, 33, (2, 5), generator=g)
+    entropy = torch.compile(rk_verl.entropy_from_logits, backend="aot_eager", fullgraph=True, dynamic=True)
+    logprobs = torch.compile(rk_verl.logprobs_from_logits, backend="aot_eager", fullgraph=True)
+    x = logits.clone().requires_grad_(True)
+    (entropy(x).sum() + logprobs(x, labels).sum()).backward()
+    y = logits.clone().requires_grad_(True)
+    (rk_verl.entropy_from_logits(y).sum() + rk_verl.logprobs_from_logits(y, labels).sum()).backward()
+    torch.testing.assert_close(x.grad, y.grad)
+    torch.testing.assert_close(entropy(logits), rk_verl.entropy_from_logits(logits))
