@@ -35,7 +35,7 @@ def eager_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
 
 
 def make_inputs(case: Case, device: torch.device, seed: int):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)  # small: drawn on the host
     B, T = case.B, case.T
     lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).float()

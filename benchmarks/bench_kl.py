@@ -12,7 +12,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from .providers import CHUNK_ROWS, OURS, Case, OpSpec, Provider, compile_reason, compiled, no_liger, our_reason
+from .providers import CHUNK_ROWS, OURS, Case, OpSpec, Provider, compile_reason, compiled, generator, no_liger, our_reason, randn
 
 
 def eager_kl(logits: torch.Tensor, ref_logits: torch.Tensor):
@@ -29,9 +29,9 @@ def chunked_kl(logits: torch.Tensor, ref_logits: torch.Tensor, chunk: int = CHUN
 
 
 def make_inputs(case: Case, device: torch.device, seed: int):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    logits = (torch.randn(case.N, case.V, generator=g) * 2.0).to(device=device, dtype=case.dtype)
-    ref = (logits.float() + 0.3 * torch.randn(case.N, case.V, generator=g).to(device)).to(case.dtype)
+    g = generator(device, seed)
+    logits = randn((case.N, case.V), g, device, case.dtype, 2.0)
+    ref = randn((case.N, case.V), g, device, case.dtype, 0.3).add_(logits)
     return {"logits": logits, "ref_logits": ref}
 
 

@@ -24,17 +24,20 @@ from .providers import (
     compile_reason,
     compiled,
     eager_logprobs,
+    generator,
     liger_reason,
     no_liger,
     our_reason,
+    randint,
+    randn,
 )
 
 
 def make_inputs(case: Case, device: torch.device, seed: int):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(case.N, case.H, generator=g).to(device=device, dtype=case.dtype)
-    weight = (torch.randn(case.V, case.H, generator=g) * case.H**-0.5).to(device=device, dtype=case.dtype)
-    targets = torch.randint(0, case.V, (case.N,), generator=g).to(device)
+    g = generator(device, seed)
+    hidden = randn((case.N, case.H), g, device, case.dtype)
+    weight = randn((case.V, case.H), g, device, case.dtype, case.H**-0.5)
+    targets = randint(case.V, (case.N,), g, device)
     return {"hidden": hidden, "weight": weight, "targets": targets}
 
 

@@ -23,16 +23,19 @@ from .providers import (
     compile_reason,
     compiled,
     eager_logprobs,
+    generator,
     liger_reason,
     no_liger,
     our_reason,
+    randint,
+    randn,
 )
 
 
 def make_inputs(case: Case, device: torch.device, seed: int):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    logits = (torch.randn(case.N, case.V, generator=g) * 2.0).to(device=device, dtype=case.dtype)
-    targets = torch.randint(0, case.V, (case.N,), generator=g).to(device)
+    g = generator(device, seed)
+    logits = randn((case.N, case.V), g, device, case.dtype, 2.0)
+    targets = randint(case.V, (case.N,), g, device)
     return {"logits": logits, "targets": targets}
 
 

@@ -26,8 +26,11 @@ from .providers import (
     compile_reason,
     compiled,
     eager_logprobs,
+    generator,
     liger_reason,
     our_reason,
+    randint,
+    randn,
 )
 
 KL_COEF = 0.04
@@ -59,18 +62,19 @@ def chunked_ppo(logits, targets, old_logp, advantages, ref_logp, mask):
 
 
 def make_inputs(case: Case, device: torch.device, seed: int):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = generator(device, seed)
     B, T, V = case.B, case.T, case.V
-    logits = (torch.randn(B, T + 1, V, generator=g) * 2.0).to(device=device, dtype=case.dtype)
-    targets = torch.randint(0, V, (B, T), generator=g)
+    logits = randn((B, T + 1, V), g, device, case.dtype, 2.0)
+    targets = randint(V, (B, T), g, device)
     with torch.no_grad():
-        logp = torch.log_softmax(logits[:, :-1].float().cpu(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    old_logp = logp + 0.1 * torch.randn(B, T, generator=g)
-    ref_logp = logp + 0.1 * torch.randn(B, T, generator=g)
-    adv_seq = torch.randn(B, generator=g)
-    mask = torch.ones(B, T)
+        # Near-on-policy old / ref log-probs; chunked so no [N, V] float32 temporary is made here.
+        (logp,) = chunked_logprobs(logits[:, :-1], targets, entropy=False)
+    old_logp = logp + randn((B, T), g, device, torch.float32, 0.1)
+    ref_logp = logp + randn((B, T), g, device, torch.float32, 0.1)
+    adv_seq = randn((B,), g, device, torch.float32)
+    mask = torch.ones(B, T, device=device)
     mask[:, T - max(1, T // 10) :] = 0.0  # padded tail
-    to = lambda t: t.to(device).contiguous()  # noqa: E731
+    to = lambda t: t.contiguous()  # noqa: E731
     return {
         "logits_full": logits,
         "targets": to(targets),

@@ -80,6 +80,20 @@ class OpSpec:
     notes: Dict[str, str] = field(default_factory=dict)
 
 
+def generator(device: torch.device, seed: int) -> torch.Generator:
+    """Inputs are drawn on the device itself (a 10 GB logits tensor drawn on the host would take minutes)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def randn(shape, g: torch.Generator, device: torch.device, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    out = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    return out.mul_(scale) if scale != 1.0 else out
+
+
+def randint(high: int, shape, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randint(0, high, shape, generator=g, device=device)
+
+
 # --------------------------------------------------------------------------- eager formulas
 
 
@@ -97,17 +111,22 @@ def eager_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool):
 def chunked_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool, chunk: int = CHUNK_ROWS):
     """Row chunks of ``[*, V]``: per chunk ``logsumexp`` then ``z[y] - lse`` (TRL's selective_log_softmax,
     verl's chunked entropy)."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    flat_targets = targets.reshape(-1)
+    # [B, T, V] (often the strided view logits[:, :-1]) is walked per sequence, as TRL does, so no copy
+    # of the whole tensor is made; each sequence's rows in chunks of `chunk`.
+    if logits.dim() == 3:
+        blocks = [(logits[b], targets[b]) for b in range(logits.shape[0])]
+    else:
+        blocks = [(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))]
     logps, ents = [], []
-    for start in range(0, flat.shape[0], chunk):
-        z = flat[start : start + chunk].float()
-        y = flat_targets[start : start + chunk]
-        lse = torch.logsumexp(z, dim=-1)
-        logps.append(z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse)
-        if entropy:
-            p = torch.softmax(z, dim=-1)
-            ents.append(lse - (p * z).sum(-1))
+    for rows, row_targets in blocks:
+        for start in range(0, rows.shape[0], chunk):
+            z = rows[start : start + chunk].float()
+            y = row_targets[start : start + chunk]
+            lse = torch.logsumexp(z, dim=-1)
+            logps.append(z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse)
+            if entropy:
+                p = torch.softmax(z, dim=-1)
+                ents.append(lse - (p * z).sum(-1))
     logp = torch.cat(logps).reshape(targets.shape)
     if not entropy:
         return (logp,)
@@ -115,6 +134,9 @@ def chunked_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool,
 
 
 _COMPILED: Dict[str, Callable] = {}
+# dynamic=True: one graph per op / mode / dtype serves every N and V (RLHF batches change shape every step,
+# and a static graph per shape would cost minutes of compilation per suite). --compile-static turns it off.
+COMPILE_DYNAMIC: Optional[bool] = True
 
 
 def compiled(name: str, fn: Callable) -> Callable:
@@ -126,7 +148,7 @@ def compiled(name: str, fn: Callable) -> Callable:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         except Exception:  # noqa: BLE001 - older / newer torch without this knob
             pass
-        _COMPILED[name] = torch.compile(fn)
+        _COMPILED[name] = torch.compile(fn, dynamic=COMPILE_DYNAMIC)
     return _COMPILED[name]
 
 

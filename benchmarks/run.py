@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="small shapes and short timing (CPU / smoke tests)")
     p.add_argument("--fresh", action="store_true", help="replace results.csv instead of merging into it")
+    p.add_argument("--resume", action="store_true", help="skip cases whose rows (every mode / provider asked for) are already in results.csv")
+    p.add_argument("--compile-static", action="store_true", help="torch.compile with dynamic=False (one graph per shape)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; cases not started by then are left out (logged)")
     p.add_argument("--rep-ms", type=float, default=None, help="timing budget per measurement (ms)")
     p.add_argument("--max-reps", type=int, default=None)
@@ -271,10 +273,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a dependency; keep the suite usable without it
         tqdm = None
-    log = common.Logger(sink=(lambda m: tqdm.write(m, file=sys.stderr)) if tqdm else None)
+    log_file = open(os.path.join(out_dir, "run.log"), "w" if args.fresh else "a")
+
+    def sink(msg: str) -> None:
+        if tqdm:
+            tqdm.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    log = common.Logger(sink=sink)
+    try:
+        return _main(args, device, env, run_id, out_dir, log, tqdm, argv)
+    finally:
+        log_file.write("\n")
+        log_file.close()
+
+
+def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
     log(f"# rlhf_kernels benchmark run {run_id}")
     log(f"# {common.stamp_line(env)} | liger {env['liger']} | python {env['python']}")
     log(f"# argv: {' '.join(sys.argv[:1] + list(argv if argv is not None else sys.argv[1:]))}")
+    if hasattr(os, "getloadavg"):
+        log(f"# load average before the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+    from . import providers as _providers
+
+    if args.compile_static:
+        _providers.COMPILE_DYNAMIC = False
 
     ops_wanted = _csv_list(args.ops)
     if ops_wanted == ["all"]:
@@ -300,7 +326,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     dtypes = [DTYPES[d] for d in dtype_names]
 
-    timer = common.TimerConfig()
+    timer = common.TimerConfig(warmup_ms=10.0, rep_ms=60.0, min_reps=5, max_reps=50)
     if device.type == "cpu":
         timer = common.TimerConfig(warmup_ms=0.0, rep_ms=400.0, min_reps=3, max_reps=15, min_warmup=1)
     if args.quick:
@@ -335,6 +361,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     bar = tqdm(total=total, desc="bench", file=sys.stderr, disable=args.no_progress or tqdm is None, dynamic_ncols=True) if tqdm else None
 
     rows: List[common.Row] = []
+    done = set()
+    if args.resume and not args.fresh:
+        done = {common.key_of(r) for r in report.read_csv(os.path.join(out_dir, "results.csv"))}
+    meta = {"env": env, "run_id": run_id, "copy_gbps": copy_bw / 1e9,
+            "matmul_tflops": {k.replace("torch.", ""): v / 1e12 for k, v in mm.items()},
+            "argv": list(argv if argv is not None else sys.argv[1:]), "timer": vars(timer),
+            "compile_dynamic": _providers.COMPILE_DYNAMIC, "chunk_rows": _providers.CHUNK_ROWS,
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}  # fmt: skip
     skipped_reasons: Dict[Tuple[str, str], str] = {}
     started = time.monotonic()
     left_out = 0
@@ -342,6 +376,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.time_budget is not None and time.monotonic() - started > args.time_budget:
             left_out += 1
             log(f"{spec.name} {case.dtype_name} {shape_text(case)}: left out (time budget {args.time_budget:.0f} s spent)")
+            if bar:
+                bar.update(len(op_modes) * len(providers))
+            continue
+        if done and all((spec.name, m, case.dtype_name, shape_text(case), p) in done for m in op_modes for p in providers):
+            log(f"{spec.name} {case.dtype_name} {shape_text(case)}: already in results.csv (--resume)")
             if bar:
                 bar.update(len(op_modes) * len(providers))
             continue
@@ -403,21 +442,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows.extend(group)
         del sets
         _cleanup(device)
+        if rows:  # written after every case, so a run cut short keeps what it measured
+            report.write_all(out_dir, rows, meta, fresh=args.fresh, plots=False, log=log)
     if bar:
         bar.close()
     if left_out:
         log(f"# {left_out} case(s) left out by --time-budget; run again with the same --out to add them")
 
     if rows:
-        meta = {"env": env, "run_id": run_id, "copy_gbps": copy_bw / 1e9,
-                "matmul_tflops": {k.replace("torch.", ""): v / 1e12 for k, v in mm.items()},
-                "argv": list(argv if argv is not None else sys.argv[1:]), "timer": vars(timer),
-                "chunk_rows": __import__("benchmarks.providers", fromlist=["CHUNK_ROWS"]).CHUNK_ROWS}  # fmt: skip
         written = report.write_all(out_dir, rows, meta, fresh=args.fresh, plots=not args.no_plots, log=log)
         log(f"# wrote {', '.join(sorted(os.path.basename(w) for w in written))} to {out_dir}")
     if "trainer" in ops_wanted:
         status = max(status, _run_trainer(args, log))
-    report.append_log(out_dir, log.lines, fresh=args.fresh)
     return status
 
 
