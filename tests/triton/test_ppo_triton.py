@@ -1,0 +1,148 @@
+"""Fused Triton PPO term: loss, statistics and dlogits vs the float64 oracle; custom-op checks."""
+
+import pytest
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import reference
+from rlhf_kernels.ops import ppo as ppo_ops
+from triton_testutils import DEVICE, DTYPES, assert_rule, make_logits, make_targets, poisoned_outputs
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _inputs(B, T, V, dtype, seed, *, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    x = make_logits((B, T + 1, V), dtype, seed=seed)
+    x = x[:, :-1] if strided else x[:, 1:].contiguous()
+    y = make_targets((B, T), V, seed=seed, ignore_frac=0.1)
+    mask = (y != -100) & (torch.rand(B, T, generator=g) < 0.9).to(DEVICE)
+    mask[-1] = False if B > 2 else mask[-1]  # an empty sequence
+    with torch.no_grad():
+        logp = reference.logprobs(x.double(), y)
+    # wide enough that the clip (|r - 1| > 0.2) and the dual clip (r > 2) are both often active
+    old = (logp + torch.randn(B, T, generator=g).to(DEVICE) * 0.6).float()
+    ref = (logp + torch.randn(B, T, generator=g).to(DEVICE) * 0.2).float()
+    adv = torch.randn(B, T, generator=g).to(DEVICE)
+    return x, y, old, adv, mask, ref
+
+
+def _run(fn, x, args, kwargs, w):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, *args, **kwargs)
+    (out.loss * w).backward()
+    return out, x.grad
+
+
+def _check(x, y, old, adv, mask, kwargs):
+    dtype = x.dtype
+    args = (y, old, adv, mask)
+    w = 1.7
+    with poisoned_outputs():
+        out, grad = _run(rk.ppo_loss, x, args, dict(kwargs, backend="triton"), w)
+    out64, grad64 = _run(reference.ppo_loss, x.double(), args, kwargs, w)
+    outl, gradl = _run(reference.ppo_loss, x, args, kwargs, w)
+    assert isinstance(out, rk.PPOLossOutput)
+    assert out.loss.dim() == 0 and out.loss.dtype == torch.float32
+    for name in ("loss", "logp", "entropy", "kl", "approx_kl"):
+        assert_rule(name, getattr(out, name), getattr(outl, name), getattr(out64, name), dtype)
+    torch.testing.assert_close(out.clip_frac.double(), out64.clip_frac, atol=1.01 / mask.numel(), rtol=0)
+    assert grad.dtype == dtype
+    assert_rule("dlogits", grad, gradl, grad64, dtype)
+    assert not out.logp.requires_grad and not out.kl.requires_grad
+
+
+@pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("dual_clip", [None, 2.0])
+def test_matches_reference(loss_agg, kl_estimator, dual_clip):
+    seed = len(loss_agg) * 7 + int(kl_estimator[1]) + (3 if dual_clip else 0)
+    x, y, old, adv, mask, ref = _inputs(3, 5, 70, torch.float32, seed, strided=seed % 2 == 0)
+    kwargs = dict(ref_logp=ref, kl_coef=0.1, kl_estimator=kl_estimator, entropy_coef=0.01, clip_low=0.2,
+                  clip_high=0.28, dual_clip=dual_clip, temperature=0.9, loss_agg=loss_agg)
+    _check(x, y, old, adv, mask, kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtypes_and_odd_shapes(dtype):
+    for B, T, V in ((1, 1, 1), (2, 3, 7), (2, 4, 130)):
+        x, y, old, adv, mask, _ = _inputs(B, T, V, dtype, seed=V)
+        _check(x, y, old, adv, mask, dict(entropy_coef=0.02, loss_agg="seq-mean-token-mean"))
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_wild_ratios_hit_the_log_ratio_clamp(dual_clip):
+    x, y, old, adv, mask, ref = _inputs(2, 6, 50, torch.float32, seed=21)
+    adv[:, :3] = torch.tensor([-1.0, 1.0, -0.5], device=DEVICE)
+    old = old.clone()
+    old[:, :3] = reference.logprobs(x.double(), y)[:, :3].float() - torch.tensor([30.0, -30.0, 1.5], device=DEVICE)
+    mask[:, :3] = y[:, :3] != -100
+    # |logp - old| > 20 on some tokens (the clamp stops their gradient); r > 3 for the dual clip
+    _check(x, y, old, adv, mask, dict(ref_logp=ref, kl_coef=0.05, dual_clip=dual_clip))
+
+
+def test_empty_mask_and_all_ignored():
+    x, y, old, adv, mask, _ = _inputs(2, 4, 40, torch.float32, seed=22)
+    y[:] = -100
+    with poisoned_outputs():
+        out, grad = _run(rk.ppo_loss, x, (y, old, adv, torch.zeros_like(mask)), dict(backend="triton"), 1.0)
+    assert out.loss.item() == 0.0 and (grad == 0).all()
+    assert (out.logp == 0).all() and (out.entropy == 0).all()
+
+
+def test_cpu_default_path_unchanged():
+    x, y, old, adv, mask, ref = _inputs(2, 3, 30, torch.float32, seed=23)
+    if DEVICE.type != "cpu":
+        pytest.skip("checks the CPU composition")
+    a = rk.ppo_loss(x, y, old, adv, mask, ref_logp=ref, kl_coef=0.1)
+    b = reference.ppo_loss(x, y, old, adv, mask, ref_logp=ref, kl_coef=0.1)
+    for name in a._fields:
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6)
+
+
+def test_op_backends_agree_and_extra_output_grads():
+    """The fused op's backward also honours gradients of its logp / entropy / kl outputs."""
+    x, y, old, adv, mask, ref = _inputs(2, 3, 45, torch.float32, seed=24)
+    scal = (0.8, -100, 0.1, "k3", 0.01, 0.2, 0.3, 2.5)
+    weights = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    grads, outs = [], []
+    for backend in ("triton", "torch"):
+        xt = x.clone().requires_grad_()
+        out = ppo_ops.ppo_term_fwd(xt, y, old, adv, ref, *scal, backend)
+        sum((w * o).sum() for w, o in zip(weights, out[:4])).backward()
+        assert 0 < out[4].sum() < out[4].numel()  # some tokens clipped, some not
+        grads.append(xt.grad)
+        outs.append(out)
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_opcheck(backend):
+    x, y, old, adv, mask, ref = _inputs(2, 3, 40, torch.float32, seed=25)
+    scal = (0.8, -100, 0.1, "k2", 0.01, 0.2, 0.3)
+    x = x.requires_grad_()
+    torch.library.opcheck(ppo_ops.ppo_term_fwd, (x, y, old, adv, ref) + scal + (2.0, backend))
+    torch.library.opcheck(ppo_ops.ppo_term_fwd, (x, y, old, adv, None) + scal + (None, backend))
+    term, logp, ent, kl, clipped, lse = ppo_ops.ppo_term_fwd(x.detach(), y, old, adv, ref, *scal, 2.0, backend)
+    gs = [torch.randn_like(term) for _ in range(4)]
+    torch.library.opcheck(ppo_ops.ppo_term_bwd, (*gs, x.detach(), y, logp, ent, lse, old, adv, ref) + scal + (2.0, backend))
+
+
+def test_torch_compile_fullgraph():
+    x, y, old, adv, mask, ref = _inputs(2, 4, 60, torch.float32, seed=26)
+
+    def f(logits):
+        out = rk.ppo_loss(logits, y, old, adv, mask, ref_logp=ref, kl_coef=0.1, entropy_coef=0.01,
+                          loss_agg="seq-mean-token-mean", backend="triton")
+        return out.loss, out.clip_frac
+
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss_c, frac_c = torch.compile(f, fullgraph=True)(xc)
+    loss_c.backward()
+    loss_e, frac_e = f(xe)
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(frac_c, frac_e)
+    torch.testing.assert_close(xc.grad, xe.grad)
