@@ -433,7 +433,7 @@ def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
                     bar.update(1)
             ok = [r for r in group if r.status == "ok"]
             for r in ok:
-                r.ratios = ";".join(f"{o.provider}={o.ms / r.ms:.3f}" for o in ok if o is not r)
+                r.ratios = ";".join(f"{o.provider}={o.ms / r.ms:.4g}" for o in ok if o is not r)
             for r in group:
                 if r.status == "ok":
                     log(f"{spec.name:<16} {mode:<7} {case.dtype_name:<8} {shape_text(case):<24} {r.provider:<8} "
@@ -449,7 +449,7 @@ def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
     if left_out:
         log(f"# {left_out} case(s) left out by --time-budget; run again with the same --out to add them")
 
-    if rows:
+    if rows or args.resume:
         written = report.write_all(out_dir, rows, meta, fresh=args.fresh, plots=not args.no_plots, log=log)
         log(f"# wrote {', '.join(sorted(os.path.basename(w) for w in written))} to {out_dir}")
     if "trainer" in ops_wanted:

@@ -1,0 +1,125 @@
+"""Smoke test of the benchmark suite: the CLI runs on CPU with --quick and writes sane CSV / markdown / PNG.
+
+Speed is not asserted (DESIGN.md §5); the test checks that the suite runs,
+skips what cannot run with a reason, and that every number it writes is
+finite, positive and self-consistent.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run_quick(out_dir: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the triton provider must be skipped, not interpreted
+    env["MPLBACKEND"] = "Agg"
+    cmd = [
+        sys.executable, "-m", "benchmarks.run", "--quick", "--fresh", "--no-progress",
+        "--ops", "logprobs+ent,ppo_loss,gae", "--shapes", "64x512,64x1024", "--scan-shapes", "4x32",
+        "--providers", "eager,chunked,liger,triton,cpu", "--mode", "fwd,fwd+bwd",
+        "--rep-ms", "5", "--max-reps", "3", "--out", out_dir,
+    ]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bench"))
+    start = time.monotonic()
+    proc = _run_quick(out)
+    wall = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    dirs = [d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))]
+    assert len(dirs) == 1 and dirs[0].startswith("cpu-"), dirs
+    return os.path.join(out, dirs[0]), proc, wall
+
+
+def _rows(path):
+    with open(os.path.join(path, "results.csv"), newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_outputs_exist(quick_run):
+    path, _, _ = quick_run
+    for name in ("results.csv", "results.md", "summary.md", "meta.json", "run.log", "summary.png",
+                 "logprobs_ent.png", "ppo_loss.png", "gae.png"):  # fmt: skip
+        full = os.path.join(path, name)
+        assert os.path.isfile(full) and os.path.getsize(full) > 0, name
+        if name.endswith(".png"):
+            with open(full, "rb") as fh:
+                assert fh.read(8) == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_numbers_are_sane(quick_run):
+    path, _, _ = quick_run
+    rows = _rows(path)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["op"] for r in ok} == {"logprobs+ent", "ppo_loss", "gae"}
+    assert {r["mode"] for r in ok if r["op"] != "gae"} == {"fwd", "fwd+bwd"}
+    for r in ok:
+        ms, p20, p80 = float(r["ms"]), float(r["ms_p20"]), float(r["ms_p80"])
+        assert 0 < p20 <= ms <= p80 and math.isfinite(p80), r
+        assert float(r["gbps"]) > 0 and float(r["copy_gbps"]) > 0, r
+        assert float(r["pct_bw"]) == pytest.approx(100 * float(r["gbps"]) / float(r["copy_gbps"]), rel=1e-3)
+        peak = float(r["peak_mb"]) if r["peak_mb"] else float("nan")
+        assert math.isnan(peak) or peak >= 0, r
+        assert r["device"] and r["torch"] and r["commit"], r
+    # Every ok row of a group is compared with every other ok row of the same group, consistently.
+    by_group = {}
+    for r in ok:
+        by_group.setdefault((r["op"], r["mode"], r["dtype"], r["shape"]), {})[r["provider"]] = r
+    for group in by_group.values():
+        for name, r in group.items():
+            ratios = dict(kv.split("=") for kv in r["ratios"].split(";")) if r["ratios"] else {}
+            assert set(ratios) == set(group) - {name}
+            for other, value in ratios.items():
+                assert float(value) == pytest.approx(float(group[other]["ms"]) / float(r["ms"]), rel=2e-3)
+    # Fused vs eager: the bytes model makes a fwd+bwd pass move more than a fwd pass.
+    lp = {(r["mode"], r["provider"]): r for r in ok if r["op"] == "logprobs+ent" and r["shape"] == "N=64 V=1024"}
+    assert float(lp[("fwd+bwd", "eager")]["gbps"]) * float(lp[("fwd+bwd", "eager")]["ms"]) > float(
+        lp[("fwd", "eager")]["gbps"]
+    ) * float(lp[("fwd", "eager")]["ms"])
+
+
+def test_unavailable_providers_are_skipped_with_a_reason(quick_run):
+    path, proc, _ = quick_run
+    rows = _rows(path)
+    for provider in ("liger", "triton"):
+        skipped = [r for r in rows if r["provider"] == provider]
+        assert skipped and all(r["status"] == "skipped" and r["note"] for r in skipped), provider
+    assert "triton skipped: " in proc.stderr
+    text = open(os.path.join(path, "results.md")).read()
+    assert "## logprobs+ent — fwd+bwd" in text and "## Skipped providers" in text
+    assert "copy bandwidth" in open(os.path.join(path, "run.log")).read()
+
+
+def test_wall_time_is_short(quick_run):
+    _, _, wall = quick_run
+    assert wall < 120, f"--quick smoke run took {wall:.0f} s"
+
+
+def test_update_readme_rewrites_only_the_block(quick_run, tmp_path):
+    path, _, _ = quick_run
+    sys.path.insert(0, ROOT)
+    from benchmarks import update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nbefore\n\n<!-- bench:start -->\nstale\n<!-- bench:end -->\n\nafter\n")
+    results = os.path.dirname(path)
+    assert update_readme.main(["--readme", str(readme), "--results", results]) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n\n<!-- bench:start -->") and text.endswith("<!-- bench:end -->\n\nafter\n")
+    assert "stale" not in text and "summary.png" in text and "| logprobs+ent |" in text
+    assert update_readme.main(["--readme", str(readme), "--results", results, "--check"]) == 0
+    readme.write_text(text.replace("| logprobs+ent |", "| edited |"))
+    assert update_readme.main(["--readme", str(readme), "--results", results, "--check"]) == 1
