@@ -165,16 +165,20 @@ def compile_reason(case: Case, device: torch.device) -> Optional[str]:
 def liger_import_error() -> Optional[str]:
     if importlib.util.find_spec("liger_kernel") is None:
         return "liger-kernel is not installed (pip install liger-kernel, or benchmarks/fetch_wheels.sh)"
+    try:
+        import liger_kernel.transformers.functional  # noqa: F401
+        import liger_kernel.transformers.grpo_loss  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means "cannot run here"
+        return f"liger-kernel does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
     return None
 
 
 def liger_reason(case: Case, device: torch.device) -> Optional[str]:
-    missing = liger_import_error()
-    if missing:
-        return missing
+    if importlib.util.find_spec("liger_kernel") is None:
+        return liger_import_error()
     if device.type != "cuda":
         return "Liger-Kernel is Triton-only and needs CUDA tensors"
-    return None
+    return liger_import_error()
 
 
 def no_liger(why: str) -> Provider:

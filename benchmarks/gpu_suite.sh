@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The GPU run in one command: `pytest -m gpu` and the whole benchmark suite, every log under $OUT.
+#
+#   OUT=/some/dir bash benchmarks/gpu_suite.sh            # = all: setup tests bench
+#   OUT=/some/dir bash benchmarks/gpu_suite.sh logits      # one stage (several may be named)
+#
+# Stages
+#   setup     installs benchmarks/wheels/*.whl (Liger-Kernel) with --no-index --no-deps when present,
+#             builds the extension (pip install -e .) when it is missing or lacks its CUDA kernels
+#             (RLHF_SKIP_BUILD=1 skips that), and records `rlhf-kernels info` and nvidia-smi
+#   tests     pytest -m gpu
+#   logits    logprobs, logprobs+ent            (N x V of DESIGN §6, bf16 and fp32)
+#   klppo     kl_divergence, ppo_loss
+#   linear    linear_logprobs                   (adds H = 2048, 4096)
+#   gae       gae
+#   trainer   end-to-end steps (benchmarks/bench_trainer.py, when it exists)
+#   bench     logits klppo linear gae trainer
+#   all       setup tests bench                 (the default)
+#
+# Results go to $OUT/results/<device-slug>/ (csv, md, png, meta.json, run.log): the committed
+# benchmarks/results/ is copied there first and each bench stage runs with --resume, so a stage cut
+# short by BENCH_BUDGET (seconds of measuring per stage, default 420) or by a command time limit can
+# simply be run again and continues where it stopped; rows are written after every case.
+# Copy $OUT/results/<device-slug>/ back to benchmarks/results/<device-slug>/ and commit it.
+#
+# Environment: OUT (default ./gpu_out), PYTHON (default python3), BENCH_BUDGET, BENCH_ARGS (extra
+# arguments for every `python -m benchmarks.run`, e.g. "--mode all" or "--dtypes bf16").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+PY="${PYTHON:-python3}"
+BUDGET="${BENCH_BUDGET:-420}"
+EXTRA="${BENCH_ARGS:-}"
+mkdir -p "$OUT"
+RC=0
+
+note() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/gpu_suite.log" >&2; }
+
+stage_setup() {
+  shopt -s nullglob
+  local wheels=(benchmarks/wheels/*.whl)
+  if [ ${#wheels[@]} -gt 0 ]; then
+    note "installing ${wheels[*]} (--no-index --no-deps)"
+    "$PY" -m pip install --no-index --no-deps "${wheels[@]}" >"$OUT/pip_wheels.log" 2>&1 || note "wheel install failed (see pip_wheels.log)"
+  fi
+  if [ "${RLHF_SKIP_BUILD:-0}" != "1" ] && ! "$PY" -c "import sys, rlhf_kernels._ext as e; sys.exit(0 if e.has_cuda_kernels() else 1)" 2>/dev/null; then
+    note "building the extension (pip install --no-build-isolation --no-deps -e .)"
+    "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { note "build failed (see build.log)"; RC=1; }
+  fi
+  { nvidia-smi || true; } >"$OUT/nvidia-smi.log" 2>&1
+  "$PY" -m rlhf_kernels.cli info >"$OUT/info.log" 2>&1 || note "rlhf-kernels info failed (see info.log)"
+  "$PY" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" >>"$OUT/info.log" 2>&1 || true
+  cat "$OUT/info.log" >&2
+}
+
+stage_tests() {
+  note "pytest -m gpu"
+  "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider >"$OUT/pytest_gpu.log" 2>&1
+  local rc=$?
+  tail -n 15 "$OUT/pytest_gpu.log" >&2
+  # 5: no test collected is not a failure of the suite
+  if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then note "pytest -m gpu failed (rc=$rc)"; RC=1; fi
+}
+
+seed_results() {
+  if [ ! -d "$OUT/results" ]; then
+    mkdir -p "$OUT/results"
+    [ -d benchmarks/results ] && cp -r benchmarks/results/. "$OUT/results/"
+  fi
+}
+
+bench() {  # bench <log-name> <benchmarks.run args...>
+  local name=$1; shift
+  seed_results
+  note "python -m benchmarks.run $* --resume --time-budget $BUDGET $EXTRA"
+  # shellcheck disable=SC2086
+  "$PY" -m benchmarks.run "$@" --out "$OUT/results" --resume --time-budget "$BUDGET" --no-progress $EXTRA \
+    >"$OUT/bench_$name.log" 2>&1
+  local rc=$?
+  grep -E "^# (copy|matmul|wrote)|left out|skipped:|error|oom" "$OUT/bench_$name.log" | tail -n 40 >&2
+  if [ $rc -ne 0 ]; then note "benchmarks.run $name exited $rc (see bench_$name.log)"; RC=1; fi
+}
+
+run_stage() {
+  case "$1" in
+    setup) stage_setup ;;
+    tests) stage_tests ;;
+    logits) bench logits --ops logprobs,logprobs+ent ;;
+    klppo) bench klppo --ops kl_divergence,ppo_loss ;;
+    linear) bench linear --ops linear_logprobs ;;
+    gae) bench gae --ops gae ;;
+    trainer) bench trainer --ops trainer ;;
+    bench) for s in logits klppo linear gae trainer; do run_stage "$s"; done ;;
+    all) for s in setup tests bench; do run_stage "$s"; done ;;
+    *) note "unknown stage '$1' (setup tests logits klppo linear gae trainer bench all)"; RC=2 ;;
+  esac
+}
+
+[ $# -eq 0 ] && set -- all
+for stage in "$@"; do run_stage "$stage"; done
+note "done (rc=$RC); results in $OUT/results"
+exit $RC
