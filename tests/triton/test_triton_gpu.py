@@ -1,0 +1,132 @@
+"""Full-size Triton tests on a GPU (``pytest -m gpu``): GPT-2 and Qwen vocabularies.
+
+Same oracle and rule as the interpreter tests (DESIGN.md §5), at the shapes
+and block sizes the kernels use in training: V = 50257 / 151936 (several
+4096-wide blocks and a ragged tail), bf16 / fp16 / fp32, strided rows,
+extreme logits, all-ignored rows, poisoned outputs.
+"""
+
+import pytest
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import reference
+from rlhf_kernels.ops import advantages as adv_ops
+from rlhf_kernels.ops._dispatch import resolve_backend
+from triton_testutils import INTERPRET, assert_rule, make_logits, make_targets, poisoned_outputs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA device (compiled Triton)"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
+
+CUDA = torch.device("cuda")
+VOCABS = (50257, 151936)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _logprobs_case(x, y, temperature=1.0, *, op_torch=False, seed=0):
+    from test_logprobs_triton import _check
+
+    _check(x, y, temperature=temperature, op_torch=op_torch, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", VOCABS)
+def test_logprobs_full_vocab(V, dtype):
+    full = make_logits((3, 12, V), dtype, seed=V, scale=4.0, device=CUDA)
+    x = full[:, :-1]  # strided rows, no copy
+    y = make_targets((3, 11), V, seed=V, device=CUDA)
+    y[1] = -100  # an all-ignored sequence
+    _logprobs_case(x, y, temperature=0.8, seed=V)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", VOCABS)
+def test_logprobs_extreme_full_vocab(V, dtype):
+    big = 6e4 if dtype == torch.float16 else 1e4
+    x = make_logits((5, V), torch.float32, seed=V + 1, scale=big, device=CUDA).clamp(-6e4, 6e4)
+    x[1] = 1.5  # all-equal row
+    x[2, ::7] = float("-inf")
+    x[3, : V - 3] = float("-inf")  # live entries only in the ragged tail
+    x[4, V // 2] = x[4].max() + 50  # one dominant logit
+    x = x.to(dtype)
+    y = torch.tensor([0, V - 1, 1, V - 2, V // 2], device=CUDA)
+    _logprobs_case(x, y, op_torch=True, seed=V + 1)
+
+
+@pytest.mark.parametrize("V", VOCABS)
+def test_logprobs_automatic_backend_is_triton(V):
+    assert resolve_backend("logprobs", CUDA, None, rk.ops.logprobs.IMPLEMENTED) == "triton"
+    x = make_logits((4, V), torch.bfloat16, seed=3, device=CUDA)
+    y = make_targets((4,), V, seed=3, device=CUDA)
+    torch.testing.assert_close(rk.logprobs(x, y), rk.logprobs(x, y, backend="triton"), rtol=0, atol=0)
+    # float64 on CUDA skips Triton (fp32 accumulation) unless asked for
+    x64 = x.double()
+    torch.testing.assert_close(rk.logprobs(x64, y), reference.logprobs(x64, y), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", VOCABS)
+def test_kl_divergence_full_vocab(V, dtype):
+    from test_kl_triton import _check
+
+    x = make_logits((2, 9, V), dtype, seed=V + 2, device=CUDA)[:, 1:]
+    r = (x.float() + make_logits((2, 8, V), torch.float32, seed=V + 3, scale=0.3, device=CUDA)).to(dtype)
+    _check(x, r, temperature=0.9, seed=V, ref_grad=dtype != torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", VOCABS)
+def test_ppo_loss_full_vocab(V, dtype):
+    from test_ppo_triton import _check
+
+    g = torch.Generator().manual_seed(V)
+    x = make_logits((3, 7, V), dtype, seed=V + 4, device=CUDA)[:, :-1]
+    y = make_targets((3, 6), V, seed=V + 4, device=CUDA)
+    mask = y != -100
+    with torch.no_grad():
+        logp = reference.logprobs(x.double(), y)
+    old = (logp + torch.randn(3, 6, generator=g).to(CUDA) * 0.6).float()
+    ref = (logp + torch.randn(3, 6, generator=g).to(CUDA) * 0.2).float()
+    adv = torch.randn(3, 6, generator=g).to(CUDA)
+    for loss_agg in ("token-mean", "seq-mean-token-mean"):
+        _check(x, y, old, adv, mask, dict(ref_logp=ref, kl_coef=0.1, entropy_coef=0.01, clip_high=0.28,
+                                          dual_clip=3.0, loss_agg=loss_agg))
+
+
+def test_ppo_loss_compiled_on_gpu():
+    V = 50257
+    x = make_logits((2, 5, V), torch.bfloat16, seed=9, device=CUDA)
+    y = make_targets((2, 5), V, seed=9, device=CUDA)
+    old = torch.randn(2, 5, device=CUDA) - 10
+    adv = torch.randn(2, 5, device=CUDA)
+    mask = y != -100
+
+    def f(logits):
+        return rk.ppo_loss(logits, y, old, adv, mask, entropy_coef=0.01).loss
+
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    lc = torch.compile(f, fullgraph=True)(xc)
+    lc.backward()
+    le = f(xe)
+    le.backward()
+    torch.testing.assert_close(lc, le)
+    torch.testing.assert_close(xc.grad, xe.grad)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_gae_large(dtype):
+    g = torch.Generator().manual_seed(11)
+    B, T = 257, 1031
+    rewards = torch.randn(B, T, generator=g).to(dtype).to(CUDA)
+    values = torch.randn(B, T, generator=g).to(dtype).to(CUDA)
+    mask = (torch.arange(T)[None] < torch.randint(1, T + 1, (B, 1), generator=g)).to(CUDA)
+    assert resolve_backend("gae", CUDA, None, adv_ops.IMPLEMENTED) == "triton"
+    with poisoned_outputs():
+        adv, ret = rk.gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    adv64, ret64 = reference.gae(rewards.double(), values.double(), mask, gamma=0.99, lam=0.95)
+    advl, retl = reference.gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    assert_rule("advantages", adv, advl, adv64, dtype)
+    assert_rule("returns", ret, retl, ret64, dtype)
