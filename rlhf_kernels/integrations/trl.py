@@ -18,6 +18,8 @@ directly, or swap them into TRL for a block or for the rest of the process::
 
     handle = patch_trl()        # until handle.restore() (or unpatch_trl())
 
+    patch_trl(lm_head=True)     # also route TRL's fused LM head (GRPO / RLOO) to rk.linear_logprobs
+
 Differences from TRL, all on inputs TRL does not define a result for:
 ``index == -100`` gives a log-prob of 0 (TRL's ``gather`` raises); masked
 vocabulary entries (``-inf`` logits) contribute 0 to the entropy (TRL's
@@ -32,9 +34,11 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..ops.linear import linear_logprobs as _rk_linear_logprobs
 from ..ops.logprobs import logprobs as _rk_logprobs
 
 __all__ = [
+    "FusedLMHeadFunction",
     "entropy_from_logits",
     "patch_trl",
     "selective_log_softmax",
@@ -155,13 +159,58 @@ def selective_log_softmax_and_entropy(
     return logp.to(logits.dtype), entropy.to(logits.dtype)
 
 
+class FusedLMHeadFunction:
+    """Stand-in for TRL's ``ChunkedLogProbFunction`` (the fused LM head of ``add_fused_lm_head``).
+
+    ``apply(hidden[N, H], weight[V, H], bias, targets[N], temperature, chunk_size,
+    final_logit_softcapping, logit_scale, outputs)`` returns TRL's 5-tuple
+    ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` (float32
+    ``[N]`` or ``None``) through ``rk.linear_logprobs`` when only ``log_probs``
+    and ``entropy`` are requested and there is no soft-capping (GRPO / RLOO and
+    reference models); any other request goes to TRL's own function. The
+    projection runs in the autocast dtype when autocast is on (TRL's rule), else
+    in ``hidden``'s dtype.
+    """
+
+    SUPPORTED_OUTPUTS = frozenset({"log_probs", "entropy"})
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0,
+              outputs=("log_probs",)):
+        if final_logit_softcapping is not None or not logit_scale > 0 or not set(outputs) <= (
+            FusedLMHeadFunction.SUPPORTED_OUTPUTS
+        ):
+            from trl.kernels import ChunkedLogProbFunction
+
+            return ChunkedLogProbFunction.apply(
+                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs
+            )
+        device_type = hidden.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+        want_entropy = "entropy" in outputs
+        with torch.autocast(device_type, enabled=False):
+            out = _rk_linear_logprobs(
+                hidden.to(dtype),
+                weight.to(dtype),
+                targets,
+                None if bias is None else bias.to(dtype),
+                temperature=float(temperature) / float(logit_scale),
+                return_entropy=want_entropy,
+            )
+        logp, entropy = out if want_entropy else (out, None)
+        return logp, entropy, None, None, None
+
+
 # --------------------------------------------------------------------------- patching
 
 _REPLACEMENTS = {
     "selective_log_softmax": selective_log_softmax,
     "entropy_from_logits": entropy_from_logits,
     "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy,
+    "_ChunkedLogProbFunction": FusedLMHeadFunction,
 }
+_LM_HEAD = "_ChunkedLogProbFunction"
 _active: List["patch_trl"] = []
 
 
@@ -180,16 +229,21 @@ class patch_trl:
     already-imported ``trl.*`` module that holds a reference to the originals
     (e.g. ``trl.experimental.orpo.orpo_trainer``, ``...cpo``, ``...tpo``).
 
-    Nested or repeated calls are harmless: only the outermost active patch
-    restores. Raises ``ImportError`` when TRL is not installed.
+    TRL 1.x's GRPO / RLOO / SFT / DPO / KTO trainers do not call those three:
+    they score tokens with their own chunked fused LM head (``add_fused_lm_head``
+    -> ``ChunkedLogProbFunction``), already free of ``[N, V]`` float32
+    temporaries. ``lm_head=True`` also swaps that for ``FusedLMHeadFunction``
+    (``rk.linear_logprobs``) where the request is ``log_probs`` / ``entropy``
+    only (GRPO, RLOO, reference models); it is off by default because TRL's
+    head is already chunked. The three functions above are used by ORPO, CPO,
+    TPO, SDPO, SDFT, A2PO and by user code.
 
-    Note: TRL >= 1.x's GRPO / RLOO / SFT / DPO / KTO trainers score tokens with
-    their own fused LM head (``add_fused_lm_head``), which these functions do
-    not replace; the patch affects the trainers and helpers that call the
-    three functions above (ORPO, CPO, TPO, SDPO, SDFT, A2PO and user code).
+    Nested or repeated calls are harmless: an inner call while a patch is
+    active does nothing, and only the outermost patch restores. Raises
+    ``ImportError`` when TRL is not installed.
     """
 
-    def __init__(self):
+    def __init__(self, *, lm_head: bool = False):
         import trl.trainer.utils as trl_utils  # ImportError when TRL is absent: that is the message we want
 
         self._saved: List[tuple] = []
@@ -197,6 +251,8 @@ class patch_trl:
         self._owner = not _active
         if self._owner:
             for name, new in _REPLACEMENTS.items():
+                if name == _LM_HEAD and not lm_head:
+                    continue
                 original = getattr(trl_utils, name, None)
                 if original is not None:
                     self._originals[name] = original

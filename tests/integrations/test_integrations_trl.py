@@ -217,20 +217,31 @@ def test_patch_trl_function_form_and_late_imports():
     assert trl_utils.selective_log_softmax is TRL_SLS
 
 
-def _orpo_losses():
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+WORDS = "the a cat dog sat ran on mat rug fast slow red blue big small".split()
 
-    words = "the a cat dog sat ran on mat rug fast slow red blue big small".split()
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + words)}
+
+def _tokenizer():
+    """A word-level tokenizer built in memory (there is no model hub here)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + WORDS)}
     word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=word_level, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", bos_token="<eos>"
     )
+    return tokenizer, len(vocab)
+
+
+def _orpo_losses():
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    tokenizer, vocab_size = _tokenizer()
+    words = WORDS
     g = torch.Generator().manual_seed(0)
 
     def sentence(n):
@@ -245,7 +256,7 @@ def _orpo_losses():
     )
     torch.manual_seed(0)
     config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(vocab),
+        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=vocab_size,
         bos_token_id=1, eos_token_id=1, pad_token_id=0,
     )
     model = GPT2LMHeadModel(config)
@@ -282,3 +293,139 @@ def test_orpo_trainer_losses_agree_with_patch(monkeypatch):
         assert c1 == pytest.approx(c0, rel=1e-4)
         assert r1 == pytest.approx(r0, rel=1e-4)
     assert baseline[0][0] != baseline[-1][0]  # training moved
+
+
+# ----------------------------------------------------------------------------- fused LM head (opt-in)
+
+
+def _lm_head_inputs(dtype=torch.float32, N=37, H=24, V=53, bias=True):
+    g = torch.Generator().manual_seed(71)
+    hidden = torch.randn(N, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.4).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    targets = torch.randint(0, V, (N,), generator=g)
+    return hidden, weight, b, targets
+
+
+def _lm_head_run(fn, hidden, weight, bias, targets, outputs, temperature=0.8, logit_scale=1.0, softcap=None):
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
+    out = fn.apply(*leaves, targets, temperature, 32768, softcap, logit_scale, outputs)
+    g = torch.Generator().manual_seed(72)
+    loss = (out[0] * torch.randn(out[0].shape, generator=g)).sum()
+    if out[1] is not None:
+        loss = loss + (out[1] * torch.randn(out[1].shape, generator=g)).sum()
+    loss.backward()
+    return [o.detach() if o is not None else None for o in out], [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy")])
+@pytest.mark.parametrize("logit_scale", [1.0, 0.5])
+def test_fused_lm_head_matches_trl_chunked_logprob(outputs, logit_scale):
+    from trl.kernels import ChunkedLogProbFunction
+
+    args = _lm_head_inputs()
+    ours, g_ours = _lm_head_run(rk_trl.FusedLMHeadFunction, *args, outputs, logit_scale=logit_scale)
+    theirs, g_theirs = _lm_head_run(ChunkedLogProbFunction, *args, outputs, logit_scale=logit_scale)
+    assert len(ours) == len(theirs) == 5
+    for a, b in zip(ours, theirs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_lm_head_falls_back_to_trl(monkeypatch):
+    from trl.kernels import ChunkedLogProbFunction
+
+    calls = []
+    monkeypatch.setattr(rk_trl, "_rk_linear_logprobs", lambda *a, **k: calls.append(1))
+    args = _lm_head_inputs()
+    for outputs, softcap in ((("log_probs", "entropy", "is_top1"), None), (("log_probs",), 30.0)):
+        ours, _ = _lm_head_run(rk_trl.FusedLMHeadFunction, *args, outputs, softcap=softcap)
+        theirs, _ = _lm_head_run(ChunkedLogProbFunction, *args, outputs, softcap=softcap)
+        for a, b in zip(ours, theirs):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert not calls
+
+
+def test_fused_lm_head_autocast_bf16():
+    """Under bf16 autocast both project in bf16 and reduce in fp32; ours rounds the logits once
+    (TRL adds the bias to an already rounded tile), so it is at least as close to the float64 truth."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    hidden, weight, bias, targets = _lm_head_inputs(N=16, V=301)
+    outputs = ("log_probs", "entropy")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, g_ours = _lm_head_run(rk_trl.FusedLMHeadFunction, hidden, weight, bias, targets, outputs)
+        theirs, g_theirs = _lm_head_run(ChunkedLogProbFunction, hidden, weight, bias, targets, outputs)
+    h64, w64, b64 = (t.bfloat16().double() for t in (hidden, weight, bias))
+    z = (h64 @ w64.T + b64) / 0.8
+    log_p = torch.log_softmax(z, -1)
+    truth = (log_p.gather(-1, targets[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1))
+    for a, b, t in zip(ours[:2], theirs[:2], truth):
+        assert a.dtype == b.dtype == torch.float32
+        err_ours, err_theirs = (a.double() - t).abs().max(), (b.double() - t).abs().max()
+        assert err_ours <= 1.25 * err_theirs + 1e-5, (err_ours, err_theirs)
+        torch.testing.assert_close(a.double(), t, rtol=2e-2, atol=2e-2)
+    for a, b in zip(g_ours, g_theirs):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+def test_patch_trl_lm_head_is_opt_in():
+    with rk_trl.patch_trl():
+        assert trl_utils._ChunkedLogProbFunction is not rk_trl.FusedLMHeadFunction
+    original = trl_utils._ChunkedLogProbFunction
+    with rk_trl.patch_trl(lm_head=True):
+        assert trl_utils._ChunkedLogProbFunction is rk_trl.FusedLMHeadFunction
+    assert trl_utils._ChunkedLogProbFunction is original
+
+
+def _grpo_logs():
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer, vocab_size = _tokenizer()
+    data = Dataset.from_dict({"prompt": ["the cat sat", "a dog ran", "red mat on", "big blue rug"]})
+
+    def reward(completions, **kwargs):
+        return [len(c) / 10 + (1.0 if "cat" in c else 0.0) for c in completions]
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=vocab_size,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    )
+    model = GPT2LMHeadModel(config)
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(
+            output_dir=out, max_steps=2, per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
+            learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=0,
+            disable_tqdm=True, bf16=False, beta=0.0,
+        )
+        trainer = GRPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, reward_funcs=reward)
+        trainer.train()
+    return [(h["loss"], h["entropy"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
+
+
+def test_grpo_trainer_agrees_with_lm_head_patch(monkeypatch):
+    baseline = _grpo_logs()
+    calls = []
+    fused = rk_trl._rk_linear_logprobs
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(rk_trl, "_rk_linear_logprobs", counting)
+    with rk_trl.patch_trl(lm_head=True):
+        patched = _grpo_logs()
+    assert calls, "the patched GRPO run never called rk.linear_logprobs"
+    assert len(baseline) == len(patched) == 2
+    for (l0, e0, g0), (l1, e1, g1) in zip(baseline, patched):
+        assert l1 == pytest.approx(l0, rel=1e-4, abs=1e-6)
+        assert e1 == pytest.approx(e0, rel=1e-5)
+        assert g1 == pytest.approx(g0, rel=1e-4)
