@@ -32,8 +32,11 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def _xlogy_safe(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``p * x`` with the convention ``0 * (-inf) = 0`` (masked vocabulary entries)."""
-    return torch.where(p > 0, p * x, torch.zeros_like(p))
+    """``p * x`` with the convention ``0 * (-inf) = 0`` (masked vocabulary entries).
+
+    ``x`` is replaced before the product so the gradient stays finite too.
+    """
+    return p * torch.where(p > 0, x, torch.zeros_like(x))
 
 
 def logprobs(

@@ -27,54 +27,88 @@ namespace rlhf_kernels {
 namespace cpu {
 namespace {
 
-// Chunk of the row converted to the accumulation type; 2048 floats = 8 KiB stays in L1,
-// so each chunk is read from memory once and re-read from cache.
+// The vocabulary is walked in chunks of 2048 (8 KiB of fp32, L1-resident): each
+// chunk comes from memory once and is re-read from cache by the second loop.
 constexpr int64_t kChunk = 2048;
 
 template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+using acc_type_t = float_or_double_t<scalar_t>;
 
-// buf[i] = x[i] * inv_t, converted to the accumulation type.
+template <typename acc_t>
+constexpr acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// exp with ~2 ulp error: ATen's fast polynomial for float, Sleef for double (the gradcheck path).
+inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
+inline at::vec::Vectorized<double> fast_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
+
+// The chunk x[0:n] in the accumulation type: the row itself when it already is
+// (no copy), else converted into buf (bf16 / fp16 -> fp32, vectorised by the compiler).
 template <typename scalar_t, typename acc_t>
-inline void load_scaled(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* buf) {
-  for (int64_t i = 0; i < n; ++i) {
-    buf[i] = static_cast<acc_t>(x[i]) * inv_t;
+inline const acc_t* chunk_source(const scalar_t* x, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    return x;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(x[i]);
+    return buf;
   }
 }
 
-// NaN-propagating maximum of buf[0:n].
+// NaN-propagating max of src[0:n].
 template <typename acc_t>
-inline acc_t chunk_max(const acc_t* buf, int64_t n) {
+inline acc_t chunk_max(const acc_t* src, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
-  return at::vec::reduce_all<acc_t>(
-      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, buf, n);
+  Vec vmax(neg_inf<acc_t>());
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(src + i));
+  if (i < n) {
+    const int64_t rest = n - i;
+    vmax = at::vec::maximum(vmax, Vec::set(Vec(neg_inf<acc_t>()), Vec::loadu(src + i, rest), rest));
+  }
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
 }
 
-// Adds Σ exp(z - m) to *s and Σ exp(z - m)·(z - m) to *t over buf[0:n].
+// With z = src·inv_t: adds Σ exp(z - m) to *s and Σ exp(z - m)·(z - m) to *t.
 template <typename acc_t>
-inline void chunk_sum_exp(const acc_t* buf, int64_t n, acc_t m, acc_t* s, acc_t* t) {
+inline void chunk_sum_exp(const acc_t* src, int64_t n, acc_t inv_t, acc_t m, acc_t* s, acc_t* t) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const Vec vm(m);
+  const Vec vm(m), vinv(inv_t);
   // -inf logits give exp = 0; clamping the shift keeps 0·(-inf) from becoming NaN.
   const Vec floor_shift(-std::numeric_limits<acc_t>::max());
   Vec vs(0), vt(0);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec d = Vec::loadu(buf + i) - vm;
-    Vec e = d.exp();
+    Vec d = at::vec::fmsub(Vec::loadu(src + i), vinv, vm);
+    Vec e = fast_exp(d);
     vs = vs + e;
     vt = at::vec::fmadd(e, at::vec::maximum(d, floor_shift), vt);
   }
   if (i < n) {
     const int64_t rest = n - i;
     // Lanes past the tail become -inf so they add exactly 0 (loadu zero-fills them).
-    Vec d = Vec::set(Vec(-std::numeric_limits<acc_t>::infinity()), Vec::loadu(buf + i, rest) - vm, rest);
-    Vec e = d.exp();
+    Vec d = Vec::set(Vec(neg_inf<acc_t>()), at::vec::fmsub(Vec::loadu(src + i, rest), vinv, vm), rest);
+    Vec e = fast_exp(d);
     vs = vs + e;
     vt = at::vec::fmadd(e, at::vec::maximum(d, floor_shift), vt);
   }
   *s += at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vs);
   *t += at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vt);
+}
+
+// dst[0:n] = p·(a + b·lp) with lp = src·inv_t - lse, p = exp(lp): the softmax part of dlogits.
+template <typename acc_t>
+inline void chunk_grad(const acc_t* src, int64_t n, acc_t inv_t, acc_t lse, acc_t a, acc_t b, acc_t* dst) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec vinv(inv_t), vlse(lse), va(a), vb(b);
+  // Where p underflows to 0 (lp < -745 even in fp64) the clamp keeps 0·(-inf) and 0·(b·huge) out.
+  const Vec floor_lp(acc_t(-1e4));
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t lanes = std::min<int64_t>(Vec::size(), n - i);
+    Vec lp = at::vec::fmsub(Vec::loadu(src + i, lanes), vinv, vlse);
+    Vec p = fast_exp(lp);
+    (p * at::vec::fmadd(vb, at::vec::maximum(lp, floor_lp), va)).store(dst + i, lanes);
+  }
 }
 
 template <typename scalar_t>
@@ -87,29 +121,28 @@ void forward_rows(
     const int64_t* targets,
     int64_t ignore_index,
     double temperature,
-    float_or_double_t<scalar_t>* logp_out,
-    float_or_double_t<scalar_t>* entropy_out,
-    float_or_double_t<scalar_t>* lse_out,
+    acc_type_t<scalar_t>* logp_out,
+    acc_type_t<scalar_t>* entropy_out,
+    acc_type_t<scalar_t>* lse_out,
     int64_t begin,
     int64_t end) {
   using acc_t = acc_type_t<scalar_t>;
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   alignas(64) acc_t buf[kChunk];
   for (int64_t row = begin; row < end; ++row) {
     const scalar_t* x = logits + (row / rows_inner) * stride_outer + (row % rows_inner) * stride_inner;
-    acc_t m = neg_inf, s = 0, t = 0;
+    acc_t m = neg_inf<acc_t>(), s = 0, t = 0;
     bool has_nan = false;
     for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
       const int64_t n = std::min(kChunk, vocab - c0);
-      load_scaled(x + c0, n, inv_t, buf);
-      const acc_t cm = chunk_max(buf, n);
+      const acc_t* src = chunk_source(x + c0, n, buf);
+      const acc_t cm = chunk_max(src, n) * inv_t;  // scaling by inv_t > 0 is monotone: max commutes
       if (std::isnan(cm)) {
         has_nan = true;
         break;
       }
       if (cm > m) {
-        if (m != neg_inf) {
+        if (m != neg_inf<acc_t>()) {
           const acc_t shift = m - cm;
           const acc_t f = std::exp(shift);
           t = (t + s * shift) * f;
@@ -117,10 +150,8 @@ void forward_rows(
         }
         m = cm;
       }
-      if (m == neg_inf) {
-        continue;  // every entry so far is -inf: contributes nothing
-      }
-      chunk_sum_exp(buf, n, m, &s, &t);
+      if (m == neg_inf<acc_t>()) continue;  // every entry so far is -inf: contributes nothing
+      chunk_sum_exp(src, n, inv_t, m, &s, &t);
     }
     acc_t lse, entropy;
     if (has_nan) {
@@ -156,15 +187,14 @@ void backward_rows(
     const int64_t* targets,
     int64_t ignore_index,
     double temperature,
-    const float_or_double_t<scalar_t>* grad_logp,
-    const float_or_double_t<scalar_t>* grad_entropy,
-    const float_or_double_t<scalar_t>* lse_in,
-    const float_or_double_t<scalar_t>* entropy_in,
+    const acc_type_t<scalar_t>* grad_logp,
+    const acc_type_t<scalar_t>* grad_entropy,
+    const acc_type_t<scalar_t>* lse_in,
+    const acc_type_t<scalar_t>* entropy_in,
     scalar_t* grad_out,  // contiguous [rows, vocab]
     int64_t begin,
     int64_t end) {
   using acc_t = acc_type_t<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   alignas(64) acc_t buf[kChunk];
   for (int64_t row = begin; row < end; ++row) {
@@ -178,29 +208,20 @@ void backward_rows(
     const bool target_ok = y >= 0 && y < vocab;
     const acc_t g_logp = static_cast<acc_t>(grad_logp[row]);
     const acc_t g_ent = static_cast<acc_t>(grad_entropy[row]);
+    // dlogits = p·(a + b·lp) + onehot(y)·g_logp/T with a = -(g_logp + g_ent·H)/T, b = -g_ent/T
+    const acc_t a = -(g_logp + g_ent * static_cast<acc_t>(entropy_in[row])) * inv_t;
+    const acc_t b = -g_ent * inv_t;
     const acc_t lse = static_cast<acc_t>(lse_in[row]);
-    const acc_t entropy = static_cast<acc_t>(entropy_in[row]);
-    // dlogits = p·(a + b·lp) with a = -(g_logp + g_ent·H)/T, b = -g_ent/T
-    const Vec va(-(g_logp + g_ent * entropy) * inv_t);
-    const Vec vb(-g_ent * inv_t);
-    const Vec vlse(lse);
-    const Vec floor_lp(-std::numeric_limits<acc_t>::max());
-    for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
-      const int64_t n = std::min(kChunk, vocab - c0);
-      load_scaled(x + c0, n, inv_t, buf);
-      int64_t i = 0;
-      for (; i < n; i += Vec::size()) {
-        const int64_t lanes = std::min<int64_t>(Vec::size(), n - i);
-        Vec lp = Vec::loadu(buf + i, lanes) - vlse;
-        Vec p = lp.exp();
-        Vec d = p * at::vec::fmadd(vb, at::vec::maximum(lp, floor_lp), va);
-        d.store(buf + i, lanes);
-      }
-      if (target_ok && y >= c0 && y < c0 + n) {
-        buf[y - c0] += g_logp * inv_t;
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        dx[c0 + j] = static_cast<scalar_t>(buf[j]);
+    const acc_t onehot = g_logp * inv_t;
+    if constexpr (std::is_same<scalar_t, acc_t>::value) {
+      chunk_grad(x, vocab, inv_t, lse, a, b, dx);  // straight into the output: no staging copy
+      if (target_ok) dx[y] += onehot;
+    } else {
+      for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, vocab - c0);
+        chunk_grad(chunk_source(x + c0, n, buf), n, inv_t, lse, a, b, buf);
+        if (target_ok && y >= c0 && y < c0 + n) buf[y - c0] += onehot;  // before rounding to the dtype
+        for (int64_t j = 0; j < n; ++j) dx[c0 + j] = static_cast<scalar_t>(buf[j]);
       }
     }
   }

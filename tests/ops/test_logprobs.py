@@ -1,0 +1,252 @@
+"""``rk.logprobs`` on the C++ CPU kernel (and the reference op backend) against the float64 oracle."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import _ext
+from rlhf_kernels import reference as R
+from rlhf_kernels.ops._checks import as_rows
+from tests.tolerance import assert_matches_oracle
+
+BACKENDS = ["cpu", "torch"] if _ext.available() else ["torch"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Every fresh tensor (from C++ kernels too) starts filled with NaN, so unwritten outputs show."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def _check_against_oracle(logits, targets, backend, temperature=1.0, ignore_index=-100):
+    """Values and gradients of one call vs the float64 oracle, under DESIGN.md §5's rule."""
+    dtype = logits.dtype
+    g_logp = torch.randn(targets.shape, dtype=torch.float64)
+    g_ent = torch.randn(targets.shape, dtype=torch.float64)
+
+    def run(fn, x):
+        x = x.detach().requires_grad_(True)
+        lp, ent = fn(x)
+        (grad,) = torch.autograd.grad((lp.double() * g_logp + ent.double() * g_ent).sum(), x)
+        return lp, ent, grad
+
+    kwargs = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=True)
+    with poisoned_allocations():
+        fast = run(lambda x: rk.logprobs(x, targets, backend=backend, **kwargs), logits)
+    in_dtype = run(lambda x: R.logprobs(x, targets, **kwargs), logits)
+    oracle = run(lambda x: R.logprobs(x, targets, **kwargs), logits.double())
+    assert fast[0].dtype == torch.float32 and fast[1].dtype == torch.float32
+    assert fast[2].dtype == dtype and fast[2].shape == logits.shape
+    for name, f, r, o in zip(("logp", "entropy", "grad"), fast, in_dtype, oracle):
+        assert_matches_oracle(f, r, o, dtype, what=f"{backend}/{dtype}/{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 2049), (2, 3, 4097), (1, 50257)])
+def test_random_inputs_match_oracle(backend, dtype, shape):
+    torch.manual_seed(hash((backend, str(dtype), shape)) % 2**31)
+    logits = (torch.randn(shape) * 4).to(dtype)
+    targets = torch.randint(0, shape[-1], shape[:-1])
+    _check_against_oracle(logits, targets, backend, temperature=0.7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qwen_vocab_bf16(backend):
+    torch.manual_seed(1)
+    logits = (torch.randn(3, 151936) * 3).to(torch.bfloat16)
+    _check_against_oracle(logits, torch.randint(0, 151936, (3,)), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_rows_are_not_copied_and_match(backend, dtype):
+    torch.manual_seed(2)
+    base = torch.randn(3, 6, 301).to(dtype)
+    logits = base[:, :-1]  # what a causal LM's shift does
+    assert not logits.is_contiguous()
+    assert as_rows(logits).data_ptr() == base.data_ptr()  # viewed, not copied
+    targets = torch.randint(0, 301, (3, 5))
+    targets[1, 2] = -100
+    _check_against_oracle(logits, targets, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_extreme_values(backend, dtype):
+    torch.manual_seed(3)
+    V = 2500
+    logits = torch.randn(8, V)
+    logits[0] = 1e4 * torch.sign(torch.randn(V))  # ±1e4
+    logits[1, ::3] = -math.inf  # masked vocabulary
+    logits[2] = 5.0  # all equal: uniform
+    logits[3, :] = -math.inf
+    logits[3, 17] = 2.0  # only one finite entry
+    logits[4] = torch.randn(V) * 1e3
+    if dtype == torch.float16:
+        logits[5] = torch.rand(V) * 6e4  # near fp16 overflow
+    targets = torch.randint(0, V, (8,))
+    targets[1] = 2  # a finite entry of the masked row
+    targets[3] = 17
+    _check_against_oracle(logits.to(dtype), targets, backend, temperature=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_rows_are_zero_with_zero_gradient(backend):
+    logits = torch.randn(4, 6, 33, requires_grad=True)
+    targets = torch.full((4, 6), -1)
+    with poisoned_allocations():
+        lp, ent = rk.logprobs(logits, targets, ignore_index=-1, return_entropy=True, backend=backend)
+        (lp.sum() + ent.sum()).backward()
+    assert torch.equal(lp, torch.zeros(4, 6)) and torch.equal(ent, torch.zeros(4, 6))
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_stay_in_their_token(backend):
+    logits = torch.randn(4, 100)
+    logits[1, 50] = float("nan")
+    logits[2, 7] = float("inf")
+    targets = torch.randint(0, 100, (4,))
+    lp, ent = rk.logprobs(logits, targets, return_entropy=True, backend=backend)
+    assert torch.isnan(lp[1]) and torch.isnan(ent[1])
+    assert not torch.isfinite(lp[2])
+    oracle_lp, oracle_ent = R.logprobs(logits[[0, 3]].double(), targets[[0, 3]], return_entropy=True)
+    assert torch.allclose(lp[[0, 3]].double(), oracle_lp, atol=1e-5)
+    assert torch.allclose(ent[[0, 3]].double(), oracle_ent, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    logits = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 9, (2, 3))
+    targets[0, 1] = -100
+
+    def fn(x, y):
+        return rk.logprobs(x, y, temperature=0.8, return_entropy=True, backend=backend)
+
+    assert torch.autograd.gradcheck(lambda x: fn(x, targets), (logits,))
+    assert torch.autograd.gradcheck(lambda x: fn(x[:, :-1], targets[:, 1:]), (logits,))  # strided rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    from rlhf_kernels.ops.logprobs import logprobs_bwd, logprobs_fwd
+
+    logits = torch.randn(2, 5, 13, requires_grad=True)
+    targets = torch.randint(0, 13, (2, 5))
+    torch.library.opcheck(logprobs_fwd, (logits, targets, 0.9, -100, backend))
+    lp, ent, lse = logprobs_fwd(logits.detach(), targets, 0.9, -100, backend)
+    g = torch.randn(2, 5)
+    torch.library.opcheck(logprobs_bwd, (g, g.clone(), logits.detach(), targets, lse, ent, 0.9, -100, backend))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    backend = BACKENDS[0]
+    logits = torch.randn(2, 6, 40, requires_grad=True)
+    targets = torch.randint(0, 40, (2, 5))
+
+    def loss_fn(x):
+        lp, ent = rk.logprobs(x[:, :-1], targets, return_entropy=True, backend=backend)
+        return -(lp.mean() + 0.01 * ent.mean())
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=compile_backend)
+    got = compiled(logits)
+    (grad,) = torch.autograd.grad(got, logits)
+    expected = loss_fn(logits)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_backends_agree_bitwise_shape_and_dtype():
+    logits = torch.randn(3, 4, 77).to(torch.bfloat16)
+    targets = torch.randint(0, 77, (3, 4))
+    outs = [rk.logprobs(logits, targets, return_entropy=True, backend=b) for b in BACKENDS]
+    for lp, ent in outs:
+        assert lp.shape == (3, 4) and lp.dtype == torch.float32 and ent.dtype == torch.float32
+    torch.testing.assert_close(outs[0], outs[-1], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors():
+    logits = torch.randn(2, 3, 10)
+    targets = torch.randint(0, 10, (2, 3))
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        rk.logprobs(logits.tolist(), targets)
+    with pytest.raises(TypeError, match="logits must have dtype"):
+        rk.logprobs(logits.long(), targets)
+    with pytest.raises(TypeError, match="targets must have dtype"):
+        rk.logprobs(logits, targets.float())
+    with pytest.raises(ValueError, match=r"targets must have shape \(2, 3\)"):
+        rk.logprobs(logits, targets[:, :2])
+    with pytest.raises(ValueError, match="logits must have shape"):
+        rk.logprobs(torch.randn(2, 0), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature must be"):
+        rk.logprobs(logits, targets, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be"):
+        rk.logprobs(logits, targets, temperature=float("nan"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rk.logprobs(logits, targets, backend="fortran")
+    with pytest.raises((RuntimeError, ValueError), match="backend='cuda'"):
+        rk.logprobs(logits, targets, backend="cuda")
+    with pytest.raises(ValueError, match="targets is on meta"):
+        rk.logprobs(logits, targets.to("meta"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_target_names_its_position(backend):
+    logits = torch.randn(2, 3, 10)
+    targets = torch.randint(0, 10, (2, 3))
+    targets[1, 2] = 10
+    with pytest.raises(ValueError, match=r"targets\[1, 2\] = 10 is outside \[0, 10\)"):
+        rk.logprobs(logits, targets, backend=backend)
+    targets[1, 2] = -5
+    with pytest.raises(ValueError, match=r"targets\[1, 2\] = -5"):
+        rk.logprobs(logits, targets, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_validation_off_gives_nan_for_that_token_only(backend, monkeypatch):
+    monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "0")
+    logits = torch.randn(2, 3, 10, requires_grad=True)
+    targets = torch.randint(0, 10, (2, 3))
+    targets[0, 1] = 10**9
+    targets[1, 0] = -7
+    lp = rk.logprobs(logits, targets, backend=backend)
+    assert torch.isnan(lp[0, 1]) and torch.isnan(lp[1, 0])
+    good = torch.ones(2, 3, dtype=torch.bool)
+    good[0, 1] = good[1, 0] = False
+    assert torch.isfinite(lp[good]).all()
+    lp[good].sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_env_backend_preference(monkeypatch):
+    logits = torch.randn(2, 10)
+    targets = torch.randint(0, 10, (2,))
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "torch")
+    a = rk.logprobs(logits, targets)
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "cuda")  # cannot serve CPU tensors: falls back
+    b = rk.logprobs(logits, targets)
+    torch.testing.assert_close(a, b)
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="RLHF_KERNELS_BACKEND"):
+        rk.logprobs(logits, targets)
