@@ -406,7 +406,9 @@ def _grpo_logs():
             learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=0,
             disable_tqdm=True, bf16=False, beta=0.0,
         )
-        trainer = GRPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, reward_funcs=reward)
+        trainer = GRPOTrainer(
+            model=model, args=args, train_dataset=data, processing_class=tokenizer, reward_funcs=reward
+        )
         trainer.train()
     return [(h["loss"], h["entropy"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
 
