@@ -250,7 +250,7 @@ class patch_trl:
         self._originals = {}
         self._owner = not _active
         if self._owner:
-            for name, new in _REPLACEMENTS.items():
+            for name in _REPLACEMENTS:
                 if name == _LM_HEAD and not lm_head:
                     continue
                 original = getattr(trl_utils, name, None)
