@@ -136,5 +136,6 @@ def extension_modules():
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
-ext_modules, cmdclass = extension_modules()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # setuptools' build backend runs this file as __main__; tests import it
+    ext_modules, cmdclass = extension_modules()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

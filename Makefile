@@ -1,0 +1,56 @@
+# Two commands on a fresh machine:  make demo   |   make test
+# Each creates .venv, installs the dependencies, builds the extension, then runs.
+# A second call rebuilds only what changed (stamps in .make/).
+
+PYTHON      ?= python3
+VENV        := .venv
+BIN         := $(VENV)/bin
+STAMPS      := .make
+TORCH_SPEC  ?= torch==2.14.1
+DEPS        := numpy transformers datasets pyyaml matplotlib tqdm pybind11 ninja pytest pytest-benchmark trl
+# ninja and the venv's tools must be on PATH for torch's extension builder
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+# The CUDA kernels are built (and required) wherever nvcc exists, GPU or not.
+CUDA_FLAGS  := $(if $(shell command -v nvcc 2>/dev/null),RLHF_KERNELS_FORCE_CUDA=1,)
+SOURCES     := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null | grep -v build_config.h)
+
+.PHONY: test demo build bench-cpu bench gpu info clean
+
+test: $(STAMPS)/build
+	RLHF_KERNELS_REQUIRE_EXTENSION=1 $(BIN)/python -m pytest -q
+
+demo: $(STAMPS)/build
+	$(BIN)/python -m rlhf_kernels.cli demo
+
+bench-cpu: $(STAMPS)/build
+	$(BIN)/python -m pytest benchmarks/bench_cpu_logprobs.py -q -s --benchmark-columns=min,median,max,rounds
+
+bench: $(STAMPS)/build
+	$(BIN)/python -m benchmarks.run
+
+info: $(STAMPS)/build
+	$(BIN)/python -m rlhf_kernels.cli info
+
+build: $(STAMPS)/build
+
+# On a GPU machine with its own preinstalled python (no venv, no network):
+# build in place, then `pytest -m gpu` and every benchmark, logs under $$OUT.
+gpu:
+	OUT=$${OUT:-$(CURDIR)/gpu_out} PYTHON=$${PYTHON:-python3} bash benchmarks/gpu_suite.sh
+
+$(STAMPS)/venv:
+	@mkdir -p $(STAMPS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	@touch $@
+
+$(STAMPS)/deps: $(STAMPS)/venv Makefile
+	$(BIN)/pip install -q $(TORCH_SPEC) $(DEPS)
+	@touch $@
+
+$(STAMPS)/build: $(STAMPS)/deps $(SOURCES)
+	$(CUDA_FLAGS) $(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+clean:
+	rm -rf build $(STAMPS) rlhf_kernels/_C*.so csrc/build_config.h *.egg-info

@@ -1,0 +1,124 @@
+"""Public API of the [B, T]-sized ops on the CPU: GAE kernel, KL, losses, aggregation — values and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import _ext
+from rlhf_kernels import reference as R
+
+GAE_BACKENDS = ["cpu", "torch"] if _ext.available() else ["torch"]
+
+
+@pytest.mark.parametrize("backend", GAE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (64, 5)])
+def test_gae_matches_oracle(backend, dtype, shape):
+    torch.manual_seed(sum(shape))
+    rewards, values = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    lengths = torch.randint(0, shape[1] + 1, (shape[0],))
+    mask = (torch.arange(shape[1])[None] < lengths[:, None]).to(dtype)
+    adv, ret = rk.gae(rewards, values, mask, gamma=0.99, lam=0.9, backend=backend)
+    oracle_adv, oracle_ret = R.gae(rewards.double(), values.double(), mask.double(), gamma=0.99, lam=0.9)
+    assert adv.dtype == dtype and ret.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(adv.double(), oracle_adv, atol=tol, rtol=tol)
+    torch.testing.assert_close(ret.double(), oracle_ret, atol=tol, rtol=tol)
+
+
+def test_gae_bad_input():
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"values must have shape \[B, T\]"):
+        rk.gae(x[0], x[0], x[0])
+    with pytest.raises(ValueError, match="mask must have shape"):
+        rk.gae(x, x, x[:, :2])
+    with pytest.raises(ValueError, match="lam must be in"):
+        rk.gae(x, x, x, lam=1.5)
+
+
+def test_kl_ops_match_reference_and_check_arguments():
+    torch.manual_seed(0)
+    logits, ref = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    got = rk.kl_divergence(logits, ref, temperature=0.9, mask=mask)
+    torch.testing.assert_close(
+        got.double(), R.kl_divergence(logits.double(), ref.double(), temperature=0.9, mask=mask), atol=1e-5, rtol=1e-5
+    )
+    assert (got[mask == 0] == 0).all()
+    with pytest.raises(ValueError, match="ref_logits must have shape"):
+        rk.kl_divergence(logits, ref[:, :2])
+    lp, rlp = torch.randn(5), torch.randn(5)
+    for est in R.KL_ESTIMATORS:
+        torch.testing.assert_close(rk.kl_estimate(lp, rlp, est), R.kl_estimate(lp, rlp, est))
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        rk.kl_estimate(lp, rlp, "k4")
+    with pytest.raises(ValueError, match="ref_logp must have shape"):
+        rk.kl_estimate(lp, rlp[:3])
+
+
+def test_losses_match_reference_and_check_arguments():
+    torch.manual_seed(1)
+    v, vo, ret = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    mask = torch.ones(3, 4)
+    torch.testing.assert_close(rk.value_loss(v, vo, ret, mask), R.value_loss(v, vo, ret, mask))
+    with pytest.raises(ValueError, match="returns must have shape"):
+        rk.value_loss(v, vo, ret[:, :2], mask)
+    with pytest.raises(ValueError, match="loss_agg must be one of"):
+        rk.value_loss(v, vo, ret, mask, loss_agg="mean")
+    rc, rr = torch.randn(6), torch.randn(6)
+    torch.testing.assert_close(rk.reward_model_loss(rc, rr, margin=0.1), R.reward_model_loss(rc, rr, margin=0.1))
+    with pytest.raises(ValueError, match="r_rejected must have shape"):
+        rk.reward_model_loss(rc, rr[:2])
+    for loss_type in R.DPO_LOSS_TYPES:
+        torch.testing.assert_close(
+            rk.dpo_loss(rc, rr, rr, rc, loss_type=loss_type), R.dpo_loss(rc, rr, rr, rc, loss_type=loss_type)
+        )
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        rk.dpo_loss(rc, rr, rr, rc, loss_type="kto")
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        rk.dpo_loss(rc, rr, rr, rc, beta=0)
+
+
+@pytest.mark.parametrize("loss_agg", R.LOSS_AGG_MODES)
+def test_aggregate_loss_empty_mask_is_zero(loss_agg):
+    term = torch.randn(2, 3, requires_grad=True)
+    loss = rk.aggregate_loss(term, torch.zeros(2, 3), loss_agg)
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(term.grad).all()
+
+
+def test_ppo_loss_on_cpu_matches_oracle_with_gradient():
+    torch.manual_seed(2)
+    B, T, V = 2, 5, 300
+    logits = (torch.randn(B, T + 1, V) * 2).requires_grad_(True)
+    targets = torch.randint(0, V, (B, T))
+    old = R.logprobs(logits.detach()[:, :-1] + 0.3 * torch.randn(B, T, V), targets)
+    ref = R.logprobs(logits.detach()[:, :-1] + 0.3 * torch.randn(B, T, V), targets)
+    adv, mask = torch.randn(B, T), (torch.rand(B, T) > 0.2).float()
+    kwargs = dict(ref_logp=ref, kl_coef=0.05, entropy_coef=0.01, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
+                  loss_agg="seq-mean-token-mean")
+    out = rk.ppo_loss(logits[:, :-1], targets, old, adv, mask, **kwargs)
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    x64 = logits.detach().double().requires_grad_(True)
+    oracle = R.ppo_loss(x64[:, :-1], targets, old.double(), adv.double(), mask.double(),
+                        **{**kwargs, "ref_logp": ref.double()})
+    (oracle_grad,) = torch.autograd.grad(oracle.loss, x64)
+    torch.testing.assert_close(out.loss.double(), oracle.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.double(), oracle_grad, atol=1e-6, rtol=1e-4)
+    for name in ("logp", "entropy", "kl", "clip_frac", "approx_kl"):
+        torch.testing.assert_close(getattr(out, name).double(), getattr(oracle, name), atol=1e-5, rtol=1e-5)
+
+
+def test_ppo_loss_bad_input():
+    logits, targets = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="advantages must have shape"):
+        rk.ppo_loss(logits, targets, z, z[:, :1], z)
+    with pytest.raises(ValueError, match="kl_coef != 0 needs ref_logp"):
+        rk.ppo_loss(logits, targets, z, z, z, kl_coef=0.1)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        rk.ppo_loss(logits, targets, z, z, z, dual_clip=0.5)
+    with pytest.raises(ValueError, match="loss_agg must be one of"):
+        rk.ppo_loss(logits, targets, z, z, z, loss_agg="sum")
