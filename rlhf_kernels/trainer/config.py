@@ -32,7 +32,8 @@ class BaseConfig:
     grad_clip: float = 1.0
     log_every: int = 10
     ckpt_every: int = 0            # 0 = only at the end
-    resume: bool = False
+    resume: bool = False           # continue from <out_dir>/ckpt/latest
+    stop_after: int = 0            # stop (with a checkpoint) after this many steps of this invocation
     progress: bool = True
 
     def model_config(self):

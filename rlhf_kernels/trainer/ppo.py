@@ -110,10 +110,11 @@ def make_experience(cfg, policy, ref, critic, rm, tok, rows, kl_coef, dev, task=
     score = rm.score(ids, attn)
     if cfg.missing_eos_penalty is not None:
         score = score - cfg.missing_eos_penalty * (~roll["has_eos"]).float()
-    kl_tok = rk.kl_estimate(old_logp, ref_logp, estimator=cfg.kl_estimator if cfg.kl_in_reward else "k1") * mask
+    bk = {} if cfg.backend is None else {"backend": cfg.backend}
+    kl_tok = rk.kl_estimate(old_logp, ref_logp, estimator=cfg.kl_estimator if cfg.kl_in_reward else "k1", **bk) * mask
     rewards = -kl_coef * kl_tok if cfg.kl_in_reward else torch.zeros_like(mask)
     rewards = rewards.scatter_add(1, last_index(mask).unsqueeze(1), score.unsqueeze(1))
-    adv, ret = rk.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    adv, ret = rk.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam, **bk)
     if cfg.whiten_advantages:
         adv = masked_whiten(adv, mask)
     exp = {"input_ids": ids, "attention_mask": attn, "targets": shifted_targets(ids, roll["loss_mask"]),
@@ -132,6 +133,7 @@ def ppo_update(cfg, policy, critic, opt, copt, exp, kl_coef):
     mb = B // cfg.minibatches
     agg = {"pg_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clip_frac": 0.0, "approx_kl": 0.0}
     n = 0
+    bk = {} if cfg.backend is None else {"backend": cfg.backend}
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B, device=exp["input_ids"].device)
         for k in range(cfg.minibatches):
@@ -142,7 +144,7 @@ def ppo_update(cfg, policy, critic, opt, copt, exp, kl_coef):
                               ref_logp=None if cfg.kl_in_reward else e["ref_logp"],
                               kl_coef=0.0 if cfg.kl_in_reward else kl_coef, kl_estimator=cfg.kl_estimator,
                               entropy_coef=cfg.entropy_coef, clip_low=cfg.clip, clip_high=cfg.clip,
-                              temperature=cfg.temperature, loss_agg=cfg.loss_agg)
+                              temperature=cfg.temperature, loss_agg=cfg.loss_agg, **bk)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
@@ -203,7 +205,8 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
     elif eval_rows:
         summary["sft_eval"] = evaluate(ref)
     pbar = _pbar(cfg, "ppo", initial=step)
-    while step < cfg.steps:
+    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    while step < stop_at:
         t0 = time.perf_counter()
         rows = [prompts[i] for i in batches(len(prompts), cfg.rollout_batch, cfg.seed, step)]
         exp, stats = make_experience(cfg, policy, ref, critic, rm, tok, rows, kl_coef, dev, task)
@@ -224,6 +227,10 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
             save_checkpoint(cfg.out_dir, step, {"policy": policy, "critic": critic}, {"policy": opt, "critic": copt},
                             {"policy": sched}, {"history": history, "kl_coef": kl_coef, "summary": summary}, tok)
     pbar.close()
+    if step < cfg.steps:  # stopped early (stop_after): checkpoint and leave the rest to --resume
+        save_checkpoint(cfg.out_dir, step, {"policy": policy, "critic": critic}, {"policy": opt, "critic": copt},
+                        {"policy": sched}, {"history": history, "kl_coef": kl_coef, "summary": summary}, tok)
+        return policy, tok, history, summary
     if eval_rows:
         summary["ppo_eval"] = evaluate(policy)
     summary["final_kl"] = history[-1]["kl"] if history else float("nan")

@@ -97,7 +97,8 @@ def train_rm(cfg: RMConfig, rm=None, tok=None, rows=None, eval_rows=None):
         step, extra = load_checkpoint(ck, {"rm": rm}, {"rm": opt}, {"rm": sched})
         history = extra.get("history", [])
     pbar = _pbar(cfg, "reward model", initial=step)
-    while step < cfg.steps:
+    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    while step < stop_at:
         t0 = time.perf_counter()
         b = collate_pairs([rows[i] for i in batches(len(rows), cfg.batch_size, cfg.seed, step)], tok, cfg.max_len)
         b = {k: v.to(dev) for k, v in b.items()}
@@ -118,6 +119,9 @@ def train_rm(cfg: RMConfig, rm=None, tok=None, rows=None, eval_rows=None):
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
             save_checkpoint(cfg.out_dir, step, {"rm": rm}, {"rm": opt}, {"rm": sched}, {"history": history}, tok)
     pbar.close()
+    if step < cfg.steps:  # stopped early (stop_after): checkpoint and leave the rest to --resume
+        save_checkpoint(cfg.out_dir, step, {"rm": rm}, {"rm": opt}, {"rm": sched}, {"history": history}, tok)
+        return (rm, tok, history, float("nan"))
     acc = rm_accuracy(rm, tok, eval_rows, dev, max_len=cfg.max_len) if eval_rows else float("nan")
     save_checkpoint(cfg.out_dir, step, {"rm": rm}, {"rm": opt}, {"rm": sched},
                     {"history": history, "eval_acc": acc}, tok)

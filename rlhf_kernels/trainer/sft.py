@@ -37,7 +37,7 @@ def sft_loss(model, batch, backend=None):
     """Token-mean NLL over response tokens. Returns (loss, n_tokens)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     targets = shifted_targets(batch["input_ids"], batch["loss_mask"])
-    logp = rk.logprobs(logits[:, :-1], targets, backend=backend)   # strided view, no copy
+    logp = rk.logprobs(logits[:, :-1], targets, backend=backend)  # strided view, no copy
     n = (targets != -100).sum()
     return -logp.sum() / n.clamp(min=1), n
 
@@ -63,7 +63,8 @@ def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
         step, extra = load_checkpoint(ck, {"policy": model}, {"policy": opt}, {"policy": sched})
         history = extra.get("history", [])
     pbar = _pbar(cfg, "sft", initial=step)
-    while step < cfg.steps:
+    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    while step < stop_at:
         t0 = time.perf_counter()
         batch = collate_sft([rows[i] for i in batches(len(rows), cfg.batch_size, cfg.seed, step)], tok, cfg.max_len)
         batch = {k: v.to(dev) for k, v in batch.items()}
@@ -83,6 +84,9 @@ def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
             save_checkpoint(cfg.out_dir, step, {"policy": model}, {"policy": opt}, {"policy": sched},
                             {"history": history}, tok)
     pbar.close()
+    if step < cfg.steps:  # stopped early (stop_after): checkpoint and leave the rest to --resume
+        save_checkpoint(cfg.out_dir, step, {"policy": model}, {"policy": opt}, {"policy": sched}, {"history": history}, tok)
+        return (model, tok, history)
     save_checkpoint(cfg.out_dir, step, {"policy": model}, {"policy": opt}, {"policy": sched}, {"history": history}, tok)
     final = os.path.join(cfg.out_dir, "final")
     model.save_pretrained(final)
