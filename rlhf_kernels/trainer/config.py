@@ -94,7 +94,8 @@ def make_config(cls, file: str | None = None, overrides: dict | None = None):
 
 
 def parse_flags(argv: list[str]) -> tuple[str | None, dict]:
-    """``--config FILE --key value --flag`` -> (file, {key: value}). A bare ``--flag`` means true."""
+    """``--config FILE --key value --flag --no_flag`` -> (file, {key: value}).
+    A bare ``--flag`` means true, a bare ``--no_flag`` false."""
     file, out, i = None, {}, 0
     while i < len(argv):
         a = argv[i]
@@ -107,6 +108,9 @@ def parse_flags(argv: list[str]) -> tuple[str | None, dict]:
         elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             val = argv[i + 1]
             i += 2
+        elif key.startswith("no_"):  # bare --no_flag means false
+            key, val = key[3:], "false"
+            i += 1
         else:
             val = "true"
             i += 1

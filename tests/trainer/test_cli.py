@@ -1,0 +1,95 @@
+"""CLI: configs from files + flags, JSONL inputs, and clear errors for bad configs and data."""
+import json
+
+import pytest
+
+from rlhf_kernels.trainer.cli import main
+from rlhf_kernels.trainer.config import make_config, parse_flags
+from rlhf_kernels.trainer.data import DataError, load_jsonl
+from rlhf_kernels.trainer.ppo import PPOConfig
+from rlhf_kernels.trainer.sft import SFTConfig
+
+TINY_FLAGS = ["--n_embd", "32", "--n_layer", "1", "--n_head", "2", "--n_positions", "32", "--max_len", "32",
+              "--no_progress"]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_config_file_and_flag_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("steps: 7\nlr: 0.01\nbatch_size: 4\n")
+    file, flags = parse_flags(["--config", str(f), "--lr", "0.5", "--resume", "--backend", "torch"])
+    cfg = make_config(SFTConfig, file, flags)
+    assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.resume, cfg.backend) == (7, 0.5, 4, True, "torch")
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"kl_coef": 0.2, "missing_eos_penalty": None}))
+    cfg = make_config(PPOConfig, str(j), {"kl_in_reward": "false"})
+    assert cfg.kl_coef == 0.2 and cfg.missing_eos_penalty is None and cfg.kl_in_reward is False
+
+
+@pytest.mark.parametrize("cls, values, match", [
+    (SFTConfig, {"stepz": 3}, r"unknown config key\(s\).*stepz"),
+    (SFTConfig, {"steps": "many"}, r"'steps': expected int"),
+    (SFTConfig, {"resume": "maybe"}, r"'resume': expected a boolean"),
+    (SFTConfig, {"steps": 0}, r"steps and batch_size must be >= 1"),
+    (PPOConfig, {"kl_estimator": "k9"}, r"kl_estimator must be"),
+    (PPOConfig, {"kl_estimator": "k2"}, r"only valid as a loss term"),
+    (PPOConfig, {"rollout_batch": 10, "minibatches": 3}, r"divisible"),
+])
+def test_bad_configs_raise_clear_errors(cls, values, match):
+    with pytest.raises(ValueError, match=match):
+        make_config(cls, None, values)
+
+
+def test_bad_data_gives_clear_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty"):
+        load_jsonl(str(empty), "sft")
+    with pytest.raises(DataError, match="not found"):
+        load_jsonl(str(tmp_path / "nope.jsonl"), "sft")
+    p = _jsonl(tmp_path / "x.jsonl", [{"prompt": "a", "answer": "b"}])
+    with pytest.raises(DataError, match=r"missing column\(s\) \['response'\]"):
+        load_jsonl(p, "sft")
+    p = _jsonl(tmp_path / "y.jsonl", [{"prompt": "a", "chosen": "b"}])
+    with pytest.raises(DataError, match=r"missing column\(s\) \['rejected'\]"):
+        load_jsonl(p, "rm")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(DataError, match="could not parse"):
+        load_jsonl(str(bad), "ppo")
+
+
+def test_cli_errors_exit_2_with_message(tmp_path, capsys):
+    assert main(["sft", "--stepz", "3"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+    p = _jsonl(tmp_path / "x.jsonl", [{"prompt": "a"}])
+    assert main(["sft", "--data", p, "--out_dir", str(tmp_path / "o")]) == 2
+    assert "missing column(s) ['response']" in capsys.readouterr().err
+    assert main(["ppo", "--out_dir", str(tmp_path / "o")]) == 2
+    assert "--sft" in capsys.readouterr().err
+    assert main(["frobnicate"]) == 2
+    assert main(["sft", "--help"]) == 0
+    assert "--batch_size" in capsys.readouterr().out
+
+
+def test_cli_sft_rm_ppo_on_jsonl(tmp_path, capsys):
+    from rlhf_kernels.tasks import get_task
+    t = get_task()
+    sft = _jsonl(tmp_path / "sft.jsonl", t.sft_data(64, 0))
+    prefs = _jsonl(tmp_path / "prefs.jsonl", t.preference_data(64, 0))
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"], "extra": 1} for r in t.prompts(32, 0)])
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"data: {sft}\nsteps: 3\nbatch_size: 8\n")
+    d = str(tmp_path)
+    assert main(["sft", "--config", str(cfg), "--out_dir", d + "/sft", *TINY_FLAGS]) == 0
+    assert main(["rm", "--data", prefs, "--init", d + "/sft/final", "--steps", "3", "--batch_size", "8",
+                 "--out_dir", d + "/rm", *TINY_FLAGS]) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    assert main(["ppo", "--data", prompts, "--sft", d + "/sft/final", "--rm", d + "/rm/final", "--steps", "2",
+                 "--rollout_batch", "8", "--max_new_tokens", "6", "--out_dir", d + "/ppo", *TINY_FLAGS]) == 0
+    import os
+    assert os.path.isfile(d + "/ppo/final/model.safetensors")
