@@ -35,6 +35,7 @@ class BaseConfig:
     resume: bool = False           # continue from <out_dir>/ckpt/latest
     stop_after: int = 0            # stop (with a checkpoint) after this many steps of this invocation
     progress: bool = True
+    threads: int = 0               # CPU intra-op threads; 0 = torch's default
 
     def model_config(self):
         from .models import ModelConfig
@@ -130,7 +131,9 @@ def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1):
     return f
 
 
-def seed_all(seed: int) -> None:
+def seed_all(seed: int, threads: int = 0) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)

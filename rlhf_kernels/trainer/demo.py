@@ -29,8 +29,8 @@ class DemoConfig(BaseConfig):
     n_embd: int = 128
     n_layer: int = 2
     n_head: int = 4
-    sft_steps: int = 600
-    sft_lr: float = 2e-3
+    sft_steps: int = 1500
+    sft_lr: float = 1e-3
     sft_examples: int = 20000
     rm_steps: int = 300
     rm_lr: float = 1e-3
@@ -42,6 +42,7 @@ class DemoConfig(BaseConfig):
     max_new_tokens: int = 14
     missing_eos_penalty: float = 2.0
     eval_prompts: int = 256
+    threads: int = 1      # the demo's models are tiny: one thread is as fast and immune to a busy machine
 
     def validate(self):
         for k in ("sft_steps", "rm_steps", "ppo_steps", "rollout_batch"):
@@ -54,7 +55,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     os.makedirs(root, exist_ok=True)
     common = dict(seed=cfg.seed, device=cfg.device, backend=cfg.backend, model=cfg.model, tokenizer=cfg.tokenizer,
                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.n_positions,
-                  max_len=cfg.max_len, log_every=cfg.log_every, progress=cfg.progress, grad_clip=cfg.grad_clip)
+                  max_len=cfg.max_len, log_every=cfg.log_every, progress=cfg.progress, grad_clip=cfg.grad_clip,
+                  threads=cfg.threads if torch.device(_dev(cfg.device)).type == "cpu" else 0)
     t0 = time.perf_counter()
     sft_cfg = SFTConfig(**common, out_dir=os.path.join(root, "sft"), task=cfg.task, steps=cfg.sft_steps,
                         lr=cfg.sft_lr, n_train=cfg.sft_examples)
@@ -85,6 +87,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     write_report(root, cfg, summary, plots)
     print(format_summary(summary, root))
     return summary
+
+
+def _dev(pref):
+    from .models import device_of
+    return device_of(pref)
 
 
 def _device_name() -> str:

@@ -167,7 +167,7 @@ def ppo_update(cfg, policy, critic, opt, copt, exp, kl_coef):
 
 def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task=None):
     """Returns (policy, tokenizer, history, summary). ``policy``/``rm`` override cfg.sft/cfg.rm."""
-    seed_all(cfg.seed)
+    seed_all(cfg.seed, cfg.threads)
     dev = device_of(cfg.device)
     if policy is None:
         if not cfg.sft:

@@ -67,7 +67,7 @@ def rm_accuracy(rm, tok, rows, device, batch_size=256, max_len=512) -> float:
 
 def train_rm(cfg: RMConfig, rm=None, tok=None, rows=None, eval_rows=None):
     """Returns (reward_model, tokenizer, history, eval_accuracy)."""
-    seed_all(cfg.seed)
+    seed_all(cfg.seed, cfg.threads)
     dev = device_of(cfg.device)
     if rm is None:
         if cfg.init:

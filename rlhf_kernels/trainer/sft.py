@@ -44,7 +44,7 @@ def sft_loss(model, batch, backend=None):
 
 def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
     """Returns (model, tokenizer, history). ``rows`` overrides cfg.data / the task."""
-    seed_all(cfg.seed)
+    seed_all(cfg.seed, cfg.threads)
     dev = device_of(cfg.device)
     if model is None:
         model, tok = build_policy(cfg.model_config())
@@ -101,7 +101,8 @@ def _pbar(cfg, desc, initial=0):
 
 def _log(pbar, cfg, rec):
     pbar.update(1)
-    pbar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k in ("loss", "acc", "gold", "proxy", "kl")})
+    pbar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k in ("loss", "acc", "gold", "proxy", "kl")},
+                     refresh=False)
     if cfg.log_every and rec["step"] % cfg.log_every == 0:
         line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
         (pbar.write if cfg.progress else print)(line)
