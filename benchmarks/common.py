@@ -258,7 +258,10 @@ def _time_cpu(fns: Sequence[Callable[[], object]], cfg: TimerConfig) -> Timing:
     while n < cfg.min_warmup or (time.perf_counter() - t0) * 1e3 < cfg.warmup_ms:
         fns[n % len(fns)]()
         n += 1
-    estimate_ms = (time.perf_counter() - t0) * 1e3 / n
+    # The estimate comes from one more call, not the warm-up (which may include compilation).
+    t1 = time.perf_counter()
+    fns[n % len(fns)]()
+    estimate_ms = (time.perf_counter() - t1) * 1e3
     reps = int(max(cfg.min_reps, min(cfg.max_reps, cfg.rep_ms / max(estimate_ms, 1e-6))))
     times = []
     for i in range(reps):
@@ -282,7 +285,12 @@ def _time_cuda(fns: Sequence[Callable[[], object]], device: torch.device, cfg: T
         end.synchronize()
         if n >= cfg.min_warmup and start.elapsed_time(end) >= cfg.warmup_ms:
             break
-    estimate_ms = start.elapsed_time(end) / n
+    # The estimate comes from one more call, not the warm-up (which may include compilation).
+    start.record()
+    fns[n % len(fns)]()
+    end.record()
+    end.synchronize()
+    estimate_ms = start.elapsed_time(end)
     reps = int(max(cfg.min_reps, min(cfg.max_reps, cfg.rep_ms / max(estimate_ms, 1e-6))))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]

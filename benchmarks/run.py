@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="fwd,fwd+bwd", help="fwd | bwd | fwd+bwd, a comma list, or 'all'")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="results root (a <device-slug>/ folder is made in it)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (torch.set_num_threads); on a shared, busy machine 1 avoids OpenMP "
+                        "oversubscription stalls. Part of the CPU results folder name.")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="small shapes and short timing (CPU / smoke tests)")
     p.add_argument("--fresh", action="store_true", help="replace results.csv instead of merging into it")
     p.add_argument("--resume", action="store_true", help="skip cases whose rows (every mode / provider asked for) are already in results.csv")
@@ -253,7 +256,7 @@ def _run_trainer(args, log) -> int:
     if entry is None:
         log("trainer: skipped (benchmarks/bench_trainer.py has no main(argv))")
         return 0
-    argv = ["--out", args.out] + (["--quick"] if args.quick else []) + (["--device", args.device] if args.device else [])
+    argv = ["--out", args.out] + (["--device", args.device] if args.device else [])
     log(f"trainer: benchmarks.bench_trainer.main({argv})")
     try:
         return int(entry(argv) or 0)
@@ -263,6 +266,8 @@ def _run_trainer(args, log) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
     env = common.environment(device)
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -296,7 +301,11 @@ def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
     log(f"# {common.stamp_line(env)} | liger {env['liger']} | python {env['python']}")
     log(f"# argv: {' '.join(sys.argv[:1] + list(argv if argv is not None else sys.argv[1:]))}")
     if hasattr(os, "getloadavg"):
-        log(f"# load average before the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+        load = os.getloadavg()
+        log(f"# load average before the run: {' '.join(f'{x:.2f}' for x in load)} ({os.cpu_count()} CPUs, "
+            f"torch uses {torch.get_num_threads()} threads)")  # fmt: skip
+        if device.type == "cpu" and torch.get_num_threads() > 1 and load[0] > 0.75 * (os.cpu_count() or 1):
+            log("# warning: the machine is busy; multi-threaded CPU timings suffer OpenMP stalls (try --threads 1)")
     from . import providers as _providers
 
     if args.compile_static:

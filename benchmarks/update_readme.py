@@ -56,7 +56,7 @@ def render_block(results: str, readme_dir: str) -> str:
         if os.path.exists(os.path.join(path, "summary.png")):
             parts.append(f"![benchmark summary: {slug}]({rel}/summary.png)")
             parts.append("")
-        links = [f"[{name}]({rel}/{name})" for name in ("results.md", "results.csv", "run.log") if os.path.exists(os.path.join(path, name))]
+        links = [f"[{name}]({rel}/{name})" for name in ("results.md", "results.csv", "trainer.md", "run.log") if os.path.exists(os.path.join(path, name))]
         if links:
             parts.append("Full results: " + ", ".join(links) + ".")
             parts.append("")
