@@ -110,7 +110,7 @@ def _ppo_fwd_kernel(
         kl = kl_k(logp, tl.load(ref_ptr + row).to(tl.float32), KL_EST)
         term = term + kl_coef * kl
     else:
-        kl = logp * 0.0
+        kl = tl.zeros_like(ent)  # 0, even where logp is NaN (bad target)
     tl.store(term_ptr + row, term)
     tl.store(logp_ptr + row, logp)
     tl.store(ent_ptr + row, ent)
