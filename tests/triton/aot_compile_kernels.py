@@ -28,7 +28,10 @@ def sig_for(fn, types, consts):
 
 def build(kernel, types, consts, warps):
     fn = kernel
-    src = ASTSource(fn=fn, signature=sig_for(fn, types, consts), constexprs=consts)
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # triton >= 3.3
+        src = ASTSource(fn=fn, signature=sig_for(fn, types, consts), constexprs=consts)
+    else:  # triton 3.2
+        src = ASTSource(fn=fn, signature=sig_for(fn, types, consts), constants=consts)
     k = compile(src, target=target, options={"num_warps": warps})
     md = k.metadata
     print(f"ok {fn.__name__:32s} {types.get('x_ptr', '')} consts={consts} warps={warps} shared={md.shared} regs={getattr(k, 'n_regs', '?')}")
