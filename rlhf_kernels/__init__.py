@@ -7,6 +7,7 @@ Every op accepts ``backend=`` or follows ``RLHF_KERNELS_BACKEND``
 (``triton | cuda | cpu | torch``); ``rk.info()`` says which backends are live.
 """
 
+from . import _ext
 from .info import info
 from .ops.advantages import gae
 from .ops.kl import kl_divergence, kl_estimate
@@ -16,6 +17,10 @@ from .ops.losses import aggregate_loss, dpo_loss, reward_model_loss, value_loss
 from .ops.ppo import PPOLossOutput, ppo_loss
 
 __version__ = "0.1.0"
+
+# Registers torch.ops.rlhf_kernels_C.* (when built) so the custom ops can call
+# them however they are reached: eager, a compiled graph, or directly.
+_ext.load()
 
 __all__ = [
     "PPOLossOutput",
