@@ -12,6 +12,7 @@ import torch
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 from rlhf_kernels.ops import advantages as adv_ops
+from rlhf_kernels.ops import logprobs as lp_ops
 from rlhf_kernels.ops._dispatch import resolve_backend
 from triton_testutils import INTERPRET, assert_rule, make_logits, make_targets, poisoned_outputs
 
@@ -58,7 +59,7 @@ def test_logprobs_extreme_full_vocab(V, dtype):
 
 @pytest.mark.parametrize("V", VOCABS)
 def test_logprobs_automatic_backend_is_triton(V):
-    assert resolve_backend("logprobs", CUDA, None, rk.ops.logprobs.IMPLEMENTED) == "triton"
+    assert resolve_backend("logprobs", CUDA, None, lp_ops.IMPLEMENTED) == "triton"
     x = make_logits((4, V), torch.bfloat16, seed=3, device=CUDA)
     y = make_targets((4,), V, seed=3, device=CUDA)
     torch.testing.assert_close(rk.logprobs(x, y), rk.logprobs(x, y, backend="triton"), rtol=0, atol=0)
