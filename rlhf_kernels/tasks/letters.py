@@ -90,10 +90,16 @@ class LettersTask:
         return out
 
 
-TASKS = {"letters": LettersTask}
+def _easy(**kw):
+    """A smaller variant for smoke tests: 2-letter prompts over 8 letters (learnable in seconds)."""
+    return LettersTask(**{"alphabet": "abcdefgh", "prompt_len": 2, "sft_copy_prob": 0.6, "name": "letters-easy", **kw})
+
+
+TASKS = {"letters": LettersTask, "letters-easy": _easy}
 
 
 def get_task(name: str = "letters", **kwargs) -> LettersTask:
+    """``letters`` (the demo) or ``letters-easy`` (smoke tests)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; available: {sorted(TASKS)}")
     return TASKS[name](**kwargs)

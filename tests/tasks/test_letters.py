@@ -46,3 +46,10 @@ def test_annotator_follows_bradley_terry():
     # equal gold: a coin flip
     wins = sum(t.annotate("abcde:", "aaaazzzz", "zzzzaaaa", rng) for _ in range(2000))
     assert 0.45 < wins / 2000 < 0.55
+
+
+def test_easy_variant_for_smoke_tests():
+    t = get_task("letters-easy")
+    assert t.prompt_len == 2 and len(t.alphabet) == 8 and t.name == "letters-easy"
+    assert all(len(r["prompt"]) == 3 for r in t.prompts(10, 0))
+    assert t.prompts(10, 0) != get_task("letters").prompts(10, 0)

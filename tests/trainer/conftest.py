@@ -1,7 +1,8 @@
 import pytest
 
 # a tiny model: the whole trainer suite has a CPU budget of a few minutes
-TINY = dict(n_embd=32, n_layer=1, n_head=2, n_positions=32, max_len=32, progress=False, log_every=0, device="cpu")
+TINY = dict(n_embd=32, n_layer=1, n_head=2, n_positions=32, max_len=32, progress=False, log_every=0, device="cpu",
+            threads=1)
 
 
 @pytest.fixture(scope="session")
@@ -11,10 +12,11 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory, tiny):
-    """A briefly trained tiny SFT policy (shared by the RM / PPO tests)."""
+    """A briefly trained tiny SFT policy on the smoke variant of the task (shared by the RM / PPO tests)."""
     from rlhf_kernels.trainer.sft import SFTConfig, train_sft
     out = tmp_path_factory.mktemp("sft")
-    cfg = SFTConfig(**tiny, out_dir=str(out), steps=60, batch_size=32, lr=3e-3, n_train=2000)
+    cfg = SFTConfig(**tiny, out_dir=str(out), steps=300, batch_size=32, lr=3e-3, n_train=4000,
+                    task="letters-easy")
     model, tok, hist = train_sft(cfg)
     return {"dir": str(out / "final"), "history": hist, "model": model, "tok": tok}
 
@@ -23,7 +25,7 @@ def sft_run(tmp_path_factory, tiny):
 def rm_run(tmp_path_factory, tiny, sft_run):
     from rlhf_kernels.trainer.reward import RMConfig, train_rm
     out = tmp_path_factory.mktemp("rm")
-    cfg = RMConfig(**tiny, out_dir=str(out), init=sft_run["dir"], steps=80, batch_size=32, lr=2e-3,
+    cfg = RMConfig(**tiny, out_dir=str(out), init=sft_run["dir"], steps=150, batch_size=32, lr=2e-3, task="letters-easy",
                    n_train=2400, eval_frac=0.2)
     rm, tok, hist, acc = train_rm(cfg)
     return {"dir": str(out / "final"), "history": hist, "acc": acc}

@@ -12,7 +12,7 @@ def _mean(h, k, sl):
 
 def test_sft_loss_goes_down(sft_run):
     h = sft_run["history"]
-    assert len(h) == 60
+    assert len(h) == 300
     assert _mean(h, "loss", slice(-5, None)) < 0.8 * _mean(h, "loss", slice(0, 5))
     assert all(r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in h)
 
@@ -29,7 +29,7 @@ def test_sft_masks_prompt_tokens(sft_run):
 def test_reward_model_learns_and_beats_chance(rm_run):
     h = rm_run["history"]
     assert _mean(h, "loss", slice(-10, None)) < _mean(h, "loss", slice(0, 10))
-    assert rm_run["acc"] > 0.6  # held-out pairs, 480 of them; chance is 0.5
+    assert rm_run["acc"] > 0.7  # held-out pairs, 480 of them; chance is 0.5
 
 
 def test_reward_model_reads_last_non_pad_token(rm_run):
@@ -54,16 +54,18 @@ def test_reward_model_reads_last_non_pad_token(rm_run):
 
 def test_ppo_raises_gold_reward_above_sft(tmp_path, tiny, sft_run, rm_run):
     from rlhf_kernels.trainer.ppo import PPOConfig, train_ppo
-    cfg = PPOConfig(**tiny, out_dir=str(tmp_path), sft=sft_run["dir"], rm=rm_run["dir"], steps=25,
-                    rollout_batch=32, ppo_epochs=2, minibatches=2, lr=1e-3, kl_coef=0.02, max_new_tokens=12,
-                    missing_eos_penalty=2.0, eval_prompts=256)
+    # the smoke config: the RM never saw a response cut off without EOS, so those get a large penalty
+    cfg = PPOConfig(**tiny, out_dir=str(tmp_path), sft=sft_run["dir"], rm=rm_run["dir"], task="letters-easy",
+                    steps=25, rollout_batch=32, ppo_epochs=2, minibatches=2, lr=1e-3, kl_coef=0.05,
+                    max_new_tokens=12, missing_eos_penalty=10.0, eval_prompts=256)
     policy, tok, hist, summary = train_ppo(cfg)
+    print(f"RM acc {rm_run['acc']:.3f}; gold SFT {summary['sft_eval']['gold']:.3f} -> PPO {summary['ppo_eval']['gold']:.3f}")
     assert len(hist) == 25
     for k in ("proxy", "gold", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "tokens_per_s", "peak_mem_mb"):
         assert all(torch.isfinite(torch.tensor(r[k])) for r in hist), k
     assert _mean(hist, "proxy", slice(-5, None)) > _mean(hist, "proxy", slice(0, 5))
     assert summary["ppo_eval"]["n"] == 256
-    assert summary["ppo_eval"]["gold"] > summary["sft_eval"]["gold"] + 0.03, summary
+    assert summary["ppo_eval"]["gold"] > summary["sft_eval"]["gold"] + 0.06, summary
     assert summary["final_kl"] > 0
 
 
