@@ -51,19 +51,6 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def _median_ms(fn, dev, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        _sync(dev)
-        t = time.perf_counter()
-        fn()
-        _sync(dev)
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
-
-
 def build(args, dev):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
@@ -135,15 +122,30 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--out", default=None, help="write <out>/<device-slug>/trainer.{csv,md}")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = common.environment(dev)
     rows = []
-    for name, backend in (("fused", None), ("eager", "torch")):
-        for stage, fn in stages(args, dev, backend).items():
-            ms = _median_ms(fn, dev, args.warmup, args.reps)
-            peak = common.peak_extra_bytes(fn, dev) / 2**20
+    fns = {name: stages(args, dev, backend) for name, backend in (("fused", None), ("eager", "torch"))}
+    for stage in ("sft", "rm", "ppo-exp", "ppo-update"):
+        ts = {"fused": [], "eager": []}
+        for name in ts:
+            for _ in range(args.warmup):
+                fns[name][stage]()
+        for _ in range(args.reps):  # interleaved, so a busy machine hurts both alike
+            for name in ts:
+                _sync(dev)
+                t = time.perf_counter()
+                fns[name][stage]()
+                _sync(dev)
+                ts[name].append((time.perf_counter() - t) * 1e3)
+        for name in ts:
+            ms = statistics.median(ts[name])
+            peak = common.peak_extra_bytes(fns[name][stage], dev) / 2**20
             rows.append({"stage": stage, "ops": name, "ms": round(ms, 2), "peak_extra_mib": round(peak, 1)})
             print(f"{stage:<11} {name:<6} {ms:9.2f} ms  peak +{peak:8.1f} MiB", flush=True)
     by = {(r["stage"], r["ops"]): r for r in rows}
