@@ -84,13 +84,27 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return d if os.path.isdir(d) else None
 
 
+def _load_safetensors_dir(d: str) -> dict:
+    """model.safetensors, or the shards listed in model.safetensors.index.json (large models)."""
+    from safetensors.torch import load_file
+    single = os.path.join(d, "model.safetensors")
+    if os.path.isfile(single):
+        return load_file(single)
+    with open(os.path.join(d, "model.safetensors.index.json")) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    sd = {}
+    for sh in shards:
+        sd.update(load_file(os.path.join(d, sh)))
+    return sd
+
+
 def load_checkpoint(path: str, models: dict, optimizers: dict, schedulers: dict) -> tuple[int, dict]:
     """Restore weights, optimizer/scheduler/RNG state in place; returns (step, extra)."""
     from safetensors.torch import load_file
     for k, m in models.items():
         d = os.path.join(path, k)
         body = getattr(m, "body", m)  # ScalarHeadModel keeps the LM body in .body
-        sd = load_file(os.path.join(d, "model.safetensors"))
+        sd = _load_safetensors_dir(d)
         missing, unexpected = body.load_state_dict(sd, strict=False)
         # tied weights (lm_head = wte) are stored once by save_pretrained
         missing = [x for x in missing if not x.endswith("lm_head.weight")]

@@ -104,8 +104,8 @@ def build_policy(cfg: ModelConfig):
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     if not os.path.isdir(cfg.model) and os.path.sep in cfg.model and cfg.model.startswith(("/", ".")):
         raise FileNotFoundError(f"model path {cfg.model!r} does not exist")
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
-    return model, tok
+    model = AutoModelForCausalLM.from_pretrained(cfg.model)  # `dtype=` vs `torch_dtype=` differs across versions
+    return model.to(dtype), tok
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
