@@ -8,7 +8,16 @@ from importlib import metadata
 import torch
 
 from . import _ext
+from .ops import advantages, kl, logprobs, ppo
 from .ops._dispatch import BACKENDS, unavailable_reason
+
+# Which backends have a kernel for each op family (the reference "torch" serves every op).
+OP_KERNELS = {
+    "logprobs": logprobs.IMPLEMENTED,
+    "kl_divergence / kl_estimate": kl.IMPLEMENTED,
+    "ppo_loss": ppo.IMPLEMENTED,
+    "gae": advantages.IMPLEMENTED,
+}
 
 
 def _version(package: str) -> str:
@@ -44,6 +53,7 @@ def info(print_report: bool = True) -> dict:
             "cuda_archs": _ext.cuda_arch_list(),
         },
         "backends": {},
+        "ops": {op: list(kernels) + ["torch"] for op, kernels in OP_KERNELS.items()},
     }
     devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
     for dev in devices:
@@ -71,4 +81,6 @@ def format_report(report: dict) -> str:
         lines.append(f"  {'extension':<14} NOT loaded: {ext['error']}")
     lines.append("backends:")
     lines += [f"  {k:<16} {v}" for k, v in report["backends"].items()]
+    lines.append("kernels per op (others use the torch reference):")
+    lines += [f"  {k:<28} {', '.join(v)}" for k, v in report["ops"].items()]
     return "\n".join(lines)
