@@ -324,7 +324,7 @@ def copy_bandwidth(device: torch.device, cfg: TimerConfig) -> float:
 
 def matmul_throughput(device: torch.device, dtype: torch.dtype, cfg: TimerConfig) -> float:
     """Dense ``[M, K] @ [K, N]`` throughput in FLOP/s for ``dtype``, best of the repetitions."""
-    size = 8192 if device.type == "cuda" else 1024
+    size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     timing = time_fn([lambda: a @ b], device, _roof_config(cfg))

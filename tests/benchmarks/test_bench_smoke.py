@@ -27,7 +27,7 @@ def _run_quick(out_dir: str) -> subprocess.CompletedProcess:
         sys.executable, "-m", "benchmarks.run", "--quick", "--fresh", "--no-progress",
         "--ops", "logprobs+ent,ppo_loss,gae", "--shapes", "64x512,64x1024", "--scan-shapes", "4x32",
         "--providers", "eager,chunked,liger,triton,cpu", "--mode", "fwd,fwd+bwd",
-        "--rep-ms", "5", "--max-reps", "3", "--out", out_dir,
+        "--rep-ms", "5", "--max-reps", "3", "--threads", "1", "--out", out_dir,
     ]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -40,7 +40,7 @@ def quick_run(tmp_path_factory):
     wall = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
     dirs = [d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))]
-    assert len(dirs) == 1 and dirs[0].startswith("cpu-"), dirs
+    assert len(dirs) == 1 and dirs[0].startswith("cpu-") and dirs[0].endswith("-1t"), dirs
     return os.path.join(out, dirs[0]), proc, wall
 
 
