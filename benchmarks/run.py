@@ -348,7 +348,8 @@ def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
 
     bench_ops = [o for o in ops_wanted if o != "trainer"]
     copy_bw = common.copy_bandwidth(device, timer) if bench_ops else float("nan")
-    log(f"# copy bandwidth: {copy_bw / 1e9:.1f} GB/s (read + write, {device.type} copy_)")
+    if bench_ops:
+        log(f"# copy bandwidth: {copy_bw / 1e9:.1f} GB/s (read + write, {device.type} copy_, best of >= 10)")
     mm: Dict[str, float] = {}
     if any(specs[o].flops for o in bench_ops):
         for dtype in dtypes:
@@ -458,7 +459,7 @@ def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
     if left_out:
         log(f"# {left_out} case(s) left out by --time-budget; run again with the same --out to add them")
 
-    if rows or args.resume:
+    if rows or (args.resume and bench_ops and os.path.exists(os.path.join(out_dir, "results.csv"))):
         written = report.write_all(out_dir, rows, meta, fresh=args.fresh, plots=not args.no_plots, log=log)
         log(f"# wrote {', '.join(sorted(os.path.basename(w) for w in written))} to {out_dir}")
     if "trainer" in ops_wanted:
