@@ -257,6 +257,7 @@ def _run_trainer(args, log) -> int:
         log("trainer: skipped (benchmarks/bench_trainer.py has no main(argv))")
         return 0
     argv = ["--out", args.out] + (["--device", args.device] if args.device else [])
+    argv += ["--threads", str(args.threads)] if args.threads else []
     log(f"trainer: benchmarks.bench_trainer.main({argv})")
     try:
         return int(entry(argv) or 0)
