@@ -7,7 +7,6 @@ one warning says why.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Optional
 
@@ -15,19 +14,24 @@ _load_error: Optional[str] = None
 _warned = False
 
 
-@functools.lru_cache(maxsize=None)
+_module = None
+_attempted = False
+
+
 def load():
-    """The ``rlhf_kernels._C`` module, or ``None`` when it cannot be loaded."""
-    global _load_error
-    try:
-        import torch  # noqa: F401  (the extension links against libtorch)
+    """The ``rlhf_kernels._C`` module, or ``None`` when it cannot be loaded (tried once)."""
+    global _module, _attempted, _load_error
+    if not _attempted:
+        _attempted = True
+        try:
+            import torch  # noqa: F401  (the extension links against libtorch)
 
-        from rlhf_kernels import _C  # type: ignore[attr-defined]
+            from rlhf_kernels import _C  # type: ignore[attr-defined]
 
-        return _C
-    except (ImportError, OSError) as exc:  # missing build, ABI mismatch, missing libs
-        _load_error = f"{type(exc).__name__}: {exc}"
-        return None
+            _module = _C
+        except (ImportError, OSError) as exc:  # missing build, ABI mismatch, missing libs
+            _load_error = f"{type(exc).__name__}: {exc}"
+    return _module
 
 
 def available() -> bool:

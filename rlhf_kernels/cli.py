@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 TRAINER_COMMANDS = ("sft", "rm", "ppo", "grpo", "dpo", "demo")
@@ -28,6 +29,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         info()
         return 0
     if args.command == "bench":
+        # benchmarks/ lives beside the package in the repository (an editable install), not inside it
+        repo_root = Path(__file__).resolve().parent.parent
+        if (repo_root / "benchmarks" / "run.py").exists() and str(repo_root) not in sys.path:
+            sys.path.insert(0, str(repo_root))
         try:
             from benchmarks.run import main as bench_main
         except ImportError as exc:

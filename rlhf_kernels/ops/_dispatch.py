@@ -10,7 +10,6 @@ devices it cannot serve.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Iterable, Optional
@@ -22,10 +21,13 @@ from .. import _ext
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import (without importing triton): a constant for torch.compile to trace.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
     """True when the ``triton`` package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def triton_interpreting() -> bool:
