@@ -14,7 +14,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 CUDA_FLAGS  := $(if $(shell command -v nvcc 2>/dev/null),RLHF_KERNELS_FORCE_CUDA=1,)
 SOURCES     := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null | grep -v build_config.h)
 
-.PHONY: test demo build bench-cpu bench gpu info clean
+.PHONY: test demo build bench-cpu bench bench-quick readme gpu info clean
 
 test: $(STAMPS)/build
 	RLHF_KERNELS_REQUIRE_EXTENSION=1 $(BIN)/python -m pytest -q
@@ -27,6 +27,13 @@ bench-cpu: $(STAMPS)/build
 
 bench: $(STAMPS)/build
 	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(STAMPS)/build
+	$(BIN)/python -m benchmarks.run --quick --threads 1
+
+# README's benchmark block, regenerated from the committed benchmarks/results/
+readme: $(STAMPS)/build
+	$(BIN)/python -m benchmarks.update_readme
 
 info: $(STAMPS)/build
 	$(BIN)/python -m rlhf_kernels.cli info
