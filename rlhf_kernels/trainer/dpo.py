@@ -1,0 +1,230 @@
+"""DPO and relatives on preference pairs with a frozen reference (Rafailov et al. 2023;
+IPO: Azar et al. 2023; hinge / SLiC: Zhao et al. 2023; conservative DPO label smoothing).
+
+Sequence log-probs are sums of ``rk.logprobs`` over response tokens (EOS included)::
+
+    π_c = Σ_t log π(y_c,t | x, y_c,<t)       (the same for π_r, ref_c, ref_r; ref = the SFT model)
+    h   = (π_c - π_r) - (ref_c - ref_r)
+    sigmoid: -(1-ε)·logσ(β·h) - ε·logσ(-β·h)     ipo: (h - 1/(2β))²     hinge: relu(1 - β·h)
+
+Logged: the implicit rewards β·(π - ref) of chosen and rejected, their margin, and the
+preference accuracy (chosen implicit reward > rejected; a tie counts half), on the batch and on held-out pairs.
+Pairs come from the embedded task's simulated annotator or a JSONL file (prompt/chosen/rejected).
+
+    python -m rlhf_kernels.trainer.cli dpo --sft runs/sft/final --out_dir runs/dpo
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_kernels as rk
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import BaseConfig, lr_lambda, seed_all
+from .data import batches, collate_pairs, load_jsonl, shifted_targets, validate_rows
+from .models import device_of, lm_logits, load_policy, peak_memory_mb
+from .rollout import SamplingConfig, evaluate_gold, generate_responses, sequence_logprobs
+from .sft import _log, _pbar
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclass
+class DPOConfig(BaseConfig):
+    out_dir: str = "runs/dpo"
+    sft: str | None = None            # policy init and frozen reference
+    data: str | None = None           # JSONL with prompt/chosen/rejected; None = the embedded task
+    eval_data: str | None = None      # held-out pairs; None = split off eval_frac
+    task: str = "letters"
+    n_train: int = 4000               # embedded-task pairs
+    eval_frac: float = 0.1
+    steps: int = 200
+    batch_size: int = 32              # pairs per step
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    beta: float = 0.1
+    loss_type: str = "sigmoid"        # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0      # ε, sigmoid only
+    # evaluation of sampled responses (tasks with a gold reward)
+    eval_prompts: int = 256
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+
+    def validate(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' only, not {self.loss_type!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if not 0.0 <= self.eval_frac < 1.0:
+            raise ValueError(f"eval_frac must be in [0, 1), got {self.eval_frac}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, 0, 1.0, self.max_new_tokens)
+
+
+def pair_logps(model, batch, backend=None):
+    """Sequence log-probs (sum over response tokens) of the chosen [B] and rejected [B] halves."""
+    logits = lm_logits(model, batch["input_ids"], batch["attention_mask"])
+    targets = shifted_targets(batch["input_ids"], batch["loss_mask"])
+    s = rk.logprobs(logits[:, :-1], targets, backend=backend).sum(-1)
+    B = s.shape[0] // 2
+    return s[:B], s[B:]
+
+
+def dpo_stats(pc, pr, rc, rr, beta) -> dict:
+    """Implicit rewards β·(π - ref), their margin and the preference accuracy."""
+    with torch.no_grad():
+        ch, rj = beta * (pc - rc), beta * (pr - rr)
+        return {"reward_chosen": ch.mean().item(), "reward_rejected": rj.mean().item(),
+                "margin": (ch - rj).mean().item(), "acc": ((ch > rj).float() + 0.5 * (ch == rj).float()).mean().item()}  # a tie counts half
+
+
+@torch.no_grad()
+def pair_eval(policy, ref, tok, rows, cfg, dev, batch_size=256) -> dict:
+    was = policy.training
+    policy.eval()
+    out = {"reward_chosen": 0.0, "reward_rejected": 0.0, "margin": 0.0, "acc": 0.0}
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        b = {k: v.to(dev) for k, v in collate_pairs(chunk, tok, cfg.max_len).items()}
+        s = dpo_stats(*pair_logps(policy, b, cfg.backend), *pair_logps(ref, b, cfg.backend), cfg.beta)
+        for k in out:
+            out[k] += s[k] * len(chunk)
+    policy.train(was)
+    return {k: v / len(rows) for k, v in out.items()}
+
+
+@torch.no_grad()
+def sampled_kl(policy, ref, tok, rows, sc: SamplingConfig, dev, max_len, backend=None, batch_size=256) -> float:
+    """KL(π ‖ ref) in nats per sequence, k1 on responses sampled from π."""
+    tot = 0.0
+    for i in range(0, len(rows), batch_size):
+        roll = generate_responses(policy, tok, rows[i:i + batch_size], sc, dev, max_len)
+        d = sequence_logprobs(policy, roll, sc.temperature, backend) - sequence_logprobs(ref, roll, sc.temperature, backend)
+        tot += d.sum().item()
+    return tot / len(rows)
+
+
+def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, task=None):
+    """Returns (policy, tokenizer, history, summary). ``policy`` overrides cfg.sft; ``rows`` the pairs."""
+    seed_all(cfg.seed, cfg.threads)
+    dev = device_of(cfg.device)
+    if policy is None:
+        if not cfg.sft:
+            raise ValueError("dpo needs an SFT policy (also the reference): set --sft <dir> (e.g. runs/sft/final)")
+        policy, tok = load_policy(cfg.sft)
+    if task is None and not cfg.data:
+        from ..tasks import get_task
+        task = get_task(cfg.task)
+    if rows is None:
+        rows = load_jsonl(cfg.data, "rm") if cfg.data else task.preference_data(cfg.n_train, cfg.seed)
+    rows = validate_rows(rows, "rm")
+    if eval_rows is None:
+        if cfg.eval_data:
+            eval_rows = load_jsonl(cfg.eval_data, "rm")
+        elif cfg.eval_frac > 0:
+            k = max(1, int(len(rows) * cfg.eval_frac))
+            rows, eval_rows = rows[:-k], rows[-k:]
+    policy.to(dev).train()
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(cfg.warmup_steps, 1), cfg.steps, 1.0))
+    prompts = task.prompts(cfg.eval_prompts, cfg.seed + 10_000) if task is not None and cfg.eval_prompts else None
+
+    def evaluate(model):
+        out = {}
+        if eval_rows:
+            out["pairs"] = pair_eval(model, ref, tok, eval_rows, cfg, dev)
+        if prompts:
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                torch.manual_seed(cfg.seed + 1)
+                out.update(evaluate_gold(model, tok, task, prompts, cfg.sampling(), dev, max_len=cfg.max_len))
+                out["kl"] = sampled_kl(model, ref, tok, prompts, cfg.sampling(), dev, cfg.max_len, cfg.backend)
+        return out
+
+    def save(step):
+        save_checkpoint(cfg.out_dir, step, {"policy": policy}, {"policy": opt}, {"policy": sched},
+                        {"history": history, "summary": summary}, tok)
+
+    step, history, summary = 0, [], {}
+    if cfg.resume and (ck := latest_checkpoint(cfg.out_dir)):
+        step, extra = load_checkpoint(ck, {"policy": policy}, {"policy": opt}, {"policy": sched})
+        history, summary = extra["history"], extra.get("summary", {})
+    else:
+        summary["sft_eval"] = evaluate(ref)
+    pbar = _pbar(cfg, "dpo", initial=step)
+    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    while step < stop_at:
+        t0 = time.perf_counter()
+        b = collate_pairs([rows[i] for i in batches(len(rows), cfg.batch_size, cfg.seed, step)], tok, cfg.max_len)
+        b = {k: v.to(dev) for k, v in b.items()}
+        pc, pr = pair_logps(policy, b, cfg.backend)
+        with torch.no_grad():
+            rc, rr = pair_logps(ref, b, cfg.backend)
+        loss = rk.dpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type,
+                           label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        rec = {"step": step, "loss": loss.item(), **dpo_stats(pc, pr, rc, rr, cfg.beta), "grad_norm": float(gn),
+               "lr": sched.get_last_lr()[0], "tokens_per_s": b["attention_mask"].sum().item() * 2 / dt,
+               "peak_mem_mb": peak_memory_mb(dev)}
+        history.append(rec)
+        _log(pbar, cfg, rec)
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+            save(step)
+    pbar.close()
+    if step < cfg.steps:  # stopped early (stop_after): checkpoint and leave the rest to --resume
+        save(step)
+        return policy, tok, history, summary
+    summary["dpo_eval"] = evaluate(policy)
+    summary["final_kl"] = summary["dpo_eval"].get("kl", float("nan"))
+    save(step)
+    final = os.path.join(cfg.out_dir, "final")
+    policy.save_pretrained(final)
+    tok.save_pretrained(final)
+    return policy, tok, history, summary
+
+
+def main(argv: list[str]) -> int:
+    """``rlhf-kernels dpo [--config FILE] [--key value ...]`` (called by trainer/cli.py)."""
+    import sys
+
+    from .cli import _help
+    from .config import make_config, parse_flags
+    from .data import DataError
+    if "-h" in argv or "--help" in argv:
+        print(_help(DPOConfig))
+        return 0
+    try:
+        file, flags = parse_flags(argv)
+        cfg = make_config(DPOConfig, file, flags)
+        _, _, _, summary = train_dpo(cfg)
+    except (ValueError, FileNotFoundError, DataError) as e:
+        print(f"rlhf-kernels dpo: error: {e}", file=sys.stderr)
+        return 2
+    ev = summary.get("dpo_eval", {})
+    if "pairs" in ev:
+        print(f"held-out preference accuracy: {summary['sft_eval']['pairs']['acc']:.3f} -> {ev['pairs']['acc']:.3f}; "
+              f"margin {ev['pairs']['margin']:.3f}")
+    if "gold" in ev:
+        print(f"gold reward: SFT {summary['sft_eval']['gold']:.3f} -> DPO {ev['gold']:.3f}; KL {ev['kl']:.2f} nats/seq")
+    print(f"saved -> {cfg.out_dir}/final")
+    return 0
