@@ -11,7 +11,7 @@ from . import _ext
 from .info import info
 from .ops.advantages import gae
 from .ops.kl import kl_divergence, kl_estimate
-from .ops.linear import linear_logprobs
+from .ops.linear import linear_cross_entropy, linear_logprobs, linear_ppo_loss
 from .ops.logprobs import logprobs
 from .ops.losses import aggregate_loss, dpo_loss, reward_model_loss, value_loss
 from .ops.ppo import PPOLossOutput, ppo_loss
@@ -30,7 +30,9 @@ __all__ = [
     "info",
     "kl_divergence",
     "kl_estimate",
+    "linear_cross_entropy",
     "linear_logprobs",
+    "linear_ppo_loss",
     "logprobs",
     "ppo_loss",
     "reward_model_loss",
