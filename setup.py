@@ -121,17 +121,19 @@ def extension_modules():
     write_build_config(with_cuda, arch_list, capability)
 
     sources = ["csrc/bindings.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
-    cxx = ["-O3", "-include", str(ROOT / "csrc" / "build_config.h")] + extra_cpu
+    # at::parallel_for only runs in parallel when the caller is compiled with OpenMP, like torch itself.
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
+    cxx = ["-O3", "-include", str(ROOT / "csrc" / "build_config.h")] + extra_cpu + openmp
     extra = {"cxx": cxx}
     if with_cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
         cxx.append("-DRLHF_KERNELS_WITH_CUDA")
         extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         ext = cpp_extension.CUDAExtension("rlhf_kernels._C", sources, extra_compile_args=extra,
-                                          include_dirs=[str(ROOT / "csrc")])
+                                          extra_link_args=openmp, include_dirs=[str(ROOT / "csrc")])
     else:
         ext = cpp_extension.CppExtension("rlhf_kernels._C", sources, extra_compile_args=extra,
-                                         include_dirs=[str(ROOT / "csrc")])
+                                         extra_link_args=openmp, include_dirs=[str(ROOT / "csrc")])
     # BuildExtension uses ninja (and MAX_JOBS) when it is on PATH, plain setuptools otherwise.
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 

@@ -20,8 +20,13 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace rlhf_kernels {
 namespace cpu {
@@ -241,6 +246,24 @@ RowLayout check_layout(const at::Tensor& logits, const at::Tensor& targets) {
   return {logits.size(0), logits.size(1), logits.size(2), logits.stride(0), logits.stride(1)};
 }
 
+// A fresh [N, V] gradient is mostly first-touch page faults (4 KiB each, zeroed by the
+// kernel): ~130 ms of a 150 ms backward at N=2048, V=50257 fp32. Asking for transparent
+// huge pages on the buffer (honoured when THP is "madvise" or "always") cuts that ~5x.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = end & ~(kHuge - 1);
+  if (last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advisory: failure is harmless
+  }
+#else
+  (void)t;
+#endif
+}
+
 int64_t grain_for(int64_t vocab) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1));
 }
@@ -292,6 +315,7 @@ at::Tensor logprobs_bwd(
   const at::Tensor lse_c = lse.contiguous(), ent_c = entropy.contiguous();
   at::Tensor grad = at::empty({L.outer, L.inner, L.vocab}, logits.options());
   if (rows == 0) return grad;
+  advise_huge_pages(grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_bwd_cpu", [&] {
     using out_t = float_or_double_t<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
