@@ -102,9 +102,9 @@ def parse_flags(argv: list[str]) -> tuple[str | None, dict]:
         a = argv[i]
         if not a.startswith("--"):
             raise ValueError(f"unexpected argument {a!r}; use --key value")
-        key = a[2:].replace("-", "_")
-        if "=" in key:
-            key, val = key.split("=", 1)
+        key, eq, val = a[2:].partition("=")  # --key=value: only the key's dashes become underscores
+        key = key.replace("-", "_")
+        if eq:
             i += 1
         elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             val = argv[i + 1]
@@ -137,3 +137,47 @@ def seed_all(seed: int, threads: int = 0) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+# ----------------------------------------------------------------------------- torch.distributed (DDP)
+def dist_setup(pref: str = "auto"):
+    """``(rank, world_size, device)``. Under ``torchrun`` (WORLD_SIZE > 1) joins the process group:
+    NCCL on CUDA (one GPU per LOCAL_RANK), gloo on CPU. Otherwise ``(0, 1, device)``."""
+    import os
+
+    from .models import device_of
+    dev = device_of(pref)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, dev
+    import torch.distributed as dist
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def dist_world() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """All-reduce a copy of ``x`` (sum | max) across ranks; ``x`` itself when not distributed."""
+    if dist_world() == 1:
+        return x
+    import torch.distributed as dist
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return y
+
+
+def all_reduce_mean_dict(d: dict, device) -> dict:
+    """Average a dict of floats across ranks (logging)."""
+    if dist_world() == 1 or not d:
+        return d
+    keys = sorted(d)
+    v = all_reduce(torch.tensor([float(d[k]) for k in keys], dtype=torch.float64, device=device)) / dist_world()
+    return {**d, **dict(zip(keys, v.tolist()))}

@@ -12,6 +12,11 @@ preference accuracy (chosen implicit reward > rejected; a tie counts half), on t
 Pairs come from the embedded task's simulated annotator or a JSONL file (prompt/chosen/rejected).
 
     python -m rlhf_kernels.trainer.cli dpo --sft runs/sft/final --out_dir runs/dpo
+    torchrun --nproc_per_node K -m rlhf_kernels.trainer.cli dpo ...     # DDP, K ranks
+
+Under ``torchrun`` every step's ``batch_size`` pairs are split evenly across ranks and the policy
+is wrapped in DDP; the loss is a mean over pairs, so DDP's gradient average gives exactly the
+single-process update on the same global batch. Rank 0 writes checkpoints.
 """
 from __future__ import annotations
 
@@ -25,9 +30,9 @@ import torch
 import rlhf_kernels as rk
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import BaseConfig, lr_lambda, seed_all
+from .config import BaseConfig, all_reduce, all_reduce_mean_dict, dist_setup, lr_lambda, seed_all
 from .data import batches, collate_pairs, load_jsonl, shifted_targets, validate_rows
-from .models import device_of, lm_logits, load_policy, peak_memory_mb
+from .models import lm_logits, load_policy, peak_memory_mb
 from .rollout import SamplingConfig, evaluate_gold, generate_responses, sequence_logprobs
 from .sft import _log, _pbar
 
@@ -121,7 +126,9 @@ def sampled_kl(policy, ref, tok, rows, sc: SamplingConfig, dev, max_len, backend
 def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, task=None):
     """Returns (policy, tokenizer, history, summary). ``policy`` overrides cfg.sft; ``rows`` the pairs."""
     seed_all(cfg.seed, cfg.threads)
-    dev = device_of(cfg.device)
+    rank, world, dev = dist_setup(cfg.device)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of ranks ({world})")
     if policy is None:
         if not cfg.sft:
             raise ValueError("dpo needs an SFT policy (also the reference): set --sft <dir> (e.g. runs/sft/final)")
@@ -140,6 +147,7 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
             rows, eval_rows = rows[:-k], rows[-k:]
     policy.to(dev).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(cfg.warmup_steps, 1), cfg.steps, 1.0))
     prompts = task.prompts(cfg.eval_prompts, cfg.seed + 10_000) if task is not None and cfg.eval_prompts else None
@@ -156,8 +164,10 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
         return out
 
     def save(step):
-        save_checkpoint(cfg.out_dir, step, {"policy": policy}, {"policy": opt}, {"policy": sched},
-                        {"history": history, "summary": summary}, tok)
+        if rank == 0:
+            save_checkpoint(cfg.out_dir, step, {"policy": policy}, {"policy": opt}, {"policy": sched},
+                            {"history": history, "summary": summary}, tok)
+        _barrier(world)
 
     step, history, summary = 0, [], {}
     if cfg.resume and (ck := latest_checkpoint(cfg.out_dir)):
@@ -169,9 +179,10 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
     stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
     while step < stop_at:
         t0 = time.perf_counter()
-        b = collate_pairs([rows[i] for i in batches(len(rows), cfg.batch_size, cfg.seed, step)], tok, cfg.max_len)
+        idx = batches(len(rows), cfg.batch_size, cfg.seed, step)[rank::world]   # this rank's share
+        b = collate_pairs([rows[i] for i in idx], tok, cfg.max_len)
         b = {k: v.to(dev) for k, v in b.items()}
-        pc, pr = pair_logps(policy, b, cfg.backend)
+        pc, pr = pair_logps(model, b, cfg.backend)
         with torch.no_grad():
             rc, rr = pair_logps(ref, b, cfg.backend)
         loss = rk.dpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type,
@@ -183,9 +194,10 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
         sched.step()
         step += 1
         dt = time.perf_counter() - t0
-        rec = {"step": step, "loss": loss.item(), **dpo_stats(pc, pr, rc, rr, cfg.beta), "grad_norm": float(gn),
-               "lr": sched.get_last_lr()[0], "tokens_per_s": b["attention_mask"].sum().item() * 2 / dt,
-               "peak_mem_mb": peak_memory_mb(dev)}
+        ntok = all_reduce(b["attention_mask"].sum()).item()
+        stats = all_reduce_mean_dict({"loss": loss.item(), **dpo_stats(pc, pr, rc, rr, cfg.beta)}, dev)
+        rec = {"step": step, **stats, "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
+               "tokens_per_s": ntok * 2 / dt, "peak_mem_mb": peak_memory_mb(dev)}  # policy + reference passes
         history.append(rec)
         _log(pbar, cfg, rec)
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
@@ -197,10 +209,17 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
     summary["dpo_eval"] = evaluate(policy)
     summary["final_kl"] = summary["dpo_eval"].get("kl", float("nan"))
     save(step)
-    final = os.path.join(cfg.out_dir, "final")
-    policy.save_pretrained(final)
-    tok.save_pretrained(final)
+    if rank == 0:
+        final = os.path.join(cfg.out_dir, "final")
+        policy.save_pretrained(final)
+        tok.save_pretrained(final)
+    _barrier(world)
     return policy, tok, history, summary
+
+
+def _barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def main(argv: list[str]) -> int:
