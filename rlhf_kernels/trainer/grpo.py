@@ -23,6 +23,13 @@ One step:
     dapo     token-mean                as bnpo, and requires clip_high > clip_low ("clip-higher")
 
     python -m rlhf_kernels.trainer.cli grpo --sft runs/sft/final --reward gold --out_dir runs/grpo
+    torchrun --nproc_per_node K -m rlhf_kernels.trainer.cli grpo ...     # DDP, K ranks
+
+Under ``torchrun`` each rank generates and scores its share of the step's prompts (whole groups),
+the policy is wrapped in DDP, and every loss is normalised by *global* counts (tokens, non-empty
+sequences, or sequences × max length, all-reduced) so that K ranks take the same update as one
+process on the same global batch. ``scale_rewards: batch`` uses the all-reduced batch std.
+Sampling is reseeded per (step, rank), so a resumed DDP run continues exactly. Rank 0 writes checkpoints.
 """
 from __future__ import annotations
 
@@ -36,9 +43,9 @@ import torch
 import rlhf_kernels as rk
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import BaseConfig, lr_lambda, seed_all
+from .config import BaseConfig, all_reduce, all_reduce_mean_dict, dist_setup, dist_world, lr_lambda, seed_all
 from .data import batches, load_jsonl, shifted_targets, validate_rows
-from .models import ScalarHeadModel, device_of, lm_logits, load_policy, peak_memory_mb
+from .models import ScalarHeadModel, lm_logits, load_policy, peak_memory_mb
 from .rollout import SamplingConfig, evaluate_gold, generate_responses, gold_rewards, sequence_logprobs
 from .sft import _log, _pbar
 
@@ -128,8 +135,38 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     if scale_rewards == "group":
         centered = centered / (r.std(1, keepdim=True) + eps)
     elif scale_rewards == "batch":
-        centered = centered / (r.std() + eps)
+        centered = centered / (_batch_std(r) + eps)
     return centered.reshape(-1)
+
+
+def _batch_std(r: torch.Tensor) -> torch.Tensor:
+    """Unbiased std of all rewards, across ranks under DDP."""
+    if dist_world() == 1:
+        return r.std()
+    x = r.reshape(-1).double()
+    n, s, sq = all_reduce(torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()]))
+    return ((sq - s * s / n) / (n - 1)).clamp(min=0).sqrt().float()
+
+
+def global_loss_scale(loss_agg: str, mask: torch.Tensor) -> torch.Tensor | float:
+    """Factor that turns this rank's ``rk.ppo_loss`` (normalised by local counts) into its share of the
+    loss normalised by global counts; DDP then averages gradients over ``world`` ranks. 1 without DDP."""
+    world = dist_world()
+    if world == 1:
+        return 1.0
+    if loss_agg == "token-mean":
+        n = mask.sum()
+    elif loss_agg == "seq-mean-token-mean":
+        n = (mask.sum(-1) > 0).sum().to(mask.dtype)
+    elif loss_agg == "seq-mean-token-sum-norm":  # Σ / (num seqs × width): width = the widest rank's
+        B, T = mask.shape
+        n_glob = all_reduce(mask.new_tensor(float(B))) * all_reduce(mask.new_tensor(float(T)), "max")
+        return B * T * world / n_glob
+    else:
+        raise ValueError(f"loss_agg {loss_agg!r} has no global normalisation here")
+    n = n.to(torch.float64)
+    n_glob = all_reduce(n)
+    return torch.where(n_glob > 0, n * world / n_glob.clamp(min=1), torch.zeros_like(n)).float()
 
 
 @torch.no_grad()
@@ -178,24 +215,27 @@ def grpo_update(cfg, policy, opt, exp):
                               ref_logp=e["ref_logp"] if cfg.beta > 0 else None, kl_coef=cfg.beta,
                               kl_estimator="k3", entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low,
                               clip_high=cfg.clip_hi, temperature=cfg.temperature, loss_agg=cfg.loss_agg, **bk)
+            loss = out.loss * global_loss_scale(cfg.loss_agg, e["mask"])
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             opt.step()
             m = e["mask"]
-            agg["pg_loss"] += out.loss.item()
+            agg["pg_loss"] += loss.item()
             agg["entropy"] += ((out.entropy * m).sum() / m.sum().clamp(min=1)).item()
             agg["clip_frac"] += float(out.clip_frac)
             agg["approx_kl"] += float(out.approx_kl)
             agg["grad_norm"] += float(gn)
             n += 1
-    return {k: v / n for k, v in agg.items()}
+    return all_reduce_mean_dict({k: v / n for k, v in agg.items()}, exp["mask"].device)
 
 
 def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, task=None):
     """Returns (policy, tokenizer, history, summary). ``policy``/``rm`` override cfg.sft/cfg.rm."""
     seed_all(cfg.seed, cfg.threads)
-    dev = device_of(cfg.device)
+    rank, world, dev = dist_setup(cfg.device)
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of ranks ({world})")
     if policy is None:
         if not cfg.sft:
             raise ValueError("grpo needs an SFT policy: set --sft <dir> (e.g. runs/sft/final)")
@@ -212,6 +252,7 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
     prompts = validate_rows(prompts, "ppo")
     policy.to(dev).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
     if rm is not None:
         rm = rm.to(dev).eval().requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -224,8 +265,11 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
             return evaluate_gold(model, tok, task, eval_rows, cfg.sampling(), dev, max_len=cfg.max_len)
 
     def save(step):
-        save_checkpoint(cfg.out_dir, step, {"policy": policy}, {"policy": opt}, {"policy": sched},
-                        {"history": history, "summary": summary}, tok)
+        if rank == 0:
+            save_checkpoint(cfg.out_dir, step, {"policy": policy}, {"policy": opt}, {"policy": sched},
+                            {"history": history, "summary": summary}, tok)
+        if world > 1:
+            torch.distributed.barrier()
 
     step, history, summary = 0, [], {}
     if cfg.resume and (ck := latest_checkpoint(cfg.out_dir)):
@@ -237,14 +281,17 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
     stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
     while step < stop_at:
         t0 = time.perf_counter()
-        rows = [prompts[i] for i in batches(len(prompts), cfg.prompts_per_step, cfg.seed, step)]
+        if world > 1:  # per-(step, rank) sampling streams: ranks differ, a resumed run continues exactly
+            torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+        rows = [prompts[i] for i in batches(len(prompts), cfg.prompts_per_step, cfg.seed, step)[rank::world]]
         exp, stats = make_group_experience(cfg, policy, ref, rm, tok, rows, dev, task)
+        stats = all_reduce_mean_dict(stats, dev)
         t1 = time.perf_counter()
-        upd = grpo_update(cfg, policy, opt, exp)
+        upd = grpo_update(cfg, model, opt, exp)
         sched.step()
         step += 1
         dt = time.perf_counter() - t0
-        ntok = exp["attention_mask"].numel() * (1 + 2 + cfg.ppo_epochs * 2)  # gen/score passes + train passes
+        ntok = exp["attention_mask"].numel() * world * (1 + 2 + cfg.ppo_epochs * 2)  # gen/score passes + train passes
         rec = {"step": step, **stats, **upd, "rollout_s": t1 - t0, "step_s": dt, "tokens_per_s": ntok / dt,
                "peak_mem_mb": peak_memory_mb(dev)}
         history.append(rec)
@@ -259,9 +306,12 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
         summary["grpo_eval"] = evaluate(policy)
     summary["final_kl"] = history[-1]["kl"] if history else float("nan")
     save(step)
-    final = os.path.join(cfg.out_dir, "final")
-    policy.save_pretrained(final)
-    tok.save_pretrained(final)
+    if rank == 0:
+        final = os.path.join(cfg.out_dir, "final")
+        policy.save_pretrained(final)
+        tok.save_pretrained(final)
+    if world > 1:
+        torch.distributed.barrier()
     return policy, tok, history, summary
 
 
