@@ -113,3 +113,79 @@ def test_grpo_resume_is_exact(tmp_path, tiny, sft_run):
     _, _, resumed, s_res = train_grpo(GRPOConfig(**kw, out_dir=str(tmp_path / "b"), resume=True))
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in full]
     assert s_res["grpo_eval"] == s_full["grpo_eval"] and s_res["sft_eval"] == s_full["sft_eval"]
+
+
+# ----------------------------------------------------------------------------- DDP (torchrun, gloo on CPU)
+def _fixed_experience(sft_dir, loss_type):
+    """The same rollout batch on every process (seeded), with the policy it came from."""
+    from rlhf_kernels.tasks import get_task
+    from rlhf_kernels.trainer.grpo import make_group_experience
+    from rlhf_kernels.trainer.models import load_policy
+    policy, tok = load_policy(sft_dir)
+    cfg = GRPOConfig(device="cpu", task="letters-easy", prompts_per_step=4, num_generations=2, ppo_epochs=2,
+                     loss_type=loss_type, beta=0.1, max_new_tokens=10, max_len=32)
+    torch.manual_seed(0)
+    ref = __import__("copy").deepcopy(policy).eval()
+    task = get_task("letters-easy")
+    exp, _ = make_group_experience(cfg, policy, ref, None, tok, task.prompts(4, 3), torch.device("cpu"), task)
+    return cfg, policy, exp
+
+
+def _shard(exp, rank, world):
+    """An uneven split (rank 0: the 6 longest responses, rank 1: the 2 shortest), each trimmed to its own
+    width: ranks hold different numbers of sequences, tokens and padded lengths, as in a real run."""
+    assert world == 2
+    order = exp["mask"].sum(1).argsort(descending=True, stable=True)
+    idx = order[:6] if rank == 0 else order[6:]
+    e = {k: v[idx] for k, v in exp.items()}
+    T = int(e["attention_mask"].any(0).nonzero().max()) + 1
+    return {k: v[:, :T] if k in ("input_ids", "attention_mask") else v[:, :T - 1] for k, v in e.items()}
+
+
+def _update(cfg, policy, exp):
+    from rlhf_kernels.trainer.grpo import grpo_update
+    torch.manual_seed(1)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)   # SGD: parameters move by the gradient itself
+    stats = grpo_update(cfg, policy, opt, exp)
+    return stats
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+
+
+def test_grpo_ddp_update_matches_one_process(tmp_path, sft_run):
+    """2 ranks (torchrun, gloo) each updating on half the rollout batch, DDP + global normalisation,
+    end with the same parameters and loss as one process on the whole batch."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.abspath(__file__), sft_run["dir"], str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for lt in LOSS_TYPES:
+        cfg, policy, exp = _fixed_experience(sft_run["dir"], lt)
+        stats = _update(cfg, policy, exp)
+        got = torch.load(tmp_path / f"{lt}.pt", weights_only=True)
+        assert got["pg_loss"] == pytest.approx(stats["pg_loss"], rel=1e-4, abs=1e-6), lt
+        for name, p in policy.state_dict().items():
+            torch.testing.assert_close(got["params"][name], p, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{lt} {name}: {m}")
+
+
+if __name__ == "__main__":   # one rank of test_grpo_ddp_update_matches_one_process
+    import sys
+
+    import torch.distributed as dist
+    sft_dir, out = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for lt in LOSS_TYPES:
+        cfg, policy, exp = _fixed_experience(sft_dir, lt)
+        ddp = torch.nn.parallel.DistributedDataParallel(policy)
+        stats = _update(cfg, ddp, _shard(exp, rank, world))
+        if rank == 0:
+            torch.save({"pg_loss": stats["pg_loss"], "params": policy.state_dict()}, f"{out}/{lt}.pt")
+    dist.destroy_process_group()
