@@ -21,6 +21,7 @@ single-process update on the same global batch. Rank 0 writes checkpoints.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -127,6 +128,8 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
     """Returns (policy, tokenizer, history, summary). ``policy`` overrides cfg.sft; ``rows`` the pairs."""
     seed_all(cfg.seed, cfg.threads)
     rank, world, dev = dist_setup(cfg.device)
+    if rank > 0:  # rank 0 logs
+        cfg = dataclasses.replace(cfg, progress=False, log_every=0)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of ranks ({world})")
     if policy is None:
@@ -239,6 +242,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"rlhf-kernels dpo: error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) > 0:
+        return 0
     ev = summary.get("dpo_eval", {})
     if "pairs" in ev:
         print(f"held-out preference accuracy: {summary['sft_eval']['pairs']['acc']:.3f} -> {ev['pairs']['acc']:.3f}; "

@@ -34,6 +34,7 @@ Sampling is reseeded per (step, rank), so a resumed DDP run continues exactly. R
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -234,6 +235,8 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
     """Returns (policy, tokenizer, history, summary). ``policy``/``rm`` override cfg.sft/cfg.rm."""
     seed_all(cfg.seed, cfg.threads)
     rank, world, dev = dist_setup(cfg.device)
+    if rank > 0:  # rank 0 logs
+        cfg = dataclasses.replace(cfg, progress=False, log_every=0)
     if cfg.prompts_per_step % world:
         raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of ranks ({world})")
     if policy is None:
@@ -332,6 +335,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"rlhf-kernels grpo: error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) > 0:
+        return 0
     if "grpo_eval" in summary:
         print(f"gold reward: SFT {summary['sft_eval']['gold']:.3f} -> GRPO {summary['grpo_eval']['gold']:.3f}; "
               f"final KL {summary['final_kl']:.2f} nats/seq")
