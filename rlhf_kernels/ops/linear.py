@@ -126,6 +126,22 @@ def _kernel_bwd(g_logp, g_ent, logits, targets, lse, entropy, temperature: float
     return grad.reshape(logits.shape)
 
 
+def _accumulate_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden_c: torch.Tensor) -> None:
+    """``grad_weight += dlogits.T @ hidden_c`` with ``grad_weight`` float32 (float64) whatever the inputs' dtype."""
+    if dlogits.dtype == grad_weight.dtype:
+        grad_weight.addmm_(dlogits.t(), hidden_c)
+        return
+    if dlogits.is_cuda:
+        # bf16 / fp16 tensor-core GEMM accumulating straight into the fp32 buffer (no fp32 copies).
+        try:
+            torch.ops.aten.addmm.dtype_out(grad_weight, dlogits.t(), hidden_c, grad_weight.dtype, out=grad_weight)
+            return
+        except (RuntimeError, NotImplementedError):
+            pass
+    # CPU (no mixed-dtype GEMM): one chunk-sized upcast of each operand.
+    grad_weight.addmm_(dlogits.t().to(grad_weight.dtype), hidden_c.to(grad_weight.dtype))
+
+
 @torch.library.custom_op("rlhf_kernels::linear_logprobs_fwd", mutates_args=())
 def linear_logprobs_fwd(
     hidden: torch.Tensor,
@@ -212,13 +228,10 @@ def linear_logprobs_bwd(
             del logits
             if need_hidden:
                 torch.mm(dlogits, weight, out=grad_hidden[s:e])
-            if need_weight or need_bias:
-                if dlogits.dtype != acc:  # bf16 / fp16: accumulate in fp32 (one chunk-sized cast)
-                    dlogits = dlogits.to(acc)
-                if need_weight:
-                    grad_weight.addmm_(dlogits.t(), hidden_c.to(acc))
-                if need_bias:
-                    grad_bias += dlogits.sum(0)
+            if need_weight:
+                _accumulate_weight_grad(grad_weight, dlogits, hidden_c)
+            if need_bias:
+                grad_bias += dlogits.sum(0, dtype=acc)
             del dlogits
     if need_weight and grad_weight.dtype != weight.dtype:
         grad_weight = grad_weight.to(weight.dtype)
