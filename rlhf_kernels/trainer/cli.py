@@ -9,12 +9,22 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-USAGE = """usage: rlhf-kernels {sft,rm,ppo,demo} [--config FILE.yaml|json] [--key value ...]
+USAGE = """usage: rlhf-kernels {sft,rm,ppo,grpo,dpo,demo} [--config FILE.yaml|json] [--key value ...]
 
   sft   supervised fine-tuning      (--data prompt/response JSONL, default: embedded task)
   rm    Bradley-Terry reward model  (--data prompt/chosen/rejected JSONL, --init SFT dir)
   ppo   PPO against the RM          (--sft DIR --rm DIR [--data prompt JSONL])
+  grpo  GRPO, no critic             (--sft DIR [--reward gold | --reward rm --rm DIR])
+  dpo   DPO / IPO / hinge on pairs  (--sft DIR [--data prompt/chosen/rejected JSONL])
   demo  SFT -> RM -> PPO on the embedded gold-reward task, writes runs/<name>/report.md
+        (--algo grpo|dpo|all: compare the algorithms in one table and plot)
+
+grpo and dpo also run data-parallel (DDP) under torchrun, e.g.
+  one node, K GPUs (or K CPU processes, gloo):
+    torchrun --nproc_per_node K -m rlhf_kernels.trainer.cli grpo --sft DIR ...
+  N nodes (run on each node, NODE = 0..N-1):
+    torchrun --nnodes N --node_rank NODE --nproc_per_node K --rdzv_backend c10d \\
+             --rdzv_endpoint HOST:29500 -m rlhf_kernels.trainer.cli dpo --sft DIR ...
 
 `rlhf-kernels <cmd> --help` lists the config keys."""
 

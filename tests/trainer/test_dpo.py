@@ -141,3 +141,25 @@ def test_dpo_ddp_two_ranks_match_one_process(tmp_path, tiny, sft_run):
             torch.testing.assert_close(x[E:2 * E], y[E:2 * E], rtol=0, atol=4 * kw["lr"])
             x, y = torch.cat([x[:E], x[2 * E:]]), torch.cat([y[:E], y[2 * E:]])
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_demo_compare_table_and_plot(tmp_path, capsys):
+    """``demo --algo grpo,dpo`` (GRPO on the gold reward: no reward model needed) writes one table and one plot."""
+    from rlhf_kernels.trainer.cli import main
+    from rlhf_kernels.trainer.config import make_config
+    from rlhf_kernels.trainer.demo import DemoConfig
+    rc = main(["demo", "--algo", "grpo,dpo", "--grpo_reward", "gold", "--runs_dir", str(tmp_path), "--name", "c",
+               "--task", "letters-easy", "--n_embd", "32", "--n_layer", "1", "--n_head", "2", "--n_positions", "32",
+               "--max_len", "32", "--sft_steps", "30", "--sft_lr", "3e-3", "--sft_examples", "500", "--grpo_steps", "3",
+               "--dpo_steps", "3", "--rm_pairs", "100", "--eval_prompts", "16", "--max_new_tokens", "8",
+               "--no_progress", "--log_every", "0", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "| GRPO |" in out and "| DPO |" in out and "| PPO |" not in out
+    report = (tmp_path / "c" / "report.md").read_text()
+    assert "KL(π‖π_SFT)" in report and "compare.png" in report
+    assert (tmp_path / "c" / "compare.png").is_file() and not (tmp_path / "c" / "rm").exists()
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())["summary"]
+    assert set(summary["algos"]) == {"grpo", "dpo"} and summary["rm_heldout_acc"] is None
+    with pytest.raises(ValueError, match="algo must be"):
+        make_config(DemoConfig, None, {"algo": "ppo,sac"})
