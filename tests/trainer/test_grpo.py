@@ -188,4 +188,8 @@ if __name__ == "__main__":   # one rank of test_grpo_ddp_update_matches_one_proc
         stats = _update(cfg, ddp, _shard(exp, rank, world))
         if rank == 0:
             torch.save({"pg_loss": stats["pg_loss"], "params": policy.state_dict()}, f"{out}/{lt}.pt")
+        del ddp  # its reducer holds gloo work; release it while both ranks are still here
+        dist.barrier()
+    # Leaving together: a rank that tears gloo down while its peer still talks can abort ("terminate called").
+    dist.barrier()
     dist.destroy_process_group()
