@@ -43,6 +43,7 @@ from ._checks import (
 )
 from .logprobs import IMPLEMENTED as _LOGPROBS_IMPLEMENTED
 from .logprobs import _torch_bwd, _torch_fwd, _validate_targets, resolve_for
+from .ppo import check_ppo_args, composed_ppo_terms, ppo_output
 
 __all__ = ["linear_cross_entropy", "linear_logprobs", "linear_ppo_loss"]
 
@@ -422,50 +423,24 @@ def linear_ppo_loss(
     """
     _check_linear_args(hidden, weight, targets, bias, chunk_size)
     lead = hidden.shape[:-1]
-    for name, value in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)):
-        if value is not None:
-            check_tensor(name, value, FLOAT_DTYPES)
-            check_same_shape(name, value, lead, "hidden.shape[:-1]")
-    check_tensor("mask", mask)
-    check_same_shape("mask", mask, lead, "hidden.shape[:-1]")
-    check_same_device("hidden", hidden, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp)
-    check_choice("kl_estimator", kl_estimator, reference.KL_ESTIMATORS)
-    check_choice("loss_agg", loss_agg, reference.LOSS_AGG_MODES)
+    check_ppo_args(
+        lead, "hidden.shape[:-1]", "hidden", hidden, old_logp, advantages, mask, ref_logp,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        loss_agg=loss_agg,
+    )
     if loss_agg != "token-mean" and len(lead) < 2:
         raise ValueError(f"loss_agg={loss_agg!r} needs hidden of shape [B, T, H], got {tuple(hidden.shape)}")
-    for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
-        if not 0.0 <= float(value):
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
-    if clip_low >= 1.0:
-        raise ValueError(f"clip_low must be < 1 (the ratio's lower bound is 1 - clip_low), got {clip_low!r}")
-    if dual_clip is not None and not float(dual_clip) > 1.0:
-        raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip!r}")
-    if kl_coef and ref_logp is None:
-        raise ValueError("kl_coef != 0 needs ref_logp")
 
     logp, entropy = linear_logprobs(
         hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
         chunk_size=chunk_size, backend=backend,
     )
-    term, kl, clipped = reference.ppo_token_terms(
-        logp,
-        entropy,
-        old_logp.detach().to(logp.dtype),
-        advantages.detach().to(logp.dtype),
-        ref_logp=None if ref_logp is None else ref_logp.detach().to(logp.dtype),
-        kl_coef=kl_coef,
-        kl_estimator=kl_estimator,
-        entropy_coef=entropy_coef,
-        clip_low=clip_low,
-        clip_high=clip_high,
+    term, kl, clipped = composed_ppo_terms(
+        logp, entropy, old_logp, advantages, ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
         dual_clip=None if dual_clip is None else float(dual_clip),
     )
-    loss = reference.aggregate_loss(term, mask, loss_agg)
-    with torch.no_grad():
-        maskf = mask.to(logp.dtype)
-        clip_frac = reference._safe_divide((clipped.to(logp.dtype) * maskf).sum(), maskf.sum())
-        approx_kl = reference._safe_divide((0.5 * (logp - old_logp.to(logp.dtype)) ** 2 * maskf).sum(), maskf.sum())
-    return PPOLossOutput(loss, logp.detach(), entropy.detach(), kl.detach(), clip_frac, approx_kl)
+    return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg)
 
 
 def linear_cross_entropy(

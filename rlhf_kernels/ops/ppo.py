@@ -32,10 +32,71 @@ from ._checks import (
 from .logprobs import IMPLEMENTED as _LOGPROBS_IMPLEMENTED
 from .logprobs import _torch_bwd, _torch_fwd, _validate_targets, logprobs, resolve_for
 
-__all__ = ["PPOLossOutput", "ppo_loss"]
+__all__ = ["PPOLossOutput", "check_ppo_args", "composed_ppo_terms", "ppo_loss", "ppo_output"]
 
 # Triton runs the fused kernel; the others compose ``logprobs`` with PyTorch arithmetic.
 IMPLEMENTED = tuple(dict.fromkeys(("triton",) + tuple(_LOGPROBS_IMPLEMENTED)))
+
+
+def check_ppo_args(
+    lead,
+    lead_from: str,
+    device_name: str,
+    device_tensor: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: Optional[torch.Tensor],
+    *,
+    kl_coef: float,
+    kl_estimator: str,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: Optional[float],
+    loss_agg: str,
+) -> None:
+    """The checks shared by ``ppo_loss`` and ``linear_ppo_loss``: per-token inputs of shape ``lead`` and the options."""
+    for name, value in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)):
+        if value is not None:
+            check_tensor(name, value, FLOAT_DTYPES)
+            check_same_shape(name, value, lead, lead_from)
+    check_tensor("mask", mask)
+    check_same_shape("mask", mask, lead, lead_from)
+    check_same_device(device_name, device_tensor, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp)
+    check_choice("kl_estimator", kl_estimator, reference.KL_ESTIMATORS)
+    check_choice("loss_agg", loss_agg, reference.LOSS_AGG_MODES)
+    for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
+        if not 0.0 <= float(value):
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if clip_low >= 1.0:
+        raise ValueError(f"clip_low must be < 1 (the ratio's lower bound is 1 - clip_low), got {clip_low!r}")
+    if dual_clip is not None and not float(dual_clip) > 1.0:
+        raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip!r}")
+    if kl_coef and ref_logp is None:
+        raise ValueError("kl_coef != 0 needs ref_logp")
+
+
+def composed_ppo_terms(logp, entropy, old_logp, advantages, ref_logp, **options):
+    """``reference.ppo_token_terms`` on detached per-token inputs cast to ``logp``'s dtype (the non-fused path)."""
+    dtype = logp.dtype
+    return reference.ppo_token_terms(
+        logp,
+        entropy,
+        old_logp.detach().to(dtype),
+        advantages.detach().to(dtype),
+        ref_logp=None if ref_logp is None else ref_logp.detach().to(dtype),
+        **options,
+    )
+
+
+def ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg: str) -> PPOLossOutput:
+    """Aggregate the per-token ``term`` and attach the detached statistics users log."""
+    loss = reference.aggregate_loss(term, mask, loss_agg)
+    with torch.no_grad():
+        maskf = mask.to(logp.dtype)
+        clip_frac = reference._safe_divide((clipped.to(logp.dtype) * maskf).sum(), maskf.sum())
+        approx_kl = reference._safe_divide((0.5 * (logp - old_logp.to(logp.dtype)) ** 2 * maskf).sum(), maskf.sum())
+    return PPOLossOutput(loss, logp.detach(), entropy.detach(), kl.detach(), clip_frac, approx_kl)
 
 
 def _torch_dterm_dlogp(logp, old_logp, advantages, ref_logp, kl_coef, kl_estimator, clip_low, clip_high, dual_clip):
@@ -245,28 +306,14 @@ def ppo_loss(
     lead = logits.shape[:-1]
     check_tensor("targets", targets, INDEX_DTYPES)
     check_same_shape("targets", targets, lead, "logits.shape[:-1]")
-    for name, value in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)):
-        if value is not None:
-            check_tensor(name, value, FLOAT_DTYPES)
-            check_same_shape(name, value, lead, "logits.shape[:-1]")
-    check_tensor("mask", mask)
-    check_same_shape("mask", mask, lead, "logits.shape[:-1]")
-    check_same_device(
-        "logits", logits, targets=targets, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp
+    check_same_device("logits", logits, targets=targets)
+    check_ppo_args(
+        lead, "logits.shape[:-1]", "logits", logits, old_logp, advantages, mask, ref_logp,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        loss_agg=loss_agg,
     )
-    check_choice("kl_estimator", kl_estimator, reference.KL_ESTIMATORS)
-    check_choice("loss_agg", loss_agg, reference.LOSS_AGG_MODES)
     if loss_agg != "token-mean" and len(lead) < 2:
         raise ValueError(f"loss_agg={loss_agg!r} needs logits of shape [B, T, V], got {tuple(logits.shape)}")
-    for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
-        if not 0.0 <= float(value):
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
-    if clip_low >= 1.0:
-        raise ValueError(f"clip_low must be < 1 (the ratio's lower bound is 1 - clip_low), got {clip_low!r}")
-    if dual_clip is not None and not float(dual_clip) > 1.0:
-        raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip!r}")
-    if kl_coef and ref_logp is None:
-        raise ValueError("kl_coef != 0 needs ref_logp")
     temperature = check_positive("temperature", temperature)
 
     if dual_clip is not None:
@@ -294,22 +341,8 @@ def ppo_loss(
         logp, entropy = logprobs(
             logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=True, backend=chosen
         )
-        term, kl, clipped = reference.ppo_token_terms(
-            logp,
-            entropy,
-            old_logp.detach().to(logp.dtype),
-            advantages.detach().to(logp.dtype),
-            ref_logp=None if ref_logp is None else ref_logp.detach().to(logp.dtype),
-            kl_coef=kl_coef,
-            kl_estimator=kl_estimator,
-            entropy_coef=entropy_coef,
-            clip_low=clip_low,
-            clip_high=clip_high,
-            dual_clip=dual_clip,
+        term, kl, clipped = composed_ppo_terms(
+            logp, entropy, old_logp, advantages, ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
+            entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         )
-    loss = reference.aggregate_loss(term, mask, loss_agg)
-    with torch.no_grad():
-        maskf = mask.to(logp.dtype)
-        clip_frac = reference._safe_divide((clipped.to(logp.dtype) * maskf).sum(), maskf.sum())
-        approx_kl = reference._safe_divide((0.5 * (logp - old_logp.to(logp.dtype)) ** 2 * maskf).sum(), maskf.sum())
-    return PPOLossOutput(loss, logp.detach(), entropy.detach(), kl.detach(), clip_frac, approx_kl)
+    return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg)
