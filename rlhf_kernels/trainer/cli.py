@@ -43,6 +43,26 @@ def _help(cls) -> str:
     return f"{cls.__name__} keys (default):\n" + "\n".join(rows)
 
 
+def run_stage(cmd: str, cls, fn, argv: list[str]):
+    """Parse ``argv`` (``--config FILE`` + ``--key value``) into ``cls`` and run ``fn(cfg)``.
+
+    Returns ``(exit_code, cfg, result)``; ``result`` is ``None`` after ``--help`` (code 0) or a
+    config/data error (printed, code 2).
+    """
+    if "-h" in argv or "--help" in argv:
+        print(_help(cls))
+        return 0, None, None
+    from .config import make_config, parse_flags
+    from .data import DataError
+    try:
+        file, flags = parse_flags(argv)
+        cfg = make_config(cls, file, flags)
+        return 0, cfg, fn(cfg)
+    except (ValueError, FileNotFoundError, DataError) as e:
+        print(f"rlhf-kernels {cmd}: error: {e}", file=sys.stderr)
+        return 2, None, None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -61,19 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in stages:
         print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
         return 2
-    cls, fn = stages[cmd]
-    if "-h" in rest or "--help" in rest:
-        print(_help(cls))
-        return 0
-    from .config import make_config, parse_flags
-    from .data import DataError
-    try:
-        file, flags = parse_flags(rest)
-        cfg = make_config(cls, file, flags)
-        result = fn(cfg)
-    except (ValueError, FileNotFoundError, DataError) as e:
-        print(f"rlhf-kernels {cmd}: error: {e}", file=sys.stderr)
-        return 2
+    code, cfg, result = run_stage(cmd, *stages[cmd], rest)
+    if result is None:
+        return code
     if cmd == "rm":
         print(f"reward model held-out accuracy: {result[3]:.3f}  -> {cfg.out_dir}/final")
     elif cmd in ("sft", "ppo"):

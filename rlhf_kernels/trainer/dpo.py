@@ -227,21 +227,12 @@ def _barrier(world):
 
 def main(argv: list[str]) -> int:
     """``rlhf-kernels dpo [--config FILE] [--key value ...]`` (called by trainer/cli.py)."""
-    import sys
+    from .cli import run_stage
 
-    from .cli import _help
-    from .config import make_config, parse_flags
-    from .data import DataError
-    if "-h" in argv or "--help" in argv:
-        print(_help(DPOConfig))
-        return 0
-    try:
-        file, flags = parse_flags(argv)
-        cfg = make_config(DPOConfig, file, flags)
-        _, _, _, summary = train_dpo(cfg)
-    except (ValueError, FileNotFoundError, DataError) as e:
-        print(f"rlhf-kernels dpo: error: {e}", file=sys.stderr)
-        return 2
+    code, cfg, result = run_stage("dpo", DPOConfig, train_dpo, argv)
+    if result is None:
+        return code
+    summary = result[3]
     if int(os.environ.get("RANK", "0")) > 0:
         return 0
     ev = summary.get("dpo_eval", {})

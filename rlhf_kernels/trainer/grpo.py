@@ -320,21 +320,12 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
 
 def main(argv: list[str]) -> int:
     """``rlhf-kernels grpo [--config FILE] [--key value ...]`` (called by trainer/cli.py)."""
-    import sys
+    from .cli import run_stage
 
-    from .cli import _help
-    from .config import make_config, parse_flags
-    from .data import DataError
-    if "-h" in argv or "--help" in argv:
-        print(_help(GRPOConfig))
-        return 0
-    try:
-        file, flags = parse_flags(argv)
-        cfg = make_config(GRPOConfig, file, flags)
-        _, _, _, summary = train_grpo(cfg)
-    except (ValueError, FileNotFoundError, DataError) as e:
-        print(f"rlhf-kernels grpo: error: {e}", file=sys.stderr)
-        return 2
+    code, cfg, result = run_stage("grpo", GRPOConfig, train_grpo, argv)
+    if result is None:
+        return code
+    summary = result[3]
     if int(os.environ.get("RANK", "0")) > 0:
         return 0
     if "grpo_eval" in summary:
