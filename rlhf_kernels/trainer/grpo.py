@@ -47,7 +47,14 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import BaseConfig, all_reduce, all_reduce_mean_dict, dist_setup, dist_world, lr_lambda, seed_all
 from .data import batches, load_jsonl, shifted_targets, validate_rows
 from .models import ScalarHeadModel, lm_logits, load_policy, peak_memory_mb
-from .rollout import SamplingConfig, evaluate_gold, generate_responses, gold_rewards, sequence_logprobs
+from .rollout import (
+    SamplingConfig,
+    evaluate_gold,
+    generate_responses,
+    gold_rewards,
+    minibatches,
+    sequence_logprobs,
+)
 from .sft import _log, _pbar
 
 LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
@@ -201,33 +208,27 @@ def make_group_experience(cfg, policy, ref, rm, tok, rows, dev, task=None):
 
 
 def grpo_update(cfg, policy, opt, exp):
-    B = exp["input_ids"].shape[0]
-    mb = B // cfg.minibatches
     agg = {"pg_loss": 0.0, "entropy": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "grad_norm": 0.0}
     n = 0
     bk = {} if cfg.backend is None else {"backend": cfg.backend}
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, device=exp["input_ids"].device)
-        for k in range(cfg.minibatches):
-            idx = perm[k * mb:(k + 1) * mb]
-            e = {key: v[idx] for key, v in exp.items()}
-            logits = lm_logits(policy, e["input_ids"], e["attention_mask"])
-            out = rk.ppo_loss(logits[:, :-1], e["targets"], e["old_logp"], e["adv"], e["mask"],
-                              ref_logp=e["ref_logp"] if cfg.beta > 0 else None, kl_coef=cfg.beta,
-                              kl_estimator="k3", entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low,
-                              clip_high=cfg.clip_hi, temperature=cfg.temperature, loss_agg=cfg.loss_agg, **bk)
-            loss = out.loss * global_loss_scale(cfg.loss_agg, e["mask"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            opt.step()
-            m = e["mask"]
-            agg["pg_loss"] += loss.item()
-            agg["entropy"] += ((out.entropy * m).sum() / m.sum().clamp(min=1)).item()
-            agg["clip_frac"] += float(out.clip_frac)
-            agg["approx_kl"] += float(out.approx_kl)
-            agg["grad_norm"] += float(gn)
-            n += 1
+    for e in minibatches(exp, cfg.minibatches, cfg.ppo_epochs):
+        logits = lm_logits(policy, e["input_ids"], e["attention_mask"])
+        out = rk.ppo_loss(logits[:, :-1], e["targets"], e["old_logp"], e["adv"], e["mask"],
+                          ref_logp=e["ref_logp"] if cfg.beta > 0 else None, kl_coef=cfg.beta,
+                          kl_estimator="k3", entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low,
+                          clip_high=cfg.clip_hi, temperature=cfg.temperature, loss_agg=cfg.loss_agg, **bk)
+        loss = out.loss * global_loss_scale(cfg.loss_agg, e["mask"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        opt.step()
+        m = e["mask"]
+        agg["pg_loss"] += loss.item()
+        agg["entropy"] += ((out.entropy * m).sum() / m.sum().clamp(min=1)).item()
+        agg["clip_frac"] += float(out.clip_frac)
+        agg["approx_kl"] += float(out.approx_kl)
+        agg["grad_norm"] += float(gn)
+        n += 1
     return all_reduce_mean_dict({k: v / n for k, v in agg.items()}, exp["mask"].device)
 
 

@@ -29,7 +29,14 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, load_jsonl, shifted_targets, validate_rows
 from .models import ScalarHeadModel, device_of, last_index, lm_logits, load_policy, peak_memory_mb
-from .rollout import SamplingConfig, evaluate_gold, generate_responses, gold_rewards, sequence_logprobs
+from .rollout import (
+    SamplingConfig,
+    evaluate_gold,
+    generate_responses,
+    gold_rewards,
+    minibatches,
+    sequence_logprobs,
+)
 from .sft import _log, _pbar
 
 
@@ -129,39 +136,33 @@ def make_experience(cfg, policy, ref, critic, rm, tok, rows, kl_coef, dev, task=
 
 
 def ppo_update(cfg, policy, critic, opt, copt, exp, kl_coef):
-    B = exp["input_ids"].shape[0]
-    mb = B // cfg.minibatches
     agg = {"pg_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clip_frac": 0.0, "approx_kl": 0.0}
     n = 0
     bk = {} if cfg.backend is None else {"backend": cfg.backend}
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, device=exp["input_ids"].device)
-        for k in range(cfg.minibatches):
-            idx = perm[k * mb:(k + 1) * mb]
-            e = {key: v[idx] for key, v in exp.items()}
-            logits = lm_logits(policy, e["input_ids"], e["attention_mask"])
-            out = rk.ppo_loss(logits[:, :-1], e["targets"], e["old_logp"], e["adv"], e["mask"],
-                              ref_logp=None if cfg.kl_in_reward else e["ref_logp"],
-                              kl_coef=0.0 if cfg.kl_in_reward else kl_coef, kl_estimator=cfg.kl_estimator,
-                              entropy_coef=cfg.entropy_coef, clip_low=cfg.clip, clip_high=cfg.clip,
-                              temperature=cfg.temperature, loss_agg=cfg.loss_agg, **bk)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            opt.step()
-            v = critic(e["input_ids"], e["attention_mask"])[:, :-1]
-            vl = rk.value_loss(v, e["values"], e["returns"], e["mask"], clip=cfg.value_clip, loss_agg=cfg.loss_agg)
-            copt.zero_grad(set_to_none=True)
-            vl.backward()
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
-            copt.step()
-            m = e["mask"]
-            agg["pg_loss"] += out.loss.item()
-            agg["value_loss"] += vl.item()
-            agg["entropy"] += ((out.entropy * m).sum() / m.sum().clamp(min=1)).item()
-            agg["clip_frac"] += float(out.clip_frac)
-            agg["approx_kl"] += float(out.approx_kl)
-            n += 1
+    for e in minibatches(exp, cfg.minibatches, cfg.ppo_epochs):
+        logits = lm_logits(policy, e["input_ids"], e["attention_mask"])
+        out = rk.ppo_loss(logits[:, :-1], e["targets"], e["old_logp"], e["adv"], e["mask"],
+                          ref_logp=None if cfg.kl_in_reward else e["ref_logp"],
+                          kl_coef=0.0 if cfg.kl_in_reward else kl_coef, kl_estimator=cfg.kl_estimator,
+                          entropy_coef=cfg.entropy_coef, clip_low=cfg.clip, clip_high=cfg.clip,
+                          temperature=cfg.temperature, loss_agg=cfg.loss_agg, **bk)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        opt.step()
+        v = critic(e["input_ids"], e["attention_mask"])[:, :-1]
+        vl = rk.value_loss(v, e["values"], e["returns"], e["mask"], clip=cfg.value_clip, loss_agg=cfg.loss_agg)
+        copt.zero_grad(set_to_none=True)
+        vl.backward()
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
+        copt.step()
+        m = e["mask"]
+        agg["pg_loss"] += out.loss.item()
+        agg["value_loss"] += vl.item()
+        agg["entropy"] += ((out.entropy * m).sum() / m.sum().clamp(min=1)).item()
+        agg["clip_frac"] += float(out.clip_frac)
+        agg["approx_kl"] += float(out.approx_kl)
+        n += 1
     return {k: v / n for k, v in agg.items()}
 
 

@@ -64,6 +64,17 @@ def sequence_logprobs(model, batch, temperature=1.0, backend=None, return_entrop
 
 
 @torch.no_grad()
+def minibatches(exp: dict, num_minibatches: int, epochs: int):
+    """Yield ``epochs`` shuffled passes over an experience dict (tensors sharing dim 0), in ``num_minibatches`` parts."""
+    B = exp["input_ids"].shape[0]
+    mb = B // num_minibatches
+    for _ in range(epochs):
+        perm = torch.randperm(B, device=exp["input_ids"].device)
+        for k in range(num_minibatches):
+            idx = perm[k * mb:(k + 1) * mb]
+            yield {key: v[idx] for key, v in exp.items()}
+
+
 def gold_rewards(task, batch) -> torch.Tensor:
     return torch.tensor([task.gold_reward(p, r) for p, r in zip(batch["prompts"], batch["responses"])])
 
