@@ -7,6 +7,7 @@ gives the base values and ``--key value`` flags override them (``--flag`` alone 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 USAGE = """usage: rlhf-kernels {sft,rm,ppo,grpo,dpo,demo} [--config FILE.yaml|json] [--key value ...]
@@ -19,12 +20,13 @@ USAGE = """usage: rlhf-kernels {sft,rm,ppo,grpo,dpo,demo} [--config FILE.yaml|js
   demo  SFT -> RM -> PPO on the embedded gold-reward task, writes runs/<name>/report.md
         (--algo grpo|dpo|all: compare the algorithms in one table and plot)
 
-grpo and dpo also run data-parallel (DDP) under torchrun, e.g.
+ppo, grpo and dpo also run under torchrun: data-parallel (DDP, the default) or sharded
+(--parallel fsdp: FSDP2, for models that do not fit one GPU), e.g.
   one node, K GPUs (or K CPU processes, gloo):
     torchrun --nproc_per_node K -m rlhf_kernels.trainer.cli grpo --sft DIR ...
   N nodes (run on each node, NODE = 0..N-1):
     torchrun --nnodes N --node_rank NODE --nproc_per_node K --rdzv_backend c10d \\
-             --rdzv_endpoint HOST:29500 -m rlhf_kernels.trainer.cli dpo --sft DIR ...
+             --rdzv_endpoint HOST:29500 -m rlhf_kernels.trainer.cli ppo --sft DIR --rm DIR --parallel fsdp
 
 `rlhf-kernels <cmd> --help` lists the config keys."""
 
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     code, cfg, result = run_stage(cmd, *stages[cmd], rest)
     if result is None:
         return code
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 reports
+        return 0
     if cmd == "rm":
         print(f"reward model held-out accuracy: {result[3]:.3f}  -> {cfg.out_dir}/final")
     elif cmd in ("sft", "ppo"):

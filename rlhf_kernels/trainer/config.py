@@ -36,6 +36,11 @@ class BaseConfig:
     stop_after: int = 0            # stop (with a checkpoint) after this many steps of this invocation
     progress: bool = True
     threads: int = 0               # CPU intra-op threads; 0 = torch's default
+    parallel: str = "ddp"          # under torchrun: ddp (replicas) | fsdp (FSDP2 sharding); see distributed.py
+
+    def __post_init__(self):
+        from .distributed import check_parallel
+        check_parallel(self.parallel)
 
     def model_config(self):
         from .models import ModelConfig
@@ -137,47 +142,3 @@ def seed_all(seed: int, threads: int = 0) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-# ----------------------------------------------------------------------------- torch.distributed (DDP)
-def dist_setup(pref: str = "auto"):
-    """``(rank, world_size, device)``. Under ``torchrun`` (WORLD_SIZE > 1) joins the process group:
-    NCCL on CUDA (one GPU per LOCAL_RANK), gloo on CPU. Otherwise ``(0, 1, device)``."""
-    import os
-
-    from .models import device_of
-    dev = device_of(pref)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, dev
-    import torch.distributed as dist
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), dev
-
-
-def dist_world() -> int:
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """All-reduce a copy of ``x`` (sum | max) across ranks; ``x`` itself when not distributed."""
-    if dist_world() == 1:
-        return x
-    import torch.distributed as dist
-    y = x.detach().clone()
-    dist.all_reduce(y, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return y
-
-
-def all_reduce_mean_dict(d: dict, device) -> dict:
-    """Average a dict of floats across ranks (logging)."""
-    if dist_world() == 1 or not d:
-        return d
-    keys = sorted(d)
-    v = all_reduce(torch.tensor([float(d[k]) for k in keys], dtype=torch.float64, device=device)) / dist_world()
-    return {**d, **dict(zip(keys, v.tolist()))}

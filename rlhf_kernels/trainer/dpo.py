@@ -16,7 +16,8 @@ Pairs come from the embedded task's simulated annotator or a JSONL file (prompt/
 
 Under ``torchrun`` every step's ``batch_size`` pairs are split evenly across ranks and the policy
 is wrapped in DDP; the loss is a mean over pairs, so DDP's gradient average gives exactly the
-single-process update on the same global batch. Rank 0 writes checkpoints.
+single-process update on the same global batch. Rank 0 writes checkpoints. ``--parallel fsdp``
+shards the policy and the reference with FSDP2 instead (distributed.py).
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ import torch
 
 import rlhf_kernels as rk
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import BaseConfig, all_reduce, all_reduce_mean_dict, dist_setup, lr_lambda, seed_all
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, collate_pairs, load_jsonl, shifted_targets, validate_rows
+from .distributed import all_reduce, all_reduce_mean_dict, barrier, clip_grad_norm, dist_setup, wrap_model
 from .models import lm_logits, load_policy, peak_memory_mb
 from .rollout import SamplingConfig, evaluate_gold, generate_responses, sequence_logprobs
 from .sft import _log, _pbar
@@ -149,8 +151,8 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
             k = max(1, int(len(rows) * cfg.eval_frac))
             rows, eval_rows = rows[:-k], rows[-k:]
     policy.to(dev).train()
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
+    ref = wrap_model(copy.deepcopy(policy).eval().requires_grad_(False), cfg.parallel, dev)
+    model = wrap_model(policy, cfg.parallel, dev)   # DDP wrapper, or `policy` itself sharded by FSDP2
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(cfg.warmup_steps, 1), cfg.steps, 1.0))
     prompts = task.prompts(cfg.eval_prompts, cfg.seed + 10_000) if task is not None and cfg.eval_prompts else None
@@ -166,11 +168,9 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
                 out["kl"] = sampled_kl(model, ref, tok, prompts, cfg.sampling(), dev, cfg.max_len, cfg.backend)
         return out
 
-    def save(step):
-        if rank == 0:
-            save_checkpoint(cfg.out_dir, step, {"policy": policy}, {"policy": opt}, {"policy": sched},
-                            {"history": history, "summary": summary}, tok)
-        _barrier(world)
+    def save(step):  # every rank: FSDP2 gathers the shards, rank 0 writes
+        save_checkpoint(cfg.out_dir, step, {"policy": policy}, {"policy": opt}, {"policy": sched},
+                        {"history": history, "summary": summary}, tok)
 
     step, history, summary = 0, [], {}
     if cfg.resume and (ck := latest_checkpoint(cfg.out_dir)):
@@ -192,7 +192,7 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
                            label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        gn = clip_grad_norm(policy.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         step += 1
@@ -212,17 +212,9 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
     summary["dpo_eval"] = evaluate(policy)
     summary["final_kl"] = summary["dpo_eval"].get("kl", float("nan"))
     save(step)
-    if rank == 0:
-        final = os.path.join(cfg.out_dir, "final")
-        policy.save_pretrained(final)
-        tok.save_pretrained(final)
-    _barrier(world)
+    save_model(policy, os.path.join(cfg.out_dir, "final"), tok)
+    barrier()
     return policy, tok, history, summary
-
-
-def _barrier(world):
-    if world > 1:
-        torch.distributed.barrier()
 
 
 def main(argv: list[str]) -> int:

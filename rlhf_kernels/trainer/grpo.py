@@ -30,6 +30,7 @@ the policy is wrapped in DDP, and every loss is normalised by *global* counts (t
 sequences, or sequences × max length, all-reduced) so that K ranks take the same update as one
 process on the same global batch. ``scale_rewards: batch`` uses the all-reduced batch std.
 Sampling is reseeded per (step, rank), so a resumed DDP run continues exactly. Rank 0 writes checkpoints.
+``--parallel fsdp`` shards the policy, reference and reward model with FSDP2 instead (distributed.py).
 """
 from __future__ import annotations
 
@@ -43,9 +44,19 @@ import torch
 
 import rlhf_kernels as rk
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import BaseConfig, all_reduce, all_reduce_mean_dict, dist_setup, dist_world, lr_lambda, seed_all
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, load_jsonl, shifted_targets, validate_rows
+from .distributed import (
+    all_reduce,
+    all_reduce_mean_dict,
+    barrier,
+    clip_grad_norm,
+    dist_setup,
+    dist_world,
+    global_loss_scale,
+    wrap_model,
+)
 from .models import ScalarHeadModel, lm_logits, load_policy, peak_memory_mb
 from .rollout import (
     SamplingConfig,
@@ -156,27 +167,6 @@ def _batch_std(r: torch.Tensor) -> torch.Tensor:
     return ((sq - s * s / n) / (n - 1)).clamp(min=0).sqrt().float()
 
 
-def global_loss_scale(loss_agg: str, mask: torch.Tensor) -> torch.Tensor | float:
-    """Factor that turns this rank's ``rk.ppo_loss`` (normalised by local counts) into its share of the
-    loss normalised by global counts; DDP then averages gradients over ``world`` ranks. 1 without DDP."""
-    world = dist_world()
-    if world == 1:
-        return 1.0
-    if loss_agg == "token-mean":
-        n = mask.sum()
-    elif loss_agg == "seq-mean-token-mean":
-        n = (mask.sum(-1) > 0).sum().to(mask.dtype)
-    elif loss_agg == "seq-mean-token-sum-norm":  # Σ / (num seqs × width): width = the widest rank's
-        B, T = mask.shape
-        n_glob = all_reduce(mask.new_tensor(float(B))) * all_reduce(mask.new_tensor(float(T)), "max")
-        return B * T * world / n_glob
-    else:
-        raise ValueError(f"loss_agg {loss_agg!r} has no global normalisation here")
-    n = n.to(torch.float64)
-    n_glob = all_reduce(n)
-    return torch.where(n_glob > 0, n * world / n_glob.clamp(min=1), torch.zeros_like(n)).float()
-
-
 @torch.no_grad()
 def make_group_experience(cfg, policy, ref, rm, tok, rows, dev, task=None):
     """Rollout (each prompt ``num_generations`` times), scoring, group advantages."""
@@ -220,14 +210,14 @@ def grpo_update(cfg, policy, opt, exp):
         loss = out.loss * global_loss_scale(cfg.loss_agg, e["mask"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        gn = clip_grad_norm(policy.parameters(), cfg.grad_clip)
         opt.step()
         m = e["mask"]
         agg["pg_loss"] += loss.item()
         agg["entropy"] += ((out.entropy * m).sum() / m.sum().clamp(min=1)).item()
         agg["clip_frac"] += float(out.clip_frac)
         agg["approx_kl"] += float(out.approx_kl)
-        agg["grad_norm"] += float(gn)
+        agg["grad_norm"] += gn
         n += 1
     return all_reduce_mean_dict({k: v / n for k, v in agg.items()}, exp["mask"].device)
 
@@ -255,10 +245,10 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
         prompts = load_jsonl(cfg.data, "ppo") if cfg.data else task.prompts(cfg.n_prompts, cfg.seed)
     prompts = validate_rows(prompts, "ppo")
     policy.to(dev).train()
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
+    ref = wrap_model(copy.deepcopy(policy).eval().requires_grad_(False), cfg.parallel, dev)
+    model = wrap_model(policy, cfg.parallel, dev)   # DDP wrapper, or `policy` itself sharded by FSDP2
     if rm is not None:
-        rm = rm.to(dev).eval().requires_grad_(False)
+        rm = wrap_model(rm.to(dev).eval().requires_grad_(False), cfg.parallel, dev)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(cfg.warmup_steps, 1), cfg.steps, 1.0))
     eval_rows = task.prompts(cfg.eval_prompts, cfg.seed + 10_000) if task is not None and cfg.eval_prompts else None
@@ -268,12 +258,9 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
             torch.manual_seed(cfg.seed + 1)
             return evaluate_gold(model, tok, task, eval_rows, cfg.sampling(), dev, max_len=cfg.max_len)
 
-    def save(step):
-        if rank == 0:
-            save_checkpoint(cfg.out_dir, step, {"policy": policy}, {"policy": opt}, {"policy": sched},
-                            {"history": history, "summary": summary}, tok)
-        if world > 1:
-            torch.distributed.barrier()
+    def save(step):  # every rank: FSDP2 gathers the shards, rank 0 writes
+        save_checkpoint(cfg.out_dir, step, {"policy": policy}, {"policy": opt}, {"policy": sched},
+                        {"history": history, "summary": summary}, tok)
 
     step, history, summary = 0, [], {}
     if cfg.resume and (ck := latest_checkpoint(cfg.out_dir)):
@@ -310,12 +297,8 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
         summary["grpo_eval"] = evaluate(policy)
     summary["final_kl"] = history[-1]["kl"] if history else float("nan")
     save(step)
-    if rank == 0:
-        final = os.path.join(cfg.out_dir, "final")
-        policy.save_pretrained(final)
-        tok.save_pretrained(final)
-    if world > 1:
-        torch.distributed.barrier()
+    save_model(policy, os.path.join(cfg.out_dir, "final"), tok)
+    barrier()
     return policy, tok, history, summary
 
 

@@ -151,11 +151,16 @@ class ScalarHeadModel(nn.Module):
         v = self(input_ids, attention_mask)
         return v.gather(1, last_index(attention_mask).unsqueeze(1)).squeeze(1)
 
-    def save_pretrained(self, path: str) -> None:
+    def save_pretrained(self, path: str, state_dict: dict | None = None) -> None:
+        """``state_dict``: a full one of this module (``body.*``, ``head.*``), e.g. gathered from FSDP2 shards."""
         from safetensors.torch import save_file
-        self.body.save_pretrained(path)
-        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()},
-                  os.path.join(path, "scalar_head.safetensors"))
+        if state_dict is None:
+            self.body.save_pretrained(path)
+            head = self.head.state_dict()
+        else:
+            self.body.save_pretrained(path, state_dict={k[5:]: v for k, v in state_dict.items() if k.startswith("body.")})
+            head = {k[5:]: v for k, v in state_dict.items() if k.startswith("head.")}
+        save_file({k: v.detach().contiguous() for k, v in head.items()}, os.path.join(path, "scalar_head.safetensors"))
 
     @classmethod
     def from_pretrained(cls, path: str) -> "ScalarHeadModel":

@@ -13,10 +13,20 @@ One step:
   6. optionally adapt β toward a KL target (Ziegler et al.).
 
     python -m rlhf_kernels.trainer.cli ppo --sft runs/sft/final --rm runs/rm/final --out_dir runs/ppo
+    torchrun --nproc_per_node K -m rlhf_kernels.trainer.cli ppo ...                      # DDP, K ranks
+    torchrun --nproc_per_node K -m rlhf_kernels.trainer.cli ppo ... --parallel fsdp      # FSDP2
+
+Under ``torchrun`` each rank generates and scores ``rollout_batch / K`` of the step's prompts,
+advantages are whitened with the all-reduced mean and variance, and the policy and the critic
+(wrapped in DDP, or sharded with the reference and reward model by FSDP2) normalise their losses by
+global counts (distributed.py), so K ranks take the same update as one process on the same global
+batch. Sampling is reseeded per (step, rank), so a resumed run continues exactly. Checkpoints are
+written by rank 0 (gathered from the shards under FSDP2) and read by every rank.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -25,10 +35,19 @@ import torch
 
 import rlhf_kernels as rk
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, load_jsonl, shifted_targets, validate_rows
-from .models import ScalarHeadModel, device_of, last_index, lm_logits, load_policy, peak_memory_mb
+from .distributed import (
+    all_reduce,
+    all_reduce_mean_dict,
+    barrier,
+    clip_grad_norm,
+    dist_setup,
+    global_loss_scale,
+    wrap_model,
+)
+from .models import ScalarHeadModel, last_index, lm_logits, load_policy, peak_memory_mb
 from .rollout import (
     SamplingConfig,
     evaluate_gold,
@@ -98,10 +117,11 @@ class PPOConfig(BaseConfig):
 
 
 def masked_whiten(x, mask, eps=1e-8):
+    """``(x - mean) / std`` over the masked entries of every rank (all-reduced sums), 0 elsewhere."""
     m = mask.float()
-    n = m.sum().clamp(min=1)
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / n
+    n = all_reduce(m.sum()).clamp(min=1)
+    mean = all_reduce((x * m).sum()) / n
+    var = all_reduce((((x - mean) * m) ** 2).sum()) / n
     return (x - mean) * torch.rsqrt(var + eps) * m
 
 
@@ -146,30 +166,38 @@ def ppo_update(cfg, policy, critic, opt, copt, exp, kl_coef):
                           kl_coef=0.0 if cfg.kl_in_reward else kl_coef, kl_estimator=cfg.kl_estimator,
                           entropy_coef=cfg.entropy_coef, clip_low=cfg.clip, clip_high=cfg.clip,
                           temperature=cfg.temperature, loss_agg=cfg.loss_agg, **bk)
+        scale = global_loss_scale(cfg.loss_agg, e["mask"])   # 1 in one process
+        loss = out.loss * scale
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        loss.backward()
+        clip_grad_norm(policy.parameters(), cfg.grad_clip)
         opt.step()
         v = critic(e["input_ids"], e["attention_mask"])[:, :-1]
-        vl = rk.value_loss(v, e["values"], e["returns"], e["mask"], clip=cfg.value_clip, loss_agg=cfg.loss_agg)
+        vl = rk.value_loss(v, e["values"], e["returns"], e["mask"], clip=cfg.value_clip, loss_agg=cfg.loss_agg) * scale
         copt.zero_grad(set_to_none=True)
         vl.backward()
-        torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
+        clip_grad_norm(critic.parameters(), cfg.grad_clip)
         copt.step()
         m = e["mask"]
-        agg["pg_loss"] += out.loss.item()
+        agg["pg_loss"] += loss.item()
         agg["value_loss"] += vl.item()
         agg["entropy"] += ((out.entropy * m).sum() / m.sum().clamp(min=1)).item()
         agg["clip_frac"] += float(out.clip_frac)
         agg["approx_kl"] += float(out.approx_kl)
         n += 1
-    return {k: v / n for k, v in agg.items()}
+    # averaged over ranks: the scaled losses give the global loss, the other stats a mean of rank means
+    return all_reduce_mean_dict({k: v / n for k, v in agg.items()}, exp["mask"].device)
 
 
 def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task=None):
     """Returns (policy, tokenizer, history, summary). ``policy``/``rm`` override cfg.sft/cfg.rm."""
     seed_all(cfg.seed, cfg.threads)
-    dev = device_of(cfg.device)
+    rank, world, dev = dist_setup(cfg.device)
+    if rank > 0:  # rank 0 logs
+        cfg = dataclasses.replace(cfg, progress=False, log_every=0)
+    if cfg.rollout_batch % (world * cfg.minibatches):
+        raise ValueError(f"rollout_batch ({cfg.rollout_batch}) must be divisible by ranks × minibatches "
+                         f"({world} × {cfg.minibatches})")
     if policy is None:
         if not cfg.sft:
             raise ValueError("ppo needs an SFT policy: set --sft <dir> (e.g. runs/sft/final)")
@@ -188,6 +216,9 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     rm = rm.to(dev).eval().requires_grad_(False)
     critic = copy.deepcopy(rm).train().requires_grad_(True)
+    # DDP: wrappers for the two trained models; FSDP2: all four sharded in place (model is policy, vmodel critic)
+    ref, rm = wrap_model(ref, cfg.parallel, dev), wrap_model(rm, cfg.parallel, dev)
+    model, vmodel = wrap_model(policy, cfg.parallel, dev), wrap_model(critic, cfg.parallel, dev)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     copt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(cfg.warmup_steps, 1), cfg.steps, 1.0))
@@ -197,6 +228,10 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(cfg.seed + 1)
             return evaluate_gold(model, tok, task, eval_rows, cfg.sampling(), dev, max_len=cfg.max_len)
+
+    def save(step):  # every rank: FSDP2 gathers the shards, rank 0 writes
+        save_checkpoint(cfg.out_dir, step, {"policy": policy, "critic": critic}, {"policy": opt, "critic": copt},
+                        {"policy": sched}, {"history": history, "kl_coef": kl_coef, "summary": summary}, tok)
 
     step, history, kl_coef, summary = 0, [], cfg.kl_coef, {}
     if cfg.resume and (ck := latest_checkpoint(cfg.out_dir)):
@@ -209,35 +244,34 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
     stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
     while step < stop_at:
         t0 = time.perf_counter()
-        rows = [prompts[i] for i in batches(len(prompts), cfg.rollout_batch, cfg.seed, step)]
+        if world > 1:  # per-(step, rank) sampling streams: ranks differ, a resumed run continues exactly
+            torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+        rows = [prompts[i] for i in batches(len(prompts), cfg.rollout_batch, cfg.seed, step)[rank::world]]
         exp, stats = make_experience(cfg, policy, ref, critic, rm, tok, rows, kl_coef, dev, task)
+        stats = all_reduce_mean_dict(stats, dev)   # equal shares: the mean of rank means is the global mean
         t1 = time.perf_counter()
-        upd = ppo_update(cfg, policy, critic, opt, copt, exp, kl_coef)
+        upd = ppo_update(cfg, model, vmodel, opt, copt, exp, kl_coef)
         sched.step()
         if cfg.adaptive_kl:  # Ziegler et al. 2019 proportional controller
             err = max(-0.2, min(0.2, stats["kl"] / cfg.kl_target - 1.0))
             kl_coef *= 1.0 + err * cfg.rollout_batch / cfg.kl_horizon
         step += 1
         dt = time.perf_counter() - t0
-        ntok = exp["attention_mask"].numel() * (1 + 2 + cfg.ppo_epochs * 2)  # gen/score passes + train passes
+        ntok = exp["attention_mask"].numel() * world * (1 + 2 + cfg.ppo_epochs * 2)  # gen/score passes + train passes
         rec = {"step": step, **stats, **upd, "kl_coef": kl_coef, "rollout_s": t1 - t0, "step_s": dt,
                "tokens_per_s": ntok / dt, "peak_mem_mb": peak_memory_mb(dev)}
         history.append(rec)
         _log(pbar, cfg, rec)
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-            save_checkpoint(cfg.out_dir, step, {"policy": policy, "critic": critic}, {"policy": opt, "critic": copt},
-                            {"policy": sched}, {"history": history, "kl_coef": kl_coef, "summary": summary}, tok)
+            save(step)
     pbar.close()
     if step < cfg.steps:  # stopped early (stop_after): checkpoint and leave the rest to --resume
-        save_checkpoint(cfg.out_dir, step, {"policy": policy, "critic": critic}, {"policy": opt, "critic": copt},
-                        {"policy": sched}, {"history": history, "kl_coef": kl_coef, "summary": summary}, tok)
+        save(step)
         return policy, tok, history, summary
     if eval_rows:
         summary["ppo_eval"] = evaluate(policy)
     summary["final_kl"] = history[-1]["kl"] if history else float("nan")
-    save_checkpoint(cfg.out_dir, step, {"policy": policy, "critic": critic}, {"policy": opt, "critic": copt},
-                    {"policy": sched}, {"history": history, "kl_coef": kl_coef, "summary": summary}, tok)
-    final = os.path.join(cfg.out_dir, "final")
-    policy.save_pretrained(final)
-    tok.save_pretrained(final)
+    save(step)
+    save_model(policy, os.path.join(cfg.out_dir, "final"), tok)
+    barrier()
     return policy, tok, history, summary

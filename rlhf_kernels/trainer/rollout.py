@@ -14,6 +14,7 @@ import torch
 import rlhf_kernels as rk
 
 from .data import collate_prompts, shifted_targets
+from .distributed import dist_world, is_fsdp
 from .models import lm_logits
 
 
@@ -33,7 +34,10 @@ def generate_responses(model, tok, prompt_rows, sc: SamplingConfig, device, max_
     model.eval()
     out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=sc.temperature,
                          top_k=sc.top_k, top_p=sc.top_p, max_new_tokens=sc.max_new_tokens,
-                         eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+                         eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                         # FSDP2 gathers weights inside every forward: ranks must decode the same number of
+                         # steps, so finished ranks keep stepping until all are done
+                         synced_gpus=is_fsdp(model) and dist_world() > 1)
     model.train(was_training)
     P = ids.shape[1]
     resp = out[:, P:]
