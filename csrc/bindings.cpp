@@ -47,6 +47,219 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   return {adv.to(values.scalar_type()), ret.to(values.scalar_type())};
 }
 
+// ---------------------------------------------------------------- row kernels (logprobs, kl, ppo)
+
+cuda::DType cuda_dtype(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return cuda::DType::kFloat32;
+    case at::kHalf:
+      return cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "the cuda backend's ", what, " kernels take float32 / float16 / bfloat16, got ",
+                  t.scalar_type(), " (float64 runs on the cpu or torch backend)");
+  }
+}
+
+void check_cuda_error(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " CUDA kernel failed: ", cudaGetErrorString(err));
+}
+
+void check_rows(const at::Tensor& rows, const char* name) {
+  TORCH_CHECK(rows.dim() == 3, name, " must be viewed as [B, T, V], got ", rows.sizes());
+  TORCH_CHECK(rows.stride(2) == 1, name, " must have unit stride over the vocabulary");
+  TORCH_CHECK(rows.is_cuda(), name, " must be a CUDA tensor for the cuda kernels");
+}
+
+// A per-row tensor: [B·T] elements, contiguous, of `dtype`, on the rows' device.
+at::Tensor per_row(const at::Tensor& t, int64_t rows, at::ScalarType dtype, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.numel() == rows, name, " must have B*T = ", rows, " elements, got ", t.numel());
+  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
+  return t.to(dtype).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tensor& logits, const at::Tensor& targets,
+                                                                  double temperature, int64_t ignore_index) {
+  check_rows(logits, "logits");
+  const cuda::DType dtype = cuda_dtype(logits, "logprobs");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  const at::Tensor y = per_row(targets, B * T, at::kLong, logits, "targets");
+  auto opts = logits.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({B, T}, opts), entropy = at::empty({B, T}, opts), lse = at::empty({B, T}, opts);
+  check_cuda_error(
+      cuda::launch_logprobs_fwd(dtype, logits.const_data_ptr(), y.const_data_ptr<int64_t>(), logp.data_ptr<float>(),
+                                entropy.data_ptr<float>(), lse.data_ptr<float>(), B, T, logits.stride(0),
+                                logits.stride(1), V, static_cast<float>(1.0 / temperature), ignore_index,
+                                c10::cuda::getCurrentCUDAStream()),
+      "logprobs_fwd");
+  return {logp, entropy, lse};
+}
+
+at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
+                             const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
+                             double temperature, int64_t ignore_index) {
+  check_rows(logits, "logits");
+  const cuda::DType dtype = cuda_dtype(logits, "logprobs");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), N = B * T;
+  const at::Tensor y = per_row(targets, N, at::kLong, logits, "targets");
+  const at::Tensor g_lp = per_row(grad_logp, N, at::kFloat, logits, "grad_logp");
+  const at::Tensor g_ent = per_row(grad_entropy, N, at::kFloat, logits, "grad_entropy");
+  const at::Tensor lse_c = per_row(lse, N, at::kFloat, logits, "lse");
+  const at::Tensor ent_c = per_row(entropy, N, at::kFloat, logits, "entropy");
+  at::Tensor grad = at::empty({B, T, V}, logits.options());
+  check_cuda_error(
+      cuda::launch_logprobs_bwd(dtype, grad.data_ptr(), logits.const_data_ptr(), y.const_data_ptr<int64_t>(),
+                                g_lp.const_data_ptr<float>(), g_ent.const_data_ptr<float>(),
+                                lse_c.const_data_ptr<float>(), ent_c.const_data_ptr<float>(), B, T, logits.stride(0),
+                                logits.stride(1), V, static_cast<float>(1.0 / temperature), ignore_index,
+                                c10::cuda::getCurrentCUDAStream()),
+      "logprobs_bwd");
+  return grad;
+}
+
+// Mixed input dtypes (e.g. a bf16 policy against an fp32 reference) run on float32 copies.
+std::pair<at::Tensor, at::Tensor> kl_inputs(const at::Tensor& logits, const at::Tensor& ref_logits) {
+  check_rows(logits, "logits");
+  check_rows(ref_logits, "ref_logits");
+  TORCH_CHECK(logits.sizes() == ref_logits.sizes(), "logits and ref_logits must have one shape");
+  TORCH_CHECK(logits.device() == ref_logits.device(), "logits and ref_logits must be on one device");
+  if (logits.scalar_type() == ref_logits.scalar_type()) return {logits, ref_logits};
+  return {logits.to(at::kFloat), ref_logits.to(at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_divergence_fwd_cuda(const at::Tensor& logits,
+                                                                       const at::Tensor& ref_logits,
+                                                                       double temperature) {
+  const auto [x, r] = kl_inputs(logits, ref_logits);
+  const cuda::DType dtype = cuda_dtype(x, "kl_divergence");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), T = x.size(1), V = x.size(2);
+  auto opts = x.options().dtype(at::kFloat);
+  at::Tensor kl = at::empty({B, T}, opts), lse_z = at::empty({B, T}, opts), lse_r = at::empty({B, T}, opts);
+  check_cuda_error(cuda::launch_kl_fwd(dtype, x.const_data_ptr(), r.const_data_ptr(), kl.data_ptr<float>(),
+                                       lse_z.data_ptr<float>(), lse_r.data_ptr<float>(), B, T, x.stride(0),
+                                       x.stride(1), r.stride(0), r.stride(1), V,
+                                       static_cast<float>(1.0 / temperature), c10::cuda::getCurrentCUDAStream()),
+                   "kl_divergence_fwd");
+  return {kl, lse_z, lse_r};
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_divergence_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits,
+                                                          const at::Tensor& ref_logits, const at::Tensor& kl,
+                                                          const at::Tensor& lse_z, const at::Tensor& lse_r,
+                                                          double temperature, bool need_ref_grad) {
+  const auto [x, r] = kl_inputs(logits, ref_logits);
+  const cuda::DType dtype = cuda_dtype(x, "kl_divergence");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), T = x.size(1), V = x.size(2), N = B * T;
+  const at::Tensor g = per_row(grad, N, at::kFloat, x, "grad");
+  const at::Tensor kl_c = per_row(kl, N, at::kFloat, x, "kl");
+  const at::Tensor lz = per_row(lse_z, N, at::kFloat, x, "lse_z");
+  const at::Tensor lr = per_row(lse_r, N, at::kFloat, x, "lse_r");
+  at::Tensor dz = at::empty({B, T, V}, x.options());
+  at::Tensor dr = need_ref_grad ? at::empty({B, T, V}, r.options()) : at::empty({0}, ref_logits.options());
+  check_cuda_error(cuda::launch_kl_bwd(dtype, dz.data_ptr(), need_ref_grad ? dr.data_ptr() : nullptr,
+                                       x.const_data_ptr(), r.const_data_ptr(), g.const_data_ptr<float>(),
+                                       kl_c.const_data_ptr<float>(), lz.const_data_ptr<float>(),
+                                       lr.const_data_ptr<float>(), B, T, x.stride(0), x.stride(1), r.stride(0),
+                                       r.stride(1), V, static_cast<float>(1.0 / temperature),
+                                       c10::cuda::getCurrentCUDAStream()),
+                   "kl_divergence_bwd");
+  if (dz.scalar_type() != logits.scalar_type()) dz = dz.to(logits.scalar_type());
+  if (need_ref_grad && dr.scalar_type() != ref_logits.scalar_type()) dr = dr.to(ref_logits.scalar_type());
+  return {dz, dr};
+}
+
+const char* ppo_path_name(cuda::PpoPath path) {
+  switch (path) {
+    case cuda::PpoPath::kGlobal:
+      return "global";
+    case cuda::PpoPath::kShared:
+      return "shared";
+    case cuda::PpoPath::kCluster:
+      return "cluster";
+    case cuda::PpoPath::kForwardOnly:
+      return "forward";
+    default:
+      return "auto";
+  }
+}
+
+cuda::PpoPlan ppo_plan_for(const at::Tensor& logits, int64_t path, bool with_grad) {
+  TORCH_CHECK(path >= 0 && path <= 3, "ppo path must be 0 (auto), 1 (global), 2 (shared) or 3 (cluster), got ", path);
+  const cuda::PpoPlan plan = cuda::plan_ppo(cuda_dtype(logits, "ppo_loss"), logits.size(-1),
+                                            static_cast<cuda::PpoPath>(path), with_grad, logits.get_device());
+  TORCH_CHECK(plan.cluster > 0, "the fused ppo_loss path '", ppo_path_name(static_cast<cuda::PpoPath>(path)),
+              "' cannot run for V = ", logits.size(-1), " ", logits.scalar_type(),
+              " on this GPU (shared memory too small, or no sm_90 thread-block clusters)");
+  return plan;
+}
+
+// kl_estimator: 1 = k1, 2 = k2, 3 = k3. With weights: also grad = weights·∂term/∂logits.
+std::vector<at::Tensor> ppo_fwd_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& old_logp,
+                                     const at::Tensor& advantages, const std::optional<at::Tensor>& ref_logp,
+                                     const std::optional<at::Tensor>& weights, double temperature,
+                                     int64_t ignore_index, double kl_coef, int64_t kl_estimator, double entropy_coef,
+                                     double clip_low, double clip_high, std::optional<double> dual_clip,
+                                     int64_t path) {
+  check_rows(logits, "logits");
+  TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 3, "kl_estimator must be 1, 2 or 3, got ", kl_estimator);
+  const cuda::DType dtype = cuda_dtype(logits, "ppo_loss");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), N = B * T;
+  const at::Tensor y = per_row(targets, N, at::kLong, logits, "targets");
+  const at::Tensor old = per_row(old_logp, N, at::kFloat, logits, "old_logp");
+  const at::Tensor adv = per_row(advantages, N, at::kFloat, logits, "advantages");
+  const at::Tensor ref = ref_logp.has_value() ? per_row(*ref_logp, N, at::kFloat, logits, "ref_logp") : at::Tensor();
+  const bool with_grad = weights.has_value();
+  const at::Tensor w = with_grad ? per_row(*weights, N, at::kFloat, logits, "weights") : at::Tensor();
+  auto opts = logits.options().dtype(at::kFloat);
+  std::vector<at::Tensor> out;
+  for (int i = 0; i < 6; ++i) out.push_back(at::empty({B, T}, opts));
+  at::Tensor grad = with_grad ? at::empty({B, T, V}, logits.options()) : at::empty({0}, logits.options());
+  if (N == 0) {
+    out.push_back(grad);
+    return out;
+  }
+  const cuda::PpoPlan plan = ppo_plan_for(logits, with_grad ? path : 0, with_grad);
+  cuda::PpoParams params{};
+  params.inv_t = static_cast<float>(1.0 / temperature);
+  params.ignore_index = ignore_index;
+  params.kl_coef = static_cast<float>(kl_coef);
+  params.entropy_coef = static_cast<float>(entropy_coef);
+  params.clip_low = static_cast<float>(clip_low);
+  params.clip_high = static_cast<float>(clip_high);
+  params.has_dual = dual_clip.has_value();
+  params.dual_clip = static_cast<float>(dual_clip.value_or(0.0));
+  params.has_ref = ref.defined();
+  params.kl_estimator = static_cast<int>(kl_estimator);
+  check_cuda_error(
+      cuda::launch_ppo_fwd(dtype, plan, logits.const_data_ptr(), y.const_data_ptr<int64_t>(),
+                           old.const_data_ptr<float>(), adv.const_data_ptr<float>(),
+                           ref.defined() ? ref.const_data_ptr<float>() : nullptr,
+                           with_grad ? w.const_data_ptr<float>() : nullptr, out[0].data_ptr<float>(),
+                           out[1].data_ptr<float>(), out[2].data_ptr<float>(), out[3].data_ptr<float>(),
+                           out[4].data_ptr<float>(), out[5].data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr,
+                           B, T, logits.stride(0), logits.stride(1), V, params, c10::cuda::getCurrentCUDAStream()),
+      "ppo_fwd");
+  out.push_back(grad);
+  return out;
+}
+
+void scale_unless_one_cuda(at::Tensor& x, const at::Tensor& scale) {
+  TORCH_CHECK(x.is_contiguous(), "scale_unless_one_ needs a contiguous tensor");
+  TORCH_CHECK(scale.numel() == 1 && scale.device() == x.device(), "scale must be one element on x's device");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor s = scale.to(at::kFloat).contiguous();
+  check_cuda_error(cuda::launch_scale_unless_one(cuda_dtype(x, "scale"), x.data_ptr(), x.numel(),
+                                                 s.const_data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+                   "scale_unless_one_");
+}
+
 }  // namespace
 #endif
 
@@ -58,6 +271,16 @@ TORCH_LIBRARY(rlhf_kernels_C, m) {
       "logprobs_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor targets, Tensor lse, "
       "Tensor entropy, float temperature, int ignore_index) -> Tensor");
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+  // CUDA-only kernels (the cuda backend of kl_divergence and ppo_loss).
+  m.def("kl_divergence_fwd(Tensor logits, Tensor ref_logits, float temperature) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "kl_divergence_bwd(Tensor grad, Tensor logits, Tensor ref_logits, Tensor kl, Tensor lse_z, Tensor lse_r, "
+      "float temperature, bool need_ref_grad) -> (Tensor, Tensor)");
+  m.def(
+      "ppo_fwd(Tensor logits, Tensor targets, Tensor old_logp, Tensor advantages, Tensor? ref_logp, "
+      "Tensor? weights, float temperature, int ignore_index, float kl_coef, int kl_estimator, float entropy_coef, "
+      "float clip_low, float clip_high, float? dual_clip, int path) -> Tensor[]");
+  m.def("scale_unless_one_(Tensor(a!) x, Tensor scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_kernels_C, CPU, m) {
@@ -69,6 +292,12 @@ TORCH_LIBRARY_IMPL(rlhf_kernels_C, CPU, m) {
 #ifdef RLHF_KERNELS_WITH_CUDA
 TORCH_LIBRARY_IMPL(rlhf_kernels_C, CUDA, m) {
   m.impl("gae", &rlhf_kernels::gae_cuda);
+  m.impl("logprobs_fwd", &rlhf_kernels::logprobs_fwd_cuda);
+  m.impl("logprobs_bwd", &rlhf_kernels::logprobs_bwd_cuda);
+  m.impl("kl_divergence_fwd", &rlhf_kernels::kl_divergence_fwd_cuda);
+  m.impl("kl_divergence_bwd", &rlhf_kernels::kl_divergence_bwd_cuda);
+  m.impl("ppo_fwd", &rlhf_kernels::ppo_fwd_cuda);
+  m.impl("scale_unless_one_", &rlhf_kernels::scale_unless_one_cuda);
 }
 #endif
 
@@ -83,4 +312,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   });
   module.def("cuda_arch_list", [] { return std::string(RLHF_KERNELS_CUDA_ARCHS); });
   module.def("cpu_capability", [] { return std::string(RLHF_KERNELS_CPU_CAPABILITY); });
+  // The kernels of the cuda backend, per op family (reported by `rlhf-kernels info`).
+  module.def("cuda_kernels", [] {
+    std::vector<std::pair<std::string, std::string>> kernels;
+#ifdef RLHF_KERNELS_WITH_CUDA
+    kernels = {{"logprobs", "logprobs_fwd_kernel, logprobs_bwd_kernel"},
+               {"kl_divergence", "kl_fwd_kernel, kl_bwd_kernel"},
+               {"ppo_loss", "ppo_fwd_kernel (forward, or forward + dlogits: global / shared / cluster), "
+                            "logprobs_bwd_kernel, scale_unless_one_kernel"},
+               {"gae", "gae_fwd_kernel"}};
+#endif
+    return kernels;
+  });
+  // Which path the fused ppo_loss forward+gradient takes for (V, dtype) on `device`:
+  // (path, CTAs per row, threads, shared bytes per CTA); path "none" when a forced one cannot run.
+  module.def("ppo_plan", [](int64_t vocab, const std::string& dtype, int64_t path, bool with_grad, int64_t device) {
+#ifdef RLHF_KERNELS_WITH_CUDA
+    TORCH_CHECK(path >= 0 && path <= 3, "path must be 0..3");
+    const rlhf_kernels::cuda::DType d = dtype == "float32"   ? rlhf_kernels::cuda::DType::kFloat32
+                                        : dtype == "float16" ? rlhf_kernels::cuda::DType::kFloat16
+                                                             : rlhf_kernels::cuda::DType::kBFloat16;
+    const auto plan = rlhf_kernels::cuda::plan_ppo(d, vocab, static_cast<rlhf_kernels::cuda::PpoPath>(path), with_grad,
+                                                   static_cast<int>(device));
+    return std::make_tuple(std::string(plan.cluster > 0 ? rlhf_kernels::ppo_path_name(plan.path) : "none"),
+                           plan.cluster, plan.threads, plan.smem_bytes);
+#else
+    (void)vocab; (void)dtype; (void)path; (void)with_grad; (void)device;
+    TORCH_CHECK(false, "the extension was built without CUDA kernels");
+    return std::make_tuple(std::string(), 0, 0, int64_t(0));
+#endif
+  });
 }

@@ -14,5 +14,79 @@ cudaError_t launch_gae_fp32(const float* rewards, const float* values, const flo
                             float* returns, int64_t batch, int64_t seq_len, float gamma, float lam,
                             cudaStream_t stream);
 
+// Element type of the logits (the row kernels are compiled for these three).
+enum class DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Rows are addressed as a [B, T, V] view: row r = b·T + t starts at b·stride_b + t·stride_t
+// (elements), the vocabulary has stride 1. Per-row arrays are contiguous [B·T] float32.
+
+// logprobs forward: (logp, entropy, lse) per row. One CTA per row.
+cudaError_t launch_logprobs_fwd(DType dtype, const void* logits, const int64_t* targets, float* logp, float* entropy,
+                                float* lse, int64_t rows_outer, int64_t rows_inner, int64_t stride_b,
+                                int64_t stride_t, int64_t vocab, float inv_t, int64_t ignore_index,
+                                cudaStream_t stream);
+
+// logprobs backward into grad, a contiguous [B·T, V] tensor of the logits' dtype.
+cudaError_t launch_logprobs_bwd(DType dtype, void* grad, const void* logits, const int64_t* targets,
+                                const float* grad_logp, const float* grad_entropy, const float* lse,
+                                const float* entropy, int64_t rows_outer, int64_t rows_inner, int64_t stride_b,
+                                int64_t stride_t, int64_t vocab, float inv_t, int64_t ignore_index,
+                                cudaStream_t stream);
+
+// Exact KL(softmax(z) || softmax(r)) per row, with lse of both rows. Both inputs of one dtype.
+cudaError_t launch_kl_fwd(DType dtype, const void* logits, const void* ref_logits, float* kl, float* lse_z,
+                          float* lse_r, int64_t rows_outer, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
+                          int64_t ref_stride_b, int64_t ref_stride_t, int64_t vocab, float inv_t,
+                          cudaStream_t stream);
+
+// KL backward: grad_z (and grad_r when not null), contiguous [B·T, V] in the inputs' dtype.
+cudaError_t launch_kl_bwd(DType dtype, void* grad_z, void* grad_r, const void* logits, const void* ref_logits,
+                          const float* grad, const float* kl, const float* lse_z, const float* lse_r,
+                          int64_t rows_outer, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
+                          int64_t ref_stride_b, int64_t ref_stride_t, int64_t vocab, float inv_t,
+                          cudaStream_t stream);
+
+// Scalars of the fused PPO term (see ppo.cu).
+struct PpoParams {
+  float inv_t;
+  int64_t ignore_index;
+  float kl_coef, entropy_coef, clip_low, clip_high, dual_clip;
+  bool has_ref, has_dual;
+  int kl_estimator;  // 1: k1, 2: k2, 3: k3
+};
+
+// How the fused PPO forward that also writes the gradient keeps a row between its two sweeps.
+enum class PpoPath {
+  kAuto = 0,
+  kGlobal = 1,   // re-read the row from global memory (L2 / HBM): any GPU, any V
+  kShared = 2,   // the whole row stays in one CTA's shared memory
+  kCluster = 3,  // sm_90: the row is split over a thread-block cluster, each slice in its CTA's
+                 // shared memory, the softmax statistics exchanged through distributed shared memory
+  kForwardOnly = 4,  // no gradient: one sweep
+};
+
+struct PpoPlan {
+  PpoPath path;
+  int cluster;  // CTAs per row
+  int threads;
+  int64_t smem_bytes;  // dynamic shared memory per CTA
+};
+
+// The path the fused kernel takes for this dtype / V on `device` (kAuto picks; a forced path
+// that cannot run here comes back as kGlobal with cluster = 0 so callers can say why).
+PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, int device);
+
+// Fused PPO per-token term: (term, logp, entropy, kl, clipped, lse) per row; when `weights`
+// is not null, also grad = weight_row·∂term/∂logits (contiguous [B·T, V], logits' dtype).
+// ref_logp may be null (has_ref = false).
+cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits, const int64_t* targets,
+                           const float* old_logp, const float* advantages, const float* ref_logp,
+                           const float* weights, float* term, float* logp, float* entropy, float* kl, float* clipped,
+                           float* lse, void* grad, int64_t rows_outer, int64_t rows_inner, int64_t stride_b,
+                           int64_t stride_t, int64_t vocab, const PpoParams& params, cudaStream_t stream);
+
+// x[0:n] *= *scale in place, skipped (no memory traffic) when *scale == 1 (read on the device).
+cudaError_t launch_scale_unless_one(DType dtype, void* x, int64_t n, const float* scale, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace rlhf_kernels

@@ -1,0 +1,213 @@
+// Exact full-vocabulary KL(softmax(z) || softmax(r)) on the GPU, z = x / T, r = x_ref / T.
+//
+// Forward, one CTA per row, one read of both rows. Each thread keeps online states of
+// both rows, (mz, sz) and (mr, sr), and u = Σ exp(z - mz)·((z - mz) - (r - mr)) relative
+// to both running maxima, so rows equal up to a constant give an exactly-zero KL (no
+// lse_z - lse_r cancellation); the threads are merged like the softmax state:
+//   KL = U / Sz - log Sz + log Sr = Σ p·(log p - log q),  lse_z = Mz + log Sz,  lse_r = Mr + log Sr
+// Backward, a 2-D grid (rows x column blocks), rebuilding log p = z - lse_z, log q = r - lse_r:
+//   dz = g·p·(log p - log q - KL) / T,   dr = g·(q - p) / T   (when wanted)
+// Same formulas and special cases as rlhf_kernels/triton/kl.py: -inf where p > 0 and
+// q = 0 gives KL = +inf, NaN logits propagate to their row.
+#include "row_common.cuh"
+
+namespace rlhf_kernels {
+namespace cuda {
+namespace {
+
+using namespace detail;
+
+struct KlState {
+  float mz, sz, mr, sr, u;
+};
+
+__device__ __forceinline__ KlState kl_init() { return {neg_inf(), 0.f, neg_inf(), 0.f, 0.f}; }
+
+template <int N>
+__device__ __forceinline__ void kl_update(KlState& st, const float (&z)[N], const float (&r)[N]) {
+  float cz = z[0], cr = r[0];
+#pragma unroll
+  for (int j = 1; j < N; ++j) {
+    cz = fmaxf(cz, z[j]);
+    cr = fmaxf(cr, r[j]);
+  }
+  if (cr > st.mr) {
+    if (st.mr != neg_inf()) {
+      st.sr *= __expf(st.mr - cr);
+      st.u += st.sz * (cr - st.mr);  // (r - mr) drops by the shift of the reference max
+    }
+    st.mr = cr;
+  }
+  if (cz > st.mz) {
+    if (st.mz != neg_inf()) {
+      const float shift = st.mz - cz;
+      const float f = __expf(shift);
+      st.u = f > 0.f ? f * (st.u + st.sz * shift) : 0.f;  // an underflowed weight drops its terms
+      st.sz *= f;
+    }
+    st.mz = cz;
+  }
+  const float zref = st.mz == neg_inf() ? 0.f : st.mz;
+  const float rref = st.mr == neg_inf() ? 0.f : st.mr;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const float dz = z[j] - zref;
+    const float e = __expf(dz);
+    const float dr = r[j] - rref;  // -inf where q = 0: a live p there makes KL = +inf
+    st.sz += e;
+    st.sr += __expf(dr);
+    st.u += z[j] == neg_inf() ? 0.f : e * (dz - dr);
+  }
+}
+
+__device__ __forceinline__ void kl_fold(KlState& out, const KlState& x) {
+  if (x.sz != 0.f) {
+    const float dmz = x.mz - out.mz;
+    const float wz = __expf(dmz);
+    out.sz += wz * x.sz;
+    if (wz > 0.f) out.u += wz * (x.u + x.sz * (dmz - (x.mr - out.mr)));
+  }
+  if (x.sr != 0.f) out.sr += __expf(x.mr - out.mr) * x.sr;
+}
+
+__device__ __forceinline__ KlState kl_merge(const KlState& a, const KlState& b) {
+  KlState out{fmaxf(a.mz, b.mz), 0.f, fmaxf(a.mr, b.mr), 0.f, 0.f};
+  kl_fold(out, a);
+  kl_fold(out, b);
+  return out;
+}
+
+__device__ __forceinline__ KlState kl_shfl(const KlState& s, int off) {
+  return {__shfl_xor_sync(0xffffffffu, s.mz, off), __shfl_xor_sync(0xffffffffu, s.sz, off),
+          __shfl_xor_sync(0xffffffffu, s.mr, off), __shfl_xor_sync(0xffffffffu, s.sr, off),
+          __shfl_xor_sync(0xffffffffu, s.u, off)};
+}
+
+template <typename T>
+__global__ void __launch_bounds__(512) kl_fwd_kernel(const T* __restrict__ logits, const T* __restrict__ ref_logits,
+                                                     float* kl, float* lse_z, float* lse_r, int64_t rows_inner,
+                                                     int64_t stride_b, int64_t stride_t, int64_t ref_stride_b,
+                                                     int64_t ref_stride_t, int64_t vocab, float inv_t) {
+  constexpr int kVec = Vec<T>::kSize;
+  const int64_t row = blockIdx.x;
+  const T* x = row_ptr(logits, row, rows_inner, stride_b, stride_t);
+  const T* xr = row_ptr(ref_logits, row, rows_inner, ref_stride_b, ref_stride_t);
+  // vectors aligned to the policy row; the reference row is read with 16-byte loads when co-aligned
+  const RowVecs rv = row_vecs(x, vocab);
+  const bool ref_aligned = co_aligned(x, xr);
+  KlState st = kl_init();
+  constexpr int kUnroll = 2;
+  const int64_t stride = blockDim.x;
+  int64_t k = threadIdx.x;
+  for (; k + (kUnroll - 1) * stride < rv.count; k += kUnroll * stride) {
+    float z[kUnroll][kVec], r[kUnroll][kVec];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c0 = load_scaled(x, k + u * stride, rv.pre, vocab, inv_t, z[u]);
+      load_cols(xr, c0, c0 >= 0 && c0 + kVec <= vocab, ref_aligned, 0, vocab, inv_t, neg_inf(), r[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) kl_update(st, z[u], r[u]);
+  }
+  for (; k < rv.count; k += stride) {
+    float z[kVec], r[kVec];
+    const int64_t c0 = load_scaled(x, k, rv.pre, vocab, inv_t, z);
+    load_cols(xr, c0, c0 >= 0 && c0 + kVec <= vocab, ref_aligned, 0, vocab, inv_t, neg_inf(), r);
+    kl_update(st, z, r);
+  }
+  st = block_reduce(st, kl_init(), [](const KlState& a, const KlState& b) { return kl_merge(a, b); }, kl_shfl);
+  if (threadIdx.x == 0) {
+    const float log_sz = logf(st.sz), log_sr = logf(st.sr);
+    kl[row] = st.u / st.sz - log_sz + log_sr;
+    lse_z[row] = st.mz + log_sz;
+    lse_r[row] = st.mr + log_sr;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) kl_bwd_kernel(T* __restrict__ grad_z, T* __restrict__ grad_r,
+                                                     const T* __restrict__ logits, const T* __restrict__ ref_logits,
+                                                     const float* __restrict__ grad, const float* __restrict__ kl,
+                                                     const float* __restrict__ lse_z,
+                                                     const float* __restrict__ lse_r, int64_t rows_inner,
+                                                     int64_t stride_b, int64_t stride_t, int64_t ref_stride_b,
+                                                     int64_t ref_stride_t, int64_t vocab, float inv_t,
+                                                     int64_t cols_per_cta) {
+  constexpr int kVec = Vec<T>::kSize;
+  const int64_t row = blockIdx.x;
+  const int64_t c_lo = static_cast<int64_t>(blockIdx.y) * cols_per_cta;
+  const int64_t c_hi = c_lo + cols_per_cta < vocab ? c_lo + cols_per_cta : vocab;
+  const T* x = row_ptr(logits, row, rows_inner, stride_b, stride_t);
+  const T* xr = row_ptr(ref_logits, row, rows_inner, ref_stride_b, ref_stride_t);
+  T* dz_row = grad_z + row * vocab;
+  T* dr_row = grad_r == nullptr ? nullptr : grad_r + row * vocab;  // same offsets as dz_row: same alignment
+  const float g = grad[row] * inv_t;
+  const float klv = kl[row], lz = lse_z[row], lr = lse_r[row];
+  const DstVecs dv = dst_vecs(dz_row, c_lo, c_hi);
+  const bool x_aligned = co_aligned(x, dz_row), r_aligned = co_aligned(xr, dz_row);
+#pragma unroll 2
+  for (int64_t k = dv.k_lo + threadIdx.x; k < dv.k_hi; k += blockDim.x) {
+    const int64_t c0 = k * kVec - dv.pre;
+    const bool whole = c0 >= c_lo && c0 + kVec <= c_hi;
+    float z[kVec], r[kVec], dz[kVec];
+    load_cols(x, c0, whole, x_aligned, c_lo, c_hi, inv_t, 0.f, z);
+    load_cols(xr, c0, whole, r_aligned, c_lo, c_hi, inv_t, 0.f, r);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const float lp = z[j] - lz;
+      const float lq = r[j] - lr;
+      const float p = __expf(lp);
+      float d = p > 0.f ? g * p * (lp - lq - klv) : 0.f;
+      dz[j] = lp != lp ? lp : d;  // NaN logits stay NaN
+      r[j] = g * (__expf(lq) - p);
+    }
+    store_cols(dz_row, c0, whole, c_lo, c_hi, dz);
+    if (dr_row != nullptr) store_cols(dr_row, c0, whole, c_lo, c_hi, r);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_kl_fwd(DType dtype, const void* logits, const void* ref_logits, float* kl, float* lse_z,
+                          float* lse_r, int64_t rows_outer, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
+                          int64_t ref_stride_b, int64_t ref_stride_t, int64_t vocab, float inv_t,
+                          cudaStream_t stream) {
+  const int64_t rows = rows_outer * rows_inner;
+  if (rows == 0) return cudaSuccess;
+  if (rows > kMaxGridX || vocab < 1) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int threads = sweep_threads(vectors_per_row<T>(vocab));
+    kl_fwd_kernel<T><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        static_cast<const T*>(logits), static_cast<const T*>(ref_logits), kl, lse_z, lse_r, rows_inner, stride_b,
+        stride_t, ref_stride_b, ref_stride_t, vocab, inv_t);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_kl_bwd(DType dtype, void* grad_z, void* grad_r, const void* logits, const void* ref_logits,
+                          const float* grad, const float* kl, const float* lse_z, const float* lse_r,
+                          int64_t rows_outer, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
+                          int64_t ref_stride_b, int64_t ref_stride_t, int64_t vocab, float inv_t,
+                          cudaStream_t stream) {
+  const int64_t rows = rows_outer * rows_inner;
+  if (rows == 0) return cudaSuccess;
+  if (rows > kMaxGridX || vocab < 1) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kThreads = 256;
+    const int64_t cols_per_cta = static_cast<int64_t>(kThreads) * 8 * Vec<T>::kSize;
+    const int64_t splits = (vocab + cols_per_cta - 1) / cols_per_cta;
+    if (splits > kMaxGridY) return cudaErrorInvalidValue;
+    const int threads = splits == 1 ? sweep_threads(vectors_per_row<T>(vocab), kThreads) : kThreads;
+    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(splits));
+    kl_bwd_kernel<T><<<grid, threads, 0, stream>>>(static_cast<T*>(grad_z), static_cast<T*>(grad_r),
+                                                   static_cast<const T*>(logits), static_cast<const T*>(ref_logits),
+                                                   grad, kl, lse_z, lse_r, rows_inner, stride_b, stride_t,
+                                                   ref_stride_b, ref_stride_t, vocab, inv_t, cols_per_cta);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace rlhf_kernels

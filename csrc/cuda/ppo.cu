@@ -1,0 +1,381 @@
+// The fused PPO per-token term on the GPU, straight from logits, optionally writing dlogits
+// in the same kernel (DESIGN.md §2; mirrors rlhf_kernels/triton/ppo.py).
+//
+// Per row, with logp / entropy H / lse from one sweep of the row (as logprobs.cu):
+//   r    = exp(clamp(logp - old, -20, 20))
+//   pg   = max(-A·r, -A·clip(r, 1 - clip_low, 1 + clip_high));  pg = min(pg, -A·dual) where A < 0
+//   term = pg + kl_coef·k(logp, ref) - entropy_coef·H
+// and the per-token derivative (PyTorch autograd's sub-gradient choices, as the Triton backward):
+//   ∂term/∂logp = -A·r·[unclipped branch]·[|logp - old| <= 20]·(½ at a dual-clip tie) + kl_coef·∂k/∂logp
+//   ∂term/∂H    = -entropy_coef
+//
+// Forward that also produces the gradient: ppo_loss aggregates term linearly, loss = Σ w·term
+// with w known from the mask and loss_agg alone, so with `weights` = w the kernel writes
+//   dlogits = w·∂term/∂logits   (G_logp = w·∂term/∂logp, G_H = -w·entropy_coef, the log-prob
+//                                backward formula of logprobs.cu)
+// right after the statistics are known, and the autograd backward only scales by the scalar
+// upstream gradient. A second sweep over the row is needed (p needs lse); where the row is
+// kept decides how many times the logits come from memory:
+//   kShared   the CTA's dynamic shared memory holds the whole row (bf16 V <~ 56K on H100)
+//   kCluster  sm_90: a cluster of 2-8 CTAs on different SMs splits the row, each slice kept
+//             in its CTA's shared memory; the per-slice (m, s, t) are exchanged through
+//             distributed shared memory. Logits are read once, dlogits written once.
+//   kGlobal   the second sweep re-reads the row (any GPU, any V): two reads, one write.
+#include <cooperative_groups.h>
+
+#include "row_common.cuh"
+
+namespace rlhf_kernels {
+namespace cuda {
+namespace {
+
+using namespace detail;
+namespace cg = cooperative_groups;
+
+// pg, whether a clip was active, and ∂pg/∂logp for one token (see _ppo_pg in triton/ppo.py).
+struct PolicyGrad {
+  float pg, dpg;
+  bool clipped;
+};
+
+__device__ __forceinline__ PolicyGrad ppo_pg(float logp, float old, float adv, const PpoParams& p) {
+  const float raw = logp - old;
+  const float log_ratio = raw < -20.f ? -20.f : (raw > 20.f ? 20.f : raw);  // NaN stays NaN
+  const bool in_lr = raw >= -20.f && raw <= 20.f;
+  const float ratio = expf(log_ratio);
+  const float lo = 1.f - p.clip_low, hi = 1.f + p.clip_high;
+  const float ratio_c = ratio < lo ? lo : (ratio > hi ? hi : ratio);
+  const float pg_u = -adv * ratio, pg_c = -adv * ratio_c;
+  PolicyGrad out;
+  out.clipped = pg_c > pg_u;
+  out.pg = out.clipped ? pg_c : pg_u;
+  float dpg = out.clipped ? 0.f : -adv;  // ties (ratio inside the range) take the unclipped derivative
+  if (p.has_dual) {
+    const float pg_d = -adv * p.dual_clip;
+    const bool neg = adv < 0.f;
+    const bool use_dual = neg && pg_d < out.pg;
+    dpg = (neg && out.pg == pg_d) ? 0.5f * dpg : (use_dual ? 0.f : dpg);
+    out.pg = use_dual ? pg_d : out.pg;
+    out.clipped = out.clipped || use_dual;
+  }
+  out.dpg = in_lr ? dpg * ratio : 0.f;
+  return out;
+}
+
+// Vector k of the row (address-aligned framing), raw (columns outside [0, V) zeroed) and scaled.
+template <typename T>
+__device__ __forceinline__ void load_raw_scaled(const T* __restrict__ row, int64_t k, int64_t pre, int64_t V,
+                                                float inv_t, Vec<T>& raw, float (&z)[Vec<T>::kSize]) {
+  constexpr int kVec = Vec<T>::kSize;
+  const int64_t c0 = k * kVec - pre;
+  if (c0 >= 0 && c0 + kVec <= V) {
+    raw.raw = *reinterpret_cast<const uint4*>(row + c0);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) z[j] = to_float(raw.elems[j]) * inv_t;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const int64_t c = c0 + j;
+      const bool in = c >= 0 && c < V;
+      raw.elems[j] = in ? row[c] : from_float<T>(0.f);
+      z[j] = in ? to_float(raw.elems[j]) * inv_t : neg_inf();
+    }
+  }
+}
+
+struct PpoOutputs {
+  const float *old_logp, *advantages, *ref_logp, *weights;
+  float *term, *logp, *entropy, *kl, *clipped, *lse;
+};
+
+template <typename T, bool kCluster>
+__global__ void __launch_bounds__(512, 2)
+    ppo_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, PpoOutputs io,
+                   T* __restrict__ grad, int64_t rows_inner, int64_t stride_b, int64_t stride_t, int64_t vocab,
+                   PpoParams p, int64_t vecs_per_cta, bool in_smem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  if constexpr (kCluster) {
+    __trap();  // the host launches the cluster variant only where it was compiled for sm_90+
+  } else
+#endif
+  {
+    constexpr int kVec = Vec<T>::kSize;
+    extern __shared__ uint4 cache[];   // this CTA's slice of the row (kShared / kCluster)
+    __shared__ SoftmaxState partial;   // this CTA's statistics, read by the cluster's peers
+    __shared__ float tok[4];           // lse, entropy, G_logp, G_H of the row
+    int rank = 0, csize = 1;
+    int64_t row = blockIdx.x;
+    (void)csize;
+    (void)partial;
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+    if constexpr (kCluster) {
+      rank = static_cast<int>(cg::this_cluster().block_rank());
+      csize = static_cast<int>(cg::this_cluster().num_blocks());
+      row = blockIdx.x / csize;
+    }
+#endif
+    const T* x = row_ptr(logits, row, rows_inner, stride_b, stride_t);
+    const RowVecs rv = row_vecs(x, vocab);
+    const int64_t k_lo = min(static_cast<int64_t>(rank) * vecs_per_cta, rv.count);
+    const int64_t k_hi = min(k_lo + vecs_per_cta, rv.count);
+
+    // sweep 1: statistics of this CTA's slice (the whole row unless clustered), caching it
+    SoftmaxState st = softmax_init();
+    {
+      constexpr int kUnroll = 4;
+      const int64_t stride = blockDim.x;
+      int64_t k = k_lo + threadIdx.x;
+      for (; k + (kUnroll - 1) * stride < k_hi; k += kUnroll * stride) {
+        Vec<T> raw[kUnroll];
+        float z[kUnroll][kVec];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) load_raw_scaled(x, k + u * stride, rv.pre, vocab, p.inv_t, raw[u], z[u]);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (in_smem) cache[k + u * stride - k_lo] = raw[u].raw;
+          softmax_update(st, z[u]);
+        }
+      }
+      for (; k < k_hi; k += stride) {
+        Vec<T> raw;
+        float z[kVec];
+        load_raw_scaled(x, k, rv.pre, vocab, p.inv_t, raw, z);
+        if (in_smem) cache[k - k_lo] = raw.raw;
+        softmax_update(st, z);
+      }
+    }
+    st = block_softmax_reduce(st);  // ends with __syncthreads: the cache is visible to the whole CTA
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+    if constexpr (kCluster) {
+      if (threadIdx.x == 0) partial = st;
+      cg::this_cluster().sync();
+      if (threadIdx.x == 0) {
+        // every CTA merges the slices in rank order: the same bits everywhere
+        SoftmaxState total = softmax_init();
+        for (int r = 0; r < csize; ++r) total = softmax_merge(total, *cg::this_cluster().map_shared_rank(&partial, r));
+        st = total;
+      }
+    }
+#endif
+    const int64_t y = targets[row];
+    const bool valid = y != p.ignore_index;
+    if (threadIdx.x == 0) {
+      const float log_s = logf(st.s);
+      const bool in_range = y >= 0 && y < vocab;
+      const float zy = in_range ? to_float(x[y]) * p.inv_t : 0.f;
+      const float logp = valid ? (in_range ? (zy - st.m) - log_s : nan_f()) : 0.f;
+      const float ent = valid ? log_s - st.t / st.s : 0.f;
+      const float old = io.old_logp[row], adv = io.advantages[row];
+      const PolicyGrad pg = ppo_pg(logp, old, adv, p);
+      float term = pg.pg - p.entropy_coef * ent;
+      float kl = 0.f, dk = 0.f;  // kl stays 0 without ref_logp, even where logp is NaN
+      if (p.has_ref) {
+        const float ref = io.ref_logp[row];
+        kl = kl_k(logp, ref, p.kl_estimator);
+        dk = kl_k_dlogp(logp, ref, p.kl_estimator);
+        term = term + p.kl_coef * kl;
+      }
+      if (rank == 0) {
+        io.term[row] = term;
+        io.logp[row] = logp;
+        io.entropy[row] = ent;
+        io.kl[row] = kl;
+        io.clipped[row] = pg.clipped ? 1.f : 0.f;
+        io.lse[row] = st.m + log_s;
+      }
+      if (grad != nullptr) {
+        const float w = io.weights[row];
+        float g_logp = w * pg.dpg;
+        if (p.has_ref) g_logp += (w * p.kl_coef) * dk;
+        tok[0] = st.m + log_s;
+        tok[1] = ent;
+        tok[2] = g_logp;
+        tok[3] = 0.f - w * p.entropy_coef;
+      }
+    }
+    if (grad != nullptr) {
+      __syncthreads();
+      // sweep 2: this CTA's columns of dlogits, from shared memory or from the logits again
+      const int64_t c_lo = max(k_lo * kVec - rv.pre, int64_t(0));
+      const int64_t c_hi = min(k_hi * kVec - rv.pre, vocab);
+      T* dx = grad + row * vocab;
+      if (!valid) {
+        zero_row_range(dx, c_lo, c_hi, threadIdx.x, blockDim.x);
+      } else {
+        const LogprobGrad f = make_logprob_grad(tok[0], tok[1], tok[2], tok[3], y, p.inv_t);
+        // cache element i holds column i + k_lo·kVec - pre: src[c] below is that element
+        const T* src = in_smem ? reinterpret_cast<const T*>(cache) - (k_lo * kVec - rv.pre) : x;
+        write_row_range(dx, src, c_lo, c_hi, p.inv_t, threadIdx.x, blockDim.x, f);
+      }
+    }
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+    if constexpr (kCluster) cg::this_cluster().sync();  // peers may still be reading `partial`
+#endif
+  }
+}
+
+template <typename T>
+__global__ void scale_unless_one_kernel(T* __restrict__ x, int64_t n, const float* __restrict__ scale,
+                                        bool aligned) {
+  constexpr int kVec = Vec<T>::kSize;
+  const float s = *scale;
+  if (s == 1.f) return;  // the common loss.backward(): no memory traffic at all
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t nvec = aligned ? n / kVec : 0;
+  for (int64_t i = tid; i < nvec; i += step) {
+    Vec<T> v;
+    v.raw = reinterpret_cast<const uint4*>(x)[i];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) v.elems[j] = from_float<T>(to_float(v.elems[j]) * s);
+    reinterpret_cast<uint4*>(x)[i] = v.raw;
+  }
+  for (int64_t i = nvec * kVec + tid; i < n; i += step) x[i] = from_float<T>(to_float(x[i]) * s);
+}
+
+template <typename T>
+int64_t elem_size() {
+  return static_cast<int64_t>(sizeof(T));
+}
+
+}  // namespace
+
+PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, int device) {
+  PpoPlan plan{PpoPath::kGlobal, 1, 32, 0};
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t nvec = vectors_per_row<T>(vocab);
+    plan.threads = sweep_threads(nvec);
+    if (!with_grad) {
+      plan.path = PpoPath::kForwardOnly;
+      return cudaSuccess;
+    }
+    int optin = 0, per_sm = 0, major = 0;
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    // two CTAs per SM (loads of one overlap the other's second sweep), minus static smem and reserve
+    const int64_t budget = std::min<int64_t>(optin, per_sm / 2) - 2048;
+    cudaFuncAttributes attr{};
+    const bool cluster_built = cudaFuncGetAttributes(&attr, ppo_fwd_kernel<T, true>) == cudaSuccess &&
+                               attr.binaryVersion >= 90;
+    cudaGetLastError();  // a failed query must not look like a launch error later
+    const bool cluster_ok = major >= 9 && cluster_built;
+    const int64_t row_bytes = nvec * 16;
+    auto shared_plan = [&]() -> bool {
+      if (row_bytes > budget) return false;
+      plan = {PpoPath::kShared, 1, sweep_threads(nvec), row_bytes};
+      return true;
+    };
+    auto cluster_plan = [&](int min_size) -> bool {
+      if (!cluster_ok) return false;
+      for (int c = min_size; c <= 8; c *= 2) {
+        const int64_t per = (nvec + c - 1) / c;
+        if (per * 16 <= budget) {
+          plan = {PpoPath::kCluster, c, sweep_threads(per), per * 16};
+          return true;
+        }
+      }
+      return false;
+    };
+    bool done = false;
+    switch (requested) {
+      case PpoPath::kShared:
+        done = shared_plan();
+        break;
+      case PpoPath::kCluster:
+        done = cluster_plan(2);
+        break;
+      case PpoPath::kGlobal:
+        plan = {PpoPath::kGlobal, 1, sweep_threads(nvec), 0};
+        return cudaSuccess;
+      default:
+        done = shared_plan() || cluster_plan(2);
+        if (!done) {
+          plan = {PpoPath::kGlobal, 1, sweep_threads(nvec), 0};
+          return cudaSuccess;
+        }
+    }
+    if (!done) plan = {PpoPath::kGlobal, 0, sweep_threads(nvec), 0};  // cluster = 0: the forced path cannot run
+    return cudaSuccess;
+  });
+  return plan;
+}
+
+cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits, const int64_t* targets,
+                           const float* old_logp, const float* advantages, const float* ref_logp,
+                           const float* weights, float* term, float* logp, float* entropy, float* kl, float* clipped,
+                           float* lse, void* grad, int64_t rows_outer, int64_t rows_inner, int64_t stride_b,
+                           int64_t stride_t, int64_t vocab, const PpoParams& params, cudaStream_t stream) {
+  const int64_t rows = rows_outer * rows_inner;
+  if (rows == 0) return cudaSuccess;
+  if (vocab < 1 || plan.cluster < 1 || (grad != nullptr) != (weights != nullptr) ||
+      (plan.path == PpoPath::kForwardOnly) != (grad == nullptr) || (params.has_ref && ref_logp == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows * plan.cluster > kMaxGridX) return cudaErrorInvalidValue;
+  const PpoOutputs io{old_logp, advantages, ref_logp, weights, term, logp, entropy, kl, clipped, lse};
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    const int64_t nvec = vectors_per_row<T>(vocab);
+    const auto* x = static_cast<const T*>(logits);
+    auto* dx = static_cast<T*>(grad);
+    const bool in_smem = plan.path == PpoPath::kShared || plan.path == PpoPath::kCluster;
+    const int64_t per_cta = (nvec + plan.cluster - 1) / plan.cluster;
+    if (in_smem && per_cta * 16 > plan.smem_bytes) return cudaErrorInvalidValue;
+    const size_t smem = in_smem ? static_cast<size_t>(plan.smem_bytes) : 0;
+    if (plan.path != PpoPath::kCluster) {
+      if (smem > 48 * 1024) {
+        const cudaError_t err =
+            cudaFuncSetAttribute(ppo_fwd_kernel<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(smem));
+        if (err != cudaSuccess) return err;
+      }
+      ppo_fwd_kernel<T, false><<<static_cast<unsigned>(rows), plan.threads, smem, stream>>>(
+          x, targets, io, dx, rows_inner, stride_b, stride_t, vocab, params, per_cta, in_smem);
+      return cudaGetLastError();
+    }
+    cudaError_t err = cudaFuncSetAttribute(ppo_fwd_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+    if (err == cudaSuccess && plan.cluster > 8) {
+      err = cudaFuncSetAttribute(ppo_fwd_kernel<T, true>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    }
+    if (err != cudaSuccess) return err;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(rows * plan.cluster));
+    config.blockDim = dim3(plan.threads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = plan.cluster;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    err = cudaLaunchKernelEx(&config, ppo_fwd_kernel<T, true>, x, targets, io, dx, rows_inner, stride_b, stride_t,
+                             vocab, params, per_cta, true);
+    if (err != cudaSuccess) return err;
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_scale_unless_one(DType dtype, void* x, int64_t n, const float* scale, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    int device = 0, sms = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    constexpr int kThreads = 256;
+    const int64_t vecs = (n + Vec<T>::kSize - 1) / Vec<T>::kSize;
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((vecs + kThreads - 1) / kThreads, 8 * sms));
+    const bool aligned = (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
+    scale_unless_one_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(static_cast<T*>(x), n, scale,
+                                                                                       aligned);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace rlhf_kernels
