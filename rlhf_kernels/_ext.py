@@ -71,6 +71,14 @@ def cuda_arch_list() -> str:
     return ext.cuda_arch_list() if ext is not None else ""
 
 
+def cuda_kernels() -> dict:
+    """``op -> CUDA kernel names`` compiled into the extension (empty without CUDA kernels)."""
+    ext = load()
+    if ext is None or not hasattr(ext, "cuda_kernels"):
+        return {}
+    return dict(ext.cuda_kernels())
+
+
 def cpu_capability() -> str:
     """The CPU vector instruction set the C++ kernels were compiled for."""
     ext = load()

@@ -9,12 +9,13 @@ import torch
 
 from . import _ext
 from .ops import advantages, kl, logprobs, ppo
-from .ops._dispatch import BACKENDS, unavailable_reason
+from .ops._dispatch import _GPU_DEFAULT, BACKENDS, GPU_PREFERENCE, unavailable_reason
 
 # Which backends have a kernel for each op family (the reference "torch" serves every op).
 OP_KERNELS = {
     "logprobs": logprobs.IMPLEMENTED,
-    "kl_divergence / kl_estimate": kl.IMPLEMENTED,
+    "kl_divergence": kl.IMPLEMENTED,
+    "kl_estimate": kl.ESTIMATE_IMPLEMENTED,
     "ppo_loss": ppo.IMPLEMENTED,
     "gae": advantages.IMPLEMENTED,
 }
@@ -51,9 +52,15 @@ def info(print_report: bool = True) -> dict:
             "cpu_capability": _ext.cpu_capability(),
             "cuda_kernels": _ext.has_cuda_kernels(),
             "cuda_archs": _ext.cuda_arch_list(),
+            "cuda_kernels_per_op": _ext.cuda_kernels(),
         },
         "backends": {},
         "ops": {op: list(kernels) + ["torch"] for op, kernels in OP_KERNELS.items()},
+        # the automatic choice for CUDA tensors: first live backend of each op's preference
+        "gpu_preference": {
+            op: [b for b in GPU_PREFERENCE.get(op.split(" ")[0], _GPU_DEFAULT) if b in kernels]
+            for op, kernels in OP_KERNELS.items()
+        },
     }
     devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
     for dev in devices:
@@ -83,4 +90,12 @@ def format_report(report: dict) -> str:
     lines += [f"  {k:<16} {v}" for k, v in report["backends"].items()]
     lines.append("kernels per op (others use the torch reference):")
     lines += [f"  {k:<28} {', '.join(v)}" for k, v in report["ops"].items()]
+    preference = report.get("gpu_preference", {})
+    if preference:
+        lines.append("automatic choice for CUDA tensors (first live of; ops/_dispatch.py GPU_PREFERENCE):")
+        lines += [f"  {k:<28} {' > '.join(v)}" for k, v in preference.items() if v]
+    per_op = ext.get("cuda_kernels_per_op") or {}
+    if per_op:
+        lines.append(f"cuda kernels (csrc/cuda, compiled for {ext['cuda_archs'] or '-'}):")
+        lines += [f"  {k:<28} {v}" for k, v in per_op.items()]
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Backend choice shared by every op (DESIGN.md §3).
 
 Order for ``backend=None``: CUDA tensors -> Triton (or the CUDA C++ kernel
-where an op prefers it), CPU tensors -> the C++ CPU kernel, anything else or a
+where ``GPU_PREFERENCE`` lists it first for the op), CPU tensors -> the C++ CPU kernel, anything else or a
 missing extension -> the PyTorch reference. ``backend=`` on the call forces a
 backend (an error if it cannot run here); ``RLHF_KERNELS_BACKEND`` sets a
 process-wide preference that falls back to the automatic choice for ops or
@@ -19,6 +19,19 @@ import torch
 from .. import _ext
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
+
+# The automatic choice for CUDA tensors, per op: the first live backend with a kernel wins.
+# Triton leads until the committed benchmarks (benchmarks/results/<gpu>/) show the CUDA C++
+# kernel faster for that op; flip an entry to ("cuda", "triton") then, in the same commit as
+# the results. Ops not listed use _GPU_DEFAULT.
+_GPU_DEFAULT = ("triton", "cuda")
+GPU_PREFERENCE = {
+    "logprobs": ("triton", "cuda"),
+    "linear_logprobs": ("triton", "cuda"),
+    "kl_divergence": ("triton", "cuda"),
+    "ppo_loss": ("triton", "cuda"),
+    "gae": ("triton", "cuda"),
+}
 
 
 # Looked up once at import (without importing triton): a constant for torch.compile to trace.
@@ -62,9 +75,9 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
-def _automatic(device: torch.device, implemented: Iterable[str]) -> str:
+def _automatic(op: str, device: torch.device, implemented: Iterable[str]) -> str:
     implemented = tuple(implemented)
-    preference = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    preference = GPU_PREFERENCE.get(op, _GPU_DEFAULT) if device.type == "cuda" else ("cpu",)
     for candidate in preference:
         if candidate in implemented and unavailable_reason(candidate, device) is None:
             return candidate
@@ -95,7 +108,7 @@ def resolve_backend(op: str, device: torch.device, backend: Optional[str], imple
             raise ValueError(f"RLHF_KERNELS_BACKEND must be one of {BACKENDS} or 'auto', got {preferred!r}")
         if preferred in implemented and unavailable_reason(preferred, device) is None:
             return preferred
-    return _automatic(device, implemented)
+    return _automatic(op, device, implemented)
 
 
 def validation_enabled() -> bool:

@@ -3,8 +3,9 @@
 Both are ``torch.library`` custom ops (``rlhf_kernels::kl_divergence_fwd`` /
 ``_bwd`` and ``rlhf_kernels::kl_estimate_fwd`` / ``_bwd``) with fake impls and
 registered autograd. Backends: ``triton`` (CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``) and ``torch`` (the reference math, inside the op for
-``kl_divergence``; plain eager reference for ``kl_estimate``).
+``TRITON_INTERPRET=1``), ``cuda`` (``kl_divergence`` only: ``csrc/cuda/kl.cu``)
+and ``torch`` (the reference math, inside the op for ``kl_divergence``; plain
+eager reference for ``kl_estimate``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from ._checks import (
 )
 from .logprobs import resolve_for
 
-# Backends with a kernel for this family (the reference "torch" is implied).
-IMPLEMENTED = ("triton",)
+# Backends with a kernel (the reference "torch" is implied): exact KL, and the k1/k2/k3 estimators.
+IMPLEMENTED = ("triton", "cuda")
+ESTIMATE_IMPLEMENTED = ("triton",)
 
 
 # ------------------------------------------------------------- exact KL
@@ -71,6 +73,8 @@ def kl_divergence_fwd(
         from ..triton.kl import kl_divergence_fwd as triton_fwd
 
         out = triton_fwd(as_rows(logits), as_rows(ref_logits), temperature)
+    elif backend == "cuda":
+        out = torch.ops.rlhf_kernels_C.kl_divergence_fwd(as_rows(logits), as_rows(ref_logits), temperature)
     else:
         out = _torch_kl_fwd(logits, ref_logits, temperature)
     return tuple(t.reshape(lead) for t in out)
@@ -103,6 +107,13 @@ def kl_divergence_bwd(
         dz, dr = triton_bwd(
             grad.reshape(shape2).to(kl.dtype), rows, as_rows(ref_logits), kl.reshape(shape2),
             lse_z.reshape(shape2), lse_r.reshape(shape2), temperature, need_ref_grad,
+        )
+    elif backend == "cuda":
+        rows = as_rows(logits)
+        shape2 = rows.shape[:2]
+        dz, dr = torch.ops.rlhf_kernels_C.kl_divergence_bwd(
+            grad.reshape(shape2), rows, as_rows(ref_logits), kl.reshape(shape2), lse_z.reshape(shape2),
+            lse_r.reshape(shape2), temperature, need_ref_grad,
         )
     else:
         dz, dr = _torch_kl_bwd(grad, logits, ref_logits, kl, lse_z, lse_r, temperature, need_ref_grad)
@@ -154,7 +165,9 @@ def kl_divergence(
 
     Shapes: ``[*, V]`` and ``[*, V]`` (+ ``mask[*]``) -> float32 ``[*]``
     (float64 when an input is float64). Rows may be strided (vocab stride 1).
-    ``backend``: ``"triton" | "torch"``; ``None`` picks Triton for CUDA tensors.
+    ``backend``: ``"triton" | "cuda" | "torch"``; ``None`` picks the first of
+    ``_dispatch.GPU_PREFERENCE["kl_divergence"]`` (Triton today) for CUDA tensors.
+    ``"cuda"`` runs ``csrc/cuda/kl.cu`` (mixed input dtypes run on float32 copies).
     """
     check_logits("logits", logits)
     check_logits("ref_logits", ref_logits)
@@ -257,7 +270,7 @@ def kl_estimate(
     if clamp is not None:
         clamp = check_positive("clamp", clamp)
     probe = logp if logp.dtype == torch.float64 else ref_logp
-    chosen = resolve_for("kl_estimate", probe, backend, IMPLEMENTED)
+    chosen = resolve_for("kl_estimate", probe, backend, ESTIMATE_IMPLEMENTED)
     if chosen == "triton":
         return kl_estimate_fwd(logp, ref_logp, estimator, clamp, chosen)
     return reference.kl_estimate(logp, ref_logp, estimator, clamp)

@@ -99,7 +99,7 @@ def _kernel_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
     """``logits[c, V]``, ``targets[c]`` -> ``(logp, entropy, lse)`` ``[c]`` via the backend's kernel."""
     rows = logits.unsqueeze(0)
     tgt = targets.unsqueeze(0).contiguous()
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):  # the compiled op dispatches on the device
         out = torch.ops.rlhf_kernels_C.logprobs_fwd(rows, tgt, temperature, ignore_index)
     elif backend == "triton":
         from ..triton.logprobs import logprobs_fwd as triton_fwd
@@ -114,7 +114,7 @@ def _kernel_bwd(g_logp, g_ent, logits, targets, lse, entropy, temperature: float
     """``dlogits[c, V]`` (logits' dtype) of ``Σ g_logp·logp + g_ent·entropy`` via the backend's kernel."""
     rows = logits.unsqueeze(0)
     args = [t.unsqueeze(0).contiguous() for t in (g_logp, g_ent, targets, lse, entropy)]
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         grad = torch.ops.rlhf_kernels_C.logprobs_bwd(
             args[0], args[1], rows, args[2], args[3], args[4], temperature, ignore_index
         )

@@ -27,18 +27,31 @@ from ._checks import (
 from ._dispatch import resolve_backend, validation_enabled
 
 # Backends with a kernel for this family (the reference "torch" is implied).
-IMPLEMENTED = ("triton", "cpu")
+IMPLEMENTED = ("triton", "cuda", "cpu")
+
+# Backends whose kernels compute in fp32 (float64 inputs are sent elsewhere, see resolve_for).
+_FP32_ONLY = ("triton", "cuda")
 
 
 def resolve_for(op: str, tensor: torch.Tensor, backend: Optional[str], implemented) -> str:
-    """``resolve_backend`` that keeps float64 inputs off Triton unless it is asked for by name.
+    """``resolve_backend`` that keeps float64 inputs off the fp32-only GPU kernels.
 
-    The Triton kernels accumulate in fp32; float64 inputs (gradient checks,
-    oracles) go to the next backend in line when the choice is automatic.
+    The Triton and CUDA C++ kernels accumulate in fp32; float64 inputs (gradient
+    checks, oracles) go to the next backend in line when the choice is automatic
+    (or comes from ``RLHF_KERNELS_BACKEND``). ``backend="triton"`` by name still
+    runs Triton (in fp32); ``backend="cuda"`` by name raises, as the CUDA kernels
+    are compiled for float32 / float16 / bfloat16 only.
     """
     chosen = resolve_backend(op, tensor.device, backend, implemented)
-    if chosen == "triton" and backend is None and tensor.dtype == torch.float64:
-        chosen = resolve_backend(op, tensor.device, None, tuple(b for b in implemented if b != "triton"))
+    if tensor.dtype != torch.float64 or chosen not in _FP32_ONLY:
+        return chosen
+    if backend == "cuda":
+        raise RuntimeError(
+            f"backend='cuda' cannot run {op}: its kernels take float32 / float16 / bfloat16, got float64 "
+            "(use backend='torch', or 'cpu' for CPU tensors)"
+        )
+    if backend is None:
+        chosen = resolve_backend(op, tensor.device, None, tuple(b for b in implemented if b not in _FP32_ONLY))
     return chosen
 
 
@@ -96,7 +109,7 @@ def logprobs_fwd(
     lead = logits.shape[:-1]
     rows = as_rows(logits)
     flat_targets = targets.reshape(rows.shape[:2])
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):  # the compiled op dispatches on the device
         out = torch.ops.rlhf_kernels_C.logprobs_fwd(rows, flat_targets.contiguous(), temperature, ignore_index)
     elif backend == "triton":
         from ..triton.logprobs import logprobs_fwd as triton_fwd
@@ -131,7 +144,7 @@ def logprobs_bwd(
     shape2 = rows.shape[:2]
     args = [t.reshape(shape2).to(lse.dtype).contiguous() for t in (grad_logp, grad_entropy, lse, entropy)]
     flat_targets = targets.reshape(shape2).contiguous()
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         grad = torch.ops.rlhf_kernels_C.logprobs_bwd(
             args[0], args[1], rows, flat_targets, args[2], args[3], temperature, ignore_index
         )
@@ -200,9 +213,12 @@ def logprobs(
         temperature: divides the logits (sampling temperature), > 0.
         ignore_index: target value whose outputs (and gradients) are 0.
         return_entropy: also return the per-token entropy.
-        backend: ``"triton" | "cpu" | "torch"``; ``None`` picks automatically
-            (Triton for CUDA tensors, the C++ kernel for CPU tensors; float64
-            logits skip Triton, which accumulates in fp32).
+        backend: ``"triton" | "cuda" | "cpu" | "torch"``; ``None`` picks
+            automatically (for CUDA tensors the first of
+            ``_dispatch.GPU_PREFERENCE["logprobs"]``, Triton today; the C++ kernel
+            for CPU tensors; float64 logits skip Triton and CUDA, which accumulate
+            in fp32). ``"cuda"`` runs the hand-written kernels of
+            ``csrc/cuda/logprobs.cu`` (float32 / float16 / bfloat16).
 
     Returns:
         ``logp`` float32 ``[*]``, or ``(logp, entropy)`` when ``return_entropy``.

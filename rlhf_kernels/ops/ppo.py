@@ -8,11 +8,38 @@ in-kernel and writes ``dlogits`` directly. The ``loss_agg`` reduction over
 ``[B, T]`` stays in PyTorch around it; its gradient reaches the kernel as a
 per-token weight. Other backends compose the fused ``logprobs`` op (C++ CPU
 kernel or reference) with the per-token arithmetic in PyTorch.
+
+CUDA backend (``csrc/cuda/ppo.cu``): without a gradient, the same one-read
+forward kernel. When ``logits`` requires grad, the forward also produces the
+gradient (``rlhf_kernels::ppo_loss_fused``): ``loss_agg`` is linear in the
+per-token term, ``loss = Σ w·term`` with weights ``w`` that depend on the mask
+alone (``aggregation_weights``), so the kernel writes ``dlogits = w·∂term/∂logits``
+as soon as a row's statistics are known and the backward only multiplies by the
+scalar upstream gradient (a no-op, with no memory traffic, when it is 1, as in
+``loss.backward()``). Where the row waits between the kernel's two sweeps is
+chosen per call (``RLHF_KERNELS_CUDA_PPO``, default ``auto``):
+
+- ``shared``: the whole row in one CTA's shared memory, when it fits (bf16 rows up
+  to ~56K entries on H100/H200, ~40K on A100);
+- ``cluster`` (sm_90): the row split over a 2-8 CTA thread-block cluster, each
+  slice in its CTA's shared memory, the softmax statistics exchanged through
+  distributed shared memory; logits read once, dlogits written once (bf16 Qwen
+  V = 151936 uses 4 CTAs);
+- ``global``: the second sweep re-reads the row (any GPU / V, e.g. sm_80 with a
+  row over ~80 KB): two reads and one write, like the two-pass form;
+- ``two-pass``: no gradient in the forward: ``ppo_term_fwd`` then ``ppo_term_bwd``.
+
+``auto`` takes shared, else cluster, else global. ``rlhf_kernels._C.ppo_plan``
+reports the choice for a ``(V, dtype)``. The fused path keeps ``dlogits``
+(``[*, V]``, logits' dtype) alive from the forward to the backward, and its
+backward runs once: ``retain_graph=True`` and a second backward raise.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Tuple
+
+import os
 
 import torch
 
@@ -34,8 +61,45 @@ from .logprobs import _torch_bwd, _torch_fwd, _validate_targets, logprobs, resol
 
 __all__ = ["PPOLossOutput", "check_ppo_args", "composed_ppo_terms", "ppo_loss", "ppo_output"]
 
-# Triton runs the fused kernel; the others compose ``logprobs`` with PyTorch arithmetic.
-IMPLEMENTED = tuple(dict.fromkeys(("triton",) + tuple(_LOGPROBS_IMPLEMENTED)))
+# Triton and CUDA run fused kernels; the others compose ``logprobs`` with PyTorch arithmetic.
+IMPLEMENTED = tuple(dict.fromkeys(("triton", "cuda") + tuple(_LOGPROBS_IMPLEMENTED)))
+
+_KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+# RLHF_KERNELS_CUDA_PPO: how the cuda backend of ppo_loss produces dlogits (see the module docstring).
+CUDA_PPO_PATHS = {"auto": 0, "global": 1, "shared": 2, "cluster": 3, "two-pass": -1}
+
+
+def cuda_ppo_path() -> str:
+    """The ``RLHF_KERNELS_CUDA_PPO`` setting (``auto`` when unset)."""
+    value = os.environ.get("RLHF_KERNELS_CUDA_PPO", "auto").strip().lower() or "auto"
+    if value not in CUDA_PPO_PATHS:
+        raise ValueError(f"RLHF_KERNELS_CUDA_PPO must be one of {tuple(CUDA_PPO_PATHS)}, got {value!r}")
+    return value
+
+
+def aggregation_weights(mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
+    """``w = ∂ aggregate_loss(term, mask, loss_agg) / ∂term``, float32, shaped like ``mask``.
+
+    Every ``loss_agg`` is linear in ``term``, so ``aggregate_loss(term) = Σ w·term``:
+
+    - ``token-mean``: ``w = m / Σ m``
+    - ``seq-mean-token-mean``: ``w = m / (Σ_t m · number of non-empty sequences)`` (row-wise ``Σ_t``)
+    - ``seq-mean-token-sum``: ``w = m / num_seqs``
+    - ``seq-mean-token-sum-norm``: ``w = m / (num_seqs · T)``
+
+    with 0 where a denominator is 0 (empty masks give a 0 loss and 0 gradients).
+    """
+    m = mask.to(torch.float32)
+    if loss_agg == "token-mean":
+        return reference._safe_divide(m, m.sum())
+    num_seqs = m.numel() // m.shape[-1] if m.numel() else 0
+    if loss_agg == "seq-mean-token-sum":
+        return m / num_seqs if num_seqs else m
+    if loss_agg == "seq-mean-token-sum-norm":
+        return m / (num_seqs * m.shape[-1]) if num_seqs else m
+    seq_len = m.sum(-1, keepdim=True)
+    non_empty = (seq_len > 0).to(torch.float32).sum()
+    return reference._safe_divide(reference._safe_divide(m, seq_len), non_empty)
 
 
 def check_ppo_args(
@@ -140,8 +204,8 @@ def ppo_term_fwd(
     """Per-token PPO term from ``logits[*, V]``: ``(term, logp, entropy, kl, clipped, lse)``, each float32 ``[*]``.
 
     ``old_logp``, ``advantages`` (and ``ref_logp``) are float32 ``[*]``;
-    ``clipped`` is 1.0 where a clip was active. Backends ``triton`` (fused) and
-    ``torch`` (reference math).
+    ``clipped`` is 1.0 where a clip was active. Backends ``triton`` and ``cuda``
+    (fused kernels) and ``torch`` (reference math).
     """
     _validate_targets(targets, logits.shape[-1], ignore_index)
     lead = logits.shape[:-1]
@@ -154,6 +218,11 @@ def ppo_term_fwd(
         out = triton_fwd(
             rows, *flat, temperature, ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip
         )
+    elif backend == "cuda":
+        out = torch.ops.rlhf_kernels_C.ppo_fwd(
+            rows, flat[0], flat[1], flat[2], flat[3], None, temperature, ignore_index, kl_coef,
+            _KL_CODES[kl_estimator], entropy_coef, clip_low, clip_high, dual_clip, 0,
+        )[:6]
     else:
         logp, entropy, lse = _torch_fwd(rows.float(), flat[0], temperature, ignore_index)
         term, kl, clipped = reference.ppo_token_terms(
@@ -214,7 +283,12 @@ def ppo_term_bwd(
         dterm, dk = _torch_dterm_dlogp(lp, old, adv, ref, kl_coef, kl_estimator, clip_low, clip_high, dual_clip)
         total_logp = g_logp + g_term * dterm + g_kl * dk
         total_ent = g_ent - g_term * entropy_coef
-        grad = _torch_bwd(total_logp, total_ent, rows, flat_targets.contiguous(), lse_, ent, temperature, ignore_index)
+        if backend == "cuda":  # the per-token derivative above is [B, T]; the [B, T, V] sweep is the kernel's
+            grad = torch.ops.rlhf_kernels_C.logprobs_bwd(
+                total_logp, total_ent, rows, flat_targets.contiguous(), lse_, ent, temperature, ignore_index
+            )
+        else:
+            grad = _torch_bwd(total_logp, total_ent, rows, flat_targets.contiguous(), lse_, ent, temperature, ignore_index)
     return grad.reshape(logits.shape)
 
 
@@ -222,6 +296,115 @@ def ppo_term_bwd(
 def _(grad_term, grad_logp, grad_entropy, grad_kl, logits, targets, logp, entropy, lse, old_logp, advantages,
       ref_logp, temperature, ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+# ------------------------------------------------------------- forward that also produces the gradient
+
+
+@torch.library.custom_op("rlhf_kernels::ppo_loss_fused", mutates_args=())
+def ppo_loss_fused(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logp: Optional[torch.Tensor],
+    mask: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: Optional[float],
+    loss_agg: str,
+    path: int,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, term, logp, entropy, kl, clipped, dlogits)`` in one kernel.
+
+    ``loss = aggregate_loss(term, mask, loss_agg)`` (a float32 scalar; the only
+    differentiable output), per-token float32 ``[*]`` statistics, and
+    ``dlogits = ∂loss/∂logits`` (``[*, V]``, logits' dtype) written by the forward
+    kernel from the per-token weights ``aggregation_weights(mask, loss_agg)``.
+    ``path``: 0 auto, 1 global, 2 shared, 3 cluster (``csrc/cuda/ppo.cu``).
+    Backends: ``cuda``, and ``torch`` (the same contract in PyTorch: tests, CPU).
+    """
+    _validate_targets(targets, logits.shape[-1], ignore_index)
+    lead = logits.shape[:-1]
+    rows = as_rows(logits)
+    shape2 = rows.shape[:2]
+    weights = aggregation_weights(mask, loss_agg).reshape(shape2)
+    flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
+    if backend == "cuda":
+        term, logp, entropy, kl, clipped, _, grad = torch.ops.rlhf_kernels_C.ppo_fwd(
+            rows, flat[0], flat[1], flat[2], flat[3], weights, temperature, ignore_index, kl_coef,
+            _KL_CODES[kl_estimator], entropy_coef, clip_low, clip_high, dual_clip, path,
+        )
+    else:
+        logp, entropy, lse = _torch_fwd(rows.float(), flat[0], temperature, ignore_index)
+        term, kl, clipped = reference.ppo_token_terms(
+            logp, entropy, flat[1], flat[2], ref_logp=flat[3], kl_coef=kl_coef, kl_estimator=kl_estimator,
+            entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        )
+        clipped = clipped.float()
+        dterm, _ = _torch_dterm_dlogp(logp, flat[1], flat[2], flat[3], kl_coef, kl_estimator, clip_low, clip_high,
+                                      dual_clip)
+        grad = _torch_bwd(weights * dterm, -weights * entropy_coef, rows, flat[0].contiguous(), lse, entropy,
+                          temperature, ignore_index)
+    term = term.reshape(lead)
+    loss = reference.aggregate_loss(term, mask, loss_agg)
+    stats = tuple(t.reshape(lead).contiguous() for t in (term, logp, entropy, kl, clipped))
+    return (loss,) + stats + (grad.reshape(logits.shape),)
+
+
+@ppo_loss_fused.register_fake
+def _(logits, targets, old_logp, advantages, ref_logp, mask, temperature, ignore_index, kl_coef, kl_estimator,
+      entropy_coef, clip_low, clip_high, dual_clip, loss_agg, path, backend):
+    per_token = tuple(logits.new_empty(logits.shape[:-1], dtype=torch.float32) for _ in range(5))
+    loss = logits.new_empty((), dtype=torch.float32)
+    return (loss,) + per_token + (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device),)
+
+
+@torch.library.custom_op("rlhf_kernels::scale_grad_unless_one_", mutates_args=("grad",))
+def scale_grad_unless_one_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """``grad *= scale`` in place; on CUDA a no-op with no memory traffic when ``scale == 1`` (read on the device)."""
+    if grad.is_cuda and grad.dtype != torch.float64:
+        torch.ops.rlhf_kernels_C.scale_unless_one_(grad, scale)
+    else:
+        grad.copy_(torch.where(scale == 1, grad, grad * scale.to(grad.dtype)))
+
+
+@scale_grad_unless_one_.register_fake
+def _(grad, scale):
+    return None
+
+
+def _fused_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(output[6])
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """True while AOTAutograd / torch.compile traces (fake or functional tensors), False in eager."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
+def _fused_backward(ctx, g_loss, *unused):
+    # dlogits was computed for an upstream gradient of 1. In eager it is scaled in place (no
+    # memory traffic when g_loss == 1) and handed over; a graph being traced gets the
+    # out-of-place product, as a traced backward may not mutate a saved forward output.
+    (grad,) = ctx.saved_tensors
+    g = g_loss.detach().reshape(())
+    if _traced(grad):
+        return (grad * g.to(grad.dtype),) + (None,) * 16
+    scale_grad_unless_one_(grad, g)
+    return (grad,) + (None,) * 16
+
+
+ppo_loss_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 
 _PPO_SCALARS = ("temperature", "ignore_index", "kl_coef", "kl_estimator", "entropy_coef", "clip_low", "clip_high",
@@ -291,7 +474,11 @@ def ppo_loss(
 
     Backends: ``"triton"`` (the default for CUDA tensors) runs one fused kernel
     from logits to the per-token term and writes ``dlogits`` in its backward;
-    ``"cpu"`` / ``"torch"`` compose the ``logprobs`` op with PyTorch arithmetic.
+    ``"cuda"`` runs ``csrc/cuda/ppo.cu`` and, when ``logits`` requires grad,
+    writes ``dlogits`` in the forward itself (the backward is a scale by the
+    upstream gradient; paths and ``RLHF_KERNELS_CUDA_PPO`` in this module's
+    docstring); ``"cpu"`` / ``"torch"`` compose the ``logprobs`` op with PyTorch
+    arithmetic.
 
     Shapes: ``logits[B, T, V]``; ``targets, old_logp, advantages, mask
     (, ref_logp)[B, T]`` (``token-mean`` accepts any leading shape).
@@ -319,7 +506,29 @@ def ppo_loss(
     if dual_clip is not None:
         dual_clip = float(dual_clip)
     chosen = resolve_for("ppo_loss", logits, backend, IMPLEMENTED)
-    if chosen == "triton":
+    if chosen == "cuda" and torch.is_grad_enabled() and logits.requires_grad and cuda_ppo_path() != "two-pass":
+        loss, term, logp, entropy, kl, clipped = ppo_loss_fused(
+            logits,
+            targets.long(),
+            old_logp.detach().float(),
+            advantages.detach().float(),
+            None if ref_logp is None else ref_logp.detach().float(),
+            mask.detach(),
+            temperature,
+            int(ignore_index),
+            float(kl_coef),
+            kl_estimator,
+            float(entropy_coef),
+            float(clip_low),
+            float(clip_high),
+            dual_clip,
+            loss_agg,
+            CUDA_PPO_PATHS[cuda_ppo_path()],
+            chosen,
+        )[:6]
+        out = ppo_output(term, logp, entropy, kl, clipped.bool(), old_logp, mask, loss_agg)
+        return out._replace(loss=loss)
+    if chosen in ("triton", "cuda"):
         term, logp, entropy, kl, clipped, _ = ppo_term_fwd(
             logits,
             targets.long(),

@@ -1,0 +1,188 @@
+"""The cuda backend where no GPU is needed: the build holds its kernels, dispatch and errors, the fused-PPO contract.
+
+The kernels themselves run in ``test_cuda_gpu.py`` (``pytest -m gpu``). Here: the
+extension compiled them (nvcc is present in CI), ``backend="cuda"`` on CPU tensors
+fails with a clear error, the per-op preference table drives the automatic choice,
+and the fused forward-with-gradient op of ``ppo_loss`` keeps its contract
+(aggregation weights, loss, gradient, opcheck, compile) through its ``torch`` branch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import _ext, reference
+from rlhf_kernels.ops import _dispatch
+from rlhf_kernels.ops import kl as kl_ops
+from rlhf_kernels.ops import logprobs as lp_ops
+from rlhf_kernels.ops import ppo as ppo_ops
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+REQUIRED = os.environ.get("RLHF_KERNELS_REQUIRE_EXTENSION") == "1" and shutil.which("nvcc") is not None
+
+
+def _has_cuda_kernels() -> bool:
+    if REQUIRED:
+        assert _ext.has_cuda_kernels(), "nvcc is present but the extension has no CUDA kernels"
+    return _ext.has_cuda_kernels()
+
+
+def test_extension_holds_the_cuda_kernels_and_info_lists_them():
+    if not _has_cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
+    for name in ("logprobs_fwd", "logprobs_bwd", "kl_divergence_fwd", "kl_divergence_bwd", "ppo_fwd",
+                 "scale_unless_one_"):
+        assert hasattr(torch.ops.rlhf_kernels_C, name), name
+    # the CUDA dispatch key has an implementation of each (not only a schema)
+    for name in ("logprobs_fwd", "logprobs_bwd", "kl_divergence_fwd", "ppo_fwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rlhf_kernels_C::{name}", "CUDA"), name
+    report = rk.info(print_report=False)
+    assert {"logprobs", "kl_divergence", "ppo_loss"} <= set(report["extension"]["cuda_kernels_per_op"])
+    for op in ("logprobs", "kl_divergence", "ppo_loss"):
+        assert "cuda" in report["ops"][op]
+    text = rk.info.__globals__["format_report"](report)
+    assert "cuda kernels (csrc/cuda, compiled for" in text and report["extension"]["cuda_archs"] in text
+
+
+@pytest.mark.parametrize("op", ["logprobs", "kl_divergence", "ppo_loss"])
+def test_cuda_backend_on_cpu_tensors_raises_clearly(op):
+    logits = torch.randn(2, 3, 7)
+    y = torch.randint(0, 7, (2, 3))
+    z = torch.zeros(2, 3)
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run .*needs CUDA tensors|extension"):
+        if op == "logprobs":
+            rk.logprobs(logits, y, backend="cuda")
+        elif op == "kl_divergence":
+            rk.kl_divergence(logits, logits, backend="cuda")
+        else:
+            rk.ppo_loss(logits, y, z, z, z + 1, backend="cuda")
+
+
+def test_kl_estimate_has_no_cuda_kernel():
+    x = torch.randn(4)
+    with pytest.raises(ValueError, match="has no kernel for kl_estimate"):
+        rk.kl_estimate(x, x, backend="cuda")
+
+
+def test_gpu_preference_table_drives_the_automatic_choice(monkeypatch):
+    cuda = torch.device("cuda")  # a device object only: no GPU is touched
+    for op, order in _dispatch.GPU_PREFERENCE.items():
+        assert set(order) <= {"triton", "cuda"} and order, (op, order)
+    # live backends for the check: triton always, cuda as this build allows
+    monkeypatch.setattr(_dispatch, "unavailable_reason", lambda backend, device: None)
+    assert _dispatch.resolve_backend("logprobs", cuda, None, lp_ops.IMPLEMENTED) == _dispatch.GPU_PREFERENCE[
+        "logprobs"][0]
+    monkeypatch.setitem(_dispatch.GPU_PREFERENCE, "logprobs", ("cuda", "triton"))
+    assert _dispatch.resolve_backend("logprobs", cuda, None, lp_ops.IMPLEMENTED) == "cuda"
+    monkeypatch.setitem(_dispatch.GPU_PREFERENCE, "kl_divergence", ("triton", "cuda"))
+    assert _dispatch.resolve_backend("kl_divergence", cuda, None, kl_ops.IMPLEMENTED) == "triton"
+    # the process-wide override wins over the table
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "cuda")
+    assert _dispatch.resolve_backend("kl_divergence", cuda, None, kl_ops.IMPLEMENTED) == "cuda"
+
+
+def test_float64_stays_off_the_fp32_gpu_kernels(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_dispatch, "unavailable_reason", lambda backend, device: None)
+    probe = SimpleNamespace(device=cuda, dtype=torch.float64)  # resolve_for reads only these two
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "cuda")
+    assert lp_ops.resolve_for("logprobs", probe, None, lp_ops.IMPLEMENTED) == "torch"
+    with pytest.raises(RuntimeError, match="float64"):
+        lp_ops.resolve_for("logprobs", probe, "cuda", lp_ops.IMPLEMENTED)
+
+
+def test_cuda_ppo_path_setting(monkeypatch):
+    assert ppo_ops.cuda_ppo_path() in ppo_ops.CUDA_PPO_PATHS
+    monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", "Cluster")
+    assert ppo_ops.cuda_ppo_path() == "cluster"
+    monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", "bogus")
+    with pytest.raises(ValueError, match="RLHF_KERNELS_CUDA_PPO"):
+        ppo_ops.cuda_ppo_path()
+
+
+# ------------------------------------------------------------- the fused forward-with-gradient contract
+
+
+@pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
+def test_aggregation_weights_are_the_gradient_of_the_aggregate(loss_agg):
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(4, 6, generator=g) > 0.4
+    mask[1] = False  # an empty sequence
+    term = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad(reference.aggregate_loss(term, mask, loss_agg), term)
+    weights = ppo_ops.aggregation_weights(mask, loss_agg)
+    assert weights.dtype == torch.float32 and weights.shape == mask.shape
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=1e-8)
+    # an all-empty mask gives zero weights, never NaN
+    assert torch.equal(ppo_ops.aggregation_weights(torch.zeros(3, 5), loss_agg), torch.zeros(3, 5))
+
+
+def _fused_args(logits, seed, *, ref=True, loss_agg="token-mean", dual_clip=3.0):
+    g = torch.Generator().manual_seed(seed)
+    lead = logits.shape[:-1]
+    V = logits.shape[-1]
+    y = torch.randint(0, V, lead, generator=g)
+    y.view(-1)[1] = -100
+    old = (torch.randn(lead, generator=g) * 0.3 - 2).double()
+    adv = torch.randn(lead, generator=g).double()
+    ref_logp = (torch.randn(lead, generator=g) * 0.3 - 2).double() if ref else None
+    mask = torch.rand(lead, generator=g) > 0.25
+    options = dict(ref_logp=ref_logp, kl_coef=0.1 if ref else 0.0, kl_estimator="k3", entropy_coef=0.01,
+                   clip_low=0.2, clip_high=0.28, dual_clip=dual_clip, loss_agg=loss_agg)
+    return y, old, adv, mask, options
+
+
+def _fused(logits, y, old, adv, mask, o, backend="torch"):
+    return ppo_ops.ppo_loss_fused(logits, y, old, adv, o["ref_logp"], mask, 1.0, -100, o["kl_coef"], o["kl_estimator"],
+                                  o["entropy_coef"], o["clip_low"], o["clip_high"], o["dual_clip"], o["loss_agg"], 0,
+                                  backend)
+
+
+@pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
+def test_fused_op_loss_and_gradient_match_the_reference(loss_agg):
+    logits = torch.randn(3, 6, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(2))[:, :-1]
+    y, old, adv, mask, o = _fused_args(logits, 3, loss_agg=loss_agg)
+    x = logits.detach().clone().requires_grad_()
+    expected = reference.ppo_loss(x, y, old, adv, mask, **o)
+    (g_ref,) = torch.autograd.grad(expected.loss * 2.5, x)
+    x2 = logits.detach().clone().requires_grad_()
+    out = _fused(x2, y, old, adv, mask, o)
+    torch.testing.assert_close(out[0].double(), expected.loss, rtol=1e-6, atol=1e-7)
+    assert all(not t.requires_grad for t in out[1:])
+    # the forward's dlogits is the gradient for an upstream gradient of 1; backward scales it
+    (g,) = torch.autograd.grad(out[0] * 2.5, x2)
+    torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-9)
+
+
+def test_fused_op_passes_opcheck_and_compiles():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 5, 11, generator=g).requires_grad_()
+    y, old, adv, mask, o = _fused_args(logits, 5, ref=False, dual_clip=None)
+    old, adv = old.float(), adv.float()
+    args = (logits, y, old, adv, None, mask, 1.0, -100, 0.0, "k3", 0.01, 0.2, 0.2, None, "token-mean", 0, "torch")
+    torch.library.opcheck(ppo_ops.ppo_loss_fused, args)
+
+    def loss(x):
+        return ppo_ops.ppo_loss_fused(x, *args[1:])[0]
+
+    eager = torch.autograd.grad(loss(logits), logits)[0]
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(logits), logits)[0]
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_fused_op_backward_runs_once():
+    logits = torch.randn(2, 4, 9, generator=torch.Generator().manual_seed(6)).requires_grad_()
+    y, old, adv, mask, o = _fused_args(logits, 7, ref=False)
+    loss = _fused(logits, y, old.float(), adv.float(), mask, {**o, "kl_coef": 0.0})[0]
+    loss.backward(retain_graph=True)
+    first = logits.grad.clone()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    torch.testing.assert_close(logits.grad, first)  # the failed second pass added nothing
