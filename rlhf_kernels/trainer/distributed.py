@@ -116,6 +116,9 @@ def _fully_shard():
 
 def is_fsdp(model) -> bool:
     """True for a module sharded by ``fully_shard`` (its parameters are DTensors)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return False  # fully_shard needs a process group; a single process also skips importing FSDP (0.5 s)
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
@@ -190,7 +193,16 @@ def model_state_dict(model) -> dict | None:
     if not is_fsdp(model):
         return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    return get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    sd = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    # a tied parameter (lm_head = wte) comes back once per name, as separate copies: keep its first name,
+    # as save_pretrained does for an unsharded model
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    for tied in names.values():
+        for n in tied[1:]:
+            sd.pop(n, None)
+    return sd
 
 
 def load_model_state_dict(model, sd: dict):

@@ -5,9 +5,14 @@ The reward model is the LM body (initialised from the SFT policy) plus a scalar 
 the last non-pad token.
 
     python -m rlhf_kernels.trainer.cli rm --data pairs.jsonl --init runs/sft/final --out_dir runs/rm
+    torchrun --nproc_per_node K -m rlhf_kernels.trainer.cli rm ... [--parallel fsdp]
+
+Under ``torchrun`` every step's pairs are split evenly across ranks; the loss is a mean over pairs,
+so the gradient average of DDP / FSDP2 gives the single-process update (distributed.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -16,10 +21,11 @@ import torch
 
 import rlhf_kernels as rk
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, collate_pairs, load_jsonl, validate_rows
-from .models import ScalarHeadModel, build_policy, device_of, load_policy, peak_memory_mb
+from .distributed import all_reduce, all_reduce_mean_dict, barrier, clip_grad_norm, dist_setup, wrap_model
+from .models import ScalarHeadModel, build_policy, last_index, load_policy, peak_memory_mb
 from .sft import _log, _pbar
 
 
@@ -46,8 +52,10 @@ class RMConfig(BaseConfig):
 
 
 def rm_forward(rm, batch):
-    """Rewards of the chosen [B] and rejected [B] halves of a pair batch."""
-    r = rm.score(batch["input_ids"], batch["attention_mask"])
+    """Rewards of the chosen [B] and rejected [B] halves of a pair batch (``rm.score`` through ``rm``'s
+    forward, so that a DDP wrapper sees the call)."""
+    v = rm(batch["input_ids"], batch["attention_mask"])
+    r = v.gather(1, last_index(batch["attention_mask"]).unsqueeze(1)).squeeze(1)
     B = r.shape[0] // 2
     return r[:B], r[B:]
 
@@ -68,7 +76,11 @@ def rm_accuracy(rm, tok, rows, device, batch_size=256, max_len=512) -> float:
 def train_rm(cfg: RMConfig, rm=None, tok=None, rows=None, eval_rows=None):
     """Returns (reward_model, tokenizer, history, eval_accuracy)."""
     seed_all(cfg.seed, cfg.threads)
-    dev = device_of(cfg.device)
+    rank, world, dev = dist_setup(cfg.device)
+    if rank > 0:  # rank 0 logs
+        cfg = dataclasses.replace(cfg, progress=False, log_every=0)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of ranks ({world})")
     if rm is None:
         if cfg.init:
             lm, tok = load_policy(cfg.init)
@@ -77,6 +89,7 @@ def train_rm(cfg: RMConfig, rm=None, tok=None, rows=None, eval_rows=None):
         rm = ScalarHeadModel.from_causal_lm(lm)
         del lm
     rm.to(dev).train()
+    wrapped = wrap_model(rm, cfg.parallel, dev)   # DDP wrapper, or `rm` itself sharded by FSDP2
     if rows is None:
         if cfg.data:
             rows = load_jsonl(cfg.data, "rm")
@@ -100,20 +113,21 @@ def train_rm(cfg: RMConfig, rm=None, tok=None, rows=None, eval_rows=None):
     stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
     while step < stop_at:
         t0 = time.perf_counter()
-        b = collate_pairs([rows[i] for i in batches(len(rows), cfg.batch_size, cfg.seed, step)], tok, cfg.max_len)
-        b = {k: v.to(dev) for k, v in b.items()}
-        rc, rr = rm_forward(rm, b)
+        idx = batches(len(rows), cfg.batch_size, cfg.seed, step)[rank::world]   # this rank's share
+        b = {k: v.to(dev) for k, v in collate_pairs([rows[i] for i in idx], tok, cfg.max_len).items()}
+        rc, rr = rm_forward(wrapped, b)
         loss = rk.reward_model_loss(rc, rr, margin=cfg.margin, center_coef=cfg.center_coef)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
+        gn = clip_grad_norm(rm.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         step += 1
         dt = time.perf_counter() - t0
-        rec = {"step": step, "loss": loss.item(), "acc": (rc > rr).float().mean().item(),
-               "margin": (rc - rr).mean().item(), "grad_norm": gn.item(), "lr": sched.get_last_lr()[0],
-               "tokens_per_s": b["attention_mask"].sum().item() / dt, "peak_mem_mb": peak_memory_mb(dev)}
+        stats = all_reduce_mean_dict({"loss": loss.item(), "acc": (rc > rr).float().mean().item(),
+                                      "margin": (rc - rr).mean().item()}, dev)   # equal shares: global means
+        rec = {"step": step, **stats, "grad_norm": gn, "lr": sched.get_last_lr()[0],
+               "tokens_per_s": all_reduce(b["attention_mask"].sum()).item() / dt, "peak_mem_mb": peak_memory_mb(dev)}
         history.append(rec)
         _log(pbar, cfg, rec)
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
@@ -125,7 +139,6 @@ def train_rm(cfg: RMConfig, rm=None, tok=None, rows=None, eval_rows=None):
     acc = rm_accuracy(rm, tok, eval_rows, dev, max_len=cfg.max_len) if eval_rows else float("nan")
     save_checkpoint(cfg.out_dir, step, {"rm": rm}, {"rm": opt}, {"rm": sched},
                     {"history": history, "eval_acc": acc}, tok)
-    final = os.path.join(cfg.out_dir, "final")
-    rm.save_pretrained(final)
-    tok.save_pretrained(final)
+    save_model(rm, os.path.join(cfg.out_dir, "final"), tok)
+    barrier()
     return rm, tok, history, acc

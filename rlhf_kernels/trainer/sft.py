@@ -1,9 +1,14 @@
 """Supervised fine-tuning: -Σ_{t∈response} log P(x_t | x_<t), through the fused log-prob op.
 
     python -m rlhf_kernels.trainer.cli sft --data sft.jsonl --out_dir runs/sft --steps 200
+    torchrun --nproc_per_node K -m rlhf_kernels.trainer.cli sft ... [--parallel fsdp]
+
+Under ``torchrun`` each rank takes ``batch_size / K`` rows of every step and the loss is normalised
+by the all-reduced token count, so K ranks take the single-process update (distributed.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -12,10 +17,11 @@ import torch
 
 import rlhf_kernels as rk
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, collate_sft, load_jsonl, shifted_targets, validate_rows
-from .models import build_policy, device_of, peak_memory_mb
+from .distributed import all_reduce, barrier, clip_grad_norm, dist_setup, global_loss_scale, wrap_model
+from .models import build_policy, peak_memory_mb
 
 
 @dataclass
@@ -45,10 +51,15 @@ def sft_loss(model, batch, backend=None):
 def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
     """Returns (model, tokenizer, history). ``rows`` overrides cfg.data / the task."""
     seed_all(cfg.seed, cfg.threads)
-    dev = device_of(cfg.device)
+    rank, world, dev = dist_setup(cfg.device)
+    if rank > 0:  # rank 0 logs
+        cfg = dataclasses.replace(cfg, progress=False, log_every=0)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of ranks ({world})")
     if model is None:
         model, tok = build_policy(cfg.model_config())
     model.to(dev).train()
+    wrapped = wrap_model(model, cfg.parallel, dev)   # DDP wrapper, or `model` itself sharded by FSDP2
     if rows is None:
         if cfg.data:
             rows = load_jsonl(cfg.data, "sft")
@@ -66,18 +77,20 @@ def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
     stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
     while step < stop_at:
         t0 = time.perf_counter()
-        batch = collate_sft([rows[i] for i in batches(len(rows), cfg.batch_size, cfg.seed, step)], tok, cfg.max_len)
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        loss, n = sft_loss(model, batch, cfg.backend)
+        idx = batches(len(rows), cfg.batch_size, cfg.seed, step)[rank::world]   # this rank's share
+        batch = {k: v.to(dev) for k, v in collate_sft([rows[i] for i in idx], tok, cfg.max_len).items()}
+        loss, _ = sft_loss(wrapped, batch, cfg.backend)
+        loss = loss * global_loss_scale("token-mean", batch["loss_mask"][:, 1:])  # 1 in one process
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gn = clip_grad_norm(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         step += 1
         dt = time.perf_counter() - t0
-        rec = {"step": step, "loss": loss.item(), "grad_norm": gn.item(), "lr": sched.get_last_lr()[0],
-               "tokens_per_s": batch["attention_mask"].sum().item() / dt, "peak_mem_mb": peak_memory_mb(dev)}
+        loss_v = all_reduce(loss.detach()).item() / world   # the rank shares average to the global loss
+        rec = {"step": step, "loss": loss_v, "grad_norm": gn, "lr": sched.get_last_lr()[0],
+               "tokens_per_s": all_reduce(batch["attention_mask"].sum()).item() / dt, "peak_mem_mb": peak_memory_mb(dev)}
         history.append(rec)
         _log(pbar, cfg, rec)
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
@@ -88,9 +101,8 @@ def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
         save_checkpoint(cfg.out_dir, step, {"policy": model}, {"policy": opt}, {"policy": sched}, {"history": history}, tok)
         return (model, tok, history)
     save_checkpoint(cfg.out_dir, step, {"policy": model}, {"policy": opt}, {"policy": sched}, {"history": history}, tok)
-    final = os.path.join(cfg.out_dir, "final")
-    model.save_pretrained(final)
-    tok.save_pretrained(final)
+    save_model(model, os.path.join(cfg.out_dir, "final"), tok)
+    barrier()
     return model, tok, history
 
 

@@ -2,6 +2,7 @@
 
 * PPO updates (policy + critic) under DDP and FSDP2 give the same losses and parameters;
 * GRPO updates under FSDP2 (DDP: test_grpo.py) and whole DPO runs under FSDP2 (DDP: test_dpo.py) too;
+* whole SFT and reward-model runs under DDP and FSDP2;
 * advantage whitening uses the all-reduced mean and variance;
 * a distributed PPO run stopped and resumed from its checkpoint repeats the uninterrupted run exactly,
   under DDP and under FSDP2 (rank-0 gathered checkpoints, every rank reloading its shard).
@@ -110,6 +111,17 @@ def _dpo_kw(spec):
                 eval_prompts=0)
 
 
+def _sft_kw(spec):
+    return dict(spec["tiny"], task="letters-easy", steps=4, batch_size=8, n_train=64, lr=3e-3, warmup_steps=2)
+
+
+def _rm_kw(spec):
+    # center_coef > 0: the Bradley-Terry loss alone gives a shift of every reward (ln_f.bias, head.bias) zero
+    # gradient, and Adam would turn its rounding noise into ~lr-sized, run-dependent steps
+    return dict(spec["tiny"], init=spec["sft"], task="letters-easy", steps=4, batch_size=8, n_train=80, lr=1e-3,
+                eval_frac=0.2, center_coef=0.01)
+
+
 # ----------------------------------------------------------------------------- the launch
 @pytest.fixture(scope="module")
 def dist_run(tmp_path_factory, tiny, sft_run, rm_run):
@@ -181,30 +193,60 @@ def test_grpo_fsdp_update_matches_one_process(dist_run, loss_type):
     _assert_same_params(got["policy"], want, f"fsdp {loss_type}")
 
 
+def _assert_same_saved_model(got_dir, want_dir, n_embd, lr):
+    """Every tensor of every ``*.safetensors`` file saved in the two dirs (AdamW runs)."""
+    from safetensors.torch import load_file
+    files = sorted(f for f in os.listdir(want_dir) if f.endswith(".safetensors"))
+    assert files and files == sorted(f for f in os.listdir(got_dir) if f.endswith(".safetensors"))
+    E = n_embd
+    for f in files:
+        a, b = load_file(os.path.join(want_dir, f)), load_file(os.path.join(got_dir, f))
+        assert set(a) == set(b), f
+        for name in a:
+            x, y = b[name], a[name]
+            if name.endswith("attn.c_attn.bias"):
+                # the key bias has zero true gradient (softmax is shift-invariant): Adam divides rounding noise
+                # by its own size and moves it by up to ~lr per step in either run; compare it loosely
+                torch.testing.assert_close(x[E:2 * E], y[E:2 * E], rtol=0, atol=4 * lr)
+                x, y = torch.cat([x[:E], x[2 * E:]]), torch.cat([y[:E], y[2 * E:]])
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m, n=f"{f} {name}": f"{n}: {m}")
+
+
+def _assert_same_history(two, one, keys):
+    for k in keys:
+        torch.testing.assert_close(torch.tensor([r[k] for r in two]), torch.tensor([r[k] for r in one]),
+                                   rtol=1e-4, atol=1e-5, msg=k)
+
+
 @pytest.mark.skipif(FSDP_SKIP is not None, reason=str(FSDP_SKIP))
 def test_dpo_fsdp_run_matches_one_process(dist_run, tmp_path):
     """Whole runs (AdamW, scheduler, final save gathered from the shards) against one process."""
-    from safetensors.torch import load_file
-
     from rlhf_kernels.trainer.dpo import DPOConfig, train_dpo
     spec = json.loads((dist_run / "spec.json").read_text())
     kw = _dpo_kw(spec)
     _, _, one, _ = train_dpo(DPOConfig(**kw, out_dir=str(tmp_path / "one")))
     two = json.loads((dist_run / "dpo_fsdp.json").read_text())
-    for k in ("loss", "margin", "acc", "grad_norm"):
-        torch.testing.assert_close(torch.tensor([r[k] for r in two]), torch.tensor([r[k] for r in one]),
-                                   rtol=1e-4, atol=1e-5, msg=k)
-    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
-    b = load_file(str(dist_run / "dpo_fsdp" / "final" / "model.safetensors"))
-    E = kw["n_embd"]
-    for name in a:
-        x, y = b[name], a[name]
-        if name.endswith("attn.c_attn.bias"):
-            # the key bias has zero true gradient (softmax is shift-invariant): Adam divides rounding noise by
-            # its own size and moves it by up to ~lr per step in either run; compare it loosely (as test_dpo.py)
-            torch.testing.assert_close(x[E:2 * E], y[E:2 * E], rtol=0, atol=4 * kw["lr"])
-            x, y = torch.cat([x[:E], x[2 * E:]]), torch.cat([y[:E], y[2 * E:]])
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    _assert_same_history(two, one, ("loss", "margin", "acc", "grad_norm"))
+    _assert_same_saved_model(dist_run / "dpo_fsdp" / "final", tmp_path / "one" / "final", kw["n_embd"], kw["lr"])
+
+
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.skipif(
+    FSDP_SKIP is not None, reason=str(FSDP_SKIP)))])
+def test_sft_and_rm_runs_match_one_process(dist_run, tmp_path, parallel):
+    """SFT (loss over the all-reduced token count) and the reward model (pairs split across ranks)."""
+    from rlhf_kernels.trainer.reward import RMConfig, train_rm
+    from rlhf_kernels.trainer.sft import SFTConfig, train_sft
+    spec = json.loads((dist_run / "spec.json").read_text())
+    two = json.loads((dist_run / f"sft_rm_{parallel}.json").read_text())
+    kw = _sft_kw(spec)
+    _, _, one = train_sft(SFTConfig(**kw, out_dir=str(tmp_path / "sft")))
+    _assert_same_history(two["sft"], one, ("loss", "grad_norm"))
+    _assert_same_saved_model(dist_run / f"sft_{parallel}" / "final", tmp_path / "sft" / "final", kw["n_embd"], kw["lr"])
+    kw = _rm_kw(spec)
+    *_, one, acc = train_rm(RMConfig(**kw, out_dir=str(tmp_path / "rm")))
+    _assert_same_history(two["rm"], one, ("loss", "acc", "margin", "grad_norm"))
+    assert two["rm_acc"] == acc
+    _assert_same_saved_model(dist_run / f"rm_{parallel}" / "final", tmp_path / "rm" / "final", kw["n_embd"], kw["lr"])
 
 
 @pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.skipif(
@@ -267,6 +309,14 @@ def _rank_main(spec_path):
         _, _, hist, _ = train_dpo(DPOConfig(**_dpo_kw(spec), parallel="fsdp", out_dir=os.path.join(out, "dpo_fsdp")))
         if rank == 0:
             Path(out, "dpo_fsdp.json").write_text(json.dumps(hist))
+    from rlhf_kernels.trainer.reward import RMConfig, train_rm
+    from rlhf_kernels.trainer.sft import SFTConfig, train_sft
+    for parallel in spec["parallel"]:
+        _, _, sft_hist = train_sft(SFTConfig(**_sft_kw(spec), parallel=parallel,
+                                             out_dir=os.path.join(out, f"sft_{parallel}")))
+        *_, rm_hist, acc = train_rm(RMConfig(**_rm_kw(spec), parallel=parallel, out_dir=os.path.join(out, f"rm_{parallel}")))
+        if rank == 0:
+            Path(out, f"sft_rm_{parallel}.json").write_text(json.dumps({"sft": sft_hist, "rm": rm_hist, "rm_acc": acc}))
     for parallel in spec["parallel"]:
         cfg = PPOConfig(**_ppo_run_kw(spec), parallel=parallel)
         _, _, full, s_full = train_ppo(dataclasses.replace(cfg, out_dir=os.path.join(out, f"ppo_{parallel}_a")))
