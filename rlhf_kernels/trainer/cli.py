@@ -20,7 +20,7 @@ USAGE = """usage: rlhf-kernels {sft,rm,ppo,grpo,dpo,demo} [--config FILE.yaml|js
   demo  SFT -> RM -> PPO on the embedded gold-reward task, writes runs/<name>/report.md
         (--algo grpo|dpo|all: compare the algorithms in one table and plot)
 
-ppo, grpo and dpo also run under torchrun: data-parallel (DDP, the default) or sharded
+sft, rm, ppo, grpo and dpo also run under torchrun: data-parallel (DDP, the default) or sharded
 (--parallel fsdp: FSDP2, for models that do not fit one GPU), e.g.
   one node, K GPUs (or K CPU processes, gloo):
     torchrun --nproc_per_node K -m rlhf_kernels.trainer.cli grpo --sft DIR ...

@@ -268,6 +268,24 @@ def test_distributed_ppo_resume_is_exact(dist_run, parallel):
     assert ScalarHeadModel.from_pretrained(str(ck)).head.weight.shape[0] == 1
 
 
+def test_parallel_errors_are_clear(dist_run, tmp_path):
+    """An unknown --parallel, and an FSDP2 checkpoint resumed without FSDP2, name the fix."""
+    import shutil
+
+    from rlhf_kernels.trainer.cli import main
+    from rlhf_kernels.trainer.config import make_config
+    from rlhf_kernels.trainer.ppo import PPOConfig, train_ppo
+    with pytest.raises(ValueError, match=r"parallel must be one of \['ddp', 'fsdp'\]"):
+        make_config(PPOConfig, None, {"parallel": "zero3"})
+    assert main(["sft", "--parallel", "tp", "--out_dir", str(tmp_path / "x")]) == 2
+    if FSDP_SKIP is None:
+        spec = json.loads((dist_run / "spec.json").read_text())
+        shutil.copytree(dist_run / "ppo_fsdp_b", tmp_path / "ppo")
+        cfg = PPOConfig(**{**_ppo_run_kw(spec), "steps": 4}, resume=True, out_dir=str(tmp_path / "ppo"))
+        with pytest.raises(ValueError, match=r"written with parallel fsdp; resume with the same --parallel"):
+            train_ppo(cfg)
+
+
 # ----------------------------------------------------------------------------- one rank
 def _rank_main(spec_path):
     import dataclasses
