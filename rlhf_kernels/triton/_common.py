@@ -34,15 +34,13 @@ def next_pow2(n: int) -> int:
 
 
 def vocab_config(vocab: int, device: torch.device, kind: str = "fwd"):
-    """``(BLOCK_V, num_warps)`` for a kernel walking rows of ``vocab`` columns.
+    """``(BLOCK_V, num_warps)`` for a kernel walking rows of ``vocab`` columns (the untuned table).
 
-    A small table instead of autotune: the forward reductions are one program
-    per row and bandwidth-bound, so a wide block (4096) with 8 warps keeps
-    enough bytes in flight; ``kind="kl"`` carries two rows' state per lane and
-    uses 2048-wide blocks; the backward is elementwise over a 2-D grid. The
-    table is reasoned from register counts of the sm_90 compile, not yet tuned
-    on a GPU. The
-    interpreter (CPU tensors) uses 64-wide blocks, or ``RLHF_KERNELS_TRITON_BLOCK_V``.
+    Used by the backward kernels (elementwise over a 2-D grid: 4096 x 8 warps ran
+    at about 90% of the copy bandwidth on an H100), by the interpreter (CPU
+    tensors: 64-wide blocks so tests cross several vocabulary blocks, or
+    ``RLHF_KERNELS_TRITON_BLOCK_V``), and as the fallback of the forward row
+    reductions, which otherwise go through :func:`row_autotune`.
     """
     override = os.environ.get("RLHF_KERNELS_TRITON_BLOCK_V")
     if device.type != "cuda" or override:
@@ -51,13 +49,39 @@ def vocab_config(vocab: int, device: torch.device, kind: str = "fwd"):
     if kind == "bwd":
         block = min(max(next_pow2(vocab), 128), 4096)
         return block, (8 if block >= 2048 else 4)
-    if kind == "kl":
-        # two rows of lane state: 2048 x 8 warps compiles to 77 registers (sm_90), three programs per SM
-        block = min(max(next_pow2(vocab), 128), 2048)
-        return block, (8 if block >= 1024 else 4)
-    # 4096 x 8 warps: 80 registers, no spills (sm_90, triton 3.8), 32 bytes of loads in flight per thread
-    block = min(max(next_pow2(vocab), 128), 4096)
-    return block, (8 if block >= 1024 else 4)
+    # forward row reductions: 1024 x 4 warps (8 values per thread) was the fastest measured (H100, bf16)
+    block = min(max(next_pow2(vocab), 128), 1024)
+    return block, 4
+
+
+# Forward row reductions (one program per row, bandwidth-bound). Measured on an H100 at N=8192,
+# V=151936, bf16 (benchmarks/tune_triton.py; log in benchmarks/results/nvidia-h100-80gb-hbm3/logs/run2):
+# 1024x4 and 2048x8 reached 84% of the copy bandwidth, 4096x8 61%, 8192x16 45%: with more values per
+# thread the per-lane state costs registers and occupancy, so fewer rows are in flight per SM. The best
+# differs by dtype, vocabulary and chip, so the candidates are timed once per (V, dtype) on first use.
+_ROW_FWD_CANDIDATES = ((4096, 8), (2048, 8), (1024, 4), (512, 4), (256, 4), (128, 4))
+
+
+def _prune_row_configs(configs, named_args, **kwargs):
+    """Keep blocks no wider than the row (and, for long rows, no narrower than 512)."""
+    cap = max(128, next_pow2(int(named_args["V"])))
+    floor = min(cap, 512)
+    return [c for c in configs if floor <= c.kwargs["BLOCK_V"] <= cap]
+
+
+def row_autotune(kernel):
+    """``kernel`` autotuned over :data:`_ROW_FWD_CANDIDATES`, keyed on ``V`` (and the tensors' dtypes)."""
+    configs = [triton.Config({"BLOCK_V": block}, num_warps=warps) for block, warps in _ROW_FWD_CANDIDATES]
+    return triton.autotune(configs=configs, key=["V"], prune_configs_by={"early_config_prune": _prune_row_configs})(kernel)
+
+
+def launch_row_kernel(kernel, tuned, grid, *args, vocab: int, device: torch.device, **constexprs) -> None:
+    """Launch a forward row reduction: ``tuned`` on a GPU, else ``kernel`` with :func:`vocab_config`'s block."""
+    if device.type == "cuda" and not os.environ.get("RLHF_KERNELS_TRITON_BLOCK_V"):
+        tuned[grid](*args, **constexprs)
+        return
+    block, warps = vocab_config(vocab, device, "fwd")
+    kernel[grid](*args, BLOCK_V=block, num_warps=warps, **constexprs)
 
 
 # Tests set this to fill every launcher output with NaN first, proving the kernels write all of it.

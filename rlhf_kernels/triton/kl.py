@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import KL_EST_CODES, device_guard, kl_k, kl_k_dlogp, next_pow2, vocab_config
+from ._common import KL_EST_CODES, device_guard, kl_k, kl_k_dlogp, launch_row_kernel, next_pow2, row_autotune, vocab_config
 
 
 
@@ -103,6 +103,9 @@ def _kl_divergence_fwd_kernel(
     tl.store(lse_r_ptr + row, Mr + log_sr)
 
 
+_kl_divergence_fwd_tuned = row_autotune(_kl_divergence_fwd_kernel)
+
+
 @triton.jit
 def _kl_divergence_bwd_kernel(
     dx_ptr,
@@ -159,11 +162,11 @@ def kl_divergence_fwd(rows: torch.Tensor, ref_rows: torch.Tensor, temperature: f
     lse_r = _common.alloc(kl.shape, kl.dtype, kl.device)
     if B * T == 0:
         return kl, lse_z, lse_r
-    block, warps = vocab_config(V, rows.device, "kl")
     with device_guard(rows):
-        _kl_divergence_fwd_kernel[(B * T,)](
-            rows, ref_rows, kl, lse_z, lse_r, T, V, rows.stride(0), rows.stride(1),
-            ref_rows.stride(0), ref_rows.stride(1), 1.0 / float(temperature), BLOCK_V=block, num_warps=warps,
+        launch_row_kernel(
+            _kl_divergence_fwd_kernel, _kl_divergence_fwd_tuned, (B * T,), rows, ref_rows, kl, lse_z, lse_r, T, V,
+            rows.stride(0), rows.stride(1), ref_rows.stride(0), ref_rows.stride(1), 1.0 / float(temperature),
+            vocab=V, device=rows.device,
         )
     return kl, lse_z, lse_r
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import device_guard, row_softmax_stats, vocab_config
+from ._common import device_guard, launch_row_kernel, row_autotune, row_softmax_stats, vocab_config
 
 
 @triton.jit
@@ -59,6 +59,9 @@ def _logprobs_fwd_kernel(
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
     tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
     tl.store(lse_ptr + row, lse)
+
+
+_logprobs_fwd_tuned = row_autotune(_logprobs_fwd_kernel)
 
 
 @triton.jit
@@ -126,11 +129,10 @@ def logprobs_fwd(
     lse = _common.alloc(logp.shape, logp.dtype, logp.device)
     if B * T == 0:
         return logp, entropy, lse
-    block, warps = vocab_config(V, rows.device, "fwd")
     with device_guard(rows):
-        _logprobs_fwd_kernel[(B * T,)](
-            rows, targets, logp, entropy, lse, T, V, rows.stride(0), rows.stride(1),
-            1.0 / float(temperature), int(ignore_index), BLOCK_V=block, num_warps=warps,
+        launch_row_kernel(
+            _logprobs_fwd_kernel, _logprobs_fwd_tuned, (B * T,), rows, targets, logp, entropy, lse, T, V,
+            rows.stride(0), rows.stride(1), 1.0 / float(temperature), int(ignore_index), vocab=V, device=rows.device,
         )
     return logp, entropy, lse
 

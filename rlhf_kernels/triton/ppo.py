@@ -31,7 +31,16 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import KL_EST_CODES, device_guard, kl_k, kl_k_dlogp, row_softmax_stats, vocab_config
+from ._common import (
+    KL_EST_CODES,
+    device_guard,
+    kl_k,
+    kl_k_dlogp,
+    launch_row_kernel,
+    row_autotune,
+    row_softmax_stats,
+    vocab_config,
+)
 from .logprobs import logprobs_dz
 
 
@@ -117,6 +126,9 @@ def _ppo_fwd_kernel(
     tl.store(kl_ptr + row, kl)
     tl.store(clip_ptr + row, clipped.to(tl.float32))
     tl.store(lse_ptr + row, M + log_s)
+
+
+_ppo_fwd_tuned = row_autotune(_ppo_fwd_kernel)
 
 
 @triton.jit
@@ -210,13 +222,12 @@ def ppo_term_fwd(
         return tuple(outs)
     y, old, adv = _flat(targets.to(torch.int64), n), _flat(old_logp, n), _flat(advantages, n)
     ref = _flat(ref_logp, n) if ref_logp is not None else old
-    block, warps = vocab_config(V, rows.device, "fwd")
     with device_guard(rows):
-        _ppo_fwd_kernel[(n,)](
-            rows, y, old, adv, ref, *outs, T, V, rows.stride(0), rows.stride(1), 1.0 / float(temperature),
-            int(ignore_index), float(kl_coef), float(entropy_coef), float(clip_low), float(clip_high),
-            float(dual_clip or 0.0), HAS_REF=ref_logp is not None, KL_EST=KL_EST_CODES[kl_estimator],
-            HAS_DUAL=dual_clip is not None, BLOCK_V=block, num_warps=warps,
+        launch_row_kernel(
+            _ppo_fwd_kernel, _ppo_fwd_tuned, (n,), rows, y, old, adv, ref, *outs, T, V, rows.stride(0),
+            rows.stride(1), 1.0 / float(temperature), int(ignore_index), float(kl_coef), float(entropy_coef),
+            float(clip_low), float(clip_high), float(dual_clip or 0.0), vocab=V, device=rows.device,
+            HAS_REF=ref_logp is not None, KL_EST=KL_EST_CODES[kl_estimator], HAS_DUAL=dual_clip is not None,
         )
     return tuple(outs)
 

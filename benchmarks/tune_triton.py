@@ -1,0 +1,194 @@
+"""Tuning sweep for the Triton kernels (GPU only): block sizes, warps and the forward formulation.
+
+    python -m benchmarks.tune_triton [--n 8192] [--v 151936] [--dtype bf16] [--out FILE]
+
+Times, with ``triton.testing.do_bench`` (median), at one large bandwidth-bound shape:
+
+* the logprobs forward with the shipped per-lane online state (one exp, several selects per element)
+  and with a *block-max* state (the block's max is shared by all lanes, so each element costs one
+  FMA, one NaN-propagating max, one exp2 and three FMAs for ``s``/``t``) at several ``(BLOCK_V, warps)``;
+* the logprobs backward and the kl_divergence forward at several ``(BLOCK_V, warps)``;
+* where the rest of ``ppo_loss`` / ``logprobs`` time goes (kernel alone vs the whole op, with and
+  without target validation).
+
+Every variant is checked against the shipped kernel's outputs before it is timed. The numbers feed the
+table in ``rlhf_kernels/triton/_common.py:vocab_config``; the log of each run is kept under
+``benchmarks/results/<device>/logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+from rlhf_kernels.triton import _common
+from rlhf_kernels.triton import kl as tkl
+from rlhf_kernels.triton import logprobs as tlp
+
+LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)  # a jit function may read only constexpr globals
+
+
+@triton.jit
+def _fwd_blockmax_kernel(x_ptr, y_ptr, logp_ptr, ent_ptr, lse_ptr, T, V, stride_b, stride_t, scale2, ignore_index,
+                         BLOCK_V: tl.constexpr):
+    """Forward with one running max per row (log2 units): ``s = Σ 2^(z2 - m)``, ``t = Σ 2^(z2 - m)·(z2 - m)``."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
+    m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    t = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0) * scale2)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        dm = tl.where(m == float("-inf"), 0.0, m - m_use)
+        d = tl.maximum(x * scale2 - m_use, -256.0, propagate_nan=tl.PropagateNan.ALL)
+        e = tl.exp2(d)
+        t = alpha * (t + s * dm) + e * d
+        s = s * alpha + e
+        m = m_new
+    S = tl.sum(s, 0)
+    TT = tl.sum(t, 0)
+    log2_s = tl.log2(S)
+    y = tl.load(y_ptr + row)
+    valid = y != ignore_index
+    in_range = (y >= 0) & (y < V)
+    zy = tl.load(x_row + tl.where(in_range, y, 0), mask=in_range, other=0.0).to(tl.float32) * scale2
+    logp = tl.where(in_range, (zy - m - log2_s) * LN2, float("nan"))
+    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
+    tl.store(ent_ptr + row, tl.where(valid, (log2_s - TT / S) * LN2, 0.0))
+    tl.store(lse_ptr + row, (m + log2_s) * LN2)
+
+
+def fwd_shipped(rows, y, block, warps):
+    B, T, V = rows.shape
+    outs = [torch.empty((B, T), device=rows.device, dtype=torch.float32) for _ in range(3)]
+    tlp._logprobs_fwd_kernel[(B * T,)](rows, y, *outs, T, V, rows.stride(0), rows.stride(1), 1.0, -100,
+                                       BLOCK_V=block, num_warps=warps)
+    return outs
+
+
+def fwd_blockmax(rows, y, block, warps):
+    B, T, V = rows.shape
+    outs = [torch.empty((B, T), device=rows.device, dtype=torch.float32) for _ in range(3)]
+    _fwd_blockmax_kernel[(B * T,)](rows, y, *outs, T, V, rows.stride(0), rows.stride(1), LOG2E, -100,
+                                   BLOCK_V=block, num_warps=warps)
+    return outs
+
+
+def bwd_cfg(rows, y, stats, block, warps):
+    B, T, V = rows.shape
+    logp, ent, lse = stats
+    g = torch.ones_like(logp)
+    grad = torch.empty_like(rows)
+    tlp._logprobs_bwd_kernel[(B * T, triton.cdiv(V, block))](
+        grad, rows, y.reshape(-1), g.reshape(-1), g.reshape(-1), lse.reshape(-1), ent.reshape(-1), T, V,
+        rows.stride(0), rows.stride(1), 1.0, -100, BLOCK_V=block, num_warps=warps)
+    return grad
+
+
+def kl_cfg(rows, ref, block, warps):
+    B, T, V = rows.shape
+    outs = [torch.empty((B, T), device=rows.device, dtype=torch.float32) for _ in range(3)]
+    tkl._kl_divergence_fwd_kernel[(B * T,)](rows, ref, *outs, T, V, rows.stride(0), rows.stride(1), ref.stride(0),
+                                            ref.stride(1), 1.0, BLOCK_V=block, num_warps=warps)
+    return outs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=8192)
+    p.add_argument("--v", type=int, default=151936)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_triton needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    N, V = args.n, args.v
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = (torch.randn((1, N, V), device="cuda", generator=gen) * 3).to(dtype)
+    y = torch.randint(0, V, (1, N), device="cuda", generator=gen)
+    nbytes = rows.numel() * rows.element_size()
+    src = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="min")
+    bw = 2 * src.numel() / copy_ms / 1e6  # GB/s (read + write)
+    print(f"# {torch.cuda.get_device_name()} | triton {triton.__version__} | torch {torch.__version__} | "
+          f"N={N} V={V} {args.dtype} | copy {bw:.0f} GB/s", flush=True)
+
+    def report(name, ms, moved):
+        gbs = moved / ms / 1e6
+        print(f"{name:<42} {ms:8.3f} ms {gbs:8.0f} GB/s {100 * gbs / bw:6.1f}% BW", flush=True)
+
+    ref_out = fwd_shipped(rows, y, 4096, 8)
+    for block, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16)]:
+        out = fwd_shipped(rows, y, block, warps)
+        ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(out, ref_out))
+        report(f"fwd lane-state  {block}x{warps}{'' if ok else ' MISMATCH'}",
+               do_bench(lambda: fwd_shipped(rows, y, block, warps), return_mode="median"), nbytes)
+    for block, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]:
+        out = fwd_blockmax(rows, y, block, warps)
+        ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(out, ref_out))
+        report(f"fwd block-max   {block}x{warps}{'' if ok else ' MISMATCH'}",
+               do_bench(lambda: fwd_blockmax(rows, y, block, warps), return_mode="median"), nbytes)
+    ref_grad = bwd_cfg(rows, y, ref_out, 4096, 8)
+    for block, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16)]:
+        ok = torch.equal(bwd_cfg(rows, y, ref_out, block, warps), ref_grad)
+        report(f"bwd             {block}x{warps}{'' if ok else ' MISMATCH'}",
+               do_bench(lambda: bwd_cfg(rows, y, ref_out, block, warps), return_mode="median"), 2 * nbytes)
+    del ref_grad
+    torch.cuda.empty_cache()
+    ref_rows = (torch.randn((1, N, V), device="cuda", generator=gen) * 3).to(dtype)
+    kl_ref = kl_cfg(rows, ref_rows, 2048, 8)
+    for block, warps in [(512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8)]:
+        ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(kl_cfg(rows, ref_rows, block, warps), kl_ref))
+        report(f"kl fwd          {block}x{warps}{'' if ok else ' MISMATCH'}",
+               do_bench(lambda: kl_cfg(rows, ref_rows, block, warps), return_mode="median"), 2 * nbytes)
+    del ref_rows
+    torch.cuda.empty_cache()
+
+    # Where the rest of the op time goes (same shape).
+    import rlhf_kernels as rk
+    from rlhf_kernels.triton import ppo as tppo
+
+    old = torch.randn((1, N), device="cuda", generator=gen) - 3
+    adv = torch.randn((1, N), device="cuda", generator=gen)
+    mask = torch.ones((1, N), device="cuda")
+    report("logprobs launcher", do_bench(lambda: tlp.logprobs_fwd(rows, y, 1.0, -100), return_mode="median"), nbytes)
+    report("rk.logprobs (validate)", do_bench(lambda: rk.logprobs(rows, y, return_entropy=True), return_mode="median"), nbytes)
+    report("ppo launcher", do_bench(lambda: tppo.ppo_term_fwd(rows, y, old, adv, None, 1.0, -100, 0.0, "k3", 0.0,
+                                                              0.2, 0.2, None), return_mode="median"), nbytes)
+    report("rk.ppo_loss (validate)", do_bench(lambda: rk.ppo_loss(rows, y, old, adv, mask), return_mode="median"), nbytes)
+    os.environ["RLHF_KERNELS_VALIDATE"] = "0"
+    report("rk.ppo_loss (no validate)", do_bench(lambda: rk.ppo_loss(rows, y, old, adv, mask), return_mode="median"), nbytes)
+    leaf = rows.clone().requires_grad_(True)
+
+    def ppo_step():
+        leaf.grad = None
+        rk.ppo_loss(leaf, y, old, adv, mask).loss.backward()
+
+    report("rk.ppo_loss fwd+bwd (no validate)", do_bench(ppo_step, return_mode="median"), 3 * nbytes)
+
+    def lp_step():
+        leaf.grad = None
+        rk.logprobs(leaf, y).sum().backward()
+
+    report("rk.logprobs fwd+bwd (no validate)", do_bench(lp_step, return_mode="median"), 3 * nbytes)
+    for name, tuned in (("logprobs", tlp._logprobs_fwd_tuned), ("ppo", tppo._ppo_fwd_tuned)):
+        print(f"# autotuned {name} forward: {getattr(tuned, 'best_config', None)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
