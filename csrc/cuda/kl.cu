@@ -7,8 +7,8 @@
 //   KL = U / Sz - log Sz + log Sr = Σ p·(log p - log q),  lse_z = Mz + log Sz,  lse_r = Mr + log Sr
 // Backward, a 2-D grid (rows x column blocks), rebuilding log p = z - lse_z, log q = r - lse_r:
 //   dz = g·p·(log p - log q - KL) / T,   dr = g·(q - p) / T   (when wanted)
-// Same formulas and special cases as rlhf_kernels/triton/kl.py: -inf where p > 0 and
-// q = 0 gives KL = +inf, NaN logits propagate to their row.
+// Same formulas as rlhf_kernels/triton/kl.py: q = 0 where p > 0 gives KL = +inf, NaN logits
+// propagate to their row; terms whose p underflows to 0 contribute 0 (as in the reference).
 #include "row_common.cuh"
 
 namespace rlhf_kernels {
@@ -56,7 +56,9 @@ __device__ __forceinline__ void kl_update(KlState& st, const float (&z)[N], cons
     const float dr = r[j] - rref;  // -inf where q = 0: a live p there makes KL = +inf
     st.sz += e;
     st.sr += __expf(dr);
-    st.u += z[j] == neg_inf() ? 0.f : e * (dz - dr);
+    // p·(log p - log q) with the reference's 0·x = 0: -inf logits and underflowed p add nothing
+    // (the Triton kernel tests z == -inf only and gives NaN for an underflowed p where q = 0)
+    st.u += e > 0.f ? e * (dz - dr) : 0.f;
   }
 }
 
@@ -140,7 +142,9 @@ __global__ void __launch_bounds__(256) kl_bwd_kernel(T* __restrict__ grad_z, T* 
   const T* x = row_ptr(logits, row, rows_inner, stride_b, stride_t);
   const T* xr = row_ptr(ref_logits, row, rows_inner, ref_stride_b, ref_stride_t);
   T* dz_row = grad_z + row * vocab;
-  T* dr_row = grad_r == nullptr ? nullptr : grad_r + row * vocab;  // same offsets as dz_row: same alignment
+  T* dr_row = grad_r == nullptr ? nullptr : grad_r + row * vocab;
+  // both are fresh [N, V] allocations, so co-aligned in practice; if not, dr takes scalar stores
+  const bool dr_vec = dr_row != nullptr && co_aligned(dr_row, dz_row);
   const float g = grad[row] * inv_t;
   const float klv = kl[row], lz = lse_z[row], lr = lse_r[row];
   const DstVecs dv = dst_vecs(dz_row, c_lo, c_hi);
@@ -162,7 +166,7 @@ __global__ void __launch_bounds__(256) kl_bwd_kernel(T* __restrict__ grad_z, T* 
       r[j] = g * (__expf(lq) - p);
     }
     store_cols(dz_row, c0, whole, c_lo, c_hi, dz);
-    if (dr_row != nullptr) store_cols(dr_row, c0, whole, c_lo, c_hi, r);
+    if (dr_row != nullptr) store_cols(dr_row, c0, whole && dr_vec, c_lo, c_hi, r);
   }
 }
 

@@ -1,0 +1,412 @@
+"""The CUDA C++ kernels on a GPU (``pytest -m gpu``): csrc/cuda/{logprobs,kl,ppo}.cu against the float64 oracle.
+
+DESIGN.md §5: V = 1, 7, 4097, 50257 (GPT-2), 151936 (Qwen); bf16 / fp16 / fp32;
+strided rows (``logits[:, :-1]``, whose rows start at every 16-byte misalignment
+for odd V); extreme logits (±1e4, ``-inf`` entries, all-equal rows); all-ignored
+rows; out-of-range targets with validation off; outputs poisoned with NaN
+(``torch.use_deterministic_algorithms`` + ``fill_uninitialized_memory``) so a
+missed write fails; gradients against the reference's; opcheck and compile; every
+path of the fused PPO forward-with-gradient; and one N·V > 2³¹ case for the int64
+offsets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import _ext, reference
+from rlhf_kernels.ops import kl as kl_ops
+from rlhf_kernels.ops import logprobs as lp_ops
+from rlhf_kernels.ops import ppo as ppo_ops
+from tests.tolerance import assert_matches_oracle
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="extension built without CUDA kernels"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+CUDA = torch.device("cuda")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+VOCABS = (1, 7, 4097, 50257, 151936)
+
+
+@contextlib.contextmanager
+def poisoned():
+    """Every ``torch.empty`` / ``at::empty`` (the kernels' outputs included) starts as NaN."""
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+def make_logits(shape, dtype, *, seed, scale=3.0):
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    return (torch.randn(shape, generator=g, device=CUDA) * scale).to(dtype)
+
+
+def make_targets(shape, vocab, *, seed, ignore_frac=0.2):
+    g = torch.Generator(device=CUDA).manual_seed(seed + 1)
+    y = torch.randint(0, vocab, shape, generator=g, device=CUDA)
+    y[torch.rand(shape, generator=g, device=CUDA) < ignore_frac] = -100
+    return y
+
+
+# ------------------------------------------------------------------ logprobs
+
+
+def _logprobs_oracle(x, y, temperature, g_logp, g_ent, *, op_torch=False):
+    x = x.detach().clone().requires_grad_()
+    if op_torch:  # closed-form backward: finite on -inf logits, where autograd of the reference gives NaN
+        logp, ent = rk.logprobs(x, y, temperature=temperature, return_entropy=True, backend="torch")
+    else:
+        logp, ent = reference.logprobs(x, y, temperature=temperature, return_entropy=True)
+    (logp.double() * g_logp.double() + ent.double() * g_ent.double()).sum().backward()
+    return logp.detach(), ent.detach(), x.grad
+
+
+def check_logprobs(x, y, *, temperature=1.0, seed=0, op_torch=False):
+    dtype = x.dtype
+    g = torch.Generator(device=CUDA).manual_seed(seed + 7)
+    g_logp = torch.randn(y.shape, generator=g, device=CUDA)
+    g_ent = torch.randn(y.shape, generator=g, device=CUDA)
+    xt = x.detach().clone().requires_grad_()
+    with poisoned():
+        logp, ent = rk.logprobs(xt, y, temperature=temperature, return_entropy=True, backend="cuda")
+        (logp * g_logp + ent * g_ent).sum().backward()
+    assert logp.dtype == torch.float32 and ent.dtype == torch.float32
+    assert xt.grad.dtype == dtype and xt.grad.shape == x.shape
+    lp64, ent64, grad64 = _logprobs_oracle(x.double(), y, temperature, g_logp, g_ent, op_torch=op_torch)
+    lpl, entl, gradl = _logprobs_oracle(x, y, temperature, g_logp, g_ent, op_torch=op_torch)
+    assert_matches_oracle(logp, lpl, lp64, dtype, "logp")
+    assert_matches_oracle(ent, entl, ent64, dtype, "entropy")
+    assert_matches_oracle(xt.grad, gradl, grad64, dtype, "dlogits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", VOCABS)
+def test_logprobs_strided_rows(V, dtype):
+    full = make_logits((3, 12, V), dtype, seed=V)
+    x = full[:, :-1]  # strided rows, no copy; odd V puts row starts at every misalignment
+    assert lp_ops.as_rows(x).data_ptr() == full.data_ptr()
+    y = make_targets((3, 11), V, seed=V)
+    y[1] = -100  # an all-ignored sequence
+    check_logprobs(x, y, temperature=0.8, seed=V)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", (7, 4097, 151936))
+def test_logprobs_contiguous_and_offset_views(V, dtype):
+    x = make_logits((9, V + 3), dtype, seed=V + 5)[:, 3:]  # every row starts 3 elements past a boundary
+    y = make_targets((9,), V, seed=V + 5)
+    check_logprobs(x, y, seed=V + 5)
+    x = make_logits((1, V), dtype, seed=V + 6)  # N = 1
+    check_logprobs(x, make_targets((1,), V, seed=V + 6, ignore_frac=0.0), seed=V + 6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", (4097, 50257, 151936))
+def test_logprobs_extreme_logits(V, dtype):
+    big = 6e4 if dtype == torch.float16 else 1e4
+    x = make_logits((6, V), torch.float32, seed=V + 1, scale=big).clamp(-6e4, 6e4)
+    x[1] = 1.5  # all-equal row
+    x[2, ::7] = float("-inf")
+    x[3, : V - 3] = float("-inf")  # live entries only in the ragged tail
+    x[4, V // 2] = x[4].max() + 50  # one dominant logit
+    x[5, 1:] = float("-inf")  # one live entry, at column 0
+    x = x.to(dtype)
+    y = torch.tensor([0, V - 1, 1, V - 2, V // 2, 0], device=CUDA)
+    check_logprobs(x, y, op_torch=True, seed=V + 1)
+    y[2] = 0  # a target on a -inf logit: logp = -inf
+    logp = rk.logprobs(x, y, backend="cuda")
+    assert logp[2].item() == float("-inf") and torch.isfinite(logp[[0, 1, 3, 4, 5]]).all()
+
+
+def test_logprobs_nan_stays_in_its_row():
+    x = make_logits((3, 4097), torch.bfloat16, seed=11)
+    x[1, 100] = float("nan")
+    logp, ent = rk.logprobs(x, torch.tensor([5, 6, 7], device=CUDA), return_entropy=True, backend="cuda")
+    assert torch.isnan(logp[1]) and torch.isnan(ent[1])
+    assert torch.isfinite(logp[[0, 2]]).all() and torch.isfinite(ent[[0, 2]]).all()
+
+
+def test_logprobs_bad_targets_are_never_read(monkeypatch):
+    monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "0")
+    V = 50257
+    x = make_logits((2, 5, V), torch.bfloat16, seed=12)
+    y = make_targets((2, 5), V, seed=12, ignore_frac=0.0)
+    y[0, 1], y[0, 3], y[1, 4] = V, -5, 10**12
+    xt = x.clone().requires_grad_()
+    with poisoned():
+        logp, ent = rk.logprobs(xt, y, return_entropy=True, backend="cuda")
+        logp.nan_to_num(0.0).sum().backward()
+    bad = torch.zeros_like(y, dtype=torch.bool)
+    bad[0, 1] = bad[0, 3] = bad[1, 4] = True
+    assert torch.isnan(logp[bad]).all() and torch.isfinite(logp[~bad]).all() and torch.isfinite(ent).all()
+    expected = rk.logprobs(x, y, return_entropy=True, backend="torch")
+    torch.testing.assert_close(ent, expected[1], rtol=2e-3, atol=2e-3)
+    assert torch.isfinite(xt.grad).all()
+
+
+def test_logprobs_int64_offsets_beyond_2_to_the_31():
+    N, V = 14200, 151936  # N·V = 2.16e9 elements > 2^31 (4.3 GB of bf16)
+    if torch.cuda.get_device_properties(CUDA).total_memory < 24 * 2**30:
+        pytest.skip("needs ~12 GB of GPU memory")
+    x = make_logits((N, V), torch.bfloat16, seed=13)
+    y = make_targets((N,), V, seed=13, ignore_frac=0.0)
+    xt = x.requires_grad_()
+    logp, ent = rk.logprobs(xt, y, return_entropy=True, backend="cuda")
+    (logp.sum() + ent.sum()).backward()
+    rows = torch.tensor([0, N // 2, N - 2, N - 1], device=CUDA)  # the last rows live past element 2^31
+    sub = x.detach()[rows]
+    lp64, ent64 = reference.logprobs(sub.double(), y[rows], return_entropy=True)
+    torch.testing.assert_close(logp[rows].double(), lp64, rtol=0, atol=2e-2)
+    torch.testing.assert_close(ent[rows].double(), ent64, rtol=0, atol=2e-2)
+    sub64 = sub.double().requires_grad_()
+    lp, en = reference.logprobs(sub64, y[rows], return_entropy=True)
+    (lp.sum() + en.sum()).backward()
+    torch.testing.assert_close(xt.grad[rows].double(), sub64.grad, rtol=2e-2, atol=1e-3)
+
+
+# ------------------------------------------------------------------ kl_divergence
+
+
+def _kl_oracle(x, r, temperature, mask, g, *, ref_grad=True, op_torch=False):
+    x = x.detach().clone().requires_grad_()
+    r = r.detach().clone().requires_grad_(ref_grad)
+    if op_torch:
+        kl = rk.kl_divergence(x, r, temperature=temperature, mask=mask, backend="torch")
+    else:
+        kl = reference.kl_divergence(x, r, temperature=temperature, mask=mask)
+    (kl.double() * g.double()).sum().backward()
+    return kl.detach(), x.grad, r.grad
+
+
+def check_kl(x, r, *, temperature=1.0, mask=None, seed=0, ref_grad=True, op_torch=False):
+    dtype = x.dtype
+    g = torch.randn(x.shape[:-1], generator=torch.Generator(device=CUDA).manual_seed(seed), device=CUDA)
+    xt = x.detach().clone().requires_grad_()
+    rt = r.detach().clone().requires_grad_(ref_grad)
+    with poisoned():
+        kl = rk.kl_divergence(xt, rt, temperature=temperature, mask=mask, backend="cuda")
+        (kl * g).sum().backward()
+    assert kl.dtype == torch.float32 and xt.grad.dtype == dtype
+    kl64, dx64, dr64 = _kl_oracle(x.double(), r.double(), temperature, mask, g, ref_grad=ref_grad, op_torch=op_torch)
+    kll, dxl, drl = _kl_oracle(x, r, temperature, mask, g, ref_grad=ref_grad, op_torch=op_torch)
+    assert_matches_oracle(kl, kll, kl64, dtype, "kl")
+    assert_matches_oracle(xt.grad, dxl, dx64, dtype, "dlogits")
+    if ref_grad:
+        assert rt.grad.dtype == r.dtype
+        assert_matches_oracle(rt.grad, drl, dr64, dtype, "dref_logits")
+    else:
+        assert rt.grad is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", VOCABS)
+def test_kl_divergence_strided_rows(V, dtype):
+    x = make_logits((2, 9, V), dtype, seed=V + 2)[:, 1:]
+    r = (x.float() + make_logits((2, 8, V), torch.float32, seed=V + 3, scale=0.3)).to(dtype)  # contiguous: other alignment
+    mask = make_targets((2, 8), 2, seed=V, ignore_frac=0.0) > 0
+    check_kl(x, r, temperature=0.9, mask=mask, seed=V, ref_grad=V != 4097)
+
+
+@pytest.mark.parametrize("V", (7, 50257, 151936))
+def test_kl_divergence_extremes_and_zero(V):
+    x = make_logits((4, V), torch.float32, seed=V + 4)
+    x[0] *= 3000.0  # logits of size 1e4: almost every p underflows, even in float64
+    x[1] = 2.0  # all-equal row
+    x[2, ::5] = float("-inf")  # a masked vocabulary, shared by both rows
+    r = x + make_logits((4, V), torch.float32, seed=V + 5, scale=0.3)
+    r[1] = -1.0
+    r[2, ::5] = float("-inf")
+    r[3, 1::5] = float("-inf")  # q = 0 where p > 0: KL = +inf
+    check_kl(x[:3], r[:3], seed=V + 4, op_torch=True)
+    kl = rk.kl_divergence(x, r, backend="cuda")
+    assert kl[3].item() == float("inf") and torch.isfinite(kl[:3]).all()
+    # where p underflows to 0 even in float64 and q = 0, the term is 0 (the reference's 0·x = 0), not NaN
+    row = torch.full((1, V), -1e4, device=CUDA)
+    row[0, 0], row[0, min(2, V - 1)] = 0.0, -5.0
+    ref_row = row.clone()
+    ref_row[0, 1::5] = float("-inf")
+    ref_row[0, 0] = 0.5
+    got = rk.kl_divergence(row, ref_row, backend="cuda")
+    expected = reference.kl_divergence(row.double(), ref_row.double())
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    # equal rows and rows shifted by a constant: exactly 0 (no lse cancellation)
+    z = make_logits((3, V), torch.bfloat16, seed=V + 5)
+    assert torch.equal(rk.kl_divergence(z, z, backend="cuda"), torch.zeros(3, device=CUDA))
+    shifted = rk.kl_divergence(z.float(), z.float() + 7.0, backend="cuda")
+    assert shifted.abs().max().item() < 1e-5
+
+
+def test_kl_divergence_mixed_dtypes():
+    x = make_logits((2, 5, 4097), torch.bfloat16, seed=21)
+    r = make_logits((2, 5, 4097), torch.float32, seed=22)
+    xt, rt = x.clone().requires_grad_(), r.clone().requires_grad_()
+    kl = rk.kl_divergence(xt, rt, backend="cuda")
+    kl.sum().backward()
+    assert xt.grad.dtype == torch.bfloat16 and rt.grad.dtype == torch.float32
+    torch.testing.assert_close(kl.double(), reference.kl_divergence(x.double(), r.double()), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ ppo_loss
+
+
+PPO_PATHS = ("two-pass", "auto", "global", "shared", "cluster")
+
+
+def _ppo_case(V, dtype, seed, *, B=3, L=9):
+    x = make_logits((B, L + 1, V), dtype, seed=seed)[:, :-1]
+    y = make_targets((B, L), V, seed=seed)
+    g = torch.Generator(device=CUDA).manual_seed(seed + 2)
+    # old / reference log-probs near the current ones: ratios around 1 hit every clip branch
+    logp = reference.logprobs(x.double(), y).float()
+    old = logp + torch.randn(B, L, generator=g, device=CUDA) * 0.3
+    adv = torch.randn(B, L, generator=g, device=CUDA)
+    ref = logp + torch.randn(B, L, generator=g, device=CUDA) * 0.3
+    mask = torch.rand(B, L, generator=g, device=CUDA) > 0.2
+    mask[-1] = False  # an empty sequence
+    return x, y, old, adv, ref, mask
+
+
+def _path_possible(path, V, dtype):
+    if path in ("two-pass", "auto"):
+        return True
+    code = ppo_ops.CUDA_PPO_PATHS[path]
+    name = _ext.load().ppo_plan(V, str(dtype).replace("torch.", ""), code, True, torch.cuda.current_device())[0]
+    return name != "none"
+
+
+@pytest.mark.parametrize("path", PPO_PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", (7, 4097, 50257, 151936))
+def test_ppo_loss_all_paths(V, dtype, path, monkeypatch):
+    if not _path_possible(path, V, dtype):
+        pytest.skip(f"path {path} cannot run for V={V} {dtype} on this GPU")
+    monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", path)
+    x, y, old, adv, ref, mask = _ppo_case(V, dtype, seed=V + 31)
+    for loss_agg, extra in (
+        ("token-mean", {"ref_logp": ref, "kl_coef": 0.1, "entropy_coef": 0.01, "dual_clip": 3.0}),
+        ("seq-mean-token-mean", {"ref_logp": ref, "kl_coef": 0.05, "kl_estimator": "k2", "clip_high": 0.28}),
+        ("seq-mean-token-sum-norm", {"entropy_coef": 0.02, "temperature": 0.7}),
+    ):
+        options = {"loss_agg": loss_agg, **extra}
+        xt = x.detach().clone().requires_grad_()
+        with poisoned():
+            out = rk.ppo_loss(xt, y, old, adv, mask, backend="cuda", **options)
+            (out.loss * 1.5).backward()
+        x64 = x.detach().double().requires_grad_()
+        exp64 = reference.ppo_loss(x64, y, old.double(), adv.double(), mask, **_ref_options(options))
+        (exp64.loss * 1.5).backward()
+        xl = x.detach().clone().requires_grad_()
+        expl = reference.ppo_loss(xl, y, old, adv, mask, **_ref_options(options))
+        (expl.loss * 1.5).backward()
+        what = f"{path}/{loss_agg}"
+        assert_matches_oracle(out.loss, expl.loss, exp64.loss, dtype, f"{what} loss")
+        for name in ("logp", "entropy", "kl"):
+            assert_matches_oracle(getattr(out, name), getattr(expl, name), getattr(exp64, name), dtype, f"{what} {name}")
+        assert xt.grad.dtype == dtype
+        assert_matches_oracle(xt.grad, xl.grad, x64.grad, dtype, f"{what} dlogits")
+
+
+def _ref_options(options):
+    o = dict(options)
+    if "ref_logp" in o:
+        o["ref_logp"] = o["ref_logp"].double()
+    return o
+
+
+def test_ppo_loss_forward_only_and_backward_once():
+    x, y, old, adv, ref, mask = _ppo_case(50257, torch.bfloat16, seed=41)
+    with torch.no_grad():
+        out = rk.ppo_loss(x, y, old, adv, mask, ref_logp=ref, kl_coef=0.1, backend="cuda")
+    exp = rk.ppo_loss(x, y, old, adv, mask, ref_logp=ref, kl_coef=0.1, backend="triton")
+    torch.testing.assert_close(out.loss, exp.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.logp, exp.logp, rtol=1e-4, atol=1e-4)
+    xt = x.clone().requires_grad_()
+    loss = rk.ppo_loss(xt, y, old, adv, mask, backend="cuda").loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError):
+        loss.backward()  # the forward's dlogits is handed over by the first backward
+
+
+def test_ppo_loss_upstream_gradient_scales(monkeypatch):
+    x, y, old, adv, _, mask = _ppo_case(4097, torch.float32, seed=42)
+    grads = []
+    for scale in (1.0, -0.25):
+        xt = x.clone().requires_grad_()
+        (rk.ppo_loss(xt, y, old, adv, mask, backend="cuda").loss * scale).backward()
+        grads.append(xt.grad)
+    torch.testing.assert_close(grads[1], grads[0] * -0.25, rtol=1e-6, atol=1e-9)
+
+
+def test_ppo_plan_reports_a_path():
+    ext = _ext.load()
+    major = torch.cuda.get_device_capability()[0]
+    dev = torch.cuda.current_device()
+    assert ext.ppo_plan(151936, "bfloat16", 0, False, dev)[0] == "forward"
+    assert ext.ppo_plan(50257, "bfloat16", 1, True, dev)[0] == "global"
+    auto = ext.ppo_plan(151936, "bfloat16", 0, True, dev)
+    assert auto[0] == ("cluster" if major >= 9 else "global"), auto
+    if major >= 9:
+        assert auto[1] == 4 and auto[3] <= 110 * 1024
+
+
+# ------------------------------------------------------------------ selection, opcheck, compile
+
+
+def test_backend_selection(monkeypatch):
+    x = make_logits((4, 4097), torch.bfloat16, seed=51)
+    y = make_targets((4,), 4097, seed=51)
+    forced = rk.logprobs(x, y, backend="cuda")
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "cuda")
+    torch.testing.assert_close(rk.logprobs(x, y), forced, rtol=0, atol=0)
+    # float64 never reaches the fp32 kernels unless named, and by name it is refused
+    x64 = x.double()
+    torch.testing.assert_close(rk.logprobs(x64, y), reference.logprobs(x64, y), rtol=1e-10, atol=1e-10)
+    with pytest.raises(RuntimeError, match="float64"):
+        rk.logprobs(x64, y, backend="cuda")
+
+
+def test_opcheck_cuda_ops():
+    x = make_logits((2, 5, 300), torch.float32, seed=61)[:, 1:]
+    y = make_targets((2, 4), 300, seed=61)
+    torch.library.opcheck(lp_ops.logprobs_fwd, (x.detach().requires_grad_(), y, 0.9, -100, "cuda"))
+    r = make_logits((2, 4, 300), torch.float32, seed=62)
+    torch.library.opcheck(kl_ops.kl_divergence_fwd, (x.detach().requires_grad_(), r.requires_grad_(), 1.0, "cuda"))
+    _, _, old, adv, ref, mask = _ppo_case(300, torch.float32, seed=63, B=2, L=4)
+    args = (x.detach().requires_grad_(), y, old, adv, ref, 1.0, -100, 0.1, "k3", 0.01, 0.2, 0.28, 3.0, "cuda")
+    torch.library.opcheck(ppo_ops.ppo_term_fwd, args)
+    fused = (x.detach().requires_grad_(), y, old, adv, ref, mask, 1.0, -100, 0.1, "k3", 0.01, 0.2, 0.28, 3.0,
+             "token-mean", 0, "cuda")
+    torch.library.opcheck(ppo_ops.ppo_loss_fused, fused)
+
+
+def test_compile_fullgraph():
+    x = make_logits((2, 6, 4097), torch.bfloat16, seed=71)[:, :-1]
+    y = make_targets((2, 5), 4097, seed=71)
+    _, _, old, adv, _, mask = _ppo_case(4097, torch.bfloat16, seed=72, B=2, L=5)
+
+    def step(logits):
+        logp, ent = rk.logprobs(logits, y, return_entropy=True, backend="cuda")
+        loss = rk.ppo_loss(logits, y, old, adv, mask, backend="cuda").loss
+        return loss + 0.1 * (logp.sum() + ent.sum())
+
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    step(xe).backward()
+    torch.compile(step, fullgraph=True)(xc).backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
