@@ -109,8 +109,8 @@ def _fully_shard():
         try:
             from torch.distributed._composable.fsdp import fully_shard
         except ImportError:
-            raise ValueError(f"parallel 'fsdp' needs FSDP2 (fully_shard, torch >= 2.4); torch {torch.__version__} "
-                             f"has none: use --parallel ddp") from None
+            raise ValueError(f"parallel 'fsdp' needs FSDP2 (fully_shard); torch {torch.__version__} has none: "
+                             f"use --parallel ddp") from None
     return fully_shard
 
 
@@ -160,16 +160,10 @@ def wrap_model(model: torch.nn.Module, parallel: str, device: torch.device) -> t
     blocks = set()
     for m in model.modules():
         blocks.update(getattr(m, "_no_split_modules", None) or ())
-    for m in model.modules():
-        if type(m).__name__ in blocks:
-            fully_shard(m, mesh=mesh)
+    for m in [m for m in model.modules() if type(m).__name__ in blocks]:   # inner units first, then the root
+        fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under a DDP wrapper (FSDP2 shards in place: nothing to unwrap)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def clip_grad_norm(params, max_norm: float) -> float:

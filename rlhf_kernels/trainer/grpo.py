@@ -228,8 +228,9 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
     rank, world, dev = dist_setup(cfg.device)
     if rank > 0:  # rank 0 logs
         cfg = dataclasses.replace(cfg, progress=False, log_every=0)
-    if cfg.prompts_per_step % world:
-        raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of ranks ({world})")
+    if cfg.prompts_per_step % world or (cfg.prompts_per_step // world * cfg.num_generations) % cfg.minibatches:
+        raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of ranks ({world}), "
+                         f"and each rank's responses by minibatches ({cfg.minibatches})")
     if policy is None:
         if not cfg.sft:
             raise ValueError("grpo needs an SFT policy: set --sft <dir> (e.g. runs/sft/final)")
