@@ -37,9 +37,8 @@ backward runs once: ``retain_graph=True`` and a second backward raise.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import os
+from typing import Optional, Tuple
 
 import torch
 

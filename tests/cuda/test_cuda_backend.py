@@ -134,8 +134,8 @@ def _fused_args(logits, seed, *, ref=True, loss_agg="token-mean", dual_clip=3.0)
     adv = torch.randn(lead, generator=g).double()
     ref_logp = (torch.randn(lead, generator=g) * 0.3 - 2).double() if ref else None
     mask = torch.rand(lead, generator=g) > 0.25
-    options = dict(ref_logp=ref_logp, kl_coef=0.1 if ref else 0.0, kl_estimator="k3", entropy_coef=0.01,
-                   clip_low=0.2, clip_high=0.28, dual_clip=dual_clip, loss_agg=loss_agg)
+    options = {"ref_logp": ref_logp, "kl_coef": 0.1 if ref else 0.0, "kl_estimator": "k3", "entropy_coef": 0.01,
+               "clip_low": 0.2, "clip_high": 0.28, "dual_clip": dual_clip, "loss_agg": loss_agg}
     return y, old, adv, mask, options
 
 
@@ -164,7 +164,7 @@ def test_fused_op_loss_and_gradient_match_the_reference(loss_agg):
 def test_fused_op_passes_opcheck_and_compiles():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(2, 5, 11, generator=g).requires_grad_()
-    y, old, adv, mask, o = _fused_args(logits, 5, ref=False, dual_clip=None)
+    y, old, adv, mask, _ = _fused_args(logits, 5, ref=False, dual_clip=None)
     old, adv = old.float(), adv.float()
     args = (logits, y, old, adv, None, mask, 1.0, -100, 0.0, "k3", 0.01, 0.2, 0.2, None, "token-mean", 0, "torch")
     torch.library.opcheck(ppo_ops.ppo_loss_fused, args)
