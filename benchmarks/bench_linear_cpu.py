@@ -1,15 +1,26 @@
-"""CPU measurement of the fused-linear log-prob op against the materialised path (issue 6).
+"""CPU measurement of the fused-linear ops against the materialised path (issue 6).
 
 Shape: fp32, N = 2048 tokens, H = 512, V = 50257 (GPT-2), on whatever CPU runs it.
-Providers (each forward + backward to hidden and weight of ``-mean(logp)``):
-  fused         rk.linear_logprobs (chunked matmul + the C++ log-prob kernel; logits never exist)
-  materialised  F.linear -> log_softmax -> gather, then autograd (the [N, V] logits, log-softmax and grads)
-Also the no-grad forward (old-policy / reference scoring) of each.
+Ops (``--ops``, default all) and providers, each forward + backward to hidden and weight:
+
+  logprobs       loss ``-mean(logp)`` on top of the op (the upstream gradient reaches it in backward)
+    fused          rk.linear_logprobs: chunked matmul + the C++ log-prob kernel, logits recomputed in backward
+    materialised   F.linear -> log_softmax -> gather, then autograd (the [N, V] logits, log-softmax and grads)
+  cross_entropy  SFT loss, mean over tokens
+    fused          rk.linear_cross_entropy: gradient computed in the forward (3 matmuls)
+    fused-recompute  the same with grad_in_forward=False (linear_logprobs's path, 4 matmuls)
+    materialised   F.linear -> F.cross_entropy, then autograd
+  ppo            PPO loss, loss_agg="seq-mean-token-mean" (B=2, T=1024), k3 KL (kl_coef 0.05), no entropy bonus
+    fused          rk.linear_ppo_loss: gradient computed in the forward
+    fused-recompute  the same with grad_in_forward=False
+    materialised   F.linear -> log_softmax -> gather -> reference.ppo_token_terms -> aggregate_loss, then autograd
+
+plus, for logprobs, the no-grad forward (old-policy / reference scoring) of each.
 Reported: median wall time over rounds, peak extra resident memory of one call
 (Linux VmHWM after resetting it, minus VmRSS before; ``peak_extra_rss_mib``),
-and fused / materialised ratios. Targets (issue 6): memory <= 20 %, time <= 1.2x.
+and ratios to the materialised path. Targets (issue 6): memory <= 20 %, time <= 1.2x.
 
-    python -m benchmarks.bench_linear_cpu [--threads 1] [--rounds 5] [--out results.md]
+    python -m benchmarks.bench_linear_cpu [--ops logprobs,cross_entropy,ppo] [--threads 1] [--rounds 5] [--out results.md]
 """
 
 from __future__ import annotations
@@ -30,37 +41,116 @@ if __package__ in (None, ""):  # run as a plain script: make `benchmarks` import
 
 import rlhf_kernels as rk  # noqa: E402
 from benchmarks.bench_cpu_logprobs import peak_extra_rss_mib  # noqa: E402
+from rlhf_kernels import reference  # noqa: E402
 from rlhf_kernels.ops.linear import auto_chunk_size  # noqa: E402
 
-
-def fused_step(hidden, weight, targets, chunk_size=None):
-    logp = rk.linear_logprobs(hidden, weight, targets, chunk_size=chunk_size, backend="cpu")
-    return torch.autograd.grad(-logp.mean(), (hidden, weight))
+PPO_T = 1024  # tokens per sequence for the PPO loss (N = B·T)
+PPO_OPTIONS = dict(kl_coef=0.05, kl_estimator="k3", clip_low=0.2, clip_high=0.28, loss_agg="seq-mean-token-mean")
 
 
-def materialised_step(hidden, weight, targets, chunk_size=None):
+def _materialised_logp(hidden, weight, targets):
     logits = F.linear(hidden, weight)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return torch.autograd.grad(-logp.mean(), (hidden, weight))
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def fused_forward(hidden, weight, targets, chunk_size=None):
+def fused_step(i, chunk_size=None):
+    logp = rk.linear_logprobs(i["hidden"], i["weight"], i["targets"], chunk_size=chunk_size, backend="cpu")
+    return torch.autograd.grad(-logp.mean(), (i["hidden"], i["weight"]))
+
+
+def materialised_step(i, chunk_size=None):
+    logp = _materialised_logp(i["hidden"], i["weight"], i["targets"])
+    return torch.autograd.grad(-logp.mean(), (i["hidden"], i["weight"]))
+
+
+def fused_forward(i, chunk_size=None):
     with torch.no_grad():
-        return rk.linear_logprobs(hidden, weight, targets, chunk_size=chunk_size, backend="cpu")
+        return rk.linear_logprobs(i["hidden"], i["weight"], i["targets"], chunk_size=chunk_size, backend="cpu")
 
 
-def materialised_forward(hidden, weight, targets, chunk_size=None):
+def materialised_forward(i, chunk_size=None):
     with torch.no_grad():
-        logits = F.linear(hidden, weight)
-        return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return _materialised_logp(i["hidden"], i["weight"], i["targets"])
 
 
-CASES = [
-    ("fwd+bwd", "fused", fused_step),
-    ("fwd+bwd", "materialised", materialised_step),
-    ("fwd (no grad)", "fused", fused_forward),
-    ("fwd (no grad)", "materialised", materialised_forward),
-]
+def _ce_fused(grad_in_forward):
+    def step(i, chunk_size=None):
+        loss = rk.linear_cross_entropy(i["hidden"], i["weight"], i["targets"], chunk_size=chunk_size, backend="cpu",
+                                       grad_in_forward=grad_in_forward)
+        return torch.autograd.grad(loss, (i["hidden"], i["weight"]))
+
+    return step
+
+
+def ce_materialised(i, chunk_size=None):
+    loss = F.cross_entropy(F.linear(i["hidden"], i["weight"]), i["targets"])
+    return torch.autograd.grad(loss, (i["hidden"], i["weight"]))
+
+
+def _ppo_args(i):
+    shape = (-1, PPO_T)
+    return (i["targets"].reshape(shape), i["old_logp"].reshape(shape), i["advantages"].reshape(shape),
+            i["mask"].reshape(shape))  # fmt: skip
+
+
+def _ppo_fused(grad_in_forward):
+    def step(i, chunk_size=None):
+        hidden = i["hidden"].reshape(-1, PPO_T, i["hidden"].shape[-1])
+        out = rk.linear_ppo_loss(hidden, i["weight"], *_ppo_args(i), ref_logp=i["ref_logp"].reshape(-1, PPO_T),
+                                 chunk_size=chunk_size, backend="cpu", grad_in_forward=grad_in_forward, **PPO_OPTIONS)
+        return torch.autograd.grad(out.loss, (i["hidden"], i["weight"]))
+
+    return step
+
+
+def ppo_materialised(i, chunk_size=None):
+    targets, old_logp, adv, mask = _ppo_args(i)
+    logp = _materialised_logp(i["hidden"], i["weight"], i["targets"]).reshape(targets.shape)
+    opts = {k: v for k, v in PPO_OPTIONS.items() if k != "loss_agg"}
+    term, _, _ = reference.ppo_token_terms(logp, torch.zeros_like(logp), old_logp, adv,
+                                           ref_logp=i["ref_logp"].reshape(targets.shape), entropy_coef=0.0,
+                                           dual_clip=None, **opts)  # fmt: skip
+    loss = reference.aggregate_loss(term, mask, PPO_OPTIONS["loss_agg"])
+    return torch.autograd.grad(loss, (i["hidden"], i["weight"]))
+
+
+OPS = {
+    "logprobs": [
+        ("fwd+bwd", "fused", fused_step),
+        ("fwd+bwd", "materialised", materialised_step),
+        ("fwd (no grad)", "fused", fused_forward),
+        ("fwd (no grad)", "materialised", materialised_forward),
+    ],
+    "cross_entropy": [
+        ("fwd+bwd", "fused", _ce_fused(None)),
+        ("fwd+bwd", "fused-recompute", _ce_fused(False)),
+        ("fwd+bwd", "materialised", ce_materialised),
+    ],
+    "ppo": [
+        ("fwd+bwd", "fused", _ppo_fused(None)),
+        ("fwd+bwd", "fused-recompute", _ppo_fused(False)),
+        ("fwd+bwd", "materialised", ppo_materialised),
+    ],
+}
+TITLES = {"logprobs": "linear_logprobs", "cross_entropy": "linear_cross_entropy", "ppo": "linear_ppo_loss"}
+
+
+def make_inputs(n: int, h: int, v: int) -> dict:
+    torch.manual_seed(0)
+    hidden = torch.randn(n, h).requires_grad_(True)
+    weight = (torch.randn(v, h) * h**-0.5).requires_grad_(True)
+    targets = torch.randint(0, v, (n,))
+    with torch.no_grad():  # old / reference log-probs near the current ones, so the clip is active on some tokens
+        logp = rk.linear_logprobs(hidden, weight, targets, backend="cpu")
+    return {
+        "hidden": hidden,
+        "weight": weight,
+        "targets": targets,
+        "old_logp": logp + 0.3 * torch.randn(n),
+        "ref_logp": logp + 0.3 * torch.randn(n),
+        "advantages": torch.randn(n),
+        "mask": torch.rand(n) > 0.1,
+    }
 
 
 def _memory_in_fresh_process(case: str, argv) -> float | None:
@@ -110,6 +200,7 @@ def main(argv=None) -> str:
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--h", type=int, default=512)
     parser.add_argument("--v", type=int, default=50257)
+    parser.add_argument("--ops", default=",".join(OPS), help="comma list of " + ", ".join(OPS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     parser.add_argument("--chunk-size", type=int, default=None, help="fused chunk rows (default: automatic)")
@@ -118,49 +209,57 @@ def main(argv=None) -> str:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    hidden = torch.randn(args.n, args.h).requires_grad_(True)
-    weight = (torch.randn(args.v, args.h) * args.h**-0.5).requires_grad_(True)
-    targets = torch.randint(0, args.v, (args.n,))
-    inputs = (hidden, weight, targets, args.chunk_size)
+    if "ppo" in args.ops and args.n % PPO_T:
+        parser.error(f"the ppo op needs --n a multiple of {PPO_T} (sequences of {PPO_T} tokens)")
+    inputs = make_inputs(args.n, args.h, args.v)
+    cases = {key: f for op in OPS for key, f in ((f"{op}/{kind}/{name}", fn) for kind, name, fn in OPS[op])}
     if args.memory_case is not None:
-        fn = {f"{kind}/{name}": f for kind, name, f in CASES}[args.memory_case]
-        small = (hidden[:2].detach().requires_grad_(True), weight[:, :].detach().requires_grad_(True), targets[:2], None)
-        fn(*small)  # one-time costs (library loading, op registration, BLAS buffers) are not the op's memory
+        fn = cases[args.memory_case]
+        small = make_inputs(2 * PPO_T if args.memory_case.startswith("ppo/") else 2, args.h, 64)
+        fn(small)  # one-time costs (library loading, op registration, BLAS buffers) are not the op's memory
         del small
-        print(f"PEAK_EXTRA_MIB {peak_extra_rss_mib(lambda: fn(*inputs))}")
+        print(f"PEAK_EXTRA_MIB {peak_extra_rss_mib(lambda: fn(inputs, args.chunk_size))}")
         return ""
 
-    # Correctness first: the two paths agree.
-    g_fused = fused_step(*inputs)
-    g_mat = materialised_step(*inputs)
-    for a, b in zip(g_fused, g_mat):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
-    del g_fused, g_mat
-
-    cases = CASES
-    # Each peak in a fresh process: freed blocks the allocator keeps from earlier calls would hide real peaks.
-    memory = {(kind, name): _memory_in_fresh_process(f"{kind}/{name}", argv) for kind, name, _ in cases}
-    times = {(kind, name): _time(lambda fn=fn: fn(*inputs), args.rounds) for kind, name, fn in cases}
-
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        parser.error(f"unknown --ops {unknown}; choose from {sorted(OPS)}")
     chunk = args.chunk_size or auto_chunk_size(args.n, args.h, args.v, torch.float32, torch.device("cpu"))
-    lines = [
-        f"### linear_logprobs on CPU: fp32, N={args.n}, H={args.h}, V={args.v}, chunk={chunk} rows",
-        "",
-        f"{_cpu_name()}; torch {torch.__version__}; threads {args.threads}; commit {_commit()}; "
-        f"median of {args.rounds} rounds after 1 warm-up; each peak RSS in a fresh process",
-        "",
-        "| pass | provider | ms | time vs materialised | peak extra RSS MiB | memory vs materialised |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for kind, name, _ in cases:
-        ms, mib = times[(kind, name)], memory[(kind, name)]
-        base_ms, base_mib = times[(kind, "materialised")], memory[(kind, "materialised")]
-        mem_ratio = f"{mib / base_mib:.2f}x" if mib is not None and base_mib else "n/a"
-        mib_text = f"{mib:.1f}" if mib is not None else "n/a"
-        lines.append(f"| {kind} | {name} | {ms:.1f} | {ms / base_ms:.2f}x | {mib_text} | {mem_ratio} |")
-    table = "\n".join(lines)
-    print(table)
+    tables = []
+    for op in ops:
+        # Correctness first: every fwd+bwd provider agrees with the materialised one.
+        steps = {name: fn for kind, name, fn in OPS[op] if kind == "fwd+bwd"}
+        expected = steps["materialised"](inputs)
+        for name, fn in steps.items():
+            if name != "materialised":
+                for a, b in zip(fn(inputs, args.chunk_size), expected):
+                    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+        del expected
+
+        # Each peak in a fresh process: freed blocks the allocator keeps from earlier calls would hide real peaks.
+        memory = {(kind, name): _memory_in_fresh_process(f"{op}/{kind}/{name}", argv) for kind, name, _ in OPS[op]}
+        times = {
+            (kind, name): _time(lambda fn=fn: fn(inputs, args.chunk_size), args.rounds) for kind, name, fn in OPS[op]
+        }
+        lines = [
+            f"### {TITLES[op]} on CPU: fp32, N={args.n}, H={args.h}, V={args.v}, chunk={chunk} rows",
+            "",
+            f"{_cpu_name()}; torch {torch.__version__}; threads {args.threads}; commit {_commit()}; "
+            f"median of {args.rounds} rounds after 1 warm-up; each peak RSS in a fresh process",
+            "",
+            "| pass | provider | ms | time vs materialised | peak extra RSS MiB | memory vs materialised |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for kind, name, _ in OPS[op]:
+            ms, mib = times[(kind, name)], memory[(kind, name)]
+            base_ms, base_mib = times[(kind, "materialised")], memory[(kind, "materialised")]
+            mem_ratio = f"{mib / base_mib:.2f}x" if mib is not None and base_mib else "n/a"
+            mib_text = f"{mib:.1f}" if mib is not None else "n/a"
+            lines.append(f"| {kind} | {name} | {ms:.1f} | {ms / base_ms:.2f}x | {mib_text} | {mem_ratio} |")
+        tables.append("\n".join(lines))
+        print(tables[-1] + "\n", flush=True)
+    table = "\n\n".join(tables)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "a") as f:

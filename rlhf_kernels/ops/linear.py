@@ -21,16 +21,62 @@ no host synchronisation (targets are validated once, up front).
 Registered as the custom ops ``rlhf_kernels::linear_logprobs_fwd`` /
 ``linear_logprobs_bwd`` (fake impls + autograd) so ``torch.compile`` traces
 them without graph breaks and ``torch.library.opcheck`` passes.
+
+Forward that also produces the gradient (``linear_cross_entropy`` and
+``linear_ppo_loss``). These losses are ``loss = Σ_i w_i·term_i`` with per-token
+weights ``w`` that depend only on the mask, ``loss_agg`` and ``ignore_index``
+(``aggregation_weights``: ``token-mean`` ``m/Σm``, ``seq-mean-*`` per sequence;
+cross-entropy ``mean`` ``valid/count``, ``sum`` ``valid``), and each ``term_i``
+depends on the logits only through ``(logp_i, entropy_i)``:
+
+    cross-entropy  term = -logp                  ∂term/∂logp = -1, ∂term/∂H = 0
+    PPO            term = pg + kl_coef·k - entropy_coef·entropy
+                   ∂term/∂logp = _torch_dterm_dlogp(...), ∂term/∂H = -entropy_coef
+
+So the upstream gradient of each token's ``(logp, entropy)``,
+``g_logp = w·∂term/∂logp`` and ``g_ent = w·∂term/∂H``, is known as soon as the
+chunk's log-probs are, and the forward (``rlhf_kernels::linear_loss_fused``)
+finishes each chunk there and then:
+
+    logits_c  = hidden_c @ weight.T (+ bias)                      matmul 1
+    (logp, entropy, lse)_c = logprobs kernel(logits_c)
+    dlogits_c = logprobs backward kernel(g_logp_c, g_ent_c, ...)
+    grad_hidden_c  = dlogits_c @ weight                           matmul 2
+    grad_weight   += dlogits_c.T @ hidden_c   (fp32 accumulator)  matmul 3
+    grad_bias     += dlogits_c.sum(0)         (fp32 accumulator)
+
+It saves ``grad_hidden [N, H]``, ``grad_weight [V, H]``, ``grad_bias [V]``
+(input dtypes) instead of the inputs, and the backward only multiplies them by
+the scalar upstream gradient (nothing at all when it is 1, as in
+``loss.backward()``: on the CPU the saved tensors are handed over, on CUDA a
+kernel skips the write after reading the scale on the device). Three matmuls
+per step, as in the materialised path, against four for the recompute path.
+On CUDA the scaling is in place, so, like the CUDA ``ppo_loss`` fused path, the
+backward runs once (``retain_graph=True`` then a second backward raises); on the
+CPU it can run again.
+
+The weights come from ``aggregation_weights`` in float32 (as in the CUDA
+``ppo_loss`` fused path), so float64 inputs would get gradients exact to ~1e-7
+relative only.
+
+Which path runs: the forward-with-gradient path when grad mode is on,
+``hidden``, ``weight`` or ``bias`` requires grad, and none of them is float64,
+unless ``grad_in_forward=False`` or ``RLHF_KERNELS_LINEAR_GRAD=recompute``;
+``grad_in_forward=True`` / ``RLHF_KERNELS_LINEAR_GRAD=forward`` force it
+whenever a gradient is needed (float64 included). No-grad calls, ``linear_logprobs`` (whose
+upstream gradient is only known in backward) and
+``linear_cross_entropy(reduction="none")`` always take the recompute path.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .. import reference
+from .. import _ext, reference
 from ..reference import PPOLossOutput
 from ._checks import (
     FLOAT_DTYPES,
@@ -43,7 +89,15 @@ from ._checks import (
 )
 from .logprobs import IMPLEMENTED as _LOGPROBS_IMPLEMENTED
 from .logprobs import _torch_bwd, _torch_fwd, _validate_targets, resolve_for
-from .ppo import check_ppo_args, composed_ppo_terms, ppo_output
+from .ppo import (
+    _torch_dterm_dlogp,
+    _traced,
+    aggregation_weights,
+    check_ppo_args,
+    composed_ppo_terms,
+    ppo_output,
+    scale_grad_unless_one_,
+)
 
 __all__ = ["linear_cross_entropy", "linear_logprobs", "linear_ppo_loss"]
 
@@ -290,6 +344,221 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
 linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ------------------------------------------------------------- forward that also produces the gradient
+
+# RLHF_KERNELS_LINEAR_GRAD: where linear_cross_entropy / linear_ppo_loss compute their gradient.
+LINEAR_GRAD_PATHS = ("auto", "forward", "recompute")
+_LOSS_KINDS = ("nll", "ppo")
+
+
+def linear_grad_path() -> str:
+    """The ``RLHF_KERNELS_LINEAR_GRAD`` setting (``auto`` when unset)."""
+    value = os.environ.get("RLHF_KERNELS_LINEAR_GRAD", "auto").strip().lower() or "auto"
+    if value not in LINEAR_GRAD_PATHS:
+        raise ValueError(f"RLHF_KERNELS_LINEAR_GRAD must be one of {LINEAR_GRAD_PATHS}, got {value!r}")
+    return value
+
+
+def _grad_in_forward(grad_in_forward: Optional[bool], *leaves: Optional[torch.Tensor]) -> bool:
+    """True when the loss should take the forward-with-gradient path (module docstring)."""
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)):
+        return False
+    if grad_in_forward is not None:
+        return bool(grad_in_forward)
+    path = linear_grad_path()
+    if path == "auto":  # float64 is for checks: its weights would be float32-exact only
+        return all(t is None or t.dtype != torch.float64 for t in leaves)
+    return path == "forward"
+
+
+def _loss_weights(mask: torch.Tensor, loss_agg: str, dtype: torch.dtype) -> torch.Tensor:
+    """``w = ∂loss/∂term`` per token, flattened: ``aggregation_weights`` (float32, as the CUDA ``ppo_loss``
+    fused path), or the mask itself for ``"sum"``; O(N) on the device, no host synchronisation."""
+    w = mask.to(dtype) if loss_agg == "sum" else aggregation_weights(mask, loss_agg).to(dtype)
+    return w.reshape(-1)
+
+
+@torch.library.custom_op("rlhf_kernels::linear_loss_fused", mutates_args=())
+def linear_loss_fused(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    mask: torch.Tensor,
+    old_logp: Optional[torch.Tensor],
+    advantages: Optional[torch.Tensor],
+    ref_logp: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    loss: str,
+    loss_agg: str,
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: Optional[float],
+    chunk_size: int,
+    backend: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, logp, entropy, grad_hidden, grad_weight, grad_bias)`` with the gradients computed in the forward.
+
+    ``hidden[N, H]``, ``weight[V, H]``, ``targets[N]`` int64, ``bias[V]``;
+    ``mask`` in the loss's per-token shape (``[B, T]`` for ``seq-mean-*``,
+    ``N`` elements); ``old_logp``, ``advantages``, ``ref_logp`` ``[N]`` in the
+    statistics dtype (``loss="ppo"`` only). ``loss``: ``"nll"`` (``term = -logp``)
+    or ``"ppo"`` (DESIGN.md §2's PPO term); ``loss_agg``: a ``reference.LOSS_AGG_MODES``
+    entry or ``"sum"`` (``Σ mask·term``). ``loss`` is a scalar and ``logp``,
+    ``entropy`` are ``[N]``, float32 (float64 for float64 inputs);
+    ``grad_* = ∂loss/∂(hidden, weight, bias)`` for an upstream gradient of 1, in
+    the inputs' dtypes (weight and bias accumulated in float32 across chunks),
+    an empty ``[0]`` tensor where ``need_*`` is False. One chunk of logits (and
+    one of ``dlogits``) exists at a time.
+    """
+    n, h = hidden.shape
+    v = weight.shape[0]
+    _validate_targets(targets, v, ignore_index)
+    stats = _stats_dtype(hidden.dtype)
+    acc = _acc_dtype(weight.dtype)
+    w = _loss_weights(mask, loss_agg, stats)
+    logp = hidden.new_empty((n,), dtype=stats)
+    entropy = torch.empty_like(logp)
+    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.zeros((v, h), dtype=acc, device=weight.device) if need_weight else weight.new_empty(0)
+    grad_bias = torch.zeros((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
+    any_grad = need_hidden or need_weight or need_bias
+    c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size)
+    for s in range(0, n, c):
+        e = min(n, s + c)
+        hidden_c, targets_c, w_c = hidden[s:e], targets[s:e], w[s:e]
+        logits = F.linear(hidden_c, weight, bias)
+        lp, ent, lse = _kernel_fwd(logits, targets_c, temperature, ignore_index, backend)
+        logp[s:e].copy_(lp)
+        entropy[s:e].copy_(ent)
+        if not any_grad:
+            continue
+        if loss == "nll":
+            g_logp, g_ent = -w_c, torch.zeros_like(w_c)
+        else:
+            ref_c = None if ref_logp is None else ref_logp[s:e]
+            dterm, _ = _torch_dterm_dlogp(
+                lp, old_logp[s:e], advantages[s:e], ref_c, kl_coef, kl_estimator, clip_low, clip_high, dual_clip
+            )
+            g_logp, g_ent = w_c * dterm, w_c * -entropy_coef
+        dlogits = _kernel_bwd(g_logp, g_ent, logits, targets_c, lse, ent, temperature, ignore_index, backend)
+        del logits
+        if need_hidden:
+            torch.mm(dlogits, weight, out=grad_hidden[s:e])
+        if need_weight:
+            _accumulate_weight_grad(grad_weight, dlogits, hidden_c)
+        if need_bias:
+            grad_bias += dlogits.sum(0, dtype=acc)
+        del dlogits
+    if loss == "nll":
+        term = -logp
+    else:
+        term = reference.ppo_token_terms(
+            logp, entropy, old_logp, advantages, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
+            entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        )[0]
+    if loss_agg == "sum":
+        value = (term * w).sum()
+    else:
+        value = reference.aggregate_loss(term.reshape(mask.shape), mask, loss_agg)
+    if need_weight and grad_weight.dtype != weight.dtype:
+        grad_weight = grad_weight.to(weight.dtype)
+    if need_bias and bias is not None and grad_bias.dtype != bias.dtype:
+        grad_bias = grad_bias.to(bias.dtype)
+    return value, logp, entropy, grad_hidden, grad_weight, grad_bias
+
+
+@linear_loss_fused.register_fake
+def _(hidden, weight, targets, bias, mask, old_logp, advantages, ref_logp, temperature, ignore_index, loss, loss_agg,
+      kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, chunk_size, backend, need_hidden,
+      need_weight, need_bias):
+    stats = _stats_dtype(hidden.dtype)
+    value = hidden.new_empty((), dtype=stats)
+    logp, entropy = (hidden.new_empty(hidden.shape[:1], dtype=stats) for _ in range(2))
+    grad_hidden = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
+    grad_weight = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
+    bias_dtype = bias.dtype if bias is not None else weight.dtype
+    grad_bias = weight.new_empty(weight.shape[:1], dtype=bias_dtype) if need_bias else weight.new_empty(0)
+    return value, logp, entropy, grad_hidden, grad_weight, grad_bias
+
+
+def _fused_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[3:])
+    ctx.need = (inputs[20], inputs[21], inputs[22] and inputs[3] is not None)
+
+
+def _scale_saved(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``grad·g``: the saved tensor itself when ``g == 1`` on the CPU, in place on CUDA, else a new tensor.
+
+    CUDA (eager): scaled in place without a host sync (the extension's kernel
+    reads ``g`` on the device and skips the write when it is 1), so the
+    backward can run only once. CPU: reading ``g`` costs nothing; 1 returns
+    the saved gradient untouched, anything else a scaled copy, so a retained
+    graph can run its backward again. While tracing: always a new tensor.
+    """
+    if _traced(grad):
+        return grad * g.to(grad.dtype)
+    if grad.is_cuda and grad.dtype != torch.float64 and _ext.has_cuda_kernels():
+        scale_grad_unless_one_(grad, g)
+        return grad
+    if grad.is_cuda or g.item() != 1.0:
+        return grad * g.to(grad.dtype)
+    return grad
+
+
+def _fused_backward(ctx, g_loss, *unused):
+    # The gradients were computed for an upstream gradient of 1 (module docstring).
+    g = g_loss.detach().reshape(())
+    grads = [_scale_saved(t, g) if need else None for t, need in zip(ctx.saved_tensors, ctx.need)]
+    return (grads[0], grads[1], None, grads[2]) + (None,) * 19
+
+
+linear_loss_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+def _fused_loss(hidden, weight, targets, bias, mask, old_logp, advantages, ref_logp, *, temperature, ignore_index,
+                loss, loss_agg, chunk_size, backend, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
+                clip_low=0.2, clip_high=0.2, dual_clip=None):
+    """Promote and flatten as ``linear_logprobs`` does, then ``linear_loss_fused`` -> ``(loss, logp, entropy)``."""
+    hidden2, weight2, bias2 = _promoted(hidden, weight, bias)
+    chosen = resolve_for("linear_logprobs", hidden2, backend, IMPLEMENTED)
+    stats = _stats_dtype(hidden2.dtype)
+    per_token = [None if t is None else t.detach().reshape(-1).to(stats) for t in (old_logp, advantages, ref_logp)]
+    value, logp, entropy, _, _, _ = linear_loss_fused(
+        hidden2,
+        weight2,
+        targets.reshape(-1).long(),
+        bias2,
+        mask.detach(),
+        *per_token,
+        float(temperature),
+        int(ignore_index),
+        loss,
+        loss_agg,
+        float(kl_coef),
+        kl_estimator,
+        float(entropy_coef),
+        float(clip_low),
+        float(clip_high),
+        None if dual_clip is None else float(dual_clip),
+        0 if chunk_size is None else int(chunk_size),
+        chosen,
+        hidden.requires_grad,
+        weight.requires_grad,
+        bias is not None and bias.requires_grad,
+    )
+    lead = hidden.shape[:-1]
+    return value, logp.reshape(lead), entropy.reshape(lead)
+
+
 def _check_linear_args(hidden, weight, targets, bias, chunk_size) -> None:
     check_tensor("hidden", hidden, FLOAT_DTYPES)
     check_tensor("weight", weight, FLOAT_DTYPES)
@@ -305,6 +574,18 @@ def _check_linear_args(hidden, weight, targets, bias, chunk_size) -> None:
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
     check_same_device("hidden", hidden, weight=weight, targets=targets, bias=bias)
+
+
+def _promoted(hidden, weight, bias):
+    """``hidden`` as ``[N, H]``, ``weight`` (unit stride along H) and ``bias`` in their common dtype."""
+    dtype = hidden.dtype if hidden.dtype == weight.dtype else torch.promote_types(hidden.dtype, weight.dtype)
+    if bias is not None:
+        dtype = torch.promote_types(dtype, bias.dtype)
+    hidden2 = hidden.to(dtype).reshape(-1, hidden.shape[-1])
+    weight2 = weight.to(dtype)
+    if weight2.stride(-1) != 1:
+        weight2 = weight2.contiguous()
+    return hidden2, weight2, None if bias is None else bias.to(dtype)
 
 
 def linear_logprobs(
@@ -356,16 +637,8 @@ def linear_logprobs(
     """
     _check_linear_args(hidden, weight, targets, bias, chunk_size)
     temperature = check_positive("temperature", temperature)
-    dtype = hidden.dtype if hidden.dtype == weight.dtype else torch.promote_types(hidden.dtype, weight.dtype)
-    if bias is not None:
-        dtype = torch.promote_types(dtype, bias.dtype)
     lead = hidden.shape[:-1]
-    h = hidden.shape[-1]
-    hidden2 = hidden.to(dtype).reshape(-1, h)
-    weight2 = weight.to(dtype)
-    bias2 = None if bias is None else bias.to(dtype)
-    if weight2.stride(-1) != 1:
-        weight2 = weight2.contiguous()
+    hidden2, weight2, bias2 = _promoted(hidden, weight, bias)
     chosen = resolve_for("linear_logprobs", hidden2, backend, IMPLEMENTED)
     logp, entropy, _ = linear_logprobs_fwd(
         hidden2,
@@ -402,6 +675,7 @@ def linear_ppo_loss(
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
+    grad_in_forward: Optional[bool] = None,
 ) -> PPOLossOutput:
     """``rk.ppo_loss`` from hidden states and the LM head, never materialising the logits.
 
@@ -418,6 +692,19 @@ def linear_ppo_loss(
     (``token-mean`` accepts any leading shape). Gradients flow to ``hidden``,
     ``weight`` and ``bias``.
 
+    Gradient path (module docstring): when a gradient is needed the forward
+    computes it, chunk by chunk, from ``loss = Σ w·term`` with
+    ``w = aggregation_weights(mask, loss_agg)``::
+
+        g_logp = w·∂term/∂logp      (clip / dual-clip sub-gradients as PyTorch autograd, plus kl_coef·∂k/∂logp)
+        g_ent  = -w·entropy_coef
+        dz     = g_logp·(onehot(y) - p) - g_ent·p·(log p + entropy),   dlogits = dz / temperature
+
+    and the backward scales ``∂loss/∂(hidden, weight, bias)`` by the upstream
+    gradient (3 matmuls in all). ``grad_in_forward=False`` (or
+    ``RLHF_KERNELS_LINEAR_GRAD=recompute``) takes ``linear_logprobs``'s path
+    instead: logits recomputed in backward, 4 matmuls.
+
     Returns:
         ``PPOLossOutput(loss, logp, entropy, kl, clip_frac, approx_kl)`` as ``rk.ppo_loss``.
     """
@@ -431,16 +718,24 @@ def linear_ppo_loss(
     if loss_agg != "token-mean" and len(lead) < 2:
         raise ValueError(f"loss_agg={loss_agg!r} needs hidden of shape [B, T, H], got {tuple(hidden.shape)}")
 
-    logp, entropy = linear_logprobs(
-        hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
-        chunk_size=chunk_size, backend=backend,
-    )
-    term, kl, clipped = composed_ppo_terms(
-        logp, entropy, old_logp, advantages, ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=None if dual_clip is None else float(dual_clip),
-    )
-    return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg)
+    options = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low,
+                   clip_high=clip_high, dual_clip=None if dual_clip is None else float(dual_clip))
+    if _grad_in_forward(grad_in_forward, hidden, weight, bias):
+        temperature = check_positive("temperature", temperature)
+        loss, logp, entropy = _fused_loss(
+            hidden, weight, targets, bias, mask, old_logp, advantages, ref_logp, temperature=temperature,
+            ignore_index=ignore_index, loss="ppo", loss_agg=loss_agg, chunk_size=chunk_size, backend=backend,
+            **options,
+        )
+    else:
+        loss = None
+        logp, entropy = linear_logprobs(
+            hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
+            chunk_size=chunk_size, backend=backend,
+        )
+    term, kl, clipped = composed_ppo_terms(logp, entropy, old_logp, advantages, ref_logp, **options)
+    out = ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg)
+    return out if loss is None else out._replace(loss=loss)
 
 
 def linear_cross_entropy(
@@ -453,6 +748,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
+    grad_in_forward: Optional[bool] = None,
 ) -> torch.Tensor:
     """SFT cross-entropy ``-logp`` from hidden states and the LM head, never materialising the logits.
 
@@ -460,8 +756,26 @@ def linear_cross_entropy(
     ``targets == ignore_index``); ``reduction="mean"`` divides by the number
     of non-ignored targets (0, not NaN, when there are none), ``"sum"`` sums,
     ``"none"`` returns float32 ``nll[*]``.
+
+    Gradient path (module docstring): for ``"mean"`` / ``"sum"`` with a gradient
+    needed, the forward computes it: ``loss = Σ w·(-logp)`` with
+    ``w = valid / count`` (``mean``) or ``valid`` (``sum``), so per chunk
+    ``dlogits = -w·(onehot(y) - p)`` (0 for ignored targets), then
+    ``grad_hidden``, ``grad_weight``, ``grad_bias`` (3 matmuls in all); the
+    backward scales them by the upstream gradient. ``"none"``,
+    ``grad_in_forward=False`` or ``RLHF_KERNELS_LINEAR_GRAD=recompute``:
+    ``linear_logprobs``'s recompute path (4 matmuls).
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
+    if reduction != "none" and _grad_in_forward(grad_in_forward, hidden, weight, bias):
+        _check_linear_args(hidden, weight, targets, bias, chunk_size)
+        valid = targets != ignore_index
+        loss, _, _ = _fused_loss(
+            hidden, weight, targets, bias, valid, None, None, None, temperature=1.0, ignore_index=ignore_index,
+            loss="nll", loss_agg="token-mean" if reduction == "mean" else "sum", chunk_size=chunk_size,
+            backend=backend,
+        )
+        return loss
     logp = linear_logprobs(
         hidden, weight, targets, bias, ignore_index=ignore_index, chunk_size=chunk_size, backend=backend
     )

@@ -355,3 +355,247 @@ def test_gpu_bf16_gpt2_shape():
     oracle = _run(lambda h, w, b: R.linear_logprobs(h, w, targets, b, **kw), *f32, g_logp, g_ent)
     for name, f, r, o in zip(("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"), got, in_dtype, oracle):
         assert_matches_oracle(f, r, o, torch.bfloat16, what=f"gpu/bf16/{name}")
+
+
+# ------------------------------------------------------------- forward-with-gradient path (CE and PPO losses)
+
+LOSSES = ["ce-mean", "ce-sum"] + [f"ppo:{agg}" for agg in R.LOSS_AGG_MODES]
+
+
+def _ppo_inputs(hidden, weight, targets, bias, temperature, seed=3):
+    """``old_logp`` near the current log-probs (ratios on both sides of the clip range), ``ref_logp``, ``A``, ``mask``."""
+    g = torch.Generator().manual_seed(seed)
+    lead = targets.shape
+    with torch.no_grad():
+        logp = R.linear_logprobs(hidden.double(), weight.double(), targets, None if bias is None else bias.double(),
+                                 temperature=temperature).float()
+    old_logp = logp + 0.3 * torch.randn(lead, generator=g)
+    ref_logp = logp + 0.5 * torch.randn(lead, generator=g)
+    adv = torch.randn(lead, generator=g)
+    mask = torch.rand(lead, generator=g) > 0.25
+    if lead[0] > 1:
+        mask[-1] = False  # an empty sequence
+    return old_logp, adv, mask, ref_logp
+
+
+_PPO_OPTIONS = dict(kl_coef=0.1, entropy_coef=0.02, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+
+
+def _loss_fns(loss, targets, per_token, temperature):
+    """``(fast(h, w, b, **kw), materialised(h, w, b))`` for one of ``LOSSES``; materialised = F.linear + the oracle."""
+    if loss.startswith("ce-"):
+        reduction = loss[3:]
+
+        def fast(h, w, b, **kw):
+            return rk.linear_cross_entropy(h, w, targets, b, reduction=reduction, **kw)
+
+        def materialised(h, w, b):
+            nll = -R.logprobs(F.linear(h, w, b), targets)
+            if reduction == "sum":
+                return nll.sum()
+            return R._safe_divide(nll.sum(), (targets != -100).sum().to(nll.dtype))
+
+        return fast, materialised
+    loss_agg = loss.split(":", 1)[1]
+    old_logp, adv, mask, ref_logp = per_token
+    kw_ppo = dict(loss_agg=loss_agg, temperature=temperature, **_PPO_OPTIONS)
+
+    def fast(h, w, b, **kw):
+        return rk.linear_ppo_loss(h, w, targets, old_logp, adv, mask, bias=b, ref_logp=ref_logp, **kw_ppo, **kw)
+
+    def materialised(h, w, b):
+        d = h.dtype if h.dtype == torch.float64 else torch.float32
+        return R.ppo_loss(F.linear(h, w, b), targets, old_logp.to(d), adv.to(d), mask, ref_logp=ref_logp.to(d),
+                          **kw_ppo).loss
+
+    return fast, materialised
+
+
+def _value_and_grads(fn, leaves, upstream):
+    leaves = [t.detach().requires_grad_(True) for t in leaves]
+    out = fn(*leaves)
+    loss = out.loss if isinstance(out, rk.PPOLossOutput) else out
+    grads = torch.autograd.grad(loss * upstream, leaves)
+    return out, [loss.detach()] + list(grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_forward_grad_path_matches_oracle_and_recompute(backend, dtype, loss):
+    """Values and the three gradients of the forward-with-gradient path vs float64, and vs the recompute path."""
+    temperature = 1.0 if loss.startswith("ce-") else 0.7
+    cases = [((1, 1), 16, 7, None, ()), ((3, 5), 37, 7, 4, (0, 7)), ((2, 6), 20, 301, 5, (3,))]
+    for lead, H, V, chunk_size, ignore in cases:
+        hidden, weight, targets, bias = _inputs(lead, H, V, dtype, seed=len(lead) + V, ignore=ignore)
+        per_token = _ppo_inputs(hidden, weight, targets, bias, temperature)
+        fast, materialised = _loss_fns(loss, targets, per_token, temperature)
+        leaves = (hidden, weight, bias)
+        kw = dict(chunk_size=chunk_size, backend=backend)
+        out, got = _value_and_grads(lambda h, w, b: fast(h, w, b, grad_in_forward=True, **kw), leaves, 1.7)
+        _, in_dtype = _value_and_grads(materialised, leaves, 1.7)
+        _, oracle = _value_and_grads(materialised, [t.double() for t in leaves], 1.7)
+        what = f"{backend}/{dtype}/{loss}/{lead}x{H}x{V}"
+        for name, f, r, o in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, in_dtype, oracle):
+            assert f.dtype == (torch.float32 if name == "loss" else dtype), f"{what}/{name}: {f.dtype}"
+            assert_matches_oracle(f, r, o, dtype, what=f"{what}/{name}")
+        out_r, recomputed = _value_and_grads(lambda h, w, b: fast(h, w, b, grad_in_forward=False, **kw), leaves, 1.7)
+        for a, b in zip(got, recomputed):  # bf16: the two paths round dlogits differently; scaled tolerance
+            atol = 1e-6 if dtype == torch.float32 else 1e-2 * max(1.0, b.abs().max().item())
+            torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=atol)
+        if isinstance(out, rk.PPOLossOutput):  # the detached statistics agree too
+            for a, b in zip(out[1:], out_r[1:]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _MatmulCounter(_LargestTensor):
+    """Counts the matmuls (and records the fused-linear custom ops) a step runs, inside the ops' bodies."""
+
+    _MATMULS = {"linear", "mm", "addmm", "addmm_", "bmm", "matmul"}  # inside a custom op F.linear shows as linear
+
+    def __init__(self):
+        super().__init__()
+        self._impls["linear_loss_fused"] = L.linear_loss_fused._init_fn
+        self.matmuls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "aten" and func.overloadpacket.__name__ in self._MATMULS:
+            self.matmuls += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("loss", ["ce-mean", "ppo:seq-mean-token-mean"])
+def test_forward_grad_path_is_what_runs(loss, monkeypatch):
+    """Auto picks the 3-matmul forward-with-gradient path when a gradient is needed; the others take 4 (or 1)."""
+    N, H, V, chunk = 12, 8, 301, 5  # 3 chunks
+    hidden, weight, targets, bias = _inputs((2, 6), H, V, torch.float32)
+    fast, _ = _loss_fns(loss, targets, _ppo_inputs(hidden, weight, targets, bias, 1.0), 1.0)
+
+    def step(grad=True, dtype=torch.float32, **kw):
+        leaves = [t.to(dtype).requires_grad_(grad) for t in (hidden, weight, bias)]
+        mode = _MatmulCounter()
+        with mode:
+            out = fast(*leaves, chunk_size=chunk, backend=BACKENDS[0], **kw)
+            value = out.loss if isinstance(out, rk.PPOLossOutput) else out
+            if grad:
+                value.backward()
+        assert mode.largest < N * V, mode.largest  # the logits never exist whole
+        return mode.ops, mode.matmuls
+
+    assert step() == ({"linear_loss_fused"}, 3 * 3)
+    assert step(grad_in_forward=False) == ({"linear_logprobs_fwd", "linear_logprobs_bwd"}, 4 * 3)
+    assert step(grad=False) == ({"linear_logprobs_fwd"}, 3)
+    assert step(dtype=torch.float64)[0] == {"linear_logprobs_fwd", "linear_logprobs_bwd"}  # checks: exact weights
+    assert step(dtype=torch.float64, grad_in_forward=True)[0] == {"linear_loss_fused"}
+    monkeypatch.setenv("RLHF_KERNELS_LINEAR_GRAD", "recompute")
+    assert step()[0] == {"linear_logprobs_fwd", "linear_logprobs_bwd"}
+    assert step(grad_in_forward=True)[0] == {"linear_loss_fused"}
+    monkeypatch.setenv("RLHF_KERNELS_LINEAR_GRAD", "forward")
+    assert step(dtype=torch.float64)[0] == {"linear_loss_fused"}
+    monkeypatch.setenv("RLHF_KERNELS_LINEAR_GRAD", "sometimes")
+    with pytest.raises(ValueError, match="RLHF_KERNELS_LINEAR_GRAD"):
+        step()
+
+
+def test_forward_grad_path_only_needed_grads_and_reduction_none():
+    hidden, weight, targets, bias = _inputs((7,), 9, 13, torch.float32, ignore=(2,))
+    h = hidden.clone().requires_grad_(True)  # frozen head
+    loss = rk.linear_cross_entropy(h, weight, targets, bias, chunk_size=3)
+    (gh,) = torch.autograd.grad(loss, h)
+    mode = _MatmulCounter()
+    with mode:
+        rk.linear_cross_entropy(h, weight, targets, bias, chunk_size=3).backward()
+    assert mode.ops == {"linear_loss_fused"} and mode.matmuls == 3 * 2  # no dW GEMM
+    h2 = hidden.double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(F.cross_entropy(F.linear(h2, weight.double(), bias.double()), targets), h2)
+    torch.testing.assert_close(gh.double(), expected, rtol=1e-5, atol=1e-7)
+    mode = _MatmulCounter()
+    with mode:  # per-token output: the upstream gradient is not known in the forward
+        rk.linear_cross_entropy(h, weight, targets, bias, reduction="none", chunk_size=3).sum().backward()
+    assert mode.ops == {"linear_logprobs_fwd", "linear_logprobs_bwd"}
+
+
+def test_forward_grad_path_gradcheck_float64():
+    hidden, weight, targets, bias = _inputs((2, 4), 5, 7, torch.float64, ignore=(2,))
+    per_token = [t.double() for t in _ppo_inputs(hidden, weight, targets, bias, 0.8)[:2]] + [
+        torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1]], dtype=torch.bool)
+    ]
+    leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+
+    def ppo(h, w, b):
+        return rk.linear_ppo_loss(h, w, targets, *per_token, bias=b, temperature=0.8, entropy_coef=0.05,
+                                  loss_agg="seq-mean-token-mean", chunk_size=3, grad_in_forward=True).loss
+
+    def ce(h, w, b):
+        return rk.linear_cross_entropy(h, w, targets, b, chunk_size=3, grad_in_forward=True) * 1.3
+
+    # the forward path's aggregation weights are float32 (module docstring): float32-level tolerances
+    assert torch.autograd.gradcheck(ppo, leaves, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(ce, leaves, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_grad_opcheck(backend):
+    hidden, weight, targets, bias = _inputs((2, 5), 6, 13, torch.float32, ignore=(3,))
+    old_logp, adv, mask, ref_logp = _ppo_inputs(hidden, weight, targets, bias, 0.9)
+    h, w, b = (t.requires_grad_(True) for t in (hidden.reshape(10, 6), weight, bias))
+    flat = [t.reshape(-1) for t in (old_logp, adv, ref_logp)]
+    ppo = (h, w, targets.reshape(-1), b, mask, *flat, 0.9, -100, "ppo", "seq-mean-token-mean", 0.1, "k3", 0.01, 0.2,
+           0.28, 3.0, 4, backend, True, True, True)  # fmt: skip
+    torch.library.opcheck(L.linear_loss_fused, ppo)
+    nll = (h, w, targets.reshape(-1), None, targets != -100, None, None, None, 1.0, -100, "nll", "sum", 0.0, "k3", 0.0,
+           0.2, 0.2, None, 0, backend, True, False, False)  # fmt: skip
+    torch.library.opcheck(L.linear_loss_fused, nll)
+
+
+def test_forward_grad_torch_compile_fullgraph():
+    hidden, weight, targets, bias = _inputs((2, 7), 10, 29, torch.float32, ignore=(4,))
+    old_logp, adv, mask, ref_logp = _ppo_inputs(hidden, weight, targets, bias, 1.0)
+    leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+
+    def loss_fn(h, w, b):
+        ppo = rk.linear_ppo_loss(h, w, targets, old_logp, adv, mask, bias=b, ref_logp=ref_logp, kl_coef=0.1,
+                                 loss_agg="seq-mean-token-mean", chunk_size=4, backend=BACKENDS[0])
+        return 2.0 * ppo.loss + rk.linear_cross_entropy(h, w, targets, b, chunk_size=3, backend=BACKENDS[0])
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    got = compiled(*leaves)
+    grads = torch.autograd.grad(got, leaves)
+    expected = loss_fn(*leaves)
+    expected_grads = torch.autograd.grad(expected, leaves)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_forward_grad_backward_twice():
+    """On the CPU the saved gradients are handed over (upstream gradient 1) or scaled into a copy: a retained graph's
+    backward can run again and gives the same gradient."""
+    hidden, weight, targets, _ = _inputs((6,), 8, 11, torch.float32)
+    h = hidden.requires_grad_(True)
+    for scale in (1.0, 3.0):
+        h.grad = None
+        loss = scale * rk.linear_cross_entropy(h, weight, targets, chunk_size=4)
+        loss.backward(retain_graph=True)
+        first = h.grad.clone()
+        loss.backward()
+        torch.testing.assert_close(h.grad, 2 * first)
+        if scale == 1.0:
+            unit = first
+    torch.testing.assert_close(first, 3 * unit)
+
+
+@pytest.mark.skipif(not (triton_importable() and (torch.cuda.is_available() or triton_interpreting())),
+                    reason="needs triton (GPU, or TRITON_INTERPRET=1 on the CPU)")
+@pytest.mark.parametrize("loss", ["ce-mean", "ppo:seq-mean-token-mean"])
+def test_forward_grad_triton_backend_small(loss):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, targets, bias = _inputs((2, 5), 12, 37, torch.float32, ignore=(3,))
+    per_token = _ppo_inputs(hidden, weight, targets, bias, 0.8)
+    hidden, weight, targets, bias, *per_token = (t.to(device) for t in (hidden, weight, targets, bias, *per_token))
+    fast, materialised = _loss_fns(loss, targets, per_token, 0.8)
+    leaves = (hidden, weight, bias)
+    _, got = _value_and_grads(lambda h, w, b: fast(h, w, b, chunk_size=3, backend="triton"), leaves, 1.0)
+    _, expected = _value_and_grads(materialised, [t.double() for t in leaves], 1.0)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
