@@ -16,11 +16,12 @@ _warned = False
 
 _module = None
 _attempted = False
+_with_cuda: Optional[bool] = None  # cached: torch.compile traces through the dispatch and cannot call pybind
 
 
 def load():
     """The ``rlhf_kernels._C`` module, or ``None`` when it cannot be loaded (tried once)."""
-    global _module, _attempted, _load_error
+    global _module, _attempted, _load_error, _with_cuda
     if not _attempted:
         _attempted = True
         try:
@@ -29,6 +30,7 @@ def load():
             from rlhf_kernels import _C  # type: ignore[attr-defined]
 
             _module = _C
+            _with_cuda = bool(_C.compiled_with_cuda())
         except (ImportError, OSError) as exc:  # missing build, ABI mismatch, missing libs
             _load_error = f"{type(exc).__name__}: {exc}"
     return _module
@@ -60,9 +62,12 @@ def warn_once_if_missing() -> None:
 
 
 def has_cuda_kernels() -> bool:
-    """True when the extension was built with its CUDA kernels."""
-    ext = load()
-    return bool(ext is not None and ext.compiled_with_cuda())
+    """True when the extension was built with its CUDA kernels (asked once, then a plain bool)."""
+    global _with_cuda
+    if _with_cuda is None:
+        ext = load()
+        _with_cuda = bool(ext is not None and ext.compiled_with_cuda())
+    return _with_cuda
 
 
 def cuda_arch_list() -> str:

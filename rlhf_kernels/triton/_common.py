@@ -1,14 +1,10 @@
-"""Shared pieces of the Triton kernels: block-size table and jitted helpers.
+"""Shared pieces of the Triton kernels: block-size table, autotuning and jitted helpers.
 
-The vocabulary reductions keep one online-softmax state *per lane* of the
-block (lane ``i`` sees columns ``i, i + BLOCK_V, i + 2·BLOCK_V, ...``): a
-running max ``m``, ``s = Σ exp(z - m)`` and ``t = Σ exp(z - m)·(z - m)``. When a
-new value ``z`` arrives exactly one exponential is needed,
-``x = exp(-|z - m|)``: it is either the new term (``z <= m``) or the rescale
-factor of the old sums (``z > m``). The loop over the vocabulary therefore has
-no cross-thread reduction at all; the lanes are merged once at the end.
-Keeping ``t`` relative to the running max makes the entropy
-``log s - t / s`` exact even for logits of size 1e4.
+Row reductions keep the online softmax statistics of a row in one read: a
+running max ``m``, ``s = Σ exp(z - m)`` and ``t = Σ exp(z - m)·(z - m)``.
+Keeping ``t`` relative to the running max makes the entropy ``log s - t / s``
+exact even for logits of size 1e4. ``row_softmax_stats`` (logprobs, PPO) shares
+one max per program; the two-row KL kernel keeps a max per lane.
 """
 
 from __future__ import annotations
@@ -55,11 +51,11 @@ def vocab_config(vocab: int, device: torch.device, kind: str = "fwd"):
 
 
 # Forward row reductions (one program per row, bandwidth-bound). Measured on an H100 at N=8192,
-# V=151936, bf16 (benchmarks/tune_triton.py; log in benchmarks/results/nvidia-h100-80gb-hbm3/logs/run2):
-# 1024x4 and 2048x8 reached 84% of the copy bandwidth, 4096x8 61%, 8192x16 45%: with more values per
-# thread the per-lane state costs registers and occupancy, so fewer rows are in flight per SM. The best
-# differs by dtype, vocabulary and chip, so the candidates are timed once per (V, dtype) on first use.
-_ROW_FWD_CANDIDATES = ((4096, 8), (2048, 8), (1024, 4), (512, 4), (256, 4), (128, 4))
+# V=151936, bf16 (benchmarks/tune_triton.py; logs in benchmarks/results/nvidia-h100-80gb-hbm3/logs/):
+# block-max logprobs forward 2048x4 91% of the copy bandwidth, 4096x4 89%, 1024x4 86%, 4096x8 80%;
+# the two-row KL forward (per-lane state) 1024x8 and 512x4 71%, 2048x4 53%. The best differs by op,
+# dtype, vocabulary and chip, so the candidates are timed once per (V, dtypes) on first use.
+_ROW_FWD_CANDIDATES = ((4096, 4), (2048, 4), (2048, 8), (1024, 4), (1024, 8), (512, 4), (256, 4), (128, 4))
 
 
 def _prune_row_configs(configs, named_args, **kwargs):
@@ -104,46 +100,55 @@ def device_guard(tensor: torch.Tensor):
 
 
 @triton.jit
-def online_lane_update(z, m, s, t):
-    """Fold ``z`` (natural units) into the per-lane state ``(m, s, t)``.
+def row_softmax_stats(x_row, V, scale2, BLOCK_V: tl.constexpr):
+    """One read of a row of ``V`` logits at ``x_row``: ``(mx, S, T2)`` with ``scale2 = log2(e) / temperature``.
 
-    ``-inf`` entries contribute nothing; a NaN makes ``s`` NaN (propagates).
+    ``mx = max x`` (raw logits), and in log2 units ``d = (x - mx)·scale2``:
+    ``S = Σ 2^d = Σ exp(z - max z)`` and ``T2 = Σ 2^d·d``. A *block-max* state:
+    the running max is one scalar for the whole program, raised once per block by
+    the block's max, while each lane keeps its own ``s`` and ``t``. Per value that
+    is a subtract, a multiply, a NaN-propagating max, one exp2 and three FMAs; the
+    lanes are summed once at the end (they share the max). On an H100 (bf16,
+    V = 151936) this ran at about 90% of the copy bandwidth against 84% for a
+    per-lane max, whose selects made the loop instruction-bound. ``x - mx`` is
+    exact for bf16/fp16 logits, so large logits (|z| ~ 1e5) lose nothing to the
+    scaling. ``d`` is floored at -256 so that an underflowed term adds exactly 0
+    to ``t`` (no 0·(-inf)); NaN passes the floor and makes the row's sums NaN.
     """
-    gt = z > m
-    delta = tl.where(gt, m - z, z - m)
-    delta = tl.where(z == float("-inf"), float("-inf"), delta)
-    x = tl.exp2(delta * 1.4426950408889634)
-    # x·delta with the convention 0·(-inf) = 0
-    xd = tl.where(x > 0, x * delta, 0.0)
-    s_new = tl.where(gt, s * x + 1.0, s + x)
-    t_new = tl.where(gt, x * t + s * xd, t + xd)
-    m_new = tl.where(gt, z, m)
-    return m_new, s_new, t_new
-
-
-@triton.jit
-def merge_lanes(m, s, t):
-    """Merge per-lane states into the row's ``(M, S, T)``: ``lse = M + log S``, ``H = log S - T / S``."""
-    M = tl.max(m, axis=0)
-    live = s != 0.0  # lanes that saw a finite value (or a NaN, which must propagate)
-    d = tl.where(live, m - M, 0.0)
-    w = tl.where(live, tl.exp2(d * 1.4426950408889634), 0.0)
-    S = tl.sum(w * s, axis=0)
-    T = tl.sum(tl.where(live, w * (t + s * d), 0.0), axis=0)
-    return M, S, T
-
-
-@triton.jit
-def row_softmax_stats(x_row, V, inv_t, BLOCK_V: tl.constexpr):
-    """One read of a row of ``V`` logits at ``x_row``: ``(M, S, T)`` of ``z = x·inv_t``."""
-    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)
     s = tl.zeros([BLOCK_V], tl.float32)
     t = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
-        m, s, t = online_lane_update(z, m, s, t)
-    return merge_lanes(m, s, t)
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: sums stay 0
+        alpha = tl.exp2((m - m_use) * scale2)
+        dm = tl.where(m == float("-inf"), 0.0, (m - m_use) * scale2)
+        d = tl.maximum((x - m_use) * scale2, -256.0, propagate_nan=tl.PropagateNan.ALL)
+        e = tl.exp2(d)
+        t = alpha * (t + s * dm) + e * d
+        s = s * alpha + e
+        m = m_new
+    return m, tl.sum(s, 0), tl.sum(t, 0)
+
+
+@triton.jit
+def row_logp_entropy_lse(x_row, y, V, inv_t, BLOCK_V: tl.constexpr):
+    """``(logp, entropy, lse)`` of row ``x_row`` at target ``y`` under ``softmax(x·inv_t)``, one read of the row.
+
+    With ``(mx, S, T2)`` of :func:`row_softmax_stats`: ``lse = mx·inv_t + ln S``
+    (``mx·inv_t`` rounds exactly as the backward's ``z = x·inv_t`` does at the
+    max), ``H = ln2·(log2 S - T2 / S)``, ``logp = (x[y] - mx)·inv_t - ln S``. An
+    out-of-range ``y`` is never read and gives a NaN ``logp``.
+    """
+    mx, S, T2 = row_softmax_stats(x_row, V, inv_t * 1.4426950408889634, BLOCK_V)
+    ln2 = 0.6931471805599453
+    log2_s = tl.log2(S)
+    in_range = (y >= 0) & (y < V)
+    xy = tl.load(x_row + tl.where(in_range, y, 0), mask=in_range, other=0.0).to(tl.float32)
+    logp = tl.where(in_range, (xy - mx) * inv_t - log2_s * ln2, float("nan"))
+    return logp, (log2_s - T2 / S) * ln2, mx * inv_t + log2_s * ln2
 
 
 @triton.jit

@@ -2,8 +2,8 @@
 
 Forward, one program per row of ``z = x / T`` (one read of the logits)::
 
-    M, S, T_ = online per-lane (max, Σexp(z - m), Σexp(z - m)·(z - m)), merged
-    lse = M + log S;  entropy = log S - T_ / S;  logp = (z[y] - M) - log S
+    mx, S, T_ = running (max x, Σexp(z - max z), Σexp(z - max z)·(z - max z))   (_common.row_softmax_stats)
+    lse = mx/T + log S;  entropy = log S - T_ / S;  logp = (x[y] - mx)/T - log S
 
 Backward, a 2-D grid (rows x vocab blocks) that rebuilds ``p`` from the saved
 ``lse`` and entropy ``H``, with ``lp = z - lse``::
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import device_guard, launch_row_kernel, row_autotune, row_softmax_stats, vocab_config
+from ._common import device_guard, launch_row_kernel, row_autotune, row_logp_entropy_lse, vocab_config
 
 
 @triton.jit
@@ -47,15 +47,9 @@ def _logprobs_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
-    M, S, TT = row_softmax_stats(x_row, V, inv_t, BLOCK_V)
-    log_s = tl.log(S)
-    lse = M + log_s
-    ent = log_s - TT / S
     y = tl.load(y_ptr + row)
+    logp, ent, lse = row_logp_entropy_lse(x_row, y, V, inv_t, BLOCK_V)
     valid = y != ignore_index
-    in_range = (y >= 0) & (y < V)
-    zy = tl.load(x_row + tl.where(in_range, y, 0), mask=in_range, other=0.0).to(tl.float32) * inv_t
-    logp = tl.where(in_range, (zy - M) - log_s, float("nan"))
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
     tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
     tl.store(lse_ptr + row, lse)

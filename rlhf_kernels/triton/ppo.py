@@ -38,7 +38,7 @@ from ._common import (
     kl_k_dlogp,
     launch_row_kernel,
     row_autotune,
-    row_softmax_stats,
+    row_logp_entropy_lse,
     vocab_config,
 )
 from .logprobs import logprobs_dz
@@ -103,14 +103,11 @@ def _ppo_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
-    M, S, TT = row_softmax_stats(x_row, V, inv_t, BLOCK_V)
-    log_s = tl.log(S)
     y = tl.load(y_ptr + row)
+    logp, ent, lse = row_logp_entropy_lse(x_row, y, V, inv_t, BLOCK_V)
     valid = y != ignore_index
-    in_range = (y >= 0) & (y < V)
-    zy = tl.load(x_row + tl.where(in_range, y, 0), mask=in_range, other=0.0).to(tl.float32) * inv_t
-    logp = tl.where(valid, tl.where(in_range, (zy - M) - log_s, float("nan")), 0.0)
-    ent = tl.where(valid, log_s - TT / S, 0.0)
+    logp = tl.where(valid, logp, 0.0)
+    ent = tl.where(valid, ent, 0.0)
     old = tl.load(old_ptr + row).to(tl.float32)
     adv = tl.load(adv_ptr + row).to(tl.float32)
     pg, clipped, _ = _ppo_pg(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
@@ -125,7 +122,7 @@ def _ppo_fwd_kernel(
     tl.store(ent_ptr + row, ent)
     tl.store(kl_ptr + row, kl)
     tl.store(clip_ptr + row, clipped.to(tl.float32))
-    tl.store(lse_ptr + row, M + log_s)
+    tl.store(lse_ptr + row, lse)
 
 
 _ppo_fwd_tuned = row_autotune(_ppo_fwd_kernel)
