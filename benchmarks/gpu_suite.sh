@@ -14,6 +14,9 @@
 #   linear    linear_logprobs                   (adds H = 2048, 4096)
 #   gae       gae
 #   trainer   end-to-end steps (benchmarks/bench_trainer.py, when it exists)
+#   headline  re-measures our backends and Liger (not --resume) at the issues' target shapes, bf16:
+#             logprobs(+ent), kl_divergence, ppo_loss at 8192x151936 and 16384x128256
+#   ppo-paths the cuda ppo_loss fwd+bwd at 8192x151936 bf16 under each RLHF_KERNELS_CUDA_PPO path
 #   bench     logits klppo linear gae trainer
 #   all       setup tests bench                 (the default)
 #
@@ -81,6 +84,25 @@ bench() {  # bench <log-name> <benchmarks.run args...>
   if [ $rc -ne 0 ]; then note "benchmarks.run $name exited $rc (see bench_$name.log)"; RC=1; fi
 }
 
+stage_headline() {
+  seed_results
+  note "headline: our backends and Liger at the target shapes (re-measured)"
+  "$PY" -m benchmarks.run --ops logprobs,logprobs+ent,kl_divergence,ppo_loss --shapes 8192x151936,16384x128256 \
+    --dtypes bf16 --providers liger,triton,cuda --out "$OUT/results" --no-progress $EXTRA >"$OUT/bench_headline.log" 2>&1 \
+    || { note "headline exited $? (see bench_headline.log)"; RC=1; }
+  grep -E " (triton|cuda|liger) " "$OUT/bench_headline.log" | cut -c1-140 >&2
+}
+
+stage_ppo_paths() {
+  local path
+  for path in shared cluster global two-pass; do
+    RLHF_KERNELS_CUDA_PPO=$path "$PY" -m benchmarks.run --ops ppo_loss --providers cuda --shapes 8192x151936 \
+      --dtypes bf16 --mode fwd+bwd --no-plots --no-progress --out "$OUT/ppo_paths_$path" >"$OUT/bench_ppo_$path.log" 2>&1 \
+      || note "ppo path $path exited $? (see bench_ppo_$path.log)"
+    echo "RLHF_KERNELS_CUDA_PPO=$path: $(grep -E ' cuda ' "$OUT/bench_ppo_$path.log" | cut -c1-140)" >&2
+  done
+}
+
 run_stage() {
   case "$1" in
     setup) stage_setup ;;
@@ -90,9 +112,11 @@ run_stage() {
     linear) bench linear --ops linear_logprobs ;;
     gae) bench gae --ops gae ;;
     trainer) bench trainer --ops trainer ;;
+    headline) stage_headline ;;
+    ppo-paths) stage_ppo_paths ;;
     bench) for s in logits klppo linear gae trainer; do run_stage "$s"; done ;;
     all) for s in setup tests bench; do run_stage "$s"; done ;;
-    *) note "unknown stage '$1' (setup tests logits klppo linear gae trainer bench all)"; RC=2 ;;
+    *) note "unknown stage '$1' (setup tests logits klppo linear gae trainer headline ppo-paths bench all)"; RC=2 ;;
   esac
 }
 
