@@ -1,11 +1,21 @@
-"""linear_logprobs (± entropy): ``hidden[N, H]``, LM head ``weight[V, H]``, ``targets[N]`` -> ``logp[N]``.
+"""Fused-linear ops from ``hidden[N, H]``, LM head ``weight[V, H]``, ``targets[N]``.
+
+``linear_logprobs`` (± entropy) -> ``logp[N]``; ``linear_cross_entropy`` (SFT,
+token mean) and ``linear_ppo_loss`` (PPO, k3 KL, token mean over ``[N/T, T]``
+sequences of ``T = 1024``) -> the scalar loss. Ours compute those two losses'
+gradient in the forward when one is needed (3 matmuls); the ``+recompute``
+variants (``linear_cross_entropy+recompute``, ``linear_ppo_loss+recompute``)
+run ours with ``grad_in_forward=False`` (logits recomputed in backward, 4
+matmuls) and skip the other providers, which the plain names measure.
 
 The fused-linear op is bound by the matmul, not by memory: besides GB/s the
 suite reports TFLOP/s (``2·N·V·H`` forward, ``4·N·V·H`` backward) against the
 dense matmul throughput measured in the same run. Eager materialises the
 ``[N, V]`` logits and their float32 log-softmax; the chunked loop does the
 matmul and the log-softmax per row chunk. Liger-Kernel's equivalent is its
-fused linear cross-entropy with ``reduction="none"`` (``-logp``; no entropy).
+fused linear cross-entropy with ``reduction="none"`` (``-logp``; no entropy),
+and with ``reduction="mean"`` for ``linear_cross_entropy``; its fused-linear
+GRPO loss is not wired here.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import torch.nn.functional as F
 
 import rlhf_kernels as rk
 
+from .bench_ppo import CLIP, KL_COEF, _ppo_terms
 from .providers import (
     CHUNK_ROWS,
     OURS,
@@ -113,4 +124,120 @@ def _spec(entropy: bool) -> OpSpec:
     )
 
 
+PPO_T = 1024  # tokens per sequence of linear_ppo_loss (N = B·T when N is a multiple, else one sequence)
+
+
+def _skipped(name: str) -> Provider:
+    return Provider(build=lambda inputs: None, reason=lambda case, device: f"measured under {name}")
+
+
+def make_ppo_inputs(case: Case, device: torch.device, seed: int):
+    i = make_inputs(case, device, seed)
+    g = generator(device, seed + 1)
+    T = PPO_T if case.N % PPO_T == 0 else case.N
+    B = case.N // T
+    with torch.no_grad():  # near-on-policy old / ref log-probs, no [N, V] float32 temporary
+        (logp,) = chunked_linear(i["hidden"], i["weight"], i["targets"], False)
+    shape = (B, T)
+    mask = torch.ones(shape, device=device)
+    mask[:, T - max(1, T // 10) :] = 0.0  # padded tail
+    adv_seq = randn((B, 1), g, device, torch.float32)
+    i.update(
+        targets=i["targets"].reshape(shape),
+        old_logp=(logp + randn((case.N,), g, device, torch.float32, 0.1)).reshape(shape),
+        ref_logp=(logp + randn((case.N,), g, device, torch.float32, 0.1)).reshape(shape),
+        advantages=adv_seq.expand(shape).contiguous(),
+        mask=mask,
+    )
+    return i
+
+
+def _loss_spec(kind: str, recompute: bool) -> OpSpec:
+    """``kind``: ``"ce"`` (linear_cross_entropy) or ``"ppo"`` (linear_ppo_loss)."""
+    op = "linear_cross_entropy" if kind == "ce" else "linear_ppo_loss"
+    name = op + ("+recompute" if recompute else "")
+
+    def eager(hidden, weight, targets, *ppo):
+        if kind == "ce":
+            return F.cross_entropy(F.linear(hidden, weight).float(), targets)
+        B, T = targets.shape
+        (logp,) = eager_logprobs(F.linear(hidden, weight), targets.reshape(-1), False)
+        return _ppo_terms(logp.reshape(B, T), *ppo)
+
+    def chunked(hidden, weight, targets, *ppo):
+        if kind == "ce":
+            (logp,) = chunked_linear(hidden, weight, targets, False)
+            return -logp.mean()
+        (logp,) = chunked_linear(hidden, weight, targets.reshape(-1), False)
+        return _ppo_terms(logp.reshape(targets.shape), *ppo)
+
+    def args(i):
+        if kind == "ce":
+            return i["hidden"], i["weight"], i["targets"]
+        return i["hidden"], i["weight"], i["targets"], i["old_logp"], i["advantages"], i["ref_logp"], i["mask"]
+
+    def ours(backend):
+        def build(i):
+            def fn():
+                if kind == "ce":
+                    return (rk.linear_cross_entropy(*args(i), backend=backend, grad_in_forward=not recompute),)
+                hidden = i["hidden"].reshape(*i["targets"].shape, -1)
+                out = rk.linear_ppo_loss(
+                    hidden, i["weight"], i["targets"], i["old_logp"], i["advantages"], i["mask"],
+                    ref_logp=i["ref_logp"], kl_coef=KL_COEF, clip_low=CLIP, clip_high=CLIP, backend=backend,
+                    grad_in_forward=not recompute,
+                )  # fmt: skip
+                return (out.loss,)
+
+            return fn
+
+        return build
+
+    def probe(backend, device):
+        h, w, t = torch.randn(1, 3, 4, device=device), torch.randn(7, 4, device=device), torch.tensor([[0, 6, 2]])
+        if kind == "ce":
+            rk.linear_cross_entropy(h, w, t.to(device), backend=backend)
+        else:
+            z = torch.zeros(1, 3, device=device)
+            rk.linear_ppo_loss(h, w, t.to(device), z, z + 1, z + 1, backend=backend)
+
+    if recompute:
+        providers = {p: _skipped(op) for p in ("eager", "compile", "chunked", "liger")}
+    else:
+        providers = {
+            "eager": Provider(lambda i: lambda: (eager(*args(i)),)),
+            "compile": Provider(lambda i: (lambda f: lambda: (f(*args(i)),))(compiled(name, eager)), compile_reason),
+            "chunked": Provider(lambda i: lambda: (chunked(*args(i)),)),
+        }
+        if kind == "ce":
+
+            def build_liger(i):
+                from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+                return lambda: (liger_fused_linear_cross_entropy(i["hidden"], i["weight"], i["targets"]),)
+
+            providers["liger"] = Provider(build_liger, liger_reason)
+        else:
+            providers["liger"] = no_liger("its fused-linear GRPO loss is not wired into this suite")
+    fn = rk.linear_cross_entropy if kind == "ce" else rk.linear_ppo_loss
+    for backend in OURS:
+        providers[backend] = Provider(ours(backend), our_reason(name, fn, backend, probe))
+    what = "SFT cross-entropy (token mean)" if kind == "ce" else "PPO loss (k3 KL, token mean)"
+    return OpSpec(
+        name=name,
+        family="linear",
+        make_inputs=make_inputs if kind == "ce" else make_ppo_inputs,
+        grad_names=("hidden", "weight"),
+        providers=providers,
+        bytes_moved=bytes_moved,
+        flops=flops,
+        description=what + " from hidden [N, H] and LM head [V, H]"
+        + (" (ours: logits recomputed in backward)" if recompute else " (ours: gradient computed in the forward)"),
+    )
+
+
 OPS = {"linear_logprobs": _spec(False), "linear_logprobs+ent": _spec(True)}
+for _kind in ("ce", "ppo"):
+    for _recompute in (False, True):
+        _s = _loss_spec(_kind, _recompute)
+        OPS[_s.name] = _s
