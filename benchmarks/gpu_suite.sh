@@ -87,7 +87,7 @@ bench() {  # bench <log-name> <benchmarks.run args...>
 stage_headline() {
   seed_results
   note "headline: our backends and Liger at the target shapes (re-measured)"
-  "$PY" -m benchmarks.run --ops logprobs,logprobs+ent,kl_divergence,ppo_loss --shapes 8192x151936,16384x128256 \
+  "$PY" -m benchmarks.run --ops logprobs,logprobs+ent,kl_divergence,ppo_loss --shapes "${HEADLINE_SHAPES:-8192x151936,16384x128256}" \
     --dtypes bf16 --providers liger,triton,cuda --out "$OUT/results" --no-progress $EXTRA >"$OUT/bench_headline.log" 2>&1 \
     || { note "headline exited $? (see bench_headline.log)"; RC=1; }
   grep -E " (triton|cuda|liger) " "$OUT/bench_headline.log" | cut -c1-140 >&2
@@ -95,7 +95,7 @@ stage_headline() {
 
 stage_ppo_paths() {
   local path
-  for path in shared cluster global two-pass; do
+  for path in ${PPO_PATHS:-shared cluster global two-pass}; do
     RLHF_KERNELS_CUDA_PPO=$path "$PY" -m benchmarks.run --ops ppo_loss --providers cuda --shapes 8192x151936 \
       --dtypes bf16 --mode fwd+bwd --no-plots --no-progress --out "$OUT/ppo_paths_$path" >"$OUT/bench_ppo_$path.log" 2>&1 \
       || note "ppo path $path exited $? (see bench_ppo_$path.log)"
