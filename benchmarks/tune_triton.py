@@ -4,9 +4,10 @@
 
 Times, with ``triton.testing.do_bench`` (median), at one large bandwidth-bound shape:
 
-* the logprobs forward with the shipped per-lane online state (one exp, several selects per element)
-  and with a *block-max* state (the block's max is shared by all lanes, so each element costs one
-  FMA, one NaN-propagating max, one exp2 and three FMAs for ``s``/``t``) at several ``(BLOCK_V, warps)``;
+* the logprobs forward as shipped (``_common.row_softmax_stats``, a block-max state since the first sweep)
+  and the sweep's block-max variant below (max taken on the scaled logits) at several ``(BLOCK_V, warps)``.
+  Before the block-max change the shipped kernel kept a per-lane max (one exp but several selects per
+  element): 1024x4 84% of the copy bandwidth, 4096x8 61% (H100, logs/run2/tune_triton.log);
 * the logprobs backward and the kl_divergence forward at several ``(BLOCK_V, warps)``;
 * where the rest of ``ppo_loss`` / ``logprobs`` time goes (kernel alone vs the whole op, with and
   without target validation).
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     for block, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16)]:
         out = fwd_shipped(rows, y, block, warps)
         ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(out, ref_out))
-        report(f"fwd lane-state  {block}x{warps}{'' if ok else ' MISMATCH'}",
+        report(f"fwd shipped     {block}x{warps}{'' if ok else ' MISMATCH'}",
                do_bench(lambda: fwd_shipped(rows, y, block, warps), return_mode="median"), nbytes)
     for block, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]:
         out = fwd_blockmax(rows, y, block, warps)
