@@ -181,6 +181,18 @@ def _kernel_bwd(g_logp, g_ent, logits, targets, lse, entropy, temperature: float
     return grad.reshape(logits.shape)
 
 
+def _apply_chunk_grad(dlogits, weight, hidden_c, grad_hidden, grad_weight, grad_bias, acc) -> None:
+    """One chunk's share of the gradients from its ``dlogits[n, V]``: ``dX = dlogits @ W`` into
+    ``grad_hidden[n, H]`` (a slice of the full buffer), ``dW += dlogits.T @ X`` and ``db += Σ dlogits``
+    (accumulated in ``acc``); a ``None`` buffer is skipped."""
+    if grad_hidden is not None:
+        torch.mm(dlogits, weight, out=grad_hidden)
+    if grad_weight is not None:
+        _accumulate_weight_grad(grad_weight, dlogits, hidden_c)
+    if grad_bias is not None:
+        grad_bias += dlogits.sum(0, dtype=acc)
+
+
 def _accumulate_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden_c: torch.Tensor) -> None:
     """``grad_weight += dlogits.T @ hidden_c`` with ``grad_weight`` float32 (float64) whatever the inputs' dtype."""
     if dlogits.dtype == grad_weight.dtype:
@@ -281,12 +293,10 @@ def linear_logprobs_bwd(
                 backend,
             )
             del logits
-            if need_hidden:
-                torch.mm(dlogits, weight, out=grad_hidden[s:e])
-            if need_weight:
-                _accumulate_weight_grad(grad_weight, dlogits, hidden_c)
-            if need_bias:
-                grad_bias += dlogits.sum(0, dtype=acc)
+            _apply_chunk_grad(
+                dlogits, weight, hidden_c, grad_hidden[s:e] if need_hidden else None,
+                grad_weight if need_weight else None, grad_bias if need_bias else None, acc,
+            )
             del dlogits
     if need_weight and grad_weight.dtype != weight.dtype:
         grad_weight = grad_weight.to(weight.dtype)
@@ -450,12 +460,10 @@ def linear_loss_fused(
             g_logp, g_ent = w_c * dterm, w_c * -entropy_coef
         dlogits = _kernel_bwd(g_logp, g_ent, logits, targets_c, lse, ent, temperature, ignore_index, backend)
         del logits
-        if need_hidden:
-            torch.mm(dlogits, weight, out=grad_hidden[s:e])
-        if need_weight:
-            _accumulate_weight_grad(grad_weight, dlogits, hidden_c)
-        if need_bias:
-            grad_bias += dlogits.sum(0, dtype=acc)
+        _apply_chunk_grad(
+            dlogits, weight, hidden_c, grad_hidden[s:e] if need_hidden else None,
+            grad_weight if need_weight else None, grad_bias if need_bias else None, acc,
+        )
         del dlogits
     if loss == "nll":
         term = -logp
