@@ -98,10 +98,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tenso
   return {logp, entropy, lse};
 }
 
-at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
-                             const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
-                             double temperature, int64_t ignore_index) {
+// `grad`: shaped like logits, its dtype, vocab stride 1, any row strides (rows of a larger gradient).
+void check_grad_out(const at::Tensor& grad, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(grad.sizes() == like.sizes() && grad.scalar_type() == like.scalar_type() && grad.stride(2) == 1 &&
+                  grad.device() == like.device(),
+              name, " must be shaped like ", like.sizes(), " of ", like.scalar_type(), " on ", like.device(),
+              " with unit vocab stride, got ", grad.sizes(), " ", grad.scalar_type(), " strides ", grad.strides());
+}
+
+void logprobs_bwd_out_cuda(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
+                           const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
+                           double temperature, int64_t ignore_index, at::Tensor& grad) {
   check_rows(logits, "logits");
+  check_grad_out(grad, logits, "grad");
   const cuda::DType dtype = cuda_dtype(logits, "logprobs");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), N = B * T;
@@ -110,14 +119,22 @@ at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& grad
   const at::Tensor g_ent = per_row(grad_entropy, N, at::kFloat, logits, "grad_entropy");
   const at::Tensor lse_c = per_row(lse, N, at::kFloat, logits, "lse");
   const at::Tensor ent_c = per_row(entropy, N, at::kFloat, logits, "entropy");
-  at::Tensor grad = at::empty({B, T, V}, logits.options());
   check_cuda_error(
       cuda::launch_logprobs_bwd(dtype, grad.data_ptr(), logits.const_data_ptr(), y.const_data_ptr<int64_t>(),
                                 g_lp.const_data_ptr<float>(), g_ent.const_data_ptr<float>(),
                                 lse_c.const_data_ptr<float>(), ent_c.const_data_ptr<float>(), B, T, logits.stride(0),
-                                logits.stride(1), V, static_cast<float>(1.0 / temperature), ignore_index,
+                                logits.stride(1), grad.stride(0), grad.stride(1), V,
+                                static_cast<float>(1.0 / temperature), ignore_index,
                                 c10::cuda::getCurrentCUDAStream()),
       "logprobs_bwd");
+}
+
+at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
+                             const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
+                             double temperature, int64_t ignore_index) {
+  check_rows(logits, "logits");
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  logprobs_bwd_out_cuda(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, grad);
   return grad;
 }
 
@@ -151,7 +168,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_divergence_fwd_cuda(const at::
 std::tuple<at::Tensor, at::Tensor> kl_divergence_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits,
                                                           const at::Tensor& ref_logits, const at::Tensor& kl,
                                                           const at::Tensor& lse_z, const at::Tensor& lse_r,
-                                                          double temperature, bool need_ref_grad) {
+                                                          double temperature, bool need_ref_grad,
+                                                          const std::optional<at::Tensor>& grad_out,
+                                                          const std::optional<at::Tensor>& ref_grad_out) {
   const auto [x, r] = kl_inputs(logits, ref_logits);
   const cuda::DType dtype = cuda_dtype(x, "kl_divergence");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -160,17 +179,36 @@ std::tuple<at::Tensor, at::Tensor> kl_divergence_bwd_cuda(const at::Tensor& grad
   const at::Tensor kl_c = per_row(kl, N, at::kFloat, x, "kl");
   const at::Tensor lz = per_row(lse_z, N, at::kFloat, x, "lse_z");
   const at::Tensor lr = per_row(lse_r, N, at::kFloat, x, "lse_r");
-  at::Tensor dz = at::empty({B, T, V}, x.options());
-  at::Tensor dr = need_ref_grad ? at::empty({B, T, V}, r.options()) : at::empty({0}, ref_logits.options());
+  // With grad_out / ref_grad_out (shaped like the inputs, their dtypes, any row strides) the kernel
+  // writes there directly when the dtypes match the computed one (else through a float32 buffer)
+  // and empty tensors come back in their place.
+  if (grad_out.has_value()) check_grad_out(*grad_out, logits, "grad_out");
+  if (need_ref_grad && ref_grad_out.has_value()) check_grad_out(*ref_grad_out, ref_logits, "ref_grad_out");
+  const bool dz_direct = grad_out.has_value() && grad_out->scalar_type() == x.scalar_type();
+  const bool dr_direct = need_ref_grad && ref_grad_out.has_value() && ref_grad_out->scalar_type() == r.scalar_type();
+  at::Tensor dz = dz_direct ? *grad_out : at::empty({B, T, V}, x.options());
+  at::Tensor dr = dr_direct ? *ref_grad_out
+                            : (need_ref_grad ? at::empty({B, T, V}, r.options()) : at::empty({0}, ref_logits.options()));
   check_cuda_error(cuda::launch_kl_bwd(dtype, dz.data_ptr(), need_ref_grad ? dr.data_ptr() : nullptr,
                                        x.const_data_ptr(), r.const_data_ptr(), g.const_data_ptr<float>(),
                                        kl_c.const_data_ptr<float>(), lz.const_data_ptr<float>(),
                                        lr.const_data_ptr<float>(), B, T, x.stride(0), x.stride(1), r.stride(0),
-                                       r.stride(1), V, static_cast<float>(1.0 / temperature),
+                                       r.stride(1), dz.stride(0), dz.stride(1), need_ref_grad ? dr.stride(0) : 0,
+                                       need_ref_grad ? dr.stride(1) : 0, V, static_cast<float>(1.0 / temperature),
                                        c10::cuda::getCurrentCUDAStream()),
                    "kl_divergence_bwd");
-  if (dz.scalar_type() != logits.scalar_type()) dz = dz.to(logits.scalar_type());
-  if (need_ref_grad && dr.scalar_type() != ref_logits.scalar_type()) dr = dr.to(ref_logits.scalar_type());
+  if (grad_out.has_value()) {
+    if (!dz_direct) grad_out->copy_(dz);
+    dz = at::empty({0}, logits.options());
+  } else if (dz.scalar_type() != logits.scalar_type()) {
+    dz = dz.to(logits.scalar_type());
+  }
+  if (need_ref_grad && ref_grad_out.has_value()) {
+    if (!dr_direct) ref_grad_out->copy_(dr);
+    dr = at::empty({0}, ref_logits.options());
+  } else if (need_ref_grad && dr.scalar_type() != ref_logits.scalar_type()) {
+    dr = dr.to(ref_logits.scalar_type());
+  }
   return {dz, dr};
 }
 
@@ -205,7 +243,7 @@ std::vector<at::Tensor> ppo_fwd_cuda(const at::Tensor& logits, const at::Tensor&
                                      const std::optional<at::Tensor>& weights, double temperature,
                                      int64_t ignore_index, double kl_coef, int64_t kl_estimator, double entropy_coef,
                                      double clip_low, double clip_high, std::optional<double> dual_clip,
-                                     int64_t path) {
+                                     int64_t path, const std::optional<at::Tensor>& grad_out) {
   check_rows(logits, "logits");
   TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 3, "kl_estimator must be 1, 2 or 3, got ", kl_estimator);
   const cuda::DType dtype = cuda_dtype(logits, "ppo_loss");
@@ -220,9 +258,16 @@ std::vector<at::Tensor> ppo_fwd_cuda(const at::Tensor& logits, const at::Tensor&
   auto opts = logits.options().dtype(at::kFloat);
   std::vector<at::Tensor> out;
   for (int i = 0; i < 6; ++i) out.push_back(at::empty({B, T}, opts));
-  at::Tensor grad = with_grad ? at::empty({B, T, V}, logits.options()) : at::empty({0}, logits.options());
+  // grad_out (shaped like logits, its dtype, any row strides): dlogits is written there and an
+  // empty tensor comes back in its place.
+  TORCH_CHECK(!grad_out.has_value() || with_grad, "grad_out needs weights");
+  if (grad_out.has_value()) check_grad_out(*grad_out, logits, "grad_out");
+  at::Tensor grad = grad_out.has_value() ? *grad_out
+                    : with_grad          ? at::empty({B, T, V}, logits.options())
+                                         : at::empty({0}, logits.options());
+  const auto result_grad = [&]() { return grad_out.has_value() ? at::empty({0}, logits.options()) : grad; };
   if (N == 0) {
-    out.push_back(grad);
+    out.push_back(result_grad());
     return out;
   }
   const cuda::PpoPlan plan = ppo_plan_for(logits, with_grad ? path : 0, with_grad);
@@ -244,9 +289,10 @@ std::vector<at::Tensor> ppo_fwd_cuda(const at::Tensor& logits, const at::Tensor&
                            with_grad ? w.const_data_ptr<float>() : nullptr, out[0].data_ptr<float>(),
                            out[1].data_ptr<float>(), out[2].data_ptr<float>(), out[3].data_ptr<float>(),
                            out[4].data_ptr<float>(), out[5].data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr,
-                           B, T, logits.stride(0), logits.stride(1), V, params, c10::cuda::getCurrentCUDAStream()),
+                           B, T, logits.stride(0), logits.stride(1), with_grad ? grad.stride(0) : 0,
+                           with_grad ? grad.stride(1) : 0, V, params, c10::cuda::getCurrentCUDAStream()),
       "ppo_fwd");
-  out.push_back(grad);
+  out.push_back(result_grad());
   return out;
 }
 
@@ -270,22 +316,28 @@ TORCH_LIBRARY(rlhf_kernels_C, m) {
   m.def(
       "logprobs_bwd(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor targets, Tensor lse, "
       "Tensor entropy, float temperature, int ignore_index) -> Tensor");
+  // The same gradient written into `grad` (shaped like logits, vocab stride 1, any row strides).
+  m.def(
+      "logprobs_bwd_out(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor targets, Tensor lse, "
+      "Tensor entropy, float temperature, int ignore_index, Tensor(a!) grad) -> ()");
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
   // CUDA-only kernels (the cuda backend of kl_divergence and ppo_loss).
   m.def("kl_divergence_fwd(Tensor logits, Tensor ref_logits, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def(
       "kl_divergence_bwd(Tensor grad, Tensor logits, Tensor ref_logits, Tensor kl, Tensor lse_z, Tensor lse_r, "
-      "float temperature, bool need_ref_grad) -> (Tensor, Tensor)");
+      "float temperature, bool need_ref_grad, Tensor(a!)? grad_out=None, Tensor(b!)? ref_grad_out=None) "
+      "-> (Tensor, Tensor)");
   m.def(
       "ppo_fwd(Tensor logits, Tensor targets, Tensor old_logp, Tensor advantages, Tensor? ref_logp, "
       "Tensor? weights, float temperature, int ignore_index, float kl_coef, int kl_estimator, float entropy_coef, "
-      "float clip_low, float clip_high, float? dual_clip, int path) -> Tensor[]");
+      "float clip_low, float clip_high, float? dual_clip, int path, Tensor(a!)? grad_out=None) -> Tensor[]");
   m.def("scale_unless_one_(Tensor(a!) x, Tensor scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_kernels_C, CPU, m) {
   m.impl("logprobs_fwd", &rlhf_kernels::cpu::logprobs_fwd);
   m.impl("logprobs_bwd", &rlhf_kernels::cpu::logprobs_bwd);
+  m.impl("logprobs_bwd_out", &rlhf_kernels::cpu::logprobs_bwd_out);
   m.impl("gae", &rlhf_kernels::cpu::gae);
 }
 
@@ -294,6 +346,7 @@ TORCH_LIBRARY_IMPL(rlhf_kernels_C, CUDA, m) {
   m.impl("gae", &rlhf_kernels::gae_cuda);
   m.impl("logprobs_fwd", &rlhf_kernels::logprobs_fwd_cuda);
   m.impl("logprobs_bwd", &rlhf_kernels::logprobs_bwd_cuda);
+  m.impl("logprobs_bwd_out", &rlhf_kernels::logprobs_bwd_out_cuda);
   m.impl("kl_divergence_fwd", &rlhf_kernels::kl_divergence_fwd_cuda);
   m.impl("kl_divergence_bwd", &rlhf_kernels::kl_divergence_bwd_cuda);
   m.impl("ppo_fwd", &rlhf_kernels::ppo_fwd_cuda);

@@ -197,7 +197,9 @@ void backward_rows(
     const acc_type_t<scalar_t>* grad_entropy,
     const acc_type_t<scalar_t>* lse_in,
     const acc_type_t<scalar_t>* entropy_in,
-    scalar_t* grad_out,  // contiguous [rows, vocab]
+    scalar_t* grad_out,  // [B, T, V]: row (b, t) at b·grad_stride_outer + t·grad_stride_inner
+    int64_t grad_stride_outer,
+    int64_t grad_stride_inner,
     int64_t begin,
     int64_t end) {
   using acc_t = acc_type_t<scalar_t>;
@@ -205,7 +207,7 @@ void backward_rows(
   alignas(64) acc_t buf[kChunk];
   for (int64_t row = begin; row < end; ++row) {
     const scalar_t* x = logits + (row / rows_inner) * stride_outer + (row % rows_inner) * stride_inner;
-    scalar_t* dx = grad_out + row * vocab;
+    scalar_t* dx = grad_out + (row / rows_inner) * grad_stride_outer + (row % rows_inner) * grad_stride_inner;
     const int64_t y = targets[row];
     if (y == ignore_index) {
       std::fill(dx, dx + vocab, scalar_t(0));
@@ -250,11 +252,15 @@ RowLayout check_layout(const at::Tensor& logits, const at::Tensor& targets) {
 // A fresh [N, V] gradient is mostly first-touch page faults (4 KiB each, zeroed by the
 // kernel): ~130 ms of a 150 ms backward at N=2048, V=50257 fp32. Asking for transparent
 // huge pages on the buffer (honoured when THP is "madvise" or "always") cuts that ~5x.
+// `t` may be strided (rows of a larger gradient): the advice covers its first to last element.
 void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (t.numel() == 0) return;
+  int64_t last_elem = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last_elem += (t.size(d) - 1) * t.stride(d);
   const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t end = begin + static_cast<uintptr_t>(last_elem + 1) * t.element_size();
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t last = end & ~(kHuge - 1);
   if (last > first) {
@@ -296,6 +302,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
   return {logp, entropy, lse};
 }
 
+void logprobs_bwd_out(
+    const at::Tensor& grad_logp,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logits,
+    const at::Tensor& targets,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    double temperature,
+    int64_t ignore_index,
+    at::Tensor& grad) {
+  const RowLayout L = check_layout(logits, targets);
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() && grad.stride(2) == 1 &&
+                  grad.device().is_cpu(),
+              "grad must be a CPU tensor shaped like logits ", logits.sizes(), " of its dtype with unit vocab stride, got ",
+              grad.sizes(), " ", grad.scalar_type(), " strides ", grad.strides());
+  const int64_t rows = L.outer * L.inner;
+  const auto stat_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&grad_logp, &grad_entropy, &lse, &entropy}) {
+    TORCH_CHECK(t->numel() == rows && t->scalar_type() == stat_dtype,
+                "per-row inputs of logprobs_bwd must have B*T elements of the statistics dtype");
+  }
+  const at::Tensor g_lp = grad_logp.contiguous(), g_ent = grad_entropy.contiguous();
+  const at::Tensor lse_c = lse.contiguous(), ent_c = entropy.contiguous();
+  if (rows == 0) return;
+  advise_huge_pages(grad);
+  const int64_t gs_outer = grad.stride(0), gs_inner = grad.stride(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_bwd_cpu", [&] {
+    using out_t = float_or_double_t<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const int64_t* y = targets.const_data_ptr<int64_t>();
+    scalar_t* dx = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_for(L.vocab), [&](int64_t begin, int64_t end) {
+      backward_rows<scalar_t>(x, L.inner, L.stride_outer, L.stride_inner, L.vocab, y, ignore_index, temperature,
+                              g_lp.const_data_ptr<out_t>(), g_ent.const_data_ptr<out_t>(),
+                              lse_c.const_data_ptr<out_t>(), ent_c.const_data_ptr<out_t>(), dx, gs_outer,
+                              gs_inner, begin, end);
+    });
+  });
+}
+
 at::Tensor logprobs_bwd(
     const at::Tensor& grad_logp,
     const at::Tensor& grad_entropy,
@@ -305,29 +351,9 @@ at::Tensor logprobs_bwd(
     const at::Tensor& entropy,
     double temperature,
     int64_t ignore_index) {
-  const RowLayout L = check_layout(logits, targets);
-  const int64_t rows = L.outer * L.inner;
-  const auto stat_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (const at::Tensor* t : {&grad_logp, &grad_entropy, &lse, &entropy}) {
-    TORCH_CHECK(t->numel() == rows && t->scalar_type() == stat_dtype,
-                "per-row inputs of logprobs_bwd must have B*T elements of the statistics dtype");
-  }
-  const at::Tensor g_lp = grad_logp.contiguous(), g_ent = grad_entropy.contiguous();
-  const at::Tensor lse_c = lse.contiguous(), ent_c = entropy.contiguous();
-  at::Tensor grad = at::empty({L.outer, L.inner, L.vocab}, logits.options());
-  if (rows == 0) return grad;
-  advise_huge_pages(grad);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_bwd_cpu", [&] {
-    using out_t = float_or_double_t<scalar_t>;
-    const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    const int64_t* y = targets.const_data_ptr<int64_t>();
-    scalar_t* dx = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain_for(L.vocab), [&](int64_t begin, int64_t end) {
-      backward_rows<scalar_t>(x, L.inner, L.stride_outer, L.stride_inner, L.vocab, y, ignore_index, temperature,
-                              g_lp.const_data_ptr<out_t>(), g_ent.const_data_ptr<out_t>(),
-                              lse_c.const_data_ptr<out_t>(), ent_c.const_data_ptr<out_t>(), dx, begin, end);
-    });
-  });
+  TORCH_CHECK(logits.dim() == 3, "logits must be viewed as [B, T, V], got ", logits.sizes());
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  logprobs_bwd_out(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, grad);
   return grad;
 }
 

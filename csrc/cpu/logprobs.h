@@ -29,5 +29,18 @@ at::Tensor logprobs_bwd(
     double temperature,
     int64_t ignore_index);
 
+// The same gradient written into `grad`: shaped like logits, its dtype, vocab stride 1, any
+// row strides (e.g. rows [a, a + T) of the gradient of the [B, T+1, V] logits).
+void logprobs_bwd_out(
+    const at::Tensor& grad_logp,
+    const at::Tensor& grad_entropy,
+    const at::Tensor& logits,
+    const at::Tensor& targets,
+    const at::Tensor& lse,
+    const at::Tensor& entropy,
+    double temperature,
+    int64_t ignore_index,
+    at::Tensor& grad);
+
 }  // namespace cpu
 }  // namespace rlhf_kernels

@@ -133,17 +133,18 @@ __global__ void __launch_bounds__(256) kl_bwd_kernel(T* __restrict__ grad_z, T* 
                                                      const float* __restrict__ lse_z,
                                                      const float* __restrict__ lse_r, int64_t rows_inner,
                                                      int64_t stride_b, int64_t stride_t, int64_t ref_stride_b,
-                                                     int64_t ref_stride_t, int64_t vocab, float inv_t,
-                                                     int64_t cols_per_cta) {
+                                                     int64_t ref_stride_t, int64_t gz_stride_b, int64_t gz_stride_t,
+                                                     int64_t gr_stride_b, int64_t gr_stride_t, int64_t vocab,
+                                                     float inv_t, int64_t cols_per_cta) {
   constexpr int kVec = Vec<T>::kSize;
   const int64_t row = blockIdx.x;
   const int64_t c_lo = static_cast<int64_t>(blockIdx.y) * cols_per_cta;
   const int64_t c_hi = c_lo + cols_per_cta < vocab ? c_lo + cols_per_cta : vocab;
   const T* x = row_ptr(logits, row, rows_inner, stride_b, stride_t);
   const T* xr = row_ptr(ref_logits, row, rows_inner, ref_stride_b, ref_stride_t);
-  T* dz_row = grad_z + row * vocab;
-  T* dr_row = grad_r == nullptr ? nullptr : grad_r + row * vocab;
-  // both are fresh [N, V] allocations, so co-aligned in practice; if not, dr takes scalar stores
+  T* dz_row = row_ptr(grad_z, row, rows_inner, gz_stride_b, gz_stride_t);
+  T* dr_row = grad_r == nullptr ? nullptr : row_ptr(grad_r, row, rows_inner, gr_stride_b, gr_stride_t);
+  // co-aligned in practice (fresh allocations of one shape); if not, dr takes scalar stores
   const bool dr_vec = dr_row != nullptr && co_aligned(dr_row, dz_row);
   const float g = grad[row] * inv_t;
   const float klv = kl[row], lz = lse_z[row], lr = lse_r[row];
@@ -192,7 +193,8 @@ cudaError_t launch_kl_fwd(DType dtype, const void* logits, const void* ref_logit
 cudaError_t launch_kl_bwd(DType dtype, void* grad_z, void* grad_r, const void* logits, const void* ref_logits,
                           const float* grad, const float* kl, const float* lse_z, const float* lse_r,
                           int64_t rows_outer, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
-                          int64_t ref_stride_b, int64_t ref_stride_t, int64_t vocab, float inv_t,
+                          int64_t ref_stride_b, int64_t ref_stride_t, int64_t gz_stride_b, int64_t gz_stride_t,
+                          int64_t gr_stride_b, int64_t gr_stride_t, int64_t vocab, float inv_t,
                           cudaStream_t stream) {
   const int64_t rows = rows_outer * rows_inner;
   if (rows == 0) return cudaSuccess;
@@ -208,7 +210,8 @@ cudaError_t launch_kl_bwd(DType dtype, void* grad_z, void* grad_r, const void* l
     kl_bwd_kernel<T><<<grid, threads, 0, stream>>>(static_cast<T*>(grad_z), static_cast<T*>(grad_r),
                                                    static_cast<const T*>(logits), static_cast<const T*>(ref_logits),
                                                    grad, kl, lse_z, lse_r, rows_inner, stride_b, stride_t,
-                                                   ref_stride_b, ref_stride_t, vocab, inv_t, cols_per_cta);
+                                                   ref_stride_b, ref_stride_t, gz_stride_b, gz_stride_t,
+                                                   gr_stride_b, gr_stride_t, vocab, inv_t, cols_per_cta);
     return cudaGetLastError();
   });
 }

@@ -26,12 +26,14 @@ cudaError_t launch_logprobs_fwd(DType dtype, const void* logits, const int64_t* 
                                 int64_t stride_t, int64_t vocab, float inv_t, int64_t ignore_index,
                                 cudaStream_t stream);
 
-// logprobs backward into grad, a contiguous [B·T, V] tensor of the logits' dtype.
+// logprobs backward into grad, a [B, T, V] tensor of the logits' dtype with vocab stride 1 and
+// row (b, t) at b·grad_stride_b + t·grad_stride_t (contiguous: T·V and V; rows of a larger
+// gradient, e.g. the [B, T+1, V] logits' one, otherwise).
 cudaError_t launch_logprobs_bwd(DType dtype, void* grad, const void* logits, const int64_t* targets,
                                 const float* grad_logp, const float* grad_entropy, const float* lse,
                                 const float* entropy, int64_t rows_outer, int64_t rows_inner, int64_t stride_b,
-                                int64_t stride_t, int64_t vocab, float inv_t, int64_t ignore_index,
-                                cudaStream_t stream);
+                                int64_t stride_t, int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab,
+                                float inv_t, int64_t ignore_index, cudaStream_t stream);
 
 // Exact KL(softmax(z) || softmax(r)) per row, with lse of both rows. Both inputs of one dtype.
 cudaError_t launch_kl_fwd(DType dtype, const void* logits, const void* ref_logits, float* kl, float* lse_z,
@@ -39,11 +41,13 @@ cudaError_t launch_kl_fwd(DType dtype, const void* logits, const void* ref_logit
                           int64_t ref_stride_b, int64_t ref_stride_t, int64_t vocab, float inv_t,
                           cudaStream_t stream);
 
-// KL backward: grad_z (and grad_r when not null), contiguous [B·T, V] in the inputs' dtype.
+// KL backward: grad_z (and grad_r when not null), [B, T, V] in the inputs' dtype, vocab stride 1,
+// rows at the given strides (as launch_logprobs_bwd).
 cudaError_t launch_kl_bwd(DType dtype, void* grad_z, void* grad_r, const void* logits, const void* ref_logits,
                           const float* grad, const float* kl, const float* lse_z, const float* lse_r,
                           int64_t rows_outer, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
-                          int64_t ref_stride_b, int64_t ref_stride_t, int64_t vocab, float inv_t,
+                          int64_t ref_stride_b, int64_t ref_stride_t, int64_t gz_stride_b, int64_t gz_stride_t,
+                          int64_t gr_stride_b, int64_t gr_stride_t, int64_t vocab, float inv_t,
                           cudaStream_t stream);
 
 // Scalars of the fused PPO term (see ppo.cu).
@@ -77,13 +81,14 @@ struct PpoPlan {
 PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, int device);
 
 // Fused PPO per-token term: (term, logp, entropy, kl, clipped, lse) per row; when `weights`
-// is not null, also grad = weight_row·∂term/∂logits (contiguous [B·T, V], logits' dtype).
-// ref_logp may be null (has_ref = false).
+// is not null, also grad = weight_row·∂term/∂logits ([B, T, V], logits' dtype, vocab stride 1,
+// rows at the given strides as in launch_logprobs_bwd). ref_logp may be null (has_ref = false).
 cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits, const int64_t* targets,
                            const float* old_logp, const float* advantages, const float* ref_logp,
                            const float* weights, float* term, float* logp, float* entropy, float* kl, float* clipped,
                            float* lse, void* grad, int64_t rows_outer, int64_t rows_inner, int64_t stride_b,
-                           int64_t stride_t, int64_t vocab, const PpoParams& params, cudaStream_t stream);
+                           int64_t stride_t, int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab,
+                           const PpoParams& params, cudaStream_t stream);
 
 // x[0:n] *= *scale in place, skipped (no memory traffic) when *scale == 1 (read on the device).
 cudaError_t launch_scale_unless_one(DType dtype, void* x, int64_t n, const float* scale, cudaStream_t stream);

@@ -48,12 +48,13 @@ __global__ void __launch_bounds__(256) logprobs_bwd_kernel(T* __restrict__ grad,
                                                            const float* __restrict__ grad_entropy,
                                                            const float* __restrict__ lse,
                                                            const float* __restrict__ entropy, int64_t rows_inner,
-                                                           int64_t stride_b, int64_t stride_t, int64_t vocab,
-                                                           float inv_t, int64_t ignore_index, int64_t cols_per_cta) {
+                                                           int64_t stride_b, int64_t stride_t, int64_t grad_stride_b,
+                                                           int64_t grad_stride_t, int64_t vocab, float inv_t,
+                                                           int64_t ignore_index, int64_t cols_per_cta) {
   const int64_t row = blockIdx.x;
   const int64_t c_lo = static_cast<int64_t>(blockIdx.y) * cols_per_cta;
   const int64_t c_hi = c_lo + cols_per_cta < vocab ? c_lo + cols_per_cta : vocab;
-  T* dx = grad + row * vocab;
+  T* dx = row_ptr(grad, row, rows_inner, grad_stride_b, grad_stride_t);
   const int64_t y = targets[row];
   if (y == ignore_index) {
     zero_row_range(dx, c_lo, c_hi, threadIdx.x, blockDim.x);
@@ -86,8 +87,8 @@ cudaError_t launch_logprobs_fwd(DType dtype, const void* logits, const int64_t* 
 cudaError_t launch_logprobs_bwd(DType dtype, void* grad, const void* logits, const int64_t* targets,
                                 const float* grad_logp, const float* grad_entropy, const float* lse,
                                 const float* entropy, int64_t rows_outer, int64_t rows_inner, int64_t stride_b,
-                                int64_t stride_t, int64_t vocab, float inv_t, int64_t ignore_index,
-                                cudaStream_t stream) {
+                                int64_t stride_t, int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab,
+                                float inv_t, int64_t ignore_index, cudaStream_t stream) {
   const int64_t rows = rows_outer * rows_inner;
   if (rows == 0) return cudaSuccess;
   if (rows > kMaxGridX || vocab < 1) return cudaErrorInvalidValue;
@@ -102,8 +103,8 @@ cudaError_t launch_logprobs_bwd(DType dtype, void* grad, const void* logits, con
     const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(splits));
     logprobs_bwd_kernel<T><<<grid, threads, 0, stream>>>(static_cast<T*>(grad), static_cast<const T*>(logits),
                                                          targets, grad_logp, grad_entropy, lse, entropy, rows_inner,
-                                                         stride_b, stride_t, vocab, inv_t, ignore_index,
-                                                         cols_per_cta);
+                                                         stride_b, stride_t, grad_stride_b, grad_stride_t, vocab,
+                                                         inv_t, ignore_index, cols_per_cta);
     return cudaGetLastError();
   });
 }

@@ -91,8 +91,9 @@ struct PpoOutputs {
 template <typename T, bool kCluster>
 __global__ void __launch_bounds__(512, 2)
     ppo_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, PpoOutputs io,
-                   T* __restrict__ grad, int64_t rows_inner, int64_t stride_b, int64_t stride_t, int64_t vocab,
-                   PpoParams p, int64_t vecs_per_cta, bool in_smem) {
+                   T* __restrict__ grad, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
+                   int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab, PpoParams p, int64_t vecs_per_cta,
+                   bool in_smem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   if constexpr (kCluster) {
     __trap();  // the host launches the cluster variant only where it was compiled for sm_90+
@@ -198,7 +199,7 @@ __global__ void __launch_bounds__(512, 2)
       // sweep 2: this CTA's columns of dlogits, from shared memory or from the logits again
       const int64_t c_lo = max(k_lo * kVec - rv.pre, int64_t(0));
       const int64_t c_hi = min(k_hi * kVec - rv.pre, vocab);
-      T* dx = grad + row * vocab;
+      T* dx = row_ptr(grad, row, rows_inner, grad_stride_b, grad_stride_t);
       if (!valid) {
         zero_row_range(dx, c_lo, c_hi, threadIdx.x, blockDim.x);
       } else {
@@ -306,7 +307,8 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
                            const float* old_logp, const float* advantages, const float* ref_logp,
                            const float* weights, float* term, float* logp, float* entropy, float* kl, float* clipped,
                            float* lse, void* grad, int64_t rows_outer, int64_t rows_inner, int64_t stride_b,
-                           int64_t stride_t, int64_t vocab, const PpoParams& params, cudaStream_t stream) {
+                           int64_t stride_t, int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab,
+                           const PpoParams& params, cudaStream_t stream) {
   const int64_t rows = rows_outer * rows_inner;
   if (rows == 0) return cudaSuccess;
   if (vocab < 1 || plan.cluster < 1 || (grad != nullptr) != (weights != nullptr) ||
@@ -332,7 +334,8 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
         if (err != cudaSuccess) return err;
       }
       ppo_fwd_kernel<T, false><<<static_cast<unsigned>(rows), plan.threads, smem, stream>>>(
-          x, targets, io, dx, rows_inner, stride_b, stride_t, vocab, params, per_cta, in_smem);
+          x, targets, io, dx, rows_inner, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab, params, per_cta,
+          in_smem);
       return cudaGetLastError();
     }
     cudaError_t err = cudaFuncSetAttribute(ppo_fwd_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -354,7 +357,7 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
     config.attrs = attribute;
     config.numAttrs = 1;
     err = cudaLaunchKernelEx(&config, ppo_fwd_kernel<T, true>, x, targets, io, dx, rows_inner, stride_b, stride_t,
-                             vocab, params, per_cta, true);
+                             grad_stride_b, grad_stride_t, vocab, params, per_cta, true);
     if (err != cudaSuccess) return err;
     return cudaGetLastError();
   });

@@ -202,10 +202,11 @@ __device__ __forceinline__ SoftmaxState row_softmax_stats(const T* __restrict__ 
   return block_softmax_reduce(st);
 }
 
-// Row start of row `row` of a [B, T, V] view with strides (stride_b, stride_t, 1).
-template <typename T>
-__device__ __forceinline__ const T* row_ptr(const T* base, int64_t row, int64_t rows_inner, int64_t stride_b,
-                                            int64_t stride_t) {
+// Row start of row `row` of a [B, T, V] view with strides (stride_b, stride_t, 1); P may be const
+// (logits) or not (gradients written at their own row strides).
+template <typename P>
+__device__ __forceinline__ P* row_ptr(P* base, int64_t row, int64_t rows_inner, int64_t stride_b,
+                                      int64_t stride_t) {
   const int64_t b = row / rows_inner;
   return base + b * stride_b + (row - b * rows_inner) * stride_t;
 }

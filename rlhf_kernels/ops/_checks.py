@@ -89,3 +89,104 @@ def find_bad_target(targets: torch.Tensor, vocab: int, ignore_index: int) -> Opt
         return None
     position = tuple(int(i) for i in bad.nonzero()[0].tolist())
     return position, int(targets[position])
+
+
+# ------------------------------------------------------------- row ranges of a base tensor
+
+# ``row_count`` value meaning "every row of ``logits``": the op sees exactly the tensor it was given.
+WHOLE = -1
+
+
+def slice_of_base(view: torch.Tensor) -> Optional[tuple]:
+    """``(base, a)`` when ``view`` is ``base[:, a:a+T]`` of a 3-D ``base`` whose gradient autograd tracks; else ``None``.
+
+    Why: for ``rk.ppo_loss(logits[:, :-1], ...)`` autograd would turn the op's
+    ``[B, T, V]`` gradient into a zero-filled ``[B, T+1, V]`` tensor plus a copy
+    (SliceBackward). Calling the op with ``base`` and the row range instead lets
+    its backward write the gradient straight into a tensor shaped like ``base``.
+
+    Every condition is checked, and any doubt gives ``None`` (the caller then
+    passes ``view`` itself, today's behaviour):
+
+    - eager autograd only: not while ``torch.compile`` / fake or functional tensors
+      trace (there the graph sees the plain view), grad mode on;
+    - ``view`` is a plain ``torch.Tensor`` with a ``grad_fn`` (so its gradient really
+      flows to ``view._base``: a view made under ``no_grad`` has none), no
+      ``retain_grad()`` and no hooks of its own (they would not fire);
+    - ``base = view._base`` is a plain 3-D tensor that requires grad, with the same
+      dtype, device, B and V, rows that do not overlap, unit vocab stride;
+    - ``view`` has ``base``'s strides and its storage offset is ``a·stride(1)`` past
+      ``base``'s with ``0 <= a`` and ``a + T <= base.shape[1]``: then element
+      ``(b, t, v)`` of ``view`` is element ``(b, a + t, v)`` of ``base``, by address.
+    """
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return None
+    if type(view) is not torch.Tensor or view.grad_fn is None or view.retains_grad or view._backward_hooks:
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(view):
+        return None
+    base = view._base
+    if base is None or type(base) is not torch.Tensor or not base.requires_grad:
+        return None
+    if view.dim() != 3 or base.dim() != 3 or view.numel() == 0:
+        return None
+    batch, rows, vocab = view.shape
+    full = base.shape[1]
+    if base.shape[0] != batch or base.shape[2] != vocab or base.dtype != view.dtype or base.device != view.device:
+        return None
+    if view.stride() != base.stride() or base.stride(2) != 1:
+        return None
+    stride_b, stride_t = base.stride(0), base.stride(1)
+    # row-major, non-overlapping rows: an offset then names one start row
+    if (full > 1 and stride_t < vocab) or (batch > 1 and stride_b < (full - 1) * stride_t + vocab):
+        return None
+    offset = view.storage_offset() - base.storage_offset()
+    if offset == 0:
+        start = 0
+    elif full > 1 and stride_t > 0 and offset > 0 and offset % stride_t == 0:
+        start = offset // stride_t
+    else:
+        return None
+    if start + rows > full:
+        return None
+    return base, start
+
+
+def base_and_range(logits: torch.Tensor) -> tuple:
+    """What a public op passes to its custom op: ``(base, a, T)`` when ``slice_of_base`` finds one, else ``(logits, 0, WHOLE)``."""
+    found = slice_of_base(logits)
+    if found is None:
+        return logits, 0, WHOLE
+    base, start = found
+    return base, start, logits.shape[1]
+
+
+def rows_in_range(logits: torch.Tensor, row_start: int, row_count: int) -> torch.Tensor:
+    """The tensor an op computes on: ``logits`` itself (``row_count == WHOLE``), else ``logits[:, row_start:row_start+row_count]``."""
+    if row_count == WHOLE:
+        return logits
+    if logits.dim() != 3 or row_start < 0 or row_count < 0 or row_start + row_count > logits.shape[1]:
+        raise ValueError(
+            f"row range [{row_start}, {row_start + row_count}) needs logits of shape [B, L, V] with L >= "
+            f"{row_start + row_count}, got {tuple(logits.shape)}"
+        )
+    return logits.narrow(1, row_start, row_count)
+
+
+def grad_for_range(base: torch.Tensor, row_start: int, row_count: int):
+    """``(full, inner)``: an uninitialised contiguous gradient shaped like ``base`` and its rows ``[row_start, row_start + row_count)``.
+
+    The caller's kernel writes ``inner`` (strided: row ``(b, t)`` at
+    ``b·L·V + (row_start + t)·V``), then ``zero_outside`` zeroes the other
+    ``B·(L - row_count)·V`` elements (after the kernel: on the CPU the kernel's
+    huge-page advice then covers the untouched buffer).
+    """
+    full = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    return full, full.narrow(1, row_start, row_count)
+
+
+def zero_outside(full: torch.Tensor, row_start: int, row_count: int) -> torch.Tensor:
+    """Zero the rows of ``full[B, L, V]`` outside ``[row_start, row_start + row_count)``; returns ``full``."""
+    full[:, :row_start].zero_()
+    full[:, row_start + row_count:].zero_()
+    return full

@@ -17,15 +17,20 @@ import torch
 from .. import reference
 from ._checks import (
     FLOAT_DTYPES,
+    WHOLE,
     as_rows,
+    base_and_range,
     check_choice,
     check_logits,
     check_positive,
     check_same_device,
     check_same_shape,
     check_tensor,
+    grad_for_range,
+    rows_in_range,
+    zero_outside,
 )
-from .logprobs import resolve_for
+from .logprobs import range_lead, resolve_for
 
 # Backends with a kernel (the reference "torch" is implied): exact KL, and the k1/k2/k3 estimators.
 IMPLEMENTED = ("triton", "cuda")
@@ -65,9 +70,23 @@ def _torch_kl_bwd(grad, logits, ref_logits, kl, lse_z, lse_r, temperature: float
 
 @torch.library.custom_op("rlhf_kernels::kl_divergence_fwd", mutates_args=())
 def kl_divergence_fwd(
-    logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float, backend: str
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    temperature: float,
+    backend: str,
+    row_start: int = 0,
+    row_count: int = WHOLE,
+    ref_row_start: int = 0,
+    ref_row_count: int = WHOLE,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``logits, ref_logits[*, V]`` -> ``(kl, lse_z, lse_r)``, each ``[*]`` float32 (float64 for float64 inputs)."""
+    """``logits, ref_logits[*, V]`` -> ``(kl, lse_z, lse_r)``, each ``[*]`` float32 (float64 for float64 inputs).
+
+    Row ranges as in ``logprobs_fwd``, one per input: with ``row_count != WHOLE``
+    the op reads ``logits[:, row_start:row_start + row_count]`` of a ``[B, L, V]``
+    ``logits`` and its gradient is shaped like ``logits`` (likewise ``ref_*``).
+    """
+    logits = rows_in_range(logits, row_start, row_count)
+    ref_logits = rows_in_range(ref_logits, ref_row_start, ref_row_count)
     lead = logits.shape[:-1]
     if backend == "triton":
         from ..triton.kl import kl_divergence_fwd as triton_fwd
@@ -81,9 +100,9 @@ def kl_divergence_fwd(
 
 
 @kl_divergence_fwd.register_fake
-def _(logits, ref_logits, temperature, backend):
+def _(logits, ref_logits, temperature, backend, row_start=0, row_count=WHOLE, ref_row_start=0, ref_row_count=WHOLE):
     dtype = _kl_dtype(logits, ref_logits)
-    return tuple(logits.new_empty(logits.shape[:-1], dtype=dtype) for _ in range(3))
+    return tuple(logits.new_empty(range_lead(logits, row_start, row_count), dtype=dtype) for _ in range(3))
 
 
 @torch.library.custom_op("rlhf_kernels::kl_divergence_bwd", mutates_args=())
@@ -97,42 +116,73 @@ def kl_divergence_bwd(
     temperature: float,
     need_ref_grad: bool,
     backend: str,
+    row_start: int = 0,
+    row_count: int = WHOLE,
+    ref_row_start: int = 0,
+    ref_row_count: int = WHOLE,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(dlogits, dref_logits)`` shaped like the inputs; ``dref_logits`` is empty unless ``need_ref_grad``."""
+    """``(dlogits, dref_logits)`` shaped like the inputs; ``dref_logits`` is empty unless ``need_ref_grad``.
+
+    With row ranges (``kl_divergence_fwd``) the kernel writes the range's rows of
+    the ``[B, L, V]`` gradients in place and only the rows outside are zeroed.
+    """
+    x = rows_in_range(logits, row_start, row_count)
+    r = rows_in_range(ref_logits, ref_row_start, ref_row_count)
+    # where a range is given: the full gradient and the rows the kernel writes
+    dz_full, dz_out = (None, None) if row_count == WHOLE else grad_for_range(logits, row_start, row_count)
+    dr_full, dr_out = (None, None)
+    if need_ref_grad and ref_row_count != WHOLE:
+        dr_full, dr_out = grad_for_range(ref_logits, ref_row_start, ref_row_count)
     if backend == "triton":
         from ..triton.kl import kl_divergence_bwd as triton_bwd
 
-        rows = as_rows(logits)
+        rows = as_rows(x)
         shape2 = rows.shape[:2]
         dz, dr = triton_bwd(
-            grad.reshape(shape2).to(kl.dtype), rows, as_rows(ref_logits), kl.reshape(shape2),
-            lse_z.reshape(shape2), lse_r.reshape(shape2), temperature, need_ref_grad,
+            grad.reshape(shape2).to(kl.dtype), rows, as_rows(r), kl.reshape(shape2),
+            lse_z.reshape(shape2), lse_r.reshape(shape2), temperature, need_ref_grad, dz_out, dr_out,
         )
     elif backend == "cuda":
-        rows = as_rows(logits)
+        rows = as_rows(x)
         shape2 = rows.shape[:2]
         dz, dr = torch.ops.rlhf_kernels_C.kl_divergence_bwd(
-            grad.reshape(shape2), rows, as_rows(ref_logits), kl.reshape(shape2), lse_z.reshape(shape2),
-            lse_r.reshape(shape2), temperature, need_ref_grad,
+            grad.reshape(shape2), rows, as_rows(r), kl.reshape(shape2), lse_z.reshape(shape2),
+            lse_r.reshape(shape2), temperature, need_ref_grad, dz_out, dr_out,
         )
+        dz = dz_out if dz_out is not None else dz  # written in place; an empty placeholder came back
+        dr = dr_out if dr_out is not None else dr
     else:
-        dz, dr = _torch_kl_bwd(grad, logits, ref_logits, kl, lse_z, lse_r, temperature, need_ref_grad)
-    dz = dz.reshape(logits.shape)
-    dr = dr.reshape(ref_logits.shape) if need_ref_grad else ref_logits.new_empty(0)
+        dz, dr = _torch_kl_bwd(grad, x, r, kl, lse_z, lse_r, temperature, need_ref_grad)
+    if dz_full is None:
+        dz = dz.reshape(logits.shape)
+    else:
+        if dz is not dz_out:  # the reference computed the rows: copy them
+            dz_out.copy_(dz.reshape(dz_out.shape))
+        dz = zero_outside(dz_full, row_start, row_count)
+    if not need_ref_grad:
+        dr = ref_logits.new_empty(0)
+    elif dr_full is None:
+        dr = dr.reshape(ref_logits.shape)
+    else:
+        if dr is not dr_out:
+            dr_out.copy_(dr.reshape(dr_out.shape))
+        dr = zero_outside(dr_full, ref_row_start, ref_row_count)
     return dz, dr
 
 
 @kl_divergence_bwd.register_fake
-def _(grad, logits, ref_logits, kl, lse_z, lse_r, temperature, need_ref_grad, backend):
+def _(grad, logits, ref_logits, kl, lse_z, lse_r, temperature, need_ref_grad, backend, row_start=0, row_count=WHOLE,
+      ref_row_start=0, ref_row_count=WHOLE):
     dr = torch.empty_like(ref_logits, memory_format=torch.contiguous_format) if need_ref_grad else ref_logits.new_empty(0)
     return torch.empty_like(logits, memory_format=torch.contiguous_format), dr
 
 
 def _kl_setup_context(ctx, inputs, output):
-    logits, ref_logits, temperature, backend = inputs
+    logits, ref_logits, temperature, backend = inputs[:4]
     kl, lse_z, lse_r = output
     ctx.save_for_backward(logits, ref_logits, kl, lse_z, lse_r)
     ctx.temperature, ctx.backend = temperature, backend
+    ctx.row_ranges = tuple(inputs[4:])
 
 
 def _kl_backward(ctx, grad_kl, grad_lse_z, grad_lse_r):
@@ -141,8 +191,10 @@ def _kl_backward(ctx, grad_kl, grad_lse_z, grad_lse_r):
     if grad_kl is None:
         grad_kl = torch.zeros_like(kl)
     need_ref = bool(ctx.needs_input_grad[1])
-    dz, dr = kl_divergence_bwd(grad_kl, logits, ref_logits, kl, lse_z, lse_r, ctx.temperature, need_ref, ctx.backend)
-    return (dz if ctx.needs_input_grad[0] else None), (dr if need_ref else None), None, None
+    dz, dr = kl_divergence_bwd(
+        grad_kl, logits, ref_logits, kl, lse_z, lse_r, ctx.temperature, need_ref, ctx.backend, *ctx.row_ranges
+    )
+    return (dz if ctx.needs_input_grad[0] else None), (dr if need_ref else None), None, None, None, None, None, None
 
 
 kl_divergence_fwd.register_autograd(_kl_backward, setup_context=_kl_setup_context)
@@ -164,8 +216,10 @@ def kl_divergence(
     ``/ T``; ``dr`` only when ``ref_logits`` requires grad), in each input's dtype.
 
     Shapes: ``[*, V]`` and ``[*, V]`` (+ ``mask[*]``) -> float32 ``[*]``
-    (float64 when an input is float64). Rows may be strided (vocab stride 1).
-    ``backend``: ``"triton" | "cuda" | "torch"``; ``None`` picks the first of
+    (float64 when an input is float64). Rows may be strided (vocab stride 1);
+    an input that is a slice ``base[:, a:a+T]`` of a ``[B, L, V]`` tensor gets its
+    gradient written straight into a tensor shaped like ``base`` (eager mode;
+    ``_checks.slice_of_base``). ``backend``: ``"triton" | "cuda" | "torch"``; ``None`` picks the first of
     ``_dispatch.GPU_PREFERENCE["kl_divergence"]`` (Triton today) for CUDA tensors.
     ``"cuda"`` runs ``csrc/cuda/kl.cu`` (mixed input dtypes run on float32 copies).
     """
@@ -179,7 +233,13 @@ def kl_divergence(
     temperature = check_positive("temperature", temperature)
     probe = logits if logits.dtype == torch.float64 else ref_logits
     chosen = resolve_for("kl_divergence", probe, backend, IMPLEMENTED)
-    kl, _, _ = kl_divergence_fwd(logits, ref_logits, temperature, chosen)
+    # slices base[:, a:a+T] of [B, L, V] model outputs: the op takes the bases and the ranges, and
+    # writes the gradients into [B, L, V] tensors (no zero-fill + copy by autograd's SliceBackward)
+    source, row_start, row_count = base_and_range(logits)
+    ref_source, ref_row_start, ref_row_count = base_and_range(ref_logits)
+    kl, _, _ = kl_divergence_fwd(
+        source, ref_source, temperature, chosen, row_start, row_count, ref_row_start, ref_row_count
+    )
     if mask is not None:
         kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
     return kl

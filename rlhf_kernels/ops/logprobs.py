@@ -16,13 +16,18 @@ import torch
 from ..reference import _xlogy_safe
 from ._checks import (
     INDEX_DTYPES,
+    WHOLE,
     as_rows,
+    base_and_range,
     check_logits,
     check_positive,
     check_same_device,
     check_same_shape,
     check_tensor,
     find_bad_target,
+    grad_for_range,
+    rows_in_range,
+    zero_outside,
 )
 from ._dispatch import resolve_backend, validation_enabled
 
@@ -100,11 +105,49 @@ def _torch_bwd(grad_logp, grad_entropy, rows, targets, lse, entropy, temperature
     return (dz / temperature).to(rows.dtype)
 
 
+def range_lead(logits: torch.Tensor, row_start: int, row_count: int) -> Tuple[int, ...]:
+    """Leading shape of the rows an op computes on (``rows_in_range``), without slicing (fake impls)."""
+    if row_count == WHOLE:
+        return tuple(logits.shape[:-1])
+    return (logits.shape[0], row_count)
+
+
+def grad_like(logits: torch.Tensor, row_start: int, row_count: int, write) -> torch.Tensor:
+    """The gradient w.r.t. an op's ``logits`` argument, shaped like it, from ``write(out)``.
+
+    ``write(out)`` writes the gradient of the op's rows ``[B, T, V]`` into ``out``
+    (``None``: return a new tensor) and returns what it wrote. With ``row_count ==
+    WHOLE`` that is the result; otherwise ``logits`` is the ``[B, L, V]`` base of
+    the rows, and the kernel writes rows ``[row_start, row_start + row_count)``
+    of a ``[B, L, V]`` gradient in place, the other ``B·(L - row_count)·V``
+    elements being zeroed (no full zero-fill, no copy).
+    """
+    if row_count == WHOLE:
+        return write(None).reshape(logits.shape)
+    full, inner = grad_for_range(logits, row_start, row_count)
+    written = write(inner)
+    if written is not inner:  # a backend without strided output (the reference): copy its rows
+        inner.copy_(written)
+    return zero_outside(full, row_start, row_count)
+
+
 @torch.library.custom_op("rlhf_kernels::logprobs_fwd", mutates_args=())
 def logprobs_fwd(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, backend: str
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    row_start: int = 0,
+    row_count: int = WHOLE,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``logits[*, V]``, ``targets[*]`` (int64) -> ``(logp, entropy, lse)``, each ``[*]``."""
+    """``logits[*, V]``, ``targets[*]`` (int64) -> ``(logp, entropy, lse)``, each ``[*]``.
+
+    With ``row_count != WHOLE``, ``logits`` is ``[B, L, V]`` and the op computes on
+    its rows ``logits[:, row_start:row_start + row_count]`` (``targets`` and the
+    outputs are ``[B, row_count]``); the gradient comes back shaped like ``logits``.
+    """
+    logits = rows_in_range(logits, row_start, row_count)
     _validate_targets(targets, logits.shape[-1], ignore_index)
     lead = logits.shape[:-1]
     rows = as_rows(logits)
@@ -121,8 +164,8 @@ def logprobs_fwd(
 
 
 @logprobs_fwd.register_fake
-def _(logits, targets, temperature, ignore_index, backend):
-    shape = logits.shape[:-1]
+def _(logits, targets, temperature, ignore_index, backend, row_start=0, row_count=WHOLE):
+    shape = range_lead(logits, row_start, row_count)
     dtype = _stats_dtype(logits)
     return tuple(logits.new_empty(shape, dtype=dtype) for _ in range(3))
 
@@ -138,35 +181,51 @@ def logprobs_bwd(
     temperature: float,
     ignore_index: int,
     backend: str,
+    row_start: int = 0,
+    row_count: int = WHOLE,
 ) -> torch.Tensor:
-    """Gradient of ``(logp, entropy)`` w.r.t. ``logits``, shaped like ``logits``, in its dtype."""
-    rows = as_rows(logits)
+    """Gradient of ``(logp, entropy)`` w.r.t. ``logits``, shaped like ``logits`` (contiguous), in its dtype.
+
+    With a row range (``row_count != WHOLE``, see ``logprobs_fwd``) the kernel
+    writes the range's rows of the ``[B, L, V]`` gradient directly and the rows
+    outside it are zero (``grad_like``).
+    """
+    rows = as_rows(rows_in_range(logits, row_start, row_count))
     shape2 = rows.shape[:2]
     args = [t.reshape(shape2).to(lse.dtype).contiguous() for t in (grad_logp, grad_entropy, lse, entropy)]
     flat_targets = targets.reshape(shape2).contiguous()
-    if backend in ("cpu", "cuda"):
-        grad = torch.ops.rlhf_kernels_C.logprobs_bwd(
-            args[0], args[1], rows, flat_targets, args[2], args[3], temperature, ignore_index
-        )
-    elif backend == "triton":
-        from ..triton.logprobs import logprobs_bwd as triton_bwd
 
-        grad = triton_bwd(args[0], args[1], rows, flat_targets, args[2], args[3], temperature, ignore_index)
-    else:
-        grad = _torch_bwd(args[0], args[1], rows, flat_targets, args[2], args[3], temperature, ignore_index)
-    return grad.reshape(logits.shape)
+    def write(out):
+        if backend in ("cpu", "cuda"):
+            if out is None:
+                return torch.ops.rlhf_kernels_C.logprobs_bwd(
+                    args[0], args[1], rows, flat_targets, args[2], args[3], temperature, ignore_index
+                )
+            torch.ops.rlhf_kernels_C.logprobs_bwd_out(
+                args[0], args[1], rows, flat_targets, args[2], args[3], temperature, ignore_index, out
+            )
+            return out
+        if backend == "triton":
+            from ..triton.logprobs import logprobs_bwd as triton_bwd
+
+            return triton_bwd(args[0], args[1], rows, flat_targets, args[2], args[3], temperature, ignore_index, out)
+        return _torch_bwd(args[0], args[1], rows, flat_targets, args[2], args[3], temperature, ignore_index)
+
+    return grad_like(logits, row_start, row_count, write)
 
 
 @logprobs_bwd.register_fake
-def _(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend):
+def _(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend, row_start=0,
+      row_count=WHOLE):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, targets, temperature, ignore_index, backend = inputs
+    logits, targets, temperature, ignore_index, backend, row_start, row_count = inputs
     _, entropy, lse = output
     ctx.save_for_backward(logits, targets, lse, entropy)
     ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
+    ctx.row_range = (row_start, row_count)
 
 
 def _backward(ctx, grad_logp, grad_entropy, grad_lse):
@@ -177,9 +236,10 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
     if grad_entropy is None:
         grad_entropy = torch.zeros_like(lse)
     grad = logprobs_bwd(
-        grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature, ctx.ignore_index, ctx.backend
+        grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature, ctx.ignore_index, ctx.backend,
+        *ctx.row_range,
     )
-    return grad, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -208,7 +268,10 @@ def logprobs(
     Args:
         logits: ``[*, V]`` float32 / bfloat16 / float16 (float64 for checks).
             The vocab dim needs stride 1; rows may be strided (``logits[:, :-1]``
-            works without a copy).
+            works without a copy). When ``logits`` is a slice ``base[:, a:a+T]`` of
+            the model's ``[B, L, V]`` output (in eager mode), the gradient is written
+            straight into a tensor shaped like ``base`` (``_checks.slice_of_base``):
+            no ``[B, L, V]`` zero-fill plus copy by autograd's slice backward.
         targets: ``[*]`` int64 / int32 token ids in ``[0, V)`` or ``ignore_index``.
         temperature: divides the logits (sampling temperature), > 0.
         ignore_index: target value whose outputs (and gradients) are 0.
@@ -234,5 +297,6 @@ def logprobs(
     check_same_device("logits", logits, targets=targets)
     temperature = check_positive("temperature", temperature)
     chosen = resolve_for("logprobs", logits, backend, IMPLEMENTED)
-    logp, entropy, _ = logprobs_fwd(logits, targets.long(), temperature, int(ignore_index), chosen)
+    source, row_start, row_count = base_and_range(logits)
+    logp, entropy, _ = logprobs_fwd(source, targets.long(), temperature, int(ignore_index), chosen, row_start, row_count)
     return (logp, entropy) if return_entropy else logp

@@ -47,16 +47,21 @@ from ..reference import PPOLossOutput
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    WHOLE,
     as_rows,
+    base_and_range,
     check_choice,
     check_logits,
     check_positive,
     check_same_device,
     check_same_shape,
     check_tensor,
+    grad_for_range,
+    rows_in_range,
+    zero_outside,
 )
 from .logprobs import IMPLEMENTED as _LOGPROBS_IMPLEMENTED
-from .logprobs import _torch_bwd, _torch_fwd, _validate_targets, logprobs, resolve_for
+from .logprobs import _torch_bwd, _torch_fwd, _validate_targets, grad_like, logprobs, range_lead, resolve_for
 
 __all__ = ["PPOLossOutput", "check_ppo_args", "composed_ppo_terms", "ppo_loss", "ppo_output"]
 
@@ -199,13 +204,19 @@ def ppo_term_fwd(
     clip_high: float,
     dual_clip: Optional[float],
     backend: str,
+    row_start: int = 0,
+    row_count: int = WHOLE,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token PPO term from ``logits[*, V]``: ``(term, logp, entropy, kl, clipped, lse)``, each float32 ``[*]``.
 
     ``old_logp``, ``advantages`` (and ``ref_logp``) are float32 ``[*]``;
     ``clipped`` is 1.0 where a clip was active. Backends ``triton`` and ``cuda``
-    (fused kernels) and ``torch`` (reference math).
+    (fused kernels) and ``torch`` (reference math). With ``row_count != WHOLE``
+    the op computes on ``logits[:, row_start:row_start + row_count]`` of a
+    ``[B, L, V]`` ``logits`` and its gradient is shaped like ``logits``
+    (``logprobs_fwd``).
     """
+    logits = rows_in_range(logits, row_start, row_count)
     _validate_targets(targets, logits.shape[-1], ignore_index)
     lead = logits.shape[:-1]
     rows = as_rows(logits)
@@ -234,8 +245,8 @@ def ppo_term_fwd(
 
 @ppo_term_fwd.register_fake
 def _(logits, targets, old_logp, advantages, ref_logp, temperature, ignore_index, kl_coef, kl_estimator,
-      entropy_coef, clip_low, clip_high, dual_clip, backend):
-    return tuple(logits.new_empty(logits.shape[:-1], dtype=torch.float32) for _ in range(6))
+      entropy_coef, clip_low, clip_high, dual_clip, backend, row_start=0, row_count=WHOLE):
+    return tuple(logits.new_empty(range_lead(logits, row_start, row_count), dtype=torch.float32) for _ in range(6))
 
 
 @torch.library.custom_op("rlhf_kernels::ppo_term_bwd", mutates_args=())
@@ -261,9 +272,15 @@ def ppo_term_bwd(
     clip_high: float,
     dual_clip: Optional[float],
     backend: str,
+    row_start: int = 0,
+    row_count: int = WHOLE,
 ) -> torch.Tensor:
-    """Gradient w.r.t. ``logits`` of ``Σ g_term·term + g_logp·logp + g_H·entropy + g_kl·kl``, in ``logits.dtype``."""
-    rows = as_rows(logits)
+    """Gradient w.r.t. ``logits`` of ``Σ g_term·term + g_logp·logp + g_H·entropy + g_kl·kl``, in ``logits.dtype``.
+
+    Shaped like ``logits``; with a row range the kernel writes the range's rows
+    in place and the others are zero (``logprobs.grad_like``).
+    """
+    rows = as_rows(rows_in_range(logits, row_start, row_count))
     shape2 = rows.shape[:2]
     per_token = [
         None if t is None else t.reshape(shape2).float()
@@ -271,29 +288,33 @@ def ppo_term_bwd(
     ]
     g_term, g_logp, g_ent, g_kl, lp, ent, lse_, old, adv, ref = per_token
     flat_targets = targets.reshape(shape2)
-    if backend == "triton":
-        from ..triton.ppo import ppo_term_bwd as triton_bwd
 
-        grad = triton_bwd(
-            g_term, g_logp, g_ent, g_kl, rows, flat_targets, lp, ent, lse_, old, adv, ref, temperature,
-            ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
-        )
-    else:
+    def write(out):
+        if backend == "triton":
+            from ..triton.ppo import ppo_term_bwd as triton_bwd
+
+            return triton_bwd(
+                g_term, g_logp, g_ent, g_kl, rows, flat_targets, lp, ent, lse_, old, adv, ref, temperature,
+                ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, out,
+            )
         dterm, dk = _torch_dterm_dlogp(lp, old, adv, ref, kl_coef, kl_estimator, clip_low, clip_high, dual_clip)
         total_logp = g_logp + g_term * dterm + g_kl * dk
         total_ent = g_ent - g_term * entropy_coef
+        args = (total_logp, total_ent, rows, flat_targets.contiguous(), lse_, ent, temperature, ignore_index)
         if backend == "cuda":  # the per-token derivative above is [B, T]; the [B, T, V] sweep is the kernel's
-            grad = torch.ops.rlhf_kernels_C.logprobs_bwd(
-                total_logp, total_ent, rows, flat_targets.contiguous(), lse_, ent, temperature, ignore_index
-            )
-        else:
-            grad = _torch_bwd(total_logp, total_ent, rows, flat_targets.contiguous(), lse_, ent, temperature, ignore_index)
-    return grad.reshape(logits.shape)
+            if out is None:
+                return torch.ops.rlhf_kernels_C.logprobs_bwd(*args)
+            torch.ops.rlhf_kernels_C.logprobs_bwd_out(*args, out)
+            return out
+        return _torch_bwd(*args)
+
+    return grad_like(logits, row_start, row_count, write)
 
 
 @ppo_term_bwd.register_fake
 def _(grad_term, grad_logp, grad_entropy, grad_kl, logits, targets, logp, entropy, lse, old_logp, advantages,
-      ref_logp, temperature, ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, backend):
+      ref_logp, temperature, ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, backend,
+      row_start=0, row_count=WHOLE):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -319,6 +340,8 @@ def ppo_loss_fused(
     loss_agg: str,
     path: int,
     backend: str,
+    row_start: int = 0,
+    row_count: int = WHOLE,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, term, logp, entropy, kl, clipped, dlogits)`` in one kernel.
 
@@ -328,18 +351,26 @@ def ppo_loss_fused(
     kernel from the per-token weights ``aggregation_weights(mask, loss_agg)``.
     ``path``: 0 auto, 1 global, 2 shared, 3 cluster (``csrc/cuda/ppo.cu``).
     Backends: ``cuda``, and ``torch`` (the same contract in PyTorch: tests, CPU).
+    With ``row_count != WHOLE``, ``logits`` is the ``[B, L, V]`` base of the rows
+    ``logits[:, row_start:row_start + row_count]`` the loss is computed on, and
+    ``dlogits`` is ``[B, L, V]``: the kernel writes the range's rows in place, the
+    others are zero.
     """
+    base = logits
+    logits = rows_in_range(logits, row_start, row_count)
     _validate_targets(targets, logits.shape[-1], ignore_index)
     lead = logits.shape[:-1]
     rows = as_rows(logits)
     shape2 = rows.shape[:2]
     weights = aggregation_weights(mask, loss_agg).reshape(shape2)
     flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
+    full, inner = (None, None) if row_count == WHOLE else grad_for_range(base, row_start, row_count)
     if backend == "cuda":
         term, logp, entropy, kl, clipped, _, grad = torch.ops.rlhf_kernels_C.ppo_fwd(
             rows, flat[0], flat[1], flat[2], flat[3], weights, temperature, ignore_index, kl_coef,
-            _KL_CODES[kl_estimator], entropy_coef, clip_low, clip_high, dual_clip, path,
+            _KL_CODES[kl_estimator], entropy_coef, clip_low, clip_high, dual_clip, path, inner,
         )
+        grad = inner if inner is not None else grad
     else:
         logp, entropy, lse = _torch_fwd(rows.float(), flat[0], temperature, ignore_index)
         term, kl, clipped = reference.ppo_token_terms(
@@ -354,13 +385,17 @@ def ppo_loss_fused(
     term = term.reshape(lead)
     loss = reference.aggregate_loss(term, mask, loss_agg)
     stats = tuple(t.reshape(lead).contiguous() for t in (term, logp, entropy, kl, clipped))
-    return (loss,) + stats + (grad.reshape(logits.shape),)
+    if full is None:
+        return (loss,) + stats + (grad.reshape(logits.shape),)
+    if grad is not inner:  # the reference computed [B, T, V]: copy its rows
+        inner.copy_(grad.reshape(inner.shape))
+    return (loss,) + stats + (zero_outside(full, row_start, row_count),)
 
 
 @ppo_loss_fused.register_fake
 def _(logits, targets, old_logp, advantages, ref_logp, mask, temperature, ignore_index, kl_coef, kl_estimator,
-      entropy_coef, clip_low, clip_high, dual_clip, loss_agg, path, backend):
-    per_token = tuple(logits.new_empty(logits.shape[:-1], dtype=torch.float32) for _ in range(5))
+      entropy_coef, clip_low, clip_high, dual_clip, loss_agg, path, backend, row_start=0, row_count=WHOLE):
+    per_token = tuple(logits.new_empty(range_lead(logits, row_start, row_count), dtype=torch.float32) for _ in range(5))
     loss = logits.new_empty((), dtype=torch.float32)
     return (loss,) + per_token + (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device),)
 
@@ -398,16 +433,16 @@ def _fused_backward(ctx, g_loss, *unused):
     (grad,) = ctx.saved_tensors
     g = g_loss.detach().reshape(())
     if _traced(grad):
-        return (grad * g.to(grad.dtype),) + (None,) * 16
+        return (grad * g.to(grad.dtype),) + (None,) * 18
     scale_grad_unless_one_(grad, g)
-    return (grad,) + (None,) * 16
+    return (grad,) + (None,) * 18
 
 
 ppo_loss_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 
 _PPO_SCALARS = ("temperature", "ignore_index", "kl_coef", "kl_estimator", "entropy_coef", "clip_low", "clip_high",
-                "dual_clip", "backend")
+                "dual_clip", "backend", "row_start", "row_count")
 
 
 def _ppo_setup_context(ctx, inputs, output):
@@ -424,7 +459,7 @@ def _ppo_backward(ctx, g_term, g_logp, g_ent, g_kl, g_clipped, g_lse):
     ref_logp = rest[0] if ctx.has_ref else None
     zeros = [torch.zeros_like(logp) if g is None else g for g in (g_term, g_logp, g_ent, g_kl)]
     grad = ppo_term_bwd(*zeros, logits, targets, logp, entropy, lse, old_logp, advantages, ref_logp, *ctx.scalars)
-    return (grad,) + (None,) * 13
+    return (grad,) + (None,) * 15
 
 
 ppo_term_fwd.register_autograd(_ppo_backward, setup_context=_ppo_setup_context)
@@ -481,7 +516,10 @@ def ppo_loss(
 
     Shapes: ``logits[B, T, V]``; ``targets, old_logp, advantages, mask
     (, ref_logp)[B, T]`` (``token-mean`` accepts any leading shape).
-    The gradient flows to ``logits`` only.
+    The gradient flows to ``logits`` only. When ``logits`` is the slice
+    ``base[:, a:a+T]`` of the model's ``[B, L, V]`` output (``logits[:, :-1]``, in
+    eager mode), the kernels write the gradient straight into a tensor shaped like
+    ``base``, zeroing only the other ``L - T`` rows (``_checks.slice_of_base``).
 
     Returns:
         ``PPOLossOutput(loss, logp, entropy, kl, clip_frac, approx_kl)``: the
@@ -505,9 +543,12 @@ def ppo_loss(
     if dual_clip is not None:
         dual_clip = float(dual_clip)
     chosen = resolve_for("ppo_loss", logits, backend, IMPLEMENTED)
+    # logits[:, a:a+T] of the model's [B, L, V] output: the ops take the base and the range, so the
+    # gradient is written into a [B, L, V] tensor (no zero-fill + copy by autograd's SliceBackward)
+    source, row_start, row_count = base_and_range(logits)
     if chosen == "cuda" and torch.is_grad_enabled() and logits.requires_grad and cuda_ppo_path() != "two-pass":
         loss, term, logp, entropy, kl, clipped = ppo_loss_fused(
-            logits,
+            source,
             targets.long(),
             old_logp.detach().float(),
             advantages.detach().float(),
@@ -524,12 +565,14 @@ def ppo_loss(
             loss_agg,
             CUDA_PPO_PATHS[cuda_ppo_path()],
             chosen,
+            row_start,
+            row_count,
         )[:6]
         out = ppo_output(term, logp, entropy, kl, clipped.bool(), old_logp, mask, loss_agg)
         return out._replace(loss=loss)
     if chosen in ("triton", "cuda"):
         term, logp, entropy, kl, clipped, _ = ppo_term_fwd(
-            logits,
+            source,
             targets.long(),
             old_logp.detach().float(),
             advantages.detach().float(),
@@ -543,6 +586,8 @@ def ppo_loss(
             float(clip_high),
             dual_clip,
             chosen,
+            row_start,
+            row_count,
         )
         clipped = clipped.bool()
     else:

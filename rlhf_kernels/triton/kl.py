@@ -27,6 +27,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import KL_EST_CODES, device_guard, kl_k, kl_k_dlogp, launch_row_kernel, next_pow2, row_autotune, vocab_config
+from .logprobs import _check_out
 
 
 
@@ -122,6 +123,10 @@ def _kl_divergence_bwd_kernel(
     stride_xt,
     stride_rb,
     stride_rt,
+    stride_dxb,
+    stride_dxt,
+    stride_drb,
+    stride_drt,
     inv_t,
     NEED_REF_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -140,10 +145,11 @@ def _kl_divergence_bwd_kernel(
     p = tl.exp2(lp * 1.4426950408889634)
     dz = tl.where(p > 0, g * p * (lp - lq - kl), 0.0)
     dz = tl.where(lp != lp, lp, dz)  # NaN logits stay NaN
-    tl.store(dx_ptr + row * V + cols, dz.to(dx_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(dx_ptr + b * stride_dxb + t * stride_dxt + cols, dz.to(dx_ptr.dtype.element_ty), mask=col_mask)
     if NEED_REF_GRAD:
         q = tl.exp2(lq * 1.4426950408889634)
-        tl.store(dr_ptr + row * V + cols, (g * (q - p)).to(dr_ptr.dtype.element_ty), mask=col_mask)
+        dr = (g * (q - p)).to(dr_ptr.dtype.element_ty)
+        tl.store(dr_ptr + b * stride_drb + t * stride_drt + cols, dr, mask=col_mask)
 
 
 def _check_rows(name: str, rows: torch.Tensor) -> None:
@@ -180,21 +186,30 @@ def kl_divergence_bwd(
     lse_r: torch.Tensor,
     temperature: float,
     need_ref_grad: bool,
+    out: Optional[torch.Tensor] = None,
+    ref_out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(dlogits[B, T, V], dref[B, T, V] or None)``, contiguous, in each input's dtype."""
+    """``(dlogits[B, T, V], dref[B, T, V] or None)`` in each input's dtype.
+
+    New contiguous tensors, or written into ``out`` / ``ref_out`` (``[B, T, V]``,
+    unit vocab stride, any row strides: rows of a larger gradient).
+    """
     _check_rows("rows", rows)
     _check_rows("ref_rows", ref_rows)
     B, T, V = rows.shape
     flat = [t.reshape(B * T).contiguous() for t in (grad, kl, lse_z, lse_r)]
-    dx = _common.alloc((B, T, V), rows.dtype, rows.device)
-    dr = _common.alloc((B, T, V), ref_rows.dtype, rows.device) if need_ref_grad else None
+    dx = _common.alloc((B, T, V), rows.dtype, rows.device) if out is None else _check_out(out, rows)
+    dr = None
+    if need_ref_grad:
+        dr = _common.alloc((B, T, V), ref_rows.dtype, rows.device) if ref_out is None else _check_out(ref_out, ref_rows)
     if dx.numel() == 0:
         return dx, dr
     block, warps = vocab_config(V, rows.device, "bwd")
     with device_guard(rows):
         _kl_divergence_bwd_kernel[(B * T, triton.cdiv(V, block))](
             dx, dr if need_ref_grad else dx, rows, ref_rows, *flat, T, V, rows.stride(0), rows.stride(1),
-            ref_rows.stride(0), ref_rows.stride(1), 1.0 / float(temperature),
+            ref_rows.stride(0), ref_rows.stride(1), dx.stride(0), dx.stride(1),
+            (dr if need_ref_grad else dx).stride(0), (dr if need_ref_grad else dx).stride(1), 1.0 / float(temperature),
             NEED_REF_GRAD=bool(need_ref_grad), BLOCK_V=block, num_warps=warps,
         )
     return dx, dr

@@ -19,7 +19,7 @@ fp32; the op layer sends them elsewhere unless ``backend="triton"`` is forced).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -71,6 +71,8 @@ def _logprobs_bwd_kernel(
     V,
     stride_b,
     stride_t,
+    stride_ob,
+    stride_ot,
     inv_t,
     ignore_index,
     BLOCK_V: tl.constexpr,
@@ -80,6 +82,7 @@ def _logprobs_bwd_kernel(
     col_mask = cols < V
     b = row // T
     x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
+    dx_row = dx_ptr + b * stride_ob + (row - b * T) * stride_ot
     y = tl.load(y_ptr + row)
     g_logp = tl.load(g_logp_ptr + row).to(tl.float32)
     g_ent = tl.load(g_ent_ptr + row).to(tl.float32)
@@ -88,7 +91,7 @@ def _logprobs_bwd_kernel(
     z = tl.load(x_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32) * inv_t
     dz = logprobs_dz(z, cols, y, lse, ent, g_logp, g_ent)
     dz = tl.where(y != ignore_index, dz, 0.0) * inv_t
-    tl.store(dx_ptr + row * V + cols, dz.to(dx_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(dx_row + cols, dz.to(dx_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
@@ -104,6 +107,16 @@ def logprobs_dz(z, cols, y, lse, ent, g_logp, g_ent):
 def _check_rows(rows: torch.Tensor) -> None:
     if rows.dim() != 3 or rows.stride(2) != 1:
         raise ValueError(f"rows must be [B, T, V] with unit vocab stride, got shape {tuple(rows.shape)} strides {rows.stride()}")
+
+
+def _check_out(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out`` must be shaped like ``rows``, of its dtype and device, with unit vocab stride."""
+    if out.shape != rows.shape or out.dtype != rows.dtype or out.device != rows.device or out.stride(2) != 1:
+        raise ValueError(
+            f"out must be [B, T, V] = {tuple(rows.shape)} of {rows.dtype} on {rows.device} with unit vocab stride, "
+            f"got {tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}"
+        )
+    return out
 
 
 def _stats_dtype(rows: torch.Tensor) -> torch.dtype:
@@ -140,18 +153,23 @@ def logprobs_bwd(
     entropy: torch.Tensor,
     temperature: float,
     ignore_index: int,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Gradient w.r.t. ``rows[B, T, V]``: a new contiguous ``[B, T, V]`` tensor in ``rows.dtype``."""
+    """Gradient w.r.t. ``rows[B, T, V]`` in ``rows.dtype``: a new contiguous tensor, or written into ``out``.
+
+    ``out``: a ``[B, T, V]`` tensor of ``rows.dtype`` with unit vocab stride and any
+    row strides (e.g. ``full[:, :-1]`` of the gradient of the ``[B, T+1, V]`` logits).
+    """
     _check_rows(rows)
     B, T, V = rows.shape
     flat = [t.reshape(B * T).contiguous() for t in (targets.to(torch.int64), grad_logp, grad_entropy, lse, entropy)]
-    grad = _common.alloc((B, T, V), rows.dtype, rows.device)
+    grad = _common.alloc((B, T, V), rows.dtype, rows.device) if out is None else _check_out(out, rows)
     if grad.numel() == 0:
         return grad
     block, warps = vocab_config(V, rows.device, "bwd")
     with device_guard(rows):
         _logprobs_bwd_kernel[(B * T, triton.cdiv(V, block))](
-            grad, rows, *flat, T, V, rows.stride(0), rows.stride(1),
+            grad, rows, *flat, T, V, rows.stride(0), rows.stride(1), grad.stride(0), grad.stride(1),
             1.0 / float(temperature), int(ignore_index), BLOCK_V=block, num_warps=warps,
         )
     return grad

@@ -41,7 +41,7 @@ from ._common import (
     row_logp_entropy_lse,
     vocab_config,
 )
-from .logprobs import logprobs_dz
+from .logprobs import _check_out, logprobs_dz
 
 
 @triton.jit
@@ -147,6 +147,8 @@ def _ppo_bwd_kernel(
     V,
     stride_b,
     stride_t,
+    stride_ob,
+    stride_ot,
     inv_t,
     ignore_index,
     kl_coef,
@@ -164,6 +166,7 @@ def _ppo_bwd_kernel(
     col_mask = cols < V
     b = row // T
     x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
+    dx_row = dx_ptr + b * stride_ob + (row - b * T) * stride_ot
     y = tl.load(y_ptr + row)
     logp = tl.load(logp_ptr + row).to(tl.float32)
     ent = tl.load(ent_ptr + row).to(tl.float32)
@@ -180,7 +183,7 @@ def _ppo_bwd_kernel(
     z = tl.load(x_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32) * inv_t
     dz = logprobs_dz(z, cols, y, lse, ent, g_logp, g_ent)
     dz = tl.where(y != ignore_index, dz, 0.0) * inv_t
-    tl.store(dx_ptr + row * V + cols, dz.to(dx_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(dx_row + cols, dz.to(dx_ptr.dtype.element_ty), mask=col_mask)
 
 
 def _check_rows(rows: torch.Tensor) -> None:
@@ -250,12 +253,17 @@ def ppo_term_bwd(
     clip_low: float,
     clip_high: float,
     dual_clip: Optional[float],
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Gradient w.r.t. ``rows[B, T, V]`` of ``Σ g_term·term + g_logp·logp + g_H·H + g_kl·kl``; contiguous, ``rows.dtype``."""
+    """Gradient w.r.t. ``rows[B, T, V]`` of ``Σ g_term·term + g_logp·logp + g_H·H + g_kl·kl`` in ``rows.dtype``.
+
+    A new contiguous tensor, or written into ``out`` (``[B, T, V]``, unit vocab
+    stride, any row strides: e.g. ``full[:, :-1]`` of the ``[B, T+1, V]`` logits' gradient).
+    """
     _check_rows(rows)
     B, T, V = rows.shape
     n = B * T
-    grad = _common.alloc((B, T, V), rows.dtype, rows.device)
+    grad = _common.alloc((B, T, V), rows.dtype, rows.device) if out is None else _check_out(out, rows)
     if grad.numel() == 0:
         return grad
     flat = [_flat(t, n) for t in (targets.to(torch.int64), grad_term, grad_logp, grad_entropy, grad_kl, logp, entropy, lse, old_logp, advantages)]
@@ -263,7 +271,8 @@ def ppo_term_bwd(
     block, warps = vocab_config(V, rows.device, "bwd")
     with device_guard(rows):
         _ppo_bwd_kernel[(n, triton.cdiv(V, block))](
-            grad, rows, *flat, ref, T, V, rows.stride(0), rows.stride(1), 1.0 / float(temperature),
+            grad, rows, *flat, ref, T, V, rows.stride(0), rows.stride(1), grad.stride(0), grad.stride(1),
+            1.0 / float(temperature),
             int(ignore_index), float(kl_coef), float(entropy_coef), float(clip_low), float(clip_high),
             float(dual_clip or 0.0), HAS_REF=ref_logp is not None, KL_EST=KL_EST_CODES[kl_estimator],
             HAS_DUAL=dual_clip is not None, BLOCK_V=block, num_warps=warps,
