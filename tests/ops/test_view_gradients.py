@@ -265,7 +265,7 @@ def test_fallbacks_keep_view_semantics(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autograd_corner_cases(backend):
     B, L, V = 2, 6, 11
-    w, y, old, adv, mask, ref = _inputs(B, L, V, L - 2)
+    w, y, _old, _adv, _mask, _ref = _inputs(B, L, V, L - 2)
     w.requires_grad_()
 
     def grads(fn):
@@ -343,7 +343,7 @@ def test_gradcheck_through_the_view(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_with_row_ranges(backend):
     B, L, V, T = 2, 6, 9, 4
-    base, y, old, adv, mask, ref = _inputs(B, L, V, T, seed=5)
+    base, y, old, adv, _mask, ref = _inputs(B, L, V, T, seed=5)
     x = base.requires_grad_()
     torch.library.opcheck(lp_ops.logprobs_fwd, (x, y, 0.9, -100, backend, 1, T))
     _, ent, lse = lp_ops.logprobs_fwd(x.detach(), y, 0.9, -100, backend, 1, T)
@@ -353,7 +353,7 @@ def test_opcheck_with_row_ranges(backend):
         return  # ppo_term / kl have no cpu kernels (ppo_loss composes logprobs there)
     scal = (0.9, -100, 0.1, "k3", 0.01, 0.2, 0.28, 3.0, backend)
     torch.library.opcheck(ppo_ops.ppo_term_fwd, (x, y, old, adv, ref) + scal + (2, T))
-    term, logp, ent, _, _, lse = ppo_ops.ppo_term_fwd(x.detach(), y, old, adv, ref, *scal, 2, T)
+    _term, logp, ent, _, _, lse = ppo_ops.ppo_term_fwd(x.detach(), y, old, adv, ref, *scal, 2, T)
     gs = [torch.randn(B, T) for _ in range(4)]
     torch.library.opcheck(ppo_ops.ppo_term_bwd, (*gs, x.detach(), y, logp, ent, lse, old, adv, ref) + scal + (2, T))
     r = torch.randn(B, L + 1, V, requires_grad=True)
