@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import Optional, Sequence
 
 import torch
@@ -106,7 +108,9 @@ def slice_of_base(view: torch.Tensor) -> Optional[tuple]:
     its backward write the gradient straight into a tensor shaped like ``base``.
 
     Every condition is checked, and any doubt gives ``None`` (the caller then
-    passes ``view`` itself, today's behaviour):
+    passes ``view`` itself, today's behaviour); ``RLHF_KERNELS_VIEW_GRAD=0`` turns
+    the detection off (the view then stays in the graph, e.g. for
+    ``torch.autograd.grad(loss, view)`` or hooks registered on the view later):
 
     - eager autograd only: not while ``torch.compile`` / fake or functional tensors
       trace (there the graph sees the plain view), grad mode on;
@@ -120,6 +124,8 @@ def slice_of_base(view: torch.Tensor) -> Optional[tuple]:
       ``(b, t, v)`` of ``view`` is element ``(b, a + t, v)`` of ``base``, by address.
     """
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return None
+    if os.environ.get("RLHF_KERNELS_VIEW_GRAD", "1") == "0":  # opt-out: keep the view in the autograd graph
         return None
     if type(view) is not torch.Tensor or view.grad_fn is None or view.retains_grad or view._backward_hooks:
         return None

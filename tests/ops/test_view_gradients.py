@@ -402,3 +402,19 @@ def test_compile_fullgraph_through_the_view(backend):
     compiled_x = base.clone().requires_grad_()
     torch.compile(loss, fullgraph=True, backend="aot_eager")(compiled_x).backward()
     torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+
+
+def test_opt_out_keeps_the_view_in_the_graph(monkeypatch):
+    """RLHF_KERNELS_VIEW_GRAD=0: the gradient w.r.t. the view itself can be asked for again."""
+    base = torch.randn(2, 5, 11, dtype=torch.float64, requires_grad=True)
+    x = base * 1.0
+    y = torch.randint(0, 11, (2, 4))
+    view = x[:, :-1]
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        torch.autograd.grad(rk.logprobs(view, y).sum(), view)
+    monkeypatch.setenv("RLHF_KERNELS_VIEW_GRAD", "0")
+    view = x[:, :-1]
+    (grad,) = torch.autograd.grad(rk.logprobs(view, y).sum(), view)
+    ref = view.detach().clone().requires_grad_()
+    (expected,) = torch.autograd.grad(rk.logprobs(ref, y).sum(), ref)
+    torch.testing.assert_close(grad, expected)
