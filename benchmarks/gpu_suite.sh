@@ -11,7 +11,7 @@
 #   tests     pytest -m gpu
 #   logits    logprobs, logprobs+ent            (N x V of DESIGN §6, bf16 and fp32)
 #   klppo     kl_divergence, ppo_loss
-#   linear    linear_logprobs                   (adds H = 2048, 4096)
+#   linear    linear_logprobs, linear_cross_entropy, linear_ppo_loss (adds H = 2048, 4096)
 #   gae       gae
 #   trainer   end-to-end steps (benchmarks/bench_trainer.py, when it exists)
 #   headline  re-measures our backends and Liger (not --resume) at the issues' target shapes, bf16:
@@ -109,7 +109,7 @@ run_stage() {
     tests) stage_tests ;;
     logits) bench logits --ops logprobs,logprobs+ent ;;
     klppo) bench klppo --ops kl_divergence,ppo_loss ;;
-    linear) bench linear --ops linear_logprobs ;;
+    linear) bench linear --ops linear_logprobs,linear_cross_entropy,linear_ppo_loss ;;
     gae) bench gae --ops gae ;;
     trainer) bench trainer --ops trainer ;;
     headline) stage_headline ;;
