@@ -26,7 +26,10 @@
 # simply be run again and continues where it stopped; rows are written after every case.
 # Copy $OUT/results/<device-slug>/ back to benchmarks/results/<device-slug>/ and commit it.
 #
-# Environment: OUT (default ./gpu_out), PYTHON (default python3), BENCH_BUDGET, BENCH_ARGS (extra
+# On the lent-GPU tool, whose $OUT returns at most 8 files: OUT=/tmp/g TAR_OUT=$OUT/gpu.tgz make gpu
+# (or name stages: ... bash benchmarks/gpu_suite.sh setup tests logits), then unpack gpu.tgz here.
+#
+# Environment: OUT (default ./gpu_out), TAR_OUT, PYTHON (default python3), BENCH_BUDGET, BENCH_ARGS (extra
 # arguments for every `python -m benchmarks.run`, e.g. "--mode all" or "--dtypes bf16").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -123,4 +126,6 @@ run_stage() {
 [ $# -eq 0 ] && set -- all
 for stage in "$@"; do run_stage "$stage"; done
 note "done (rc=$RC); results in $OUT/results"
+# TAR_OUT=<file>: everything under $OUT in one archive (a remote runner that returns only a few files)
+if [ -n "${TAR_OUT:-}" ]; then tar czf "$TAR_OUT" -C "$OUT" . && note "archived to $TAR_OUT"; fi
 exit $RC
