@@ -66,6 +66,14 @@ def run_stage(cmd: str, cls, fn, argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if code == 0:  # under torchrun every rank got here: leave the process group together
+        from .distributed import dist_teardown
+        dist_teardown()
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

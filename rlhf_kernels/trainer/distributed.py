@@ -41,6 +41,20 @@ def dist_setup(pref: str = "auto"):
     return dist.get_rank(), dist.get_world_size(), dev
 
 
+def dist_teardown() -> None:
+    """Leave the process group together: collect what still holds it (DDP reducers, FSDP
+    state), wait for every rank, then destroy it. A rank that tears gloo down while a peer is
+    still talking, or whose leftover objects touch it later, can abort with "terminate called
+    without an active exception". No-op outside torchrun."""
+    import gc
+
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def dist_world() -> int:
     import torch.distributed as dist
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

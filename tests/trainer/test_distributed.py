@@ -292,6 +292,7 @@ def _rank_main(spec_path):
 
     import torch.distributed as dist
 
+    from rlhf_kernels.trainer.distributed import dist_teardown
     from rlhf_kernels.trainer.ppo import PPOConfig, masked_whiten, train_ppo
     spec = json.loads(Path(spec_path).read_text())
     out = spec["out"]
@@ -344,9 +345,11 @@ def _rank_main(spec_path):
         if rank == 0:
             Path(out, f"ppo_resume_{parallel}.json").write_text(json.dumps(
                 {"full": full, "part": part, "resumed": resumed, "summary_full": s_full, "summary_resumed": s_res}))
-    # leave together: a rank that tears gloo down while its peer still talks can abort
-    dist.barrier()
-    dist.destroy_process_group()
+    # leave together (see test_grpo's rank main), skipping the interpreter's teardown
+    dist_teardown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,7 @@ def test_grpo_ddp_update_matches_one_process(tmp_path, sft_run):
 
 
 if __name__ == "__main__":   # one rank of test_grpo_ddp_update_matches_one_process
+    import os
     import sys
 
     import torch.distributed as dist
@@ -190,6 +191,11 @@ if __name__ == "__main__":   # one rank of test_grpo_ddp_update_matches_one_proc
             torch.save({"pg_loss": stats["pg_loss"], "params": policy.state_dict()}, f"{out}/{lt}.pt")
         del ddp  # its reducer holds gloo work; release it while both ranks are still here
         dist.barrier()
-    # Leaving together: a rank that tears gloo down while its peer still talks can abort ("terminate called").
-    dist.barrier()
-    dist.destroy_process_group()
+    # Leaving together: a rank that tears gloo down while its peer still talks, or whose leftover
+    # objects touch it during interpreter shutdown, can abort ("terminate called"): collect, wait,
+    # destroy, then exit without the interpreter's teardown.
+    from rlhf_kernels.trainer.distributed import dist_teardown
+    dist_teardown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
