@@ -12,8 +12,6 @@ offsets.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -22,6 +20,7 @@ from rlhf_kernels import _ext, reference
 from rlhf_kernels.ops import kl as kl_ops
 from rlhf_kernels.ops import logprobs as lp_ops
 from rlhf_kernels.ops import ppo as ppo_ops
+from tests.poison import peak_extra_cuda_bytes, poisoned_allocations
 from tests.tolerance import assert_matches_oracle
 
 pytestmark = [
@@ -35,21 +34,6 @@ pytestmark = [
 CUDA = torch.device("cuda")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 VOCABS = (1, 7, 4097, 50257, 151936)
-
-
-@contextlib.contextmanager
-def poisoned():
-    """Every ``torch.empty`` / ``at::empty`` (the kernels' outputs included) starts as NaN."""
-    old_det = torch.are_deterministic_algorithms_enabled()
-    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    old_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
-        torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
 def make_logits(shape, dtype, *, seed, scale=3.0):
@@ -83,7 +67,7 @@ def check_logprobs(x, y, *, temperature=1.0, seed=0, op_torch=False):
     g_logp = torch.randn(y.shape, generator=g, device=CUDA)
     g_ent = torch.randn(y.shape, generator=g, device=CUDA)
     xt = x.detach().clone().requires_grad_()
-    with poisoned():
+    with poisoned_allocations():
         logp, ent = rk.logprobs(xt, y, temperature=temperature, return_entropy=True, backend="cuda")
         (logp * g_logp + ent * g_ent).sum().backward()
     assert logp.dtype == torch.float32 and ent.dtype == torch.float32
@@ -149,7 +133,7 @@ def test_logprobs_bad_targets_are_never_read(monkeypatch):
     y = make_targets((2, 5), V, seed=12, ignore_frac=0.0)
     y[0, 1], y[0, 3], y[1, 4] = V, -5, 10**12
     xt = x.clone().requires_grad_()
-    with poisoned():
+    with poisoned_allocations():
         logp, ent = rk.logprobs(xt, y, return_entropy=True, backend="cuda")
         logp.nan_to_num(0.0).sum().backward()
     bad = torch.zeros_like(y, dtype=torch.bool)
@@ -199,7 +183,7 @@ def check_kl(x, r, *, temperature=1.0, mask=None, seed=0, ref_grad=True, op_torc
     g = torch.randn(x.shape[:-1], generator=torch.Generator(device=CUDA).manual_seed(seed), device=CUDA)
     xt = x.detach().clone().requires_grad_()
     rt = r.detach().clone().requires_grad_(ref_grad)
-    with poisoned():
+    with poisoned_allocations():
         kl = rk.kl_divergence(xt, rt, temperature=temperature, mask=mask, backend="cuda")
         (kl * g).sum().backward()
     assert kl.dtype == torch.float32 and xt.grad.dtype == dtype
@@ -306,7 +290,7 @@ def test_ppo_loss_all_paths(V, dtype, path, monkeypatch):
     ):
         options = {"loss_agg": loss_agg, **extra}
         xt = x.detach().clone().requires_grad_()
-        with poisoned():
+        with poisoned_allocations():
             out = rk.ppo_loss(xt, y, old, adv, mask, backend="cuda", **options)
             (out.loss * 1.5).backward()
         x64 = x.detach().double().requires_grad_()
@@ -441,7 +425,7 @@ def _base_grads(loss_fn, base, ref_base, sl, args, monkeypatch, *, reroute):
             m.setattr(_checks, "slice_of_base", lambda view: None)
         x = base.detach().clone().requires_grad_()
         r = ref_base.detach().clone().requires_grad_()
-        with poisoned():
+        with poisoned_allocations():
             loss_fn(x[:, sl], *args, r[:, sl]).backward()
     return x.grad, r.grad
 
@@ -472,15 +456,6 @@ def test_view_gradient_goes_to_base(V, dtype, op, path, monkeypatch):
         assert torch.all(got[0][:, dropped] == 0)
 
 
-def _peak_extra_bytes(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
-
-
 @pytest.mark.parametrize("path", ("auto", "two-pass"))
 @pytest.mark.parametrize("op", ("logprobs", "ppo_loss"))
 def test_view_fwd_bwd_peak_memory_is_one_gradient(op, path, monkeypatch):
@@ -501,10 +476,10 @@ def test_view_fwd_bwd_peak_memory_is_one_gradient(op, path, monkeypatch):
     step()  # warm-up (plans, caches)
     grad_bytes = base.numel() * base.element_size()
     base.grad = None
-    peak = _peak_extra_bytes(step)
+    peak = peak_extra_cuda_bytes(step)
     assert peak <= grad_bytes + 64 * 2**20, f"peak {peak / 2**20:.0f} MiB, one gradient {grad_bytes / 2**20:.0f} MiB"
     # the test can fail: today's path (SliceBackward) holds about two gradients
     with monkeypatch.context() as m:
         m.setattr(_checks, "slice_of_base", lambda view: None)
         base.grad = None
-        assert _peak_extra_bytes(step) > 1.8 * grad_bytes
+        assert peak_extra_cuda_bytes(step) > 1.8 * grad_bytes

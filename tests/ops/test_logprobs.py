@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -12,24 +11,11 @@ import rlhf_kernels as rk
 from rlhf_kernels import _ext
 from rlhf_kernels import reference as R
 from rlhf_kernels.ops._checks import as_rows
+from tests.poison import poisoned_allocations
 from tests.tolerance import assert_matches_oracle
 
 BACKENDS = ["cpu", "torch"] if _ext.available() else ["torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Every fresh tensor (from C++ kernels too) starts filled with NaN, so unwritten outputs show."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _check_against_oracle(logits, targets, backend, temperature=1.0, ignore_index=-100):

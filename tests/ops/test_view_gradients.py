@@ -21,7 +21,6 @@ CPU (``cpu``, ``torch``, ``triton`` under ``TRITON_INTERPRET=1``):
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 
@@ -35,6 +34,7 @@ from rlhf_kernels.ops import kl as kl_ops
 from rlhf_kernels.ops import logprobs as lp_ops
 from rlhf_kernels.ops import ppo as ppo_ops
 from rlhf_kernels.ops._checks import WHOLE, slice_of_base
+from tests.poison import poisoned_allocations
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -42,20 +42,6 @@ _TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("TRI
 BACKENDS = (["cpu"] if _ext.available() else []) + ["torch"] + (["triton"] if _TRITON else [])
 KL_BACKENDS = ["torch"] + (["triton"] if _TRITON else [])
 SLICES = {"[:-1]": slice(None, -1), "[1:]": slice(1, None), "[1:-1]": slice(1, -1)}
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Every fresh tensor (from C++ kernels too) starts filled with NaN, so unwritten elements show."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _inputs(B, L, V, T, dtype=torch.float32, seed=0):

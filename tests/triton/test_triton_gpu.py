@@ -6,17 +6,17 @@ and block sizes the kernels use in training: V = 50257 / 151936 (several
 extreme logits, all-ignored rows, poisoned outputs.
 """
 
-import contextlib
 
 import pytest
 import torch
+from triton_testutils import INTERPRET, assert_rule, make_logits, make_targets, poisoned_outputs
 
 import rlhf_kernels as rk
 from rlhf_kernels import reference
 from rlhf_kernels.ops import advantages as adv_ops
 from rlhf_kernels.ops import logprobs as lp_ops
 from rlhf_kernels.ops._dispatch import resolve_backend
-from triton_testutils import INTERPRET, assert_rule, make_logits, make_targets, poisoned_outputs
+from tests.poison import peak_extra_cuda_bytes, poisoned_allocations
 
 pytestmark = [
     pytest.mark.gpu,
@@ -157,20 +157,6 @@ def _view_inputs(B, T, V, seed):
     return y, old, adv, ref, y != -100
 
 
-@contextlib.contextmanager
-def _poisoned_torch_empty():
-    """``torch.empty`` (the [B, L, V] gradient the op allocates) starts as NaN: a missed row shows."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.utils.deterministic.fill_uninitialized_memory = fill
-
-
 def _base_grads(op, base, ref_base, sl, args, monkeypatch, *, reroute):
     from rlhf_kernels.ops import _checks
 
@@ -179,7 +165,7 @@ def _base_grads(op, base, ref_base, sl, args, monkeypatch, *, reroute):
             m.setattr(_checks, "slice_of_base", lambda view: None)
         x = base.detach().clone().requires_grad_()
         r = ref_base.detach().clone().requires_grad_()
-        with poisoned_outputs(), _poisoned_torch_empty():
+        with poisoned_outputs(), poisoned_allocations():
             _view_loss(op, x[:, sl], *args, r[:, sl]).backward()
     return x.grad, r.grad
 
@@ -203,15 +189,6 @@ def test_view_gradient_goes_to_base(V, dtype, op, monkeypatch):
         assert torch.all(got[0][:, dropped] == 0)
 
 
-def _peak_extra_bytes(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
-
-
 @pytest.mark.parametrize("op", ("logprobs", "ppo_loss"))
 def test_view_fwd_bwd_peak_memory_is_one_gradient(op, monkeypatch):
     """bf16 [4, 1025, 151936] logits: fwd + bwd through logits[:, :-1] needs one gradient, not two."""
@@ -228,9 +205,9 @@ def test_view_fwd_bwd_peak_memory_is_one_gradient(op, monkeypatch):
     step()  # warm-up (autotuning)
     grad_bytes = base.numel() * base.element_size()
     base.grad = None
-    peak = _peak_extra_bytes(step)
+    peak = peak_extra_cuda_bytes(step)
     assert peak <= grad_bytes + 64 * 2**20, f"peak {peak / 2**20:.0f} MiB, one gradient {grad_bytes / 2**20:.0f} MiB"
     with monkeypatch.context() as m:  # the test can fail: today's path holds about two gradients
         m.setattr(_checks, "slice_of_base", lambda view: None)
         base.grad = None
-        assert _peak_extra_bytes(step) > 1.8 * grad_bytes
+        assert peak_extra_cuda_bytes(step) > 1.8 * grad_bytes
