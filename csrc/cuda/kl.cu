@@ -201,17 +201,13 @@ cudaError_t launch_kl_bwd(DType dtype, void* grad_z, void* grad_r, const void* l
   if (rows > kMaxGridX || vocab < 1) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int kThreads = 256;
-    const int64_t cols_per_cta = static_cast<int64_t>(kThreads) * 8 * Vec<T>::kSize;
-    const int64_t splits = (vocab + cols_per_cta - 1) / cols_per_cta;
-    if (splits > kMaxGridY) return cudaErrorInvalidValue;
-    const int threads = splits == 1 ? sweep_threads(vectors_per_row<T>(vocab), kThreads) : kThreads;
-    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(splits));
-    kl_bwd_kernel<T><<<grid, threads, 0, stream>>>(static_cast<T*>(grad_z), static_cast<T*>(grad_r),
+    SplitGrid g;
+    if (!split_grid<T>(rows, vocab, g)) return cudaErrorInvalidValue;
+    kl_bwd_kernel<T><<<g.grid, g.threads, 0, stream>>>(static_cast<T*>(grad_z), static_cast<T*>(grad_r),
                                                    static_cast<const T*>(logits), static_cast<const T*>(ref_logits),
                                                    grad, kl, lse_z, lse_r, rows_inner, stride_b, stride_t,
                                                    ref_stride_b, ref_stride_t, gz_stride_b, gz_stride_t,
-                                                   gr_stride_b, gr_stride_t, vocab, inv_t, cols_per_cta);
+                                                   gr_stride_b, gr_stride_t, vocab, inv_t, g.cols_per_cta);
     return cudaGetLastError();
   });
 }

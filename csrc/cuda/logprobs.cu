@@ -94,17 +94,12 @@ cudaError_t launch_logprobs_bwd(DType dtype, void* grad, const void* logits, con
   if (rows > kMaxGridX || vocab < 1) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int kThreads = 256;
-    // 8 vectors per thread per CTA: 16K bf16 / 8K fp32 columns, a few CTAs per row at LLM vocabularies
-    const int64_t cols_per_cta = static_cast<int64_t>(kThreads) * 8 * Vec<T>::kSize;
-    const int64_t splits = (vocab + cols_per_cta - 1) / cols_per_cta;
-    if (splits > kMaxGridY) return cudaErrorInvalidValue;
-    const int threads = splits == 1 ? sweep_threads(vectors_per_row<T>(vocab), kThreads) : kThreads;
-    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(splits));
-    logprobs_bwd_kernel<T><<<grid, threads, 0, stream>>>(static_cast<T*>(grad), static_cast<const T*>(logits),
+    SplitGrid g;
+    if (!split_grid<T>(rows, vocab, g)) return cudaErrorInvalidValue;
+    logprobs_bwd_kernel<T><<<g.grid, g.threads, 0, stream>>>(static_cast<T*>(grad), static_cast<const T*>(logits),
                                                          targets, grad_logp, grad_entropy, lse, entropy, rows_inner,
                                                          stride_b, stride_t, grad_stride_b, grad_stride_t, vocab,
-                                                         inv_t, ignore_index, cols_per_cta);
+                                                         inv_t, ignore_index, g.cols_per_cta);
     return cudaGetLastError();
   });
 }

@@ -406,6 +406,28 @@ inline int64_t vectors_per_row(int64_t vocab) {
 constexpr int64_t kMaxGridX = 2147483647;
 constexpr int64_t kMaxGridY = 65535;
 
+// Launch geometry of an elementwise row backward: CTA (row, split) writes columns
+// [split·cols_per_cta, (split + 1)·cols_per_cta) ∩ [0, V). 256 threads with 8 vectors each per CTA
+// (16K bf16 / 8K fp32 columns: a few CTAs per row at LLM vocabularies); one smaller CTA when the row fits.
+// The backward kernels using it declare __launch_bounds__(256) to match.
+struct SplitGrid {
+  dim3 grid;
+  int threads;
+  int64_t cols_per_cta;
+};
+
+// False when the row count or the number of splits exceeds the grid limits.
+template <typename T>
+inline bool split_grid(int64_t rows, int64_t vocab, SplitGrid& out) {
+  constexpr int kThreads = 256;
+  out.cols_per_cta = static_cast<int64_t>(kThreads) * 8 * Vec<T>::kSize;
+  const int64_t splits = (vocab + out.cols_per_cta - 1) / out.cols_per_cta;
+  if (rows > kMaxGridX || splits > kMaxGridY) return false;
+  out.threads = splits == 1 ? sweep_threads(vectors_per_row<T>(vocab), kThreads) : kThreads;
+  out.grid = dim3(static_cast<unsigned>(rows), static_cast<unsigned>(splits));
+  return true;
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace rlhf_kernels
