@@ -16,7 +16,7 @@ _warned = False
 
 _module = None
 _attempted = False
-_with_cuda: Optional[bool] = None  # cached: torch.compile traces through the dispatch and cannot call pybind
+_with_cuda = False  # set by load(): torch.compile traces through the dispatch and cannot call pybind
 
 
 def load():
@@ -62,12 +62,9 @@ def warn_once_if_missing() -> None:
 
 
 def has_cuda_kernels() -> bool:
-    """True when the extension was built with its CUDA kernels (asked once, then a plain bool)."""
-    global _with_cuda
-    if _with_cuda is None:
-        ext = load()
-        _with_cuda = bool(ext is not None and ext.compiled_with_cuda())
-    return _with_cuda
+    """True when the extension was built with its CUDA kernels (read once by ``load``, then a plain bool)."""
+    load()
+    return bool(_with_cuda)
 
 
 def cuda_arch_list() -> str:
