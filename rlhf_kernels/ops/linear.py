@@ -12,8 +12,9 @@
               grad_bias     += dlogits_c.sum(0)              (fp32 accumulator)
 
 Only ``hidden, weight, bias, targets, lse, entropy`` are saved (``O(N)``
-beyond the inputs), so a training step holds one chunk of logits (plus one of
-``dlogits``) at a time, and a no-grad call (reference / old-policy log-probs)
+beyond the inputs), so a training step holds one chunk of logits at a time
+(the C++ CPU and Triton backward kernels overwrite the chunk's logits with its
+``dlogits`` in place), and a no-grad call (reference / old-policy log-probs)
 one chunk. The per-chunk reduction is the backend's fused ``logprobs`` kernel
 (C++ CPU, Triton, or the PyTorch reference), called directly, so the loop has
 no host synchronisation (targets are validated once, up front).
@@ -114,11 +115,33 @@ _GPU_CHUNK_BYTES = (64 * _MIB, 256 * _MIB)
 _MIN_ROWS = {"cpu": 32, "cuda": 128}
 
 
-def auto_chunk_size(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+def chunk_rows(n: int, row_bytes: int, budget: int, min_rows: int, free_rows: int = 0, cap_bytes: int = 0) -> int:
+    """Rows per chunk: ``budget // row_bytes`` (at least ``min_rows``, and at least ``free_rows``), a multiple of
+    64 once that large, never more than ``n`` nor (with ``cap_bytes``) more than ``cap_bytes // row_bytes``."""
+    row_bytes = max(1, row_bytes)
+    rows = max(budget // row_bytes, min_rows, free_rows)
+    if cap_bytes > 0:
+        rows = min(rows, max(cap_bytes // row_bytes, min_rows))
+    if rows >= 64:
+        rows -= rows % 64  # GEMM-friendly
+    return int(max(1, min(n, rows)))
+
+
+def auto_chunk_size(
+    n: int, hidden_size: int, vocab: int, dtype: torch.dtype, device: torch.device, weight_grad_cast: bool = False
+) -> int:
     """Rows per chunk so one chunk of logits takes ~32 MiB (CPU) or 64-256 MiB (GPU, by free memory).
 
-    ``hidden_size`` only matters through the chunk's own matmul, which is
-    efficient once rows reach ``_MIN_ROWS``; a chunk never exceeds ``n`` rows.
+    ``hidden_size`` matters through the chunk's own matmul, which is efficient
+    once rows reach ``_MIN_ROWS``, and through ``weight_grad_cast``: when the
+    loop accumulates a 16-bit weight's gradient in float32 and casts it at the
+    end, the cast briefly holds both (``V·H·(4 + 2)`` bytes), so on the GPU a
+    chunk of logits up to the size of the cast's output (``hidden_size`` rows
+    of 16-bit logits, as big as the weight) adds nothing to the peak. Fewer,
+    larger chunks matter there: every chunk's dW GEMM reads and writes the whole
+    float32 accumulator (``8·V·H`` bytes, about 1.4 ms at V = 128256, H = 4096
+    on an H100), which at 1024-row chunks costs as much as its arithmetic.
+    Capped at a quarter of the free memory. A chunk never exceeds ``n`` rows.
     """
     if n <= 0:
         return 1
@@ -127,18 +150,17 @@ def auto_chunk_size(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, de
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(max(free // 16, _GPU_CHUNK_BYTES[0]), _GPU_CHUNK_BYTES[1])
-        min_rows = _MIN_ROWS["cuda"]
-    else:
-        budget = _CPU_CHUNK_BYTES
-        min_rows = _MIN_ROWS["cpu"]
-    rows = max(budget // row_bytes, min_rows)
-    if rows >= 64:
-        rows -= rows % 64  # GEMM-friendly
-    return int(max(1, min(n, rows)))
+        free_rows = (vocab * hidden_size * itemsize) // row_bytes if weight_grad_cast else 0
+        return chunk_rows(n, row_bytes, budget, _MIN_ROWS["cuda"], free_rows, free // 4)
+    return chunk_rows(n, row_bytes, _CPU_CHUNK_BYTES, _MIN_ROWS["cpu"])
 
 
-def _chunk(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, chunk_size: int) -> int:
-    return int(min(chunk_size, max(n, 1))) if chunk_size > 0 else auto_chunk_size(n, h, v, dtype, device)
+def _chunk(
+    n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, chunk_size: int, weight_grad_cast: bool = False
+) -> int:
+    if chunk_size > 0:
+        return int(min(chunk_size, max(n, 1)))
+    return auto_chunk_size(n, h, v, dtype, device, weight_grad_cast)
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -165,17 +187,30 @@ def _kernel_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
 
 
 def _kernel_bwd(g_logp, g_ent, logits, targets, lse, entropy, temperature: float, ignore_index: int, backend: str):
-    """``dlogits[c, V]`` (logits' dtype) of ``Σ g_logp·logp + g_ent·entropy`` via the backend's kernel."""
+    """``dlogits[c, V]`` (logits' dtype) of ``Σ g_logp·logp + g_ent·entropy`` via the backend's kernel.
+
+    The C++ CPU and Triton kernels write it over ``logits`` (the chunk is
+    dead afterwards): each element is read before it is written, by the same
+    thread / program, so no second chunk-sized buffer is needed. The CUDA
+    kernel declares its pointers ``__restrict__`` and gets a fresh buffer.
+    """
     rows = logits.unsqueeze(0)
     args = [t.unsqueeze(0).contiguous() for t in (g_logp, g_ent, targets, lse, entropy)]
-    if backend in ("cpu", "cuda"):
+    in_place = logits.is_contiguous()
+    if backend == "cpu" and in_place:
+        torch.ops.rlhf_kernels_C.logprobs_bwd_out(
+            args[0], args[1], rows, args[2], args[3], args[4], temperature, ignore_index, rows
+        )
+        grad = rows
+    elif backend in ("cpu", "cuda"):
         grad = torch.ops.rlhf_kernels_C.logprobs_bwd(
             args[0], args[1], rows, args[2], args[3], args[4], temperature, ignore_index
         )
     elif backend == "triton":
         from ..triton.logprobs import logprobs_bwd as triton_bwd
 
-        grad = triton_bwd(args[0], args[1], rows, args[2], args[3], args[4], temperature, ignore_index)
+        out = rows if in_place else None
+        grad = triton_bwd(args[0], args[1], rows, args[2], args[3], args[4], temperature, ignore_index, out)
     else:
         grad = _torch_bwd(args[0], args[1], rows, args[2], args[3], args[4], temperature, ignore_index)
     return grad.reshape(logits.shape)
@@ -283,7 +318,7 @@ def linear_logprobs_bwd(
     grad_weight = torch.zeros((v, h), dtype=acc, device=weight.device) if need_weight else weight.new_empty(0)
     grad_bias = torch.zeros((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
     if need_hidden or need_weight or need_bias:
-        c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size)
+        c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, need_weight and acc != weight.dtype)
         for s in range(0, n, c):
             e = min(n, s + c)
             hidden_c = hidden[s:e]
@@ -425,8 +460,9 @@ def linear_loss_fused(
     ``entropy`` are ``[N]``, float32 (float64 for float64 inputs);
     ``grad_* = ∂loss/∂(hidden, weight, bias)`` for an upstream gradient of 1, in
     the inputs' dtypes (weight and bias accumulated in float32 across chunks),
-    an empty ``[0]`` tensor where ``need_*`` is False. One chunk of logits (and
-    one of ``dlogits``) exists at a time.
+    an empty ``[0]`` tensor where ``need_*`` is False. One chunk of logits
+    exists at a time (``_kernel_bwd`` turns it into the chunk's ``dlogits`` in
+    place on the C++ CPU and Triton backends; CUDA adds a second chunk).
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -440,7 +476,7 @@ def linear_loss_fused(
     grad_weight = torch.zeros((v, h), dtype=acc, device=weight.device) if need_weight else weight.new_empty(0)
     grad_bias = torch.zeros((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
     any_grad = need_hidden or need_weight or need_bias
-    c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size)
+    c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, need_weight and acc != weight.dtype)
     for s in range(0, n, c):
         e = min(n, s + c)
         hidden_c, targets_c, w_c = hidden[s:e], targets[s:e], w[s:e]

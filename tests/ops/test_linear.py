@@ -253,6 +253,71 @@ def test_auto_chunk_size():
     assert L.auto_chunk_size(5, 512, 50257, torch.float32, cpu) == 5
     assert L.auto_chunk_size(100000, 64, 7, torch.float32, cpu) <= 100000
     assert L.auto_chunk_size(4096, 64, 10**6, torch.float32, cpu) == 32  # min rows keep the dW GEMM efficient
+    assert L.auto_chunk_size(2048, 512, 50257, torch.float32, cpu, weight_grad_cast=True) == rows  # GPU-only rule
+
+
+def test_chunk_rows_grow_to_the_weight_gradient_cast():
+    """The GPU rule for a float32-accumulated 16-bit weight gradient: chunks as large as the weight (H rows), capped."""
+    V, H, item = 128256, 4096, 2
+    row = V * item
+    budget = 256 * 2**20
+    assert L.chunk_rows(8192, row, budget, 128) == 1024  # 256 MiB of bf16 logits
+    assert L.chunk_rows(8192, row, budget, 128, free_rows=H) == 4096  # V·H·2 bytes: the cast's own output
+    assert L.chunk_rows(8192, row, budget, 128, free_rows=H, cap_bytes=600 * 2**20) == 2432  # free-memory cap
+    assert L.chunk_rows(1000, row, budget, 128, free_rows=H) == 1000  # never more than n
+    assert L.chunk_rows(8192, row, budget, 128, free_rows=H, cap_bytes=1) == 128  # the cap keeps min_rows
+
+
+@pytest.mark.skipif(not _ext.available(), reason="needs the C++ extension")
+@pytest.mark.parametrize("fused", [False, True])
+def test_dlogits_overwrite_the_logits_chunk_cpu(fused):
+    """The C++ CPU backward writes each chunk's dlogits over its logits: one chunk-sized buffer, not two."""
+    N, H, V, chunk = 12, 8, 301, 5  # 3 chunks
+    hidden, weight, targets, bias = _inputs((N,), H, V, torch.float32)
+    leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+    seen = []
+
+    class _Mode(_LargestTensor):
+        def __init__(self):
+            super().__init__()
+            self._impls["linear_loss_fused"] = L.linear_loss_fused._init_fn
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "rlhf_kernels_C" and func.overloadpacket.__name__.startswith("logprobs_bwd"):
+                out_arg = args[-1] if func.overloadpacket.__name__ == "logprobs_bwd_out" else None
+                seen.append(out_arg is not None and out_arg.data_ptr() == args[2].data_ptr())
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    with _Mode():
+        loss = rk.linear_cross_entropy(*leaves[:2], targets, leaves[2], chunk_size=chunk, backend="cpu",
+                                       grad_in_forward=fused)
+        loss.backward()
+    assert seen == [True] * 3, seen
+
+
+@pytest.mark.skipif(not (triton_importable() and triton_interpreting()), reason="needs TRITON_INTERPRET=1")
+def test_dlogits_overwrite_the_logits_chunk_triton(monkeypatch):
+    """The Triton backward gets the chunk's logits as its ``out`` and the gradients stay right."""
+    from rlhf_kernels.triton import logprobs as T
+
+    original, calls = T.logprobs_bwd, []
+
+    def spy(*args):
+        calls.append(args[-1] is not None and args[-1].data_ptr() == args[2].data_ptr())
+        return original(*args)
+
+    monkeypatch.setattr(T, "logprobs_bwd", spy)
+    hidden, weight, targets, bias = _inputs((2, 5), 12, 37, torch.float32, ignore=(3,))
+    leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+    loss = rk.linear_cross_entropy(*leaves[:2], targets, leaves[2], chunk_size=4, backend="triton",
+                                   grad_in_forward=True)
+    loss.backward()
+    assert calls == [True] * 3, calls
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    nll = -R.logprobs(F.linear(*ref), targets)
+    (nll.sum() / (targets != -100).sum()).backward()
+    for a, b in zip(leaves, ref):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not (triton_importable() and (torch.cuda.is_available() or triton_interpreting())),
