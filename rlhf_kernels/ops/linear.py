@@ -17,7 +17,7 @@ beyond the inputs), so a training step holds one chunk of logits at a time
 ``dlogits`` in place), and a no-grad call (reference / old-policy log-probs)
 one chunk. The per-chunk reduction is the backend's fused ``logprobs`` kernel
 (C++ CPU, Triton, or the PyTorch reference), called directly, so the loop has
-no host synchronisation (targets are validated once, up front).
+no host synchronisation (targets are validated once, after the loop is queued).
 
 Registered as the custom ops ``rlhf_kernels::linear_logprobs_fwd`` /
 ``linear_logprobs_bwd`` (fake impls + autograd) so ``torch.compile`` traces
@@ -262,7 +262,6 @@ def linear_logprobs_fwd(
     """
     n, h = hidden.shape
     v = weight.shape[0]
-    _validate_targets(targets, v, ignore_index)
     dtype = _stats_dtype(hidden.dtype)
     logp = hidden.new_empty((n,), dtype=dtype)
     entropy = torch.empty_like(logp)
@@ -275,6 +274,7 @@ def linear_logprobs_fwd(
         del logits
         for dst, src in zip((logp, entropy, lse), out):
             dst[s:e].copy_(src)
+    _validate_targets(targets, v, ignore_index)
     return logp, entropy, lse
 
 
@@ -466,7 +466,6 @@ def linear_loss_fused(
     """
     n, h = hidden.shape
     v = weight.shape[0]
-    _validate_targets(targets, v, ignore_index)
     stats = _stats_dtype(hidden.dtype)
     acc = _acc_dtype(weight.dtype)
     w = _loss_weights(mask, loss_agg, stats)
@@ -512,6 +511,7 @@ def linear_loss_fused(
         value = (term * w).sum()
     else:
         value = reference.aggregate_loss(term.reshape(mask.shape), mask, loss_agg)
+    _validate_targets(targets, v, ignore_index)
     if need_weight and grad_weight.dtype != weight.dtype:
         grad_weight = grad_weight.to(weight.dtype)
     if need_bias and bias is not None and grad_bias.dtype != bias.dtype:

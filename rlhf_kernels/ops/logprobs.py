@@ -66,6 +66,13 @@ def _stats_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 def _validate_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """``ValueError`` naming the first target outside ``[0, vocab)`` that is not ``ignore_index`` (a host sync).
+
+    The ops call it *after* queueing their kernels: every kernel is safe on a bad
+    target (it is never read; that token's ``logp`` is NaN), so the check's
+    small kernels run behind the main one instead of in front of it, and the
+    sync waits for work that was already queued.
+    """
     if not validation_enabled():
         return
     bad = find_bad_target(targets, vocab, ignore_index)
@@ -148,7 +155,6 @@ def logprobs_fwd(
     outputs are ``[B, row_count]``); the gradient comes back shaped like ``logits``.
     """
     logits = rows_in_range(logits, row_start, row_count)
-    _validate_targets(targets, logits.shape[-1], ignore_index)
     lead = logits.shape[:-1]
     rows = as_rows(logits)
     flat_targets = targets.reshape(rows.shape[:2])
@@ -160,6 +166,7 @@ def logprobs_fwd(
         out = triton_fwd(rows, flat_targets, temperature, ignore_index)
     else:
         out = _torch_fwd(rows, flat_targets, temperature, ignore_index)
+    _validate_targets(targets, logits.shape[-1], ignore_index)
     return tuple(t.reshape(lead) for t in out)
 
 

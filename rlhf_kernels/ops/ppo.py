@@ -217,7 +217,6 @@ def ppo_term_fwd(
     (``logprobs_fwd``).
     """
     logits = rows_in_range(logits, row_start, row_count)
-    _validate_targets(targets, logits.shape[-1], ignore_index)
     lead = logits.shape[:-1]
     rows = as_rows(logits)
     shape2 = rows.shape[:2]
@@ -240,6 +239,7 @@ def ppo_term_fwd(
             entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         )
         out = (term, logp, entropy, kl, clipped.float(), lse)
+    _validate_targets(targets, logits.shape[-1], ignore_index)
     return tuple(t.reshape(lead).contiguous() for t in out)
 
 
@@ -358,7 +358,6 @@ def ppo_loss_fused(
     """
     base = logits
     logits = rows_in_range(logits, row_start, row_count)
-    _validate_targets(targets, logits.shape[-1], ignore_index)
     lead = logits.shape[:-1]
     rows = as_rows(logits)
     shape2 = rows.shape[:2]
@@ -384,6 +383,7 @@ def ppo_loss_fused(
                           temperature, ignore_index)
     term = term.reshape(lead)
     loss = reference.aggregate_loss(term, mask, loss_agg)
+    _validate_targets(targets, logits.shape[-1], ignore_index)
     stats = tuple(t.reshape(lead).contiguous() for t in (term, logp, entropy, kl, clipped))
     if full is None:
         return (loss,) + stats + (grad.reshape(logits.shape),)

@@ -225,6 +225,28 @@ def test_validation_off_gives_nan_for_that_token_only(backend, monkeypatch):
     assert torch.isfinite(logits.grad).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["ppo_loss", "ppo_loss_grad", "linear_logprobs", "linear_cross_entropy"])
+def test_every_op_with_targets_names_a_bad_one(backend, op):
+    """The check runs after the kernels are queued (they never read a bad target); it still raises, naming it."""
+    B, T, V, H = 2, 3, 10, 4
+    targets = torch.randint(0, V, (B, T))
+    targets[1, 1] = V + 3
+    ones = torch.ones(B, T)
+    if op.startswith("ppo_loss"):
+        logits = torch.randn(B, T, V, requires_grad=op.endswith("grad"))
+        call = lambda: rk.ppo_loss(logits, targets, ones * -2.3, ones, ones, backend=backend)  # noqa: E731
+        where = r"targets\[1, 1\] = 13"
+    else:
+        hidden = torch.randn(B * T, H, requires_grad=True)
+        weight = torch.randn(V, H, requires_grad=True)
+        fn = getattr(rk, op)
+        call = lambda: fn(hidden, weight, targets.reshape(-1), backend=backend)  # noqa: E731
+        where = r"targets\[4\] = 13"
+    with pytest.raises(ValueError, match=where + r" is outside \[0, 10\)"):
+        call()
+
+
 def test_env_backend_preference(monkeypatch):
     logits = torch.randn(2, 10)
     targets = torch.randint(0, 10, (2,))
