@@ -76,6 +76,15 @@ def device_slug(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """Short HEAD (``-dirty`` with uncommitted op sources), or ``RLHF_KERNELS_COMMIT`` when set.
+
+    The override is for runners that copy the working tree but not a current
+    ``.git`` (the lent-GPU tool's copy keeps the ``.git`` of its first call), so
+    the caller passes the hash it knows: ``RLHF_KERNELS_COMMIT=<sha> make gpu``.
+    """
+    override = os.environ.get("RLHF_KERNELS_COMMIT", "").strip()
+    if override:
+        return override
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10

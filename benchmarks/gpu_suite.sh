@@ -29,8 +29,11 @@
 # On the lent-GPU tool, whose $OUT returns at most 8 files: OUT=/tmp/g TAR_OUT=$OUT/gpu.tgz make gpu
 # (or name stages: ... bash benchmarks/gpu_suite.sh setup tests logits), then unpack gpu.tgz here.
 #
+# That tool's copy of the tree keeps a stale .git, so pass the commit being measured, spelled out on this side:
+# RLHF_KERNELS_COMMIT=<sha> (it stamps every result row instead of `git rev-parse HEAD`).
+#
 # Environment: OUT (default ./gpu_out), TAR_OUT, PYTHON (default python3), BENCH_BUDGET, BENCH_ARGS (extra
-# arguments for every `python -m benchmarks.run`, e.g. "--mode all" or "--dtypes bf16").
+# arguments for every `python -m benchmarks.run`, e.g. "--mode all" or "--dtypes bf16"), RLHF_KERNELS_COMMIT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"

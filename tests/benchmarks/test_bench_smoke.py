@@ -123,3 +123,14 @@ def test_update_readme_rewrites_only_the_block(quick_run, tmp_path):
     assert update_readme.main(["--readme", str(readme), "--results", results, "--check"]) == 0
     readme.write_text(text.replace("| logprobs+ent |", "| edited |"))
     assert update_readme.main(["--readme", str(readme), "--results", results, "--check"]) == 1
+
+
+def test_commit_stamp_can_be_given(monkeypatch):
+    """A runner with a stale .git passes the measured commit; without it the stamp is git's HEAD."""
+    from benchmarks import common
+
+    monkeypatch.delenv("RLHF_KERNELS_COMMIT", raising=False)
+    head = common.git_commit()
+    assert head and head != "abc123"
+    monkeypatch.setenv("RLHF_KERNELS_COMMIT", "abc123")
+    assert common.git_commit() == "abc123"
