@@ -271,11 +271,12 @@ def test_chunk_rows_grow_to_the_weight_gradient_cast():
 @pytest.mark.skipif(not _ext.available(), reason="needs the C++ extension")
 @pytest.mark.parametrize("fused", [False, True])
 def test_dlogits_overwrite_the_logits_chunk_cpu(fused):
-    """The C++ CPU backward writes each chunk's dlogits over its logits: one chunk-sized buffer, not two."""
+    """The C++ CPU backward writes each chunk's dlogits over its logits: one chunk-sized buffer, not two;
+    for a vocabulary that is not a multiple of 8 the buffer's rows are padded to 16-byte-aligned strides."""
     N, H, V, chunk = 12, 8, 301, 5  # 3 chunks
     hidden, weight, targets, bias = _inputs((N,), H, V, torch.float32)
     leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
-    seen = []
+    seen, strides = [], []
 
     class _Mode(_LargestTensor):
         def __init__(self):
@@ -286,6 +287,7 @@ def test_dlogits_overwrite_the_logits_chunk_cpu(fused):
             if func.namespace == "rlhf_kernels_C" and func.overloadpacket.__name__.startswith("logprobs_bwd"):
                 out_arg = args[-1] if func.overloadpacket.__name__ == "logprobs_bwd_out" else None
                 seen.append(out_arg is not None and out_arg.data_ptr() == args[2].data_ptr())
+                strides.append(args[2].stride(1))
             return super().__torch_dispatch__(func, types, args, kwargs)
 
     with _Mode():
@@ -293,6 +295,7 @@ def test_dlogits_overwrite_the_logits_chunk_cpu(fused):
                                        grad_in_forward=fused)
         loss.backward()
     assert seen == [True] * 3, seen
+    assert strides == [320] * 3, strides  # V = 301: rows padded to a multiple of 64 elements (16-byte aligned GEMMs)
 
 
 @pytest.mark.skipif(not (triton_importable() and triton_interpreting()), reason="needs TRITON_INTERPRET=1")
