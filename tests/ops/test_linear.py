@@ -13,6 +13,7 @@ from rlhf_kernels import _ext
 from rlhf_kernels import reference as R
 from rlhf_kernels.ops import linear as L
 from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
+from tests.poison import poisoned_allocations
 from tests.tolerance import assert_matches_oracle
 
 BACKENDS = ["cpu", "torch"] if _ext.available() else ["torch"]
@@ -296,6 +297,24 @@ def test_dlogits_overwrite_the_logits_chunk_cpu(fused):
         loss.backward()
     assert seen == [True] * 3, seen
     assert strides == [320] * 3, strides  # V = 301: rows padded to a multiple of 64 elements (16-byte aligned GEMMs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused", [False, True])
+def test_uninitialised_buffers_are_written_before_use(backend, fused):
+    """NaN-filled fresh memory (padded chunk buffer, weight-gradient accumulator without zero-fill) never leaks."""
+    hidden, weight, targets, bias = _inputs((11,), 10, 301, torch.float32, ignore=(2,))
+    leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+    with poisoned_allocations():
+        loss = rk.linear_cross_entropy(*leaves[:2], targets, leaves[2], chunk_size=4, backend=backend,
+                                       grad_in_forward=fused)
+        loss.backward()
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    nll = -R.logprobs(F.linear(*ref), targets)
+    (nll.sum() / (targets != -100).sum()).backward()
+    torch.testing.assert_close(loss.double(), (nll.sum() / (targets != -100).sum()).detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(leaves, ref):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.skipif(not (triton_importable() and triton_interpreting()), reason="needs TRITON_INTERPRET=1")
