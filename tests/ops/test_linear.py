@@ -444,6 +444,36 @@ def test_gpu_bf16_gpt2_shape():
         assert_matches_oracle(f, r, o, torch.bfloat16, what=f"gpu/bf16/{name}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("V, chunk_size", [(50257, 1000), (32000, None)])
+def test_gpu_bf16_forward_grad_path(backend, V, chunk_size):
+    """The fused CE path on the GPU, bf16: padded (odd V) and plain chunks, in-place or spare dlogits buffers,
+    first-chunk GEMM into the uninitialised float32 accumulator (poisoned with NaN here)."""
+    if backend == "cuda" and not _ext.has_cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
+    N, H = 2500, 512
+    hidden, weight, targets, bias = _inputs((N,), H, V, torch.bfloat16, ignore=(0, 17))
+    hidden, weight, targets, bias = (t.cuda() for t in (hidden, weight, targets, bias))
+    leaves = (hidden, weight, bias)
+
+    def fast(h, w, b):
+        return rk.linear_cross_entropy(h, w, targets, b, chunk_size=chunk_size, backend=backend,
+                                       grad_in_forward=True)
+
+    def materialised(h, w, b):
+        nll = -R.logprobs(F.linear(h, w, b), targets)
+        return nll.sum() / (targets != -100).sum()
+
+    with poisoned_allocations():
+        _, got = _value_and_grads(fast, leaves, 1.0)
+    _, in_dtype = _value_and_grads(materialised, leaves, 1.0)
+    _, oracle = _value_and_grads(materialised, [t.float() for t in leaves], 1.0)
+    for name, f, r, o in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, in_dtype, oracle):
+        assert_matches_oracle(f, r, o, torch.bfloat16, what=f"gpu/{backend}/V={V}/{name}")
+
+
 # ------------------------------------------------------------- forward-with-gradient path (CE and PPO losses)
 
 LOSSES = ["ce-mean", "ce-sum"] + [f"ppo:{agg}" for agg in R.LOSS_AGG_MODES]
