@@ -92,7 +92,7 @@ from ._checks import (
     check_tensor,
 )
 from .logprobs import IMPLEMENTED as _LOGPROBS_IMPLEMENTED
-from .logprobs import _torch_bwd, _torch_fwd, _validate_targets, resolve_for
+from .logprobs import _torch_bwd, _torch_fwd, _validate_targets, resolve_for, targets_checked_on_exit
 from .ppo import (
     _torch_dterm_dlogp,
     _traced,
@@ -762,6 +762,7 @@ def linear_logprobs(
     return (logp, entropy) if return_entropy else logp
 
 
+@targets_checked_on_exit
 def linear_ppo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -846,6 +847,7 @@ def linear_ppo_loss(
     return out if loss is None else out._replace(loss=loss)
 
 
+@targets_checked_on_exit
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,

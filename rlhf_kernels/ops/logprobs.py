@@ -9,6 +9,8 @@ DESIGN.md §3; none materialises an ``[N, V]`` float32 temporary except the
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -65,22 +67,65 @@ def _stats_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+# Target checks the ops queued while a public function wrapped by ``targets_checked_on_exit`` runs.
+_PENDING = threading.local()
+
+
 def _validate_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """``ValueError`` naming the first target outside ``[0, vocab)`` that is not ``ignore_index`` (a host sync).
 
     The ops call it *after* queueing their kernels: every kernel is safe on a bad
     target (it is never read; that token's ``logp`` is NaN), so the check's
     small kernels run behind the main one instead of in front of it, and the
-    sync waits for work that was already queued.
+    sync waits for work that was already queued. Inside a public function
+    wrapped by ``targets_checked_on_exit`` the check waits until that function
+    has queued everything else too.
     """
     if not validation_enabled():
         return
+    pending = getattr(_PENDING, "checks", None)
+    if pending is not None:
+        pending.append((targets, vocab, ignore_index))
+        return
+    _raise_if_bad(targets, vocab, ignore_index)
+
+
+def _raise_if_bad(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
     bad = find_bad_target(targets, vocab, ignore_index)
     if bad is not None:
         position, value = bad
         raise ValueError(
             f"targets{list(position)} = {value} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
         )
+
+
+def targets_checked_on_exit(fn):
+    """Run the target checks of the ops ``fn`` calls when ``fn`` returns (eager mode only).
+
+    Why: the check ends in a host sync. Inside the op it would stall the CPU
+    before the small kernels the public function launches afterwards (the loss
+    aggregation, ``clip_frac``, ...), and the GPU would idle while they are
+    launched. Deferred to the end, the sync waits for work that is already
+    queued. While ``torch.compile`` or a fake-tensor trace runs, ``fn`` is called
+    as it is (the ops then check inside their real implementations at run time);
+    a nested call leaves the checks to the outermost one.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling() or getattr(_PENDING, "checks", None) is not None:
+            return fn(*args, **kwargs)
+        _PENDING.checks = []
+        try:
+            result = fn(*args, **kwargs)
+            checks = _PENDING.checks
+        finally:
+            _PENDING.checks = None
+        for check in checks:
+            _raise_if_bad(*check)
+        return result
+
+    return wrapper
 
 
 def _torch_fwd(rows: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int):

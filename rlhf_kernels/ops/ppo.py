@@ -61,7 +61,16 @@ from ._checks import (
     zero_outside,
 )
 from .logprobs import IMPLEMENTED as _LOGPROBS_IMPLEMENTED
-from .logprobs import _torch_bwd, _torch_fwd, _validate_targets, grad_like, logprobs, range_lead, resolve_for
+from .logprobs import (
+    _torch_bwd,
+    _torch_fwd,
+    _validate_targets,
+    grad_like,
+    logprobs,
+    range_lead,
+    resolve_for,
+    targets_checked_on_exit,
+)
 
 __all__ = ["PPOLossOutput", "check_ppo_args", "composed_ppo_terms", "ppo_loss", "ppo_output"]
 
@@ -465,6 +474,7 @@ def _ppo_backward(ctx, g_term, g_logp, g_ent, g_kl, g_clipped, g_lse):
 ppo_term_fwd.register_autograd(_ppo_backward, setup_context=_ppo_setup_context)
 
 
+@targets_checked_on_exit
 def ppo_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,

@@ -247,6 +247,32 @@ def test_every_op_with_targets_names_a_bad_one(backend, op):
         call()
 
 
+def test_ppo_loss_checks_targets_after_queueing_everything(monkeypatch):
+    """ppo_loss defers the op's target check (a host sync) until its statistics are launched; state never leaks."""
+    from rlhf_kernels.ops import logprobs as lp_mod
+    from rlhf_kernels.ops import ppo as ppo_mod
+
+    order = []
+    real_check, real_output = lp_mod._raise_if_bad, ppo_mod.ppo_output
+    monkeypatch.setattr(lp_mod, "_raise_if_bad", lambda *a: (order.append("check"), real_check(*a))[1])
+    monkeypatch.setattr(ppo_mod, "ppo_output", lambda *a, **k: (order.append("stats"), real_output(*a, **k))[1])
+    B, T, V = 2, 3, 10
+    logits, ones = torch.randn(B, T, V), torch.ones(B, T)
+    targets = torch.randint(0, V, (B, T))
+    rk.ppo_loss(logits, targets, ones * -2.3, ones, ones)
+    assert order == ["stats", "check"], order
+    targets[0, 2] = -4
+    with pytest.raises(ValueError, match=r"targets\[0, 2\] = -4"):
+        rk.ppo_loss(logits, targets, ones * -2.3, ones, ones)
+    with pytest.raises(ValueError, match="old_logp"):  # an error inside leaves no pending checks behind
+        rk.ppo_loss(logits, targets, ones[:1], ones, ones)
+    assert getattr(lp_mod._PENDING, "checks", None) is None
+    order.clear()
+    with pytest.raises(ValueError, match=r"targets\[0, 2\] = -4"):  # outside ppo_loss: checked in the op
+        rk.logprobs(logits, targets)
+    assert order == ["check"], order
+
+
 def test_env_backend_preference(monkeypatch):
     logits = torch.randn(2, 10)
     targets = torch.randint(0, 10, (2,))
