@@ -14,7 +14,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 CUDA_FLAGS  := $(if $(shell command -v nvcc 2>/dev/null),RLHF_KERNELS_FORCE_CUDA=1,)
 SOURCES     := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null | grep -v build_config.h)
 
-.PHONY: test demo build bench-cpu bench bench-quick readme gpu info clean
+.PHONY: test demo build bench-cpu bench bench-quick readme coverage gpu info clean
 
 test: $(STAMPS)/build
 	RLHF_KERNELS_REQUIRE_EXTENSION=1 $(BIN)/python -m pytest -q
@@ -34,6 +34,10 @@ bench-quick: $(STAMPS)/build
 # README's benchmark block, regenerated from the committed benchmarks/results/
 readme: $(STAMPS)/build
 	$(BIN)/python -m benchmarks.update_readme
+
+# Which cells of DESIGN §6's GPU grid the committed results cover, and the commands for the rest
+coverage: $(STAMPS)/build
+	$(BIN)/python -m benchmarks.coverage
 
 info: $(STAMPS)/build
 	$(BIN)/python -m rlhf_kernels.cli info

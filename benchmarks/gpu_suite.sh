@@ -17,7 +17,9 @@
 #   headline  re-measures our backends and Liger (not --resume) at the issues' target shapes, bf16:
 #             logprobs(+ent), kl_divergence, ppo_loss at 8192x151936 and 16384x128256
 #   ppo-paths the cuda ppo_loss fwd+bwd at 8192x151936 bf16 under each RLHF_KERNELS_CUDA_PPO path
-#   bench     logits klppo linear gae trainer
+#   coverage  which cells of DESIGN §6's grid the results cover, and the commands for the rest
+#             ($OUT/coverage.md; benchmarks/coverage.py)
+#   bench     logits klppo linear gae trainer coverage
 #   all       setup tests bench                 (the default)
 #
 # Results go to $OUT/results/<device-slug>/ (csv, md, png, meta.json, run.log): the committed
@@ -109,6 +111,16 @@ stage_ppo_paths() {
   done
 }
 
+stage_coverage() {
+  seed_results
+  local dirs=("$OUT"/results/*/results.csv) d list=()
+  for d in "${dirs[@]}"; do case "$d" in */cpu-*) ;; *) list+=("$(dirname "$d")") ;; esac; done
+  if [ ${#list[@]} -eq 0 ]; then note "coverage: no GPU results yet"; return; fi
+  "$PY" -m benchmarks.coverage "${list[@]}" --out "$OUT/coverage.md" >/dev/null 2>"$OUT/coverage.err" \
+    || { note "coverage failed (see coverage.err)"; return; }
+  grep -E "^## Coverage" "$OUT/coverage.md" >&2
+}
+
 run_stage() {
   case "$1" in
     setup) stage_setup ;;
@@ -120,9 +132,10 @@ run_stage() {
     trainer) bench trainer --ops trainer ;;
     headline) stage_headline ;;
     ppo-paths) stage_ppo_paths ;;
-    bench) for s in logits klppo linear gae trainer; do run_stage "$s"; done ;;
+    coverage) stage_coverage ;;
+    bench) for s in logits klppo linear gae trainer coverage; do run_stage "$s"; done ;;
     all) for s in setup tests bench; do run_stage "$s"; done ;;
-    *) note "unknown stage '$1' (setup tests logits klppo linear gae trainer headline ppo-paths bench all)"; RC=2 ;;
+    *) note "unknown stage '$1' (setup tests logits klppo linear gae trainer headline ppo-paths coverage bench all)"; RC=2 ;;
   esac
 }
 

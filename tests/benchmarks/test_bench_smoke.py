@@ -134,3 +134,34 @@ def test_commit_stamp_can_be_given(monkeypatch):
     assert head and head != "abc123"
     monkeypatch.setenv("RLHF_KERNELS_COMMIT", "abc123")
     assert common.git_commit() == "abc123"
+
+
+def test_coverage_counts_our_rows_and_prints_the_fill_command(tmp_path):
+    """benchmarks.coverage: a cell counts once one of our GPU backends has an ok row; gaps get a run command."""
+    from benchmarks import coverage
+
+    header = ["op", "mode", "dtype", "shape", "provider", "status", "commit"]
+    rows = [
+        ["ppo_loss", "fwd", "bfloat16", "N=8192 V=151936", "triton", "ok", "abc"],
+        ["ppo_loss", "fwd+bwd", "bfloat16", "N=8192 V=151936", "cuda", "ok", "abc"],
+        ["ppo_loss", "fwd", "bfloat16", "N=4096 V=50257", "eager", "ok", "abc"],  # a competitor alone: not covered
+        ["ppo_loss", "fwd", "bfloat16", "N=4096 V=128256", "cuda", "error", "abc"],  # failed: not covered
+    ]
+    device = tmp_path / "nvidia-test-gpu"
+    device.mkdir()
+    with open(device / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    cov = coverage.coverage(coverage.read_rows(str(device / "results.csv")))
+    info = cov[("ppo_loss", "bfloat16", "fwd")]
+    assert info["covered"] == ["N=8192 V=151936"] and len(info["missing"]) == 8
+    assert info["providers"] == ["eager", "triton"] and info["commits"] == ["abc"]
+    assert len(cov[("linear_ppo_loss", "bfloat16", "fwd+bwd")]["missing"]) == 18
+    commands = coverage.fill_commands(cov)
+    ppo = [c for c in commands if "--ops ppo_loss --dtypes bf16" in c]
+    assert len(ppo) == 1 and "--shapes 4096x50257,4096x128256,4096x151936,8192x50257,8192x128256,16384x50257," in ppo[0]
+    assert "8192x151936" not in ppo[0] and "--mode fwd,fwd+bwd" in ppo[0]
+    out = tmp_path / "cov.md"
+    assert coverage.main([str(device), "--out", str(out)]) == 0
+    assert "2 of 255 cells" in out.read_text()
