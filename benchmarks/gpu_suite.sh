@@ -17,6 +17,10 @@
 #   headline  re-measures our backends and Liger (not --resume) at the issues' target shapes, bf16:
 #             logprobs(+ent), kl_divergence, ppo_loss at 8192x151936 and 16384x128256
 #   ppo-paths the cuda ppo_loss fwd+bwd at 8192x151936 bf16 under each RLHF_KERNELS_CUDA_PPO path
+#   sanitize  compute-sanitizer memcheck, racecheck and synccheck on tests/cuda/sanitize_small.py
+#   profile   Nsight Compute (SpeedOfLight, Occupancy, LaunchStats, WarpStateStats) on one call of each
+#             bandwidth-bound kernel (benchmarks/profile_kernels.py; PROFILE_ARGS, e.g. "--cases logprobs"):
+#             ncu_kernels.csv and the table ncu_summary.md
 #   coverage  which cells of DESIGN §6's grid the results cover, and the commands for the rest
 #             ($OUT/coverage.md; benchmarks/coverage.py)
 #   bench     logits klppo linear gae trainer coverage
@@ -111,6 +115,43 @@ stage_ppo_paths() {
   done
 }
 
+cuda_tool() {  # cuda_tool <name>: the CUDA toolkit's binary, on PATH or under the usual roots
+  command -v "$1" 2>/dev/null && return
+  ls /usr/local/cuda*/bin/"$1" /opt/nvidia/nsight-compute/*/"$1" 2>/dev/null | head -n 1
+}
+
+stage_sanitize() {
+  local cs tool rc
+  cs=$(cuda_tool compute-sanitizer)
+  if [ -z "$cs" ]; then note "sanitize: compute-sanitizer not found"; return; fi
+  for tool in memcheck racecheck synccheck; do
+    "$cs" --tool "$tool" --error-exitcode 9 "$PY" tests/cuda/sanitize_small.py >"$OUT/sanitize_$tool.log" 2>&1
+    rc=$?
+    note "compute-sanitizer $tool: rc=$rc $(grep -E 'SUMMARY' "$OUT/sanitize_$tool.log" | tr '\n' ' ')"
+    [ $rc -ne 0 ] && RC=1
+  done
+}
+
+stage_profile() {
+  local ncu
+  ncu=$(cuda_tool ncu)
+  if [ -z "$ncu" ]; then
+    note "profile: ncu not found; CUDA-event times only"
+    # shellcheck disable=SC2086
+    "$PY" -m benchmarks.profile_kernels ${PROFILE_ARGS:-} >"$OUT/profile_times.log" 2>&1
+    return
+  fi
+  note "profile: $ncu on benchmarks/profile_kernels.py ${PROFILE_ARGS:-}"
+  # shellcheck disable=SC2086
+  "$ncu" --profile-from-start off --clock-control none --kernel-name 'regex:logprobs|kl_|ppo' \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --csv --page details --log-file "$OUT/ncu_kernels.csv" \
+    "$PY" -m benchmarks.profile_kernels ${PROFILE_ARGS:-} >"$OUT/profile_times.log" 2>&1 \
+    || { note "ncu exited $? (see profile_times.log)"; RC=1; }
+  "$PY" -m benchmarks.profile_kernels --summarize "$OUT/ncu_kernels.csv" >"$OUT/ncu_summary.md" 2>>"$OUT/profile_times.log" \
+    && cat "$OUT/ncu_summary.md" >&2
+}
+
 stage_coverage() {
   seed_results
   local dirs=("$OUT"/results/*/results.csv) d list=()
@@ -133,9 +174,11 @@ run_stage() {
     headline) stage_headline ;;
     ppo-paths) stage_ppo_paths ;;
     coverage) stage_coverage ;;
+    sanitize) stage_sanitize ;;
+    profile) stage_profile ;;
     bench) for s in logits klppo linear gae trainer coverage; do run_stage "$s"; done ;;
     all) for s in setup tests bench; do run_stage "$s"; done ;;
-    *) note "unknown stage '$1' (setup tests logits klppo linear gae trainer headline ppo-paths coverage bench all)"; RC=2 ;;
+    *) note "unknown stage '$1' (setup tests logits klppo linear gae trainer headline ppo-paths sanitize profile coverage bench all)"; RC=2 ;;
   esac
 }
 

@@ -165,3 +165,21 @@ def test_coverage_counts_our_rows_and_prints_the_fill_command(tmp_path):
     out = tmp_path / "cov.md"
     assert coverage.main([str(device), "--out", str(out)]) == 0
     assert "2 of 255 cells" in out.read_text()
+
+
+def test_profile_summary_pivots_ncu_csv(tmp_path):
+    """benchmarks.profile_kernels --summarize: one row per kernel in launch order, ncu's preamble lines skipped."""
+    from benchmarks import profile_kernels
+
+    text = (
+        "==PROF== Connected to process 1\n"
+        '"ID","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value"\n'
+        '"10","void rlhf_kernels::cuda::kl_fwd_kernel<float>(const float *)","SOL","DRAM Throughput","%","77.5"\n'
+        '"2","_logprobs_fwd_kernel","SOL","Duration","us","1,143.2"\n'
+        '"2","_logprobs_fwd_kernel","Occupancy","Achieved Occupancy","%","61.0"\n'
+    )
+    path = tmp_path / "ncu.csv"
+    path.write_text(text)
+    rows = profile_kernels.summarize(str(path)).splitlines()
+    assert rows[2].startswith("| 2 | _logprobs_fwd_kernel | 1,143.2 us |") and "| 61.0 |" in rows[2]
+    assert rows[3].startswith("| 10 | kl_fwd_kernel<float> |") and "| 77.5 |" in rows[3]

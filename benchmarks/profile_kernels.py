@@ -1,0 +1,168 @@
+"""One call of each bandwidth-bound kernel inside a profiler window, for Nsight Compute.
+
+Why: the H100 runs left the forward row reductions at 70-80 % of the copy
+bandwidth and the fused PPO paths far from their targets, and wall-clock
+timing alone cannot say whether a kernel is issue-bound, latency-bound
+(occupancy, loads in flight) or waiting on memory. Every case is warmed up
+first (Triton autotuning, CUDA lazy loading) outside the window; then
+``cudaProfilerStart`` / ``cudaProfilerStop`` bracket exactly one call, so
+``ncu --profile-from-start off`` sees only the kernels of interest::
+
+    ncu --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \\
+        --section LaunchStats --section WarpStateStats --csv python -m benchmarks.profile_kernels
+
+``benchmarks/gpu_suite.sh profile`` runs exactly that and keeps the CSV and a
+summary. Without a profiler the script still runs (the window calls are no-ops
+then) and prints each case's CUDA-event time, so it doubles as a smoke test.
+
+Cases (``--cases``, default all), bf16 ``[N, V]`` logits (``--shape``, default
+8192x151936): ``logprobs`` forward (entropy on) and backward, ``kl`` forward
+and backward, ``ppo`` forward + backward (Triton two-kernel path and each CUDA
+fused path), each on the ``triton`` and ``cuda`` backends where they exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+if __package__ in (None, ""):  # run as a plain script: make `rlhf_kernels` importable from the checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import rlhf_kernels as rk  # noqa: E402
+from rlhf_kernels import _ext  # noqa: E402
+
+CUDA_PPO_PATHS = ("shared", "cluster", "global", "two-pass")
+
+
+def _inputs(n: int, v: int, dtype: torch.dtype, seed: int = 0) -> Dict[str, torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    logits = torch.randn(n, v, device="cuda", dtype=dtype, generator=g) * 2
+    ref = torch.randn(n, v, device="cuda", dtype=dtype, generator=g) * 2
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    old = torch.full((1, n), -11.0, device="cuda")
+    adv = torch.randn(1, n, device="cuda", generator=g)
+    mask = torch.ones(1, n, device="cuda")
+    return dict(logits=logits, ref=ref, targets=targets, old=old, adv=adv, mask=mask)
+
+
+def cases(x: Dict[str, torch.Tensor]) -> List[Tuple[str, Callable[[], None], Dict[str, str]]]:
+    """``(name, fn, env)``: ``fn`` runs the kernels to profile once; ``env`` is set around it."""
+    backends = ["triton"] + (["cuda"] if _ext.has_cuda_kernels() else [])
+    logits, ref, targets = x["logits"], x["ref"], x["targets"]
+    out: List[Tuple[str, Callable[[], None], Dict[str, str]]] = []
+    for b in backends:
+        out.append((f"logprobs_fwd/{b}", lambda b=b: rk.logprobs(logits, targets, return_entropy=True, backend=b), {}))
+
+        def lp_step(b=b):
+            leaf = logits.detach().requires_grad_(True)
+            lp, ent = rk.logprobs(leaf, targets, return_entropy=True, backend=b)
+            (lp.sum() + ent.sum()).backward()
+
+        out.append((f"logprobs_fwd+bwd/{b}", lp_step, {}))
+        out.append((f"kl_fwd/{b}", lambda b=b: rk.kl_divergence(logits, ref, backend=b), {}))
+
+        def kl_step(b=b):
+            leaf = logits.detach().requires_grad_(True)
+            rk.kl_divergence(leaf, ref, backend=b).sum().backward()
+
+        out.append((f"kl_fwd+bwd/{b}", kl_step, {}))
+
+        def ppo_step(b=b):
+            leaf = logits.detach().requires_grad_(True)
+            rk.ppo_loss(leaf.unsqueeze(0), targets.unsqueeze(0), x["old"], x["adv"], x["mask"], backend=b).loss.backward()
+
+        paths = CUDA_PPO_PATHS if b == "cuda" else ("",)
+        for path in paths:
+            name = f"ppo_fwd+bwd/{b}" + (f"/{path}" if path else "")
+            out.append((name, ppo_step, {"RLHF_KERNELS_CUDA_PPO": path} if path else {}))
+    return out
+
+
+def _with_env(env: Dict[str, str], fn: Callable[[], None]) -> None:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        fn()
+    finally:
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
+
+
+# Columns of the summary, by Nsight Compute metric name (those of the four sections gpu_suite.sh asks for).
+SUMMARY_METRICS = (
+    ("Duration", "time"),
+    ("DRAM Throughput", "DRAM %"),
+    ("Memory Throughput", "mem %"),
+    ("Compute (SM) Throughput", "SM %"),
+    ("Achieved Occupancy", "occupancy %"),
+    ("Registers Per Thread", "regs"),
+    ("Block Size", "block"),
+    ("Grid Size", "grid"),
+    ("Warp Cycles Per Issued Instruction", "cycles/issue"),
+)
+
+
+def summarize(csv_path: str) -> str:
+    """Markdown table, one row per profiled kernel (in launch order), from ``ncu --csv --page details`` output."""
+    import csv
+
+    with open(csv_path, newline="") as f:
+        lines = [line for line in f if line.startswith('"')]  # ncu may prefix the CSV with ==PROF== lines
+    kernels: Dict[str, Dict[str, str]] = {}
+    for row in csv.DictReader(lines):
+        k = kernels.setdefault(row["ID"], {"name": row["Kernel Name"]})
+        unit = row.get("Metric Unit", "")
+        k[row["Metric Name"]] = row["Metric Value"] + (f" {unit}" if unit and unit != "%" else "")
+    head = "| id | kernel | " + " | ".join(label for _, label in SUMMARY_METRICS) + " |"
+    out = [head, "|" + "---|" * (len(SUMMARY_METRICS) + 2)]
+    for kid, k in sorted(kernels.items(), key=lambda kv: int(kv[0])):
+        name = k["name"].split("(")[0].replace("void ", "").replace("rlhf_kernels::cuda::", "")[:56]
+        out.append(f"| {kid} | {name} | " + " | ".join(k.get(m, "") for m, _ in SUMMARY_METRICS) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="8192x151936", help="NxV of the bf16 logits")
+    p.add_argument("--cases", default="", help="comma list of case-name prefixes (default: all)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--summarize", metavar="NCU_CSV", default=None,
+                   help="instead of running: print a markdown summary of an `ncu --csv --page details` file")
+    args = p.parse_args(argv)
+    if args.summarize:
+        sys.stdout.write(summarize(args.summarize))
+        return 0
+    if not torch.cuda.is_available():
+        print("profile_kernels: no CUDA device", file=sys.stderr)
+        return 1
+    n, v = (int(t) for t in args.shape.lower().split("x"))
+    x = _inputs(n, v, torch.bfloat16)
+    wanted = [c for c in args.cases.split(",") if c]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cudart = torch.cuda.cudart()
+    for name, fn, env in cases(x):
+        if wanted and not any(name.startswith(w) for w in wanted):
+            continue
+        for _ in range(args.warmup):
+            _with_env(env, fn)
+        torch.cuda.synchronize()
+        cudart.cudaProfilerStart()
+        start.record()
+        _with_env(env, fn)
+        end.record()
+        torch.cuda.synchronize()
+        cudart.cudaProfilerStop()
+        print(f"{name:32s} {start.elapsed_time(end):8.3f} ms", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
