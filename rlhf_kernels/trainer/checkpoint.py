@@ -141,7 +141,8 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, schedulers: dict)
                       **{"head." + n: v for n, v in load_file(os.path.join(d, "scalar_head.safetensors")).items()}}
             missing, unexpected = load_model_state_dict(m, sd)
         else:
-            body = getattr(m, "body", m)  # ScalarHeadModel keeps the LM body in .body
+            # ScalarHeadModel keeps the LM body in .body, FusedHeadLM (--fused-head) the causal LM in .lm
+            body = m.body if hasattr(m, "body") else getattr(m, "lm", m)
             missing, unexpected = body.load_state_dict(sd, strict=False)
             if hasattr(m, "head"):
                 m.head.load_state_dict(load_file(os.path.join(d, "scalar_head.safetensors")))

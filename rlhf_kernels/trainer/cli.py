@@ -28,6 +28,9 @@ sft, rm, ppo, grpo and dpo also run under torchrun: data-parallel (DDP, the defa
     torchrun --nnodes N --node_rank NODE --nproc_per_node K --rdzv_backend c10d \\
              --rdzv_endpoint HOST:29500 -m rlhf_kernels.trainer.cli ppo --sft DIR --rm DIR --parallel fsdp
 
+--fused-head (sft, ppo, grpo, dpo): the policy's log-probs and losses from its final hidden states and
+LM head weight (rk.linear_*), never building the [batch, seq, vocab] logits; off by default.
+
 `rlhf-kernels <cmd> --help` lists the config keys."""
 
 

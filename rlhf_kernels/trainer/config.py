@@ -37,6 +37,8 @@ class BaseConfig:
     progress: bool = True
     threads: int = 0               # CPU intra-op threads; 0 = torch's default
     parallel: str = "ddp"          # under torchrun: ddp (replicas) | fsdp (FSDP2 sharding); see distributed.py
+    fused_head: bool = False       # policy log-probs / losses from hidden states + LM head, no [B, T, V] logits
+                                   # (fused_head.py; sft, ppo, grpo, dpo; rm has no vocabulary head)
 
     def __post_init__(self):
         from .distributed import check_parallel

@@ -85,6 +85,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     common = dict(seed=cfg.seed, device=cfg.device, backend=cfg.backend, model=cfg.model, tokenizer=cfg.tokenizer,
                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.n_positions,
                   max_len=cfg.max_len, log_every=cfg.log_every, progress=cfg.progress, grad_clip=cfg.grad_clip,
+                  fused_head=cfg.fused_head,
                   threads=cfg.threads if torch.device(_dev(cfg.device)).type == "cpu" else 0)
     t0 = time.perf_counter()
     sft_cfg = SFTConfig(**common, out_dir=os.path.join(root, "sft"), task=cfg.task, steps=cfg.sft_steps,
@@ -211,6 +212,7 @@ def run_compare(cfg: DemoConfig) -> dict:
     common = dict(seed=cfg.seed, device=cfg.device, backend=cfg.backend, model=cfg.model, tokenizer=cfg.tokenizer,
                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.n_positions,
                   max_len=cfg.max_len, log_every=cfg.log_every, progress=cfg.progress, grad_clip=cfg.grad_clip,
+                  fused_head=cfg.fused_head,
                   threads=cfg.threads if dev.type == "cpu" else 0)
     sft_dir = os.path.join(root, "sft", "final")
     times, hist, res = {}, {}, {}

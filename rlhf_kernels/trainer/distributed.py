@@ -190,9 +190,20 @@ def clip_grad_norm(params, max_norm: float) -> float:
 
 
 # ----------------------------------------------------------------------------- state dicts
+# Saved names are the inner model's own: a wrapper module that is sharded as the FSDP2 root
+# (``FusedHeadLM``, --fused-head) declares the prefix its parameters carry (``CHECKPOINT_PREFIX``), stripped
+# from what is saved and added to what is loaded, so checkpoints do not depend on the mode that wrote them.
 def _full_options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(full_state_dict=True, **kw)
+
+
+def _prefix(model) -> str:
+    return getattr(model, "CHECKPOINT_PREFIX", "")
+
+
+def _strip(names, prefix: str):
+    return [n[len(prefix):] if prefix and isinstance(n, str) and n.startswith(prefix) else n for n in names]
 
 
 def model_state_dict(model) -> dict | None:
@@ -210,15 +221,22 @@ def model_state_dict(model) -> dict | None:
     for tied in names.values():
         for n in tied[1:]:
             sd.pop(n, None)
-    return sd
+    return dict(zip(_strip(sd, _prefix(model)), sd.values()))
 
 
 def load_model_state_dict(model, sd: dict):
     """Load a full state dict (every rank holds it) into an FSDP2 model: each rank keeps its shard.
     Returns ``(missing, unexpected)`` keys."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
-    r = set_model_state_dict(model, sd, options=_full_options(strict=False))
-    return list(r.missing_keys), list(r.unexpected_keys)
+    p = _prefix(model)
+    r = set_model_state_dict(model, {p + k: v for k, v in sd.items()}, options=_full_options(strict=False))
+    return _strip(r.missing_keys, p), _strip(r.unexpected_keys, p)
+
+
+def _rename_optimizer_state(sd: dict, rename) -> dict:
+    """An FSDP2 (name-keyed) optimizer state dict with every parameter name passed through ``rename``."""
+    return {**sd, "state": {rename(k): v for k, v in sd.get("state", {}).items()},
+            "param_groups": [{**g, "params": [rename(n) for n in g["params"]]} for g in sd.get("param_groups", [])]}
 
 
 def optimizer_state_dict(model, opt) -> dict:
@@ -227,7 +245,9 @@ def optimizer_state_dict(model, opt) -> dict:
     if model is None or not is_fsdp(model):
         return opt.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    return get_optimizer_state_dict(model, opt, options=_full_options(cpu_offload=True))
+    sd = get_optimizer_state_dict(model, opt, options=_full_options(cpu_offload=True))
+    p = _prefix(model)
+    return _rename_optimizer_state(sd, lambda n: _strip([n], p)[0]) if p else sd
 
 
 def load_optimizer_state_dict(model, opt, sd: dict) -> None:
@@ -241,4 +261,7 @@ def load_optimizer_state_dict(model, opt, sd: dict) -> None:
         opt.load_state_dict(sd)
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    p = _prefix(model)
+    if p:
+        sd = _rename_optimizer_state(sd, lambda n: p + n)
     set_optimizer_state_dict(model, opt, sd, options=_full_options())

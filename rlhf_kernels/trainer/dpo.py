@@ -7,6 +7,9 @@ Sequence log-probs are sums of ``rk.logprobs`` over response tokens (EOS include
     h   = (π_c - π_r) - (ref_c - ref_r)
     sigmoid: -(1-ε)·logσ(β·h) - ε·logσ(-β·h)     ipo: (h - 1/(2β))²     hinge: relu(1 - β·h)
 
+``--fused-head``: the policy and reference log-probs by ``rk.linear_logprobs`` from the final hidden
+states and the LM head, never building the ``[2B, T, V]`` logits (fused_head.py).
+
 Logged: the implicit rewards β·(π - ref) of chosen and rejected, their margin, and the
 preference accuracy (chosen implicit reward > rejected; a tie counts half), on the batch and on held-out pairs.
 Pairs come from the embedded task's simulated annotator or a JSONL file (prompt/chosen/rejected).
@@ -35,6 +38,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sav
 from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, collate_pairs, load_jsonl, shifted_targets, validate_rows
 from .distributed import all_reduce, all_reduce_mean_dict, barrier, clip_grad_norm, dist_setup, wrap_model
+from .fused_head import FusedHeadLM, is_fused_head
 from .models import lm_logits, load_policy, peak_memory_mb
 from .rollout import SamplingConfig, evaluate_gold, generate_responses, sequence_logprobs
 from .sft import _log, _pbar
@@ -84,10 +88,15 @@ class DPOConfig(BaseConfig):
 
 
 def pair_logps(model, batch, backend=None):
-    """Sequence log-probs (sum over response tokens) of the chosen [B] and rejected [B] halves."""
-    logits = lm_logits(model, batch["input_ids"], batch["attention_mask"])
+    """Sequence log-probs (sum over response tokens) of the chosen [B] and rejected [B] halves; from the
+    logits, or for a ``FusedHeadLM`` (DDP-wrapped or not) ``rk.linear_logprobs`` inside its forward."""
     targets = shifted_targets(batch["input_ids"], batch["loss_mask"])
-    s = rk.logprobs(logits[:, :-1], targets, backend=backend).sum(-1)
+    if is_fused_head(model):
+        logp = model(batch["input_ids"], batch["attention_mask"], targets, backend=backend)
+    else:
+        logits = lm_logits(model, batch["input_ids"], batch["attention_mask"])
+        logp = rk.logprobs(logits[:, :-1], targets, backend=backend)
+    s = logp.sum(-1)
     B = s.shape[0] // 2
     return s[:B], s[B:]
 
@@ -151,8 +160,9 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
             k = max(1, int(len(rows) * cfg.eval_frac))
             rows, eval_rows = rows[:-k], rows[-k:]
     policy.to(dev).train()
-    ref = wrap_model(copy.deepcopy(policy).eval().requires_grad_(False), cfg.parallel, dev)
-    model = wrap_model(policy, cfg.parallel, dev)   # DDP wrapper, or `policy` itself sharded by FSDP2
+    actor = FusedHeadLM(policy) if cfg.fused_head else policy   # scores, generates, is wrapped and saved
+    ref = wrap_model(copy.deepcopy(actor).eval().requires_grad_(False), cfg.parallel, dev)
+    model = wrap_model(actor, cfg.parallel, dev)   # DDP wrapper, or `actor` itself sharded by FSDP2
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(cfg.warmup_steps, 1), cfg.steps, 1.0))
     prompts = task.prompts(cfg.eval_prompts, cfg.seed + 10_000) if task is not None and cfg.eval_prompts else None
@@ -169,12 +179,12 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
         return out
 
     def save(step):  # every rank: FSDP2 gathers the shards, rank 0 writes
-        save_checkpoint(cfg.out_dir, step, {"policy": policy}, {"policy": opt}, {"policy": sched},
+        save_checkpoint(cfg.out_dir, step, {"policy": actor}, {"policy": opt}, {"policy": sched},
                         {"history": history, "summary": summary}, tok)
 
     step, history, summary = 0, [], {}
     if cfg.resume and (ck := latest_checkpoint(cfg.out_dir)):
-        step, extra = load_checkpoint(ck, {"policy": policy}, {"policy": opt}, {"policy": sched})
+        step, extra = load_checkpoint(ck, {"policy": actor}, {"policy": opt}, {"policy": sched})
         history, summary = extra["history"], extra.get("summary", {})
     else:
         summary["sft_eval"] = evaluate(ref)
@@ -209,10 +219,10 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
     if step < cfg.steps:  # stopped early (stop_after): checkpoint and leave the rest to --resume
         save(step)
         return policy, tok, history, summary
-    summary["dpo_eval"] = evaluate(policy)
+    summary["dpo_eval"] = evaluate(actor)
     summary["final_kl"] = summary["dpo_eval"].get("kl", float("nan"))
     save(step)
-    save_model(policy, os.path.join(cfg.out_dir, "final"), tok)
+    save_model(actor, os.path.join(cfg.out_dir, "final"), tok)
     barrier()
     return policy, tok, history, summary
 

@@ -15,6 +15,10 @@ One step:
      ``[1 - clip_low, 1 + clip_high]`` and, when ``beta > 0``, a k3 KL term to the frozen
      reference (the SFT policy) inside the loss.
 
+``--fused-head``: old-policy / reference log-probs by ``rk.linear_logprobs`` and the loss by
+``rk.linear_ppo_loss`` (same options), from the final hidden states and the LM head: no ``[B, T, V]``
+logits (fused_head.py).
+
 ``loss_type`` picks the aggregation of the per-token terms (``rk.ppo_loss``'s ``loss_agg``):
 
     grpo     seq-mean-token-mean       mean over sequences of the per-sequence token mean
@@ -42,8 +46,6 @@ from dataclasses import dataclass
 
 import torch
 
-import rlhf_kernels as rk
-
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, load_jsonl, shifted_targets, validate_rows
@@ -57,13 +59,15 @@ from .distributed import (
     global_loss_scale,
     wrap_model,
 )
-from .models import ScalarHeadModel, lm_logits, load_policy, peak_memory_mb
+from .fused_head import FusedHeadLM
+from .models import ScalarHeadModel, load_policy, peak_memory_mb
 from .rollout import (
     SamplingConfig,
     evaluate_gold,
     generate_responses,
     gold_rewards,
     minibatches,
+    policy_loss,
     sequence_logprobs,
 )
 from .sft import _log, _pbar
@@ -202,9 +206,7 @@ def grpo_update(cfg, policy, opt, exp):
     n = 0
     bk = {} if cfg.backend is None else {"backend": cfg.backend}
     for e in minibatches(exp, cfg.minibatches, cfg.ppo_epochs):
-        logits = lm_logits(policy, e["input_ids"], e["attention_mask"])
-        out = rk.ppo_loss(logits[:, :-1], e["targets"], e["old_logp"], e["adv"], e["mask"],
-                          ref_logp=e["ref_logp"] if cfg.beta > 0 else None, kl_coef=cfg.beta,
+        out = policy_loss(policy, e, ref_logp=e["ref_logp"] if cfg.beta > 0 else None, kl_coef=cfg.beta,
                           kl_estimator="k3", entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low,
                           clip_high=cfg.clip_hi, temperature=cfg.temperature, loss_agg=cfg.loss_agg, **bk)
         loss = out.loss * global_loss_scale(cfg.loss_agg, e["mask"])
@@ -246,8 +248,9 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
         prompts = load_jsonl(cfg.data, "ppo") if cfg.data else task.prompts(cfg.n_prompts, cfg.seed)
     prompts = validate_rows(prompts, "ppo")
     policy.to(dev).train()
-    ref = wrap_model(copy.deepcopy(policy).eval().requires_grad_(False), cfg.parallel, dev)
-    model = wrap_model(policy, cfg.parallel, dev)   # DDP wrapper, or `policy` itself sharded by FSDP2
+    actor = FusedHeadLM(policy) if cfg.fused_head else policy   # generates, scores, is wrapped and saved
+    ref = wrap_model(copy.deepcopy(actor).eval().requires_grad_(False), cfg.parallel, dev)
+    model = wrap_model(actor, cfg.parallel, dev)   # DDP wrapper, or `actor` itself sharded by FSDP2
     if rm is not None:
         rm = wrap_model(rm.to(dev).eval().requires_grad_(False), cfg.parallel, dev)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -260,12 +263,12 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
             return evaluate_gold(model, tok, task, eval_rows, cfg.sampling(), dev, max_len=cfg.max_len)
 
     def save(step):  # every rank: FSDP2 gathers the shards, rank 0 writes
-        save_checkpoint(cfg.out_dir, step, {"policy": policy}, {"policy": opt}, {"policy": sched},
+        save_checkpoint(cfg.out_dir, step, {"policy": actor}, {"policy": opt}, {"policy": sched},
                         {"history": history, "summary": summary}, tok)
 
     step, history, summary = 0, [], {}
     if cfg.resume and (ck := latest_checkpoint(cfg.out_dir)):
-        step, extra = load_checkpoint(ck, {"policy": policy}, {"policy": opt}, {"policy": sched})
+        step, extra = load_checkpoint(ck, {"policy": actor}, {"policy": opt}, {"policy": sched})
         history, summary = extra["history"], extra.get("summary", {})
     elif eval_rows:
         summary["sft_eval"] = evaluate(ref)
@@ -276,7 +279,7 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
         if world > 1:  # per-(step, rank) sampling streams: ranks differ, a resumed run continues exactly
             torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
         rows = [prompts[i] for i in batches(len(prompts), cfg.prompts_per_step, cfg.seed, step)[rank::world]]
-        exp, stats = make_group_experience(cfg, policy, ref, rm, tok, rows, dev, task)
+        exp, stats = make_group_experience(cfg, actor, ref, rm, tok, rows, dev, task)
         stats = all_reduce_mean_dict(stats, dev)
         t1 = time.perf_counter()
         upd = grpo_update(cfg, model, opt, exp)
@@ -295,10 +298,10 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
         save(step)
         return policy, tok, history, summary
     if eval_rows:
-        summary["grpo_eval"] = evaluate(policy)
+        summary["grpo_eval"] = evaluate(actor)
     summary["final_kl"] = history[-1]["kl"] if history else float("nan")
     save(step)
-    save_model(policy, os.path.join(cfg.out_dir, "final"), tok)
+    save_model(actor, os.path.join(cfg.out_dir, "final"), tok)
     barrier()
     return policy, tok, history, summary
 

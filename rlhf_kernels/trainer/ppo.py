@@ -12,6 +12,11 @@ One step:
      ``rk.value_loss`` for the critic, with gradient clipping;
   6. optionally adapt β toward a KL target (Ziegler et al.).
 
+``--fused-head``: steps 2 and 5 run on the final hidden states and the LM head instead of the
+``[B, T, V]`` logits (``rk.linear_logprobs`` for the old-policy / reference log-probs,
+``rk.linear_ppo_loss`` with the same options for the policy loss; fused_head.py); sampling, the
+critic and the reward model are unchanged.
+
     python -m rlhf_kernels.trainer.cli ppo --sft runs/sft/final --rm runs/rm/final --out_dir runs/ppo
     torchrun --nproc_per_node K -m rlhf_kernels.trainer.cli ppo ...                      # DDP, K ranks
     torchrun --nproc_per_node K -m rlhf_kernels.trainer.cli ppo ... --parallel fsdp      # FSDP2
@@ -47,13 +52,15 @@ from .distributed import (
     global_loss_scale,
     wrap_model,
 )
-from .models import ScalarHeadModel, last_index, lm_logits, load_policy, peak_memory_mb
+from .fused_head import FusedHeadLM
+from .models import ScalarHeadModel, last_index, load_policy, peak_memory_mb
 from .rollout import (
     SamplingConfig,
     evaluate_gold,
     generate_responses,
     gold_rewards,
     minibatches,
+    policy_loss,
     sequence_logprobs,
 )
 from .sft import _log, _pbar
@@ -160,9 +167,7 @@ def ppo_update(cfg, policy, critic, opt, copt, exp, kl_coef):
     n = 0
     bk = {} if cfg.backend is None else {"backend": cfg.backend}
     for e in minibatches(exp, cfg.minibatches, cfg.ppo_epochs):
-        logits = lm_logits(policy, e["input_ids"], e["attention_mask"])
-        out = rk.ppo_loss(logits[:, :-1], e["targets"], e["old_logp"], e["adv"], e["mask"],
-                          ref_logp=None if cfg.kl_in_reward else e["ref_logp"],
+        out = policy_loss(policy, e, ref_logp=None if cfg.kl_in_reward else e["ref_logp"],
                           kl_coef=0.0 if cfg.kl_in_reward else kl_coef, kl_estimator=cfg.kl_estimator,
                           entropy_coef=cfg.entropy_coef, clip_low=cfg.clip, clip_high=cfg.clip,
                           temperature=cfg.temperature, loss_agg=cfg.loss_agg, **bk)
@@ -213,12 +218,15 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
         prompts = load_jsonl(cfg.data, "ppo") if cfg.data else task.prompts(cfg.n_prompts, cfg.seed)
     prompts = validate_rows(prompts, "ppo")
     policy.to(dev).train()
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    # actor: what generates, scores, is wrapped and checkpointed: the HF model, or with --fused-head the
+    # FusedHeadLM around it (its forward gives log-probs / the loss, never logits); `policy` stays the HF model
+    actor = FusedHeadLM(policy) if cfg.fused_head else policy
+    ref = copy.deepcopy(actor).eval().requires_grad_(False)
     rm = rm.to(dev).eval().requires_grad_(False)
     critic = copy.deepcopy(rm).train().requires_grad_(True)
-    # DDP: wrappers for the two trained models; FSDP2: all four sharded in place (model is policy, vmodel critic)
+    # DDP: wrappers for the two trained models; FSDP2: all four sharded in place (model is actor, vmodel critic)
     ref, rm = wrap_model(ref, cfg.parallel, dev), wrap_model(rm, cfg.parallel, dev)
-    model, vmodel = wrap_model(policy, cfg.parallel, dev), wrap_model(critic, cfg.parallel, dev)
+    model, vmodel = wrap_model(actor, cfg.parallel, dev), wrap_model(critic, cfg.parallel, dev)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     copt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(cfg.warmup_steps, 1), cfg.steps, 1.0))
@@ -230,12 +238,12 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
             return evaluate_gold(model, tok, task, eval_rows, cfg.sampling(), dev, max_len=cfg.max_len)
 
     def save(step):  # every rank: FSDP2 gathers the shards, rank 0 writes
-        save_checkpoint(cfg.out_dir, step, {"policy": policy, "critic": critic}, {"policy": opt, "critic": copt},
+        save_checkpoint(cfg.out_dir, step, {"policy": actor, "critic": critic}, {"policy": opt, "critic": copt},
                         {"policy": sched}, {"history": history, "kl_coef": kl_coef, "summary": summary}, tok)
 
     step, history, kl_coef, summary = 0, [], cfg.kl_coef, {}
     if cfg.resume and (ck := latest_checkpoint(cfg.out_dir)):
-        step, extra = load_checkpoint(ck, {"policy": policy, "critic": critic}, {"policy": opt, "critic": copt},
+        step, extra = load_checkpoint(ck, {"policy": actor, "critic": critic}, {"policy": opt, "critic": copt},
                                       {"policy": sched})
         history, kl_coef, summary = extra["history"], extra["kl_coef"], extra.get("summary", {})
     elif eval_rows:
@@ -247,7 +255,7 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
         if world > 1:  # per-(step, rank) sampling streams: ranks differ, a resumed run continues exactly
             torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
         rows = [prompts[i] for i in batches(len(prompts), cfg.rollout_batch, cfg.seed, step)[rank::world]]
-        exp, stats = make_experience(cfg, policy, ref, critic, rm, tok, rows, kl_coef, dev, task)
+        exp, stats = make_experience(cfg, actor, ref, critic, rm, tok, rows, kl_coef, dev, task)
         stats = all_reduce_mean_dict(stats, dev)   # equal shares: the mean of rank means is the global mean
         t1 = time.perf_counter()
         upd = ppo_update(cfg, model, vmodel, opt, copt, exp, kl_coef)
@@ -269,9 +277,9 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
         save(step)
         return policy, tok, history, summary
     if eval_rows:
-        summary["ppo_eval"] = evaluate(policy)
+        summary["ppo_eval"] = evaluate(actor)
     summary["final_kl"] = history[-1]["kl"] if history else float("nan")
     save(step)
-    save_model(policy, os.path.join(cfg.out_dir, "final"), tok)
+    save_model(actor, os.path.join(cfg.out_dir, "final"), tok)
     barrier()
     return policy, tok, history, summary

@@ -3,7 +3,9 @@
 ``generate_responses`` returns sequences laid out as ``[left-padded prompt | response | pad]``
 with ``attention_mask`` (1 on real tokens) and ``loss_mask`` (1 on response tokens up to and
 including the first EOS). ``sequence_logprobs`` evaluates per-token log-probs of the
-response tokens through the fused op, aligned with ``logits[:, :-1]``.
+response tokens through the fused op, aligned with ``logits[:, :-1]``, and ``policy_loss`` the
+PPO / GRPO policy loss; both take either an HF causal LM (through its logits) or a
+``FusedHeadLM`` (``--fused-head``: from hidden states and the LM head, no logits).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import rlhf_kernels as rk
 
 from .data import collate_prompts, shifted_targets
 from .distributed import dist_world, is_fsdp
+from .fused_head import is_fused_head
 from .models import lm_logits
 
 
@@ -60,11 +63,26 @@ def generate_responses(model, tok, prompt_rows, sc: SamplingConfig, device, max_
 
 
 def sequence_logprobs(model, batch, temperature=1.0, backend=None, return_entropy=False):
-    """Per-token log-probs [B, T-1] of response tokens (0 elsewhere)."""
-    logits = lm_logits(model, batch["input_ids"], batch["attention_mask"])
+    """Per-token log-probs [B, T-1] of response tokens (0 elsewhere), and the entropy [B, T-1] when asked."""
     targets = shifted_targets(batch["input_ids"], batch["loss_mask"])
+    if is_fused_head(model):
+        return model(batch["input_ids"], batch["attention_mask"], targets, temperature=temperature,
+                     return_entropy=return_entropy, backend=backend)
+    logits = lm_logits(model, batch["input_ids"], batch["attention_mask"])
     return rk.logprobs(logits[:, :-1], targets, temperature=temperature, return_entropy=return_entropy,
                        backend=backend)
+
+
+def policy_loss(model, e: dict, **kw):
+    """The PPO / GRPO policy loss of minibatch ``e`` (``input_ids, attention_mask [B, T]``; ``targets,
+    old_logp, adv, mask [B, T-1]``): ``rk.ppo_loss`` on ``logits[:, :-1]``, or for a ``FusedHeadLM``
+    (DDP-wrapped or not) ``rk.linear_ppo_loss`` inside its forward. ``kw``: ``rk.ppo_loss``'s options
+    (clip, KL, entropy, temperature, loss_agg, backend). Returns ``PPOLossOutput``."""
+    if is_fused_head(model):
+        return model(e["input_ids"], e["attention_mask"], e["targets"], op="ppo", old_logp=e["old_logp"],
+                     advantages=e["adv"], mask=e["mask"], **kw)
+    logits = lm_logits(model, e["input_ids"], e["attention_mask"])
+    return rk.ppo_loss(logits[:, :-1], e["targets"], e["old_logp"], e["adv"], e["mask"], **kw)
 
 
 @torch.no_grad()

@@ -5,6 +5,8 @@
 
 Under ``torchrun`` each rank takes ``batch_size / K`` rows of every step and the loss is normalised
 by the all-reduced token count, so K ranks take the single-process update (distributed.py).
+``--fused-head``: the same loss by ``rk.linear_cross_entropy`` from the final hidden states and the LM
+head, its gradient computed in the forward pass; the ``[B, T, V]`` logits never exist (fused_head.py).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sav
 from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, collate_sft, load_jsonl, shifted_targets, validate_rows
 from .distributed import all_reduce, barrier, clip_grad_norm, dist_setup, global_loss_scale, wrap_model
-from .models import build_policy, peak_memory_mb
+from .fused_head import FusedHeadLM, is_fused_head
+from .models import build_policy, lm_logits, peak_memory_mb
 
 
 @dataclass
@@ -40,11 +43,16 @@ class SFTConfig(BaseConfig):
 
 
 def sft_loss(model, batch, backend=None):
-    """Token-mean NLL over response tokens. Returns (loss, n_tokens)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    """Token-mean NLL over response tokens. Returns (loss, n_tokens).
+
+    An HF causal LM: ``rk.logprobs`` on ``logits[:, :-1]``. A ``FusedHeadLM`` (``--fused-head``; DDP-wrapped
+    or not): ``rk.linear_cross_entropy`` inside its forward, gradient computed in the forward pass."""
     targets = shifted_targets(batch["input_ids"], batch["loss_mask"])
-    logp = rk.logprobs(logits[:, :-1], targets, backend=backend)  # strided view, no copy
     n = (targets != -100).sum()
+    if is_fused_head(model):
+        return model(batch["input_ids"], batch["attention_mask"], targets, op="cross_entropy", backend=backend), n
+    logits = lm_logits(model, batch["input_ids"], batch["attention_mask"])   # position ids from the mask
+    logp = rk.logprobs(logits[:, :-1], targets, backend=backend)  # strided view, no copy
     return -logp.sum() / n.clamp(min=1), n
 
 
@@ -59,7 +67,8 @@ def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
     if model is None:
         model, tok = build_policy(cfg.model_config())
     model.to(dev).train()
-    wrapped = wrap_model(model, cfg.parallel, dev)   # DDP wrapper, or `model` itself sharded by FSDP2
+    actor = FusedHeadLM(model) if cfg.fused_head else model   # --fused-head: the loss without logits
+    wrapped = wrap_model(actor, cfg.parallel, dev)   # DDP wrapper, or `actor` itself sharded by FSDP2
     if rows is None:
         if cfg.data:
             rows = load_jsonl(cfg.data, "sft")
@@ -71,7 +80,7 @@ def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
     step, history = 0, []
     if cfg.resume and (ck := latest_checkpoint(cfg.out_dir)):
-        step, extra = load_checkpoint(ck, {"policy": model}, {"policy": opt}, {"policy": sched})
+        step, extra = load_checkpoint(ck, {"policy": actor}, {"policy": opt}, {"policy": sched})
         history = extra.get("history", [])
     pbar = _pbar(cfg, "sft", initial=step)
     stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
@@ -94,14 +103,14 @@ def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
         history.append(rec)
         _log(pbar, cfg, rec)
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-            save_checkpoint(cfg.out_dir, step, {"policy": model}, {"policy": opt}, {"policy": sched},
+            save_checkpoint(cfg.out_dir, step, {"policy": actor}, {"policy": opt}, {"policy": sched},
                             {"history": history}, tok)
     pbar.close()
     if step < cfg.steps:  # stopped early (stop_after): checkpoint and leave the rest to --resume
-        save_checkpoint(cfg.out_dir, step, {"policy": model}, {"policy": opt}, {"policy": sched}, {"history": history}, tok)
+        save_checkpoint(cfg.out_dir, step, {"policy": actor}, {"policy": opt}, {"policy": sched}, {"history": history}, tok)
         return (model, tok, history)
-    save_checkpoint(cfg.out_dir, step, {"policy": model}, {"policy": opt}, {"policy": sched}, {"history": history}, tok)
-    save_model(model, os.path.join(cfg.out_dir, "final"), tok)
+    save_checkpoint(cfg.out_dir, step, {"policy": actor}, {"policy": opt}, {"policy": sched}, {"history": history}, tok)
+    save_model(actor, os.path.join(cfg.out_dir, "final"), tok)
     barrier()
     return model, tok, history
 

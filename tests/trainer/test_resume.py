@@ -61,3 +61,40 @@ def test_checkpoint_writes_are_atomic_and_safe_to_load(tmp_path, tiny):
     # only the last `keep` checkpoints are kept
     assert sorted(p for p in os.listdir(out / "ckpt") if p.startswith("step_") and not p.endswith(".tmp")) == \
         ["step_000002", "step_000004"]
+
+
+def test_fused_head_sft_resume_is_exact_and_checkpoints_keep_hf_names(tmp_path, tiny):
+    """--fused-head: stop + resume == straight run; the checkpoint holds the HF names (the same keys as a
+    logits-mode one), so a fused checkpoint resumes in logits mode too (same run, to rounding)."""
+    from safetensors.torch import load_file
+
+    from rlhf_kernels.trainer.sft import SFTConfig, train_sft
+    kw = dict(tiny, steps=6, batch_size=16, n_train=300)
+    keys = ["loss", "grad_norm", "lr"]
+    _, _, full = train_sft(SFTConfig(**kw, fused_head=True, out_dir=str(tmp_path / "a")))
+    train_sft(SFTConfig(**kw, fused_head=True, out_dir=str(tmp_path / "b"), stop_after=3))
+    _, _, resumed = train_sft(SFTConfig(**kw, fused_head=True, out_dir=str(tmp_path / "b"), resume=True))
+    assert _losses(resumed, keys) == _losses(full, keys)
+    train_sft(SFTConfig(**kw, out_dir=str(tmp_path / "logits"), stop_after=3))
+    names = {d: set(load_file(str(tmp_path / d / "ckpt" / "step_000003" / "policy" / "model.safetensors")))
+             for d in ("b", "logits")}
+    assert names["b"] == names["logits"] and not any(n.startswith("lm.") for n in names["b"])
+    # the fused run's step-3 checkpoint (ckpt keeps the last 2: step 3 and step 6) resumed without --fused-head
+    import shutil
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    (tmp_path / "c" / "ckpt" / "latest").write_text("step_000003")
+    _, _, cross = train_sft(SFTConfig(**kw, out_dir=str(tmp_path / "c"), resume=True))
+    torch.testing.assert_close(torch.tensor(_losses(cross, keys)), torch.tensor(_losses(full, keys)), rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_fused_head_ppo_resume_is_exact(tmp_path, tiny, sft_run, rm_run):
+    from rlhf_kernels.trainer.ppo import PPOConfig, train_ppo
+    kw = dict(tiny, sft=sft_run["dir"], rm=rm_run["dir"], steps=3, rollout_batch=16, ppo_epochs=2, minibatches=2,
+              eval_prompts=16, kl_in_reward=False, kl_estimator="k3", entropy_coef=0.01, fused_head=True)
+    keys = ["proxy", "gold", "kl", "pg_loss", "value_loss", "entropy", "clip_frac", "approx_kl"]
+    _, _, full, s_full = train_ppo(PPOConfig(**kw, out_dir=str(tmp_path / "a")))
+    train_ppo(PPOConfig(**kw, out_dir=str(tmp_path / "b"), stop_after=2))
+    _, _, resumed, s_res = train_ppo(PPOConfig(**kw, out_dir=str(tmp_path / "b"), resume=True))
+    assert _losses(resumed, keys) == _losses(full, keys)
+    assert s_res["ppo_eval"] == s_full["ppo_eval"]
