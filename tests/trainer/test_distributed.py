@@ -5,7 +5,10 @@
 * whole SFT and reward-model runs under DDP and FSDP2;
 * advantage whitening uses the all-reduced mean and variance;
 * a distributed PPO run stopped and resumed from its checkpoint repeats the uninterrupted run exactly,
-  under DDP and under FSDP2 (rank-0 gathered checkpoints, every rank reloading its shard).
+  under DDP and under FSDP2 (rank-0 gathered checkpoints, every rank reloading its shard);
+* --fused-head (FusedHeadLM wrapped by DDP / sharded as the FSDP2 root): PPO updates and SFT runs match
+  one fused process, an FSDP2 fused SFT run resumes exactly, and a whole FSDP2 fused PPO run (generation
+  inside the root's forward, gathered checkpoints without the wrapper's prefix) matches the logits-mode run.
 
 One launch runs every scenario (each rank pays a few seconds of imports); the tests compare what
 rank 0 wrote with single-process runs. The ranks run this file as a script (``__main__`` below).
@@ -34,6 +37,7 @@ def _fsdp2_missing() -> str | None:
 FSDP_SKIP = _fsdp2_missing()
 PARALLEL = ("ddp",) + (() if FSDP_SKIP else ("fsdp",))
 PPO_AGGS = ("token-mean", "seq-mean-token-sum")
+FUSED_AGG = "seq-mean-token-sum"   # --fused-head update: a per-sequence loss_agg (global scale != token count)
 GRPO_TYPES = ("grpo", "dr_grpo")
 CPU = torch.device("cpu")
 
@@ -58,22 +62,24 @@ def _models(spec):
 
 
 def _full_state(model):
-    """Full parameters on rank 0 (gathered from FSDP2 shards)."""
+    """Full parameters on rank 0 (gathered from FSDP2 shards), by the HF names (a FusedHeadLM's ``lm``)."""
     from rlhf_kernels.trainer.distributed import model_state_dict
     sd = model_state_dict(model)
-    return {k: v.clone() for k, v in (model.state_dict() if sd is None else sd).items()}
+    return {k: v.clone() for k, v in (getattr(model, "lm", model).state_dict() if sd is None else sd).items()}
 
 
-def _ppo_update(agg, policy, critic, exp, parallel="ddp"):
+def _ppo_update(agg, policy, critic, exp, parallel="ddp", fused=False):
     from rlhf_kernels.trainer.distributed import wrap_model
+    from rlhf_kernels.trainer.fused_head import FusedHeadLM
     from rlhf_kernels.trainer.ppo import ppo_update
     cfg = _ppo_cfg(agg)
-    model, vmodel = wrap_model(policy, parallel, CPU), wrap_model(critic, parallel, CPU)
+    actor = FusedHeadLM(policy) if fused else policy
+    model, vmodel = wrap_model(actor, parallel, CPU), wrap_model(critic, parallel, CPU)
     torch.manual_seed(1)
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)   # SGD: parameters move by the gradient itself
     copt = torch.optim.SGD(critic.parameters(), lr=0.5)
     stats = ppo_update(cfg, model, vmodel, opt, copt, exp, cfg.kl_coef)
-    return stats, _full_state(policy), _full_state(critic)
+    return stats, _full_state(actor), _full_state(critic)
 
 
 def _grpo_update(loss_type, policy, exp, parallel="ddp"):
@@ -174,6 +180,22 @@ def test_ppo_update_two_ranks_match_one_process(dist_run, parallel, agg):
     _assert_same_params(got["critic"], c_want, f"{parallel} {agg} critic")
 
 
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.skipif(
+    FSDP_SKIP is not None, reason=str(FSDP_SKIP)))])
+def test_fused_head_ppo_update_two_ranks_match_one_process(dist_run, parallel):
+    """--fused-head: rk.linear_ppo_loss inside the wrapper's forward, through DDP / the FSDP2 root."""
+    spec = json.loads((dist_run / "spec.json").read_text())
+    policy, critic = _models(spec)
+    exp = torch.load(dist_run / "ppo_exp.pt", weights_only=True)
+    stats, p_want, c_want = _ppo_update(FUSED_AGG, policy, critic, exp, fused=True)
+    got = torch.load(dist_run / f"ppo_fused_{parallel}.pt", weights_only=True)
+    for k in ("pg_loss", "value_loss"):
+        assert got["stats"][k] == pytest.approx(stats[k], rel=1e-4, abs=1e-6), k
+    assert not any(k.startswith("lm.") for k in got["policy"])   # HF names, without the wrapper's prefix
+    _assert_same_params(got["policy"], p_want, f"fused {parallel} policy")
+    _assert_same_params(got["critic"], c_want, f"fused {parallel} critic")
+
+
 def test_whitening_uses_global_statistics(dist_run):
     from rlhf_kernels.trainer.ppo import masked_whiten
     x, mask = _whiten_input()
@@ -251,6 +273,40 @@ def test_sft_and_rm_runs_match_one_process(dist_run, tmp_path, parallel):
 
 @pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.skipif(
     FSDP_SKIP is not None, reason=str(FSDP_SKIP)))])
+def test_fused_head_sft_runs_match_one_process(dist_run, tmp_path, parallel):
+    """--fused-head SFT (rk.linear_cross_entropy, gradient in the forward) on 2 ranks against one fused process;
+    under FSDP2 also stopped after 2 steps and resumed (optimizer state by HF names) == the straight run."""
+    from rlhf_kernels.trainer.sft import SFTConfig, train_sft
+    spec = json.loads((dist_run / "spec.json").read_text())
+    two = json.loads((dist_run / f"sft_fused_{parallel}.json").read_text())
+    kw = _sft_kw(spec)
+    _, _, one = train_sft(SFTConfig(**kw, fused_head=True, out_dir=str(tmp_path / "sft")))
+    _assert_same_history(two["full"], one, ("loss", "grad_norm"))
+    _assert_same_saved_model(dist_run / f"sft_fused_{parallel}" / "final", tmp_path / "sft" / "final", kw["n_embd"],
+                             kw["lr"])
+    if parallel == "fsdp":
+        keys = ("loss", "grad_norm", "lr")
+        assert [[r[k] for k in keys] for r in two["resumed"]] == [[r[k] for k in keys] for r in two["full"]]
+
+
+@pytest.mark.skipif(FSDP_SKIP is not None, reason=str(FSDP_SKIP))
+def test_fused_head_fsdp_ppo_run_matches_logits_run(dist_run):
+    """A whole 2-rank FSDP2 PPO run with --fused-head (sampling through the root's forward, scoring, updates,
+    checkpoints) against the same run on logits (ppo_fsdp_a): same statistics and final weights, to rounding."""
+    from rlhf_kernels.trainer.ppo import PPOConfig
+    spec = json.loads((dist_run / "spec.json").read_text())
+    res = json.loads((dist_run / "ppo_fused_fsdp.json").read_text())
+    want = json.loads((dist_run / "ppo_resume_fsdp.json").read_text())
+    _assert_same_history(res["history"], want["full"], ("proxy", "gold", "kl", "pg_loss", "value_loss", "entropy",
+                                                        "clip_frac", "approx_kl", "kl_coef"))
+    assert res["summary"]["ppo_eval"]["gold"] == pytest.approx(want["summary_full"]["ppo_eval"]["gold"], abs=1e-6)
+    kw = _ppo_run_kw(spec)
+    _assert_same_saved_model(dist_run / "ppo_fused_fsdp" / "final", dist_run / "ppo_fsdp_a" / "final", kw["n_embd"],
+                             PPOConfig.lr)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.skipif(
+    FSDP_SKIP is not None, reason=str(FSDP_SKIP)))])
 def test_distributed_ppo_resume_is_exact(dist_run, parallel):
     """2 ranks: 3 steps straight == 2 steps, checkpoint, resume for 1 (sampling, AdamW moments, critic, β)."""
     from rlhf_kernels.trainer.models import ScalarHeadModel, load_policy
@@ -319,6 +375,10 @@ def _rank_main(spec_path):
             stats, p, c = _ppo_update(agg, policy, critic, _shard(ppo_exp, rank), parallel)
             save({"stats": stats, "policy": p, "critic": c}, f"ppo_{parallel}_{agg}.pt")
             dist.barrier()
+        policy, critic = _models(spec)
+        stats, p, c = _ppo_update(FUSED_AGG, policy, critic, _shard(ppo_exp, rank), parallel, fused=True)
+        save({"stats": stats, "policy": p, "critic": c}, f"ppo_fused_{parallel}.pt")
+        dist.barrier()
     if "fsdp" in spec["parallel"]:
         for lt in GRPO_TYPES:
             policy, _ = _models(spec)
@@ -336,6 +396,15 @@ def _rank_main(spec_path):
         *_, rm_hist, acc = train_rm(RMConfig(**_rm_kw(spec), parallel=parallel, out_dir=os.path.join(out, f"rm_{parallel}")))
         if rank == 0:
             Path(out, f"sft_rm_{parallel}.json").write_text(json.dumps({"sft": sft_hist, "rm": rm_hist, "rm_acc": acc}))
+        fused = SFTConfig(**_sft_kw(spec), parallel=parallel, fused_head=True)
+        _, _, full = train_sft(dataclasses.replace(fused, out_dir=os.path.join(out, f"sft_fused_{parallel}")))
+        resumed = None
+        if parallel == "fsdp":
+            r = dataclasses.replace(fused, out_dir=os.path.join(out, "sft_fused_fsdp_r"))
+            train_sft(dataclasses.replace(r, stop_after=2))
+            _, _, resumed = train_sft(dataclasses.replace(r, resume=True))
+        if rank == 0:
+            Path(out, f"sft_fused_{parallel}.json").write_text(json.dumps({"full": full, "resumed": resumed}))
     for parallel in spec["parallel"]:
         cfg = PPOConfig(**_ppo_run_kw(spec), parallel=parallel)
         _, _, full, s_full = train_ppo(dataclasses.replace(cfg, out_dir=os.path.join(out, f"ppo_{parallel}_a")))
@@ -345,6 +414,11 @@ def _rank_main(spec_path):
         if rank == 0:
             Path(out, f"ppo_resume_{parallel}.json").write_text(json.dumps(
                 {"full": full, "part": part, "resumed": resumed, "summary_full": s_full, "summary_resumed": s_res}))
+    if "fsdp" in spec["parallel"]:
+        cfg = PPOConfig(**_ppo_run_kw(spec), parallel="fsdp", fused_head=True, out_dir=os.path.join(out, "ppo_fused_fsdp"))
+        _, _, hist, summ = train_ppo(cfg)
+        if rank == 0:
+            Path(out, "ppo_fused_fsdp.json").write_text(json.dumps({"history": hist, "summary": summ}))
     # leave together (see test_grpo's rank main), skipping the interpreter's teardown
     dist_teardown()
     sys.stdout.flush()
