@@ -1,4 +1,4 @@
-"""Trainer step time and peak memory per stage, fused ops vs eager (reference) ops.
+"""Trainer step time, tokens/s and peak memory per stage: fused ops, fused LM head, eager (reference) ops.
 
     python -m benchmarks.bench_trainer                      # CPU-sized defaults (GPU sizes on a GPU)
     python -m benchmarks.bench_trainer --vocab 50257 --n_embd 256 --batch 16 --seq 256 --out benchmarks/results
@@ -8,8 +8,13 @@ Stages (one optimizer step each, a GPT-2 built from a config, random tokens, res
   rm           Bradley-Terry through rk.reward_model_loss on chosen/rejected, backward, AdamW
   ppo-exp      rollout (generate) + old/ref log-probs + values + RM score + rk.gae
   ppo-update   one PPO epoch x 2 minibatches of rk.ppo_loss + rk.value_loss
-"fused" is the default backend for the device (C++ CPU / Triton / CUDA); "eager" is
-backend="torch", the plain-PyTorch reference that materialises the [N, V] fp32 temporaries.
+Variants ("ops"):
+  fused       the default backend for the device (C++ CPU / Triton / CUDA) on the model's [B, T, V] logits
+  fused-head  --fused-head: the same ops from the final hidden states and the LM head weight
+              (rk.linear_cross_entropy / linear_logprobs / linear_ppo_loss), the logits never exist;
+              sft, ppo-exp and ppo-update only (the reward model has no vocabulary head)
+  eager       backend="torch", the plain-PyTorch reference that materialises the [N, V] fp32 temporaries
+tokens/s counts the B x T tokens of the step's batch (ppo-exp: prompt + response, ppo-update: one epoch).
 """
 from __future__ import annotations
 
@@ -23,14 +28,13 @@ import time
 
 import torch
 
+import rlhf_kernels as rk
 from benchmarks import common
-from rlhf_kernels.trainer.data import collate_sft
+from rlhf_kernels.trainer.fused_head import FusedHeadLM
 from rlhf_kernels.trainer.models import ScalarHeadModel
 from rlhf_kernels.trainer.ppo import PPOConfig, make_experience, ppo_update
 from rlhf_kernels.trainer.reward import rm_forward
 from rlhf_kernels.trainer.sft import sft_loss
-
-import rlhf_kernels as rk
 
 
 class _Tok:
@@ -67,15 +71,21 @@ def build(args, dev):
     return lm, tok, {"input_ids": ids, "attention_mask": attn, "loss_mask": lmask}
 
 
-def stages(args, dev, backend):
+VARIANTS = (("fused", None, False), ("fused-head", None, True), ("eager", "torch", False))  # (ops, backend, fused_head)
+STAGES = ("sft", "rm", "ppo-exp", "ppo-update")
+
+
+def stages(args, dev, backend, fused_head=False):
     lm, tok, batch = build(args, dev)
+    head = FusedHeadLM if fused_head else (lambda m: m)   # what the trainer's --fused-head wraps the policy in
     out = {}
     # --- sft
     model = copy.deepcopy(lm).train()
+    actor = head(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def sft_step():
-        loss, _ = sft_loss(model, batch, backend)
+        loss, _ = sft_loss(actor, batch, backend)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -90,7 +100,8 @@ def stages(args, dev, backend):
         ropt.zero_grad(set_to_none=True)
         loss.backward()
         ropt.step()
-    out["rm"] = rm_step
+    if not fused_head:
+        out["rm"] = rm_step
     # --- ppo
     cfg = PPOConfig(backend=backend, rollout_batch=args.batch, ppo_epochs=1, minibatches=2,
                     max_new_tokens=args.seq // 2, max_len=args.seq)
@@ -100,11 +111,13 @@ def stages(args, dev, backend):
     prompts = [{"prompt": "".join(chr(97 + (i * 7 + j) % 26) for j in range(args.seq // 2))} for i in range(args.batch)]
     state = {}
 
+    actor, ref = head(policy), head(ref)
+
     def exp_step():
-        state["exp"], _ = make_experience(cfg, policy, ref, critic, rm, tok, prompts, 0.05, dev)
+        state["exp"], _ = make_experience(cfg, actor, ref, critic, rm, tok, prompts, 0.05, dev)
 
     def upd_step():
-        ppo_update(cfg, policy, critic, popt, copt, state["exp"], 0.05)
+        ppo_update(cfg, actor, critic, popt, copt, state["exp"], 0.05)
     out["ppo-exp"] = exp_step
     out["ppo-update"] = upd_step
     return out
@@ -123,6 +136,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cuda" if on_gpu else "cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
+                   help="comma list of: " + ", ".join(v[0] for v in VARIANTS))
     p.add_argument("--out", default=None, help="write <out>/<device-slug>/trainer.{csv,md}")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
@@ -130,39 +145,47 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     env = common.environment(dev)
     rows = []
-    fns = {name: stages(args, dev, backend) for name, backend in (("fused", None), ("eager", "torch"))}
-    for stage in ("sft", "rm", "ppo-exp", "ppo-update"):
-        ts = {"fused": [], "eager": []}
+    variants = [v for v in VARIANTS if v[0] in args.variants.split(",")]
+    fns = {name: stages(args, dev, backend, fused_head) for name, backend, fused_head in variants}
+    tokens = args.batch * args.seq
+    for stage in STAGES:
+        ts = {name: [] for name in fns if stage in fns[name]}
         for name in ts:
             for _ in range(args.warmup):
                 fns[name][stage]()
-        for _ in range(args.reps):  # interleaved, so a busy machine hurts both alike
-            for name in ts:
+        for _ in range(args.reps):  # interleaved, so a busy machine hurts every variant alike
+            for name, times in ts.items():
                 _sync(dev)
                 t = time.perf_counter()
                 fns[name][stage]()
                 _sync(dev)
-                ts[name].append((time.perf_counter() - t) * 1e3)
-        for name in ts:
-            ms = statistics.median(ts[name])
+                times.append((time.perf_counter() - t) * 1e3)
+        for name, times in ts.items():
+            ms = statistics.median(times)
             peak = common.peak_extra_bytes(fns[name][stage], dev) / 2**20
-            rows.append({"stage": stage, "ops": name, "ms": round(ms, 2), "peak_extra_mib": round(peak, 1)})
-            print(f"{stage:<11} {name:<6} {ms:9.2f} ms  peak +{peak:8.1f} MiB", flush=True)
+            rows.append({"stage": stage, "ops": name, "ms": round(ms, 2), "tokens_per_s": round(tokens / ms * 1e3),
+                         "peak_extra_mib": round(peak, 1)})
+            print(f"{stage:<11} {name:<10} {ms:9.2f} ms {tokens / ms * 1e3:10.0f} tok/s  peak +{peak:8.1f} MiB",
+                  flush=True)
     by = {(r["stage"], r["ops"]): r for r in rows}
     shape = f"V={args.vocab} H={args.n_embd} L={args.n_layer} B={args.batch} T={args.seq}"
-    md = [f"# Trainer step: fused vs eager ops ({shape})", "", common.stamp_line(env), "",
-          "| stage | fused ms | eager ms | speed-up | fused peak MiB | eager peak MiB |", "|---|---|---|---|---|---|"]
-    for st in ("sft", "rm", "ppo-exp", "ppo-update"):
-        f, e = by[(st, "fused")], by[(st, "eager")]
-        md.append(f"| {st} | {f['ms']:.1f} | {e['ms']:.1f} | {e['ms'] / f['ms']:.2f}x | "
-                  f"{f['peak_extra_mib']:.1f} | {e['peak_extra_mib']:.1f} |")
+    md = [f"# Trainer step: fused ops, fused LM head, eager ops ({shape})", "", common.stamp_line(env), "",
+          ("Peak: memory allocated during one step beyond what was live before it (CUDA), or the process's "
+           "peak RSS growth (CPU; 0 once an earlier step set the high-water mark). Ratios against eager from "
+           "the same run."), "",
+          "| stage | ops | ms | tokens/s | peak MiB | speed-up vs eager | peak vs eager |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = by.get((r["stage"], "eager"))
+        vs = (f"{e['ms'] / r['ms']:.2f}x | {r['peak_extra_mib'] / e['peak_extra_mib']:.2f}x"
+              if e and e["peak_extra_mib"] > 0 else "- | -")
+        md.append(f"| {r['stage']} | {r['ops']} | {r['ms']:.1f} | {r['tokens_per_s']} | {r['peak_extra_mib']:.1f} | {vs} |")
     text = "\n".join(md) + "\n"
     print("\n" + text)
     if args.out:
         d = os.path.join(args.out, env["device_slug"])
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "trainer.csv"), "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["stage", "ops", "ms", "peak_extra_mib", "shape", *env])
+            w = csv.DictWriter(fh, fieldnames=["stage", "ops", "ms", "tokens_per_s", "peak_extra_mib", "shape", *env])
             w.writeheader()
             for r in rows:
                 w.writerow({**r, "shape": shape, **env})
