@@ -4,7 +4,7 @@ Row reductions keep the online softmax statistics of a row in one read: a
 running max ``m``, ``s = Σ exp(z - m)`` and ``t = Σ exp(z - m)·(z - m)``.
 Keeping ``t`` relative to the running max makes the entropy ``log s - t / s``
 exact even for logits of size 1e4. ``row_softmax_stats`` (logprobs, PPO) shares
-one max per program; the two-row KL kernel keeps a max per lane.
+one max per program, as does the two-row KL forward (one per row, in ``kl.py``).
 """
 
 from __future__ import annotations

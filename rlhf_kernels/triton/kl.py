@@ -1,15 +1,20 @@
 """Triton kernels for the KL ops: exact full-vocabulary KL and the k1/k2/k3 estimators.
 
-``kl_divergence`` forward, one program per row, one read of both rows. With
-``z = x / T``, ``r = x_ref / T``, each lane keeps online states for both rows
-(``mz, sz`` and ``mr, sr``) and ``u = Σ exp(z - mz)·((z - mz) - (r - mr))``,
-relative to both running maxima, so that rows equal up to a constant give an
-exactly-zero KL (no ``lse_z - lse_r`` cancellation)::
+``kl_divergence`` forward, one program per row, one read of both rows, with a
+block-max state (as ``_common.row_softmax_stats``): one running max per row and
+program, ``Mz = max x`` and ``Mr = max x_ref``, raised once per vocabulary block,
+while the lanes keep only sums. With ``a = x - Mz``, ``c = x_ref - Mr`` and
+``s2 = log2(e) / T``::
 
-    KL = U / S_z - log S_z + log S_r = Σ p·(log p - log q)
+    sz = Σ 2^(a·s2),   sr = Σ 2^(c·s2),   u = Σ 2^(a·s2)·(a - c)
+    KL = u / (T·sz) + log sr - log sz = Σ p·(log p - log q)
+    lse_z = Mz / T + log sz,   lse_r = Mr / T + log sr
+
+``u`` is relative to both maxima, so rows equal up to a constant give an
+exactly-zero KL (no ``lse_z - lse_r`` cancellation).
 
 Backward (2-D grid, rows x vocab blocks), rebuilding ``log p = z - lse_z`` and
-``log q = r - lse_r`` from the saved per-row values::
+``log q = r - lse_r`` (``z = x / T``, ``r = x_ref / T``) from the saved per-row values::
 
     dz = g·p·(log p - log q - KL) / T;    dr = g·(q - p) / T   (when wanted)
 
@@ -47,61 +52,93 @@ def _kl_divergence_fwd_kernel(
     inv_t,
     BLOCK_V: tl.constexpr,
 ):
+    """Row ``(b, t)`` of ``x, x_ref[B, T, V]`` -> ``kl, lse_z, lse_r[b, t]`` for ``softmax(x·inv_t)`` and ``x_ref``.
+
+    One program per row, one read of both rows, with a block-max state (as
+    :func:`._common.row_softmax_stats`): scalar running maxima ``Mz = max x`` and
+    ``Mr = max x_ref`` (raw logits) shared by the program, and per lane, with
+    ``a = x - Mz``, ``c = x_ref - Mr`` and ``s2 = log2(e)·inv_t``::
+
+        sz = Σ 2^(a·s2),   sr = Σ 2^(c·s2),   u = Σ 2^(a·s2)·(a - c)
+
+    When a block raises the maxima, by ``δz = Mz_old - Mz_new <= 0`` and ``δr``
+    likewise (raw units: each earlier ``a`` grows by ``δz``, each ``c`` by
+    ``δr``), the state is first rescaled::
+
+        u <- 2^(δz·s2)·(u + sz·(δz - δr)),   sz <- 2^(δz·s2)·sz,   sr <- 2^(δr·s2)·sr
+
+    The lanes share the maxima, so the row sums are plain sums; with
+    ``log p = a·inv_t - ln Sz`` and ``log q = c·inv_t - ln Sr``::
+
+        KL = Σ p·(log p - log q) = inv_t·U / Sz + ln Sr - ln Sz
+        lse_z = Mz·inv_t + ln Sz,   lse_r = Mr·inv_t + ln Sr
+
+    ``Mz·inv_t`` rounds as the backward's ``z = x·inv_t`` does at the max. ``u``
+    is kept in logits units and ``ln Sr - ln Sz`` taken as one difference so no
+    product can be fused into a subtraction (FMA contraction): rows equal up to
+    an exactly representable constant give ``a - c = 0``, ``Sz = Sr`` and KL = 0
+    exactly. ``a = x - Mz`` is exact near the max, so |x| ~ 1e5 loses nothing.
+
+    ``u`` adds ``2^(a·s2)·where(2^(a·s2) > 0, a - c, 0)``, the reference's
+    ``p·where(p > 0, ·, 0)``: a -inf or underflowed ``p`` adds 0 even where
+    ``q = 0``, a live ``p`` where ``x_ref = -inf`` adds +inf (KL = +inf), and a
+    rescale that underflows to 0 drops the old terms. NaN anywhere in a row
+    reaches ``sz`` or ``sr`` (``2^NaN``), so that row's outputs only. A fully
+    -inf row has ``Sz = 0``: NaN KL and -inf lse, as the reference.
+
+    Per value pair (sm_90 SASS): two block-max steps, three subtracts, two
+    multiplies, two exp2, a compare and a select, three FMAs (``sz`` and ``sr``
+    with their rescale folded in, ``u``) and ``u``'s rescale (an FMA, a multiply,
+    a select: the state is ``BLOCK_V`` wide, so that is per value too): 17, and
+    about 19 floating-point instructions per pair in the loop with the block
+    reductions' share, against 42 for the per-lane-max state this replaced.
+    """
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
     x_row = x_ptr + b * stride_xb + t * stride_xt
     r_row = r_ptr + b * stride_rb + t * stride_rt
-    mz = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    mr = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    scale2 = inv_t * 1.4426950408889634
+    mz = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)
+    mr = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)
     sz = tl.zeros([BLOCK_V], tl.float32)
     sr = tl.zeros([BLOCK_V], tl.float32)
     u = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z = tl.load(x_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32) * inv_t
-        r = tl.load(r_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32) * inv_t
-        # reference row: plain online (max, Σexp)
-        gt_r = r > mr
-        dr = tl.where(gt_r, mr - r, r - mr)
-        dr = tl.where(r == float("-inf"), float("-inf"), dr)
-        xr = tl.exp2(dr * 1.4426950408889634)
-        sr = tl.where(gt_r, sr * xr + 1.0, sr + xr)
-        mr_new = tl.where(gt_r, r, mr)
-        # u relative to the new reference max: shifts by sz·(mr_new - mr)
-        shift_r = tl.where(gt_r & (mr > float("-inf")), mr_new - mr, 0.0)
-        u = u + sz * shift_r
+        x = tl.load(x_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32)
+        r = tl.load(r_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32)
+        mz_new = tl.maximum(mz, tl.max(x, 0))
+        mr_new = tl.maximum(mr, tl.max(r, 0))
+        # all -inf so far: measure from 0 (the sums stay 0, no -inf - -inf)
+        mz_use = tl.where(mz_new == float("-inf"), 0.0, mz_new)
+        mr_use = tl.where(mr_new == float("-inf"), 0.0, mr_new)
+        # the shifts (<= 0). From a -inf policy max dmz = -inf and az = 0 clears the (zero) sums;
+        # dmr is 0 there instead, as u (+inf where q = 0 so far) is not rescaled by the reference
+        dmz = mz - mz_use
+        dmr = tl.where(mr == float("-inf"), 0.0, mr - mr_use)
+        az = tl.exp2(dmz * scale2)
+        # an underflowed rescale drops the old terms (a +inf u too: no 0·inf)
+        u = tl.where(az > 0, az * (u + sz * (dmz - dmr)), 0.0)
+        sz = sz * az
+        sr = sr * tl.exp2(dmr * scale2)
+        a = x - mz_use
+        c = r - mr_use  # -inf where q = 0
+        ez = tl.exp2(a * scale2)
+        sz += ez
+        sr += tl.exp2(c * scale2)
+        u += ez * tl.where(ez > 0, a - c, 0.0)
+        mz = mz_new
         mr = mr_new
-        # policy row, carrying u along with the rescale
-        gt_z = z > mz
-        dz = tl.where(gt_z, mz - z, z - mz)
-        dz = tl.where(z == float("-inf"), float("-inf"), dz)
-        xz = tl.exp2(dz * 1.4426950408889634)
-        xdz = tl.where(xz > 0, xz * dz, 0.0)
-        z_rel = tl.where(gt_z, 0.0, dz)  # z - mz_new
-        e = tl.where(gt_z, 1.0, xz)
-        r_rel = tl.where(r == float("-inf"), float("-inf"), r - mr)  # q = 0 where p > 0: KL = +inf
-        term = tl.where(z == float("-inf"), 0.0, e * (z_rel - r_rel))
-        # underflowed weights drop their terms (the 0·x = 0 convention of Σ p·(log p - log q))
-        u = tl.where(gt_z, tl.where(xz > 0, xz * u, 0.0) + sz * xdz, u) + term
-        sz = tl.where(gt_z, sz * xz + 1.0, sz + xz)
-        mz = tl.where(gt_z, z, mz)
-    Mz = tl.max(mz, axis=0)
-    Mr = tl.max(mr, axis=0)
-    live_z = sz != 0.0
-    dmz = tl.where(live_z, mz - Mz, 0.0)
-    wz = tl.where(live_z, tl.exp2(dmz * 1.4426950408889634), 0.0)
-    Sz = tl.sum(wz * sz, axis=0)
-    U = tl.sum(tl.where(live_z & (wz > 0), wz * (u + sz * (dmz - (mr - Mr))), 0.0), axis=0)
-    live_r = sr != 0.0
-    wr = tl.where(live_r, tl.exp2(tl.where(live_r, mr - Mr, 0.0) * 1.4426950408889634), 0.0)
-    Sr = tl.sum(wr * sr, axis=0)
-    log_sz = tl.log(Sz)
-    log_sr = tl.log(Sr)
-    tl.store(kl_ptr + row, U / Sz - log_sz + log_sr)
-    tl.store(lse_z_ptr + row, Mz + log_sz)
-    tl.store(lse_r_ptr + row, Mr + log_sr)
+    Sz = tl.sum(sz, 0)
+    Sr = tl.sum(sr, 0)
+    ln2 = 0.6931471805599453
+    log2_sz = tl.log2(Sz)
+    log2_sr = tl.log2(Sr)
+    tl.store(kl_ptr + row, tl.sum(u, 0) * inv_t / Sz + (log2_sr - log2_sz) * ln2)
+    tl.store(lse_z_ptr + row, mz * inv_t + log2_sz * ln2)
+    tl.store(lse_r_ptr + row, mr * inv_t + log2_sr * ln2)
 
 
 _kl_divergence_fwd_tuned = row_autotune(_kl_divergence_fwd_kernel)

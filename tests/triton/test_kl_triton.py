@@ -85,6 +85,172 @@ def test_extreme_logits():
     _check(x[:3], r[:3], seed=5, op_torch=True)
 
 
+# The interpreter walks rows in 64-wide blocks, so V = 300 is five blocks: the block-max forward
+# raises its scalar maxima (and rescales the lane sums) in later blocks.
+_INF = float("inf")
+
+
+def _fwd(x, r, temperature=1.0):
+    """``(kl, lse_z, lse_r)`` of the Triton launcher (poisoned outputs), float64 on the CPU."""
+    with poisoned_outputs():
+        out = kl_ops.kl_divergence_fwd(x[None], r[None], temperature, "triton")
+    return [t[0].double().cpu() for t in out]
+
+
+def _lse64(x, temperature):
+    return torch.logsumexp(x.double().cpu() / temperature, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_maxima_raised_in_later_blocks(dtype):
+    x = make_logits((4, 300), torch.float32, seed=11)
+    r = (x + make_logits((4, 300), torch.float32, seed=12, scale=1.0)).clone()
+    ramp = torch.linspace(0.0, 12.0, 300, device=DEVICE)
+    x[0] += ramp  # policy max raised in every block
+    r[0] -= ramp  # reference max stays in block 0
+    x[1, 200] += 15.0  # policy max in block 3, reference max in block 1, then raised in block 4
+    r[1, 70] += 12.0
+    r[1, 260] += 20.0
+    x[2, 150] += 9.0  # the same shape of raise for both rows, in different blocks
+    r[2, 40] += 9.0
+    x[3, 290] += 200.0  # raises so large the earlier lane sums underflow to 0 when rescaled
+    r[3, 100] += 150.0
+    _check(x.to(dtype), r.to(dtype), temperature=0.8, seed=11)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_equal_rows_with_late_maxima_give_exact_zero(dtype):
+    x = make_logits((3, 300), torch.float32, seed=13)
+    x[:, 250] += 10.0
+    x[1] += torch.linspace(0.0, 8.0, 300, device=DEVICE)
+    x = (x * 2).round() / 2  # halves below 32: x and x + 64 are exact in every dtype
+    x[2, :100] = float("-inf")
+    x = x.to(dtype)
+    r = x.clone()
+    r[1] += 64.0
+    assert torch.equal(r[1].double() - 64.0, x[1].double())
+    kl = rk.kl_divergence(x, r, temperature=0.7, backend="triton")
+    assert torch.equal(kl, torch.zeros_like(kl))
+
+
+def test_inf_prefix_rows():
+    x = make_logits((4, 300), torch.float32, seed=14)
+    r = make_logits((4, 300), torch.float32, seed=15)
+    x[0, :130], r[0, :70] = float("-inf"), float("-inf")  # first blocks empty, q = 0 only where p = 0
+    x[1, :200] = float("-inf")
+    x[2, :192], r[2, :192] = float("-inf"), float("-inf")  # three empty blocks in both rows
+    x[3, :64], r[3, :64] = float("-inf"), float("-inf")
+    x[3, 64:] -= 40.0  # then a low start, raised later
+    x[3, 280] = 5.0
+    _check(x, r, temperature=0.9, seed=14)
+    _, lse_z, lse_r = _fwd(x, r, 0.9)
+    torch.testing.assert_close(lse_z, _lse64(x, 0.9), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(lse_r, _lse64(r, 0.9), rtol=1e-6, atol=1e-5)
+
+
+def test_fully_inf_rows():
+    x = make_logits((3, 130), torch.float32, seed=16)
+    r = make_logits((3, 130), torch.float32, seed=17)
+    x[0], r[0] = float("-inf"), float("-inf")
+    x[1] = float("-inf")
+    r[2] = float("-inf")
+    kl, lse_z, lse_r = _fwd(x, r)
+    ref = reference.kl_divergence(x.double(), r.double())
+    assert torch.isnan(ref).all() and torch.isnan(kl).all()  # no softmax of an all -inf row
+    assert lse_z.tolist()[:2] == [-_INF, -_INF] and lse_r.tolist()[0] == lse_r.tolist()[2] == -_INF
+    torch.testing.assert_close(lse_z[2], _lse64(x, 1.0)[2])
+    torch.testing.assert_close(lse_r[1], _lse64(r, 1.0)[1])
+
+
+def test_q_zero_where_p_positive_gives_inf():
+    x = make_logits((5, 300), torch.float32, seed=18)
+    r = make_logits((5, 300), torch.float32, seed=19)
+    x[0, 210], r[0, 210] = 4.0, float("-inf")  # in a late block
+    r[1, :64] = float("-inf")  # the whole first reference block: +inf u before any reference max,
+    x[1, :32] = float("-inf")  # (lanes with no policy mass yet must not turn it into NaN)
+    x[1, 250] = 12.0  # carried through later raises of both maxima
+    r[1, 100] = 9.0
+    x[2, 5::7], r[2, 5::7] = float("-inf"), float("-inf")  # q = 0 only where p = 0: finite
+    r[2, 6::11] = float("-inf")
+    x[2, 6::11] = -1000.0  # p underflows to 0 even in float64: those terms are 0, not NaN
+    x[3, :64], r[3, :64] = -1000.0, float("-inf")  # a block of live p where q = 0, ...
+    x[3, 64:] += 10.0  # ... then a raise that underflows their rescale: finite (reference too)
+    r[4, 290] = float("-inf")
+    x[4, 290] = x[4].max() + 1.0  # at the policy max, in the last (partial) block
+    kl, lse_z, lse_r = _fwd(x, r, 0.8)
+    ref = reference.kl_divergence(x.double(), r.double(), temperature=0.8)
+    assert kl[[0, 1, 4]].tolist() == ref[[0, 1, 4]].tolist() == [_INF] * 3
+    assert torch.isfinite(ref[2:4]).all()
+    assert_rule("kl", kl[2:4], reference.kl_divergence(x[2:4], r[2:4], temperature=0.8), ref[2:4], torch.float32)
+    torch.testing.assert_close(lse_z, _lse64(x, 0.8), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(lse_r, _lse64(r, 0.8), rtol=1e-6, atol=1e-5)
+
+
+def test_nan_stays_in_its_row():
+    x = make_logits((6, 300), torch.float32, seed=20)
+    r = make_logits((6, 300), torch.float32, seed=21)
+    x[0, 230] = float("nan")  # policy row, late block
+    r[1, 3] = float("nan")  # reference row, first block
+    x[2, 17] = float("-inf")
+    r[2, 17] = float("nan")  # where p = 0: still NaN (the reference row has no softmax)
+    x[3, 100] = -1000.0
+    r[3, 100] = float("nan")  # where p underflows
+    x[4, 0] = float("nan")  # the first element, before any max
+    g = torch.randn(6, generator=torch.Generator().manual_seed(20)).to(DEVICE)
+    xt, rt = x.clone().requires_grad_(), r.clone().requires_grad_()
+    with poisoned_outputs():
+        kl = rk.kl_divergence(xt, rt, temperature=1.3, backend="triton")
+        (kl * g).sum().backward()
+    ref = reference.kl_divergence(x.double(), r.double(), temperature=1.3)
+    assert torch.isnan(kl).tolist() == torch.isnan(ref).tolist() == [True] * 5 + [False]
+    _, lse_z, lse_r = _fwd(x, r, 1.3)
+    assert torch.isnan(lse_z).tolist() == [True, False, False, False, True, False]
+    assert torch.isnan(lse_r).tolist() == [False, True, True, True, False, False]
+    kl5, dx5, dr5 = _oracle(x[5:].double(), r[5:].double(), 1.3, None, g[5:])
+    assert_rule("kl", kl[5:], reference.kl_divergence(x[5:], r[5:], temperature=1.3), kl5, torch.float32)
+    torch.testing.assert_close(xt.grad[5:].double(), dx5, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(rt.grad[5:].double(), dr5, rtol=1e-4, atol=1e-6)
+
+
+def test_large_logits_with_temperature():
+    g = torch.Generator().manual_seed(22)
+    base = torch.randn(4, 300, generator=g) * 3
+    x = base + 1e4  # |z| ~ 1.4e4 at T = 0.7, moderate KL
+    r = base + torch.randn(4, 300, generator=g) - 2e4
+    x[1] = torch.randn(300, generator=g) * 1e4  # spread 1e4: nearly one-hot
+    r[1] = x[1] + torch.randn(300, generator=g) * 30
+    x[2, 260] += 20.0  # late raises on top of the offsets
+    r[2, 80] += 25.0
+    x[3] = -x[3]
+    x, r = x.to(DEVICE), r.to(DEVICE)
+    _check(x, r, temperature=0.7, seed=22, op_torch=True)
+    kl, lse_z, lse_r = _fwd(x, r, 0.7)
+    # x - max x is exact, so the forward is far inside the fp32 reference's error (~1e-3 here),
+    # which scales the logits first; scaling first in the kernel fails this
+    ref = reference.kl_divergence(x.double(), r.double(), temperature=0.7).cpu()
+    torch.testing.assert_close(kl, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_z, _lse64(x, 0.7), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(lse_r, _lse64(r, 0.7), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_large_low_precision_logits(dtype):
+    ulp = {torch.bfloat16: 256.0, torch.float16: 32.0}[dtype]  # spacing from 3.3e4 to 6.5e4
+    g = torch.Generator().manual_seed(23)
+    base = torch.randn(3, 300, generator=g) * 3 * ulp
+    x = base + 6.0e4  # fp16 near overflow
+    r = base + torch.randn(3, 300, generator=g) * ulp - 4e4
+    x[1] = -x[1]
+    x[2, 270] += 6 * ulp  # a late raise
+    x = x.clamp(-65504.0, 65504.0).to(dtype).to(DEVICE)
+    r = r.to(dtype).to(DEVICE)
+    temperature = ulp / 2  # neighbouring values 2 nats apart: p is spread, not one-hot
+    _check(x, r, temperature=temperature, seed=23, op_torch=True)
+    kl, _, _ = _fwd(x, r, temperature)
+    ref = reference.kl_divergence(x.double(), r.double(), temperature=temperature).cpu()
+    torch.testing.assert_close(kl, ref, rtol=1e-5, atol=1e-5)  # as in test_large_logits_with_temperature
+
+
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 @pytest.mark.parametrize("clamp", [None, 0.3])  # 0.3: no exact ties at the clamp in any dtype
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
