@@ -57,7 +57,7 @@ __device__ __forceinline__ void kl_update(KlState& st, const float (&z)[N], cons
     st.sz += e;
     st.sr += __expf(dr);
     // p·(log p - log q) with the reference's 0·x = 0: -inf logits and underflowed p add nothing
-    // (the Triton kernel tests z == -inf only and gives NaN for an underflowed p where q = 0)
+    // (the Triton kernel applies the same rule)
     st.u += e > 0.f ? e * (dz - dr) : 0.f;
   }
 }

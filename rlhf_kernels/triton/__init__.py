@@ -8,7 +8,7 @@ Triton. On the CPU the kernels run under ``TRITON_INTERPRET=1`` (set before
 ``triton`` is first imported).
 
 Conventions: one program per row for the vocabulary reductions (online
-per-lane softmax state, one read of the logits), a 2-D (rows x vocab blocks)
+softmax with one block-max per program and per-lane sums, one read of the logits), a 2-D (rows x vocab blocks)
 grid for the backward passes, int64 row offsets, row strides passed in
 (``logits[:, :-1]`` needs no copy), masks on every load, fp32 accumulation,
 outputs written in the dtype of the tensor the launcher allocates. Not
