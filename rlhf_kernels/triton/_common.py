@@ -53,8 +53,8 @@ def vocab_config(vocab: int, device: torch.device, kind: str = "fwd"):
 # Forward row reductions (one program per row, bandwidth-bound). Measured on an H100 at N=8192,
 # V=151936, bf16 (benchmarks/tune_triton.py; logs in benchmarks/results/nvidia-h100-80gb-hbm3/logs/):
 # block-max logprobs forward 2048x4 91% of the copy bandwidth, 4096x4 89%, 1024x4 86%, 4096x8 80%;
-# the two-row KL forward (its old per-lane state; now block-max, unmeasured) 1024x8 and 512x4 71%, 2048x4 53%. The best differs by op,
-# dtype, vocabulary and chip, so the candidates are timed once per (V, dtypes) on first use.
+# the two-row KL forward (old per-lane state; block-max now, unmeasured) 1024x8, 512x4 71%, 2048x4 53%.
+# The best differs by op, dtype, vocabulary and chip, so the candidates are timed once per (V, dtypes) on first use.
 _ROW_FWD_CANDIDATES = ((4096, 4), (2048, 4), (2048, 8), (1024, 4), (1024, 8), (512, 4), (256, 4), (128, 4))
 
 
