@@ -25,7 +25,7 @@ import torch
 from ..ops._checks import check_same_shape
 from ..ops.linear import linear_logprobs
 
-__all__ = ["causal_lm_body", "causal_lm_logprobs", "shifted_targets"]
+__all__ = ["causal_lm_body", "causal_lm_logprobs", "logit_scale", "shifted_targets"]
 
 
 def causal_lm_body(model: torch.nn.Module) -> torch.nn.Module:
@@ -68,8 +68,13 @@ def shifted_targets(input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     return targets
 
 
-def _logit_scale(model: torch.nn.Module) -> float:
-    """Multiplier some architectures apply to the head's output (folded into the temperature)."""
+def logit_scale(model: torch.nn.Module) -> float:
+    """Multiplier some architectures apply to the head's output: fold it into the temperature as ``T / scale``.
+
+    Cohere: ``logit_scale``; Granite: ``1 / logits_scaling``; 1.0 otherwise.
+    Raises ``NotImplementedError`` for soft-capped logits (Gemma 2), which no
+    temperature can express.
+    """
     config = getattr(model, "config", None)
     if config is None:
         return 1.0
@@ -132,7 +137,7 @@ def causal_lm_logprobs(
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"{type(model).__name__} has no output embedding (LM head) with a weight")
-    scale = _logit_scale(model)
+    scale = logit_scale(model)
     if not scale > 0:
         raise NotImplementedError(f"logit scale {scale} <= 0 cannot be folded into the temperature")
 

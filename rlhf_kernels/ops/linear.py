@@ -854,6 +854,7 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
+    temperature: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
@@ -862,7 +863,7 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """SFT cross-entropy ``-logp`` from hidden states and the LM head, never materialising the logits.
 
-    ``nll = -linear_logprobs(hidden, weight, targets, bias)`` (0 where
+    ``nll = -linear_logprobs(hidden, weight, targets, bias, temperature=temperature)`` (0 where
     ``targets == ignore_index``); ``reduction="mean"`` divides by the number
     of non-ignored targets (0, not NaN, when there are none), ``"sum"`` sums,
     ``"none"`` returns float32 ``nll[*]``.
@@ -879,15 +880,17 @@ def linear_cross_entropy(
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     if reduction != "none" and _grad_in_forward(grad_in_forward, hidden, weight, bias):
         _check_linear_args(hidden, weight, targets, bias, chunk_size)
+        temperature = check_positive("temperature", temperature)
         valid = targets != ignore_index
         loss, _, _ = _fused_loss(
-            hidden, weight, targets, bias, valid, None, None, None, temperature=1.0, ignore_index=ignore_index,
-            loss="nll", loss_agg="token-mean" if reduction == "mean" else "sum", chunk_size=chunk_size,
-            backend=backend,
+            hidden, weight, targets, bias, valid, None, None, None, temperature=temperature,
+            ignore_index=ignore_index, loss="nll", loss_agg="token-mean" if reduction == "mean" else "sum",
+            chunk_size=chunk_size, backend=backend,
         )
         return loss
     logp = linear_logprobs(
-        hidden, weight, targets, bias, ignore_index=ignore_index, chunk_size=chunk_size, backend=backend
+        hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size,
+        backend=backend,
     )
     nll = -logp
     if reduction == "none":

@@ -12,7 +12,7 @@ weight, so the ``[B, T, V]`` logits never exist.
 
 with the same meaning and the same targets ``[B, T-1]`` as ``rk.logprobs`` / ``rk.ppo_loss`` on
 ``lm(...).logits[:, :-1]``. Temperature matches the logits path exactly: architectures that scale their
-logits (Cohere ``logit_scale``, Granite ``1 / logits_scaling``: ``_logit_scale`` in integrations/hf.py) get
+logits (Cohere ``logit_scale``, Granite ``1 / logits_scaling``: ``logit_scale`` in integrations/hf.py) get
 ``temperature / scale``; soft-capped logits (Gemma 2) cannot be folded in and raise at construction.
 
 Why a module and not a function of ``lm``: the trainer wraps *this* module with DDP or FSDP2 in place of
@@ -31,7 +31,7 @@ from __future__ import annotations
 from torch import nn
 
 import rlhf_kernels as rk
-from rlhf_kernels.integrations.hf import _logit_scale, causal_lm_body
+from rlhf_kernels.integrations.hf import causal_lm_body, logit_scale
 
 from .models import position_ids_from_mask
 
@@ -55,7 +55,7 @@ class FusedHeadLM(nn.Module):
         head = lm.get_output_embeddings()
         if head is None or getattr(head, "weight", None) is None:
             raise ValueError(f"fused_head: {type(lm).__name__} has no output embedding (LM head) with a weight")
-        self.logit_scale = _logit_scale(lm)      # raises for soft-capped logits
+        self.logit_scale = logit_scale(lm)       # raises for soft-capped logits
         if not self.logit_scale > 0:
             raise ValueError(f"fused_head: logit scale {self.logit_scale} <= 0 cannot be folded into the temperature")
 
@@ -77,12 +77,9 @@ class FusedHeadLM(nn.Module):
                                       backend=backend)
         if op == "ppo":
             return rk.linear_ppo_loss(hidden, weight, targets, bias=bias, temperature=t, backend=backend, **op_kwargs)
-        # cross_entropy: the gradient-in-forward path; it has no temperature argument, so a scaled head
-        # (t != 1) takes linear_logprobs's recompute path with the same loss
-        if t == 1.0:
-            return rk.linear_cross_entropy(hidden, weight, targets, bias, reduction="mean", backend=backend)
-        logp = rk.linear_logprobs(hidden, weight, targets, bias, temperature=t, backend=backend)
-        return -logp.sum() / (targets != -100).sum().clamp(min=1)
+        # cross_entropy: the gradient-in-forward path (mean over non-ignored targets, 0 when there are none)
+        return rk.linear_cross_entropy(hidden, weight, targets, bias, temperature=t, reduction="mean",
+                                       backend=backend)
 
     def generate(self, **kwargs):
         """``lm.generate(**kwargs)``, run inside ``forward`` (see the module docstring)."""

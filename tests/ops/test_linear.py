@@ -416,6 +416,9 @@ def test_bad_inputs_raise_clear_errors():
         rk.linear_logprobs(hidden, weight, targets.float())
     with pytest.raises(ValueError, match="temperature"):
         rk.linear_logprobs(hidden, weight, targets, temperature=0.0)
+    for fused in (True, False):
+        with pytest.raises(ValueError, match="temperature"):
+            rk.linear_cross_entropy(hidden.requires_grad_(), weight, targets, temperature=-1.0, grad_in_forward=fused)
     bad = targets.clone()
     bad[2] = 11
     with pytest.raises(ValueError, match=r"targets\[2\] = 11"):
@@ -504,10 +507,10 @@ def _loss_fns(loss, targets, per_token, temperature):
         reduction = loss[3:]
 
         def fast(h, w, b, **kw):
-            return rk.linear_cross_entropy(h, w, targets, b, reduction=reduction, **kw)
+            return rk.linear_cross_entropy(h, w, targets, b, temperature=temperature, reduction=reduction, **kw)
 
         def materialised(h, w, b):
-            nll = -R.logprobs(F.linear(h, w, b), targets)
+            nll = -R.logprobs(F.linear(h, w, b), targets, temperature=temperature)
             if reduction == "sum":
                 return nll.sum()
             return R._safe_divide(nll.sum(), (targets != -100).sum().to(nll.dtype))
@@ -541,7 +544,7 @@ def _value_and_grads(fn, leaves, upstream):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_forward_grad_path_matches_oracle_and_recompute(backend, dtype, loss):
     """Values and the three gradients of the forward-with-gradient path vs float64, and vs the recompute path."""
-    temperature = 1.0 if loss.startswith("ce-") else 0.7
+    temperature = 0.7
     cases = [((1, 1), 16, 7, None, ()), ((3, 5), 37, 7, 4, (0, 7)), ((2, 6), 20, 301, 5, (3,))]
     for lead, H, V, chunk_size, ignore in cases:
         hidden, weight, targets, bias = _inputs(lead, H, V, dtype, seed=len(lead) + V, ignore=ignore)
