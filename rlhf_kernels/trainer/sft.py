@@ -24,7 +24,7 @@ from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, collate_sft, load_jsonl, shifted_targets, validate_rows
 from .distributed import all_reduce, barrier, clip_grad_norm, dist_setup, global_loss_scale, wrap_model
 from .fused_head import FusedHeadLM, is_fused_head
-from .models import build_policy, lm_logits, peak_memory_mb
+from .models import build_policy, peak_memory_mb
 
 
 @dataclass
@@ -51,7 +51,8 @@ def sft_loss(model, batch, backend=None):
     n = (targets != -100).sum()
     if is_fused_head(model):
         return model(batch["input_ids"], batch["attention_mask"], targets, op="cross_entropy", backend=backend), n
-    logits = lm_logits(model, batch["input_ids"], batch["attention_mask"])   # position ids from the mask
+    # HF's default positions (arange): SFT batches are right-padded, so they equal the mask's on every real token
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     logp = rk.logprobs(logits[:, :-1], targets, backend=backend)  # strided view, no copy
     return -logp.sum() / n.clamp(min=1), n
 

@@ -66,6 +66,17 @@ def _batch(seed=0):
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
+def _sft_batch(seed=0):
+    """Right-padded rows, as ``collate_sft`` builds them (positions 0.. on every real token)."""
+    batch = _batch(seed)
+    attn = torch.ones_like(batch["attention_mask"])
+    attn[2, 9:] = 0
+    attn[3, 10:] = 0
+    loss = torch.zeros_like(attn)
+    loss[:, 5:] = 1
+    return {"input_ids": batch["input_ids"], "attention_mask": attn, "loss_mask": loss * attn}
+
+
 def _pair(model):
     """(logits-mode model, fused-head model) with the same weights."""
     return copy.deepcopy(model), FusedHeadLM(copy.deepcopy(model))
@@ -92,7 +103,7 @@ def test_sft_loss_and_gradients_match(arch_model):
     from rlhf_kernels.trainer.sft import sft_loss
     arch, model = arch_model
     a, f = _pair(model)
-    batch = _batch()
+    batch = _sft_batch()
     (la, na), (lf, nf) = sft_loss(a, batch), sft_loss(f, batch)
     la.backward()
     lf.backward()
