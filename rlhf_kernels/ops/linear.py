@@ -131,7 +131,8 @@ def chunk_rows(n: int, row_bytes: int, budget: int, min_rows: int, free_rows: in
 
 
 def auto_chunk_size(
-    n: int, hidden_size: int, vocab: int, dtype: torch.dtype, device: torch.device, weight_grad_cast: bool = False
+    n: int, hidden_size: int, vocab: int, dtype: torch.dtype, device: torch.device, weight_grad_cast: bool = False,
+    buffers: int = 1,
 ) -> int:
     """Rows per chunk so one chunk of logits takes ~32 MiB (CPU) or 64-256 MiB (GPU, by free memory).
 
@@ -144,6 +145,8 @@ def auto_chunk_size(
     larger chunks matter there: every chunk's dW GEMM reads and writes the whole
     float32 accumulator (``8·V·H`` bytes, about 1.4 ms at V = 128256, H = 4096
     on an H100), which at 1024-row chunks costs as much as its arithmetic.
+    ``buffers``: chunk-sized buffers live at once (2 when dlogits cannot
+    overwrite the logits: the CUDA backend), which share that allowance.
     Capped at a quarter of the free memory. A chunk never exceeds ``n`` rows.
     """
     if n <= 0:
@@ -153,17 +156,19 @@ def auto_chunk_size(
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(max(free // 16, _GPU_CHUNK_BYTES[0]), _GPU_CHUNK_BYTES[1])
-        free_rows = (vocab * hidden_size * itemsize) // row_bytes if weight_grad_cast else 0
+        # the cast's bytes cover `buffers` chunk-sized buffers (2 on the CUDA backend: logits + dlogits)
+        free_rows = (vocab * hidden_size * itemsize) // (row_bytes * max(1, buffers)) if weight_grad_cast else 0
         return chunk_rows(n, row_bytes, budget, _MIN_ROWS["cuda"], free_rows, free // 4)
     return chunk_rows(n, row_bytes, _CPU_CHUNK_BYTES, _MIN_ROWS["cpu"])
 
 
 def _chunk(
-    n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, chunk_size: int, weight_grad_cast: bool = False
+    n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, chunk_size: int, weight_grad_cast: bool = False,
+    buffers: int = 1,
 ) -> int:
     if chunk_size > 0:
         return int(min(chunk_size, max(n, 1)))
-    return auto_chunk_size(n, h, v, dtype, device, weight_grad_cast)
+    return auto_chunk_size(n, h, v, dtype, device, weight_grad_cast, buffers)
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -377,7 +382,8 @@ def linear_logprobs_bwd(
     grad_weight = _weight_grad_accumulator(n, weight, acc) if need_weight else weight.new_empty(0)
     grad_bias = torch.zeros((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
     if need_hidden or need_weight or need_bias:
-        c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, need_weight and acc != weight.dtype)
+        c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, need_weight and acc != weight.dtype,
+                   2 if backend == "cuda" else 1)
         buffer = _row_buffer(c, v, hidden)
         spare = _row_buffer(c, v, hidden) if backend == "cuda" else None
         for s in range(0, n, c):
@@ -536,7 +542,8 @@ def linear_loss_fused(
     grad_weight = _weight_grad_accumulator(n, weight, acc) if need_weight else weight.new_empty(0)
     grad_bias = torch.zeros((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
     any_grad = need_hidden or need_weight or need_bias
-    c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, need_weight and acc != weight.dtype)
+    c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, need_weight and acc != weight.dtype,
+               2 if backend == "cuda" else 1)
     buffer = _row_buffer(c, v, hidden)
     spare = _row_buffer(c, v, hidden) if any_grad and backend == "cuda" else None
     for s in range(0, n, c):

@@ -264,6 +264,7 @@ def test_chunk_rows_grow_to_the_weight_gradient_cast():
     budget = 256 * 2**20
     assert L.chunk_rows(8192, row, budget, 128) == 1024  # 256 MiB of bf16 logits
     assert L.chunk_rows(8192, row, budget, 128, free_rows=H) == 4096  # V·H·2 bytes: the cast's own output
+    assert L.chunk_rows(8192, row, budget, 128, free_rows=H // 2) == 2048  # CUDA backend: logits + dlogits share it
     assert L.chunk_rows(8192, row, budget, 128, free_rows=H, cap_bytes=600 * 2**20) == 2432  # free-memory cap
     assert L.chunk_rows(1000, row, budget, 128, free_rows=H) == 1000  # never more than n
     assert L.chunk_rows(8192, row, budget, 128, free_rows=H, cap_bytes=1) == 128  # the cap keeps min_rows
