@@ -245,11 +245,16 @@ def _chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return logits
 
 
+def _chunk_buffers(backend: str) -> int:
+    """Chunk-sized buffers a loop holds: 1 where ``dlogits`` overwrite the logits (dead once the gradient is
+    written), 2 on the CUDA backend, whose kernels declare their pointers ``__restrict__``."""
+    return 2 if backend == "cuda" else 1
+
+
 def _grad_buffer(logits: torch.Tensor, backend: str, spare: Optional[torch.Tensor]) -> torch.Tensor:
-    """Where a chunk's ``dlogits`` go: over its ``logits`` (dead once the gradient is written; no second
-    chunk-sized buffer), except on the CUDA backend, whose kernels declare their pointers ``__restrict__``:
-    there the first rows of ``spare`` (an aligned ``_row_buffer``) or a fresh tensor."""
-    if backend != "cuda":
+    """Where a chunk's ``dlogits`` go (``_chunk_buffers``): over its ``logits``, or the first rows of
+    ``spare`` (an aligned ``_row_buffer``) or a fresh tensor when a second buffer is needed."""
+    if _chunk_buffers(backend) == 1:
         return logits
     return spare[: logits.shape[0]] if spare is not None else torch.empty_like(logits)
 
@@ -283,24 +288,19 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, hi
     two 2.1 GB passes saved).
     """
     a, b = dlogits.t(), hidden_c
-    if dlogits.dtype == grad_weight.dtype:
-        if first:
-            torch.mm(a, b, out=grad_weight)
-        else:
-            grad_weight.addmm_(a, b)
-        return
-    if dlogits.is_cuda:
-        # bf16 / fp16 tensor-core GEMM writing / accumulating straight into the fp32 buffer (no fp32 copies).
-        try:
-            if first:
-                torch.ops.aten.mm.dtype_out(a, b, grad_weight.dtype, out=grad_weight)
-            else:
-                torch.ops.aten.addmm.dtype_out(grad_weight, a, b, grad_weight.dtype, out=grad_weight)
-            return
-        except (AttributeError, RuntimeError, NotImplementedError):  # torch without the mixed-dtype GEMMs
-            pass
-    # CPU (no mixed-dtype GEMM): one chunk-sized upcast of each operand.
-    a, b = a.to(grad_weight.dtype), b.to(grad_weight.dtype)
+    if dlogits.dtype != grad_weight.dtype:
+        if dlogits.is_cuda:
+            # bf16 / fp16 tensor-core GEMM writing / accumulating straight into the fp32 buffer (no fp32 copies).
+            try:
+                if first:
+                    torch.ops.aten.mm.dtype_out(a, b, grad_weight.dtype, out=grad_weight)
+                else:
+                    torch.ops.aten.addmm.dtype_out(grad_weight, a, b, grad_weight.dtype, out=grad_weight)
+                return
+            except (AttributeError, RuntimeError, NotImplementedError):  # torch without the mixed-dtype GEMMs
+                pass
+        # CPU (no mixed-dtype GEMM): one chunk-sized upcast of each operand.
+        a, b = a.to(grad_weight.dtype), b.to(grad_weight.dtype)
     if first:
         torch.mm(a, b, out=grad_weight)
     else:
@@ -383,9 +383,9 @@ def linear_logprobs_bwd(
     grad_bias = torch.zeros((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
     if need_hidden or need_weight or need_bias:
         c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, need_weight and acc != weight.dtype,
-                   2 if backend == "cuda" else 1)
+                   _chunk_buffers(backend))
         buffer = _row_buffer(c, v, hidden)
-        spare = _row_buffer(c, v, hidden) if backend == "cuda" else None
+        spare = _row_buffer(c, v, hidden) if _chunk_buffers(backend) == 2 else None
         for s in range(0, n, c):
             e = min(n, s + c)
             hidden_c = hidden[s:e]
@@ -543,9 +543,9 @@ def linear_loss_fused(
     grad_bias = torch.zeros((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
     any_grad = need_hidden or need_weight or need_bias
     c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, need_weight and acc != weight.dtype,
-               2 if backend == "cuda" else 1)
+               _chunk_buffers(backend))
     buffer = _row_buffer(c, v, hidden)
-    spare = _row_buffer(c, v, hidden) if any_grad and backend == "cuda" else None
+    spare = _row_buffer(c, v, hidden) if any_grad and _chunk_buffers(backend) == 2 else None
     for s in range(0, n, c):
         e = min(n, s + c)
         hidden_c, targets_c, w_c = hidden[s:e], targets[s:e], w[s:e]
