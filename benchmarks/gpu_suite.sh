@@ -3,6 +3,7 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh            # = all: setup tests bench
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh logits      # one stage (several may be named)
+#   OUT=/some/dir GPU_DEADLINE=540 bash benchmarks/gpu_suite.sh priority   # = make gpu-quick
 #
 # Stages
 #   setup     installs benchmarks/wheels/*.whl (Liger-Kernel) with --no-index --no-deps when present,
@@ -15,7 +16,10 @@
 #   gae       gae
 #   trainer   end-to-end steps (benchmarks/bench_trainer.py, when it exists)
 #   headline  re-measures our backends and Liger (not --resume) at the issues' target shapes, bf16:
-#             logprobs(+ent), kl_divergence, ppo_loss at 8192x151936 and 16384x128256
+#             logprobs(+ent), kl_divergence, ppo_loss at HEADLINE_SHAPES (default 8192x151936,16384x128256)
+#   linear-headline  re-measures linear_cross_entropy, linear_ppo_loss against eager (materialised) and
+#             Liger at LINEAR_HEADLINE_SHAPES (default 8192x128256x4096,16384x151936x4096), bf16; the
+#             run's matmul throughput (the floor) is measured with them
 #   ppo-paths the cuda ppo_loss fwd+bwd at 8192x151936 bf16 under each RLHF_KERNELS_CUDA_PPO path
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck on tests/cuda/sanitize_small.py
 #   profile   Nsight Compute (SpeedOfLight, Occupancy, LaunchStats, WarpStateStats) on one call of each
@@ -25,6 +29,20 @@
 #             ($OUT/coverage.md; benchmarks/coverage.py)
 #   bench     logits klppo linear gae trainer coverage
 #   all       setup tests bench                 (the default)
+#   priority  what closes open issues fastest, for a short lent-GPU session (make gpu-quick), in order:
+#             setup, headline at 8192x151936 only (unless HEADLINE_SHAPES is set), linear-headline,
+#             tests, sanitize (memcheck, then racecheck and synccheck), profile; with GPU_DEADLINE the
+#             later ones are skipped when too little time is left
+#
+# GPU_DEADLINE=<seconds from the script's start> (default: none) bounds the whole run: a stage is
+# skipped, with a note in gpu_suite.log, when less time is left than its rough minimum (STAGE_MIN
+# below: build 90, tests 120, headline 75, linear-headline 120, each sanitize tool 90, profile 120,
+# each bench stage 60); bench stages get --time-budget min(BENCH_BUDGET, time left - 20 s) (the two
+# headline stages: min(HEADLINE_BUDGET, default 180 with a deadline, none without, time left - 20 s)),
+# and every long command runs under `timeout`, sent SIGINT when the deadline nears (python then stops,
+# keeping the rows of the cases it finished) and SIGKILL GRACE_S (default 10) s later.
+# Stages that need a GPU (headline, linear-headline, ppo-paths, sanitize, profile) say so and are
+# skipped when $PYTHON's torch sees no CUDA device.
 #
 # Results go to $OUT/results/<device-slug>/ (csv, md, png, meta.json, run.log): the committed
 # benchmarks/results/ is copied there first and each bench stage runs with --resume, so a stage cut
@@ -32,49 +50,148 @@
 # simply be run again and continues where it stopped; rows are written after every case.
 # Copy $OUT/results/<device-slug>/ back to benchmarks/results/<device-slug>/ and commit it.
 #
-# On the lent-GPU tool, whose $OUT returns at most 8 files: OUT=/tmp/g TAR_OUT=$OUT/gpu.tgz make gpu
-# (or name stages: ... bash benchmarks/gpu_suite.sh setup tests logits), then unpack gpu.tgz here.
+# TAR_OUT=<file>: everything under $OUT in one archive, rewritten after every stage (to TAR_OUT.part,
+# then mv), so a command killed at its time limit still leaves the archive of the stages it finished.
+# On the lent-GPU tool, whose $OUT returns at most 8 files, the tarball must lie in the tool's $OUT and
+# the suite's own OUT elsewhere (set TAR_OUT first: the shell expands $OUT before OUT=/tmp/g applies):
+#   TAR_OUT=$OUT/g.tgz OUT=/tmp/g RLHF_KERNELS_COMMIT=<sha> GPU_DEADLINE=540 make gpu-quick
+# (or name stages: ... bash benchmarks/gpu_suite.sh setup tests logits), then unpack g.tgz here.
 #
 # That tool's copy of the tree keeps a stale .git, so pass the commit being measured, spelled out on this side:
 # RLHF_KERNELS_COMMIT=<sha> (it stamps every result row instead of `git rev-parse HEAD`).
 #
 # Environment: OUT (default ./gpu_out), TAR_OUT, PYTHON (default python3), BENCH_BUDGET, BENCH_ARGS (extra
-# arguments for every `python -m benchmarks.run`, e.g. "--mode all" or "--dtypes bf16"), RLHF_KERNELS_COMMIT.
+# arguments for every `python -m benchmarks.run`, e.g. "--mode all" or "--dtypes bf16"), RLHF_KERNELS_COMMIT,
+# GPU_DEADLINE, GRACE_S, HEADLINE_SHAPES, LINEAR_HEADLINE_SHAPES, HEADLINE_BUDGET.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 PY="${PYTHON:-python3}"
 BUDGET="${BENCH_BUDGET:-420}"
 EXTRA="${BENCH_ARGS:-}"
+DEADLINE="${GPU_DEADLINE:-}"
+GRACE="${GRACE_S:-10}"
 mkdir -p "$OUT"
 RC=0
 
 note() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/gpu_suite.log" >&2; }
 
+# ---------------------------------------------------------------- the deadline (GPU_DEADLINE)
+# Rough seconds a stage needs on an H100 to be worth starting (past logs: build ~65 s, pytest -m gpu
+# 50-90 s, headline 45-60 s); a bench stage only needs to finish a few cases.
+declare -A STAGE_MIN=([setup]=15 [build]=90 [tests]=120 [headline]=75 [linear-headline]=120
+  [ppo-paths]=60 [sanitize]=90 [profile]=120 [logits]=60 [klppo]=60 [linear]=60 [gae]=60 [trainer]=60
+  [coverage]=20)
+if [ -n "$DEADLINE" ] && ! [[ "$DEADLINE" =~ ^[0-9]+$ ]]; then
+  note "GPU_DEADLINE must be whole seconds, got '$DEADLINE'"; exit 2
+fi
+if [ -n "$DEADLINE" ] && ! command -v timeout >/dev/null; then
+  note "GPU_DEADLINE: coreutils timeout not found; stages are still skipped by the deadline, commands are not cut"
+fi
+[ -n "$DEADLINE" ] && note "GPU_DEADLINE=$DEADLINE s from now"
+
+left() { echo $(( DEADLINE - SECONDS )); }  # seconds to the deadline (only with GPU_DEADLINE)
+
+gate() {  # gate <name>: 0 when there is time for it (or no deadline); else a note and 1
+  [ -z "$DEADLINE" ] && return 0
+  local need=${STAGE_MIN[$1]:-0} l
+  l=$(left)
+  if [ "$l" -lt "$need" ]; then
+    note "$1: skipped by GPU_DEADLINE (${l} s left, it needs ~${need} s)"
+    return 1
+  fi
+}
+
+budget_for() {  # budget_for <seconds or empty>: that --time-budget, cut to the time left less 20 s
+  local b=$1 l
+  [ -z "$DEADLINE" ] && { echo "$b"; return; }
+  l=$(( $(left) - 20 ))
+  [ "$l" -lt 1 ] && l=1
+  if [ -z "$b" ] || [ "$l" -lt "${b%.*}" ]; then echo "$l"; else echo "$b"; fi
+}
+
+limited() {  # limited <command...>: runs it; with GPU_DEADLINE under `timeout`, SIGINT before the deadline
+  if [ -z "$DEADLINE" ] || ! command -v timeout >/dev/null; then "$@"; return; fi
+  local t=$(( $(left) - GRACE - 5 ))
+  [ "$t" -lt 5 ] && t=5
+  timeout --signal=INT --kill-after="$GRACE" "$t" "$@"
+}
+
+was_cut() {  # was_cut <rc> <what>: 0 (and a note) when `limited` stopped it at the deadline
+  case "$1" in
+    124|137) [ -n "$DEADLINE" ] && { note "$2: cut at GPU_DEADLINE (rc=$1); what it wrote so far is kept"; return 0; } ;;
+  esac
+  return 1
+}
+
+HAVE_CUDA=""
+need_cuda() {  # need_cuda <stage>: 0 when $PY's torch sees a CUDA device; else a note, RC=1 and 1
+  if [ -z "$HAVE_CUDA" ]; then
+    if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+      HAVE_CUDA=yes
+    else
+      HAVE_CUDA=no
+    fi
+  fi
+  [ "$HAVE_CUDA" = yes ] && return 0
+  if [ "$HAVE_CUDA" = no ]; then
+    note "$1: skipped, $PY sees no CUDA device (torch.cuda.is_available() is False or torch does not import)"
+    HAVE_CUDA=none
+  else
+    note "$1: skipped (no CUDA device)"
+  fi
+  RC=1
+  return 1
+}
+
+# ---------------------------------------------------------------- the archive (TAR_OUT)
+archive() {  # everything under $OUT into $TAR_OUT (via TAR_OUT.part, then mv), the tarball left out
+  [ -z "${TAR_OUT:-}" ] && return 0
+  local base part rc err
+  base=$(basename "$TAR_OUT")
+  part="$TAR_OUT.part"
+  err=$(tar czf "$part" -C "$OUT" --exclude="$base" --exclude="$base.part" . 2>&1)
+  rc=$?
+  # 1: a file changed while it was read; the archive is still whole
+  if [ $rc -le 1 ] && mv -f "$part" "$TAR_OUT"; then
+    echo "[gpu_suite] archived to $TAR_OUT ($(du -k "$TAR_OUT" | cut -f1) KB)" >&2
+  else
+    note "archive to $TAR_OUT failed (tar rc=$rc): $err"
+  fi
+}
+
+# ---------------------------------------------------------------- stages
 stage_setup() {
+  local rc
   shopt -s nullglob
   local wheels=(benchmarks/wheels/*.whl)
   if [ ${#wheels[@]} -gt 0 ]; then
     note "installing ${wheels[*]} (--no-index --no-deps)"
-    "$PY" -m pip install --no-index --no-deps "${wheels[@]}" >"$OUT/pip_wheels.log" 2>&1 || note "wheel install failed (see pip_wheels.log)"
+    limited "$PY" -m pip install --no-index --no-deps "${wheels[@]}" >"$OUT/pip_wheels.log" 2>&1 || note "wheel install failed (see pip_wheels.log)"
   fi
   if [ "${RLHF_SKIP_BUILD:-0}" != "1" ] && ! "$PY" -c "import sys, rlhf_kernels._ext as e; sys.exit(0 if e.has_cuda_kernels() else 1)" 2>/dev/null; then
-    note "building the extension (pip install --no-build-isolation --no-deps -e .)"
-    "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { note "build failed (see build.log)"; RC=1; }
+    if gate build; then
+      note "building the extension (pip install --no-build-isolation --no-deps -e .)"
+      limited "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+      rc=$?
+      if [ $rc -ne 0 ]; then was_cut $rc build || note "build failed (see build.log)"; RC=1; fi
+    else
+      RC=1
+    fi
   fi
-  { nvidia-smi || true; } >"$OUT/nvidia-smi.log" 2>&1
-  "$PY" -m rlhf_kernels.cli info >"$OUT/info.log" 2>&1 || note "rlhf-kernels info failed (see info.log)"
+  { limited nvidia-smi || true; } >"$OUT/nvidia-smi.log" 2>&1
+  limited "$PY" -m rlhf_kernels.cli info >"$OUT/info.log" 2>&1 || note "rlhf-kernels info failed (see info.log)"
   "$PY" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" >>"$OUT/info.log" 2>&1 || true
   cat "$OUT/info.log" >&2
 }
 
 stage_tests() {
   note "pytest -m gpu"
-  "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider >"$OUT/pytest_gpu.log" 2>&1
+  limited "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider >"$OUT/pytest_gpu.log" 2>&1
   local rc=$?
   tail -n 15 "$OUT/pytest_gpu.log" >&2
   # 5: no test collected is not a failure of the suite
-  if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then note "pytest -m gpu failed (rc=$rc)"; RC=1; fi
+  if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then was_cut $rc "pytest -m gpu" || note "pytest -m gpu failed (rc=$rc)"; RC=1; fi
 }
 
 seed_results() {
@@ -85,32 +202,57 @@ seed_results() {
 }
 
 bench() {  # bench <log-name> <benchmarks.run args...>
-  local name=$1; shift
+  local name=$1 budget rc; shift
   seed_results
-  note "python -m benchmarks.run $* --resume --time-budget $BUDGET $EXTRA"
+  budget=$(budget_for "$BUDGET")
+  note "python -m benchmarks.run $* --resume --time-budget $budget $EXTRA"
   # shellcheck disable=SC2086
-  "$PY" -m benchmarks.run "$@" --out "$OUT/results" --resume --time-budget "$BUDGET" --no-progress $EXTRA \
+  limited "$PY" -m benchmarks.run "$@" --out "$OUT/results" --resume --time-budget "$budget" --no-progress $EXTRA \
     >"$OUT/bench_$name.log" 2>&1
-  local rc=$?
+  rc=$?
   grep -E "^# (copy|matmul|wrote)|left out|skipped:|error|oom" "$OUT/bench_$name.log" | tail -n 40 >&2
-  if [ $rc -ne 0 ]; then note "benchmarks.run $name exited $rc (see bench_$name.log)"; RC=1; fi
+  if [ $rc -ne 0 ]; then was_cut $rc "benchmarks.run $name" || { note "benchmarks.run $name exited $rc (see bench_$name.log)"; RC=1; }; fi
 }
 
-stage_headline() {
+headline_run() {  # headline_run <log-name> <benchmarks.run args...>: re-measured (no --resume), on the GPU
+  local name=$1 budget rc hb=${HEADLINE_BUDGET:-}; shift
+  local args=("$@" --device cuda --out "$OUT/results" --no-progress)
+  [ -n "$DEADLINE" ] && hb=${hb:-180}  # leaves the later stages their time
+  budget=$(budget_for "$hb")
+  [ -n "$budget" ] && args+=(--time-budget "$budget")
+  note "python -m benchmarks.run ${args[*]} $EXTRA"
+  # shellcheck disable=SC2086
+  limited "$PY" -m benchmarks.run "${args[@]}" $EXTRA >"$OUT/bench_$name.log" 2>&1
+  rc=$?
+  if [ $rc -ne 0 ]; then was_cut $rc "${name//_/-}" || { note "${name//_/-} exited $rc (see bench_$name.log): $(tail -n 1 "$OUT/bench_$name.log")"; RC=1; }; fi
+  grep -E "^# (copy|matmul)|left out| (eager|triton|cuda|liger) " "$OUT/bench_$name.log" | cut -c1-140 >&2
+}
+
+stage_headline() {  # stage_headline [default shapes]
+  need_cuda headline || return
   seed_results
   note "headline: our backends and Liger at the target shapes (re-measured)"
-  "$PY" -m benchmarks.run --ops logprobs,logprobs+ent,kl_divergence,ppo_loss --shapes "${HEADLINE_SHAPES:-8192x151936,16384x128256}" \
-    --dtypes bf16 --providers liger,triton,cuda --out "$OUT/results" --no-progress $EXTRA >"$OUT/bench_headline.log" 2>&1 \
-    || { note "headline exited $? (see bench_headline.log)"; RC=1; }
-  grep -E " (triton|cuda|liger) " "$OUT/bench_headline.log" | cut -c1-140 >&2
+  headline_run headline --ops logprobs,logprobs+ent,kl_divergence,ppo_loss \
+    --shapes "${HEADLINE_SHAPES:-${1:-8192x151936,16384x128256}}" --dtypes bf16 --providers liger,triton,cuda
+}
+
+stage_linear_headline() {
+  need_cuda linear-headline || return
+  seed_results
+  note "linear-headline: fused-linear losses, ours against eager (materialised) and Liger, and the matmul floor"
+  headline_run linear_headline --ops linear_cross_entropy,linear_ppo_loss \
+    --shapes "${LINEAR_HEADLINE_SHAPES:-8192x128256x4096,16384x151936x4096}" --dtypes bf16 --providers eager,triton,cuda,liger
 }
 
 stage_ppo_paths() {
-  local path
+  local path rc
+  need_cuda ppo-paths || return
   for path in ${PPO_PATHS:-shared cluster global two-pass}; do
-    RLHF_KERNELS_CUDA_PPO=$path "$PY" -m benchmarks.run --ops ppo_loss --providers cuda --shapes 8192x151936 \
-      --dtypes bf16 --mode fwd+bwd --no-plots --no-progress --out "$OUT/ppo_paths_$path" >"$OUT/bench_ppo_$path.log" 2>&1 \
-      || note "ppo path $path exited $? (see bench_ppo_$path.log)"
+    [ -n "$DEADLINE" ] && [ "$(left)" -lt 20 ] && { note "ppo path $path: skipped by GPU_DEADLINE"; continue; }
+    RLHF_KERNELS_CUDA_PPO=$path limited "$PY" -m benchmarks.run --ops ppo_loss --providers cuda --shapes 8192x151936 \
+      --dtypes bf16 --mode fwd+bwd --no-plots --no-progress --out "$OUT/ppo_paths_$path" >"$OUT/bench_ppo_$path.log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && { was_cut $rc "ppo path $path" || note "ppo path $path exited $rc (see bench_ppo_$path.log)"; }
     echo "RLHF_KERNELS_CUDA_PPO=$path: $(grep -E ' cuda ' "$OUT/bench_ppo_$path.log" | cut -c1-140)" >&2
   done
 }
@@ -120,49 +262,78 @@ cuda_tool() {  # cuda_tool <name>: the CUDA toolkit's binary, on PATH or under t
   ls /usr/local/cuda*/bin/"$1" /opt/nvidia/nsight-compute/*/"$1" 2>/dev/null | head -n 1
 }
 
-stage_sanitize() {
+stage_sanitize() {  # stage_sanitize [tools...] (default memcheck racecheck synccheck), each one gated
   local cs tool rc
+  need_cuda sanitize || return
   cs=$(cuda_tool compute-sanitizer)
   if [ -z "$cs" ]; then note "sanitize: compute-sanitizer not found"; return; fi
-  for tool in memcheck racecheck synccheck; do
-    "$cs" --tool "$tool" --error-exitcode 9 "$PY" tests/cuda/sanitize_small.py >"$OUT/sanitize_$tool.log" 2>&1
+  [ $# -eq 0 ] && set -- memcheck racecheck synccheck
+  for tool in "$@"; do
+    gate sanitize || { note "compute-sanitizer $tool: not run"; continue; }
+    limited "$cs" --tool "$tool" --error-exitcode 9 "$PY" tests/cuda/sanitize_small.py >"$OUT/sanitize_$tool.log" 2>&1
     rc=$?
+    was_cut $rc "compute-sanitizer $tool" && { RC=1; continue; }
     note "compute-sanitizer $tool: rc=$rc $(grep -E 'SUMMARY' "$OUT/sanitize_$tool.log" | tr '\n' ' ')"
     [ $rc -ne 0 ] && RC=1
   done
 }
 
 stage_profile() {
-  local ncu
+  local ncu rc
+  need_cuda profile || return
   ncu=$(cuda_tool ncu)
   if [ -z "$ncu" ]; then
     note "profile: ncu not found; CUDA-event times only"
     # shellcheck disable=SC2086
-    "$PY" -m benchmarks.profile_kernels ${PROFILE_ARGS:-} >"$OUT/profile_times.log" 2>&1
+    limited "$PY" -m benchmarks.profile_kernels ${PROFILE_ARGS:-} >"$OUT/profile_times.log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && { was_cut $rc profile || note "profile_kernels exited $rc (see profile_times.log)"; }
     return
   fi
   note "profile: $ncu on benchmarks/profile_kernels.py ${PROFILE_ARGS:-}"
   # shellcheck disable=SC2086
-  "$ncu" --profile-from-start off --clock-control none --kernel-name 'regex:logprobs|kl_|ppo' \
+  limited "$ncu" --profile-from-start off --clock-control none --kernel-name 'regex:logprobs|kl_|ppo' \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --csv --page details --log-file "$OUT/ncu_kernels.csv" \
-    "$PY" -m benchmarks.profile_kernels ${PROFILE_ARGS:-} >"$OUT/profile_times.log" 2>&1 \
-    || { note "ncu exited $? (see profile_times.log)"; RC=1; }
+    "$PY" -m benchmarks.profile_kernels ${PROFILE_ARGS:-} >"$OUT/profile_times.log" 2>&1
+  rc=$?
+  [ $rc -ne 0 ] && { was_cut $rc ncu || { note "ncu exited $rc (see profile_times.log)"; RC=1; }; }
   "$PY" -m benchmarks.profile_kernels --summarize "$OUT/ncu_kernels.csv" >"$OUT/ncu_summary.md" 2>>"$OUT/profile_times.log" \
     && cat "$OUT/ncu_summary.md" >&2
 }
 
 stage_coverage() {
   seed_results
-  local dirs=("$OUT"/results/*/results.csv) d list=()
+  local dirs=("$OUT"/results/*/results.csv) d list=() rc
   for d in "${dirs[@]}"; do case "$d" in */cpu-*) ;; *) list+=("$(dirname "$d")") ;; esac; done
   if [ ${#list[@]} -eq 0 ]; then note "coverage: no GPU results yet"; return; fi
-  "$PY" -m benchmarks.coverage "${list[@]}" --out "$OUT/coverage.md" >/dev/null 2>"$OUT/coverage.err" \
-    || { note "coverage failed (see coverage.err)"; return; }
+  limited "$PY" -m benchmarks.coverage "${list[@]}" --out "$OUT/coverage.md" >/dev/null 2>"$OUT/coverage.err"
+  rc=$?
+  if [ $rc -ne 0 ]; then was_cut $rc coverage || note "coverage failed (see coverage.err)"; return; fi
   grep -E "^## Coverage" "$OUT/coverage.md" >&2
 }
 
-run_stage() {
+STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths sanitize profile coverage bench all priority"
+
+run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part; a single stage is gated, then archived
+  case "$1" in
+    bench) for s in logits klppo linear gae trainer coverage; do run_stage "$s"; done; return ;;
+    all) for s in setup tests bench; do run_stage "$s"; done; return ;;
+    priority)
+      run_stage setup
+      run_stage headline 8192x151936
+      run_stage linear-headline
+      run_stage tests
+      run_stage sanitize memcheck
+      run_stage sanitize racecheck synccheck
+      run_stage profile
+      return ;;
+  esac
+  case " $STAGES " in
+    *" $1 "*) ;;
+    *) note "unknown stage '$1' ($STAGES)"; RC=2; return ;;
+  esac
+  gate "$1" || return  # (sanitize also gates each of its tools)
   case "$1" in
     setup) stage_setup ;;
     tests) stage_tests ;;
@@ -171,20 +342,18 @@ run_stage() {
     linear) bench linear --ops linear_logprobs,linear_cross_entropy,linear_ppo_loss ;;
     gae) bench gae --ops gae ;;
     trainer) bench trainer --ops trainer ;;
-    headline) stage_headline ;;
+    headline) stage_headline "${2:-}" ;;
+    linear-headline) stage_linear_headline ;;
     ppo-paths) stage_ppo_paths ;;
     coverage) stage_coverage ;;
-    sanitize) stage_sanitize ;;
+    sanitize) shift; stage_sanitize "$@" ;;
     profile) stage_profile ;;
-    bench) for s in logits klppo linear gae trainer coverage; do run_stage "$s"; done ;;
-    all) for s in setup tests bench; do run_stage "$s"; done ;;
-    *) note "unknown stage '$1' (setup tests logits klppo linear gae trainer headline ppo-paths sanitize profile coverage bench all)"; RC=2 ;;
   esac
+  archive
 }
 
 [ $# -eq 0 ] && set -- all
 for stage in "$@"; do run_stage "$stage"; done
 note "done (rc=$RC); results in $OUT/results"
-# TAR_OUT=<file>: everything under $OUT in one archive (a remote runner that returns only a few files)
-if [ -n "${TAR_OUT:-}" ]; then tar czf "$TAR_OUT" -C "$OUT" . && note "archived to $TAR_OUT"; fi
+archive
 exit $RC
