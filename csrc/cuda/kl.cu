@@ -1,14 +1,15 @@
 // Exact full-vocabulary KL(softmax(z) || softmax(r)) on the GPU, z = x / T, r = x_ref / T.
 //
 // Forward, one CTA per row, one read of both rows. Each thread keeps online states of
-// both rows, (mz, sz) and (mr, sr), and u = Σ exp(z - mz)·((z - mz) - (r - mr)) relative
-// to both running maxima, so rows equal up to a constant give an exactly-zero KL (no
-// lse_z - lse_r cancellation); the threads are merged like the softmax state:
-//   KL = U / Sz - log Sz + log Sr = Σ p·(log p - log q),  lse_z = Mz + log Sz,  lse_r = Mr + log Sr
+// both rows and u = Σ p·(log p - log q) relative to both running maxima (kl_stats.cuh), so rows
+// equal up to a constant give an exactly-zero KL (no lse_z - lse_r cancellation); the threads
+// are merged like the softmax state:
+//   KL = Σ p·(log p - log q) = ln2·U / Sz - log Sz + log Sr,  lse_z = Mz + log Sz,  lse_r = Mr + log Sr
 // Backward, a 2-D grid (rows x column blocks), rebuilding log p = z - lse_z, log q = r - lse_r:
 //   dz = g·p·(log p - log q - KL) / T,   dr = g·(q - p) / T   (when wanted)
 // Same formulas as rlhf_kernels/triton/kl.py: q = 0 where p > 0 gives KL = +inf, NaN logits
 // propagate to their row; terms whose p underflows to 0 contribute 0 (as in the reference).
+#include "kl_stats.cuh"
 #include "row_common.cuh"
 
 namespace rlhf_kernels {
@@ -17,69 +18,7 @@ namespace {
 
 using namespace detail;
 
-struct KlState {
-  float mz, sz, mr, sr, u;
-};
-
-__device__ __forceinline__ KlState kl_init() { return {neg_inf(), 0.f, neg_inf(), 0.f, 0.f}; }
-
-template <int N>
-__device__ __forceinline__ void kl_update(KlState& st, const float (&z)[N], const float (&r)[N]) {
-  float cz = z[0], cr = r[0];
-#pragma unroll
-  for (int j = 1; j < N; ++j) {
-    cz = fmaxf(cz, z[j]);
-    cr = fmaxf(cr, r[j]);
-  }
-  if (cr > st.mr) {
-    if (st.mr != neg_inf()) {
-      st.sr *= __expf(st.mr - cr);
-      st.u += st.sz * (cr - st.mr);  // (r - mr) drops by the shift of the reference max
-    }
-    st.mr = cr;
-  }
-  if (cz > st.mz) {
-    if (st.mz != neg_inf()) {
-      const float shift = st.mz - cz;
-      const float f = __expf(shift);
-      st.u = f > 0.f ? f * (st.u + st.sz * shift) : 0.f;  // an underflowed weight drops its terms
-      st.sz *= f;
-    }
-    st.mz = cz;
-  }
-  const float zref = st.mz == neg_inf() ? 0.f : st.mz;
-  const float rref = st.mr == neg_inf() ? 0.f : st.mr;
-#pragma unroll
-  for (int j = 0; j < N; ++j) {
-    const float dz = z[j] - zref;
-    const float e = __expf(dz);
-    const float dr = r[j] - rref;  // -inf where q = 0: a live p there makes KL = +inf
-    st.sz += e;
-    st.sr += __expf(dr);
-    // p·(log p - log q) with the reference's 0·x = 0: -inf logits and underflowed p add nothing
-    // (the Triton kernel applies the same rule)
-    st.u += e > 0.f ? e * (dz - dr) : 0.f;
-  }
-}
-
-__device__ __forceinline__ void kl_fold(KlState& out, const KlState& x) {
-  if (x.sz != 0.f) {
-    const float dmz = x.mz - out.mz;
-    const float wz = __expf(dmz);
-    out.sz += wz * x.sz;
-    if (wz > 0.f) out.u += wz * (x.u + x.sz * (dmz - (x.mr - out.mr)));
-  }
-  if (x.sr != 0.f) out.sr += __expf(x.mr - out.mr) * x.sr;
-}
-
-__device__ __forceinline__ KlState kl_merge(const KlState& a, const KlState& b) {
-  KlState out{fmaxf(a.mz, b.mz), 0.f, fmaxf(a.mr, b.mr), 0.f, 0.f};
-  kl_fold(out, a);
-  kl_fold(out, b);
-  return out;
-}
-
-__device__ __forceinline__ KlState kl_shfl(const KlState& s, int off) {
+__device__ __forceinline__ KlStats kl_shfl(const KlStats& s, int off) {
   return {__shfl_xor_sync(0xffffffffu, s.mz, off), __shfl_xor_sync(0xffffffffu, s.sz, off),
           __shfl_xor_sync(0xffffffffu, s.mr, off), __shfl_xor_sync(0xffffffffu, s.sr, off),
           __shfl_xor_sync(0xffffffffu, s.u, off)};
@@ -90,39 +29,17 @@ __global__ void __launch_bounds__(512) kl_fwd_kernel(const T* __restrict__ logit
                                                      float* kl, float* lse_z, float* lse_r, int64_t rows_inner,
                                                      int64_t stride_b, int64_t stride_t, int64_t ref_stride_b,
                                                      int64_t ref_stride_t, int64_t vocab, float inv_t) {
-  constexpr int kVec = Vec<T>::kSize;
   const int64_t row = blockIdx.x;
   const T* x = row_ptr(logits, row, rows_inner, stride_b, stride_t);
   const T* xr = row_ptr(ref_logits, row, rows_inner, ref_stride_b, ref_stride_t);
-  // vectors aligned to the policy row; the reference row is read with 16-byte loads when co-aligned
-  const RowVecs rv = row_vecs(x, vocab);
-  const bool ref_aligned = co_aligned(x, xr);
-  KlState st = kl_init();
-  constexpr int kUnroll = 2;
-  const int64_t stride = blockDim.x;
-  int64_t k = threadIdx.x;
-  for (; k + (kUnroll - 1) * stride < rv.count; k += kUnroll * stride) {
-    float z[kUnroll][kVec], r[kUnroll][kVec];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c0 = load_scaled(x, k + u * stride, rv.pre, vocab, inv_t, z[u]);
-      load_cols(xr, c0, c0 >= 0 && c0 + kVec <= vocab, ref_aligned, 0, vocab, inv_t, neg_inf(), r[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) kl_update(st, z[u], r[u]);
-  }
-  for (; k < rv.count; k += stride) {
-    float z[kVec], r[kVec];
-    const int64_t c0 = load_scaled(x, k, rv.pre, vocab, inv_t, z);
-    load_cols(xr, c0, c0 >= 0 && c0 + kVec <= vocab, ref_aligned, 0, vocab, inv_t, neg_inf(), r);
-    kl_update(st, z, r);
-  }
-  st = block_reduce(st, kl_init(), [](const KlState& a, const KlState& b) { return kl_merge(a, b); }, kl_shfl);
+  const float c = inv_t * kLog2e;
+  KlStats st = sweep_kl_stats<T, 2>(x, xr, vocab, threadIdx.x, blockDim.x, c);
+  st = block_reduce(st, kl_init(), [c](const KlStats& a, const KlStats& b) { return kl_merge(a, b, c); }, kl_shfl);
   if (threadIdx.x == 0) {
-    const float log_sz = logf(st.sz), log_sr = logf(st.sr);
-    kl[row] = st.u / st.sz - log_sz + log_sr;
-    lse_z[row] = st.mz + log_sz;
-    lse_r[row] = st.mr + log_sr;
+    const KlSummary r = kl_finish(st, inv_t);
+    kl[row] = r.kl;
+    lse_z[row] = r.lse_z;
+    lse_r[row] = r.lse_r;
   }
 }
 
@@ -161,10 +78,10 @@ __global__ void __launch_bounds__(256) kl_bwd_kernel(T* __restrict__ grad_z, T* 
     for (int j = 0; j < kVec; ++j) {
       const float lp = z[j] - lz;
       const float lq = r[j] - lr;
-      const float p = __expf(lp);
+      const float p = exp2_ftz(lp * kLog2e);
       float d = p > 0.f ? g * p * (lp - lq - klv) : 0.f;
       dz[j] = lp != lp ? lp : d;  // NaN logits stay NaN
-      r[j] = g * (__expf(lq) - p);
+      r[j] = g * (exp2_ftz(lq * kLog2e) - p);
     }
     store_cols(dz_row, c0, whole, c_lo, c_hi, dz);
     if (dr_row != nullptr) store_cols(dr_row, c0, whole && dr_vec, c_lo, c_hi, r);

@@ -1,8 +1,8 @@
 // Fused log-prob of the target token + entropy on the GPU (DESIGN.md §2).
 //
-// Forward, one CTA per row of z = x / T (one read of the logits, 16-byte loads):
-//   per thread an online (m, s, t) = (max, Σ exp(z - m), Σ exp(z - m)·(z - m)),
-//   merged by warp shuffles then shared memory into (M, S, T_):
+// Forward, one CTA per row of z = x / T (one read of the logits, 16-byte loads): per thread
+//   the online softmax statistics of row_stats.cuh (raw maximum, base-2 sums), merged by warp
+//   shuffles then shared memory into (M, S, T_) of z:
 //   lse = M + log S,  entropy = log S - T_ / S,  logp = (z[y] - M) - log S
 // Both are 0 where y == ignore_index; a y outside [0, V) is never read and gives NaN logp.
 //
@@ -28,16 +28,17 @@ __global__ void __launch_bounds__(512) logprobs_fwd_kernel(const T* __restrict__
                                                            float inv_t, int64_t ignore_index) {
   const int64_t row = blockIdx.x;
   const T* x = row_ptr(logits, row, rows_inner, stride_b, stride_t);
-  const SoftmaxState st = row_softmax_stats(x, vocab, inv_t);
+  const float c = inv_t * kLog2e;
+  const RowVecs rv = row_vecs(x, vocab);
+  RowStats st = sweep_row_stats<T, 4>(x, rv, vocab, 0, rv.count, threadIdx.x, blockDim.x, c, NoVecSink{});
+  st = block_stats_reduce(st, c);
   if (threadIdx.x == 0) {
-    const float log_s = logf(st.s);
+    const RowSummary r = stats_finish(st, inv_t);
     const int64_t y = targets[row];
     const bool valid = y != ignore_index;
-    const bool in_range = y >= 0 && y < vocab;
-    const float lp = in_range ? (to_float(x[y]) * inv_t - st.m) - log_s : nan_f();
-    logp[row] = valid ? lp : 0.f;
-    entropy[row] = valid ? log_s - st.t / st.s : 0.f;
-    lse[row] = st.m + log_s;
+    logp[row] = valid ? target_logp(x, y, vocab, inv_t, r) : 0.f;
+    entropy[row] = valid ? r.entropy : 0.f;
+    lse[row] = r.lse;
   }
 }
 
@@ -61,8 +62,8 @@ __global__ void __launch_bounds__(256) logprobs_bwd_kernel(T* __restrict__ grad,
     return;
   }
   const T* x = row_ptr(logits, row, rows_inner, stride_b, stride_t);
-  const LogprobGrad f = make_logprob_grad(lse[row], entropy[row], grad_logp[row], grad_entropy[row], y, inv_t);
-  write_row_range(dx, x, c_lo, c_hi, inv_t, threadIdx.x, blockDim.x, f);
+  const LogprobGrad f = make_logprob_grad(lse[row], entropy[row], grad_logp[row], grad_entropy[row], inv_t);
+  write_row_range(dx, x, c_lo, c_hi, inv_t, y, threadIdx.x, blockDim.x, f);
 }
 
 }  // namespace

@@ -62,27 +62,6 @@ __device__ __forceinline__ PolicyGrad ppo_pg(float logp, float old, float adv, c
   return out;
 }
 
-// Vector k of the row (address-aligned framing), raw (columns outside [0, V) zeroed) and scaled.
-template <typename T>
-__device__ __forceinline__ void load_raw_scaled(const T* __restrict__ row, int64_t k, int64_t pre, int64_t V,
-                                                float inv_t, Vec<T>& raw, float (&z)[Vec<T>::kSize]) {
-  constexpr int kVec = Vec<T>::kSize;
-  const int64_t c0 = k * kVec - pre;
-  if (c0 >= 0 && c0 + kVec <= V) {
-    raw.raw = *reinterpret_cast<const uint4*>(row + c0);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) z[j] = to_float(raw.elems[j]) * inv_t;
-  } else {
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const int64_t c = c0 + j;
-      const bool in = c >= 0 && c < V;
-      raw.elems[j] = in ? row[c] : from_float<T>(0.f);
-      z[j] = in ? to_float(raw.elems[j]) * inv_t : neg_inf();
-    }
-  }
-}
-
 struct PpoOutputs {
   const float *old_logp, *advantages, *ref_logp, *weights;
   float *term, *logp, *entropy, *kl, *clipped, *lse;
@@ -102,7 +81,7 @@ __global__ void __launch_bounds__(512, 2)
   {
     constexpr int kVec = Vec<T>::kSize;
     extern __shared__ uint4 cache[];   // this CTA's slice of the row (kShared / kCluster)
-    __shared__ SoftmaxState partial;   // this CTA's statistics, read by the cluster's peers
+    __shared__ RowStats partial;       // this CTA's statistics, read by the cluster's peers
     __shared__ float tok[4];           // lse, entropy, G_logp, G_H of the row
     int rank = 0, csize = 1;
     int64_t row = blockIdx.x;
@@ -121,39 +100,22 @@ __global__ void __launch_bounds__(512, 2)
     const int64_t k_hi = min(k_lo + vecs_per_cta, rv.count);
 
     // sweep 1: statistics of this CTA's slice (the whole row unless clustered), caching it
-    SoftmaxState st = softmax_init();
-    {
-      constexpr int kUnroll = 4;
-      const int64_t stride = blockDim.x;
-      int64_t k = k_lo + threadIdx.x;
-      for (; k + (kUnroll - 1) * stride < k_hi; k += kUnroll * stride) {
-        Vec<T> raw[kUnroll];
-        float z[kUnroll][kVec];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) load_raw_scaled(x, k + u * stride, rv.pre, vocab, p.inv_t, raw[u], z[u]);
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          if (in_smem) cache[k + u * stride - k_lo] = raw[u].raw;
-          softmax_update(st, z[u]);
-        }
-      }
-      for (; k < k_hi; k += stride) {
-        Vec<T> raw;
-        float z[kVec];
-        load_raw_scaled(x, k, rv.pre, vocab, p.inv_t, raw, z);
-        if (in_smem) cache[k - k_lo] = raw.raw;
-        softmax_update(st, z);
-      }
-    }
-    st = block_softmax_reduce(st);  // ends with __syncthreads: the cache is visible to the whole CTA
+    const float c = p.inv_t * kLog2e;
+    const auto cache_vec = [&](int64_t k, const uint4& raw) {
+      if (in_smem) cache[k - k_lo] = raw;
+    };
+    RowStats st = sweep_row_stats<T, 4>(x, rv, vocab, k_lo, k_hi, threadIdx.x, blockDim.x, c, cache_vec);
+    st = block_stats_reduce(st, c);  // ends with __syncthreads: the cache is visible to the whole CTA
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
     if constexpr (kCluster) {
       if (threadIdx.x == 0) partial = st;
       cg::this_cluster().sync();
       if (threadIdx.x == 0) {
         // every CTA merges the slices in rank order: the same bits everywhere
-        SoftmaxState total = softmax_init();
-        for (int r = 0; r < csize; ++r) total = softmax_merge(total, *cg::this_cluster().map_shared_rank(&partial, r));
+        RowStats total = stats_init();
+        for (int r = 0; r < csize; ++r) {
+          total = stats_merge(total, *cg::this_cluster().map_shared_rank(&partial, r), c);
+        }
         st = total;
       }
     }
@@ -161,11 +123,9 @@ __global__ void __launch_bounds__(512, 2)
     const int64_t y = targets[row];
     const bool valid = y != p.ignore_index;
     if (threadIdx.x == 0) {
-      const float log_s = logf(st.s);
-      const bool in_range = y >= 0 && y < vocab;
-      const float zy = in_range ? to_float(x[y]) * p.inv_t : 0.f;
-      const float logp = valid ? (in_range ? (zy - st.m) - log_s : nan_f()) : 0.f;
-      const float ent = valid ? log_s - st.t / st.s : 0.f;
+      const RowSummary r = stats_finish(st, p.inv_t);
+      const float logp = valid ? target_logp(x, y, vocab, p.inv_t, r) : 0.f;
+      const float ent = valid ? r.entropy : 0.f;
       const float old = io.old_logp[row], adv = io.advantages[row];
       const PolicyGrad pg = ppo_pg(logp, old, adv, p);
       float term = pg.pg - p.entropy_coef * ent;
@@ -182,13 +142,13 @@ __global__ void __launch_bounds__(512, 2)
         io.entropy[row] = ent;
         io.kl[row] = kl;
         io.clipped[row] = pg.clipped ? 1.f : 0.f;
-        io.lse[row] = st.m + log_s;
+        io.lse[row] = r.lse;
       }
       if (grad != nullptr) {
         const float w = io.weights[row];
         float g_logp = w * pg.dpg;
         if (p.has_ref) g_logp += (w * p.kl_coef) * dk;
-        tok[0] = st.m + log_s;
+        tok[0] = r.lse;
         tok[1] = ent;
         tok[2] = g_logp;
         tok[3] = 0.f - w * p.entropy_coef;
@@ -203,10 +163,10 @@ __global__ void __launch_bounds__(512, 2)
       if (!valid) {
         zero_row_range(dx, c_lo, c_hi, threadIdx.x, blockDim.x);
       } else {
-        const LogprobGrad f = make_logprob_grad(tok[0], tok[1], tok[2], tok[3], y, p.inv_t);
+        const LogprobGrad f = make_logprob_grad(tok[0], tok[1], tok[2], tok[3], p.inv_t);
         // cache element i holds column i + k_lo·kVec - pre: src[c] below is that element
         const T* src = in_smem ? reinterpret_cast<const T*>(cache) - (k_lo * kVec - rv.pre) : x;
-        write_row_range(dx, src, c_lo, c_hi, p.inv_t, threadIdx.x, blockDim.x, f);
+        write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f);
       }
     }
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900

@@ -1,0 +1,171 @@
+// Writing a row of the logits' gradient: column loads / stores in 16-byte vectors, the range
+// writer shared by the logprobs backward and the fused PPO forward-with-gradient, and the
+// log-prob gradient itself. Every function is __host__ __device__, so the CPU emulation
+// (tests/cuda/row_stats_emulation.cpp) runs the same code thread by thread.
+//
+// Vectors are aligned to the *destination* row's address (DstVecs): vector k covers columns
+// [k·kVec - pre, (k+1)·kVec - pre). Those wholly inside the range are one 16-byte load (when
+// the source row is co-aligned; element loads otherwise) and one 16-byte store; at most the
+// first and the last vector of a range are partial and are read and written element by element,
+// so nothing outside the range is touched (neighbouring CTAs own the rest of such a vector).
+#pragma once
+
+#include "row_stats.cuh"
+
+namespace rlhf_kernels {
+namespace cuda {
+namespace detail {
+
+template <typename T>
+RK_HD T from_float(float v);
+template <>
+RK_HD float from_float<float>(float v) {
+  return v;
+}
+template <>
+RK_HD __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+RK_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Reads columns [c0, c0 + kVec) of src·inv_t into z[] (columns outside [c_lo, c_hi) get `fill`):
+// one 16-byte load when the vector is whole and src + c0 is 16-byte aligned, else element by
+// element. A generic load: src may be global or shared memory. z = x·inv_t is rounded on its
+// own (mul_rn), as the forward rounds the row maximum, so lp = z - lse of the top logit stays
+// consistent with the forward's lse instead of keeping a fused product's residue.
+template <typename T>
+RK_HD void load_cols(const T* __restrict__ src, int64_t c0, bool whole, bool aligned, int64_t c_lo, int64_t c_hi,
+                     float inv_t, float fill, float (&z)[Vec<T>::kSize]) {
+  constexpr int kVec = Vec<T>::kSize;
+  if (whole) {
+    Vec<T> v;
+    if (aligned) {
+      v.raw = *reinterpret_cast<const uint4*>(src + c0);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) v.elems[j] = src[c0 + j];
+    }
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) z[j] = mul_rn(to_float(v.elems[j]), inv_t);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const int64_t c = c0 + j;
+      z[j] = (c >= c_lo && c < c_hi) ? mul_rn(to_float(src[c]), inv_t) : fill;
+    }
+  }
+}
+
+// Writes v[] to columns [c0, c0 + kVec) ∩ [c_lo, c_hi) of dst (one 16-byte store when whole).
+template <typename T>
+RK_HD void store_cols(T* __restrict__ dst, int64_t c0, bool whole, int64_t c_lo, int64_t c_hi,
+                      const float (&v)[Vec<T>::kSize]) {
+  constexpr int kVec = Vec<T>::kSize;
+  if (whole) {
+    Vec<T> out;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) out.elems[j] = from_float<T>(v[j]);
+    *reinterpret_cast<uint4*>(dst + c0) = out.raw;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const int64_t c = c0 + j;
+      if (c >= c_lo && c < c_hi) dst[c] = from_float<T>(v[j]);
+    }
+  }
+}
+
+// Vectors of dst_row that cover columns [c_lo, c_hi): k in [k_lo, k_hi); those in
+// [whole_lo, whole_hi) lie inside the range.
+struct DstVecs {
+  int64_t pre, k_lo, k_hi, whole_lo, whole_hi;
+};
+
+template <typename T>
+RK_HD DstVecs dst_vecs(const T* dst_row, int64_t c_lo, int64_t c_hi) {
+  constexpr int kVec = Vec<T>::kSize;
+  const int64_t pre = static_cast<int64_t>((reinterpret_cast<uintptr_t>(dst_row) & 15u) / sizeof(T));
+  const int64_t k_lo = (c_lo + pre) / kVec;
+  const int64_t k_hi = c_hi > c_lo ? (c_hi + pre + kVec - 1) / kVec : k_lo;
+  const int64_t first_whole = (c_lo + pre + kVec - 1) / kVec;
+  const int64_t whole_lo = first_whole < k_hi ? first_whole : k_hi;
+  const int64_t last_whole = c_hi > c_lo ? (c_hi + pre) / kVec : k_lo;
+  return {pre, k_lo, k_hi, whole_lo, last_whole > whole_lo ? last_whole : whole_lo};
+}
+
+// True when src_row + c and dst_row + c have the same address modulo 16 (for every c).
+template <typename T>
+RK_HD bool co_aligned(const T* src_row, const T* dst_row) {
+  return ((reinterpret_cast<uintptr_t>(src_row) ^ reinterpret_cast<uintptr_t>(dst_row)) & 15u) == 0;
+}
+
+// dst_row[c] = f(src_row[c]·inv_t, c == target) for c in [c_lo, c_hi). This thread takes the
+// whole vectors whole_lo + first, + step, ... and, when first == 0, the partial ones at both ends.
+// src_row may point to global or shared memory. The target test costs one compare per vector:
+// only the vector holding `target` takes the per-element branch.
+template <typename T, typename F>
+RK_HD void write_row_range(T* __restrict__ dst_row, const T* __restrict__ src_row, int64_t c_lo, int64_t c_hi,
+                           float inv_t, int64_t target, int64_t first, int64_t step, const F& f) {
+  constexpr int kVec = Vec<T>::kSize;
+  const DstVecs dv = dst_vecs(dst_row, c_lo, c_hi);
+  const bool aligned = co_aligned(src_row, dst_row);
+  const auto write_vec = [&](int64_t k, bool whole) {
+    const int64_t c0 = k * kVec - dv.pre;
+    float z[kVec];
+    load_cols(src_row, c0, whole, aligned, c_lo, c_hi, inv_t, 0.f, z);
+    const int64_t jt = target - c0;
+    if (jt >= 0 && jt < kVec) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) z[j] = f(z[j], j == jt);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) z[j] = f(z[j], false);
+    }
+    store_cols(dst_row, c0, whole, c_lo, c_hi, z);
+  };
+  if (first == 0) {
+    for (int64_t k = dv.k_lo; k < dv.whole_lo; ++k) write_vec(k, false);
+    for (int64_t k = dv.whole_hi; k < dv.k_hi; ++k) write_vec(k, false);
+  }
+#pragma unroll 2
+  for (int64_t k = dv.whole_lo + first; k < dv.whole_hi; k += step) write_vec(k, true);
+}
+
+// dst_row[c] = 0 for c in [c_lo, c_hi) (ignored tokens: the logits are not read).
+template <typename T>
+RK_HD void zero_row_range(T* __restrict__ dst_row, int64_t c_lo, int64_t c_hi, int64_t first, int64_t step) {
+  constexpr int kVec = Vec<T>::kSize;
+  const DstVecs dv = dst_vecs(dst_row, c_lo, c_hi);
+  float z[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) z[j] = 0.f;
+  for (int64_t k = dv.k_lo + first; k < dv.k_hi; k += step) {
+    const int64_t c0 = k * kVec - dv.pre;
+    store_cols(dst_row, c0, c0 >= c_lo && c0 + kVec <= c_hi, c_lo, c_hi, z);
+  }
+}
+
+// ∂(G_logp·logp + G_H·H)/∂x at one column of z = x / T:
+//   (p·(-(G_logp + G_H·H) - G_H·lp) + G_logp·[c == y]) / T,   lp = z - lse, p = exp(lp)
+// The 1/T is folded into the three coefficients; p is one ex2 (0 below 2^-126, as the forward).
+struct LogprobGrad {
+  float lse, a, g_ent, g_logp;  // a = -(G_logp + G_H·H)/T, g_ent = G_H/T, g_logp = G_logp/T
+  RK_HD float operator()(float z, bool is_target) const {
+    float lp = z - lse;
+    const float p = exp2_ftz(lp * kLog2e);
+    lp = lp == neg_inf() ? 0.f : lp;  // p = 0 there: keeps 0·(-inf) out
+    const float dz = p * (a - g_ent * lp);
+    return is_target ? dz + g_logp : dz;
+  }
+};
+
+RK_HD LogprobGrad make_logprob_grad(float lse, float entropy, float g_logp, float g_ent, float inv_t) {
+  return {lse, -(g_logp + g_ent * entropy) * inv_t, g_ent * inv_t, g_logp * inv_t};
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace rlhf_kernels

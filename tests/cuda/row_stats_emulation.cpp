@@ -1,0 +1,297 @@
+// The row sweeps of csrc/cuda (row_stats.cuh, kl_stats.cuh, row_grad.cuh) run on the CPU, thread
+// by thread, so their arithmetic and vector framing are checked against the float64 oracle on
+// machines without a GPU (tests/cuda/test_row_stats_emulation.py builds this file with nvcc as host code
+// and calls it through ctypes).
+//
+// What is emulated exactly: each thread's sweep (the same template the kernels call, with the
+// same first / step / head-tail split and kUnroll), block_reduce's tree (butterfly over the 32
+// lanes of each warp, then warp 0 over the warp results), the cluster's rank-order merge
+// (ppo.cu), the per-CTA vector slices, and what the kernels write from the merged state; the
+// logprobs backward's (row, column-split) grid, and the fused PPO kernel's second sweep from its
+// shared-memory copy of the row or from the logits again.
+// What is not: the GPU's approximate ex2 (exp2 here; both flush results below 2^-126) and
+// the memory system.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "kl_stats.cuh"
+#include "row_grad.cuh"
+#include "row_stats.cuh"
+
+using namespace rlhf_kernels::cuda::detail;
+
+namespace {
+
+template <typename S, typename Merge>
+S warp_reduce(S* lanes, Merge merge) {
+  for (int off = 16; off > 0; off >>= 1) {
+    S next[32];
+    for (int i = 0; i < 32; ++i) next[i] = merge(lanes[i], lanes[i ^ off]);
+    for (int i = 0; i < 32; ++i) lanes[i] = next[i];
+  }
+  return lanes[0];
+}
+
+// block_reduce of row_common.cuh: threads is a multiple of 32, at most 1024.
+template <typename S, typename Merge>
+S block_reduce_emulated(std::vector<S> states, S identity, Merge merge) {
+  const int warps = static_cast<int>(states.size()) / 32;
+  S slots[32];
+  for (int w = 0; w < 32; ++w) slots[w] = w < warps ? warp_reduce(&states[32 * w], merge) : identity;
+  return warp_reduce(slots, merge);
+}
+
+template <typename T>
+int64_t vectors_per_row(int64_t vocab) {  // launch-side bound, as in row_common.cuh
+  constexpr int kVec = Vec<T>::kSize;
+  return (vocab + kVec - 1) / kVec + 1;
+}
+
+// Checks what the PPO kernel caches through on_vec: each vector of the slice exactly once, and
+// its in-range elements equal to the row's.
+template <typename T>
+struct CacheCheck {
+  const T* row;
+  int64_t pre, vocab, k_lo;
+  std::vector<int>* seen;
+  bool* ok;
+  void operator()(int64_t k, const uint4& raw) const {
+    constexpr int kVec = Vec<T>::kSize;
+    const int64_t i = k - k_lo;
+    if (i < 0 || i >= static_cast<int64_t>(seen->size())) {
+      *ok = false;
+      return;
+    }
+    (*seen)[i] += 1;
+    Vec<T> v;
+    v.raw = raw;
+    for (int j = 0; j < kVec; ++j) {
+      const int64_t col = k * kVec - pre + j;
+      if (col >= 0 && col < vocab && std::memcmp(&v.elems[j], &row[col], sizeof(T)) != 0) *ok = false;
+    }
+  }
+};
+
+template <typename T>
+int logprobs_rows(const T* logits, const int64_t* targets, int64_t rows, int64_t row_stride, int64_t vocab,
+                  float inv_t, int64_t ignore_index, int threads, int cluster, float* logp, float* entropy,
+                  float* lse) {
+  const float c = inv_t * kLog2e;
+  const auto merge = [c](const RowStats& a, const RowStats& b) { return stats_merge(a, b, c); };
+  const int64_t per_cta = (vectors_per_row<T>(vocab) + cluster - 1) / cluster;
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* x = logits + row * row_stride;
+    const RowVecs rv = row_vecs(x, vocab);
+    RowStats total = stats_init();
+    for (int rank = 0; rank < cluster; ++rank) {
+      const int64_t k_lo = std::min<int64_t>(rank * per_cta, rv.count);
+      const int64_t k_hi = std::min<int64_t>(k_lo + per_cta, rv.count);
+      std::vector<int> seen(static_cast<size_t>(k_hi - k_lo), 0);
+      bool ok = true;
+      const CacheCheck<T> sink{x, rv.pre, vocab, k_lo, &seen, &ok};
+      std::vector<RowStats> states;
+      for (int t = 0; t < threads; ++t) {
+        states.push_back(sweep_row_stats<T, 4>(x, rv, vocab, k_lo, k_hi, t, threads, c, sink));
+      }
+      for (const int n : seen) ok = ok && n == 1;
+      if (!ok) return 1;
+      total = stats_merge(total, block_reduce_emulated(states, stats_init(), merge), c);
+    }
+    const RowSummary r = stats_finish(total, inv_t);
+    const int64_t y = targets[row];
+    const bool valid = y != ignore_index;
+    logp[row] = valid ? target_logp(x, y, vocab, inv_t, r) : 0.f;
+    entropy[row] = valid ? r.entropy : 0.f;
+    lse[row] = r.lse;
+  }
+  return 0;
+}
+
+template <typename T>
+int kl_rows(const T* logits, const T* ref_logits, int64_t rows, int64_t row_stride, int64_t ref_row_stride,
+            int64_t vocab, float inv_t, int threads, float* kl, float* lse_z, float* lse_r) {
+  const float c = inv_t * kLog2e;
+  const auto merge = [c](const KlStats& a, const KlStats& b) { return kl_merge(a, b, c); };
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* x = logits + row * row_stride;
+    const T* xr = ref_logits + row * ref_row_stride;
+    std::vector<KlStats> states;
+    for (int t = 0; t < threads; ++t) states.push_back(sweep_kl_stats<T, 2>(x, xr, vocab, t, threads, c));
+    const KlSummary r = kl_finish(block_reduce_emulated(states, kl_init(), merge), inv_t);
+    kl[row] = r.kl;
+    lse_z[row] = r.lse_z;
+    lse_r[row] = r.lse_r;
+  }
+  return 0;
+}
+
+// The logprobs backward: CTA (row, split) writes columns [split·cols, (split+1)·cols) with `threads` threads.
+template <typename T>
+void logprobs_bwd_rows(T* grad, const T* logits, const int64_t* targets, const float* g_logp, const float* g_ent,
+                       const float* lse, const float* entropy, int64_t rows, int64_t row_stride,
+                       int64_t grad_row_stride, int64_t vocab, float inv_t, int64_t ignore_index, int64_t cols_per_cta,
+                       int threads) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* x = logits + row * row_stride;
+    T* dx = grad + row * grad_row_stride;
+    const int64_t y = targets[row];
+    const LogprobGrad f = make_logprob_grad(lse[row], entropy[row], g_logp[row], g_ent[row], inv_t);
+    for (int64_t c_lo = 0; c_lo < vocab; c_lo += cols_per_cta) {
+      const int64_t c_hi = std::min(c_lo + cols_per_cta, vocab);
+      for (int t = 0; t < threads; ++t) {
+        if (y == ignore_index) {
+          zero_row_range(dx, c_lo, c_hi, t, threads);
+        } else {
+          write_row_range(dx, x, c_lo, c_hi, inv_t, y, t, threads, f);
+        }
+      }
+    }
+  }
+}
+
+// The fused PPO kernel's log-prob gradient (ppo.cu): sweep 1 over each CTA's slice, caching it
+// when in_smem, the slices merged, then sweep 2 writes G_logp·∂logp + G_H·∂H for the slice's
+// columns from the cache (or from the logits). G_logp, G_H are given per row here.
+template <typename T>
+int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const float* g_logp, const float* g_ent,
+                    int64_t rows, int64_t row_stride, int64_t grad_row_stride, int64_t vocab, float inv_t,
+                    int64_t ignore_index, int threads, int cluster, bool in_smem, float* logp, float* entropy,
+                    float* lse) {
+  constexpr int kVec = Vec<T>::kSize;
+  const float c = inv_t * kLog2e;
+  const auto merge = [c](const RowStats& a, const RowStats& b) { return stats_merge(a, b, c); };
+  const int64_t per_cta = (vectors_per_row<T>(vocab) + cluster - 1) / cluster;
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* x = logits + row * row_stride;
+    T* dx = grad + row * grad_row_stride;
+    const RowVecs rv = row_vecs(x, vocab);
+    std::vector<std::vector<uint4>> caches(static_cast<size_t>(cluster));
+    RowStats total = stats_init();
+    for (int rank = 0; rank < cluster; ++rank) {
+      const int64_t k_lo = std::min<int64_t>(rank * per_cta, rv.count);
+      const int64_t k_hi = std::min<int64_t>(k_lo + per_cta, rv.count);
+      std::vector<uint4>& cache = caches[static_cast<size_t>(rank)];
+      cache.assign(static_cast<size_t>(std::max<int64_t>(k_hi - k_lo, 1)), uint4{0u, 0u, 0u, 0u});
+      const auto sink = [&](int64_t k, const uint4& raw) { cache[static_cast<size_t>(k - k_lo)] = raw; };
+      std::vector<RowStats> states;
+      for (int t = 0; t < threads; ++t) {
+        states.push_back(sweep_row_stats<T, 4>(x, rv, vocab, k_lo, k_hi, t, threads, c, sink));
+      }
+      total = stats_merge(total, block_reduce_emulated(states, stats_init(), merge), c);
+    }
+    const RowSummary r = stats_finish(total, inv_t);
+    const int64_t y = targets[row];
+    const bool valid = y != ignore_index;
+    logp[row] = valid ? target_logp(x, y, vocab, inv_t, r) : 0.f;
+    entropy[row] = valid ? r.entropy : 0.f;
+    lse[row] = r.lse;
+    const LogprobGrad f = make_logprob_grad(r.lse, entropy[row], g_logp[row], g_ent[row], inv_t);
+    for (int rank = 0; rank < cluster; ++rank) {
+      const int64_t k_lo = std::min<int64_t>(rank * per_cta, rv.count);
+      const int64_t k_hi = std::min<int64_t>(k_lo + per_cta, rv.count);
+      const int64_t c_lo = std::max<int64_t>(k_lo * kVec - rv.pre, 0);
+      const int64_t c_hi = std::min<int64_t>(k_hi * kVec - rv.pre, vocab);
+      const T* src = in_smem ? reinterpret_cast<const T*>(caches[static_cast<size_t>(rank)].data()) -
+                                   (k_lo * kVec - rv.pre)
+                             : x;
+      for (int t = 0; t < threads; ++t) {
+        if (!valid) {
+          zero_row_range(dx, c_lo, c_hi, t, threads);
+        } else {
+          write_row_range(dx, src, c_lo, c_hi, inv_t, y, t, threads, f);
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+bool bad_launch(int threads, int cluster) { return threads < 32 || threads > 1024 || threads % 32 != 0 || cluster < 1; }
+
+}  // namespace
+
+// dtype: 0 float32, 1 float16, 2 bfloat16 (the DType enum of launchers.h). Returns 0, 1 when the
+// PPO cache check failed, 2 on bad arguments.
+extern "C" int rk_emulate_logprobs(int dtype, const void* logits, const int64_t* targets, int64_t rows,
+                                   int64_t row_stride, int64_t vocab, float inv_t, int64_t ignore_index,
+                                   int threads, int cluster, float* logp, float* entropy, float* lse) {
+  if (bad_launch(threads, cluster) || vocab < 1) return 2;
+  switch (dtype) {
+    case 0:
+      return logprobs_rows(static_cast<const float*>(logits), targets, rows, row_stride, vocab, inv_t, ignore_index,
+                           threads, cluster, logp, entropy, lse);
+    case 1:
+      return logprobs_rows(static_cast<const __half*>(logits), targets, rows, row_stride, vocab, inv_t,
+                           ignore_index, threads, cluster, logp, entropy, lse);
+    case 2:
+      return logprobs_rows(static_cast<const __nv_bfloat16*>(logits), targets, rows, row_stride, vocab, inv_t,
+                           ignore_index, threads, cluster, logp, entropy, lse);
+  }
+  return 2;
+}
+
+extern "C" int rk_emulate_kl(int dtype, const void* logits, const void* ref_logits, int64_t rows, int64_t row_stride,
+                             int64_t ref_row_stride, int64_t vocab, float inv_t, int threads, float* kl,
+                             float* lse_z, float* lse_r) {
+  if (bad_launch(threads, 1) || vocab < 1) return 2;
+  switch (dtype) {
+    case 0:
+      return kl_rows(static_cast<const float*>(logits), static_cast<const float*>(ref_logits), rows, row_stride,
+                     ref_row_stride, vocab, inv_t, threads, kl, lse_z, lse_r);
+    case 1:
+      return kl_rows(static_cast<const __half*>(logits), static_cast<const __half*>(ref_logits), rows, row_stride,
+                     ref_row_stride, vocab, inv_t, threads, kl, lse_z, lse_r);
+    case 2:
+      return kl_rows(static_cast<const __nv_bfloat16*>(logits), static_cast<const __nv_bfloat16*>(ref_logits), rows,
+                     row_stride, ref_row_stride, vocab, inv_t, threads, kl, lse_z, lse_r);
+  }
+  return 2;
+}
+
+extern "C" int rk_emulate_logprobs_bwd(int dtype, void* grad, const void* logits, const int64_t* targets,
+                                       const float* g_logp, const float* g_ent, const float* lse,
+                                       const float* entropy, int64_t rows, int64_t row_stride,
+                                       int64_t grad_row_stride, int64_t vocab, float inv_t, int64_t ignore_index,
+                                       int64_t cols_per_cta, int threads) {
+  if (bad_launch(threads, 1) || vocab < 1 || cols_per_cta < 1) return 2;
+  switch (dtype) {
+    case 0:
+      logprobs_bwd_rows(static_cast<float*>(grad), static_cast<const float*>(logits), targets, g_logp, g_ent, lse,
+                        entropy, rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, cols_per_cta, threads);
+      return 0;
+    case 1:
+      logprobs_bwd_rows(static_cast<__half*>(grad), static_cast<const __half*>(logits), targets, g_logp, g_ent, lse,
+                        entropy, rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, cols_per_cta, threads);
+      return 0;
+    case 2:
+      logprobs_bwd_rows(static_cast<__nv_bfloat16*>(grad), static_cast<const __nv_bfloat16*>(logits), targets, g_logp,
+                        g_ent, lse, entropy, rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index,
+                        cols_per_cta, threads);
+      return 0;
+  }
+  return 2;
+}
+
+extern "C" int rk_emulate_fused_grad(int dtype, void* grad, const void* logits, const int64_t* targets,
+                                     const float* g_logp, const float* g_ent, int64_t rows, int64_t row_stride,
+                                     int64_t grad_row_stride, int64_t vocab, float inv_t, int64_t ignore_index,
+                                     int threads, int cluster, int in_smem, float* logp, float* entropy, float* lse) {
+  if (bad_launch(threads, cluster) || vocab < 1) return 2;
+  switch (dtype) {
+    case 0:
+      return fused_grad_rows(static_cast<float*>(grad), static_cast<const float*>(logits), targets, g_logp, g_ent,
+                             rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads, cluster,
+                             in_smem != 0, logp, entropy, lse);
+    case 1:
+      return fused_grad_rows(static_cast<__half*>(grad), static_cast<const __half*>(logits), targets, g_logp, g_ent,
+                             rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads, cluster,
+                             in_smem != 0, logp, entropy, lse);
+    case 2:
+      return fused_grad_rows(static_cast<__nv_bfloat16*>(grad), static_cast<const __nv_bfloat16*>(logits), targets,
+                             g_logp, g_ent, rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads,
+                             cluster, in_smem != 0, logp, entropy, lse);
+  }
+  return 2;
+}

@@ -1,0 +1,372 @@
+"""The CUDA row sweeps without a GPU: row_stats.cuh / kl_stats.cuh / row_grad.cuh emulated on the CPU.
+
+``row_stats_emulation.cpp`` compiles the very templates the logprobs, PPO and KL kernels
+call as host C++ and replays each kernel's thread decomposition: every thread's sweep (its
+strided body vectors, the partial head / tail vectors, the unrolled groups), the block
+reduction tree, the PPO cluster's per-CTA slices and rank-order merge, the values the
+kernels write, the logprobs backward's column splits, and the fused PPO kernel's second
+sweep (from its shared-memory copy of the row or from the logits). These tests hold that against the float64 oracle
+(``rlhf_kernels.reference``) under DESIGN.md §5's accuracy rule: random rows, V from 1 to
+50257, rows starting at every 16-byte misalignment, bf16 / fp16 / fp32, temperature,
+extreme and -inf logits, NaN, ignored and out-of-range targets, and the KL's exact zero.
+
+Not covered here: the GPU's approximate ex2 and the memory system (``pytest -m gpu``,
+``test_cuda_gpu.py``, runs the kernels themselves).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import reference
+from tests.tolerance import assert_matches_oracle
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "tests" / "cuda" / "row_stats_emulation.cpp"
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPES = tuple(DTYPE_CODE)
+VEC = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}  # elements per 16-byte vector
+IGNORE = -100
+
+
+def _cuda_include_dir() -> Path | None:
+    """A directory with the CUDA runtime headers (toolkit, or the pip CUDA / Triton copies)."""
+    roots = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]
+    candidates = [Path(r) / "include" for r in roots if r]
+    for site in map(Path, sys.path):
+        candidates += sorted(site.glob("nvidia/cu*/include")) + [site / "nvidia" / "cuda_runtime" / "include"]
+        candidates.append(site / "triton" / "backends" / "nvidia" / "include")
+    for d in candidates:
+        if (d / "cuda_bf16.h").exists() and (d / "cuda_runtime.h").exists():
+            return d
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    include = _cuda_include_dir()
+    if cxx is None or include is None:
+        pytest.skip("needs a C++ compiler and the CUDA runtime headers")
+    lib_path = tmp_path_factory.mktemp("emu") / "librow_stats_emulation.so"
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-x", "c++", f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{include}",
+           str(SOURCE), "-o", str(lib_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"compiling the emulation failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}"
+    lib = ctypes.CDLL(str(lib_path))
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.rk_emulate_logprobs.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, f32, i64, ctypes.c_int, ctypes.c_int,
+                                        ptr, ptr, ptr]
+    lib.rk_emulate_kl.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, i64, f32, ctypes.c_int, ptr, ptr, ptr]
+    lib.rk_emulate_logprobs_bwd.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
+                                            i64, i64, ctypes.c_int]
+    lib.rk_emulate_fused_grad.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, i64,
+                                          ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr]
+    for fn in (lib.rk_emulate_logprobs, lib.rk_emulate_kl, lib.rk_emulate_logprobs_bwd, lib.rk_emulate_fused_grad):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int]:
+    assert x.dim() == 2 and x.stride(1) == 1
+    return x.shape[0], x.stride(0)
+
+
+def emulate_logprobs(lib, x, y, *, temperature=1.0, threads=128, cluster=1):
+    rows, stride = _rows(x)
+    out = [torch.full((rows,), float("nan")) for _ in range(3)]  # poisoned: every row must be written
+    rc = lib.rk_emulate_logprobs(DTYPE_CODE[x.dtype], x.data_ptr(), y.contiguous().data_ptr(), rows, stride,
+                                 x.shape[1], 1.0 / temperature, IGNORE, threads, cluster,
+                                 *(o.data_ptr() for o in out))
+    assert rc == 0, "the sweep visited a vector of its slice other than exactly once, or cached wrong values"
+    return out  # logp, entropy, lse
+
+
+def emulate_kl(lib, x, r, *, temperature=1.0, threads=128):
+    rows, stride = _rows(x)
+    _, ref_stride = _rows(r)
+    out = [torch.full((rows,), float("nan")) for _ in range(3)]
+    rc = lib.rk_emulate_kl(DTYPE_CODE[x.dtype], x.data_ptr(), r.data_ptr(), rows, stride, ref_stride, x.shape[1],
+                           1.0 / temperature, threads, *(o.data_ptr() for o in out))
+    assert rc == 0
+    return out  # kl, lse_z, lse_r
+
+
+def at_offset(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """x's values in a view whose rows start ``offset`` elements into a wider buffer (another alignment)."""
+    buf = torch.zeros(x.shape[0], x.shape[1] + offset + 3, dtype=x.dtype)
+    buf[:, offset : offset + x.shape[1]] = x
+    return buf[:, offset : offset + x.shape[1]]
+
+
+def random_logits(rows, V, dtype, *, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, V, generator=g) * scale).to(dtype)
+
+
+def random_targets(rows, V, *, seed, ignore_frac=0.25):
+    g = torch.Generator().manual_seed(seed + 1)
+    y = torch.randint(0, V, (rows,), generator=g)
+    y[torch.rand(rows, generator=g) < ignore_frac] = IGNORE
+    return y
+
+
+def check_logprobs(lib, x, y, *, temperature=1.0, threads=128, cluster=1):
+    logp, ent, lse = emulate_logprobs(lib, x, y, temperature=temperature, threads=threads, cluster=cluster)
+    lp64, ent64 = reference.logprobs(x.double(), y, temperature=temperature, return_entropy=True)
+    lpl, entl = reference.logprobs(x, y, temperature=temperature, return_entropy=True)
+    lse64 = torch.logsumexp(x.double() / temperature, dim=-1)
+    lsel = torch.logsumexp(x.float() / temperature, dim=-1)
+    assert_matches_oracle(logp, lpl, lp64, x.dtype, "logp")
+    assert_matches_oracle(ent, entl, ent64, x.dtype, "entropy")
+    assert_matches_oracle(lse, lsel, lse64, x.dtype, "lse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", (1, 7, 8, 9, 33, 4097, 50257))
+def test_logprobs_sweep_every_alignment(emu, V, dtype):
+    x = random_logits(3, V, dtype, seed=V)
+    y = random_targets(3, V, seed=V)
+    for offset in range(VEC[dtype]):
+        check_logprobs(emu, at_offset(x, offset), y, threads=32 if V < 100 else 128)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("threads", (32, 64, 512))
+def test_logprobs_sweep_thread_counts_and_temperature(emu, threads, dtype):
+    V = 50257
+    x = at_offset(random_logits(4, V, dtype, seed=threads, scale=6.0), 3)
+    check_logprobs(emu, x, random_targets(4, V, seed=threads), temperature=0.7, threads=threads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cluster", (2, 3, 8))
+def test_ppo_cluster_slices_merge_to_the_row(emu, cluster, dtype):
+    # the PPO kernel's kCluster path: CTA `rank` sweeps its slice of the row's vectors, the
+    # slices' statistics are merged in rank order; also checks the shared-memory cache contents
+    for V, offset in ((4097, 1), (50257, 5), (9, 3)):
+        x = at_offset(random_logits(2, V, dtype, seed=V + cluster), offset)
+        check_logprobs(emu, x, random_targets(2, V, seed=V, ignore_frac=0.0), cluster=cluster, threads=64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", (4097, 50257))
+def test_logprobs_sweep_extreme_logits(emu, V, dtype):
+    big = 6e4 if dtype == torch.float16 else 1e4
+    x = (random_logits(6, V, torch.float32, seed=V + 1) * big).clamp(-6e4, 6e4)
+    x[1] = 1.5  # all-equal row
+    x[2, ::7] = float("-inf")
+    x[3, : V - 3] = float("-inf")  # live entries only in the ragged tail
+    x[4, V // 2] = x[4].max() + 50  # one dominant logit
+    x[5, 1:] = float("-inf")  # one live entry, at column 0
+    x = at_offset(x.to(dtype), 1)
+    y = torch.tensor([0, V - 1, 1, V - 2, V // 2, 0])
+    check_logprobs(emu, x, y)
+    check_logprobs(emu, x, y, temperature=0.7)
+    y[2] = 0  # a target on a -inf logit
+    logp, ent, _ = emulate_logprobs(emu, x, y)
+    assert logp[2].item() == float("-inf") and torch.isfinite(logp[[0, 1, 3, 4, 5]]).all()
+    assert torch.isfinite(ent).all()
+
+
+def test_logprobs_sweep_nan_stays_in_its_row_and_targets(emu):
+    V = 4097
+    x = random_logits(4, V, torch.bfloat16, seed=11)
+    x[1, 100] = float("nan")
+    y = torch.tensor([5, 6, IGNORE, V])  # an ignored row, an out-of-range target
+    logp, ent, lse = emulate_logprobs(emu, x, y)
+    assert torch.isnan(logp[1]) and torch.isnan(ent[1]) and torch.isnan(lse[1])
+    assert torch.isfinite(logp[0]) and torch.isfinite(ent[0])
+    assert logp[2].item() == 0.0 and ent[2].item() == 0.0 and torch.isfinite(lse[2])  # ignored: 0, lse still written
+    assert torch.isnan(logp[3]) and torch.isfinite(ent[3])  # out of range: NaN, never read
+
+
+def test_bad_launch_arguments_are_refused(emu):
+    x = random_logits(1, 8, torch.float32, seed=0)
+    y = torch.zeros(1, dtype=torch.int64)
+    out = [torch.empty(1) for _ in range(3)]
+    for threads, cluster in ((31, 1), (2048, 1), (32, 0)):
+        rc = emu.rk_emulate_logprobs(0, x.data_ptr(), y.data_ptr(), 1, 8, 8, 1.0, IGNORE, threads, cluster,
+                                     *(o.data_ptr() for o in out))
+        assert rc == 2
+
+
+# ------------------------------------------------------------------ KL
+
+
+def check_kl(lib, x, r, *, temperature=1.0, threads=128):
+    kl, lse_z, lse_r = emulate_kl(lib, x, r, temperature=temperature, threads=threads)
+    kl64 = reference.kl_divergence(x.double(), r.double(), temperature=temperature)
+    kll = reference.kl_divergence(x, r, temperature=temperature)
+    assert_matches_oracle(kl, kll, kl64, x.dtype, "kl")
+    for got, logits in ((lse_z, x), (lse_r, r)):
+        lse64 = torch.logsumexp(logits.double() / temperature, dim=-1)
+        assert_matches_oracle(got, torch.logsumexp(logits.float() / temperature, dim=-1), lse64, x.dtype, "lse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", (1, 7, 9, 4097, 50257))
+def test_kl_sweep_alignments_and_non_co_aligned_reference(emu, V, dtype):
+    x = random_logits(3, V, dtype, seed=V + 2)
+    r = (x.float() + random_logits(3, V, torch.float32, seed=V + 3, scale=0.5)).to(dtype)
+    for offset in range(0, VEC[dtype], 3):
+        check_kl(emu, at_offset(x, offset), at_offset(r, offset), temperature=0.9, threads=32 if V < 100 else 128)
+        # the reference row at another alignment: its body is read element by element
+        check_kl(emu, at_offset(x, offset), at_offset(r, offset + 1), threads=64)
+
+
+@pytest.mark.parametrize("V", (7, 50257))
+def test_kl_sweep_extremes_and_exact_zero(emu, V):
+    x = random_logits(4, V, torch.float32, seed=V + 4)
+    x[0] *= 3000.0  # logits of size 1e4: almost every p underflows
+    x[1] = 2.0  # all-equal row
+    x[2, ::5] = float("-inf")  # a masked vocabulary, shared by both rows
+    r = x + random_logits(4, V, torch.float32, seed=V + 5, scale=0.3)
+    r[1] = -1.0
+    r[2, ::5] = float("-inf")
+    r[3, 1::5] = float("-inf")  # q = 0 where p > 0: KL = +inf
+    check_kl(emu, x[:3], r[:3])
+    kl, _, _ = emulate_kl(emu, x, r)
+    assert kl[3].item() == float("inf") and torch.isfinite(kl[:3]).all()
+    # equal rows and rows shifted by a constant: exactly 0 / tiny (no lse cancellation)
+    z = random_logits(3, V, torch.bfloat16, seed=V + 5)
+    assert torch.equal(emulate_kl(emu, z, z)[0], torch.zeros(3))
+    assert torch.equal(emulate_kl(emu, z.float(), z.float(), temperature=0.7)[0], torch.zeros(3))
+    shifted = emulate_kl(emu, z.float(), z.float() + 7.0)[0]
+    assert shifted.abs().max().item() < 1e-5
+
+
+def test_kl_sweep_underflowed_p_against_zero_q(emu):
+    # where p underflows to 0 even in float64 and q = 0, the term is 0 (the reference's 0·x = 0)
+    V = 4097
+    row = torch.full((1, V), -1e4)
+    row[0, 0], row[0, 2] = 0.0, -5.0
+    ref_row = row.clone()
+    ref_row[0, 1::5] = float("-inf")
+    ref_row[0, 0] = 0.5
+    got = emulate_kl(emu, row, ref_row)[0]
+    expected = reference.kl_divergence(row.double(), ref_row.double())
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ gradients (logprobs backward, fused PPO sweep 2)
+
+
+def _grad_oracle(x, y, temperature, g_logp, g_ent, *, op_torch):
+    def run(inp):
+        inp = inp.detach().clone().requires_grad_()
+        if op_torch:  # closed form: finite on -inf logits, where autograd of the reference gives NaN
+            lp, ent = rk.logprobs(inp, y, temperature=temperature, return_entropy=True, backend="torch")
+        else:
+            lp, ent = reference.logprobs(inp, y, temperature=temperature, return_entropy=True)
+        (lp.double() * g_logp.double() + ent.double() * g_ent.double()).sum().backward()
+        return inp.grad
+
+    return run(x.double()), run(x)
+
+
+def grad_buffer_like(x, offset):
+    """A NaN-poisoned gradient with x's shape whose rows start ``offset`` elements into a wider buffer."""
+    buf = torch.full((x.shape[0], x.shape[1] + offset + 5), float("nan"), dtype=x.dtype)
+    return buf[:, offset : offset + x.shape[1]]
+
+
+def assert_only_rows_written(grad):
+    """The poison around each row of ``grad`` (see grad_buffer_like) is intact: nothing was written out of range."""
+    buf = torch.as_strided(grad, (grad.shape[0], grad.stride(0)), (grad.stride(0), 1),
+                           grad.storage_offset() - (grad.stride(0) - grad.shape[1] - 5))
+    offset = grad.stride(0) - grad.shape[1] - 5
+    outside = torch.cat([buf[:, :offset], buf[:, offset + grad.shape[1] :]], dim=1)
+    assert torch.isnan(outside.float()).all(), "a kernel wrote outside the row's columns"
+
+
+def upstream(rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, generator=g), torch.randn(rows, generator=g)
+
+
+def check_logprobs_backward(lib, x, y, *, temperature=1.0, threads=256, cols_per_cta=None, grad_offset=0,
+                            op_torch=False):
+    rows, stride = _rows(x)
+    V = x.shape[1]
+    _, ent, lse = emulate_logprobs(lib, x, y, temperature=temperature)
+    g_logp, g_ent = upstream(rows, seed=V + grad_offset)
+    grad = grad_buffer_like(x, grad_offset)
+    cols = cols_per_cta or 256 * 8 * VEC[x.dtype]  # the kernel's split (row_common.cuh: split_grid)
+    rc = lib.rk_emulate_logprobs_bwd(DTYPE_CODE[x.dtype], grad.data_ptr(), x.data_ptr(), y.data_ptr(),
+                                     g_logp.data_ptr(), g_ent.data_ptr(), lse.data_ptr(), ent.data_ptr(), rows, stride,
+                                     grad.stride(0), V, 1.0 / temperature, IGNORE, cols, threads)
+    assert rc == 0
+    assert_only_rows_written(grad)
+    g64, gl = _grad_oracle(x, y, temperature, g_logp, g_ent, op_torch=op_torch)
+    assert_matches_oracle(grad, gl, g64, x.dtype, "dlogits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", (1, 7, 9, 4097, 50257))
+def test_logprobs_backward_alignments_and_splits(emu, V, dtype):
+    x = random_logits(3, V, dtype, seed=V + 30)
+    y = random_targets(3, V, seed=V + 30)
+    y[0] = V - 1  # a target in the last (often partial) vector
+    for offset in range(0, VEC[dtype], 3):
+        xs = at_offset(x, offset)
+        check_logprobs_backward(emu, xs, y, temperature=0.8, threads=32 if V < 100 else 256)
+        # the gradient at another alignment than the logits (element loads), column splits that cut vectors
+        check_logprobs_backward(emu, xs, y, grad_offset=offset + 1, cols_per_cta=37 if V < 100 else 1000, threads=64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logprobs_backward_extreme_logits(emu, dtype):
+    V = 4097
+    big = 6e4 if dtype == torch.float16 else 1e4
+    x = (random_logits(5, V, torch.float32, seed=40) * big).clamp(-6e4, 6e4)
+    x[1] = 1.5
+    x[2, ::7] = float("-inf")
+    x[3, : V - 3] = float("-inf")
+    x[4, V // 2] = x[4].max() + 50
+    x = at_offset(x.to(dtype), 1)
+    check_logprobs_backward(emu, x, torch.tensor([0, V - 1, 1, V - 2, V // 2]), op_torch=True)
+
+
+def emulate_fused(lib, x, y, g_logp, g_ent, *, temperature=1.0, threads=128, cluster=1, in_smem=True, grad_offset=0):
+    rows, stride = _rows(x)
+    grad = grad_buffer_like(x, grad_offset)
+    out = [torch.full((rows,), float("nan")) for _ in range(3)]
+    rc = lib.rk_emulate_fused_grad(DTYPE_CODE[x.dtype], grad.data_ptr(), x.data_ptr(), y.data_ptr(), g_logp.data_ptr(),
+                                   g_ent.data_ptr(), rows, stride, grad.stride(0), x.shape[1], 1.0 / temperature,
+                                   IGNORE, threads, cluster, int(in_smem), *(o.data_ptr() for o in out))
+    assert rc == 0
+    assert_only_rows_written(grad)
+    return grad, out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cluster,in_smem", ((1, True), (1, False), (2, True), (3, True), (8, True)),
+                         ids=("shared", "global", "cluster2", "cluster3", "cluster8"))
+def test_fused_ppo_gradient_paths(emu, cluster, in_smem, dtype):
+    # ppo.cu's kShared / kGlobal / kCluster paths: the gradient of G_logp·logp + G_H·H written in
+    # the forward, per CTA slice, from the cached row or the logits
+    for V, offset, grad_offset in ((50257, 3, 3), (4097, 1, 2), (9, 5, 5)):
+        x = at_offset(random_logits(3, V, dtype, seed=V + cluster), offset)
+        y = random_targets(3, V, seed=V + cluster)
+        g_logp, g_ent = upstream(3, seed=V)
+        grad, (logp, ent, lse) = emulate_fused(emu, x, y, g_logp, g_ent, temperature=0.9, threads=64,
+                                               cluster=cluster, in_smem=in_smem, grad_offset=grad_offset)
+        lp64, ent64 = reference.logprobs(x.double(), y, temperature=0.9, return_entropy=True)
+        lpl, entl = reference.logprobs(x, y, temperature=0.9, return_entropy=True)
+        assert_matches_oracle(logp, lpl, lp64, dtype, "logp")
+        assert_matches_oracle(ent, entl, ent64, dtype, "entropy")
+        g64, gl = _grad_oracle(x, y, 0.9, g_logp, g_ent, op_torch=False)
+        assert_matches_oracle(grad, gl, g64, dtype, "dlogits")
