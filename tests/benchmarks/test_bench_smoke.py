@@ -183,3 +183,17 @@ def test_profile_summary_pivots_ncu_csv(tmp_path):
     rows = profile_kernels.summarize(str(path)).splitlines()
     assert rows[2].startswith("| 2 | _logprobs_fwd_kernel | 1,143.2 us |") and "| 61.0 |" in rows[2]
     assert rows[3].startswith("| 10 | kl_fwd_kernel<float> |") and "| 77.5 |" in rows[3]
+
+
+def test_sass_report_lists_the_forward_sweep_loops(tmp_path):
+    from benchmarks import sass_report
+    from rlhf_kernels import _ext
+
+    if not _ext.has_cuda_kernels() or sass_report.find_cuobjdump() is None:
+        pytest.skip("needs the CUDA kernels and cuobjdump")
+    out = tmp_path / "sass.md"
+    assert sass_report.main(["--kernel", "logprobs_fwd", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| `logprobs_fwd_kernel<")]
+    assert {r.split("`")[1] for r in rows} == {f"logprobs_fwd_kernel<{t}>" for t in ("bf16", "fp16", "fp32")}
+    # each has at least one loop with its instruction count and the ex2 of the sweep in its mix
+    assert all(int(r.split("|")[4]) >= 40 for r in rows) and any("MUFU" in r for r in rows)

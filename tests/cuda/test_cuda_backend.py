@@ -51,6 +51,30 @@ def test_extension_holds_the_cuda_kernels_and_info_lists_them():
     assert "cuda kernels (csrc/cuda, compiled for" in text and report["extension"]["cuda_archs"] in text
 
 
+def test_no_cuda_kernel_spills_to_local_memory():
+    """Every compiled kernel keeps its state in registers, on every built architecture: no local memory, no stack.
+
+    The row sweeps are issue-bound (benchmarks/sass_report.py); a spill would add a local-memory
+    round trip per value. The resource table comes from the built fat binary, no GPU needed.
+    """
+    if not _has_cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
+    from benchmarks import sass_report
+    from rlhf_kernels import _C
+
+    cuobjdump = sass_report.find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found")
+    archs = sorted({"sm_" + a.split("+")[0].replace(".", "") for a in _ext.cuda_arch_list().replace(" ", ";").split(";") if a})
+    assert archs, "the extension reports no CUDA architectures"
+    for arch in archs:
+        usage = sass_report.resource_usage(cuobjdump, _C.__file__, arch)
+        names = sass_report.short_names(list(usage))
+        assert any("logprobs_fwd_kernel" in n for n in names.values()), f"no {arch} kernels found in {_C.__file__}"
+        spilled = {names[s]: r for s, r in usage.items() if "LOCAL:0" not in r or "STACK:0" not in r}
+        assert not spilled, f"{arch}: kernels using local memory / stack: {spilled}"
+
+
 @pytest.mark.parametrize("op", ["logprobs", "kl_divergence", "ppo_loss"])
 def test_cuda_backend_on_cpu_tensors_raises_clearly(op):
     logits = torch.randn(2, 3, 7)
