@@ -92,6 +92,8 @@ __device__ __forceinline__ float kl_k_dlogp(float logp, float ref, int estimator
 
 // ---------------------------------------------------------------- host helpers
 
+#include <cstdlib>
+
 #include "launchers.h"
 
 namespace rlhf_kernels {
@@ -113,11 +115,23 @@ inline cudaError_t dispatch_dtype(DType dtype, F&& f) {
 }
 
 // Threads for a CTA that sweeps `vectors` 16-byte vectors: about 8+ vectors per thread, 32..max.
-inline int sweep_threads(int64_t vectors, int max_threads = 512) {
+inline int sweep_threads(int64_t vectors, int max_threads) {
   int t = 32;
   while (t < max_threads && static_cast<int64_t>(t) * 8 < vectors) t *= 2;
   return t;
 }
+
+// The forward kernels' CTA size cap: RLHF_KERNELS_CUDA_FWD_THREADS, a power of two in 32..512
+// (default 512). A tuning knob, read at every launch so that benchmarks/tune_cuda.py can sweep it
+// in one process; the Python ops reject any other value before launching (ops/_dispatch.py).
+inline int forward_thread_cap() {
+  const char* text = std::getenv("RLHF_KERNELS_CUDA_FWD_THREADS");
+  const int n = text != nullptr ? std::atoi(text) : 0;
+  return n >= 32 && n <= 512 && (n & (n - 1)) == 0 ? n : 512;
+}
+
+// Threads of a forward CTA that sweeps `vectors` vectors (a row, or a cluster's slice of one).
+inline int forward_threads(int64_t vectors) { return sweep_threads(vectors, forward_thread_cap()); }
 
 template <typename T>
 inline int64_t vectors_per_row(int64_t vocab) {

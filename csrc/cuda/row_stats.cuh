@@ -10,9 +10,9 @@
 // Per value that is: one subtract, one multiply, one ex2 (MUFU.EX2, flushing results below 2^-126
 // to zero: a term that small cannot move a sum that holds the row's maximum, e = 1), one add, and
 // for t a max + fma. The previous form (scale each value by 1/T, then __expf, whose subnormal
-// handling costs a compare and two predicated multiplies) issued about 15 instructions per bf16
-// value against 8 here; at H100 bandwidth the forward needs ~5.7 values per clock per SM, so the
-// issue rate, not memory, was the limit (the forward ran at ~70% of the copy bandwidth).
+// handling costs a compare and two predicated multiplies, and per-vector bounds checks) issued
+// about 17 instructions per bf16 value against 9 here; at H100 bandwidth the forward must retire
+// ~5.7 values per clock per SM, ~22 issue slots per value (benchmarks/results/sass-sm90/).
 // (x - m) before the scale keeps the difference exact for 16-bit inputs, so |x| ~ 1e4 loses nothing.
 //
 // Results: lse = m/T + log s, entropy = log s - ln2·t/s, logp(y) = (x_y/T - m/T) - log s.

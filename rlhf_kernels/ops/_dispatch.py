@@ -88,12 +88,36 @@ def _automatic(op: str, device: torch.device, implemented: Iterable[str]) -> str
     return "torch"
 
 
+CUDA_FWD_THREADS = (32, 64, 128, 256, 512)
+
+
+def cuda_forward_threads() -> int:
+    """The ``RLHF_KERNELS_CUDA_FWD_THREADS`` setting: the CUDA forward kernels' CTA size cap (default 512).
+
+    A tuning knob for ``benchmarks/tune_cuda.py``; the kernels read it at launch and fall back
+    to 512 on anything else, so a bad value is rejected here, before a launch, by name.
+    """
+    text = os.environ.get("RLHF_KERNELS_CUDA_FWD_THREADS", "").strip()
+    if not text:
+        return 512
+    if not text.isdigit() or int(text) not in CUDA_FWD_THREADS:
+        raise ValueError(f"RLHF_KERNELS_CUDA_FWD_THREADS must be one of {CUDA_FWD_THREADS}, got {text!r}")
+    return int(text)
+
+
 def resolve_backend(op: str, device: torch.device, backend: Optional[str], implemented: Iterable[str]) -> str:
     """Pick the backend that runs ``op`` for tensors on ``device``.
 
     ``implemented`` lists the backends that have a kernel for this op
     (``"torch"`` is always implied).
     """
+    chosen = _resolve(op, device, backend, implemented)
+    if chosen == "cuda":
+        cuda_forward_threads()
+    return chosen
+
+
+def _resolve(op: str, device: torch.device, backend: Optional[str], implemented: Iterable[str]) -> str:
     implemented = tuple(implemented) + ("torch",)
     if backend is not None:
         if backend not in BACKENDS:

@@ -131,6 +131,23 @@ def test_cuda_ppo_path_setting(monkeypatch):
         ppo_ops.cuda_ppo_path()
 
 
+def test_cuda_forward_threads_setting(monkeypatch):
+    monkeypatch.delenv("RLHF_KERNELS_CUDA_FWD_THREADS", raising=False)
+    assert _dispatch.cuda_forward_threads() == 512
+    monkeypatch.setenv("RLHF_KERNELS_CUDA_FWD_THREADS", " 128 ")
+    assert _dispatch.cuda_forward_threads() == 128
+    for bad in ("100", "1024", "16", "-64", "many"):
+        monkeypatch.setenv("RLHF_KERNELS_CUDA_FWD_THREADS", bad)
+        with pytest.raises(ValueError, match="RLHF_KERNELS_CUDA_FWD_THREADS"):
+            _dispatch.cuda_forward_threads()
+    # checked whenever the cuda backend is picked, before any launch; other backends ignore it
+    monkeypatch.setattr(_dispatch, "_resolve", lambda *args: "cuda")
+    with pytest.raises(ValueError, match="RLHF_KERNELS_CUDA_FWD_THREADS"):
+        _dispatch.resolve_backend("logprobs", torch.device("cpu"), None, ("cuda",))
+    monkeypatch.setattr(_dispatch, "_resolve", lambda *args: "cpu")
+    assert _dispatch.resolve_backend("logprobs", torch.device("cpu"), None, ("cpu",)) == "cpu"
+
+
 # ------------------------------------------------------------- the fused forward-with-gradient contract
 
 

@@ -1,0 +1,126 @@
+"""Tuning sweep for the CUDA C++ forward kernels (GPU only): CTA size, against Triton, at one large shape.
+
+    python -m benchmarks.tune_cuda [--n 8192] [--v 151936] [--dtype bf16] [--threads 128,256,512]
+
+Why: on an H100 the CUDA forwards ran at 70-78% of the copy bandwidth while Triton's logprobs
+forward, with 128-thread programs, reached 91%. The CUDA kernels give each row one CTA of up to
+512 threads (two per SM); when a CTA finishes its row the SM runs on half its loads until the next
+one starts. ``RLHF_KERNELS_CUDA_FWD_THREADS`` caps that CTA size (read at each launch), so this
+script times, for every cap, the ops through ``rk`` with target validation off:
+
+* ``rk.logprobs`` forward with entropy (one read of the logits),
+* ``rk.kl_divergence`` forward (two reads),
+* ``rk.ppo_loss`` forward, and forward + backward on the fused path (one read + one write when
+  the row stays on chip),
+
+each against the Triton backend in the same run, as ms and % of the copy bandwidth measured here
+(``triton.testing.do_bench``, median). Every cap's outputs are checked against the default's first.
+The lowest time per op says which cap to make the default (``forward_thread_cap`` in
+``csrc/cuda/row_common.cuh``); keep the log under ``benchmarks/results/<device>/logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+from rlhf_kernels.ops._dispatch import CUDA_FWD_THREADS
+
+ENV = "RLHF_KERNELS_CUDA_FWD_THREADS"
+
+
+def _cases(N: int, V: int, dtype: torch.dtype) -> List[Tuple[str, Callable[[str], object], int]]:
+    """(name, fn(backend) -> outputs, bytes moved) for each op timed."""
+    import rlhf_kernels as rk
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn((1, N, V), device="cuda", generator=gen) * 3).to(dtype)
+    ref = (x.float() + torch.randn((1, N, V), device="cuda", generator=gen) * 0.3).to(dtype)
+    y = torch.randint(0, V, (1, N), device="cuda", generator=gen)
+    old = torch.randn((1, N), device="cuda", generator=gen) - 3
+    adv = torch.randn((1, N), device="cuda", generator=gen)
+    mask = torch.ones((1, N), device="cuda")
+    leaf = x.clone().requires_grad_(True)
+    nbytes = x.numel() * x.element_size()
+
+    def ppo_step(backend: str):
+        leaf.grad = None
+        out = rk.ppo_loss(leaf, y, old, adv, mask, backend=backend)
+        out.loss.backward()
+        return out.loss.detach(), leaf.grad
+
+    return [
+        ("logprobs+ent fwd", lambda b: rk.logprobs(x, y, return_entropy=True, backend=b), nbytes),
+        ("kl_divergence fwd", lambda b: rk.kl_divergence(x, ref, backend=b), 2 * nbytes),
+        ("ppo_loss fwd", lambda b: rk.ppo_loss(x, y, old, adv, mask, backend=b).loss, nbytes),
+        ("ppo_loss fwd+bwd", ppo_step, 2 * nbytes),
+    ]
+
+
+def _flat(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out.detach().float()]
+    return [t.detach().float() for t in out if isinstance(t, torch.Tensor)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=8192)
+    p.add_argument("--v", type=int, default=151936)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--threads", default="128,256,512", help="caps to try (each one of %s)" % (CUDA_FWD_THREADS,))
+    args = p.parse_args(argv)
+    caps = [int(t) for t in args.threads.split(",") if t.strip()]
+    bad = [c for c in caps if c not in CUDA_FWD_THREADS]
+    if bad:
+        p.error(f"--threads: {bad} not in {CUDA_FWD_THREADS}")
+    if not torch.cuda.is_available():
+        print("tune_cuda needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from triton.testing import do_bench
+
+    from rlhf_kernels import _ext
+
+    if not _ext.has_cuda_kernels():
+        print("tune_cuda: the extension was built without CUDA kernels", file=sys.stderr)
+        return 2
+    os.environ["RLHF_KERNELS_VALIDATE"] = "0"  # the kernels, not the target check's host sync
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    src = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() / do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="min") / 1e6
+    del src, dst
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | N={args.n} V={args.v} {args.dtype} | "
+          f"copy {bw:.0f} GB/s | validation off", flush=True)
+    cases = _cases(args.n, args.v, dtype)
+    best: Dict[str, Tuple[float, str]] = {}
+    for name, fn, moved in cases:
+        os.environ.pop(ENV, None)
+        expected = _flat(fn("cuda"))
+        runs = [("triton", None)] + [("cuda", cap) for cap in caps]
+        for backend, cap in runs:
+            if cap is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = str(cap)
+            got = _flat(fn(backend))
+            ok = all(torch.allclose(a, b, rtol=2e-3, atol=2e-3, equal_nan=True) for a, b in zip(got, expected))
+            ms = do_bench(lambda: fn(backend), return_mode="median")
+            label = f"{backend}" + (f" cap {cap}" if cap else "")
+            pct = 100 * moved / ms / 1e6 / bw
+            print(f"{name:<20} {label:<16} {ms:8.3f} ms {pct:6.1f}% BW{'' if ok else '  MISMATCH vs cuda default'}",
+                  flush=True)
+            if backend == "cuda" and ok and (name not in best or ms < best[name][0]):
+                best[name] = (ms, str(cap))
+    os.environ.pop(ENV, None)
+    for name, (ms, cap) in best.items():
+        print(f"# fastest cuda cap for {name}: {cap} ({ms:.3f} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
