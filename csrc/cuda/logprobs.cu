@@ -33,12 +33,10 @@ __global__ void __launch_bounds__(512) logprobs_fwd_kernel(const T* __restrict__
   RowStats st = sweep_row_stats<T, 4>(x, rv, vocab, 0, rv.count, threadIdx.x, blockDim.x, c, NoVecSink{});
   st = block_stats_reduce(st, c);
   if (threadIdx.x == 0) {
-    const RowSummary r = stats_finish(st, inv_t);
-    const int64_t y = targets[row];
-    const bool valid = y != ignore_index;
-    logp[row] = valid ? target_logp(x, y, vocab, inv_t, r) : 0.f;
-    entropy[row] = valid ? r.entropy : 0.f;
-    lse[row] = r.lse;
+    const TokenOutputs out = token_outputs(x, targets[row], vocab, inv_t, ignore_index, st);
+    logp[row] = out.logp;
+    entropy[row] = out.entropy;
+    lse[row] = out.lse;
   }
 }
 

@@ -123,9 +123,8 @@ __global__ void __launch_bounds__(512, 2)
     const int64_t y = targets[row];
     const bool valid = y != p.ignore_index;
     if (threadIdx.x == 0) {
-      const RowSummary r = stats_finish(st, p.inv_t);
-      const float logp = valid ? target_logp(x, y, vocab, p.inv_t, r) : 0.f;
-      const float ent = valid ? r.entropy : 0.f;
+      const TokenOutputs r = token_outputs(x, y, vocab, p.inv_t, p.ignore_index, st);
+      const float logp = r.logp, ent = r.entropy;
       const float old = io.old_logp[row], adv = io.advantages[row];
       const PolicyGrad pg = ppo_pg(logp, old, adv, p);
       float term = pg.pg - p.entropy_coef * ent;

@@ -250,6 +250,21 @@ RK_HD float target_logp(const T* row, int64_t y, int64_t V, float inv_t, const R
   return (y >= 0 && y < V) ? (to_float(row[y]) * inv_t - r.m) - r.log_s : nan_f();
 }
 
+// What a row's token gets from its merged statistics: log p of the target, the entropy (both 0
+// where y == ignore_index) and the row's lse (always written; the backward reads it).
+struct TokenOutputs {
+  float logp, entropy, lse;
+  bool valid;
+};
+
+template <typename T>
+RK_HD TokenOutputs token_outputs(const T* row, int64_t y, int64_t V, float inv_t, int64_t ignore_index,
+                                 const RowStats& st) {
+  const RowSummary r = stats_finish(st, inv_t);
+  const bool valid = y != ignore_index;
+  return {valid ? target_logp(row, y, V, inv_t, r) : 0.f, valid ? r.entropy : 0.f, r.lse, valid};
+}
+
 // This thread's statistics of vectors [k_lo, k_hi) of the row: it takes the body vectors
 // first, first + step, ... (kUnroll 16-byte loads in flight, one max update per group), and
 // the partial head / tail vectors when first == 0. on_vec(k, raw) sees every vector once

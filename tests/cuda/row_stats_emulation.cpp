@@ -43,6 +43,17 @@ S block_reduce_emulated(std::vector<S> states, S identity, Merge merge) {
   return warp_reduce(slots, merge);
 }
 
+// One CTA of a forward kernel: `threads` threads sweep vectors [k_lo, k_hi) of the row, then block_reduce.
+template <typename T, typename Sink>
+RowStats cta_stats(const T* x, const RowVecs& rv, int64_t vocab, int64_t k_lo, int64_t k_hi, int threads, float c,
+                   const Sink& sink) {
+  std::vector<RowStats> states;
+  for (int t = 0; t < threads; ++t) states.push_back(sweep_row_stats<T, 4>(x, rv, vocab, k_lo, k_hi, t, threads, c, sink));
+  return block_reduce_emulated(states, stats_init(), [c](const RowStats& a, const RowStats& b) {
+    return stats_merge(a, b, c);
+  });
+}
+
 template <typename T>
 int64_t vectors_per_row(int64_t vocab) {  // launch-side bound, as in row_common.cuh
   constexpr int kVec = Vec<T>::kSize;
@@ -79,7 +90,6 @@ int logprobs_rows(const T* logits, const int64_t* targets, int64_t rows, int64_t
                   float inv_t, int64_t ignore_index, int threads, int cluster, float* logp, float* entropy,
                   float* lse) {
   const float c = inv_t * kLog2e;
-  const auto merge = [c](const RowStats& a, const RowStats& b) { return stats_merge(a, b, c); };
   const int64_t per_cta = (vectors_per_row<T>(vocab) + cluster - 1) / cluster;
   for (int64_t row = 0; row < rows; ++row) {
     const T* x = logits + row * row_stride;
@@ -91,20 +101,15 @@ int logprobs_rows(const T* logits, const int64_t* targets, int64_t rows, int64_t
       std::vector<int> seen(static_cast<size_t>(k_hi - k_lo), 0);
       bool ok = true;
       const CacheCheck<T> sink{x, rv.pre, vocab, k_lo, &seen, &ok};
-      std::vector<RowStats> states;
-      for (int t = 0; t < threads; ++t) {
-        states.push_back(sweep_row_stats<T, 4>(x, rv, vocab, k_lo, k_hi, t, threads, c, sink));
-      }
+      const RowStats cta = cta_stats(x, rv, vocab, k_lo, k_hi, threads, c, sink);
       for (const int n : seen) ok = ok && n == 1;
       if (!ok) return 1;
-      total = stats_merge(total, block_reduce_emulated(states, stats_init(), merge), c);
+      total = stats_merge(total, cta, c);
     }
-    const RowSummary r = stats_finish(total, inv_t);
-    const int64_t y = targets[row];
-    const bool valid = y != ignore_index;
-    logp[row] = valid ? target_logp(x, y, vocab, inv_t, r) : 0.f;
-    entropy[row] = valid ? r.entropy : 0.f;
-    lse[row] = r.lse;
+    const TokenOutputs out = token_outputs(x, targets[row], vocab, inv_t, ignore_index, total);
+    logp[row] = out.logp;
+    entropy[row] = out.entropy;
+    lse[row] = out.lse;
   }
   return 0;
 }
@@ -161,7 +166,6 @@ int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const floa
                     float* lse) {
   constexpr int kVec = Vec<T>::kSize;
   const float c = inv_t * kLog2e;
-  const auto merge = [c](const RowStats& a, const RowStats& b) { return stats_merge(a, b, c); };
   const int64_t per_cta = (vectors_per_row<T>(vocab) + cluster - 1) / cluster;
   for (int64_t row = 0; row < rows; ++row) {
     const T* x = logits + row * row_stride;
@@ -175,19 +179,15 @@ int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const floa
       std::vector<uint4>& cache = caches[static_cast<size_t>(rank)];
       cache.assign(static_cast<size_t>(std::max<int64_t>(k_hi - k_lo, 1)), uint4{0u, 0u, 0u, 0u});
       const auto sink = [&](int64_t k, const uint4& raw) { cache[static_cast<size_t>(k - k_lo)] = raw; };
-      std::vector<RowStats> states;
-      for (int t = 0; t < threads; ++t) {
-        states.push_back(sweep_row_stats<T, 4>(x, rv, vocab, k_lo, k_hi, t, threads, c, sink));
-      }
-      total = stats_merge(total, block_reduce_emulated(states, stats_init(), merge), c);
+      total = stats_merge(total, cta_stats(x, rv, vocab, k_lo, k_hi, threads, c, sink), c);
     }
-    const RowSummary r = stats_finish(total, inv_t);
     const int64_t y = targets[row];
-    const bool valid = y != ignore_index;
-    logp[row] = valid ? target_logp(x, y, vocab, inv_t, r) : 0.f;
-    entropy[row] = valid ? r.entropy : 0.f;
-    lse[row] = r.lse;
-    const LogprobGrad f = make_logprob_grad(r.lse, entropy[row], g_logp[row], g_ent[row], inv_t);
+    const TokenOutputs out = token_outputs(x, y, vocab, inv_t, ignore_index, total);
+    logp[row] = out.logp;
+    entropy[row] = out.entropy;
+    lse[row] = out.lse;
+    const bool valid = out.valid;
+    const LogprobGrad f = make_logprob_grad(out.lse, out.entropy, g_logp[row], g_ent[row], inv_t);
     for (int rank = 0; rank < cluster; ++rank) {
       const int64_t k_lo = std::min<int64_t>(rank * per_cta, rv.count);
       const int64_t k_hi = std::min<int64_t>(k_lo + per_cta, rv.count);
