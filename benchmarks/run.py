@@ -64,6 +64,8 @@ def all_ops() -> Dict[str, OpSpec]:
 
 
 DEFAULT_OPS = ("logprobs", "logprobs+ent", "kl_divergence", "ppo_loss", "linear_logprobs", "gae")
+# run by name or by 'all' only (not by default)
+EXTRA_OPS = ("linear_logprobs+ent", "linear_cross_entropy", "linear_ppo_loss", "trainer")
 
 
 def _csv_list(text: Optional[str]) -> List[str]:
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf-kernels bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
     p.add_argument("--ops", default=",".join(DEFAULT_OPS),
-                   help="comma list of: " + ", ".join(DEFAULT_OPS + ("linear_logprobs+ent", "trainer")) + " (or 'all')")  # fmt: skip
+                   help="comma list of: " + ", ".join(DEFAULT_OPS + EXTRA_OPS) + " (or 'all'; default: the first "
+                   + str(len(DEFAULT_OPS)) + "); also linear_cross_entropy+recompute, linear_ppo_loss+recompute")  # fmt: skip
     p.add_argument("--shapes", default=None, help="NxV[,NxV...] (NxVxH for linear ops); default per device (DESIGN §6)")
     p.add_argument("--hidden", default=None, help="H values for the linear ops when --shapes gives NxV (default 2048,4096 on GPU)")
     p.add_argument("--scan-shapes", default=None, help="BxT list for gae")
@@ -314,7 +317,7 @@ def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
 
     ops_wanted = _csv_list(args.ops)
     if ops_wanted == ["all"]:
-        ops_wanted = list(DEFAULT_OPS) + ["linear_logprobs+ent", "trainer"]
+        ops_wanted = list(DEFAULT_OPS + EXTRA_OPS)
     specs = all_ops()
     status = 0
     unknown = [o for o in ops_wanted if o not in specs and o != "trainer"]
