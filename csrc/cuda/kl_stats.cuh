@@ -85,7 +85,8 @@ struct KlSummary {
 
 RK_HD KlSummary kl_finish(const KlStats& st, float inv_t) {
   const float log_sz = logf(st.sz), log_sr = logf(st.sr);
-  return {kLn2 * (st.u / st.sz) - log_sz + log_sr, st.mz * inv_t + log_sz, st.mr * inv_t + log_sr};
+  // the maxima / T rounded on their own, as the backward's z = x / T (see stats_finish)
+  return {kLn2 * (st.u / st.sz) - log_sz + log_sr, mul_rn(st.mz, inv_t) + log_sz, mul_rn(st.mr, inv_t) + log_sr};
 }
 
 // The reference row's values at the policy row's vector k (a whole vector): one 16-byte load
@@ -115,17 +116,16 @@ RK_HD KlStats sweep_kl_stats(const T* x, const T* xr, int64_t V, int64_t first, 
   const bool co_aligned = ((reinterpret_cast<uintptr_t>(x) ^ reinterpret_cast<uintptr_t>(xr)) & 15u) == 0;
   const uint4* ref_vecs = reinterpret_cast<const uint4*>(xr - rv.pre);
   KlStats st = kl_init();
-  if (first == 0) {  // the partial head and tail vectors, [0, body_lo) and [body_hi, count)
-    for (int part = 0; part < 2; ++part) {
-      const int64_t lo = part == 0 ? 0 : body.body_hi, hi = part == 0 ? body.body_lo : rv.count;
-      for (int64_t k = lo; k < hi; ++k) {
-        float z[1][kVec], r[1][kVec];
-        load_vec_masked(x, k, rv.pre, V, z[0]);
-        load_vec_masked(xr, k, rv.pre, V, r[0]);
-        kl_update(st, z, r, c);
-      }
-    }
-  }
+  // the partial head (thread 0) and tail (thread step - 1) vectors, element by element
+  const auto partial = [&](int64_t k) {
+    const uint4 raw_z = load_vec_masked(x, k, rv.pre, V), raw_r = load_vec_masked(xr, k, rv.pre, V);
+    float z[1][kVec], r[1][kVec];
+    masked_to_floats<T>(raw_z, k, rv.pre, V, z[0]);
+    masked_to_floats<T>(raw_r, k, rv.pre, V, r[0]);
+    kl_update(st, z, r, c);
+  };
+  if (first == 0 && body.body_lo > 0) partial(0);
+  if (first == step - 1 && body.body_hi < rv.count) partial(rv.count - 1);
   int64_t k = body.body_lo + first;
   for (; k + (kUnroll - 1) * step < body.body_hi; k += kUnroll * step) {
     uint4 raw[kUnroll];

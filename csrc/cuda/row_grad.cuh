@@ -103,7 +103,7 @@ RK_HD bool co_aligned(const T* src_row, const T* dst_row) {
 }
 
 // dst_row[c] = f(src_row[c]·inv_t, c == target) for c in [c_lo, c_hi). This thread takes the
-// whole vectors whole_lo + first, + step, ... and, when first == 0, the partial ones at both ends.
+// whole vectors whole_lo + first, + step, ...; thread 0 the partial head, thread step - 1 the tail.
 // src_row may point to global or shared memory. The target test costs one compare per vector:
 // only the vector holding `target` takes the per-element branch.
 template <typename T, typename F>
@@ -126,10 +126,9 @@ RK_HD void write_row_range(T* __restrict__ dst_row, const T* __restrict__ src_ro
     }
     store_cols(dst_row, c0, whole, c_lo, c_hi, z);
   };
-  if (first == 0) {
-    for (int64_t k = dv.k_lo; k < dv.whole_lo; ++k) write_vec(k, false);
-    for (int64_t k = dv.whole_hi; k < dv.k_hi; ++k) write_vec(k, false);
-  }
+  // the partial vectors, at most one at each end: the head by thread 0, the tail by thread step - 1
+  if (first == 0 && dv.k_lo < dv.whole_lo) write_vec(dv.k_lo, false);
+  if (first == step - 1 && dv.whole_hi < dv.k_hi) write_vec(dv.k_hi - 1, false);
 #pragma unroll 2
   for (int64_t k = dv.whole_lo + first; k < dv.whole_hi; k += step) write_vec(k, true);
 }

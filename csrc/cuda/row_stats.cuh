@@ -138,9 +138,9 @@ RK_HD RowVecs row_vecs(const T* row, int64_t V) {
   return {pre, (V + pre + kVec - 1) / kVec, pre > 0 ? 1 : 0, (V + pre) / kVec};
 }
 
-// Vector k of the row when it is partial: raw elements outside [0, V) are zero, x[] there is -inf.
+// Vector k of the row when it is partial, element by element: raw elements outside [0, V) are zero.
 template <typename T>
-RK_HD uint4 load_vec_masked(const T* row, int64_t k, int64_t pre, int64_t V, float (&x)[Vec<T>::kSize]) {
+RK_HD uint4 load_vec_masked(const T* row, int64_t k, int64_t pre, int64_t V) {
   constexpr int kVec = Vec<T>::kSize;
   Vec<T> v;
   v.raw = uint4{0u, 0u, 0u, 0u};
@@ -148,15 +148,24 @@ RK_HD uint4 load_vec_masked(const T* row, int64_t k, int64_t pre, int64_t V, flo
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
     const int64_t c = c0 + j;
-    const bool in = c >= 0 && c < V;
-    if (in) v.elems[j] = row[c];
-    x[j] = in ? to_float(v.elems[j]) : neg_inf();
+    if (c >= 0 && c < V) v.elems[j] = row[c];
   }
   return v.raw;
 }
 
-// Splits the vectors [k_lo, k_hi) of a row into head (< 1 partial vector), body (whole vectors)
-// and tail (< 1 partial vector): head = [k_lo, body_lo), body = [body_lo, body_hi), tail = [body_hi, k_hi).
+// The values of a partial vector k loaded by load_vec_masked; -inf outside [0, V) (adds nothing).
+template <typename T>
+RK_HD void masked_to_floats(const uint4& raw, int64_t k, int64_t pre, int64_t V, float (&x)[Vec<T>::kSize]) {
+  constexpr int kVec = Vec<T>::kSize;
+  Vec<T> v;
+  v.raw = raw;
+  const int64_t c0 = k * kVec - pre;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) x[j] = (c0 + j >= 0 && c0 + j < V) ? to_float(v.elems[j]) : neg_inf();
+}
+
+// Splits the vectors [k_lo, k_hi) of a row into head, body (whole vectors) and tail: head =
+// [k_lo, body_lo) and tail = [body_hi, k_hi) hold at most one (partial) vector each.
 struct VecRange {
   int64_t body_lo, body_hi;
 };
@@ -238,8 +247,10 @@ struct RowSummary {
   float log_s, lse, entropy;
 };
 
+// m = max x / T rounded on its own (mul_rn), like z = x / T in target_logp and the backward, so the
+// top logit's log-prob is exactly -log s (a fused product would leave its residue, e.g. logp > 0).
 RK_HD RowSummary stats_finish(const RowStats& st, float inv_t) {
-  const float m = st.m * inv_t;
+  const float m = mul_rn(st.m, inv_t);
   const float log_s = logf(st.s);
   return {m, log_s, m + log_s, log_s - kLn2 * (st.t / st.s)};
 }
@@ -247,7 +258,7 @@ RK_HD RowSummary stats_finish(const RowStats& st, float inv_t) {
 // log p of the target column y, or NaN for a y outside [0, V) (never read).
 template <typename T>
 RK_HD float target_logp(const T* row, int64_t y, int64_t V, float inv_t, const RowSummary& r) {
-  return (y >= 0 && y < V) ? (to_float(row[y]) * inv_t - r.m) - r.log_s : nan_f();
+  return (y >= 0 && y < V) ? (mul_rn(to_float(row[y]), inv_t) - r.m) - r.log_s : nan_f();
 }
 
 // What a row's token gets from its merged statistics: log p of the target, the entropy (both 0
@@ -266,9 +277,11 @@ RK_HD TokenOutputs token_outputs(const T* row, int64_t y, int64_t V, float inv_t
 }
 
 // This thread's statistics of vectors [k_lo, k_hi) of the row: it takes the body vectors
-// first, first + step, ... (kUnroll 16-byte loads in flight, one max update per group), and
-// the partial head / tail vectors when first == 0. on_vec(k, raw) sees every vector once
-// (ppo.cu caches the row in shared memory through it).
+// first, first + step, ... (kUnroll 16-byte loads in flight, one max update per group); thread 0
+// also takes the partial head vector and thread step - 1 the partial tail (element loads; two
+// threads, so no warp waits on both). on_vec(k, raw) sees every vector once (ppo.cu caches the
+// row in shared memory through it). Loading the partial vectors ahead of the body and folding them
+// in after it would hide their latency, but costs registers the PPO kernel's 64-register bound spills.
 template <typename T, int kUnroll, typename OnVec>
 RK_HD RowStats sweep_row_stats(const T* row, const RowVecs& rv, int64_t V, int64_t k_lo, int64_t k_hi,
                                int64_t first, int64_t step, float c, OnVec on_vec) {
@@ -277,18 +290,15 @@ RK_HD RowStats sweep_row_stats(const T* row, const RowVecs& rv, int64_t V, int64
   // vector k of the row is vecs[k]: row - pre is 16-byte aligned (only whole vectors are read through it)
   const uint4* vecs = reinterpret_cast<const uint4*>(row - rv.pre);
   RowStats st = stats_init();
-  if (first == 0) {
-    for (int64_t k = k_lo; k < body.body_lo; ++k) {  // head
-      float x[1][kVec];
-      on_vec(k, load_vec_masked(row, k, rv.pre, V, x[0]));
-      stats_update(st, x, c);
-    }
-    for (int64_t k = body.body_hi; k < k_hi; ++k) {  // tail
-      float x[1][kVec];
-      on_vec(k, load_vec_masked(row, k, rv.pre, V, x[0]));
-      stats_update(st, x, c);
-    }
-  }
+  const auto partial = [&](int64_t k) {
+    const uint4 raw = load_vec_masked(row, k, rv.pre, V);
+    float x[1][kVec];
+    masked_to_floats<T>(raw, k, rv.pre, V, x[0]);
+    on_vec(k, raw);
+    stats_update(st, x, c);
+  };
+  if (first == 0 && k_lo < body.body_lo) partial(k_lo);
+  if (first == step - 1 && body.body_hi < k_hi) partial(k_hi - 1);
   int64_t k = body.body_lo + first;
   for (; k + (kUnroll - 1) * step < body.body_hi; k += kUnroll * step) {
     uint4 raw[kUnroll];
