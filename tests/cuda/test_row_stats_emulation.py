@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -53,15 +54,29 @@ def _cuda_include_dir() -> Path | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _cpu_has_fma() -> bool:
+    try:
+        return platform.machine() in ("x86_64", "AMD64") and " fma " in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+# "contracted": a*b + c fused into one FMA wherever the compiler likes, as nvcc does on the GPU, so a
+# product that must be rounded on its own (mul_rn: exact zeros, logp <= 0) is checked here too.
+BUILDS = {"exact": ["-ffp-contract=off"], "contracted": ["-mfma", "-ffp-contract=fast"]}
+
+
+@pytest.fixture(scope="module", params=tuple(BUILDS))
+def emu(request, tmp_path_factory):
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     include = _cuda_include_dir()
     if cxx is None or include is None:
         pytest.skip("needs a C++ compiler and the CUDA runtime headers")
-    lib_path = tmp_path_factory.mktemp("emu") / "librow_stats_emulation.so"
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-x", "c++", f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{include}",
-           str(SOURCE), "-o", str(lib_path)]
+    if request.param == "contracted" and not _cpu_has_fma():
+        pytest.skip("this CPU has no FMA instructions")
+    lib_path = tmp_path_factory.mktemp("emu") / f"librow_stats_emulation_{request.param}.so"
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", *BUILDS[request.param], "-x", "c++",
+           f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{include}", str(SOURCE), "-o", str(lib_path)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"compiling the emulation failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}"
     lib = ctypes.CDLL(str(lib_path))
@@ -131,6 +146,7 @@ def check_logprobs(lib, x, y, *, temperature=1.0, threads=128, cluster=1):
     assert_matches_oracle(logp, lpl, lp64, x.dtype, "logp")
     assert_matches_oracle(ent, entl, ent64, x.dtype, "entropy")
     assert_matches_oracle(lse, lsel, lse64, x.dtype, "lse")
+    assert not (logp > 0).any(), "a log-probability above 0"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -178,6 +194,22 @@ def test_logprobs_sweep_extreme_logits(emu, V, dtype):
     logp, ent, _ = emulate_logprobs(emu, x, y)
     assert logp[2].item() == float("-inf") and torch.isfinite(logp[[0, 1, 3, 4, 5]]).all()
     assert torch.isfinite(ent).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logprobs_of_a_near_one_hot_top_token_stay_at_most_zero(emu, dtype):
+    # max/T and the target's x/T must round alike: with a fused x·(1/T) - max the top token's
+    # log-prob keeps the product's residue and can come out above 0 (T != 1)
+    V = 4097
+    top = torch.linspace(20.0, 60.0, 64)
+    x = torch.full((64, V), -60.0)
+    x[:, 7] = top
+    x = x.to(dtype)
+    y = torch.full((64,), 7)
+    for temperature in (0.7, 0.3, 1.3):
+        logp, _, _ = emulate_logprobs(emu, x, y, temperature=temperature)
+        assert (logp <= 0).all(), f"T={temperature}: max logp {logp.max().item():.3e}"
+        check_logprobs(emu, x, y, temperature=temperature)
 
 
 def test_logprobs_sweep_nan_stays_in_its_row_and_targets(emu):
