@@ -118,6 +118,22 @@ def test_logprobs_extreme_logits(V, dtype):
     assert logp[2].item() == float("-inf") and torch.isfinite(logp[[0, 1, 3, 4, 5]]).all()
 
 
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logprobs_of_a_near_one_hot_top_token_stay_at_most_zero(backend, dtype):
+    # the forward rounds max/T and the target's x/T alike; a fused x·(1/T) - max would keep the
+    # product's residue and give the top token a log-prob above 0 at T != 1 (nvcc contracts)
+    x = torch.full((64, 4097), -60.0, device=CUDA)
+    x[:, 7] = torch.linspace(20.0, 60.0, 64, device=CUDA)
+    x = x.to(dtype)
+    y = torch.full((64,), 7, device=CUDA)
+    for temperature in (0.7, 0.3, 1.3):
+        logp = rk.logprobs(x, y, temperature=temperature, backend=backend)
+        assert (logp <= 0).all(), f"{backend} T={temperature}: max logp {logp.max().item():.3e}"
+        lp64 = reference.logprobs(x.double(), y, temperature=temperature)
+        assert_matches_oracle(logp, reference.logprobs(x, y, temperature=temperature), lp64, dtype, "logp")
+
+
 def test_logprobs_nan_stays_in_its_row():
     x = make_logits((3, 4097), torch.bfloat16, seed=11)
     x[1, 100] = float("nan")
