@@ -63,6 +63,14 @@ The weights come from ``aggregation_weights`` in float32 (as in the CUDA
 ``ppo_loss`` fused path), so float64 inputs would get gradients exact to ~1e-7
 relative only.
 
+Vocabulary slabs (``chunk_by="vocab"``, or ``RLHF_KERNELS_LINEAR_CHUNK_BY=vocab``):
+the same losses and gradients, but the loop walks slabs of vocabulary columns
+over all rows (``_vocab_slab_loss``). A slab's weight gradient is then one GEMM
+over every token (float32 accumulation inside it, cast once) written into its
+rows of ``grad_weight``: no ``[V, H]`` float32 accumulator (2.1 GB for a
+128256 x 4096 bf16 head), at the cost of a second logits GEMM (4 matmuls);
+``grad_hidden`` gets an ``[N, H]`` float32 accumulator instead.
+
 Which path runs: the forward-with-gradient path when grad mode is on,
 ``hidden``, ``weight`` or ``bias`` requires grad, and none of them is float64,
 unless ``grad_in_forward=False`` or ``RLHF_KERNELS_LINEAR_GRAD=recompute``;
@@ -113,6 +121,9 @@ _MIB = 1 << 20
 # (1/16 of free memory) is enough rows to saturate the tensor cores.
 _CPU_CHUNK_BYTES = 32 * _MIB
 _GPU_CHUNK_BYTES = (64 * _MIB, 256 * _MIB)
+# chunk_by="vocab": bytes of a slab's buffers on the GPU. Every slab reads and writes grad_hidden's float32
+# [N, H] accumulator (268 MB at N = 8192, H = 4096), so slabs too narrow cost bandwidth; too wide, memory.
+_GPU_SLAB_BYTES = 128 * _MIB
 # Below this many rows the dW accumulation (read + write of V·H fp32 per chunk)
 # costs as much as the chunk's matmul (2·rows·V·H flops): keep chunks above it.
 _MIN_ROWS = {"cpu": 32, "cuda": 128}
@@ -471,6 +482,18 @@ def linear_grad_path() -> str:
     return value
 
 
+LINEAR_CHUNK_BY = ("rows", "vocab")
+
+
+def linear_chunk_by(chunk_by: Optional[str]) -> str:
+    """``chunk_by`` of the linear losses, else ``RLHF_KERNELS_LINEAR_CHUNK_BY``, else ``"rows"``."""
+    value = chunk_by if chunk_by is not None else os.environ.get("RLHF_KERNELS_LINEAR_CHUNK_BY", "")
+    value = value.strip().lower() or "rows"
+    if value not in LINEAR_CHUNK_BY:
+        raise ValueError(f"chunk_by (or RLHF_KERNELS_LINEAR_CHUNK_BY) must be one of {LINEAR_CHUNK_BY}, got {value!r}")
+    return value
+
+
 def _grad_in_forward(grad_in_forward: Optional[bool], *leaves: Optional[torch.Tensor]) -> bool:
     """True when the loss should take the forward-with-gradient path (module docstring)."""
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)):
@@ -488,6 +511,135 @@ def _loss_weights(mask: torch.Tensor, loss_agg: str, dtype: torch.dtype) -> torc
     fused path), or the mask itself for ``"sum"``; O(N) on the device, no host synchronisation."""
     w = mask.to(dtype) if loss_agg == "sum" else aggregation_weights(mask, loss_agg).to(dtype)
     return w.reshape(-1)
+
+
+def _token_grads(lp, w_c, loss, old_logp, advantages, ref_logp, s, e, kl_coef, kl_estimator, entropy_coef,
+                 clip_low, clip_high, dual_clip):
+    """``(g_logp, g_ent) = (w·∂term/∂logp, w·∂term/∂H)`` of tokens ``[s, e)`` from their log-probs ``lp``."""
+    if loss == "nll":
+        return -w_c, torch.zeros_like(w_c)
+    ref_c = None if ref_logp is None else ref_logp[s:e]
+    dterm, _ = _torch_dterm_dlogp(
+        lp, old_logp[s:e], advantages[s:e], ref_c, kl_coef, kl_estimator, clip_low, clip_high, dual_clip
+    )
+    return w_c * dterm, w_c * -entropy_coef
+
+
+def _aggregate_terms(logp, entropy, w, mask, old_logp, advantages, ref_logp, loss, loss_agg, kl_coef, kl_estimator,
+                     entropy_coef, clip_low, clip_high, dual_clip) -> torch.Tensor:
+    """The loss value from the per-token ``(logp, entropy)``: ``Σ w·term`` (``"sum"``) or ``aggregate_loss``."""
+    if loss == "nll":
+        term = -logp
+    else:
+        term = reference.ppo_token_terms(
+            logp, entropy, old_logp, advantages, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
+            entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        )[0]
+    if loss_agg == "sum":
+        return (term * w).sum()
+    return reference.aggregate_loss(term.reshape(mask.shape), mask, loss_agg)
+
+
+def slab_columns(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, weight_dtype: torch.dtype,
+                 device: torch.device, chunk_size: int, buffers: int = 1) -> int:
+    """Vocabulary columns per slab of ``chunk_by="vocab"``: ``chunk_size`` when given, else as many as keep
+    ``buffers`` ``[N, cols]`` slabs of logits, and the slab's float32 weight gradient when the weight is 16-bit,
+    within 32 MiB (CPU) or 128 MiB (GPU); a multiple of 64 once that large, at most ``vocab``."""
+    if chunk_size > 0:
+        return int(min(chunk_size, max(vocab, 1)))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    cast = hidden_size * 4 if _acc_dtype(weight_dtype) != weight_dtype else 0
+    col_bytes = n * itemsize * max(1, buffers) + cast
+    budget = _GPU_SLAB_BYTES if device.type == "cuda" else _CPU_CHUNK_BYTES
+    return chunk_rows(vocab, col_bytes, budget, 64)
+
+
+def _vocab_slab_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref_logp, temperature, ignore_index,
+                     loss, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, chunk_size, backend,
+                     need_hidden, need_weight, need_bias):
+    """``linear_loss_fused`` over vocabulary slabs: ``(logp, entropy, grad_hidden, grad_weight, grad_bias)``.
+
+    No ``[V, H]`` float32 accumulator: each slab's weight gradient is one GEMM
+    over all ``N`` tokens (float32 accumulation inside it, cast once), written
+    into its rows of ``grad_weight``; the price is a second logits GEMM, 4
+    matmuls in all. Extra memory: a slab of logits (two on CUDA), the slab's
+    float32 weight gradient when the weight is 16-bit, and ``grad_hidden``'s
+    float32 ``[N, H]`` accumulator. With slabs ``s`` of columns:
+
+        pass 1  logits_s = hidden @ weight_s.T (+ bias_s)       (lse_s, H_s, the target's logp in its slab)
+                lse = logsumexp_s lse_s,  P_s = exp(lse_s - lse),  H = Σ_s P_s·(H_s - (lse_s - lse))
+                logp = logp_in_slab(y) + (lse_{slab(y)} - lse)
+        pass 2  logits_s again; dlogits_s = logprobs backward kernel with the row's lse and H
+                grad_hidden += dlogits_s @ weight_s,  grad_weight_s = dlogits_s.T @ hidden,  grad_bias_s = Σ dlogits_s
+
+    The kernels see slab-local targets: the target's column in its slab, any in-range column for the other
+    valid rows (pass 1, whose log-prob is not used) or one past the slab (pass 2: no one-hot there), and
+    ``-1`` as the ignore index for ignored rows.
+    """
+    n, h = hidden.shape
+    v = weight.shape[0]
+    stats = _stats_dtype(hidden.dtype)
+    acc = _acc_dtype(weight.dtype)
+    cols = slab_columns(n, h, v, hidden.dtype, weight.dtype, hidden.device, chunk_size, _chunk_buffers(backend))
+    starts = list(range(0, v, cols))
+    valid = targets != ignore_index
+    unused = torch.full_like(targets, -1)
+    slab_lse = hidden.new_empty((len(starts), n), dtype=stats)
+    slab_ent = torch.empty_like(slab_lse)
+    lp_target = hidden.new_full((n,), float("nan"), dtype=stats)  # stays NaN for an out-of-range target
+    lse_target = hidden.new_zeros((n,), dtype=stats)
+    for i, s in enumerate(starts):
+        e = min(v, s + cols)
+        logits = _chunk_logits(hidden, weight[s:e], None if bias is None else bias[s:e], _row_buffer(n, e - s, hidden))
+        in_slab = valid & (targets >= s) & (targets < e)
+        y_local = torch.where(in_slab, targets - s, torch.where(valid, torch.zeros_like(targets), unused))
+        lp, ent, lse = _kernel_fwd(logits, y_local, temperature, -1, backend)
+        del logits
+        slab_lse[i].copy_(lse)
+        slab_ent[i].copy_(ent)
+        lp_target = torch.where(in_slab, lp, lp_target)
+        lse_target = torch.where(in_slab, lse, lse_target)
+    row_lse = torch.logsumexp(slab_lse, dim=0)
+    share = torch.exp(slab_lse - row_lse)  # P_s, the slab's probability mass
+    per_slab = torch.where(share > 0, share * (slab_ent - (slab_lse - row_lse)), torch.zeros_like(share))
+    zero = torch.zeros_like(row_lse)
+    entropy = torch.where(valid, per_slab.sum(0), zero)
+    logp = torch.where(valid, lp_target + (lse_target - row_lse), zero)
+    del slab_lse, slab_ent, share, per_slab
+
+    g_logp, g_ent = _token_grads(logp, w, loss, old_logp, advantages, ref_logp, 0, n, kl_coef, kl_estimator,
+                                 entropy_coef, clip_low, clip_high, dual_clip)
+    hidden_acc = _acc_dtype(hidden.dtype)
+    dx = (torch.empty((n, h), dtype=hidden_acc, device=hidden.device) if n > 0 else
+          torch.zeros((n, h), dtype=hidden_acc, device=hidden.device)) if need_hidden else None
+    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    grad_bias = torch.empty((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
+    cast = need_weight and acc != weight.dtype
+    for i, s in enumerate(starts):
+        e = min(v, s + cols)
+        logits = _chunk_logits(hidden, weight[s:e], None if bias is None else bias[s:e], _row_buffer(n, e - s, hidden))
+        in_slab = valid & (targets >= s) & (targets < e)
+        y_local = torch.where(in_slab, targets - s, torch.where(valid, torch.full_like(targets, e - s), unused))
+        dlogits = _kernel_bwd(g_logp, g_ent, logits, y_local, row_lse, entropy, temperature, -1, backend,
+                              _grad_buffer(logits, backend, None))
+        del logits
+        if dx is not None:  # dx (+)= dlogits @ weight_s: the helper's a.T @ b with a = dlogits.T
+            _accumulate_weight_grad(dx, dlogits.t(), weight[s:e], i == 0)
+        if need_weight:
+            slab = torch.empty((e - s, h), dtype=acc, device=weight.device) if cast else grad_weight[s:e]
+            _accumulate_weight_grad(slab, dlogits, hidden, True)
+            if cast:
+                grad_weight[s:e].copy_(slab)
+                del slab
+        if need_bias:
+            grad_bias[s:e] = dlogits.sum(0, dtype=acc)
+        del dlogits
+    grad_hidden = hidden.new_empty(0)
+    if dx is not None:
+        grad_hidden = dx if dx.dtype == hidden.dtype else dx.to(hidden.dtype)
+    if need_bias and bias is not None and grad_bias.dtype != bias.dtype:
+        grad_bias = grad_bias.to(bias.dtype)
+    return logp, entropy, grad_hidden, grad_weight, grad_bias
 
 
 @torch.library.custom_op("rlhf_kernels::linear_loss_fused", mutates_args=())
@@ -515,6 +667,7 @@ def linear_loss_fused(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    chunk_by: str = "rows",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, logp, entropy, grad_hidden, grad_weight, grad_bias)`` with the gradients computed in the forward.
 
@@ -530,12 +683,23 @@ def linear_loss_fused(
     an empty ``[0]`` tensor where ``need_*`` is False. One chunk of logits
     exists at a time (``_kernel_bwd`` turns it into the chunk's ``dlogits`` in
     place on the C++ CPU and Triton backends; CUDA adds a second chunk).
+    ``chunk_by="vocab"``: vocabulary slabs instead of row chunks (``_vocab_slab_loss``).
     """
     n, h = hidden.shape
     v = weight.shape[0]
     stats = _stats_dtype(hidden.dtype)
     acc = _acc_dtype(weight.dtype)
     w = _loss_weights(mask, loss_agg, stats)
+    if chunk_by == "vocab" and (need_hidden or need_weight or need_bias):
+        logp, entropy, grad_hidden, grad_weight, grad_bias = _vocab_slab_loss(
+            hidden, weight, targets, bias, w, old_logp, advantages, ref_logp, temperature, ignore_index, loss,
+            kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, chunk_size, backend, need_hidden,
+            need_weight, need_bias,
+        )
+        value = _aggregate_terms(logp, entropy, w, mask, old_logp, advantages, ref_logp, loss, loss_agg, kl_coef,
+                                 kl_estimator, entropy_coef, clip_low, clip_high, dual_clip)
+        _validate_targets(targets, v, ignore_index)
+        return value, logp, entropy, grad_hidden, grad_weight, grad_bias
     logp = hidden.new_empty((n,), dtype=stats)
     entropy = torch.empty_like(logp)
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else hidden.new_empty(0)
@@ -555,14 +719,8 @@ def linear_loss_fused(
         entropy[s:e].copy_(ent)
         if not any_grad:
             continue
-        if loss == "nll":
-            g_logp, g_ent = -w_c, torch.zeros_like(w_c)
-        else:
-            ref_c = None if ref_logp is None else ref_logp[s:e]
-            dterm, _ = _torch_dterm_dlogp(
-                lp, old_logp[s:e], advantages[s:e], ref_c, kl_coef, kl_estimator, clip_low, clip_high, dual_clip
-            )
-            g_logp, g_ent = w_c * dterm, w_c * -entropy_coef
+        g_logp, g_ent = _token_grads(lp, w_c, loss, old_logp, advantages, ref_logp, s, e, kl_coef, kl_estimator,
+                                     entropy_coef, clip_low, clip_high, dual_clip)
         dlogits = _kernel_bwd(g_logp, g_ent, logits, targets_c, lse, ent, temperature, ignore_index, backend,
                               _grad_buffer(logits, backend, spare))
         del logits
@@ -571,17 +729,8 @@ def linear_loss_fused(
             grad_weight if need_weight else None, grad_bias if need_bias else None, acc, s == 0,
         )
         del dlogits
-    if loss == "nll":
-        term = -logp
-    else:
-        term = reference.ppo_token_terms(
-            logp, entropy, old_logp, advantages, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
-            entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        )[0]
-    if loss_agg == "sum":
-        value = (term * w).sum()
-    else:
-        value = reference.aggregate_loss(term.reshape(mask.shape), mask, loss_agg)
+    value = _aggregate_terms(logp, entropy, w, mask, old_logp, advantages, ref_logp, loss, loss_agg, kl_coef,
+                             kl_estimator, entropy_coef, clip_low, clip_high, dual_clip)
     _validate_targets(targets, v, ignore_index)
     if need_weight and grad_weight.dtype != weight.dtype:
         grad_weight = grad_weight.to(weight.dtype)
@@ -593,7 +742,7 @@ def linear_loss_fused(
 @linear_loss_fused.register_fake
 def _(hidden, weight, targets, bias, mask, old_logp, advantages, ref_logp, temperature, ignore_index, loss, loss_agg,
       kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, chunk_size, backend, need_hidden,
-      need_weight, need_bias):
+      need_weight, need_bias, chunk_by="rows"):
     stats = _stats_dtype(hidden.dtype)
     value = hidden.new_empty((), dtype=stats)
     logp, entropy = (hidden.new_empty(hidden.shape[:1], dtype=stats) for _ in range(2))
@@ -633,15 +782,15 @@ def _fused_backward(ctx, g_loss, *unused):
     # The gradients were computed for an upstream gradient of 1 (module docstring).
     g = g_loss.detach().reshape(())
     grads = [_scale_saved(t, g) if need else None for t, need in zip(ctx.saved_tensors, ctx.need)]
-    return (grads[0], grads[1], None, grads[2]) + (None,) * 19
+    return (grads[0], grads[1], None, grads[2]) + (None,) * 20
 
 
 linear_loss_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 
 def _fused_loss(hidden, weight, targets, bias, mask, old_logp, advantages, ref_logp, *, temperature, ignore_index,
-                loss, loss_agg, chunk_size, backend, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
-                clip_low=0.2, clip_high=0.2, dual_clip=None):
+                loss, loss_agg, chunk_size, backend, chunk_by="rows", kl_coef=0.0, kl_estimator="k3",
+                entropy_coef=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None):
     """Promote and flatten as ``linear_logprobs`` does, then ``linear_loss_fused`` -> ``(loss, logp, entropy)``."""
     hidden2, weight2, bias2 = _promoted(hidden, weight, bias)
     chosen = resolve_for("linear_logprobs", hidden2, backend, IMPLEMENTED)
@@ -669,6 +818,7 @@ def _fused_loss(hidden, weight, targets, bias, mask, old_logp, advantages, ref_l
         hidden.requires_grad,
         weight.requires_grad,
         bias is not None and bias.requires_grad,
+        chunk_by,
     )
     lead = hidden.shape[:-1]
     return value, logp.reshape(lead), entropy.reshape(lead)
@@ -792,6 +942,7 @@ def linear_ppo_loss(
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
     grad_in_forward: Optional[bool] = None,
+    chunk_by: Optional[str] = None,
 ) -> PPOLossOutput:
     """``rk.ppo_loss`` from hidden states and the LM head, never materialising the logits.
 
@@ -819,7 +970,11 @@ def linear_ppo_loss(
     and the backward scales ``∂loss/∂(hidden, weight, bias)`` by the upstream
     gradient (3 matmuls in all). ``grad_in_forward=False`` (or
     ``RLHF_KERNELS_LINEAR_GRAD=recompute``) takes ``linear_logprobs``'s path
-    instead: logits recomputed in backward, 4 matmuls.
+    instead: logits recomputed in backward, 4 matmuls. ``chunk_by="vocab"`` (or
+    ``RLHF_KERNELS_LINEAR_CHUNK_BY=vocab``) computes that gradient over
+    vocabulary slabs instead of row chunks: no ``[V, H]`` float32 weight-gradient
+    accumulator (the least memory), 4 matmuls (``_vocab_slab_loss``); with it,
+    ``chunk_size`` is the slab's width in vocabulary columns.
 
     Returns:
         ``PPOLossOutput(loss, logp, entropy, kl, clip_frac, approx_kl)`` as ``rk.ppo_loss``.
@@ -836,12 +991,13 @@ def linear_ppo_loss(
 
     options = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low,
                    clip_high=clip_high, dual_clip=None if dual_clip is None else float(dual_clip))
+    chunk_by = linear_chunk_by(chunk_by)
     if _grad_in_forward(grad_in_forward, hidden, weight, bias):
         temperature = check_positive("temperature", temperature)
         loss, logp, entropy = _fused_loss(
             hidden, weight, targets, bias, mask, old_logp, advantages, ref_logp, temperature=temperature,
             ignore_index=ignore_index, loss="ppo", loss_agg=loss_agg, chunk_size=chunk_size, backend=backend,
-            **options,
+            chunk_by=chunk_by, **options,
         )
     else:
         loss = None
@@ -867,6 +1023,7 @@ def linear_cross_entropy(
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
     grad_in_forward: Optional[bool] = None,
+    chunk_by: Optional[str] = None,
 ) -> torch.Tensor:
     """SFT cross-entropy ``-logp`` from hidden states and the LM head, never materialising the logits.
 
@@ -882,9 +1039,12 @@ def linear_cross_entropy(
     ``grad_hidden``, ``grad_weight``, ``grad_bias`` (3 matmuls in all); the
     backward scales them by the upstream gradient. ``"none"``,
     ``grad_in_forward=False`` or ``RLHF_KERNELS_LINEAR_GRAD=recompute``:
-    ``linear_logprobs``'s recompute path (4 matmuls).
+    ``linear_logprobs``'s recompute path (4 matmuls). ``chunk_by="vocab"``: the
+    gradient over vocabulary slabs, with no ``[V, H]`` float32 accumulator (see
+    ``linear_ppo_loss``).
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
+    chunk_by = linear_chunk_by(chunk_by)
     if reduction != "none" and _grad_in_forward(grad_in_forward, hidden, weight, bias):
         _check_linear_args(hidden, weight, targets, bias, chunk_size)
         temperature = check_positive("temperature", temperature)
@@ -892,7 +1052,7 @@ def linear_cross_entropy(
         loss, _, _ = _fused_loss(
             hidden, weight, targets, bias, valid, None, None, None, temperature=temperature,
             ignore_index=ignore_index, loss="nll", loss_agg="token-mean" if reduction == "mean" else "sum",
-            chunk_size=chunk_size, backend=backend,
+            chunk_size=chunk_size, backend=backend, chunk_by=chunk_by,
         )
         return loss
     logp = linear_logprobs(

@@ -451,10 +451,12 @@ def test_gpu_bf16_gpt2_shape():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("V, chunk_size", [(50257, 1000), (32000, None)])
-def test_gpu_bf16_forward_grad_path(backend, V, chunk_size):
+@pytest.mark.parametrize("V, chunk_size, chunk_by", [(50257, 1000, "rows"), (32000, None, "rows"),
+                                                      (50257, 4096, "vocab"), (32000, None, "vocab")])
+def test_gpu_bf16_forward_grad_path(backend, V, chunk_size, chunk_by):
     """The fused CE path on the GPU, bf16: padded (odd V) and plain chunks, in-place or spare dlogits buffers,
-    first-chunk GEMM into the uninitialised float32 accumulator (poisoned with NaN here)."""
+    first-chunk GEMM into the uninitialised float32 accumulator (poisoned with NaN here); and the same over
+    vocabulary slabs (chunk_by="vocab", the last slab of V = 50257 padded)."""
     if backend == "cuda" and not _ext.has_cuda_kernels():
         pytest.skip("extension built without CUDA kernels")
     N, H = 2500, 512
@@ -464,7 +466,7 @@ def test_gpu_bf16_forward_grad_path(backend, V, chunk_size):
 
     def fast(h, w, b):
         return rk.linear_cross_entropy(h, w, targets, b, chunk_size=chunk_size, backend=backend,
-                                       grad_in_forward=True)
+                                       grad_in_forward=True, chunk_by=chunk_by)
 
     def materialised(h, w, b):
         nll = -R.logprobs(F.linear(h, w, b), targets)
@@ -475,7 +477,7 @@ def test_gpu_bf16_forward_grad_path(backend, V, chunk_size):
     _, in_dtype = _value_and_grads(materialised, leaves, 1.0)
     _, oracle = _value_and_grads(materialised, [t.float() for t in leaves], 1.0)
     for name, f, r, o in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, in_dtype, oracle):
-        assert_matches_oracle(f, r, o, torch.bfloat16, what=f"gpu/{backend}/V={V}/{name}")
+        assert_matches_oracle(f, r, o, torch.bfloat16, what=f"gpu/{backend}/V={V}/{chunk_by}/{name}")
 
 
 # ------------------------------------------------------------- forward-with-gradient path (CE and PPO losses)

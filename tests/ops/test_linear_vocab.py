@@ -1,0 +1,185 @@
+"""``chunk_by="vocab"``: the linear losses' gradient over vocabulary slabs (no [V, H] float32 accumulator).
+
+Against the float64 oracle (values and the three gradients, DESIGN.md §5's rule)
+and the row-chunked path, on odd shapes (N = 1, V = 7 in slabs of 3, V = 301,
+50257, H not a multiple of 8), ignored and all-ignored targets, temperature,
+every PPO aggregation, a slab whose logits are all -inf, poisoned allocations;
+plus the matmul count (4 per slab), gradcheck, opcheck, torch.compile, the
+Triton backend under the interpreter, and the setting's errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels.ops import linear as L
+from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
+from tests.ops.test_linear import (
+    BACKENDS,
+    LOSSES,
+    _inputs,
+    _loss_fns,
+    _MatmulCounter,
+    _ppo_inputs,
+    _value_and_grads,
+)
+from tests.poison import poisoned_allocations
+from tests.tolerance import assert_matches_oracle
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_vocab_slabs_match_oracle_and_row_chunks(backend, dtype, loss):
+    temperature = 0.7
+    # (lead, H, V, slab columns, ignored positions)
+    cases = [((1, 1), 16, 7, 3, ()), ((3, 5), 37, 7, None, (0, 7)), ((2, 6), 20, 301, 64, (3,)),
+             ((2, 3), 13, 301, 100, (0, 1, 2, 3, 4, 5))]  # fmt: skip
+    for lead, H, V, cols, ignore in cases:
+        hidden, weight, targets, bias = _inputs(lead, H, V, dtype, seed=len(lead) + V + H, ignore=ignore)
+        per_token = _ppo_inputs(hidden, weight, targets, bias, temperature)
+        fast, materialised = _loss_fns(loss, targets, per_token, temperature)
+        leaves = (hidden, weight, bias)
+        kw = dict(chunk_size=cols, backend=backend, grad_in_forward=True)
+        with poisoned_allocations():
+            out, got = _value_and_grads(lambda h, w, b: fast(h, w, b, chunk_by="vocab", **kw), leaves, 1.7)
+        _, in_dtype = _value_and_grads(materialised, leaves, 1.7)
+        _, oracle = _value_and_grads(materialised, [t.double() for t in leaves], 1.7)
+        what = f"{backend}/{dtype}/{loss}/{lead}x{H}x{V}/slab {cols}"
+        for name, f, r, o in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, in_dtype, oracle):
+            assert f.dtype == (torch.float32 if name == "loss" else dtype), f"{what}/{name}: {f.dtype}"
+            assert_matches_oracle(f, r, o, dtype, what=f"{what}/{name}")
+        out_rows, rows = _value_and_grads(lambda h, w, b: fast(h, w, b, chunk_by="rows", **kw), leaves, 1.7)
+        for a, b in zip(got, rows):  # bf16: the two paths round dlogits differently; scaled tolerance
+            atol = 1e-6 if dtype == torch.float32 else 1e-2 * max(1.0, b.abs().max().item())
+            torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=atol)
+        if isinstance(out, rk.PPOLossOutput):  # logp, entropy, kl, clip_frac, approx_kl
+            for a, b in zip(out[1:], out_rows[1:]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_slabs_gpt2_vocab_default_width():
+    """V = 50257 (not a multiple of 8) in the default slab width: several slabs, the last one padded."""
+    hidden, weight, targets, bias = _inputs((16, 32), 12, 50257, torch.float32, seed=5, ignore=(4,))
+    n = targets.numel()
+    assert 1 < -(-50257 // L.slab_columns(n, 12, 50257, torch.float32, torch.float32, torch.device("cpu"), 0))
+    fast, materialised = _loss_fns("ce-mean", targets, None, 1.0)
+    leaves = (hidden, weight, bias)
+    _, got = _value_and_grads(lambda h, w, b: fast(h, w, b, chunk_by="vocab", grad_in_forward=True), leaves, 1.0)
+    _, in_dtype = _value_and_grads(materialised, leaves, 1.0)
+    _, oracle = _value_and_grads(materialised, [t.double() for t in leaves], 1.0)
+    for name, f, r, o in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, in_dtype, oracle):
+        assert_matches_oracle(f, r, o, torch.float32, what=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_slab_of_masked_logits(backend):
+    """A bias of -inf over a whole slab (a masked vocabulary range): that slab adds nothing, nothing turns NaN."""
+    hidden, weight, targets, bias = _inputs((2, 4), 9, 11, torch.float32, seed=2)
+    bias = bias.clone()
+    bias[:4] = float("-inf")  # slab 0 with 4 columns
+    targets = targets.clamp(min=4)
+    loss, ent = "ppo:token-mean", 0.05
+    per_token = _ppo_inputs(hidden, weight, targets, bias, 1.0)
+    fast, _ = _loss_fns(loss, targets, per_token, 1.0)
+    leaves = (hidden, weight, bias)
+    kw = dict(chunk_size=4, backend=backend, grad_in_forward=True)
+    out, got = _value_and_grads(lambda h, w, b: fast(h, w, b, chunk_by="vocab", **kw), leaves, 1.0)
+    out_rows, rows = _value_and_grads(lambda h, w, b: fast(h, w, b, chunk_by="rows", **kw), leaves, 1.0)
+    assert all(torch.isfinite(t).all() for t in got[:3]) and torch.isfinite(out.entropy).all()
+    for a, b in zip(got[:3], rows[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.entropy, out_rows.entropy, rtol=1e-5, atol=1e-6)
+    assert ent  # entropy_coef of _PPO_OPTIONS is non-zero: the entropy's gradient is exercised
+
+
+def test_vocab_slabs_run_four_matmuls_per_slab():
+    hidden, weight, targets, bias = _inputs((2, 6), 8, 301, torch.float32)
+    leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+    mode = _MatmulCounter()
+    with mode:
+        loss = rk.linear_cross_entropy(*leaves[:2], targets, leaves[2], chunk_size=64, chunk_by="vocab",
+                                       backend=BACKENDS[0], grad_in_forward=True)
+        loss.backward()
+    slabs = -(-301 // 64)
+    assert mode.matmuls == 4 * slabs, mode.matmuls  # logits twice, dX, dW per slab (bias: no matmul)
+
+
+def test_vocab_slabs_gradcheck_float64():
+    hidden, weight, targets, bias = _inputs((2, 4), 5, 7, torch.float64, ignore=(2,))
+    per_token = [t.double() for t in _ppo_inputs(hidden, weight, targets, bias, 0.8)[:2]] + [
+        torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1]], dtype=torch.bool)
+    ]
+    leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+
+    def ppo(h, w, b):
+        return rk.linear_ppo_loss(h, w, targets, *per_token, bias=b, temperature=0.8, entropy_coef=0.05,
+                                  loss_agg="seq-mean-token-mean", chunk_size=3, grad_in_forward=True,
+                                  chunk_by="vocab").loss
+
+    assert torch.autograd.gradcheck(ppo, leaves, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_slabs_opcheck_and_compile(backend):
+    hidden, weight, targets, bias = _inputs((2, 5), 6, 13, torch.float32, ignore=(3,))
+    old_logp, adv, mask, ref_logp = _ppo_inputs(hidden, weight, targets, bias, 0.9)
+    h, w, b = (t.requires_grad_(True) for t in (hidden.reshape(10, 6), weight, bias))
+    flat = [t.reshape(-1) for t in (old_logp, adv, ref_logp)]
+    ppo = (h, w, targets.reshape(-1), b, mask, *flat, 0.9, -100, "ppo", "seq-mean-token-mean", 0.1, "k3", 0.01, 0.2,
+           0.28, 3.0, 4, backend, True, True, True, "vocab")  # fmt: skip
+    torch.library.opcheck(L.linear_loss_fused, ppo)
+
+    def loss_fn(h, w, b):
+        return rk.linear_cross_entropy(h, w, targets.reshape(-1), b, chunk_size=5, backend=backend, chunk_by="vocab")
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    got = compiled(h, w, b)
+    expected = loss_fn(h, w, b)
+    torch.testing.assert_close(got, expected)
+    for a, e in zip(torch.autograd.grad(got, (h, w, b)), torch.autograd.grad(expected, (h, w, b))):
+        torch.testing.assert_close(a, e)
+
+
+def test_chunk_by_setting(monkeypatch):
+    hidden, weight, targets, _ = _inputs((5,), 4, 9, torch.float32)
+    h = hidden.requires_grad_(True)
+    with pytest.raises(ValueError, match="chunk_by"):
+        rk.linear_cross_entropy(h, weight, targets, chunk_by="columns")
+    monkeypatch.setenv("RLHF_KERNELS_LINEAR_CHUNK_BY", "bogus")
+    with pytest.raises(ValueError, match="RLHF_KERNELS_LINEAR_CHUNK_BY"):
+        rk.linear_cross_entropy(h, weight, targets)
+    monkeypatch.setenv("RLHF_KERNELS_LINEAR_CHUNK_BY", "Vocab")
+    assert L.linear_chunk_by(None) == "vocab" and L.linear_chunk_by("rows") == "rows"
+    mode = _MatmulCounter()
+    with mode:  # the environment picks the slabs: per 3-column slab of V = 9, logits twice and dX (no dW wanted)
+        rk.linear_cross_entropy(h, weight, targets, chunk_size=3, backend=BACKENDS[0]).backward()
+    assert mode.matmuls == 9
+
+
+def test_slab_columns():
+    cpu = torch.device("cpu")
+    assert L.slab_columns(100, 8, 50, torch.float32, torch.float32, cpu, 7) == 7  # given
+    assert L.slab_columns(100, 8, 5, torch.float32, torch.float32, cpu, 7) == 5  # at most V
+    cols = L.slab_columns(8192, 4096, 128256, torch.bfloat16, torch.bfloat16, cpu, 0)
+    assert cols % 64 == 0 and cols * (8192 * 2 + 4096 * 4) <= 32 * 2**20  # the slab and its fp32 dW within 32 MiB
+    assert L.slab_columns(10, 8, 30, torch.float32, torch.float32, cpu, 0) == 30  # small: one slab
+
+
+@pytest.mark.skipif(not (triton_importable() and (torch.cuda.is_available() or triton_interpreting())),
+                    reason="needs triton (GPU, or TRITON_INTERPRET=1 on the CPU)")
+def test_vocab_slabs_triton_backend_small():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, targets, bias = _inputs((2, 5), 12, 37, torch.float32, ignore=(3,))
+    per_token = _ppo_inputs(hidden, weight, targets, bias, 0.8)
+    hidden, weight, targets, bias, *per_token = (t.to(device) for t in (hidden, weight, targets, bias, *per_token))
+    fast, materialised = _loss_fns("ppo:seq-mean-token-mean", targets, per_token, 0.8)
+    leaves = (hidden, weight, bias)
+    _, got = _value_and_grads(
+        lambda h, w, b: fast(h, w, b, chunk_size=16, chunk_by="vocab", backend="triton", grad_in_forward=True),
+        leaves, 1.0)  # fmt: skip
+    _, expected = _value_and_grads(materialised, [t.double() for t in leaves], 1.0)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a.double().cpu(), e.cpu(), rtol=1e-4, atol=1e-5)
