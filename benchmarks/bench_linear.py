@@ -6,7 +6,10 @@ sequences of ``T = 1024``) -> the scalar loss. Ours compute those two losses'
 gradient in the forward when one is needed (3 matmuls); the ``+recompute``
 variants (``linear_cross_entropy+recompute``, ``linear_ppo_loss+recompute``)
 run ours with ``grad_in_forward=False`` (logits recomputed in backward, 4
-matmuls) and skip the other providers, which the plain names measure.
+matmuls) and skip the other providers, which the plain names measure; the
+``+vocab`` variants run ours with ``chunk_by="vocab"`` (the gradient in the
+forward over vocabulary slabs: no ``[V, H]`` float32 weight-gradient
+accumulator, 4 matmuls), for the memory target.
 
 The fused-linear op is bound by the matmul, not by memory: besides GB/s the
 suite reports TFLOP/s (``2·N·V·H`` forward, ``4·N·V·H`` backward) against the
@@ -152,10 +155,21 @@ def make_ppo_inputs(case: Case, device: torch.device, seed: int):
     return i
 
 
-def _loss_spec(kind: str, recompute: bool) -> OpSpec:
-    """``kind``: ``"ce"`` (linear_cross_entropy) or ``"ppo"`` (linear_ppo_loss)."""
+# Variants of ours for the linear losses: the default (gradient in the forward, row chunks), "recompute"
+# (grad_in_forward=False: logits recomputed in backward) and "vocab" (gradient in the forward over vocabulary
+# slabs, chunk_by="vocab": no [V, H] float32 accumulator, 4 matmuls).
+_LOSS_VARIANTS = {
+    "": (dict(), " (ours: gradient computed in the forward)"),
+    "recompute": (dict(grad_in_forward=False), " (ours: logits recomputed in backward)"),
+    "vocab": (dict(chunk_by="vocab"), " (ours: gradient in the forward over vocabulary slabs)"),
+}
+
+
+def _loss_spec(kind: str, variant: str) -> OpSpec:
+    """``kind``: ``"ce"`` (linear_cross_entropy) or ``"ppo"`` (linear_ppo_loss); ``variant``: a ``_LOSS_VARIANTS`` key."""
     op = "linear_cross_entropy" if kind == "ce" else "linear_ppo_loss"
-    name = op + ("+recompute" if recompute else "")
+    name = op + (f"+{variant}" if variant else "")
+    options, what_ours = _LOSS_VARIANTS[variant]
 
     def eager(hidden, weight, targets, *ppo):
         if kind == "ce":
@@ -180,12 +194,11 @@ def _loss_spec(kind: str, recompute: bool) -> OpSpec:
         def build(i):
             def fn():
                 if kind == "ce":
-                    return (rk.linear_cross_entropy(*args(i), backend=backend, grad_in_forward=not recompute),)
+                    return (rk.linear_cross_entropy(*args(i), backend=backend, **options),)
                 hidden = i["hidden"].reshape(*i["targets"].shape, -1)
                 out = rk.linear_ppo_loss(
                     hidden, i["weight"], i["targets"], i["old_logp"], i["advantages"], i["mask"],
-                    ref_logp=i["ref_logp"], kl_coef=KL_COEF, clip_low=CLIP, clip_high=CLIP, backend=backend,
-                    grad_in_forward=not recompute,
+                    ref_logp=i["ref_logp"], kl_coef=KL_COEF, clip_low=CLIP, clip_high=CLIP, backend=backend, **options,
                 )  # fmt: skip
                 return (out.loss,)
 
@@ -201,7 +214,7 @@ def _loss_spec(kind: str, recompute: bool) -> OpSpec:
             z = torch.zeros(1, 3, device=device)
             rk.linear_ppo_loss(h, w, t.to(device), z, z + 1, z + 1, backend=backend)
 
-    if recompute:
+    if variant:
         providers = {p: _skipped(op) for p in ("eager", "compile", "chunked", "liger")}
     else:
         providers = {
@@ -231,13 +244,12 @@ def _loss_spec(kind: str, recompute: bool) -> OpSpec:
         providers=providers,
         bytes_moved=bytes_moved,
         flops=flops,
-        description=what + " from hidden [N, H] and LM head [V, H]"
-        + (" (ours: logits recomputed in backward)" if recompute else " (ours: gradient computed in the forward)"),
+        description=what + " from hidden [N, H] and LM head [V, H]" + what_ours,
     )
 
 
 OPS = {"linear_logprobs": _spec(False), "linear_logprobs+ent": _spec(True)}
 for _kind in ("ce", "ppo"):
-    for _recompute in (False, True):
-        _s = _loss_spec(_kind, _recompute)
+    for _variant in _LOSS_VARIANTS:
+        _s = _loss_spec(_kind, _variant)
         OPS[_s.name] = _s

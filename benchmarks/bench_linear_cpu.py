@@ -1,17 +1,20 @@
 """CPU measurement of the fused-linear ops against the materialised path (issue 6).
 
-Shape: fp32, N = 2048 tokens, H = 512, V = 50257 (GPT-2), on whatever CPU runs it.
+Shape: fp32 (``--dtype bf16`` for 16-bit hidden / weight), N = 2048 tokens, H = 512, V = 50257 (GPT-2), on
+whatever CPU runs it.
 Ops (``--ops``, default all) and providers, each forward + backward to hidden and weight:
 
   logprobs       loss ``-mean(logp)`` on top of the op (the upstream gradient reaches it in backward)
     fused          rk.linear_logprobs: chunked matmul + the C++ log-prob kernel, logits recomputed in backward
-    materialised   F.linear -> log_softmax -> gather, then autograd (the [N, V] logits, log-softmax and grads)
+    materialised   F.linear -> (float32) log_softmax -> gather, then autograd (the [N, V] logits, log-softmax and grads)
   cross_entropy  SFT loss, mean over tokens
     fused          rk.linear_cross_entropy: gradient computed in the forward (3 matmuls)
+    fused-vocab    the same over vocabulary slabs, chunk_by="vocab" (no [V, H] float32 accumulator, 4 matmuls)
     fused-recompute  the same with grad_in_forward=False (linear_logprobs's path, 4 matmuls)
     materialised   F.linear -> F.cross_entropy, then autograd
   ppo            PPO loss, loss_agg="seq-mean-token-mean" (B=2, T=1024), k3 KL (kl_coef 0.05), no entropy bonus
     fused          rk.linear_ppo_loss: gradient computed in the forward
+    fused-vocab    the same over vocabulary slabs (chunk_by="vocab")
     fused-recompute  the same with grad_in_forward=False
     materialised   F.linear -> log_softmax -> gather -> reference.ppo_token_terms -> aggregate_loss, then autograd
 
@@ -49,7 +52,7 @@ PPO_OPTIONS = dict(kl_coef=0.05, kl_estimator="k3", clip_low=0.2, clip_high=0.28
 
 
 def _materialised_logp(hidden, weight, targets):
-    logits = F.linear(hidden, weight)
+    logits = F.linear(hidden, weight).float()  # a 16-bit log-softmax would round log-probs to ~3 digits
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
@@ -73,17 +76,17 @@ def materialised_forward(i, chunk_size=None):
         return _materialised_logp(i["hidden"], i["weight"], i["targets"])
 
 
-def _ce_fused(grad_in_forward):
+def _ce_fused(grad_in_forward, chunk_by=None):
     def step(i, chunk_size=None):
         loss = rk.linear_cross_entropy(i["hidden"], i["weight"], i["targets"], chunk_size=chunk_size, backend="cpu",
-                                       grad_in_forward=grad_in_forward)
+                                       grad_in_forward=grad_in_forward, chunk_by=chunk_by)
         return torch.autograd.grad(loss, (i["hidden"], i["weight"]))
 
     return step
 
 
 def ce_materialised(i, chunk_size=None):
-    loss = F.cross_entropy(F.linear(i["hidden"], i["weight"]), i["targets"])
+    loss = F.cross_entropy(F.linear(i["hidden"], i["weight"]).float(), i["targets"])
     return torch.autograd.grad(loss, (i["hidden"], i["weight"]))
 
 
@@ -93,11 +96,12 @@ def _ppo_args(i):
             i["mask"].reshape(shape))  # fmt: skip
 
 
-def _ppo_fused(grad_in_forward):
+def _ppo_fused(grad_in_forward, chunk_by=None):
     def step(i, chunk_size=None):
         hidden = i["hidden"].reshape(-1, PPO_T, i["hidden"].shape[-1])
         out = rk.linear_ppo_loss(hidden, i["weight"], *_ppo_args(i), ref_logp=i["ref_logp"].reshape(-1, PPO_T),
-                                 chunk_size=chunk_size, backend="cpu", grad_in_forward=grad_in_forward, **PPO_OPTIONS)
+                                 chunk_size=chunk_size, backend="cpu", grad_in_forward=grad_in_forward,
+                                 chunk_by=chunk_by, **PPO_OPTIONS)
         return torch.autograd.grad(out.loss, (i["hidden"], i["weight"]))
 
     return step
@@ -123,11 +127,13 @@ OPS = {
     ],
     "cross_entropy": [
         ("fwd+bwd", "fused", _ce_fused(None)),
+        ("fwd+bwd", "fused-vocab", _ce_fused(None, "vocab")),
         ("fwd+bwd", "fused-recompute", _ce_fused(False)),
         ("fwd+bwd", "materialised", ce_materialised),
     ],
     "ppo": [
         ("fwd+bwd", "fused", _ppo_fused(None)),
+        ("fwd+bwd", "fused-vocab", _ppo_fused(None, "vocab")),
         ("fwd+bwd", "fused-recompute", _ppo_fused(False)),
         ("fwd+bwd", "materialised", ppo_materialised),
     ],
@@ -135,10 +141,13 @@ OPS = {
 TITLES = {"logprobs": "linear_logprobs", "cross_entropy": "linear_cross_entropy", "ppo": "linear_ppo_loss"}
 
 
-def make_inputs(n: int, h: int, v: int) -> dict:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_inputs(n: int, h: int, v: int, dtype: torch.dtype = torch.float32) -> dict:
     torch.manual_seed(0)
-    hidden = torch.randn(n, h).requires_grad_(True)
-    weight = (torch.randn(v, h) * h**-0.5).requires_grad_(True)
+    hidden = torch.randn(n, h).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, h) * h**-0.5).to(dtype).requires_grad_(True)
     targets = torch.randint(0, v, (n,))
     with torch.no_grad():  # old / reference log-probs near the current ones, so the clip is active on some tokens
         logp = rk.linear_logprobs(hidden, weight, targets, backend="cpu")
@@ -201,6 +210,9 @@ def main(argv=None) -> str:
     parser.add_argument("--h", type=int, default=512)
     parser.add_argument("--v", type=int, default=50257)
     parser.add_argument("--ops", default=",".join(OPS), help="comma list of " + ", ".join(OPS))
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                        help="hidden and weight dtype (bf16: the fused path's weight gradient is accumulated in "
+                             "float32, then cast; fused-vocab has no such accumulator)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     parser.add_argument("--chunk-size", type=int, default=None, help="fused chunk rows (default: automatic)")
@@ -211,11 +223,12 @@ def main(argv=None) -> str:
     torch.set_num_threads(args.threads)
     if "ppo" in args.ops and args.n % PPO_T:
         parser.error(f"the ppo op needs --n a multiple of {PPO_T} (sequences of {PPO_T} tokens)")
-    inputs = make_inputs(args.n, args.h, args.v)
+    dtype = DTYPES[args.dtype]
+    inputs = make_inputs(args.n, args.h, args.v, dtype)
     cases = {key: f for op in OPS for key, f in ((f"{op}/{kind}/{name}", fn) for kind, name, fn in OPS[op])}
     if args.memory_case is not None:
         fn = cases[args.memory_case]
-        small = make_inputs(2 * PPO_T if args.memory_case.startswith("ppo/") else 2, args.h, 64)
+        small = make_inputs(2 * PPO_T if args.memory_case.startswith("ppo/") else 2, args.h, 64, dtype)
         fn(small)  # one-time costs (library loading, op registration, BLAS buffers) are not the op's memory
         del small
         print(f"PEAK_EXTRA_MIB {peak_extra_rss_mib(lambda: fn(inputs, args.chunk_size))}")
@@ -225,7 +238,9 @@ def main(argv=None) -> str:
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
         parser.error(f"unknown --ops {unknown}; choose from {sorted(OPS)}")
-    chunk = args.chunk_size or auto_chunk_size(args.n, args.h, args.v, torch.float32, torch.device("cpu"))
+    chunk = args.chunk_size or auto_chunk_size(args.n, args.h, args.v, dtype, torch.device("cpu"))
+    # bf16: the materialised path rounds its logits and dlogits to bf16, so compare at the gradient's scale
+    scale = (lambda b: 1e-6) if dtype == torch.float32 else (lambda b: 2e-2 * b.abs().max().item())
     tables = []
     for op in ops:
         # Correctness first: every fwd+bwd provider agrees with the materialised one.
@@ -234,7 +249,7 @@ def main(argv=None) -> str:
         for name, fn in steps.items():
             if name != "materialised":
                 for a, b in zip(fn(inputs, args.chunk_size), expected):
-                    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+                    torch.testing.assert_close(a, b, rtol=1e-3 if dtype == torch.float32 else 5e-2, atol=scale(b))
         del expected
 
         # Each peak in a fresh process: freed blocks the allocator keeps from earlier calls would hide real peaks.
@@ -243,7 +258,7 @@ def main(argv=None) -> str:
             (kind, name): _time(lambda fn=fn: fn(inputs, args.chunk_size), args.rounds) for kind, name, fn in OPS[op]
         }
         lines = [
-            f"### {TITLES[op]} on CPU: fp32, N={args.n}, H={args.h}, V={args.v}, chunk={chunk} rows",
+            f"### {TITLES[op]} on CPU: {args.dtype}, N={args.n}, H={args.h}, V={args.v}, chunk={chunk} rows",
             "",
             f"{_cpu_name()}; torch {torch.__version__}; threads {args.threads}; commit {_commit()}; "
             f"median of {args.rounds} rounds after 1 warm-up; each peak RSS in a fresh process",
