@@ -166,7 +166,7 @@ _LOSS_VARIANTS = {
 
 
 def _loss_spec(kind: str, variant: str) -> OpSpec:
-    """``kind``: ``"ce"`` (linear_cross_entropy) or ``"ppo"`` (linear_ppo_loss); ``variant``: a ``_LOSS_VARIANTS`` key."""
+    """``kind``: ``"ce"`` (linear_cross_entropy) or ``"ppo"`` (linear_ppo_loss); ``variant``: in ``_LOSS_VARIANTS``."""
     op = "linear_cross_entropy" if kind == "ce" else "linear_ppo_loss"
     name = op + (f"+{variant}" if variant else "")
     options, what_ours = _LOSS_VARIANTS[variant]

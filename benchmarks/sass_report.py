@@ -144,7 +144,8 @@ def report(binary: str, arch: str, kernel_filter: str, min_loop: int) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--binary", default=None, help="extension .so or cubin (default: the built rlhf_kernels/_C*.so)")
+    parser.add_argument("--binary", default=None,
+                        help="extension .so or cubin (default: the built rlhf_kernels/_C*.so)")
     parser.add_argument("--arch", default="sm_90", help="architecture in the fat binary (default sm_90)")
     parser.add_argument("--kernel", default="", help="only kernels whose short name contains this (e.g. fwd)")
     parser.add_argument("--min-loop", type=int, default=40, help="smallest loop body reported (instructions)")

@@ -65,7 +65,8 @@ def test_no_cuda_kernel_spills_to_local_memory():
     cuobjdump = sass_report.find_cuobjdump()
     if cuobjdump is None:
         pytest.skip("cuobjdump not found")
-    archs = sorted({"sm_" + a.split("+")[0].replace(".", "") for a in _ext.cuda_arch_list().replace(" ", ";").split(";") if a})
+    listed = _ext.cuda_arch_list().replace(" ", ";").split(";")
+    archs = sorted({"sm_" + a.split("+")[0].replace(".", "") for a in listed if a})
     assert archs, "the extension reports no CUDA architectures"
     for arch in archs:
         usage = sass_report.resource_usage(cuobjdump, _C.__file__, arch)

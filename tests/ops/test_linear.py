@@ -534,6 +534,13 @@ def _loss_fns(loss, targets, per_token, temperature):
     return fast, materialised
 
 
+def assert_loss_and_grads_match(got, in_dtype, oracle, dtype, what):
+    """``[loss, grad_hidden, grad_weight, grad_bias]`` of a fast path vs the in-dtype run and the float64 oracle."""
+    for name, f, r, o in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, in_dtype, oracle):
+        assert f.dtype == (torch.float32 if name == "loss" else dtype), f"{what}/{name}: {f.dtype}"
+        assert_matches_oracle(f, r, o, dtype, what=f"{what}/{name}")
+
+
 def _value_and_grads(fn, leaves, upstream):
     leaves = [t.detach().requires_grad_(True) for t in leaves]
     out = fn(*leaves)
@@ -558,10 +565,7 @@ def test_forward_grad_path_matches_oracle_and_recompute(backend, dtype, loss):
         out, got = _value_and_grads(lambda h, w, b: fast(h, w, b, grad_in_forward=True, **kw), leaves, 1.7)
         _, in_dtype = _value_and_grads(materialised, leaves, 1.7)
         _, oracle = _value_and_grads(materialised, [t.double() for t in leaves], 1.7)
-        what = f"{backend}/{dtype}/{loss}/{lead}x{H}x{V}"
-        for name, f, r, o in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, in_dtype, oracle):
-            assert f.dtype == (torch.float32 if name == "loss" else dtype), f"{what}/{name}: {f.dtype}"
-            assert_matches_oracle(f, r, o, dtype, what=f"{what}/{name}")
+        assert_loss_and_grads_match(got, in_dtype, oracle, dtype, f"{backend}/{dtype}/{loss}/{lead}x{H}x{V}")
         out_r, recomputed = _value_and_grads(lambda h, w, b: fast(h, w, b, grad_in_forward=False, **kw), leaves, 1.7)
         for a, b in zip(got, recomputed):  # bf16: the two paths round dlogits differently; scaled tolerance
             atol = 1e-6 if dtype == torch.float32 else 1e-2 * max(1.0, b.abs().max().item())
@@ -638,7 +642,8 @@ def test_forward_grad_path_only_needed_grads_and_reduction_none():
     assert mode.ops == {"linear_logprobs_fwd", "linear_logprobs_bwd"}
 
 
-def test_forward_grad_path_gradcheck_float64():
+@pytest.mark.parametrize("chunk_by", ["rows", "vocab"])
+def test_forward_grad_path_gradcheck_float64(chunk_by):
     hidden, weight, targets, bias = _inputs((2, 4), 5, 7, torch.float64, ignore=(2,))
     per_token = [t.double() for t in _ppo_inputs(hidden, weight, targets, bias, 0.8)[:2]] + [
         torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1]], dtype=torch.bool)
@@ -647,27 +652,29 @@ def test_forward_grad_path_gradcheck_float64():
 
     def ppo(h, w, b):
         return rk.linear_ppo_loss(h, w, targets, *per_token, bias=b, temperature=0.8, entropy_coef=0.05,
-                                  loss_agg="seq-mean-token-mean", chunk_size=3, grad_in_forward=True).loss
+                                  loss_agg="seq-mean-token-mean", chunk_size=3, grad_in_forward=True,
+                                  chunk_by=chunk_by).loss
 
     def ce(h, w, b):
-        return rk.linear_cross_entropy(h, w, targets, b, chunk_size=3, grad_in_forward=True) * 1.3
+        return rk.linear_cross_entropy(h, w, targets, b, chunk_size=3, grad_in_forward=True, chunk_by=chunk_by) * 1.3
 
     # the forward path's aggregation weights are float32 (module docstring): float32-level tolerances
     assert torch.autograd.gradcheck(ppo, leaves, atol=1e-6, rtol=1e-4)
     assert torch.autograd.gradcheck(ce, leaves, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk_by", ["rows", "vocab"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_grad_opcheck(backend):
+def test_forward_grad_opcheck(backend, chunk_by):
     hidden, weight, targets, bias = _inputs((2, 5), 6, 13, torch.float32, ignore=(3,))
     old_logp, adv, mask, ref_logp = _ppo_inputs(hidden, weight, targets, bias, 0.9)
     h, w, b = (t.requires_grad_(True) for t in (hidden.reshape(10, 6), weight, bias))
     flat = [t.reshape(-1) for t in (old_logp, adv, ref_logp)]
     ppo = (h, w, targets.reshape(-1), b, mask, *flat, 0.9, -100, "ppo", "seq-mean-token-mean", 0.1, "k3", 0.01, 0.2,
-           0.28, 3.0, 4, backend, True, True, True)  # fmt: skip
+           0.28, 3.0, 4, backend, True, True, True, chunk_by)  # fmt: skip
     torch.library.opcheck(L.linear_loss_fused, ppo)
     nll = (h, w, targets.reshape(-1), None, targets != -100, None, None, None, 1.0, -100, "nll", "sum", 0.0, "k3", 0.0,
-           0.2, 0.2, None, 0, backend, True, False, False)  # fmt: skip
+           0.2, 0.2, None, 0, backend, True, False, False, chunk_by)  # fmt: skip
     torch.library.opcheck(L.linear_loss_fused, nll)
 
 

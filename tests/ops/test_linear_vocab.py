@@ -4,8 +4,8 @@ Against the float64 oracle (values and the three gradients, DESIGN.md §5's rule
 and the row-chunked path, on odd shapes (N = 1, V = 7 in slabs of 3, V = 301,
 50257, H not a multiple of 8), ignored and all-ignored targets, temperature,
 every PPO aggregation, a slab whose logits are all -inf, poisoned allocations;
-plus the matmul count (4 per slab), gradcheck, opcheck, torch.compile, the
-Triton backend under the interpreter, and the setting's errors.
+plus the matmul count (4 per slab), torch.compile, the Triton backend under
+the interpreter and the setting's errors (gradcheck and opcheck: test_linear.py).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from tests.ops.test_linear import (
     _MatmulCounter,
     _ppo_inputs,
     _value_and_grads,
+    assert_loss_and_grads_match,
 )
 from tests.poison import poisoned_allocations
-from tests.tolerance import assert_matches_oracle
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -48,9 +48,7 @@ def test_vocab_slabs_match_oracle_and_row_chunks(backend, dtype, loss):
         _, in_dtype = _value_and_grads(materialised, leaves, 1.7)
         _, oracle = _value_and_grads(materialised, [t.double() for t in leaves], 1.7)
         what = f"{backend}/{dtype}/{loss}/{lead}x{H}x{V}/slab {cols}"
-        for name, f, r, o in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, in_dtype, oracle):
-            assert f.dtype == (torch.float32 if name == "loss" else dtype), f"{what}/{name}: {f.dtype}"
-            assert_matches_oracle(f, r, o, dtype, what=f"{what}/{name}")
+        assert_loss_and_grads_match(got, in_dtype, oracle, dtype, what)
         out_rows, rows = _value_and_grads(lambda h, w, b: fast(h, w, b, chunk_by="rows", **kw), leaves, 1.7)
         for a, b in zip(got, rows):  # bf16: the two paths round dlogits differently; scaled tolerance
             atol = 1e-6 if dtype == torch.float32 else 1e-2 * max(1.0, b.abs().max().item())
@@ -70,8 +68,7 @@ def test_vocab_slabs_gpt2_vocab_default_width():
     _, got = _value_and_grads(lambda h, w, b: fast(h, w, b, chunk_by="vocab", grad_in_forward=True), leaves, 1.0)
     _, in_dtype = _value_and_grads(materialised, leaves, 1.0)
     _, oracle = _value_and_grads(materialised, [t.double() for t in leaves], 1.0)
-    for name, f, r, o in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, in_dtype, oracle):
-        assert_matches_oracle(f, r, o, torch.float32, what=name)
+    assert_loss_and_grads_match(got, in_dtype, oracle, torch.float32, "V=50257")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -107,30 +104,11 @@ def test_vocab_slabs_run_four_matmuls_per_slab():
     assert mode.matmuls == 4 * slabs, mode.matmuls  # logits twice, dX, dW per slab (bias: no matmul)
 
 
-def test_vocab_slabs_gradcheck_float64():
-    hidden, weight, targets, bias = _inputs((2, 4), 5, 7, torch.float64, ignore=(2,))
-    per_token = [t.double() for t in _ppo_inputs(hidden, weight, targets, bias, 0.8)[:2]] + [
-        torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1]], dtype=torch.bool)
-    ]
-    leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
-
-    def ppo(h, w, b):
-        return rk.linear_ppo_loss(h, w, targets, *per_token, bias=b, temperature=0.8, entropy_coef=0.05,
-                                  loss_agg="seq-mean-token-mean", chunk_size=3, grad_in_forward=True,
-                                  chunk_by="vocab").loss
-
-    assert torch.autograd.gradcheck(ppo, leaves, atol=1e-6, rtol=1e-4)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_vocab_slabs_opcheck_and_compile(backend):
+def test_vocab_slabs_compile(backend):
+    # gradcheck and opcheck of the slab path: test_linear.py (parametrized over chunk_by)
     hidden, weight, targets, bias = _inputs((2, 5), 6, 13, torch.float32, ignore=(3,))
-    old_logp, adv, mask, ref_logp = _ppo_inputs(hidden, weight, targets, bias, 0.9)
     h, w, b = (t.requires_grad_(True) for t in (hidden.reshape(10, 6), weight, bias))
-    flat = [t.reshape(-1) for t in (old_logp, adv, ref_logp)]
-    ppo = (h, w, targets.reshape(-1), b, mask, *flat, 0.9, -100, "ppo", "seq-mean-token-mean", 0.1, "k3", 0.01, 0.2,
-           0.28, 3.0, 4, backend, True, True, True, "vocab")  # fmt: skip
-    torch.library.opcheck(L.linear_loss_fused, ppo)
 
     def loss_fn(h, w, b):
         return rk.linear_cross_entropy(h, w, targets.reshape(-1), b, chunk_size=5, backend=backend, chunk_by="vocab")
