@@ -134,6 +134,39 @@ def test_logprobs_of_a_near_one_hot_top_token_stay_at_most_zero(backend, dtype):
         assert_matches_oracle(logp, reference.logprobs(x, y, temperature=temperature), lp64, dtype, "logp")
 
 
+@pytest.mark.parametrize("cap", ("32", "128", "256"))
+def test_forward_cta_size_cap_changes_only_the_reduction_order(cap, monkeypatch):
+    """RLHF_KERNELS_CUDA_FWD_THREADS (the CUDA forwards' CTA size cap, swept by benchmarks/tune_cuda.py): the
+    logprobs, KL and fused PPO kernels give the default's results up to float32 summation order, gradients included."""
+    V = 50257
+    x = make_logits((2, 9, V), torch.bfloat16, seed=31)[:, 1:]  # strided, misaligned rows
+    r = (x.float() + make_logits((2, 8, V), torch.float32, seed=32, scale=0.3)).to(torch.bfloat16)
+    y = make_targets((2, 8), V, seed=33)
+    old = torch.full((2, 8), -10.0, device=CUDA)
+    adv = make_logits((2, 8), torch.float32, seed=34, scale=1.0)
+    mask = torch.ones(2, 8, device=CUDA)
+
+    def run():
+        xt = x.detach().clone().requires_grad_()
+        logp, ent = rk.logprobs(xt, y, return_entropy=True, backend="cuda")
+        (logp.sum() + ent.sum()).backward()
+        kl = rk.kl_divergence(x, r, backend="cuda")
+        xp = x.detach().clone().requires_grad_()
+        out = rk.ppo_loss(xp, y, old, adv, mask, entropy_coef=0.01, backend="cuda")
+        out.loss.backward()
+        return [logp, ent, kl, out.loss, out.logp, xt.grad.float(), xp.grad.float()]
+
+    monkeypatch.delenv("RLHF_KERNELS_CUDA_FWD_THREADS", raising=False)
+    expected = run()
+    monkeypatch.setenv("RLHF_KERNELS_CUDA_FWD_THREADS", cap)
+    names = ("logp", "entropy", "kl", "ppo loss", "ppo logp", "dlogits", "ppo dlogits")
+    for name, got, want in zip(names, run(), expected):
+        bf16 = name.endswith("dlogits")  # a float32 lse one ulp apart may flip a bf16 rounding: allow 2 bf16 ulps
+        torch.testing.assert_close(got, want, rtol=8e-3 if bf16 else 1e-4,
+                                   atol=(1e-3 if bf16 else 1e-5) * max(1.0, want.abs().max().item()),
+                                   equal_nan=True, msg=lambda m, n=name: f"cap {cap}, {n}: {m}")
+
+
 def test_logprobs_nan_stays_in_its_row():
     x = make_logits((3, 4097), torch.bfloat16, seed=11)
     x[1, 100] = float("nan")
