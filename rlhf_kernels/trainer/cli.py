@@ -29,7 +29,9 @@ sft, rm, ppo, grpo and dpo also run under torchrun: data-parallel (DDP, the defa
              --rdzv_endpoint HOST:29500 -m rlhf_kernels.trainer.cli ppo --sft DIR --rm DIR --parallel fsdp
 
 --fused-head (sft, ppo, grpo, dpo): the policy's log-probs and losses from its final hidden states and
-LM head weight (rk.linear_*), never building the [batch, seq, vocab] logits; off by default.
+LM head weight (rk.linear_*), never building the [batch, seq, vocab] logits; off by default. With
+RLHF_KERNELS_LINEAR_CHUNK_BY=vocab the losses' gradient is computed over vocabulary slabs, without a
+[vocab, hidden] float32 weight-gradient buffer (less memory for a 16-bit LM head, one more matmul).
 
 `rlhf-kernels <cmd> --help` lists the config keys."""
 
