@@ -270,11 +270,12 @@ def _grad_buffer(logits: torch.Tensor, backend: str, spare: Optional[torch.Tenso
     return spare[: logits.shape[0]] if spare is not None else torch.empty_like(logits)
 
 
-def _weight_grad_accumulator(n: int, weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """The ``[V, H]`` float32 (float64) weight-gradient buffer: uninitialised, as the first chunk's GEMM
-    writes it whole (``_accumulate_weight_grad``); zeros when there is no chunk (``N = 0``)."""
+def _accumulator(n: int, like: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """A float32 (float64) gradient buffer shaped like ``like`` (``[V, H]`` for the weight, ``[N, H]`` for the
+    hidden states): uninitialised, as the first chunk's GEMM writes it whole (``_accumulate_mm``); zeros when there
+    is no chunk (``N = 0``)."""
     make = torch.empty if n > 0 else torch.zeros
-    return make(weight.shape, dtype=acc, device=weight.device)
+    return make(like.shape, dtype=acc, device=like.device)
 
 
 def _apply_chunk_grad(dlogits, weight, hidden_c, grad_hidden, grad_weight, grad_bias, acc, first: bool) -> None:
@@ -285,37 +286,37 @@ def _apply_chunk_grad(dlogits, weight, hidden_c, grad_hidden, grad_weight, grad_
     if grad_hidden is not None:
         torch.mm(dlogits, weight, out=grad_hidden)
     if grad_weight is not None:
-        _accumulate_weight_grad(grad_weight, dlogits, hidden_c, first)
+        _accumulate_mm(grad_weight, dlogits.t(), hidden_c, first)
     if grad_bias is not None:
         grad_bias += dlogits.sum(0, dtype=acc)
 
 
-def _accumulate_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden_c: torch.Tensor,
-                            first: bool) -> None:
-    """``grad_weight (+)= dlogits.T @ hidden_c`` with ``grad_weight`` float32 (float64) whatever the inputs' dtype.
+def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``out (+)= a @ b`` in ``out``'s dtype (float32 / float64) whatever the operands' dtype: the weight
+    gradient ``dlogits.T @ hidden_c`` of each chunk, or a vocabulary slab's ``dlogits @ weight_s`` share of
+    the hidden states' gradient.
 
-    ``first``: ``grad_weight`` is uninitialised and gets the product (the GEMM
-    then neither reads it nor needs it zeroed: at V = 128256, H = 4096 that is
-    two 2.1 GB passes saved).
+    ``first``: ``out`` is uninitialised and gets the product (the GEMM then
+    neither reads it nor needs it zeroed: for the weight gradient at V = 128256,
+    H = 4096 that is two 2.1 GB passes saved).
     """
-    a, b = dlogits.t(), hidden_c
-    if dlogits.dtype != grad_weight.dtype:
-        if dlogits.is_cuda:
+    if a.dtype != out.dtype:
+        if a.is_cuda:
             # bf16 / fp16 tensor-core GEMM writing / accumulating straight into the fp32 buffer (no fp32 copies).
             try:
                 if first:
-                    torch.ops.aten.mm.dtype_out(a, b, grad_weight.dtype, out=grad_weight)
+                    torch.ops.aten.mm.dtype_out(a, b, out.dtype, out=out)
                 else:
-                    torch.ops.aten.addmm.dtype_out(grad_weight, a, b, grad_weight.dtype, out=grad_weight)
+                    torch.ops.aten.addmm.dtype_out(out, a, b, out.dtype, out=out)
                 return
             except (AttributeError, RuntimeError, NotImplementedError):  # torch without the mixed-dtype GEMMs
                 pass
         # CPU (no mixed-dtype GEMM): one chunk-sized upcast of each operand.
-        a, b = a.to(grad_weight.dtype), b.to(grad_weight.dtype)
+        a, b = a.to(out.dtype), b.to(out.dtype)
     if first:
-        torch.mm(a, b, out=grad_weight)
+        torch.mm(a, b, out=out)
     else:
-        grad_weight.addmm_(a, b)
+        out.addmm_(a, b)
 
 
 @torch.library.custom_op("rlhf_kernels::linear_logprobs_fwd", mutates_args=())
@@ -390,7 +391,7 @@ def linear_logprobs_bwd(
     g_logp = grad_logp.to(stats)
     g_ent = grad_entropy.to(stats)
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else hidden.new_empty(0)
-    grad_weight = _weight_grad_accumulator(n, weight, acc) if need_weight else weight.new_empty(0)
+    grad_weight = _accumulator(n, weight, acc) if need_weight else weight.new_empty(0)
     grad_bias = torch.zeros((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
     if need_hidden or need_weight or need_bias:
         c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, need_weight and acc != weight.dtype,
@@ -557,7 +558,8 @@ def slab_columns(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, weigh
 def _vocab_slab_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref_logp, temperature, ignore_index,
                      loss, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, chunk_size, backend,
                      need_hidden, need_weight, need_bias):
-    """``linear_loss_fused`` over vocabulary slabs: ``(logp, entropy, grad_hidden, grad_weight, grad_bias)``.
+    """``linear_loss_fused`` over vocabulary slabs: ``(logp, entropy, grad_hidden, grad_weight, grad_bias)``
+    (``grad_bias`` still in float32: ``linear_loss_fused`` casts it).
 
     No ``[V, H]`` float32 accumulator: each slab's weight gradient is one GEMM
     over all ``N`` tokens (float32 accumulation inside it, cast once), written
@@ -583,6 +585,12 @@ def _vocab_slab_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref
     cols = slab_columns(n, h, v, hidden.dtype, weight.dtype, hidden.device, chunk_size, _chunk_buffers(backend))
     starts = list(range(0, v, cols))
     valid = targets != ignore_index
+
+    def slab(s: int, e: int):
+        """``(logits [N, e - s], in_slab [N])`` of columns ``[s, e)``: the slab's GEMM and whose target lies there."""
+        logits = _chunk_logits(hidden, weight[s:e], None if bias is None else bias[s:e], _row_buffer(n, e - s, hidden))
+        return logits, valid & (targets >= s) & (targets < e)
+
     unused = torch.full_like(targets, -1)
     slab_lse = hidden.new_empty((len(starts), n), dtype=stats)
     slab_ent = torch.empty_like(slab_lse)
@@ -590,8 +598,7 @@ def _vocab_slab_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref
     lse_target = hidden.new_zeros((n,), dtype=stats)
     for i, s in enumerate(starts):
         e = min(v, s + cols)
-        logits = _chunk_logits(hidden, weight[s:e], None if bias is None else bias[s:e], _row_buffer(n, e - s, hidden))
-        in_slab = valid & (targets >= s) & (targets < e)
+        logits, in_slab = slab(s, e)
         y_local = torch.where(in_slab, targets - s, torch.where(valid, torch.zeros_like(targets), unused))
         lp, ent, lse = _kernel_fwd(logits, y_local, temperature, -1, backend)
         del logits
@@ -609,36 +616,72 @@ def _vocab_slab_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref
 
     g_logp, g_ent = _token_grads(logp, w, loss, old_logp, advantages, ref_logp, 0, n, kl_coef, kl_estimator,
                                  entropy_coef, clip_low, clip_high, dual_clip)
-    hidden_acc = _acc_dtype(hidden.dtype)
-    dx = (torch.empty((n, h), dtype=hidden_acc, device=hidden.device) if n > 0 else
-          torch.zeros((n, h), dtype=hidden_acc, device=hidden.device)) if need_hidden else None
+    dx = _accumulator(n, hidden, _acc_dtype(hidden.dtype)) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = torch.empty((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
     cast = need_weight and acc != weight.dtype
     for i, s in enumerate(starts):
         e = min(v, s + cols)
-        logits = _chunk_logits(hidden, weight[s:e], None if bias is None else bias[s:e], _row_buffer(n, e - s, hidden))
-        in_slab = valid & (targets >= s) & (targets < e)
+        logits, in_slab = slab(s, e)
         y_local = torch.where(in_slab, targets - s, torch.where(valid, torch.full_like(targets, e - s), unused))
         dlogits = _kernel_bwd(g_logp, g_ent, logits, y_local, row_lse, entropy, temperature, -1, backend,
                               _grad_buffer(logits, backend, None))
         del logits
-        if dx is not None:  # dx (+)= dlogits @ weight_s: the helper's a.T @ b with a = dlogits.T
-            _accumulate_weight_grad(dx, dlogits.t(), weight[s:e], i == 0)
+        if dx is not None:
+            _accumulate_mm(dx, dlogits, weight[s:e], i == 0)
         if need_weight:
-            slab = torch.empty((e - s, h), dtype=acc, device=weight.device) if cast else grad_weight[s:e]
-            _accumulate_weight_grad(slab, dlogits, hidden, True)
+            dw = torch.empty((e - s, h), dtype=acc, device=weight.device) if cast else grad_weight[s:e]
+            _accumulate_mm(dw, dlogits.t(), hidden, True)
             if cast:
-                grad_weight[s:e].copy_(slab)
-                del slab
+                grad_weight[s:e].copy_(dw)
+                del dw
         if need_bias:
             grad_bias[s:e] = dlogits.sum(0, dtype=acc)
         del dlogits
     grad_hidden = hidden.new_empty(0)
     if dx is not None:
         grad_hidden = dx if dx.dtype == hidden.dtype else dx.to(hidden.dtype)
-    if need_bias and bias is not None and grad_bias.dtype != bias.dtype:
-        grad_bias = grad_bias.to(bias.dtype)
+    return logp, entropy, grad_hidden, grad_weight, grad_bias
+
+
+def _row_chunk_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref_logp, temperature, ignore_index,
+                    loss, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, chunk_size, backend,
+                    need_hidden, need_weight, need_bias):
+    """``linear_loss_fused`` over row chunks: ``(logp, entropy, grad_hidden, grad_weight, grad_bias)``, the weight
+    and bias gradients still in float32 (``linear_loss_fused`` casts them). No gradient wanted: the forward only."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    stats = _stats_dtype(hidden.dtype)
+    acc = _acc_dtype(weight.dtype)
+    logp = hidden.new_empty((n,), dtype=stats)
+    entropy = torch.empty_like(logp)
+    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else hidden.new_empty(0)
+    grad_weight = _accumulator(n, weight, acc) if need_weight else weight.new_empty(0)
+    grad_bias = torch.zeros((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
+    any_grad = need_hidden or need_weight or need_bias
+    c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, need_weight and acc != weight.dtype,
+               _chunk_buffers(backend))
+    buffer = _row_buffer(c, v, hidden)
+    spare = _row_buffer(c, v, hidden) if any_grad and _chunk_buffers(backend) == 2 else None
+    for s in range(0, n, c):
+        e = min(n, s + c)
+        hidden_c, targets_c, w_c = hidden[s:e], targets[s:e], w[s:e]
+        logits = _chunk_logits(hidden_c, weight, bias, buffer)
+        lp, ent, lse = _kernel_fwd(logits, targets_c, temperature, ignore_index, backend)
+        logp[s:e].copy_(lp)
+        entropy[s:e].copy_(ent)
+        if not any_grad:
+            continue
+        g_logp, g_ent = _token_grads(lp, w_c, loss, old_logp, advantages, ref_logp, s, e, kl_coef, kl_estimator,
+                                     entropy_coef, clip_low, clip_high, dual_clip)
+        dlogits = _kernel_bwd(g_logp, g_ent, logits, targets_c, lse, ent, temperature, ignore_index, backend,
+                              _grad_buffer(logits, backend, spare))
+        del logits
+        _apply_chunk_grad(
+            dlogits, weight, hidden_c, grad_hidden[s:e] if need_hidden else None,
+            grad_weight if need_weight else None, grad_bias if need_bias else None, acc, s == 0,
+        )
+        del dlogits
     return logp, entropy, grad_hidden, grad_weight, grad_bias
 
 
@@ -685,53 +728,17 @@ def linear_loss_fused(
     place on the C++ CPU and Triton backends; CUDA adds a second chunk).
     ``chunk_by="vocab"``: vocabulary slabs instead of row chunks (``_vocab_slab_loss``).
     """
-    n, h = hidden.shape
-    v = weight.shape[0]
-    stats = _stats_dtype(hidden.dtype)
-    acc = _acc_dtype(weight.dtype)
-    w = _loss_weights(mask, loss_agg, stats)
-    if chunk_by == "vocab" and (need_hidden or need_weight or need_bias):
-        logp, entropy, grad_hidden, grad_weight, grad_bias = _vocab_slab_loss(
-            hidden, weight, targets, bias, w, old_logp, advantages, ref_logp, temperature, ignore_index, loss,
-            kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, chunk_size, backend, need_hidden,
-            need_weight, need_bias,
-        )
-        value = _aggregate_terms(logp, entropy, w, mask, old_logp, advantages, ref_logp, loss, loss_agg, kl_coef,
-                                 kl_estimator, entropy_coef, clip_low, clip_high, dual_clip)
-        _validate_targets(targets, v, ignore_index)
-        return value, logp, entropy, grad_hidden, grad_weight, grad_bias
-    logp = hidden.new_empty((n,), dtype=stats)
-    entropy = torch.empty_like(logp)
-    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else hidden.new_empty(0)
-    grad_weight = _weight_grad_accumulator(n, weight, acc) if need_weight else weight.new_empty(0)
-    grad_bias = torch.zeros((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
+    w = _loss_weights(mask, loss_agg, _stats_dtype(hidden.dtype))
     any_grad = need_hidden or need_weight or need_bias
-    c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, need_weight and acc != weight.dtype,
-               _chunk_buffers(backend))
-    buffer = _row_buffer(c, v, hidden)
-    spare = _row_buffer(c, v, hidden) if any_grad and _chunk_buffers(backend) == 2 else None
-    for s in range(0, n, c):
-        e = min(n, s + c)
-        hidden_c, targets_c, w_c = hidden[s:e], targets[s:e], w[s:e]
-        logits = _chunk_logits(hidden_c, weight, bias, buffer)
-        lp, ent, lse = _kernel_fwd(logits, targets_c, temperature, ignore_index, backend)
-        logp[s:e].copy_(lp)
-        entropy[s:e].copy_(ent)
-        if not any_grad:
-            continue
-        g_logp, g_ent = _token_grads(lp, w_c, loss, old_logp, advantages, ref_logp, s, e, kl_coef, kl_estimator,
-                                     entropy_coef, clip_low, clip_high, dual_clip)
-        dlogits = _kernel_bwd(g_logp, g_ent, logits, targets_c, lse, ent, temperature, ignore_index, backend,
-                              _grad_buffer(logits, backend, spare))
-        del logits
-        _apply_chunk_grad(
-            dlogits, weight, hidden_c, grad_hidden[s:e] if need_hidden else None,
-            grad_weight if need_weight else None, grad_bias if need_bias else None, acc, s == 0,
-        )
-        del dlogits
+    loop = _vocab_slab_loss if chunk_by == "vocab" and any_grad else _row_chunk_loss
+    logp, entropy, grad_hidden, grad_weight, grad_bias = loop(
+        hidden, weight, targets, bias, w, old_logp, advantages, ref_logp, temperature, ignore_index, loss, kl_coef,
+        kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, chunk_size, backend, need_hidden, need_weight,
+        need_bias,
+    )
     value = _aggregate_terms(logp, entropy, w, mask, old_logp, advantages, ref_logp, loss, loss_agg, kl_coef,
                              kl_estimator, entropy_coef, clip_low, clip_high, dual_clip)
-    _validate_targets(targets, v, ignore_index)
+    _validate_targets(targets, weight.shape[0], ignore_index)
     if need_weight and grad_weight.dtype != weight.dtype:
         grad_weight = grad_weight.to(weight.dtype)
     if need_bias and bias is not None and grad_bias.dtype != bias.dtype:
