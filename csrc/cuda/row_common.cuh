@@ -133,12 +133,6 @@ inline int forward_thread_cap() {
 // Threads of a forward CTA that sweeps `vectors` vectors (a row, or a cluster's slice of one).
 inline int forward_threads(int64_t vectors) { return sweep_threads(vectors, forward_thread_cap()); }
 
-template <typename T>
-inline int64_t vectors_per_row(int64_t vocab) {
-  constexpr int kVec = Vec<T>::kSize;
-  return (vocab + kVec - 1) / kVec + 1;  // +1: a misaligned row start splits one vector in two
-}
-
 constexpr int64_t kMaxGridX = 2147483647;
 constexpr int64_t kMaxGridY = 65535;
 

@@ -139,6 +139,14 @@ RK_HD RowVecs row_vecs(const T* row, int64_t V) {
   return {pre, (V + pre + kVec - 1) / kVec, pre > 0 ? 1 : 0, (V + pre) / kVec};
 }
 
+// Vectors a row of V elements can touch whatever its alignment, before the row's address is known
+// (launch geometry, the PPO cluster's per-CTA slices): +1 as a misaligned start splits one vector in two.
+template <typename T>
+RK_HD int64_t vectors_per_row(int64_t vocab) {
+  constexpr int kVec = Vec<T>::kSize;
+  return (vocab + kVec - 1) / kVec + 1;
+}
+
 // Vector k of the row when it is partial, element by element: raw elements outside [0, V) are zero.
 template <typename T>
 RK_HD uint4 load_vec_masked(const T* row, int64_t k, int64_t pre, int64_t V) {

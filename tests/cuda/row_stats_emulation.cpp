@@ -54,12 +54,6 @@ RowStats cta_stats(const T* x, const RowVecs& rv, int64_t vocab, int64_t k_lo, i
   });
 }
 
-template <typename T>
-int64_t vectors_per_row(int64_t vocab) {  // launch-side bound, as in row_common.cuh
-  constexpr int kVec = Vec<T>::kSize;
-  return (vocab + kVec - 1) / kVec + 1;
-}
-
 // Checks what the PPO kernel caches through on_vec: each vector of the slice exactly once, and
 // its in-range elements equal to the row's.
 template <typename T>
