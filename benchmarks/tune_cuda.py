@@ -30,6 +30,8 @@ import torch
 
 from rlhf_kernels.ops._dispatch import CUDA_FWD_THREADS
 
+from .common import TimerConfig, copy_bandwidth
+
 ENV = "RLHF_KERNELS_CUDA_FWD_THREADS"
 
 
@@ -61,13 +63,6 @@ def _cases(N: int, V: int, dtype: torch.dtype) -> List[Tuple[str, Callable[[str]
     ]
 
 
-def _copy_bandwidth(do_bench) -> float:
-    """Read + write GB/s of a 256 MiB device copy (best of the runs), as benchmarks.run measures it."""
-    src = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="min") / 1e6
-
-
 def _flat(out) -> List[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out.detach().float()]
@@ -97,7 +92,7 @@ def main(argv=None) -> int:
         return 2
     os.environ["RLHF_KERNELS_VALIDATE"] = "0"  # the kernels, not the target check's host sync
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    bw = _copy_bandwidth(do_bench)
+    bw = copy_bandwidth(torch.device("cuda"), TimerConfig()) / 1e9  # GB/s, as benchmarks.run measures it
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | N={args.n} V={args.v} {args.dtype} | "
           f"copy {bw:.0f} GB/s | validation off", flush=True)
     cases = _cases(args.n, args.v, dtype)
