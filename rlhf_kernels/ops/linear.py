@@ -49,15 +49,16 @@ finishes each chunk there and then:
     grad_weight   += dlogits_c.T @ hidden_c   (fp32 accumulator)  matmul 3
     grad_bias     += dlogits_c.sum(0)         (fp32 accumulator)
 
-It saves ``grad_hidden [N, H]``, ``grad_weight [V, H]``, ``grad_bias [V]``
+It keeps ``grad_hidden [N, H]``, ``grad_weight [V, H]``, ``grad_bias [V]``
 (input dtypes) instead of the inputs, and the backward only multiplies them by
-the scalar upstream gradient (nothing at all when it is 1, as in
-``loss.backward()``: on the CPU the saved tensors are handed over, on CUDA a
-kernel skips the write after reading the scale on the device). Three matmuls
-per step, as in the materialised path, against four for the recompute path.
-On CUDA the scaling is in place, so, like the CUDA ``ppo_loss`` fused path, the
-backward runs once (``retain_graph=True`` then a second backward raises); on the
-CPU it can run again.
+the scalar upstream gradient in place (nothing at all when it is 1, as in
+``loss.backward()``: on CUDA a kernel skips the write after reading the scale on
+the device) and hands them to autograd as the gradients themselves, not copies
+(``ops/_forward_grads.py``: a saved tensor would make ``AccumulateGrad`` copy
+``grad_weight``, 1 GB more at V = 128256, H = 4096 bf16). Three matmuls per
+step, as in the materialised path, against four for the recompute path. Like
+the CUDA ``ppo_loss`` fused path, the backward runs once (``retain_graph=True``
+then a second backward raises).
 
 The weights come from ``aggregation_weights`` in float32 (as in the CUDA
 ``ppo_loss`` fused path), so float64 inputs would get gradients exact to ~1e-7
@@ -88,8 +89,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import _ext, reference
+from .. import reference
 from ..reference import PPOLossOutput
+from . import _forward_grads as forward_grads
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -101,15 +103,7 @@ from ._checks import (
 )
 from .logprobs import IMPLEMENTED as _LOGPROBS_IMPLEMENTED
 from .logprobs import _torch_bwd, _torch_fwd, _validate_targets, resolve_for, targets_checked_on_exit
-from .ppo import (
-    _torch_dterm_dlogp,
-    _traced,
-    aggregation_weights,
-    check_ppo_args,
-    composed_ppo_terms,
-    ppo_output,
-    scale_grad_unless_one_,
-)
+from .ppo import _torch_dterm_dlogp, aggregation_weights, check_ppo_args, composed_ppo_terms, ppo_output
 
 __all__ = ["linear_cross_entropy", "linear_logprobs", "linear_ppo_loss"]
 
@@ -762,33 +756,13 @@ def _(hidden, weight, targets, bias, mask, old_logp, advantages, ref_logp, tempe
 
 def _fused_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*output[3:])
-    ctx.need = (inputs[20], inputs[21], inputs[22] and inputs[3] is not None)
-
-
-def _scale_saved(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``grad·g``: the saved tensor itself when ``g == 1`` on the CPU, in place on CUDA, else a new tensor.
-
-    CUDA (eager): scaled in place without a host sync (the extension's kernel
-    reads ``g`` on the device and skips the write when it is 1), so the
-    backward can run only once. CPU: reading ``g`` costs nothing; 1 returns
-    the saved gradient untouched, anything else a scaled copy, so a retained
-    graph can run its backward again. While tracing: always a new tensor.
-    """
-    if _traced(grad):
-        return grad * g.to(grad.dtype)
-    if grad.is_cuda and grad.dtype != torch.float64 and _ext.has_cuda_kernels():
-        scale_grad_unless_one_(grad, g)
-        return grad
-    if grad.is_cuda or g.item() != 1.0:
-        return grad * g.to(grad.dtype)
-    return grad
+    need = (inputs[20], inputs[21], inputs[22] and inputs[3] is not None)
+    forward_grads.keep(ctx, [t if wanted else None for t, wanted in zip(output[3:], need)])
 
 
 def _fused_backward(ctx, g_loss, *unused):
-    # The gradients were computed for an upstream gradient of 1 (module docstring).
-    g = g_loss.detach().reshape(())
-    grads = [_scale_saved(t, g) if need else None for t, need in zip(ctx.saved_tensors, ctx.need)]
+    # The gradients were computed for an upstream gradient of 1 (module docstring), handed over without a copy.
+    grads = forward_grads.hand_over(ctx, g_loss, "linear_loss_fused")
     return (grads[0], grads[1], None, grads[2]) + (None,) * 20
 
 

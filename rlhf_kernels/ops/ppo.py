@@ -31,8 +31,9 @@ chosen per call (``RLHF_KERNELS_CUDA_PPO``, default ``auto``):
 
 ``auto`` takes shared, else cluster, else global. ``rlhf_kernels._C.ppo_plan``
 reports the choice for a ``(V, dtype)``. The fused path keeps ``dlogits``
-(``[*, V]``, logits' dtype) alive from the forward to the backward, and its
-backward runs once: ``retain_graph=True`` and a second backward raise.
+(``[*, V]``, logits' dtype) alive from the forward to the backward, which hands
+it to autograd as the gradient itself, not a copy (``ops/_forward_grads.py``),
+so the backward runs once: ``retain_graph=True`` and a second backward raise.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch
 
 from .. import reference
 from ..reference import PPOLossOutput
+from . import _forward_grads as forward_grads
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -409,42 +411,14 @@ def _(logits, targets, old_logp, advantages, ref_logp, mask, temperature, ignore
     return (loss,) + per_token + (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device),)
 
 
-@torch.library.custom_op("rlhf_kernels::scale_grad_unless_one_", mutates_args=("grad",))
-def scale_grad_unless_one_(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """``grad *= scale`` in place; on CUDA a no-op with no memory traffic when ``scale == 1`` (read on the device)."""
-    if grad.is_cuda and grad.dtype != torch.float64:
-        torch.ops.rlhf_kernels_C.scale_unless_one_(grad, scale)
-    else:
-        grad.copy_(torch.where(scale == 1, grad, grad * scale.to(grad.dtype)))
-
-
-@scale_grad_unless_one_.register_fake
-def _(grad, scale):
-    return None
-
-
 def _fused_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(output[6])
-
-
-def _traced(t: torch.Tensor) -> bool:
-    """True while AOTAutograd / torch.compile traces (fake or functional tensors), False in eager."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return torch.compiler.is_compiling() or is_fake(t)
+    forward_grads.keep(ctx, output[6:7])
 
 
 def _fused_backward(ctx, g_loss, *unused):
-    # dlogits was computed for an upstream gradient of 1. In eager it is scaled in place (no
-    # memory traffic when g_loss == 1) and handed over; a graph being traced gets the
-    # out-of-place product, as a traced backward may not mutate a saved forward output.
-    (grad,) = ctx.saved_tensors
-    g = g_loss.detach().reshape(())
-    if _traced(grad):
-        return (grad * g.to(grad.dtype),) + (None,) * 18
-    scale_grad_unless_one_(grad, g)
-    return (grad,) + (None,) * 18
+    # dlogits was computed for an upstream gradient of 1; handed over without a copy (ops/_forward_grads.py)
+    return forward_grads.hand_over(ctx, g_loss, "ppo_loss (cuda forward-with-gradient)") + (None,) * 18
 
 
 ppo_loss_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)

@@ -11,6 +11,7 @@ from torch.utils._pytree import tree_flatten
 import rlhf_kernels as rk
 from rlhf_kernels import _ext
 from rlhf_kernels import reference as R
+from rlhf_kernels.ops import _forward_grads as forward_grads
 from rlhf_kernels.ops import linear as L
 from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
 from tests.poison import poisoned_allocations
@@ -699,8 +700,8 @@ def test_forward_grad_torch_compile_fullgraph():
 
 
 def test_forward_grad_backward_twice():
-    """On the CPU the saved gradients are handed over (upstream gradient 1) or scaled into a copy: a retained graph's
-    backward can run again and gives the same gradient."""
+    """On the CPU the kept gradients are returned as they are (upstream gradient 1) or scaled into a copy: a retained
+    graph's backward can run again and gives the same gradient."""
     hidden, weight, targets, _ = _inputs((6,), 8, 11, torch.float32)
     h = hidden.requires_grad_(True)
     for scale in (1.0, 3.0):
@@ -713,6 +714,48 @@ def test_forward_grad_backward_twice():
         if scale == 1.0:
             unit = first
     torch.testing.assert_close(first, 3 * unit)
+
+
+def test_forward_grad_handed_over_backward_runs_once(monkeypatch):
+    """Where the gradients are handed over (CUDA; here the CPU too, by HAND_OVER_DEVICES): the upstream gradient
+    scales them, and a retained graph's second backward raises by name and adds nothing."""
+    monkeypatch.setattr(forward_grads, "HAND_OVER_DEVICES", ("cpu", "cuda"))
+    hidden, weight, targets, _ = _inputs((6,), 8, 11, torch.float32)
+    h = hidden.requires_grad_(True)
+    grads = {}
+    for scale in (1.0, 3.0):
+        h.grad = None
+        loss = scale * rk.linear_cross_entropy(h, weight, targets, chunk_size=4)
+        loss.backward(retain_graph=True)
+        grads[scale] = h.grad.clone()
+        with pytest.raises(RuntimeError, match="linear_loss_fused: its backward already ran"):
+            loss.backward()
+        torch.testing.assert_close(h.grad, grads[scale])
+    torch.testing.assert_close(grads[3.0], 3 * grads[1.0])
+
+
+@pytest.mark.parametrize("chunk_by", ["rows", "vocab"])
+@pytest.mark.parametrize("scale", [1.0, -0.5])
+def test_forward_grads_become_dot_grad_without_a_copy(chunk_by, scale, monkeypatch):
+    """Where they are handed over (CUDA; here the CPU too), AccumulateGrad adopts the forward's gradient buffers as
+    ``.grad`` (no copy, no second buffer): the ``.grad`` tensors are the very storage the forward wrote. A tensor
+    saved with ``save_for_backward`` would still be referenced while AccumulateGrad runs, and it would copy it."""
+    monkeypatch.setattr(forward_grads, "HAND_OVER_DEVICES", ("cpu", "cuda"))
+    hidden, weight, targets, bias = _inputs((7,), 8, 13, torch.float32, ignore=(2,))
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    mask = targets != -100
+    outs = L.linear_loss_fused(
+        h, w, targets, b, mask, None, None, None, 1.0, -100, "nll", "token-mean", 0.0, "k3", 0.0, 0.2, 0.2, None,
+        4, "torch", True, True, True, chunk_by,
+    )
+    written = [t.data_ptr() for t in outs[3:6]]
+    expected = [t.clone() * scale for t in outs[3:6]]
+    loss = outs[0] * scale
+    del outs
+    loss.backward()
+    assert [t.grad.data_ptr() for t in (h, w, b)] == written
+    for t, e in zip((h, w, b), expected):
+        torch.testing.assert_close(t.grad, e)
 
 
 @pytest.mark.skipif(not (triton_importable() and (torch.cuda.is_available() or triton_interpreting())),

@@ -1,0 +1,91 @@
+"""Gradients computed in the forward, handed to autograd by the backward without a copy.
+
+The fused losses (``ppo_loss``'s CUDA forward-with-gradient, ``linear_cross_entropy`` and
+``linear_ppo_loss``) know their upstream gradient inside the forward (``loss = Σ w·term``, the weights
+depend on the mask alone), so the forward writes ``∂loss/∂input`` for an upstream gradient of 1 and the
+backward only multiplies by the scalar ``g`` it receives.
+
+Why not ``ctx.save_for_backward``: a saved tensor stays referenced by the graph while
+``AccumulateGrad`` runs, and ``AccumulateGrad`` adopts a gradient as ``.grad`` only when nothing else
+references it; otherwise it copies it. That copy is a second gradient-sized buffer and one more read and
+write of it: on an H200 at bf16 [8192, 151936] logits, 2.4 GB and about 1.2 ms per step
+(benchmarks/results/nvidia-h200/NOTES.md). So the forward's gradients are kept as a plain ``ctx``
+attribute (they are outputs marked non-differentiable, so this makes no reference cycle) and the
+backward takes them off ``ctx`` before returning them: the autograd engine then holds the only reference.
+
+The price: the backward runs once (``retain_graph=True`` and a second backward raise). That is done on
+the devices in ``HAND_OVER_DEVICES`` (CUDA), where the gradients are gigabytes and a copy is a full pass
+over memory. On the CPU the kept gradients stay on ``ctx`` and are returned as they are (upstream
+gradient 1) or scaled into a new tensor, so a retained graph's backward, and ``gradcheck``'s repeated
+backward, can run again; ``AccumulateGrad`` copies them there. While a graph is traced
+(``torch.compile``) the backward returns ``g·grad`` out of place, as a traced backward may not mutate a
+forward output.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+_ATTR = "forward_grads"
+# Devices whose backward hands the kept gradients over (once) instead of keeping them for another backward.
+HAND_OVER_DEVICES = ("cuda",)
+
+
+def traced(t: torch.Tensor) -> bool:
+    """True while AOTAutograd / torch.compile traces (fake or functional tensors), False in eager."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
+@torch.library.custom_op("rlhf_kernels::scale_grad_unless_one_", mutates_args=("grad",))
+def scale_grad_unless_one_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """``grad *= scale`` in place; on CUDA a no-op with no memory traffic when ``scale == 1`` (read on the device)."""
+    from .. import _ext
+
+    if grad.is_cuda and grad.dtype != torch.float64 and _ext.has_cuda_kernels():
+        torch.ops.rlhf_kernels_C.scale_unless_one_(grad, scale)
+    elif grad.is_cuda:
+        grad.mul_(scale.to(grad.dtype))  # no extension kernel: one pass, no host sync
+    elif scale.item() != 1.0:  # on the CPU reading the scale costs nothing
+        grad.mul_(scale.to(grad.dtype))
+
+
+@scale_grad_unless_one_.register_fake
+def _(grad, scale):
+    return None
+
+
+def keep(ctx, grads: Sequence[Optional[torch.Tensor]]) -> None:
+    """In ``setup_context``: keep the forward's gradients (``None`` for an input that needs none) for ``hand_over``."""
+    setattr(ctx, _ATTR, tuple(grads))
+
+
+def hand_over(ctx, g_out: torch.Tensor, op: str) -> Tuple[Optional[torch.Tensor], ...]:
+    """In the backward: the kept gradients times the upstream scalar ``g_out``.
+
+    Eager, on a ``HAND_OVER_DEVICES`` device: scaled in place (``scale_grad_unless_one_``), released from
+    ``ctx`` and returned as the only reference, so ``AccumulateGrad`` adopts them as ``.grad``; a second
+    call raises, naming ``op``. Elsewhere they stay kept for another backward (module docstring).
+    """
+    grads = getattr(ctx, _ATTR, None)
+    if grads is None:
+        raise RuntimeError(
+            f"{op}: its backward already ran. The gradient is computed in the forward and handed over by the "
+            "first backward, so the backward runs once (retain_graph=True cannot replay it); call the op again "
+            "for another backward."
+        )
+    g = g_out.detach().reshape(())
+    live = [t for t in grads if t is not None]
+    if live and traced(live[0]):
+        return tuple(None if t is None else t * g.to(t.dtype) for t in grads)
+    if live and live[0].device.type not in HAND_OVER_DEVICES:
+        if g.item() == 1.0:
+            return grads
+        return tuple(None if t is None else t * g.to(t.dtype) for t in grads)
+    setattr(ctx, _ATTR, None)
+    for t in live:
+        scale_grad_unless_one_(t, g)
+    return grads
