@@ -15,8 +15,9 @@ script times, for every cap, the ops through ``rk`` with target validation off:
 
 each against the Triton backend in the same run, as ms and % of the copy bandwidth measured here
 (``triton.testing.do_bench``, median). Every cap's outputs are checked against the default's first.
-The lowest time per op says which cap to make the default (``forward_thread_cap`` in
-``csrc/cuda/row_common.cuh``); keep the log under ``benchmarks/results/<device>/logs/``.
+The lowest time per op says which cap to make that kernel's default (``k*ForwardCap`` in
+``csrc/cuda/row_common.cuh``; the first H200 sweep set 128 for logprobs and the PPO forward, 256 for
+KL and the PPO forward-with-gradient); keep the log under ``benchmarks/results/<device>/logs/``.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ cudaError_t launch_kl_fwd(DType dtype, const void* logits, const void* ref_logit
   if (rows > kMaxGridX || vocab < 1) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int threads = forward_threads(vectors_per_row<T>(vocab));
+    const int threads = forward_threads(vectors_per_row<T>(vocab), kKlForwardCap);
     kl_fwd_kernel<T><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
         static_cast<const T*>(logits), static_cast<const T*>(ref_logits), kl, lse_z, lse_r, rows_inner, stride_b,
         stride_t, ref_stride_b, ref_stride_t, vocab, inv_t);

@@ -75,7 +75,7 @@ cudaError_t launch_logprobs_fwd(DType dtype, const void* logits, const int64_t* 
   if (rows > kMaxGridX || vocab < 1) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int threads = forward_threads(vectors_per_row<T>(vocab));
+    const int threads = forward_threads(vectors_per_row<T>(vocab), kLogprobsForwardCap);
     logprobs_fwd_kernel<T><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
         static_cast<const T*>(logits), targets, logp, entropy, lse, rows_inner, stride_b, stride_t, vocab, inv_t,
         ignore_index);

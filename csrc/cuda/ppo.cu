@@ -205,7 +205,7 @@ PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, 
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t nvec = vectors_per_row<T>(vocab);
-    plan.threads = forward_threads(nvec);
+    plan.threads = forward_threads(nvec, kPpoForwardCap);
     if (!with_grad) {
       plan.path = PpoPath::kForwardOnly;
       return cudaSuccess;
@@ -224,7 +224,7 @@ PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, 
     const int64_t row_bytes = nvec * 16;
     auto shared_plan = [&]() -> bool {
       if (row_bytes > budget) return false;
-      plan = {PpoPath::kShared, 1, forward_threads(nvec), row_bytes};
+      plan = {PpoPath::kShared, 1, forward_threads(nvec, kPpoFusedCap), row_bytes};
       return true;
     };
     auto cluster_plan = [&](int min_size) -> bool {
@@ -232,7 +232,7 @@ PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, 
       for (int c = min_size; c <= 8; c *= 2) {
         const int64_t per = (nvec + c - 1) / c;
         if (per * 16 <= budget) {
-          plan = {PpoPath::kCluster, c, forward_threads(per), per * 16};
+          plan = {PpoPath::kCluster, c, forward_threads(per, kPpoFusedCap), per * 16};
           return true;
         }
       }
@@ -247,16 +247,16 @@ PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, 
         done = cluster_plan(2);
         break;
       case PpoPath::kGlobal:
-        plan = {PpoPath::kGlobal, 1, forward_threads(nvec), 0};
+        plan = {PpoPath::kGlobal, 1, forward_threads(nvec, kPpoFusedCap), 0};
         return cudaSuccess;
       default:
         done = shared_plan() || cluster_plan(2);
         if (!done) {
-          plan = {PpoPath::kGlobal, 1, forward_threads(nvec), 0};
+          plan = {PpoPath::kGlobal, 1, forward_threads(nvec, kPpoFusedCap), 0};
           return cudaSuccess;
         }
     }
-    if (!done) plan = {PpoPath::kGlobal, 0, forward_threads(nvec), 0};  // cluster = 0: the forced path cannot run
+    if (!done) plan = {PpoPath::kGlobal, 0, forward_threads(nvec, kPpoFusedCap), 0};  // cluster = 0: the forced path cannot run
     return cudaSuccess;
   });
   return plan;

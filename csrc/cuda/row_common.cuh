@@ -121,17 +121,28 @@ inline int sweep_threads(int64_t vectors, int max_threads) {
   return t;
 }
 
-// The forward kernels' CTA size cap: RLHF_KERNELS_CUDA_FWD_THREADS, a power of two in 32..512
-// (default 512). A tuning knob, read at every launch so that benchmarks/tune_cuda.py can sweep it
+// Default CTA size caps of the forward kernels, the fastest of benchmarks/tune_cuda.py's sweep on an
+// H200 (bf16, N = 8192, V = 151936; benchmarks/results/nvidia-h200/NOTES.md): smaller CTAs put more rows
+// in flight per SM. logprobs(+entropy) 97.7% of the copy bandwidth at 128 threads against 90.8% at 512;
+// KL 86.7% at 256 (85.3% at 128); PPO forward 89.2% at 128; PPO forward-with-gradient fastest at 256.
+constexpr int kLogprobsForwardCap = 128;
+constexpr int kKlForwardCap = 256;
+constexpr int kPpoForwardCap = 128;
+constexpr int kPpoFusedCap = 256;
+
+// The forward kernels' CTA size cap: RLHF_KERNELS_CUDA_FWD_THREADS when set (a power of two in 32..512),
+// else `default_cap`. A tuning knob, read at every launch so that benchmarks/tune_cuda.py can sweep it
 // in one process; the Python ops reject any other value before launching (ops/_dispatch.py).
-inline int forward_thread_cap() {
+inline int forward_thread_cap(int default_cap) {
   const char* text = std::getenv("RLHF_KERNELS_CUDA_FWD_THREADS");
   const int n = text != nullptr ? std::atoi(text) : 0;
-  return n >= 32 && n <= 512 && (n & (n - 1)) == 0 ? n : 512;
+  return n >= 32 && n <= 512 && (n & (n - 1)) == 0 ? n : default_cap;
 }
 
 // Threads of a forward CTA that sweeps `vectors` vectors (a row, or a cluster's slice of one).
-inline int forward_threads(int64_t vectors) { return sweep_threads(vectors, forward_thread_cap()); }
+inline int forward_threads(int64_t vectors, int default_cap) {
+  return sweep_threads(vectors, forward_thread_cap(default_cap));
+}
 
 constexpr int64_t kMaxGridX = 2147483647;
 constexpr int64_t kMaxGridY = 65535;

@@ -26,11 +26,16 @@ BACKENDS = ("triton", "cuda", "cpu", "torch")
 # the results. Ops not listed use _GPU_DEFAULT.
 _GPU_DEFAULT = ("triton", "cuda")
 GPU_PREFERENCE = {
-    # same run: logprobs+entropy triton fwd 1.14 ms vs cuda 1.19, fwd+bwd 2.95 vs 2.99; ppo_loss fwd+bwd 7.83 vs 8.33
-    "logprobs": ("triton", "cuda"),
+    # H200 (benchmarks/results/nvidia-h200, runs 20261126T0255* and T0302*): cuda faster in 71 of the 72 logprobs /
+    # logprobs+entropy cells (bf16 and fp32, N 4096-16384, V 50257-151936; fp32 4096x50257 fwd the exception),
+    # e.g. bf16 8192x151936 fwd 0.674 ms vs triton 0.915, fwd+bwd 2.370 vs 2.685
+    "logprobs": ("cuda", "triton"),
+    # matmul-bound: cuda and triton within 4% (H200, N=8192/16384, H=4096); triton's single chunk buffer
     "linear_logprobs": ("triton", "cuda"),
-    # H100 bf16 N=8192 V=151936 (results run 20261125T1928*): cuda fwd 2.11 ms vs triton 2.33, fwd+bwd 4.76 vs 4.90
+    # H200 bf16: cuda faster in all 14 cells, 8192x151936 fwd 1.294 ms vs 1.658, fwd+bwd 3.284 vs 3.481 (H100 agreed)
     "kl_divergence": ("cuda", "triton"),
+    # H200 bf16 8192x151936: cuda fwd 0.803 ms vs 1.047, but fwd+bwd 3.559 vs triton 2.875, measured while autograd
+    # still copied the fused path's gradient (fixed since: ops/_forward_grads.py); re-measure before flipping
     "ppo_loss": ("triton", "cuda"),
     "gae": ("triton", "cuda"),
 }
@@ -91,15 +96,16 @@ def _automatic(op: str, device: torch.device, implemented: Iterable[str]) -> str
 CUDA_FWD_THREADS = (32, 64, 128, 256, 512)
 
 
-def cuda_forward_threads() -> int:
-    """The ``RLHF_KERNELS_CUDA_FWD_THREADS`` setting: the CUDA forward kernels' CTA size cap (default 512).
+def cuda_forward_threads() -> Optional[int]:
+    """The ``RLHF_KERNELS_CUDA_FWD_THREADS`` setting: the CUDA forward kernels' CTA size cap, or ``None``
+    when unset (each kernel's own default: ``k*ForwardCap`` in ``csrc/cuda/row_common.cuh``).
 
     A tuning knob for ``benchmarks/tune_cuda.py``; the kernels read it at launch and fall back
-    to 512 on anything else, so a bad value is rejected here, before a launch, by name.
+    to their default on anything else, so a bad value is rejected here, before a launch, by name.
     """
     text = os.environ.get("RLHF_KERNELS_CUDA_FWD_THREADS", "").strip()
     if not text:
-        return 512
+        return None
     if not text.isdigit() or int(text) not in CUDA_FWD_THREADS:
         raise ValueError(f"RLHF_KERNELS_CUDA_FWD_THREADS must be one of {CUDA_FWD_THREADS}, got {text!r}")
     return int(text)

@@ -220,7 +220,7 @@ def kl_divergence(
     an input that is a slice ``base[:, a:a+T]`` of a ``[B, L, V]`` tensor gets its
     gradient written straight into a tensor shaped like ``base`` (eager mode;
     ``_checks.slice_of_base``). ``backend``: ``"triton" | "cuda" | "torch"``; ``None`` picks the first of
-    ``_dispatch.GPU_PREFERENCE["kl_divergence"]`` (Triton today) for CUDA tensors.
+    ``_dispatch.GPU_PREFERENCE["kl_divergence"]`` (the CUDA kernel, then Triton) for CUDA tensors.
     ``"cuda"`` runs ``csrc/cuda/kl.cu`` (mixed input dtypes run on float32 copies).
     """
     check_logits("logits", logits)

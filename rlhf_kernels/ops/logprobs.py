@@ -330,7 +330,7 @@ def logprobs(
         return_entropy: also return the per-token entropy.
         backend: ``"triton" | "cuda" | "cpu" | "torch"``; ``None`` picks
             automatically (for CUDA tensors the first of
-            ``_dispatch.GPU_PREFERENCE["logprobs"]``, Triton today; the C++ kernel
+            ``_dispatch.GPU_PREFERENCE["logprobs"]``, CUDA then Triton; the C++ kernel
             for CPU tensors; float64 logits skip Triton and CUDA, which accumulate
             in fp32). ``"cuda"`` runs the hand-written kernels of
             ``csrc/cuda/logprobs.cu`` (float32 / float16 / bfloat16).
