@@ -987,8 +987,7 @@ def linear_ppo_loss(
             chunk_size=chunk_size, backend=backend,
         )
     term, kl, clipped = composed_ppo_terms(logp, entropy, old_logp, advantages, ref_logp, **options)
-    out = ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg)
-    return out if loss is None else out._replace(loss=loss)
+    return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss)
 
 
 @targets_checked_on_exit
