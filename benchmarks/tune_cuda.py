@@ -11,7 +11,8 @@ script times, for every cap, the ops through ``rk`` with target validation off:
 * ``rk.logprobs`` forward with entropy (one read of the logits),
 * ``rk.kl_divergence`` forward (two reads),
 * ``rk.ppo_loss`` forward, and forward + backward on the fused path (one read + one write when
-  the row stays on chip),
+  the row stays on chip), the latter also with ``RLHF_KERNELS_CUDA_PREFETCH=1`` (the on-chip slice
+  filled by cp.async; checked bit-identical to the register sweep at the same cap),
 
 each against the Triton backend in the same run, as ms and % of the copy bandwidth measured here
 (``triton.testing.do_bench``, median). Every cap's outputs are checked against the default's first.
@@ -34,6 +35,7 @@ from rlhf_kernels.ops._dispatch import CUDA_FWD_THREADS
 from .common import TimerConfig, copy_bandwidth
 
 ENV = "RLHF_KERNELS_CUDA_FWD_THREADS"
+PREFETCH = "RLHF_KERNELS_CUDA_PREFETCH"
 
 
 def _cases(N: int, V: int, dtype: torch.dtype) -> List[Tuple[str, Callable[[str], object], int]]:
@@ -116,6 +118,23 @@ def main(argv=None) -> int:
                   flush=True)
             if backend == "cuda" and ok and (name not in best or ms < best[name][0]):
                 best[name] = (ms, str(cap))
+    os.environ.pop(ENV, None)
+    # the fused forward-with-gradient with its shared-memory slice filled by cp.async (row_prefetch.cuh)
+    name, fn, moved = cases[-1]
+    for cap in caps:
+        os.environ[ENV] = str(cap)
+        os.environ.pop(PREFETCH, None)
+        expected = _flat(fn("cuda"))
+        os.environ[PREFETCH] = "1"
+        got = _flat(fn("cuda"))
+        same = all(torch.equal(a, b) for a, b in zip(got, expected))  # same cap, same order: the same bits
+        ms = do_bench(lambda: fn("cuda"), return_mode="median")
+        pct = 100 * moved / ms / 1e6 / bw
+        print(f"{name:<20} {'cuda prefetch ' + str(cap):<16} {ms:8.3f} ms {pct:6.1f}% BW"
+              f"{'' if same else '  NOT BIT-IDENTICAL to the register sweep'}", flush=True)
+        if ms < best[name][0]:
+            best[name] = (ms, f"{cap} with RLHF_KERNELS_CUDA_PREFETCH=1")
+    os.environ.pop(PREFETCH, None)
     os.environ.pop(ENV, None)
     for name, (ms, cap) in best.items():
         print(f"# fastest cuda cap for {name}: {cap} ({ms:.3f} ms)")

@@ -21,9 +21,12 @@
 //             in its CTA's shared memory; the per-slice (m, s, t) are exchanged through
 //             distributed shared memory. Logits are read once, dlogits written once.
 //   kGlobal   the second sweep re-reads the row (any GPU, any V): two reads, one write.
+// With RLHF_KERNELS_CUDA_PREFETCH=1 the on-chip paths fill their shared-memory slice with cp.async,
+// kPrefetchDepth groups of 4 vectors in flight per thread (row_prefetch.cuh); same results, bit for bit.
 #include <cooperative_groups.h>
 
 #include "row_common.cuh"
+#include "row_prefetch.cuh"
 
 namespace rlhf_kernels {
 namespace cuda {
@@ -72,7 +75,7 @@ __global__ void __launch_bounds__(512, 2)
     ppo_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, PpoOutputs io,
                    T* __restrict__ grad, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
                    int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab, PpoParams p, int64_t vecs_per_cta,
-                   bool in_smem) {
+                   bool in_smem, bool prefetch) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   if constexpr (kCluster) {
     __trap();  // the host launches the cluster variant only where it was compiled for sm_90+
@@ -104,7 +107,10 @@ __global__ void __launch_bounds__(512, 2)
     const auto cache_vec = [&](int64_t k, const uint4& raw) {
       if (in_smem) cache[k - k_lo] = raw;
     };
-    RowStats st = sweep_row_stats<T, 4>(x, rv, vocab, k_lo, k_hi, threadIdx.x, blockDim.x, c, cache_vec);
+    RowStats st = in_smem && prefetch
+                      ? sweep_row_stats_prefetch<T, 4, kPrefetchDepth>(x, rv, vocab, k_lo, k_hi, threadIdx.x,
+                                                                        blockDim.x, c, cache)
+                      : sweep_row_stats<T, 4>(x, rv, vocab, k_lo, k_hi, threadIdx.x, blockDim.x, c, cache_vec);
     st = block_stats_reduce(st, c);  // ends with __syncthreads: the cache is visible to the whole CTA
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
     if constexpr (kCluster) {
@@ -282,6 +288,7 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
     const auto* x = static_cast<const T*>(logits);
     auto* dx = static_cast<T*>(grad);
     const bool in_smem = plan.path == PpoPath::kShared || plan.path == PpoPath::kCluster;
+    const bool prefetch = in_smem && prefetch_enabled();
     const int64_t per_cta = (nvec + plan.cluster - 1) / plan.cluster;
     if (in_smem && per_cta * 16 > plan.smem_bytes) return cudaErrorInvalidValue;
     const size_t smem = in_smem ? static_cast<size_t>(plan.smem_bytes) : 0;
@@ -294,7 +301,7 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
       }
       ppo_fwd_kernel<T, false><<<static_cast<unsigned>(rows), plan.threads, smem, stream>>>(
           x, targets, io, dx, rows_inner, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab, params, per_cta,
-          in_smem);
+          in_smem, prefetch);
       return cudaGetLastError();
     }
     cudaError_t err = cudaFuncSetAttribute(ppo_fwd_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -316,7 +323,7 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
     config.attrs = attribute;
     config.numAttrs = 1;
     err = cudaLaunchKernelEx(&config, ppo_fwd_kernel<T, true>, x, targets, io, dx, rows_inner, stride_b, stride_t,
-                             grad_stride_b, grad_stride_t, vocab, params, per_cta, true);
+                             grad_stride_b, grad_stride_t, vocab, params, per_cta, true, prefetch);
     if (err != cudaSuccess) return err;
     return cudaGetLastError();
   });

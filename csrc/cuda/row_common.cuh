@@ -139,6 +139,14 @@ inline int forward_thread_cap(int default_cap) {
   return n >= 32 && n <= 512 && (n & (n - 1)) == 0 ? n : default_cap;
 }
 
+// The fused PPO forward's shared-memory paths fill their slice with cp.async (row_prefetch.cuh) when
+// RLHF_KERNELS_CUDA_PREFETCH=1 (read at every launch; ops/ppo.py rejects other values by name). Off by
+// default until a GPU run measures it: benchmarks/tune_cuda.py times both.
+inline bool prefetch_enabled() {
+  const char* text = std::getenv("RLHF_KERNELS_CUDA_PREFETCH");
+  return text != nullptr && text[0] == '1' && text[1] == '\0';
+}
+
 // Threads of a forward CTA that sweeps `vectors` vectors (a row, or a cluster's slice of one).
 inline int forward_threads(int64_t vectors, int default_cap) {
   return sweep_threads(vectors, forward_thread_cap(default_cap));

@@ -29,6 +29,10 @@ chosen per call (``RLHF_KERNELS_CUDA_PPO``, default ``auto``):
   row over ~80 KB): two reads and one write, like the two-pass form;
 - ``two-pass``: no gradient in the forward: ``ppo_term_fwd`` then ``ppo_term_bwd``.
 
+``RLHF_KERNELS_CUDA_PREFETCH=1`` (off by default until a GPU run measures it) fills the ``shared`` and
+``cluster`` paths' slice with ``cp.async``, 16 vectors in flight per thread instead of 4, with the same
+results bit for bit (``csrc/cuda/row_prefetch.cuh``).
+
 ``auto`` takes shared, else cluster, else global. ``rlhf_kernels._C.ppo_plan``
 reports the choice for a ``(V, dtype)``. The fused path keeps ``dlogits``
 (``[*, V]``, logits' dtype) alive from the forward to the backward, which hands
@@ -90,6 +94,16 @@ def cuda_ppo_path() -> str:
     if value not in CUDA_PPO_PATHS:
         raise ValueError(f"RLHF_KERNELS_CUDA_PPO must be one of {tuple(CUDA_PPO_PATHS)}, got {value!r}")
     return value
+
+
+def cuda_ppo_prefetch() -> bool:
+    """The ``RLHF_KERNELS_CUDA_PREFETCH`` setting: ``1`` fills the fused path's shared-memory slice with cp.async
+    (``csrc/cuda/row_prefetch.cuh``, bit-identical results), ``0`` or unset keeps the register sweep. The kernel
+    launcher reads the variable itself; anything else is rejected here, by name, before a launch."""
+    value = os.environ.get("RLHF_KERNELS_CUDA_PREFETCH", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"RLHF_KERNELS_CUDA_PREFETCH must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def aggregation_weights(mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
@@ -549,6 +563,7 @@ def ppo_loss(
     # gradient is written into a [B, L, V] tensor (no zero-fill + copy by autograd's SliceBackward)
     source, row_start, row_count = base_and_range(logits)
     if chosen == "cuda" and torch.is_grad_enabled() and logits.requires_grad and cuda_ppo_path() != "two-pass":
+        cuda_ppo_prefetch()  # validated by name; the launcher reads it
         loss, term, logp, entropy, kl, clipped = ppo_loss_fused(
             source,
             targets.long(),

@@ -18,6 +18,7 @@
 
 #include "kl_stats.cuh"
 #include "row_grad.cuh"
+#include "row_prefetch.cuh"
 #include "row_stats.cuh"
 
 using namespace rlhf_kernels::cuda::detail;
@@ -156,8 +157,11 @@ void logprobs_bwd_rows(T* grad, const T* logits, const int64_t* targets, const f
 template <typename T>
 int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const float* g_logp, const float* g_ent,
                     int64_t rows, int64_t row_stride, int64_t grad_row_stride, int64_t vocab, float inv_t,
-                    int64_t ignore_index, int threads, int cluster, bool in_smem, float* logp, float* entropy,
+                    int64_t ignore_index, int threads, int cluster, int cache_mode, float* logp, float* entropy,
                     float* lse) {
+  // cache_mode: 0 kGlobal (sweep 2 re-reads the logits), 1 the slice cached by the register sweep's sink,
+  // 2 the slice copied by sweep_row_stats_prefetch (RLHF_KERNELS_CUDA_PREFETCH=1)
+  const bool in_smem = cache_mode != 0;
   constexpr int kVec = Vec<T>::kSize;
   const float c = inv_t * kLog2e;
   const int64_t per_cta = (vectors_per_row<T>(vocab) + cluster - 1) / cluster;
@@ -173,7 +177,18 @@ int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const floa
       std::vector<uint4>& cache = caches[static_cast<size_t>(rank)];
       cache.assign(static_cast<size_t>(std::max<int64_t>(k_hi - k_lo, 1)), uint4{0u, 0u, 0u, 0u});
       const auto sink = [&](int64_t k, const uint4& raw) { cache[static_cast<size_t>(k - k_lo)] = raw; };
-      total = stats_merge(total, cta_stats(x, rv, vocab, k_lo, k_hi, threads, c, sink), c);
+      if (cache_mode == 2) {
+        std::vector<RowStats> states;
+        for (int t = 0; t < threads; ++t) {
+          states.push_back(sweep_row_stats_prefetch<T, 4, kPrefetchDepth>(x, rv, vocab, k_lo, k_hi, t, threads, c,
+                                                                          cache.data()));
+        }
+        total = stats_merge(total, block_reduce_emulated(states, stats_init(), [c](const RowStats& a, const RowStats& b) {
+          return stats_merge(a, b, c);
+        }), c);
+      } else {
+        total = stats_merge(total, cta_stats(x, rv, vocab, k_lo, k_hi, threads, c, sink), c);
+      }
     }
     const int64_t y = targets[row];
     const TokenOutputs out = token_outputs(x, y, vocab, inv_t, ignore_index, total);
@@ -271,21 +286,21 @@ extern "C" int rk_emulate_logprobs_bwd(int dtype, void* grad, const void* logits
 extern "C" int rk_emulate_fused_grad(int dtype, void* grad, const void* logits, const int64_t* targets,
                                      const float* g_logp, const float* g_ent, int64_t rows, int64_t row_stride,
                                      int64_t grad_row_stride, int64_t vocab, float inv_t, int64_t ignore_index,
-                                     int threads, int cluster, int in_smem, float* logp, float* entropy, float* lse) {
+                                     int threads, int cluster, int cache_mode, float* logp, float* entropy, float* lse) {
   if (bad_launch(threads, cluster) || vocab < 1) return 2;
   switch (dtype) {
     case 0:
       return fused_grad_rows(static_cast<float*>(grad), static_cast<const float*>(logits), targets, g_logp, g_ent,
                              rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads, cluster,
-                             in_smem != 0, logp, entropy, lse);
+                             cache_mode, logp, entropy, lse);
     case 1:
       return fused_grad_rows(static_cast<__half*>(grad), static_cast<const __half*>(logits), targets, g_logp, g_ent,
                              rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads, cluster,
-                             in_smem != 0, logp, entropy, lse);
+                             cache_mode, logp, entropy, lse);
     case 2:
       return fused_grad_rows(static_cast<__nv_bfloat16*>(grad), static_cast<const __nv_bfloat16*>(logits), targets,
                              g_logp, g_ent, rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads,
-                             cluster, in_smem != 0, logp, entropy, lse);
+                             cluster, cache_mode, logp, entropy, lse);
   }
   return 2;
 }

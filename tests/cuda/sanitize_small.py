@@ -8,7 +8,8 @@ Shapes are chosen for the edges of the index math: odd V (rows start at every
 16-byte misalignment), strided views, V smaller than one vector, several column
 blocks in the backward, an ignored target and out-of-range targets with
 validation off (never read), and each path of the fused PPO forward-with-gradient
-(global re-read, shared-memory row, sm_90 cluster when the GPU has it), with the
+(global re-read, shared-memory row, sm_90 cluster when the GPU has it; the last two also with their
+slice filled by cp.async, RLHF_KERNELS_CUDA_PREFETCH=1), with the
 forward kernels' CTA size at its defaults, then capped at 512 and 32 threads. Exits 1
 if a result is not finite where it should be; the sanitizer reports memory errors.
 """
@@ -67,13 +68,15 @@ def main() -> int:
             adv = torch.randn(2, 5, device=dev)
             mask = torch.ones(2, 5, device=dev)
             mask[1, 1] = mask[1, 2] = 0
-            for path in ("two-pass", "global", "shared", "cluster"):
+            for path in ("two-pass", "global", "shared", "cluster", "shared+prefetch", "cluster+prefetch"):
+                path, _, prefetch = path.partition("+")
                 if path not in ("two-pass", "global"):
                     plan = _ext.load().ppo_plan(V, str(dtype).replace("torch.", ""), ppo_ops.CUDA_PPO_PATHS[path],
                                                 True, torch.cuda.current_device())
                     if plan[0] == "none":
                         continue
                 os.environ["RLHF_KERNELS_CUDA_PPO"] = path
+                os.environ["RLHF_KERNELS_CUDA_PREFETCH"] = "1" if prefetch else "0"
                 xt = x.detach().clone().requires_grad_()
                 out = rk.ppo_loss(xt, y, old, adv, mask, ref_logp=old, kl_coef=0.1, entropy_coef=0.01,
                                   dual_clip=3.0, backend="cuda")
@@ -81,7 +84,7 @@ def main() -> int:
                 with torch.no_grad():
                     rk.ppo_loss(x, y, old, adv, mask, backend="cuda")  # the forward-only kernel
                 if not (torch.isfinite(out.logp[good]).all() and torch.isfinite(xt.grad[good]).all()):
-                    failures.append(f"ppo_loss {path} {tag}")
+                    failures.append(f"ppo_loss {path}{' prefetch' if prefetch else ''} {tag}")
     torch.cuda.synchronize()
     print("ok" if not failures else "non-finite results: " + ", ".join(failures))
     return 1 if failures else 0

@@ -150,6 +150,18 @@ def test_cuda_forward_threads_setting(monkeypatch):
     assert _dispatch.resolve_backend("logprobs", torch.device("cpu"), None, ("cpu",)) == "cpu"
 
 
+def test_cuda_prefetch_setting(monkeypatch):
+    monkeypatch.delenv("RLHF_KERNELS_CUDA_PREFETCH", raising=False)
+    assert ppo_ops.cuda_ppo_prefetch() is False
+    for value, expected in (("0", False), ("1", True), ("", False)):
+        monkeypatch.setenv("RLHF_KERNELS_CUDA_PREFETCH", value)
+        assert ppo_ops.cuda_ppo_prefetch() is expected
+    for bad in ("yes", "2", " 1", "true"):  # the launcher reads exactly "1": anything else is refused by name
+        monkeypatch.setenv("RLHF_KERNELS_CUDA_PREFETCH", bad)
+        with pytest.raises(ValueError, match="RLHF_KERNELS_CUDA_PREFETCH must be 0 or 1"):
+            ppo_ops.cuda_ppo_prefetch()
+
+
 # ------------------------------------------------------------- the fused forward-with-gradient contract
 
 

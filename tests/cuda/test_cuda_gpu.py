@@ -356,6 +356,28 @@ def test_ppo_loss_all_paths(V, dtype, path, monkeypatch):
         assert_matches_oracle(xt.grad, xl.grad, x64.grad, dtype, f"{what} dlogits")
 
 
+@pytest.mark.parametrize("path", ("shared", "cluster", "auto"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", (4097, 50257, 151936))
+def test_ppo_prefetch_is_bit_identical(V, dtype, path, monkeypatch):
+    """RLHF_KERNELS_CUDA_PREFETCH=1 (the on-chip slice filled by cp.async, csrc/cuda/row_prefetch.cuh) folds every
+    thread's vectors in the register sweep's order: loss, statistics and dlogits are the same bits (strided rows)."""
+    if not _path_possible(path, V, dtype):
+        pytest.skip(f"path {path} cannot run for V={V} {dtype} on this GPU")
+    monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", path)
+    x, y, old, adv, ref, mask = _ppo_case(V, dtype, seed=V + 61)
+    runs = []
+    for prefetch in ("0", "1"):
+        monkeypatch.setenv("RLHF_KERNELS_CUDA_PREFETCH", prefetch)
+        xt = x.detach().clone().requires_grad_()
+        with poisoned_allocations():
+            out = rk.ppo_loss(xt, y, old, adv, mask, ref_logp=ref, kl_coef=0.1, entropy_coef=0.01, backend="cuda")
+            out.loss.backward()
+        runs.append((out.loss, out.logp, out.entropy, xt.grad))
+    for name, a, b in zip(("loss", "logp", "entropy", "dlogits"), *runs):
+        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), f"{path} V={V} {name}"
+
+
 def _ref_options(options):
     o = dict(options)
     if "ref_logp" in o:

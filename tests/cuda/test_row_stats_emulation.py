@@ -372,22 +372,27 @@ def test_logprobs_backward_extreme_logits(emu, dtype):
     check_logprobs_backward(emu, x, torch.tensor([0, V - 1, 1, V - 2, V // 2]), op_torch=True)
 
 
-def emulate_fused(lib, x, y, g_logp, g_ent, *, temperature=1.0, threads=128, cluster=1, in_smem=True, grad_offset=0):
+def emulate_fused(lib, x, y, g_logp, g_ent, *, temperature=1.0, threads=128, cluster=1, in_smem=True, grad_offset=0,
+                  prefetch=False):
     rows, stride = _rows(x)
     grad = grad_buffer_like(x, grad_offset)
     out = [torch.full((rows,), float("nan")) for _ in range(3)]
     rc = lib.rk_emulate_fused_grad(DTYPE_CODE[x.dtype], grad.data_ptr(), x.data_ptr(), y.data_ptr(), g_logp.data_ptr(),
                                    g_ent.data_ptr(), rows, stride, grad.stride(0), x.shape[1], 1.0 / temperature,
-                                   IGNORE, threads, cluster, int(in_smem), *(o.data_ptr() for o in out))
+                                   IGNORE, threads, cluster, 2 if prefetch else int(in_smem),
+                                   *(o.data_ptr() for o in out))
     assert rc == 0
     assert_only_rows_written(grad)
     return grad, out
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cluster,in_smem", ((1, True), (1, False), (2, True), (3, True), (8, True)),
-                         ids=("shared", "global", "cluster2", "cluster3", "cluster8"))
-def test_fused_ppo_gradient_paths(emu, cluster, in_smem, dtype):
+@pytest.mark.parametrize("cluster,in_smem,prefetch",
+                         ((1, True, False), (1, False, False), (2, True, False), (3, True, False), (8, True, False),
+                          (1, True, True), (4, True, True)),
+                         ids=("shared", "global", "cluster2", "cluster3", "cluster8", "shared-prefetch",
+                              "cluster4-prefetch"))
+def test_fused_ppo_gradient_paths(emu, cluster, in_smem, prefetch, dtype):
     # ppo.cu's kShared / kGlobal / kCluster paths: the gradient of G_logp·logp + G_H·H written in
     # the forward, per CTA slice, from the cached row or the logits
     for V, offset, grad_offset in ((50257, 3, 3), (4097, 1, 2), (9, 5, 5)):
@@ -395,10 +400,34 @@ def test_fused_ppo_gradient_paths(emu, cluster, in_smem, dtype):
         y = random_targets(3, V, seed=V + cluster)
         g_logp, g_ent = upstream(3, seed=V)
         grad, (logp, ent, lse) = emulate_fused(emu, x, y, g_logp, g_ent, temperature=0.9, threads=64,
-                                               cluster=cluster, in_smem=in_smem, grad_offset=grad_offset)
+                                               cluster=cluster, in_smem=in_smem, grad_offset=grad_offset,
+                                               prefetch=prefetch)
         lp64, ent64 = reference.logprobs(x.double(), y, temperature=0.9, return_entropy=True)
         lpl, entl = reference.logprobs(x, y, temperature=0.9, return_entropy=True)
         assert_matches_oracle(logp, lpl, lp64, dtype, "logp")
         assert_matches_oracle(ent, entl, ent64, dtype, "entropy")
         g64, gl = _grad_oracle(x, y, 0.9, g_logp, g_ent, op_torch=False)
         assert_matches_oracle(grad, gl, g64, dtype, "dlogits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("threads,cluster", ((32, 1), (64, 3), (128, 4), (256, 2)))
+def test_prefetch_sweep_is_bit_identical(emu, dtype, threads, cluster):
+    """row_prefetch.cuh (RLHF_KERNELS_CUDA_PREFETCH=1): the cp.async pipeline folds each thread's vectors in the
+    register sweep's grouping, so logp, entropy, lse and dlogits equal the cached register sweep's bit for bit, for
+    every misalignment, row lengths that leave partial groups, a pipeline deeper than a thread's vectors (V = 9), and
+    -inf / extreme logits."""
+    for V, offset in ((50257, 3), (4097, 1), (9, 5), (1031, 0), (777, 7)):
+        x = random_logits(3, V, dtype, seed=V + threads)
+        x[1, : V // 3] = float("-inf")
+        x[2, V // 2] = 1e4 if dtype != torch.float16 else 6e4
+        x = at_offset(x.to(dtype), offset)
+        y = random_targets(3, V, seed=V + cluster)
+        g_logp, g_ent = upstream(3, seed=V + 1)
+        runs = [emulate_fused(emu, x, y, g_logp, g_ent, temperature=0.7, threads=threads, cluster=cluster,
+                              grad_offset=offset, prefetch=p) for p in (False, True)]
+        (g0, outs0), (g1, outs1) = runs
+        assert torch.equal(g0.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           g1.view(torch.int16 if dtype != torch.float32 else torch.int32)), f"V={V} dlogits"
+        for a, b, name in zip(outs0, outs1, ("logp", "entropy", "lse")):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"V={V} {name}"
