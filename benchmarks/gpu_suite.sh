@@ -35,8 +35,9 @@
 #   all       setup tests bench                 (the default)
 #   priority  what closes open issues fastest, for a short lent-GPU session (make gpu-quick), in order:
 #             setup, headline at 8192x151936 only (unless HEADLINE_SHAPES is set), tune-cuda, linear-headline,
-#             tests, sanitize (memcheck, then racecheck and synccheck), profile; with GPU_DEADLINE the
-#             later ones are skipped when too little time is left
+#             tests, sanitize (memcheck, then racecheck and synccheck), profile, then the bench stages klppo,
+#             gae, linear (resumed: they fill the grid's gaps) and coverage; with GPU_DEADLINE the later ones
+#             are skipped or cut when too little time is left
 #
 # GPU_DEADLINE=<seconds from the script's start> (default: none) bounds the whole run: a stage is
 # skipped, with a note in gpu_suite.log, when less time is left than its rough minimum (STAGE_MIN
@@ -343,6 +344,11 @@ run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part;
       run_stage sanitize memcheck
       run_stage sanitize racecheck synccheck
       run_stage profile
+      # time left: fill the grid's gaps (issue 5), resumable, kl / ppo first (fewest cells covered)
+      run_stage klppo
+      run_stage gae
+      run_stage linear
+      run_stage coverage
       return ;;
   esac
   case " $STAGES " in
