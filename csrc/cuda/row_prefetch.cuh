@@ -63,16 +63,8 @@ RK_HD RowStats sweep_row_stats_prefetch(const T* row, const RowVecs& rv, int64_t
   const VecRange body = split_vecs(rv, k_lo, k_hi);
   const uint4* vecs = reinterpret_cast<const uint4*>(row - rv.pre);
   RowStats st = stats_init();
-  // the partial head and tail vectors, as in sweep_row_stats (element-wise masked loads)
-  const auto partial = [&](int64_t k) {
-    const uint4 raw = load_vec_masked(row, k, rv.pre, V);
-    float x[1][kVec];
-    masked_to_floats<T>(raw, k, rv.pre, V, x[0]);
-    cache[k - k_lo] = raw;
-    stats_update(st, x, c);
-  };
-  if (first == 0 && k_lo < body.body_lo) partial(k_lo);
-  if (first == step - 1 && body.body_hi < k_hi) partial(k_hi - 1);
+  fold_partial_vecs(st, row, rv, V, k_lo, k_hi, body, first, step, c,
+                    [cache, k_lo](int64_t k, const uint4& raw) { cache[k - k_lo] = raw; });
   // this thread's body vectors: k = start + j·step, j in [0, n), in groups g of kUnroll consecutive j
   const int64_t start = body.body_lo + first;
   const int64_t n = start < body.body_hi ? (body.body_hi - start + step - 1) / step : 0;

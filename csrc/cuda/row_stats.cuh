@@ -285,6 +285,23 @@ RK_HD TokenOutputs token_outputs(const T* row, int64_t y, int64_t V, float inv_t
   return {valid ? target_logp(row, y, V, inv_t, r) : 0.f, valid ? r.entropy : 0.f, r.lse, valid};
 }
 
+// The partial head and tail vectors of [k_lo, k_hi) (body = split_vecs(rv, k_lo, k_hi)), read element by
+// element: thread 0 folds the head into st, thread step - 1 the tail, each also handed to on_vec(k, raw).
+template <typename T, typename OnVec>
+RK_HD void fold_partial_vecs(RowStats& st, const T* row, const RowVecs& rv, int64_t V, int64_t k_lo, int64_t k_hi,
+                             const VecRange& body, int64_t first, int64_t step, float c, OnVec on_vec) {
+  constexpr int kVec = Vec<T>::kSize;
+  const auto partial = [&](int64_t k) {
+    const uint4 raw = load_vec_masked(row, k, rv.pre, V);
+    float x[1][kVec];
+    masked_to_floats<T>(raw, k, rv.pre, V, x[0]);
+    on_vec(k, raw);
+    stats_update(st, x, c);
+  };
+  if (first == 0 && k_lo < body.body_lo) partial(k_lo);
+  if (first == step - 1 && body.body_hi < k_hi) partial(k_hi - 1);
+}
+
 // This thread's statistics of vectors [k_lo, k_hi) of the row: it takes the body vectors
 // first, first + step, ... (kUnroll 16-byte loads in flight, one max update per group); thread 0
 // also takes the partial head vector and thread step - 1 the partial tail (element loads; two
@@ -299,15 +316,7 @@ RK_HD RowStats sweep_row_stats(const T* row, const RowVecs& rv, int64_t V, int64
   // vector k of the row is vecs[k]: row - pre is 16-byte aligned (only whole vectors are read through it)
   const uint4* vecs = reinterpret_cast<const uint4*>(row - rv.pre);
   RowStats st = stats_init();
-  const auto partial = [&](int64_t k) {
-    const uint4 raw = load_vec_masked(row, k, rv.pre, V);
-    float x[1][kVec];
-    masked_to_floats<T>(raw, k, rv.pre, V, x[0]);
-    on_vec(k, raw);
-    stats_update(st, x, c);
-  };
-  if (first == 0 && k_lo < body.body_lo) partial(k_lo);
-  if (first == step - 1 && body.body_hi < k_hi) partial(k_hi - 1);
+  fold_partial_vecs(st, row, rv, V, k_lo, k_hi, body, first, step, c, on_vec);
   int64_t k = body.body_lo + first;
   for (; k + (kUnroll - 1) * step < body.body_hi; k += kUnroll * step) {
     uint4 raw[kUnroll];
