@@ -85,13 +85,15 @@ def main(argv=None) -> int:
         print(f"{name:<42} {ms:8.3f} ms {gbs:8.0f} GB/s {100 * gbs / bw:6.1f}% BW", flush=True)
 
     ref_out = fwd_shipped(rows, y, 4096, 8)
-    for block, warps in [(512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]:
+    for block, warps in [(1024, 1), (2048, 1), (4096, 1), (2048, 2), (4096, 2), (512, 4), (1024, 4), (1024, 8),
+                         (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]:
         out = fwd_shipped(rows, y, block, warps)
         ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(out, ref_out))
         report(f"fwd shipped     {block}x{warps}{'' if ok else ' MISMATCH'}",
                do_bench(lambda: fwd_shipped(rows, y, block, warps), return_mode="median"), nbytes)
     ref_grad = bwd_cfg(rows, y, ref_out, 4096, 8)
-    for block, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16)]:
+    for block, warps in [(2048, 1), (2048, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8),
+                         (8192, 16)]:
         ok = torch.equal(bwd_cfg(rows, y, ref_out, block, warps), ref_grad)
         report(f"bwd             {block}x{warps}{'' if ok else ' MISMATCH'}",
                do_bench(lambda: bwd_cfg(rows, y, ref_out, block, warps), return_mode="median"), 2 * nbytes)
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
     torch.cuda.empty_cache()
     ref_rows = (torch.randn((1, N, V), device="cuda", generator=gen) * 3).to(dtype)
     kl_ref = kl_cfg(rows, ref_rows, 2048, 8)
-    for block, warps in [(512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8)]:
+    for block, warps in [(1024, 1), (2048, 1), (2048, 2), (512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8),
+                         (4096, 8)]:
         ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(kl_cfg(rows, ref_rows, block, warps), kl_ref))
         report(f"kl fwd          {block}x{warps}{'' if ok else ' MISMATCH'}",
                do_bench(lambda: kl_cfg(rows, ref_rows, block, warps), return_mode="median"), 2 * nbytes)

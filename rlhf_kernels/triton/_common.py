@@ -55,7 +55,12 @@ def vocab_config(vocab: int, device: torch.device, kind: str = "fwd"):
 # block-max logprobs forward 2048x4 91% of the copy bandwidth, 4096x4 89%, 1024x4 86%, 4096x8 80%;
 # the two-row KL forward (old per-lane state; block-max now, unmeasured) 1024x8, 512x4 71%, 2048x4 53%.
 # The best differs by op, dtype, vocabulary and chip, so the candidates are timed once per (V, dtypes) on first use.
-_ROW_FWD_CANDIDATES = ((4096, 4), (2048, 4), (2048, 8), (1024, 4), (1024, 8), (512, 4), (256, 4), (128, 4))
+# On an H200 (4.3 TB/s) the best of those reached only 64-75% for the logprobs and PPO forwards, while
+# Liger-Kernel's GRPO forward, one warp per row with 2048-wide blocks (64 values per thread in flight, and
+# no cross-warp reduction), ran at 98.6% (benchmarks/results/nvidia-h200/NOTES.md): hence the one- and
+# two-warp candidates. Unmeasured here until a GPU run; the autotuner keeps whichever is fastest.
+_ROW_FWD_CANDIDATES = ((4096, 4), (2048, 4), (2048, 8), (1024, 4), (1024, 8), (512, 4), (256, 4), (128, 4),
+                       (4096, 1), (2048, 1), (1024, 1), (4096, 2), (2048, 2))
 
 
 def _prune_row_configs(configs, named_args, **kwargs):
