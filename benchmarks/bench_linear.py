@@ -23,6 +23,10 @@ GRPO loss is not wired here.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -248,8 +252,43 @@ def _loss_spec(kind: str, variant: str) -> OpSpec:
     )
 
 
+def _liger_fp32_reason(case: Case, device: torch.device) -> Optional[str]:
+    why = liger_reason(case, device)
+    if why is not None:
+        return why
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    if "accum_dtype" not in inspect.signature(liger_fused_linear_cross_entropy).parameters:
+        return "this Liger-Kernel's fused linear cross-entropy has no accum_dtype"
+    return None
+
+
+def _liger_fp32_spec(base: OpSpec) -> OpSpec:
+    """Liger-Kernel's fused linear cross-entropy with ``accum_dtype=torch.float32``: its weight gradient accumulated
+    in float32 across chunks, as ours is. The plain ``linear_cross_entropy`` rows measure Liger's default
+    (``accum_dtype=None``: the parameter's dtype, bf16 for a bf16 head), which needs no ``[V, H]`` float32 buffer,
+    and so less memory than any float32-accumulating row-chunk loop (benchmarks/results/nvidia-h200/NOTES.md)."""
+
+    def build(i):
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return lambda: (
+            liger_fused_linear_cross_entropy(i["hidden"], i["weight"], i["targets"], accum_dtype=torch.float32),
+        )
+
+    providers = {p: _skipped(base.name) for p in ("eager", "compile", "chunked") + tuple(OURS)}
+    providers["liger"] = Provider(build, _liger_fp32_reason)
+    return dataclasses.replace(
+        base, name=base.name + "+liger-fp32acc", providers=providers,
+        description="SFT cross-entropy (token mean) from hidden [N, H] and LM head [V, H]: Liger-Kernel with "
+                    "accum_dtype=float32 (its weight gradient accumulated in float32, as ours)",
+    )
+
+
 OPS = {"linear_logprobs": _spec(False), "linear_logprobs+ent": _spec(True)}
 for _kind in ("ce", "ppo"):
     for _variant in _LOSS_VARIANTS:
         _s = _loss_spec(_kind, _variant)
         OPS[_s.name] = _s
+_s = _liger_fp32_spec(OPS["linear_cross_entropy"])
+OPS[_s.name] = _s

@@ -18,7 +18,8 @@
 #   headline  re-measures our backends and Liger (not --resume) at the issues' target shapes, bf16:
 #             logprobs(+ent), kl_divergence, ppo_loss at HEADLINE_SHAPES (default 8192x151936,16384x128256)
 #   linear-headline  re-measures LINEAR_HEADLINE_OPS (default linear_cross_entropy, its +vocab variant
-#             (chunk_by="vocab": no [V, H] float32 accumulator, issue 6's memory target), linear_logprobs (against
+#             (chunk_by="vocab": no [V, H] float32 accumulator, issue 6's memory target), Liger with
+#             accum_dtype=float32 (+liger-fp32acc: float32 weight-gradient accumulation, as ours), linear_logprobs (against
 #             Liger's per-token reduction="none" path, issue 6's time target), linear_ppo_loss) against eager
 #             (materialised) and Liger at LINEAR_HEADLINE_SHAPES (default 8192x128256x4096,16384x151936x4096),
 #             bf16; the run's matmul throughput (the floor) is measured with them
@@ -245,7 +246,7 @@ stage_linear_headline() {
   need_cuda linear-headline || return
   seed_results
   note "linear-headline: fused-linear losses, ours against eager (materialised) and Liger, and the matmul floor"
-  headline_run linear_headline --ops "${LINEAR_HEADLINE_OPS:-linear_cross_entropy,linear_cross_entropy+vocab,linear_logprobs,linear_ppo_loss}" \
+  headline_run linear_headline --ops "${LINEAR_HEADLINE_OPS:-linear_cross_entropy,linear_cross_entropy+vocab,linear_cross_entropy+liger-fp32acc,linear_logprobs,linear_ppo_loss}" \
     --shapes "${LINEAR_HEADLINE_SHAPES:-8192x128256x4096,16384x151936x4096}" --dtypes bf16 --providers eager,triton,cuda,liger
 }
 
