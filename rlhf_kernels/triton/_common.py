@@ -63,11 +63,18 @@ _ROW_FWD_CANDIDATES = ((4096, 4), (2048, 4), (2048, 8), (1024, 4), (1024, 8), (5
                        (4096, 1), (2048, 1), (1024, 1), (4096, 2), (2048, 2))
 
 
+# Rows shorter than this skip the one- and two-warp candidates: those pay off for long vocabularies (Liger's case
+# was V = 151936), and each candidate is one more compile on a key's first call.
+_FEW_WARPS_MIN_V = 32768
+
+
 def _prune_row_configs(configs, named_args, **kwargs):
-    """Keep blocks no wider than the row (and, for long rows, no narrower than 512)."""
-    cap = max(128, next_pow2(int(named_args["V"])))
+    """Keep blocks no wider than the row (and, for long rows, no narrower than 512); the one- and two-warp
+    candidates only for rows of at least ``_FEW_WARPS_MIN_V``."""
+    v = int(named_args["V"])
+    cap = max(128, next_pow2(v))
     floor = min(cap, 512)
-    return [c for c in configs if floor <= c.kwargs["BLOCK_V"] <= cap]
+    return [c for c in configs if floor <= c.kwargs["BLOCK_V"] <= cap and (c.num_warps >= 4 or v >= _FEW_WARPS_MIN_V)]
 
 
 def row_autotune(kernel):
