@@ -70,7 +70,9 @@ over all rows (``_vocab_slab_loss``). A slab's weight gradient is then one GEMM
 over every token (float32 accumulation inside it, cast once) written into its
 rows of ``grad_weight``: no ``[V, H]`` float32 accumulator (2.1 GB for a
 128256 x 4096 bf16 head), at the cost of a second logits GEMM (4 matmuls);
-``grad_hidden`` gets an ``[N, H]`` float32 accumulator instead.
+``grad_hidden`` gets an ``[N, H]`` float32 accumulator instead. The default,
+``chunk_by="auto"``, takes the row chunks unless that accumulator would not fit
+in the GPU's free memory, and then the slabs, with a one-time warning.
 
 Which path runs: the forward-with-gradient path when grad mode is on,
 ``hidden``, ``weight`` or ``bias`` requires grad, and none of them is float64,
@@ -84,6 +86,7 @@ upstream gradient is only known in backward) and
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -477,16 +480,58 @@ def linear_grad_path() -> str:
     return value
 
 
-LINEAR_CHUNK_BY = ("rows", "vocab")
+LINEAR_CHUNK_BY = ("auto", "rows", "vocab")
+# chunk_by="auto" weighs the row path's float32 accumulator against free memory on these devices only (the CPU's
+# free memory is not the allocator's to count): rows there. Tests widen it.
+AUTO_CHUNK_DEVICES = ("cuda",)
+# The share of the device's free memory the row path's accumulator may take under chunk_by="auto".
+_AUTO_ROWS_SHARE = 0.9
+_auto_fallback_warned = False
 
 
-def linear_chunk_by(chunk_by: Optional[str]) -> str:
-    """``chunk_by`` of the linear losses, else ``RLHF_KERNELS_LINEAR_CHUNK_BY``, else ``"rows"``."""
+def linear_chunk_by(chunk_by: Optional[str], weight: Optional[torch.Tensor] = None) -> str:
+    """``"rows"`` or ``"vocab"``: ``chunk_by`` of the linear losses, else ``RLHF_KERNELS_LINEAR_CHUNK_BY``, else
+    ``"auto"``, which takes the row chunks (3 matmuls, the fastest) unless their ``[V, H]`` float32 weight-gradient
+    accumulator would not fit in the device's free memory, and then the vocabulary slabs (no such buffer, 4 matmuls)
+    with a one-time warning, rather than running out of memory."""
     value = chunk_by if chunk_by is not None else os.environ.get("RLHF_KERNELS_LINEAR_CHUNK_BY", "")
-    value = value.strip().lower() or "rows"
+    value = value.strip().lower() or "auto"
     if value not in LINEAR_CHUNK_BY:
         raise ValueError(f"chunk_by (or RLHF_KERNELS_LINEAR_CHUNK_BY) must be one of {LINEAR_CHUNK_BY}, got {value!r}")
-    return value
+    if value != "auto":
+        return value
+    return _auto_chunk_by(weight)
+
+
+def _free_device_bytes(device: torch.device) -> int:
+    """Bytes a new allocation can still get on ``device``: the driver's free memory plus what PyTorch's caching
+    allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def _auto_chunk_by(weight: Optional[torch.Tensor]) -> str:
+    """``chunk_by="auto"``: ``"vocab"`` when the row path's float32 ``[V, H]`` accumulator would take more than
+    ``_AUTO_ROWS_SHARE`` of the free memory of ``weight``'s device, else ``"rows"``. No accumulator (a float32
+    weight accumulates in its own gradient, or no weight gradient) or a traced graph: ``"rows"``."""
+    global _auto_fallback_warned
+    if (weight is None or not weight.requires_grad or weight.device.type not in AUTO_CHUNK_DEVICES
+            or _acc_dtype(weight.dtype) == weight.dtype or torch.compiler.is_compiling()):
+        return "rows"
+    need = weight.numel() * torch.finfo(_acc_dtype(weight.dtype)).bits // 8
+    free = _free_device_bytes(weight.device)
+    if need <= _AUTO_ROWS_SHARE * free:
+        return "rows"
+    if not _auto_fallback_warned:
+        _auto_fallback_warned = True
+        warnings.warn(
+            f"rlhf_kernels linear losses: the row chunks' float32 weight-gradient accumulator ({need / 2**30:.2f} GiB "
+            f"for a {tuple(weight.shape)} head) does not fit in free memory ({free / 2**30:.2f} GiB), so the gradient "
+            "is computed over vocabulary slabs (chunk_by='vocab': no such buffer, one more matmul). Pass chunk_by= "
+            "or set RLHF_KERNELS_LINEAR_CHUNK_BY to choose.",
+            stacklevel=3,
+        )
+    return "vocab"
 
 
 def _grad_in_forward(grad_in_forward: Optional[bool], *leaves: Optional[torch.Tensor]) -> bool:
@@ -955,7 +1000,9 @@ def linear_ppo_loss(
     ``RLHF_KERNELS_LINEAR_CHUNK_BY=vocab``) computes that gradient over
     vocabulary slabs instead of row chunks: no ``[V, H]`` float32 weight-gradient
     accumulator (the least memory), 4 matmuls (``_vocab_slab_loss``); with it,
-    ``chunk_size`` is the slab's width in vocabulary columns.
+    ``chunk_size`` is the slab's width in vocabulary columns. ``"rows"`` forces
+    the row chunks; ``"auto"`` (the default) takes them unless their accumulator
+    would not fit in the GPU's free memory (``linear_chunk_by``).
 
     Returns:
         ``PPOLossOutput(loss, logp, entropy, kl, clip_frac, approx_kl)`` as ``rk.ppo_loss``.
@@ -972,7 +1019,7 @@ def linear_ppo_loss(
 
     options = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low,
                    clip_high=clip_high, dual_clip=None if dual_clip is None else float(dual_clip))
-    chunk_by = linear_chunk_by(chunk_by)
+    chunk_by = linear_chunk_by(chunk_by, weight)
     if _grad_in_forward(grad_in_forward, hidden, weight, bias):
         temperature = check_positive("temperature", temperature)
         loss, logp, entropy = _fused_loss(
@@ -1024,7 +1071,7 @@ def linear_cross_entropy(
     ``linear_ppo_loss``).
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
-    chunk_by = linear_chunk_by(chunk_by)
+    chunk_by = linear_chunk_by(chunk_by, weight)
     if reduction != "none" and _grad_in_forward(grad_in_forward, hidden, weight, bias):
         _check_linear_args(hidden, weight, targets, bias, chunk_size)
         temperature = check_positive("temperature", temperature)

@@ -31,7 +31,8 @@ sft, rm, ppo, grpo and dpo also run under torchrun: data-parallel (DDP, the defa
 --fused-head (sft, ppo, grpo, dpo): the policy's log-probs and losses from its final hidden states and
 LM head weight (rk.linear_*), never building the [batch, seq, vocab] logits; off by default. With
 RLHF_KERNELS_LINEAR_CHUNK_BY=vocab the losses' gradient is computed over vocabulary slabs, without a
-[vocab, hidden] float32 weight-gradient buffer (less memory for a 16-bit LM head, one more matmul).
+[vocab, hidden] float32 weight-gradient buffer (less memory for a 16-bit LM head, one more matmul); by default
+(auto) that happens only when the buffer would not fit in the GPU's free memory, =rows never.
 
 `rlhf-kernels <cmd> --help` lists the config keys."""
 

@@ -10,6 +10,8 @@ the interpreter and the setting's errors (gradcheck and opcheck: test_linear.py)
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -135,6 +137,38 @@ def test_chunk_by_setting(monkeypatch):
     with mode:  # the environment picks the slabs: per 3-column slab of V = 9, logits twice and dX (no dW wanted)
         rk.linear_cross_entropy(h, weight, targets, chunk_size=3, backend=BACKENDS[0]).backward()
     assert mode.matmuls == 9
+
+
+def test_chunk_by_auto_falls_back_to_slabs_when_the_accumulator_does_not_fit(monkeypatch):
+    """chunk_by="auto" (the default): the row chunks unless their [V, H] float32 weight-gradient accumulator would
+    take more than 90% of the device's free memory; then the vocabulary slabs, warning once. Only on
+    AUTO_CHUNK_DEVICES (CUDA; widened to the CPU here, with the free memory faked), never for a float32 weight (it
+    accumulates in its own gradient) or a weight that needs no gradient."""
+    monkeypatch.delenv("RLHF_KERNELS_LINEAR_CHUNK_BY", raising=False)
+    hidden, weight, targets, _ = _inputs((5,), 4, 9, torch.float32)
+    w16 = weight.to(torch.bfloat16).requires_grad_(True)
+    need = w16.numel() * 4
+    assert L.linear_chunk_by(None, w16) == "rows"  # the CPU: not an AUTO_CHUNK_DEVICES device
+    monkeypatch.setattr(L, "AUTO_CHUNK_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(L, "_auto_fallback_warned", False)
+    monkeypatch.setattr(L, "_free_device_bytes", lambda device: int(need / 0.9) + 1)
+    assert L.linear_chunk_by(None, w16) == "rows"
+    monkeypatch.setattr(L, "_free_device_bytes", lambda device: need)
+    with pytest.warns(UserWarning, match="chunk_by='vocab'"):
+        assert L.linear_chunk_by(None, w16) == "vocab"
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert L.linear_chunk_by(None, w16) == "vocab"
+    assert not again  # the warning comes once per process
+    assert L.linear_chunk_by("rows", w16) == "rows"  # named: as asked
+    assert L.linear_chunk_by(None, weight.requires_grad_(True)) == "rows"  # float32: no separate accumulator
+    assert L.linear_chunk_by(None, w16.detach()) == "rows"  # no weight gradient
+    # end to end: the auto choice runs the slabs (per 3-column slab of V = 9: logits twice, dX and dW)
+    mode = _MatmulCounter()
+    with mode:
+        rk.linear_cross_entropy(hidden.to(torch.bfloat16).requires_grad_(True), w16, targets, chunk_size=3,
+                                backend=BACKENDS[0]).backward()
+    assert mode.matmuls == 12
 
 
 def test_slab_columns():
