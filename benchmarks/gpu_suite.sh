@@ -31,7 +31,8 @@
 #             bandwidth-bound kernel (benchmarks/profile_kernels.py; PROFILE_ARGS, e.g. "--cases logprobs"):
 #             ncu_kernels.csv and the table ncu_summary.md
 #   coverage  which cells of DESIGN §6's grid the results cover, and the commands for the rest
-#             ($OUT/coverage.md; benchmarks/coverage.py)
+#             ($OUT/coverage.md; benchmarks/coverage.py), and the backend order per op the results suggest
+#             against GPU_PREFERENCE ($OUT/preference.md; benchmarks/preference.py)
 #   bench     logits klppo linear gae trainer coverage
 #   all       setup tests bench                 (the default)
 #   priority  what closes open issues fastest, for a short lent-GPU session (make gpu-quick), in order:
@@ -328,6 +329,10 @@ stage_coverage() {
   rc=$?
   if [ $rc -ne 0 ]; then was_cut $rc coverage || note "coverage failed (see coverage.err)"; return; fi
   grep -E "^## Coverage" "$OUT/coverage.md" >&2
+  # the backend order the results suggest per op, beside GPU_PREFERENCE's (benchmarks/preference.py)
+  : >"$OUT/preference.md"
+  for d in "${list[@]}"; do "$PY" -m benchmarks.preference "$d" >>"$OUT/preference.md" 2>>"$OUT/coverage.err"; done
+  grep -c "differs" "$OUT/preference.md" | sed 's/^/preference: table rows whose suggested order differs from GPU_PREFERENCE: /' >&2
 }
 
 STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths tune-cuda sanitize profile coverage bench all priority"

@@ -23,7 +23,8 @@ BACKENDS = ("triton", "cuda", "cpu", "torch")
 # The automatic choice for CUDA tensors, per op: the first live backend with a kernel wins.
 # Triton leads until the committed benchmarks (benchmarks/results/<gpu>/) show the CUDA C++
 # kernel faster for that op; flip an entry to ("cuda", "triton") then, in the same commit as
-# the results. Ops not listed use _GPU_DEFAULT.
+# the results (`python -m benchmarks.preference benchmarks/results/<gpu>` tabulates them per op).
+# Ops not listed use _GPU_DEFAULT.
 _GPU_DEFAULT = ("triton", "cuda")
 GPU_PREFERENCE = {
     # H200 (benchmarks/results/nvidia-h200, runs 20261126T0255* and T0302*): cuda faster in 71 of the 72 logprobs /
