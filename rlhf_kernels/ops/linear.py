@@ -493,7 +493,8 @@ def linear_chunk_by(chunk_by: Optional[str], weight: Optional[torch.Tensor] = No
     """``"rows"`` or ``"vocab"``: ``chunk_by`` of the linear losses, else ``RLHF_KERNELS_LINEAR_CHUNK_BY``, else
     ``"auto"``, which takes the row chunks (3 matmuls, the fastest) unless their ``[V, H]`` float32 weight-gradient
     accumulator would not fit in the device's free memory, and then the vocabulary slabs (no such buffer, 4 matmuls)
-    with a one-time warning, rather than running out of memory."""
+    with a one-time warning, rather than running out of memory. ``weight``: the LM head whose gradient the loop
+    computes; ``None`` when none is computed (the setting is still checked; ``"auto"`` is then ``"rows"``)."""
     value = chunk_by if chunk_by is not None else os.environ.get("RLHF_KERNELS_LINEAR_CHUNK_BY", "")
     value = value.strip().lower() or "auto"
     if value not in LINEAR_CHUNK_BY:
@@ -1019,8 +1020,9 @@ def linear_ppo_loss(
 
     options = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low,
                    clip_high=clip_high, dual_clip=None if dual_clip is None else float(dual_clip))
-    chunk_by = linear_chunk_by(chunk_by, weight)
-    if _grad_in_forward(grad_in_forward, hidden, weight, bias):
+    grad_path = _grad_in_forward(grad_in_forward, hidden, weight, bias)
+    chunk_by = linear_chunk_by(chunk_by, weight if grad_path else None)  # free memory is asked only when it matters
+    if grad_path:
         temperature = check_positive("temperature", temperature)
         loss, logp, entropy = _fused_loss(
             hidden, weight, targets, bias, mask, old_logp, advantages, ref_logp, temperature=temperature,
@@ -1071,8 +1073,9 @@ def linear_cross_entropy(
     ``linear_ppo_loss``).
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
-    chunk_by = linear_chunk_by(chunk_by, weight)
-    if reduction != "none" and _grad_in_forward(grad_in_forward, hidden, weight, bias):
+    grad_path = reduction != "none" and _grad_in_forward(grad_in_forward, hidden, weight, bias)
+    chunk_by = linear_chunk_by(chunk_by, weight if grad_path else None)  # free memory is asked only when it matters
+    if grad_path:
         _check_linear_args(hidden, weight, targets, bias, chunk_size)
         temperature = check_positive("temperature", temperature)
         valid = targets != ignore_index
