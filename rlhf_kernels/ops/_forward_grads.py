@@ -79,10 +79,9 @@ def hand_over(ctx, g_out: torch.Tensor, op: str) -> Tuple[Optional[torch.Tensor]
         )
     g = g_out.detach().reshape(())
     live = [t for t in grads if t is not None]
-    if live and traced(live[0]):
-        return tuple(None if t is None else t * g.to(t.dtype) for t in grads)
-    if live and live[0].device.type not in HAND_OVER_DEVICES:
-        if g.item() == 1.0:
+    tracing = bool(live) and traced(live[0])
+    if tracing or (live and live[0].device.type not in HAND_OVER_DEVICES):  # kept: new tensors, or the kept ones
+        if not tracing and g.item() == 1.0:
             return grads
         return tuple(None if t is None else t * g.to(t.dtype) for t in grads)
     setattr(ctx, _ATTR, None)
