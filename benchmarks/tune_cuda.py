@@ -100,6 +100,19 @@ def main(argv=None) -> int:
           f"copy {bw:.0f} GB/s | validation off", flush=True)
     cases = _cases(args.n, args.v, dtype)
     best: Dict[str, Tuple[float, str]] = {}
+
+    def timed(name: str, label: str, call: Callable[[], object], moved: int, problem: str) -> float:
+        """One row of the table: ``call``'s median time and % of the copy bandwidth (``problem``: "" when the
+        outputs were right)."""
+        ms = do_bench(call, return_mode="median")
+        pct = 100 * moved / ms / 1e6 / bw
+        print(f"{name:<20} {label:<16} {ms:8.3f} ms {pct:6.1f}% BW{'  ' + problem if problem else ''}", flush=True)
+        return ms
+
+    def consider(name: str, ms: float, setting: str) -> None:
+        if name not in best or ms < best[name][0]:
+            best[name] = (ms, setting)
+
     for name, fn, moved in cases:
         os.environ.pop(ENV, None)
         expected = _flat(fn("cuda"))
@@ -111,13 +124,10 @@ def main(argv=None) -> int:
                 os.environ[ENV] = str(cap)
             got = _flat(fn(backend))
             ok = all(torch.allclose(a, b, rtol=2e-3, atol=2e-3, equal_nan=True) for a, b in zip(got, expected))
-            ms = do_bench(lambda: fn(backend), return_mode="median")
             label = f"{backend}" + (f" cap {cap}" if cap else "")
-            pct = 100 * moved / ms / 1e6 / bw
-            print(f"{name:<20} {label:<16} {ms:8.3f} ms {pct:6.1f}% BW{'' if ok else '  MISMATCH vs cuda default'}",
-                  flush=True)
-            if backend == "cuda" and ok and (name not in best or ms < best[name][0]):
-                best[name] = (ms, str(cap))
+            ms = timed(name, label, lambda: fn(backend), moved, "" if ok else "MISMATCH vs cuda default")
+            if backend == "cuda" and ok:
+                consider(name, ms, str(cap))
     os.environ.pop(ENV, None)
     # the fused forward-with-gradient with its shared-memory slice filled by cp.async (row_prefetch.cuh)
     name, fn, moved = cases[-1]
@@ -128,12 +138,10 @@ def main(argv=None) -> int:
         os.environ[PREFETCH] = "1"
         got = _flat(fn("cuda"))
         same = all(torch.equal(a, b) for a, b in zip(got, expected))  # same cap, same order: the same bits
-        ms = do_bench(lambda: fn("cuda"), return_mode="median")
-        pct = 100 * moved / ms / 1e6 / bw
-        print(f"{name:<20} {'cuda prefetch ' + str(cap):<16} {ms:8.3f} ms {pct:6.1f}% BW"
-              f"{'' if same else '  NOT BIT-IDENTICAL to the register sweep'}", flush=True)
-        if ms < best[name][0]:
-            best[name] = (ms, f"{cap} with RLHF_KERNELS_CUDA_PREFETCH=1")
+        ms = timed(name, f"cuda prefetch {cap}", lambda: fn("cuda"), moved,
+                   "" if same else "NOT BIT-IDENTICAL to the register sweep")
+        if same:
+            consider(name, ms, f"{cap} with RLHF_KERNELS_CUDA_PREFETCH=1")
     os.environ.pop(PREFETCH, None)
     os.environ.pop(ENV, None)
     for name, (ms, cap) in best.items():
