@@ -146,7 +146,24 @@ def main(argv=None) -> int:
     os.environ.pop(ENV, None)
     for name, (ms, cap) in best.items():
         print(f"# fastest cuda cap for {name}: {cap} ({ms:.3f} ms)")
+    for line in _triton_choices():
+        print(line)
     return 0
+
+
+def _triton_choices() -> List[str]:
+    """The configuration each Triton forward's autotuner settled on in this run (its ``triton`` rows above)."""
+    from rlhf_kernels.triton import kl, logprobs, ppo
+
+    lines = []
+    for name, tuned in (("logprobs", logprobs._logprobs_fwd_tuned), ("kl_divergence", kl._kl_divergence_fwd_tuned),
+                        ("ppo", ppo._ppo_fwd_tuned)):
+        config = getattr(tuned, "best_config", None)
+        if config is not None:
+            kw = config.kwargs
+            lines.append(f"# triton {name} forward autotuned: BLOCK_V={kw.get('BLOCK_V')} LANES_V={kw.get('LANES_V')} "
+                         f"num_warps={config.num_warps}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@
 
 Times, with ``triton.testing.do_bench`` (median), at one large bandwidth-bound shape:
 
-* the logprobs forward as shipped (``_common.row_softmax_stats``) at several ``(BLOCK_V, warps)``.
-  Earlier sweeps (H100, ``benchmarks/results/nvidia-h100-80gb-hbm3/logs/run2`` and ``run3``) compared the
-  per-lane max this kernel used to keep (1024x4 84% of the copy bandwidth, 4096x8 61%) with the
-  block-max state it keeps now (2048x4 91%);
-* the logprobs backward and the kl_divergence forward at several ``(BLOCK_V, warps)``;
+* the logprobs forward as shipped (``_common.row_softmax_stats``) at every autotune candidate
+  ``BLOCK_V x LANES_V x warps`` (``_common._ROW_FWD_CANDIDATES``: state as wide as the block, and the
+  tiled ones with 256 lanes per warp). Earlier sweeps (H100, ``benchmarks/results/nvidia-h100-80gb-hbm3/logs/run2``
+  and ``run3``) compared the per-lane max this kernel used to keep (1024x4 84% of the copy bandwidth, 4096x8
+  61%) with the block-max state it keeps now (2048x4 91%);
+* the logprobs backward at several ``(BLOCK_V, warps)`` and the kl_divergence forward at every candidate
+  (``_common._TWO_ROW_FWD_CANDIDATES``);
 * where the rest of ``ppo_loss`` / ``logprobs`` time goes (kernel alone vs the whole op, with and
   without target validation).
 
@@ -27,15 +29,16 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from rlhf_kernels.triton import _common
 from rlhf_kernels.triton import kl as tkl
 from rlhf_kernels.triton import logprobs as tlp
 
 
-def fwd_shipped(rows, y, block, warps):
+def fwd_shipped(rows, y, block, lanes, warps):
     B, T, V = rows.shape
     outs = [torch.empty((B, T), device=rows.device, dtype=torch.float32) for _ in range(3)]
     tlp._logprobs_fwd_kernel[(B * T,)](rows, y, *outs, T, V, rows.stride(0), rows.stride(1), 1.0, -100,
-                                       BLOCK_V=block, num_warps=warps)
+                                       BLOCK_V=block, LANES_V=lanes, num_warps=warps)
     return outs
 
 
@@ -50,11 +53,11 @@ def bwd_cfg(rows, y, stats, block, warps):
     return grad
 
 
-def kl_cfg(rows, ref, block, warps):
+def kl_cfg(rows, ref, block, lanes, warps):
     B, T, V = rows.shape
     outs = [torch.empty((B, T), device=rows.device, dtype=torch.float32) for _ in range(3)]
     tkl._kl_divergence_fwd_kernel[(B * T,)](rows, ref, *outs, T, V, rows.stride(0), rows.stride(1), ref.stride(0),
-                                            ref.stride(1), 1.0, BLOCK_V=block, num_warps=warps)
+                                            ref.stride(1), 1.0, BLOCK_V=block, LANES_V=lanes, num_warps=warps)
     return outs
 
 
@@ -84,13 +87,14 @@ def main(argv=None) -> int:
         gbs = moved / ms / 1e6
         print(f"{name:<42} {ms:8.3f} ms {gbs:8.0f} GB/s {100 * gbs / bw:6.1f}% BW", flush=True)
 
-    ref_out = fwd_shipped(rows, y, 4096, 8)
-    for block, warps in [(1024, 1), (2048, 1), (4096, 1), (2048, 2), (4096, 2), (512, 4), (1024, 4), (1024, 8),
-                         (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]:
-        out = fwd_shipped(rows, y, block, warps)
+    ref_out = fwd_shipped(rows, y, 2048, 2048, 4)
+    for block, lanes, warps in _common._ROW_FWD_CANDIDATES + ((4096, 4096, 8), (8192, 8192, 8)):
+        if block < 512:
+            continue
+        out = fwd_shipped(rows, y, block, lanes, warps)
         ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(out, ref_out))
-        report(f"fwd shipped     {block}x{warps}{'' if ok else ' MISMATCH'}",
-               do_bench(lambda: fwd_shipped(rows, y, block, warps), return_mode="median"), nbytes)
+        report(f"fwd shipped     {block}x{lanes}x{warps}{'' if ok else ' MISMATCH'}",
+               do_bench(lambda: fwd_shipped(rows, y, block, lanes, warps), return_mode="median"), nbytes)
     ref_grad = bwd_cfg(rows, y, ref_out, 4096, 8)
     for block, warps in [(2048, 1), (2048, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8),
                          (8192, 16)]:
@@ -100,13 +104,15 @@ def main(argv=None) -> int:
     del ref_grad
     torch.cuda.empty_cache()
     ref_rows = (torch.randn((1, N, V), device="cuda", generator=gen) * 3).to(dtype)
-    kl_ref = kl_cfg(rows, ref_rows, 2048, 8)
-    for block, warps in [(1024, 1), (2048, 1), (2048, 2), (512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8),
-                         (4096, 8)]:
-        ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(kl_cfg(rows, ref_rows, block, warps), kl_ref))
-        report(f"kl fwd          {block}x{warps}{'' if ok else ' MISMATCH'}",
-               do_bench(lambda: kl_cfg(rows, ref_rows, block, warps), return_mode="median"), 2 * nbytes)
-    del ref_rows
+    kl_ref = kl_cfg(rows, ref_rows, 2048, 2048, 8)
+    for block, lanes, warps in _common._TWO_ROW_FWD_CANDIDATES:
+        if block < 512:
+            continue
+        same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+                   for a, b in zip(kl_cfg(rows, ref_rows, block, lanes, warps), kl_ref))
+        report(f"kl fwd          {block}x{lanes}x{warps}{'' if same else ' MISMATCH'}",
+               do_bench(lambda: kl_cfg(rows, ref_rows, block, lanes, warps), return_mode="median"), 2 * nbytes)
+    ref_rows = kl_ref = None  # freed (not del: the timed lambdas above name it)
     torch.cuda.empty_cache()
 
     # Where the rest of the op time goes (same shape).

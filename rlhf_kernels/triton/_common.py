@@ -50,36 +50,57 @@ def vocab_config(vocab: int, device: torch.device, kind: str = "fwd"):
     return block, 4
 
 
-# Forward row reductions (one program per row, bandwidth-bound). Measured on an H100 at N=8192,
-# V=151936, bf16 (benchmarks/tune_triton.py; logs in benchmarks/results/nvidia-h100-80gb-hbm3/logs/):
-# block-max logprobs forward 2048x4 91% of the copy bandwidth, 4096x4 89%, 1024x4 86%, 4096x8 80%;
-# the two-row KL forward (old per-lane state; block-max now, unmeasured) 1024x8, 512x4 71%, 2048x4 53%.
-# The best differs by op, dtype, vocabulary and chip, so the candidates are timed once per (V, dtypes) on first use.
+# Forward row reductions (one program per row, bandwidth-bound): (BLOCK_V, LANES_V, num_warps). Each loop
+# iteration loads BLOCK_V logits as a [BLOCK_V // LANES_V, LANES_V] tile and folds it into a LANES_V-wide state
+# (``row_softmax_stats``). Measured on an H100 at N=8192, V=151936, bf16 with LANES_V = BLOCK_V
+# (benchmarks/tune_triton.py; logs in benchmarks/results/nvidia-h100-80gb-hbm3/logs/): block-max logprobs forward
+# 2048x4 91% of the copy bandwidth, 4096x4 89%, 1024x4 86%, 4096x8 80%; the two-row KL forward (old per-lane
+# state; block-max now, unmeasured) 1024x8, 512x4 71%, 2048x4 53%.
 # On an H200 (4.3 TB/s) the best of those reached only 64-75% for the logprobs and PPO forwards, while
-# Liger-Kernel's GRPO forward, one warp per row with 2048-wide blocks (64 values per thread in flight, and
-# no cross-warp reduction), ran at 98.6% (benchmarks/results/nvidia-h200/NOTES.md): hence the one- and
-# two-warp candidates. Unmeasured here until a GPU run; the autotuner keeps whichever is fastest.
-_ROW_FWD_CANDIDATES = ((4096, 4), (2048, 4), (2048, 8), (1024, 4), (1024, 8), (512, 4), (256, 4), (128, 4),
-                       (4096, 1), (2048, 1), (1024, 1), (4096, 2), (2048, 2))
+# Liger-Kernel's GRPO forward, one warp per row with 2048-wide blocks, ran at 98.6%
+# (benchmarks/results/nvidia-h200/NOTES.md). A bandwidth-bound loop needs bytes in flight, and with a state as
+# wide as the block each in-flight value also holds its two float32 sums: sm_90 builds of the bf16 logprobs
+# forward (tests/triton/aot_compile_kernels.py) take 64 registers at 2048x4, 255 at 2048x1 and spill at 4096x1,
+# so every such config keeps about 32 KB of loads in flight per SM. The tiled candidates keep 8 lanes of state per
+# thread (LANES_V = 256 per warp) and fold 32-128 values per thread and iteration: 64-168 registers, no spills,
+# 2-3x the bytes in flight (1-warp programs also run their loop without a barrier). Unmeasured on a GPU until the
+# next run; the autotuner keeps whichever is fastest.
+_WIDE_STATE_CANDIDATES = (
+    (4096, 4096, 4), (2048, 2048, 4), (2048, 2048, 8), (1024, 1024, 4), (1024, 1024, 8), (512, 512, 4),
+    (256, 256, 4), (128, 128, 4),
+)
+_ROW_FWD_CANDIDATES = _WIDE_STATE_CANDIDATES + (
+    (1024, 256, 1), (2048, 256, 1), (4096, 256, 1), (4096, 512, 2), (4096, 1024, 4), (8192, 1024, 4),
+)
+# The KL forward reads two rows: half the tile for the same registers (its 4096 x 256 x 1 build spills).
+_TWO_ROW_FWD_CANDIDATES = _WIDE_STATE_CANDIDATES + (
+    (512, 256, 1), (1024, 256, 1), (2048, 256, 1), (2048, 512, 2), (2048, 1024, 4), (4096, 2048, 8),
+)
 
 
-# Rows shorter than this skip the one- and two-warp candidates: those pay off for long vocabularies (Liger's case
-# was V = 151936), and each candidate is one more compile on a key's first call.
-_FEW_WARPS_MIN_V = 32768
+# Rows shorter than this skip the tiled candidates: those pay off for long vocabularies (Liger's case was
+# V = 151936), and each candidate is one more compile on a key's first call.
+_TILED_MIN_V = 32768
+
+# Off the autotuner (the interpreter, RLHF_KERNELS_TRITON_BLOCK_V): LANES_V = BLOCK_V // 4, so that the CPU
+# tests fold several tile rows per iteration, and partial tiles at the end of a row.
+_UNTUNED_TILE_ROWS = 4
 
 
 def _prune_row_configs(configs, named_args, **kwargs):
-    """Keep blocks no wider than the row (and, for long rows, no narrower than 512); the one- and two-warp
-    candidates only for rows of at least ``_FEW_WARPS_MIN_V``."""
+    """Keep blocks no wider than the row (and, for long rows, no narrower than 512); the tiled candidates
+    (``LANES_V < BLOCK_V``) only for rows of at least ``_TILED_MIN_V``."""
     v = int(named_args["V"])
     cap = max(128, next_pow2(v))
     floor = min(cap, 512)
-    return [c for c in configs if floor <= c.kwargs["BLOCK_V"] <= cap and (c.num_warps >= 4 or v >= _FEW_WARPS_MIN_V)]
+    return [c for c in configs if floor <= c.kwargs["BLOCK_V"] <= cap
+            and (c.kwargs["LANES_V"] == c.kwargs["BLOCK_V"] or v >= _TILED_MIN_V)]
 
 
-def row_autotune(kernel):
-    """``kernel`` autotuned over :data:`_ROW_FWD_CANDIDATES`, keyed on ``V`` (and the tensors' dtypes)."""
-    configs = [triton.Config({"BLOCK_V": block}, num_warps=warps) for block, warps in _ROW_FWD_CANDIDATES]
+def row_autotune(kernel, candidates=_ROW_FWD_CANDIDATES):
+    """``kernel`` autotuned over ``candidates`` (``(BLOCK_V, LANES_V, num_warps)``), keyed on ``V`` (and the
+    tensors' dtypes)."""
+    configs = [triton.Config({"BLOCK_V": block, "LANES_V": lanes}, num_warps=warps) for block, lanes, warps in candidates]
     return triton.autotune(configs=configs, key=["V"], prune_configs_by={"early_config_prune": _prune_row_configs})(kernel)
 
 
@@ -89,7 +110,8 @@ def launch_row_kernel(kernel, tuned, grid, *args, vocab: int, device: torch.devi
         tuned[grid](*args, **constexprs)
         return
     block, warps = vocab_config(vocab, device, "fwd")
-    kernel[grid](*args, BLOCK_V=block, num_warps=warps, **constexprs)
+    lanes = max(min(block, 16), block // _UNTUNED_TILE_ROWS)
+    kernel[grid](*args, BLOCK_V=block, LANES_V=lanes, num_warps=warps, **constexprs)
 
 
 # Tests set this to fill every launcher output with NaN first, proving the kernels write all of it.
@@ -112,41 +134,69 @@ def device_guard(tensor: torch.Tensor):
 
 
 @triton.jit
-def row_softmax_stats(x_row, V, scale2, BLOCK_V: tl.constexpr):
+def row_tile(LANES_V: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Column offsets ``[BLOCK_V // LANES_V, LANES_V]`` of one loop iteration's contiguous ``BLOCK_V`` logits.
+
+    Consecutive lanes hold consecutive columns (coalesced, vectorised loads) and
+    each tile row continues where the previous one ends, so a reduction over
+    axis 0 folds a lane's own values: in registers when ``LANES_V`` is the
+    program's width (8 columns per thread and ``256·num_warps`` lanes for bf16).
+    """
+    return tl.arange(0, BLOCK_V // LANES_V)[:, None] * LANES_V + tl.arange(0, LANES_V)[None, :]
+
+
+@triton.jit
+def tile_max(x):
+    """The maximum of a 2-D tile (NaN-propagating as ``tl.max``)."""
+    return tl.max(tl.max(x, 1), 0)
+
+
+@triton.jit
+def row_softmax_stats(x_row, V, scale2, BLOCK_V: tl.constexpr, LANES_V: tl.constexpr):
     """One read of a row of ``V`` logits at ``x_row``: ``(mx, S, T2)`` with ``scale2 = log2(e) / temperature``.
 
     ``mx = max x`` (raw logits), and in log2 units ``d = (x - mx)·scale2``:
     ``S = Σ 2^d = Σ exp(z - max z)`` and ``T2 = Σ 2^d·d``. A *block-max* state:
     the running max is one scalar for the whole program, raised once per block by
-    the block's max, while each lane keeps its own ``s`` and ``t``. Per value that
-    is a subtract, a multiply, a NaN-propagating max, one exp2 and three FMAs; the
-    lanes are summed once at the end (they share the max). On an H100 (bf16,
-    V = 151936) this ran at about 90% of the copy bandwidth against 84% for a
-    per-lane max, whose selects made the loop instruction-bound. ``x - mx`` is
-    exact for bf16/fp16 logits, so large logits (|z| ~ 1e5) lose nothing to the
-    scaling. ``d`` is floored at -256 so that an underflowed term adds exactly 0
-    to ``t`` (no 0·(-inf)); NaN passes the floor and makes the row's sums NaN.
+    the block's max, while each of ``LANES_V`` lanes keeps its own ``s`` and
+    ``t``. An iteration loads ``BLOCK_V`` logits as a :func:`row_tile`, so each
+    lane adds ``BLOCK_V // LANES_V`` values, then rescales its state once:
+
+        m' = max(m, max tile),  α = 2^((m - m')·scale2),  δ = (m - m')·scale2
+        t  <- α·(t + s·δ) + Σ_rows 2^d·d,   s <- α·s + Σ_rows 2^d
+
+    Per value that is a subtract, a multiply, a NaN-propagating max, one exp2 and
+    two adds/FMAs, plus the rescale's share. With ``LANES_V = BLOCK_V`` (one
+    value per lane and iteration) this ran on an H100 (bf16, V = 151936) at about
+    90% of the copy bandwidth against 84% for a per-lane max, whose selects made
+    the loop instruction-bound; a narrower state leaves registers for more loads
+    in flight (``_ROW_FWD_CANDIDATES``). The lanes are summed once at the end
+    (they share the max). ``x - mx`` is exact for bf16/fp16 logits, so large
+    logits (|z| ~ 1e5) lose nothing to the scaling. ``d`` is floored at -256 so
+    that an underflowed term adds exactly 0 to ``t`` (no 0·(-inf)); NaN passes the
+    floor and makes the row's sums NaN.
     """
-    m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)
-    s = tl.zeros([BLOCK_V], tl.float32)
-    t = tl.zeros([BLOCK_V], tl.float32)
+    m = tl.max(tl.full([LANES_V], float("-inf"), tl.float32), 0)
+    s = tl.zeros([LANES_V], tl.float32)
+    t = tl.zeros([LANES_V], tl.float32)
+    tile = row_tile(LANES_V, BLOCK_V)
     for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
+        cols = start + tile
         x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
+        m_new = tl.maximum(m, tile_max(x))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: sums stay 0
         alpha = tl.exp2((m - m_use) * scale2)
         dm = tl.where(m == float("-inf"), 0.0, (m - m_use) * scale2)
         d = tl.maximum((x - m_use) * scale2, -256.0, propagate_nan=tl.PropagateNan.ALL)
         e = tl.exp2(d)
-        t = alpha * (t + s * dm) + e * d
-        s = s * alpha + e
+        t = alpha * (t + s * dm) + tl.sum(e * d, 0)
+        s = s * alpha + tl.sum(e, 0)
         m = m_new
     return m, tl.sum(s, 0), tl.sum(t, 0)
 
 
 @triton.jit
-def row_logp_entropy_lse(x_row, y, V, inv_t, BLOCK_V: tl.constexpr):
+def row_logp_entropy_lse(x_row, y, V, inv_t, BLOCK_V: tl.constexpr, LANES_V: tl.constexpr):
     """``(logp, entropy, lse)`` of row ``x_row`` at target ``y`` under ``softmax(x·inv_t)``, one read of the row.
 
     With ``(mx, S, T2)`` of :func:`row_softmax_stats`: ``lse = mx·inv_t + ln S``
@@ -154,7 +204,7 @@ def row_logp_entropy_lse(x_row, y, V, inv_t, BLOCK_V: tl.constexpr):
     max), ``H = ln2·(log2 S - T2 / S)``, ``logp = (x[y] - mx)·inv_t - ln S``. An
     out-of-range ``y`` is never read and gives a NaN ``logp``.
     """
-    mx, S, T2 = row_softmax_stats(x_row, V, inv_t * 1.4426950408889634, BLOCK_V)
+    mx, S, T2 = row_softmax_stats(x_row, V, inv_t * 1.4426950408889634, BLOCK_V, LANES_V)
     ln2 = 0.6931471805599453
     log2_s = tl.log2(S)
     in_range = (y >= 0) & (y < V)

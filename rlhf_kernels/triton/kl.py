@@ -31,7 +31,18 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import KL_EST_CODES, device_guard, kl_k, kl_k_dlogp, launch_row_kernel, next_pow2, row_autotune, vocab_config
+from ._common import (
+    KL_EST_CODES,
+    device_guard,
+    kl_k,
+    kl_k_dlogp,
+    launch_row_kernel,
+    next_pow2,
+    row_autotune,
+    row_tile,
+    tile_max,
+    vocab_config,
+)
 from .logprobs import _check_out
 
 
@@ -51,13 +62,16 @@ def _kl_divergence_fwd_kernel(
     stride_rt,
     inv_t,
     BLOCK_V: tl.constexpr,
+    LANES_V: tl.constexpr,
 ):
     """Row ``(b, t)`` of ``x, x_ref[B, T, V]`` -> ``kl, lse_z, lse_r[b, t]`` for ``softmax(x·inv_t)`` and ``x_ref``.
 
     One program per row, one read of both rows, with a block-max state (as
     :func:`._common.row_softmax_stats`): scalar running maxima ``Mz = max x`` and
-    ``Mr = max x_ref`` (raw logits) shared by the program, and per lane, with
-    ``a = x - Mz``, ``c = x_ref - Mr`` and ``s2 = log2(e)·inv_t``::
+    ``Mr = max x_ref`` (raw logits) shared by the program, and per lane (``LANES_V``
+    of them, each folding ``BLOCK_V // LANES_V`` values of an iteration's
+    :func:`._common.row_tile`), with ``a = x - Mz``, ``c = x_ref - Mr`` and
+    ``s2 = log2(e)·inv_t``::
 
         sz = Σ 2^(a·s2),   sr = Σ 2^(c·s2),   u = Σ 2^(a·s2)·(a - c)
 
@@ -86,12 +100,13 @@ def _kl_divergence_fwd_kernel(
     reaches ``sz`` or ``sr`` (``2^NaN``), so that row's outputs only. A fully
     -inf row has ``Sz = 0``: NaN KL and -inf lse, as the reference.
 
-    Per value pair (sm_90 SASS): two block-max steps, three subtracts, two
-    multiplies, two exp2, a compare and a select, three FMAs (``sz`` and ``sr``
-    with their rescale folded in, ``u``) and ``u``'s rescale (an FMA, a multiply,
-    a select: the state is ``BLOCK_V`` wide, so that is per value too): 17, and
-    about 19 floating-point instructions per pair in the loop with the block
-    reductions' share, against 42 for the per-lane-max state this replaced.
+    Per value pair (sm_90 SASS, ``LANES_V = BLOCK_V``): two block-max steps, three
+    subtracts, two multiplies, two exp2, a compare and a select, three FMAs (``sz``
+    and ``sr`` with their rescale folded in, ``u``) and ``u``'s rescale (an FMA, a
+    multiply, a select: with a state as wide as the block that is per value too):
+    17, and about 19 floating-point instructions per pair in the loop with the
+    block reductions' share, against 42 for the per-lane-max state this replaced.
+    A narrower state pays the rescale once per lane and iteration instead.
     """
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -99,18 +114,19 @@ def _kl_divergence_fwd_kernel(
     x_row = x_ptr + b * stride_xb + t * stride_xt
     r_row = r_ptr + b * stride_rb + t * stride_rt
     scale2 = inv_t * 1.4426950408889634
-    mz = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)
-    mr = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)
-    sz = tl.zeros([BLOCK_V], tl.float32)
-    sr = tl.zeros([BLOCK_V], tl.float32)
-    u = tl.zeros([BLOCK_V], tl.float32)
+    mz = tl.max(tl.full([LANES_V], float("-inf"), tl.float32), 0)
+    mr = tl.max(tl.full([LANES_V], float("-inf"), tl.float32), 0)
+    sz = tl.zeros([LANES_V], tl.float32)
+    sr = tl.zeros([LANES_V], tl.float32)
+    u = tl.zeros([LANES_V], tl.float32)
+    tile = row_tile(LANES_V, BLOCK_V)
     for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
+        cols = start + tile
         col_mask = cols < V
         x = tl.load(x_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32)
         r = tl.load(r_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32)
-        mz_new = tl.maximum(mz, tl.max(x, 0))
-        mr_new = tl.maximum(mr, tl.max(r, 0))
+        mz_new = tl.maximum(mz, tile_max(x))
+        mr_new = tl.maximum(mr, tile_max(r))
         # all -inf so far: measure from 0 (the sums stay 0, no -inf - -inf)
         mz_use = tl.where(mz_new == float("-inf"), 0.0, mz_new)
         mr_use = tl.where(mr_new == float("-inf"), 0.0, mr_new)
@@ -126,9 +142,9 @@ def _kl_divergence_fwd_kernel(
         a = x - mz_use
         c = r - mr_use  # -inf where q = 0
         ez = tl.exp2(a * scale2)
-        sz += ez
-        sr += tl.exp2(c * scale2)
-        u += ez * tl.where(ez > 0, a - c, 0.0)
+        sz += tl.sum(ez, 0)
+        sr += tl.sum(tl.exp2(c * scale2), 0)
+        u += tl.sum(ez * tl.where(ez > 0, a - c, 0.0), 0)
         mz = mz_new
         mr = mr_new
     Sz = tl.sum(sz, 0)
@@ -141,7 +157,7 @@ def _kl_divergence_fwd_kernel(
     tl.store(lse_r_ptr + row, mr * inv_t + log2_sr * ln2)
 
 
-_kl_divergence_fwd_tuned = row_autotune(_kl_divergence_fwd_kernel)
+_kl_divergence_fwd_tuned = row_autotune(_kl_divergence_fwd_kernel, _common._TWO_ROW_FWD_CANDIDATES)
 
 
 @triton.jit

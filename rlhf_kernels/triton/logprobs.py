@@ -43,12 +43,13 @@ def _logprobs_fwd_kernel(
     inv_t,
     ignore_index,
     BLOCK_V: tl.constexpr,
+    LANES_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
     y = tl.load(y_ptr + row)
-    logp, ent, lse = row_logp_entropy_lse(x_row, y, V, inv_t, BLOCK_V)
+    logp, ent, lse = row_logp_entropy_lse(x_row, y, V, inv_t, BLOCK_V, LANES_V)
     valid = y != ignore_index
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
     tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))

@@ -99,12 +99,13 @@ def _ppo_fwd_kernel(
     KL_EST: tl.constexpr,
     HAS_DUAL: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    LANES_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
     y = tl.load(y_ptr + row)
-    logp, ent, lse = row_logp_entropy_lse(x_row, y, V, inv_t, BLOCK_V)
+    logp, ent, lse = row_logp_entropy_lse(x_row, y, V, inv_t, BLOCK_V, LANES_V)
     valid = y != ignore_index
     logp = tl.where(valid, logp, 0.0)
     ent = tl.where(valid, ent, 0.0)

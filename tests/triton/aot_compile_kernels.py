@@ -1,9 +1,12 @@
 """AOT-compile every Triton kernel for an NVIDIA target without a GPU (run as a script, TRITON_INTERPRET unset).
 
 Catches what only the compiler sees (branch type mismatches, unsupported ops)
-while CI has no GPU. Usage: python aot_compile_kernels.py [sm]
+while CI has no GPU. Then every forward autotune candidate is compiled as the
+autotuner would see it on a GPU (16-byte aligned rows) and its cubin's resource
+usage read with the cuobjdump Triton ships: a candidate that spills registers to
+local memory or a stack fails the run. Usage: python aot_compile_kernels.py [sm]
 """
-import os, sys, inspect
+import os, re, subprocess, sys, inspect, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.compiler import ASTSource, compile
@@ -26,20 +29,36 @@ def sig_for(fn, types, consts):
             sig[n] = "i64" if n in ("ignore_index",) or n.startswith("stride") else "i32"
     return sig
 
-def build(kernel, types, consts, warps):
+def build(kernel, types, consts, warps, aligned=()):
+    """Compile ``kernel``; ``aligned``: arguments the GPU launch would see divisible by 16 (pointers, V, strides)."""
     fn = kernel
     if "constexprs" in inspect.signature(ASTSource).parameters:  # triton >= 3.3
-        src = ASTSource(fn=fn, signature=sig_for(fn, types, consts), constexprs=consts)
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        src = ASTSource(fn=fn, signature=sig_for(fn, types, consts), constexprs=consts, attrs=attrs)
     else:  # triton 3.2
         src = ASTSource(fn=fn, signature=sig_for(fn, types, consts), constants=consts)
     k = compile(src, target=target, options={"num_warps": warps})
     md = k.metadata
     print(f"ok {fn.__name__:32s} {types.get('x_ptr', '')} consts={consts} warps={warps} shared={md.shared} regs={getattr(k, 'n_regs', '?')}")
+    return k
+
+
+def resource_usage(k):
+    """``cuobjdump -res-usage`` of a compiled kernel's cubin (``REG:.. STACK:.. SHARED:.. LOCAL:..``), or None."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", out)
+    return m.group(0) if m else None
 
 for dt in ("*bf16", "*fp16", "*fp32"):
-    build(logprobs._logprobs_fwd_kernel, {"x_ptr": dt, "y_ptr": "*i64"}, {"BLOCK_V": 4096}, 8)
+    build(logprobs._logprobs_fwd_kernel, {"x_ptr": dt, "y_ptr": "*i64"}, {"BLOCK_V": 4096, "LANES_V": 4096}, 8)
     build(logprobs._logprobs_bwd_kernel, {"x_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"}, {"BLOCK_V": 4096}, 8)
-    build(kl._kl_divergence_fwd_kernel, {"x_ptr": dt, "r_ptr": dt}, {"BLOCK_V": 4096}, 16)
+    build(kl._kl_divergence_fwd_kernel, {"x_ptr": dt, "r_ptr": dt}, {"BLOCK_V": 4096, "LANES_V": 4096}, 16)
     for need in (True, False):
         build(kl._kl_divergence_bwd_kernel, {"x_ptr": dt, "r_ptr": dt, "dx_ptr": dt, "dr_ptr": dt}, {"BLOCK_V": 4096, "NEED_REF_GRAD": need}, 8)
     for est in (1, 2, 3):
@@ -49,11 +68,33 @@ for dt in ("*bf16", "*fp16", "*fp32"):
     for has_ref in (True, False):
         for dual in (True, False):
             c = {"BLOCK_V": 4096, "HAS_REF": has_ref, "KL_EST": 3, "HAS_DUAL": dual}
-            build(ppo._ppo_fwd_kernel, {"x_ptr": dt, "y_ptr": "*i64"}, c, 8)
+            build(ppo._ppo_fwd_kernel, {"x_ptr": dt, "y_ptr": "*i64"}, dict(c, LANES_V=4096), 8)
             build(ppo._ppo_bwd_kernel, {"x_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"}, c, 8)
     build(advantages._gae_fwd_kernel, {"r_ptr": dt, "v_ptr": dt, "adv_ptr": dt, "ret_ptr": dt}, {"BLOCK_B": 32}, 1)
 for est in (1, 2):
-    build(ppo._ppo_fwd_kernel, {"x_ptr": "*bf16", "y_ptr": "*i64"}, {"BLOCK_V": 4096, "HAS_REF": True, "KL_EST": est, "HAS_DUAL": True}, 8)
+    build(ppo._ppo_fwd_kernel, {"x_ptr": "*bf16", "y_ptr": "*i64"}, {"BLOCK_V": 4096, "LANES_V": 4096, "HAS_REF": True, "KL_EST": est, "HAS_DUAL": True}, 8)
 # float64 outputs (forced triton on float64 logits)
-build(logprobs._logprobs_fwd_kernel, {"x_ptr": "*fp64", "y_ptr": "*i64", "logp_ptr": "*fp64", "ent_ptr": "*fp64", "lse_ptr": "*fp64"}, {"BLOCK_V": 4096}, 8)
+build(logprobs._logprobs_fwd_kernel, {"x_ptr": "*fp64", "y_ptr": "*i64", "logp_ptr": "*fp64", "ent_ptr": "*fp64", "lse_ptr": "*fp64"}, {"BLOCK_V": 4096, "LANES_V": 4096}, 8)
+
+# Every forward autotune candidate, as launched on 16-byte aligned rows: none may spill.
+from rlhf_kernels.triton import _common
+row_aligned = ("x_ptr", "V", "stride_b", "stride_t")
+forwards = [
+    (logprobs._logprobs_fwd_kernel, _common._ROW_FWD_CANDIDATES, {}, row_aligned),
+    (ppo._ppo_fwd_kernel, _common._ROW_FWD_CANDIDATES, {"HAS_REF": True, "KL_EST": 3, "HAS_DUAL": True}, row_aligned),
+    (kl._kl_divergence_fwd_kernel, _common._TWO_ROW_FWD_CANDIDATES, {},
+     ("x_ptr", "r_ptr", "V", "stride_xb", "stride_xt", "stride_rb", "stride_rt")),
+]
+spilled = []
+for kernel, candidates, consts, aligned in forwards:
+    for dt in ("*bf16", "*fp32"):
+        for block, lanes, warps in candidates:
+            k = build(kernel, {"x_ptr": dt, "r_ptr": dt, "y_ptr": "*i64"}, dict(consts, BLOCK_V=block, LANES_V=lanes), warps, aligned)
+            usage = resource_usage(k)
+            print(f"   {usage}")
+            if usage is not None and not ("STACK:0" in usage and "LOCAL:0" in usage):
+                spilled.append(f"{kernel.__name__} {dt} {block}x{lanes}x{warps}: {usage}")
+if spilled:
+    print("SPILLS (a forward candidate keeps state in local memory):\n" + "\n".join(spilled))
+    sys.exit(1)
 print("ALL OK")

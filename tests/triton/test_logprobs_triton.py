@@ -169,19 +169,25 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(xc.grad, xe.grad)
 
 
-def test_row_autotune_candidates_fit_the_row():
-    """The forward autotuner's pruning: no block wider than the row, none narrower than 512 for long rows, and the
-    one- and two-warp candidates (Liger-style, for long vocabularies) only from V = 32768 on."""
+@pytest.mark.parametrize("table", ["_ROW_FWD_CANDIDATES", "_TWO_ROW_FWD_CANDIDATES"])
+def test_row_autotune_candidates_fit_the_row(table):
+    """The forward autotuner's candidates and pruning: each tile a whole number of state rows of at least one warp's
+    256 lanes (bf16 vectors across the warp), no block wider than the row, none narrower than 512 for long rows,
+    and the tiled candidates only from V = 32768 on."""
     import triton
 
     from rlhf_kernels.triton import _common
 
-    configs = [triton.Config({"BLOCK_V": b}, num_warps=w) for b, w in _common._ROW_FWD_CANDIDATES]
+    candidates = getattr(_common, table)
+    for block, lanes, warps in candidates:
+        assert block % lanes == 0 and lanes <= block, (block, lanes)
+        assert lanes == block or lanes == 256 * warps, (block, lanes, warps)
+    configs = [triton.Config({"BLOCK_V": b, "LANES_V": n}, num_warps=w) for b, n, w in candidates]
     for v in (1, 7, 300, 4097, 32767, 32768, 50257, 151936):
         kept = _common._prune_row_configs(configs, {"V": v})
         assert kept, f"V={v}: no candidate left"
         cap = max(128, _common.next_pow2(v))
         assert all(k.kwargs["BLOCK_V"] <= cap for k in kept)
         assert all(k.kwargs["BLOCK_V"] >= min(cap, 512) for k in kept)
-        few = [k for k in kept if k.num_warps < 4]
-        assert bool(few) == (v >= _common._FEW_WARPS_MIN_V), f"V={v}: {[(k.kwargs, k.num_warps) for k in few]}"
+        tiled = [k for k in kept if k.kwargs["LANES_V"] < k.kwargs["BLOCK_V"]]
+        assert bool(tiled) == (v >= _common._TILED_MIN_V), f"V={v}: {[(k.kwargs, k.num_warps) for k in tiled]}"
