@@ -26,6 +26,8 @@
 #   ppo-paths the cuda ppo_loss fwd+bwd at 8192x151936 bf16 under each RLHF_KERNELS_CUDA_PPO path
 #   tune-cuda the CUDA forwards (logprobs+ent, kl_divergence, ppo_loss fwd and fused fwd+bwd) under each
 #             RLHF_KERNELS_CUDA_FWD_THREADS cap, against Triton (benchmarks/tune_cuda.py; TUNE_CUDA_ARGS)
+#   tune-triton every Triton forward autotune candidate (BLOCK_V x LANES_V x warps), the backward's block
+#             table and where the rest of the op time goes (benchmarks/tune_triton.py; TUNE_TRITON_ARGS)
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck on tests/cuda/sanitize_small.py
 #   profile   Nsight Compute (SpeedOfLight, Occupancy, LaunchStats, WarpStateStats) on one call of each
 #             bandwidth-bound kernel (benchmarks/profile_kernels.py; PROFILE_ARGS, e.g. "--cases logprobs"):
@@ -37,7 +39,7 @@
 #   all       setup tests bench                 (the default)
 #   priority  what closes open issues fastest, for a short lent-GPU session (make gpu-quick), in order:
 #             setup, headline at 8192x151936 only (unless HEADLINE_SHAPES is set), tune-cuda, linear-headline,
-#             tests, sanitize (memcheck, then racecheck and synccheck), profile, then the bench stages klppo,
+#             tests, sanitize (memcheck, then racecheck and synccheck), tune-triton, profile, then the bench stages klppo,
 #             gae, linear (resumed: they fill the grid's gaps) and coverage; with GPU_DEADLINE the later ones
 #             are skipped or cut when too little time is left
 #
@@ -48,7 +50,7 @@
 # headline stages: min(HEADLINE_BUDGET, default 180 with a deadline, none without, time left - 20 s)),
 # and every long command runs under `timeout`, sent SIGINT when the deadline nears (python then stops,
 # keeping the rows of the cases it finished) and SIGKILL GRACE_S (default 10) s later.
-# Stages that need a GPU (headline, linear-headline, ppo-paths, tune-cuda, sanitize, profile) say so and are
+# Stages that need a GPU (headline, linear-headline, ppo-paths, tune-cuda, tune-triton, sanitize, profile) say so and are
 # skipped when $PYTHON's torch sees no CUDA device.
 #
 # Results go to $OUT/results/<device-slug>/ (csv, md, png, meta.json, run.log): the committed
@@ -87,7 +89,7 @@ note() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/gpu_suite.log
 # Rough seconds a stage needs on an H100 to be worth starting (past logs: build ~65 s, pytest -m gpu
 # 50-90 s, headline 45-60 s); a bench stage only needs to finish a few cases.
 declare -A STAGE_MIN=([setup]=15 [build]=90 [tests]=120 [headline]=75 [linear-headline]=120
-  [ppo-paths]=60 [tune-cuda]=60 [sanitize]=90 [profile]=120 [logits]=60 [klppo]=60 [linear]=60 [gae]=60 [trainer]=60
+  [ppo-paths]=60 [tune-cuda]=60 [tune-triton]=90 [sanitize]=90 [profile]=120 [logits]=60 [klppo]=60 [linear]=60 [gae]=60 [trainer]=60
   [coverage]=20)
 if [ -n "$DEADLINE" ] && ! [[ "$DEADLINE" =~ ^[0-9]+$ ]]; then
   note "GPU_DEADLINE must be whole seconds, got '$DEADLINE'"; exit 2
@@ -275,6 +277,17 @@ stage_tune_cuda() {  # the CUDA forwards' CTA size cap against Triton (benchmark
   grep -E "%|^#" "$OUT/tune_cuda.log" >&2
 }
 
+stage_tune_triton() {  # the Triton forwards' autotune candidates and the backward's blocks (benchmarks/tune_triton.py)
+  local rc
+  need_cuda tune-triton || return
+  note "tune-triton: Triton forward candidates and backward blocks at 8192x151936 bf16"
+  # shellcheck disable=SC2086
+  limited "$PY" -m benchmarks.tune_triton ${TUNE_TRITON_ARGS:-} >"$OUT/tune_triton.log" 2>&1
+  rc=$?
+  [ $rc -ne 0 ] && { was_cut $rc tune-triton || note "tune_triton exited $rc (see tune_triton.log)"; }
+  grep -E "%|^#" "$OUT/tune_triton.log" >&2
+}
+
 cuda_tool() {  # cuda_tool <name>: the CUDA toolkit's binary, on PATH or under the usual roots
   command -v "$1" 2>/dev/null && return
   ls /usr/local/cuda*/bin/"$1" /opt/nvidia/nsight-compute/*/"$1" 2>/dev/null | head -n 1
@@ -335,7 +348,7 @@ stage_coverage() {
   grep -c "differs" "$OUT/preference.md" | sed 's/^/preference: table rows whose suggested order differs from GPU_PREFERENCE: /' >&2
 }
 
-STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths tune-cuda sanitize profile coverage bench all priority"
+STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths tune-cuda tune-triton sanitize profile coverage bench all priority"
 
 run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part; a single stage is gated, then archived
   case "$1" in
@@ -349,6 +362,7 @@ run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part;
       run_stage tests
       run_stage sanitize memcheck
       run_stage sanitize racecheck synccheck
+      run_stage tune-triton
       run_stage profile
       # time left: fill the grid's gaps (issue 5), resumable, kl / ppo first (fewest cells covered)
       run_stage klppo
@@ -374,6 +388,7 @@ run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part;
     linear-headline) stage_linear_headline ;;
     ppo-paths) stage_ppo_paths ;;
     tune-cuda) stage_tune_cuda ;;
+    tune-triton) stage_tune_triton ;;
     coverage) stage_coverage ;;
     sanitize) shift; stage_sanitize "$@" ;;
     profile) stage_profile ;;
