@@ -127,6 +127,12 @@ def main(argv=None) -> int:
     report("ppo launcher", do_bench(lambda: tppo.ppo_term_fwd(rows, y, old, adv, None, 1.0, -100, 0.0, "k3", 0.0,
                                                               0.2, 0.2, None), return_mode="median"), nbytes)
     report("rk.ppo_loss (validate)", do_bench(lambda: rk.ppo_loss(rows, y, old, adv, mask), return_mode="median"), nbytes)
+    os.environ["RLHF_KERNELS_VALIDATE"] = "async"  # queued on the GPU, no host sync (ops/_deferred_checks.py)
+    report("rk.logprobs (async validate)", do_bench(lambda: rk.logprobs(rows, y, return_entropy=True),
+                                                    return_mode="median"), nbytes)
+    report("rk.ppo_loss (async validate)", do_bench(lambda: rk.ppo_loss(rows, y, old, adv, mask), return_mode="median"),
+           nbytes)
+    rk.check_pending_targets()
     os.environ["RLHF_KERNELS_VALIDATE"] = "0"
     report("rk.ppo_loss (no validate)", do_bench(lambda: rk.ppo_loss(rows, y, old, adv, mask), return_mode="median"), nbytes)
     leaf = rows.clone().requires_grad_(True)

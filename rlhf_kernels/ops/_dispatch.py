@@ -17,6 +17,7 @@ from typing import Iterable, Optional
 import torch
 
 from .. import _ext
+from ._deferred_checks import validation_mode
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
@@ -145,5 +146,6 @@ def _resolve(op: str, device: torch.device, backend: Optional[str], implemented:
 
 
 def validation_enabled() -> bool:
-    """Target validation (a host sync) is on unless ``RLHF_KERNELS_VALIDATE=0``."""
-    return os.environ.get("RLHF_KERNELS_VALIDATE", "1") != "0"
+    """Target validation is on unless ``RLHF_KERNELS_VALIDATE=0`` (``1``: a host sync per check; ``async``:
+    queued, reported by the next op, ``ops/_deferred_checks.py``)."""
+    return validation_mode() != "off"

@@ -347,7 +347,7 @@ def linear_logprobs_fwd(
         del logits
         for dst, src in zip((logp, entropy, lse), out):
             dst[s:e].copy_(src)
-    _validate_targets(targets, v, ignore_index)
+    _validate_targets(targets, v, ignore_index, "linear_logprobs")
     return logp, entropy, lse
 
 
@@ -778,7 +778,7 @@ def linear_loss_fused(
     )
     value = _aggregate_terms(logp, entropy, w, mask, old_logp, advantages, ref_logp, loss, loss_agg, kl_coef,
                              kl_estimator, entropy_coef, clip_low, clip_high, dual_clip)
-    _validate_targets(targets, weight.shape[0], ignore_index)
+    _validate_targets(targets, weight.shape[0], ignore_index, "linear_cross_entropy or linear_ppo_loss")
     if need_weight and grad_weight.dtype != weight.dtype:
         grad_weight = grad_weight.to(weight.dtype)
     if need_bias and bias is not None and grad_bias.dtype != bias.dtype:

@@ -31,6 +31,7 @@ from ._checks import (
     rows_in_range,
     zero_outside,
 )
+from . import _deferred_checks as deferred_checks
 from ._dispatch import resolve_backend, validation_enabled
 
 # Backends with a kernel for this family (the reference "torch" is implied).
@@ -71,32 +72,40 @@ def _stats_dtype(logits: torch.Tensor) -> torch.dtype:
 _PENDING = threading.local()
 
 
-def _validate_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """``ValueError`` naming the first target outside ``[0, vocab)`` that is not ``ignore_index`` (a host sync).
+def _validate_targets(targets: torch.Tensor, vocab: int, ignore_index: int, op: str = "logprobs") -> None:
+    """``ValueError`` naming the first target outside ``[0, vocab)`` that is not ``ignore_index``.
 
-    The ops call it *after* queueing their kernels: every kernel is safe on a bad
+    By default a host sync; ``RLHF_KERNELS_VALIDATE=async`` queues the check and
+    the next op reports it (``ops/_deferred_checks.py``); ``0`` skips it. The
+    ops call it *after* queueing their kernels: every kernel is safe on a bad
     target (it is never read; that token's ``logp`` is NaN), so the check's
     small kernels run behind the main one instead of in front of it, and the
     sync waits for work that was already queued. Inside a public function
     wrapped by ``targets_checked_on_exit`` the check waits until that function
-    has queued everything else too.
+    has queued everything else too. ``op`` names the caller in a deferred error.
     """
     if not validation_enabled():
         return
     pending = getattr(_PENDING, "checks", None)
     if pending is not None:
-        pending.append((targets, vocab, ignore_index))
+        pending.append((targets, vocab, ignore_index, op))
         return
-    _raise_if_bad(targets, vocab, ignore_index)
+    _raise_if_bad(targets, vocab, ignore_index, op)
 
 
-def _raise_if_bad(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def _raise_if_bad(targets: torch.Tensor, vocab: int, ignore_index: int, op: str = "logprobs") -> None:
+    mode = deferred_checks.mode_for(targets)
+    if mode == "async":
+        try:
+            deferred_checks.raise_finished()  # earlier calls' checks that have completed
+        finally:  # this call's check is queued even when an earlier one raises
+            deferred_checks.enqueue(targets, vocab, ignore_index, op)
+        return
+    if mode == "off":
+        return
     bad = find_bad_target(targets, vocab, ignore_index)
     if bad is not None:
-        position, value = bad
-        raise ValueError(
-            f"targets{list(position)} = {value} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
-        )
+        raise ValueError(deferred_checks.bad_target_message(*bad, vocab, ignore_index))
 
 
 def targets_checked_on_exit(fn):
@@ -121,8 +130,8 @@ def targets_checked_on_exit(fn):
             checks = _PENDING.checks
         finally:
             _PENDING.checks = None
-        for check in checks:
-            _raise_if_bad(*check)
+        for targets, vocab, ignore_index, _ in checks:  # named after the public function the user called
+            _raise_if_bad(targets, vocab, ignore_index, fn.__name__)
         return result
 
     return wrapper
@@ -341,7 +350,8 @@ def logprobs(
     Raises:
         TypeError / ValueError naming the argument on bad dtypes or shapes, and
         ValueError naming the position of a target outside ``[0, V)``
-        (disable the check, a host sync, with ``RLHF_KERNELS_VALIDATE=0``).
+        (a host sync; ``RLHF_KERNELS_VALIDATE=0`` disables it, ``async`` queues it
+        and the next op raises it: ``ops/_deferred_checks.py``).
     """
     check_logits("logits", logits)
     check_tensor("targets", targets, INDEX_DTYPES)

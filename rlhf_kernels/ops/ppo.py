@@ -282,7 +282,7 @@ def ppo_term_fwd(
             entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         )
         out = (term, logp, entropy, kl, clipped.float(), lse)
-    _validate_targets(targets, logits.shape[-1], ignore_index)
+    _validate_targets(targets, logits.shape[-1], ignore_index, "ppo_loss")
     return tuple(t.reshape(lead).contiguous() for t in out)
 
 
@@ -426,7 +426,7 @@ def ppo_loss_fused(
                           temperature, ignore_index)
     term = term.reshape(lead)
     loss = reference.aggregate_loss(term, mask, loss_agg)
-    _validate_targets(targets, logits.shape[-1], ignore_index)
+    _validate_targets(targets, logits.shape[-1], ignore_index, "ppo_loss")
     stats = tuple(t.reshape(lead).contiguous() for t in (term, logp, entropy, kl, clipped))
     if full is None:
         return (loss,) + stats + (grad.reshape(logits.shape),)

@@ -1,0 +1,149 @@
+"""``RLHF_KERNELS_VALIDATE=async``: target checks queued without a host sync, reported by the next op.
+
+On the CPU the queue is exercised by adding "cpu" to ``_deferred_checks.ASYNC_DEVICES`` (CPU tensors are
+otherwise checked at once); the GPU test checks that no host sync happens at all.
+"""
+
+import pytest
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels.ops import _deferred_checks as deferred
+
+
+@pytest.fixture
+def async_cpu(monkeypatch):
+    """Async mode, with CPU tensors deferred like CUDA ones; an empty queue before and after."""
+    monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "async")
+    monkeypatch.setattr(deferred, "ASYNC_DEVICES", ("cpu", "cuda"))
+    deferred._QUEUE.clear()
+    yield
+    deferred._QUEUE.clear()
+
+
+def _logits_targets(bad_at=None, value=10):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 10)
+    targets = torch.randint(0, 10, (2, 3))
+    if bad_at is not None:
+        targets[bad_at] = value
+    return logits, targets
+
+
+@pytest.mark.parametrize("raw, mode", [("0", "off"), ("1", "sync"), ("", "sync"), ("sync", "sync"), ("ASYNC", "async")])
+def test_validation_mode_reads_the_environment(monkeypatch, raw, mode):
+    monkeypatch.setenv("RLHF_KERNELS_VALIDATE", raw)
+    assert deferred.validation_mode() == mode
+
+
+def test_a_misspelt_mode_is_an_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "asnyc")
+    logits, targets = _logits_targets()
+    with pytest.raises(ValueError, match="RLHF_KERNELS_VALIDATE must be one of"):
+        rk.logprobs(logits, targets)
+
+
+def test_the_next_call_reports_a_bad_target_of_an_earlier_one(async_cpu):
+    logits, bad = _logits_targets(bad_at=(1, 2))
+    lp = rk.logprobs(logits, bad, backend="torch")  # queued, not raised
+    assert torch.isnan(lp[1, 2]) and torch.isfinite(lp[0]).all()
+    logits, good = _logits_targets()
+    with pytest.raises(ValueError, match=r"targets\[1, 2\] = 10 is outside \[0, 10\) .*earlier logprobs call"):
+        rk.logprobs(logits, good, backend="torch")
+    rk.logprobs(logits, good, backend="torch")  # reported once: only good calls' checks are left
+    rk.check_pending_targets()
+    assert not deferred._QUEUE
+
+
+def test_check_pending_targets_waits_and_names_the_first_bad_target(async_cpu):
+    logits, targets = _logits_targets(bad_at=(1, 0), value=-4)
+    targets[1, 2] = 99  # later in row-major order: not the one named
+    rk.logprobs(logits, targets, backend="torch")
+    with pytest.raises(ValueError, match=r"targets\[1, 0\] = -4 "):
+        rk.check_pending_targets()
+    rk.check_pending_targets()  # nothing left
+
+
+def test_a_bad_call_after_a_bad_call_reports_the_first_and_queues_its_own(async_cpu):
+    logits, first = _logits_targets(bad_at=(0, 1))
+    rk.logprobs(logits, first, backend="torch")
+    logits, second = _logits_targets(bad_at=(1, 1), value=-3)
+    with pytest.raises(ValueError, match=r"^targets\[0, 1\] = 10 "):
+        rk.logprobs(logits, second, backend="torch")
+    with pytest.raises(ValueError, match=r"^targets\[1, 1\] = -3 "):
+        rk.check_pending_targets()
+
+
+def test_every_finished_bad_check_is_in_one_error(async_cpu):
+    for where in ((0, 1), (1, 1)):
+        _, targets = _logits_targets(bad_at=where)
+        deferred.enqueue(targets, 10, -100, "logprobs")
+    with pytest.raises(ValueError, match=r"2 bad targets: targets\[0, 1\] = 10 .*; targets\[1, 1\] = 10 "):
+        rk.check_pending_targets()
+
+
+def test_ignore_index_is_not_bad(async_cpu):
+    logits, targets = _logits_targets(bad_at=(0, 0), value=-100)
+    rk.logprobs(logits, targets, backend="torch")
+    rk.check_pending_targets()
+
+
+@pytest.mark.parametrize("op", ["ppo_loss", "ppo_loss_grad", "linear_logprobs", "linear_cross_entropy"])
+def test_every_op_with_targets_queues_its_check(async_cpu, op):
+    B, T, V, H = 2, 3, 10, 4
+    targets = torch.randint(0, V, (B, T))
+    targets[1, 1] = V + 3
+    ones = torch.ones(B, T)
+    if op.startswith("ppo_loss"):
+        logits = torch.randn(B, T, V, requires_grad=op.endswith("grad"))
+        rk.ppo_loss(logits, targets, ones * -2.3, ones, ones)
+        where, name = r"targets\[1, 1\] = 13", "ppo_loss"
+    else:
+        hidden = torch.randn(B * T, H, requires_grad=True)
+        weight = torch.randn(V, H, requires_grad=True)
+        getattr(rk, op)(hidden, weight, targets.reshape(-1))
+        where, name = r"targets\[4\] = 13", op
+    with pytest.raises(ValueError, match=where + r" is outside \[0, 10\) .*" + name):
+        rk.check_pending_targets()
+
+
+def test_cpu_tensors_are_checked_at_once_in_async_mode(monkeypatch):
+    """Off ASYNC_DEVICES (the CPU by default) async mode raises in the call itself: no queue to stall."""
+    monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "async")
+    logits, targets = _logits_targets(bad_at=(0, 2))
+    with pytest.raises(ValueError, match=r"targets\[0, 2\] = 10"):
+        rk.logprobs(logits, targets, backend="torch")
+    assert not deferred._QUEUE
+
+
+def test_a_check_pending_at_exit_is_reported_on_stderr(async_cpu, capsys):
+    logits, targets = _logits_targets(bad_at=(0, 0))
+    rk.logprobs(logits, targets, backend="torch")
+    deferred._report_at_exit()
+    assert "rlhf_kernels: targets[0, 0] = 10" in capsys.readouterr().err
+    assert not deferred._QUEUE
+
+
+@pytest.mark.gpu
+def test_async_validation_does_not_sync_the_host(monkeypatch):
+    """Under torch's sync debug mode ("error") the synchronous check raises, the async one does not; the bad
+    target is still reported, by check_pending_targets."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    logits = torch.randn(4, 64, 1000, device="cuda")
+    targets = torch.randint(0, 1000, (4, 64), device="cuda")
+    rk.logprobs(logits, targets)  # warm-up (autotuning, lazy loading) outside the debug mode
+    deferred._QUEUE.clear()
+    previous = torch.cuda.get_sync_debug_mode()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        with pytest.raises(RuntimeError):  # the default check: a host sync
+            rk.logprobs(logits, targets)
+        monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "async")
+        targets[3, 7] = 1000
+        lp = rk.logprobs(logits, targets)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.isnan(lp[3, 7]).item()
+    with pytest.raises(ValueError, match=r"targets\[3, 7\] = 1000 is outside \[0, 1000\)"):
+        rk.check_pending_targets()
