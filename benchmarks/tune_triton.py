@@ -11,8 +11,8 @@ Times, with ``triton.testing.do_bench`` (median), at one large bandwidth-bound s
   61%) with the block-max state it keeps now (2048x4 91%);
 * the logprobs backward at several ``(BLOCK_V, warps)`` and the kl_divergence forward at every candidate
   (``_common._TWO_ROW_FWD_CANDIDATES``);
-* where the rest of ``ppo_loss`` / ``logprobs`` time goes (kernel alone vs the whole op, with and
-  without target validation).
+* where the rest of ``ppo_loss`` / ``logprobs`` time goes: the kernel alone, then the op forward and
+  forward + backward on each backend under each ``RLHF_KERNELS_VALIDATE`` mode (a host sync, queued, none).
 
 Every variant is checked against the shipped kernel's outputs before it is timed. The numbers feed the
 table in ``rlhf_kernels/triton/_common.py:vocab_config``; the log of each run is kept under
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     ref_rows = kl_ref = None  # freed (not del: the timed lambdas above name it)
     torch.cuda.empty_cache()
 
-    # Where the rest of the op time goes (same shape).
+    # Where the rest of the op time goes (same shape): the kernels alone, then the ops on each backend under each
+    # RLHF_KERNELS_VALIDATE mode (1: a host sync per target check; async: queued, ops/_deferred_checks.py; 0: none).
     import rlhf_kernels as rk
     from rlhf_kernels.triton import ppo as tppo
 
@@ -123,34 +124,38 @@ def main(argv=None) -> int:
     adv = torch.randn((1, N), device="cuda", generator=gen)
     mask = torch.ones((1, N), device="cuda")
     report("logprobs launcher", do_bench(lambda: tlp.logprobs_fwd(rows, y, 1.0, -100), return_mode="median"), nbytes)
-    report("rk.logprobs (validate)", do_bench(lambda: rk.logprobs(rows, y, return_entropy=True), return_mode="median"), nbytes)
     report("ppo launcher", do_bench(lambda: tppo.ppo_term_fwd(rows, y, old, adv, None, 1.0, -100, 0.0, "k3", 0.0,
                                                               0.2, 0.2, None), return_mode="median"), nbytes)
-    report("rk.ppo_loss (validate)", do_bench(lambda: rk.ppo_loss(rows, y, old, adv, mask), return_mode="median"), nbytes)
-    os.environ["RLHF_KERNELS_VALIDATE"] = "async"  # queued on the GPU, no host sync (ops/_deferred_checks.py)
-    report("rk.logprobs (async validate)", do_bench(lambda: rk.logprobs(rows, y, return_entropy=True),
-                                                    return_mode="median"), nbytes)
-    report("rk.ppo_loss (async validate)", do_bench(lambda: rk.ppo_loss(rows, y, old, adv, mask), return_mode="median"),
-           nbytes)
-    rk.check_pending_targets()
-    os.environ["RLHF_KERNELS_VALIDATE"] = "0"
-    report("rk.ppo_loss (no validate)", do_bench(lambda: rk.ppo_loss(rows, y, old, adv, mask), return_mode="median"), nbytes)
     leaf = rows.clone().requires_grad_(True)
-
-    def ppo_step():
-        leaf.grad = None
-        rk.ppo_loss(leaf, y, old, adv, mask).loss.backward()
-
-    report("rk.ppo_loss fwd+bwd (no validate)", do_bench(ppo_step, return_mode="median"), 3 * nbytes)
-
-    def lp_step():
-        leaf.grad = None
-        rk.logprobs(leaf, y).sum().backward()
-
-    report("rk.logprobs fwd+bwd (no validate)", do_bench(lp_step, return_mode="median"), 3 * nbytes)
+    for backend in ("triton", "cuda"):
+        calls = {
+            "rk.logprobs fwd": (lambda: rk.logprobs(rows, y, return_entropy=True, backend=backend), nbytes),
+            "rk.ppo_loss fwd": (lambda: rk.ppo_loss(rows, y, old, adv, mask, backend=backend), nbytes),
+            "rk.logprobs fwd+bwd": (lambda: _step(leaf, lambda x: rk.logprobs(x, y, backend=backend).sum()), 3 * nbytes),
+            "rk.ppo_loss fwd+bwd": (lambda: _step(leaf, lambda x: rk.ppo_loss(x, y, old, adv, mask, backend=backend).loss),
+                                    3 * nbytes),
+        }
+        for name, (call, moved) in calls.items():
+            for mode in ("1", "async", "0"):
+                os.environ["RLHF_KERNELS_VALIDATE"] = mode
+                try:
+                    ms = do_bench(call, return_mode="median")
+                except Exception as exc:  # noqa: BLE001 - e.g. an extension built without CUDA kernels
+                    print(f"{name} [{backend}, validate={mode}]: {type(exc).__name__}: {exc}", flush=True)
+                    break
+                report(f"{name} [{backend}, validate={mode}]", ms, moved)
+            rk.check_pending_targets()
+    os.environ.pop("RLHF_KERNELS_VALIDATE", None)
     for name, tuned in (("logprobs", tlp._logprobs_fwd_tuned), ("ppo", tppo._ppo_fwd_tuned)):
         print(f"# autotuned {name} forward: {getattr(tuned, 'best_config', None)}")
     return 0
+
+
+def _step(leaf: torch.Tensor, loss_of) -> None:
+    """One training step of ``loss_of(leaf)``: forward, backward, gradient dropped."""
+    leaf.grad = None
+    loss_of(leaf).backward()
+    leaf.grad = None
 
 
 if __name__ == "__main__":
