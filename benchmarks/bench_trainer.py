@@ -3,7 +3,8 @@
     python -m benchmarks.bench_trainer                      # CPU-sized defaults (GPU sizes on a GPU)
     python -m benchmarks.bench_trainer --vocab 50257 --n_embd 256 --batch 16 --seq 256 --out benchmarks/results
 
-Stages (one optimizer step each, a GPT-2 built from a config, random tokens, response = second half):
+Stages (one optimizer step each, a GPT-2 built from a config, random tokens, response = second half; on a GPU
+the default config is GPT-2 small, 124M parameters: V=50257 H=768 L=12, B=32 x T=512 tokens):
   sft          response NLL through rk.logprobs, backward, AdamW
   rm           Bradley-Terry through rk.reward_model_loss on chosen/rejected, backward, AdamW
   ppo-exp      rollout (generate) + old/ref log-probs + values + RM score + rk.gae
@@ -128,7 +129,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vocab", type=int, default=50257 if on_gpu else 8192)
     p.add_argument("--n_embd", type=int, default=768 if on_gpu else 128)
-    p.add_argument("--n_layer", type=int, default=4 if on_gpu else 2)
+    p.add_argument("--n_layer", type=int, default=12 if on_gpu else 2)  # GPU: GPT-2 small, 124M parameters
     p.add_argument("--n_head", type=int, default=12 if on_gpu else 4)
     p.add_argument("--batch", type=int, default=32 if on_gpu else 8)
     p.add_argument("--seq", type=int, default=512 if on_gpu else 128)
