@@ -149,11 +149,12 @@ class _CpuMemory:
 
     def __init__(self) -> None:
         self.ok = os.path.exists("/proc/self/status") and os.path.exists("/proc/self/clear_refs")
+        self.libc = None
         if self.ok:
             try:
-                libc = ctypes.CDLL("libc.so.6")
-                libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so large frees return to the OS
-                libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+                self.libc = ctypes.CDLL("libc.so.6")
+                self.libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so large frees return to the OS
+                self.libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
                 with open("/proc/self/clear_refs", "w") as fh:
                     fh.write("5")
             except OSError:
@@ -174,6 +175,10 @@ class _CpuMemory:
             fn()
             return float("nan")
         gc.collect()
+        # Free heap chunks of earlier calls (made before the mmap threshold was fixed, or below it) would be
+        # reused without touching new pages, so a call's peak read 0: malloc_trim(0) hands their pages back
+        # (glibc madvises free chunks away), and reusing them faults them in again, which the RSS counts.
+        self.libc.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
         before = self._status()["VmRSS"]
