@@ -399,6 +399,7 @@ def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
             if bar:
                 bar.update(len(op_modes) * len(providers))
             continue
+        cell_started = time.monotonic()
         try:
             n_sets = _n_sets(spec, case, device)
             sets = [spec.make_inputs(case, device, args.seed + k) for k in range(n_sets)]
@@ -457,6 +458,8 @@ def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
             rows.extend(group)
         del sets
         _cleanup(device)
+        # wall time per case, inputs included: what a time-boxed GPU session can plan with
+        log(f"# {spec.name} {case.dtype_name} {shape_text(case)}: {time.monotonic() - cell_started:.1f} s")
         if rows:  # written after every case, so a run cut short keeps what it measured
             report.write_all(out_dir, rows, meta, fresh=args.fresh, plots=False, log=log)
     if bar:
