@@ -172,8 +172,8 @@ def main(argv=None):
     shape = f"V={args.vocab} H={args.n_embd} L={args.n_layer} B={args.batch} T={args.seq}"
     md = [f"# Trainer step: fused ops, fused LM head, eager ops ({shape})", "", common.stamp_line(env), "",
           ("Peak: memory allocated during one step beyond what was live before it (CUDA), or the process's "
-           "peak RSS growth (CPU; 0 once an earlier step set the high-water mark). Ratios against eager from "
-           "the same run."), "",
+           "peak RSS growth during it (CPU; benchmarks/common.py). Ratios against eager from the same run; on the "
+           "CPU the variants' steps are interleaved, so a busy machine slows each alike."), "",
           "| stage | ops | ms | tokens/s | peak MiB | speed-up vs eager | peak vs eager |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         e = by.get((r["stage"], "eager"))
