@@ -4,7 +4,8 @@ Environment (DESIGN.md §3):
   RLHF_KERNELS_FORCE_CUDA=1   fail if the CUDA kernels cannot be built
   RLHF_KERNELS_SKIP_CUDA=1    build the CPU kernels only
   RLHF_KERNELS_NO_EXTENSION=1 install the pure-Python package (reference backend)
-  RLHF_KERNELS_CPU_ARCH       native (default: AVX2+FMA when this CPU has them) | generic
+  RLHF_KERNELS_CPU_ARCH       native (default: AVX-512 (F/BW/VL/DQ), else AVX2+FMA, as this CPU has them) |
+                              avx2 (at most AVX2) | generic
   TORCH_CUDA_ARCH_LIST        default "8.0;9.0+PTX"
   CUDA_HOME                   the toolkit root; otherwise derived from the real `nvcc`
   MAX_JOBS                    parallel compile jobs (ninja)
@@ -73,6 +74,11 @@ def cpu_flags() -> tuple[list[str], str]:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         return [], "default"
+    avx512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c")
+    if os.environ.get("RLHF_KERNELS_CPU_ARCH", "native") != "avx2" and all(re.search(rf"\b{f}\b", cpuinfo) for f in avx512):
+        # ATen's 512-bit vectorised types: twice the lanes of AVX2 for the exp-bound row sweeps.
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX512",
+                "-DCPU_CAPABILITY=AVX512"], "avx512"
     if all(re.search(rf"\b{f}\b", cpuinfo) for f in ("avx2", "fma", "f16c")):
         # ATen's vectorised types pick their AVX2 implementation (and Sleef exp) from these macros.
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"], "avx2"
