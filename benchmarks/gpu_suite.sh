@@ -266,26 +266,25 @@ stage_ppo_paths() {
   done
 }
 
-stage_tune_cuda() {  # the CUDA forwards' CTA size cap against Triton (benchmarks/tune_cuda.py)
+run_tuner() {  # run_tuner <stage> <module> <what> [args]: benchmarks.<module> on the GPU, log in $OUT/<module>.log
   local rc
-  need_cuda tune-cuda || return
-  note "tune-cuda: RLHF_KERNELS_CUDA_FWD_THREADS sweep, cuda against triton at 8192x151936 bf16"
+  need_cuda "$1" || return
+  note "$1: $3"
   # shellcheck disable=SC2086
-  limited "$PY" -m benchmarks.tune_cuda ${TUNE_CUDA_ARGS:-} >"$OUT/tune_cuda.log" 2>&1
+  limited "$PY" -m "benchmarks.$2" ${4:-} >"$OUT/$2.log" 2>&1
   rc=$?
-  [ $rc -ne 0 ] && { was_cut $rc tune-cuda || note "tune_cuda exited $rc (see tune_cuda.log)"; }
-  grep -E "%|^#" "$OUT/tune_cuda.log" >&2
+  [ $rc -ne 0 ] && { was_cut $rc "$1" || note "$2 exited $rc (see $2.log)"; }
+  grep -E "%|^#" "$OUT/$2.log" >&2
+}
+
+stage_tune_cuda() {  # the CUDA forwards' CTA size cap against Triton (benchmarks/tune_cuda.py)
+  run_tuner tune-cuda tune_cuda "RLHF_KERNELS_CUDA_FWD_THREADS sweep, cuda against triton at 8192x151936 bf16" \
+    "${TUNE_CUDA_ARGS:-}"
 }
 
 stage_tune_triton() {  # the Triton forwards' autotune candidates and the backward's blocks (benchmarks/tune_triton.py)
-  local rc
-  need_cuda tune-triton || return
-  note "tune-triton: Triton forward candidates and backward blocks at 8192x151936 bf16"
-  # shellcheck disable=SC2086
-  limited "$PY" -m benchmarks.tune_triton ${TUNE_TRITON_ARGS:-} >"$OUT/tune_triton.log" 2>&1
-  rc=$?
-  [ $rc -ne 0 ] && { was_cut $rc tune-triton || note "tune_triton exited $rc (see tune_triton.log)"; }
-  grep -E "%|^#" "$OUT/tune_triton.log" >&2
+  run_tuner tune-triton tune_triton "Triton forward candidates and backward blocks at 8192x151936 bf16" \
+    "${TUNE_TRITON_ARGS:-}"
 }
 
 cuda_tool() {  # cuda_tool <name>: the CUDA toolkit's binary, on PATH or under the usual roots

@@ -9,6 +9,7 @@ import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels.ops import _deferred_checks as deferred
+from tests.bad_targets import OPS_WITH_TARGETS, call_with_bad_target
 
 
 @pytest.fixture
@@ -88,21 +89,11 @@ def test_ignore_index_is_not_bad(async_cpu):
     rk.check_pending_targets()
 
 
-@pytest.mark.parametrize("op", ["ppo_loss", "ppo_loss_grad", "linear_logprobs", "linear_cross_entropy"])
+@pytest.mark.parametrize("op", OPS_WITH_TARGETS)
 def test_every_op_with_targets_queues_its_check(async_cpu, op):
-    B, T, V, H = 2, 3, 10, 4
-    targets = torch.randint(0, V, (B, T))
-    targets[1, 1] = V + 3
-    ones = torch.ones(B, T)
-    if op.startswith("ppo_loss"):
-        logits = torch.randn(B, T, V, requires_grad=op.endswith("grad"))
-        rk.ppo_loss(logits, targets, ones * -2.3, ones, ones)
-        where, name = r"targets\[1, 1\] = 13", "ppo_loss"
-    else:
-        hidden = torch.randn(B * T, H, requires_grad=True)
-        weight = torch.randn(V, H, requires_grad=True)
-        getattr(rk, op)(hidden, weight, targets.reshape(-1))
-        where, name = r"targets\[4\] = 13", op
+    call, where = call_with_bad_target(op)
+    call()  # queued, not raised
+    name = "ppo_loss" if op.startswith("ppo_loss") else op
     with pytest.raises(ValueError, match=where + r" is outside \[0, 10\) .*" + name):
         rk.check_pending_targets()
 

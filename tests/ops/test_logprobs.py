@@ -11,6 +11,7 @@ import rlhf_kernels as rk
 from rlhf_kernels import _ext
 from rlhf_kernels import reference as R
 from rlhf_kernels.ops._checks import as_rows
+from tests.bad_targets import OPS_WITH_TARGETS, call_with_bad_target
 from tests.poison import poisoned_allocations
 from tests.tolerance import assert_matches_oracle
 
@@ -226,23 +227,10 @@ def test_validation_off_gives_nan_for_that_token_only(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", ["ppo_loss", "ppo_loss_grad", "linear_logprobs", "linear_cross_entropy"])
+@pytest.mark.parametrize("op", OPS_WITH_TARGETS)
 def test_every_op_with_targets_names_a_bad_one(backend, op):
     """The check runs after the kernels are queued (they never read a bad target); it still raises, naming it."""
-    B, T, V, H = 2, 3, 10, 4
-    targets = torch.randint(0, V, (B, T))
-    targets[1, 1] = V + 3
-    ones = torch.ones(B, T)
-    if op.startswith("ppo_loss"):
-        logits = torch.randn(B, T, V, requires_grad=op.endswith("grad"))
-        call = lambda: rk.ppo_loss(logits, targets, ones * -2.3, ones, ones, backend=backend)  # noqa: E731
-        where = r"targets\[1, 1\] = 13"
-    else:
-        hidden = torch.randn(B * T, H, requires_grad=True)
-        weight = torch.randn(V, H, requires_grad=True)
-        fn = getattr(rk, op)
-        call = lambda: fn(hidden, weight, targets.reshape(-1), backend=backend)  # noqa: E731
-        where = r"targets\[4\] = 13"
+    call, where = call_with_bad_target(op, backend)
     with pytest.raises(ValueError, match=where + r" is outside \[0, 10\)"):
         call()
 
