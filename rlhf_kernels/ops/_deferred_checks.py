@@ -106,8 +106,9 @@ def enqueue(targets: torch.Tensor, vocab: int, ignore_index: int, op: str) -> No
     if flat.numel() == 0:
         return
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
-    first = bad.to(torch.uint8).argmax()  # the first bad target (argmax keeps the first maximum); 0 when none
-    packed = torch.stack([bad.any().to(torch.int64), first.to(torch.int64), flat[first].to(torch.int64)])
+    first = bad.to(torch.int32).argmax().reshape(1)  # the first bad target (argmax keeps the first maximum); 0 if none
+    value = flat.index_select(0, first)  # a device gather: indexing with a 0-d tensor may read it on the host
+    packed = torch.cat([bad.any().reshape(1).to(torch.int64), first.to(torch.int64), value.to(torch.int64)])
     event = None
     if packed.is_cuda:
         host = torch.empty(3, dtype=torch.int64, pin_memory=True)
