@@ -111,10 +111,11 @@ def enqueue(targets: torch.Tensor, vocab: int, ignore_index: int, op: str) -> No
     packed = torch.cat([bad.any().reshape(1).to(torch.int64), first.to(torch.int64), value.to(torch.int64)])
     event = None
     if packed.is_cuda:
-        host = torch.empty(3, dtype=torch.int64, pin_memory=True)
-        host.copy_(packed, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        with torch.cuda.device(packed.device):  # the copy and its event on the targets' GPU and stream
+            host = torch.empty(3, dtype=torch.int64, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
     else:
         host = packed
     with _LOCK:
