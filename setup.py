@@ -129,7 +129,9 @@ def extension_modules():
     sources = ["csrc/bindings.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     # at::parallel_for only runs in parallel when the caller is compiled with OpenMP, like torch itself.
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
-    cxx = ["-O3", "-include", str(ROOT / "csrc" / "build_config.h")] + extra_cpu + openmp
+    # No implicit FMA contraction (GCC fuses a*b - c by default): the KL kernel needs z = x/T rounded before
+    # z - lse, so that a one-entry row's gradient is exactly 0; the kernels write the FMAs they want explicitly.
+    cxx = ["-O3", "-ffp-contract=off", "-include", str(ROOT / "csrc" / "build_config.h")] + extra_cpu + openmp
     extra = {"cxx": cxx}
     if with_cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))

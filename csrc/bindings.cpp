@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "cpu/advantages.h"
+#include "cpu/kl.h"
 #include "cpu/logprobs.h"
 
 #ifdef RLHF_KERNELS_WITH_CUDA
@@ -321,7 +322,7 @@ TORCH_LIBRARY(rlhf_kernels_C, m) {
       "logprobs_bwd_out(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor targets, Tensor lse, "
       "Tensor entropy, float temperature, int ignore_index, Tensor(a!) grad) -> ()");
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
-  // CUDA-only kernels (the cuda backend of kl_divergence and ppo_loss).
+  // kl_divergence: the cpu and cuda backends; ppo_fwd and scale_unless_one_: CUDA only.
   m.def("kl_divergence_fwd(Tensor logits, Tensor ref_logits, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def(
       "kl_divergence_bwd(Tensor grad, Tensor logits, Tensor ref_logits, Tensor kl, Tensor lse_z, Tensor lse_r, "
@@ -339,6 +340,8 @@ TORCH_LIBRARY_IMPL(rlhf_kernels_C, CPU, m) {
   m.impl("logprobs_bwd", &rlhf_kernels::cpu::logprobs_bwd);
   m.impl("logprobs_bwd_out", &rlhf_kernels::cpu::logprobs_bwd_out);
   m.impl("gae", &rlhf_kernels::cpu::gae);
+  m.impl("kl_divergence_fwd", &rlhf_kernels::cpu::kl_divergence_fwd);
+  m.impl("kl_divergence_bwd", &rlhf_kernels::cpu::kl_divergence_bwd);
 }
 
 #ifdef RLHF_KERNELS_WITH_CUDA

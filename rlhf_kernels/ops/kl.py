@@ -3,9 +3,9 @@
 Both are ``torch.library`` custom ops (``rlhf_kernels::kl_divergence_fwd`` /
 ``_bwd`` and ``rlhf_kernels::kl_estimate_fwd`` / ``_bwd``) with fake impls and
 registered autograd. Backends: ``triton`` (CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``), ``cuda`` (``kl_divergence`` only: ``csrc/cuda/kl.cu``)
-and ``torch`` (the reference math, inside the op for ``kl_divergence``; plain
-eager reference for ``kl_estimate``).
+``TRITON_INTERPRET=1``), ``cuda`` and ``cpu`` (``kl_divergence`` only:
+``csrc/cuda/kl.cu``, ``csrc/cpu/kl.cpp``) and ``torch`` (the reference math,
+inside the op for ``kl_divergence``; plain eager reference for ``kl_estimate``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from ._checks import (
 from .logprobs import range_lead, resolve_for
 
 # Backends with a kernel (the reference "torch" is implied): exact KL, and the k1/k2/k3 estimators.
-IMPLEMENTED = ("triton", "cuda")
+# The extension's kernels (torch.ops.rlhf_kernels_C, dispatched on the tensors' device).
+_COMPILED = ("cuda", "cpu")
+IMPLEMENTED = ("triton", "cuda", "cpu")
 ESTIMATE_IMPLEMENTED = ("triton",)
 
 
@@ -92,7 +94,7 @@ def kl_divergence_fwd(
         from ..triton.kl import kl_divergence_fwd as triton_fwd
 
         out = triton_fwd(as_rows(logits), as_rows(ref_logits), temperature)
-    elif backend == "cuda":
+    elif backend in _COMPILED:
         out = torch.ops.rlhf_kernels_C.kl_divergence_fwd(as_rows(logits), as_rows(ref_logits), temperature)
     else:
         out = _torch_kl_fwd(logits, ref_logits, temperature)
@@ -142,7 +144,7 @@ def kl_divergence_bwd(
             grad.reshape(shape2).to(kl.dtype), rows, as_rows(r), kl.reshape(shape2),
             lse_z.reshape(shape2), lse_r.reshape(shape2), temperature, need_ref_grad, dz_out, dr_out,
         )
-    elif backend == "cuda":
+    elif backend in _COMPILED:
         rows = as_rows(x)
         shape2 = rows.shape[:2]
         dz, dr = torch.ops.rlhf_kernels_C.kl_divergence_bwd(
@@ -212,16 +214,17 @@ def kl_divergence(
 
     ``KL = Σ_v p_v·(z_v - r_v) - lse_z + lse_r`` with ``z = logits / T``,
     ``r = ref_logits / T``; 0 where ``mask == 0``. One pass over both rows
-    (Triton). Gradients: ``dz = p·(log p - log q - KL)``, ``dr = q - p`` (both
+    (Triton, CUDA, C++ CPU). Gradients: ``dz = p·(log p - log q - KL)``, ``dr = q - p`` (both
     ``/ T``; ``dr`` only when ``ref_logits`` requires grad), in each input's dtype.
 
     Shapes: ``[*, V]`` and ``[*, V]`` (+ ``mask[*]``) -> float32 ``[*]``
     (float64 when an input is float64). Rows may be strided (vocab stride 1);
     an input that is a slice ``base[:, a:a+T]`` of a ``[B, L, V]`` tensor gets its
     gradient written straight into a tensor shaped like ``base`` (eager mode;
-    ``_checks.slice_of_base``). ``backend``: ``"triton" | "cuda" | "torch"``; ``None`` picks the first of
-    ``_dispatch.GPU_PREFERENCE["kl_divergence"]`` (the CUDA kernel, then Triton) for CUDA tensors.
-    ``"cuda"`` runs ``csrc/cuda/kl.cu`` (mixed input dtypes run on float32 copies).
+    ``_checks.slice_of_base``). ``backend``: ``"triton" | "cuda" | "cpu" | "torch"``; ``None`` picks the first
+    of ``_dispatch.GPU_PREFERENCE["kl_divergence"]`` (the CUDA kernel, then Triton) for CUDA tensors and the
+    C++ kernel (``csrc/cpu/kl.cpp``) for CPU tensors. ``"cuda"`` runs ``csrc/cuda/kl.cu``; both compiled
+    backends run mixed input dtypes on copies in the statistics dtype.
     """
     check_logits("logits", logits)
     check_logits("ref_logits", ref_logits)

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 _TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = (["cpu"] if _ext.available() else []) + ["torch"] + (["triton"] if _TRITON else [])
-KL_BACKENDS = ["torch"] + (["triton"] if _TRITON else [])
+KL_BACKENDS = (["cpu"] if _ext.available() else []) + ["torch"] + (["triton"] if _TRITON else [])
 SLICES = {"[:-1]": slice(None, -1), "[1:]": slice(1, None), "[1:-1]": slice(1, -1)}
 
 
@@ -320,10 +320,9 @@ def test_gradcheck_through_the_view(backend):
 
     assert torch.autograd.gradcheck(logprobs, (base,))
     assert torch.autograd.gradcheck(ppo, (base,))
-    if backend == "torch":
-        r = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda b, q: rk.kl_divergence(b[:, 1:-1], q[:, :-2], backend="torch"),
-                                        (base, r))
+    r = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda b, q: rk.kl_divergence(b[:, 1:-1], q[:, :-2], temperature=0.8,
+                                                                  backend=backend), (base, r))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -335,13 +334,12 @@ def test_opcheck_with_row_ranges(backend):
     _, ent, lse = lp_ops.logprobs_fwd(x.detach(), y, 0.9, -100, backend, 1, T)
     g = torch.randn(B, T)
     torch.library.opcheck(lp_ops.logprobs_bwd, (g, g.flip(0), x.detach(), y, lse, ent, 0.9, -100, backend, 1, T))
-    if backend == "cpu":
-        return  # ppo_term / kl have no cpu kernels (ppo_loss composes logprobs there)
-    scal = (0.9, -100, 0.1, "k3", 0.01, 0.2, 0.28, 3.0, backend)
-    torch.library.opcheck(ppo_ops.ppo_term_fwd, (x, y, old, adv, ref) + scal + (2, T))
-    _term, logp, ent, _, _, lse = ppo_ops.ppo_term_fwd(x.detach(), y, old, adv, ref, *scal, 2, T)
-    gs = [torch.randn(B, T) for _ in range(4)]
-    torch.library.opcheck(ppo_ops.ppo_term_bwd, (*gs, x.detach(), y, logp, ent, lse, old, adv, ref) + scal + (2, T))
+    if backend != "cpu":  # ppo_term has no cpu kernel (ppo_loss composes logprobs there)
+        scal = (0.9, -100, 0.1, "k3", 0.01, 0.2, 0.28, 3.0, backend)
+        torch.library.opcheck(ppo_ops.ppo_term_fwd, (x, y, old, adv, ref) + scal + (2, T))
+        _term, logp, ent, _, _, lse = ppo_ops.ppo_term_fwd(x.detach(), y, old, adv, ref, *scal, 2, T)
+        gs = [torch.randn(B, T) for _ in range(4)]
+        torch.library.opcheck(ppo_ops.ppo_term_bwd, (*gs, x.detach(), y, logp, ent, lse, old, adv, ref) + scal + (2, T))
     r = torch.randn(B, L + 1, V, requires_grad=True)
     torch.library.opcheck(kl_ops.kl_divergence_fwd, (x, r, 0.8, backend, 0, T, 3, T))
     kl, lz, lr = kl_ops.kl_divergence_fwd(x.detach(), r.detach(), 0.8, backend, 0, T, 3, T)

@@ -1,14 +1,19 @@
-"""Triton exact KL and k1/k2/k3 estimators vs the float64 oracle; custom-op checks."""
+"""Exact KL (Triton, and the C++ CPU kernel where the tensors are on the CPU) and the Triton k1/k2/k3
+estimators vs the float64 oracle; custom-op checks. The CPU kernel's multi-chunk cases (V > 2048) are in
+tests/ops/test_kl.py."""
 
 import pytest
 import torch
 
 import rlhf_kernels as rk
-from rlhf_kernels import reference
+from rlhf_kernels import _ext, reference
 from rlhf_kernels.ops import kl as kl_ops
 from triton_testutils import DEVICE, DTYPES, assert_rule, make_logits, poisoned_outputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+# The exact-KL kernels under test: Triton, and the C++ CPU kernel when the tensors live on the CPU.
+BACKENDS = ["triton"] + (["cpu"] if torch.device(DEVICE).type == "cpu" and _ext.available() else [])
 
 
 def _oracle(x, r, temperature, mask, g, *, op_torch=False, ref_grad=True):
@@ -22,13 +27,13 @@ def _oracle(x, r, temperature, mask, g, *, op_torch=False, ref_grad=True):
     return kl.detach(), x.grad, r.grad
 
 
-def _check(x, r, *, temperature=1.0, mask=None, seed=0, op_torch=False, ref_grad=True):
+def _check(x, r, *, temperature=1.0, mask=None, seed=0, op_torch=False, ref_grad=True, backend="triton"):
     dtype = x.dtype
     g = torch.randn(x.shape[:-1], generator=torch.Generator().manual_seed(seed)).to(x.device)
     xt = x.detach().clone().requires_grad_()
     rt = r.detach().clone().requires_grad_(ref_grad)
     with poisoned_outputs():
-        kl = rk.kl_divergence(xt, rt, temperature=temperature, mask=mask, backend="triton")
+        kl = rk.kl_divergence(xt, rt, temperature=temperature, mask=mask, backend=backend)
         (kl * g).sum().backward()
     assert kl.dtype == torch.float32
     kl64, dx64, dr64 = _oracle(x.double(), r.double(), temperature, mask, g, op_torch=op_torch, ref_grad=ref_grad)
@@ -44,33 +49,37 @@ def _check(x, r, *, temperature=1.0, mask=None, seed=0, op_torch=False, ref_grad
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (2, 7), (2, 3, 300), (5, 65)], ids=lambda s: "x".join(map(str, s)))
-def test_matches_reference(shape, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(shape, dtype, backend):
     x = make_logits(shape, dtype, seed=shape[-1])
     # a nearby reference policy: a realistic (small) KL
     r = (x.float() + make_logits(shape, torch.float32, seed=shape[-1] + 1, scale=0.5)).to(dtype)
-    _check(x, r, temperature=0.9, seed=shape[-1], ref_grad=shape[-1] != 65)
+    _check(x, r, temperature=0.9, seed=shape[-1], ref_grad=shape[-1] != 65, backend=backend)
 
 
-def test_strided_mask_and_mixed_dtypes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_mask_and_mixed_dtypes(backend):
     full = make_logits((2, 5, 80), torch.float32, seed=1)
     x = full[:, :-1]
     r = make_logits((2, 5, 80), torch.float32, seed=2)[:, 1:]
     mask = torch.rand(2, 4, generator=torch.Generator().manual_seed(3)).to(DEVICE) > 0.3
-    _check(x, r, mask=mask, seed=1)
-    out = rk.kl_divergence(x, r.to(torch.bfloat16), backend="triton")
+    _check(x, r, mask=mask, seed=1, backend=backend)
+    out = rk.kl_divergence(x, r.to(torch.bfloat16), backend=backend)
     ref = reference.kl_divergence(x.double(), r.to(torch.bfloat16).double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_equal_rows_and_shifted_rows_give_zero():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equal_rows_and_shifted_rows_give_zero(backend):
     x = make_logits((3, 200), torch.float32, seed=4, scale=100.0)
     r = x.clone()
     r[1] += 37.0  # softmax is shift invariant
-    kl = rk.kl_divergence(x, r, backend="triton")
+    kl = rk.kl_divergence(x, r, backend=backend)
     assert kl.abs().max().item() < 1e-5
 
 
-def test_extreme_logits():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits(backend):
     x = make_logits((4, 130), torch.float32, seed=5, scale=1e4)
     r = make_logits((4, 130), torch.float32, seed=6, scale=1e4)
     x[1], r[1] = 2.0, -3.0  # all-equal rows
@@ -79,10 +88,10 @@ def test_extreme_logits():
     r[3, 0:60] = float("-inf")  # q = 0 where p > 0: KL = +inf
     x[3, 60:] = float("-inf")
     x[3, 10] = 5.0
-    kl = rk.kl_divergence(x, r, backend="triton")
+    kl = rk.kl_divergence(x, r, backend=backend)
     ref = reference.kl_divergence(x.double(), r.double())
     assert kl[3].item() == float("inf") and ref[3].item() == float("inf")
-    _check(x[:3], r[:3], seed=5, op_torch=True)
+    _check(x[:3], r[:3], seed=5, op_torch=True, backend=backend)
 
 
 # The interpreter walks rows in 64-wide blocks, so V = 300 is five blocks: the block-max forward
@@ -90,10 +99,10 @@ def test_extreme_logits():
 _INF = float("inf")
 
 
-def _fwd(x, r, temperature=1.0):
-    """``(kl, lse_z, lse_r)`` of the Triton launcher (poisoned outputs), float64 on the CPU."""
+def _fwd(x, r, temperature=1.0, backend="triton"):
+    """``(kl, lse_z, lse_r)`` of ``backend``'s forward (Triton's outputs poisoned first), float64 on the CPU."""
     with poisoned_outputs():
-        out = kl_ops.kl_divergence_fwd(x[None], r[None], temperature, "triton")
+        out = kl_ops.kl_divergence_fwd(x[None], r[None], temperature, backend)
     return [t[0].double().cpu() for t in out]
 
 
@@ -102,7 +111,8 @@ def _lse64(x, temperature):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_maxima_raised_in_later_blocks(dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_maxima_raised_in_later_blocks(dtype, backend):
     x = make_logits((4, 300), torch.float32, seed=11)
     r = (x + make_logits((4, 300), torch.float32, seed=12, scale=1.0)).clone()
     ramp = torch.linspace(0.0, 12.0, 300, device=DEVICE)
@@ -115,11 +125,12 @@ def test_maxima_raised_in_later_blocks(dtype):
     r[2, 40] += 9.0
     x[3, 290] += 200.0  # raises so large the earlier lane sums underflow to 0 when rescaled
     r[3, 100] += 150.0
-    _check(x.to(dtype), r.to(dtype), temperature=0.8, seed=11)
+    _check(x.to(dtype), r.to(dtype), temperature=0.8, seed=11, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_equal_rows_with_late_maxima_give_exact_zero(dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equal_rows_with_late_maxima_give_exact_zero(dtype, backend):
     x = make_logits((3, 300), torch.float32, seed=13)
     x[:, 250] += 10.0
     x[1] += torch.linspace(0.0, 8.0, 300, device=DEVICE)
@@ -129,11 +140,12 @@ def test_equal_rows_with_late_maxima_give_exact_zero(dtype):
     r = x.clone()
     r[1] += 64.0
     assert torch.equal(r[1].double() - 64.0, x[1].double())
-    kl = rk.kl_divergence(x, r, temperature=0.7, backend="triton")
+    kl = rk.kl_divergence(x, r, temperature=0.7, backend=backend)
     assert torch.equal(kl, torch.zeros_like(kl))
 
 
-def test_inf_prefix_rows():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inf_prefix_rows(backend):
     x = make_logits((4, 300), torch.float32, seed=14)
     r = make_logits((4, 300), torch.float32, seed=15)
     x[0, :130], r[0, :70] = float("-inf"), float("-inf")  # first blocks empty, q = 0 only where p = 0
@@ -142,19 +154,20 @@ def test_inf_prefix_rows():
     x[3, :64], r[3, :64] = float("-inf"), float("-inf")
     x[3, 64:] -= 40.0  # then a low start, raised later
     x[3, 280] = 5.0
-    _check(x, r, temperature=0.9, seed=14)
-    _, lse_z, lse_r = _fwd(x, r, 0.9)
+    _check(x, r, temperature=0.9, seed=14, backend=backend)
+    _, lse_z, lse_r = _fwd(x, r, 0.9, backend)
     torch.testing.assert_close(lse_z, _lse64(x, 0.9), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(lse_r, _lse64(r, 0.9), rtol=1e-6, atol=1e-5)
 
 
-def test_fully_inf_rows():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_inf_rows(backend):
     x = make_logits((3, 130), torch.float32, seed=16)
     r = make_logits((3, 130), torch.float32, seed=17)
     x[0], r[0] = float("-inf"), float("-inf")
     x[1] = float("-inf")
     r[2] = float("-inf")
-    kl, lse_z, lse_r = _fwd(x, r)
+    kl, lse_z, lse_r = _fwd(x, r, 1.0, backend)
     ref = reference.kl_divergence(x.double(), r.double())
     assert torch.isnan(ref).all() and torch.isnan(kl).all()  # no softmax of an all -inf row
     assert lse_z.tolist()[:2] == [-_INF, -_INF] and lse_r.tolist()[0] == lse_r.tolist()[2] == -_INF
@@ -162,7 +175,8 @@ def test_fully_inf_rows():
     torch.testing.assert_close(lse_r[1], _lse64(r, 1.0)[1])
 
 
-def test_q_zero_where_p_positive_gives_inf():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_q_zero_where_p_positive_gives_inf(backend):
     x = make_logits((5, 300), torch.float32, seed=18)
     r = make_logits((5, 300), torch.float32, seed=19)
     x[0, 210], r[0, 210] = 4.0, float("-inf")  # in a late block
@@ -177,7 +191,7 @@ def test_q_zero_where_p_positive_gives_inf():
     x[3, 64:] += 10.0  # ... then a raise that underflows their rescale: finite (reference too)
     r[4, 290] = float("-inf")
     x[4, 290] = x[4].max() + 1.0  # at the policy max, in the last (partial) block
-    kl, lse_z, lse_r = _fwd(x, r, 0.8)
+    kl, lse_z, lse_r = _fwd(x, r, 0.8, backend)
     ref = reference.kl_divergence(x.double(), r.double(), temperature=0.8)
     assert kl[[0, 1, 4]].tolist() == ref[[0, 1, 4]].tolist() == [_INF] * 3
     assert torch.isfinite(ref[2:4]).all()
@@ -186,7 +200,8 @@ def test_q_zero_where_p_positive_gives_inf():
     torch.testing.assert_close(lse_r, _lse64(r, 0.8), rtol=1e-6, atol=1e-5)
 
 
-def test_nan_stays_in_its_row():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_stays_in_its_row(backend):
     x = make_logits((6, 300), torch.float32, seed=20)
     r = make_logits((6, 300), torch.float32, seed=21)
     x[0, 230] = float("nan")  # policy row, late block
@@ -199,11 +214,11 @@ def test_nan_stays_in_its_row():
     g = torch.randn(6, generator=torch.Generator().manual_seed(20)).to(DEVICE)
     xt, rt = x.clone().requires_grad_(), r.clone().requires_grad_()
     with poisoned_outputs():
-        kl = rk.kl_divergence(xt, rt, temperature=1.3, backend="triton")
+        kl = rk.kl_divergence(xt, rt, temperature=1.3, backend=backend)
         (kl * g).sum().backward()
     ref = reference.kl_divergence(x.double(), r.double(), temperature=1.3)
     assert torch.isnan(kl).tolist() == torch.isnan(ref).tolist() == [True] * 5 + [False]
-    _, lse_z, lse_r = _fwd(x, r, 1.3)
+    _, lse_z, lse_r = _fwd(x, r, 1.3, backend)
     assert torch.isnan(lse_z).tolist() == [True, False, False, False, True, False]
     assert torch.isnan(lse_r).tolist() == [False, True, True, True, False, False]
     kl5, dx5, dr5 = _oracle(x[5:].double(), r[5:].double(), 1.3, None, g[5:])
@@ -212,7 +227,8 @@ def test_nan_stays_in_its_row():
     torch.testing.assert_close(rt.grad[5:].double(), dr5, rtol=1e-4, atol=1e-6)
 
 
-def test_large_logits_with_temperature():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_with_temperature(backend):
     g = torch.Generator().manual_seed(22)
     base = torch.randn(4, 300, generator=g) * 3
     x = base + 1e4  # |z| ~ 1.4e4 at T = 0.7, moderate KL
@@ -223,8 +239,8 @@ def test_large_logits_with_temperature():
     r[2, 80] += 25.0
     x[3] = -x[3]
     x, r = x.to(DEVICE), r.to(DEVICE)
-    _check(x, r, temperature=0.7, seed=22, op_torch=True)
-    kl, lse_z, lse_r = _fwd(x, r, 0.7)
+    _check(x, r, temperature=0.7, seed=22, op_torch=True, backend=backend)
+    kl, lse_z, lse_r = _fwd(x, r, 0.7, backend)
     # x - max x is exact, so the forward is far inside the fp32 reference's error (~1e-3 here),
     # which scales the logits first; scaling first in the kernel fails this
     ref = reference.kl_divergence(x.double(), r.double(), temperature=0.7).cpu()
@@ -234,7 +250,8 @@ def test_large_logits_with_temperature():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_large_low_precision_logits(dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_low_precision_logits(dtype, backend):
     ulp = {torch.bfloat16: 256.0, torch.float16: 32.0}[dtype]  # spacing from 3.3e4 to 6.5e4
     g = torch.Generator().manual_seed(23)
     base = torch.randn(3, 300, generator=g) * 3 * ulp
@@ -245,8 +262,8 @@ def test_large_low_precision_logits(dtype):
     x = x.clamp(-65504.0, 65504.0).to(dtype).to(DEVICE)
     r = r.to(dtype).to(DEVICE)
     temperature = ulp / 2  # neighbouring values 2 nats apart: p is spread, not one-hot
-    _check(x, r, temperature=temperature, seed=23, op_torch=True)
-    kl, _, _ = _fwd(x, r, temperature)
+    _check(x, r, temperature=temperature, seed=23, op_torch=True, backend=backend)
+    kl, _, _ = _fwd(x, r, temperature, backend)
     ref = reference.kl_divergence(x.double(), r.double(), temperature=temperature).cpu()
     torch.testing.assert_close(kl, ref, rtol=1e-5, atol=1e-5)  # as in test_large_logits_with_temperature
 
@@ -287,14 +304,16 @@ def test_k3_is_accurate_near_zero():
     assert ((out - exact).abs() / exact).max().item() < 1e-3
 
 
-def test_default_backend_on_cpu_is_reference():
+def test_default_backend_on_cpu():
+    """CPU tensors: the exact KL runs the C++ kernel when the extension is built (else the reference), the
+    estimator the reference; both agree with the reference."""
     a, b = torch.randn(5), torch.randn(5)
     torch.testing.assert_close(rk.kl_estimate(a, b), reference.kl_estimate(a, b))
     x, r = torch.randn(2, 9), torch.randn(2, 9)
     torch.testing.assert_close(rk.kl_divergence(x, r), reference.kl_divergence(x, r))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch"] + (["cpu"] if torch.device(DEVICE).type == "cpu" and _ext.available() else []))
 def test_opcheck(backend):
     x = make_logits((2, 3, 40), torch.float32, seed=9)
     r = make_logits((2, 3, 40), torch.float32, seed=10)
@@ -302,6 +321,8 @@ def test_opcheck(backend):
     kl, lz, lr = kl_ops.kl_divergence_fwd(x.detach(), r.detach(), 0.8, backend)
     for need in (True, False):
         torch.library.opcheck(kl_ops.kl_divergence_bwd, (torch.randn_like(kl), x.detach(), r.detach(), kl, lz, lr, 0.8, need, backend))
+    if backend == "cpu":
+        return  # the estimators have no cpu kernel
     a = torch.randn(4, 5, device=DEVICE, requires_grad=True)
     b = torch.randn(4, 5, device=DEVICE, requires_grad=True)
     torch.library.opcheck(kl_ops.kl_estimate_fwd, (a, b, "k3", 1.5, backend))
