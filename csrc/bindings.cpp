@@ -9,6 +9,7 @@
 #include "cpu/advantages.h"
 #include "cpu/kl.h"
 #include "cpu/logprobs.h"
+#include "row_io.h"
 
 #ifdef RLHF_KERNELS_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -68,18 +69,10 @@ void check_cuda_error(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " CUDA kernel failed: ", cudaGetErrorString(err));
 }
 
-void check_rows(const at::Tensor& rows, const char* name) {
-  TORCH_CHECK(rows.dim() == 3, name, " must be viewed as [B, T, V], got ", rows.sizes());
-  TORCH_CHECK(rows.stride(2) == 1, name, " must have unit stride over the vocabulary");
-  TORCH_CHECK(rows.is_cuda(), name, " must be a CUDA tensor for the cuda kernels");
-}
-
-// A per-row tensor: [B·T] elements, contiguous, of `dtype`, on the rows' device.
-at::Tensor per_row(const at::Tensor& t, int64_t rows, at::ScalarType dtype, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.numel() == rows, name, " must have B*T = ", rows, " elements, got ", t.numel());
-  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
-  return t.to(dtype).contiguous();
-}
+// The CUDA bindings' rows and per-row tensors (shared checks: row_io.h).
+void check_rows(const at::Tensor& rows, const char* name) { io::check_rows(rows, name, at::kCUDA); }
+using io::check_grad_out;
+using io::per_row;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tensor& logits, const at::Tensor& targets,
                                                                   double temperature, int64_t ignore_index) {
@@ -100,13 +93,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tenso
 }
 
 // `grad`: shaped like logits, its dtype, vocab stride 1, any row strides (rows of a larger gradient).
-void check_grad_out(const at::Tensor& grad, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(grad.sizes() == like.sizes() && grad.scalar_type() == like.scalar_type() && grad.stride(2) == 1 &&
-                  grad.device() == like.device(),
-              name, " must be shaped like ", like.sizes(), " of ", like.scalar_type(), " on ", like.device(),
-              " with unit vocab stride, got ", grad.sizes(), " ", grad.scalar_type(), " strides ", grad.strides());
-}
-
 void logprobs_bwd_out_cuda(const at::Tensor& grad_logp, const at::Tensor& grad_entropy, const at::Tensor& logits,
                            const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
                            double temperature, int64_t ignore_index, at::Tensor& grad) {
@@ -139,20 +125,10 @@ at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& grad
   return grad;
 }
 
-// Mixed input dtypes (e.g. a bf16 policy against an fp32 reference) run on float32 copies.
-std::pair<at::Tensor, at::Tensor> kl_inputs(const at::Tensor& logits, const at::Tensor& ref_logits) {
-  check_rows(logits, "logits");
-  check_rows(ref_logits, "ref_logits");
-  TORCH_CHECK(logits.sizes() == ref_logits.sizes(), "logits and ref_logits must have one shape");
-  TORCH_CHECK(logits.device() == ref_logits.device(), "logits and ref_logits must be on one device");
-  if (logits.scalar_type() == ref_logits.scalar_type()) return {logits, ref_logits};
-  return {logits.to(at::kFloat), ref_logits.to(at::kFloat)};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_divergence_fwd_cuda(const at::Tensor& logits,
                                                                        const at::Tensor& ref_logits,
                                                                        double temperature) {
-  const auto [x, r] = kl_inputs(logits, ref_logits);
+  const auto [x, r] = io::kl_inputs(logits, ref_logits, at::kCUDA);
   const cuda::DType dtype = cuda_dtype(x, "kl_divergence");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), T = x.size(1), V = x.size(2);
@@ -172,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> kl_divergence_bwd_cuda(const at::Tensor& grad
                                                           double temperature, bool need_ref_grad,
                                                           const std::optional<at::Tensor>& grad_out,
                                                           const std::optional<at::Tensor>& ref_grad_out) {
-  const auto [x, r] = kl_inputs(logits, ref_logits);
+  const auto [x, r] = io::kl_inputs(logits, ref_logits, at::kCUDA);
   const cuda::DType dtype = cuda_dtype(x, "kl_divergence");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), T = x.size(1), V = x.size(2), N = B * T;
@@ -183,13 +159,8 @@ std::tuple<at::Tensor, at::Tensor> kl_divergence_bwd_cuda(const at::Tensor& grad
   // With grad_out / ref_grad_out (shaped like the inputs, their dtypes, any row strides) the kernel
   // writes there directly when the dtypes match the computed one (else through a float32 buffer)
   // and empty tensors come back in their place.
-  if (grad_out.has_value()) check_grad_out(*grad_out, logits, "grad_out");
-  if (need_ref_grad && ref_grad_out.has_value()) check_grad_out(*ref_grad_out, ref_logits, "ref_grad_out");
-  const bool dz_direct = grad_out.has_value() && grad_out->scalar_type() == x.scalar_type();
-  const bool dr_direct = need_ref_grad && ref_grad_out.has_value() && ref_grad_out->scalar_type() == r.scalar_type();
-  at::Tensor dz = dz_direct ? *grad_out : at::empty({B, T, V}, x.options());
-  at::Tensor dr = dr_direct ? *ref_grad_out
-                            : (need_ref_grad ? at::empty({B, T, V}, r.options()) : at::empty({0}, ref_logits.options()));
+  io::KlGrads out = io::kl_grad_buffers(logits, ref_logits, x, r, need_ref_grad, grad_out, ref_grad_out);
+  at::Tensor &dz = out.dz, &dr = out.dr;
   check_cuda_error(cuda::launch_kl_bwd(dtype, dz.data_ptr(), need_ref_grad ? dr.data_ptr() : nullptr,
                                        x.const_data_ptr(), r.const_data_ptr(), g.const_data_ptr<float>(),
                                        kl_c.const_data_ptr<float>(), lz.const_data_ptr<float>(),
@@ -198,19 +169,7 @@ std::tuple<at::Tensor, at::Tensor> kl_divergence_bwd_cuda(const at::Tensor& grad
                                        need_ref_grad ? dr.stride(1) : 0, V, static_cast<float>(1.0 / temperature),
                                        c10::cuda::getCurrentCUDAStream()),
                    "kl_divergence_bwd");
-  if (grad_out.has_value()) {
-    if (!dz_direct) grad_out->copy_(dz);
-    dz = at::empty({0}, logits.options());
-  } else if (dz.scalar_type() != logits.scalar_type()) {
-    dz = dz.to(logits.scalar_type());
-  }
-  if (need_ref_grad && ref_grad_out.has_value()) {
-    if (!dr_direct) ref_grad_out->copy_(dr);
-    dr = at::empty({0}, ref_logits.options());
-  } else if (need_ref_grad && dr.scalar_type() != ref_logits.scalar_type()) {
-    dr = dr.to(ref_logits.scalar_type());
-  }
-  return {dz, dr};
+  return io::kl_grad_result(out, logits, ref_logits, need_ref_grad, grad_out, ref_grad_out);
 }
 
 const char* ppo_path_name(cuda::PpoPath path) {

@@ -24,6 +24,7 @@
 
 #include <cmath>
 
+#include "../row_io.h"
 #include "row_common.h"
 
 namespace rlhf_kernels {
@@ -85,9 +86,8 @@ void forward_rows(const sx_t* logits, const sr_t* ref, int64_t rows_inner, int64
   alignas(64) acc_t bx[kChunk];
   alignas(64) acc_t br[kChunk];
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t b = row / rows_inner, t = row % rows_inner;
-    const sx_t* x = logits + b * xs_outer + t * xs_inner;
-    const sr_t* r = ref + b * rs_outer + t * rs_inner;
+    const sx_t* x = row_at(logits, row, rows_inner, xs_outer, xs_inner);
+    const sr_t* r = row_at(ref, row, rows_inner, rs_outer, rs_inner);
     KlState<acc_t> st;
     // NaN in a row makes its lse (and the KL) NaN; it is tracked by flag because ATen's fast exp clamps
     // NaN to a finite value. The other row's statistics go on.
@@ -151,11 +151,10 @@ void backward_rows(const sx_t* logits, const sr_t* ref, int64_t rows_inner, int6
   alignas(64) acc_t gz[kChunk];
   alignas(64) acc_t gr[kChunk];
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t b = row / rows_inner, t = row % rows_inner;
-    const sx_t* x = logits + b * xs_outer + t * xs_inner;
-    const sr_t* r = ref + b * rs_outer + t * rs_inner;
-    sx_t* dz = dz_out + b * dz_outer + t * dz_inner;
-    sr_t* dr = dr_out == nullptr ? nullptr : dr_out + b * dr_outer + t * dr_inner;
+    const sx_t* x = row_at(logits, row, rows_inner, xs_outer, xs_inner);
+    const sr_t* r = row_at(ref, row, rows_inner, rs_outer, rs_inner);
+    sx_t* dz = row_at(dz_out, row, rows_inner, dz_outer, dz_inner);
+    sr_t* dr = dr_out == nullptr ? nullptr : row_at(dr_out, row, rows_inner, dr_outer, dr_inner);
     const acc_t gt = grad[row] * inv_t;
     for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
       const int64_t n = std::min(kChunk, vocab - c0);
@@ -174,49 +173,13 @@ void backward_rows(const sx_t* logits, const sr_t* ref, int64_t rows_inner, int6
   }
 }
 
-void check_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 3, name, " must be viewed as [B, T, V], got ", t.sizes());
-  TORCH_CHECK(t.stride(2) == 1, name, " must have unit stride over the vocabulary");
-  TORCH_CHECK(t.device().is_cpu(), "the cpu kernels need CPU tensors, got ", name, " on ", t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ", t.scalar_type());
-}
-
-// The accumulation (and statistics) dtype: float64 when an input is float64, else float32.
-at::ScalarType stats_dtype(const at::Tensor& logits, const at::Tensor& ref_logits) {
-  return logits.scalar_type() == at::kDouble || ref_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Mixed input dtypes (a bf16 policy against an fp32 reference) run on copies in the statistics dtype.
-std::pair<at::Tensor, at::Tensor> kl_inputs(const at::Tensor& logits, const at::Tensor& ref_logits) {
-  check_rows(logits, "logits");
-  check_rows(ref_logits, "ref_logits");
-  TORCH_CHECK(logits.sizes() == ref_logits.sizes(), "logits and ref_logits must have one shape, got ", logits.sizes(),
-              " and ", ref_logits.sizes());
-  if (logits.scalar_type() == ref_logits.scalar_type()) return {logits, ref_logits};
-  const auto dtype = stats_dtype(logits, ref_logits);
-  return {logits.to(dtype), ref_logits.to(dtype)};
-}
-
-at::Tensor per_row(const at::Tensor& t, int64_t rows, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(t.numel() == rows && t.device().is_cpu(), name, " must be a CPU tensor of B*T = ", rows,
-              " elements, got ", t.sizes());
-  return t.to(dtype).contiguous();
-}
-
-void check_grad_out(const at::Tensor& out, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(out.sizes() == like.sizes() && out.scalar_type() == like.scalar_type() && out.stride(2) == 1 &&
-                  out.device().is_cpu(),
-              name, " must be a CPU tensor shaped like ", like.sizes(), " of ", like.scalar_type(),
-              " with unit vocab stride, got ", out.sizes(), " ", out.scalar_type(), " strides ", out.strides());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_divergence_fwd(const at::Tensor& logits,
                                                                  const at::Tensor& ref_logits, double temperature) {
-  const auto [x, r] = kl_inputs(logits, ref_logits);
+  const auto [x, r] = io::kl_inputs(logits, ref_logits, at::kCPU);
   const int64_t B = x.size(0), T = x.size(1), V = x.size(2), rows = B * T;
-  auto opts = x.options().dtype(stats_dtype(logits, ref_logits));
+  auto opts = x.options().dtype(io::kl_stats_dtype(logits, ref_logits));
   at::Tensor kl = at::empty({B, T}, opts), lse_z = at::empty({B, T}, opts), lse_r = at::empty({B, T}, opts);
   if (rows == 0) return {kl, lse_z, lse_r};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "kl_divergence_fwd_cpu", [&] {
@@ -238,48 +201,29 @@ std::tuple<at::Tensor, at::Tensor> kl_divergence_bwd(const at::Tensor& grad, con
                                                      double temperature, bool need_ref_grad,
                                                      const std::optional<at::Tensor>& grad_out,
                                                      const std::optional<at::Tensor>& ref_grad_out) {
-  const auto [x, r] = kl_inputs(logits, ref_logits);
+  const auto [x, r] = io::kl_inputs(logits, ref_logits, at::kCPU);
   const int64_t B = x.size(0), T = x.size(1), V = x.size(2), rows = B * T;
-  const auto acc = stats_dtype(logits, ref_logits);
-  const at::Tensor g = per_row(grad, rows, acc, "grad"), kl_c = per_row(kl, rows, acc, "kl");
-  const at::Tensor lz = per_row(lse_z, rows, acc, "lse_z"), lr = per_row(lse_r, rows, acc, "lse_r");
-  if (grad_out.has_value()) check_grad_out(*grad_out, logits, "grad_out");
-  if (need_ref_grad && ref_grad_out.has_value()) check_grad_out(*ref_grad_out, ref_logits, "ref_grad_out");
-  // written in place when the outputs have the computed dtype, else through a buffer of it
-  const bool dz_direct = grad_out.has_value() && grad_out->scalar_type() == x.scalar_type();
-  const bool dr_direct = need_ref_grad && ref_grad_out.has_value() && ref_grad_out->scalar_type() == r.scalar_type();
-  at::Tensor dz = dz_direct ? *grad_out : at::empty({B, T, V}, x.options());
-  at::Tensor dr = dr_direct ? *ref_grad_out
-                            : (need_ref_grad ? at::empty({B, T, V}, r.options()) : at::empty({0}, ref_logits.options()));
+  const auto acc = io::kl_stats_dtype(logits, ref_logits);
+  const at::Tensor g = io::per_row(grad, rows, acc, x, "grad"), kl_c = io::per_row(kl, rows, acc, x, "kl");
+  const at::Tensor lz = io::per_row(lse_z, rows, acc, x, "lse_z"), lr = io::per_row(lse_r, rows, acc, x, "lse_r");
+  io::KlGrads out = io::kl_grad_buffers(logits, ref_logits, x, r, need_ref_grad, grad_out, ref_grad_out);
   if (rows > 0 && V > 0) {
-    advise_huge_pages(dz);
-    if (need_ref_grad) advise_huge_pages(dr);
+    advise_huge_pages(out.dz);
+    if (need_ref_grad) advise_huge_pages(out.dr);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "kl_divergence_bwd_cpu", [&] {
       using acc_t = acc_type_t<scalar_t>;
-      scalar_t* drp = need_ref_grad ? dr.data_ptr<scalar_t>() : nullptr;
-      const int64_t dr_outer = need_ref_grad ? dr.stride(0) : 0, dr_inner = need_ref_grad ? dr.stride(1) : 0;
+      scalar_t* drp = need_ref_grad ? out.dr.data_ptr<scalar_t>() : nullptr;
+      const int64_t dr_outer = need_ref_grad ? out.dr.stride(0) : 0, dr_inner = need_ref_grad ? out.dr.stride(1) : 0;
       at::parallel_for(0, rows, grain_for(2 * V), [&](int64_t begin, int64_t end) {
         backward_rows<scalar_t, scalar_t, acc_t>(
             x.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), T, x.stride(0), x.stride(1), r.stride(0),
             r.stride(1), V, temperature, g.const_data_ptr<acc_t>(), kl_c.const_data_ptr<acc_t>(),
-            lz.const_data_ptr<acc_t>(), lr.const_data_ptr<acc_t>(), dz.data_ptr<scalar_t>(), dz.stride(0),
-            dz.stride(1), drp, dr_outer, dr_inner, begin, end);
+            lz.const_data_ptr<acc_t>(), lr.const_data_ptr<acc_t>(), out.dz.data_ptr<scalar_t>(), out.dz.stride(0),
+            out.dz.stride(1), drp, dr_outer, dr_inner, begin, end);
       });
     });
   }
-  if (grad_out.has_value()) {
-    if (!dz_direct) grad_out->copy_(dz);
-    dz = at::empty({0}, logits.options());
-  } else if (dz.scalar_type() != logits.scalar_type()) {
-    dz = dz.to(logits.scalar_type());
-  }
-  if (need_ref_grad && ref_grad_out.has_value()) {
-    if (!dr_direct) ref_grad_out->copy_(dr);
-    dr = at::empty({0}, ref_logits.options());
-  } else if (need_ref_grad && dr.scalar_type() != ref_logits.scalar_type()) {
-    dr = dr.to(ref_logits.scalar_type());
-  }
-  return {dz, dr};
+  return io::kl_grad_result(out, logits, ref_logits, need_ref_grad, grad_out, ref_grad_out);
 }
 
 }  // namespace cpu

@@ -91,7 +91,7 @@ void forward_rows(
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   alignas(64) acc_t buf[kChunk];
   for (int64_t row = begin; row < end; ++row) {
-    const scalar_t* x = logits + (row / rows_inner) * stride_outer + (row % rows_inner) * stride_inner;
+    const scalar_t* x = row_at(logits, row, rows_inner, stride_outer, stride_inner);
     acc_t m = neg_inf<acc_t>(), s = 0, t = 0;
     bool has_nan = false;
     for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
@@ -161,8 +161,8 @@ void backward_rows(
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   alignas(64) acc_t buf[kChunk];
   for (int64_t row = begin; row < end; ++row) {
-    const scalar_t* x = logits + (row / rows_inner) * stride_outer + (row % rows_inner) * stride_inner;
-    scalar_t* dx = grad_out + (row / rows_inner) * grad_stride_outer + (row % rows_inner) * grad_stride_inner;
+    const scalar_t* x = row_at(logits, row, rows_inner, stride_outer, stride_inner);
+    scalar_t* dx = row_at(grad_out, row, rows_inner, grad_stride_outer, grad_stride_inner);
     const int64_t y = targets[row];
     if (y == ignore_index) {
       std::fill(dx, dx + vocab, scalar_t(0));

@@ -88,6 +88,12 @@ inline void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+// Row `row` of a [B, T, V] tensor viewed as B·T rows (T = rows_inner) with strides (outer, inner).
+template <typename T>
+inline T* row_at(T* base, int64_t row, int64_t rows_inner, int64_t stride_outer, int64_t stride_inner) {
+  return base + (row / rows_inner) * stride_outer + (row % rows_inner) * stride_inner;
+}
+
 inline int64_t grain_for(int64_t vocab) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1));
 }
