@@ -94,6 +94,7 @@ def _validate_targets(targets: torch.Tensor, vocab: int, ignore_index: int, op: 
 
 
 def _raise_if_bad(targets: torch.Tensor, vocab: int, ignore_index: int, op: str = "logprobs") -> None:
+    """The check itself, in the mode ``deferred_checks.mode_for(targets)`` gives: a host sync, queued, or none."""
     mode = deferred_checks.mode_for(targets)
     if mode == "async":
         try:
