@@ -1,18 +1,18 @@
 """Tuning sweep for the Triton kernels (GPU only): block sizes, warps and the forward formulation.
 
-    python -m benchmarks.tune_triton [--n 8192] [--v 151936] [--dtype bf16] [--out FILE]
+    python -m benchmarks.tune_triton [--n 8192] [--v 151936] [--dtype bf16]
 
 Times, with ``triton.testing.do_bench`` (median), at one large bandwidth-bound shape:
 
+* first, where the rest of ``ppo_loss`` / ``logprobs`` time goes: the kernel alone, then the op forward and
+  forward + backward on each backend under each ``RLHF_KERNELS_VALIDATE`` mode (a host sync, queued, none).
 * the logprobs forward as shipped (``_common.row_softmax_stats``) at every autotune candidate
   ``BLOCK_V x LANES_V x warps`` (``_common._ROW_FWD_CANDIDATES``: state as wide as the block, and the
   tiled ones with 256 lanes per warp). Earlier sweeps (H100, ``benchmarks/results/nvidia-h100-80gb-hbm3/logs/run2``
   and ``run3``) compared the per-lane max this kernel used to keep (1024x4 84% of the copy bandwidth, 4096x8
   61%) with the block-max state it keeps now (2048x4 91%);
 * the logprobs backward at several ``(BLOCK_V, warps)`` and the kl_divergence forward at every candidate
-  (``_common._TWO_ROW_FWD_CANDIDATES``);
-* where the rest of ``ppo_loss`` / ``logprobs`` time goes: the kernel alone, then the op forward and
-  forward + backward on each backend under each ``RLHF_KERNELS_VALIDATE`` mode (a host sync, queued, none).
+  (``_common._TWO_ROW_FWD_CANDIDATES``).
 
 Every variant is checked against the shipped kernel's outputs before it is timed. The numbers feed the
 table in ``rlhf_kernels/triton/_common.py:vocab_config``; the log of each run is kept under
@@ -87,36 +87,9 @@ def main(argv=None) -> int:
         gbs = moved / ms / 1e6
         print(f"{name:<42} {ms:8.3f} ms {gbs:8.0f} GB/s {100 * gbs / bw:6.1f}% BW", flush=True)
 
-    ref_out = fwd_shipped(rows, y, 2048, 2048, 4)
-    for block, lanes, warps in _common._ROW_FWD_CANDIDATES + ((4096, 4096, 8), (8192, 8192, 8)):
-        if block < 512:
-            continue
-        out = fwd_shipped(rows, y, block, lanes, warps)
-        ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(out, ref_out))
-        report(f"fwd shipped     {block}x{lanes}x{warps}{'' if ok else ' MISMATCH'}",
-               do_bench(lambda: fwd_shipped(rows, y, block, lanes, warps), return_mode="median"), nbytes)
-    ref_grad = bwd_cfg(rows, y, ref_out, 4096, 8)
-    for block, warps in [(2048, 1), (2048, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8),
-                         (8192, 16)]:
-        ok = torch.equal(bwd_cfg(rows, y, ref_out, block, warps), ref_grad)
-        report(f"bwd             {block}x{warps}{'' if ok else ' MISMATCH'}",
-               do_bench(lambda: bwd_cfg(rows, y, ref_out, block, warps), return_mode="median"), 2 * nbytes)
-    del ref_grad
-    torch.cuda.empty_cache()
-    ref_rows = (torch.randn((1, N, V), device="cuda", generator=gen) * 3).to(dtype)
-    kl_ref = kl_cfg(rows, ref_rows, 2048, 2048, 8)
-    for block, lanes, warps in _common._TWO_ROW_FWD_CANDIDATES:
-        if block < 512:
-            continue
-        same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4)
-                   for a, b in zip(kl_cfg(rows, ref_rows, block, lanes, warps), kl_ref))
-        report(f"kl fwd          {block}x{lanes}x{warps}{'' if same else ' MISMATCH'}",
-               do_bench(lambda: kl_cfg(rows, ref_rows, block, lanes, warps), return_mode="median"), 2 * nbytes)
-    ref_rows = kl_ref = None  # freed (not del: the timed lambdas above name it)
-    torch.cuda.empty_cache()
-
-    # Where the rest of the op time goes (same shape): the kernels alone, then the ops on each backend under each
-    # RLHF_KERNELS_VALIDATE mode (1: a host sync per target check; async: queued, ops/_deferred_checks.py; 0: none).
+    # First, as a short session may cut the sweeps below: where the rest of the op time goes. The kernels
+    # alone, then the ops on each backend under each RLHF_KERNELS_VALIDATE mode (1: a host sync per target
+    # check; async: queued, ops/_deferred_checks.py; 0: none).
     import rlhf_kernels as rk
     from rlhf_kernels.triton import ppo as tppo
 
@@ -146,6 +119,36 @@ def main(argv=None) -> int:
                 report(f"{name} [{backend}, validate={mode}]", ms, moved)
             rk.check_pending_targets()
     os.environ.pop("RLHF_KERNELS_VALIDATE", None)
+    leaf = None  # the sweeps need the memory
+    torch.cuda.empty_cache()
+    ref_out = fwd_shipped(rows, y, 2048, 2048, 4)
+    for block, lanes, warps in _common._ROW_FWD_CANDIDATES + ((4096, 4096, 8), (8192, 8192, 8)):
+        if block < 512:
+            continue
+        out = fwd_shipped(rows, y, block, lanes, warps)
+        ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(out, ref_out))
+        report(f"fwd shipped     {block}x{lanes}x{warps}{'' if ok else ' MISMATCH'}",
+               do_bench(lambda: fwd_shipped(rows, y, block, lanes, warps), return_mode="median"), nbytes)
+    ref_grad = bwd_cfg(rows, y, ref_out, 4096, 8)
+    for block, warps in [(2048, 1), (2048, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8),
+                         (8192, 16)]:
+        ok = torch.equal(bwd_cfg(rows, y, ref_out, block, warps), ref_grad)
+        report(f"bwd             {block}x{warps}{'' if ok else ' MISMATCH'}",
+               do_bench(lambda: bwd_cfg(rows, y, ref_out, block, warps), return_mode="median"), 2 * nbytes)
+    del ref_grad
+    torch.cuda.empty_cache()
+    ref_rows = (torch.randn((1, N, V), device="cuda", generator=gen) * 3).to(dtype)
+    kl_ref = kl_cfg(rows, ref_rows, 2048, 2048, 8)
+    for block, lanes, warps in _common._TWO_ROW_FWD_CANDIDATES:
+        if block < 512:
+            continue
+        same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+                   for a, b in zip(kl_cfg(rows, ref_rows, block, lanes, warps), kl_ref))
+        report(f"kl fwd          {block}x{lanes}x{warps}{'' if same else ' MISMATCH'}",
+               do_bench(lambda: kl_cfg(rows, ref_rows, block, lanes, warps), return_mode="median"), 2 * nbytes)
+    ref_rows = kl_ref = None  # freed (not del: the timed lambdas above name it)
+    torch.cuda.empty_cache()
+
     for name, tuned in (("logprobs", tlp._logprobs_fwd_tuned), ("ppo", tppo._ppo_fwd_tuned)):
         print(f"# autotuned {name} forward: {getattr(tuned, 'best_config', None)}")
     return 0
