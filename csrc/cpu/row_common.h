@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -36,9 +37,13 @@ constexpr acc_t neg_inf() {
 }
 
 // exp: ATen's fast polynomial for float (<= 20 ulp, ~1e-6 relative: well inside the fp32
-// tolerance), Sleef's 1-ulp exp for double (the gradcheck path).
+// tolerance; it clamps NaN to a finite value, so callers track NaN themselves), std::exp per lane
+// for double (the gradcheck path; not Sleef's vector exp, whose symbol for each ISA the extension
+// would then need from libtorch_cpu).
 inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
-inline at::vec::Vectorized<double> fast_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
+inline at::vec::Vectorized<double> fast_exp(const at::vec::Vectorized<double>& x) {
+  return x.map([](double v) { return std::exp(v); });
+}
 
 // The chunk x[0:n] in the accumulation type: the row itself when it already is
 // (no copy), else converted into buf (bf16 / fp16 -> fp32, vectorised by the compiler).
