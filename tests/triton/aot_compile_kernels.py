@@ -3,17 +3,21 @@
 Catches what only the compiler sees (branch type mismatches, unsupported ops)
 while CI has no GPU. Then every forward autotune candidate is compiled as the
 autotuner would see it on a GPU (16-byte aligned rows) and its cubin's resource
-usage read with the cuobjdump Triton ships: a candidate that spills registers to
+usage read with cuobjdump (the toolkit's, or the copy Triton ships): a candidate that spills registers to
 local memory or a stack fails the run. Usage: python aot_compile_kernels.py [sm]
 """
-import os, re, subprocess, sys, inspect, tempfile
+import os, sys, inspect, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.compiler import ASTSource, compile
 from triton.backends.compiler import GPUTarget
 from rlhf_kernels.triton import logprobs, kl, ppo, advantages
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import sass_report  # noqa: E402 (the checkout's root, for the cubin resource reader)
+
 target = GPUTarget("cuda", int(sys.argv[1]) if len(sys.argv) > 1 else 90, 32)
+CUOBJDUMP = sass_report.find_cuobjdump()
 
 def sig_for(fn, types, consts):
     names = fn.arg_names
@@ -44,16 +48,15 @@ def build(kernel, types, consts, warps, aligned=()):
 
 
 def resource_usage(k):
-    """``cuobjdump -res-usage`` of a compiled kernel's cubin (``REG:.. STACK:.. SHARED:.. LOCAL:..``), or None."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
+    """``REG:.. STACK:.. SHARED:.. LOCAL:..`` of a compiled kernel's cubin (benchmarks/sass_report.py's reading of
+    ``cuobjdump -res-usage``), or None without a cuobjdump."""
+    if CUOBJDUMP is None:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", out)
-    return m.group(0) if m else None
+        usage = sass_report.resource_usage(CUOBJDUMP, f.name, f"sm_{target.arch}")
+    return next(iter(usage.values()), None)
 
 for dt in ("*bf16", "*fp16", "*fp32"):
     build(logprobs._logprobs_fwd_kernel, {"x_ptr": dt, "y_ptr": "*i64"}, {"BLOCK_V": 4096, "LANES_V": 4096}, 8)
