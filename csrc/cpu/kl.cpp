@@ -38,11 +38,12 @@ struct KlState {
   acc_t mz = neg_inf<acc_t>(), mr = neg_inf<acc_t>(), sz = 0, sr = 0, u = 0;
 };
 
-// Adds chunk (xs, rs)[0:n], measured from the raw maxima st.mz, st.mr, to sz, sr and u.
+// Adds chunk (xs, rs)[0:n], measured from the raw values mz, mr, to st's sz, sr and u.
 template <typename acc_t>
-inline void chunk_kl_sums(const acc_t* xs, const acc_t* rs, int64_t n, acc_t inv_t, KlState<acc_t>& st) {
+inline void chunk_kl_sums(const acc_t* xs, const acc_t* rs, int64_t n, acc_t inv_t, acc_t mz, acc_t mr,
+                          KlState<acc_t>& st) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const Vec vmz(st.mz), vmr(st.mr), vinv(inv_t), zero(0), ninf(neg_inf<acc_t>());
+  const Vec vmz(mz), vmr(mr), vinv(inv_t), zero(0), ninf(neg_inf<acc_t>());
   Vec vsz(0), vsr(0), vu(0);
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const int64_t lanes = std::min<int64_t>(Vec::size(), n - i);
@@ -102,13 +103,9 @@ void forward_rows(const sx_t* logits, const sr_t* ref, int64_t rows_inner, int64
       raise_maxima(st, nan_z ? neg_inf<acc_t>() : cz, nan_r ? neg_inf<acc_t>() : cr, inv_t);
       // The maxima the chunk is measured from: 0 while a row has been all -inf (its terms are exp(-inf) = 0;
       // a - c = +inf where p > 0 = q), +inf for a row with NaN (finite entries add 0, the rest is discarded).
-      KlState<acc_t> local = st;
-      if (nan_z || local.mz == neg_inf<acc_t>()) local.mz = nan_z ? -neg_inf<acc_t>() : acc_t(0);
-      if (nan_r || local.mr == neg_inf<acc_t>()) local.mr = nan_r ? -neg_inf<acc_t>() : acc_t(0);
-      chunk_kl_sums(xs, rs, n, inv_t, local);
-      st.sz = local.sz;
-      st.sr = local.sr;
-      st.u = local.u;
+      const acc_t from_z = nan_z ? -neg_inf<acc_t>() : (st.mz == neg_inf<acc_t>() ? acc_t(0) : st.mz);
+      const acc_t from_r = nan_r ? -neg_inf<acc_t>() : (st.mr == neg_inf<acc_t>() ? acc_t(0) : st.mr);
+      chunk_kl_sums(xs, rs, n, inv_t, from_z, from_r, st);
     }
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     const acc_t log_sz = std::log(st.sz), log_sr = std::log(st.sr);
