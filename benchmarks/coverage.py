@@ -26,6 +26,7 @@ import sys
 from collections import defaultdict
 from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
+from .report import emit
 from .run import GPU_HS, GPU_NS, GPU_SCAN, GPU_VS
 
 OURS = ("triton", "cuda")
@@ -148,10 +149,7 @@ def main(argv: Sequence[str] = None) -> int:
             print(f"{csv_path} does not exist", file=sys.stderr)
             return 2
         text += render(d, coverage(read_rows(csv_path))) + "\n"
-    sys.stdout.write(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(text, args.out)
     return 0
 
 

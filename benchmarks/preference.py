@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from rlhf_kernels.ops._dispatch import GPU_PREFERENCE
 
-from .report import read_csv
+from .report import emit, read_csv
 
 Cell = Tuple[str, str, str, str, str]  # (op as measured, mode, dtype, shape, commit)
 
@@ -105,10 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"preference: no results.csv in {args.folder}", file=sys.stderr)
         return 2
     text = report(args.folder)
-    sys.stdout.write(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    emit(text, args.out)
     return 0
 
 

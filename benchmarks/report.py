@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import sys
 from collections import OrderedDict, defaultdict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -43,6 +44,14 @@ def read_csv(path: str) -> List[Dict[str, object]]:
         return []
     with open(path, newline="") as fh:
         return [_typed(r) for r in csv.DictReader(fh)]
+
+
+def emit(text: str, out: Optional[str]) -> None:
+    """A report's text on stdout, and also in the file ``out`` when given (the ``--out`` of the static tools)."""
+    sys.stdout.write(text)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text)
 
 
 def _sort_key(r: Dict[str, object]):
