@@ -9,7 +9,8 @@ run ours with ``grad_in_forward=False`` (logits recomputed in backward, 4
 matmuls) and skip the other providers, which the plain names measure; the
 ``+vocab`` variants run ours with ``chunk_by="vocab"`` (the gradient in the
 forward over vocabulary slabs: no ``[V, H]`` float32 weight-gradient
-accumulator, 4 matmuls), for the memory target.
+accumulator, 4 matmuls), for the memory target; ``linear_logprobs+vocab``
+likewise computes its (recomputed) gradient over vocabulary slabs.
 
 The fused-linear op is bound by the matmul, not by memory: besides GB/s the
 suite reports TFLOP/s (``2·N·V·H`` forward, ``4·N·V·H`` backward) against the
@@ -76,8 +77,12 @@ def flops(case: Case, mode: str) -> float:
     return {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * float(case.N) * case.V * case.H
 
 
-def _spec(entropy: bool) -> OpSpec:
-    name = "linear_logprobs+ent" if entropy else "linear_logprobs"
+def _spec(entropy: bool, vocab: bool = False) -> OpSpec:
+    """``linear_logprobs`` (``+ent``: with the entropy); ``vocab``: ours alone with ``chunk_by="vocab"`` (the
+    gradient over vocabulary slabs: no ``[V, H]`` float32 accumulator), the others measured under the plain name."""
+    base = "linear_logprobs+ent" if entropy else "linear_logprobs"
+    name = base + ("+vocab" if vocab else "")
+    options = dict(chunk_by="vocab") if vocab else {}
 
     def eager(hidden, weight, targets):
         return eager_logprobs(F.linear(hidden, weight), targets, entropy)
@@ -90,7 +95,9 @@ def _spec(entropy: bool) -> OpSpec:
         "compile": Provider(lambda i: (lambda f: lambda: f(*args(i)))(compiled(name, eager)), compile_reason),
         "chunked": Provider(lambda i: lambda: chunked_linear(*args(i), entropy)),
     }
-    if entropy:
+    if vocab:
+        providers = {p: _skipped(base) for p in ("eager", "compile", "chunked", "liger")}
+    elif entropy:
         providers["liger"] = no_liger("its fused linear cross-entropy returns no per-token entropy")
     else:
 
@@ -110,7 +117,7 @@ def _spec(entropy: bool) -> OpSpec:
     def ours(backend):
         def build(i):
             def fn():
-                out = rk.linear_logprobs(*args(i), return_entropy=entropy, backend=backend)
+                out = rk.linear_logprobs(*args(i), return_entropy=entropy, backend=backend, **options)
                 return out if isinstance(out, tuple) else (out,)
 
             return fn
@@ -127,7 +134,8 @@ def _spec(entropy: bool) -> OpSpec:
         providers=providers,
         bytes_moved=bytes_moved,
         flops=flops,
-        description=("log-prob and entropy" if entropy else "log-prob") + " from hidden [N, H] and LM head [V, H]",
+        description=("log-prob and entropy" if entropy else "log-prob") + " from hidden [N, H] and LM head [V, H]"
+        + (" (ours: gradient over vocabulary slabs)" if vocab else ""),
     )
 
 
@@ -285,7 +293,7 @@ def _liger_fp32_spec(base: OpSpec) -> OpSpec:
     )
 
 
-OPS = {"linear_logprobs": _spec(False), "linear_logprobs+ent": _spec(True)}
+OPS = {"linear_logprobs": _spec(False), "linear_logprobs+ent": _spec(True), "linear_logprobs+vocab": _spec(False, True)}
 for _kind in ("ce", "ppo"):
     for _variant in _LOSS_VARIANTS:
         _s = _loss_spec(_kind, _variant)

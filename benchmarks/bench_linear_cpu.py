@@ -6,6 +6,9 @@ Ops (``--ops``, default all) and providers, each forward + backward to hidden an
 
   logprobs       loss ``-mean(logp)`` on top of the op (the upstream gradient reaches it in backward)
     fused          rk.linear_logprobs: chunked matmul + the C++ log-prob kernel, logits recomputed in backward
+                   (chunk_by="auto": row chunks on the CPU)
+    fused-rows     the same, chunk_by="rows" named
+    fused-vocab    the same over vocabulary slabs, chunk_by="vocab" (a slab's GEMMs keep its weight rows in cache)
     materialised   F.linear -> (float32) log_softmax -> gather, then autograd (the [N, V] logits, log-softmax and grads)
   cross_entropy  SFT loss, mean over tokens
     fused          rk.linear_cross_entropy: gradient computed in the forward (3 matmuls)
@@ -56,9 +59,12 @@ def _materialised_logp(hidden, weight, targets):
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def fused_step(i, chunk_size=None):
-    logp = rk.linear_logprobs(i["hidden"], i["weight"], i["targets"], chunk_size=chunk_size, backend="cpu")
-    return torch.autograd.grad(-logp.mean(), (i["hidden"], i["weight"]))
+def _logprobs_fused(chunk_by=None):
+    def step(i, chunk_size=None):
+        logp = rk.linear_logprobs(i["hidden"], i["weight"], i["targets"], chunk_size=chunk_size, backend="cpu",
+                                  chunk_by=chunk_by)
+        return torch.autograd.grad(-logp.mean(), (i["hidden"], i["weight"]))
+    return step
 
 
 def materialised_step(i, chunk_size=None):
@@ -66,9 +72,12 @@ def materialised_step(i, chunk_size=None):
     return torch.autograd.grad(-logp.mean(), (i["hidden"], i["weight"]))
 
 
-def fused_forward(i, chunk_size=None):
-    with torch.no_grad():
-        return rk.linear_logprobs(i["hidden"], i["weight"], i["targets"], chunk_size=chunk_size, backend="cpu")
+def _logprobs_forward(chunk_by=None):
+    def forward(i, chunk_size=None):
+        with torch.no_grad():
+            return rk.linear_logprobs(i["hidden"], i["weight"], i["targets"], chunk_size=chunk_size, backend="cpu",
+                                      chunk_by=chunk_by)
+    return forward
 
 
 def materialised_forward(i, chunk_size=None):
@@ -120,9 +129,13 @@ def ppo_materialised(i, chunk_size=None):
 
 OPS = {
     "logprobs": [
-        ("fwd+bwd", "fused", fused_step),
+        ("fwd+bwd", "fused", _logprobs_fused()),
+        ("fwd+bwd", "fused-rows", _logprobs_fused("rows")),
+        ("fwd+bwd", "fused-vocab", _logprobs_fused("vocab")),
         ("fwd+bwd", "materialised", materialised_step),
-        ("fwd (no grad)", "fused", fused_forward),
+        ("fwd (no grad)", "fused", _logprobs_forward()),
+        ("fwd (no grad)", "fused-rows", _logprobs_forward("rows")),
+        ("fwd (no grad)", "fused-vocab", _logprobs_forward("vocab")),
         ("fwd (no grad)", "materialised", materialised_forward),
     ],
     "cross_entropy": [

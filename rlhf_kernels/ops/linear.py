@@ -65,8 +65,9 @@ The weights come from ``aggregation_weights`` in float32 (as in the CUDA
 relative only.
 
 Vocabulary slabs (``chunk_by="vocab"``, or ``RLHF_KERNELS_LINEAR_CHUNK_BY=vocab``):
-the same losses and gradients, but the loop walks slabs of vocabulary columns
-over all rows (``_vocab_slab_loss``). A slab's weight gradient is then one GEMM
+the same values and gradients, for ``linear_logprobs`` and the losses alike,
+but the loop walks slabs of vocabulary columns over all rows (``_slab_forward``,
+``_slab_gradients``, ``_vocab_slab_loss``). A slab's weight gradient is then one GEMM
 over every token (float32 accumulation inside it, cast once) written into its
 rows of ``grad_weight``: no ``[V, H]`` float32 accumulator (2.1 GB for a
 128256 x 4096 bf16 head), at the cost of a second logits GEMM (4 matmuls);
@@ -326,12 +327,19 @@ def linear_logprobs_fwd(
     ignore_index: int,
     chunk_size: int,
     backend: str,
+    chunk_by: str = "rows",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``hidden[N, H]``, ``weight[V, H]``, ``targets[N]`` int64, ``bias[V]`` -> ``(logp, entropy, lse)`` ``[N]``.
 
     ``chunk_size`` 0 picks the chunk automatically. Outputs are float32
-    (float64 for float64 inputs). One chunk of logits exists at a time.
+    (float64 for float64 inputs). One chunk of logits exists at a time: rows of
+    it, or with ``chunk_by="vocab"`` a slab of columns over all rows
+    (``_slab_forward``).
     """
+    if chunk_by == "vocab":
+        out = _slab_forward(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, backend)
+        _validate_targets(targets, weight.shape[0], ignore_index, "linear_logprobs")
+        return out
     n, h = hidden.shape
     v = weight.shape[0]
     dtype = _stats_dtype(hidden.dtype)
@@ -352,7 +360,7 @@ def linear_logprobs_fwd(
 
 
 @linear_logprobs_fwd.register_fake
-def _(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, backend):
+def _(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, backend, chunk_by="rows"):
     dtype = _stats_dtype(hidden.dtype)
     return tuple(hidden.new_empty(hidden.shape[:1], dtype=dtype) for _ in range(3))
 
@@ -374,12 +382,15 @@ def linear_logprobs_bwd(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    chunk_by: str = "rows",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_hidden[N, H], grad_weight[V, H], grad_bias[V])`` in the inputs' dtype, recomputing the logits per chunk.
 
     A gradient that is not needed comes back as an empty ``[0]`` tensor and is
     not computed. ``grad_weight`` / ``grad_bias`` are accumulated in float32
-    (float64 for float64 inputs) across chunks, then cast.
+    (float64 for float64 inputs) across chunks, then cast. ``chunk_by="vocab"``:
+    over vocabulary slabs instead (``_slab_gradients``: each slab's weight
+    gradient one GEMM over all tokens, ``grad_hidden`` accumulated in float32).
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -387,6 +398,14 @@ def linear_logprobs_bwd(
     stats = lse.dtype
     g_logp = grad_logp.to(stats)
     g_ent = grad_entropy.to(stats)
+    if chunk_by == "vocab":
+        grad_hidden, grad_weight, grad_bias = _slab_gradients(
+            g_logp, g_ent, hidden, weight, targets, bias, lse, entropy, temperature, ignore_index, chunk_size, backend,
+            need_hidden, need_weight, need_bias,
+        )
+        if need_bias and bias is not None and grad_bias.dtype != bias.dtype:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else hidden.new_empty(0)
     grad_weight = _accumulator(n, weight, acc) if need_weight else weight.new_empty(0)
     grad_bias = torch.zeros((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
@@ -418,7 +437,7 @@ def linear_logprobs_bwd(
 
 @linear_logprobs_bwd.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, ignore_index, chunk_size,
-      backend, need_hidden, need_weight, need_bias):
+      backend, need_hidden, need_weight, need_bias, chunk_by="rows"):
     grad_hidden = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0)
     grad_weight = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
     bias_dtype = bias.dtype if bias is not None else weight.dtype
@@ -427,12 +446,12 @@ def _(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temp
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, bias, temperature, ignore_index, chunk_size, backend = inputs
+    hidden, weight, targets, bias, temperature, ignore_index, chunk_size, backend, *chunk_by = inputs
     _, entropy, lse = output
     ctx.has_bias = bias is not None
     saved = (hidden, weight, targets, lse, entropy) + ((bias,) if ctx.has_bias else ())
     ctx.save_for_backward(*saved)
-    ctx.scalars = (temperature, ignore_index, chunk_size, backend)
+    ctx.scalars = (temperature, ignore_index, chunk_size, backend, chunk_by[0] if chunk_by else "rows")
 
 
 def _backward(ctx, grad_logp, grad_entropy, grad_lse):
@@ -445,16 +464,17 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
         grad_logp = torch.zeros_like(lse)
     if grad_entropy is None:
         grad_entropy = torch.zeros_like(lse)
-    temperature, ignore_index, chunk_size, backend = ctx.scalars
+    temperature, ignore_index, chunk_size, backend, chunk_by = ctx.scalars
     gh, gw, gb = linear_logprobs_bwd(
         grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, ignore_index, chunk_size,
-        backend, need_hidden, need_weight, need_bias,
+        backend, need_hidden, need_weight, need_bias, chunk_by,
     )
     return (
         gh if need_hidden else None,
         gw if need_weight else None,
         None,
         gb if need_bias else None,
+        None,
         None,
         None,
         None,
@@ -490,10 +510,11 @@ _auto_fallback_warned = False
 
 
 def linear_chunk_by(chunk_by: Optional[str], weight: Optional[torch.Tensor] = None) -> str:
-    """``"rows"`` or ``"vocab"``: ``chunk_by`` of the linear losses, else ``RLHF_KERNELS_LINEAR_CHUNK_BY``, else
-    ``"auto"``, which takes the row chunks (3 matmuls, the fastest) unless their ``[V, H]`` float32 weight-gradient
-    accumulator would not fit in the device's free memory, and then the vocabulary slabs (no such buffer, 4 matmuls)
-    with a one-time warning, rather than running out of memory. ``weight``: the LM head whose gradient the loop
+    """``"rows"`` or ``"vocab"``: ``chunk_by`` of the fused-linear ops, else ``RLHF_KERNELS_LINEAR_CHUNK_BY``, else
+    ``"auto"``, which takes the row chunks (for the losses 3 matmuls, the fastest) unless their ``[V, H]`` float32
+    weight-gradient accumulator would not fit in the device's free memory, and then the vocabulary slabs (no such
+    buffer; the losses take a 4th matmul, ``linear_logprobs`` recomputes in 4 either way) with a one-time warning,
+    rather than running out of memory. ``weight``: the LM head whose gradient the loop
     computes; ``None`` when none is computed (the setting is still checked; ``"auto"`` is then ``"rows"``)."""
     value = chunk_by if chunk_by is not None else os.environ.get("RLHF_KERNELS_LINEAR_CHUNK_BY", "")
     value = value.strip().lower() or "auto"
@@ -526,10 +547,10 @@ def _auto_chunk_by(weight: Optional[torch.Tensor]) -> str:
     if not _auto_fallback_warned:
         _auto_fallback_warned = True
         warnings.warn(
-            f"rlhf_kernels linear losses: the row chunks' float32 weight-gradient accumulator ({need / 2**30:.2f} GiB "
-            f"for a {tuple(weight.shape)} head) does not fit in free memory ({free / 2**30:.2f} GiB), so the gradient "
-            "is computed over vocabulary slabs (chunk_by='vocab': no such buffer, one more matmul). Pass chunk_by= "
-            "or set RLHF_KERNELS_LINEAR_CHUNK_BY to choose.",
+            f"rlhf_kernels fused-linear ops: the row chunks' float32 weight-gradient accumulator ({need / 2**30:.2f} "
+            f"GiB for a {tuple(weight.shape)} head) does not fit in free memory ({free / 2**30:.2f} GiB), so the "
+            "gradient is computed over vocabulary slabs (chunk_by='vocab': no such buffer; the losses take one more "
+            "matmul). Pass chunk_by= or set RLHF_KERNELS_LINEAR_CHUNK_BY to choose.",
             stacklevel=3,
         )
     return "vocab"
@@ -595,50 +616,44 @@ def slab_columns(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, weigh
     return chunk_rows(vocab, col_bytes, budget, 64)
 
 
-def _vocab_slab_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref_logp, temperature, ignore_index,
-                     loss, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, chunk_size, backend,
-                     need_hidden, need_weight, need_bias):
-    """``linear_loss_fused`` over vocabulary slabs: ``(logp, entropy, grad_hidden, grad_weight, grad_bias)``
-    (``grad_bias`` still in float32: ``linear_loss_fused`` casts it).
+def _slabs(n: int, h: int, weight: torch.Tensor, hidden: torch.Tensor, chunk_size: int, backend: str):
+    """``[(s, e), ...]``: the vocabulary slabs of ``chunk_by="vocab"`` (``slab_columns`` wide)."""
+    v = weight.shape[0]
+    cols = slab_columns(n, h, v, hidden.dtype, weight.dtype, hidden.device, chunk_size, _chunk_buffers(backend))
+    return [(s, min(v, s + cols)) for s in range(0, v, cols)]
 
-    No ``[V, H]`` float32 accumulator: each slab's weight gradient is one GEMM
-    over all ``N`` tokens (float32 accumulation inside it, cast once), written
-    into its rows of ``grad_weight``; the price is a second logits GEMM, 4
-    matmuls in all. Extra memory: a slab of logits (two on CUDA), the slab's
-    float32 weight gradient when the weight is 16-bit, and ``grad_hidden``'s
-    float32 ``[N, H]`` accumulator. With slabs ``s`` of columns:
 
-        pass 1  logits_s = hidden @ weight_s.T (+ bias_s)       (lse_s, H_s, the target's logp in its slab)
-                lse = logsumexp_s lse_s,  P_s = exp(lse_s - lse),  H = Σ_s P_s·(H_s - (lse_s - lse))
-                logp = logp_in_slab(y) + (lse_{slab(y)} - lse)
-        pass 2  logits_s again; dlogits_s = logprobs backward kernel with the row's lse and H
-                grad_hidden += dlogits_s @ weight_s,  grad_weight_s = dlogits_s.T @ hidden,  grad_bias_s = Σ dlogits_s
+def _slab_logits(hidden, weight, bias, targets, valid, s: int, e: int):
+    """``(logits [N, e - s], in_slab [N])`` of columns ``[s, e)``: the slab's GEMM and whose target lies there."""
+    n = hidden.shape[0]
+    logits = _chunk_logits(hidden, weight[s:e], None if bias is None else bias[s:e], _row_buffer(n, e - s, hidden))
+    return logits, valid & (targets >= s) & (targets < e)
 
-    The kernels see slab-local targets: the target's column in its slab, any in-range column for the other
-    valid rows (pass 1, whose log-prob is not used) or one past the slab (pass 2: no one-hot there), and
-    ``-1`` as the ignore index for ignored rows.
+
+def _slab_forward(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, backend):
+    """Pass 1 of the vocabulary slabs: ``(logp, entropy, lse)`` ``[N]`` from one slab of logits at a time.
+
+    With ``lse_s``, ``H_s`` the log-sum-exp and entropy of slab ``s`` alone::
+
+        lse = logsumexp_s lse_s,  P_s = exp(lse_s - lse),  H = Σ_s P_s·(H_s - (lse_s - lse))
+        logp = logp_in_slab(y) + (lse_{slab(y)} - lse)
+
+    The kernel sees slab-local targets: the target's column in its slab, column
+    0 for the other valid rows (whose log-prob is not used), and ``-1`` as the
+    ignore index for ignored rows. ``logp`` and ``entropy`` are 0 for ignored
+    rows; ``lse`` is the whole row's either way.
     """
     n, h = hidden.shape
-    v = weight.shape[0]
     stats = _stats_dtype(hidden.dtype)
-    acc = _acc_dtype(weight.dtype)
-    cols = slab_columns(n, h, v, hidden.dtype, weight.dtype, hidden.device, chunk_size, _chunk_buffers(backend))
-    starts = list(range(0, v, cols))
+    slabs = _slabs(n, h, weight, hidden, chunk_size, backend)
     valid = targets != ignore_index
-
-    def slab(s: int, e: int):
-        """``(logits [N, e - s], in_slab [N])`` of columns ``[s, e)``: the slab's GEMM and whose target lies there."""
-        logits = _chunk_logits(hidden, weight[s:e], None if bias is None else bias[s:e], _row_buffer(n, e - s, hidden))
-        return logits, valid & (targets >= s) & (targets < e)
-
     unused = torch.full_like(targets, -1)
-    slab_lse = hidden.new_empty((len(starts), n), dtype=stats)
+    slab_lse = hidden.new_empty((len(slabs), n), dtype=stats)
     slab_ent = torch.empty_like(slab_lse)
     lp_target = hidden.new_full((n,), float("nan"), dtype=stats)  # stays NaN for an out-of-range target
     lse_target = hidden.new_zeros((n,), dtype=stats)
-    for i, s in enumerate(starts):
-        e = min(v, s + cols)
-        logits, in_slab = slab(s, e)
+    for i, (s, e) in enumerate(slabs):
+        logits, in_slab = _slab_logits(hidden, weight, bias, targets, valid, s, e)
         y_local = torch.where(in_slab, targets - s, torch.where(valid, torch.zeros_like(targets), unused))
         lp, ent, lse = _kernel_fwd(logits, y_local, temperature, -1, backend)
         del logits
@@ -652,19 +667,35 @@ def _vocab_slab_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref
     zero = torch.zeros_like(row_lse)
     entropy = torch.where(valid, per_slab.sum(0), zero)
     logp = torch.where(valid, lp_target + (lse_target - row_lse), zero)
-    del slab_lse, slab_ent, share, per_slab
+    return logp, entropy, row_lse
 
-    g_logp, g_ent = _token_grads(logp, w, loss, old_logp, advantages, ref_logp, 0, n, kl_coef, kl_estimator,
-                                 entropy_coef, clip_low, clip_high, dual_clip)
+
+def _slab_gradients(g_logp, g_ent, hidden, weight, targets, bias, lse, entropy, temperature, ignore_index,
+                    chunk_size, backend, need_hidden, need_weight, need_bias):
+    """Pass 2 of the vocabulary slabs: ``(grad_hidden, grad_weight, grad_bias)`` of ``Σ g_logp·logp + g_ent·H``
+    from each slab's logits computed again, given the whole rows' ``lse`` and ``entropy`` ``[N]``::
+
+        dlogits_s = logprobs backward kernel(logits_s)      (slab-local targets; one past the slab: no one-hot)
+        grad_hidden += dlogits_s @ weight_s,  grad_weight_s = dlogits_s.T @ hidden,  grad_bias_s = Σ dlogits_s
+
+    ``grad_hidden`` is accumulated in float32 (float64), each ``grad_weight_s`` is
+    one GEMM over all ``N`` tokens cast once into its rows of ``grad_weight``
+    (no ``[V, H]`` float32 accumulator), ``grad_bias`` stays float32 (float64);
+    a gradient not needed is an empty ``[0]`` tensor.
+    """
+    n, h = hidden.shape
+    v = weight.shape[0]
+    acc = _acc_dtype(weight.dtype)
+    valid = targets != ignore_index
+    unused = torch.full_like(targets, -1)
     dx = _accumulator(n, hidden, _acc_dtype(hidden.dtype)) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = torch.empty((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
     cast = need_weight and acc != weight.dtype
-    for i, s in enumerate(starts):
-        e = min(v, s + cols)
-        logits, in_slab = slab(s, e)
+    for i, (s, e) in enumerate(_slabs(n, h, weight, hidden, chunk_size, backend)):
+        logits, in_slab = _slab_logits(hidden, weight, bias, targets, valid, s, e)
         y_local = torch.where(in_slab, targets - s, torch.where(valid, torch.full_like(targets, e - s), unused))
-        dlogits = _kernel_bwd(g_logp, g_ent, logits, y_local, row_lse, entropy, temperature, -1, backend,
+        dlogits = _kernel_bwd(g_logp, g_ent, logits, y_local, lse, entropy, temperature, -1, backend,
                               _grad_buffer(logits, backend, None))
         del logits
         if dx is not None:
@@ -681,7 +712,33 @@ def _vocab_slab_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref
     grad_hidden = hidden.new_empty(0)
     if dx is not None:
         grad_hidden = dx if dx.dtype == hidden.dtype else dx.to(hidden.dtype)
-    return logp, entropy, grad_hidden, grad_weight, grad_bias
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _vocab_slab_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref_logp, temperature, ignore_index,
+                     loss, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, chunk_size, backend,
+                     need_hidden, need_weight, need_bias):
+    """``linear_loss_fused`` over vocabulary slabs: ``(logp, entropy, grad_hidden, grad_weight, grad_bias)``
+    (``grad_bias`` still in float32: ``linear_loss_fused`` casts it).
+
+    No ``[V, H]`` float32 accumulator: each slab's weight gradient is one GEMM
+    over all ``N`` tokens (float32 accumulation inside it, cast once), written
+    into its rows of ``grad_weight``; the price is a second logits GEMM, 4
+    matmuls in all. Extra memory: a slab of logits (two on CUDA), the slab's
+    float32 weight gradient when the weight is 16-bit, and ``grad_hidden``'s
+    float32 ``[N, H]`` accumulator. Pass 1 (``_slab_forward``) gives each row's
+    ``(logp, entropy, lse)``, the loss's per-token upstream gradients follow from
+    them, and pass 2 (``_slab_gradients``) computes the slabs' logits again for
+    the gradients.
+    """
+    n = hidden.shape[0]
+    logp, entropy, row_lse = _slab_forward(hidden, weight, targets, bias, temperature, ignore_index, chunk_size,
+                                           backend)
+    g_logp, g_ent = _token_grads(logp, w, loss, old_logp, advantages, ref_logp, 0, n, kl_coef, kl_estimator,
+                                 entropy_coef, clip_low, clip_high, dual_clip)
+    grads = _slab_gradients(g_logp, g_ent, hidden, weight, targets, bias, row_lse, entropy, temperature,
+                            ignore_index, chunk_size, backend, need_hidden, need_weight, need_bias)
+    return (logp, entropy) + grads
 
 
 def _row_chunk_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref_logp, temperature, ignore_index,
@@ -891,6 +948,7 @@ def linear_logprobs(
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
+    chunk_by: Optional[str] = None,
 ):
     """``logprobs(hidden @ weight.T + bias, targets, ...)`` without materialising the logits.
 
@@ -905,7 +963,11 @@ def linear_logprobs(
     g_ent·p·(log p + entropy)``, ``dlogits = dz / temperature``,
     ``grad_hidden = dlogits @ weight``, ``grad_weight = Σ_chunks dlogits.T @
     hidden`` and ``grad_bias = Σ dlogits`` accumulated in float32, then cast to
-    the parameter's dtype.
+    the parameter's dtype. With ``chunk_by="vocab"`` both passes walk slabs of
+    vocabulary columns over all rows instead (``_slab_forward``,
+    ``_slab_gradients``): each slab's weight gradient is one GEMM over every
+    token, so there is no ``[V, H]`` float32 accumulator, and ``grad_hidden``
+    is accumulated in float32 instead (``[N, H]``).
 
     Args:
         hidden: ``[*, H]`` float32 / bfloat16 / float16 (float64 for checks);
@@ -917,18 +979,30 @@ def linear_logprobs(
         temperature: divides the logits, > 0.
         ignore_index: target value whose outputs and gradients are 0.
         return_entropy: also return the per-token entropy.
-        chunk_size: rows per chunk; ``None`` picks ~32 MiB of logits per chunk
+        chunk_size: rows per chunk (vocabulary columns per slab with
+            ``chunk_by="vocab"``); ``None`` picks ~32 MiB of logits per chunk
             on the CPU and 64-256 MiB (by free memory) on the GPU.
         backend: ``"triton" | "cpu" | "torch"`` for the per-chunk reduction;
             ``None`` picks as ``rk.logprobs`` does.
+        chunk_by: ``"rows"`` (row chunks), ``"vocab"`` (vocabulary slabs: the
+            least memory when the weight needs a gradient, same 4 matmuls), or
+            ``"auto"`` (``None``: ``RLHF_KERNELS_LINEAR_CHUNK_BY``, else
+            ``"auto"``), which takes the row chunks unless their float32
+            weight-gradient accumulator would not fit in the GPU's free memory
+            (``linear_chunk_by``). On the CPU the two are within 5% of each
+            other (``benchmarks/results/cpu-linear``), so ``"auto"`` is rows.
 
     Returns:
         ``logp`` float32 ``[*]``, or ``(logp, entropy)`` when ``return_entropy``.
         Memory beyond inputs and outputs: one chunk of logits (two in backward,
-        plus the float32 weight-gradient accumulator for bf16/fp16 weights).
+        plus the float32 weight-gradient accumulator for bf16/fp16 weights, or
+        with ``chunk_by="vocab"`` a slab's float32 weight gradient and the
+        ``[N, H]`` float32 ``grad_hidden`` accumulator).
     """
     _check_linear_args(hidden, weight, targets, bias, chunk_size)
     temperature = check_positive("temperature", temperature)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    chunk_by = linear_chunk_by(chunk_by, weight if grad else None)
     lead = hidden.shape[:-1]
     hidden2, weight2, bias2 = _promoted(hidden, weight, bias)
     chosen = resolve_for("linear_logprobs", hidden2, backend, IMPLEMENTED)
@@ -941,6 +1015,7 @@ def linear_logprobs(
         int(ignore_index),
         0 if chunk_size is None else int(chunk_size),
         chosen,
+        chunk_by,
     )
     logp, entropy = logp.reshape(lead), entropy.reshape(lead)
     return (logp, entropy) if return_entropy else logp
@@ -1000,8 +1075,9 @@ def linear_ppo_loss(
     instead: logits recomputed in backward, 4 matmuls. ``chunk_by="vocab"`` (or
     ``RLHF_KERNELS_LINEAR_CHUNK_BY=vocab``) computes that gradient over
     vocabulary slabs instead of row chunks: no ``[V, H]`` float32 weight-gradient
-    accumulator (the least memory), 4 matmuls (``_vocab_slab_loss``); with it,
-    ``chunk_size`` is the slab's width in vocabulary columns. ``"rows"`` forces
+    accumulator (the least memory), 4 matmuls (``_vocab_slab_loss``; the
+    recompute path walks slabs too); with it, ``chunk_size`` is the slab's width
+    in vocabulary columns. ``"rows"`` forces
     the row chunks; ``"auto"`` (the default) takes them unless their accumulator
     would not fit in the GPU's free memory (``linear_chunk_by``).
 
@@ -1021,19 +1097,18 @@ def linear_ppo_loss(
     options = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low,
                    clip_high=clip_high, dual_clip=None if dual_clip is None else float(dual_clip))
     grad_path = _grad_in_forward(grad_in_forward, hidden, weight, bias)
-    chunk_by = linear_chunk_by(chunk_by, weight if grad_path else None)  # free memory is asked only when it matters
     if grad_path:
         temperature = check_positive("temperature", temperature)
         loss, logp, entropy = _fused_loss(
             hidden, weight, targets, bias, mask, old_logp, advantages, ref_logp, temperature=temperature,
             ignore_index=ignore_index, loss="ppo", loss_agg=loss_agg, chunk_size=chunk_size, backend=backend,
-            chunk_by=chunk_by, **options,
+            chunk_by=linear_chunk_by(chunk_by, weight), **options,
         )
     else:
         loss = None
         logp, entropy = linear_logprobs(
             hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
-            chunk_size=chunk_size, backend=backend,
+            chunk_size=chunk_size, backend=backend, chunk_by=chunk_by,
         )
     term, kl, clipped = composed_ppo_terms(logp, entropy, old_logp, advantages, ref_logp, **options)
     return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss)
@@ -1074,7 +1149,6 @@ def linear_cross_entropy(
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     grad_path = reduction != "none" and _grad_in_forward(grad_in_forward, hidden, weight, bias)
-    chunk_by = linear_chunk_by(chunk_by, weight if grad_path else None)  # free memory is asked only when it matters
     if grad_path:
         _check_linear_args(hidden, weight, targets, bias, chunk_size)
         temperature = check_positive("temperature", temperature)
@@ -1082,12 +1156,12 @@ def linear_cross_entropy(
         loss, _, _ = _fused_loss(
             hidden, weight, targets, bias, valid, None, None, None, temperature=temperature,
             ignore_index=ignore_index, loss="nll", loss_agg="token-mean" if reduction == "mean" else "sum",
-            chunk_size=chunk_size, backend=backend, chunk_by=chunk_by,
+            chunk_size=chunk_size, backend=backend, chunk_by=linear_chunk_by(chunk_by, weight),
         )
         return loss
     logp = linear_logprobs(
         hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size,
-        backend=backend,
+        backend=backend, chunk_by=chunk_by,
     )
     nll = -logp
     if reduction == "none":

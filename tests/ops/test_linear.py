@@ -54,8 +54,9 @@ def _materialised_in_dtype(targets, slicer=lambda h: h, **kw):
     return fn
 
 
-def _check(hidden, weight, targets, bias, *, backend, temperature=1.0, chunk_size=None, slicer=None):
-    """One call vs the float64 oracle (values and all gradients) under DESIGN.md §5's rule."""
+def _check(hidden, weight, targets, bias, *, backend, temperature=1.0, chunk_size=None, slicer=None, chunk_by=None):
+    """One call vs the float64 oracle (values and all gradients) under DESIGN.md §5's rule; with
+    ``chunk_by="vocab"``, ``chunk_size`` is the slabs' width in vocabulary columns."""
     dtype = hidden.dtype
     slicer = slicer or (lambda h: h)
     shape = slicer(hidden).shape[:-1]
@@ -65,7 +66,8 @@ def _check(hidden, weight, targets, bias, *, backend, temperature=1.0, chunk_siz
     kw = dict(temperature=temperature, return_entropy=True)
 
     def fast(h, w, b):
-        return rk.linear_logprobs(slicer(h), w, targets, b, chunk_size=chunk_size, backend=backend, **kw)
+        return rk.linear_logprobs(slicer(h), w, targets, b, chunk_size=chunk_size, backend=backend,
+                                  chunk_by=chunk_by, **kw)
 
     def ref(h, w, b):
         return R.linear_logprobs(slicer(h), w, targets, b, **kw)
@@ -79,12 +81,13 @@ def _check(hidden, weight, targets, bias, *, backend, temperature=1.0, chunk_siz
     for name, f, r, o in zip(names, got, in_dtype, oracle):
         if name.startswith("grad"):
             assert f.dtype == dtype, f"{name} dtype {f.dtype}"
-        assert_matches_oracle(f, r, o, dtype, what=f"{backend}/{dtype}/{name}")
+        assert_matches_oracle(f, r, o, dtype, what=f"{backend}/{dtype}/{chunk_by}/{name}")
     return got
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_by", ["rows", "vocab"])
 @pytest.mark.parametrize(
     "lead, H, V, chunk_size",
     [
@@ -95,30 +98,36 @@ def _check(hidden, weight, targets, bias, *, backend, temperature=1.0, chunk_siz
         ((40,), 64, 1000, None),  # automatic chunk (one chunk here)
     ],
 )
-def test_matches_oracle(backend, dtype, lead, H, V, chunk_size):
+def test_matches_oracle(backend, dtype, chunk_by, lead, H, V, chunk_size):
+    """Rows of ``chunk_size``, or (``"vocab"``) slabs of ``chunk_size`` columns: 2 of V = 7 give 4 slabs, the
+    last one column wide; 2 of 50257 would be 25129 slabs, so there the default width (two slabs)."""
     n = 1
     for s in lead:
         n *= s
     ignore = (0, n - 2) if n > 3 else ()
     hidden, weight, targets, bias = _inputs(lead, H, V, dtype, ignore=ignore)
-    _check(hidden, weight, targets, bias, backend=backend, temperature=0.7, chunk_size=chunk_size)
+    if chunk_by == "vocab" and chunk_size is not None:
+        chunk_size = None if V > 1000 else chunk_size - 2
+    _check(hidden, weight, targets, bias, backend=backend, temperature=0.7, chunk_size=chunk_size, chunk_by=chunk_by)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_bias_strided_hidden_and_all_ignored(backend):
+@pytest.mark.parametrize("chunk_by", ["rows", "vocab"])
+def test_no_bias_strided_hidden_and_all_ignored(backend, chunk_by):
     hidden, weight, _, _ = _inputs((3, 8), 37, 53, torch.float32, bias=False)
     targets = torch.randint(0, 53, (3, 7))
     targets[1] = -100  # an all-ignored sequence
     targets[2, 3] = -100
     got = _check(hidden, weight, targets, None, backend=backend, temperature=1.3, chunk_size=5,
-                 slicer=lambda h: h[:, :-1])
+                 slicer=lambda h: h[:, :-1], chunk_by=chunk_by)
     assert torch.all(got[0][1] == 0) and torch.all(got[1][1] == 0)
     assert torch.all(got[2][1, :-1] == 0)  # no gradient reaches ignored positions
 
 
 def test_chunking_does_not_change_the_result():
     hidden, weight, targets, bias = _inputs((37,), 20, 90, torch.float64, ignore=(5,))
-    outs = [rk.linear_logprobs(hidden, weight, targets, bias, chunk_size=c, return_entropy=True) for c in (1, 6, 37, 100)]
+    outs = [rk.linear_logprobs(hidden, weight, targets, bias, chunk_size=c, return_entropy=True, chunk_by=by)
+            for by in ("rows", "vocab") for c in (1, 6, 37, 100)]  # fmt: skip
     for lp, ent in outs[1:]:
         torch.testing.assert_close(lp, outs[0][0], rtol=0, atol=1e-12)
         torch.testing.assert_close(ent, outs[0][1], rtol=0, atol=1e-12)
@@ -133,18 +142,21 @@ def test_matches_logprobs_of_materialised_logits():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck_float64(backend):
+@pytest.mark.parametrize("chunk_by", ["rows", "vocab"])
+def test_gradcheck_float64(backend, chunk_by):
     hidden, weight, targets, bias = _inputs((2, 4), 5, 7, torch.float64, ignore=(2,))
     leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
 
     def fn(h, w, b):
-        return rk.linear_logprobs(h, w, targets, b, temperature=0.8, return_entropy=True, chunk_size=3, backend=backend)
+        return rk.linear_logprobs(h, w, targets, b, temperature=0.8, return_entropy=True, chunk_size=3, backend=backend,
+                                  chunk_by=chunk_by)
 
     assert torch.autograd.gradcheck(fn, leaves)
     strided_targets = targets[:, 1:]
 
     def fn_strided(h, w):
-        return rk.linear_logprobs(h[:, :-1], w, strided_targets, chunk_size=2, backend=backend, return_entropy=True)
+        return rk.linear_logprobs(h[:, :-1], w, strided_targets, chunk_size=2, backend=backend, return_entropy=True,
+                                  chunk_by=chunk_by)
 
     assert torch.autograd.gradcheck(fn_strided, leaves[:2])
 
@@ -164,17 +176,20 @@ def test_only_requested_gradients_are_computed():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
+@pytest.mark.parametrize("chunk_by", ["rows", "vocab"])
+def test_opcheck(backend, chunk_by):
     hidden, weight, targets, bias = _inputs((9,), 6, 13, torch.float32)
     leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
-    torch.library.opcheck(L.linear_logprobs_fwd, (*leaves[:2], targets, leaves[2], 0.9, -100, 4, backend))
-    torch.library.opcheck(L.linear_logprobs_fwd, (leaves[0], leaves[1], targets, None, 1.0, -100, 0, backend))
+    torch.library.opcheck(L.linear_logprobs_fwd, (*leaves[:2], targets, leaves[2], 0.9, -100, 4, backend, chunk_by))
+    torch.library.opcheck(L.linear_logprobs_fwd, (leaves[0], leaves[1], targets, None, 1.0, -100, 0, backend, chunk_by))
     with torch.no_grad():
-        _, ent, lse = L.linear_logprobs_fwd(hidden, weight, targets, bias, 0.9, -100, 4, backend)
+        _, ent, lse = L.linear_logprobs_fwd(hidden, weight, targets, bias, 0.9, -100, 4, backend, chunk_by)
     g = torch.randn(9)
     args = (g, g.clone(), hidden.detach(), weight.detach(), targets, bias.detach(), lse, ent, 0.9, -100, 4, backend)
-    torch.library.opcheck(L.linear_logprobs_bwd, args + (True, True, True))
-    torch.library.opcheck(L.linear_logprobs_bwd, args + (True, False, False))
+    torch.library.opcheck(L.linear_logprobs_bwd, args + (True, True, True, chunk_by))
+    torch.library.opcheck(L.linear_logprobs_bwd, args + (True, False, False, chunk_by))
+    if chunk_by == "rows":  # the schema's default: callers from before the argument existed
+        torch.library.opcheck(L.linear_logprobs_fwd, (*leaves[:2], targets, leaves[2], 0.9, -100, 4, backend))
 
 
 def test_torch_compile_fullgraph():
@@ -246,6 +261,15 @@ def test_logits_are_never_materialised(backend):
     with torch.no_grad(), mode:
         rk.linear_logprobs(hidden, weight, targets, bias, chunk_size=5, backend=backend)
     assert mode.largest <= max(5 * V, V * H), mode.largest
+
+    for grad in (True, False):  # vocabulary slabs of 50 columns: one [N, 50] slab at a time, no [N, V] tensor
+        mode = _LargestTensor()
+        with mode, torch.set_grad_enabled(grad):
+            lp, ent = rk.linear_logprobs(*leaves[:2], targets, leaves[2], return_entropy=True, chunk_size=50,
+                                         backend=backend, chunk_by="vocab")
+            if grad:
+                (lp.sum() + ent.sum()).backward()
+        assert mode.largest <= max(N * 50, V * H), mode.largest
 
 
 def test_auto_chunk_size():
@@ -433,7 +457,8 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_bf16_gpt2_shape():
+@pytest.mark.parametrize("chunk_by", ["rows", "vocab"])
+def test_gpu_bf16_gpt2_shape(chunk_by):
     N, H, V = 4096, 1024, 50257
     hidden, weight, targets, bias = _inputs((N,), H, V, torch.bfloat16, ignore=(0, 17))
     hidden, weight, targets, bias = (t.cuda() for t in (hidden, weight, targets, bias))
@@ -441,12 +466,13 @@ def test_gpu_bf16_gpt2_shape():
     g_logp = torch.randn(N, generator=g, dtype=torch.float64).cuda()
     g_ent = torch.randn(N, generator=g, dtype=torch.float64).cuda()
     kw = dict(temperature=0.9, return_entropy=True)
-    got = _run(lambda h, w, b: rk.linear_logprobs(h, w, targets, b, **kw), hidden, weight, bias, g_logp, g_ent)
+    got = _run(lambda h, w, b: rk.linear_logprobs(h, w, targets, b, chunk_by=chunk_by, **kw), hidden, weight, bias,
+               g_logp, g_ent)
     in_dtype = _run(_materialised_in_dtype(targets, **kw), hidden, weight, bias, g_logp, g_ent)
     f32 = [t.float() for t in (hidden, weight, bias)]
     oracle = _run(lambda h, w, b: R.linear_logprobs(h, w, targets, b, **kw), *f32, g_logp, g_ent)
     for name, f, r, o in zip(("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"), got, in_dtype, oracle):
-        assert_matches_oracle(f, r, o, torch.bfloat16, what=f"gpu/bf16/{name}")
+        assert_matches_oracle(f, r, o, torch.bfloat16, what=f"gpu/bf16/{chunk_by}/{name}")
 
 
 @pytest.mark.gpu

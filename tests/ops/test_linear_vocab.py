@@ -1,4 +1,4 @@
-"""``chunk_by="vocab"``: the linear losses' gradient over vocabulary slabs (no [V, H] float32 accumulator).
+"""``chunk_by="vocab"``: the fused-linear ops' gradient over vocabulary slabs (no [V, H] float32 accumulator).
 
 Against the float64 oracle (values and the three gradients, DESIGN.md §5's rule)
 and the row-chunked path, on odd shapes (N = 1, V = 7 in slabs of 3, V = 301,
@@ -104,6 +104,61 @@ def test_vocab_slabs_run_four_matmuls_per_slab():
         loss.backward()
     slabs = -(-301 // 64)
     assert mode.matmuls == 4 * slabs, mode.matmuls  # logits twice, dX, dW per slab (bias: no matmul)
+
+
+def test_linear_logprobs_slabs_run_four_matmuls_per_slab_and_the_recompute_losses_follow(monkeypatch):
+    """``linear_logprobs(chunk_by="vocab")``: one logits GEMM per slab in the forward, then logits, dX and dW per
+    slab in the backward; the losses' recompute path (``grad_in_forward=False``) passes ``chunk_by`` through, and
+    the environment setting reaches ``linear_logprobs`` too."""
+    monkeypatch.delenv("RLHF_KERNELS_LINEAR_CHUNK_BY", raising=False)
+    hidden, weight, targets, bias = _inputs((2, 6), 8, 301, torch.float32)
+    leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+    slabs = -(-301 // 64)
+
+    def count(fn, **kw):
+        mode = _MatmulCounter()
+        with mode:
+            fn(*leaves[:2], targets, leaves[2], chunk_size=64, backend=BACKENDS[0], **kw).sum().backward()
+        return mode.matmuls
+
+    assert count(rk.linear_logprobs, chunk_by="vocab") == 4 * slabs
+    assert count(rk.linear_cross_entropy, chunk_by="vocab", grad_in_forward=False) == 4 * slabs
+    monkeypatch.setenv("RLHF_KERNELS_LINEAR_CHUNK_BY", "vocab")
+    assert count(rk.linear_logprobs) == 4 * slabs
+    monkeypatch.setenv("RLHF_KERNELS_LINEAR_CHUNK_BY", "rows")
+    assert count(rk.linear_logprobs) == 4 * -(-12 // 64)  # one 12-row chunk: logits, then logits, dX, dW
+    with pytest.raises(ValueError, match="chunk_by"):
+        rk.linear_logprobs(hidden, weight, targets, chunk_by="columns")
+
+
+def test_linear_logprobs_auto_takes_slabs_when_the_accumulator_does_not_fit(monkeypatch):
+    """``chunk_by="auto"`` for ``linear_logprobs``: as for the losses (CUDA only; widened to the CPU here, with
+    the free memory faked), and the slabs it takes give the row chunks' values and gradients."""
+    monkeypatch.delenv("RLHF_KERNELS_LINEAR_CHUNK_BY", raising=False)
+    hidden, weight, targets, bias = _inputs((2, 6), 8, 301, torch.bfloat16, ignore=(4,))
+    monkeypatch.setattr(L, "AUTO_CHUNK_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(L, "_auto_fallback_warned", True)  # the warning itself: the losses' test
+    monkeypatch.setattr(L, "_free_device_bytes", lambda device: weight.numel() * 4)
+
+    def run(**kw):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        mode = _MatmulCounter()
+        with mode:
+            lp, ent = rk.linear_logprobs(*leaves[:2], targets, leaves[2], return_entropy=True, backend=BACKENDS[0],
+                                         **kw)
+            grads = torch.autograd.grad((lp * 0.7 - ent).sum(), leaves)
+        return (lp, ent) + grads, mode.matmuls
+
+    auto, matmuls = run(chunk_size=100)
+    assert matmuls == 4 * 4  # 4 slabs of (up to) 100 columns: logits, then logits, dX, dW (rows: 1 chunk, 4)
+    rows, _ = run(chunk_by="rows", chunk_size=5)
+    for a, b in zip(auto, rows):  # bf16: the paths round dlogits differently
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-2 * max(1.0, b.abs().max().item()))
+    with torch.no_grad():  # no gradient: no accumulator to fit, the row chunks
+        mode = _MatmulCounter()
+        with mode:
+            rk.linear_logprobs(hidden, weight.requires_grad_(True), targets, chunk_size=5, backend=BACKENDS[0])
+        assert mode.matmuls == 3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
