@@ -8,7 +8,6 @@ local memory or a stack fails the run. Usage: python aot_compile_kernels.py [sm]
 """
 import os, sys, inspect, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
-import triton
 from triton.compiler import ASTSource, compile
 from triton.backends.compiler import GPUTarget
 from rlhf_kernels.triton import logprobs, kl, ppo, advantages
