@@ -9,8 +9,10 @@ run ours with ``grad_in_forward=False`` (logits recomputed in backward, 4
 matmuls) and skip the other providers, which the plain names measure; the
 ``+vocab`` variants run ours with ``chunk_by="vocab"`` (the gradient in the
 forward over vocabulary slabs: no ``[V, H]`` float32 weight-gradient
-accumulator, 4 matmuls), for the memory target; ``linear_logprobs+vocab``
-likewise computes its (recomputed) gradient over vocabulary slabs.
+accumulator, 4 matmuls), for the memory target. ``linear_logprobs`` itself
+takes the vocabulary slabs when a 16-bit head needs a gradient (its default,
+``logprobs_chunk_by``); ``linear_logprobs+rows`` runs ours with the row chunks
+(``chunk_by="rows"``) for comparison.
 
 The fused-linear op is bound by the matmul, not by memory: besides GB/s the
 suite reports TFLOP/s (``2·N·V·H`` forward, ``4·N·V·H`` backward) against the
@@ -77,12 +79,13 @@ def flops(case: Case, mode: str) -> float:
     return {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * float(case.N) * case.V * case.H
 
 
-def _spec(entropy: bool, vocab: bool = False) -> OpSpec:
-    """``linear_logprobs`` (``+ent``: with the entropy); ``vocab``: ours alone with ``chunk_by="vocab"`` (the
-    gradient over vocabulary slabs: no ``[V, H]`` float32 accumulator), the others measured under the plain name."""
+def _spec(entropy: bool, rows: bool = False) -> OpSpec:
+    """``linear_logprobs`` (``+ent``: with the entropy); ``rows``: ours alone with ``chunk_by="rows"`` (row chunks
+    and a ``[V, H]`` float32 weight-gradient accumulator for a 16-bit head, where the default takes vocabulary
+    slabs), the others measured under the plain name."""
     base = "linear_logprobs+ent" if entropy else "linear_logprobs"
-    name = base + ("+vocab" if vocab else "")
-    options = dict(chunk_by="vocab") if vocab else {}
+    name = base + ("+rows" if rows else "")
+    options = dict(chunk_by="rows") if rows else {}
 
     def eager(hidden, weight, targets):
         return eager_logprobs(F.linear(hidden, weight), targets, entropy)
@@ -95,7 +98,7 @@ def _spec(entropy: bool, vocab: bool = False) -> OpSpec:
         "compile": Provider(lambda i: (lambda f: lambda: f(*args(i)))(compiled(name, eager)), compile_reason),
         "chunked": Provider(lambda i: lambda: chunked_linear(*args(i), entropy)),
     }
-    if vocab:
+    if rows:
         providers = {p: _skipped(base) for p in ("eager", "compile", "chunked", "liger")}
     elif entropy:
         providers["liger"] = no_liger("its fused linear cross-entropy returns no per-token entropy")
@@ -135,7 +138,7 @@ def _spec(entropy: bool, vocab: bool = False) -> OpSpec:
         bytes_moved=bytes_moved,
         flops=flops,
         description=("log-prob and entropy" if entropy else "log-prob") + " from hidden [N, H] and LM head [V, H]"
-        + (" (ours: gradient over vocabulary slabs)" if vocab else ""),
+        + (" (ours: row chunks, chunk_by='rows')" if rows else ""),
     )
 
 
@@ -293,7 +296,7 @@ def _liger_fp32_spec(base: OpSpec) -> OpSpec:
     )
 
 
-OPS = {"linear_logprobs": _spec(False), "linear_logprobs+ent": _spec(True), "linear_logprobs+vocab": _spec(False, True)}
+OPS = {"linear_logprobs": _spec(False), "linear_logprobs+ent": _spec(True), "linear_logprobs+rows": _spec(False, True)}
 for _kind in ("ce", "ppo"):
     for _variant in _LOSS_VARIANTS:
         _s = _loss_spec(_kind, _variant)

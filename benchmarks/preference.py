@@ -13,7 +13,7 @@ in use now::
 The suggestion puts CUDA first when it wins the training step (geometric mean of the ``fwd+bwd`` ratios
 below 1), or the forward when no training step was measured. Op variants map onto the op they dispatch
 through: ``logprobs+ent`` is ``logprobs``, ``linear_cross_entropy`` / ``linear_ppo_loss`` (and their
-``+vocab`` / ``+recompute`` rows) are ``linear_logprobs``.
+``+vocab`` / ``+recompute`` / ``+rows`` rows) are ``linear_logprobs``.
 """
 
 from __future__ import annotations

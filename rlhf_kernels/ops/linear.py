@@ -509,20 +509,41 @@ _AUTO_ROWS_SHARE = 0.9
 _auto_fallback_warned = False
 
 
-def linear_chunk_by(chunk_by: Optional[str], weight: Optional[torch.Tensor] = None) -> str:
-    """``"rows"`` or ``"vocab"``: ``chunk_by`` of the fused-linear ops, else ``RLHF_KERNELS_LINEAR_CHUNK_BY``, else
-    ``"auto"``, which takes the row chunks (for the losses 3 matmuls, the fastest) unless their ``[V, H]`` float32
-    weight-gradient accumulator would not fit in the device's free memory, and then the vocabulary slabs (no such
-    buffer; the losses take a 4th matmul, ``linear_logprobs`` recomputes in 4 either way) with a one-time warning,
-    rather than running out of memory. ``weight``: the LM head whose gradient the loop
-    computes; ``None`` when none is computed (the setting is still checked; ``"auto"`` is then ``"rows"``)."""
+def _chunk_by_setting(chunk_by: Optional[str]) -> str:
+    """``chunk_by`` as given, else ``RLHF_KERNELS_LINEAR_CHUNK_BY``, else ``"auto"``; checked against ``LINEAR_CHUNK_BY``."""
     value = chunk_by if chunk_by is not None else os.environ.get("RLHF_KERNELS_LINEAR_CHUNK_BY", "")
     value = value.strip().lower() or "auto"
     if value not in LINEAR_CHUNK_BY:
         raise ValueError(f"chunk_by (or RLHF_KERNELS_LINEAR_CHUNK_BY) must be one of {LINEAR_CHUNK_BY}, got {value!r}")
+    return value
+
+
+def linear_chunk_by(chunk_by: Optional[str], weight: Optional[torch.Tensor] = None) -> str:
+    """``"rows"`` or ``"vocab"``: ``chunk_by`` of the linear losses, else ``RLHF_KERNELS_LINEAR_CHUNK_BY``, else
+    ``"auto"``, which takes the row chunks (3 matmuls, the fastest) unless their ``[V, H]`` float32 weight-gradient
+    accumulator would not fit in the device's free memory, and then the vocabulary slabs (no such buffer, 4 matmuls)
+    with a one-time warning, rather than running out of memory. ``weight``: the LM head whose gradient the loop
+    computes; ``None`` when none is computed (the setting is still checked; ``"auto"`` is then ``"rows"``)."""
+    value = _chunk_by_setting(chunk_by)
+    return value if value != "auto" else _auto_chunk_by(weight)
+
+
+def logprobs_chunk_by(chunk_by: Optional[str], weight: Optional[torch.Tensor] = None,
+                      chunk_size: Optional[int] = None) -> str:
+    """``"rows"`` or ``"vocab"``: ``chunk_by`` of ``linear_logprobs`` (and the losses' recompute path), read as
+    ``linear_chunk_by`` reads it, but ``"auto"`` takes the vocabulary slabs whenever the row chunks would need a
+    ``[V, H]`` float32 weight-gradient accumulator: ``weight`` (``None`` when its gradient is not computed) is
+    16-bit and needs a gradient. The recompute path runs 4 matmuls either way, so the slabs cost no extra matmul
+    (only their ``[N, H]`` float32 ``grad_hidden`` accumulator, and narrower GEMMs), while that accumulator is
+    2 GB at 128256 x 4096: ~1.3 instead of 3.1 GB at 8192 tokens, expected from the H200's
+    ``linear_cross_entropy`` runs of both paths (``benchmarks/results/nvidia-h200/NOTES.md``). Otherwise (float32,
+    which accumulates in its own gradient; no weight gradient), and whenever ``chunk_size`` is given (rows per
+    chunk, as it meant before ``chunk_by`` existed), the row chunks."""
+    value = _chunk_by_setting(chunk_by)
     if value != "auto":
         return value
-    return _auto_chunk_by(weight)
+    needs_accumulator = weight is not None and weight.requires_grad and _acc_dtype(weight.dtype) != weight.dtype
+    return "vocab" if needs_accumulator and chunk_size is None else "rows"
 
 
 def _free_device_bytes(device: torch.device) -> int:
@@ -985,12 +1006,13 @@ def linear_logprobs(
         backend: ``"triton" | "cpu" | "torch"`` for the per-chunk reduction;
             ``None`` picks as ``rk.logprobs`` does.
         chunk_by: ``"rows"`` (row chunks), ``"vocab"`` (vocabulary slabs: the
-            least memory when the weight needs a gradient, same 4 matmuls), or
-            ``"auto"`` (``None``: ``RLHF_KERNELS_LINEAR_CHUNK_BY``, else
-            ``"auto"``), which takes the row chunks unless their float32
-            weight-gradient accumulator would not fit in the GPU's free memory
-            (``linear_chunk_by``). On the CPU the two are within 5% of each
-            other (``benchmarks/results/cpu-linear``), so ``"auto"`` is rows.
+            least memory when a 16-bit weight needs a gradient, the same 4
+            matmuls), or ``"auto"`` (``None``: ``RLHF_KERNELS_LINEAR_CHUNK_BY``,
+            else ``"auto"``): the slabs when a 16-bit weight needs a gradient
+            (the row chunks would hold a ``[V, H]`` float32 accumulator), else
+            the rows, as also when ``chunk_size`` is given (``logprobs_chunk_by``).
+            The two are within 5% of each other on the CPU at GPT-2 size
+            (``benchmarks/results/cpu-linear``).
 
     Returns:
         ``logp`` float32 ``[*]``, or ``(logp, entropy)`` when ``return_entropy``.
@@ -1002,7 +1024,7 @@ def linear_logprobs(
     _check_linear_args(hidden, weight, targets, bias, chunk_size)
     temperature = check_positive("temperature", temperature)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    chunk_by = linear_chunk_by(chunk_by, weight if grad else None)
+    chunk_by = logprobs_chunk_by(chunk_by, weight if grad else None, chunk_size)
     lead = hidden.shape[:-1]
     hidden2, weight2, bias2 = _promoted(hidden, weight, bias)
     chosen = resolve_for("linear_logprobs", hidden2, backend, IMPLEMENTED)

@@ -131,34 +131,40 @@ def test_linear_logprobs_slabs_run_four_matmuls_per_slab_and_the_recompute_losse
         rk.linear_logprobs(hidden, weight, targets, chunk_by="columns")
 
 
-def test_linear_logprobs_auto_takes_slabs_when_the_accumulator_does_not_fit(monkeypatch):
-    """``chunk_by="auto"`` for ``linear_logprobs``: as for the losses (CUDA only; widened to the CPU here, with
-    the free memory faked), and the slabs it takes give the row chunks' values and gradients."""
+def test_linear_logprobs_auto_takes_slabs_for_a_16_bit_head_that_trains(monkeypatch):
+    """``chunk_by="auto"`` for ``linear_logprobs``: the vocabulary slabs when the row chunks would hold a float32
+    ``[V, H]`` weight-gradient accumulator (a 16-bit weight that needs a gradient, no ``chunk_size`` given), on
+    any device; the row chunks otherwise. The slabs give the row chunks' values and gradients."""
     monkeypatch.delenv("RLHF_KERNELS_LINEAR_CHUNK_BY", raising=False)
     hidden, weight, targets, bias = _inputs((2, 6), 8, 301, torch.bfloat16, ignore=(4,))
-    monkeypatch.setattr(L, "AUTO_CHUNK_DEVICES", ("cpu", "cuda"))
-    monkeypatch.setattr(L, "_auto_fallback_warned", True)  # the warning itself: the losses' test
-    monkeypatch.setattr(L, "_free_device_bytes", lambda device: weight.numel() * 4)
+    monkeypatch.setattr(L, "slab_columns", lambda *args: 100)  # 4 slabs, so that they show in the matmul count
 
-    def run(**kw):
-        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    def run(dtype=torch.bfloat16, train_head=True, **kw):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (hidden, bias)]
+        w = weight.to(dtype).requires_grad_(train_head)
         mode = _MatmulCounter()
         with mode:
-            lp, ent = rk.linear_logprobs(*leaves[:2], targets, leaves[2], return_entropy=True, backend=BACKENDS[0],
+            lp, ent = rk.linear_logprobs(leaves[0], w, targets, leaves[1], return_entropy=True, backend=BACKENDS[0],
                                          **kw)
-            grads = torch.autograd.grad((lp * 0.7 - ent).sum(), leaves)
+            grads = torch.autograd.grad((lp * 0.7 - ent).sum(), leaves + ([w] if train_head else []))
         return (lp, ent) + grads, mode.matmuls
 
-    auto, matmuls = run(chunk_size=100)
-    assert matmuls == 4 * 4  # 4 slabs of (up to) 100 columns: logits, then logits, dX, dW (rows: 1 chunk, 4)
-    rows, _ = run(chunk_by="rows", chunk_size=5)
+    auto, matmuls = run()
+    assert matmuls == 4 * 4  # per slab: logits, then logits, dX, dW (one row chunk of 12 would be 4 in all)
+    rows, matmuls = run(chunk_by="rows")
+    assert matmuls == 4
     for a, b in zip(auto, rows):  # bf16: the paths round dlogits differently
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-2 * max(1.0, b.abs().max().item()))
-    with torch.no_grad():  # no gradient: no accumulator to fit, the row chunks
+    assert run(chunk_size=12)[1] == 4  # chunk_size given: rows of it
+    assert run(dtype=torch.float32)[1] == 4  # float32 accumulates in its own gradient: rows
+    assert run(train_head=False)[1] == 3  # frozen head: rows (logits, then logits and dX)
+    with torch.no_grad():  # no gradient at all: one row chunk
         mode = _MatmulCounter()
         with mode:
-            rk.linear_logprobs(hidden, weight.requires_grad_(True), targets, chunk_size=5, backend=BACKENDS[0])
-        assert mode.matmuls == 3
+            rk.linear_logprobs(hidden, weight.requires_grad_(True), targets, backend=BACKENDS[0])
+        assert mode.matmuls == 1
+    assert L.logprobs_chunk_by(None, weight.requires_grad_(True)) == "vocab"
+    assert L.logprobs_chunk_by("rows", weight) == "rows" and L.logprobs_chunk_by(None, None) == "rows"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
