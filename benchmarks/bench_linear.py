@@ -10,8 +10,8 @@ matmuls) and skip the other providers, which the plain names measure; the
 ``+vocab`` variants run ours with ``chunk_by="vocab"`` (the gradient in the
 forward over vocabulary slabs: no ``[V, H]`` float32 weight-gradient
 accumulator, 4 matmuls), for the memory target. ``linear_logprobs`` itself
-takes the vocabulary slabs when a 16-bit head needs a gradient (its default,
-``logprobs_chunk_by``); ``linear_logprobs+rows`` runs ours with the row chunks
+takes the vocabulary slabs on the GPU when a 16-bit head needs a gradient (its
+default, ``logprobs_chunk_by``); ``linear_logprobs+rows`` runs ours with the row chunks
 (``chunk_by="rows"``) for comparison.
 
 The fused-linear op is bound by the matmul, not by memory: besides GB/s the

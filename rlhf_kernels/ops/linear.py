@@ -532,17 +532,21 @@ def logprobs_chunk_by(chunk_by: Optional[str], weight: Optional[torch.Tensor] = 
                       chunk_size: Optional[int] = None) -> str:
     """``"rows"`` or ``"vocab"``: ``chunk_by`` of ``linear_logprobs`` (and the losses' recompute path), read as
     ``linear_chunk_by`` reads it, but ``"auto"`` takes the vocabulary slabs whenever the row chunks would need a
-    ``[V, H]`` float32 weight-gradient accumulator: ``weight`` (``None`` when its gradient is not computed) is
-    16-bit and needs a gradient. The recompute path runs 4 matmuls either way, so the slabs cost no extra matmul
-    (only their ``[N, H]`` float32 ``grad_hidden`` accumulator, and narrower GEMMs), while that accumulator is
-    2 GB at 128256 x 4096: ~1.3 instead of 3.1 GB at 8192 tokens, expected from the H200's
-    ``linear_cross_entropy`` runs of both paths (``benchmarks/results/nvidia-h200/NOTES.md``). Otherwise (float32,
-    which accumulates in its own gradient; no weight gradient), and whenever ``chunk_size`` is given (rows per
-    chunk, as it meant before ``chunk_by`` existed), the row chunks."""
+    ``[V, H]`` float32 weight-gradient accumulator on an ``AUTO_CHUNK_DEVICES`` device (CUDA): ``weight``
+    (``None`` when its gradient is not computed) is 16-bit and needs a gradient. The recompute path runs 4
+    matmuls either way, so the slabs cost no extra matmul (only their ``[N, H]`` float32 ``grad_hidden``
+    accumulator, and narrower GEMMs), while that accumulator is 2 GB at 128256 x 4096: ~1.3 instead of 3.1 GB at
+    8192 tokens, expected from the H200's ``linear_cross_entropy`` runs of both paths
+    (``benchmarks/results/nvidia-h200/NOTES.md``). Otherwise the row chunks: a float32 weight accumulates in its
+    own gradient; without a weight gradient there is no accumulator; on the CPU, which has no mixed-dtype GEMM,
+    the slabs' float32 accumulation upcasts every slab's operands and took 1.35x the materialised time against
+    the rows' 1.17x (bf16, 2048 x 50257 x 512, ``benchmarks/results/cpu-linear``); and when ``chunk_size`` is
+    given (rows per chunk, as it meant before ``chunk_by`` existed)."""
     value = _chunk_by_setting(chunk_by)
     if value != "auto":
         return value
-    needs_accumulator = weight is not None and weight.requires_grad and _acc_dtype(weight.dtype) != weight.dtype
+    needs_accumulator = (weight is not None and weight.requires_grad and _acc_dtype(weight.dtype) != weight.dtype
+                         and weight.device.type in AUTO_CHUNK_DEVICES)
     return "vocab" if needs_accumulator and chunk_size is None else "rows"
 
 
@@ -1008,9 +1012,10 @@ def linear_logprobs(
         chunk_by: ``"rows"`` (row chunks), ``"vocab"`` (vocabulary slabs: the
             least memory when a 16-bit weight needs a gradient, the same 4
             matmuls), or ``"auto"`` (``None``: ``RLHF_KERNELS_LINEAR_CHUNK_BY``,
-            else ``"auto"``): the slabs when a 16-bit weight needs a gradient
-            (the row chunks would hold a ``[V, H]`` float32 accumulator), else
-            the rows, as also when ``chunk_size`` is given (``logprobs_chunk_by``).
+            else ``"auto"``): on the GPU the slabs when a 16-bit weight needs a
+            gradient (the row chunks would hold a ``[V, H]`` float32
+            accumulator), else the rows, as also when ``chunk_size`` is given
+            (``logprobs_chunk_by``).
             The two are within 5% of each other on the CPU at GPT-2 size
             (``benchmarks/results/cpu-linear``).
 

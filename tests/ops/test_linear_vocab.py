@@ -133,11 +133,14 @@ def test_linear_logprobs_slabs_run_four_matmuls_per_slab_and_the_recompute_losse
 
 def test_linear_logprobs_auto_takes_slabs_for_a_16_bit_head_that_trains(monkeypatch):
     """``chunk_by="auto"`` for ``linear_logprobs``: the vocabulary slabs when the row chunks would hold a float32
-    ``[V, H]`` weight-gradient accumulator (a 16-bit weight that needs a gradient, no ``chunk_size`` given), on
-    any device; the row chunks otherwise. The slabs give the row chunks' values and gradients."""
+    ``[V, H]`` weight-gradient accumulator (a 16-bit weight that needs a gradient, no ``chunk_size`` given) on an
+    AUTO_CHUNK_DEVICES device (CUDA; widened to the CPU here); the row chunks otherwise. The slabs give the row
+    chunks' values and gradients."""
     monkeypatch.delenv("RLHF_KERNELS_LINEAR_CHUNK_BY", raising=False)
     hidden, weight, targets, bias = _inputs((2, 6), 8, 301, torch.bfloat16, ignore=(4,))
     monkeypatch.setattr(L, "slab_columns", lambda *args: 100)  # 4 slabs, so that they show in the matmul count
+    assert L.logprobs_chunk_by(None, weight.clone().requires_grad_(True)) == "rows"  # the CPU: rows
+    monkeypatch.setattr(L, "AUTO_CHUNK_DEVICES", ("cpu", "cuda"))
 
     def run(dtype=torch.bfloat16, train_head=True, **kw):
         leaves = [t.to(dtype).requires_grad_(True) for t in (hidden, bias)]
