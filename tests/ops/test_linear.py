@@ -457,8 +457,11 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("chunk_by", ["rows", "vocab"])
-def test_gpu_bf16_gpt2_shape(chunk_by):
+def test_gpu_bf16_gpt2_shape(backend, chunk_by):
+    if backend == "cuda" and not _ext.has_cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
     N, H, V = 4096, 1024, 50257
     hidden, weight, targets, bias = _inputs((N,), H, V, torch.bfloat16, ignore=(0, 17))
     hidden, weight, targets, bias = (t.cuda() for t in (hidden, weight, targets, bias))
@@ -466,13 +469,13 @@ def test_gpu_bf16_gpt2_shape(chunk_by):
     g_logp = torch.randn(N, generator=g, dtype=torch.float64).cuda()
     g_ent = torch.randn(N, generator=g, dtype=torch.float64).cuda()
     kw = dict(temperature=0.9, return_entropy=True)
-    got = _run(lambda h, w, b: rk.linear_logprobs(h, w, targets, b, chunk_by=chunk_by, **kw), hidden, weight, bias,
-               g_logp, g_ent)
+    got = _run(lambda h, w, b: rk.linear_logprobs(h, w, targets, b, chunk_by=chunk_by, backend=backend, **kw), hidden,
+               weight, bias, g_logp, g_ent)
     in_dtype = _run(_materialised_in_dtype(targets, **kw), hidden, weight, bias, g_logp, g_ent)
     f32 = [t.float() for t in (hidden, weight, bias)]
     oracle = _run(lambda h, w, b: R.linear_logprobs(h, w, targets, b, **kw), *f32, g_logp, g_ent)
     for name, f, r, o in zip(("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"), got, in_dtype, oracle):
-        assert_matches_oracle(f, r, o, torch.bfloat16, what=f"gpu/bf16/{chunk_by}/{name}")
+        assert_matches_oracle(f, r, o, torch.bfloat16, what=f"gpu/bf16/{backend}/{chunk_by}/{name}")
 
 
 @pytest.mark.gpu
