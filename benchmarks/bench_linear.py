@@ -12,7 +12,9 @@ forward over vocabulary slabs: no ``[V, H]`` float32 weight-gradient
 accumulator, 4 matmuls), for the memory target. ``linear_logprobs`` itself
 takes the vocabulary slabs on the GPU when a 16-bit head needs a gradient (its
 default, ``logprobs_chunk_by``); ``linear_logprobs+rows`` runs ours with the row chunks
-(``chunk_by="rows"``) for comparison.
+(``chunk_by="rows"``) for comparison. ``linear_logprobs+frozen`` gives only
+``hidden`` a gradient (a frozen head, as under LoRA), which ours computes in
+the forward (2 matmuls, as the materialised path); its TFLOP/s count those two.
 
 The fused-linear op is bound by the matmul, not by memory: besides GB/s the
 suite reports TFLOP/s (``2·N·V·H`` forward, ``4·N·V·H`` backward) against the
@@ -79,12 +81,24 @@ def flops(case: Case, mode: str) -> float:
     return {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * float(case.N) * case.V * case.H
 
 
-def _spec(entropy: bool, rows: bool = False) -> OpSpec:
+def frozen_bytes_moved(case: Case, mode: str) -> float:
+    """A frozen head: the backward reads the operands once and writes no weight gradient."""
+    operands = (float(case.N) * case.H + float(case.V) * case.H) * case.elem
+    return {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[mode] * operands + case.N * 12
+
+
+def frozen_flops(case: Case, mode: str) -> float:
+    """A frozen head: the logits, then ``dX`` only (the matmuls the materialised path must do)."""
+    return {"fwd": 2, "bwd": 2, "fwd+bwd": 4}[mode] * float(case.N) * case.V * case.H
+
+
+def _spec(entropy: bool, rows: bool = False, frozen: bool = False) -> OpSpec:
     """``linear_logprobs`` (``+ent``: with the entropy); ``rows``: ours alone with ``chunk_by="rows"`` (row chunks
     and a ``[V, H]`` float32 weight-gradient accumulator for a 16-bit head, where the default takes vocabulary
-    slabs), the others measured under the plain name."""
+    slabs), the others measured under the plain name; ``frozen``: every provider with a head that needs no
+    gradient (LoRA), so only ``hidden`` gets one (ours: the gradient direction computed in the forward)."""
     base = "linear_logprobs+ent" if entropy else "linear_logprobs"
-    name = base + ("+rows" if rows else "")
+    name = base + ("+rows" if rows else "") + ("+frozen" if frozen else "")
     options = dict(chunk_by="rows") if rows else {}
 
     def eager(hidden, weight, targets):
@@ -133,12 +147,13 @@ def _spec(entropy: bool, rows: bool = False) -> OpSpec:
         name=name,
         family="linear",
         make_inputs=make_inputs,
-        grad_names=("hidden", "weight"),
+        grad_names=("hidden",) if frozen else ("hidden", "weight"),
         providers=providers,
-        bytes_moved=bytes_moved,
-        flops=flops,
+        bytes_moved=frozen_bytes_moved if frozen else bytes_moved,
+        flops=frozen_flops if frozen else flops,
         description=("log-prob and entropy" if entropy else "log-prob") + " from hidden [N, H] and LM head [V, H]"
-        + (" (ours: row chunks, chunk_by='rows')" if rows else ""),
+        + (" (ours: row chunks, chunk_by='rows')" if rows else "")
+        + (", the head frozen (gradient to hidden only)" if frozen else ""),
     )
 
 
@@ -296,7 +311,8 @@ def _liger_fp32_spec(base: OpSpec) -> OpSpec:
     )
 
 
-OPS = {"linear_logprobs": _spec(False), "linear_logprobs+ent": _spec(True), "linear_logprobs+rows": _spec(False, True)}
+OPS = {"linear_logprobs": _spec(False), "linear_logprobs+ent": _spec(True), "linear_logprobs+rows": _spec(False, True),
+       "linear_logprobs+frozen": _spec(False, frozen=True)}
 for _kind in ("ce", "ppo"):
     for _variant in _LOSS_VARIANTS:
         _s = _loss_spec(_kind, _variant)

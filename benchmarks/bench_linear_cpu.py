@@ -10,6 +10,10 @@ Ops (``--ops``, default all) and providers, each forward + backward to hidden an
     fused-rows     the same, chunk_by="rows" named
     fused-vocab    the same over vocabulary slabs, chunk_by="vocab" (a slab's GEMMs keep its weight rows in cache)
     materialised   F.linear -> (float32) log_softmax -> gather, then autograd (the [N, V] logits, log-softmax and grads)
+  logprobs_frozen  the same with a head that needs no gradient (LoRA): the gradient to hidden only
+    fused          rk.linear_logprobs: the gradient direction computed in the forward (2 matmuls)
+    fused-recompute  return_entropy=True, which takes the recompute path (logits again in backward, 3 matmuls)
+    materialised   as above, with the head detached
   cross_entropy  SFT loss, mean over tokens
     fused          rk.linear_cross_entropy: gradient computed in the forward (3 matmuls)
     fused-vocab    the same over vocabulary slabs, chunk_by="vocab" (no [V, H] float32 accumulator, 4 matmuls)
@@ -65,6 +69,22 @@ def _logprobs_fused(chunk_by=None):
                                   chunk_by=chunk_by)
         return torch.autograd.grad(-logp.mean(), (i["hidden"], i["weight"]))
     return step
+
+
+def frozen_fused(i, chunk_size=None):
+    logp = rk.linear_logprobs(i["hidden"], i["weight"].detach(), i["targets"], chunk_size=chunk_size, backend="cpu")
+    return torch.autograd.grad(-logp.mean(), (i["hidden"],))
+
+
+def frozen_recompute(i, chunk_size=None):
+    logp, _ = rk.linear_logprobs(i["hidden"], i["weight"].detach(), i["targets"], chunk_size=chunk_size,
+                                 backend="cpu", return_entropy=True)
+    return torch.autograd.grad(-logp.mean(), (i["hidden"],))
+
+
+def frozen_materialised(i, chunk_size=None):
+    logp = _materialised_logp(i["hidden"], i["weight"].detach(), i["targets"])
+    return torch.autograd.grad(-logp.mean(), (i["hidden"],))
 
 
 def materialised_step(i, chunk_size=None):
@@ -138,6 +158,11 @@ OPS = {
         ("fwd (no grad)", "fused-vocab", _logprobs_forward("vocab")),
         ("fwd (no grad)", "materialised", materialised_forward),
     ],
+    "logprobs_frozen": [
+        ("fwd+bwd", "fused", frozen_fused),
+        ("fwd+bwd", "fused-recompute", frozen_recompute),
+        ("fwd+bwd", "materialised", frozen_materialised),
+    ],
     "cross_entropy": [
         ("fwd+bwd", "fused", _ce_fused(None)),
         ("fwd+bwd", "fused-vocab", _ce_fused(None, "vocab")),
@@ -151,7 +176,7 @@ OPS = {
         ("fwd+bwd", "materialised", ppo_materialised),
     ],
 }
-TITLES = {"logprobs": "linear_logprobs", "cross_entropy": "linear_cross_entropy", "ppo": "linear_ppo_loss"}
+TITLES = {"logprobs": "linear_logprobs", "logprobs_frozen": "linear_logprobs, frozen head (gradient to hidden only)", "cross_entropy": "linear_cross_entropy", "ppo": "linear_ppo_loss"}
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -21,7 +21,7 @@
 #             (chunk_by="vocab": no [V, H] float32 accumulator, issue 6's memory target), Liger with
 #             accum_dtype=float32 (+liger-fp32acc: float32 weight-gradient accumulation, as ours), linear_logprobs (against
 #             Liger's per-token reduction="none" path, issue 6's time target; vocabulary slabs by default for a bf16
-#             head), linear_logprobs+rows (its row chunks), linear_ppo_loss) against eager
+#             head), linear_logprobs+rows (its row chunks), linear_logprobs+frozen (a LoRA-style frozen head), linear_ppo_loss) against eager
 #             (materialised) and Liger at LINEAR_HEADLINE_SHAPES (default 8192x128256x4096,16384x151936x4096),
 #             bf16; the run's matmul throughput (the floor) is measured with them
 #   ppo-paths the cuda ppo_loss fwd+bwd at 8192x151936 bf16 under each RLHF_KERNELS_CUDA_PPO path
@@ -250,7 +250,7 @@ stage_linear_headline() {
   need_cuda linear-headline || return
   seed_results
   note "linear-headline: fused-linear losses, ours against eager (materialised) and Liger, and the matmul floor"
-  headline_run linear_headline --ops "${LINEAR_HEADLINE_OPS:-linear_cross_entropy,linear_cross_entropy+vocab,linear_cross_entropy+liger-fp32acc,linear_logprobs,linear_logprobs+rows,linear_ppo_loss}" \
+  headline_run linear_headline --ops "${LINEAR_HEADLINE_OPS:-linear_cross_entropy,linear_cross_entropy+vocab,linear_cross_entropy+liger-fp32acc,linear_logprobs,linear_logprobs+rows,linear_logprobs+frozen,linear_ppo_loss}" \
     --shapes "${LINEAR_HEADLINE_SHAPES:-8192x128256x4096,16384x151936x4096}" --dtypes bf16 --providers eager,triton,cuda,liger
 }
 

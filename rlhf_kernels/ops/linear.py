@@ -75,6 +75,13 @@ rows of ``grad_weight``: no ``[V, H]`` float32 accumulator (2.1 GB for a
 ``chunk_by="auto"``, takes the row chunks unless that accumulator would not fit
 in the GPU's free memory, and then the slabs, with a one-time warning.
 
+Frozen head (``linear_logprobs_frozen_head``): when only ``hidden`` needs a
+gradient (LoRA, a frozen LM head) and the entropy is not asked for, the log-prob's
+gradient is ``g·(weight[y] - Σ_v p_v·weight_v) / T`` per row, a direction times
+the upstream gradient, so the forward computes that direction per chunk (logits,
+then ``dlogits @ weight``) and the backward only scales it: 2 matmuls, as the
+materialised path, where recomputing takes 3.
+
 Which path runs: the forward-with-gradient path when grad mode is on,
 ``hidden``, ``weight`` or ``bias`` requires grad, and none of them is float64,
 unless ``grad_in_forward=False`` or ``RLHF_KERNELS_LINEAR_GRAD=recompute``;
@@ -483,6 +490,93 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
 
 
 linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------- frozen head: the hidden states' gradient in the forward
+
+
+@torch.library.custom_op("rlhf_kernels::linear_logprobs_frozen_head", mutates_args=())
+def linear_logprobs_frozen_head(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    chunk_size: int,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(logp[N], direction[N, H])`` for a head that needs no gradient (LoRA, a frozen LM head), float32
+    (float64 for float64 inputs).
+
+    With ``p = softmax(z)``, ``z = (hidden @ weight.T + bias) / T``, the log-prob's
+    gradient with respect to a row of ``hidden`` is its upstream gradient times
+    a direction that does not depend on it::
+
+        ∂logp_i/∂hidden_i = (onehot(y_i) - p_i) @ weight / T = (weight[y_i] - Σ_v p_iv·weight_v) / T
+
+    So each row chunk computes its logits (matmul 1), its log-probs, its
+    ``dlogits = (onehot - p) / T`` (the log-prob backward kernel with
+    ``g_logp = 1``, written over the logits) and ``direction_c = dlogits @ weight``
+    (matmul 2, float32 accumulation), and the backward is ``grad_hidden =
+    grad_logp·direction``: 2 matmuls in all, as the materialised path, where
+    recomputing the logits in backward takes 3. ``direction`` is 0 for ignored
+    rows. Only ``hidden`` is differentiable.
+    """
+    n, h = hidden.shape
+    v = weight.shape[0]
+    stats = _stats_dtype(hidden.dtype)
+    logp = hidden.new_empty((n,), dtype=stats)
+    direction = _accumulator(n, hidden, stats)
+    c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, buffers=_chunk_buffers(backend))
+    buffer = _row_buffer(c, v, hidden)
+    spare = _row_buffer(c, v, hidden) if _chunk_buffers(backend) == 2 else None
+    for s in range(0, n, c):
+        e = min(n, s + c)
+        targets_c = targets[s:e]
+        logits = _chunk_logits(hidden[s:e], weight, bias, buffer)
+        lp, ent, lse = _kernel_fwd(logits, targets_c, temperature, ignore_index, backend)
+        logp[s:e].copy_(lp)
+        ones = torch.ones_like(lp)
+        dlogits = _kernel_bwd(ones, torch.zeros_like(lp), logits, targets_c, lse, ent, temperature, ignore_index,
+                              backend, _grad_buffer(logits, backend, spare))
+        del logits
+        _accumulate_mm(direction[s:e], dlogits, weight, True)
+        del dlogits
+    _validate_targets(targets, v, ignore_index, "linear_logprobs")
+    return logp, direction
+
+
+@linear_logprobs_frozen_head.register_fake
+def _(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, backend):
+    stats = _stats_dtype(hidden.dtype)
+    return hidden.new_empty(hidden.shape[:1], dtype=stats), hidden.new_empty(hidden.shape, dtype=stats)
+
+
+def _frozen_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+    ctx.hidden_dtype = inputs[0].dtype
+
+
+def _frozen_backward(ctx, grad_logp, unused):
+    (direction,) = ctx.saved_tensors
+    grad_hidden = None
+    if ctx.needs_input_grad[0] and grad_logp is not None:
+        grad_hidden = (direction * grad_logp.to(direction.dtype).unsqueeze(-1)).to(ctx.hidden_dtype)
+    return (grad_hidden,) + (None,) * 7
+
+
+linear_logprobs_frozen_head.register_autograd(_frozen_backward, setup_context=_frozen_setup_context)
+
+
+def _frozen_head_path(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], return_entropy: bool,
+                      chunk_by: str) -> bool:
+    """``linear_logprobs_frozen_head`` serves the call: only ``hidden`` needs a gradient (neither ``weight`` nor
+    ``bias``), the entropy is not returned (its gradient would need a second direction: as many matmuls as
+    recomputing), and the row chunks are in use (a direction needs each row's whole log-sum-exp first)."""
+    return (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+            and not (bias is not None and bias.requires_grad) and not return_entropy and chunk_by == "rows")
 
 
 # ------------------------------------------------------------- forward that also produces the gradient
@@ -988,7 +1082,11 @@ def linear_logprobs(
     g_ent·p·(log p + entropy)``, ``dlogits = dz / temperature``,
     ``grad_hidden = dlogits @ weight``, ``grad_weight = Σ_chunks dlogits.T @
     hidden`` and ``grad_bias = Σ dlogits`` accumulated in float32, then cast to
-    the parameter's dtype. With ``chunk_by="vocab"`` both passes walk slabs of
+    the parameter's dtype. When only ``hidden`` needs a gradient and the
+    entropy is not returned (a frozen head, as under LoRA), the forward also
+    computes each row's ``(weight[y] - Σ_v p_v·weight_v) / T`` (float32
+    ``[N, H]``) and the backward scales it by the upstream gradient: 2 matmuls
+    instead of 3 (``linear_logprobs_frozen_head``). With ``chunk_by="vocab"`` both passes walk slabs of
     vocabulary columns over all rows instead (``_slab_forward``,
     ``_slab_gradients``): each slab's weight gradient is one GEMM over every
     token, so there is no ``[V, H]`` float32 accumulator, and ``grad_hidden``
@@ -1033,6 +1131,12 @@ def linear_logprobs(
     lead = hidden.shape[:-1]
     hidden2, weight2, bias2 = _promoted(hidden, weight, bias)
     chosen = resolve_for("linear_logprobs", hidden2, backend, IMPLEMENTED)
+    if _frozen_head_path(hidden, weight, bias, return_entropy, chunk_by):
+        logp, _ = linear_logprobs_frozen_head(
+            hidden2, weight2, targets.reshape(-1).long(), bias2, temperature, int(ignore_index),
+            0 if chunk_size is None else int(chunk_size), chosen,
+        )
+        return logp.reshape(lead)
     logp, entropy, _ = linear_logprobs_fwd(
         hidden2,
         weight2,

@@ -613,6 +613,7 @@ class _MatmulCounter(_LargestTensor):
     def __init__(self):
         super().__init__()
         self._impls["linear_loss_fused"] = L.linear_loss_fused._init_fn
+        self._impls["linear_logprobs_frozen_head"] = L.linear_logprobs_frozen_head._init_fn
         self.matmuls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -667,8 +668,13 @@ def test_forward_grad_path_only_needed_grads_and_reduction_none():
     (expected,) = torch.autograd.grad(F.cross_entropy(F.linear(h2, weight.double(), bias.double()), targets), h2)
     torch.testing.assert_close(gh.double(), expected, rtol=1e-5, atol=1e-7)
     mode = _MatmulCounter()
-    with mode:  # per-token output: the upstream gradient is not known in the forward
+    with mode:  # per-token output, frozen head: the gradient direction in the forward (logits, dX per chunk)
         rk.linear_cross_entropy(h, weight, targets, bias, reduction="none", chunk_size=3).sum().backward()
+    assert mode.ops == {"linear_logprobs_frozen_head"} and mode.matmuls == 3 * 2
+    mode = _MatmulCounter()
+    with mode:  # per-token output, the head trains: the upstream gradient is not known in the forward
+        w = weight.clone().requires_grad_(True)
+        rk.linear_cross_entropy(h, w, targets, bias, reduction="none", chunk_size=3).sum().backward()
     assert mode.ops == {"linear_logprobs_fwd", "linear_logprobs_bwd"}
 
 
