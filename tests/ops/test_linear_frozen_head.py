@@ -156,3 +156,23 @@ def test_frozen_head_triton_backend_small():
                             hidden.double(), g)  # fmt: skip
     for f, o in zip(got, oracle):
         torch.testing.assert_close(f.double().cpu(), o.cpu(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_bf16_frozen_head_gpt2_shape(backend):
+    from rlhf_kernels import _ext
+
+    if backend == "cuda" and not _ext.has_cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
+    N, H, V = 4096, 1024, 50257
+    hidden, weight, targets, bias = (t.cuda() for t in _inputs((N,), H, V, torch.bfloat16, ignore=(0, 17)))
+    g = torch.randn(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64).cuda()
+    kw = dict(temperature=0.9)
+    got = _logp_and_grad(lambda h: rk.linear_logprobs(h, weight, targets, bias, backend=backend, **kw), hidden, g)
+    in_dtype = _logp_and_grad(lambda h: R.logprobs(F.linear(h, weight, bias), targets, **kw), hidden, g)
+    oracle = _logp_and_grad(lambda h: R.linear_logprobs(h, weight.float(), targets, bias.float(), **kw),
+                            hidden.float(), g)  # fmt: skip
+    for name, f, r, o in zip(("logp", "grad_hidden"), got, in_dtype, oracle):
+        assert_matches_oracle(f, r, o, torch.bfloat16, what=f"gpu/{backend}/frozen/{name}")
