@@ -132,17 +132,26 @@ _GPU_SLAB_BYTES = 128 * _MIB
 # Below this many rows the dW accumulation (read + write of V·H fp32 per chunk)
 # costs as much as the chunk's matmul (2·rows·V·H flops): keep chunks above it.
 _MIN_ROWS = {"cpu": 32, "cuda": 128}
+# Chunk rows (slab columns) are a multiple of this once that large. On the GPU a chunk is a GEMM's M (a slab's
+# N): Hopper's bf16 cuBLAS kernels tile it by 128 or 256, so an 832-row chunk (16384 x 151936 at 256 MiB) would
+# leave a quarter of its last 256-row tile idle; at that shape Liger-Kernel's 512-row chunks ran the no-grad
+# forward 9% faster than ours (H200, NOTES.md), where at 1024-row chunks (V = 128256) ours was the faster.
+_ALIGN_ROWS = {"cpu": 64, "cuda": 256}
 
 
-def chunk_rows(n: int, row_bytes: int, budget: int, min_rows: int, free_rows: int = 0, cap_bytes: int = 0) -> int:
+def chunk_rows(n: int, row_bytes: int, budget: int, min_rows: int, free_rows: int = 0, cap_bytes: int = 0,
+               align: int = 64) -> int:
     """Rows per chunk: ``budget // row_bytes`` (at least ``min_rows``, and at least ``free_rows``), a multiple of
-    64 once that large, never more than ``n`` nor (with ``cap_bytes``) more than ``cap_bytes // row_bytes``."""
+    ``align`` once that large (else of 64), never more than ``n`` nor (with ``cap_bytes``) more than
+    ``cap_bytes // row_bytes``."""
     row_bytes = max(1, row_bytes)
     rows = max(budget // row_bytes, min_rows, free_rows)
     if cap_bytes > 0:
         rows = min(rows, max(cap_bytes // row_bytes, min_rows))
-    if rows >= 64:
-        rows -= rows % 64  # GEMM-friendly
+    for step in (align, 64):
+        if rows >= step:
+            rows -= rows % step  # GEMM-friendly: whole tiles
+            break
     return int(max(1, min(n, rows)))
 
 
@@ -174,7 +183,7 @@ def auto_chunk_size(
         budget = min(max(free // 16, _GPU_CHUNK_BYTES[0]), _GPU_CHUNK_BYTES[1])
         # the cast's bytes cover `buffers` chunk-sized buffers (2 on the CUDA backend: logits + dlogits)
         free_rows = (vocab * hidden_size * itemsize) // (row_bytes * max(1, buffers)) if weight_grad_cast else 0
-        return chunk_rows(n, row_bytes, budget, _MIN_ROWS["cuda"], free_rows, free // 4)
+        return chunk_rows(n, row_bytes, budget, _MIN_ROWS["cuda"], free_rows, free // 4, _ALIGN_ROWS["cuda"])
     return chunk_rows(n, row_bytes, _CPU_CHUNK_BYTES, _MIN_ROWS["cpu"])
 
 
@@ -725,14 +734,14 @@ def slab_columns(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, weigh
                  device: torch.device, chunk_size: int, buffers: int = 1) -> int:
     """Vocabulary columns per slab of ``chunk_by="vocab"``: ``chunk_size`` when given, else as many as keep
     ``buffers`` ``[N, cols]`` slabs of logits, and the slab's float32 weight gradient when the weight is 16-bit,
-    within 32 MiB (CPU) or 128 MiB (GPU); a multiple of 64 once that large, at most ``vocab``."""
+    within 32 MiB (CPU) or 128 MiB (GPU); a multiple of 64 (GPU: 256) once that large, at most ``vocab``."""
     if chunk_size > 0:
         return int(min(chunk_size, max(vocab, 1)))
     itemsize = torch.empty((), dtype=dtype).element_size()
     cast = hidden_size * 4 if _acc_dtype(weight_dtype) != weight_dtype else 0
     col_bytes = n * itemsize * max(1, buffers) + cast
     budget = _GPU_SLAB_BYTES if device.type == "cuda" else _CPU_CHUNK_BYTES
-    return chunk_rows(vocab, col_bytes, budget, 64)
+    return chunk_rows(vocab, col_bytes, budget, 64, align=_ALIGN_ROWS.get(device.type, 64))
 
 
 def _slabs(n: int, h: int, weight: torch.Tensor, hidden: torch.Tensor, chunk_size: int, backend: str):

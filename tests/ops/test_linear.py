@@ -295,6 +295,22 @@ def test_chunk_rows_grow_to_the_weight_gradient_cast():
     assert L.chunk_rows(8192, row, budget, 128, free_rows=H, cap_bytes=1) == 128  # the cap keeps min_rows
 
 
+def test_gpu_chunks_are_whole_gemm_tiles(monkeypatch):
+    """On the GPU, chunk rows and slab columns are multiples of 256 once that large (whole cuBLAS tiles), else of
+    64; the CPU keeps multiples of 64. Free memory is faked, so this runs without a GPU."""
+    assert L.chunk_rows(16384, 151936 * 2, 256 * 2**20, 128) == 832  # the CPU's rounding
+    assert L.chunk_rows(16384, 151936 * 2, 256 * 2**20, 128, align=256) == 768
+    assert L.chunk_rows(16384, 151936 * 2, 64 * 2**20, 128, align=256) == 192  # under 256 rows: multiples of 64
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
+    cuda = torch.device("cuda")
+    rows = L.auto_chunk_size(16384, 4096, 151936, torch.bfloat16, cuda)
+    assert rows == 768 and rows * 151936 * 2 <= 256 * 2**20
+    assert L.auto_chunk_size(16384, 4096, 128256, torch.bfloat16, cuda) == 1024
+    cols = L.slab_columns(16384, 4096, 151936, torch.bfloat16, torch.bfloat16, cuda, 0)
+    assert cols % 256 == 0 and cols * (16384 * 2 + 4096 * 4) <= 128 * 2**20
+    assert L.slab_columns(16384, 4096, 151936, torch.bfloat16, torch.bfloat16, torch.device("cpu"), 0) % 64 == 0
+
+
 @pytest.mark.skipif(not _ext.available(), reason="needs the C++ extension")
 @pytest.mark.parametrize("fused", [False, True])
 def test_dlogits_overwrite_the_logits_chunk_cpu(fused):
