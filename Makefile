@@ -23,7 +23,8 @@ demo: $(STAMPS)/build
 	$(BIN)/python -m rlhf_kernels.cli demo
 
 bench-cpu: $(STAMPS)/build
-	$(BIN)/python -m pytest benchmarks/bench_cpu_logprobs.py -q -s --benchmark-columns=min,median,max,rounds
+	$(BIN)/python -m pytest benchmarks/bench_cpu_logprobs.py benchmarks/bench_cpu_kernels.py -q -s -p no:cacheprovider \
+		--benchmark-columns=min,median,max,rounds
 
 bench: $(STAMPS)/build
 	$(BIN)/python -m benchmarks.run

@@ -140,10 +140,15 @@ def make_cases(spec: OpSpec, args, device: torch.device, dtypes: Sequence[torch.
                 for H in ([shape[2]] if len(shape) == 3 else hs):
                     cases.append(Case(spec.name, N=shape[0], V=shape[1], H=H, dtype=dtype))
             else:
-                N, V = shape[0], shape[1]
-                T = 1024 if N >= 1024 and N % 1024 == 0 else N
-                cases.append(Case(spec.name, N=N, V=V, dtype=dtype, B=N // T, T=T))
+                cases.append(logits_case(spec.name, shape[0], shape[1], dtype))
     return cases
+
+
+def logits_case(op: str, N: int, V: int, dtype: torch.dtype = torch.float32) -> Case:
+    """An ``N x V`` case, laid out as ``B`` sequences of ``T = 1024`` tokens when ``N`` is a multiple of 1024 (else
+    one sequence), for the ops whose inputs are ``[B, T, V]`` (``ppo_loss``)."""
+    T = 1024 if N >= 1024 and N % 1024 == 0 else N
+    return Case(op, N=N, V=V, dtype=dtype, B=N // T, T=T)
 
 
 def shape_text(case: Case) -> str:
@@ -159,7 +164,7 @@ def _outputs_grads(outs):
     return [torch.ones_like(o) for o in outs]
 
 
-def _step_fns(spec: OpSpec, provider, sets: List[Dict[str, torch.Tensor]], mode: str):
+def step_fns(spec: OpSpec, provider, sets: List[Dict[str, torch.Tensor]], mode: str):
     """One callable per rotated input set for ``mode``; each returns nothing."""
     fns = []
     for inputs in sets:
@@ -214,7 +219,7 @@ def measure(spec: OpSpec, case: Case, name: str, sets, mode: str, device, timer)
     provider = spec.providers[name]
     fns = None
     try:
-        fns = _step_fns(spec, provider, sets, mode)
+        fns = step_fns(spec, provider, sets, mode)
         timing = common.time_fn(fns, device, timer)
         peak = common.peak_extra_bytes(fns[0], device)
         return {"status": "ok", "timing": timing, "peak": peak}

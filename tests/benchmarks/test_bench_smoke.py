@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from rlhf_kernels import _ext
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -187,7 +189,6 @@ def test_profile_summary_pivots_ncu_csv(tmp_path):
 
 def test_sass_report_lists_the_forward_sweep_loops(tmp_path):
     from benchmarks import sass_report
-    from rlhf_kernels import _ext
 
     if not _ext.has_cuda_kernels() or sass_report.find_cuobjdump() is None:
         pytest.skip("needs the CUDA kernels and cuobjdump")
@@ -197,3 +198,20 @@ def test_sass_report_lists_the_forward_sweep_loops(tmp_path):
     assert {r.split("`")[1] for r in rows} == {f"logprobs_fwd_kernel<{t}>" for t in ("bf16", "fp16", "fp32")}
     # each has at least one loop with its instruction count and the ex2 of the sweep in its mix
     assert all(int(r.split("|")[4]) >= 40 for r in rows) and any("MUFU" in r for r in rows)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="needs the C++ extension")
+def test_cpu_kernel_microbenchmarks_run_and_report(tmp_path):
+    """``make bench-cpu``'s kernel file at tiny shapes: every op's cpu / eager / chunked step runs, the outputs
+    agree with eager's, and the report lists each op and mode."""
+    report = tmp_path / "kernels.md"
+    env = dict(os.environ, RLHF_BENCH_N="32", RLHF_BENCH_V="300", RLHF_BENCH_B="2", RLHF_BENCH_T="16",
+               RLHF_BENCH_ROUNDS="1", RLHF_BENCH_WARMUP="0", RLHF_BENCH_KERNELS_REPORT=str(report))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_cpu_kernels.py"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = report.read_text()
+    for op in ("logprobs+ent", "kl_divergence", "ppo_loss", "gae"):
+        assert f"| {op} | fwd |" in text, text
+    assert "| ppo_loss | fwd+bwd |" in text
