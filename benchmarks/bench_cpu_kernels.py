@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from benchmarks.providers import Case
+from benchmarks.report import emit
 from benchmarks.run import all_ops, logits_case, step_fns
 
 N = int(os.environ.get("RLHF_BENCH_N", 2048))
@@ -71,12 +72,8 @@ def report():
             ours = row.get("cpu")
             ratios = [f"{row[p] / ours:.2f}x" if ours and p in row else "-" for p in ("eager", "chunked")]
             lines.append(f"| {op} | {mode} | " + " | ".join(cells + ratios) + " |")
-    text = "\n".join(lines)
-    print(text)
-    out = os.environ.get("RLHF_BENCH_KERNELS_REPORT")
-    if out:
-        with open(out, "w") as f:
-            f.write(text.lstrip() + "\n")
+    print()  # off pytest's progress line
+    emit("\n".join(lines).lstrip() + "\n", os.environ.get("RLHF_BENCH_KERNELS_REPORT"))
 
 
 @pytest.mark.parametrize("mode", MODES)

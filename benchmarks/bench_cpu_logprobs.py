@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import rlhf_kernels as rk
+from benchmarks.report import emit
 
 N = int(os.environ.get("RLHF_BENCH_N", 2048))
 V = int(os.environ.get("RLHF_BENCH_V", 50257))
@@ -102,12 +103,8 @@ def report():
         )
         lines[-1] += (f"{fb:.1f} | " if fb else "- | ") + f"{ratio('fwd', fwd)} | {ratio('fwd+bwd', fb)} | "
         lines[-1] += f"{mem:.1f} |" if mem is not None else "- |"
-    text = "\n".join(lines)
-    print(text)
-    out = os.environ.get("RLHF_BENCH_REPORT")
-    if out:
-        with open(out, "w") as f:
-            f.write(text.lstrip() + "\n")
+    print()  # off pytest's progress line
+    emit("\n".join(lines).lstrip() + "\n", os.environ.get("RLHF_BENCH_REPORT"))
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
