@@ -21,17 +21,11 @@ import torch
 
 from benchmarks.providers import Case
 from benchmarks.report import emit
+from benchmarks.bench_cpu_logprobs import N, ROUNDS, V, WARMUP  # shapes and rounds as the log-prob benchmark's
 from benchmarks.run import all_ops, logits_case, step_fns
 
-N = int(os.environ.get("RLHF_BENCH_N", 2048))
-V = int(os.environ.get("RLHF_BENCH_V", 50257))
 B = int(os.environ.get("RLHF_BENCH_B", 64))
 T = int(os.environ.get("RLHF_BENCH_T", 1024))
-ROUNDS = int(os.environ.get("RLHF_BENCH_ROUNDS", 5))
-# Untimed calls first. The first few backward calls of a process run 2-20x slower than the rest (2048 x 50257 fp32:
-# 1626, 514, 290, 203, 148, then 64-83 ms): the kernels ask for transparent huge pages on their fresh gradient
-# buffers (csrc/cpu/row_common.h), and until the process has freed some, the kernel compacts memory to find them.
-WARMUP = int(os.environ.get("RLHF_BENCH_WARMUP", 4))
 OPS = ("logprobs+ent", "kl_divergence", "ppo_loss", "gae")
 PROVIDERS = ("cpu", "eager", "chunked")
 MODES = ("fwd", "fwd+bwd")
