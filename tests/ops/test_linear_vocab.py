@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import rlhf_kernels as rk
+from rlhf_kernels.ops import _linear_layout as layout
+from rlhf_kernels.ops import _linear_slabs as slabs
 from rlhf_kernels.ops import linear as L
 from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
 from tests.ops.test_linear import (
@@ -138,9 +140,9 @@ def test_linear_logprobs_auto_takes_slabs_for_a_16_bit_head_that_trains(monkeypa
     chunks' values and gradients."""
     monkeypatch.delenv("RLHF_KERNELS_LINEAR_CHUNK_BY", raising=False)
     hidden, weight, targets, bias = _inputs((2, 6), 8, 301, torch.bfloat16, ignore=(4,))
-    monkeypatch.setattr(L, "slab_columns", lambda *args: 100)  # 4 slabs, so that they show in the matmul count
+    monkeypatch.setattr(slabs, "slab_columns", lambda *args: 100)  # 4 slabs, so that they show in the matmul count
     assert L.logprobs_chunk_by(None, weight.clone().requires_grad_(True)) == "rows"  # the CPU: rows
-    monkeypatch.setattr(L, "AUTO_CHUNK_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(layout, "AUTO_CHUNK_DEVICES", ("cpu", "cuda"))
 
     def run(dtype=torch.bfloat16, train_head=True, **kw):
         leaves = [t.to(dtype).requires_grad_(True) for t in (hidden, bias)]
@@ -213,11 +215,11 @@ def test_chunk_by_auto_falls_back_to_slabs_when_the_accumulator_does_not_fit(mon
     w16 = weight.to(torch.bfloat16).requires_grad_(True)
     need = w16.numel() * 4
     assert L.linear_chunk_by(None, w16) == "rows"  # the CPU: not an AUTO_CHUNK_DEVICES device
-    monkeypatch.setattr(L, "AUTO_CHUNK_DEVICES", ("cpu", "cuda"))
-    monkeypatch.setattr(L, "_auto_fallback_warned", False)
-    monkeypatch.setattr(L, "_free_device_bytes", lambda device: int(need / 0.9) + 1)
+    monkeypatch.setattr(layout, "AUTO_CHUNK_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(layout, "_auto_fallback_warned", False)
+    monkeypatch.setattr(layout, "_free_device_bytes", lambda device: int(need / 0.9) + 1)
     assert L.linear_chunk_by(None, w16) == "rows"
-    monkeypatch.setattr(L, "_free_device_bytes", lambda device: need)
+    monkeypatch.setattr(layout, "_free_device_bytes", lambda device: need)
     with pytest.warns(UserWarning, match="chunk_by='vocab'"):
         assert L.linear_chunk_by(None, w16) == "vocab"
     with warnings.catch_warnings(record=True) as again:

@@ -1,0 +1,277 @@
+"""Shared pieces of the fused-linear ops (``ops/linear.py``): their input checks and dtype promotion, the sizes of
+row chunks and vocabulary slabs, each chunk's logits GEMM into a 16-byte aligned buffer, the backend's log-prob
+kernels on one chunk, and the gradient GEMMs that follow them."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+)
+from .logprobs import IMPLEMENTED as _LOGPROBS_IMPLEMENTED
+from .logprobs import _torch_bwd, _torch_fwd
+
+IMPLEMENTED = tuple(_LOGPROBS_IMPLEMENTED)
+
+_MIB = 1 << 20
+# Logits bytes per chunk. On the CPU ~32 MiB keeps a chunk near the caches' reach
+# while the dW GEMM (K = chunk rows) stays compute-bound; on the GPU 64-256 MiB
+# (1/16 of free memory) is enough rows to saturate the tensor cores.
+_CPU_CHUNK_BYTES = 32 * _MIB
+_GPU_CHUNK_BYTES = (64 * _MIB, 256 * _MIB)
+# chunk_by="vocab": bytes of a slab's buffers on the GPU. Every slab reads and writes grad_hidden's float32
+# [N, H] accumulator (268 MB at N = 8192, H = 4096), so slabs too narrow cost bandwidth; too wide, memory.
+_GPU_SLAB_BYTES = 128 * _MIB
+# Below this many rows the dW accumulation (read + write of V·H fp32 per chunk)
+# costs as much as the chunk's matmul (2·rows·V·H flops): keep chunks above it.
+_MIN_ROWS = {"cpu": 32, "cuda": 128}
+# Chunk rows (slab columns) are a multiple of this once that large. On the GPU a chunk is a GEMM's M (a slab's
+# N): Hopper's bf16 cuBLAS kernels tile it by 128 or 256, so an 832-row chunk (16384 x 151936 at 256 MiB) would
+# leave a quarter of its last 256-row tile idle; at that shape Liger-Kernel's 512-row chunks ran the no-grad
+# forward 9% faster than ours (H200, NOTES.md), where at 1024-row chunks (V = 128256) ours was the faster.
+_ALIGN_ROWS = {"cpu": 64, "cuda": 256}
+
+
+def chunk_rows(n: int, row_bytes: int, budget: int, min_rows: int, free_rows: int = 0, cap_bytes: int = 0,
+               align: int = 64) -> int:
+    """Rows per chunk: ``budget // row_bytes`` (at least ``min_rows``, and at least ``free_rows``), a multiple of
+    ``align`` once that large (else of 64), never more than ``n`` nor (with ``cap_bytes``) more than
+    ``cap_bytes // row_bytes``."""
+    row_bytes = max(1, row_bytes)
+    rows = max(budget // row_bytes, min_rows, free_rows)
+    if cap_bytes > 0:
+        rows = min(rows, max(cap_bytes // row_bytes, min_rows))
+    for step in (align, 64):
+        if rows >= step:
+            rows -= rows % step  # GEMM-friendly: whole tiles
+            break
+    return int(max(1, min(n, rows)))
+
+
+def auto_chunk_size(
+    n: int, hidden_size: int, vocab: int, dtype: torch.dtype, device: torch.device, weight_grad_cast: bool = False,
+    buffers: int = 1,
+) -> int:
+    """Rows per chunk so one chunk of logits takes ~32 MiB (CPU) or 64-256 MiB (GPU, by free memory).
+
+    ``hidden_size`` matters through the chunk's own matmul, which is efficient
+    once rows reach ``_MIN_ROWS``, and through ``weight_grad_cast``: when the
+    loop accumulates a 16-bit weight's gradient in float32 and casts it at the
+    end, the cast briefly holds both (``V·H·(4 + 2)`` bytes), so on the GPU a
+    chunk of logits up to the size of the cast's output (``hidden_size`` rows
+    of 16-bit logits, as big as the weight) adds nothing to the peak. Fewer,
+    larger chunks matter there: every chunk's dW GEMM reads and writes the whole
+    float32 accumulator (``8·V·H`` bytes, about 1.4 ms at V = 128256, H = 4096
+    on an H100), which at 1024-row chunks costs as much as its arithmetic.
+    ``buffers``: chunk-sized buffers live at once (2 when dlogits cannot
+    overwrite the logits: the CUDA backend), which share that allowance.
+    Capped at a quarter of the free memory. A chunk never exceeds ``n`` rows.
+    """
+    if n <= 0:
+        return 1
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    row_bytes = max(1, vocab * itemsize)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(max(free // 16, _GPU_CHUNK_BYTES[0]), _GPU_CHUNK_BYTES[1])
+        # the cast's bytes cover `buffers` chunk-sized buffers (2 on the CUDA backend: logits + dlogits)
+        free_rows = (vocab * hidden_size * itemsize) // (row_bytes * max(1, buffers)) if weight_grad_cast else 0
+        return chunk_rows(n, row_bytes, budget, _MIN_ROWS["cuda"], free_rows, free // 4, _ALIGN_ROWS["cuda"])
+    return chunk_rows(n, row_bytes, _CPU_CHUNK_BYTES, _MIN_ROWS["cpu"])
+
+
+def _chunk(
+    n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, chunk_size: int, weight_grad_cast: bool = False,
+    buffers: int = 1,
+) -> int:
+    if chunk_size > 0:
+        return int(min(chunk_size, max(n, 1)))
+    return auto_chunk_size(n, h, v, dtype, device, weight_grad_cast, buffers)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernel_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, backend: str):
+    """``logits[c, V]``, ``targets[c]`` -> ``(logp, entropy, lse)`` ``[c]`` via the backend's kernel."""
+    rows = logits.unsqueeze(0)
+    tgt = targets.unsqueeze(0).contiguous()
+    if backend in ("cpu", "cuda"):  # the compiled op dispatches on the device
+        out = torch.ops.rlhf_kernels_C.logprobs_fwd(rows, tgt, temperature, ignore_index)
+    elif backend == "triton":
+        from ..triton.logprobs import logprobs_fwd as triton_fwd
+
+        out = triton_fwd(rows, tgt, temperature, ignore_index)
+    else:
+        out = _torch_fwd(rows, tgt, temperature, ignore_index)
+    return tuple(t.reshape(-1) for t in out)
+
+
+def _kernel_bwd(g_logp, g_ent, logits, targets, lse, entropy, temperature: float, ignore_index: int, backend: str,
+                out: torch.Tensor) -> torch.Tensor:
+    """``dlogits[c, V]`` (logits' dtype) of ``Σ g_logp·logp + g_ent·entropy``, written into ``out`` and returned.
+
+    ``out`` is ``[c, V]`` with unit vocab stride (any row stride). It may be
+    ``logits`` itself (see ``_grad_buffer``): the C++ CPU and Triton kernels
+    read each element before writing it, from the same thread / program.
+    """
+    rows, out3 = logits.unsqueeze(0), out.unsqueeze(0)
+    args = [t.unsqueeze(0).contiguous() for t in (g_logp, g_ent, targets, lse, entropy)]
+    if backend in ("cpu", "cuda"):
+        torch.ops.rlhf_kernels_C.logprobs_bwd_out(
+            args[0], args[1], rows, args[2], args[3], args[4], temperature, ignore_index, out3
+        )
+    elif backend == "triton":
+        from ..triton.logprobs import logprobs_bwd as triton_bwd
+
+        triton_bwd(args[0], args[1], rows, args[2], args[3], args[4], temperature, ignore_index, out3)
+    else:
+        out3.copy_(_torch_bwd(args[0], args[1], rows, args[2], args[3], args[4], temperature, ignore_index))
+    return out
+
+
+# Rows of a chunk buffer start 16-byte aligned (a multiple of 64 elements apart) when V is not a
+# multiple of 8: cuBLAS's fast GEMMs (TMA on Hopper) need 16-byte leading dimensions, and at
+# V = 50257 the unaligned bf16 logits GEMM ran at ~110 TFLOP/s on an H100 against ~800 aligned.
+_ROW_ALIGN = 64
+
+
+def _row_buffer(rows: int, v: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``[rows, V]`` view of an uninitialised ``[rows, round_up(V, 64)]`` buffer, or ``None`` when ``V % 8 == 0``
+    (then a plain contiguous chunk is already aligned and ``F.linear`` keeps its fused bias epilogue)."""
+    if v % 8 == 0:
+        return None
+    padded = (v + _ROW_ALIGN - 1) // _ROW_ALIGN * _ROW_ALIGN
+    return torch.empty((rows, padded), dtype=like.dtype, device=like.device)[:, :v]
+
+
+def _chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  buffer: Optional[torch.Tensor]) -> torch.Tensor:
+    """``hidden_c @ weight.T (+ bias)`` ``[c, V]``: into the first ``c`` rows of ``buffer`` when there is one."""
+    if buffer is None:
+        return F.linear(hidden_c, weight, bias)
+    logits = buffer[: hidden_c.shape[0]]
+    if bias is None:
+        torch.mm(hidden_c, weight.t(), out=logits)
+    else:  # one rounding, as F.linear: the bias joins the GEMM's float32 accumulation (beta = 1)
+        torch.addmm(bias, hidden_c, weight.t(), out=logits)
+    return logits
+
+
+def _chunk_buffers(backend: str) -> int:
+    """Chunk-sized buffers a loop holds: 1 where ``dlogits`` overwrite the logits (dead once the gradient is
+    written), 2 on the CUDA backend, whose kernels declare their pointers ``__restrict__``."""
+    return 2 if backend == "cuda" else 1
+
+
+def _grad_buffer(logits: torch.Tensor, backend: str, spare: Optional[torch.Tensor]) -> torch.Tensor:
+    """Where a chunk's ``dlogits`` go (``_chunk_buffers``): over its ``logits``, or the first rows of
+    ``spare`` (an aligned ``_row_buffer``) or a fresh tensor when a second buffer is needed."""
+    if _chunk_buffers(backend) == 1:
+        return logits
+    return spare[: logits.shape[0]] if spare is not None else torch.empty_like(logits)
+
+
+def _accumulator(n: int, like: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """A float32 (float64) gradient buffer shaped like ``like`` (``[V, H]`` for the weight, ``[N, H]`` for the
+    hidden states): uninitialised, as the first chunk's GEMM writes it whole (``_accumulate_mm``); zeros when there
+    is no chunk (``N = 0``)."""
+    make = torch.empty if n > 0 else torch.zeros
+    return make(like.shape, dtype=acc, device=like.device)
+
+
+def _apply_chunk_grad(dlogits, weight, hidden_c, grad_hidden, grad_weight, grad_bias, acc, first: bool) -> None:
+    """One chunk's share of the gradients from its ``dlogits[n, V]``: ``dX = dlogits @ W`` into
+    ``grad_hidden[n, H]`` (a slice of the full buffer), ``dW += dlogits.T @ X`` (``dW =`` for the
+    ``first`` chunk, so the accumulator needs no zero-fill) and ``db += Σ dlogits`` (accumulated in
+    ``acc``); a ``None`` buffer is skipped."""
+    if grad_hidden is not None:
+        torch.mm(dlogits, weight, out=grad_hidden)
+    if grad_weight is not None:
+        _accumulate_mm(grad_weight, dlogits.t(), hidden_c, first)
+    if grad_bias is not None:
+        grad_bias += dlogits.sum(0, dtype=acc)
+
+
+def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``out (+)= a @ b`` in ``out``'s dtype (float32 / float64) whatever the operands' dtype: the weight
+    gradient ``dlogits.T @ hidden_c`` of each chunk, or a vocabulary slab's ``dlogits @ weight_s`` share of
+    the hidden states' gradient.
+
+    ``first``: ``out`` is uninitialised and gets the product (the GEMM then
+    neither reads it nor needs it zeroed: for the weight gradient at V = 128256,
+    H = 4096 that is two 2.1 GB passes saved).
+    """
+    if a.dtype != out.dtype:
+        if a.is_cuda:
+            # bf16 / fp16 tensor-core GEMM writing / accumulating straight into the fp32 buffer (no fp32 copies).
+            try:
+                if first:
+                    torch.ops.aten.mm.dtype_out(a, b, out.dtype, out=out)
+                else:
+                    torch.ops.aten.addmm.dtype_out(out, a, b, out.dtype, out=out)
+                return
+            except (AttributeError, RuntimeError, NotImplementedError):  # torch without the mixed-dtype GEMMs
+                pass
+        # CPU (no mixed-dtype GEMM): one chunk-sized upcast of each operand.
+        a, b = a.to(out.dtype), b.to(out.dtype)
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
+def slab_columns(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, weight_dtype: torch.dtype,
+                 device: torch.device, chunk_size: int, buffers: int = 1) -> int:
+    """Vocabulary columns per slab of ``chunk_by="vocab"``: ``chunk_size`` when given, else as many as keep
+    ``buffers`` ``[N, cols]`` slabs of logits, and the slab's float32 weight gradient when the weight is 16-bit,
+    within 32 MiB (CPU) or 128 MiB (GPU); a multiple of 64 (GPU: 256) once that large, at most ``vocab``."""
+    if chunk_size > 0:
+        return int(min(chunk_size, max(vocab, 1)))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    cast = hidden_size * 4 if _acc_dtype(weight_dtype) != weight_dtype else 0
+    col_bytes = n * itemsize * max(1, buffers) + cast
+    budget = _GPU_SLAB_BYTES if device.type == "cuda" else _CPU_CHUNK_BYTES
+    return chunk_rows(vocab, col_bytes, budget, 64, align=_ALIGN_ROWS.get(device.type, 64))
+
+
+def _check_linear_args(hidden, weight, targets, bias, chunk_size) -> None:
+    check_tensor("hidden", hidden, FLOAT_DTYPES)
+    check_tensor("weight", weight, FLOAT_DTYPES)
+    check_tensor("targets", targets, INDEX_DTYPES)
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"hidden must be [*, H] and weight [V, H] with the same H, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    check_same_shape("targets", targets, hidden.shape[:-1], "hidden.shape[:-1]")
+    if bias is not None:
+        check_tensor("bias", bias, FLOAT_DTYPES)
+        check_same_shape("bias", bias, weight.shape[:1], "weight.shape[0]")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
+    check_same_device("hidden", hidden, weight=weight, targets=targets, bias=bias)
+
+
+def _promoted(hidden, weight, bias):
+    """``hidden`` as ``[N, H]``, ``weight`` (unit stride along H) and ``bias`` in their common dtype."""
+    dtype = hidden.dtype if hidden.dtype == weight.dtype else torch.promote_types(hidden.dtype, weight.dtype)
+    if bias is not None:
+        dtype = torch.promote_types(dtype, bias.dtype)
+    hidden2 = hidden.to(dtype).reshape(-1, hidden.shape[-1])
+    weight2 = weight.to(dtype)
+    if weight2.stride(-1) != 1:
+        weight2 = weight2.contiguous()
+    return hidden2, weight2, None if bias is None else bias.to(dtype)
