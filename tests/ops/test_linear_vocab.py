@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import rlhf_kernels as rk
+from rlhf_kernels import reference as R
 from rlhf_kernels.ops import _linear_layout as layout
 from rlhf_kernels.ops import _linear_slabs as slabs
 from rlhf_kernels.ops import linear as L
@@ -259,5 +260,28 @@ def test_vocab_slabs_triton_backend_small():
         lambda h, w, b: fast(h, w, b, chunk_size=16, chunk_by="vocab", backend="triton", grad_in_forward=True),
         leaves, 1.0)  # fmt: skip
     _, expected = _value_and_grads(materialised, [t.double() for t in leaves], 1.0)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a.double().cpu(), e.cpu(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not (triton_importable() and (torch.cuda.is_available() or triton_interpreting())),
+                    reason="needs triton (GPU, or TRITON_INTERPRET=1 on the CPU)")
+def test_linear_logprobs_vocab_slabs_triton_backend_small():
+    """``linear_logprobs(chunk_by="vocab")`` on the Triton kernels: log-prob, entropy and all three gradients."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, targets, bias = (t.to(device) for t in _inputs((2, 5), 12, 37, torch.float32, ignore=(3,)))
+    g = torch.Generator().manual_seed(4)
+    g_logp, g_ent = (torch.randn(2, 5, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+
+    def run(fn, leaves):
+        leaves = [t.detach().requires_grad_(True) for t in leaves]
+        lp, ent = fn(*leaves)
+        grads = torch.autograd.grad((lp.double() * g_logp + ent.double() * g_ent).sum(), leaves)
+        return (lp, ent) + grads
+
+    got = run(lambda h, w, b: rk.linear_logprobs(h, w, targets, b, return_entropy=True, chunk_size=16,
+                                                  chunk_by="vocab", backend="triton"), (hidden, weight, bias))
+    expected = run(lambda h, w, b: R.linear_logprobs(h, w, targets, b, return_entropy=True),
+                   [t.double() for t in (hidden, weight, bias)])
     for a, e in zip(got, expected):
         torch.testing.assert_close(a.double().cpu(), e.cpu(), rtol=1e-4, atol=1e-5)
