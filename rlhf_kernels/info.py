@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from importlib import metadata
 
@@ -26,6 +27,15 @@ def _version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+# What ``chunk_by="auto"`` and ``RLHF_KERNELS_LINEAR_GRAD=auto`` pick (ops/_linear_layout.py, ops/linear.py).
+_FUSED_LINEAR_PATHS = {
+    "linear losses (CE, PPO)": "gradient in the forward, row chunks: 3 matmuls (vocabulary slabs, 4, when the "
+                               "[V, H] float32 accumulator would not fit in GPU memory)",
+    "linear_logprobs": "logits recomputed in backward: 4 matmuls; vocabulary slabs on the GPU for a 16-bit head "
+                       "that trains; a frozen head (only hidden trains, no entropy): 2",
+}
 
 
 def info(print_report: bool = True) -> dict:
@@ -62,6 +72,10 @@ def info(print_report: bool = True) -> dict:
             for op, kernels in OP_KERNELS.items()
         },
     }
+    report["fused_linear"] = {
+        "RLHF_KERNELS_LINEAR_CHUNK_BY": os.environ.get("RLHF_KERNELS_LINEAR_CHUNK_BY", "") or "auto (unset)",
+        "RLHF_KERNELS_LINEAR_GRAD": os.environ.get("RLHF_KERNELS_LINEAR_GRAD", "") or "auto (unset)",
+    }
     devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
     for dev in devices:
         for backend in BACKENDS:
@@ -94,6 +108,11 @@ def format_report(report: dict) -> str:
     if preference:
         lines.append("automatic choice for CUDA tensors (first live of; ops/_dispatch.py GPU_PREFERENCE):")
         lines += [f"  {k:<28} {' > '.join(v)}" for k, v in preference.items() if v]
+    settings = report.get("fused_linear", {})
+    if settings:
+        lines.append("fused-linear ops (hidden states + LM head; ops/linear.py), gradient paths under the defaults:")
+        lines += [f"  {k:<28} {v}" for k, v in _FUSED_LINEAR_PATHS.items()]
+        lines += [f"  {k:<28} {v}" for k, v in settings.items()]
     per_op = ext.get("cuda_kernels_per_op") or {}
     if per_op:
         lines.append(f"cuda kernels (csrc/cuda, compiled for {ext['cuda_archs'] or '-'}):")

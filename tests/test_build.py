@@ -91,5 +91,5 @@ def test_cli_info_lists_backends():
         [sys.executable, "-m", "rlhf_kernels.cli", "info"], capture_output=True, text=True, cwd=ROOT, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    for word in ("torch", "backends:", "cpu (cpu)", "extension"):
+    for word in ("torch", "backends:", "cpu (cpu)", "extension", "fused-linear ops", "RLHF_KERNELS_LINEAR_CHUNK_BY"):
         assert word in result.stdout
