@@ -100,6 +100,7 @@ def causal_lm_logprobs(
     return_entropy: bool = False,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
+    chunk_by: Optional[str] = None,
     **model_kwargs,
 ):
     """Log-prob of each next token (and the entropy) under a causal LM, via the fused linear op.
@@ -118,7 +119,10 @@ def causal_lm_logprobs(
         temperature: divides the logits (> 0).
         return_entropy: also return the per-position entropy.
         ignore_index: the skip id in ``targets``; skipped positions give 0.
-        chunk_size: forwarded to ``rk.linear_logprobs``.
+        chunk_size, chunk_by: forwarded to ``rk.linear_logprobs``. With a frozen
+            LM head (LoRA: the head's weight does not require grad) and no
+            entropy asked for, the op computes the body's gradient in the
+            forward (2 matmuls instead of 3).
         **model_kwargs: forwarded to the body (``position_ids``, ...).
 
     Returns:
@@ -158,4 +162,5 @@ def causal_lm_logprobs(
         ignore_index=ignore_index,
         return_entropy=return_entropy,
         chunk_size=chunk_size,
+        chunk_by=chunk_by,
     )

@@ -139,6 +139,33 @@ def test_gradients_match_model_logits(name):
         torch.testing.assert_close(ours[key] / scale, theirs[key] / scale, rtol=1e-4, atol=1e-4, msg=key)
 
 
+@pytest.mark.parametrize("chunk_by", [None, "vocab"])
+def test_frozen_head_gradients_reach_the_body(chunk_by):
+    """LoRA-style: the LM head frozen (and untied), the body trains. The body's gradients match the model's own
+    logits; the head gets none. Without entropy this takes the frozen-head path (the body's gradient direction
+    computed in the forward); with chunk_by="vocab" the slabs' recompute path."""
+    model = _model("gpt2-untied")
+    model.get_output_embeddings().weight.requires_grad_(False)
+    input_ids, attention_mask = _inputs("right", seed=8)
+    w_logp = torch.randn(input_ids.shape, generator=torch.Generator().manual_seed(9))
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    logp = causal_lm_logprobs(model, input_ids, attention_mask, temperature=0.9, chunk_size=7, chunk_by=chunk_by)
+    ours = grads((logp * w_logp).sum())
+    targets = shifted_targets(input_ids, attention_mask)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float() / 0.9
+    ref_logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    theirs = grads((ref_logp * (targets != -100) * w_logp).sum())
+    assert ours.keys() == theirs.keys() and "lm_head.weight" not in ours and len(ours) > 5
+    for key in theirs:
+        scale = theirs[key].abs().max().clamp(min=1e-3)
+        torch.testing.assert_close(ours[key] / scale, theirs[key] / scale, rtol=1e-4, atol=1e-4, msg=key)
+
+
 def test_explicit_targets_temperature_and_errors():
     model = _model("qwen2")
     input_ids, attention_mask = _inputs("none", seed=6)
