@@ -364,6 +364,19 @@ def _(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, back
     return hidden.new_empty(hidden.shape[:1], dtype=stats), hidden.new_empty(hidden.shape, dtype=stats)
 
 
+@torch.library.custom_op("rlhf_kernels::linear_logprobs_frozen_head_bwd", mutates_args=())
+def linear_logprobs_frozen_head_bwd(direction: torch.Tensor, grad_logp: torch.Tensor,
+                                    hidden_dtype: torch.dtype) -> torch.Tensor:
+    """``grad_hidden[N, H] = grad_logp[N, None]·direction`` in ``hidden_dtype``. A custom op without an autograd
+    formula, as ``linear_logprobs_bwd``: a double backward raises instead of missing ``∂direction/∂hidden``."""
+    return (direction * grad_logp.to(direction.dtype).unsqueeze(-1)).to(hidden_dtype)
+
+
+@linear_logprobs_frozen_head_bwd.register_fake
+def _(direction, grad_logp, hidden_dtype):
+    return direction.new_empty(direction.shape, dtype=hidden_dtype)
+
+
 def _frozen_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
@@ -374,7 +387,7 @@ def _frozen_backward(ctx, grad_logp, unused):
     (direction,) = ctx.saved_tensors
     grad_hidden = None
     if ctx.needs_input_grad[0] and grad_logp is not None:
-        grad_hidden = (direction * grad_logp.to(direction.dtype).unsqueeze(-1)).to(ctx.hidden_dtype)
+        grad_hidden = linear_logprobs_frozen_head_bwd(direction, grad_logp, ctx.hidden_dtype)
     return (grad_hidden,) + (None,) * 7
 
 

@@ -121,6 +121,19 @@ def test_frozen_head_opcheck(backend):
     h = hidden.requires_grad_(True)
     torch.library.opcheck(L.linear_logprobs_frozen_head, (h, weight, targets, bias, 0.9, -100, 4, backend))
     torch.library.opcheck(L.linear_logprobs_frozen_head, (h, weight, targets, None, 1.0, -100, 0, backend))
+    direction = torch.randn(9, 6)
+    torch.library.opcheck(L.linear_logprobs_frozen_head_bwd, (direction, torch.randn(9), torch.bfloat16))
+
+
+def test_frozen_head_double_backward_raises():
+    """The backward is not differentiable (``∂direction/∂hidden`` is not formed): a second derivative raises, as
+    through ``linear_logprobs_bwd``, rather than coming out silently short."""
+    hidden, weight, targets, _ = _inputs((5,), 8, 11, torch.float32)
+    h = hidden.requires_grad_(True)
+    lp = rk.linear_logprobs(h, weight, targets)
+    (g,) = torch.autograd.grad((lp**2).sum(), h, create_graph=True)  # the upstream gradient depends on h
+    with pytest.raises(RuntimeError, match="autograd"):
+        torch.autograd.grad(g.sum(), h)
 
 
 def test_frozen_head_torch_compile_fullgraph():
