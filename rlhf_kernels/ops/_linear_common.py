@@ -206,6 +206,16 @@ def _apply_chunk_grad(dlogits, weight, hidden_c, grad_hidden, grad_weight, grad_
         grad_bias += dlogits.sum(0, dtype=acc)
 
 
+def _in_param_dtypes(grad_weight, grad_bias, weight, bias, need_weight: bool, need_bias: bool):
+    """``(grad_weight, grad_bias)`` cast from their float32 (float64) accumulation to ``weight``'s and ``bias``'s
+    dtypes; a gradient not needed (an empty ``[0]`` tensor) is left as it is."""
+    if need_weight and grad_weight.dtype != weight.dtype:
+        grad_weight = grad_weight.to(weight.dtype)
+    if need_bias and bias is not None and grad_bias.dtype != bias.dtype:
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_weight, grad_bias
+
+
 def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
     """``out (+)= a @ b`` in ``out``'s dtype (float32 / float64) whatever the operands' dtype: the weight
     gradient ``dlogits.T @ hidden_c`` of each chunk, or a vocabulary slab's ``dlogits @ weight_s`` share of

@@ -24,6 +24,7 @@ from ._linear_common import (
     _chunk,
     _chunk_buffers,
     _grad_buffer,
+    _in_param_dtypes,
     _kernel_bwd,
     _kernel_fwd,
     _promoted,
@@ -215,10 +216,7 @@ def linear_loss_fused(
     value = _aggregate_terms(logp, entropy, w, mask, old_logp, advantages, ref_logp, loss, loss_agg, kl_coef,
                              kl_estimator, entropy_coef, clip_low, clip_high, dual_clip)
     _validate_targets(targets, weight.shape[0], ignore_index, "linear_cross_entropy or linear_ppo_loss")
-    if need_weight and grad_weight.dtype != weight.dtype:
-        grad_weight = grad_weight.to(weight.dtype)
-    if need_bias and bias is not None and grad_bias.dtype != bias.dtype:
-        grad_bias = grad_bias.to(bias.dtype)
+    grad_weight, grad_bias = _in_param_dtypes(grad_weight, grad_bias, weight, bias, need_weight, need_bias)
     return value, logp, entropy, grad_hidden, grad_weight, grad_bias
 
 

@@ -117,6 +117,7 @@ from ._linear_common import (
     _chunk_buffers,
     _chunk_logits,
     _grad_buffer,
+    _in_param_dtypes,
     _kernel_bwd,
     _kernel_fwd,
     _promoted,
@@ -154,10 +155,14 @@ def linear_logprobs_fwd(
     it, or with ``chunk_by="vocab"`` a slab of columns over all rows
     (``_slab_forward``).
     """
-    if chunk_by == "vocab":
-        out = _slab_forward(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, backend)
-        _validate_targets(targets, weight.shape[0], ignore_index, "linear_logprobs")
-        return out
+    passes = _slab_forward if chunk_by == "vocab" else _row_forward
+    logp, entropy, lse = passes(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, backend)
+    _validate_targets(targets, weight.shape[0], ignore_index, "linear_logprobs")
+    return logp, entropy, lse
+
+
+def _row_forward(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, backend):
+    """``(logp, entropy, lse)`` ``[N]`` from one row chunk of logits at a time (``_slab_forward``'s row twin)."""
     n, h = hidden.shape
     v = weight.shape[0]
     dtype = _stats_dtype(hidden.dtype)
@@ -173,7 +178,6 @@ def linear_logprobs_fwd(
         del logits
         for dst, src in zip((logp, entropy, lse), out):
             dst[s:e].copy_(src)
-    _validate_targets(targets, v, ignore_index, "linear_logprobs")
     return logp, entropy, lse
 
 
@@ -210,20 +214,22 @@ def linear_logprobs_bwd(
     over vocabulary slabs instead (``_slab_gradients``: each slab's weight
     gradient one GEMM over all tokens, ``grad_hidden`` accumulated in float32).
     """
+    stats = lse.dtype
+    passes = _slab_gradients if chunk_by == "vocab" else _row_gradients
+    grad_hidden, grad_weight, grad_bias = passes(
+        grad_logp.to(stats), grad_entropy.to(stats), hidden, weight, targets, bias, lse, entropy, temperature,
+        ignore_index, chunk_size, backend, need_hidden, need_weight, need_bias,
+    )
+    return (grad_hidden,) + _in_param_dtypes(grad_weight, grad_bias, weight, bias, need_weight, need_bias)
+
+
+def _row_gradients(g_logp, g_ent, hidden, weight, targets, bias, lse, entropy, temperature, ignore_index,
+                   chunk_size, backend, need_hidden, need_weight, need_bias):
+    """``(grad_hidden, grad_weight, grad_bias)`` of ``Σ g_logp·logp + g_ent·H`` from each row chunk's logits
+    computed again (``_slab_gradients``'s row twin); the weight and bias gradients still in float32 (float64)."""
     n, h = hidden.shape
     v = weight.shape[0]
     acc = _acc_dtype(weight.dtype)
-    stats = lse.dtype
-    g_logp = grad_logp.to(stats)
-    g_ent = grad_entropy.to(stats)
-    if chunk_by == "vocab":
-        grad_hidden, grad_weight, grad_bias = _slab_gradients(
-            g_logp, g_ent, hidden, weight, targets, bias, lse, entropy, temperature, ignore_index, chunk_size, backend,
-            need_hidden, need_weight, need_bias,
-        )
-        if need_bias and bias is not None and grad_bias.dtype != bias.dtype:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else hidden.new_empty(0)
     grad_weight = _accumulator(n, weight, acc) if need_weight else weight.new_empty(0)
     grad_bias = torch.zeros((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
@@ -246,10 +252,6 @@ def linear_logprobs_bwd(
                 grad_weight if need_weight else None, grad_bias if need_bias else None, acc, s == 0,
             )
             del dlogits
-    if need_weight and grad_weight.dtype != weight.dtype:
-        grad_weight = grad_weight.to(weight.dtype)
-    if need_bias and bias is not None and grad_bias.dtype != bias.dtype:
-        grad_bias = grad_bias.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
 
 
