@@ -63,9 +63,15 @@ def logprobs_chunk_by(chunk_by: Optional[str], weight: Optional[torch.Tensor] = 
     value = _chunk_by_setting(chunk_by)
     if value != "auto":
         return value
-    needs_accumulator = (weight is not None and weight.requires_grad and _acc_dtype(weight.dtype) != weight.dtype
-                         and weight.device.type in AUTO_CHUNK_DEVICES)
-    return "vocab" if needs_accumulator and chunk_size is None else "rows"
+    return "vocab" if _row_accumulator_on_auto_device(weight) and chunk_size is None else "rows"
+
+
+def _row_accumulator_on_auto_device(weight: Optional[torch.Tensor]) -> bool:
+    """The row chunks would hold a separate ``[V, H]`` float32 weight-gradient accumulator on an
+    ``AUTO_CHUNK_DEVICES`` device: ``weight`` (``None`` when its gradient is not computed) needs a gradient and is
+    16-bit (a float32 weight accumulates in its own gradient)."""
+    return (weight is not None and weight.requires_grad and _acc_dtype(weight.dtype) != weight.dtype
+            and weight.device.type in AUTO_CHUNK_DEVICES)
 
 
 def _free_device_bytes(device: torch.device) -> int:
@@ -80,8 +86,7 @@ def _auto_chunk_by(weight: Optional[torch.Tensor]) -> str:
     ``_AUTO_ROWS_SHARE`` of the free memory of ``weight``'s device, else ``"rows"``. No accumulator (a float32
     weight accumulates in its own gradient, or no weight gradient) or a traced graph: ``"rows"``."""
     global _auto_fallback_warned
-    if (weight is None or not weight.requires_grad or weight.device.type not in AUTO_CHUNK_DEVICES
-            or _acc_dtype(weight.dtype) == weight.dtype or torch.compiler.is_compiling()):
+    if not _row_accumulator_on_auto_device(weight) or torch.compiler.is_compiling():
         return "rows"
     need = weight.numel() * torch.finfo(_acc_dtype(weight.dtype)).bits // 8
     free = _free_device_bytes(weight.device)
