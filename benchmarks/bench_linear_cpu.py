@@ -63,33 +63,27 @@ def _materialised_logp(hidden, weight, targets):
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def _logprobs_fused(chunk_by=None):
+def _mean_nll_step(logp_of, frozen=False):
+    """Forward + backward of ``-mean(logp)``, ``logp = logp_of(hidden, weight, targets, chunk_size)``, to ``hidden``
+    and ``weight``, or (``frozen``: the head detached, as under LoRA) to ``hidden`` only."""
     def step(i, chunk_size=None):
-        logp = rk.linear_logprobs(i["hidden"], i["weight"], i["targets"], chunk_size=chunk_size, backend="cpu",
-                                  chunk_by=chunk_by)
-        return torch.autograd.grad(-logp.mean(), (i["hidden"], i["weight"]))
+        weight = i["weight"].detach() if frozen else i["weight"]
+        logp = logp_of(i["hidden"], weight, i["targets"], chunk_size)
+        return torch.autograd.grad(-logp.mean(), (i["hidden"],) if frozen else (i["hidden"], i["weight"]))
     return step
 
 
-def frozen_fused(i, chunk_size=None):
-    logp = rk.linear_logprobs(i["hidden"], i["weight"].detach(), i["targets"], chunk_size=chunk_size, backend="cpu")
-    return torch.autograd.grad(-logp.mean(), (i["hidden"],))
+def _fused_logp(chunk_by=None, return_entropy=False):
+    """``rk.linear_logprobs`` on the CPU kernels (only its log-prob when ``return_entropy``)."""
+    def logp_of(hidden, weight, targets, chunk_size):
+        out = rk.linear_logprobs(hidden, weight, targets, chunk_size=chunk_size, backend="cpu", chunk_by=chunk_by,
+                                 return_entropy=return_entropy)
+        return out[0] if return_entropy else out
+    return logp_of
 
 
-def frozen_recompute(i, chunk_size=None):
-    logp, _ = rk.linear_logprobs(i["hidden"], i["weight"].detach(), i["targets"], chunk_size=chunk_size,
-                                 backend="cpu", return_entropy=True)
-    return torch.autograd.grad(-logp.mean(), (i["hidden"],))
-
-
-def frozen_materialised(i, chunk_size=None):
-    logp = _materialised_logp(i["hidden"], i["weight"].detach(), i["targets"])
-    return torch.autograd.grad(-logp.mean(), (i["hidden"],))
-
-
-def materialised_step(i, chunk_size=None):
-    logp = _materialised_logp(i["hidden"], i["weight"], i["targets"])
-    return torch.autograd.grad(-logp.mean(), (i["hidden"], i["weight"]))
+def _materialised_logp_of(hidden, weight, targets, chunk_size):
+    return _materialised_logp(hidden, weight, targets)
 
 
 def _logprobs_forward(chunk_by=None):
@@ -149,19 +143,19 @@ def ppo_materialised(i, chunk_size=None):
 
 OPS = {
     "logprobs": [
-        ("fwd+bwd", "fused", _logprobs_fused()),
-        ("fwd+bwd", "fused-rows", _logprobs_fused("rows")),
-        ("fwd+bwd", "fused-vocab", _logprobs_fused("vocab")),
-        ("fwd+bwd", "materialised", materialised_step),
+        ("fwd+bwd", "fused", _mean_nll_step(_fused_logp())),
+        ("fwd+bwd", "fused-rows", _mean_nll_step(_fused_logp("rows"))),
+        ("fwd+bwd", "fused-vocab", _mean_nll_step(_fused_logp("vocab"))),
+        ("fwd+bwd", "materialised", _mean_nll_step(_materialised_logp_of)),
         ("fwd (no grad)", "fused", _logprobs_forward()),
         ("fwd (no grad)", "fused-rows", _logprobs_forward("rows")),
         ("fwd (no grad)", "fused-vocab", _logprobs_forward("vocab")),
         ("fwd (no grad)", "materialised", materialised_forward),
     ],
     "logprobs_frozen": [
-        ("fwd+bwd", "fused", frozen_fused),
-        ("fwd+bwd", "fused-recompute", frozen_recompute),
-        ("fwd+bwd", "materialised", frozen_materialised),
+        ("fwd+bwd", "fused", _mean_nll_step(_fused_logp(), frozen=True)),
+        ("fwd+bwd", "fused-recompute", _mean_nll_step(_fused_logp(return_entropy=True), frozen=True)),
+        ("fwd+bwd", "materialised", _mean_nll_step(_materialised_logp_of, frozen=True)),
     ],
     "cross_entropy": [
         ("fwd+bwd", "fused", _ce_fused(None)),
