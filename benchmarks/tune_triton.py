@@ -49,7 +49,7 @@ def bwd_cfg(rows, y, stats, block, warps):
     grad = torch.empty_like(rows)
     tlp._logprobs_bwd_kernel[(B * T, triton.cdiv(V, block))](
         grad, rows, y.reshape(-1), g.reshape(-1), g.reshape(-1), lse.reshape(-1), ent.reshape(-1), T, V,
-        rows.stride(0), rows.stride(1), 1.0, -100, BLOCK_V=block, num_warps=warps)
+        rows.stride(0), rows.stride(1), grad.stride(0), grad.stride(1), 1.0, -100, BLOCK_V=block, num_warps=warps)
     return grad
 
 

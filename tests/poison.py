@@ -29,3 +29,29 @@ def peak_extra_cuda_bytes(fn) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
+
+
+def zero_fills_during(fn, min_numel: int) -> list:
+    """``(op, shape)`` of every zero-filled tensor of at least ``min_numel`` elements created while ``fn()`` runs.
+
+    Catches the autograd engine materialising zero upstream gradients for a custom op's unused outputs
+    (``aten.zeros``), which for an output shaped like the logits or the LM head is a gradient-sized buffer and a
+    full memory pass.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if any(k in name for k in ("zero", "full", "fill")):
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and t.numel() >= min_numel:
+                        seen.append((name, tuple(t.shape)))
+            return out
+
+    with Record():
+        fn()
+    return seen

@@ -381,6 +381,7 @@ def _(direction, grad_logp, hidden_dtype):
 
 def _frozen_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled float32 [N, H] upstream gradient for the direction output
     ctx.save_for_backward(output[1])
     ctx.hidden_dtype = inputs[0].dtype
 

@@ -124,6 +124,8 @@ def test_async_validation_does_not_sync_the_host(monkeypatch):
     logits = torch.randn(4, 64, 1000, device="cuda")
     targets = torch.randint(0, 1000, (4, 64), device="cuda")
     rk.logprobs(logits, targets)  # warm-up (autotuning, lazy loading) outside the debug mode
+    bad = targets.clone()
+    bad[3, 7] = 1000  # outside the debug mode: writing a Python scalar into a CUDA tensor counts as a sync
     deferred._QUEUE.clear()
     previous = torch.cuda.get_sync_debug_mode()
     try:
@@ -131,8 +133,7 @@ def test_async_validation_does_not_sync_the_host(monkeypatch):
         with pytest.raises(RuntimeError):  # the default check: a host sync
             rk.logprobs(logits, targets)
         monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "async")
-        targets[3, 7] = 1000
-        lp = rk.logprobs(logits, targets)
+        lp = rk.logprobs(logits, bad)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert torch.isnan(lp[3, 7]).item()

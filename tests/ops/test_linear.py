@@ -14,7 +14,7 @@ from rlhf_kernels import reference as R
 from rlhf_kernels.ops import _forward_grads as forward_grads
 from rlhf_kernels.ops import linear as L
 from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
-from tests.poison import poisoned_allocations
+from tests.poison import poisoned_allocations, zero_fills_during
 from tests.tolerance import assert_matches_oracle
 
 BACKENDS = ["cpu", "torch"] if _ext.available() else ["torch"]
@@ -823,3 +823,16 @@ def test_forward_grad_triton_backend_small(loss):
     _, expected = _value_and_grads(materialised, [t.double() for t in leaves], 1.0)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_by", ["rows", "vocab"])
+def test_fused_backward_materialises_no_zero_gradients(chunk_by, monkeypatch):
+    """The fused loss's gradient outputs take no upstream gradient: its backward must not be handed zero-filled
+    tensors shaped like them (autograd's default for unused outputs), which for the [V, H] weight gradient is a
+    head-sized buffer per step."""
+    monkeypatch.setattr(forward_grads, "HAND_OVER_DEVICES", ("cpu", "cuda"))
+    hidden, weight, targets, bias = _inputs((7,), 8, 13, torch.float32, ignore=(2,))
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    loss = rk.linear_cross_entropy(h, w, targets, bias=b, chunk_size=4, chunk_by=chunk_by)
+    assert zero_fills_during(loss.backward, min(h.numel(), w.numel())) == []
+    assert all(t.grad is not None for t in (h, w, b))

@@ -101,6 +101,18 @@ def test_frozen_head_path_runs_two_matmuls_per_chunk():
         assert count() == (chunks, chunks)
 
 
+def test_frozen_head_backward_materialises_no_zero_gradient():
+    """The saved direction is an output that takes no upstream gradient: the backward must not be handed a
+    zero-filled float32 [N, H] for it (autograd's default for unused outputs), a second [N, H] buffer per step."""
+    from tests.poison import zero_fills_during
+
+    hidden, weight, targets, bias = _inputs((12,), 8, 301, torch.float32)
+    h = hidden.clone().requires_grad_()
+    logp = rk.linear_logprobs(h, weight, targets, bias, chunk_size=5, backend=BACKENDS[0])
+    assert zero_fills_during(logp.sum().backward, h.numel()) == []
+    assert h.grad is not None
+
+
 def test_frozen_head_gradcheck_float64_and_second_backward():
     hidden, weight, targets, bias = _inputs((2, 4), 5, 7, torch.float64, ignore=(2,))
     h = hidden.requires_grad_(True)
