@@ -205,6 +205,8 @@ def linear_loss_fused(
     place on the C++ CPU and Triton backends; CUDA adds a second chunk).
     ``chunk_by="vocab"``: vocabulary slabs instead of row chunks (``_vocab_slab_loss``).
     """
+    # before the chunks: the sync waits only for the work queued ahead (see logprobs._validate_targets)
+    _validate_targets(targets, weight.shape[0], ignore_index, "linear_cross_entropy or linear_ppo_loss")
     w = _loss_weights(mask, loss_agg, _stats_dtype(hidden.dtype))
     any_grad = need_hidden or need_weight or need_bias
     loop = _vocab_slab_loss if chunk_by == "vocab" and any_grad else _row_chunk_loss
@@ -215,7 +217,6 @@ def linear_loss_fused(
     )
     value = _aggregate_terms(logp, entropy, w, mask, old_logp, advantages, ref_logp, loss, loss_agg, kl_coef,
                              kl_estimator, entropy_coef, clip_low, clip_high, dual_clip)
-    _validate_targets(targets, weight.shape[0], ignore_index, "linear_cross_entropy or linear_ppo_loss")
     grad_weight, grad_bias = _in_param_dtypes(grad_weight, grad_bias, weight, bias, need_weight, need_bias)
     return value, logp, entropy, grad_hidden, grad_weight, grad_bias
 

@@ -130,7 +130,7 @@ from ._linear_fused import LINEAR_GRAD_PATHS, linear_grad_path, linear_loss_fuse
 from ._linear_layout import linear_chunk_by, logprobs_chunk_by
 from ._linear_layout import AUTO_CHUNK_DEVICES, LINEAR_CHUNK_BY  # noqa: F401 (re-exported)
 from ._linear_slabs import _slab_forward, _slab_gradients
-from .logprobs import _validate_targets, resolve_for, targets_checked_on_exit
+from .logprobs import _validate_targets, resolve_for
 from .ppo import check_ppo_args, composed_ppo_terms, ppo_output
 
 __all__ = ["linear_cross_entropy", "linear_logprobs", "linear_ppo_loss"]
@@ -155,9 +155,9 @@ def linear_logprobs_fwd(
     it, or with ``chunk_by="vocab"`` a slab of columns over all rows
     (``_slab_forward``).
     """
+    _validate_targets(targets, weight.shape[0], ignore_index, "linear_logprobs")  # before the chunks (_validate_targets)
     passes = _slab_forward if chunk_by == "vocab" else _row_forward
     logp, entropy, lse = passes(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, backend)
-    _validate_targets(targets, weight.shape[0], ignore_index, "linear_logprobs")
     return logp, entropy, lse
 
 
@@ -338,6 +338,7 @@ def linear_logprobs_frozen_head(
     """
     n, h = hidden.shape
     v = weight.shape[0]
+    _validate_targets(targets, v, ignore_index, "linear_logprobs")  # before the chunks (see _validate_targets)
     stats = _stats_dtype(hidden.dtype)
     logp = hidden.new_empty((n,), dtype=stats)
     direction = _accumulator(n, hidden, stats)
@@ -356,7 +357,6 @@ def linear_logprobs_frozen_head(
         del logits
         _accumulate_mm(direction[s:e], dlogits, weight, True)
         del dlogits
-    _validate_targets(targets, v, ignore_index, "linear_logprobs")
     return logp, direction
 
 
@@ -502,7 +502,6 @@ def linear_logprobs(
     return (logp, entropy) if return_entropy else logp
 
 
-@targets_checked_on_exit
 def linear_ppo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -595,7 +594,6 @@ def linear_ppo_loss(
     return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss)
 
 
-@targets_checked_on_exit
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,

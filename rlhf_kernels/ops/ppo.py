@@ -29,9 +29,10 @@ chosen per call (``RLHF_KERNELS_CUDA_PPO``, default ``auto``):
   row over ~80 KB): two reads and one write, like the two-pass form;
 - ``two-pass``: no gradient in the forward: ``ppo_term_fwd`` then ``ppo_term_bwd``.
 
-``RLHF_KERNELS_CUDA_PREFETCH=1`` (off by default until a GPU run measures it) fills the ``shared`` and
-``cluster`` paths' slice with ``cp.async``, 16 vectors in flight per thread instead of 4, with the same
-results bit for bit (``csrc/cuda/row_prefetch.cuh``).
+The ``shared`` and ``cluster`` paths fill their slice with ``cp.async``, 16 vectors in flight per thread
+instead of 4, with the same results bit for bit (``csrc/cuda/row_prefetch.cuh``); ``RLHF_KERNELS_CUDA_PREFETCH=0``
+keeps the register sweep. On an H200 (bf16 8192 x 151936, the cluster path) the prefetch was the faster at each
+of the five CTA caps, 2.624 against 2.732 ms at the default 256 (``benchmarks/results/nvidia-h200/logs/run3/tune_cuda.log``).
 
 ``auto`` takes shared, else cluster, else global. ``rlhf_kernels._C.ppo_plan``
 reports the choice for a ``(V, dtype)``. The fused path keeps ``dlogits``
@@ -72,10 +73,9 @@ from .logprobs import (
     _torch_fwd,
     _validate_targets,
     grad_like,
-    logprobs,
+    logprobs_for,
     range_lead,
     resolve_for,
-    targets_checked_on_exit,
 )
 
 __all__ = ["PPOLossOutput", "check_ppo_args", "composed_ppo_terms", "ppo_loss", "ppo_output"]
@@ -97,13 +97,14 @@ def cuda_ppo_path() -> str:
 
 
 def cuda_ppo_prefetch() -> bool:
-    """The ``RLHF_KERNELS_CUDA_PREFETCH`` setting: ``1`` fills the fused path's shared-memory slice with cp.async
-    (``csrc/cuda/row_prefetch.cuh``, bit-identical results), ``0`` or unset keeps the register sweep. The kernel
-    launcher reads the variable itself; anything else is rejected here, by name, before a launch."""
+    """The ``RLHF_KERNELS_CUDA_PREFETCH`` setting: ``1`` or unset (the default) fills the fused path's
+    shared-memory slice with cp.async (``csrc/cuda/row_prefetch.cuh``, bit-identical results), ``0`` keeps the
+    register sweep. The kernel launcher reads the variable itself; anything else is rejected here, by name,
+    before a launch."""
     value = os.environ.get("RLHF_KERNELS_CUDA_PREFETCH", "")
     if value not in ("", "0", "1"):
         raise ValueError(f"RLHF_KERNELS_CUDA_PREFETCH must be 0 or 1, got {value!r}")
-    return value == "1"
+    return value != "0"
 
 
 def aggregation_weights(mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
@@ -264,6 +265,7 @@ def ppo_term_fwd(
     rows = as_rows(logits)
     shape2 = rows.shape[:2]
     flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
+    _validate_targets(targets, logits.shape[-1], ignore_index, "ppo_loss")  # before the kernel (_validate_targets)
     if backend == "triton":
         from ..triton.ppo import ppo_term_fwd as triton_fwd
 
@@ -282,7 +284,6 @@ def ppo_term_fwd(
             entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         )
         out = (term, logp, entropy, kl, clipped.float(), lse)
-    _validate_targets(targets, logits.shape[-1], ignore_index, "ppo_loss")
     return tuple(t.reshape(lead).contiguous() for t in out)
 
 
@@ -407,6 +408,7 @@ def ppo_loss_fused(
     weights = aggregation_weights(mask, loss_agg).reshape(shape2)
     flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
     full, inner = (None, None) if row_count == WHOLE else grad_for_range(base, row_start, row_count)
+    _validate_targets(targets, logits.shape[-1], ignore_index, "ppo_loss")  # before the kernel (_validate_targets)
     if backend == "cuda":
         term, logp, entropy, kl, clipped, _, grad = torch.ops.rlhf_kernels_C.ppo_fwd(
             rows, flat[0], flat[1], flat[2], flat[3], weights, temperature, ignore_index, kl_coef,
@@ -426,7 +428,6 @@ def ppo_loss_fused(
                           temperature, ignore_index)
     term = term.reshape(lead)
     loss = reference.aggregate_loss(term, mask, loss_agg)
-    _validate_targets(targets, logits.shape[-1], ignore_index, "ppo_loss")
     stats = tuple(t.reshape(lead).contiguous() for t in (term, logp, entropy, kl, clipped))
     if full is None:
         return (loss,) + stats + (grad.reshape(logits.shape),)
@@ -480,7 +481,6 @@ def _ppo_backward(ctx, g_term, g_logp, g_ent, g_kl, g_clipped, g_lse):
 ppo_term_fwd.register_autograd(_ppo_backward, setup_context=_ppo_setup_context)
 
 
-@targets_checked_on_exit
 def ppo_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -606,8 +606,9 @@ def ppo_loss(
             row_count,
         )  # clipped: float32 0 / 1, as ppo_output's clip_frac wants it
     else:
-        logp, entropy = logprobs(
-            logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=True, backend=chosen
+        logp, entropy = logprobs_for(
+            "ppo_loss", logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
+            backend=chosen,
         )
         term, kl, clipped = composed_ppo_terms(
             logp, entropy, old_logp, advantages, ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
