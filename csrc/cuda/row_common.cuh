@@ -139,12 +139,12 @@ inline int forward_thread_cap(int default_cap) {
   return n >= 32 && n <= 512 && (n & (n - 1)) == 0 ? n : default_cap;
 }
 
-// The fused PPO forward's shared-memory paths fill their slice with cp.async (row_prefetch.cuh) when
-// RLHF_KERNELS_CUDA_PREFETCH=1 (read at every launch; ops/ppo.py rejects other values by name). Off by
-// default until a GPU run measures it: benchmarks/tune_cuda.py times both.
+// The fused PPO forward's shared-memory paths fill their slice with cp.async (row_prefetch.cuh) unless
+// RLHF_KERNELS_CUDA_PREFETCH=0 (read at every launch; ops/ppo.py rejects values other than 0 / 1 by name).
+// On by default since the H200's run 3: faster than the register sweep at every CTA cap (tune_cuda.py).
 inline bool prefetch_enabled() {
   const char* text = std::getenv("RLHF_KERNELS_CUDA_PREFETCH");
-  return text != nullptr && text[0] == '1' && text[1] == '\0';
+  return !(text != nullptr && text[0] == '0' && text[1] == '\0');
 }
 
 // Threads of a forward CTA that sweeps `vectors` vectors (a row, or a cluster's slice of one).

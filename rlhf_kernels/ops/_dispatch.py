@@ -34,10 +34,12 @@ GPU_PREFERENCE = {
     "logprobs": ("cuda", "triton"),
     # matmul-bound: cuda and triton within 4% (H200, N=8192/16384, H=4096); triton's single chunk buffer
     "linear_logprobs": ("triton", "cuda"),
-    # H200 bf16: cuda faster in all 14 cells, 8192x151936 fwd 1.294 ms vs 1.658, fwd+bwd 3.284 vs 3.481 (H100 agreed)
+    # H200, the whole grid (bf16 and fp32, run 3 with Triton's retiled forwards): cuda faster in 32 of 36 cells, the
+    # other 4 within 1% but bf16 8192x151936 fwd+bwd (3.232 ms vs 3.122); the H100 agreed
     "kl_divergence": ("cuda", "triton"),
-    # H200 bf16 8192x151936: cuda fwd 0.803 ms vs 1.047, but fwd+bwd 3.559 vs triton 2.875, measured while autograd
-    # still copied the fused path's gradient (fixed since: ops/_forward_grads.py); re-measure before flipping
+    # H200 bf16 8192x151936 (run 3): cuda fwd 0.742 ms vs 0.912, but fwd+bwd 3.270 vs triton 2.777, measured while
+    # autograd still zero-filled a second gradient for the fused path (fixed since: ops/_forward_grads.keep);
+    # kernel time alone about level (~1.9 ms, ncu). Re-measure before flipping
     "ppo_loss": ("triton", "cuda"),
     "gae": ("triton", "cuda"),
 }

@@ -152,8 +152,8 @@ def test_cuda_forward_threads_setting(monkeypatch):
 
 def test_cuda_prefetch_setting(monkeypatch):
     monkeypatch.delenv("RLHF_KERNELS_CUDA_PREFETCH", raising=False)
-    assert ppo_ops.cuda_ppo_prefetch() is False
-    for value, expected in (("0", False), ("1", True), ("", False)):
+    assert ppo_ops.cuda_ppo_prefetch() is True  # the default since the H200's run 3
+    for value, expected in (("0", False), ("1", True), ("", True)):
         monkeypatch.setenv("RLHF_KERNELS_CUDA_PREFETCH", value)
         assert ppo_ops.cuda_ppo_prefetch() is expected
     for bad in ("yes", "2", " 1", "true"):  # the launcher reads exactly "1": anything else is refused by name
