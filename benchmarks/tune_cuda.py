@@ -13,7 +13,8 @@ script times, for every cap, the ops through ``rk`` with target validation off:
 * ``rk.ppo_loss`` forward, and forward + backward on the fused path (one read + one write when
   the row stays on chip), the latter with the register sweep (``RLHF_KERNELS_CUDA_PREFETCH=0``) and with
   the on-chip slice filled by cp.async (the default since the H200's run 3; checked bit-identical to the
-  register sweep at the same cap),
+  register sweep at the same cap), and with the row split over clusters of at least 4 and 8 CTAs
+  (``RLHF_KERNELS_CUDA_CLUSTER``),
 
 each against the Triton backend in the same run, as ms and % of the copy bandwidth measured here
 (``triton.testing.do_bench``, median). Every cap's outputs are checked against the default's first.
@@ -37,6 +38,7 @@ from .common import TimerConfig, copy_bandwidth
 
 ENV = "RLHF_KERNELS_CUDA_FWD_THREADS"
 PREFETCH = "RLHF_KERNELS_CUDA_PREFETCH"
+CLUSTER = "RLHF_KERNELS_CUDA_CLUSTER"
 
 
 def _cases(N: int, V: int, dtype: torch.dtype) -> List[Tuple[str, Callable[[str], object], int]]:
@@ -145,6 +147,20 @@ def main(argv=None) -> int:
         if same:
             consider(name, ms, f"{cap} with RLHF_KERNELS_CUDA_PREFETCH=1")
     os.environ.pop(PREFETCH, None)
+    # the cluster path over more CTAs per row (smaller slices, more CTAs per SM), prefetch on, at each cap
+    os.environ.pop(ENV, None)
+    expected = _flat(fn("cuda"))
+    for size in ("4", "8"):
+        for cap in caps:
+            os.environ[ENV] = str(cap)
+            os.environ[CLUSTER] = size
+            got = _flat(fn("cuda"))
+            ok = all(torch.allclose(a, b, rtol=2e-3, atol=2e-3, equal_nan=True) for a, b in zip(got, expected))
+            ms = timed(name, f"cuda cluster>={size} {cap}", lambda: fn("cuda"), moved,
+                       "" if ok else "MISMATCH vs cuda default")
+            if ok:
+                consider(name, ms, f"{cap} with RLHF_KERNELS_CUDA_CLUSTER={size}")
+    os.environ.pop(CLUSTER, None)
     os.environ.pop(ENV, None)
     for name, (ms, cap) in best.items():
         print(f"# fastest cuda cap for {name}: {cap} ({ms:.3f} ms)")

@@ -250,13 +250,13 @@ PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, 
         done = shared_plan();
         break;
       case PpoPath::kCluster:
-        done = cluster_plan(2);
+        done = cluster_plan(min_cluster_size());
         break;
       case PpoPath::kGlobal:
         plan = {PpoPath::kGlobal, 1, forward_threads(nvec, kPpoFusedCap), 0};
         return cudaSuccess;
       default:
-        done = shared_plan() || cluster_plan(2);
+        done = shared_plan() || cluster_plan(min_cluster_size());
         if (!done) {
           plan = {PpoPath::kGlobal, 1, forward_threads(nvec, kPpoFusedCap), 0};
           return cudaSuccess;

@@ -147,6 +147,18 @@ inline bool prefetch_enabled() {
   return !(text != nullptr && text[0] == '0' && text[1] == '\0');
 }
 
+// The smallest thread-block cluster the fused PPO forward's cluster path may split a row over:
+// RLHF_KERNELS_CUDA_CLUSTER=2|4|8 (read at every launch; ops/ppo.py rejects other values by name), else 2,
+// i.e. the smallest cluster whose slices fit. A larger cluster gives each CTA a smaller slice, so more CTAs
+// fit on an SM: on an H200 a bf16 row of 151936 over 4 CTAs holds 76 KB each, 3 CTAs (37.5% occupancy) per SM,
+// and ran at 54% of DRAM throughput (benchmarks/results/nvidia-h200/logs/run3/ncu_summary.md); over 8, 38 KB
+// each and 4 CTAs per SM (registers then limit). benchmarks/tune_cuda.py times both.
+inline int min_cluster_size() {
+  const char* text = std::getenv("RLHF_KERNELS_CUDA_CLUSTER");
+  const int n = text != nullptr ? std::atoi(text) : 0;
+  return n == 2 || n == 4 || n == 8 ? n : 2;
+}
+
 // Threads of a forward CTA that sweeps `vectors` vectors (a row, or a cluster's slice of one).
 inline int forward_threads(int64_t vectors, int default_cap) {
   return sweep_threads(vectors, forward_thread_cap(default_cap));

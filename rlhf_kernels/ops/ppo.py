@@ -32,7 +32,11 @@ chosen per call (``RLHF_KERNELS_CUDA_PPO``, default ``auto``):
 The ``shared`` and ``cluster`` paths fill their slice with ``cp.async``, 16 vectors in flight per thread
 instead of 4, with the same results bit for bit (``csrc/cuda/row_prefetch.cuh``); ``RLHF_KERNELS_CUDA_PREFETCH=0``
 keeps the register sweep. On an H200 (bf16 8192 x 151936, the cluster path) the prefetch was the faster at each
-of the five CTA caps, 2.624 against 2.732 ms at the default 256 (``benchmarks/results/nvidia-h200/logs/run3/tune_cuda.log``).
+of the five CTA caps, 2.624 against 2.732 ms at the default 256
+(``benchmarks/results/nvidia-h200/logs/run3/tune_cuda.log``).
+
+``RLHF_KERNELS_CUDA_CLUSTER=2|4|8`` sets the smallest cluster the ``cluster`` path may use (default: the
+smallest whose slices fit, 4 CTAs for a bf16 row of 151936).
 
 ``auto`` takes shared, else cluster, else global. ``rlhf_kernels._C.ppo_plan``
 reports the choice for a ``(V, dtype)``. The fused path keeps ``dlogits``
@@ -105,6 +109,23 @@ def cuda_ppo_prefetch() -> bool:
     if value not in ("", "0", "1"):
         raise ValueError(f"RLHF_KERNELS_CUDA_PREFETCH must be 0 or 1, got {value!r}")
     return value != "0"
+
+
+CUDA_CLUSTER_SIZES = (2, 4, 8)
+
+
+def cuda_ppo_cluster() -> Optional[int]:
+    """The ``RLHF_KERNELS_CUDA_CLUSTER`` setting: the smallest thread-block cluster (2, 4 or 8 CTAs) the fused
+    path's ``cluster`` layout may split a row over, or ``None`` when unset (the smallest whose slices fit in
+    shared memory; ``min_cluster_size`` in ``csrc/cuda/row_common.cuh``). A larger cluster leaves each CTA a
+    smaller slice, so more CTAs share an SM. The launcher reads the variable itself; anything else is rejected
+    here, by name, before a launch."""
+    value = os.environ.get("RLHF_KERNELS_CUDA_CLUSTER", "")
+    if value == "":
+        return None
+    if value not in {str(size) for size in CUDA_CLUSTER_SIZES}:
+        raise ValueError(f"RLHF_KERNELS_CUDA_CLUSTER must be one of {CUDA_CLUSTER_SIZES}, got {value!r}")
+    return int(value)
 
 
 def aggregation_weights(mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
@@ -564,6 +585,7 @@ def ppo_loss(
     source, row_start, row_count = base_and_range(logits)
     if chosen == "cuda" and torch.is_grad_enabled() and logits.requires_grad and cuda_ppo_path() != "two-pass":
         cuda_ppo_prefetch()  # validated by name; the launcher reads it
+        cuda_ppo_cluster()  # likewise
         loss, term, logp, entropy, kl, clipped = ppo_loss_fused(
             source,
             targets.long(),

@@ -9,7 +9,7 @@ Shapes are chosen for the edges of the index math: odd V (rows start at every
 blocks in the backward, an ignored target and out-of-range targets with
 validation off (never read), and each path of the fused PPO forward-with-gradient
 (global re-read, shared-memory row, sm_90 cluster when the GPU has it; the last two also with their
-slice filled by cp.async, RLHF_KERNELS_CUDA_PREFETCH=1), with the
+slice filled by cp.async, RLHF_KERNELS_CUDA_PREFETCH=1, and the cluster over 8 CTAs), with the
 forward kernels' CTA size at its defaults, then capped at 512 and 32 threads. Exits 1
 if a result is not finite where it should be; the sanitizer reports memory errors.
 """
@@ -68,8 +68,11 @@ def main() -> int:
             adv = torch.randn(2, 5, device=dev)
             mask = torch.ones(2, 5, device=dev)
             mask[1, 1] = mask[1, 2] = 0
-            for path in ("two-pass", "global", "shared", "cluster", "shared+prefetch", "cluster+prefetch"):
-                path, _, prefetch = path.partition("+")
+            for path in ("two-pass", "global", "shared", "cluster", "shared+prefetch", "cluster+prefetch",
+                         "cluster+prefetch+8"):
+                path, _, options = path.partition("+")
+                prefetch, _, cluster = options.partition("+")
+                os.environ["RLHF_KERNELS_CUDA_CLUSTER"] = cluster or "2"  # 8: each row over 8 CTAs
                 if path not in ("two-pass", "global"):
                     plan = _ext.load().ppo_plan(V, str(dtype).replace("torch.", ""), ppo_ops.CUDA_PPO_PATHS[path],
                                                 True, torch.cuda.current_device())
@@ -84,7 +87,8 @@ def main() -> int:
                 with torch.no_grad():
                     rk.ppo_loss(x, y, old, adv, mask, backend="cuda")  # the forward-only kernel
                 if not (torch.isfinite(out.logp[good]).all() and torch.isfinite(xt.grad[good]).all()):
-                    failures.append(f"ppo_loss {path}{' prefetch' if prefetch else ''} {tag}")
+                    what = " ".join(w for w in (path, prefetch and "prefetch", cluster and f"cluster {cluster}") if w)
+                    failures.append(f"ppo_loss {what} {tag}")
     torch.cuda.synchronize()
     print("ok" if not failures else "non-finite results: " + ", ".join(failures))
     return 1 if failures else 0

@@ -162,6 +162,18 @@ def test_cuda_prefetch_setting(monkeypatch):
             ppo_ops.cuda_ppo_prefetch()
 
 
+def test_cuda_cluster_setting(monkeypatch):
+    monkeypatch.delenv("RLHF_KERNELS_CUDA_CLUSTER", raising=False)
+    assert ppo_ops.cuda_ppo_cluster() is None
+    for value, expected in (("", None), ("2", 2), ("4", 4), ("8", 8)):
+        monkeypatch.setenv("RLHF_KERNELS_CUDA_CLUSTER", value)
+        assert ppo_ops.cuda_ppo_cluster() == expected
+    for bad in ("16", "3", "auto", " 4", "1"):  # the launcher reads exactly 2, 4 or 8
+        monkeypatch.setenv("RLHF_KERNELS_CUDA_CLUSTER", bad)
+        with pytest.raises(ValueError, match="RLHF_KERNELS_CUDA_CLUSTER must be one of"):
+            ppo_ops.cuda_ppo_cluster()
+
+
 # ------------------------------------------------------------- the fused forward-with-gradient contract
 
 

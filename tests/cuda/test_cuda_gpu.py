@@ -331,6 +331,26 @@ def test_ppo_loss_all_paths(V, dtype, path, monkeypatch):
     if not _path_possible(path, V, dtype):
         pytest.skip(f"path {path} cannot run for V={V} {dtype} on this GPU")
     monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", path)
+    _check_ppo_against_oracle(V, dtype, path)
+
+
+@pytest.mark.parametrize("size", ("4", "8"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("V", (50257, 151936))
+def test_ppo_loss_cluster_sizes(V, dtype, size, monkeypatch):
+    """RLHF_KERNELS_CUDA_CLUSTER: the cluster path over at least 4 or 8 CTAs, against the oracle."""
+    monkeypatch.setenv("RLHF_KERNELS_CUDA_CLUSTER", size)
+    if not _path_possible("cluster", V, dtype):
+        pytest.skip(f"no cluster path for V={V} {dtype} on this GPU")
+    plan = _ext.load().ppo_plan(V, str(dtype).replace("torch.", ""), ppo_ops.CUDA_PPO_PATHS["cluster"], True,
+                                torch.cuda.current_device())
+    assert plan[1] >= int(size), plan
+    monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", "cluster")
+    _check_ppo_against_oracle(V, dtype, f"cluster of {plan[1]}")
+
+
+def _check_ppo_against_oracle(V, dtype, path):
+    """``ppo_loss`` on the cuda backend (the path set by the caller) against the float64 oracle, three settings."""
     x, y, old, adv, ref, mask = _ppo_case(V, dtype, seed=V + 31)
     for loss_agg, extra in (
         ("token-mean", {"ref_logp": ref, "kl_coef": 0.1, "entropy_coef": 0.01, "dual_clip": 3.0}),
@@ -409,7 +429,7 @@ def test_ppo_loss_upstream_gradient_scales(monkeypatch):
     torch.testing.assert_close(grads[1], grads[0] * -0.25, rtol=1e-6, atol=1e-9)
 
 
-def test_ppo_plan_reports_a_path():
+def test_ppo_plan_reports_a_path(monkeypatch):
     ext = _ext.load()
     major = torch.cuda.get_device_capability()[0]
     dev = torch.cuda.current_device()
@@ -419,6 +439,9 @@ def test_ppo_plan_reports_a_path():
     assert auto[0] == ("cluster" if major >= 9 else "global"), auto
     if major >= 9:
         assert auto[1] == 4 and auto[3] <= 110 * 1024
+        monkeypatch.setenv("RLHF_KERNELS_CUDA_CLUSTER", "8")  # the smallest cluster allowed, not a forced one
+        assert ext.ppo_plan(151936, "bfloat16", 0, True, dev)[:2] == ("cluster", 8)
+        assert ext.ppo_plan(4097, "bfloat16", 0, True, dev)[0] == "shared"
 
 
 # ------------------------------------------------------------------ selection, opcheck, compile
