@@ -197,7 +197,8 @@ stage_setup() {
 
 stage_tests() {
   note "pytest -m gpu"
-  limited "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider >"$OUT/pytest_gpu.log" 2>&1
+  # --durations: where the GPU minutes go (run 3: 192 s of a 530 s session), to trim the slowest next time
+  limited "$PY" -m pytest -m gpu -q -rfEs --durations=25 -p no:cacheprovider >"$OUT/pytest_gpu.log" 2>&1
   local rc=$?
   tail -n 15 "$OUT/pytest_gpu.log" >&2
   # 5: no test collected is not a failure of the suite
