@@ -5,7 +5,8 @@
 Times, with ``triton.testing.do_bench`` (median), at one large bandwidth-bound shape:
 
 * first, where the rest of ``ppo_loss`` / ``logprobs`` time goes: the kernel alone, then the op forward and
-  forward + backward on each backend under each ``RLHF_KERNELS_VALIDATE`` mode (a host sync, queued, none).
+  forward + backward on each backend under each ``RLHF_KERNELS_VALIDATE`` mode (a host sync, queued, none),
+  and with none the CPU time to issue each call (``_host_us``: above the GPU time, the op is host-bound);
 * the logprobs forward as shipped (``_common.row_softmax_stats``) at every autotune candidate
   ``BLOCK_V x LANES_V x warps`` (``_common._ROW_FWD_CANDIDATES``: state as wide as the block, and the
   tiled ones with 256 lanes per warp). Earlier sweeps (H100, ``benchmarks/results/nvidia-h100-80gb-hbm3/logs/run2``
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 import triton
@@ -117,6 +119,8 @@ def main(argv=None) -> int:
                     print(f"{name} [{backend}, validate={mode}]: {type(exc).__name__}: {exc}", flush=True)
                     break
                 report(f"{name} [{backend}, validate={mode}]", ms, moved)
+                if mode == "0":
+                    print(f"{'':<42} host {_host_us(call):8.1f} us per call (CPU time to issue it)", flush=True)
             rk.check_pending_targets()
     os.environ.pop("RLHF_KERNELS_VALIDATE", None)
     leaf = None  # the sweeps need the memory
@@ -152,6 +156,19 @@ def main(argv=None) -> int:
     for name, tuned in (("logprobs", tlp._logprobs_fwd_tuned), ("ppo", tppo._ppo_fwd_tuned)):
         print(f"# autotuned {name} forward: {getattr(tuned, 'best_config', None)}")
     return 0
+
+
+def _host_us(call, calls: int = 20) -> float:
+    """CPU microseconds to issue one ``call`` with the GPU idle at the start: 20 calls (about 100 launches, far
+    below the launch queue's depth) timed on the host, then waited for. Above the call's GPU time the op is
+    host-bound; the GPU then idles between kernels whatever the kernels do."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * elapsed / calls
 
 
 def _step(leaf: torch.Tensor, loss_of) -> None:
