@@ -35,6 +35,7 @@ bench-quick: $(STAMPS)/build
 # README's benchmark block, regenerated from the committed benchmarks/results/
 readme: $(STAMPS)/build
 	$(BIN)/python -m benchmarks.update_readme
+	$(BIN)/rlhf-kernels settings --update-readme README.md
 
 # Which cells of DESIGN §6's GPU grid the committed results cover, and the commands for the rest
 coverage: $(STAMPS)/build

@@ -1,6 +1,7 @@
 """``rlhf-kernels``: the command-line entry point.
 
-    rlhf-kernels info                     versions, device, live backends
+    rlhf-kernels info                     versions, device, live backends, current settings
+    rlhf-kernels settings [--update-readme README.md]   every environment variable (a markdown table)
     rlhf-kernels bench [...]              kernel benchmarks (benchmarks/run.py)
     rlhf-kernels sft|rm|ppo|demo [...]    the trainer (rlhf_kernels/trainer)
 """
@@ -18,7 +19,7 @@ TRAINER_COMMANDS = ("sft", "rm", "ppo", "grpo", "dpo", "demo")
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="rlhf-kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("info", "bench") + TRAINER_COMMANDS, help="what to run")
+    parser.add_argument("command", choices=("info", "settings", "bench") + TRAINER_COMMANDS, help="what to run")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -27,6 +28,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .info import info
 
         info()
+        return 0
+    if args.command == "settings":
+        from . import settings
+
+        rest = argv[1:]
+        if rest[:1] == ["--update-readme"] and len(rest) == 2:
+            changed = settings.update_readme(rest[1])
+            print(f"{rest[1]}: settings table {'updated' if changed else 'already up to date'}")
+            return 0
+        if rest:
+            print("usage: rlhf-kernels settings [--update-readme README.md]", file=sys.stderr)
+            return 2
+        sys.stdout.write(settings.markdown())
         return 0
     if args.command == "bench":
         # benchmarks/ lives beside the package in the repository (an editable install), not inside it

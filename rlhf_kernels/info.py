@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import platform
 from importlib import metadata
 
 import torch
 
-from . import _ext
+from . import _ext, settings
 from .ops import advantages, kl, logprobs, ppo
 from .ops._dispatch import _GPU_DEFAULT, BACKENDS, GPU_PREFERENCE, unavailable_reason
 
@@ -41,9 +40,10 @@ _FUSED_LINEAR_PATHS = {
 def info(print_report: bool = True) -> dict:
     """Collect (and print) what this installation can run.
 
-    Returns a dict with ``versions``, ``device``, ``extension`` and
+    Returns a dict with ``versions``, ``device``, ``extension``,
     ``backends`` (``name -> "live"`` or the reason it is not, for the CPU
-    and, when present, the CUDA device).
+    and, when present, the CUDA device) and ``settings`` (each runtime
+    environment variable's value, default and, when invalid, the problem).
     """
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     report = {
@@ -72,9 +72,12 @@ def info(print_report: bool = True) -> dict:
             for op, kernels in OP_KERNELS.items()
         },
     }
-    report["fused_linear"] = {
-        "RLHF_KERNELS_LINEAR_CHUNK_BY": os.environ.get("RLHF_KERNELS_LINEAR_CHUNK_BY", "") or "auto (unset)",
-        "RLHF_KERNELS_LINEAR_GRAD": os.environ.get("RLHF_KERNELS_LINEAR_GRAD", "") or "auto (unset)",
+    report["fused_linear"] = dict(_FUSED_LINEAR_PATHS)
+    # every runtime setting (rlhf_kernels/settings.py): its value, or its default when unset, and what is wrong
+    defaults = {s.name: s.default for s in settings.RUNTIME}
+    report["settings"] = {
+        name: {"value": raw, "default": defaults[name], "problem": problem}
+        for name, (raw, problem) in settings.check().items()
     }
     devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
     for dev in devices:
@@ -108,11 +111,16 @@ def format_report(report: dict) -> str:
     if preference:
         lines.append("automatic choice for CUDA tensors (first live of; ops/_dispatch.py GPU_PREFERENCE):")
         lines += [f"  {k:<28} {' > '.join(v)}" for k, v in preference.items() if v]
-    settings = report.get("fused_linear", {})
-    if settings:
+    paths = report.get("fused_linear", {})
+    if paths:
         lines.append("fused-linear ops (hidden states + LM head; ops/linear.py), gradient paths under the defaults:")
-        lines += [f"  {k:<28} {v}" for k, v in _FUSED_LINEAR_PATHS.items()]
-        lines += [f"  {k:<28} {v}" for k, v in settings.items()]
+        lines += [f"  {k:<28} {v}" for k, v in paths.items()]
+    current = report.get("settings", {})
+    if current:
+        lines.append("settings (environment; rlhf_kernels/settings.py):")
+        for name, s in current.items():
+            shown = s["value"] if s["value"] is not None else f"unset: {s['default']}"
+            lines.append(f"  {name:<30} {shown}" + (f"   INVALID: {s['problem']}" if s["problem"] else ""))
     per_op = ext.get("cuda_kernels_per_op") or {}
     if per_op:
         lines.append(f"cuda kernels (csrc/cuda, compiled for {ext['cuda_archs'] or '-'}):")

@@ -99,6 +99,16 @@ def find_bad_target(targets: torch.Tensor, vocab: int, ignore_index: int) -> Opt
 WHOLE = -1
 
 
+def view_grad_enabled() -> bool:
+    """The ``RLHF_KERNELS_VIEW_GRAD`` setting: ``1`` or unset routes the gradient of a ``logits[:, a:a+T]`` view
+    straight into its base (``slice_of_base``), ``0`` leaves the view to autograd. Anything else is refused by
+    name (a ``false`` that silently meant "on" would be worse)."""
+    value = os.environ.get("RLHF_KERNELS_VIEW_GRAD", "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"RLHF_KERNELS_VIEW_GRAD must be 0 or 1, got {value!r}")
+    return value != "0"
+
+
 def slice_of_base(view: torch.Tensor) -> Optional[tuple]:
     """``(base, a)`` when ``view`` is ``base[:, a:a+T]`` of a 3-D ``base`` whose gradient autograd tracks; else ``None``.
 
@@ -125,7 +135,7 @@ def slice_of_base(view: torch.Tensor) -> Optional[tuple]:
     """
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return None
-    if os.environ.get("RLHF_KERNELS_VIEW_GRAD", "1") == "0":  # opt-out: keep the view in the autograd graph
+    if not view_grad_enabled():  # opt-out: keep the view in the autograd graph
         return None
     if type(view) is not torch.Tensor or view.grad_fn is None or view.retains_grad or view._backward_hooks:
         return None

@@ -138,13 +138,21 @@ def _resolve(op: str, device: torch.device, backend: Optional[str], implemented:
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} cannot run {op}: {reason}")
         return backend
-    preferred = os.environ.get("RLHF_KERNELS_BACKEND", "").strip().lower()
-    if preferred and preferred != "auto":
-        if preferred not in BACKENDS:
-            raise ValueError(f"RLHF_KERNELS_BACKEND must be one of {BACKENDS} or 'auto', got {preferred!r}")
-        if preferred in implemented and unavailable_reason(preferred, device) is None:
-            return preferred
+    preferred = preferred_backend()
+    if preferred and preferred in implemented and unavailable_reason(preferred, device) is None:
+        return preferred
     return _automatic(op, device, implemented)
+
+
+def preferred_backend() -> Optional[str]:
+    """The ``RLHF_KERNELS_BACKEND`` setting: a backend every op prefers where it can run, or ``None`` (``auto``
+    or unset: the automatic choice)."""
+    preferred = os.environ.get("RLHF_KERNELS_BACKEND", "").strip().lower()
+    if not preferred or preferred == "auto":
+        return None
+    if preferred not in BACKENDS:
+        raise ValueError(f"RLHF_KERNELS_BACKEND must be one of {BACKENDS} or 'auto', got {preferred!r}")
+    return preferred
 
 
 def validation_enabled() -> bool:

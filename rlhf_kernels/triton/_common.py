@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -29,6 +30,17 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def block_v_override() -> Optional[int]:
+    """The ``RLHF_KERNELS_TRITON_BLOCK_V`` setting: a fixed vocabulary block for every Triton kernel (rounded up
+    to a power of two, at least 16), or ``None`` when unset (autotuned on a GPU, 64 under the interpreter)."""
+    text = os.environ.get("RLHF_KERNELS_TRITON_BLOCK_V", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"RLHF_KERNELS_TRITON_BLOCK_V must be a positive whole number of columns, got {text!r}")
+    return int(text)
+
+
 def vocab_config(vocab: int, device: torch.device, kind: str = "fwd"):
     """``(BLOCK_V, num_warps)`` for a kernel walking rows of ``vocab`` columns (the untuned table).
 
@@ -38,9 +50,9 @@ def vocab_config(vocab: int, device: torch.device, kind: str = "fwd"):
     ``RLHF_KERNELS_TRITON_BLOCK_V``), and as the fallback of the forward row
     reductions, which otherwise go through :func:`row_autotune`.
     """
-    override = os.environ.get("RLHF_KERNELS_TRITON_BLOCK_V")
+    override = block_v_override()
     if device.type != "cuda" or override:
-        block = int(override) if override else _INTERPRET_BLOCK_V
+        block = override or _INTERPRET_BLOCK_V
         return max(16, min(next_pow2(block), next_pow2(vocab))), 4
     if kind == "bwd":
         block = min(max(next_pow2(vocab), 128), 4096)
@@ -108,7 +120,7 @@ def row_autotune(kernel, candidates=_ROW_FWD_CANDIDATES):
 
 def launch_row_kernel(kernel, tuned, grid, *args, vocab: int, device: torch.device, **constexprs) -> None:
     """Launch a forward row reduction: ``tuned`` on a GPU, else ``kernel`` with :func:`vocab_config`'s block."""
-    if device.type == "cuda" and not os.environ.get("RLHF_KERNELS_TRITON_BLOCK_V"):
+    if device.type == "cuda" and block_v_override() is None:
         tuned[grid](*args, **constexprs)
         return
     block, warps = vocab_config(vocab, device, "fwd")

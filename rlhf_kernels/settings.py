@@ -1,0 +1,180 @@
+"""Every ``RLHF_KERNELS_*`` environment variable in one table, with its values, default and effect.
+
+Runtime settings are read by the ops at each call (so a test or a script may change them between calls); each
+has a reader next to the code it steers that refuses a bad value with a ``ValueError`` naming the variable, and
+:func:`check` runs them all (``rlhf-kernels info`` shows the result). Build settings are read by ``setup.py``,
+tool settings by the tests and benchmarks. ``tests/test_settings.py`` keeps this table, the code and the README
+in step: a variable read anywhere must be listed here and documented.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: ``values`` and ``default`` as a user types them, ``effect`` in one sentence."""
+
+    name: str
+    values: str
+    default: str
+    effect: str
+    reader: Optional[Callable[[], object]] = None  # runtime settings: parses the current value, raises on a bad one
+
+
+def _backend():
+    from .ops import _dispatch
+
+    return _dispatch.preferred_backend()
+
+
+def _validate():
+    from .ops import _deferred_checks
+
+    return _deferred_checks.validation_mode()
+
+
+def _view_grad():
+    from .ops import _checks
+
+    return _checks.view_grad_enabled()
+
+
+def _chunk_by():
+    from .ops import _linear_layout
+
+    return _linear_layout._chunk_by_setting(None)
+
+
+def _linear_grad():
+    from .ops import _linear_fused
+
+    return _linear_fused.linear_grad_path()
+
+
+def _cuda_ppo():
+    from .ops import ppo
+
+    return ppo.cuda_ppo_path()
+
+
+def _cuda_prefetch():
+    from .ops import ppo
+
+    return ppo.cuda_ppo_prefetch()
+
+
+def _cuda_cluster():
+    from .ops import ppo
+
+    return ppo.cuda_ppo_cluster()
+
+
+def _cuda_threads():
+    from .ops import _dispatch
+
+    return _dispatch.cuda_forward_threads()
+
+
+def _triton_block():
+    from .ops._dispatch import triton_importable
+
+    if not triton_importable():
+        return None  # read only by the Triton kernels
+    from .triton import _common
+
+    return _common.block_v_override()
+
+
+RUNTIME: Tuple[Setting, ...] = (
+    Setting("RLHF_KERNELS_BACKEND", "auto | triton | cuda | cpu | torch", "auto",
+            "the backend every op prefers (it falls back to the automatic choice where that one cannot run)",
+            _backend),
+    Setting("RLHF_KERNELS_VALIDATE", "1 | async | 0", "1",
+            "the check that targets lie in [0, V): a host sync before the kernel, queued and reported by the next "
+            "op, or off (CUDA graphs; a bad target's token then gets NaN)", _validate),
+    Setting("RLHF_KERNELS_VIEW_GRAD", "1 | 0", "1",
+            "route the gradient of a logits[:, a:a+T] view straight into its base instead of autograd's zero-fill "
+            "and copy", _view_grad),
+    Setting("RLHF_KERNELS_LINEAR_CHUNK_BY", "auto | rows | vocab", "auto",
+            "how the fused-linear ops walk the LM head: row chunks, or vocabulary slabs (no [V, H] float32 "
+            "accumulator)", _chunk_by),
+    Setting("RLHF_KERNELS_LINEAR_GRAD", "auto | forward | recompute", "auto",
+            "whether the fused-linear losses compute their gradient in the forward or recompute the logits in "
+            "the backward", _linear_grad),
+    Setting("RLHF_KERNELS_CUDA_PPO", "auto | shared | cluster | global | two-pass", "auto",
+            "where the CUDA ppo_loss forward-with-gradient keeps a row between its two sweeps", _cuda_ppo),
+    Setting("RLHF_KERNELS_CUDA_PREFETCH", "1 | 0", "1",
+            "fill the fused CUDA PPO path's shared-memory slice with cp.async (bit-identical results)",
+            _cuda_prefetch),
+    Setting("RLHF_KERNELS_CUDA_CLUSTER", "2 | 4 | 8", "the smallest cluster whose slices fit",
+            "the smallest thread-block cluster the fused CUDA PPO path splits a row over", _cuda_cluster),
+    Setting("RLHF_KERNELS_CUDA_FWD_THREADS", "32 | 64 | 128 | 256 | 512", "each kernel's own (H200 sweep)",
+            "cap on the CTA size of the CUDA forward kernels (a tuning knob)", _cuda_threads),
+    Setting("RLHF_KERNELS_TRITON_BLOCK_V", "a whole number of columns", "autotuned (64 under the interpreter)",
+            "a fixed vocabulary block for every Triton kernel (a tuning and testing knob)", _triton_block),
+)
+
+BUILD: Tuple[Setting, ...] = (
+    Setting("RLHF_KERNELS_FORCE_CUDA", "1", "0", "fail the build if the CUDA kernels cannot be compiled"),
+    Setting("RLHF_KERNELS_SKIP_CUDA", "1", "0", "build the C++ CPU kernels only"),
+    Setting("RLHF_KERNELS_NO_EXTENSION", "1", "0", "install without compiled kernels (the PyTorch reference backend)"),
+    Setting("RLHF_KERNELS_CPU_ARCH", "native | avx2 | generic", "native",
+            "the CPU instruction set the C++ kernels are compiled for"),
+)
+
+TOOLS: Tuple[Setting, ...] = (
+    Setting("RLHF_KERNELS_REQUIRE_EXTENSION", "1", "0",
+            "make the tests fail, instead of skip, where the compiled extension is missing (make test sets it)"),
+    Setting("RLHF_KERNELS_COMMIT", "a git hash", "git's HEAD",
+            "the commit benchmark rows are stamped with where the checkout has no git metadata (the GPU machine)"),
+)
+
+# Preprocessor macros of the extension's build, not environment variables (csrc/build_config.h).
+BUILD_MACROS = ("RLHF_KERNELS_WITH_CUDA", "RLHF_KERNELS_CUDA_ARCHS", "RLHF_KERNELS_CPU_CAPABILITY")
+
+ALL: Tuple[Setting, ...] = RUNTIME + BUILD + TOOLS
+
+
+def check() -> Dict[str, Tuple[Optional[str], Optional[str]]]:
+    """``name -> (raw value or None when unset, problem or None)`` for every runtime setting; never raises."""
+    report: Dict[str, Tuple[Optional[str], Optional[str]]] = {}
+    for setting in RUNTIME:
+        raw = os.environ.get(setting.name)
+        problem = None
+        try:
+            setting.reader()
+        except ValueError as exc:
+            problem = str(exc)
+        report[setting.name] = (raw, problem)
+    return report
+
+
+README_START = "<!-- settings:start -->"
+README_END = "<!-- settings:end -->"
+
+
+def markdown() -> str:
+    """The settings as a markdown table (the README's, between ``README_START`` and ``README_END``)."""
+    lines = ["| variable | values | default | effect |", "|---|---|---|---|"]
+    for kind, group in (("", RUNTIME), ("build: ", BUILD), ("tests / benchmarks: ", TOOLS)):
+        for s in group:
+            values = ", ".join(f"`{v}`" if " " not in v else v for v in s.values.split(" | "))
+            lines.append(f"| `{s.name}` | {values} | {s.default} | {kind}{s.effect} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(path: str) -> bool:
+    """Rewrites the table between the markers of ``path``; returns whether it changed."""
+    with open(path) as fh:
+        text = fh.read()
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    new = text[:start] + "\n" + markdown() + text[end:]
+    if new != text:
+        with open(path, "w") as fh:
+            fh.write(new)
+    return new != text
+
