@@ -9,6 +9,7 @@ in step: a variable read anywhere must be listed here and documented.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
@@ -25,58 +26,14 @@ class Setting:
     reader: Optional[Callable[[], object]] = None  # runtime settings: parses the current value, raises on a bad one
 
 
-def _backend():
-    from .ops import _dispatch
+def _reader(module: str, function: str, *args) -> Callable[[], object]:
+    """``rlhf_kernels.<module>.<function>(*args)``, imported when called: the ops modules read their settings at
+    each call, and this table must not import them (nor triton) when the package is imported."""
 
-    return _dispatch.preferred_backend()
+    def read():
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)(*args)
 
-
-def _validate():
-    from .ops import _deferred_checks
-
-    return _deferred_checks.validation_mode()
-
-
-def _view_grad():
-    from .ops import _checks
-
-    return _checks.view_grad_enabled()
-
-
-def _chunk_by():
-    from .ops import _linear_layout
-
-    return _linear_layout._chunk_by_setting(None)
-
-
-def _linear_grad():
-    from .ops import _linear_fused
-
-    return _linear_fused.linear_grad_path()
-
-
-def _cuda_ppo():
-    from .ops import ppo
-
-    return ppo.cuda_ppo_path()
-
-
-def _cuda_prefetch():
-    from .ops import ppo
-
-    return ppo.cuda_ppo_prefetch()
-
-
-def _cuda_cluster():
-    from .ops import ppo
-
-    return ppo.cuda_ppo_cluster()
-
-
-def _cuda_threads():
-    from .ops import _dispatch
-
-    return _dispatch.cuda_forward_threads()
+    return read
 
 
 def _triton_block():
@@ -92,28 +49,35 @@ def _triton_block():
 RUNTIME: Tuple[Setting, ...] = (
     Setting("RLHF_KERNELS_BACKEND", "auto | triton | cuda | cpu | torch", "auto",
             "the backend every op prefers (it falls back to the automatic choice where that one cannot run)",
-            _backend),
+            _reader("ops._dispatch", "preferred_backend")),
     Setting("RLHF_KERNELS_VALIDATE", "1 | async | 0", "1",
             "the check that targets lie in [0, V): a host sync before the kernel, queued and reported by the next "
-            "op, or off (CUDA graphs; a bad target's token then gets NaN)", _validate),
+            "op, or off (CUDA graphs; a bad target's token then gets NaN)",
+            _reader("ops._deferred_checks", "validation_mode")),
     Setting("RLHF_KERNELS_VIEW_GRAD", "1 | 0", "1",
             "route the gradient of a logits[:, a:a+T] view straight into its base instead of autograd's zero-fill "
-            "and copy", _view_grad),
+            "and copy",
+            _reader("ops._checks", "view_grad_enabled")),
     Setting("RLHF_KERNELS_LINEAR_CHUNK_BY", "auto | rows | vocab", "auto",
             "how the fused-linear ops walk the LM head: row chunks, or vocabulary slabs (no [V, H] float32 "
-            "accumulator)", _chunk_by),
+            "accumulator)",
+            _reader("ops._linear_layout", "_chunk_by_setting", None)),
     Setting("RLHF_KERNELS_LINEAR_GRAD", "auto | forward | recompute", "auto",
             "whether the fused-linear losses compute their gradient in the forward or recompute the logits in "
-            "the backward", _linear_grad),
+            "the backward",
+            _reader("ops._linear_fused", "linear_grad_path")),
     Setting("RLHF_KERNELS_CUDA_PPO", "auto | shared | cluster | global | two-pass", "auto",
-            "where the CUDA ppo_loss forward-with-gradient keeps a row between its two sweeps", _cuda_ppo),
+            "where the CUDA ppo_loss forward-with-gradient keeps a row between its two sweeps",
+            _reader("ops.ppo", "cuda_ppo_path")),
     Setting("RLHF_KERNELS_CUDA_PREFETCH", "1 | 0", "1",
             "fill the fused CUDA PPO path's shared-memory slice with cp.async (bit-identical results)",
-            _cuda_prefetch),
+            _reader("ops.ppo", "cuda_ppo_prefetch")),
     Setting("RLHF_KERNELS_CUDA_CLUSTER", "2 | 4 | 8", "the smallest cluster whose slices fit",
-            "the smallest thread-block cluster the fused CUDA PPO path splits a row over", _cuda_cluster),
+            "the smallest thread-block cluster the fused CUDA PPO path splits a row over",
+            _reader("ops.ppo", "cuda_ppo_cluster")),
     Setting("RLHF_KERNELS_CUDA_FWD_THREADS", "32 | 64 | 128 | 256 | 512", "each kernel's own (H200 sweep)",
-            "cap on the CTA size of the CUDA forward kernels (a tuning knob)", _cuda_threads),
+            "cap on the CTA size of the CUDA forward kernels (a tuning knob)",
+            _reader("ops._dispatch", "cuda_forward_threads")),
     Setting("RLHF_KERNELS_TRITON_BLOCK_V", "a whole number of columns", "autotuned (64 under the interpreter)",
             "a fixed vocabulary block for every Triton kernel (a tuning and testing knob)", _triton_block),
 )
