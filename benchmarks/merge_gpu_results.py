@@ -16,7 +16,7 @@ on a session's clock and easy to get wrong. Per device folder, in the order the 
 
 Each archive's own logs (the files beside its ``results/``: ``gpu_suite.log``, ``pytest_gpu.log``, ``ncu_*``,
 ...) are copied to ``<device>/logs/<run>/``; where a name repeats, a later call's copy gets a ``callN_`` prefix.
-The device tool's console logs live outside the archives: copy them there too. Nothing is deleted. Afterwards:
+The device tool's console logs live outside the archives: pass them with ``--extra``. Nothing is deleted. Afterwards:
 ``python -m benchmarks.update_readme`` and a look at the diff.
 """
 
@@ -173,13 +173,16 @@ def copy_logs(source: str, dest: str, call: int, log=print) -> List[str]:
     return copied
 
 
-def merge(sources: Sequence[str], run: str, results: str, device: Optional[str] = None,
+def merge(sources: Sequence[str], run: str, results: str, device: Optional[str] = None, extra: Sequence[str] = (),
           log=print) -> Dict[str, Set[str]]:
     """Merges each archive or directory in ``sources``, in order; returns the run ids added per device folder.
 
-    Every archive's logs go to ``<device>/logs/<run>/`` of each device folder that gained rows (a call that
-    only ran tests or profiles brings none), else of ``device``.
+    Every archive's logs, and the files ``extra`` (the device tool's console logs), go to ``<device>/logs/<run>/``
+    of each device folder that gained rows (a call that only ran tests or profiles brings none), else of ``device``.
     """
+    missing = [path for path in extra if not os.path.isfile(path)]
+    if missing:
+        raise ValueError(f"--extra: no such file: {', '.join(missing)}")
     added: Dict[str, Set[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         unpacked = []
@@ -199,8 +202,13 @@ def merge(sources: Sequence[str], run: str, results: str, device: Optional[str] 
         if not targets:
             raise ValueError("no archive brought benchmark rows; name the device folder for the logs with --device")
         for name in targets:
+            dest = os.path.join(results, name, "logs", run)
             for i, root in enumerate(unpacked, 1):
-                copy_logs(root, os.path.join(results, name, "logs", run), i, log)
+                copy_logs(root, dest, i, log)
+            for k, path in enumerate(extra, 1):  # a repeated name (console.log of two calls) keeps both
+                base = os.path.basename(path)
+                target = base if not os.path.exists(os.path.join(dest, base)) else f"extra{k}_{base}"
+                shutil.copyfile(path, os.path.join(dest, target))
     return added
 
 
@@ -210,9 +218,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--run", required=True, help="the logs' folder name under <device>/logs/, e.g. run4")
     p.add_argument("--results", default=os.path.join(HERE, "results"), help="default: benchmarks/results")
     p.add_argument("--device", help="device folder for the logs when no archive brought rows, e.g. nvidia-h200")
+    p.add_argument("--extra", nargs="*", default=(), help="more files for the logs folder (the console logs)")
     args = p.parse_args(argv)
     try:
-        added = merge(args.sources, args.run, args.results, args.device)
+        added = merge(args.sources, args.run, args.results, args.device, args.extra)
     except (OSError, ValueError) as exc:
         print(f"merge_gpu_results: {exc}", file=sys.stderr)
         return 2

@@ -98,10 +98,14 @@ def test_a_call_without_rows_needs_the_device_for_its_logs(committed, tmp_path):
     call = _results(str(tmp_path / "call"), {"runA": [("logprobs", "triton", 1.0)]})
     with open(os.path.join(call, "ncu_summary.md"), "w") as fh:
         fh.write("| kernel |\n")
+    console = tmp_path / "console2.log"
+    console.write_text("tail of the device call\n")
     with pytest.raises(ValueError, match="--device"):
         merge_gpu_results.merge([call], "run9", committed, log=lambda s: None)
-    merge_gpu_results.merge([call], "run9", committed, device=DEVICE, log=lambda s: None)
-    assert os.listdir(os.path.join(committed, DEVICE, "logs", "run9")) == ["ncu_summary.md"]
+    with pytest.raises(ValueError, match="--extra: no such file"):
+        merge_gpu_results.merge([call], "run9", committed, device=DEVICE, extra=[str(tmp_path / "nope.log")])
+    merge_gpu_results.merge([call], "run9", committed, device=DEVICE, extra=[str(console)], log=lambda s: None)
+    assert sorted(os.listdir(os.path.join(committed, DEVICE, "logs", "run9"))) == ["console2.log", "ncu_summary.md"]
 
 
 def test_bad_sources_are_refused_by_name(committed, tmp_path):
