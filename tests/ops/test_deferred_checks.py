@@ -139,3 +139,28 @@ def test_async_validation_does_not_sync_the_host(monkeypatch):
     assert torch.isnan(lp[3, 7]).item()
     with pytest.raises(ValueError, match=r"targets\[3, 7\] = 1000 is outside \[0, 1000\)"):
         rk.check_pending_targets()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_find_bad_target_names_the_first_bad_one(dtype):
+    """The synchronous check's answer, against a direct scan: none for empty, all-ignored and in-range targets
+    (ignore_index negative, inside [0, V) or past it); else the first bad position in row-major order."""
+    from rlhf_kernels.ops._checks import find_bad_target
+
+    def scan(t, vocab, ignore):
+        for position in torch.cartesian_prod(*(torch.arange(n) for n in t.shape)).reshape(-1, t.dim()).tolist():
+            value = int(t[tuple(position)])
+            if value != ignore and not 0 <= value < vocab:
+                return tuple(position), value
+        return None
+
+    g = torch.Generator().manual_seed(5)
+    assert find_bad_target(torch.empty(0, 3, dtype=dtype), 10, -100) is None
+    assert find_bad_target(torch.full((2, 3), -100, dtype=dtype), 10, -100) is None
+    for ignore in (-100, 0, 3, 10, 12):
+        for _ in range(20):
+            t = torch.randint(-2, 13, (3, 4), generator=g, dtype=torch.int64).to(dtype)
+            t[torch.rand(3, 4, generator=g) < 0.3] = ignore
+            assert find_bad_target(t, 10, ignore) == scan(t, 10, ignore), (ignore, t)
+        t = torch.randint(0, 10, (3, 4), generator=g).to(dtype)
+        assert find_bad_target(t, 10, ignore) is None
