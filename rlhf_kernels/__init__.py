@@ -9,7 +9,7 @@ Every op accepts ``backend=`` or follows ``RLHF_KERNELS_BACKEND``
 
 from . import _ext
 from .info import info
-from .ops._deferred_checks import check_pending_targets
+from .ops._deferred_checks import async_target_checks, check_pending_targets
 from .ops.advantages import gae
 from .ops.kl import kl_divergence, kl_estimate
 from .ops.linear import linear_cross_entropy, linear_logprobs, linear_ppo_loss
@@ -26,6 +26,7 @@ _ext.load()
 __all__ = [
     "PPOLossOutput",
     "aggregate_loss",
+    "async_target_checks",
     "check_pending_targets",
     "dpo_loss",
     "gae",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import os
 import sys
 import threading
@@ -145,6 +146,27 @@ def check_pending_targets() -> None:
     """Wait for every target check ``RLHF_KERNELS_VALIDATE=async`` has queued and raise ``ValueError`` naming
     the bad targets they found (a host sync; a no-op in the other modes, whose checks never wait)."""
     raise_finished(wait=True)
+
+
+@contextlib.contextmanager
+def async_target_checks():
+    """Inside: target checks are queued (``RLHF_KERNELS_VALIDATE=async``, unless the variable is set, which wins);
+    on leaving, the pending ones are waited for and a bad target raises, as :func:`check_pending_targets` does.
+
+    For a training loop that syncs once per step anyway (reading its loss): it calls
+    :func:`check_pending_targets` there, so a bad target still fails the step it was in, naming its position
+    and op, while the ops inside the step never stop the host. The trainer (``rlhf_kernels/trainer``) runs its
+    loops this way.
+    """
+    chosen = os.environ.get(ENV)
+    if chosen is None:
+        os.environ[ENV] = "async"
+    try:
+        yield
+    finally:
+        if chosen is None:
+            os.environ.pop(ENV, None)
+    check_pending_targets()
 
 
 def _report_at_exit() -> None:

@@ -10,6 +10,8 @@ import dataclasses
 import os
 import sys
 
+import rlhf_kernels as rk
+
 USAGE = """usage: rlhf-kernels {sft,rm,ppo,grpo,dpo,demo} [--config FILE.yaml|json] [--key value ...]
 
   sft   supervised fine-tuning      (--data prompt/response JSONL, default: embedded task)
@@ -67,7 +69,11 @@ def run_stage(cmd: str, cls, fn, argv: list[str]):
     try:
         file, flags = parse_flags(argv)
         cfg = make_config(cls, file, flags)
-        return 0, cfg, fn(cfg)
+        # Target checks queued, not host syncs inside each op: the loops read their loss once per step anyway
+        # and call rk.check_pending_targets() there, so a bad target still fails its own step, by name.
+        with rk.async_target_checks():
+            result = fn(cfg)
+        return 0, cfg, result
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"rlhf-kernels {cmd}: error: {e}", file=sys.stderr)
         return 2, None, None

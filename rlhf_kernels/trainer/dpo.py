@@ -206,6 +206,7 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
         opt.step()
         sched.step()
         step += 1
+        rk.check_pending_targets()  # queued checks under the CLI (trainer/cli.py): a bad target fails this step
         dt = time.perf_counter() - t0
         ntok = all_reduce(b["attention_mask"].sum()).item()
         stats = all_reduce_mean_dict({"loss": loss.item(), **dpo_stats(pc, pr, rc, rr, cfg.beta)}, dev)

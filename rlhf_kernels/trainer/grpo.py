@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
+import rlhf_kernels as rk
+
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, load_jsonl, shifted_targets, validate_rows
@@ -285,6 +287,7 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
         upd = grpo_update(cfg, model, opt, exp)
         sched.step()
         step += 1
+        rk.check_pending_targets()  # queued checks under the CLI (trainer/cli.py): a bad target fails this step
         dt = time.perf_counter() - t0
         ntok = exp["attention_mask"].numel() * world * (1 + 2 + cfg.ppo_epochs * 2)  # gen/score passes + train passes
         rec = {"step": step, **stats, **upd, "rollout_s": t1 - t0, "step_s": dt, "tokens_per_s": ntok / dt,

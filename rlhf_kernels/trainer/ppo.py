@@ -264,6 +264,7 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
             err = max(-0.2, min(0.2, stats["kl"] / cfg.kl_target - 1.0))
             kl_coef *= 1.0 + err * cfg.rollout_batch / cfg.kl_horizon
         step += 1
+        rk.check_pending_targets()  # queued checks under the CLI (trainer/cli.py): a bad target fails this step
         dt = time.perf_counter() - t0
         ntok = exp["attention_mask"].numel() * world * (1 + 2 + cfg.ppo_epochs * 2)  # gen/score passes + train passes
         rec = {"step": step, **stats, **upd, "kl_coef": kl_coef, "rollout_s": t1 - t0, "step_s": dt,

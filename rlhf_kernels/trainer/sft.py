@@ -97,6 +97,7 @@ def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
         opt.step()
         sched.step()
         step += 1
+        rk.check_pending_targets()  # queued checks under the CLI (trainer/cli.py): a bad target fails this step
         dt = time.perf_counter() - t0
         loss_v = all_reduce(loss.detach()).item() / world   # the rank shares average to the global loss
         rec = {"step": step, "loss": loss_v, "grad_norm": gn, "lr": sched.get_last_lr()[0],

@@ -4,6 +4,8 @@ On the CPU the queue is exercised by adding "cpu" to ``_deferred_checks.ASYNC_DE
 otherwise checked at once); the GPU test checks that no host sync happens at all.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -164,3 +166,22 @@ def test_find_bad_target_names_the_first_bad_one(dtype):
             assert find_bad_target(t, 10, ignore) == scan(t, 10, ignore), (ignore, t)
         t = torch.randint(0, 10, (3, 4), generator=g).to(dtype)
         assert find_bad_target(t, 10, ignore) is None
+
+
+def test_async_target_checks_queues_inside_and_raises_on_leaving(monkeypatch):
+    """rk.async_target_checks: async inside (unless the variable is set), restored after, pending checks raised
+    on leaving; the user's own setting wins."""
+    monkeypatch.delenv("RLHF_KERNELS_VALIDATE", raising=False)
+    monkeypatch.setattr(deferred, "ASYNC_DEVICES", ("cpu", "cuda"))
+    deferred._QUEUE.clear()
+    logits, targets = _logits_targets(bad_at=(1, 2))
+    with pytest.raises(ValueError, match=r"targets\[1, 2\] = 10"):
+        with rk.async_target_checks():
+            assert deferred.validation_mode() == "async"
+            rk.logprobs(logits, targets, backend="torch")  # queued, not raised here
+    assert "RLHF_KERNELS_VALIDATE" not in os.environ and not deferred._QUEUE
+    monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "1")
+    with pytest.raises(ValueError, match=r"targets\[1, 2\] = 10"):
+        with rk.async_target_checks():
+            rk.logprobs(logits, targets, backend="torch")  # the user's synchronous mode: raised at the call
+    assert os.environ["RLHF_KERNELS_VALIDATE"] == "1"

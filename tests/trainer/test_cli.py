@@ -93,3 +93,31 @@ def test_cli_sft_rm_ppo_on_jsonl(tmp_path, capsys):
                  "--rollout_batch", "8", "--max_new_tokens", "6", "--out_dir", d + "/ppo", *TINY_FLAGS]) == 0
     import os
     assert os.path.isfile(d + "/ppo/final/model.safetensors")
+
+
+def test_cli_stages_queue_target_checks_and_check_each_step(tmp_path, monkeypatch):
+    """Under the CLI the ops queue their target checks (rk.async_target_checks) and each step checks them once,
+    where the loop syncs anyway; the variable is restored afterwards and a user's own setting is left alone."""
+    import os
+
+    import rlhf_kernels as rk
+    from rlhf_kernels.ops import _deferred_checks
+
+    from rlhf_kernels.tasks import get_task
+
+    sft = _jsonl(tmp_path / "sft.jsonl", get_task().sft_data(16, 0))
+    modes = []
+    real = rk.check_pending_targets
+    monkeypatch.setattr(rk, "check_pending_targets",
+                        lambda: (modes.append(_deferred_checks.validation_mode()), real()))
+    monkeypatch.delenv("RLHF_KERNELS_VALIDATE", raising=False)
+    def args(out):
+        return ["sft", "--data", sft, "--steps", "2", "--batch_size", "4", "--out_dir", str(tmp_path / out),
+                *TINY_FLAGS]
+
+    assert main(args("o")) == 0
+    assert modes == ["async", "async"] and "RLHF_KERNELS_VALIDATE" not in os.environ
+    modes.clear()
+    monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "1")
+    assert main(args("o2")) == 0
+    assert modes == ["sync", "sync"] and os.environ["RLHF_KERNELS_VALIDATE"] == "1"
