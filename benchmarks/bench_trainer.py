@@ -16,6 +16,8 @@ Variants ("ops"):
               sft, ppo-exp and ppo-update only (the reward model has no vocabulary head)
   eager       backend="torch", the plain-PyTorch reference that materialises the [N, V] fp32 temporaries
 tokens/s counts the B x T tokens of the step's batch (ppo-exp: prompt + response, ppo-update: one epoch).
+Each step runs as the trainer's CLI runs it: target checks queued and checked once at the step's end
+(``rk.async_target_checks``), every variant alike.
 """
 from __future__ import annotations
 
@@ -149,21 +151,28 @@ def main(argv=None):
     variants = [v for v in VARIANTS if v[0] in args.variants.split(",")]
     fns = {name: stages(args, dev, backend, fused_head) for name, backend, fused_head in variants}
     tokens = args.batch * args.seq
+    def as_trainer(step):
+        """``step`` as the trainer's CLI runs it: target checks queued, checked once at its end."""
+        def run():
+            with rk.async_target_checks():
+                step()
+        return run
+
     for stage in STAGES:
         ts = {name: [] for name in fns if stage in fns[name]}
         for name in ts:
             for _ in range(args.warmup):
-                fns[name][stage]()
+                as_trainer(fns[name][stage])()
         for _ in range(args.reps):  # interleaved, so a busy machine hurts every variant alike
             for name, times in ts.items():
                 _sync(dev)
                 t = time.perf_counter()
-                fns[name][stage]()
+                as_trainer(fns[name][stage])()
                 _sync(dev)
                 times.append((time.perf_counter() - t) * 1e3)
         for name, times in ts.items():
             ms = statistics.median(times)
-            peak = common.peak_extra_bytes(fns[name][stage], dev) / 2**20
+            peak = common.peak_extra_bytes(as_trainer(fns[name][stage]), dev) / 2**20
             rows.append({"stage": stage, "ops": name, "ms": round(ms, 2), "tokens_per_s": round(tokens / ms * 1e3),
                          "peak_extra_mib": round(peak, 1)})
             print(f"{stage:<11} {name:<10} {ms:9.2f} ms {tokens / ms * 1e3:10.0f} tok/s  peak +{peak:8.1f} MiB",
