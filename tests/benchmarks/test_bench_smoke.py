@@ -215,3 +215,20 @@ def test_cpu_kernel_microbenchmarks_run_and_report(tmp_path):
     for op in ("logprobs+ent", "kl_divergence", "ppo_loss", "gae"):
         assert f"| {op} | fwd |" in text, text
     assert "| ppo_loss | fwd+bwd |" in text
+
+
+def test_trainer_benchmark_runs_every_stage_and_variant(tmp_path, capsys):
+    """bench_trainer at a tiny size: every stage and variant timed (finite, positive), the CSV and table written."""
+    from benchmarks import bench_trainer
+
+    args = ["--vocab", "256", "--n_embd", "32", "--n_layer", "1", "--n_head", "2", "--batch", "4", "--seq", "32",
+            "--warmup", "1", "--reps", "1", "--threads", "1", "--out", str(tmp_path)]
+    assert bench_trainer.main(args) == 0
+    (folder,) = os.listdir(tmp_path)
+    with open(os.path.join(tmp_path, folder, "trainer.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["stage"], r["ops"]) for r in rows} == {
+        (s, v) for s in ("sft", "ppo-exp", "ppo-update") for v in ("fused", "fused-head", "eager")
+    } | {("rm", "fused"), ("rm", "eager")}
+    assert all(math.isfinite(float(r["ms"])) and float(r["ms"]) > 0 for r in rows)
+    assert "| sft | fused |" in capsys.readouterr().out
