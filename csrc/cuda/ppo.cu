@@ -102,6 +102,17 @@ __global__ void __launch_bounds__(512, 2)
     const int64_t k_lo = min(static_cast<int64_t>(rank) * vecs_per_cta, rv.count);
     const int64_t k_hi = min(k_lo + vecs_per_cta, rv.count);
 
+    // The row's scalars, loaded ahead of sweep 1 so their latency hides behind it instead of stalling the CTA
+    // between the sweeps (thread 0 uses them; with 3 CTAs per SM on the cluster path there is little else to run).
+    const int64_t y = targets[row];
+    float old = 0.f, adv = 0.f, ref = 0.f, w = 0.f;
+    if (threadIdx.x == 0) {
+      old = io.old_logp[row];
+      adv = io.advantages[row];
+      if (p.has_ref) ref = io.ref_logp[row];
+      if (grad != nullptr) w = io.weights[row];
+    }
+
     // sweep 1: statistics of this CTA's slice (the whole row unless clustered), caching it
     const float c = p.inv_t * kLog2e;
     const auto cache_vec = [&](int64_t k, const uint4& raw) {
@@ -111,6 +122,8 @@ __global__ void __launch_bounds__(512, 2)
                       ? sweep_row_stats_prefetch<T, 4, kPrefetchDepth>(x, rv, vocab, k_lo, k_hi, threadIdx.x,
                                                                         blockDim.x, c, cache)
                       : sweep_row_stats<T, 4>(x, rv, vocab, k_lo, k_hi, threadIdx.x, blockDim.x, c, cache_vec);
+    // the target's logit, loaded before the reduction (and the cluster's exchange) that it would otherwise follow
+    const float xy = threadIdx.x == 0 ? target_value(x, y, vocab, p.ignore_index) : 0.f;
     st = block_stats_reduce(st, c);  // ends with __syncthreads: the cache is visible to the whole CTA
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
     if constexpr (kCluster) {
@@ -126,17 +139,14 @@ __global__ void __launch_bounds__(512, 2)
       }
     }
 #endif
-    const int64_t y = targets[row];
     const bool valid = y != p.ignore_index;
     if (threadIdx.x == 0) {
-      const TokenOutputs r = token_outputs(x, y, vocab, p.inv_t, p.ignore_index, st);
+      const TokenOutputs r = token_outputs_at(xy, y, vocab, p.inv_t, p.ignore_index, st);
       const float logp = r.logp, ent = r.entropy;
-      const float old = io.old_logp[row], adv = io.advantages[row];
       const PolicyGrad pg = ppo_pg(logp, old, adv, p);
       float term = pg.pg - p.entropy_coef * ent;
       float kl = 0.f, dk = 0.f;  // kl stays 0 without ref_logp, even where logp is NaN
       if (p.has_ref) {
-        const float ref = io.ref_logp[row];
         kl = kl_k(logp, ref, p.kl_estimator);
         dk = kl_k_dlogp(logp, ref, p.kl_estimator);
         term = term + p.kl_coef * kl;
@@ -150,7 +160,6 @@ __global__ void __launch_bounds__(512, 2)
         io.lse[row] = r.lse;
       }
       if (grad != nullptr) {
-        const float w = io.weights[row];
         float g_logp = w * pg.dpg;
         if (p.has_ref) g_logp += (w * p.kl_coef) * dk;
         tok[0] = r.lse;

@@ -264,10 +264,16 @@ RK_HD RowSummary stats_finish(const RowStats& st, float inv_t) {
   return {m, log_s, m + log_s, log_s - kLn2 * (st.t / st.s)};
 }
 
-// log p of the target column y, or NaN for a y outside [0, V) (never read).
+// The target's logit row[y] as a float, 0 where y is ignore_index or outside [0, V) (never read). A kernel
+// loads it before its block reduction, so the read's latency overlaps the reduction instead of following it.
 template <typename T>
-RK_HD float target_logp(const T* row, int64_t y, int64_t V, float inv_t, const RowSummary& r) {
-  return (y >= 0 && y < V) ? (mul_rn(to_float(row[y]), inv_t) - r.m) - r.log_s : nan_f();
+RK_HD float target_value(const T* row, int64_t y, int64_t V, int64_t ignore_index) {
+  return (y != ignore_index && y >= 0 && y < V) ? to_float(row[y]) : 0.f;
+}
+
+// log p of the target column y from its logit xy = row[y], or NaN for a y outside [0, V).
+RK_HD float target_logp(float xy, int64_t y, int64_t V, float inv_t, const RowSummary& r) {
+  return (y >= 0 && y < V) ? (mul_rn(xy, inv_t) - r.m) - r.log_s : nan_f();
 }
 
 // What a row's token gets from its merged statistics: log p of the target, the entropy (both 0
@@ -277,12 +283,18 @@ struct TokenOutputs {
   bool valid;
 };
 
+// xy: the target's logit, target_value(row, y, V, ignore_index).
+RK_HD TokenOutputs token_outputs_at(float xy, int64_t y, int64_t V, float inv_t, int64_t ignore_index,
+                                    const RowStats& st) {
+  const RowSummary r = stats_finish(st, inv_t);
+  const bool valid = y != ignore_index;
+  return {valid ? target_logp(xy, y, V, inv_t, r) : 0.f, valid ? r.entropy : 0.f, r.lse, valid};
+}
+
 template <typename T>
 RK_HD TokenOutputs token_outputs(const T* row, int64_t y, int64_t V, float inv_t, int64_t ignore_index,
                                  const RowStats& st) {
-  const RowSummary r = stats_finish(st, inv_t);
-  const bool valid = y != ignore_index;
-  return {valid ? target_logp(row, y, V, inv_t, r) : 0.f, valid ? r.entropy : 0.f, r.lse, valid};
+  return token_outputs_at(target_value(row, y, V, ignore_index), y, V, inv_t, ignore_index, st);
 }
 
 // The partial head and tail vectors of [k_lo, k_hi) (body = split_vecs(rv, k_lo, k_hi)), read element by
