@@ -334,9 +334,8 @@ def test_ppo_loss_all_paths(V, dtype, path, monkeypatch):
     _check_ppo_against_oracle(V, dtype, path)
 
 
-@pytest.mark.parametrize("size", ("4", "8"))
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
-@pytest.mark.parametrize("V", (50257, 151936))
+@pytest.mark.parametrize("V, dtype, size", [(151936, torch.bfloat16, "8"), (151936, torch.float32, "8"),
+                                             (50257, torch.bfloat16, "4"), (50257, torch.bfloat16, "8")], ids=str)
 def test_ppo_loss_cluster_sizes(V, dtype, size, monkeypatch):
     """RLHF_KERNELS_CUDA_CLUSTER: the cluster path over at least 4 or 8 CTAs, against the oracle."""
     monkeypatch.setenv("RLHF_KERNELS_CUDA_CLUSTER", size)
