@@ -17,7 +17,6 @@ from typing import Iterable, Optional
 import torch
 
 from .. import _ext
-from ._deferred_checks import validation_mode
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
@@ -153,9 +152,3 @@ def preferred_backend() -> Optional[str]:
     if preferred not in BACKENDS:
         raise ValueError(f"RLHF_KERNELS_BACKEND must be one of {BACKENDS} or 'auto', got {preferred!r}")
     return preferred
-
-
-def validation_enabled() -> bool:
-    """Target validation is on unless ``RLHF_KERNELS_VALIDATE=0`` (``1``: a host sync per check; ``async``:
-    queued, reported by the next op, ``ops/_deferred_checks.py``)."""
-    return validation_mode() != "off"

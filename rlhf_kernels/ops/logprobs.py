@@ -30,7 +30,7 @@ from ._checks import (
     zero_outside,
 )
 from . import _deferred_checks as deferred_checks
-from ._dispatch import resolve_backend, validation_enabled
+from ._dispatch import resolve_backend
 
 # Backends with a kernel for this family (the reference "torch" is implied).
 IMPLEMENTED = ("triton", "cuda", "cpu")
@@ -81,8 +81,7 @@ def _validate_targets(targets: torch.Tensor, vocab: int, ignore_index: int, op: 
     is safe on a bad target either way (it is never read; that token's ``logp``
     is NaN). ``op`` names the caller in a deferred error.
     """
-    if validation_enabled():
-        _raise_if_bad(targets, vocab, ignore_index, op)
+    _raise_if_bad(targets, vocab, ignore_index, op)
 
 
 def _raise_if_bad(targets: torch.Tensor, vocab: int, ignore_index: int, op: str = "logprobs") -> None:
