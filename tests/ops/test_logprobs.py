@@ -251,7 +251,7 @@ def test_every_op_checks_targets_before_its_kernels(monkeypatch):
     from rlhf_kernels.ops import ppo as ppo_mod
 
     order = []
-    _record_order(monkeypatch, lp_mod, "_raise_if_bad", order)
+    _record_order(monkeypatch, lp_mod.deferred_checks, "mode_for", order)  # the check's first step
     for module, kernel in ((lp_mod, "_torch_fwd"), (ppo_mod, "_torch_fwd"), (linear_mod, "_row_forward"),
                            (linear_mod, "_chunk_logits"), (_linear_fused, "_row_chunk_loss")):
         _record_order(monkeypatch, module, kernel, order)
@@ -274,13 +274,13 @@ def test_every_op_checks_targets_before_its_kernels(monkeypatch):
     for name, call in calls.items():
         order.clear()
         call(targets)
-        assert order and order[0] == "_raise_if_bad" and len(order) > 1, (name, order)
+        assert order and order[0] == "mode_for" and len(order) > 1, (name, order)
         bad = targets.clone()
         bad[0, 2] = -4
         order.clear()
         with pytest.raises(ValueError, match=r"\[0, 2\] = -4|\[2\] = -4"):
             call(bad)
-        assert order == ["_raise_if_bad"], (name, order)  # raised before any kernel ran
+        assert order == ["mode_for"], (name, order)  # raised before any kernel ran
 
 
 def test_env_backend_preference(monkeypatch):
