@@ -405,6 +405,15 @@ def write_json(path: str, obj: object) -> None:
         fh.write("\n")
 
 
+def read_json(path: str) -> Dict[str, object]:
+    """The JSON object in ``path``, or ``{}`` where the file is missing or unreadable (a run's meta.json)."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
 @dataclass
 class Logger:
     """Prints and keeps every line for the raw log."""

@@ -114,19 +114,11 @@ def merge_device(committed: str, incoming: Sequence[str], log=print) -> Set[str]
 
 
 def _merged_meta(committed: str, incoming: Sequence[str], added: Set[str], live: Set[str]) -> Dict[str, object]:
-    import json
-
-    def load(folder: str) -> Dict[str, object]:
-        try:
-            with open(os.path.join(folder, "meta.json")) as fh:
-                return json.load(fh)
-        except (OSError, ValueError):
-            return {}
-
-    mine = load(committed)
+    mine = common.read_json(os.path.join(committed, "meta.json"))
     runs = dict(mine.get("runs", {}))
     for folder in incoming:
-        runs.update({k: v for k, v in load(folder).get("runs", {}).items() if k in added})
+        theirs = common.read_json(os.path.join(folder, "meta.json"))
+        runs.update({k: v for k, v in theirs.get("runs", {}).items() if k in added})
     runs = {k: v for k, v in runs.items() if k in live}
     latest = max(runs) if runs else None
     top = dict(runs[latest]) if latest else {k: v for k, v in mine.items() if k != "runs"}
@@ -158,6 +150,11 @@ def _plots(folder: str, rows, meta, log) -> None:
         log(f"plots skipped: matplotlib missing ({exc})")
 
 
+def _free_name(dest: str, name: str, prefix: str) -> str:
+    """``name``, or ``prefix + name`` where ``dest`` already holds a ``name`` (an earlier call's copy)."""
+    return name if not os.path.exists(os.path.join(dest, name)) else prefix + name
+
+
 def copy_logs(source: str, dest: str, call: int, log=print) -> List[str]:
     """The archive's top-level files (not its ``results/``) into ``dest``, prefixed ``call<call>_`` when taken."""
     os.makedirs(dest, exist_ok=True)
@@ -166,7 +163,7 @@ def copy_logs(source: str, dest: str, call: int, log=print) -> List[str]:
         path = os.path.join(source, name)
         if not os.path.isfile(path) or name.endswith((".tgz", ".part")):
             continue
-        target = name if not os.path.exists(os.path.join(dest, name)) else f"call{call}_{name}"
+        target = _free_name(dest, name, f"call{call}_")
         shutil.copyfile(path, os.path.join(dest, target))
         copied.append(target)
     log(f"logs of call {call}: {len(copied)} files to {dest}")
@@ -206,9 +203,7 @@ def merge(sources: Sequence[str], run: str, results: str, device: Optional[str] 
             for i, root in enumerate(unpacked, 1):
                 copy_logs(root, dest, i, log)
             for k, path in enumerate(extra, 1):  # a repeated name (console.log of two calls) keeps both
-                base = os.path.basename(path)
-                target = base if not os.path.exists(os.path.join(dest, base)) else f"extra{k}_{base}"
-                shutil.copyfile(path, os.path.join(dest, target))
+                shutil.copyfile(path, os.path.join(dest, _free_name(dest, os.path.basename(path), f"extra{k}_")))
     return added
 
 

@@ -354,15 +354,7 @@ def write_all(out_dir: str, new_rows: Sequence[common.Row], meta: Dict, *, fresh
     write_csv(csv_path, rows)
     written = [csv_path]
     meta_path = os.path.join(out_dir, "meta.json")
-    runs = {}
-    if not fresh and os.path.exists(meta_path):
-        import json
-
-        try:
-            with open(meta_path) as fh:
-                runs = json.load(fh).get("runs", {})
-        except (OSError, ValueError):
-            runs = {}
+    runs = {} if fresh else common.read_json(meta_path).get("runs", {})
     live = {str(r["run_id"]) for r in rows}
     runs = {k: v for k, v in runs.items() if k in live}
     runs[meta["run_id"]] = {k: v for k, v in meta.items() if k != "runs"}
