@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def _triton_block():
     return _common.block_v_override()
 
 
-RUNTIME: Tuple[Setting, ...] = (
+RUNTIME: tuple[Setting, ...] = (
     Setting("RLHF_KERNELS_BACKEND", "auto | triton | cuda | cpu | torch", "auto",
             "the backend every op prefers (it falls back to the automatic choice where that one cannot run)",
             _reader("ops._dispatch", "preferred_backend")),
@@ -82,7 +82,7 @@ RUNTIME: Tuple[Setting, ...] = (
             "a fixed vocabulary block for every Triton kernel (a tuning and testing knob)", _triton_block),
 )
 
-BUILD: Tuple[Setting, ...] = (
+BUILD: tuple[Setting, ...] = (
     Setting("RLHF_KERNELS_FORCE_CUDA", "1", "0", "fail the build if the CUDA kernels cannot be compiled"),
     Setting("RLHF_KERNELS_SKIP_CUDA", "1", "0", "build the C++ CPU kernels only"),
     Setting("RLHF_KERNELS_NO_EXTENSION", "1", "0", "install without compiled kernels (the PyTorch reference backend)"),
@@ -90,7 +90,7 @@ BUILD: Tuple[Setting, ...] = (
             "the CPU instruction set the C++ kernels are compiled for"),
 )
 
-TOOLS: Tuple[Setting, ...] = (
+TOOLS: tuple[Setting, ...] = (
     Setting("RLHF_KERNELS_REQUIRE_EXTENSION", "1", "0",
             "make the tests fail, instead of skip, where the compiled extension is missing (make test sets it)"),
     Setting("RLHF_KERNELS_COMMIT", "a git hash", "git's HEAD",
@@ -100,12 +100,12 @@ TOOLS: Tuple[Setting, ...] = (
 # Preprocessor macros of the extension's build, not environment variables (csrc/build_config.h).
 BUILD_MACROS = ("RLHF_KERNELS_WITH_CUDA", "RLHF_KERNELS_CUDA_ARCHS", "RLHF_KERNELS_CPU_CAPABILITY")
 
-ALL: Tuple[Setting, ...] = RUNTIME + BUILD + TOOLS
+ALL: tuple[Setting, ...] = RUNTIME + BUILD + TOOLS
 
 
-def check() -> Dict[str, Tuple[Optional[str], Optional[str]]]:
+def check() -> Dict[str, tuple[Optional[str], Optional[str]]]:
     """``name -> (raw value or None when unset, problem or None)`` for every runtime setting; never raises."""
-    report: Dict[str, Tuple[Optional[str], Optional[str]]] = {}
+    report: Dict[str, tuple[Optional[str], Optional[str]]] = {}
     for setting in RUNTIME:
         raw = os.environ.get(setting.name)
         problem = None

@@ -30,7 +30,7 @@ are *more* accurate than TRL's and agree with them to bf16 rounding.
 from __future__ import annotations
 
 import sys
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
@@ -137,7 +137,7 @@ def selective_log_softmax_and_entropy(
     entropy_requires_grad: bool = True,
     temperature: float = 1.0,
     row_mask: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TRL's ``selective_log_softmax_and_entropy``: log-prob of ``index`` and entropy in one pass.
 
     ``logits[..., V]``, ``index[...]`` -> ``(logp[...], entropy[...])`` in

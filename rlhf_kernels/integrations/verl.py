@@ -38,7 +38,7 @@ by ``L`` only (no ``B``): pass ``global_batch_size=1`` for that.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -203,7 +203,7 @@ def compute_policy_loss(
     cliprange_high: Optional[float] = None,
     clip_ratio_c: float = 3.0,
     loss_agg_mode: str = "token-mean",
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """verl's ``compute_policy_loss``: PPO clipped objective with dual clip, same arguments and results.
 
     Per token (all ``[B, T]``)::
@@ -238,7 +238,7 @@ def compute_policy_loss_vanilla(
     loss_agg_mode: str = "token-mean",
     config: Optional[Any] = None,
     rollout_is_weights: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Dict[str, float]]:
+) -> tuple[torch.Tensor, Dict[str, float]]:
     """verl 0.9's registered ``"vanilla"`` policy loss: same math as ``compute_policy_loss``.
 
     ``config`` is verl's ``ActorConfig`` or any object / dict with

@@ -30,7 +30,7 @@ import contextlib
 import os
 import sys
 import threading
-from typing import Deque, List, Optional, Tuple
+from typing import Deque, List, Optional
 
 import torch
 
@@ -38,7 +38,7 @@ ENV = "RLHF_KERNELS_VALIDATE"
 MODES = {"0": "off", "1": "sync", "sync": "sync", "async": "async"}
 
 # Devices whose checks are deferred in async mode (tests add "cpu" to exercise the queue without a GPU).
-ASYNC_DEVICES: Tuple[str, ...] = ("cuda",)
+ASYNC_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 def validation_mode() -> str:

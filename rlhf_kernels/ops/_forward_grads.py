@@ -24,7 +24,7 @@ forward output.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
@@ -34,10 +34,16 @@ HAND_OVER_DEVICES = ("cuda",)
 
 
 def traced(t: torch.Tensor) -> bool:
-    """True while AOTAutograd / torch.compile traces (fake or functional tensors), False in eager."""
-    from torch._subclasses.fake_tensor import is_fake
+    """True while AOTAutograd / torch.compile traces (fake or functional tensors), False in eager.
 
-    return torch.compiler.is_compiling() or is_fake(t)
+    ``FunctionalTensor`` is tested by type: torch 2.6's ``is_fake`` says False for
+    one that wraps a fake tensor (AOTAutograd's traced backward, ``opcheck``'s
+    ``test_aot_dispatch_dynamic``), and the eager branch's ``.item()`` then fails
+    on a symbolic value."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or isinstance(t, FunctionalTensor) or is_fake(t)
 
 
 @torch.library.custom_op("rlhf_kernels::scale_grad_unless_one_", mutates_args=("grad",))
@@ -70,7 +76,7 @@ def keep(ctx, grads: Sequence[Optional[torch.Tensor]]) -> None:
     setattr(ctx, _ATTR, tuple(grads))
 
 
-def hand_over(ctx, g_out: torch.Tensor, op: str) -> Tuple[Optional[torch.Tensor], ...]:
+def hand_over(ctx, g_out: torch.Tensor, op: str) -> tuple[Optional[torch.Tensor], ...]:
     """In the backward: the kept gradients times the upstream scalar ``g_out``.
 
     Eager, on a ``HAND_OVER_DEVICES`` device: scaled in place (``scale_grad_unless_one_``), released from

@@ -10,7 +10,7 @@ step over row chunks (``_row_chunk_loss``), 4 over vocabulary slabs
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -188,7 +188,7 @@ def linear_loss_fused(
     need_weight: bool,
     need_bias: bool,
     chunk_by: str = "rows",
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, logp, entropy, grad_hidden, grad_weight, grad_bias)`` with the gradients computed in the forward.
 
     ``hidden[N, H]``, ``weight[V, H]``, ``targets[N]`` int64, ``bias[V]``;

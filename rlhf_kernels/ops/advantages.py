@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -22,7 +22,7 @@ def gae(
     gamma: float = 1.0,
     lam: float = 0.95,
     backend: Optional[str] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (no gradient).
 
     ``δ_t = r_t + γ·V_{t+1}·m_{t+1} - V_t``; ``A_t = δ_t + γλ·A_{t+1}·m_{t+1}``;

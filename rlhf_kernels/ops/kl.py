@@ -10,7 +10,7 @@ inside the op for ``kl_divergence``; plain eager reference for ``kl_estimate``).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -80,7 +80,7 @@ def kl_divergence_fwd(
     row_count: int = WHOLE,
     ref_row_start: int = 0,
     ref_row_count: int = WHOLE,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``logits, ref_logits[*, V]`` -> ``(kl, lse_z, lse_r)``, each ``[*]`` float32 (float64 for float64 inputs).
 
     Row ranges as in ``logprobs_fwd``, one per input: with ``row_count != WHOLE``
@@ -122,7 +122,7 @@ def kl_divergence_bwd(
     row_count: int = WHOLE,
     ref_row_start: int = 0,
     ref_row_count: int = WHOLE,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dlogits, dref_logits)`` shaped like the inputs; ``dref_logits`` is empty unless ``need_ref_grad``.
 
     With row ranges (``kl_divergence_fwd``) the kernel writes the range's rows of
@@ -271,7 +271,7 @@ def _(logp, ref_logp, estimator, clamp, backend):
 @torch.library.custom_op("rlhf_kernels::kl_estimate_bwd", mutates_args=())
 def kl_estimate_bwd(
     grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: Optional[float], backend: str
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dlogp, dref_logp)`` in the inputs' dtypes."""
     if backend == "triton":
         from ..triton.kl import kl_estimate_bwd as triton_bwd

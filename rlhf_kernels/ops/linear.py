@@ -99,7 +99,7 @@ upstream gradient is only known in backward) and
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -147,7 +147,7 @@ def linear_logprobs_fwd(
     chunk_size: int,
     backend: str,
     chunk_by: str = "rows",
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``hidden[N, H]``, ``weight[V, H]``, ``targets[N]`` int64, ``bias[V]`` -> ``(logp, entropy, lse)`` ``[N]``.
 
     ``chunk_size`` 0 picks the chunk automatically. Outputs are float32
@@ -205,7 +205,7 @@ def linear_logprobs_bwd(
     need_weight: bool,
     need_bias: bool,
     chunk_by: str = "rows",
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_hidden[N, H], grad_weight[V, H], grad_bias[V])`` in the inputs' dtype, recomputing the logits per chunk.
 
     A gradient that is not needed comes back as an empty ``[0]`` tensor and is
@@ -318,7 +318,7 @@ def linear_logprobs_frozen_head(
     ignore_index: int,
     chunk_size: int,
     backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp[N], direction[N, H])`` for a head that needs no gradient (LoRA, a frozen LM head), float32
     (float64 for float64 inputs).
 

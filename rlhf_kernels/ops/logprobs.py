@@ -9,7 +9,7 @@ DESIGN.md §3; none materialises an ``[N, V]`` float32 temporary except the
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -125,7 +125,7 @@ def _torch_bwd(grad_logp, grad_entropy, rows, targets, lse, entropy, temperature
     return (dz / temperature).to(rows.dtype)
 
 
-def range_lead(logits: torch.Tensor, row_start: int, row_count: int) -> Tuple[int, ...]:
+def range_lead(logits: torch.Tensor, row_start: int, row_count: int) -> tuple[int, ...]:
     """Leading shape of the rows an op computes on (``rows_in_range``), without slicing (fake impls)."""
     if row_count == WHOLE:
         return tuple(logits.shape[:-1])
@@ -161,7 +161,7 @@ def logprobs_fwd(
     row_start: int = 0,
     row_count: int = WHOLE,
     caller: str = "logprobs",
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``logits[*, V]``, ``targets[*]`` (int64) -> ``(logp, entropy, lse)``, each ``[*]``.
 
     ``caller``: the public op a bad target's error names (``ppo_loss`` computes

@@ -48,7 +48,7 @@ so the backward runs once: ``retain_graph=True`` and a second backward raise.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -271,7 +271,7 @@ def ppo_term_fwd(
     backend: str,
     row_start: int = 0,
     row_count: int = WHOLE,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token PPO term from ``logits[*, V]``: ``(term, logp, entropy, kl, clipped, lse)``, each float32 ``[*]``.
 
     ``old_logp``, ``advantages`` (and ``ref_logp``) are float32 ``[*]``;
@@ -407,7 +407,7 @@ def ppo_loss_fused(
     backend: str,
     row_start: int = 0,
     row_count: int = WHOLE,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, term, logp, entropy, kl, clipped, dlogits)`` in one kernel.
 
     ``loss = aggregate_loss(term, mask, loss_agg)`` (a float32 scalar; the only

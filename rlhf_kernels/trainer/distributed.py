@@ -115,8 +115,13 @@ def global_loss_scale(loss_agg: str, mask: torch.Tensor) -> torch.Tensor | float
 
 
 # ----------------------------------------------------------------------------- wrapping
-def _fully_shard():
-    """``fully_shard``: ``torch.distributed.fsdp`` from torch 2.6, ``torch.distributed._composable.fsdp`` before."""
+def _fully_shard(device: torch.device):
+    """``fully_shard`` for models on ``device``: ``torch.distributed.fsdp`` from torch 2.6,
+    ``torch.distributed._composable.fsdp`` before; ``ValueError`` naming ``parallel`` where it cannot run."""
+    if device.type == "cpu" and not hasattr(torch.cpu.Stream, "record_event"):
+        # torch 2.6's FSDP2 records events on its all-gather stream, which its CPU stream stub cannot do
+        raise ValueError(f"parallel 'fsdp' on the CPU needs a newer torch than {torch.__version__} (its FSDP2 "
+                         "runs on CUDA only: torch.cpu.Stream has no record_event): use --parallel ddp")
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
@@ -168,7 +173,7 @@ def wrap_model(model: torch.nn.Module, parallel: str, device: torch.device) -> t
             return model
         ids = [device.index] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    fully_shard = _fully_shard()
+    fully_shard = _fully_shard(device)
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (world,))
     blocks = set()

@@ -111,11 +111,41 @@ def _prune_row_configs(configs, named_args, **kwargs):
             and (c.kwargs["LANES_V"] == c.kwargs["BLOCK_V"] or v >= _TILED_MIN_V)]
 
 
+class _LazyAutotune:
+    """``triton.autotune(...)(kernel)``, built on first use (``tuned[grid]``, or any attribute such as
+    ``best_config``).
+
+    Triton 3.2's ``Autotuner`` looks up the active GPU driver when it is built
+    (and its ``autotune`` drops a ``do_bench`` that would avoid it), so building it
+    at import raised ``0 active drivers`` on a machine without a GPU: importing
+    ``rlhf_kernels.triton`` failed under the interpreter and in a CPU-only install.
+    The tuned kernel is only launched on a GPU (``launch_row_kernel``), so it is
+    built there.
+    """
+
+    def __init__(self, kernel, configs):
+        self._kernel, self._configs, self._tuned = kernel, configs, None
+
+    def _built(self):
+        if self._tuned is None:
+            self._tuned = triton.autotune(configs=self._configs, key=["V"],
+                                          prune_configs_by={"early_config_prune": _prune_row_configs})(self._kernel)
+        return self._tuned
+
+    def __getitem__(self, grid):
+        return self._built()[grid]
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # this object's own fields, before __init__ has set them (copy, pickle)
+            raise AttributeError(name)
+        return getattr(self._built(), name)
+
+
 def row_autotune(kernel, candidates=_ROW_FWD_CANDIDATES):
     """``kernel`` autotuned over ``candidates`` (``(BLOCK_V, LANES_V, num_warps)``), keyed on ``V`` (and the
-    tensors' dtypes)."""
+    tensors' dtypes); the autotuner is built at its first launch (``_LazyAutotune``)."""
     configs = [triton.Config({"BLOCK_V": block, "LANES_V": lanes}, num_warps=warps) for block, lanes, warps in candidates]
-    return triton.autotune(configs=configs, key=["V"], prune_configs_by={"early_config_prune": _prune_row_configs})(kernel)
+    return _LazyAutotune(kernel, configs)
 
 
 def launch_row_kernel(kernel, tuned, grid, *args, vocab: int, device: torch.device, **constexprs) -> None:

@@ -11,7 +11,6 @@ in fp32, written in ``values``' dtype. Inputs are made contiguous ``[B, T]``.
 
 from __future__ import annotations
 
-from typing import Tuple
 
 import torch
 import triton
@@ -42,7 +41,7 @@ def _gae_fwd_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, B, T, gamma, gamma_la
         next_m = m
 
 
-def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``rewards, values, mask[B, T]`` -> ``(advantages, returns)``, ``[B, T]`` in ``values.dtype``."""
     B, T = values.shape
     adv = _common.alloc((B, T), values.dtype, values.device)

@@ -24,7 +24,7 @@ k3 ``= exp(d) - 1 - d`` (series near 0), optional clamp to ``[-c, c]``.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -44,7 +44,6 @@ from ._common import (
     vocab_config,
 )
 from .logprobs import _check_out
-
 
 
 @triton.jit
@@ -210,7 +209,7 @@ def _check_rows(name: str, rows: torch.Tensor) -> None:
         raise ValueError(f"{name} must be [B, T, V] with unit vocab stride, got shape {tuple(rows.shape)} strides {rows.stride()}")
 
 
-def kl_divergence_fwd(rows: torch.Tensor, ref_rows: torch.Tensor, temperature: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kl_divergence_fwd(rows: torch.Tensor, ref_rows: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``rows, ref_rows[B, T, V]`` -> ``(kl, lse_z, lse_r)``, each ``[B, T]`` float32."""
     _check_rows("rows", rows)
     _check_rows("ref_rows", ref_rows)
@@ -241,7 +240,7 @@ def kl_divergence_bwd(
     need_ref_grad: bool,
     out: Optional[torch.Tensor] = None,
     ref_out: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(dlogits[B, T, V], dref[B, T, V] or None)`` in each input's dtype.
 
     New contiguous tensors, or written into ``out`` / ``ref_out`` (``[B, T, V]``,
@@ -323,7 +322,7 @@ def kl_estimate_fwd(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, 
 
 def kl_estimate_bwd(
     grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: Optional[float]
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dlogp, dref_logp)`` in the inputs' dtypes."""
     dlogp = _common.alloc(logp.shape, logp.dtype, logp.device)
     dref = _common.alloc(ref_logp.shape, ref_logp.dtype, logp.device)

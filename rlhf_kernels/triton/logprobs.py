@@ -19,7 +19,7 @@ fp32; the op layer sends them elsewhere unless ``backend="triton"`` is forced).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -126,7 +126,7 @@ def _stats_dtype(rows: torch.Tensor) -> torch.dtype:
 
 def logprobs_fwd(
     rows: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``rows[B, T, V]`` (vocab stride 1), ``targets[B, T]`` int -> ``(logp, entropy, lse)``, each ``[B, T]`` float32."""
     _check_rows(rows)
     B, T, V = rows.shape

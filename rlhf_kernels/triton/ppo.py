@@ -24,7 +24,7 @@ as the per-token weight ``g_term``.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -210,7 +210,7 @@ def ppo_term_fwd(
     clip_low: float,
     clip_high: float,
     dual_clip: Optional[float],
-) -> Tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor, ...]:
     """``rows[B, T, V]``, per-token ``[B, T]`` inputs -> ``(term, logp, entropy, kl, clipped, lse)``, each ``[B, T]`` float32.
 
     ``clipped`` is 1.0 where the clipped (or dual-clipped) branch was active.
