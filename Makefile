@@ -74,3 +74,25 @@ $(STAMPS)/build: $(STAMPS)/deps $(SOURCES)
 
 clean:
 	rm -rf build $(STAMPS) rlhf_kernels/_C*.so csrc/build_config.h *.egg-info
+
+# The oldest torch and Triton pyproject.toml allows (torch 2.6, Triton 3.2; its interpreter needs numpy < 2.3), the
+# whole CPU suite, in a venv and a copy of the tree of their own (.make/oldest: the in-place build's _C*.so has the
+# same name for both torches). torch 2.6 is a CUDA 12 build and refuses CUDA 13's nvcc, so its extension holds the
+# CPU kernels only (RLHF_KERNELS_SKIP_CUDA=1; the CUDA sources compile in `make test`). CI runs it after `make test`.
+OLDEST      := $(STAMPS)/oldest
+OLDEST_SPEC ?= torch==2.6.0 triton==3.2.0 numpy<2.3
+.PHONY: test-oldest
+test-oldest: $(STAMPS)/oldest-deps
+	rm -rf $(OLDEST)/src && mkdir -p $(OLDEST)/src
+	git ls-files -z --cached --others --exclude-standard | xargs -0 tar --ignore-failed-read -cf - | tar -xf - -C $(OLDEST)/src
+	cd $(OLDEST)/src && PATH=$(CURDIR)/$(OLDEST)/venv/bin:$$PATH RLHF_KERNELS_SKIP_CUDA=1 \
+		$(CURDIR)/$(OLDEST)/venv/bin/pip install -q --no-build-isolation --no-deps -e .
+	cd $(OLDEST)/src && RLHF_KERNELS_SKIP_CUDA=1 RLHF_KERNELS_REQUIRE_EXTENSION=1 \
+		$(CURDIR)/$(OLDEST)/venv/bin/python -m pytest -q
+
+$(STAMPS)/oldest-deps: Makefile
+	@mkdir -p $(OLDEST)
+	$(PYTHON) -m venv $(OLDEST)/venv
+	$(OLDEST)/venv/bin/pip install -q --upgrade pip setuptools wheel
+	$(OLDEST)/venv/bin/pip install -q $(foreach s,$(OLDEST_SPEC),"$(s)") $(DEPS)
+	@touch $@

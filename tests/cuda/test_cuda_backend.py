@@ -10,7 +10,6 @@ and the fused forward-with-gradient op of ``ppo_loss`` keeps its contract
 from __future__ import annotations
 
 import os
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -23,10 +22,11 @@ from rlhf_kernels.ops import _forward_grads as forward_grads
 from rlhf_kernels.ops import kl as kl_ops
 from rlhf_kernels.ops import logprobs as lp_ops
 from rlhf_kernels.ops import ppo as ppo_ops
+from tests.build_expectations import cuda_kernels_expected
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-REQUIRED = os.environ.get("RLHF_KERNELS_REQUIRE_EXTENSION") == "1" and shutil.which("nvcc") is not None
+REQUIRED = os.environ.get("RLHF_KERNELS_REQUIRE_EXTENSION") == "1" and cuda_kernels_expected()
 
 
 def _has_cuda_kernels() -> bool:
