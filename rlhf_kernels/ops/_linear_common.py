@@ -4,6 +4,7 @@ kernels on one chunk, and the gradient GEMMs that follow them."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -27,9 +28,11 @@ _MIB = 1 << 20
 # (1/16 of free memory) is enough rows to saturate the tensor cores.
 _CPU_CHUNK_BYTES = 32 * _MIB
 _GPU_CHUNK_BYTES = (64 * _MIB, 256 * _MIB)
-# chunk_by="vocab": bytes of a slab's buffers on the GPU. Every slab reads and writes grad_hidden's float32
-# [N, H] accumulator (268 MB at N = 8192, H = 4096), so slabs too narrow cost bandwidth; too wide, memory.
-_GPU_SLAB_BYTES = 128 * _MIB
+# chunk_by="vocab": bytes of a slab's logits buffers on the GPU. Every slab reads and writes grad_hidden's float32
+# [N, H] accumulator (268 MB at N = 8192, H = 4096), so slabs too narrow cost bandwidth; too wide, memory. At
+# 96 MiB, 8192 x 128256 x 4096 bf16 takes 42 slabs of 3072 columns on the CUDA backend (two buffers) and 21 of
+# 6144 on Triton's, fewer than the 51 / 32 of the former 128 MiB, which also held the slab's float32 weight gradient.
+_GPU_SLAB_BYTES = 96 * _MIB
 # Below this many rows the dW accumulation (read + write of V·H fp32 per chunk)
 # costs as much as the chunk's matmul (2·rows·V·H flops): keep chunks above it.
 _MIN_ROWS = {"cpu": 32, "cuda": 128}
@@ -244,18 +247,45 @@ def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: b
         out.addmm_(a, b)
 
 
-def slab_columns(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, weight_dtype: torch.dtype,
-                 device: torch.device, chunk_size: int, buffers: int = 1) -> int:
+def slab_columns(n: int, vocab: int, dtype: torch.dtype, device: torch.device, chunk_size: int,
+                 buffers: int = 1) -> int:
     """Vocabulary columns per slab of ``chunk_by="vocab"``: ``chunk_size`` when given, else as many as keep
-    ``buffers`` ``[N, cols]`` slabs of logits, and the slab's float32 weight gradient when the weight is 16-bit,
-    within 32 MiB (CPU) or 128 MiB (GPU); a multiple of 64 (GPU: 256) once that large, at most ``vocab``."""
+    ``buffers`` ``[N, cols]`` slabs of logits within 32 MiB (CPU) or 96 MiB (GPU); a multiple of 64 (GPU: 256)
+    once that large, at most ``vocab``. A slab's weight gradient needs no buffer of its own: its GEMM writes
+    straight into ``grad_weight`` (``_linear_slabs._slab_gradients``)."""
     if chunk_size > 0:
         return int(min(chunk_size, max(vocab, 1)))
     itemsize = torch.empty((), dtype=dtype).element_size()
-    cast = hidden_size * 4 if _acc_dtype(weight_dtype) != weight_dtype else 0
-    col_bytes = n * itemsize * max(1, buffers) + cast
+    col_bytes = n * itemsize * max(1, buffers)
     budget = _GPU_SLAB_BYTES if device.type == "cuda" else _CPU_CHUNK_BYTES
     return chunk_rows(vocab, col_bytes, budget, 64, align=_ALIGN_ROWS.get(device.type, 64))
+
+
+@contextlib.contextmanager
+def float32_gemm_reduction(operand: torch.Tensor):
+    """Within it, cuBLAS sums a 16-bit GEMM only in float32, so each output element is rounded once.
+
+    torch lets cuBLAS reduce a bf16 / fp16 GEMM's split-K partial sums in the
+    output dtype (``torch.backends.cuda.matmul.allow_{bf16,fp16}_reduced_precision_reduction``,
+    on by default). The vocabulary slabs write each slab's weight gradient
+    ``dlogits_s.T @ hidden`` (a sum over all ``N`` tokens) straight into the
+    16-bit ``grad_weight``, which the fused-linear contract wants accumulated in
+    float32 and then cast: that holds only without the reduced-precision
+    reduction, so it is turned off for the GEMM and restored after. (The flags
+    are process-wide; another thread's GEMM in that window is only summed more
+    exactly.) A no-op on the CPU and for 32 / 64-bit operands.
+    """
+    matmul = torch.backends.cuda.matmul
+    flag = {torch.bfloat16: "allow_bf16_reduced_precision_reduction",
+            torch.float16: "allow_fp16_reduced_precision_reduction"}.get(operand.dtype)
+    if not operand.is_cuda or flag is None or not getattr(matmul, flag, False):
+        yield
+        return
+    setattr(matmul, flag, False)
+    try:
+        yield
+    finally:
+        setattr(matmul, flag, True)
 
 
 def _check_linear_args(hidden, weight, targets, bias, chunk_size) -> None:

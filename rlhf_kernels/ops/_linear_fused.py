@@ -102,11 +102,10 @@ def _vocab_slab_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref
     (``grad_bias`` still in float32: ``linear_loss_fused`` casts it).
 
     No ``[V, H]`` float32 accumulator: each slab's weight gradient is one GEMM
-    over all ``N`` tokens (float32 accumulation inside it, cast once), written
-    into its rows of ``grad_weight``; the price is a second logits GEMM, 4
-    matmuls in all. Extra memory: a slab of logits (two on CUDA), the slab's
-    float32 weight gradient when the weight is 16-bit, and ``grad_hidden``'s
-    float32 ``[N, H]`` accumulator. Pass 1 (``_slab_forward``) gives each row's
+    over all ``N`` tokens (float32 accumulation inside it, rounded once), written
+    straight into its rows of ``grad_weight``; the price is a second logits GEMM,
+    4 matmuls in all. Extra memory: a slab of logits (two on CUDA) and
+    ``grad_hidden``'s float32 ``[N, H]`` accumulator. Pass 1 (``_slab_forward``) gives each row's
     ``(logp, entropy, lse)``, the loss's per-token upstream gradients follow from
     them, and pass 2 (``_slab_gradients``) computes the slabs' logits again for
     the gradients.

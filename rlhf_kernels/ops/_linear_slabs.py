@@ -21,13 +21,14 @@ from ._linear_common import (
     _kernel_fwd,
     _row_buffer,
     _stats_dtype,
+    float32_gemm_reduction,
     slab_columns,
 )
 
 def _slabs(n: int, h: int, weight: torch.Tensor, hidden: torch.Tensor, chunk_size: int, backend: str):
     """``[(s, e), ...]``: the vocabulary slabs of ``chunk_by="vocab"`` (``slab_columns`` wide)."""
     v = weight.shape[0]
-    cols = slab_columns(n, h, v, hidden.dtype, weight.dtype, hidden.device, chunk_size, _chunk_buffers(backend))
+    cols = slab_columns(n, v, hidden.dtype, hidden.device, chunk_size, _chunk_buffers(backend))
     return [(s, min(v, s + cols)) for s in range(0, v, cols)]
 
 
@@ -86,10 +87,13 @@ def _slab_gradients(g_logp, g_ent, hidden, weight, targets, bias, lse, entropy, 
         dlogits_s = logprobs backward kernel(logits_s)      (slab-local targets; one past the slab: no one-hot)
         grad_hidden += dlogits_s @ weight_s,  grad_weight_s = dlogits_s.T @ hidden,  grad_bias_s = Σ dlogits_s
 
-    ``grad_hidden`` is accumulated in float32 (float64), each ``grad_weight_s`` is
-    one GEMM over all ``N`` tokens cast once into its rows of ``grad_weight``
-    (no ``[V, H]`` float32 accumulator), ``grad_bias`` stays float32 (float64);
-    a gradient not needed is an empty ``[0]`` tensor.
+    ``grad_hidden`` is accumulated in float32 (float64). Each ``grad_weight_s`` is
+    one GEMM over all ``N`` tokens written straight into its rows of
+    ``grad_weight``: the GEMM sums in float32 and rounds each element once
+    (``float32_gemm_reduction``), the same numbers as a float32 buffer cast
+    afterwards, without the ``[cols, H]`` float32 buffer or the copy (no
+    ``[V, H]`` float32 accumulator either). ``grad_bias`` stays float32
+    (float64); a gradient not needed is an empty ``[0]`` tensor.
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -99,7 +103,6 @@ def _slab_gradients(g_logp, g_ent, hidden, weight, targets, bias, lse, entropy, 
     dx = _accumulator(n, hidden, _acc_dtype(hidden.dtype)) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = torch.empty((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
-    cast = need_weight and acc != weight.dtype
     for i, (s, e) in enumerate(_slabs(n, h, weight, hidden, chunk_size, backend)):
         logits, in_slab = _slab_logits(hidden, weight, bias, targets, valid, s, e)
         y_local = torch.where(in_slab, targets - s, torch.where(valid, torch.full_like(targets, e - s), unused))
@@ -108,12 +111,9 @@ def _slab_gradients(g_logp, g_ent, hidden, weight, targets, bias, lse, entropy, 
         del logits
         if dx is not None:
             _accumulate_mm(dx, dlogits, weight[s:e], i == 0)
-        if need_weight:
-            dw = torch.empty((e - s, h), dtype=acc, device=weight.device) if cast else grad_weight[s:e]
-            _accumulate_mm(dw, dlogits.t(), hidden, True)
-            if cast:
-                grad_weight[s:e].copy_(dw)
-                del dw
+        if need_weight:  # one GEMM over all N tokens: float32 sums, each rounded once into the weight's dtype
+            with float32_gemm_reduction(dlogits):
+                torch.mm(dlogits.t(), hidden, out=grad_weight[s:e])
         if need_bias:
             grad_bias[s:e] = dlogits.sum(0, dtype=acc)
         del dlogits

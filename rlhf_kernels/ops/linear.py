@@ -124,7 +124,8 @@ from ._linear_common import (
     _row_buffer,
     _stats_dtype,
 )
-from ._linear_common import auto_chunk_size, chunk_rows, slab_columns  # noqa: F401 (re-exported: tests, tools)
+# re-exported for tests and tools
+from ._linear_common import auto_chunk_size, chunk_rows, float32_gemm_reduction, slab_columns  # noqa: F401
 from ._linear_fused import _fused_loss, _grad_in_forward
 from ._linear_fused import LINEAR_GRAD_PATHS, linear_grad_path, linear_loss_fused  # noqa: F401 (re-exported)
 from ._linear_layout import linear_chunk_by, logprobs_chunk_by
@@ -471,8 +472,8 @@ def linear_logprobs(
         ``logp`` float32 ``[*]``, or ``(logp, entropy)`` when ``return_entropy``.
         Memory beyond inputs and outputs: one chunk of logits (two in backward,
         plus the float32 weight-gradient accumulator for bf16/fp16 weights, or
-        with ``chunk_by="vocab"`` a slab's float32 weight gradient and the
-        ``[N, H]`` float32 ``grad_hidden`` accumulator).
+        with ``chunk_by="vocab"`` the ``[N, H]`` float32 ``grad_hidden``
+        accumulator).
     """
     _check_linear_args(hidden, weight, targets, bias, chunk_size)
     temperature = check_positive("temperature", temperature)

@@ -306,9 +306,10 @@ def test_gpu_chunks_are_whole_gemm_tiles(monkeypatch):
     rows = L.auto_chunk_size(16384, 4096, 151936, torch.bfloat16, cuda)
     assert rows == 768 and rows * 151936 * 2 <= 256 * 2**20
     assert L.auto_chunk_size(16384, 4096, 128256, torch.bfloat16, cuda) == 1024
-    cols = L.slab_columns(16384, 4096, 151936, torch.bfloat16, torch.bfloat16, cuda, 0)
-    assert cols % 256 == 0 and cols * (16384 * 2 + 4096 * 4) <= 128 * 2**20
-    assert L.slab_columns(16384, 4096, 151936, torch.bfloat16, torch.bfloat16, torch.device("cpu"), 0) % 64 == 0
+    assert L.slab_columns(16384, 151936, torch.bfloat16, cuda, 0) == 3072  # 96 MiB of bf16 logits
+    assert L.slab_columns(8192, 128256, torch.bfloat16, cuda, 0, buffers=2) == 3072  # and of dlogits
+    assert L.slab_columns(100_000, 151936, torch.bfloat16, cuda, 0) == 256  # 503 fit: whole 256-column tiles
+    assert L.slab_columns(16384, 151936, torch.bfloat16, torch.device("cpu"), 0) == 1024
 
 
 @pytest.mark.skipif(not _ext.available(), reason="needs the C++ extension")
@@ -836,3 +837,40 @@ def test_fused_backward_materialises_no_zero_gradients(chunk_by, monkeypatch):
     loss = rk.linear_cross_entropy(h, w, targets, bias=b, chunk_size=4, chunk_by=chunk_by)
     assert zero_fills_during(loss.backward, min(h.numel(), w.numel())) == []
     assert all(t.grad is not None for t in (h, w, b))
+
+
+def test_float32_gemm_reduction_turns_off_reduced_precision_split_k_for_16_bit_cuda_gemms():
+    """The vocabulary slabs' weight-gradient GEMM writes 16-bit output straight away; inside
+    ``float32_gemm_reduction`` cuBLAS may not sum its split-K parts in 16 bits, and the flag comes back after,
+    also on an error. Only ``is_cuda`` and ``dtype`` are read, so a stand-in operand runs this without a GPU."""
+    from types import SimpleNamespace
+
+    matmul = torch.backends.cuda.matmul
+    flags = {torch.bfloat16: "allow_bf16_reduced_precision_reduction",
+             torch.float16: "allow_fp16_reduced_precision_reduction"}
+    saved = {name: getattr(matmul, name) for name in flags.values()}
+    try:
+        for dtype, name in flags.items():
+            other = flags[torch.float16 if dtype == torch.bfloat16 else torch.bfloat16]
+            setattr(matmul, name, True)
+            setattr(matmul, other, True)
+            with L.float32_gemm_reduction(SimpleNamespace(is_cuda=True, dtype=dtype)):
+                assert getattr(matmul, name) is False and getattr(matmul, other) is True
+            assert getattr(matmul, name) is True
+            with pytest.raises(RuntimeError, match="boom"):
+                with L.float32_gemm_reduction(SimpleNamespace(is_cuda=True, dtype=dtype)):
+                    raise RuntimeError("boom")
+            assert getattr(matmul, name) is True
+            with L.float32_gemm_reduction(SimpleNamespace(is_cuda=False, dtype=dtype)):
+                assert getattr(matmul, name) is True  # the CPU: untouched
+            setattr(matmul, name, False)  # the user's choice stays
+            with L.float32_gemm_reduction(SimpleNamespace(is_cuda=True, dtype=dtype)):
+                assert getattr(matmul, name) is False
+            assert getattr(matmul, name) is False
+        for name in flags.values():
+            setattr(matmul, name, True)
+        with L.float32_gemm_reduction(SimpleNamespace(is_cuda=True, dtype=torch.float32)):
+            assert all(getattr(matmul, name) is True for name in flags.values())  # float32: untouched
+    finally:
+        for name, value in saved.items():
+            setattr(matmul, name, value)

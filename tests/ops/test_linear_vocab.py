@@ -67,7 +67,7 @@ def test_vocab_slabs_gpt2_vocab_default_width():
     """V = 50257 (not a multiple of 8) in the default slab width: several slabs, the last one padded."""
     hidden, weight, targets, bias = _inputs((16, 32), 12, 50257, torch.float32, seed=5, ignore=(4,))
     n = targets.numel()
-    assert 1 < -(-50257 // L.slab_columns(n, 12, 50257, torch.float32, torch.float32, torch.device("cpu"), 0))
+    assert 1 < -(-50257 // L.slab_columns(n, 50257, torch.float32, torch.device("cpu"), 0))
     fast, materialised = _loss_fns("ce-mean", targets, None, 1.0)
     leaves = (hidden, weight, bias)
     _, got = _value_and_grads(lambda h, w, b: fast(h, w, b, chunk_by="vocab", grad_in_forward=True), leaves, 1.0)
@@ -240,11 +240,12 @@ def test_chunk_by_auto_falls_back_to_slabs_when_the_accumulator_does_not_fit(mon
 
 def test_slab_columns():
     cpu = torch.device("cpu")
-    assert L.slab_columns(100, 8, 50, torch.float32, torch.float32, cpu, 7) == 7  # given
-    assert L.slab_columns(100, 8, 5, torch.float32, torch.float32, cpu, 7) == 5  # at most V
-    cols = L.slab_columns(8192, 4096, 128256, torch.bfloat16, torch.bfloat16, cpu, 0)
-    assert cols % 64 == 0 and cols * (8192 * 2 + 4096 * 4) <= 32 * 2**20  # the slab and its fp32 dW within 32 MiB
-    assert L.slab_columns(10, 8, 30, torch.float32, torch.float32, cpu, 0) == 30  # small: one slab
+    assert L.slab_columns(100, 50, torch.float32, cpu, 7) == 7  # given
+    assert L.slab_columns(100, 5, torch.float32, cpu, 7) == 5  # at most V
+    cols = L.slab_columns(8192, 128256, torch.bfloat16, cpu, 0)
+    assert cols == 2048 and cols * 8192 * 2 <= 32 * 2**20  # the slab of logits within 32 MiB
+    assert L.slab_columns(8192, 128256, torch.bfloat16, cpu, 0, buffers=2) == 1024  # logits and dlogits
+    assert L.slab_columns(10, 30, torch.float32, cpu, 0) == 30  # small: one slab
 
 
 @pytest.mark.skipif(not (triton_importable() and (torch.cuda.is_available() or triton_interpreting())),
