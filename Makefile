@@ -75,12 +75,14 @@ $(STAMPS)/build: $(STAMPS)/deps $(SOURCES)
 clean:
 	rm -rf build $(STAMPS) rlhf_kernels/_C*.so csrc/build_config.h *.egg-info
 
-# The oldest torch and Triton pyproject.toml allows (torch 2.6, Triton 3.2; its interpreter needs numpy < 2.3), the
+# The oldest versions pyproject.toml allows (torch 2.6, Triton 3.2, whose interpreter needs numpy < 2.3;
+# transformers 4.45 with a datasets of its time; no trl, whose releases that import need newer transformers), the
 # whole CPU suite, in a venv and a copy of the tree of their own (.make/oldest: the in-place build's _C*.so has the
 # same name for both torches). torch 2.6 is a CUDA 12 build and refuses CUDA 13's nvcc, so its extension holds the
 # CPU kernels only (RLHF_KERNELS_SKIP_CUDA=1; the CUDA sources compile in `make test`). CI runs it after `make test`.
 OLDEST      := $(STAMPS)/oldest
-OLDEST_SPEC ?= torch==2.6.0 triton==3.2.0 numpy<2.3
+OLDEST_SPEC ?= torch==2.6.0 triton==3.2.0 numpy<2.3 transformers==4.45.2 datasets<4
+OLDEST_DEPS := pyyaml matplotlib tqdm pybind11 ninja pytest pytest-benchmark
 .PHONY: test-oldest
 test-oldest: $(STAMPS)/oldest-deps
 	rm -rf $(OLDEST)/src && mkdir -p $(OLDEST)/src
@@ -90,9 +92,10 @@ test-oldest: $(STAMPS)/oldest-deps
 	cd $(OLDEST)/src && RLHF_KERNELS_SKIP_CUDA=1 RLHF_KERNELS_REQUIRE_EXTENSION=1 \
 		$(CURDIR)/$(OLDEST)/venv/bin/python -m pytest -q
 
+# A fresh venv each time the pins change, so nothing newer lingers from an earlier set
 $(STAMPS)/oldest-deps: Makefile
-	@mkdir -p $(OLDEST)
+	rm -rf $(OLDEST)/venv && mkdir -p $(OLDEST)
 	$(PYTHON) -m venv $(OLDEST)/venv
 	$(OLDEST)/venv/bin/pip install -q --upgrade pip setuptools wheel
-	$(OLDEST)/venv/bin/pip install -q $(foreach s,$(OLDEST_SPEC),"$(s)") $(DEPS)
+	$(OLDEST)/venv/bin/pip install -q $(foreach s,$(OLDEST_SPEC),"$(s)") $(OLDEST_DEPS)
 	@touch $@
