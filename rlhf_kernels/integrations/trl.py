@@ -29,13 +29,13 @@ are *more* accurate than TRL's and agree with them to bf16 rounding.
 
 from __future__ import annotations
 
-import sys
 from typing import List, Optional
 
 import torch
 
 from ..ops.linear import linear_logprobs as _rk_linear_logprobs
 from ..ops.logprobs import logprobs as _rk_logprobs
+from ._patching import ModulePatch
 
 __all__ = [
     "FusedLMHeadFunction",
@@ -211,14 +211,9 @@ _REPLACEMENTS = {
     "_ChunkedLogProbFunction": FusedLMHeadFunction,
 }
 _LM_HEAD = "_ChunkedLogProbFunction"
-_active: List["patch_trl"] = []
 
 
-def _trl_modules():
-    return [m for name, m in list(sys.modules.items()) if m is not None and (name == "trl" or name.startswith("trl."))]
-
-
-class patch_trl:
+class patch_trl(ModulePatch):
     """Swap the fused drop-ins into TRL; a context manager that restores TRL's originals.
 
     ``patch_trl()`` patches immediately and returns a handle: use it as
@@ -243,55 +238,14 @@ class patch_trl:
     ``ImportError`` when TRL is not installed.
     """
 
+    package = "trl"
+    home = "trl.trainer.utils"
+    _active: List["patch_trl"] = []
+
     def __init__(self, *, lm_head: bool = False):
-        import trl.trainer.utils as trl_utils  # ImportError when TRL is absent: that is the message we want
-
-        self._saved: List[tuple] = []
-        self._originals = {}
-        self._owner = not _active
-        if self._owner:
-            for name in _REPLACEMENTS:
-                if name == _LM_HEAD and not lm_head:
-                    continue
-                original = getattr(trl_utils, name, None)
-                if original is not None:
-                    self._originals[name] = original
-            for module in _trl_modules():
-                for name, original in self._originals.items():
-                    if getattr(module, name, None) is original:
-                        setattr(module, name, _REPLACEMENTS[name])
-                        self._saved.append((module, name, original))
-        _active.append(self)
-
-    @property
-    def patched(self) -> List[str]:
-        """``"module.attr"`` of every attribute this handle replaced."""
-        return [f"{module.__name__}.{name}" for module, name, _ in self._saved]
-
-    def restore(self) -> None:
-        """Put TRL's originals back (no-op when already restored or not the outermost patch)."""
-        if self not in _active:
-            return
-        _active.remove(self)
-        if not self._owner:
-            return
-        for module, name, original in self._saved:
-            setattr(module, name, original)
-        # Modules imported while patched copied our functions; give them the originals too.
-        for module in _trl_modules():
-            for name, original in self._originals.items():
-                if getattr(module, name, None) is _REPLACEMENTS[name]:
-                    setattr(module, name, original)
-        self._saved = []
-
-    def __enter__(self) -> "patch_trl":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
+        super().__init__({name: fn for name, fn in _REPLACEMENTS.items() if lm_head or name != _LM_HEAD})
 
 
 def unpatch_trl() -> None:
     """Restore TRL's originals, undoing every active ``patch_trl()``."""
-    for handle in reversed(list(_active)):
-        handle.restore()
+    patch_trl.restore_all()
