@@ -8,6 +8,7 @@ BIN         := $(VENV)/bin
 STAMPS      := .make
 TORCH_SPEC  ?= torch==2.14.1
 DEPS        := numpy transformers datasets pyyaml matplotlib tqdm pybind11 ninja pytest pytest-benchmark trl
+OPENRLHF_SPEC := openrlhf==0.11.2
 # ninja and the venv's tools must be on PATH for torch's extension builder
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 # The CUDA kernels are built (and required) wherever nvcc exists, GPU or not.
@@ -66,6 +67,8 @@ $(STAMPS)/venv:
 
 $(STAMPS)/deps: $(STAMPS)/venv Makefile
 	$(BIN)/pip install -q $(TORCH_SPEC) $(DEPS)
+	# OpenRLHF for its drop-in's tests only: pure Python, its heavy dependencies (DeepSpeed, flash-attn, ray) stubbed there
+	$(BIN)/pip install -q --no-deps $(OPENRLHF_SPEC)
 	@touch $@
 
 $(STAMPS)/build: $(STAMPS)/deps $(SOURCES)
