@@ -288,6 +288,38 @@ def float32_gemm_reduction(operand: torch.Tensor):
         setattr(matmul, flag, True)
 
 
+def autocast_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """``(hidden, weight, bias, context)`` as ``F.linear`` sees them under ``torch.autocast``.
+
+    Under autocast for ``hidden``'s device, the three are cast to the autocast
+    dtype (float64 stays, as autocast leaves it) and ``context`` turns autocast
+    off for the op's own work, so that every chunk's GEMMs run in that dtype
+    (bf16 / fp16 tensor cores on a GPU) on every path (row chunks, vocabulary
+    slabs, frozen head). Without it an fp32 model under autocast ran some of the
+    op's matmuls in float32 (``torch.mm(..., out=)`` is not autocast) and others in
+    bf16 (``F.linear`` is), depending on the path. Gradients reach fp32 leaves
+    through the casts, as they do from ``F.linear``. Otherwise the inputs come
+    back as they are with a null context.
+    """
+    if not isinstance(hidden, torch.Tensor):  # the argument checks that follow name it
+        return hidden, weight, bias, contextlib.nullcontext()
+    device_type = hidden.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        enabled = False
+    if not enabled:
+        return hidden, weight, bias, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if not isinstance(t, torch.Tensor) or t.dtype == torch.float64 or not t.is_floating_point():
+            return t
+        return t.to(dtype)
+
+    return cast(hidden), cast(weight), cast(bias), torch.autocast(device_type, enabled=False)
+
+
 def _check_linear_args(hidden, weight, targets, bias, chunk_size) -> None:
     check_tensor("hidden", hidden, FLOAT_DTYPES)
     check_tensor("weight", weight, FLOAT_DTYPES)

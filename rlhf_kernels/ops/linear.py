@@ -107,6 +107,7 @@ from .. import reference
 from ..reference import PPOLossOutput
 from ._checks import check_choice, check_positive
 from ._linear_common import (
+    autocast_linear,
     IMPLEMENTED,
     _acc_dtype,
     _accumulate_mm,
@@ -475,32 +476,34 @@ def linear_logprobs(
         with ``chunk_by="vocab"`` the ``[N, H]`` float32 ``grad_hidden``
         accumulator).
     """
-    _check_linear_args(hidden, weight, targets, bias, chunk_size)
-    temperature = check_positive("temperature", temperature)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    chunk_by = logprobs_chunk_by(chunk_by, weight if grad else None, chunk_size)
-    lead = hidden.shape[:-1]
-    hidden2, weight2, bias2 = _promoted(hidden, weight, bias)
-    chosen = resolve_for("linear_logprobs", hidden2, backend, IMPLEMENTED)
-    if _frozen_head_path(hidden, weight, bias, return_entropy, chunk_by):
-        logp, _ = linear_logprobs_frozen_head(
-            hidden2, weight2, targets.reshape(-1).long(), bias2, temperature, int(ignore_index),
-            0 if chunk_size is None else int(chunk_size), chosen,
+    hidden, weight, bias, autocast_off = autocast_linear(hidden, weight, bias)
+    with autocast_off:  # the GEMMs in autocast's dtype on every path (autocast_linear)
+        _check_linear_args(hidden, weight, targets, bias, chunk_size)
+        temperature = check_positive("temperature", temperature)
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+        chunk_by = logprobs_chunk_by(chunk_by, weight if grad else None, chunk_size)
+        lead = hidden.shape[:-1]
+        hidden2, weight2, bias2 = _promoted(hidden, weight, bias)
+        chosen = resolve_for("linear_logprobs", hidden2, backend, IMPLEMENTED)
+        if _frozen_head_path(hidden, weight, bias, return_entropy, chunk_by):
+            logp, _ = linear_logprobs_frozen_head(
+                hidden2, weight2, targets.reshape(-1).long(), bias2, temperature, int(ignore_index),
+                0 if chunk_size is None else int(chunk_size), chosen,
+            )
+            return logp.reshape(lead)
+        logp, entropy, _ = linear_logprobs_fwd(
+            hidden2,
+            weight2,
+            targets.reshape(-1).long(),
+            bias2,
+            temperature,
+            int(ignore_index),
+            0 if chunk_size is None else int(chunk_size),
+            chosen,
+            chunk_by,
         )
-        return logp.reshape(lead)
-    logp, entropy, _ = linear_logprobs_fwd(
-        hidden2,
-        weight2,
-        targets.reshape(-1).long(),
-        bias2,
-        temperature,
-        int(ignore_index),
-        0 if chunk_size is None else int(chunk_size),
-        chosen,
-        chunk_by,
-    )
-    logp, entropy = logp.reshape(lead), entropy.reshape(lead)
-    return (logp, entropy) if return_entropy else logp
+        logp, entropy = logp.reshape(lead), entropy.reshape(lead)
+        return (logp, entropy) if return_entropy else logp
 
 
 def linear_ppo_loss(
@@ -565,34 +568,36 @@ def linear_ppo_loss(
     Returns:
         ``PPOLossOutput(loss, logp, entropy, kl, clip_frac, approx_kl)`` as ``rk.ppo_loss``.
     """
-    _check_linear_args(hidden, weight, targets, bias, chunk_size)
-    lead = hidden.shape[:-1]
-    check_ppo_args(
-        lead, "hidden.shape[:-1]", "hidden", hidden, old_logp, advantages, mask, ref_logp,
-        kl_coef=kl_coef, kl_estimator=kl_estimator, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        loss_agg=loss_agg,
-    )
-    if loss_agg != "token-mean" and len(lead) < 2:
-        raise ValueError(f"loss_agg={loss_agg!r} needs hidden of shape [B, T, H], got {tuple(hidden.shape)}")
+    hidden, weight, bias, autocast_off = autocast_linear(hidden, weight, bias)
+    with autocast_off:  # the GEMMs in autocast's dtype on every path (autocast_linear)
+        _check_linear_args(hidden, weight, targets, bias, chunk_size)
+        lead = hidden.shape[:-1]
+        check_ppo_args(
+            lead, "hidden.shape[:-1]", "hidden", hidden, old_logp, advantages, mask, ref_logp,
+            kl_coef=kl_coef, kl_estimator=kl_estimator, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            loss_agg=loss_agg,
+        )
+        if loss_agg != "token-mean" and len(lead) < 2:
+            raise ValueError(f"loss_agg={loss_agg!r} needs hidden of shape [B, T, H], got {tuple(hidden.shape)}")
 
-    options = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low,
-                   clip_high=clip_high, dual_clip=None if dual_clip is None else float(dual_clip))
-    grad_path = _grad_in_forward(grad_in_forward, hidden, weight, bias)
-    if grad_path:
-        temperature = check_positive("temperature", temperature)
-        loss, logp, entropy = _fused_loss(
-            hidden, weight, targets, bias, mask, old_logp, advantages, ref_logp, temperature=temperature,
-            ignore_index=ignore_index, loss="ppo", loss_agg=loss_agg, chunk_size=chunk_size, backend=backend,
-            chunk_by=linear_chunk_by(chunk_by, weight), **options,
-        )
-    else:
-        loss = None
-        logp, entropy = linear_logprobs(
-            hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
-            chunk_size=chunk_size, backend=backend, chunk_by=chunk_by,
-        )
-    term, kl, clipped = composed_ppo_terms(logp, entropy, old_logp, advantages, ref_logp, **options)
-    return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss)
+        options = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low,
+                       clip_high=clip_high, dual_clip=None if dual_clip is None else float(dual_clip))
+        grad_path = _grad_in_forward(grad_in_forward, hidden, weight, bias)
+        if grad_path:
+            temperature = check_positive("temperature", temperature)
+            loss, logp, entropy = _fused_loss(
+                hidden, weight, targets, bias, mask, old_logp, advantages, ref_logp, temperature=temperature,
+                ignore_index=ignore_index, loss="ppo", loss_agg=loss_agg, chunk_size=chunk_size, backend=backend,
+                chunk_by=linear_chunk_by(chunk_by, weight), **options,
+            )
+        else:
+            loss = None
+            logp, entropy = linear_logprobs(
+                hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
+                chunk_size=chunk_size, backend=backend, chunk_by=chunk_by,
+            )
+        term, kl, clipped = composed_ppo_terms(logp, entropy, old_logp, advantages, ref_logp, **options)
+        return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss)
 
 
 def linear_cross_entropy(
@@ -628,26 +633,27 @@ def linear_cross_entropy(
     ``linear_ppo_loss``).
     """
     check_choice("reduction", reduction, ("mean", "sum", "none"))
-    grad_path = reduction != "none" and _grad_in_forward(grad_in_forward, hidden, weight, bias)
-    if grad_path:
-        _check_linear_args(hidden, weight, targets, bias, chunk_size)
-        temperature = check_positive("temperature", temperature)
-        valid = targets != ignore_index
-        loss, _, _ = _fused_loss(
-            hidden, weight, targets, bias, valid, None, None, None, temperature=temperature,
-            ignore_index=ignore_index, loss="nll", loss_agg="token-mean" if reduction == "mean" else "sum",
-            chunk_size=chunk_size, backend=backend, chunk_by=linear_chunk_by(chunk_by, weight),
+    hidden, weight, bias, autocast_off = autocast_linear(hidden, weight, bias)
+    with autocast_off:  # the GEMMs in autocast's dtype on every path (autocast_linear)
+        grad_path = reduction != "none" and _grad_in_forward(grad_in_forward, hidden, weight, bias)
+        if grad_path:
+            _check_linear_args(hidden, weight, targets, bias, chunk_size)
+            temperature = check_positive("temperature", temperature)
+            valid = targets != ignore_index
+            loss, _, _ = _fused_loss(
+                hidden, weight, targets, bias, valid, None, None, None, temperature=temperature,
+                ignore_index=ignore_index, loss="nll", loss_agg="token-mean" if reduction == "mean" else "sum",
+                chunk_size=chunk_size, backend=backend, chunk_by=linear_chunk_by(chunk_by, weight),
+            )
+            return loss
+        logp = linear_logprobs(
+            hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size,
+            backend=backend, chunk_by=chunk_by,
         )
-        return loss
-    logp = linear_logprobs(
-        hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size,
-        backend=backend, chunk_by=chunk_by,
-    )
-    nll = -logp
-    if reduction == "none":
-        return nll
-    if reduction == "sum":
-        return nll.sum()
-    count = (targets != ignore_index).sum().to(nll.dtype)
-    return reference._safe_divide(nll.sum(), count)
-
+        nll = -logp
+        if reduction == "none":
+            return nll
+        if reduction == "sum":
+            return nll.sum()
+        count = (targets != ignore_index).sum().to(nll.dtype)
+        return reference._safe_divide(nll.sum(), count)
