@@ -475,6 +475,9 @@ def linear_logprobs(
         plus the float32 weight-gradient accumulator for bf16/fp16 weights, or
         with ``chunk_by="vocab"`` the ``[N, H]`` float32 ``grad_hidden``
         accumulator).
+
+    Under ``torch.autocast`` (this and the two losses below) the inputs are cast
+    to the autocast dtype, as ``F.linear`` casts them, and every GEMM runs in it.
     """
     hidden, weight, bias, autocast_off = autocast_linear(hidden, weight, bias)
     with autocast_off:  # the GEMMs in autocast's dtype on every path (autocast_linear)
