@@ -1,7 +1,9 @@
-"""The fused-linear ops under ``torch.autocast``: like ``F.linear``, every GEMM runs in the autocast dtype, on every
-path (row chunks, vocabulary slabs, the frozen head, the losses' gradient in the forward), and the gradients reach
-float32 leaves through the casts. Before, the row chunks ran float32 GEMMs (``torch.mm(..., out=)`` is not autocast)
-and the slabs bf16 ones. Checked on the CPU's bf16 autocast."""
+"""The fused-linear ops under ``torch.autocast`` (on the CPU; on CUDA too under ``pytest -m gpu``).
+
+Like ``F.linear``, every GEMM runs in the autocast dtype, on every path (row chunks, vocabulary slabs, the frozen
+head, the losses' gradient in the forward), and the gradients reach float32 leaves through the casts. Before, the
+row chunks ran float32 GEMMs (``torch.mm(..., out=)`` is not autocast) and the slabs bf16 ones.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import rlhf_kernels as rk
 from tests.ops.test_linear import _MatmulCounter
 
 AC = torch.bfloat16
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
 
 class _GemmDtypes(_MatmulCounter):
@@ -26,23 +30,23 @@ class _GemmDtypes(_MatmulCounter):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-def _leaves(dtype=torch.float32, bias=True, seed=0):
+def _leaves(dtype=torch.float32, bias=True, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(2, 9, 24, generator=g).to(dtype).requires_grad_(True)
-    weight = (torch.randn(301, 24, generator=g) * 0.3).to(dtype).requires_grad_(True)
-    b = (torch.randn(301, generator=g) * 0.1).to(dtype).requires_grad_(True) if bias else None
-    targets = torch.randint(0, 301, (2, 9), generator=g)
+    hidden = torch.randn(2, 9, 24, generator=g).to(device, dtype).requires_grad_(True)
+    weight = (torch.randn(301, 24, generator=g) * 0.3).to(device, dtype).requires_grad_(True)
+    b = (torch.randn(301, generator=g) * 0.1).to(device, dtype).requires_grad_(True) if bias else None
+    targets = torch.randint(0, 301, (2, 9), generator=g).to(device)
     targets[0, 3] = -100
     return hidden, weight, b, targets
 
 
-def _ppo_extras(seed=1):
+def _ppo_extras(device, seed=1):
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(2, 9, generator=g) * 5
     adv = torch.randn(2, 9, generator=g)
     mask = torch.ones(2, 9)
     mask[1, 6:] = 0
-    return old, adv, mask
+    return old.to(device), adv.to(device), mask.to(device)
 
 
 CALLS = {
@@ -53,7 +57,7 @@ CALLS = {
     "cross-entropy in forward": lambda h, w, b, t: rk.linear_cross_entropy(h, w, t, b, chunk_size=5),
     "cross-entropy vocab": lambda h, w, b, t: rk.linear_cross_entropy(h, w, t, b, chunk_size=64, chunk_by="vocab"),
     "cross-entropy none": lambda h, w, b, t: rk.linear_cross_entropy(h, w, t, b, reduction="none", chunk_size=5),
-    "ppo": lambda h, w, b, t: rk.linear_ppo_loss(h, w, t, *_ppo_extras(), bias=b, chunk_size=5, kl_coef=0.0,
+    "ppo": lambda h, w, b, t: rk.linear_ppo_loss(h, w, t, *_ppo_extras(h.device), bias=b, chunk_size=5, kl_coef=0.0,
                                                  loss_agg="seq-mean-token-mean").loss,
 }
 
@@ -65,7 +69,7 @@ def _run(call, leaves, autocast, cast=None):
     for t in (hidden, weight, bias):
         if t is not None:
             t.grad = None
-    with torch.autocast("cpu", dtype=AC, enabled=autocast), _GemmDtypes() as mode:
+    with torch.autocast(hidden.device.type, dtype=AC, enabled=autocast), _GemmDtypes() as mode:
         args = [t if t is None or cast is None else t.to(cast) for t in (hidden, weight, bias)]
         out = call(*args, targets)
         outs = out if isinstance(out, tuple) else (out,)
@@ -89,14 +93,16 @@ def _assert_as_on_bf16_inputs(name, call, leaves):
             torch.testing.assert_close(got, exp, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(CALLS))
-def test_autocast_runs_the_op_as_on_bf16_inputs_like_f_linear(name):
-    _assert_as_on_bf16_inputs(name, CALLS[name], _leaves())
+def test_autocast_runs_the_op_as_on_bf16_inputs_like_f_linear(name, device):
+    _assert_as_on_bf16_inputs(name, CALLS[name], _leaves(device=device))
 
 
-def test_autocast_frozen_head_path():
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_frozen_head_path(device):
     """The frozen-head path (only ``hidden`` needs a gradient, no entropy) under autocast."""
-    hidden, weight, _, targets = _leaves(bias=False)
+    hidden, weight, _, targets = _leaves(bias=False, device=device)
     weight.requires_grad_(False)
     frozen = lambda h, w, b, t: rk.linear_logprobs(h, w, t, chunk_size=5)  # noqa: E731
     _assert_as_on_bf16_inputs("frozen head", frozen, (hidden, weight, None, targets))
