@@ -24,6 +24,11 @@ them into OpenRLHF for a block or for the rest of the process::
 
     handle = patch_openrlhf()   # until handle.restore() (or unpatch_openrlhf())
 
+The patch acts in the process that calls it: in each rank's training script
+for OpenRLHF's DeepSpeed-launched trainers, and in the Ray workers that hold
+PPO's actors (Ray's ``runtime_env={"worker_process_setup_hook":
+"rlhf_kernels.integrations.openrlhf.patch_openrlhf"}`` runs it in each).
+
 Differences from OpenRLHF, on inputs where its result is less exact or
 undefined: the outputs are float32 whatever the logits' dtype (OpenRLHF's row
 loop returns bf16 / fp16 log-probs for 16-bit logits; its ``Actor`` casts the
