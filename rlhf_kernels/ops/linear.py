@@ -580,8 +580,6 @@ def linear_ppo_loss(
             kl_coef=kl_coef, kl_estimator=kl_estimator, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
             loss_agg=loss_agg,
         )
-        if loss_agg != "token-mean" and len(lead) < 2:
-            raise ValueError(f"loss_agg={loss_agg!r} needs hidden of shape [B, T, H], got {tuple(hidden.shape)}")
 
         options = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low,
                        clip_high=clip_high, dual_clip=None if dual_clip is None else float(dual_clip))

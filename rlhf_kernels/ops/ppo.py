@@ -170,7 +170,8 @@ def check_ppo_args(
     dual_clip: Optional[float],
     loss_agg: str,
 ) -> None:
-    """The checks shared by ``ppo_loss`` and ``linear_ppo_loss``: per-token inputs of shape ``lead`` and the options."""
+    """The checks shared by ``ppo_loss`` and ``linear_ppo_loss``: per-token inputs of shape ``lead``, the options, and
+    a ``[B, T, *]`` ``device_tensor`` for the per-sequence ``loss_agg`` modes."""
     for name, value in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)):
         if value is not None:
             check_tensor(name, value, FLOAT_DTYPES)
@@ -189,6 +190,10 @@ def check_ppo_args(
         raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip!r}")
     if kl_coef and ref_logp is None:
         raise ValueError("kl_coef != 0 needs ref_logp")
+    if loss_agg != "token-mean" and len(lead) < 2:
+        last = {"logits": "V", "hidden": "H"}.get(device_name, "*")
+        raise ValueError(f"loss_agg={loss_agg!r} needs {device_name} of shape [B, T, {last}], "
+                         f"got {tuple(device_tensor.shape)}")
 
 
 def composed_ppo_terms(logp, entropy, old_logp, advantages, ref_logp, **options):
@@ -573,8 +578,6 @@ def ppo_loss(
         kl_coef=kl_coef, kl_estimator=kl_estimator, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         loss_agg=loss_agg,
     )
-    if loss_agg != "token-mean" and len(lead) < 2:
-        raise ValueError(f"loss_agg={loss_agg!r} needs logits of shape [B, T, V], got {tuple(logits.shape)}")
     temperature = check_positive("temperature", temperature)
 
     if dual_clip is not None:

@@ -122,6 +122,12 @@ def test_ppo_loss_bad_input():
         rk.ppo_loss(logits, targets, z, z, z, dual_clip=0.5)
     with pytest.raises(ValueError, match="loss_agg must be one of"):
         rk.ppo_loss(logits, targets, z, z, z, loss_agg="sum")
+    flat = torch.zeros(6)  # the per-sequence aggregations need a sequence dimension, and say so by name
+    with pytest.raises(ValueError, match=r"loss_agg='seq-mean-token-mean' needs logits of shape \[B, T, V\]"):
+        rk.ppo_loss(logits.reshape(6, 7), targets.reshape(6), flat, flat, flat, loss_agg="seq-mean-token-mean")
+    with pytest.raises(ValueError, match=r"loss_agg='seq-mean-token-sum' needs hidden of shape \[B, T, H\]"):
+        rk.linear_ppo_loss(torch.randn(6, 4), torch.randn(7, 4), targets.reshape(6), flat, flat, flat,
+                           loss_agg="seq-mean-token-sum")
 
 
 @pytest.mark.parametrize("loss_agg", R.LOSS_AGG_MODES)
