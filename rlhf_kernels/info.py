@@ -28,6 +28,16 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+# The stacks the drop-ins (rlhf_kernels/integrations) and the benchmarks were checked against: another installed
+# version may still work, and a bug report should say which one it was.
+CHECKED_AGAINST = {
+    "trl": "1.16 (integrations.trl)",
+    "verl": "0.9.1 (integrations.verl)",
+    "openrlhf": "0.11.2 (integrations.openrlhf)",
+    "liger-kernel": "0.8.5 (benchmarks)",
+}
+
+
 # What ``chunk_by="auto"`` and ``RLHF_KERNELS_LINEAR_GRAD=auto`` pick (ops/_linear_layout.py, ops/linear.py).
 _FUSED_LINEAR_PATHS = {
     "linear losses (CE, PPO)": "gradient in the forward, row chunks: 3 matmuls (vocabulary slabs, 4, when the "
@@ -72,6 +82,8 @@ def info(print_report: bool = True) -> dict:
             for op, kernels in OP_KERNELS.items()
         },
     }
+    report["integrations"] = {pkg: {"installed": _version(pkg), "checked": checked}
+                              for pkg, checked in CHECKED_AGAINST.items()}
     report["fused_linear"] = dict(_FUSED_LINEAR_PATHS)
     # every runtime setting (rlhf_kernels/settings.py): its value, or its default when unset, and what is wrong
     defaults = {s.name: s.default for s in settings.RUNTIME}
@@ -111,6 +123,10 @@ def format_report(report: dict) -> str:
     if preference:
         lines.append("automatic choice for CUDA tensors (first live of; ops/_dispatch.py GPU_PREFERENCE):")
         lines += [f"  {k:<28} {' > '.join(v)}" for k, v in preference.items() if v]
+    stacks = report.get("integrations", {})
+    if stacks:
+        lines.append("other stacks (installed; checked against):")
+        lines += [f"  {k:<14} {v['installed']}; {v['checked']}" for k, v in stacks.items()]
     paths = report.get("fused_linear", {})
     if paths:
         lines.append("fused-linear ops (hidden states + LM head; ops/linear.py), gradient paths under the defaults:")

@@ -101,6 +101,28 @@ def test_info_shows_each_setting_and_flags_a_bad_one(monkeypatch):
     assert "RLHF_KERNELS_BACKEND           unset: auto" in text
 
 
+def test_info_names_the_other_stacks_and_the_versions_checked(monkeypatch):
+    """``rlhf-kernels info`` lists TRL, verl, OpenRLHF and Liger-Kernel: the installed version (or "not installed")
+    and the one the drop-ins / benchmarks were checked against."""
+    from importlib import metadata  # info.py reads versions through this module's attribute
+
+    real = metadata.version
+
+    def version(pkg):
+        if pkg == "verl":
+            raise metadata.PackageNotFoundError(pkg)
+        return "9.9" if pkg == "trl" else real(pkg)
+
+    monkeypatch.setattr(metadata, "version", version)
+    report = rk.info(print_report=False)
+    assert set(report["integrations"]) == {"trl", "verl", "openrlhf", "liger-kernel"}
+    assert report["integrations"]["trl"] == {"installed": "9.9", "checked": "1.16 (integrations.trl)"}
+    assert report["integrations"]["verl"]["installed"] == "not installed"
+    text = rk.info.__globals__["format_report"](report)
+    assert "  trl            9.9; 1.16 (integrations.trl)" in text
+    assert "  verl           not installed; 0.9.1 (integrations.verl)" in text
+
+
 def test_view_grad_off_keeps_the_view_in_the_graph(monkeypatch):
     """The reader behind RLHF_KERNELS_VIEW_GRAD is the one the ops use: 0 turns the routing off."""
     import torch
