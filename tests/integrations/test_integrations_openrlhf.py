@@ -111,18 +111,12 @@ def openrlhf():
     installed; everything imported here is unloaded afterwards, so no other test sees a stub."""
     if importlib.util.find_spec("openrlhf") is None:
         pytest.skip("openrlhf is not installed (make test installs 0.11.2 without its dependencies)")
-    stubbed = []
-    for name in _STUBS:
-        if name not in sys.modules and importlib.util.find_spec(name.split(".")[0]) is None or name in stubbed[:0]:
-            stub = MagicMock()
-            stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            sys.modules[name] = stub
-            stubbed.append(name)
-        elif name.split(".")[0] in [s.split(".")[0] for s in stubbed]:  # a submodule of a stubbed package
-            stub = MagicMock()
-            stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            sys.modules[name] = stub
-            stubbed.append(name)
+    missing = {top for top in {n.split(".")[0] for n in _STUBS} if importlib.util.find_spec(top) is None}
+    stubbed = [n for n in _STUBS if n.split(".")[0] in missing and n not in sys.modules]
+    for name in stubbed:
+        stub = MagicMock()
+        stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        sys.modules[name] = stub
     compile_ = torch.compile
     torch.compile = lambda fn=None, **_: fn if fn is not None else (lambda f: f)  # compute_entropy, eagerly
     try:
