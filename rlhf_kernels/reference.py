@@ -294,9 +294,10 @@ def gae(
     """
     mask = mask.to(values.dtype)
     T = rewards.shape[-1]
-    next_value = torch.zeros_like(values[..., 0])
-    next_adv = torch.zeros_like(values[..., 0])
-    next_mask = torch.zeros_like(values[..., 0])
+    # new_zeros, not zeros_like(values[..., 0]): T = 0 (no tokens) must give empty outputs, not an IndexError
+    next_value = values.new_zeros(values.shape[:-1])
+    next_adv = values.new_zeros(values.shape[:-1])
+    next_mask = values.new_zeros(values.shape[:-1])
     advantages = torch.zeros_like(values)
     for t in reversed(range(T)):
         delta = rewards[..., t] + gamma * next_value * next_mask - values[..., t]

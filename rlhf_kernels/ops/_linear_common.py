@@ -328,6 +328,8 @@ def _check_linear_args(hidden, weight, targets, bias, chunk_size) -> None:
         raise ValueError(
             f"hidden must be [*, H] and weight [V, H] with the same H, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
+    if weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise ValueError(f"weight must be [V, H] with V >= 1 and H >= 1, got {tuple(weight.shape)}")
     check_same_shape("targets", targets, hidden.shape[:-1], "hidden.shape[:-1]")
     if bias is not None:
         check_tensor("bias", bias, FLOAT_DTYPES)

@@ -449,6 +449,9 @@ def test_bad_inputs_raise_clear_errors():
     hidden, weight, targets, bias = _inputs((4,), 8, 11, torch.float32)
     with pytest.raises(ValueError, match="same H"):
         rk.linear_logprobs(hidden, weight[:, :5], targets)
+    for empty in ((0, 8), (11, 0)):  # no vocabulary / no hidden units: a clear error, not a reshape failure
+        with pytest.raises(ValueError, match=r"weight must be \[V, H\] with V >= 1 and H >= 1"):
+            rk.linear_logprobs(hidden[..., : empty[1]], weight.new_zeros(empty), targets)
     with pytest.raises(ValueError, match="targets"):
         rk.linear_logprobs(hidden, weight, targets[:3])
     with pytest.raises(ValueError, match="bias"):

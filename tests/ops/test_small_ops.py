@@ -28,6 +28,14 @@ def test_gae_matches_oracle(backend, dtype, shape):
     torch.testing.assert_close(ret.double(), oracle_ret, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("backend", GAE_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+def test_gae_of_no_sequences_or_no_steps_is_empty(backend, shape):
+    x = torch.randn(shape)
+    adv, ret = rk.gae(x, x, torch.ones(shape), backend=backend)
+    assert adv.shape == shape and ret.shape == shape
+
+
 def test_gae_bad_input():
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match=r"values must have shape \[B, T\]"):
