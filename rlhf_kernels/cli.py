@@ -3,7 +3,8 @@
     rlhf-kernels info                     versions, device, live backends, current settings
     rlhf-kernels settings [--update-readme README.md]   every environment variable (a markdown table)
     rlhf-kernels bench [...]              kernel benchmarks (benchmarks/run.py)
-    rlhf-kernels sft|rm|ppo|demo [...]    the trainer (rlhf_kernels/trainer)
+    rlhf-kernels sft|rm|ppo|grpo|dpo [...]  one trainer stage (rlhf_kernels/trainer); --help lists its keys
+    rlhf-kernels demo [...]               SFT -> reward model -> PPO on the embedded task, with its gold reward
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ TRAINER_COMMANDS = ("sft", "rm", "ppo", "grpo", "dpo", "demo")
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="rlhf-kernels", description=__doc__.split("\n\n")[0])
+    # the whole docstring, verbatim: the command list is the help a first-time user needs
+    parser = argparse.ArgumentParser(prog="rlhf-kernels", description=__doc__.replace("``", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("info", "settings", "bench") + TRAINER_COMMANDS, help="what to run")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
