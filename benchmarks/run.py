@@ -75,7 +75,10 @@ def _csv_list(text: Optional[str]) -> List[str]:
 def parse_shapes(text: str) -> List[Tuple[int, ...]]:
     shapes = []
     for item in _csv_list(text):
-        parts = tuple(int(p) for p in item.lower().replace("*", "x").split("x"))
+        try:
+            parts = tuple(int(p) for p in item.lower().replace("*", "x").split("x"))
+        except ValueError:
+            parts = ()
         if len(parts) not in (2, 3) or min(parts) < 1:
             raise argparse.ArgumentTypeError(f"--shapes entries are NxV or NxVxH (or BxT for gae), got {item!r}")
         shapes.append(parts)
@@ -245,6 +248,36 @@ def _n_sets(spec: OpSpec, case: Case, device: torch.device) -> int:
 # --------------------------------------------------------------------------- main
 
 
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse malformed values with a usage error naming the flag, before any file is written or timed."""
+    for flag, text in (("--shapes", args.shapes), ("--scan-shapes", args.scan_shapes)):
+        if text is not None:
+            try:
+                parse_shapes(text)
+            except argparse.ArgumentTypeError as exc:
+                parser.error(str(exc).replace("--shapes", flag, 1))
+    if args.hidden is not None:
+        try:
+            hidden = [int(h) for h in _csv_list(args.hidden)]
+        except ValueError:
+            hidden = [0]
+        if not hidden or min(hidden) < 1:
+            parser.error(f"--hidden must be a comma list of positive integers, got {args.hidden!r}")
+    for flag, value in (("--threads", args.threads), ("--max-reps", args.max_reps)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--time-budget", args.time_budget), ("--rep-ms", args.rep_ms)):
+        if value is not None and not value > 0:
+            parser.error(f"{flag} must be > 0, got {value}")
+    if args.device is not None:
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            parser.error(f"--device must be cpu or cuda (cuda:N), got {args.device!r}")
+
+
 def _resolve_device(text: Optional[str]) -> torch.device:
     if text:
         device = torch.device(text)
@@ -275,7 +308,9 @@ def _run_trainer(args, log) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)

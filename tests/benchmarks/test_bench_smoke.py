@@ -232,3 +232,24 @@ def test_trainer_benchmark_runs_every_stage_and_variant(tmp_path, capsys):
     } | {("rm", "fused"), ("rm", "eager")}
     assert all(math.isfinite(float(r["ms"])) and float(r["ms"]) > 0 for r in rows)
     assert "| sft | fused |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shapes", "12x"], "--shapes entries are NxV"),
+    (["--shapes", "0x5"], "--shapes entries are NxV"),
+    (["--scan-shapes", "axb"], "--scan-shapes entries are"),
+    (["--hidden", "64,zero"], "--hidden must be a comma list of positive integers"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--max-reps", "0"], "--max-reps must be >= 1"),
+    (["--rep-ms", "-5"], "--rep-ms must be > 0"),
+    (["--time-budget", "0"], "--time-budget must be > 0"),
+    (["--device", "tpu"], "--device must be cpu or cuda"),
+])  # fmt: skip
+def test_malformed_flags_are_usage_errors_before_anything_is_written(flags, message, tmp_path, capsys):
+    from benchmarks.run import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(flags + ["--out", str(tmp_path), "--no-progress"])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no results folder, no run.log
