@@ -43,6 +43,45 @@ class BaseConfig:
     def __post_init__(self):
         from .distributed import check_parallel
         check_parallel(self.parallel)
+        self._check_common()
+
+    def _check_common(self) -> None:
+        """Refuse, by key, values every stage would trip over later: a late IndexError (or, on the GPU, a
+        device-side assert that ends the process) from a sequence longer than the model's positions, an op
+        backend that cannot run on the chosen device, negative counts."""
+        from rlhf_kernels.ops._dispatch import BACKENDS
+        if self.device != "auto":
+            try:
+                kind = torch.device(self.device).type
+            except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda"):
+                raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.backend is not None:
+            if self.backend not in BACKENDS:
+                raise ValueError(f"backend must be one of {BACKENDS} or None, got {self.backend!r}")
+            from rlhf_kernels.ops._dispatch import unavailable_reason
+
+            from .models import device_of
+            device = device_of(self.device)
+            reason = unavailable_reason(self.backend, device)
+            if reason is not None:  # else every op call of the first step raises it, from deep in the loop
+                raise ValueError(f"backend {self.backend!r} cannot run on device {device.type}: {reason}")
+        for key in ("n_layer", "n_head", "n_embd", "n_positions"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "log_every", "ckpt_every", "stop_after", "threads", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2 (a prompt token and a response token), got {self.max_len}")
+        if self.model == "tiny-gpt2" and self.max_len > self.n_positions:
+            raise ValueError(f"max_len ({self.max_len}) must be <= n_positions ({self.n_positions}): the tiny "
+                             "model has no position embedding beyond n_positions")
+        new_tokens = getattr(self, "max_new_tokens", None)  # the sampling stages: prompt + response <= max_len
+        if new_tokens is not None and not 1 <= new_tokens < self.max_len:
+            raise ValueError(f"max_new_tokens must be in [1, max_len = {self.max_len}) so that a prompt token "
+                             f"fits beside the response, got {new_tokens}")
 
     def model_config(self):
         from .models import ModelConfig

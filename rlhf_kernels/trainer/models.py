@@ -70,7 +70,7 @@ def load_tokenizer(path: str | None):
     if os.path.isfile(marker):
         return ByteTokenizer()
     from transformers import AutoTokenizer
-    return HFTokenizer(AutoTokenizer.from_pretrained(path))
+    return HFTokenizer(pretrained(AutoTokenizer, path, "tokenizer"))
 
 
 # ----------------------------------------------------------------------------- models
@@ -101,11 +101,22 @@ def build_policy(cfg: ModelConfig):
         tok = load_tokenizer(cfg.tokenizer)
         return tiny_gpt2(tok, cfg).to(dtype), tok
     from transformers import AutoModelForCausalLM
-    tok = load_tokenizer(cfg.tokenizer or cfg.model)
     if not os.path.isdir(cfg.model) and os.path.sep in cfg.model and cfg.model.startswith(("/", ".")):
         raise FileNotFoundError(f"model path {cfg.model!r} does not exist")
-    model = AutoModelForCausalLM.from_pretrained(cfg.model)  # `dtype=` vs `torch_dtype=` differs across versions
+    model = pretrained(AutoModelForCausalLM, cfg.model)  # `dtype=` vs `torch_dtype=` differs across versions
+    tok = load_tokenizer(cfg.tokenizer or cfg.model)      # after the model: a bad --model is reported as such
     return model.to(dtype), tok
+
+
+def pretrained(auto_class, path: str, what: str = "model"):
+    """``auto_class.from_pretrained(path)``, a name that resolves to nothing being a ``ValueError`` that says
+    what ``model`` (or ``tokenizer``) may be (the hub is often out of reach: models here are built from configs)."""
+    try:
+        return auto_class.from_pretrained(path)
+    except OSError as exc:
+        builtin = "'tiny-gpt2'" if what == "model" else "'byte'"
+        raise ValueError(f"{what} {path!r} is neither {builtin}, a saved {what} directory, nor a hub name "
+                         f"found in the local cache ({str(exc).splitlines()[0]})") from None
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -166,7 +177,7 @@ class ScalarHeadModel(nn.Module):
     def from_pretrained(cls, path: str) -> "ScalarHeadModel":
         from safetensors.torch import load_file
         from transformers import AutoModel
-        body = AutoModel.from_pretrained(path)
+        body = pretrained(AutoModel, path)
         m = cls(body, body.config.hidden_size)
         m.head.load_state_dict(load_file(os.path.join(path, "scalar_head.safetensors")))
         return m
@@ -175,13 +186,19 @@ class ScalarHeadModel(nn.Module):
 def load_policy(path: str):
     """Load a policy saved by the trainer (model + tokenizer from the same dir)."""
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(path)
+    return pretrained(AutoModelForCausalLM, path), load_tokenizer(path)
 
 
 def device_of(pref: str = "auto") -> torch.device:
+    """``auto``: CUDA when there is a GPU, else the CPU. Asking for CUDA without one is a ``ValueError``
+    naming ``device``, not torch's driver error from deep inside the first ``.to()``."""
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(pref)
+    device = torch.device(pref)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {pref!r}: no CUDA device is available here (torch.cuda.is_available() is "
+                         "False); use --device cpu or auto")
+    return device
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -31,7 +31,12 @@ class SamplingConfig:
 
 @torch.no_grad()
 def generate_responses(model, tok, prompt_rows, sc: SamplingConfig, device, max_len: int = 512) -> dict:
-    batch = collate_prompts(prompt_rows, tok, max_len)
+    """Sample a response to each prompt; prompt and response together stay within ``max_len`` tokens."""
+    if not 1 <= sc.max_new_tokens < max_len:
+        raise ValueError(f"max_new_tokens must be in [1, max_len = {max_len}), got {sc.max_new_tokens}")
+    # keep each prompt's last max_len - max_new_tokens tokens: a longer sequence would run past the model's
+    # positions (an IndexError on the CPU, a device-side assert that ends the process on the GPU)
+    batch = collate_prompts(prompt_rows, tok, max_len - sc.max_new_tokens)
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     was_training = model.training
     model.eval()

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from rlhf_kernels.trainer.cli import main
 from rlhf_kernels.trainer.config import make_config, parse_flags
@@ -38,10 +39,56 @@ def test_config_file_and_flag_overrides(tmp_path):
     (PPOConfig, {"kl_estimator": "k9"}, r"kl_estimator must be"),
     (PPOConfig, {"kl_estimator": "k2"}, r"only valid as a loss term"),
     (PPOConfig, {"rollout_batch": 10, "minibatches": 3}, r"divisible"),
+    (SFTConfig, {"device": "tpu"}, r"device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (SFTConfig, {"backend": "nope"}, r"backend must be one of"),
+    (SFTConfig, {"backend": "cuda", "device": "cpu"}, r"backend 'cuda' cannot run on device cpu"),
+    (SFTConfig, {"threads": -2}, r"threads must be >= 0, got -2"),
+    (SFTConfig, {"warmup_steps": -1}, r"warmup_steps must be >= 0"),
+    (SFTConfig, {"n_head": 0}, r"n_head must be >= 1"),
+    (SFTConfig, {"max_len": 1}, r"max_len must be >= 2"),
+    (SFTConfig, {"max_len": 65}, r"max_len \(65\) must be <= n_positions \(64\)"),
+    (PPOConfig, {"max_new_tokens": 64}, r"max_new_tokens must be in \[1, max_len = 64\)"),
 ])
 def test_bad_configs_raise_clear_errors(cls, values, match):
     with pytest.raises(ValueError, match=match):
         make_config(cls, None, values)
+
+
+def test_a_pretrained_model_only_limits_max_len_by_its_own_positions():
+    make_config(SFTConfig, None, {"model": "some/dir", "max_len": 4096})  # n_positions describes tiny-gpt2 only
+
+
+def test_asking_for_cuda_without_a_gpu_names_device(monkeypatch):
+    from rlhf_kernels.trainer.models import device_of
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device 'cuda:1': no CUDA device is available here"):
+        device_of("cuda:1")
+    assert device_of("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("loader, what", [("build_policy", "model"), ("load_tokenizer", "tokenizer")])
+def test_a_model_name_that_resolves_to_nothing_is_a_value_error(loader, what, monkeypatch):
+    from rlhf_kernels.trainer import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here either way: answer from the cache at once
+    name = "no-such-org/no-such-model-rk"
+    arg = models.ModelConfig(model=name) if loader == "build_policy" else name
+    with pytest.raises(ValueError, match=f"{what} '{name}' is neither"):
+        getattr(models, loader)(arg)
+
+
+def test_long_prompts_are_cut_to_leave_room_for_the_response():
+    from rlhf_kernels.trainer.models import ModelConfig, build_policy
+    from rlhf_kernels.trainer.rollout import SamplingConfig, generate_responses
+
+    torch.manual_seed(0)
+    model, tok = build_policy(ModelConfig(n_layer=1, n_embd=16, n_head=2, n_positions=32))
+    rows = [{"prompt": "x" * 200}, {"prompt": "ab"}]  # the first alone is 6x the model's 32 positions
+    out = generate_responses(model, tok, rows, SamplingConfig(1.0, 0, 1.0, 8), torch.device("cpu"), 32)
+    assert out["prompt_len"] == 24 and out["input_ids"].shape[1] <= 32
+    with pytest.raises(ValueError, match="max_new_tokens must be in"):
+        generate_responses(model, tok, rows, SamplingConfig(1.0, 0, 1.0, 32), torch.device("cpu"), 32)
 
 
 def test_bad_data_gives_clear_errors(tmp_path):
