@@ -58,14 +58,16 @@ def _help(cls) -> str:
 def run_stage(cmd: str, cls, fn, argv: list[str]):
     """Parse ``argv`` (``--config FILE`` + ``--key value``) into ``cls`` and run ``fn(cfg)``.
 
-    Returns ``(exit_code, cfg, result)``; ``result`` is ``None`` after ``--help`` (code 0) or a
-    config/data error (printed, code 2).
+    Returns ``(exit_code, cfg, result)``; ``result`` is ``None`` after ``--help`` (code 0), a
+    config/data error (printed, code 2), a stage stopped by a signal after its checkpoint (printed with
+    the command that resumes it, code 128 + the signal: 130 for Ctrl-C) or by ``stop_after`` (printed, code 0).
     """
     if "-h" in argv or "--help" in argv:
         print(_help(cls))
         return 0, None, None
     from .config import make_config, parse_flags
     from .data import DataError
+    from .interrupt import StoppedBySignal
     try:
         file, flags = parse_flags(argv)
         cfg = make_config(cls, file, flags)
@@ -73,10 +75,24 @@ def run_stage(cmd: str, cls, fn, argv: list[str]):
         # and call rk.check_pending_targets() there, so a bad target still fails its own step, by name.
         with rk.async_target_checks():
             result = fn(cfg)
-        return 0, cfg, result
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"rlhf-kernels {cmd}: error: {e}", file=sys.stderr)
         return 2, None, None
+    except StoppedBySignal as e:  # the checkpoint is written: say how to go on, exit as a shell does on Ctrl-C
+        if cmd == "demo":
+            print(f"rlhf-kernels demo: {e}; the demo has no --resume: run it again", file=sys.stderr)
+        else:
+            print(f"rlhf-kernels {cmd}: {e}; continue with: rlhf-kernels {' '.join([cmd, *argv])} --resume",
+                  file=sys.stderr)
+        return 128 + e.signum, None, None
+    history = result[2] if cmd != "demo" and isinstance(result, tuple) and len(result) > 2 else None
+    if history is not None and int(os.environ.get("RANK", "0")) == 0 and getattr(cfg, "stop_after", 0):
+        step = history[-1]["step"] if history else 0
+        if step < cfg.steps:  # stop_after ended this invocation early: there is no final/ to report
+            print(f"rlhf-kernels {cmd}: stopped after step {step} of {cfg.steps} (stop_after); checkpoint in "
+                  f"{cfg.out_dir}/ckpt; continue with --resume")
+            return 0, cfg, None
+    return 0, cfg, result
 
 
 def main(argv: list[str] | None = None) -> int:

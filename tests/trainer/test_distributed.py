@@ -6,6 +6,7 @@
 * advantage whitening uses the all-reduced mean and variance;
 * a distributed PPO run stopped and resumed from its checkpoint repeats the uninterrupted run exactly,
   under DDP and under FSDP2 (rank-0 gathered checkpoints, every rank reloading its shard);
+* a SIGTERM to one rank stops both after the same step, and the resumed DDP SFT run repeats the uninterrupted one;
 * --fused-head (FusedHeadLM wrapped by DDP / sharded as the FSDP2 root): PPO updates and SFT runs match
   one fused process, an FSDP2 fused SFT run resumes exactly, and a whole FSDP2 fused PPO run (generation
   inside the root's forward, gathered checkpoints without the wrapper's prefix) matches the logits-mode run.
@@ -325,6 +326,18 @@ def test_distributed_ppo_resume_is_exact(dist_run, parallel):
     assert ScalarHeadModel.from_pretrained(str(ck)).head.weight.shape[0] == 1
 
 
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_resume_is_exact(dist_run):
+    import signal
+    seen = [json.loads((dist_run / f"sft_signal_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["stopped"] for s in seen] == [[2, int(signal.SIGTERM)]] * 2
+    full = json.loads((dist_run / "sft_rm_ddp.json").read_text())["sft"]
+    assert _losses(seen[0]["resumed"]) == _losses(full) and len(full) == 4
+
+
+def _losses(history):
+    return [[r[k] for k in ("step", "loss", "grad_norm", "lr")] for r in history]
+
+
 def test_parallel_errors_are_clear(dist_run, tmp_path):
     """An unknown --parallel, and an FSDP2 checkpoint resumed without FSDP2, name the fix."""
     import shutil
@@ -344,6 +357,34 @@ def test_parallel_errors_are_clear(dist_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------- one rank
+def _signal_scenario(spec, rank):
+    """DDP SFT where only rank 1 gets a SIGTERM, inside step 2: both ranks must stop after step 2 (the checkpoint
+    is a collective), then resume to the end. Each rank writes what it saw."""
+    import dataclasses
+    import signal
+
+    from rlhf_kernels.trainer import sft
+    from rlhf_kernels.trainer.interrupt import StoppedBySignal
+    clip, calls = sft.clip_grad_norm, []
+
+    def clip_then_signal(*args):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return clip(*args)
+
+    cfg = sft.SFTConfig(**_sft_kw(spec), parallel="ddp", out_dir=os.path.join(spec["out"], "sft_signal"))
+    sft.clip_grad_norm, stopped = clip_then_signal, None
+    try:
+        sft.train_sft(cfg)
+    except StoppedBySignal as e:
+        stopped = [e.step, e.signum]
+    finally:
+        sft.clip_grad_norm = clip
+    _, _, resumed = sft.train_sft(dataclasses.replace(cfg, resume=True))
+    Path(spec["out"], f"sft_signal_rank{rank}.json").write_text(json.dumps({"stopped": stopped, "resumed": resumed}))
+
+
 def _rank_main(spec_path):
     import dataclasses
 
@@ -406,6 +447,7 @@ def _rank_main(spec_path):
             _, _, resumed = train_sft(dataclasses.replace(r, resume=True))
         if rank == 0:
             Path(out, f"sft_fused_{parallel}.json").write_text(json.dumps({"full": full, "resumed": resumed}))
+    _signal_scenario(spec, rank)
     for parallel in spec["parallel"]:
         cfg = PPOConfig(**_ppo_run_kw(spec), parallel=parallel)
         _, _, full, s_full = train_ppo(dataclasses.replace(cfg, out_dir=os.path.join(out, f"ppo_{parallel}_a")))
