@@ -33,6 +33,11 @@ _GPU_CHUNK_BYTES = (64 * _MIB, 256 * _MIB)
 # 96 MiB, 8192 x 128256 x 4096 bf16 takes 42 slabs of 3072 columns on the CUDA backend (two buffers) and 21 of
 # 6144 on Triton's, fewer than the 51 / 32 of the former 128 MiB, which also held the slab's float32 weight gradient.
 _GPU_SLAB_BYTES = 96 * _MIB
+# The losses' vocabulary slabs (_linear_fused._vocab_slab_loss) touch no [N, H] accumulator (grad_hidden comes from
+# a row sweep first), so narrow slabs cost little there: at 48 MiB, 8192 x 128256 x 4096 bf16 peaks near grad_weight
+# + grad_hidden + 48 = 1114 MiB (Liger-Kernel's bf16-accumulating cross-entropy: 1129 on the H200), in 1536-column
+# slabs on the CUDA backend (two buffers): dW GEMMs of 1536 x 4096 x 8192, still large enough for the tensor cores.
+_GPU_LOSS_SLAB_BYTES = 48 * _MIB
 # Below this many rows the dW accumulation (read + write of V·H fp32 per chunk)
 # costs as much as the chunk's matmul (2·rows·V·H flops): keep chunks above it.
 _MIN_ROWS = {"cpu": 32, "cuda": 128}
@@ -248,16 +253,16 @@ def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: b
 
 
 def slab_columns(n: int, vocab: int, dtype: torch.dtype, device: torch.device, chunk_size: int,
-                 buffers: int = 1) -> int:
+                 buffers: int = 1, gpu_bytes: int = _GPU_SLAB_BYTES) -> int:
     """Vocabulary columns per slab of ``chunk_by="vocab"``: ``chunk_size`` when given, else as many as keep
-    ``buffers`` ``[N, cols]`` slabs of logits within 32 MiB (CPU) or 96 MiB (GPU); a multiple of 64 (GPU: 256)
-    once that large, at most ``vocab``. A slab's weight gradient needs no buffer of its own: its GEMM writes
-    straight into ``grad_weight`` (``_linear_slabs._slab_gradients``)."""
+    ``buffers`` ``[N, cols]`` slabs of logits within 32 MiB (CPU) or ``gpu_bytes`` (GPU: 96 MiB, the losses' 48);
+    a multiple of 64 (GPU: 256) once that large, at most ``vocab``. A slab's weight gradient needs no buffer of
+    its own: its GEMM writes straight into ``grad_weight`` (``_linear_slabs._slab_gradients``)."""
     if chunk_size > 0:
         return int(min(chunk_size, max(vocab, 1)))
     itemsize = torch.empty((), dtype=dtype).element_size()
     col_bytes = n * itemsize * max(1, buffers)
-    budget = _GPU_SLAB_BYTES if device.type == "cuda" else _CPU_CHUNK_BYTES
+    budget = gpu_bytes if device.type == "cuda" else _CPU_CHUNK_BYTES
     return chunk_rows(vocab, col_bytes, budget, 64, align=_ALIGN_ROWS.get(device.type, 64))
 
 

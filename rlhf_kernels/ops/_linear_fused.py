@@ -3,8 +3,10 @@
 ``linear_cross_entropy`` and ``linear_ppo_loss`` are ``loss = Σ_i w_i·term_i``
 with each ``term_i`` a function of the token's ``(logp_i, entropy_i)`` only, so
 each chunk's ``dlogits`` are known as soon as its log-probs are: 3 matmuls per
-step over row chunks (``_row_chunk_loss``), 4 over vocabulary slabs
-(``_vocab_slab_loss``). ``ops/linear.py``'s module docstring has the math.
+step over row chunks (``_row_chunk_loss``); 4 with ``chunk_by="vocab"``
+(``_vocab_slab_loss``: row chunks for ``grad_hidden``, then vocabulary slabs for
+``grad_weight``, neither with a float32 accumulator). ``ops/linear.py``'s module
+docstring has the math.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from ._linear_common import (
     _row_buffer,
     _chunk_logits,
     _stats_dtype,
+    _GPU_LOSS_SLAB_BYTES,
 )
-from ._linear_slabs import _slab_forward, _slab_gradients
+from ._linear_slabs import _slab_gradients
 from .logprobs import _validate_targets, resolve_for
 from .ppo import _torch_dterm_dlogp, aggregation_weights
 
@@ -98,33 +101,50 @@ def _aggregate_terms(logp, entropy, w, mask, old_logp, advantages, ref_logp, los
 def _vocab_slab_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref_logp, temperature, ignore_index,
                      loss, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, chunk_size, backend,
                      need_hidden, need_weight, need_bias):
-    """``linear_loss_fused`` over vocabulary slabs: ``(logp, entropy, grad_hidden, grad_weight, grad_bias)``
-    (``grad_bias`` still in float32: ``linear_loss_fused`` casts it).
+    """``linear_loss_fused`` with ``chunk_by="vocab"``: ``(logp, entropy, grad_hidden, grad_weight, grad_bias)``
+    (``grad_bias`` still in float32: ``linear_loss_fused`` casts it), with no float32 accumulator of either
+    gradient. Two sweeps of 2 GEMMs each, 4 matmuls in all::
 
-    No ``[V, H]`` float32 accumulator: each slab's weight gradient is one GEMM
-    over all ``N`` tokens (float32 accumulation inside it, rounded once), written
-    straight into its rows of ``grad_weight``; the price is a second logits GEMM,
-    4 matmuls in all. Extra memory: a slab of logits (two on CUDA) and
-    ``grad_hidden``'s float32 ``[N, H]`` accumulator. Pass 1 (``_slab_forward``) gives each row's
-    ``(logp, entropy, lse)``, the loss's per-token upstream gradients follow from
-    them, and pass 2 (``_slab_gradients``) computes the slabs' logits again for
-    the gradients.
-    """
+        rows  (_row_chunk_loss, all V columns of a few rows):  logits_c, its (logp, entropy, lse) and the loss's
+              upstream (g_logp, g_ent), dlogits_c, grad_hidden_c = dlogits_c @ weight  (one GEMM over V: exact)
+        slabs (_slab_gradients, a few columns of all N rows):  logits_s again, dlogits_s from the kept
+              (lse, g_logp, g_ent), grad_weight_s = dlogits_s.T @ hidden  (one GEMM over N), grad_bias_s
+
+    Each gradient element is then one GEMM's float32 sum rounded once into the input's dtype: no ``[V, H]``
+    float32 weight-gradient accumulator (the row chunks' 2 GB at 128256 x 4096) and, unlike ``linear_logprobs``'
+    slabs, whose upstream gradient is known only in backward, no ``[N, H]`` float32 one for ``grad_hidden``
+    either. The row sweep runs before ``grad_weight`` exists, so its chunks may be as large as it
+    (``weight_grad_cast``) without raising the peak: ``grad_weight + grad_hidden + one slab`` of
+    ``_GPU_LOSS_SLAB_BYTES``. ``chunk_size``: rows per chunk of the first sweep and columns per slab of the
+    second."""
     n = hidden.shape[0]
-    logp, entropy, row_lse = _slab_forward(hidden, weight, targets, bias, temperature, ignore_index, chunk_size,
-                                           backend)
-    g_logp, g_ent = _token_grads(logp, w, loss, old_logp, advantages, ref_logp, 0, n, kl_coef, kl_estimator,
-                                 entropy_coef, clip_low, clip_high, dual_clip)
-    grads = _slab_gradients(g_logp, g_ent, hidden, weight, targets, bias, row_lse, entropy, temperature,
-                            ignore_index, chunk_size, backend, need_hidden, need_weight, need_bias)
-    return (logp, entropy) + grads
+    acc = _acc_dtype(weight.dtype)
+    stats = _stats_dtype(hidden.dtype)
+    kept = tuple(hidden.new_empty((n,), dtype=stats) for _ in range(3))  # lse, g_logp, g_ent per row
+    logp, entropy, grad_hidden, _, _ = _row_chunk_loss(
+        hidden, weight, targets, bias, w, old_logp, advantages, ref_logp, temperature, ignore_index, loss, kl_coef,
+        kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, chunk_size, backend, need_hidden, False, False,
+        kept=kept, weight_grad_cast=need_weight and acc != weight.dtype,
+    )
+    if not (need_weight or need_bias):
+        return logp, entropy, grad_hidden, weight.new_empty(0), weight.new_empty(0)
+    row_lse, g_logp, g_ent = kept
+    _, grad_weight, grad_bias = _slab_gradients(g_logp, g_ent, hidden, weight, targets, bias, row_lse, entropy,
+                                                temperature, ignore_index, chunk_size, backend, False, need_weight,
+                                                need_bias, _GPU_LOSS_SLAB_BYTES)
+    return logp, entropy, grad_hidden, grad_weight, grad_bias
 
 
 def _row_chunk_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref_logp, temperature, ignore_index,
                     loss, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, chunk_size, backend,
-                    need_hidden, need_weight, need_bias):
+                    need_hidden, need_weight, need_bias, kept=None, weight_grad_cast=None):
     """``linear_loss_fused`` over row chunks: ``(logp, entropy, grad_hidden, grad_weight, grad_bias)``, the weight
-    and bias gradients still in float32 (``linear_loss_fused`` casts them). No gradient wanted: the forward only."""
+    and bias gradients still in float32 (``linear_loss_fused`` casts them). No gradient wanted: the forward only.
+
+    ``kept``: three ``[N]`` tensors that receive each row's ``lse``, ``g_logp`` and ``g_ent`` (the vocabulary
+    slabs' second sweep, ``_vocab_slab_loss``, needs them). ``weight_grad_cast``: whether the chunk size may use
+    the allowance of a 16-bit weight gradient cast from float32 (``auto_chunk_size``); by default, whether this
+    loop computes one."""
     n, h = hidden.shape
     v = weight.shape[0]
     stats = _stats_dtype(hidden.dtype)
@@ -135,8 +155,9 @@ def _row_chunk_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref_
     grad_weight = _accumulator(n, weight, acc) if need_weight else weight.new_empty(0)
     grad_bias = torch.zeros((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
     any_grad = need_hidden or need_weight or need_bias
-    c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, need_weight and acc != weight.dtype,
-               _chunk_buffers(backend))
+    if weight_grad_cast is None:
+        weight_grad_cast = need_weight and acc != weight.dtype
+    c = _chunk(n, h, v, hidden.dtype, hidden.device, chunk_size, weight_grad_cast, _chunk_buffers(backend))
     buffer = _row_buffer(c, v, hidden)
     spare = _row_buffer(c, v, hidden) if any_grad and _chunk_buffers(backend) == 2 else None
     for s in range(0, n, c):
@@ -146,10 +167,15 @@ def _row_chunk_loss(hidden, weight, targets, bias, w, old_logp, advantages, ref_
         lp, ent, lse = _kernel_fwd(logits, targets_c, temperature, ignore_index, backend)
         logp[s:e].copy_(lp)
         entropy[s:e].copy_(ent)
-        if not any_grad:
+        if not (any_grad or kept is not None):
             continue
         g_logp, g_ent = _token_grads(lp, w_c, loss, old_logp, advantages, ref_logp, s, e, kl_coef, kl_estimator,
                                      entropy_coef, clip_low, clip_high, dual_clip)
+        if kept is not None:
+            for into, value in zip(kept, (lse, g_logp, g_ent)):
+                into[s:e].copy_(value)
+        if not any_grad:
+            continue
         dlogits = _kernel_bwd(g_logp, g_ent, logits, targets_c, lse, ent, temperature, ignore_index, backend,
                               _grad_buffer(logits, backend, spare))
         del logits
@@ -202,7 +228,8 @@ def linear_loss_fused(
     an empty ``[0]`` tensor where ``need_*`` is False. One chunk of logits
     exists at a time (``_kernel_bwd`` turns it into the chunk's ``dlogits`` in
     place on the C++ CPU and Triton backends; CUDA adds a second chunk).
-    ``chunk_by="vocab"``: vocabulary slabs instead of row chunks (``_vocab_slab_loss``).
+    ``chunk_by="vocab"``: the weight and bias gradients over vocabulary slabs, after a row sweep for the rest
+    (``_vocab_slab_loss``).
     """
     # before the chunks: the sync waits only for the work queued ahead (see logprobs._validate_targets)
     _validate_targets(targets, weight.shape[0], ignore_index, "linear_cross_entropy or linear_ppo_loss")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._linear_common import (
+    _GPU_SLAB_BYTES,
     _acc_dtype,
     _accumulate_mm,
     _accumulator,
@@ -25,10 +26,11 @@ from ._linear_common import (
     slab_columns,
 )
 
-def _slabs(n: int, h: int, weight: torch.Tensor, hidden: torch.Tensor, chunk_size: int, backend: str):
+def _slabs(n: int, h: int, weight: torch.Tensor, hidden: torch.Tensor, chunk_size: int, backend: str,
+           gpu_bytes: int = _GPU_SLAB_BYTES):
     """``[(s, e), ...]``: the vocabulary slabs of ``chunk_by="vocab"`` (``slab_columns`` wide)."""
     v = weight.shape[0]
-    cols = slab_columns(n, v, hidden.dtype, hidden.device, chunk_size, _chunk_buffers(backend))
+    cols = slab_columns(n, v, hidden.dtype, hidden.device, chunk_size, _chunk_buffers(backend), gpu_bytes)
     return [(s, min(v, s + cols)) for s in range(0, v, cols)]
 
 
@@ -80,7 +82,7 @@ def _slab_forward(hidden, weight, targets, bias, temperature, ignore_index, chun
 
 
 def _slab_gradients(g_logp, g_ent, hidden, weight, targets, bias, lse, entropy, temperature, ignore_index,
-                    chunk_size, backend, need_hidden, need_weight, need_bias):
+                    chunk_size, backend, need_hidden, need_weight, need_bias, gpu_bytes=_GPU_SLAB_BYTES):
     """Pass 2 of the vocabulary slabs: ``(grad_hidden, grad_weight, grad_bias)`` of ``Σ g_logp·logp + g_ent·H``
     from each slab's logits computed again, given the whole rows' ``lse`` and ``entropy`` ``[N]``::
 
@@ -93,7 +95,8 @@ def _slab_gradients(g_logp, g_ent, hidden, weight, targets, bias, lse, entropy, 
     (``float32_gemm_reduction``), the same numbers as a float32 buffer cast
     afterwards, without the ``[cols, H]`` float32 buffer or the copy (no
     ``[V, H]`` float32 accumulator either). ``grad_bias`` stays float32
-    (float64); a gradient not needed is an empty ``[0]`` tensor.
+    (float64); a gradient not needed is an empty ``[0]`` tensor. ``gpu_bytes``: the slabs' logits budget on the
+    GPU (``slab_columns``).
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -103,7 +106,7 @@ def _slab_gradients(g_logp, g_ent, hidden, weight, targets, bias, lse, entropy, 
     dx = _accumulator(n, hidden, _acc_dtype(hidden.dtype)) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = torch.empty((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
-    for i, (s, e) in enumerate(_slabs(n, h, weight, hidden, chunk_size, backend)):
+    for i, (s, e) in enumerate(_slabs(n, h, weight, hidden, chunk_size, backend, gpu_bytes)):
         logits, in_slab = _slab_logits(hidden, weight, bias, targets, valid, s, e)
         y_local = torch.where(in_slab, targets - s, torch.where(valid, torch.full_like(targets, e - s), unused))
         dlogits = _kernel_bwd(g_logp, g_ent, logits, y_local, lse, entropy, temperature, -1, backend,

@@ -71,12 +71,15 @@ relative only.
 
 Vocabulary slabs (``chunk_by="vocab"``, or ``RLHF_KERNELS_LINEAR_CHUNK_BY=vocab``):
 the same values and gradients, for ``linear_logprobs`` and the losses alike,
-but the loop walks slabs of vocabulary columns over all rows (``_slab_forward``,
-``_slab_gradients``, ``_vocab_slab_loss``). A slab's weight gradient is then one GEMM
+but the weight gradient comes from slabs of vocabulary columns over all rows
+(``_slab_forward``, ``_slab_gradients``). A slab's weight gradient is then one GEMM
 over every token (float32 accumulation inside it, cast once) written into its
 rows of ``grad_weight``: no ``[V, H]`` float32 accumulator (2.1 GB for a
-128256 x 4096 bf16 head), at the cost of a second logits GEMM (4 matmuls);
-``grad_hidden`` gets an ``[N, H]`` float32 accumulator instead. The default,
+128256 x 4096 bf16 head), at the cost of a second logits GEMM (4 matmuls).
+``linear_logprobs`` walks slabs in both passes, so ``grad_hidden`` gets an
+``[N, H]`` float32 accumulator instead; the losses (``_vocab_slab_loss``) first
+sweep row chunks for the log-probs and ``grad_hidden`` (one GEMM over all of
+``V`` per chunk), then the slabs for ``grad_weight``, with no accumulator at all. The default,
 ``chunk_by="auto"``, takes the row chunks unless that accumulator would not fit
 in the GPU's free memory, and then the slabs, with a one-time warning.
 
@@ -560,11 +563,11 @@ def linear_ppo_loss(
     gradient (3 matmuls in all). ``grad_in_forward=False`` (or
     ``RLHF_KERNELS_LINEAR_GRAD=recompute``) takes ``linear_logprobs``'s path
     instead: logits recomputed in backward, 4 matmuls. ``chunk_by="vocab"`` (or
-    ``RLHF_KERNELS_LINEAR_CHUNK_BY=vocab``) computes that gradient over
-    vocabulary slabs instead of row chunks: no ``[V, H]`` float32 weight-gradient
-    accumulator (the least memory), 4 matmuls (``_vocab_slab_loss``; the
-    recompute path walks slabs too); with it, ``chunk_size`` is the slab's width
-    in vocabulary columns. ``"rows"`` forces
+    ``RLHF_KERNELS_LINEAR_CHUNK_BY=vocab``) computes the weight gradient over
+    vocabulary slabs after a row sweep for the rest: no ``[V, H]`` float32
+    weight-gradient accumulator (the least memory), 4 matmuls (``_vocab_slab_loss``;
+    the recompute path walks slabs too); with it, ``chunk_size`` is both the row
+    sweep's rows per chunk and the slab's width in vocabulary columns. ``"rows"`` forces
     the row chunks; ``"auto"`` (the default) takes them unless their accumulator
     would not fit in the GPU's free memory (``linear_chunk_by``).
 
