@@ -41,7 +41,8 @@ CHECKED_AGAINST = {
 # What ``chunk_by="auto"`` and ``RLHF_KERNELS_LINEAR_GRAD=auto`` pick (ops/_linear_layout.py, ops/linear.py).
 _FUSED_LINEAR_PATHS = {
     "linear losses (CE, PPO)": "gradient in the forward, row chunks: 3 matmuls (vocabulary slabs, 4, when the "
-                               "[V, H] float32 accumulator would not fit in GPU memory)",
+                               "[V, H] float32 accumulator would not fit in GPU memory, and on the CPU for a 16-bit "
+                               "head that trains)",
     "linear_logprobs": "logits recomputed in backward: 4 matmuls; vocabulary slabs on the GPU for a 16-bit head "
                        "that trains; a frozen head (only hidden trains, no entropy): 2",
 }

@@ -22,6 +22,12 @@ LINEAR_CHUNK_BY = ("auto", "rows", "vocab")
 # chunk_by="auto" weighs the row path's float32 accumulator against free memory on these devices only (the CPU's
 # free memory is not the allocator's to count): rows there. Tests widen it.
 AUTO_CHUNK_DEVICES = ("cuda",)
+# The losses' chunk_by="auto" takes the vocabulary slabs on these devices whenever the row chunks would need the
+# float32 [V, H] accumulator: on the CPU (no mixed-dtype GEMM, so the rows upcast every chunk's operands for it) the
+# slabs ran bf16 2048 x 50257 x 512 in 0.81x / 0.85x the materialised time against the rows' 0.84x / 1.00x, at
+# 0.10x / 0.09x its memory against 0.18x / 0.16x (cross-entropy / PPO; benchmarks/results/cpu-linear,
+# linear_losses_cpu_bf16.md run 2). Tests narrow it.
+SLABS_FIRST_DEVICES = ("cpu",)
 # The share of the device's free memory the row path's accumulator may take under chunk_by="auto".
 _AUTO_ROWS_SHARE = 0.9
 _auto_fallback_warned = False
@@ -38,12 +44,18 @@ def _chunk_by_setting(chunk_by: Optional[str]) -> str:
 
 def linear_chunk_by(chunk_by: Optional[str], weight: Optional[torch.Tensor] = None) -> str:
     """``"rows"`` or ``"vocab"``: ``chunk_by`` of the linear losses, else ``RLHF_KERNELS_LINEAR_CHUNK_BY``, else
-    ``"auto"``, which takes the row chunks (3 matmuls, the fastest) unless their ``[V, H]`` float32 weight-gradient
-    accumulator would not fit in the device's free memory, and then the vocabulary slabs (no such buffer, 4 matmuls)
-    with a one-time warning, rather than running out of memory. ``weight``: the LM head whose gradient the loop
-    computes; ``None`` when none is computed (the setting is still checked; ``"auto"`` is then ``"rows"``)."""
+    ``"auto"``, which takes the row chunks (3 matmuls, the fastest on the GPU) unless their ``[V, H]`` float32
+    weight-gradient accumulator would not fit in the device's free memory, and then the vocabulary slabs (no such
+    buffer, 4 matmuls) with a one-time warning, rather than running out of memory. On ``SLABS_FIRST_DEVICES`` (the
+    CPU) the slabs whenever the rows would need that accumulator: faster there as well as leaner. ``weight``: the
+    LM head whose gradient the loop computes; ``None`` when none is computed (the setting is still checked;
+    ``"auto"`` is then ``"rows"``)."""
     value = _chunk_by_setting(chunk_by)
-    return value if value != "auto" else _auto_chunk_by(weight)
+    if value != "auto":
+        return value
+    if _needs_float32_accumulator(weight) and weight.device.type in SLABS_FIRST_DEVICES:
+        return "vocab"
+    return _auto_chunk_by(weight)
 
 
 def logprobs_chunk_by(chunk_by: Optional[str], weight: Optional[torch.Tensor] = None,
@@ -70,8 +82,12 @@ def _row_accumulator_on_auto_device(weight: Optional[torch.Tensor]) -> bool:
     """The row chunks would hold a separate ``[V, H]`` float32 weight-gradient accumulator on an
     ``AUTO_CHUNK_DEVICES`` device: ``weight`` (``None`` when its gradient is not computed) needs a gradient and is
     16-bit (a float32 weight accumulates in its own gradient)."""
-    return (weight is not None and weight.requires_grad and _acc_dtype(weight.dtype) != weight.dtype
-            and weight.device.type in AUTO_CHUNK_DEVICES)
+    return _needs_float32_accumulator(weight) and weight.device.type in AUTO_CHUNK_DEVICES
+
+
+def _needs_float32_accumulator(weight: Optional[torch.Tensor]) -> bool:
+    """``weight`` needs a gradient and is 16-bit, so row chunks would accumulate it in a separate float32 buffer."""
+    return weight is not None and weight.requires_grad and _acc_dtype(weight.dtype) != weight.dtype
 
 
 def _free_device_bytes(device: torch.device) -> int:

@@ -569,7 +569,8 @@ def linear_ppo_loss(
     the recompute path walks slabs too); with it, ``chunk_size`` is both the row
     sweep's rows per chunk and the slab's width in vocabulary columns. ``"rows"`` forces
     the row chunks; ``"auto"`` (the default) takes them unless their accumulator
-    would not fit in the GPU's free memory (``linear_chunk_by``).
+    would not fit in the GPU's free memory, or the head is 16-bit, trains and is on the CPU
+    (``linear_chunk_by``).
 
     Returns:
         ``PPOLossOutput(loss, logp, entropy, kl, clip_frac, approx_kl)`` as ``rk.ppo_loss``.

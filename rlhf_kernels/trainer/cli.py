@@ -34,7 +34,8 @@ sft, rm, ppo, grpo and dpo also run under torchrun: data-parallel (DDP, the defa
 LM head weight (rk.linear_*), never building the [batch, seq, vocab] logits; off by default. With
 RLHF_KERNELS_LINEAR_CHUNK_BY=vocab the losses' gradient is computed over vocabulary slabs, without a
 [vocab, hidden] float32 weight-gradient buffer (less memory for a 16-bit LM head, one more matmul); by default
-(auto) that happens only when the buffer would not fit in the GPU's free memory, =rows never. DPO's sequence
+(auto) that happens only when the buffer would not fit in the GPU's free memory (always for a 16-bit head on the
+CPU, where it is faster too), =rows never. DPO's sequence
 log-probs (rk.linear_logprobs, which recomputes the logits in backward either way) take the slabs by default
 on the GPU for a 16-bit head.
 

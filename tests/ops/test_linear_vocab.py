@@ -226,6 +226,7 @@ def test_chunk_by_auto_falls_back_to_slabs_when_the_accumulator_does_not_fit(mon
     hidden, weight, targets, _ = _inputs((5,), 4, 9, torch.float32)
     w16 = weight.to(torch.bfloat16).requires_grad_(True)
     need = w16.numel() * 4
+    monkeypatch.setattr(layout, "SLABS_FIRST_DEVICES", ())  # the CPU's own rule: the next test
     assert L.linear_chunk_by(None, w16) == "rows"  # the CPU: not an AUTO_CHUNK_DEVICES device
     monkeypatch.setattr(layout, "AUTO_CHUNK_DEVICES", ("cpu", "cuda"))
     monkeypatch.setattr(layout, "_auto_fallback_warned", False)
@@ -244,6 +245,25 @@ def test_chunk_by_auto_falls_back_to_slabs_when_the_accumulator_does_not_fit(mon
     # end to end: the auto choice runs the slabs' path (3-row chunks of N = 5: logits and dX; then 3-column slabs
     # of V = 9: logits and dW)
     mode = _MatmulCounter()
+    with mode:
+        rk.linear_cross_entropy(hidden.to(torch.bfloat16).requires_grad_(True), w16, targets, chunk_size=3,
+                                backend=BACKENDS[0]).backward()
+    assert mode.matmuls == 2 * 2 + 2 * 3
+
+
+def test_chunk_by_auto_takes_the_slabs_on_the_cpu_for_a_16_bit_head_that_trains(monkeypatch):
+    """On SLABS_FIRST_DEVICES (the CPU) the losses' "auto" takes the slabs whenever the row chunks would hold a float32
+    weight-gradient accumulator (measured faster and leaner there, linear_losses_cpu_bf16.md), with no warning; a
+    float32 head (its gradient is its own accumulator), a frozen head and a named choice keep the rows."""
+    monkeypatch.delenv("RLHF_KERNELS_LINEAR_CHUNK_BY", raising=False)
+    hidden, weight, targets, _ = _inputs((5,), 4, 9, torch.float32)
+    w16 = weight.to(torch.bfloat16).requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert L.linear_chunk_by(None, w16) == "vocab"
+    assert L.linear_chunk_by(None, weight.requires_grad_(True)) == "rows"
+    assert L.linear_chunk_by(None, w16.detach()) == "rows" and L.linear_chunk_by("rows", w16) == "rows"
+    mode = _MatmulCounter()  # end to end: 3-row chunks of N = 5 (logits, dX), then 3-column slabs of V = 9 (logits, dW)
     with mode:
         rk.linear_cross_entropy(hidden.to(torch.bfloat16).requires_grad_(True), w16, targets, chunk_size=3,
                                 backend=BACKENDS[0]).backward()
