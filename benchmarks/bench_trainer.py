@@ -107,7 +107,7 @@ def stages(args, dev, backend, fused_head=False):
         out["rm"] = rm_step
     # --- ppo
     cfg = PPOConfig(backend=backend, rollout_batch=args.batch, ppo_epochs=1, minibatches=2,
-                    max_new_tokens=args.seq // 2, max_len=args.seq)
+                    max_new_tokens=args.seq // 2, max_len=args.seq, n_positions=2 * args.seq)  # as the model above
     policy, ref, critic = copy.deepcopy(lm), copy.deepcopy(lm).eval(), copy.deepcopy(rm)
     popt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     copt = torch.optim.AdamW(critic.parameters(), lr=1e-6)

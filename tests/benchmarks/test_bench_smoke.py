@@ -221,7 +221,8 @@ def test_trainer_benchmark_runs_every_stage_and_variant(tmp_path, capsys):
     """bench_trainer at a tiny size: every stage and variant timed (finite, positive), the CSV and table written."""
     from benchmarks import bench_trainer
 
-    args = ["--vocab", "256", "--n_embd", "32", "--n_layer", "1", "--n_head", "2", "--batch", "4", "--seq", "32",
+    # --seq 72: beyond PPOConfig's default n_positions (64), which the bench's own model must override
+    args = ["--vocab", "256", "--n_embd", "32", "--n_layer", "1", "--n_head", "2", "--batch", "4", "--seq", "72",
             "--warmup", "1", "--reps", "1", "--threads", "1", "--out", str(tmp_path)]
     assert bench_trainer.main(args) == 0
     (folder,) = os.listdir(tmp_path)
