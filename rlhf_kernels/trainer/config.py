@@ -46,9 +46,9 @@ class BaseConfig:
         self._check_common()
 
     def _check_common(self) -> None:
-        """Refuse, by key, values every stage would trip over later: a late IndexError (or, on the GPU, a
-        device-side assert that ends the process) from a sequence longer than the model's positions, an op
-        backend that cannot run on the chosen device, negative counts."""
+        """Refuse, by key, values every stage would trip over later: an op backend that cannot run on the chosen
+        device, negative counts, a response budget that leaves no room for the prompt. (``max_len`` against the
+        model's positions is checked once the model exists: ``models.check_positions``.)"""
         from rlhf_kernels.ops._dispatch import BACKENDS
         if self.device != "auto":
             try:
@@ -75,9 +75,6 @@ class BaseConfig:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2 (a prompt token and a response token), got {self.max_len}")
-        if self.model == "tiny-gpt2" and self.max_len > self.n_positions:
-            raise ValueError(f"max_len ({self.max_len}) must be <= n_positions ({self.n_positions}): the tiny "
-                             "model has no position embedding beyond n_positions")
         new_tokens = getattr(self, "max_new_tokens", None)  # the sampling stages: prompt + response <= max_len
         if new_tokens is not None and not 1 <= new_tokens < self.max_len:
             raise ValueError(f"max_new_tokens must be in [1, max_len = {self.max_len}) so that a prompt token "

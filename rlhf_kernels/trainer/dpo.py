@@ -40,7 +40,7 @@ from .data import batches, collate_pairs, load_jsonl, shifted_targets, validate_
 from .distributed import all_reduce, all_reduce_mean_dict, barrier, clip_grad_norm, dist_setup, wrap_model
 from .fused_head import FusedHeadLM, is_fused_head
 from .interrupt import StopOnSignal
-from .models import lm_logits, load_policy, peak_memory_mb
+from .models import fit_max_len, lm_logits, load_policy, peak_memory_mb
 from .rollout import SamplingConfig, evaluate_gold, generate_responses, sequence_logprobs
 from .sft import _log, _pbar
 
@@ -148,6 +148,7 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
         if not cfg.sft:
             raise ValueError("dpo needs an SFT policy (also the reference): set --sft <dir> (e.g. runs/sft/final)")
         policy, tok = load_policy(cfg.sft)
+    cfg = fit_max_len(cfg, policy)
     if task is None and not cfg.data:
         from ..tasks import get_task
         task = get_task(cfg.task)

@@ -63,7 +63,7 @@ from .distributed import (
 )
 from .fused_head import FusedHeadLM
 from .interrupt import StopOnSignal
-from .models import ScalarHeadModel, load_policy, peak_memory_mb
+from .models import ScalarHeadModel, fit_max_len, load_policy, peak_memory_mb
 from .rollout import (
     SamplingConfig,
     evaluate_gold,
@@ -244,6 +244,7 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
         if not cfg.rm:
             raise ValueError("reward 'rm' needs a reward model: set --rm <dir> (or --reward gold)")
         rm = ScalarHeadModel.from_pretrained(cfg.rm)
+    cfg = fit_max_len(cfg, policy, *([rm] if rm is not None else []))
     if task is None and (not cfg.data or cfg.reward == "gold"):
         from ..tasks import get_task
         task = get_task(cfg.task)

@@ -11,8 +11,10 @@ attention mask so that both paddings see the same positions.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +119,28 @@ def pretrained(auto_class, path: str, what: str = "model"):
         builtin = "'tiny-gpt2'" if what == "model" else "'byte'"
         raise ValueError(f"{what} {path!r} is neither {builtin}, a saved {what} directory, nor a hub name "
                          f"found in the local cache ({str(exc).splitlines()[0]})") from None
+
+
+def position_limit(model) -> int | None:
+    """The learned absolute positions of a causal LM or ``ScalarHeadModel`` (its ``body``): ``config.n_positions``
+    (GPT-2 and its kin), past which a sequence would index beyond the position embedding (an IndexError on the CPU,
+    a device-side assert that ends the process on the GPU). ``None`` for rotary / ALiBi models: no such table."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "body", None), "config", None)
+    limit = getattr(config, "n_positions", None)
+    return limit if isinstance(limit, int) else None
+
+
+def fit_max_len(cfg, *models):
+    """``cfg``, with ``max_len`` cut (and a warning) to the fewest learned positions among ``models`` when it asks
+    for more: sequences are then cut to what the model can read instead of crashing it. A stage that loads its
+    model (``ppo --sft DIR``) is held to that model, not to the config's ``n_positions``, which describes only a
+    model built from the config."""
+    limits = [n for n in map(position_limit, models) if n is not None]
+    if not limits or cfg.max_len <= min(limits):
+        return cfg
+    warnings.warn(f"max_len {cfg.max_len} is more than the model's {min(limits)} learned positions "
+                  f"(config.n_positions): sequences are cut to {min(limits)} tokens", stacklevel=2)
+    return dataclasses.replace(cfg, max_len=min(limits))
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ from .distributed import (
 )
 from .fused_head import FusedHeadLM
 from .interrupt import StopOnSignal
-from .models import ScalarHeadModel, last_index, load_policy, peak_memory_mb
+from .models import ScalarHeadModel, fit_max_len, last_index, load_policy, peak_memory_mb
 from .rollout import (
     SamplingConfig,
     evaluate_gold,
@@ -212,6 +212,7 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
         if not cfg.rm:
             raise ValueError("ppo needs a reward model: set --rm <dir> (e.g. runs/rm/final)")
         rm = ScalarHeadModel.from_pretrained(cfg.rm)
+    cfg = fit_max_len(cfg, policy, rm)  # prompt + response <= max_len: both read whole sequences
     if task is None and not cfg.data:
         from ..tasks import get_task
         task = get_task(cfg.task)

@@ -26,7 +26,7 @@ from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, collate_pairs, load_jsonl, validate_rows
 from .distributed import all_reduce, all_reduce_mean_dict, barrier, clip_grad_norm, dist_setup, wrap_model
 from .interrupt import StopOnSignal
-from .models import ScalarHeadModel, build_policy, last_index, load_policy, peak_memory_mb
+from .models import ScalarHeadModel, build_policy, fit_max_len, last_index, load_policy, peak_memory_mb
 from .sft import _log, _pbar
 
 
@@ -89,6 +89,7 @@ def train_rm(cfg: RMConfig, rm=None, tok=None, rows=None, eval_rows=None):
             lm, tok = build_policy(cfg.model_config())
         rm = ScalarHeadModel.from_causal_lm(lm)
         del lm
+    cfg = fit_max_len(cfg, rm)
     rm.to(dev).train()
     wrapped = wrap_model(rm, cfg.parallel, dev)   # DDP wrapper, or `rm` itself sharded by FSDP2
     if rows is None:

@@ -25,7 +25,7 @@ from .data import batches, collate_sft, load_jsonl, shifted_targets, validate_ro
 from .distributed import all_reduce, barrier, clip_grad_norm, dist_setup, global_loss_scale, wrap_model
 from .fused_head import FusedHeadLM, is_fused_head
 from .interrupt import StopOnSignal
-from .models import build_policy, peak_memory_mb
+from .models import build_policy, fit_max_len, peak_memory_mb
 
 
 @dataclass
@@ -68,6 +68,7 @@ def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
         raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of ranks ({world})")
     if model is None:
         model, tok = build_policy(cfg.model_config())
+    cfg = fit_max_len(cfg, model)
     model.to(dev).train()
     actor = FusedHeadLM(model) if cfg.fused_head else model   # --fused-head: the loss without logits
     wrapped = wrap_model(actor, cfg.parallel, dev)   # DDP wrapper, or `actor` itself sharded by FSDP2

@@ -46,7 +46,6 @@ def test_config_file_and_flag_overrides(tmp_path):
     (SFTConfig, {"warmup_steps": -1}, r"warmup_steps must be >= 0"),
     (SFTConfig, {"n_head": 0}, r"n_head must be >= 1"),
     (SFTConfig, {"max_len": 1}, r"max_len must be >= 2"),
-    (SFTConfig, {"max_len": 65}, r"max_len \(65\) must be <= n_positions \(64\)"),
     (PPOConfig, {"max_new_tokens": 64}, r"max_new_tokens must be in \[1, max_len = 64\)"),
 ])
 def test_bad_configs_raise_clear_errors(cls, values, match):
@@ -54,8 +53,27 @@ def test_bad_configs_raise_clear_errors(cls, values, match):
         make_config(cls, None, values)
 
 
-def test_a_pretrained_model_only_limits_max_len_by_its_own_positions():
-    make_config(SFTConfig, None, {"model": "some/dir", "max_len": 4096})  # n_positions describes tiny-gpt2 only
+def test_max_len_is_cut_to_the_positions_of_the_model_that_runs(tmp_path, tiny):
+    """A GPT-2's learned positions bound max_len once the model exists (a longer sequence would index past its
+    position table): the stage warns and cuts to them. A stage that loads its model (ppo --sft) is not held to the
+    config's n_positions, which describes only a model built from the config; rotary models have no table."""
+    import types
+
+    from rlhf_kernels.trainer.models import fit_max_len
+    from rlhf_kernels.trainer.sft import train_sft
+
+    with pytest.warns(UserWarning, match=r"max_len 40 is more than the model's 32 learned positions"):
+        _, _, history = train_sft(SFTConfig(**{**tiny, "max_len": 40}, out_dir=str(tmp_path / "sft"), steps=1))
+    assert len(history) == 1
+    cfg = make_config(PPOConfig, None, {"max_len": 4096})  # no model yet: nothing to hold it to
+    gpt2 = types.SimpleNamespace(config=types.SimpleNamespace(n_positions=1024))
+    rotary = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=2048))
+    rm = types.SimpleNamespace(body=gpt2)  # a ScalarHeadModel: its body's positions
+    with pytest.warns(UserWarning):
+        assert fit_max_len(cfg, rotary, rm).max_len == 1024
+    assert fit_max_len(cfg, rotary) is cfg
+    with pytest.raises(ValueError, match="max_new_tokens must be in"):  # the cut leaves no room for a prompt
+        fit_max_len(make_config(PPOConfig, None, {"max_len": 2048, "max_new_tokens": 1500}), gpt2)
 
 
 def test_asking_for_cuda_without_a_gpu_names_device(monkeypatch):
