@@ -26,11 +26,13 @@ from ._linear_common import (
     slab_columns,
 )
 
-def _slabs(n: int, h: int, weight: torch.Tensor, hidden: torch.Tensor, chunk_size: int, backend: str,
+def _slabs(weight: torch.Tensor, hidden: torch.Tensor, chunk_size: int, backend: str,
            gpu_bytes: int = _GPU_SLAB_BYTES):
-    """``[(s, e), ...]``: the vocabulary slabs of ``chunk_by="vocab"`` (``slab_columns`` wide)."""
+    """``[(s, e), ...]``: the vocabulary slabs of ``chunk_by="vocab"`` (``slab_columns`` wide) over ``hidden[N, H]``'s
+    rows."""
     v = weight.shape[0]
-    cols = slab_columns(n, v, hidden.dtype, hidden.device, chunk_size, _chunk_buffers(backend), gpu_bytes)
+    cols = slab_columns(hidden.shape[0], v, hidden.dtype, hidden.device, chunk_size, _chunk_buffers(backend),
+                        gpu_bytes)
     return [(s, min(v, s + cols)) for s in range(0, v, cols)]
 
 
@@ -54,9 +56,9 @@ def _slab_forward(hidden, weight, targets, bias, temperature, ignore_index, chun
     ignore index for ignored rows. ``logp`` and ``entropy`` are 0 for ignored
     rows; ``lse`` is the whole row's either way.
     """
-    n, h = hidden.shape
+    n = hidden.shape[0]
     stats = _stats_dtype(hidden.dtype)
-    slabs = _slabs(n, h, weight, hidden, chunk_size, backend)
+    slabs = _slabs(weight, hidden, chunk_size, backend)
     valid = targets != ignore_index
     unused = torch.full_like(targets, -1)
     slab_lse = hidden.new_empty((len(slabs), n), dtype=stats)
@@ -98,7 +100,7 @@ def _slab_gradients(g_logp, g_ent, hidden, weight, targets, bias, lse, entropy, 
     (float64); a gradient not needed is an empty ``[0]`` tensor. ``gpu_bytes``: the slabs' logits budget on the
     GPU (``slab_columns``).
     """
-    n, h = hidden.shape
+    n = hidden.shape[0]
     v = weight.shape[0]
     acc = _acc_dtype(weight.dtype)
     valid = targets != ignore_index
@@ -106,7 +108,7 @@ def _slab_gradients(g_logp, g_ent, hidden, weight, targets, bias, lse, entropy, 
     dx = _accumulator(n, hidden, _acc_dtype(hidden.dtype)) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     grad_bias = torch.empty((v,), dtype=acc, device=weight.device) if need_bias else weight.new_empty(0)
-    for i, (s, e) in enumerate(_slabs(n, h, weight, hidden, chunk_size, backend, gpu_bytes)):
+    for i, (s, e) in enumerate(_slabs(weight, hidden, chunk_size, backend, gpu_bytes)):
         logits, in_slab = _slab_logits(hidden, weight, bias, targets, valid, s, e)
         y_local = torch.where(in_slab, targets - s, torch.where(valid, torch.full_like(targets, e - s), unused))
         dlogits = _kernel_bwd(g_logp, g_ent, logits, y_local, lse, entropy, temperature, -1, backend,

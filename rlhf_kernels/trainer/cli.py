@@ -86,8 +86,9 @@ def run_stage(cmd: str, cls, fn, argv: list[str]):
             print(f"rlhf-kernels {cmd}: {e}; continue with: rlhf-kernels {' '.join([cmd, *argv])} --resume",
                   file=sys.stderr)
         return 128 + e.signum, None, None
-    history = result[2] if cmd != "demo" and isinstance(result, tuple) and len(result) > 2 else None
-    if history is not None and int(os.environ.get("RANK", "0")) == 0 and getattr(cfg, "stop_after", 0):
+    # every stage returns (model, tokenizer, history, ...); the demo a dict of its own
+    if isinstance(result, tuple) and cfg.stop_after and int(os.environ.get("RANK", "0")) == 0:
+        history = result[2]
         step = history[-1]["step"] if history else 0
         if step < cfg.steps:  # stop_after ended this invocation early: there is no final/ to report
             print(f"rlhf-kernels {cmd}: stopped after step {step} of {cfg.steps} (stop_after); checkpoint in "

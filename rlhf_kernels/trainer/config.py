@@ -48,8 +48,8 @@ class BaseConfig:
     def _check_common(self) -> None:
         """Refuse, by key, values every stage would trip over later: an op backend that cannot run on the chosen
         device, negative counts, a response budget that leaves no room for the prompt. (``max_len`` against the
-        model's positions is checked once the model exists: ``models.check_positions``.)"""
-        from rlhf_kernels.ops._dispatch import BACKENDS
+        model's positions is fitted once the model exists: ``models.fit_max_len``.)"""
+        from rlhf_kernels.ops._dispatch import BACKENDS, unavailable_reason
         if self.device != "auto":
             try:
                 kind = torch.device(self.device).type
@@ -60,8 +60,6 @@ class BaseConfig:
         if self.backend is not None:
             if self.backend not in BACKENDS:
                 raise ValueError(f"backend must be one of {BACKENDS} or None, got {self.backend!r}")
-            from rlhf_kernels.ops._dispatch import unavailable_reason
-
             from .models import device_of
             device = device_of(self.device)
             reason = unavailable_reason(self.backend, device)

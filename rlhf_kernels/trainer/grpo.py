@@ -244,7 +244,7 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
         if not cfg.rm:
             raise ValueError("reward 'rm' needs a reward model: set --rm <dir> (or --reward gold)")
         rm = ScalarHeadModel.from_pretrained(cfg.rm)
-    cfg = fit_max_len(cfg, policy, *([rm] if rm is not None else []))
+    cfg = fit_max_len(cfg, policy, rm)  # rm: None under reward 'gold'
     if task is None and (not cfg.data or cfg.reward == "gold"):
         from ..tasks import get_task
         task = get_task(cfg.task)

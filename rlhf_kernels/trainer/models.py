@@ -124,7 +124,8 @@ def pretrained(auto_class, path: str, what: str = "model"):
 def position_limit(model) -> int | None:
     """The learned absolute positions of a causal LM or ``ScalarHeadModel`` (its ``body``): ``config.n_positions``
     (GPT-2 and its kin), past which a sequence would index beyond the position embedding (an IndexError on the CPU,
-    a device-side assert that ends the process on the GPU). ``None`` for rotary / ALiBi models: no such table."""
+    a device-side assert that ends the process on the GPU). ``None`` for rotary / ALiBi models (no such table) and
+    for no model at all."""
     config = getattr(model, "config", None) or getattr(getattr(model, "body", None), "config", None)
     limit = getattr(config, "n_positions", None)
     return limit if isinstance(limit, int) else None
@@ -132,9 +133,9 @@ def position_limit(model) -> int | None:
 
 def fit_max_len(cfg, *models):
     """``cfg``, with ``max_len`` cut (and a warning) to the fewest learned positions among ``models`` when it asks
-    for more: sequences are then cut to what the model can read instead of crashing it. A stage that loads its
-    model (``ppo --sft DIR``) is held to that model, not to the config's ``n_positions``, which describes only a
-    model built from the config."""
+    for more (a ``None`` model is skipped): sequences are then cut to what the model can read instead of crashing
+    it. A stage that loads its model (``ppo --sft DIR``) is held to that model, not to the config's ``n_positions``,
+    which describes only a model built from the config."""
     limits = [n for n in map(position_limit, models) if n is not None]
     if not limits or cfg.max_len <= min(limits):
         return cfg
