@@ -36,10 +36,10 @@ GPU_PREFERENCE = {
     # H200, the whole grid (bf16 and fp32, run 3 with Triton's retiled forwards): cuda faster in 32 of 36 cells, the
     # other 4 within 1% but bf16 8192x151936 fwd+bwd (3.232 ms vs 3.122); the H100 agreed
     "kl_divergence": ("cuda", "triton"),
-    # H200 bf16 8192x151936 (run 3): cuda fwd 0.742 ms vs 0.912, but fwd+bwd 3.270 vs triton 2.777, measured while
-    # autograd still zero-filled a second gradient for the fused path (fixed since: ops/_forward_grads.keep);
-    # kernel time alone about level (~1.9 ms, ncu). Re-measure before flipping
-    "ppo_loss": ("triton", "cuda"),
+    # H200 bf16 8192x151936 (run 4, logs/run4, the zero-filled second gradient gone): cuda's fused step (dlogits in
+    # the forward) 1.922 ms vs triton's two passes 3.307 with the default target check, 1.83 vs 1.99 without it
+    # (tune_cuda); forward 0.670 vs 0.861. Same peak (2377 MiB, one gradient)
+    "ppo_loss": ("cuda", "triton"),
     "gae": ("triton", "cuda"),
 }
 

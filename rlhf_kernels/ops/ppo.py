@@ -548,13 +548,13 @@ def ppo_loss(
 
     ``dual_clip`` (e.g. 3.0) bounds the loss of negative-advantage tokens (Dual-clip PPO).
 
-    Backends: ``"triton"`` (the default for CUDA tensors) runs one fused kernel
-    from logits to the per-token term and writes ``dlogits`` in its backward;
-    ``"cuda"`` runs ``csrc/cuda/ppo.cu`` and, when ``logits`` requires grad,
-    writes ``dlogits`` in the forward itself (the backward is a scale by the
-    upstream gradient; paths and ``RLHF_KERNELS_CUDA_PPO`` in this module's
-    docstring); ``"cpu"`` / ``"torch"`` compose the ``logprobs`` op with PyTorch
-    arithmetic.
+    Backends: ``"cuda"`` (the default for CUDA tensors when the extension has
+    its CUDA kernels) runs ``csrc/cuda/ppo.cu`` and, when ``logits`` requires
+    grad, writes ``dlogits`` in the forward itself (the backward is a scale by
+    the upstream gradient; paths and ``RLHF_KERNELS_CUDA_PPO`` in this module's
+    docstring); ``"triton"`` (the default otherwise) runs one fused kernel from
+    logits to the per-token term and writes ``dlogits`` in its backward;
+    ``"cpu"`` / ``"torch"`` compose the ``logprobs`` op with PyTorch arithmetic.
 
     Shapes: ``logits[B, T, V]``; ``targets, old_logp, advantages, mask
     (, ref_logp)[B, T]`` (``token-mean`` accepts any leading shape).
