@@ -50,14 +50,15 @@
 # each bench stage 60); bench stages get --time-budget min(BENCH_BUDGET, time left - 20 s) (the two
 # headline stages: min(HEADLINE_BUDGET, default 180 with a deadline, none without, time left - 20 s)),
 # and every long command runs under `timeout`, sent SIGINT when the deadline nears (python then stops,
-# keeping the rows of the cases it finished) and SIGKILL GRACE_S (default 10) s later.
+# keeping the rows of the providers it finished) and SIGKILL GRACE_S (default 10) s later.
 # Stages that need a GPU (headline, linear-headline, ppo-paths, tune-cuda, tune-triton, sanitize, profile) say so and are
 # skipped when $PYTHON's torch sees no CUDA device.
 #
 # Results go to $OUT/results/<device-slug>/ (csv, md, png, meta.json, run.log): the committed
 # benchmarks/results/ is copied there first and each bench stage runs with --resume, so a stage cut
 # short by BENCH_BUDGET (seconds of measuring per stage, default 420) or by a command time limit can
-# simply be run again and continues where it stopped; rows are written after every case.
+# simply be run again and continues where it stopped; rows are written after every provider, and
+# --resume measures only the (op, mode, dtype, shape, provider) rows results.csv lacks.
 # Copy $OUT/results/<device-slug>/ back to benchmarks/results/<device-slug>/ and commit it.
 #
 # TAR_OUT=<file>: everything under $OUT in one archive, rewritten after every stage (to TAR_OUT.part,

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "oversubscription stalls. Part of the CPU results folder name.")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="small shapes and short timing (CPU / smoke tests)")
     p.add_argument("--fresh", action="store_true", help="replace results.csv instead of merging into it")
-    p.add_argument("--resume", action="store_true", help="skip cases whose rows (every mode / provider asked for) are already in results.csv")
+    p.add_argument("--resume", action="store_true", help="skip the (op, mode, dtype, shape, provider) rows already in results.csv")
     p.add_argument("--compile-static", action="store_true", help="torch.compile with dynamic=False (one graph per shape)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; cases not started by then are left out (logged)")
     p.add_argument("--rep-ms", type=float, default=None, help="timing budget per measurement (ms)")
@@ -416,9 +416,9 @@ def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
     bar = tqdm(total=total, desc="bench", file=sys.stderr, disable=args.no_progress or tqdm is None, dynamic_ncols=True) if tqdm else None
 
     rows: List[common.Row] = []
-    done = set()
+    done: Dict[tuple, Dict[str, object]] = {}  # --resume: rows already in results.csv, by common.key_of
     if args.resume and not args.fresh:
-        done = {common.key_of(r) for r in report.read_csv(os.path.join(out_dir, "results.csv"))}
+        done = {common.key_of(r): r for r in report.read_csv(os.path.join(out_dir, "results.csv"))}
     meta = {"env": env, "run_id": run_id, "copy_gbps": copy_bw / 1e9,
             "matmul_tflops": {k.replace("torch.", ""): v / 1e12 for k, v in mm.items()},
             "argv": list(argv if argv is not None else sys.argv[1:]), "timer": vars(timer),
@@ -451,7 +451,14 @@ def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
             continue
         for mode in op_modes:
             group: List[common.Row] = []
+            kept: List[Dict[str, object]] = []  # --resume: this group's rows from results.csv, for the ratios
             for name in providers:
+                previous = done.get((spec.name, mode, case.dtype_name, shape_text(case), name))
+                if previous is not None:  # measured by an earlier run (one cut short keeps its finished providers)
+                    kept.append(previous)
+                    if bar:
+                        bar.update(1)
+                    continue
                 if bar:
                     bar.set_postfix_str(f"{spec.name} {mode} {case.dtype_name} {shape_text(case)} {name}", refresh=False)
                 base = dict(run_id=run_id, op=spec.name, mode=mode, dtype=case.dtype_name, N=case.N,
@@ -487,9 +494,16 @@ def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
                     group.append(row)
                 if bar:
                     bar.update(1)
+                # written after every provider: a run cut short (time limit, SIGINT) keeps what it measured
+                report.write_all(out_dir, rows + group, meta, fresh=args.fresh, plots=False, log=log)
+            if kept:
+                log(f"{spec.name} {mode} {case.dtype_name} {shape_text(case)}: "
+                    f"{', '.join(str(k['provider']) for k in kept)} already in results.csv (--resume)")
             ok = [r for r in group if r.status == "ok"]
+            others = [(o.provider, o.ms) for o in ok] + [
+                (str(k["provider"]), float(k["ms"])) for k in kept if k.get("status") == "ok" and float(k["ms"]) > 0]
             for r in ok:
-                r.ratios = ";".join(f"{o.provider}={o.ms / r.ms:.4g}" for o in ok if o is not r)
+                r.ratios = ";".join(f"{p}={ms / r.ms:.4g}" for p, ms in others if p != r.provider)
             for r in group:
                 if r.status == "ok":
                     log(f"{spec.name:<16} {mode:<7} {case.dtype_name:<8} {shape_text(case):<24} {r.provider:<8} "
@@ -500,8 +514,6 @@ def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
         _cleanup(device)
         # wall time per case, inputs included: what a time-boxed GPU session can plan with
         log(f"# {spec.name} {case.dtype_name} {shape_text(case)}: {time.monotonic() - cell_started:.1f} s")
-        if rows:  # written after every case, so a run cut short keeps what it measured
-            report.write_all(out_dir, rows, meta, fresh=args.fresh, plots=False, log=log)
     if bar:
         bar.close()
     if left_out:

@@ -254,3 +254,53 @@ def test_malformed_flags_are_usage_errors_before_anything_is_written(flags, mess
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # no results folder, no run.log
+
+
+def _fake_measure(calls, interrupt_at=None):
+    """``run.measure`` stand-in: records (provider, mode), returns a fixed timing, or raises KeyboardInterrupt
+    (a SIGINT at the deadline) on the call numbered ``interrupt_at``."""
+    from benchmarks import common
+
+    def measure(spec, case, name, sets, mode, device, timer):
+        calls.append((name, mode))
+        if interrupt_at is not None and len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        ms = {"eager": 4.0, "chunked": 2.0, "cpu": 1.0}[name]
+        return {"status": "ok", "timing": common.Timing(ms, ms, ms, 3), "peak": 0}
+
+    return measure
+
+
+def test_a_cut_run_keeps_its_finished_providers_and_resume_measures_only_the_rest(tmp_path, monkeypatch):
+    """Rows are written after every provider, so a run stopped inside a case (a long torch.compile warm-up at
+    the GPU deadline) keeps the providers it finished; ``--resume`` then measures only the missing rows, and
+    its ratios include the kept ones."""
+    from benchmarks import report, run
+
+    flags = ["--ops", "logprobs", "--shapes", "8x64", "--dtypes", "fp32", "--mode", "fwd,fwd+bwd",
+             "--providers", "eager,chunked,cpu", "--threads", "1", "--no-progress", "--no-plots", "--out", str(tmp_path)]
+    first: list = []
+    monkeypatch.setattr(run, "measure", _fake_measure(first, interrupt_at=4))  # fwd: 3 providers, fwd+bwd: 1
+    with pytest.raises(KeyboardInterrupt):
+        run.main(flags + ["--fresh"])
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    kept = {(r["mode"], r["provider"]) for r in report.read_csv(str(folder / "results.csv"))}
+    assert kept == {("fwd", "eager"), ("fwd", "chunked"), ("fwd", "cpu")}
+
+    second: list = []
+    monkeypatch.setattr(run, "measure", _fake_measure(second))
+    assert run.main(flags + ["--resume"]) == 0
+    assert second == [("eager", "fwd+bwd"), ("chunked", "fwd+bwd"), ("cpu", "fwd+bwd")]
+    rows = {(r["mode"], r["provider"]): r for r in report.read_csv(str(folder / "results.csv"))}
+    assert set(rows) == {(m, p) for m in ("fwd", "fwd+bwd") for p in ("eager", "chunked", "cpu")}
+
+    third: list = []
+    monkeypatch.setattr(run, "measure", _fake_measure(third))
+    rows_before = dict(rows)
+    del_key = ("fwd+bwd", "cpu")  # drop one row: the rerun measures it alone, its ratios from the kept rows
+    keep = [r for k, r in rows_before.items() if k != del_key]
+    report.write_csv(str(folder / "results.csv"), keep)
+    assert run.main(flags + ["--resume"]) == 0
+    assert third == [("cpu", "fwd+bwd")]
+    cpu = {(r["mode"], r["provider"]): r for r in report.read_csv(str(folder / "results.csv"))}[del_key]
+    assert cpu["ratios"] == "eager=4;chunked=2"
