@@ -59,6 +59,12 @@ gpu:
 gpu-quick:
 	OUT=$${OUT:-$(CURDIR)/gpu_out} PYTHON=$${PYTHON:-python3} GPU_DEADLINE=$${GPU_DEADLINE:-540} bash benchmarks/gpu_suite.sh priority
 
+# The benchmark grid's gaps only (issue 5): setup, then the bench stages resumed, torch.compile's rows last.
+# On the lent tool: TAR_OUT=$OUT/g.tgz OUT=/tmp/g GPU_DEADLINE=540 make gpu-grid
+.PHONY: gpu-grid
+gpu-grid:
+	OUT=$${OUT:-$(CURDIR)/gpu_out} PYTHON=$${PYTHON:-python3} GPU_DEADLINE=$${GPU_DEADLINE:-540} bash benchmarks/gpu_suite.sh setup grid
+
 $(STAMPS)/venv:
 	@mkdir -p $(STAMPS)
 	$(PYTHON) -m venv $(VENV)

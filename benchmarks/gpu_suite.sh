@@ -37,12 +37,14 @@
 #             ($OUT/coverage.md; benchmarks/coverage.py), and the backend order per op the results suggest
 #             against GPU_PREFERENCE ($OUT/preference.md; benchmarks/preference.py)
 #   bench     logits klppo linear gae trainer coverage
+#   grid      the gaps in DESIGN §6's grid (issue 5), resumed: klppo, gae and linear without torch.compile
+#             (BENCH_PROVIDERS; its warm-up took over 60 s per ppo_loss shape in run 4), then klppo and linear
+#             again for the compile rows, then coverage
 #   all       setup tests bench                 (the default)
 #   priority  what closes open issues fastest, for a short lent-GPU session (make gpu-quick), in order:
 #             setup, headline at 8192x151936 only (unless HEADLINE_SHAPES is set), tune-cuda, linear-headline,
-#             tests, sanitize (memcheck, then racecheck and synccheck), tune-triton, profile, then the bench stages klppo,
-#             gae, linear (resumed: they fill the grid's gaps) and coverage; with GPU_DEADLINE the later ones
-#             are skipped or cut when too little time is left
+#             tests, sanitize (memcheck, then racecheck and synccheck), tune-triton, profile, then grid; with
+#             GPU_DEADLINE the later ones are skipped or cut when too little time is left
 #
 # GPU_DEADLINE=<seconds from the script's start> (default: none) bounds the whole run: a stage is
 # skipped, with a note in gpu_suite.log, when less time is left than its rough minimum (STAGE_MIN
@@ -73,7 +75,8 @@
 #
 # Environment: OUT (default ./gpu_out), TAR_OUT, PYTHON (default python3), BENCH_BUDGET, BENCH_ARGS (extra
 # arguments for every `python -m benchmarks.run`, e.g. "--mode all" or "--dtypes bf16"), RLHF_KERNELS_COMMIT,
-# GPU_DEADLINE, GRACE_S, HEADLINE_SHAPES, LINEAR_HEADLINE_SHAPES, HEADLINE_BUDGET.
+# GPU_DEADLINE, GRACE_S, HEADLINE_SHAPES, LINEAR_HEADLINE_SHAPES, HEADLINE_BUDGET, BENCH_PROVIDERS (the bench
+# stages' --providers; default: every provider).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -217,10 +220,13 @@ bench() {  # bench <log-name> <benchmarks.run args...>
   local name=$1 budget rc; shift
   seed_results
   budget=$(budget_for "$BUDGET")
-  note "python -m benchmarks.run $* --resume --time-budget $budget $EXTRA"
+  local providers=()
+  [ -n "${BENCH_PROVIDERS:-}" ] && providers=(--providers "$BENCH_PROVIDERS")
+  note "python -m benchmarks.run $* ${providers[*]} --resume --time-budget $budget $EXTRA"
+  # appended: the grid stage runs a bench stage twice (without torch.compile, then with it)
   # shellcheck disable=SC2086
-  limited "$PY" -m benchmarks.run "$@" --out "$OUT/results" --resume --time-budget "$budget" --no-progress $EXTRA \
-    >"$OUT/bench_$name.log" 2>&1
+  limited "$PY" -m benchmarks.run "$@" "${providers[@]}" --out "$OUT/results" --resume --time-budget "$budget" \
+    --no-progress $EXTRA >>"$OUT/bench_$name.log" 2>&1
   rc=$?
   grep -E "^# (copy|matmul|wrote)|left out|skipped:|error|oom" "$OUT/bench_$name.log" | tail -n 40 >&2
   if [ $rc -ne 0 ]; then was_cut $rc "benchmarks.run $name" || { note "benchmarks.run $name exited $rc (see bench_$name.log)"; RC=1; }; fi
@@ -350,12 +356,19 @@ stage_coverage() {
   grep -c "differs" "$OUT/preference.md" | sed 's/^/preference: table rows whose suggested order differs from GPU_PREFERENCE: /' >&2
 }
 
-STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths tune-cuda tune-triton sanitize profile coverage bench all priority"
+STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths tune-cuda tune-triton sanitize profile coverage bench grid all priority"
 
 run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part; a single stage is gated, then archived
   case "$1" in
     bench) for s in logits klppo linear gae trainer coverage; do run_stage "$s"; done; return ;;
     all) for s in setup tests bench; do run_stage "$s"; done; return ;;
+    grid)
+      # the grid's gaps, kl / ppo first (fewest cells covered): every shape of our backends and the fast
+      # competitors first, then the torch.compile rows (resumed, so only those are measured)
+      for s in klppo gae linear; do BENCH_PROVIDERS=eager,chunked,triton,cuda,cpu,liger run_stage "$s"; done
+      for s in klppo linear; do run_stage "$s"; done
+      run_stage coverage
+      return ;;
     priority)
       run_stage setup
       run_stage headline 8192x151936
@@ -366,11 +379,7 @@ run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part;
       run_stage sanitize racecheck synccheck
       run_stage tune-triton
       run_stage profile
-      # time left: fill the grid's gaps (issue 5), resumable, kl / ppo first (fewest cells covered)
-      run_stage klppo
-      run_stage gae
-      run_stage linear
-      run_stage coverage
+      run_stage grid  # time left: the grid's gaps (issue 5)
       return ;;
   esac
   case " $STAGES " in
