@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +38,9 @@ from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, collate_pairs, load_jsonl, shifted_targets, validate_rows
 from .distributed import all_reduce, all_reduce_mean_dict, barrier, clip_grad_norm, dist_setup, wrap_model
 from .fused_head import FusedHeadLM, is_fused_head
-from .interrupt import StopOnSignal
-from .models import fit_max_len, lm_logits, load_policy, peak_memory_mb
+from .loop import run_steps
+from .models import fit_max_len, lm_logits, load_policy
 from .rollout import SamplingConfig, evaluate_gold, generate_responses, sequence_logprobs
-from .sft import _log, _pbar
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -190,39 +188,27 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
         history, summary = extra["history"], extra.get("summary", {})
     else:
         summary["sft_eval"] = evaluate(ref)
-    pbar = _pbar(cfg, "dpo", initial=step)
-    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
-    with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (interrupt.py)
-        while step < stop_at and not stop.agreed(dev):
-            t0 = time.perf_counter()
-            idx = batches(len(rows), cfg.batch_size, cfg.seed, step)[rank::world]   # this rank's share
-            b = collate_pairs([rows[i] for i in idx], tok, cfg.max_len)
-            b = {k: v.to(dev) for k, v in b.items()}
-            pc, pr = pair_logps(model, b, cfg.backend)
-            with torch.no_grad():
-                rc, rr = pair_logps(ref, b, cfg.backend)
-            loss = rk.dpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type,
-                               label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = clip_grad_norm(policy.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            rk.check_pending_targets()  # queued checks under the CLI (trainer/cli.py): a bad target fails this step
-            dt = time.perf_counter() - t0
-            ntok = all_reduce(b["attention_mask"].sum()).item()
-            stats = all_reduce_mean_dict({"loss": loss.item(), **dpo_stats(pc, pr, rc, rr, cfg.beta)}, dev)
-            rec = {"step": step, **stats, "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
-                   "tokens_per_s": ntok * 2 / dt, "peak_mem_mb": peak_memory_mb(dev)}  # policy + reference passes
-            history.append(rec)
-            _log(pbar, cfg, rec)
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                save(step)
-    pbar.close()
-    if step < cfg.steps:  # stopped early (stop_after, a signal): checkpoint and leave the rest to --resume
-        save(step)
-        stop.raise_if_requested("dpo", step, cfg.steps, cfg.out_dir)
+
+    def train_step(step):
+        idx = batches(len(rows), cfg.batch_size, cfg.seed, step)[rank::world]   # this rank's share
+        b = collate_pairs([rows[i] for i in idx], tok, cfg.max_len)
+        b = {k: v.to(dev) for k, v in b.items()}
+        pc, pr = pair_logps(model, b, cfg.backend)
+        with torch.no_grad():
+            rc, rr = pair_logps(ref, b, cfg.backend)
+        loss = rk.dpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type,
+                           label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = clip_grad_norm(policy.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        stats = all_reduce_mean_dict({"loss": loss.item(), **dpo_stats(pc, pr, rc, rr, cfg.beta)}, dev)
+        fields = {**stats, "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}
+        return fields, all_reduce(b["attention_mask"].sum()).item() * 2  # policy + reference passes
+
+    step, finished = run_steps(cfg, "dpo", "dpo", step, dev, history, train_step, save)
+    if not finished:
         return policy, tok, history, summary
     summary["dpo_eval"] = evaluate(actor)
     summary["final_kl"] = summary["dpo_eval"].get("kl", float("nan"))

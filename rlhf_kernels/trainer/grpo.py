@@ -46,8 +46,6 @@ from dataclasses import dataclass
 
 import torch
 
-import rlhf_kernels as rk
-
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
 from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, load_jsonl, shifted_targets, validate_rows
@@ -62,8 +60,8 @@ from .distributed import (
     wrap_model,
 )
 from .fused_head import FusedHeadLM
-from .interrupt import StopOnSignal
-from .models import ScalarHeadModel, fit_max_len, load_policy, peak_memory_mb
+from .loop import run_steps
+from .models import ScalarHeadModel, fit_max_len, load_policy
 from .rollout import (
     SamplingConfig,
     evaluate_gold,
@@ -73,7 +71,6 @@ from .rollout import (
     policy_loss,
     sequence_logprobs,
 )
-from .sft import _log, _pbar
 
 LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
             "dapo": "token-mean"}
@@ -276,34 +273,22 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
         history, summary = extra["history"], extra.get("summary", {})
     elif eval_rows:
         summary["sft_eval"] = evaluate(ref)
-    pbar = _pbar(cfg, "grpo", initial=step)
-    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
-    with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (interrupt.py)
-        while step < stop_at and not stop.agreed(dev):
-            t0 = time.perf_counter()
-            if world > 1:  # per-(step, rank) sampling streams: ranks differ, a resumed run continues exactly
-                torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
-            rows = [prompts[i] for i in batches(len(prompts), cfg.prompts_per_step, cfg.seed, step)[rank::world]]
-            exp, stats = make_group_experience(cfg, actor, ref, rm, tok, rows, dev, task)
-            stats = all_reduce_mean_dict(stats, dev)
-            t1 = time.perf_counter()
-            upd = grpo_update(cfg, model, opt, exp)
-            sched.step()
-            step += 1
-            rk.check_pending_targets()  # queued checks under the CLI (trainer/cli.py): a bad target fails this step
-            dt = time.perf_counter() - t0
-            # generation and scoring passes, then the training passes
-            ntok = exp["attention_mask"].numel() * world * (1 + 2 + cfg.ppo_epochs * 2)
-            rec = {"step": step, **stats, **upd, "rollout_s": t1 - t0, "step_s": dt, "tokens_per_s": ntok / dt,
-                   "peak_mem_mb": peak_memory_mb(dev)}
-            history.append(rec)
-            _log(pbar, cfg, rec)
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                save(step)
-    pbar.close()
-    if step < cfg.steps:  # stopped early (stop_after, a signal): checkpoint and leave the rest to --resume
-        save(step)
-        stop.raise_if_requested("grpo", step, cfg.steps, cfg.out_dir)
+
+    def train_step(step):
+        t0 = time.perf_counter()
+        if world > 1:  # per-(step, rank) sampling streams: ranks differ, a resumed run continues exactly
+            torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+        rows = [prompts[i] for i in batches(len(prompts), cfg.prompts_per_step, cfg.seed, step)[rank::world]]
+        exp, stats = make_group_experience(cfg, actor, ref, rm, tok, rows, dev, task)
+        stats = all_reduce_mean_dict(stats, dev)
+        t1 = time.perf_counter()
+        upd = grpo_update(cfg, model, opt, exp)
+        sched.step()
+        # generation and scoring passes, then the training passes
+        return {**stats, **upd, "rollout_s": t1 - t0}, exp["attention_mask"].numel() * world * (1 + 2 + cfg.ppo_epochs * 2)
+
+    step, finished = run_steps(cfg, "grpo", "grpo", step, dev, history, train_step, save)
+    if not finished:
         return policy, tok, history, summary
     if eval_rows:
         summary["grpo_eval"] = evaluate(actor)

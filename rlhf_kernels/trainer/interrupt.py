@@ -4,7 +4,7 @@ Ctrl-C (SIGINT) or a scheduler's SIGTERM (SLURM's pre-emption, ``torchrun`` shut
 the running stage to finish the step it is in, write a checkpoint and stop, so that the same command with
 ``--resume`` continues from that step. A second Ctrl-C interrupts at once (``KeyboardInterrupt``), as usual.
 
-Each stage's loop::
+The stages' shared loop (``loop.run_steps``)::
 
     with StopOnSignal() as stop:
         while step < stop_at and not stop.agreed(device):

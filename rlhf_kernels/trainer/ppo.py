@@ -53,8 +53,8 @@ from .distributed import (
     wrap_model,
 )
 from .fused_head import FusedHeadLM
-from .interrupt import StopOnSignal
-from .models import ScalarHeadModel, fit_max_len, last_index, load_policy, peak_memory_mb
+from .loop import run_steps
+from .models import ScalarHeadModel, fit_max_len, last_index, load_policy
 from .rollout import (
     SamplingConfig,
     evaluate_gold,
@@ -64,7 +64,6 @@ from .rollout import (
     policy_loss,
     sequence_logprobs,
 )
-from .sft import _log, _pbar
 
 
 @dataclass
@@ -250,37 +249,27 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
         history, kl_coef, summary = extra["history"], extra["kl_coef"], extra.get("summary", {})
     elif eval_rows:
         summary["sft_eval"] = evaluate(ref)
-    pbar = _pbar(cfg, "ppo", initial=step)
-    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
-    with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (interrupt.py)
-        while step < stop_at and not stop.agreed(dev):
-            t0 = time.perf_counter()
-            if world > 1:  # per-(step, rank) sampling streams: ranks differ, a resumed run continues exactly
-                torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
-            rows = [prompts[i] for i in batches(len(prompts), cfg.rollout_batch, cfg.seed, step)[rank::world]]
-            exp, stats = make_experience(cfg, actor, ref, critic, rm, tok, rows, kl_coef, dev, task)
-            stats = all_reduce_mean_dict(stats, dev)   # equal shares: the mean of rank means is the global mean
-            t1 = time.perf_counter()
-            upd = ppo_update(cfg, model, vmodel, opt, copt, exp, kl_coef)
-            sched.step()
-            if cfg.adaptive_kl:  # Ziegler et al. 2019 proportional controller
-                err = max(-0.2, min(0.2, stats["kl"] / cfg.kl_target - 1.0))
-                kl_coef *= 1.0 + err * cfg.rollout_batch / cfg.kl_horizon
-            step += 1
-            rk.check_pending_targets()  # queued checks under the CLI (trainer/cli.py): a bad target fails this step
-            dt = time.perf_counter() - t0
-            # generation and scoring passes, then the training passes
-            ntok = exp["attention_mask"].numel() * world * (1 + 2 + cfg.ppo_epochs * 2)
-            rec = {"step": step, **stats, **upd, "kl_coef": kl_coef, "rollout_s": t1 - t0, "step_s": dt,
-                   "tokens_per_s": ntok / dt, "peak_mem_mb": peak_memory_mb(dev)}
-            history.append(rec)
-            _log(pbar, cfg, rec)
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                save(step)
-    pbar.close()
-    if step < cfg.steps:  # stopped early (stop_after, a signal): checkpoint and leave the rest to --resume
-        save(step)
-        stop.raise_if_requested("ppo", step, cfg.steps, cfg.out_dir)
+
+    def train_step(step):
+        nonlocal kl_coef
+        t0 = time.perf_counter()
+        if world > 1:  # per-(step, rank) sampling streams: ranks differ, a resumed run continues exactly
+            torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+        rows = [prompts[i] for i in batches(len(prompts), cfg.rollout_batch, cfg.seed, step)[rank::world]]
+        exp, stats = make_experience(cfg, actor, ref, critic, rm, tok, rows, kl_coef, dev, task)
+        stats = all_reduce_mean_dict(stats, dev)   # equal shares: the mean of rank means is the global mean
+        t1 = time.perf_counter()
+        upd = ppo_update(cfg, model, vmodel, opt, copt, exp, kl_coef)
+        sched.step()
+        if cfg.adaptive_kl:  # Ziegler et al. 2019 proportional controller
+            err = max(-0.2, min(0.2, stats["kl"] / cfg.kl_target - 1.0))
+            kl_coef *= 1.0 + err * cfg.rollout_batch / cfg.kl_horizon
+        fields = {**stats, **upd, "kl_coef": kl_coef, "rollout_s": t1 - t0}  # the coefficient the next step uses
+        # generation and scoring passes, then the training passes
+        return fields, exp["attention_mask"].numel() * world * (1 + 2 + cfg.ppo_epochs * 2)
+
+    step, finished = run_steps(cfg, "ppo", "ppo", step, dev, history, train_step, save)
+    if not finished:
         return policy, tok, history, summary
     if eval_rows:
         summary["ppo_eval"] = evaluate(actor)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +24,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sav
 from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, collate_pairs, load_jsonl, validate_rows
 from .distributed import all_reduce, all_reduce_mean_dict, barrier, clip_grad_norm, dist_setup, wrap_model
-from .interrupt import StopOnSignal
-from .models import ScalarHeadModel, build_policy, fit_max_len, last_index, load_policy, peak_memory_mb
-from .sft import _log, _pbar
+from .loop import run_steps
+from .models import ScalarHeadModel, build_policy, fit_max_len, last_index, load_policy
 
 
 @dataclass
@@ -111,39 +109,30 @@ def train_rm(cfg: RMConfig, rm=None, tok=None, rows=None, eval_rows=None):
     if cfg.resume and (ck := latest_checkpoint(cfg.out_dir)):
         step, extra = load_checkpoint(ck, {"rm": rm}, {"rm": opt}, {"rm": sched})
         history = extra.get("history", [])
-    pbar = _pbar(cfg, "reward model", initial=step)
-    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
-    with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (interrupt.py)
-        while step < stop_at and not stop.agreed(dev):
-            t0 = time.perf_counter()
-            idx = batches(len(rows), cfg.batch_size, cfg.seed, step)[rank::world]   # this rank's share
-            b = {k: v.to(dev) for k, v in collate_pairs([rows[i] for i in idx], tok, cfg.max_len).items()}
-            rc, rr = rm_forward(wrapped, b)
-            loss = rk.reward_model_loss(rc, rr, margin=cfg.margin, center_coef=cfg.center_coef)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = clip_grad_norm(rm.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            dt = time.perf_counter() - t0
-            stats = all_reduce_mean_dict({"loss": loss.item(), "acc": (rc > rr).float().mean().item(),
-                                          "margin": (rc - rr).mean().item()}, dev)   # equal shares: global means
-            rec = {"step": step, **stats, "grad_norm": gn, "lr": sched.get_last_lr()[0],
-                   "tokens_per_s": all_reduce(b["attention_mask"].sum()).item() / dt,
-                   "peak_mem_mb": peak_memory_mb(dev)}
-            history.append(rec)
-            _log(pbar, cfg, rec)
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                save_checkpoint(cfg.out_dir, step, {"rm": rm}, {"rm": opt}, {"rm": sched}, {"history": history}, tok)
-    pbar.close()
-    if step < cfg.steps:  # stopped early (stop_after, a signal): checkpoint and leave the rest to --resume
-        save_checkpoint(cfg.out_dir, step, {"rm": rm}, {"rm": opt}, {"rm": sched}, {"history": history}, tok)
-        stop.raise_if_requested("rm", step, cfg.steps, cfg.out_dir)
-        return (rm, tok, history, float("nan"))
+
+    def train_step(step):
+        idx = batches(len(rows), cfg.batch_size, cfg.seed, step)[rank::world]   # this rank's share
+        b = {k: v.to(dev) for k, v in collate_pairs([rows[i] for i in idx], tok, cfg.max_len).items()}
+        rc, rr = rm_forward(wrapped, b)
+        loss = rk.reward_model_loss(rc, rr, margin=cfg.margin, center_coef=cfg.center_coef)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = clip_grad_norm(rm.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        stats = all_reduce_mean_dict({"loss": loss.item(), "acc": (rc > rr).float().mean().item(),
+                                      "margin": (rc - rr).mean().item()}, dev)   # equal shares: global means
+        fields = {**stats, "grad_norm": gn, "lr": sched.get_last_lr()[0]}
+        return fields, all_reduce(b["attention_mask"].sum()).item()
+
+    def save(step, **more):
+        save_checkpoint(cfg.out_dir, step, {"rm": rm}, {"rm": opt}, {"rm": sched}, {"history": history, **more}, tok)
+
+    step, finished = run_steps(cfg, "rm", "reward model", step, dev, history, train_step, save)
+    if not finished:
+        return rm, tok, history, float("nan")
     acc = rm_accuracy(rm, tok, eval_rows, dev, max_len=cfg.max_len) if eval_rows else float("nan")
-    save_checkpoint(cfg.out_dir, step, {"rm": rm}, {"rm": opt}, {"rm": sched},
-                    {"history": history, "eval_acc": acc}, tok)
+    save(step, eval_acc=acc)
     save_model(rm, os.path.join(cfg.out_dir, "final"), tok)
     barrier()
     return rm, tok, history, acc

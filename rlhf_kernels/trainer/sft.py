@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +23,8 @@ from .config import BaseConfig, lr_lambda, seed_all
 from .data import batches, collate_sft, load_jsonl, shifted_targets, validate_rows
 from .distributed import all_reduce, barrier, clip_grad_norm, dist_setup, global_loss_scale, wrap_model
 from .fused_head import FusedHeadLM, is_fused_head
-from .interrupt import StopOnSignal
-from .models import build_policy, fit_max_len, peak_memory_mb
+from .loop import run_steps
+from .models import build_policy, fit_max_len
 
 
 @dataclass
@@ -85,52 +84,29 @@ def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
     if cfg.resume and (ck := latest_checkpoint(cfg.out_dir)):
         step, extra = load_checkpoint(ck, {"policy": actor}, {"policy": opt}, {"policy": sched})
         history = extra.get("history", [])
-    pbar = _pbar(cfg, "sft", initial=step)
-    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
-    with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop (interrupt.py)
-        while step < stop_at and not stop.agreed(dev):
-            t0 = time.perf_counter()
-            idx = batches(len(rows), cfg.batch_size, cfg.seed, step)[rank::world]   # this rank's share
-            batch = {k: v.to(dev) for k, v in collate_sft([rows[i] for i in idx], tok, cfg.max_len).items()}
-            loss, _ = sft_loss(wrapped, batch, cfg.backend)
-            loss = loss * global_loss_scale("token-mean", batch["loss_mask"][:, 1:])  # 1 in one process
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = clip_grad_norm(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            rk.check_pending_targets()  # queued checks under the CLI (trainer/cli.py): a bad target fails this step
-            dt = time.perf_counter() - t0
-            loss_v = all_reduce(loss.detach()).item() / world   # the rank shares average to the global loss
-            rec = {"step": step, "loss": loss_v, "grad_norm": gn, "lr": sched.get_last_lr()[0],
-                   "tokens_per_s": all_reduce(batch["attention_mask"].sum()).item() / dt,
-                   "peak_mem_mb": peak_memory_mb(dev)}
-            history.append(rec)
-            _log(pbar, cfg, rec)
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                save_checkpoint(cfg.out_dir, step, {"policy": actor}, {"policy": opt}, {"policy": sched},
-                                {"history": history}, tok)
-    pbar.close()
-    if step < cfg.steps:  # stopped early (stop_after, a signal): checkpoint and leave the rest to --resume
-        save_checkpoint(cfg.out_dir, step, {"policy": actor}, {"policy": opt}, {"policy": sched}, {"history": history}, tok)
-        stop.raise_if_requested("sft", step, cfg.steps, cfg.out_dir)
-        return (model, tok, history)
-    save_checkpoint(cfg.out_dir, step, {"policy": actor}, {"policy": opt}, {"policy": sched}, {"history": history}, tok)
+
+    def train_step(step):
+        idx = batches(len(rows), cfg.batch_size, cfg.seed, step)[rank::world]   # this rank's share
+        batch = {k: v.to(dev) for k, v in collate_sft([rows[i] for i in idx], tok, cfg.max_len).items()}
+        loss, _ = sft_loss(wrapped, batch, cfg.backend)
+        loss = loss * global_loss_scale("token-mean", batch["loss_mask"][:, 1:])  # 1 in one process
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = clip_grad_norm(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        loss_v = all_reduce(loss.detach()).item() / world   # the rank shares average to the global loss
+        fields = {"loss": loss_v, "grad_norm": gn, "lr": sched.get_last_lr()[0]}
+        return fields, all_reduce(batch["attention_mask"].sum()).item()
+
+    def save(step):
+        save_checkpoint(cfg.out_dir, step, {"policy": actor}, {"policy": opt}, {"policy": sched},
+                        {"history": history}, tok)
+
+    step, finished = run_steps(cfg, "sft", "sft", step, dev, history, train_step, save)
+    if not finished:
+        return model, tok, history
+    save(step)
     save_model(actor, os.path.join(cfg.out_dir, "final"), tok)
     barrier()
     return model, tok, history
-
-
-def _pbar(cfg, desc, initial=0):
-    from tqdm.auto import tqdm
-    return tqdm(total=cfg.steps, initial=initial, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
-
-
-def _log(pbar, cfg, rec):
-    pbar.update(1)
-    pbar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k in ("loss", "acc", "gold", "proxy", "kl")},
-                     refresh=False)
-    if cfg.log_every and rec["step"] % cfg.log_every == 0:
-        line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
-        (pbar.write if cfg.progress else print)(line)
