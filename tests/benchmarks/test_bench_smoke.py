@@ -127,6 +127,24 @@ def test_update_readme_rewrites_only_the_block(quick_run, tmp_path):
     assert update_readme.main(["--readme", str(readme), "--results", results, "--check"]) == 1
 
 
+def test_update_readme_shows_the_end_to_end_steps(tmp_path):
+    """A device folder with a trainer.md gets its table in the block, after a lead-in naming the model."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import update_readme
+
+    folder = tmp_path / "results" / "gpu-x"
+    folder.mkdir(parents=True)
+    (folder / "summary.md").write_text("| op |\n|---|\n| logprobs |\n")
+    (folder / "trainer.md").write_text("# Trainer step: fused, eager (V=9 H=4 L=1 B=2 T=8)\n\nsome text\n\n"
+                                       "| stage | ops | ms |\n|---|---|---|\n| sft | fused | 1.5 |\n")
+    block = update_readme.render_block(str(tmp_path / "results"), str(tmp_path))
+    assert "End-to-end training steps (V=9 H=4 L=1 B=2 T=8), against eager PyTorch" in block
+    assert "| sft | fused | 1.5 |" in block and "some text" not in block
+    assert "[trainer.md](results/gpu-x/trainer.md)" in block
+    (folder / "trainer.md").unlink()
+    assert "End-to-end" not in update_readme.render_block(str(tmp_path / "results"), str(tmp_path))
+
+
 def test_commit_stamp_can_be_given(monkeypatch):
     """A runner with a stale .git passes the measured commit; without it the stamp is git's HEAD."""
     from benchmarks import common
