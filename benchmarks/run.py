@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from rlhf_kernels.ops._dispatch import device_kind
+
 from . import common, report
 from .providers import ALL_PROVIDERS, Case, OpSpec
 
@@ -269,13 +271,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     for flag, value in (("--time-budget", args.time_budget), ("--rep-ms", args.rep_ms)):
         if value is not None and not value > 0:
             parser.error(f"{flag} must be > 0, got {value}")
-    if args.device is not None:
-        try:
-            kind = torch.device(args.device).type
-        except RuntimeError:
-            kind = None
-        if kind not in ("cpu", "cuda"):
-            parser.error(f"--device must be cpu or cuda (cuda:N), got {args.device!r}")
+    if args.device is not None and device_kind(args.device) is None:
+        parser.error(f"--device must be cpu or cuda (cuda:N), got {args.device!r}")
 
 
 def _resolve_device(text: Optional[str]) -> torch.device:

@@ -58,6 +58,16 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def device_kind(name: str) -> Optional[str]:
+    """``"cpu"`` or ``"cuda"`` for a device name this package runs on (``cpu``, ``cuda``, ``cuda:N``), else None
+    (a malformed name or another kind): the CLIs' check before anything is built."""
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        return None
+    return kind if kind in ("cpu", "cuda") else None
+
+
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` (``None`` when it can)."""
     if backend == "torch":

@@ -49,14 +49,9 @@ class BaseConfig:
         """Refuse, by key, values every stage would trip over later: an op backend that cannot run on the chosen
         device, negative counts, a response budget that leaves no room for the prompt. (``max_len`` against the
         model's positions is fitted once the model exists: ``models.fit_max_len``.)"""
-        from rlhf_kernels.ops._dispatch import BACKENDS, unavailable_reason
-        if self.device != "auto":
-            try:
-                kind = torch.device(self.device).type
-            except RuntimeError:
-                kind = None
-            if kind not in ("cpu", "cuda"):
-                raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        from rlhf_kernels.ops._dispatch import BACKENDS, device_kind, unavailable_reason
+        if self.device != "auto" and device_kind(self.device) is None:
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.backend is not None:
             if self.backend not in BACKENDS:
                 raise ValueError(f"backend must be one of {BACKENDS} or None, got {self.backend!r}")
