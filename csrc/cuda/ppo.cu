@@ -137,6 +137,10 @@ __global__ void __launch_bounds__(512, 2)
         }
         st = total;
       }
+      // Split barrier: arrive once this CTA has read its peers' `partial` (thread 0 above; release), wait at
+      // the end, before exiting frees this CTA's `partial`. A full sync at the end instead held every CTA, and its
+      // 76 KB slice of shared memory, until the slowest peer had written its part of dlogits.
+      __cluster_barrier_arrive();
     }
 #endif
     const bool valid = y != p.ignore_index;
@@ -184,7 +188,7 @@ __global__ void __launch_bounds__(512, 2)
       }
     }
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-    if constexpr (kCluster) cg::this_cluster().sync();  // peers may still be reading `partial`
+    if constexpr (kCluster) __cluster_barrier_wait();  // every peer has read `partial` (arrived above)
 #endif
   }
 }
