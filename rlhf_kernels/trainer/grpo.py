@@ -284,8 +284,8 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
         t1 = time.perf_counter()
         upd = grpo_update(cfg, model, opt, exp)
         sched.step()
-        # generation and scoring passes, then the training passes
-        return {**stats, **upd, "rollout_s": t1 - t0}, exp["attention_mask"].numel() * world * (1 + 2 + cfg.ppo_epochs * 2)
+        tokens = exp["attention_mask"].numel() * world * (1 + 2 + cfg.ppo_epochs * 2)  # generation, scoring, training
+        return {**stats, **upd, "rollout_s": t1 - t0}, tokens
 
     step, finished = run_steps(cfg, "grpo", "grpo", step, dev, history, train_step, save)
     if not finished:

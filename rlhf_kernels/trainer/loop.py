@@ -43,7 +43,8 @@ def run_steps(cfg, stage: str, desc: str, step: int, device: torch.device, histo
             step += 1
             rk.check_pending_targets()  # queued checks under the CLI (trainer/cli.py): a bad target fails this step
             dt = time.perf_counter() - t0
-            rec = {"step": step, **fields, "step_s": dt, "tokens_per_s": tokens / dt, "peak_mem_mb": peak_memory_mb(device)}
+            rec = {"step": step, **fields, "step_s": dt, "tokens_per_s": tokens / dt,
+                   "peak_mem_mb": peak_memory_mb(device)}
             history.append(rec)
             log_record(pbar, cfg, rec)
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:

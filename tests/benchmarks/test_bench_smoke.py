@@ -296,7 +296,8 @@ def test_a_cut_run_keeps_its_finished_providers_and_resume_measures_only_the_res
     from benchmarks import report, run
 
     flags = ["--ops", "logprobs", "--shapes", "8x64", "--dtypes", "fp32", "--mode", "fwd,fwd+bwd",
-             "--providers", "eager,chunked,cpu", "--threads", "1", "--no-progress", "--no-plots", "--out", str(tmp_path)]
+             "--providers", "eager,chunked,cpu", "--threads", "1", "--no-progress", "--no-plots",
+             "--out", str(tmp_path)]
     first: list = []
     monkeypatch.setattr(run, "measure", _fake_measure(first, interrupt_at=4))  # fwd: 3 providers, fwd+bwd: 1
     with pytest.raises(KeyboardInterrupt):
