@@ -36,13 +36,13 @@ if __package__ in (None, ""):  # run as a plain script: make `rlhf_kernels` impo
 import rlhf_kernels as rk  # noqa: E402
 from rlhf_kernels import _ext  # noqa: E402
 
-CUDA_PPO_PATHS = ("global", "two-pass", "cluster", "shared")
+CUDA_PPO_PATHS = ("global", "two-pass", "cluster", "shared", "l2")
 
 
 def _ppo_path_runs(path: str, v: int, dtype: torch.dtype) -> bool:
     """Whether the forced CUDA PPO ``path`` can run for rows of ``v`` (the shared-memory row cannot hold
     V = 151936 in bf16: forcing it raises, which ended the H200 run's profile at that case)."""
-    if path in ("global", "two-pass"):
+    if path in ("global", "two-pass", "l2"):
         return True
     from rlhf_kernels.ops.ppo import CUDA_PPO_PATHS as codes
 

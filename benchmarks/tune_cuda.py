@@ -13,8 +13,9 @@ script times, for every cap, the ops through ``rk`` with target validation off:
 * ``rk.ppo_loss`` forward, and forward + backward on the fused path (one read + one write when
   the row stays on chip), the latter with the register sweep (``RLHF_KERNELS_CUDA_PREFETCH=0``) and with
   the on-chip slice filled by cp.async (the default since the H200's run 3; checked bit-identical to the
-  register sweep at the same cap), and with the row split over clusters of at least 4 and 8 CTAs
-  (``RLHF_KERNELS_CUDA_CLUSTER``),
+  register sweep at the same cap), with the row split over clusters of at least 4 and 8 CTAs
+  (``RLHF_KERNELS_CUDA_CLUSTER``), and on the paths that re-read the row, ``global`` and ``l2``
+  (``RLHF_KERNELS_CUDA_PPO``),
 
 each against the Triton backend in the same run, as ms and % of the copy bandwidth measured here
 (``triton.testing.do_bench``, median). Every cap's outputs are checked against the default's first.
@@ -39,6 +40,7 @@ from .common import TimerConfig, copy_bandwidth
 ENV = "RLHF_KERNELS_CUDA_FWD_THREADS"
 PREFETCH = "RLHF_KERNELS_CUDA_PREFETCH"
 CLUSTER = "RLHF_KERNELS_CUDA_CLUSTER"
+PPO_PATH = "RLHF_KERNELS_CUDA_PPO"
 
 
 def _cases(N: int, V: int, dtype: torch.dtype) -> List[Tuple[str, Callable[[str], object], int]]:
@@ -161,6 +163,21 @@ def main(argv=None) -> int:
             if ok:
                 consider(name, ms, f"{cap} with RLHF_KERNELS_CUDA_CLUSTER={size}")
     os.environ.pop(CLUSTER, None)
+    # the re-reading paths at each cap: global (any CTAs per SM) against l2 (CTAs per SM capped so the rows in
+    # flight fit in L2, second sweep backwards); the same vectors per thread, so the same bits at the same cap
+    for cap in caps:
+        os.environ[ENV] = str(cap)
+        runs = {}
+        for path in ("global", "l2"):
+            os.environ[PPO_PATH] = path
+            runs[path] = _flat(fn("cuda"))
+            ok = all(torch.allclose(a, b, rtol=2e-3, atol=2e-3, equal_nan=True) for a, b in zip(runs[path], expected))
+            ms = timed(name, f"cuda {path} {cap}", lambda: fn("cuda"), moved, "" if ok else "MISMATCH vs cuda default")
+            if ok:
+                consider(name, ms, f"{cap} with RLHF_KERNELS_CUDA_PPO={path}")
+        if not all(torch.equal(a, b) for a, b in zip(runs["global"], runs["l2"])):
+            print(f"{name:<20} l2 {cap}: NOT BIT-IDENTICAL to global", flush=True)
+    os.environ.pop(PPO_PATH, None)
     os.environ.pop(ENV, None)
     for name, (ms, cap) in best.items():
         print(f"# fastest cuda cap for {name}: {cap} ({ms:.3f} ms)")

@@ -67,6 +67,8 @@ enum class PpoPath {
   kCluster = 3,  // sm_90: the row is split over a thread-block cluster, each slice in its CTA's
                  // shared memory, the softmax statistics exchanged through distributed shared memory
   kForwardOnly = 4,  // no gradient: one sweep
+  kL2 = 5,       // re-read the row as kGlobal, with fewer CTAs per SM (more of the re-read hits L2) and the
+                 // second sweep walking each thread's vectors backwards (the lines read last first)
 };
 
 struct PpoPlan {

@@ -21,6 +21,11 @@
 //             in its CTA's shared memory; the per-slice (m, s, t) are exchanged through
 //             distributed shared memory. Logits are read once, dlogits written once.
 //   kGlobal   the second sweep re-reads the row (any GPU, any V): two reads, one write.
+//   kL2       kGlobal with the CTAs per SM capped (by an unused dynamic shared-memory request): as many
+//             as have their rows fit in half of L2, at least one (one for bf16 V = 151936, whose 132 rows
+//             in flight take 39 of an H100/H200's 50 MB), and the second sweep run backwards: it starts
+//             with the lines the first sweep read last. Where the re-read hits L2, DRAM sees one read and
+//             one write, as on the on-chip paths, without a cluster.
 // With RLHF_KERNELS_CUDA_PREFETCH=1 the on-chip paths fill their shared-memory slice with cp.async,
 // kPrefetchDepth groups of 4 vectors in flight per thread (row_prefetch.cuh); same results, bit for bit.
 #include <cooperative_groups.h>
@@ -75,7 +80,7 @@ __global__ void __launch_bounds__(512, 2)
     ppo_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, PpoOutputs io,
                    T* __restrict__ grad, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
                    int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab, PpoParams p, int64_t vecs_per_cta,
-                   bool in_smem, bool prefetch) {
+                   bool in_smem, bool prefetch, bool reverse_sweep2) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   if constexpr (kCluster) {
     __trap();  // the host launches the cluster variant only where it was compiled for sm_90+
@@ -184,7 +189,7 @@ __global__ void __launch_bounds__(512, 2)
         const LogprobGrad f = make_logprob_grad(tok[0], tok[1], tok[2], tok[3], p.inv_t);
         // cache element i holds column i + k_lo·kVec - pre: src[c] below is that element
         const T* src = in_smem ? reinterpret_cast<const T*>(cache) - (k_lo * kVec - rv.pre) : x;
-        write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f);
+        write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f, reverse_sweep2);
       }
     }
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
@@ -246,6 +251,17 @@ PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, 
       plan = {PpoPath::kShared, 1, forward_threads(nvec, kPpoFusedCap), row_bytes};
       return true;
     };
+    // kL2: CTAs per SM whose rows fit in half of L2 (the other half holds the gradient's lines on their way
+    // out), 1 to 4; the cap comes from each CTA asking for a 1/ctas share of the SM's shared memory
+    auto l2_plan = [&]() {
+      int l2 = 0, sms = 0;
+      cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device);
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      const int64_t fit = sms > 0 ? (static_cast<int64_t>(l2) / 2) / (row_bytes * sms) : 1;
+      const int64_t ctas = std::max<int64_t>(1, std::min<int64_t>(fit, 4));
+      const int64_t pad = std::min<int64_t>(per_sm / ctas, optin) - 2048;
+      plan = {PpoPath::kL2, 1, forward_threads(nvec, kPpoL2Cap), std::max<int64_t>(pad, 0)};
+    };
     auto cluster_plan = [&](int min_size) -> bool {
       if (!cluster_ok) return false;
       for (int c = min_size; c <= 8; c *= 2) {
@@ -267,6 +283,9 @@ PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, 
         break;
       case PpoPath::kGlobal:
         plan = {PpoPath::kGlobal, 1, forward_threads(nvec, kPpoFusedCap), 0};
+        return cudaSuccess;
+      case PpoPath::kL2:
+        l2_plan();
         return cudaSuccess;
       default:
         done = shared_plan() || cluster_plan(min_cluster_size());
@@ -304,7 +323,9 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
     const bool prefetch = in_smem && prefetch_enabled();
     const int64_t per_cta = (nvec + plan.cluster - 1) / plan.cluster;
     if (in_smem && per_cta * 16 > plan.smem_bytes) return cudaErrorInvalidValue;
-    const size_t smem = in_smem ? static_cast<size_t>(plan.smem_bytes) : 0;
+    // kL2 asks for shared memory it does not use: the request caps its CTAs per SM (plan_ppo)
+    const size_t smem = in_smem || plan.path == PpoPath::kL2 ? static_cast<size_t>(plan.smem_bytes) : 0;
+    const bool reverse = plan.path == PpoPath::kL2;
     if (plan.path != PpoPath::kCluster) {
       if (smem > 48 * 1024) {
         const cudaError_t err =
@@ -314,7 +335,7 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
       }
       ppo_fwd_kernel<T, false><<<static_cast<unsigned>(rows), plan.threads, smem, stream>>>(
           x, targets, io, dx, rows_inner, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab, params, per_cta,
-          in_smem, prefetch);
+          in_smem, prefetch, reverse);
       return cudaGetLastError();
     }
     cudaError_t err = cudaFuncSetAttribute(ppo_fwd_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -336,7 +357,7 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
     config.attrs = attribute;
     config.numAttrs = 1;
     err = cudaLaunchKernelEx(&config, ppo_fwd_kernel<T, true>, x, targets, io, dx, rows_inner, stride_b, stride_t,
-                             grad_stride_b, grad_stride_t, vocab, params, per_cta, true, prefetch);
+                             grad_stride_b, grad_stride_t, vocab, params, per_cta, true, prefetch, false);
     if (err != cudaSuccess) return err;
     return cudaGetLastError();
   });

@@ -105,10 +105,14 @@ RK_HD bool co_aligned(const T* src_row, const T* dst_row) {
 // dst_row[c] = f(src_row[c]·inv_t, c == target) for c in [c_lo, c_hi). This thread takes the
 // whole vectors whole_lo + first, + step, ...; thread 0 the partial head, thread step - 1 the tail.
 // src_row may point to global or shared memory. The target test costs one compare per vector:
-// only the vector holding `target` takes the per-element branch.
+// only the vector holding `target` takes the per-element branch. `reverse` walks this thread's
+// vectors from the last to the first (the same vectors, the same values): a second sweep over a
+// row the first sweep read in increasing order then starts with the lines read last, the likeliest
+// to be still in L2.
 template <typename T, typename F>
 RK_HD void write_row_range(T* __restrict__ dst_row, const T* __restrict__ src_row, int64_t c_lo, int64_t c_hi,
-                           float inv_t, int64_t target, int64_t first, int64_t step, const F& f) {
+                           float inv_t, int64_t target, int64_t first, int64_t step, const F& f,
+                           bool reverse = false) {
   constexpr int kVec = Vec<T>::kSize;
   const DstVecs dv = dst_vecs(dst_row, c_lo, c_hi);
   const bool aligned = co_aligned(src_row, dst_row);
@@ -129,6 +133,15 @@ RK_HD void write_row_range(T* __restrict__ dst_row, const T* __restrict__ src_ro
   // the partial vectors, at most one at each end: the head by thread 0, the tail by thread step - 1
   if (first == 0 && dv.k_lo < dv.whole_lo) write_vec(dv.k_lo, false);
   if (first == step - 1 && dv.whole_hi < dv.k_hi) write_vec(dv.k_hi - 1, false);
+  if (reverse) {
+    const int64_t n = dv.whole_hi - dv.whole_lo;  // this thread's vectors: whole_lo + first + i·step < whole_hi
+    if (first >= n) return;
+#pragma unroll 2
+    for (int64_t k = dv.whole_lo + first + (n - 1 - first) / step * step; k >= dv.whole_lo; k -= step) {
+      write_vec(k, true);
+    }
+    return;
+  }
 #pragma unroll 2
   for (int64_t k = dv.whole_lo + first; k < dv.whole_hi; k += step) write_vec(k, true);
 }

@@ -27,6 +27,11 @@ chosen per call (``RLHF_KERNELS_CUDA_PPO``, default ``auto``):
   V = 151936 uses 4 CTAs);
 - ``global``: the second sweep re-reads the row (any GPU / V, e.g. sm_80 with a
   row over ~80 KB): two reads and one write, like the two-pass form;
+- ``l2`` (opt-in, not yet measured): ``global`` with 1-4 CTAs of 512 threads per
+  SM (as many as have their rows fit in half of L2, at least one), and the second
+  sweep walking each thread's columns backwards, so it starts with the lines read
+  last: where the re-read hits L2, one read and one write reach memory, without a
+  cluster;
 - ``two-pass``: no gradient in the forward: ``ppo_term_fwd`` then ``ppo_term_bwd``.
 
 The ``shared`` and ``cluster`` paths fill their slice with ``cp.async``, 16 vectors in flight per thread
@@ -89,7 +94,7 @@ IMPLEMENTED = tuple(dict.fromkeys(("triton", "cuda") + tuple(_LOGPROBS_IMPLEMENT
 
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 # RLHF_KERNELS_CUDA_PPO: how the cuda backend of ppo_loss produces dlogits (see the module docstring).
-CUDA_PPO_PATHS = {"auto": 0, "global": 1, "shared": 2, "cluster": 3, "two-pass": -1}
+CUDA_PPO_PATHS = {"auto": 0, "global": 1, "shared": 2, "cluster": 3, "l2": 5, "two-pass": -1}
 
 
 def cuda_ppo_path() -> str:

@@ -160,8 +160,9 @@ int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const floa
                     int64_t ignore_index, int threads, int cluster, int cache_mode, float* logp, float* entropy,
                     float* lse) {
   // cache_mode: 0 kGlobal (sweep 2 re-reads the logits), 1 the slice cached by the register sweep's sink,
-  // 2 the slice copied by sweep_row_stats_prefetch (RLHF_KERNELS_CUDA_PREFETCH=1)
-  const bool in_smem = cache_mode != 0;
+  // 2 the slice copied by sweep_row_stats_prefetch (RLHF_KERNELS_CUDA_PREFETCH=1), 3 kL2 (kGlobal with the
+  // second sweep walking each thread's vectors backwards)
+  const bool in_smem = cache_mode == 1 || cache_mode == 2;
   constexpr int kVec = Vec<T>::kSize;
   const float c = inv_t * kLog2e;
   const int64_t per_cta = (vectors_per_row<T>(vocab) + cluster - 1) / cluster;
@@ -209,7 +210,7 @@ int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const floa
         if (!valid) {
           zero_row_range(dx, c_lo, c_hi, t, threads);
         } else {
-          write_row_range(dx, src, c_lo, c_hi, inv_t, y, t, threads, f);
+          write_row_range(dx, src, c_lo, c_hi, inv_t, y, t, threads, f, cache_mode == 3);
         }
       }
     }

@@ -68,12 +68,12 @@ def main() -> int:
             adv = torch.randn(2, 5, device=dev)
             mask = torch.ones(2, 5, device=dev)
             mask[1, 1] = mask[1, 2] = 0
-            for path in ("two-pass", "global", "shared", "cluster", "shared+prefetch", "cluster+prefetch",
+            for path in ("two-pass", "global", "l2", "shared", "cluster", "shared+prefetch", "cluster+prefetch",
                          "cluster+prefetch+8"):
                 path, _, options = path.partition("+")
                 prefetch, _, cluster = options.partition("+")
                 os.environ["RLHF_KERNELS_CUDA_CLUSTER"] = cluster or "2"  # 8: each row over 8 CTAs
-                if path not in ("two-pass", "global"):
+                if path not in ("two-pass", "global", "l2"):
                     plan = _ext.load().ppo_plan(V, str(dtype).replace("torch.", ""), ppo_ops.CUDA_PPO_PATHS[path],
                                                 True, torch.cuda.current_device())
                     if plan[0] == "none":

@@ -299,7 +299,7 @@ def test_kl_divergence_mixed_dtypes():
 # ------------------------------------------------------------------ ppo_loss
 
 
-PPO_PATHS = ("two-pass", "auto", "global", "shared", "cluster")
+PPO_PATHS = ("two-pass", "auto", "global", "shared", "cluster", "l2")
 
 
 def _ppo_case(V, dtype, seed, *, B=3, L=9):
@@ -434,6 +434,11 @@ def test_ppo_plan_reports_a_path(monkeypatch):
     dev = torch.cuda.current_device()
     assert ext.ppo_plan(151936, "bfloat16", 0, False, dev)[0] == "forward"
     assert ext.ppo_plan(50257, "bfloat16", 1, True, dev)[0] == "global"
+    # l2: one CTA of 512 threads (the row does not fit in L2 twice over), its dynamic shared memory a share
+    # of the SM's that lets no second CTA in
+    name, ctas, threads, pad = ext.ppo_plan(151936, "bfloat16", 5, True, dev)
+    per_sm = torch.cuda.get_device_properties(dev).shared_memory_per_multiprocessor
+    assert (name, ctas, threads) == ("l2", 1, 512) and per_sm // 2 < pad < per_sm, (name, ctas, threads, pad)
     auto = ext.ppo_plan(151936, "bfloat16", 0, True, dev)
     assert auto[0] == ("cluster" if major >= 9 else "global"), auto
     if major >= 9:

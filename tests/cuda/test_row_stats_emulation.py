@@ -373,13 +373,13 @@ def test_logprobs_backward_extreme_logits(emu, dtype):
 
 
 def emulate_fused(lib, x, y, g_logp, g_ent, *, temperature=1.0, threads=128, cluster=1, in_smem=True, grad_offset=0,
-                  prefetch=False):
+                  prefetch=False, reverse=False):
     rows, stride = _rows(x)
     grad = grad_buffer_like(x, grad_offset)
     out = [torch.full((rows,), float("nan")) for _ in range(3)]
     rc = lib.rk_emulate_fused_grad(DTYPE_CODE[x.dtype], grad.data_ptr(), x.data_ptr(), y.data_ptr(), g_logp.data_ptr(),
                                    g_ent.data_ptr(), rows, stride, grad.stride(0), x.shape[1], 1.0 / temperature,
-                                   IGNORE, threads, cluster, 2 if prefetch else int(in_smem),
+                                   IGNORE, threads, cluster, 3 if reverse else 2 if prefetch else int(in_smem),
                                    *(o.data_ptr() for o in out))
     assert rc == 0
     assert_only_rows_written(grad)
@@ -408,6 +408,30 @@ def test_fused_ppo_gradient_paths(emu, cluster, in_smem, prefetch, dtype):
         assert_matches_oracle(ent, entl, ent64, dtype, "entropy")
         g64, gl = _grad_oracle(x, y, 0.9, g_logp, g_ent, op_torch=False)
         assert_matches_oracle(grad, gl, g64, dtype, "dlogits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("threads", (32, 64, 512))
+def test_l2_path_reversed_second_sweep_is_bit_identical(emu, dtype, threads):
+    """ppo.cu's kL2 (RLHF_KERNELS_CUDA_PPO=l2): each thread writes the same vectors as kGlobal, last first, so every
+    dlogits element (and logp, entropy, lse) equals kGlobal's bit for bit: rows shorter than the CTA, partial head
+    and tail vectors at every misalignment, a gradient at another alignment than the logits, ignored targets."""
+    for V, offset, grad_offset in ((50257, 3, 3), (4097, 1, 2), (9, 5, 5), (1031, 0, 7), (40, 2, 0)):
+        x = random_logits(4, V, dtype, seed=V + threads)
+        x[2, : V // 3] = float("-inf")
+        x = at_offset(x.to(dtype), offset)
+        y = random_targets(4, V, seed=V + 2)
+        y[3] = IGNORE
+        g_logp, g_ent = upstream(4, seed=V + 3)
+        runs = [emulate_fused(emu, x, y, g_logp, g_ent, temperature=0.8, threads=threads, in_smem=False,
+                              grad_offset=grad_offset, reverse=r) for r in (False, True)]
+        (g0, outs0), (g1, outs1) = runs
+        bits = torch.int16 if dtype != torch.float32 else torch.int32
+        assert torch.equal(g0.view(bits), g1.view(bits)), f"V={V} dlogits"
+        for a, b, name in zip(outs0, outs1, ("logp", "entropy", "lse")):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"V={V} {name}"
+        g64, gl = _grad_oracle(x, y, 0.8, g_logp, g_ent, op_torch=False)
+        assert_matches_oracle(g1, gl, g64, dtype, "dlogits")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
