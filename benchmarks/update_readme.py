@@ -7,8 +7,9 @@
 The block between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` gets,
 per device folder under ``benchmarks/results/`` (GPUs first), the headline
 table (``summary.md``), the summary plot (``summary.png``), the end-to-end
-training steps (``trainer.md``, when measured) and links to the full tables. Nothing in it is typed by hand. When the README
-has no markers the block is appended at the end under a "Benchmarks" heading.
+training steps (``trainer.md``, when measured) and links to the full tables.
+Nothing in it is typed by hand. When the README has no markers the block is
+appended at the end under a "Benchmarks" heading.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ def _trainer_table(path: str) -> List[str]:
     except OSError:
         return []
     table = [line for line in lines if line.startswith("|")]
-    title = next((line.lstrip("# ").strip() for line in lines if line.startswith("# ")), "")
-    shape = title[title.find("(") + 1:title.rfind(")")] if "(" in title else ""
     if not table:
         return []
+    title = next((line.lstrip("# ").strip() for line in lines if line.startswith("# ")), "")
+    shape = title[title.find("(") + 1:title.rfind(")")] if "(" in title else ""
     where = f" ({shape})" if shape else ""
     return [f"End-to-end training steps{where}, against eager PyTorch (`trainer.md`):", ""] + table
 

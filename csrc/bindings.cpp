@@ -189,9 +189,14 @@ const char* ppo_path_name(cuda::PpoPath path) {
   }
 }
 
-cuda::PpoPlan ppo_plan_for(const at::Tensor& logits, int64_t path, bool with_grad) {
-  TORCH_CHECK((path >= 0 && path <= 3) || path == 5,
+// The paths a caller may ask plan_ppo for (kForwardOnly is the plan's own answer to with_grad = false).
+void check_ppo_request(int64_t path) {
+  TORCH_CHECK((path >= 0 && path <= 3) || path == static_cast<int64_t>(cuda::PpoPath::kL2),
               "ppo path must be 0 (auto), 1 (global), 2 (shared), 3 (cluster) or 5 (l2), got ", path);
+}
+
+cuda::PpoPlan ppo_plan_for(const at::Tensor& logits, int64_t path, bool with_grad) {
+  check_ppo_request(path);
   const cuda::PpoPlan plan = cuda::plan_ppo(cuda_dtype(logits, "ppo_loss"), logits.size(-1),
                                             static_cast<cuda::PpoPath>(path), with_grad, logits.get_device());
   TORCH_CHECK(plan.cluster > 0, "the fused ppo_loss path '", ppo_path_name(static_cast<cuda::PpoPath>(path)),
@@ -346,7 +351,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // (path, CTAs per row, threads, shared bytes per CTA); path "none" when a forced one cannot run.
   module.def("ppo_plan", [](int64_t vocab, const std::string& dtype, int64_t path, bool with_grad, int64_t device) {
 #ifdef RLHF_KERNELS_WITH_CUDA
-    TORCH_CHECK((path >= 0 && path <= 3) || path == 5, "path must be 0..3 or 5");
+    rlhf_kernels::check_ppo_request(path);
     const rlhf_kernels::cuda::DType d = dtype == "float32"   ? rlhf_kernels::cuda::DType::kFloat32
                                         : dtype == "float16" ? rlhf_kernels::cuda::DType::kFloat16
                                                              : rlhf_kernels::cuda::DType::kBFloat16;
