@@ -13,7 +13,7 @@ OPENRLHF_SPEC := openrlhf==0.11.2
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 # The CUDA kernels are built (and required) wherever nvcc exists, GPU or not.
 CUDA_FLAGS  := $(if $(shell command -v nvcc 2>/dev/null),RLHF_KERNELS_FORCE_CUDA=1,)
-SOURCES     := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null | grep -v build_config.h)
+SOURCES     := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null | grep -v build_config.h)
 
 .PHONY: test demo build bench-cpu bench bench-quick readme coverage gpu info clean
 

@@ -265,7 +265,7 @@ stage_linear_headline() {
 stage_ppo_paths() {
   local path rc
   need_cuda ppo-paths || return
-  for path in ${PPO_PATHS:-shared cluster global l2 two-pass}; do
+  for path in ${PPO_PATHS:-pipe cluster l2 global shared two-pass}; do
     [ -n "$DEADLINE" ] && [ "$(left)" -lt 20 ] && { note "ppo path $path: skipped by GPU_DEADLINE"; continue; }
     RLHF_KERNELS_CUDA_PPO=$path limited "$PY" -m benchmarks.run --ops ppo_loss --providers cuda --shapes 8192x151936 \
       --dtypes bf16 --mode fwd+bwd --no-plots --no-progress --out "$OUT/ppo_paths_$path" >"$OUT/bench_ppo_$path.log" 2>&1

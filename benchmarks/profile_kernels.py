@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a plain script: make `rlhf_kernels` impo
 import rlhf_kernels as rk  # noqa: E402
 from rlhf_kernels import _ext  # noqa: E402
 
-CUDA_PPO_PATHS = ("global", "two-pass", "cluster", "shared", "l2")
+CUDA_PPO_PATHS = ("global", "two-pass", "cluster", "shared", "l2", "pipe")
 
 
 def _ppo_path_runs(path: str, v: int, dtype: torch.dtype) -> bool:

@@ -14,8 +14,9 @@ script times, for every cap, the ops through ``rk`` with target validation off:
   the row stays on chip), the latter with the register sweep (``RLHF_KERNELS_CUDA_PREFETCH=0``) and with
   the on-chip slice filled by cp.async (the default since the H200's run 3; checked bit-identical to the
   register sweep at the same cap), with the row split over clusters of at least 4 and 8 CTAs
-  (``RLHF_KERNELS_CUDA_CLUSTER``), and on the paths that re-read the row, ``global`` and ``l2``
-  (``RLHF_KERNELS_CUDA_PPO``),
+  (``RLHF_KERNELS_CUDA_CLUSTER``), on the paths that re-read the row, ``global`` and ``l2``
+  (``RLHF_KERNELS_CUDA_PPO``), and on the persistent cluster path ``pipe`` against ``cluster`` (same slices and CTA
+  size, so checked bit-identical),
 
 each against the Triton backend in the same run, as ms and % of the copy bandwidth measured here
 (``triton.testing.do_bench``, median). Every cap's outputs are checked against the default's first.
@@ -177,6 +178,26 @@ def main(argv=None) -> int:
                 consider(name, ms, f"{cap} with RLHF_KERNELS_CUDA_PPO={path}")
         if not all(torch.equal(a, b) for a, b in zip(runs["global"], runs["l2"])):
             print(f"{name:<20} l2 {cap}: NOT BIT-IDENTICAL to global", flush=True)
+    # the persistent cluster path (one CTA per SM, the next row's slice loaded while this row's gradient is written)
+    # against the cluster path at each cap: with the same cluster size, the same slices and vectors per thread
+    for cap in caps:
+        os.environ[ENV] = str(cap)
+        runs = {}
+        plans = {path: _ppo_plan(path, args.v, dtype) for path in ("cluster", "pipe")}
+        for path, plan in plans.items():
+            if plan[0] == "none":
+                print(f"{name:<20} {path} {cap}: cannot run here", flush=True)
+                continue
+            os.environ[PPO_PATH] = path
+            runs[path] = _flat(fn("cuda"))
+            ok = all(torch.allclose(a, b, rtol=2e-3, atol=2e-3, equal_nan=True) for a, b in zip(runs[path], expected))
+            ms = timed(name, f"cuda {path}/{plan[1]} {cap}", lambda: fn("cuda"), moved,
+                       "" if ok else "MISMATCH vs cuda default")
+            if ok:
+                consider(name, ms, f"{cap} with RLHF_KERNELS_CUDA_PPO={path}")
+        if len(runs) == 2 and plans["cluster"][1:3] == plans["pipe"][1:3] and not all(
+                torch.equal(a, b) for a, b in zip(runs["cluster"], runs["pipe"])):
+            print(f"{name:<20} pipe {cap}: NOT BIT-IDENTICAL to cluster", flush=True)
     os.environ.pop(PPO_PATH, None)
     os.environ.pop(ENV, None)
     for name, (ms, cap) in best.items():
@@ -184,6 +205,15 @@ def main(argv=None) -> int:
     for line in _triton_choices():
         print(line)
     return 0
+
+
+def _ppo_plan(path: str, v: int, dtype: torch.dtype) -> tuple:
+    """(path name or "none", CTAs per row, threads, shared memory) of the fused CUDA PPO ``path`` at this cap."""
+    from rlhf_kernels import _ext
+    from rlhf_kernels.ops.ppo import CUDA_PPO_PATHS
+
+    return tuple(_ext.load().ppo_plan(v, str(dtype).replace("torch.", ""), CUDA_PPO_PATHS[path], True,
+                                      torch.cuda.current_device()))
 
 
 def _triton_choices() -> List[str]:

@@ -182,6 +182,8 @@ const char* ppo_path_name(cuda::PpoPath path) {
       return "cluster";
     case cuda::PpoPath::kL2:
       return "l2";
+    case cuda::PpoPath::kPipe:
+      return "pipe";
     case cuda::PpoPath::kForwardOnly:
       return "forward";
     default:
@@ -191,8 +193,9 @@ const char* ppo_path_name(cuda::PpoPath path) {
 
 // The paths a caller may ask plan_ppo for (kForwardOnly is the plan's own answer to with_grad = false).
 void check_ppo_request(int64_t path) {
-  TORCH_CHECK((path >= 0 && path <= 3) || path == static_cast<int64_t>(cuda::PpoPath::kL2),
-              "ppo path must be 0 (auto), 1 (global), 2 (shared), 3 (cluster) or 5 (l2), got ", path);
+  TORCH_CHECK((path >= 0 && path <= 3) || path == static_cast<int64_t>(cuda::PpoPath::kL2) ||
+                  path == static_cast<int64_t>(cuda::PpoPath::kPipe),
+              "ppo path must be 0 (auto), 1 (global), 2 (shared), 3 (cluster), 5 (l2) or 6 (pipe), got ", path);
 }
 
 cuda::PpoPlan ppo_plan_for(const at::Tensor& logits, int64_t path, bool with_grad) {

@@ -66,7 +66,7 @@ RUNTIME: tuple[Setting, ...] = (
             "whether the fused-linear losses compute their gradient in the forward or recompute the logits in "
             "the backward",
             _reader("ops._linear_fused", "linear_grad_path")),
-    Setting("RLHF_KERNELS_CUDA_PPO", "auto | shared | cluster | global | l2 | two-pass", "auto",
+    Setting("RLHF_KERNELS_CUDA_PPO", "auto | shared | cluster | global | l2 | pipe | two-pass", "auto",
             "where the CUDA ppo_loss forward-with-gradient keeps a row between its two sweeps",
             _reader("ops.ppo", "cuda_ppo_path")),
     Setting("RLHF_KERNELS_CUDA_PREFETCH", "1 | 0", "1",

@@ -69,6 +69,8 @@ enum class PpoPath {
   kForwardOnly = 4,  // no gradient: one sweep
   kL2 = 5,       // re-read the row as kGlobal, with fewer CTAs per SM (more of the re-read hits L2) and the
                  // second sweep walking each thread's vectors backwards (the lines read last first)
+  kPipe = 6,     // sm_90: kCluster's slices in a persistent kernel, one CTA per SM, two slice buffers: the
+                 // next row's slice is loaded while this row's gradient is written
 };
 
 struct PpoPlan {

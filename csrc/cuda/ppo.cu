@@ -26,11 +26,17 @@
 //             in flight take 39 of an H100/H200's 50 MB), and the second sweep run backwards: it starts
 //             with the lines the first sweep read last. Where the re-read hits L2, DRAM sees one read and
 //             one write, as on the on-chip paths, without a cluster.
+//   kPipe     sm_90: kCluster's slices, kept by a persistent kernel with one CTA per SM and two slice buffers
+//             (row_pipeline.cuh): the next row's slice is on its way in while this row's gradient goes out.
+//             One read and one write, reads and writes overlapped on every SM. Opt-in (RLHF_KERNELS_CUDA_PPO=pipe)
+//             until a GPU run times it against kCluster.
 // With RLHF_KERNELS_CUDA_PREFETCH=1 the on-chip paths fill their shared-memory slice with cp.async,
 // kPrefetchDepth groups of 4 vectors in flight per thread (row_prefetch.cuh); same results, bit for bit.
 #include <cooperative_groups.h>
 
+#include "ppo_term.cuh"
 #include "row_common.cuh"
+#include "row_pipeline.cuh"
 #include "row_prefetch.cuh"
 
 namespace rlhf_kernels {
@@ -39,41 +45,6 @@ namespace {
 
 using namespace detail;
 namespace cg = cooperative_groups;
-
-// pg, whether a clip was active, and ∂pg/∂logp for one token (see _ppo_pg in triton/ppo.py).
-struct PolicyGrad {
-  float pg, dpg;
-  bool clipped;
-};
-
-__device__ __forceinline__ PolicyGrad ppo_pg(float logp, float old, float adv, const PpoParams& p) {
-  const float raw = logp - old;
-  const float log_ratio = raw < -20.f ? -20.f : (raw > 20.f ? 20.f : raw);  // NaN stays NaN
-  const bool in_lr = raw >= -20.f && raw <= 20.f;
-  const float ratio = expf(log_ratio);
-  const float lo = 1.f - p.clip_low, hi = 1.f + p.clip_high;
-  const float ratio_c = ratio < lo ? lo : (ratio > hi ? hi : ratio);
-  const float pg_u = -adv * ratio, pg_c = -adv * ratio_c;
-  PolicyGrad out;
-  out.clipped = pg_c > pg_u;
-  out.pg = out.clipped ? pg_c : pg_u;
-  float dpg = out.clipped ? 0.f : -adv;  // ties (ratio inside the range) take the unclipped derivative
-  if (p.has_dual) {
-    const float pg_d = -adv * p.dual_clip;
-    const bool neg = adv < 0.f;
-    const bool use_dual = neg && pg_d < out.pg;
-    dpg = (neg && out.pg == pg_d) ? 0.5f * dpg : (use_dual ? 0.f : dpg);
-    out.pg = use_dual ? pg_d : out.pg;
-    out.clipped = out.clipped || use_dual;
-  }
-  out.dpg = in_lr ? dpg * ratio : 0.f;
-  return out;
-}
-
-struct PpoOutputs {
-  const float *old_logp, *advantages, *ref_logp, *weights;
-  float *term, *logp, *entropy, *kl, *clipped, *lse;
-};
 
 template <typename T, bool kCluster>
 __global__ void __launch_bounds__(512, 2)
@@ -110,13 +81,8 @@ __global__ void __launch_bounds__(512, 2)
     // The row's scalars, loaded ahead of sweep 1 so their latency hides behind it instead of stalling the CTA
     // between the sweeps (thread 0 uses them; with 3 CTAs per SM on the cluster path there is little else to run).
     const int64_t y = targets[row];
-    float old = 0.f, adv = 0.f, ref = 0.f, w = 0.f;
-    if (threadIdx.x == 0) {
-      old = io.old_logp[row];
-      adv = io.advantages[row];
-      if (p.has_ref) ref = io.ref_logp[row];
-      if (grad != nullptr) w = io.weights[row];
-    }
+    RowScalars scalars{0.f, 0.f, 0.f, 0.f};
+    if (threadIdx.x == 0) scalars = load_row_scalars(io, row, p, grad != nullptr);
 
     // sweep 1: statistics of this CTA's slice (the whole row unless clustered), caching it
     const float c = p.inv_t * kLog2e;
@@ -149,34 +115,7 @@ __global__ void __launch_bounds__(512, 2)
     }
 #endif
     const bool valid = y != p.ignore_index;
-    if (threadIdx.x == 0) {
-      const TokenOutputs r = token_outputs_at(xy, y, vocab, p.inv_t, p.ignore_index, st);
-      const float logp = r.logp, ent = r.entropy;
-      const PolicyGrad pg = ppo_pg(logp, old, adv, p);
-      float term = pg.pg - p.entropy_coef * ent;
-      float kl = 0.f, dk = 0.f;  // kl stays 0 without ref_logp, even where logp is NaN
-      if (p.has_ref) {
-        kl = kl_k(logp, ref, p.kl_estimator);
-        dk = kl_k_dlogp(logp, ref, p.kl_estimator);
-        term = term + p.kl_coef * kl;
-      }
-      if (rank == 0) {
-        io.term[row] = term;
-        io.logp[row] = logp;
-        io.entropy[row] = ent;
-        io.kl[row] = kl;
-        io.clipped[row] = pg.clipped ? 1.f : 0.f;
-        io.lse[row] = r.lse;
-      }
-      if (grad != nullptr) {
-        float g_logp = w * pg.dpg;
-        if (p.has_ref) g_logp += (w * p.kl_coef) * dk;
-        tok[0] = r.lse;
-        tok[1] = ent;
-        tok[2] = g_logp;
-        tok[3] = 0.f - w * p.entropy_coef;
-      }
-    }
+    if (threadIdx.x == 0) finish_ppo_row(xy, y, vocab, st, scalars, p, io, row, rank == 0, grad != nullptr, tok);
     if (grad != nullptr) {
       __syncthreads();
       // sweep 2: this CTA's columns of dlogits, from shared memory or from the logits again
@@ -198,6 +137,99 @@ __global__ void __launch_bounds__(512, 2)
   }
 }
 
+// What each CTA of the kPipe path leaves for its cluster's peers per row buffer.
+struct SliceShare {
+  RowStats st;  // this CTA's statistics of its slice
+  float xy;     // the target's logit if this CTA's slice holds it (else 0, unread)
+};
+
+// kPipe: the persistent cluster kernel (sm_90; only launched with a gradient). Cluster q of Q takes rows q,
+// q + Q, ...; each of its CTAs owns the same slice of every row and holds two slice buffers: row r + Q is
+// staged into one (row_pipeline.cuh: cp.async, nothing waits for it) while row r is swept from the other and
+// its gradient written, so the SM's loads of the next row overlap its stores of this one. Per row: sweep 1 from
+// the buffer, the block reduction, one cluster barrier to exchange (statistics, target logit) through
+// distributed shared memory, thread 0's term, sweep 2 from the buffer. The target's logit comes from the slice
+// that holds it, so no CTA waits on a dependent global load. One CTA per SM: its two buffers take most of the
+// SM's shared memory, hence 512 threads and the register budget of __launch_bounds__(512, 1).
+template <typename T>
+__global__ void __launch_bounds__(kPpoPipeCap, 1)
+    ppo_fwd_pipe_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, PpoOutputs io,
+                        T* __restrict__ grad, int64_t rows, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
+                        int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab, PpoParams p,
+                        int64_t vecs_per_cta) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // the host launches it only where it was compiled for sm_90+
+#else
+  constexpr int kVec = Vec<T>::kSize;
+  extern __shared__ uint4 cache[];   // two buffers of vecs_per_cta vectors; row i of this cluster uses i % 2
+  __shared__ SliceShare share[2];    // per buffer: read by the peers after the row's cluster barrier
+  __shared__ float tok[4];           // lse, entropy, G_logp, G_H of the row
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int csize = static_cast<int>(cluster.num_blocks());
+  const int64_t row_step = gridDim.x / csize;
+  const float c = p.inv_t * kLog2e;
+  // this CTA's vectors [k_lo, k_hi) of a row
+  const auto slice_lo = [&](const RowVecs& rv) { return min(static_cast<int64_t>(rank) * vecs_per_cta, rv.count); };
+  const auto slice_hi = [&](const RowVecs& rv) { return min(slice_lo(rv) + vecs_per_cta, rv.count); };
+  const auto stage = [&](uint4* buffer, int64_t r) {
+    const T* x = row_ptr(logits, r, rows_inner, stride_b, stride_t);
+    const RowVecs rv = row_vecs(x, vocab);
+    return stage_slice(buffer, x, rv, vocab, slice_lo(rv), slice_hi(rv), threadIdx.x, blockDim.x);
+  };
+
+  int64_t row = blockIdx.x / csize;
+  StagedPartials staged{uint4{0u, 0u, 0u, 0u}, uint4{0u, 0u, 0u, 0u}, -1, -1};
+  if (row < rows) staged = stage(cache, row);
+  for (int64_t i = 0; row < rows; ++i, row += row_step) {
+    uint4* cur = cache + (i & 1) * vecs_per_cta;
+    uint4* nxt = cache + ((i + 1) & 1) * vecs_per_cta;
+    const T* x = row_ptr(logits, row, rows_inner, stride_b, stride_t);
+    const RowVecs rv = row_vecs(x, vocab);
+    const int64_t k_lo = slice_lo(rv), k_hi = slice_hi(rv);
+    store_partial_vecs(cur, staged);  // this row's partial vectors, loaded one row ago
+    if (row + row_step < rows) {
+      staged = stage(nxt, row + row_step);
+    } else {
+      commit_copies();  // an empty group keeps every thread's group count in step
+      staged.head_slot = staged.tail_slot = -1;
+    }
+    const int64_t y = targets[row];
+    RowScalars scalars{0.f, 0.f, 0.f, 0.f};
+    if (threadIdx.x == 0) scalars = load_row_scalars(io, row, p, true);
+    wait_copies<1>();  // this thread's copies of `row` have landed; only the next row's group may be in flight
+    RowStats st = sweep_slice_stats<T, 4>(cur, rv, vocab, k_lo, k_hi, threadIdx.x, blockDim.x, c);
+    st = block_stats_reduce(st, c);  // ends with __syncthreads: the whole slice is visible to the CTA
+    // cache element j holds column j + k_lo·kVec - pre: src[col] is that column's logit
+    const T* src = reinterpret_cast<const T*>(cur) - (k_lo * kVec - rv.pre);
+    const int owner = target_owner(y, vocab, p.ignore_index, rv.pre, kVec, vecs_per_cta);
+    SliceShare& mine = share[i & 1];
+    if (threadIdx.x == 0) mine = SliceShare{st, owner == rank ? to_float(src[y]) : 0.f};
+    // Each peer reads this buffer's `share` after this barrier and before arriving at the next row's, and this CTA
+    // rewrites it two rows later, past that next barrier: no second barrier per row is needed.
+    cluster.sync();
+    if (threadIdx.x == 0) {
+      RowStats total = stats_init();  // rank order: the same bits in every CTA of the cluster
+      for (int r = 0; r < csize; ++r) total = stats_merge(total, cluster.map_shared_rank(&mine, r)->st, c);
+      const float xy = owner >= 0 ? cluster.map_shared_rank(&mine, owner)->xy : 0.f;
+      finish_ppo_row(xy, y, vocab, total, scalars, p, io, row, rank == 0, true, tok);
+    }
+    __syncthreads();
+    const int64_t c_lo = max(k_lo * kVec - rv.pre, int64_t(0));
+    const int64_t c_hi = min(k_hi * kVec - rv.pre, vocab);
+    T* dx = row_ptr(grad, row, rows_inner, grad_stride_b, grad_stride_t);
+    if (y == p.ignore_index) {
+      zero_row_range(dx, c_lo, c_hi, threadIdx.x, blockDim.x);
+    } else {
+      const LogprobGrad f = make_logprob_grad(tok[0], tok[1], tok[2], tok[3], p.inv_t);
+      write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f);
+    }
+    __syncthreads();  // `cur` and tok are free: the next row stages into `cur`'s buffer
+  }
+  cluster.sync();  // the peers may still read this CTA's `share` of its last row
+#endif
+}
+
 template <typename T>
 __global__ void scale_unless_one_kernel(T* __restrict__ x, int64_t n, const float* __restrict__ scale,
                                         bool aligned) {
@@ -215,6 +247,55 @@ __global__ void scale_unless_one_kernel(T* __restrict__ x, int64_t n, const floa
     reinterpret_cast<uint4*>(x)[i] = v.raw;
   }
   for (int64_t i = nvec * kVec + tid; i < n; i += step) x[i] = from_float<T>(to_float(x[i]) * s);
+}
+
+// The launch of `clusters` 1-D clusters of `cluster` CTAs for cudaLaunchKernelEx; `attribute` (the cluster shape)
+// belongs to the caller and must outlive the launch.
+inline cudaLaunchConfig_t cluster_launch(int64_t clusters, int cluster, int threads, size_t smem, cudaStream_t stream,
+                                         cudaLaunchAttribute& attribute) {
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(clusters * cluster));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return config;
+}
+
+// Launches kPipe's persistent grid: as many clusters as can be resident at once (cudaOccupancyMaxActiveClusters;
+// the SM count over the cluster size if the query fails), at most one per row. More clusters than fit would
+// still be correct, only no longer persistent.
+template <typename T>
+cudaError_t launch_ppo_pipe(const PpoPlan& plan, int64_t per_cta, const T* x, const int64_t* targets,
+                            const PpoOutputs& io, T* dx, int64_t rows, int64_t rows_inner, int64_t stride_b,
+                            int64_t stride_t, int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab,
+                            const PpoParams& params, cudaStream_t stream) {
+  const auto kernel = ppo_fwd_pipe_kernel<T>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem_bytes));
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute attribute;
+  // one cluster for the query (it wants a whole number of them); the grid is set below
+  cudaLaunchConfig_t config =
+      cluster_launch(1, plan.cluster, plan.threads, static_cast<size_t>(plan.smem_bytes), stream, attribute);
+  int device = 0, sms = 0, active = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (cudaOccupancyMaxActiveClusters(&active, kernel, &config) != cudaSuccess || active < 1) {
+    cudaGetLastError();  // a failed query must not look like a launch error later
+    active = std::max(1, sms / plan.cluster);
+  }
+  const int64_t clusters = std::min<int64_t>(rows, active);
+  config.gridDim = dim3(static_cast<unsigned>(clusters * plan.cluster));
+  err = cudaLaunchKernelEx(&config, kernel, x, targets, io, dx, rows, rows_inner, stride_b, stride_t, grad_stride_b,
+                           grad_stride_t, vocab, params, per_cta);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
 }
 
 template <typename T>
@@ -262,6 +343,18 @@ PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, 
       const int64_t pad = std::min<int64_t>(per_sm / ctas, optin) - 2048;
       plan = {PpoPath::kL2, 1, forward_threads(nvec, kPpoL2Cap), std::max<int64_t>(pad, 0)};
     };
+    // kPipe: the smallest cluster whose two slice buffers fit one CTA's shared memory (one CTA per SM)
+    auto pipe_plan = [&](int min_size) -> bool {
+      if (!cluster_ok) return false;
+      for (int c = min_size; c <= 8; c *= 2) {
+        const int64_t per = (nvec + c - 1) / c;
+        if (2 * per * 16 <= optin - 2048) {
+          plan = {PpoPath::kPipe, c, forward_threads(per, kPpoPipeCap), 2 * per * 16};
+          return true;
+        }
+      }
+      return false;
+    };
     auto cluster_plan = [&](int min_size) -> bool {
       if (!cluster_ok) return false;
       for (int c = min_size; c <= 8; c *= 2) {
@@ -287,6 +380,9 @@ PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, 
       case PpoPath::kL2:
         l2_plan();
         return cudaSuccess;
+      case PpoPath::kPipe:
+        done = pipe_plan(min_cluster_size());
+        break;
       default:
         done = shared_plan() || cluster_plan(min_cluster_size());
         if (!done) {
@@ -319,6 +415,12 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
     const int64_t nvec = vectors_per_row<T>(vocab);
     const auto* x = static_cast<const T*>(logits);
     auto* dx = static_cast<T*>(grad);
+    if (plan.path == PpoPath::kPipe) {
+      const int64_t per = (nvec + plan.cluster - 1) / plan.cluster;
+      if (2 * per * 16 > plan.smem_bytes || plan.cluster > 8) return cudaErrorInvalidValue;
+      return launch_ppo_pipe<T>(plan, per, x, targets, io, dx, rows, rows_inner, stride_b, stride_t, grad_stride_b,
+                                grad_stride_t, vocab, params, stream);
+    }
     const bool in_smem = plan.path == PpoPath::kShared || plan.path == PpoPath::kCluster;
     const bool prefetch = in_smem && prefetch_enabled();
     const int64_t per_cta = (nvec + plan.cluster - 1) / plan.cluster;
@@ -344,18 +446,8 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
       err = cudaFuncSetAttribute(ppo_fwd_kernel<T, true>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     }
     if (err != cudaSuccess) return err;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(rows * plan.cluster));
-    config.blockDim = dim3(plan.threads);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = plan.cluster;
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
-    config.attrs = attribute;
-    config.numAttrs = 1;
+    cudaLaunchAttribute attribute;
+    const cudaLaunchConfig_t config = cluster_launch(rows, plan.cluster, plan.threads, smem, stream, attribute);
     err = cudaLaunchKernelEx(&config, ppo_fwd_kernel<T, true>, x, targets, io, dx, rows_inner, stride_b, stride_t,
                              grad_stride_b, grad_stride_t, vocab, params, per_cta, true, prefetch, false);
     if (err != cudaSuccess) return err;

@@ -130,6 +130,7 @@ constexpr int kKlForwardCap = 256;
 constexpr int kPpoForwardCap = 128;
 constexpr int kPpoFusedCap = 256;
 constexpr int kPpoL2Cap = 512;  // kL2: one or two CTAs per SM, so each needs more loads in flight
+constexpr int kPpoPipeCap = 512;  // kPipe: one persistent CTA per SM (also its kernel's __launch_bounds__)
 
 // The forward kernels' CTA size cap: RLHF_KERNELS_CUDA_FWD_THREADS when set (a power of two in 32..512),
 // else `default_cap`. A tuning knob, read at every launch so that benchmarks/tune_cuda.py can sweep it

@@ -32,6 +32,10 @@ chosen per call (``RLHF_KERNELS_CUDA_PPO``, default ``auto``):
   sweep walking each thread's columns backwards, so it starts with the lines read
   last: where the re-read hits L2, one read and one write reach memory, without a
   cluster;
+- ``pipe`` (sm_90, opt-in, not yet measured): ``cluster``'s slices kept by a
+  persistent kernel, one CTA per SM with two slice buffers, so each SM loads the
+  next row's slice while it writes this row's gradient (``csrc/cuda/row_pipeline.cuh``):
+  one read and one write, with reads and writes overlapped on every SM;
 - ``two-pass``: no gradient in the forward: ``ppo_term_fwd`` then ``ppo_term_bwd``.
 
 The ``shared`` and ``cluster`` paths fill their slice with ``cp.async``, 16 vectors in flight per thread
@@ -94,7 +98,7 @@ IMPLEMENTED = tuple(dict.fromkeys(("triton", "cuda") + tuple(_LOGPROBS_IMPLEMENT
 
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 # RLHF_KERNELS_CUDA_PPO: how the cuda backend of ppo_loss produces dlogits (see the module docstring).
-CUDA_PPO_PATHS = {"auto": 0, "global": 1, "shared": 2, "cluster": 3, "l2": 5, "two-pass": -1}
+CUDA_PPO_PATHS = {"auto": 0, "global": 1, "shared": 2, "cluster": 3, "l2": 5, "pipe": 6, "two-pass": -1}
 
 
 def cuda_ppo_path() -> str:

@@ -18,6 +18,7 @@
 
 #include "kl_stats.cuh"
 #include "row_grad.cuh"
+#include "row_pipeline.cuh"
 #include "row_prefetch.cuh"
 #include "row_stats.cuh"
 
@@ -218,6 +219,94 @@ int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const floa
   return 0;
 }
 
+// ppo.cu's kPipe: `n_clusters` persistent clusters of `cluster` CTAs; cluster q takes rows q, q + n_clusters, ...
+// Each CTA holds two buffers of per_cta vectors (filled with 0xff bytes, NaN in every dtype, so a vector that was
+// never staged shows up in the results), and per row does what the kernel does, in its order: store the partial
+// vectors staged one row ago, stage the next row into the other buffer, sweep 1 from this buffer (every thread,
+// then the block reduction), the rank-order merge with the target's logit taken from the slice that holds it,
+// sweep 2 from this buffer.
+template <typename T>
+int pipe_grad_rows(T* grad, const T* logits, const int64_t* targets, const float* g_logp, const float* g_ent,
+                   int64_t rows, int64_t row_stride, int64_t grad_row_stride, int64_t vocab, float inv_t,
+                   int64_t ignore_index, int threads, int cluster, int n_clusters, float* logp, float* entropy,
+                   float* lse) {
+  constexpr int kVec = Vec<T>::kSize;
+  const float c = inv_t * kLog2e;
+  const int64_t per = (vectors_per_row<T>(vocab) + cluster - 1) / cluster;
+  const auto bounds = [&](const RowVecs& rv, int rank) {
+    const int64_t lo = std::min<int64_t>(rank * per, rv.count);
+    return std::pair<int64_t, int64_t>(lo, std::min<int64_t>(lo + per, rv.count));
+  };
+  const StagedPartials none{uint4{0u, 0u, 0u, 0u}, uint4{0u, 0u, 0u, 0u}, -1, -1};
+  for (int q = 0; q < n_clusters; ++q) {
+    const uint4 nan_bytes{~0u, ~0u, ~0u, ~0u};
+    std::vector<std::vector<uint4>> buffers(static_cast<size_t>(cluster),
+                                            std::vector<uint4>(static_cast<size_t>(2 * per), nan_bytes));
+    std::vector<std::vector<StagedPartials>> staged(static_cast<size_t>(cluster),
+                                                    std::vector<StagedPartials>(static_cast<size_t>(threads), none));
+    const auto buffer = [&](int rank, int64_t i) { return buffers[static_cast<size_t>(rank)].data() + (i & 1) * per; };
+    const auto stage_row = [&](int64_t r, int64_t i) {
+      const T* x = logits + r * row_stride;
+      const RowVecs rv = row_vecs(x, vocab);
+      for (int rank = 0; rank < cluster; ++rank) {
+        const auto [lo, hi] = bounds(rv, rank);
+        for (int t = 0; t < threads; ++t) {
+          staged[static_cast<size_t>(rank)][static_cast<size_t>(t)] =
+              stage_slice(buffer(rank, i), x, rv, vocab, lo, hi, t, threads);
+        }
+      }
+    };
+    int64_t row = q;
+    if (row < rows) stage_row(row, 0);
+    for (int64_t i = 0; row < rows; ++i, row += n_clusters) {
+      const T* x = logits + row * row_stride;
+      T* dx = grad + row * grad_row_stride;
+      const RowVecs rv = row_vecs(x, vocab);
+      for (int rank = 0; rank < cluster; ++rank) {
+        for (const StagedPartials& s : staged[static_cast<size_t>(rank)]) store_partial_vecs(buffer(rank, i), s);
+      }
+      if (row + n_clusters < rows) {
+        stage_row(row + n_clusters, i + 1);
+      } else {
+        for (auto& per_rank : staged) std::fill(per_rank.begin(), per_rank.end(), none);
+      }
+      const int64_t y = targets[row];
+      const int owner = target_owner(y, vocab, ignore_index, rv.pre, kVec, per);
+      RowStats total = stats_init();
+      float xy = 0.f;
+      for (int rank = 0; rank < cluster; ++rank) {
+        const auto [lo, hi] = bounds(rv, rank);
+        std::vector<RowStats> states;
+        for (int t = 0; t < threads; ++t) {
+          states.push_back(sweep_slice_stats<T, 4>(buffer(rank, i), rv, vocab, lo, hi, t, threads, c));
+        }
+        const auto merge = [c](const RowStats& a, const RowStats& b) { return stats_merge(a, b, c); };
+        total = stats_merge(total, block_reduce_emulated(states, stats_init(), merge), c);
+        if (owner == rank) xy = to_float((reinterpret_cast<const T*>(buffer(rank, i)) - (lo * kVec - rv.pre))[y]);
+      }
+      const TokenOutputs out = token_outputs_at(xy, y, vocab, inv_t, ignore_index, total);
+      logp[row] = out.logp;
+      entropy[row] = out.entropy;
+      lse[row] = out.lse;
+      const LogprobGrad f = make_logprob_grad(out.lse, out.entropy, g_logp[row], g_ent[row], inv_t);
+      for (int rank = 0; rank < cluster; ++rank) {
+        const auto [lo, hi] = bounds(rv, rank);
+        const int64_t c_lo = std::max<int64_t>(lo * kVec - rv.pre, 0);
+        const int64_t c_hi = std::min<int64_t>(hi * kVec - rv.pre, vocab);
+        const T* src = reinterpret_cast<const T*>(buffer(rank, i)) - (lo * kVec - rv.pre);
+        for (int t = 0; t < threads; ++t) {
+          if (y == ignore_index) {
+            zero_row_range(dx, c_lo, c_hi, t, threads);
+          } else {
+            write_row_range(dx, src, c_lo, c_hi, inv_t, y, t, threads, f);
+          }
+        }
+      }
+    }
+  }
+  return 0;
+}
+
 bool bad_launch(int threads, int cluster) { return threads < 32 || threads > 1024 || threads % 32 != 0 || cluster < 1; }
 
 }  // namespace
@@ -302,6 +391,29 @@ extern "C" int rk_emulate_fused_grad(int dtype, void* grad, const void* logits, 
       return fused_grad_rows(static_cast<__nv_bfloat16*>(grad), static_cast<const __nv_bfloat16*>(logits), targets,
                              g_logp, g_ent, rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads,
                              cluster, cache_mode, logp, entropy, lse);
+  }
+  return 2;
+}
+
+extern "C" int rk_emulate_fused_grad_pipe(int dtype, void* grad, const void* logits, const int64_t* targets,
+                                          const float* g_logp, const float* g_ent, int64_t rows, int64_t row_stride,
+                                          int64_t grad_row_stride, int64_t vocab, float inv_t, int64_t ignore_index,
+                                          int threads, int cluster, int n_clusters, float* logp, float* entropy,
+                                          float* lse) {
+  if (bad_launch(threads, cluster) || vocab < 1 || n_clusters < 1) return 2;
+  switch (dtype) {
+    case 0:
+      return pipe_grad_rows(static_cast<float*>(grad), static_cast<const float*>(logits), targets, g_logp, g_ent,
+                            rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads, cluster,
+                            n_clusters, logp, entropy, lse);
+    case 1:
+      return pipe_grad_rows(static_cast<__half*>(grad), static_cast<const __half*>(logits), targets, g_logp, g_ent,
+                            rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads, cluster,
+                            n_clusters, logp, entropy, lse);
+    case 2:
+      return pipe_grad_rows(static_cast<__nv_bfloat16*>(grad), static_cast<const __nv_bfloat16*>(logits), targets,
+                            g_logp, g_ent, rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads,
+                            cluster, n_clusters, logp, entropy, lse);
   }
   return 2;
 }

@@ -69,7 +69,7 @@ def main() -> int:
             mask = torch.ones(2, 5, device=dev)
             mask[1, 1] = mask[1, 2] = 0
             for path in ("two-pass", "global", "l2", "shared", "cluster", "shared+prefetch", "cluster+prefetch",
-                         "cluster+prefetch+8"):
+                         "cluster+prefetch+8", "pipe", "pipe++8"):
                 path, _, options = path.partition("+")
                 prefetch, _, cluster = options.partition("+")
                 os.environ["RLHF_KERNELS_CUDA_CLUSTER"] = cluster or "2"  # 8: each row over 8 CTAs

@@ -133,6 +133,23 @@ def test_cuda_ppo_path_setting(monkeypatch):
         ppo_ops.cuda_ppo_path()
 
 
+def test_ppo_plan_takes_every_setting_and_refuses_other_codes():
+    """Each RLHF_KERNELS_CUDA_PPO value maps to a code the bindings accept (two-pass, -1, never reaches them), and
+    the plan query refuses any other code, naming the paths, before it asks the GPU anything."""
+    if not _has_cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
+    ext = _ext.load()
+    for bad in (-1, 4, 7):
+        with pytest.raises(RuntimeError, match=r"ppo path must be .*5 \(l2\) or 6 \(pipe\), got " + str(bad)):
+            ext.ppo_plan(151936, "bfloat16", bad, True, 0)
+    codes = {name: code for name, code in ppo_ops.CUDA_PPO_PATHS.items() if name != "two-pass"}
+    assert sorted(codes.values()) == [0, 1, 2, 3, 5, 6], codes
+    if torch.cuda.is_available():
+        for code in codes.values():
+            assert ext.ppo_plan(151936, "bfloat16", code, True, torch.cuda.current_device())[0] in (
+                "auto", "global", "shared", "cluster", "l2", "pipe", "none")
+
+
 def test_cuda_forward_threads_setting(monkeypatch):
     monkeypatch.delenv("RLHF_KERNELS_CUDA_FWD_THREADS", raising=False)
     assert _dispatch.cuda_forward_threads() is None  # each kernel's own default

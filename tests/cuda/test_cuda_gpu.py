@@ -299,7 +299,7 @@ def test_kl_divergence_mixed_dtypes():
 # ------------------------------------------------------------------ ppo_loss
 
 
-PPO_PATHS = ("two-pass", "auto", "global", "shared", "cluster", "l2")
+PPO_PATHS = ("two-pass", "auto", "global", "shared", "cluster", "l2", "pipe")
 
 
 def _ppo_case(V, dtype, seed, *, B=3, L=9):
@@ -348,6 +348,40 @@ def test_ppo_loss_cluster_sizes(V, dtype, size, monkeypatch):
     _check_ppo_against_oracle(V, dtype, f"cluster of {plan[1]}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", (50257, 151936))
+def test_ppo_pipe_is_the_cluster_path_bit_for_bit(V, dtype, monkeypatch):
+    """RLHF_KERNELS_CUDA_PPO=pipe (the persistent kernel, csrc/cuda/row_pipeline.cuh) over many more rows than it has
+    clusters, so each cluster walks rows through both of its slice buffers: at the cluster path's CTA size and
+    cluster, loss, statistics and dlogits are its bits (strided rows, ignored tokens, an empty sequence)."""
+    if not (_path_possible("pipe", V, dtype) and _path_possible("cluster", V, dtype)):
+        pytest.skip(f"no pipe / cluster path for V={V} {dtype} on this GPU")
+    monkeypatch.setenv("RLHF_KERNELS_CUDA_FWD_THREADS", "256")
+    dev = torch.cuda.current_device()
+    plans = {p: _ext.load().ppo_plan(V, str(dtype).replace("torch.", ""), ppo_ops.CUDA_PPO_PATHS[p], True, dev)
+             for p in ("cluster", "pipe")}
+    assert plans["pipe"][1:3] == plans["cluster"][1:3], plans
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    case = _ppo_case(V, dtype, seed=V + 71, B=4, L=2 * sms + 5)
+    _assert_same_bits(case, "RLHF_KERNELS_CUDA_PPO", ("cluster", "pipe"), monkeypatch, f"pipe V={V}")
+
+
+def _assert_same_bits(case, setting, values, monkeypatch, what):
+    """The fused cuda ppo_loss step on ``case`` (a ``_ppo_case``) under each of the two ``values`` of the environment
+    ``setting``: loss, logp, entropy, kl and dlogits must be the same bits."""
+    x, y, old, adv, ref, mask = case
+    runs = []
+    for value in values:
+        monkeypatch.setenv(setting, value)
+        xt = x.detach().clone().requires_grad_()
+        with poisoned_allocations():
+            out = rk.ppo_loss(xt, y, old, adv, mask, ref_logp=ref, kl_coef=0.1, entropy_coef=0.01, backend="cuda")
+            out.loss.backward()
+        runs.append((out.loss, out.logp, out.entropy, out.kl, xt.grad))
+    for name, a, b in zip(("loss", "logp", "entropy", "kl", "dlogits"), *runs):
+        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), f"{what} {name}"
+
+
 def _check_ppo_against_oracle(V, dtype, path):
     """``ppo_loss`` on the cuda backend (the path set by the caller) against the float64 oracle, three settings."""
     x, y, old, adv, ref, mask = _ppo_case(V, dtype, seed=V + 31)
@@ -384,17 +418,8 @@ def test_ppo_prefetch_is_bit_identical(V, dtype, path, monkeypatch):
     if not _path_possible(path, V, dtype):
         pytest.skip(f"path {path} cannot run for V={V} {dtype} on this GPU")
     monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", path)
-    x, y, old, adv, ref, mask = _ppo_case(V, dtype, seed=V + 61)
-    runs = []
-    for prefetch in ("0", "1"):
-        monkeypatch.setenv("RLHF_KERNELS_CUDA_PREFETCH", prefetch)
-        xt = x.detach().clone().requires_grad_()
-        with poisoned_allocations():
-            out = rk.ppo_loss(xt, y, old, adv, mask, ref_logp=ref, kl_coef=0.1, entropy_coef=0.01, backend="cuda")
-            out.loss.backward()
-        runs.append((out.loss, out.logp, out.entropy, xt.grad))
-    for name, a, b in zip(("loss", "logp", "entropy", "dlogits"), *runs):
-        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), f"{path} V={V} {name}"
+    _assert_same_bits(_ppo_case(V, dtype, seed=V + 61), "RLHF_KERNELS_CUDA_PREFETCH", ("0", "1"), monkeypatch,
+                      f"{path} V={V}")
 
 
 def _ref_options(options):
@@ -439,6 +464,9 @@ def test_ppo_plan_reports_a_path(monkeypatch):
     name, ctas, threads, pad = ext.ppo_plan(151936, "bfloat16", 5, True, dev)
     per_sm = torch.cuda.get_device_properties(dev).shared_memory_per_multiprocessor
     assert (name, ctas, threads) == ("l2", 1, 512) and per_sm // 2 < pad < per_sm, (name, ctas, threads, pad)
+    # pipe: two slice buffers in one CTA's shared memory, so bf16 V = 151936 over 4 CTAs of 512 threads (sm_90 only)
+    pipe = ext.ppo_plan(151936, "bfloat16", 6, True, dev)
+    assert pipe == (("pipe", 4, 512, 2 * 4749 * 16) if major >= 9 else ("none", 0, pipe[2], 0)), pipe
     auto = ext.ppo_plan(151936, "bfloat16", 0, True, dev)
     assert auto[0] == ("cluster" if major >= 9 else "global"), auto
     if major >= 9:

@@ -88,7 +88,10 @@ def emu(request, tmp_path_factory):
                                             i64, i64, ctypes.c_int]
     lib.rk_emulate_fused_grad.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, i64,
                                           ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr]
-    for fn in (lib.rk_emulate_logprobs, lib.rk_emulate_kl, lib.rk_emulate_logprobs_bwd, lib.rk_emulate_fused_grad):
+    lib.rk_emulate_fused_grad_pipe.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, i64,
+                                               ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr]
+    for fn in (lib.rk_emulate_logprobs, lib.rk_emulate_kl, lib.rk_emulate_logprobs_bwd, lib.rk_emulate_fused_grad,
+               lib.rk_emulate_fused_grad_pipe):
         fn.restype = ctypes.c_int
     return lib
 
@@ -432,6 +435,57 @@ def test_l2_path_reversed_second_sweep_is_bit_identical(emu, dtype, threads):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"V={V} {name}"
         g64, gl = _grad_oracle(x, y, 0.8, g_logp, g_ent, op_torch=False)
         assert_matches_oracle(g1, gl, g64, dtype, "dlogits")
+
+
+def emulate_pipe(lib, x, y, g_logp, g_ent, *, temperature, threads, cluster, clusters, grad_offset):
+    rows, stride = _rows(x)
+    grad = grad_buffer_like(x, grad_offset)
+    out = [torch.full((rows,), float("nan")) for _ in range(3)]
+    rc = lib.rk_emulate_fused_grad_pipe(DTYPE_CODE[x.dtype], grad.data_ptr(), x.data_ptr(), y.data_ptr(),
+                                        g_logp.data_ptr(), g_ent.data_ptr(), rows, stride, grad.stride(0), x.shape[1],
+                                        1.0 / temperature, IGNORE, threads, cluster, clusters,
+                                        *(o.data_ptr() for o in out))
+    assert rc == 0
+    assert_only_rows_written(grad)
+    return grad, out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("threads,cluster,clusters", ((32, 1, 1), (64, 2, 3), (128, 4, 2), (64, 8, 4)))
+def test_pipe_path_matches_the_cluster_path_bit_for_bit(emu, dtype, threads, cluster, clusters):
+    """ppo.cu's kPipe (RLHF_KERNELS_CUDA_PPO=pipe): persistent clusters taking every `clusters`-th row, each CTA
+    staging the next row's slice into its second buffer before it sweeps this one. Every dlogits element and logp,
+    entropy, lse equal the cluster path's (same threads, same cluster) bit for bit: rows at every misalignment (their
+    partial vectors staged one row ahead), clusters with unequal row counts (both buffers reused), targets in a
+    partial vector, at a slice boundary, ignored or out of range, -inf and extreme logits. Buffers start as NaN bytes,
+    so a vector read before it was staged, or from the wrong buffer, shows up."""
+    rows = 9
+    for V, offset, grad_offset in ((50257, 3, 3), (4097, 1, 2), (9, 5, 5), (1031, 0, 7), (40, 2, 0)):
+        x = random_logits(rows, V, torch.float32, seed=V + threads + cluster)
+        x[2, : V // 3] = float("-inf")
+        x[4, V // 2] = 1e4 if dtype != torch.float16 else 6e4
+        x = at_offset(x.to(dtype), offset)
+        y = random_targets(rows, V, seed=V + clusters, ignore_frac=0.0)
+        y[1] = IGNORE
+        y[3] = V - 1  # the last, often partial, vector
+        per = -(-(-(-V // VEC[dtype]) + 1) // cluster)  # ppo.cu's vecs_per_cta: ceil((ceil(V / kVec) + 1) / cluster)
+        y[5] = min(V - 1, max(0, per * VEC[dtype] - 1))  # near the first slice boundary
+        y[6] = V + 3  # out of range: logp NaN, as every path
+        g_logp, g_ent = upstream(rows, seed=V + 4)
+        kw = dict(temperature=0.85, threads=threads, cluster=cluster, grad_offset=grad_offset)
+        g_cluster, outs_cluster = emulate_fused(emu, x, y, g_logp, g_ent, in_smem=True, **kw)
+        g_pipe, outs_pipe = emulate_pipe(emu, x, y, g_logp, g_ent, clusters=clusters, **kw)
+        bits = torch.int16 if dtype != torch.float32 else torch.int32
+        assert torch.equal(g_cluster.view(bits), g_pipe.view(bits)), f"V={V} dlogits"
+        for a, b, name in zip(outs_cluster, outs_pipe, ("logp", "entropy", "lse")):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"V={V} {name}"
+        ok = torch.arange(rows) != 6
+        g64, gl = _grad_oracle(x[ok], y[ok], 0.85, g_logp[ok], g_ent[ok], op_torch=True)
+        assert_matches_oracle(g_pipe[ok], gl, g64, dtype, "dlogits")
+        lp64, ent64 = reference.logprobs(x[ok].double(), y[ok], temperature=0.85, return_entropy=True)
+        lpl, entl = reference.logprobs(x[ok], y[ok], temperature=0.85, return_entropy=True)
+        assert_matches_oracle(outs_pipe[0][ok], lpl, lp64, dtype, "logp")
+        assert_matches_oracle(outs_pipe[1][ok], entl, ent64, dtype, "entropy")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,0 +1,98 @@
+// The fused PPO per-token term and its derivative, from a row's merged softmax statistics: what thread 0 of
+// each of ppo.cu's kernels computes once a row's sweep 1 is reduced (DESIGN.md §2; mirrors
+// rlhf_kernels/triton/ppo.py). The formulas are in ppo.cu's header comment. CUDA headers only.
+#pragma once
+
+#include "row_common.cuh"
+
+namespace rlhf_kernels {
+namespace cuda {
+namespace detail {
+
+// pg, whether a clip was active, and ∂pg/∂logp for one token (see _ppo_pg in triton/ppo.py).
+struct PolicyGrad {
+  float pg, dpg;
+  bool clipped;
+};
+
+__device__ __forceinline__ PolicyGrad ppo_pg(float logp, float old, float adv, const PpoParams& p) {
+  const float raw = logp - old;
+  const float log_ratio = raw < -20.f ? -20.f : (raw > 20.f ? 20.f : raw);  // NaN stays NaN
+  const bool in_lr = raw >= -20.f && raw <= 20.f;
+  const float ratio = expf(log_ratio);
+  const float lo = 1.f - p.clip_low, hi = 1.f + p.clip_high;
+  const float ratio_c = ratio < lo ? lo : (ratio > hi ? hi : ratio);
+  const float pg_u = -adv * ratio, pg_c = -adv * ratio_c;
+  PolicyGrad out;
+  out.clipped = pg_c > pg_u;
+  out.pg = out.clipped ? pg_c : pg_u;
+  float dpg = out.clipped ? 0.f : -adv;  // ties (ratio inside the range) take the unclipped derivative
+  if (p.has_dual) {
+    const float pg_d = -adv * p.dual_clip;
+    const bool neg = adv < 0.f;
+    const bool use_dual = neg && pg_d < out.pg;
+    dpg = (neg && out.pg == pg_d) ? 0.5f * dpg : (use_dual ? 0.f : dpg);
+    out.pg = use_dual ? pg_d : out.pg;
+    out.clipped = out.clipped || use_dual;
+  }
+  out.dpg = in_lr ? dpg * ratio : 0.f;
+  return out;
+}
+
+// The per-row inputs and outputs of the fused kernels ([rows] float32 each; ref_logp and weights may be null).
+struct PpoOutputs {
+  const float *old_logp, *advantages, *ref_logp, *weights;
+  float *term, *logp, *entropy, *kl, *clipped, *lse;
+};
+
+// A row's scalars: old log-prob, advantage, reference log-prob (0 without one), loss weight (0 without a gradient).
+struct RowScalars {
+  float old, adv, ref, w;
+};
+
+__device__ __forceinline__ RowScalars load_row_scalars(const PpoOutputs& io, int64_t row, const PpoParams& p,
+                                                       bool with_grad) {
+  RowScalars s{io.old_logp[row], io.advantages[row], 0.f, 0.f};
+  if (p.has_ref) s.ref = io.ref_logp[row];
+  if (with_grad) s.w = io.weights[row];
+  return s;
+}
+
+// Thread 0's end of a row, from the merged statistics st and the target's logit xy (target_value's convention):
+// writes term, logp, entropy, kl, clipped and lse when write_outputs (one CTA of a cluster), and with a gradient
+// leaves sweep 2's coefficients in tok = (lse, entropy, G_logp, G_H):
+// G_logp = w·∂term/∂logp, G_H = -w·entropy_coef.
+__device__ __forceinline__ void finish_ppo_row(float xy, int64_t y, int64_t vocab, const RowStats& st,
+                                               const RowScalars& s, const PpoParams& p, const PpoOutputs& io,
+                                               int64_t row, bool write_outputs, bool with_grad, float* tok) {
+  const TokenOutputs r = token_outputs_at(xy, y, vocab, p.inv_t, p.ignore_index, st);
+  const float logp = r.logp, ent = r.entropy;
+  const PolicyGrad pg = ppo_pg(logp, s.old, s.adv, p);
+  float term = pg.pg - p.entropy_coef * ent;
+  float kl = 0.f, dk = 0.f;  // kl stays 0 without ref_logp, even where logp is NaN
+  if (p.has_ref) {
+    kl = kl_k(logp, s.ref, p.kl_estimator);
+    dk = kl_k_dlogp(logp, s.ref, p.kl_estimator);
+    term = term + p.kl_coef * kl;
+  }
+  if (write_outputs) {
+    io.term[row] = term;
+    io.logp[row] = logp;
+    io.entropy[row] = ent;
+    io.kl[row] = kl;
+    io.clipped[row] = pg.clipped ? 1.f : 0.f;
+    io.lse[row] = r.lse;
+  }
+  if (with_grad) {
+    float g_logp = s.w * pg.dpg;
+    if (p.has_ref) g_logp += (s.w * p.kl_coef) * dk;
+    tok[0] = r.lse;
+    tok[1] = ent;
+    tok[2] = g_logp;
+    tok[3] = 0.f - s.w * p.entropy_coef;
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace rlhf_kernels
