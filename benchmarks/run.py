@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from rlhf_kernels.ops._dispatch import device_kind
+from rlhf_kernels.ops._dispatch import device_kind, resolve_device
 
 from . import common, report
 from .providers import ALL_PROVIDERS, Case, OpSpec
@@ -276,12 +276,11 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
 
 
 def _resolve_device(text: Optional[str]) -> torch.device:
-    if text:
-        device = torch.device(text)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is available")
-        return device
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """``--device`` (default: CUDA when there is a GPU, else the CPU); CUDA without a GPU ends the run, saying so."""
+    try:
+        return resolve_device(text or "auto")
+    except ValueError as err:
+        raise SystemExit(f"--device: {err}") from None
 
 
 def _run_trainer(args, log) -> int:

@@ -178,27 +178,33 @@ def main(argv=None) -> int:
                 consider(name, ms, f"{cap} with RLHF_KERNELS_CUDA_PPO={path}")
         if not all(torch.equal(a, b) for a, b in zip(runs["global"], runs["l2"])):
             print(f"{name:<20} l2 {cap}: NOT BIT-IDENTICAL to global", flush=True)
-    # the persistent cluster path (one CTA per SM, the next row's slice loaded while this row's gradient is written)
-    # against the cluster path at each cap: with the same cluster size, the same slices and vectors per thread
-    for cap in caps:
-        os.environ[ENV] = str(cap)
-        runs = {}
-        plans = {path: _ppo_plan(path, args.v, dtype) for path in ("cluster", "pipe")}
-        for path, plan in plans.items():
-            if plan[0] == "none":
-                print(f"{name:<20} {path} {cap}: cannot run here", flush=True)
-                continue
-            os.environ[PPO_PATH] = path
-            runs[path] = _flat(fn("cuda"))
-            ok = all(torch.allclose(a, b, rtol=2e-3, atol=2e-3, equal_nan=True) for a, b in zip(runs[path], expected))
-            ms = timed(name, f"cuda {path}/{plan[1]} {cap}", lambda: fn("cuda"), moved,
-                       "" if ok else "MISMATCH vs cuda default")
-            if ok:
-                consider(name, ms, f"{cap} with RLHF_KERNELS_CUDA_PPO={path}")
-        if len(runs) == 2 and plans["cluster"][1:3] == plans["pipe"][1:3] and not all(
-                torch.equal(a, b) for a, b in zip(runs["cluster"], runs["pipe"])):
-            print(f"{name:<20} pipe {cap}: NOT BIT-IDENTICAL to cluster", flush=True)
+    # the persistent cluster path (the next row's slice loaded while this row's gradient is written) against the
+    # cluster path at each cap: with the same cluster size, the same slices and vectors per thread, so the same bits.
+    # By default one CTA per SM; with clusters of 8 (half the slice) and caps up to 256, two CTAs fit per SM.
+    for size in ("", "8"):
+        for cap in caps:
+            os.environ[ENV] = str(cap)
+            os.environ[CLUSTER] = size or "2"
+            runs = {}
+            plans = {path: _ppo_plan(path, args.v, dtype) for path in ("cluster", "pipe")}
+            for path, plan in plans.items():
+                if plan[0] == "none":
+                    print(f"{name:<20} {path} {cap}: cannot run here", flush=True)
+                    continue
+                os.environ[PPO_PATH] = path
+                runs[path] = _flat(fn("cuda"))
+                ok = all(torch.allclose(a, b, rtol=2e-3, atol=2e-3, equal_nan=True)
+                         for a, b in zip(runs[path], expected))
+                ms = timed(name, f"cuda {path}/{plan[1]} {cap}", lambda: fn("cuda"), moved,
+                           "" if ok else "MISMATCH vs cuda default")
+                if ok:
+                    extra = f", {CLUSTER}={size}" if size else ""
+                    consider(name, ms, f"{cap} with RLHF_KERNELS_CUDA_PPO={path}{extra}")
+            if len(runs) == 2 and plans["cluster"][1:3] == plans["pipe"][1:3] and not all(
+                    torch.equal(a, b) for a, b in zip(runs["cluster"], runs["pipe"])):
+                print(f"{name:<20} pipe {cap}: NOT BIT-IDENTICAL to cluster", flush=True)
     os.environ.pop(PPO_PATH, None)
+    os.environ.pop(CLUSTER, None)
     os.environ.pop(ENV, None)
     for name, (ms, cap) in best.items():
         print(f"# fastest cuda cap for {name}: {cap} ({ms:.3f} ms)")

@@ -90,6 +90,24 @@ def test_a_bad_value_is_refused_by_name_and_unset_is_the_default(name, monkeypat
         reader()
 
 
+@pytest.mark.parametrize("setting", [s for s in settings.RUNTIME if " | " in s.values], ids=lambda s: s.name)
+def test_every_listed_value_is_accepted(setting, monkeypatch):
+    """The values column is what users type: each value it lists must be one the setting's reader accepts (a value
+    added to an op, e.g. a new RLHF_KERNELS_CUDA_PPO path, and not to the table, or the reverse, fails here)."""
+    if setting.name == "RLHF_KERNELS_TRITON_BLOCK_V":
+        pytest.importorskip("triton")
+    for value in (v.strip() for v in setting.values.split("|")):
+        monkeypatch.setenv(setting.name, value)
+        setting.reader()  # raises ValueError naming the setting on a value it refuses
+
+
+def test_cuda_ppo_paths_are_the_listed_values():
+    from rlhf_kernels.ops.ppo import CUDA_PPO_PATHS
+
+    listed = next(s for s in settings.RUNTIME if s.name == "RLHF_KERNELS_CUDA_PPO").values
+    assert {v.strip() for v in listed.split("|")} == set(CUDA_PPO_PATHS)
+
+
 def test_info_shows_each_setting_and_flags_a_bad_one(monkeypatch):
     monkeypatch.setenv("RLHF_KERNELS_CUDA_CLUSTER", "3")
     monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "async")

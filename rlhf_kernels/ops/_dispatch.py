@@ -68,6 +68,19 @@ def device_kind(name: str) -> Optional[str]:
     return kind if kind in ("cpu", "cuda") else None
 
 
+def resolve_device(pref: str = "auto") -> torch.device:
+    """``auto``: CUDA when there is a GPU, else the CPU. Asking for CUDA without one is a ``ValueError``
+    naming ``device``, not torch's driver error from deep inside the first ``.to()`` (the trainer's configs and
+    ``rlhf-kernels bench --device`` both resolve through here)."""
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(pref)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {pref!r}: no CUDA device is available here (torch.cuda.is_available() is "
+                         "False); use --device cpu or auto")
+    return device
+
+
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` (``None`` when it can)."""
     if backend == "torch":

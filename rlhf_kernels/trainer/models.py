@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+# The device a trainer runs on (``auto``: CUDA when there is a GPU; CUDA without one is a ValueError naming it).
+from ..ops._dispatch import resolve_device as device_of  # noqa: E402,F401
+
 
 # ----------------------------------------------------------------------------- tokenizers
 class ByteTokenizer:
@@ -212,18 +215,6 @@ def load_policy(path: str):
     """Load a policy saved by the trainer (model + tokenizer from the same dir)."""
     from transformers import AutoModelForCausalLM
     return pretrained(AutoModelForCausalLM, path), load_tokenizer(path)
-
-
-def device_of(pref: str = "auto") -> torch.device:
-    """``auto``: CUDA when there is a GPU, else the CPU. Asking for CUDA without one is a ``ValueError``
-    naming ``device``, not torch's driver error from deep inside the first ``.to()``."""
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(pref)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {pref!r}: no CUDA device is available here (torch.cuda.is_available() is "
-                         "False); use --device cpu or auto")
-    return device
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from rlhf_kernels import _ext
 
@@ -272,6 +273,14 @@ def test_malformed_flags_are_usage_errors_before_anything_is_written(flags, mess
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # no results folder, no run.log
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_device_cuda_without_a_gpu_ends_the_run_saying_so(tmp_path):
+    from benchmarks.run import main
+
+    with pytest.raises(SystemExit, match=r"--device: device 'cuda': no CUDA device is available here"):
+        main(["--device", "cuda", "--ops", "gae", "--out", str(tmp_path), "--no-progress"])
 
 
 def _fake_measure(calls, interrupt_at=None):
