@@ -309,44 +309,44 @@ int pipe_grad_rows(T* grad, const T* logits, const int64_t* targets, const float
 
 bool bad_launch(int threads, int cluster) { return threads < 32 || threads > 1024 || threads % 32 != 0 || cluster < 1; }
 
+// Calls f(T{}) with T the element type of dtype code 0 float32, 1 float16, 2 bfloat16 (launchers.h's DType);
+// 2 (bad arguments) for any other code.
+template <typename F>
+int with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0:
+      return f(float{});
+    case 1:
+      return f(__half{});
+    case 2:
+      return f(__nv_bfloat16{});
+  }
+  return 2;
+}
+
 }  // namespace
 
-// dtype: 0 float32, 1 float16, 2 bfloat16 (the DType enum of launchers.h). Returns 0, 1 when the
-// PPO cache check failed, 2 on bad arguments.
+// Each entry returns 0, 1 when the PPO cache check failed, 2 on bad arguments.
 extern "C" int rk_emulate_logprobs(int dtype, const void* logits, const int64_t* targets, int64_t rows,
                                    int64_t row_stride, int64_t vocab, float inv_t, int64_t ignore_index,
                                    int threads, int cluster, float* logp, float* entropy, float* lse) {
   if (bad_launch(threads, cluster) || vocab < 1) return 2;
-  switch (dtype) {
-    case 0:
-      return logprobs_rows(static_cast<const float*>(logits), targets, rows, row_stride, vocab, inv_t, ignore_index,
-                           threads, cluster, logp, entropy, lse);
-    case 1:
-      return logprobs_rows(static_cast<const __half*>(logits), targets, rows, row_stride, vocab, inv_t,
-                           ignore_index, threads, cluster, logp, entropy, lse);
-    case 2:
-      return logprobs_rows(static_cast<const __nv_bfloat16*>(logits), targets, rows, row_stride, vocab, inv_t,
-                           ignore_index, threads, cluster, logp, entropy, lse);
-  }
-  return 2;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return logprobs_rows(static_cast<const T*>(logits), targets, rows, row_stride, vocab, inv_t, ignore_index,
+                         threads, cluster, logp, entropy, lse);
+  });
 }
 
 extern "C" int rk_emulate_kl(int dtype, const void* logits, const void* ref_logits, int64_t rows, int64_t row_stride,
                              int64_t ref_row_stride, int64_t vocab, float inv_t, int threads, float* kl,
                              float* lse_z, float* lse_r) {
   if (bad_launch(threads, 1) || vocab < 1) return 2;
-  switch (dtype) {
-    case 0:
-      return kl_rows(static_cast<const float*>(logits), static_cast<const float*>(ref_logits), rows, row_stride,
-                     ref_row_stride, vocab, inv_t, threads, kl, lse_z, lse_r);
-    case 1:
-      return kl_rows(static_cast<const __half*>(logits), static_cast<const __half*>(ref_logits), rows, row_stride,
-                     ref_row_stride, vocab, inv_t, threads, kl, lse_z, lse_r);
-    case 2:
-      return kl_rows(static_cast<const __nv_bfloat16*>(logits), static_cast<const __nv_bfloat16*>(ref_logits), rows,
-                     row_stride, ref_row_stride, vocab, inv_t, threads, kl, lse_z, lse_r);
-  }
-  return 2;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return kl_rows(static_cast<const T*>(logits), static_cast<const T*>(ref_logits), rows, row_stride,
+                   ref_row_stride, vocab, inv_t, threads, kl, lse_z, lse_r);
+  });
 }
 
 extern "C" int rk_emulate_logprobs_bwd(int dtype, void* grad, const void* logits, const int64_t* targets,
@@ -355,22 +355,12 @@ extern "C" int rk_emulate_logprobs_bwd(int dtype, void* grad, const void* logits
                                        int64_t grad_row_stride, int64_t vocab, float inv_t, int64_t ignore_index,
                                        int64_t cols_per_cta, int threads) {
   if (bad_launch(threads, 1) || vocab < 1 || cols_per_cta < 1) return 2;
-  switch (dtype) {
-    case 0:
-      logprobs_bwd_rows(static_cast<float*>(grad), static_cast<const float*>(logits), targets, g_logp, g_ent, lse,
-                        entropy, rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, cols_per_cta, threads);
-      return 0;
-    case 1:
-      logprobs_bwd_rows(static_cast<__half*>(grad), static_cast<const __half*>(logits), targets, g_logp, g_ent, lse,
-                        entropy, rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, cols_per_cta, threads);
-      return 0;
-    case 2:
-      logprobs_bwd_rows(static_cast<__nv_bfloat16*>(grad), static_cast<const __nv_bfloat16*>(logits), targets, g_logp,
-                        g_ent, lse, entropy, rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index,
-                        cols_per_cta, threads);
-      return 0;
-  }
-  return 2;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    logprobs_bwd_rows(static_cast<T*>(grad), static_cast<const T*>(logits), targets, g_logp, g_ent, lse, entropy,
+                      rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, cols_per_cta, threads);
+    return 0;
+  });
 }
 
 extern "C" int rk_emulate_fused_grad(int dtype, void* grad, const void* logits, const int64_t* targets,
@@ -378,21 +368,12 @@ extern "C" int rk_emulate_fused_grad(int dtype, void* grad, const void* logits, 
                                      int64_t grad_row_stride, int64_t vocab, float inv_t, int64_t ignore_index,
                                      int threads, int cluster, int cache_mode, float* logp, float* entropy, float* lse) {
   if (bad_launch(threads, cluster) || vocab < 1) return 2;
-  switch (dtype) {
-    case 0:
-      return fused_grad_rows(static_cast<float*>(grad), static_cast<const float*>(logits), targets, g_logp, g_ent,
-                             rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads, cluster,
-                             cache_mode, logp, entropy, lse);
-    case 1:
-      return fused_grad_rows(static_cast<__half*>(grad), static_cast<const __half*>(logits), targets, g_logp, g_ent,
-                             rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads, cluster,
-                             cache_mode, logp, entropy, lse);
-    case 2:
-      return fused_grad_rows(static_cast<__nv_bfloat16*>(grad), static_cast<const __nv_bfloat16*>(logits), targets,
-                             g_logp, g_ent, rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads,
-                             cluster, cache_mode, logp, entropy, lse);
-  }
-  return 2;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return fused_grad_rows(static_cast<T*>(grad), static_cast<const T*>(logits), targets, g_logp, g_ent, rows,
+                           row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads, cluster, cache_mode,
+                           logp, entropy, lse);
+  });
 }
 
 extern "C" int rk_emulate_fused_grad_pipe(int dtype, void* grad, const void* logits, const int64_t* targets,
@@ -401,19 +382,10 @@ extern "C" int rk_emulate_fused_grad_pipe(int dtype, void* grad, const void* log
                                           int threads, int cluster, int n_clusters, float* logp, float* entropy,
                                           float* lse) {
   if (bad_launch(threads, cluster) || vocab < 1 || n_clusters < 1) return 2;
-  switch (dtype) {
-    case 0:
-      return pipe_grad_rows(static_cast<float*>(grad), static_cast<const float*>(logits), targets, g_logp, g_ent,
-                            rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads, cluster,
-                            n_clusters, logp, entropy, lse);
-    case 1:
-      return pipe_grad_rows(static_cast<__half*>(grad), static_cast<const __half*>(logits), targets, g_logp, g_ent,
-                            rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads, cluster,
-                            n_clusters, logp, entropy, lse);
-    case 2:
-      return pipe_grad_rows(static_cast<__nv_bfloat16*>(grad), static_cast<const __nv_bfloat16*>(logits), targets,
-                            g_logp, g_ent, rows, row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads,
-                            cluster, n_clusters, logp, entropy, lse);
-  }
-  return 2;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return pipe_grad_rows(static_cast<T*>(grad), static_cast<const T*>(logits), targets, g_logp, g_ent, rows,
+                          row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads, cluster, n_clusters,
+                          logp, entropy, lse);
+  });
 }
