@@ -158,12 +158,21 @@ _ROW_ALIGN = 64
 
 
 def _row_buffer(rows: int, v: int, like: torch.Tensor) -> Optional[torch.Tensor]:
-    """``[rows, V]`` view of an uninitialised ``[rows, round_up(V, 64)]`` buffer, or ``None`` when ``V % 8 == 0``
-    (then a plain contiguous chunk is already aligned and ``F.linear`` keeps its fused bias epilogue)."""
+    """``[rows, V]`` view of an uninitialised ``[rows, round_up(V, 64)]`` buffer whose padding columns are zero, or
+    ``None`` when ``V % 8 == 0`` (then a plain contiguous chunk is already aligned and ``F.linear`` keeps its fused
+    bias epilogue).
+
+    Why zero the padding, which nothing writes or means to read: oneDNN's AMX bf16 GEMM (torch's CPU matmul on
+    Xeons since Sapphire Rapids, oneDNN up to 3.14: uxlfoundation/oneDNN#5717) loads a whole 32-wide K tile past a
+    row's last column and relies on the other operand's zero padding to cancel it. In ``dlogits @ weight`` that tail
+    is this padding; NaN left there by earlier tensors made ``NaN·0`` and whole rows of the hidden states' gradient
+    NaN (about half the rows at 96 x 301 in bf16; ``tests/ops/test_linear.py``)."""
     if v % 8 == 0:
         return None
     padded = (v + _ROW_ALIGN - 1) // _ROW_ALIGN * _ROW_ALIGN
-    return torch.empty((rows, padded), dtype=like.dtype, device=like.device)[:, :v]
+    buffer = torch.empty((rows, padded), dtype=like.dtype, device=like.device)
+    buffer[:, v:].zero_()  # rows x < 64 elements: a few microseconds even at 16K rows on a GPU
+    return buffer[:, :v]
 
 
 def _chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -360,6 +360,54 @@ def test_uninitialised_buffers_are_written_before_use(backend, fused):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["logprobs rows", "logprobs vocab", "cross-entropy rows", "cross-entropy vocab"])
+def test_16_bit_gradients_stay_finite_over_dirty_padding(op, dtype):
+    """A chunk of 96 rows of V = 301 (rows padded to 320) in 16-bit on the CPU, fresh memory NaN-filled: every
+    gradient is finite and matches the float64 oracle. oneDNN's AMX GEMM (Sapphire Rapids and later, as on this
+    project's CI) reads the padding as the K tail of ``dlogits @ weight`` (uxlfoundation/oneDNN#5717): with it left
+    uninitialised, half the rows of the hidden states' gradient came out NaN here, and once in a full CI run, at
+    random. ``_row_buffer`` zeroes it. (Elsewhere the GEMM never reads the padding, and this passes either way.)"""
+    hidden, weight, targets, bias = _inputs((96,), 40, 301, dtype, seed=5, ignore=(3,))
+    leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+    which, chunk_by = op.split()
+    g = torch.Generator().manual_seed(6)
+    g_logp, g_ent = torch.randn(96, generator=g), torch.randn(96, generator=g)
+
+    def value(h, w, b):
+        if which == "cross-entropy":
+            return rk.linear_cross_entropy(h, w, targets, b, chunk_size=96 if chunk_by == "rows" else 128,
+                                           chunk_by=chunk_by, backend="cpu")
+        lp, ent = rk.linear_logprobs(h, w, targets, b, chunk_size=96 if chunk_by == "rows" else 128,
+                                     chunk_by=chunk_by, return_entropy=True, backend="cpu")
+        return (lp * g_logp).sum() + (ent * g_ent).sum()
+
+    def reference(h, w, b):
+        lp, ent = R.linear_logprobs(h, w, targets, b, return_entropy=True)
+        if which == "cross-entropy":
+            return -lp.sum() / (targets != -100).sum()
+        return (lp * g_logp.to(lp.dtype)).sum() + (ent * g_ent.to(ent.dtype)).sum()
+
+    with poisoned_allocations():
+        value(*leaves).backward()
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    reference(*ref).backward()
+    low = [t.detach().float().requires_grad_(True) for t in leaves]  # the oracle's rule: our error vs float32's
+    reference(*low).backward()
+    for name, a, r, o in zip(("hidden", "weight", "bias"), leaves, low, ref):
+        assert torch.isfinite(a.grad.float()).all(), f"{op} {dtype}: non-finite grad_{name} rows " + str(
+            torch.nonzero(~torch.isfinite(a.grad.float()).reshape(a.shape[0], -1).all(1)).flatten().tolist())
+        assert_matches_oracle(a.grad, r.grad.to(dtype), o.grad, dtype, what=f"{op}/{dtype}/grad_{name}")
+
+
+def test_padded_row_buffers_have_zero_padding():
+    with poisoned_allocations():
+        view = L._row_buffer(5, 301, torch.empty(1, dtype=torch.bfloat16))
+    padding = torch.as_strided(view, (5, view.stride(0) - 301), (view.stride(0), 1), view.storage_offset() + 301)
+    assert view.stride(0) == 320 and torch.equal(padding.float(), torch.zeros(5, 19))
+    assert L._row_buffer(5, 304, torch.empty(1)) is None  # V % 8 == 0: a plain chunk, no padding
+
+
 @pytest.mark.skipif(not (triton_importable() and triton_interpreting()), reason="needs TRITON_INTERPRET=1")
 def test_dlogits_overwrite_the_logits_chunk_triton(monkeypatch):
     """The Triton backward gets the chunk's logits as its ``out`` and the gradients stay right."""
