@@ -283,13 +283,27 @@ cudaError_t launch_ppo_pipe(const PpoPlan& plan, int64_t per_cta, const T* x, co
   // one cluster for the query (it wants a whole number of them); the grid is set below
   cudaLaunchConfig_t config =
       cluster_launch(1, plan.cluster, plan.threads, static_cast<size_t>(plan.smem_bytes), stream, attribute);
-  int device = 0, sms = 0, active = 0;
+  int device = 0;
   cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (cudaOccupancyMaxActiveClusters(&active, kernel, &config) != cudaSuccess || active < 1) {
-    cudaGetLastError();  // a failed query must not look like a launch error later
-    active = std::max(1, sms / plan.cluster);
+  // The query's answer depends only on the device and the plan: remembered for the last one asked (per thread,
+  // per dtype), so a training loop pays for it once.
+  struct ActiveClusters {
+    int device, cluster, threads;
+    int64_t smem;
+    int active;
+  };
+  thread_local ActiveClusters known{-1, 0, 0, 0, 0};
+  if (known.device != device || known.cluster != plan.cluster || known.threads != plan.threads ||
+      known.smem != plan.smem_bytes) {
+    int sms = 0, active = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (cudaOccupancyMaxActiveClusters(&active, kernel, &config) != cudaSuccess || active < 1) {
+      cudaGetLastError();  // a failed query must not look like a launch error later
+      active = std::max(1, sms / plan.cluster);
+    }
+    known = {device, plan.cluster, plan.threads, plan.smem_bytes, active};
   }
+  const int active = known.active;
   const int64_t clusters = std::min<int64_t>(rows, active);
   config.gridDim = dim3(static_cast<unsigned>(clusters * plan.cluster));
   err = cudaLaunchKernelEx(&config, kernel, x, targets, io, dx, rows, rows_inner, stride_b, stride_t, grad_stride_b,
