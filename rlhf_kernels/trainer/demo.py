@@ -44,7 +44,10 @@ class DemoConfig(BaseConfig):
     rollout_batch: int = 64
     kl_coef: float = 0.1
     max_new_tokens: int = 14
-    missing_eos_penalty: float = 2.0
+    # 5, not 2: at 2 the policy learned, in 4 of 5 PPO seeds on the 2026-11-26 CPU, to drop EOS and lengthen its answers,
+    # which the reward model scores up and the gold reward down (gold 0.36-0.65, EOS rate 0-0.39); at 5, 6 of 6 seeds
+    # kept EOS and reached gold 0.857-0.890 (KL 14-17 nats) from the same SFT policy and reward model
+    missing_eos_penalty: float = 5.0
     eval_prompts: int = 256
     threads: int = 1      # the demo's models are tiny: one thread is as fast and immune to a busy machine
     # issue 8: --algo grpo|dpo|all compares the algorithms (default: PPO only, the report above)

@@ -276,8 +276,10 @@ def train_grpo(cfg: GRPOConfig, policy=None, tok=None, rm=None, prompts=None, ta
 
     def train_step(step):
         t0 = time.perf_counter()
-        if world > 1:  # per-(step, rank) sampling streams: ranks differ, a resumed run continues exactly
-            torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+        # Per-(step, rank) sampling streams: ranks differ, a resumed run continues exactly, and a run does not depend on
+        # what drew from the global stream before it (a reward model loaded from --rm initialises a head it then
+        # overwrites, one passed in does not: the demo's PPO came out at 0.594 or 0.868 from the same weights).
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
         rows = [prompts[i] for i in batches(len(prompts), cfg.prompts_per_step, cfg.seed, step)[rank::world]]
         exp, stats = make_group_experience(cfg, actor, ref, rm, tok, rows, dev, task)
         stats = all_reduce_mean_dict(stats, dev)

@@ -253,8 +253,10 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
     def train_step(step):
         nonlocal kl_coef
         t0 = time.perf_counter()
-        if world > 1:  # per-(step, rank) sampling streams: ranks differ, a resumed run continues exactly
-            torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+        # Per-(step, rank) sampling streams: ranks differ, a resumed run continues exactly, and a run does not depend on
+        # what drew from the global stream before it (a reward model loaded from --rm initialises a head it then
+        # overwrites, one passed in does not: the demo's PPO came out at 0.594 or 0.868 from the same weights).
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
         rows = [prompts[i] for i in batches(len(prompts), cfg.rollout_batch, cfg.seed, step)[rank::world]]
         exp, stats = make_experience(cfg, actor, ref, critic, rm, tok, rows, kl_coef, dev, task)
         stats = all_reduce_mean_dict(stats, dev)   # equal shares: the mean of rank means is the global mean

@@ -79,6 +79,22 @@ def test_ppo_kl_as_loss_term_and_adaptive_kl(tmp_path, tiny, sft_run, rm_run):
     assert hist[-1]["kl_coef"] != cfg.kl_coef  # the controller moved it
 
 
+def test_ppo_run_is_the_same_with_models_passed_or_loaded(tmp_path, tiny, sft_run, rm_run):
+    """Sampling is seeded per step: a reward model loaded from ``rm=`` (whose fresh head draws from the global RNG
+    before its weights are loaded) and the same model passed in give the same rollouts, losses and values. Before,
+    the demo (models passed in) and ``rlhf-kernels ppo`` (paths) sampled differently from the same weights."""
+    from rlhf_kernels.trainer.models import ScalarHeadModel, load_policy
+    from rlhf_kernels.trainer.ppo import PPOConfig, train_ppo
+    kw = dict(tiny, sft=sft_run["dir"], rm=rm_run["dir"], steps=2, rollout_batch=16, ppo_epochs=1, minibatches=2,
+              eval_prompts=0)
+    keys = ["proxy", "gold", "kl", "pg_loss", "value_loss", "entropy", "resp_len"]
+    _, _, loaded, _ = train_ppo(PPOConfig(**kw, out_dir=str(tmp_path / "a")))
+    policy, tok = load_policy(sft_run["dir"])
+    rm = ScalarHeadModel.from_pretrained(rm_run["dir"])
+    _, _, passed, _ = train_ppo(PPOConfig(**kw, out_dir=str(tmp_path / "b")), policy=policy, tok=tok, rm=rm)
+    assert [[r[k] for k in keys] for r in passed] == [[r[k] for k in keys] for r in loaded]
+
+
 def test_rollout_masks_after_eos(sft_run):
     from rlhf_kernels.trainer.rollout import SamplingConfig, generate_responses
     tok = sft_run["tok"]
