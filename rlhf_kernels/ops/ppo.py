@@ -27,12 +27,13 @@ chosen per call (``RLHF_KERNELS_CUDA_PPO``, default ``auto``):
   V = 151936 uses 4 CTAs);
 - ``global``: the second sweep re-reads the row (any GPU / V, e.g. sm_80 with a
   row over ~80 KB): two reads and one write, like the two-pass form;
-- ``l2`` (opt-in, not yet measured): ``global`` with 1-4 CTAs of 512 threads per
+- ``l2`` (opt-in; measured slower, 2.51 ms at best against ``cluster``'s 1.81 on an H200,
+  bf16 8192 x 151936, ``benchmarks/results/nvidia-h200/logs/run5/tune_cuda.log``): ``global`` with 1-4 CTAs of 512 threads per
   SM (as many as have their rows fit in half of L2, at least one), and the second
   sweep walking each thread's columns backwards, so it starts with the lines read
   last: where the re-read hits L2, one read and one write reach memory, without a
   cluster;
-- ``pipe`` (sm_90, opt-in, not yet measured): ``cluster``'s slices kept by a
+- ``pipe`` (sm_90, opt-in; measured slower, 2.52 ms at best, same log): ``cluster``'s slices kept by a
   persistent kernel, one CTA per SM with two slice buffers, so each SM loads the
   next row's slice while it writes this row's gradient (``csrc/cuda/row_pipeline.cuh``):
   one read and one write, with reads and writes overlapped on every SM;
@@ -48,7 +49,9 @@ of the five CTA caps, 2.624 against 2.732 ms at the default 256
 smallest whose slices fit, 4 CTAs for a bf16 row of 151936).
 
 ``auto`` takes shared, else cluster, else global. ``rlhf_kernels._C.ppo_plan``
-reports the choice for a ``(V, dtype)``. The fused path keeps ``dlogits``
+reports the choice for a ``(V, dtype)``; a forced path that cannot run there (``shared``
+for a row larger than a CTA's shared memory, ``cluster`` / ``pipe`` before sm_90) raises
+``ValueError`` naming the setting (``check_cuda_ppo_path_runs``). The fused path keeps ``dlogits``
 (``[*, V]``, logits' dtype) alive from the forward to the backward, which hands
 it to autograd as the gradient itself, not a copy (``ops/_forward_grads.py``),
 so the backward runs once: ``retain_graph=True`` and a second backward raise.
@@ -56,12 +59,13 @@ so the backward runs once: ``retain_graph=True`` and a second backward raise.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import _ext, reference
 from ..reference import PPOLossOutput
 from . import _forward_grads as forward_grads
 from ._checks import (
@@ -135,6 +139,33 @@ def cuda_ppo_cluster() -> Optional[int]:
     if value not in {str(size) for size in CUDA_CLUSTER_SIZES}:
         raise ValueError(f"RLHF_KERNELS_CUDA_CLUSTER must be one of {CUDA_CLUSTER_SIZES}, got {value!r}")
     return int(value)
+
+
+@functools.lru_cache(maxsize=64)
+def _cuda_ppo_plan_name(device_index: int, vocab: int, dtype_name: str, code: int, cluster: Optional[int]) -> str:
+    # ``cluster`` (RLHF_KERNELS_CUDA_CLUSTER) is only part of the key: the plan reads the variable itself
+    return _ext.load().ppo_plan(vocab, dtype_name, code, True, device_index)[0]
+
+
+def check_cuda_ppo_path_runs(path: str, logits: torch.Tensor) -> None:
+    """Refuse a forced ``RLHF_KERNELS_CUDA_PPO`` path that cannot run for ``logits``' vocabulary and dtype on its
+    GPU (``shared`` when a row does not fit one CTA's shared memory, ``cluster`` / ``pipe`` without sm_90
+    clusters): ``ValueError`` naming the setting, before any kernel. ``auto`` and ``two-pass`` always run. The
+    answer is cached per (device, V, dtype, path, cluster setting), so a training loop asks the GPU once.
+
+    Why here and not only in the binding: the binding's own refusal (a C++ ``TORCH_CHECK``) ended an H200
+    process with SIGSEGV instead of raising (run 5, ``benchmarks/results/nvidia-h200/logs/run5/shared_crash.log``).
+    """
+    if path in ("auto", "two-pass"):
+        return
+    index = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
+    dtype_name = str(logits.dtype).replace("torch.", "")
+    vocab = int(logits.shape[-1])
+    if _cuda_ppo_plan_name(index, vocab, dtype_name, CUDA_PPO_PATHS[path], cuda_ppo_cluster()) == "none":
+        why = "a row does not fit in one CTA's shared memory" if path == "shared" else (
+            "it needs sm_90 thread-block clusters whose slices fit in shared memory")
+        raise ValueError(f"RLHF_KERNELS_CUDA_PPO={path} cannot run for V = {vocab} in {dtype_name} on this GPU "
+                         f"({why}); unset it (auto) or choose global")
 
 
 def aggregation_weights(mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
@@ -598,6 +629,7 @@ def ppo_loss(
     if chosen == "cuda" and torch.is_grad_enabled() and logits.requires_grad and cuda_ppo_path() != "two-pass":
         cuda_ppo_prefetch()  # validated by name; the launcher reads it
         cuda_ppo_cluster()  # likewise
+        check_cuda_ppo_path_runs(cuda_ppo_path(), source)
         loss, term, logp, entropy, kl, clipped = ppo_loss_fused(
             source,
             targets.long(),

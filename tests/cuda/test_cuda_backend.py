@@ -150,6 +150,34 @@ def test_ppo_plan_takes_every_setting_and_refuses_other_codes():
                 "auto", "global", "shared", "cluster", "l2", "pipe", "none")
 
 
+def test_a_forced_ppo_path_that_cannot_run_is_refused_by_name(monkeypatch):
+    """RLHF_KERNELS_CUDA_PPO=shared / cluster / pipe where the plan says "none": ValueError naming the setting, V and
+    dtype, before any kernel (the binding's own C++ refusal crashed an H200 process in run 5); auto and two-pass
+    never ask; one question per (device, V, dtype, path, cluster setting)."""
+    asked = []
+
+    def fake_plan(vocab, dtype_name, code, with_grad, device):
+        asked.append((vocab, dtype_name, code, device))
+        return ("none", 0, 256, 0) if code in (2, 6) else ("global", 1, 256, 0)
+
+    monkeypatch.setattr(_ext, "load", lambda: SimpleNamespace(ppo_plan=fake_plan))
+    ppo_ops._cuda_ppo_plan_name.cache_clear()
+    monkeypatch.delenv("RLHF_KERNELS_CUDA_CLUSTER", raising=False)
+    logits = SimpleNamespace(device=torch.device("cuda", 1), dtype=torch.bfloat16, shape=(2, 3, 151936))
+    for path in ("shared", "pipe"):
+        with pytest.raises(ValueError, match=f"RLHF_KERNELS_CUDA_PPO={path} cannot run for V = 151936 in bfloat16"):
+            ppo_ops.check_cuda_ppo_path_runs(path, logits)
+    for path in ("auto", "two-pass"):
+        ppo_ops.check_cuda_ppo_path_runs(path, logits)
+    for _ in range(3):
+        ppo_ops.check_cuda_ppo_path_runs("global", logits)
+    assert asked == [(151936, "bfloat16", 2, 1), (151936, "bfloat16", 6, 1), (151936, "bfloat16", 1, 1)]
+    monkeypatch.setenv("RLHF_KERNELS_CUDA_CLUSTER", "8")  # changes the plan, so it is asked again
+    ppo_ops.check_cuda_ppo_path_runs("global", logits)
+    assert len(asked) == 4
+    ppo_ops._cuda_ppo_plan_name.cache_clear()
+
+
 def test_cuda_forward_threads_setting(monkeypatch):
     monkeypatch.delenv("RLHF_KERNELS_CUDA_FWD_THREADS", raising=False)
     assert _dispatch.cuda_forward_threads() is None  # each kernel's own default

@@ -443,6 +443,50 @@ def test_ppo_loss_forward_only_and_backward_once():
         loss.backward()  # the forward's dlogits is handed over by the first backward
 
 
+def test_a_forced_ppo_path_that_cannot_run_raises_instead_of_crashing(monkeypatch):
+    """Run 5: RLHF_KERNELS_CUDA_PPO=shared at bf16 V = 151936 (a 297 KB row) ended the process with SIGSEGV inside
+    the binding. ``ppo_loss`` now refuses by name before the binding (``check_cuda_ppo_path_runs``)."""
+    x, y, old, adv, _, mask = _ppo_case(151936, torch.bfloat16, seed=43, B=1, L=3)
+    monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", "shared")
+    with pytest.raises(ValueError, match="RLHF_KERNELS_CUDA_PPO=shared cannot run for V = 151936 in bfloat16"):
+        rk.ppo_loss(x.clone().requires_grad_(), y, old, adv, mask, backend="cuda")
+
+
+def test_the_bindings_refusal_of_a_path_is_a_python_error_not_a_crash():
+    """The binding's own check (a C++ ``TORCH_CHECK``, reached by calling the op directly) must raise
+    RuntimeError. Run 5 saw this call end the process with SIGSEGV, so it runs in a child process: a crash fails
+    this test with the child's signal and output instead of ending the suite. The same child also throws from
+    a CPU op's C++ check, to tell a broken exception path in the extension from one in the CUDA binding."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import torch, rlhf_kernels as rk
+        from rlhf_kernels import _ext
+        _ext.load()
+        try:  # a C++ TORCH_CHECK of a CPU op (a non-contiguous vocabulary dimension)
+            torch.ops.rlhf_kernels_C.logprobs_fwd(torch.zeros(2, 3, 8).transpose(1, 2), torch.zeros(2, 8,
+                                                  dtype=torch.long), 1.0, -100)
+            print("cpu: no error")
+        except RuntimeError:
+            print("cpu: RuntimeError")
+        x = torch.zeros(1, 2, 151936, dtype=torch.bfloat16, device="cuda")
+        rows = torch.zeros(1, 2, device="cuda")
+        try:
+            torch.ops.rlhf_kernels_C.ppo_fwd(x, torch.zeros(1, 2, dtype=torch.long, device="cuda"), rows, rows, None,
+                                             rows, 1.0, -100, 0.0, 3, 0.0, 0.2, 0.2, None, 2, None)
+            print("cuda: no error")
+        except RuntimeError as e:
+            print("cuda: RuntimeError", "cannot run" in str(e))
+    """)
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", child], capture_output=True, text=True,
+                          timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"the child ended with {proc.returncode}:\n{out[-3000:]}"
+    assert "cpu: RuntimeError" in proc.stdout and "cuda: RuntimeError True" in proc.stdout, out[-3000:]
+
+
 def test_ppo_loss_upstream_gradient_scales(monkeypatch):
     x, y, old, adv, _, mask = _ppo_case(4097, torch.float32, seed=42)
     grads = []
