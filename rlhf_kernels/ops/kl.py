@@ -30,6 +30,7 @@ from ._checks import (
     rows_in_range,
     zero_outside,
 )
+from ._eager import eager_autograd
 from .logprobs import range_lead, resolve_for
 
 # Backends with a kernel (the reference "torch" is implied): exact KL, and the k1/k2/k3 estimators.
@@ -70,8 +71,7 @@ def _torch_kl_bwd(grad, logits, ref_logits, kl, lse_z, lse_r, temperature: float
     return dz, dr
 
 
-@torch.library.custom_op("rlhf_kernels::kl_divergence_fwd", mutates_args=())
-def kl_divergence_fwd(
+def _kl_divergence_fwd(
     logits: torch.Tensor,
     ref_logits: torch.Tensor,
     temperature: float,
@@ -99,6 +99,9 @@ def kl_divergence_fwd(
     else:
         out = _torch_kl_fwd(logits, ref_logits, temperature)
     return tuple(t.reshape(lead) for t in out)
+
+
+kl_divergence_fwd = torch.library.custom_op("rlhf_kernels::kl_divergence_fwd", mutates_args=())(_kl_divergence_fwd)
 
 
 @kl_divergence_fwd.register_fake
@@ -199,7 +202,7 @@ def _kl_backward(ctx, grad_kl, grad_lse_z, grad_lse_r):
     return (dz if ctx.needs_input_grad[0] else None), (dr if need_ref else None), None, None, None, None, None, None
 
 
-kl_divergence_fwd.register_autograd(_kl_backward, setup_context=_kl_setup_context)
+kl_divergence_fwd_call = eager_autograd(kl_divergence_fwd, _kl_divergence_fwd, _kl_backward, _kl_setup_context)
 
 
 def kl_divergence(
@@ -240,7 +243,7 @@ def kl_divergence(
     # writes the gradients into [B, L, V] tensors (no zero-fill + copy by autograd's SliceBackward)
     source, row_start, row_count = base_and_range(logits)
     ref_source, ref_row_start, ref_row_count = base_and_range(ref_logits)
-    kl, _, _ = kl_divergence_fwd(
+    kl, _, _ = kl_divergence_fwd_call(
         source, ref_source, temperature, chosen, row_start, row_count, ref_row_start, ref_row_count
     )
     if mask is not None:

@@ -31,6 +31,7 @@ from ._checks import (
 )
 from . import _deferred_checks as deferred_checks
 from ._dispatch import resolve_backend
+from ._eager import eager_autograd
 
 # Backends with a kernel for this family (the reference "torch" is implied).
 IMPLEMENTED = ("triton", "cuda", "cpu")
@@ -151,8 +152,7 @@ def grad_like(logits: torch.Tensor, row_start: int, row_count: int, write) -> to
     return zero_outside(full, row_start, row_count)
 
 
-@torch.library.custom_op("rlhf_kernels::logprobs_fwd", mutates_args=())
-def logprobs_fwd(
+def _logprobs_fwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
     temperature: float,
@@ -185,6 +185,9 @@ def logprobs_fwd(
     else:
         out = _torch_fwd(rows, flat_targets, temperature, ignore_index)
     return tuple(t.reshape(lead) for t in out)
+
+
+logprobs_fwd = torch.library.custom_op("rlhf_kernels::logprobs_fwd", mutates_args=())(_logprobs_fwd)
 
 
 @logprobs_fwd.register_fake
@@ -266,7 +269,7 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
     return grad, None, None, None, None, None, None, None
 
 
-logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+logprobs_fwd_call = eager_autograd(logprobs_fwd, _logprobs_fwd, _backward, _setup_context)
 
 
 def logprobs(
@@ -332,7 +335,7 @@ def logprobs_for(caller: str, logits, targets, *, temperature=1.0, ignore_index=
     temperature = check_positive("temperature", temperature)
     chosen = resolve_for("logprobs", logits, backend, IMPLEMENTED)
     source, row_start, row_count = base_and_range(logits)
-    logp, entropy, _ = logprobs_fwd(
+    logp, entropy, _ = logprobs_fwd_call(
         source, targets.long(), temperature, int(ignore_index), chosen, row_start, row_count, caller
     )
     return (logp, entropy) if return_entropy else logp

@@ -68,6 +68,7 @@ import torch
 from .. import _ext, reference
 from ..reference import PPOLossOutput
 from . import _forward_grads as forward_grads
+from ._eager import eager_autograd
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -298,8 +299,7 @@ def _torch_dterm_dlogp(logp, old_logp, advantages, ref_logp, kl_coef, kl_estimat
     return dpg + kl_coef * dk, dk
 
 
-@torch.library.custom_op("rlhf_kernels::ppo_term_fwd", mutates_args=())
-def ppo_term_fwd(
+def _ppo_term_fwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
     old_logp: torch.Tensor,
@@ -351,6 +351,9 @@ def ppo_term_fwd(
         )
         out = (term, logp, entropy, kl, clipped.float(), lse)
     return tuple(t.reshape(lead).contiguous() for t in out)
+
+
+ppo_term_fwd = torch.library.custom_op("rlhf_kernels::ppo_term_fwd", mutates_args=())(_ppo_term_fwd)
 
 
 @ppo_term_fwd.register_fake
@@ -431,8 +434,7 @@ def _(grad_term, grad_logp, grad_entropy, grad_kl, logits, targets, logp, entrop
 # ------------------------------------------------------------- forward that also produces the gradient
 
 
-@torch.library.custom_op("rlhf_kernels::ppo_loss_fused", mutates_args=())
-def ppo_loss_fused(
+def _ppo_loss_fused(
     logits: torch.Tensor,
     targets: torch.Tensor,
     old_logp: torch.Tensor,
@@ -492,14 +494,18 @@ def ppo_loss_fused(
                                       dual_clip)
         grad = _torch_bwd(weights * dterm, -weights * entropy_coef, rows, flat[0].contiguous(), lse, entropy,
                           temperature, ignore_index)
-    term = term.reshape(lead)
-    loss = reference.aggregate_loss(term, mask, loss_agg)
+    # loss_agg is linear in the term: loss = Σ w·term, with the weights dlogits was scaled by (a product and a
+    # sum, against reference.aggregate_loss's eight small kernels; the same value up to rounding)
+    loss = (weights * term.reshape(shape2)).sum()
     stats = tuple(t.reshape(lead).contiguous() for t in (term, logp, entropy, kl, clipped))
     if full is None:
         return (loss,) + stats + (grad.reshape(logits.shape),)
     if grad is not inner:  # the reference computed [B, T, V]: copy its rows
         inner.copy_(grad.reshape(inner.shape))
     return (loss,) + stats + (zero_outside(full, row_start, row_count),)
+
+
+ppo_loss_fused = torch.library.custom_op("rlhf_kernels::ppo_loss_fused", mutates_args=())(_ppo_loss_fused)
 
 
 @ppo_loss_fused.register_fake
@@ -520,7 +526,7 @@ def _fused_backward(ctx, g_loss, *unused):
     return forward_grads.hand_over(ctx, g_loss, "ppo_loss (cuda forward-with-gradient)") + (None,) * 18
 
 
-ppo_loss_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+ppo_loss_fused_call = eager_autograd(ppo_loss_fused, _ppo_loss_fused, _fused_backward, _fused_setup_context)
 
 
 _PPO_SCALARS = ("temperature", "ignore_index", "kl_coef", "kl_estimator", "entropy_coef", "clip_low", "clip_high",
@@ -544,7 +550,7 @@ def _ppo_backward(ctx, g_term, g_logp, g_ent, g_kl, g_clipped, g_lse):
     return (grad,) + (None,) * 15
 
 
-ppo_term_fwd.register_autograd(_ppo_backward, setup_context=_ppo_setup_context)
+ppo_term_fwd_call = eager_autograd(ppo_term_fwd, _ppo_term_fwd, _ppo_backward, _ppo_setup_context)
 
 
 def ppo_loss(
@@ -630,7 +636,7 @@ def ppo_loss(
         cuda_ppo_prefetch()  # validated by name; the launcher reads it
         cuda_ppo_cluster()  # likewise
         check_cuda_ppo_path_runs(cuda_ppo_path(), source)
-        loss, term, logp, entropy, kl, clipped = ppo_loss_fused(
+        loss, term, logp, entropy, kl, clipped = ppo_loss_fused_call(
             source,
             targets.long(),
             old_logp.detach().float(),
@@ -653,7 +659,7 @@ def ppo_loss(
         )[:6]
         return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss)
     if chosen in ("triton", "cuda"):
-        term, logp, entropy, kl, clipped, _ = ppo_term_fwd(
+        term, logp, entropy, kl, clipped, _ = ppo_term_fwd_call(
             source,
             targets.long(),
             old_logp.detach().float(),

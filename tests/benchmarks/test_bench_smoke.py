@@ -236,6 +236,28 @@ def test_cpu_kernel_microbenchmarks_run_and_report(tmp_path):
     assert "| ppo_loss | fwd+bwd |" in text
 
 
+def test_host_overhead_reports_every_case_and_removes_its_stub(tmp_path, capsys):
+    from benchmarks import host_overhead
+    from rlhf_kernels import _ext
+
+    assert host_overhead.main(["--reps", "1", "--calls", "2", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "host_overhead.md").read_text()
+    cases = ["logprobs fwd", "logprobs fwd+bwd", "kl_divergence fwd+bwd", "ppo_loss fwd (no grad)", "ppo_loss fwd+bwd"]
+    if _ext.has_cuda_kernels():
+        cases.append("ppo_loss cuda-path fwd+bwd")
+        x = torch.zeros(1, 2, 8)
+        rows = torch.zeros(1, 2)
+        with pytest.raises(NotImplementedError):  # the CPU stub is gone with the run
+            torch.ops.rlhf_kernels_C.ppo_fwd(x, torch.zeros(1, 2, dtype=torch.long), rows, rows, None, rows, 1.0,
+                                             -100, 0.0, 3, 0.0, 0.2, 0.2, None, 0, None)
+    for case in cases:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {case} |"))
+        assert float(row.split("|")[2]) > 0, row
+    assert text == capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--reps and --calls"):
+        host_overhead.main(["--reps", "0"])
+
+
 def test_trainer_benchmark_runs_every_stage_and_variant(tmp_path, capsys):
     """bench_trainer at a tiny size: every stage and variant timed (finite, positive), the CSV and table written."""
     from benchmarks import bench_trainer

@@ -251,14 +251,25 @@ def _fused_args(logits, seed, *, ref=True, loss_agg="token-mean", dual_clip=3.0)
     return y, old, adv, mask, options
 
 
+_FUSED = {"op": ppo_ops.ppo_loss_fused}  # the route _fused takes (fused_route)
+
+
+@pytest.fixture(params=["op", "eager"])
+def fused_route(request, monkeypatch):
+    """A fused-op test runs through the registered op and through ops/_eager.py's autograd.Function (eager calls)."""
+    route = ppo_ops.ppo_loss_fused if request.param == "op" else ppo_ops.ppo_loss_fused_call
+    monkeypatch.setitem(_FUSED, "op", route)
+    return request.param
+
+
 def _fused(logits, y, old, adv, mask, o, backend="torch"):
-    return ppo_ops.ppo_loss_fused(logits, y, old, adv, o["ref_logp"], mask, 1.0, -100, o["kl_coef"], o["kl_estimator"],
+    return _FUSED["op"](logits, y, old, adv, o["ref_logp"], mask, 1.0, -100, o["kl_coef"], o["kl_estimator"],
                                   o["entropy_coef"], o["clip_low"], o["clip_high"], o["dual_clip"], o["loss_agg"], 0,
                                   backend)
 
 
 @pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
-def test_fused_op_loss_and_gradient_match_the_reference(loss_agg):
+def test_fused_op_loss_and_gradient_match_the_reference(loss_agg, fused_route):
     logits = torch.randn(3, 6, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(2))[:, :-1]
     y, old, adv, mask, o = _fused_args(logits, 3, loss_agg=loss_agg)
     x = logits.detach().clone().requires_grad_()
@@ -289,7 +300,7 @@ def test_fused_op_passes_opcheck_and_compiles():
     torch.testing.assert_close(compiled, eager)
 
 
-def test_fused_op_backward_runs_once(monkeypatch):
+def test_fused_op_backward_runs_once(monkeypatch, fused_route):
     monkeypatch.setattr(forward_grads, "HAND_OVER_DEVICES", ("cpu", "cuda"))  # as on CUDA
     logits = torch.randn(2, 4, 9, generator=torch.Generator().manual_seed(6)).requires_grad_()
     y, old, adv, mask, o = _fused_args(logits, 7, ref=False)
@@ -302,7 +313,7 @@ def test_fused_op_backward_runs_once(monkeypatch):
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.5])
-def test_fused_op_gradient_becomes_dot_grad_without_a_copy(scale, monkeypatch):
+def test_fused_op_gradient_becomes_dot_grad_without_a_copy(scale, monkeypatch, fused_route):
     """On CUDA (here the CPU too) the forward's dlogits is adopted as ``.grad`` itself (ops/_forward_grads.py): no
     second gradient buffer, no copy. A tensor kept with ``save_for_backward`` would still be referenced while
     AccumulateGrad runs and be copied (on an H200, bf16 [8192, 151936]: 2.4 GB and ~1.2 ms more per step)."""
@@ -319,7 +330,7 @@ def test_fused_op_gradient_becomes_dot_grad_without_a_copy(scale, monkeypatch):
     torch.testing.assert_close(logits.grad, expected)
 
 
-def test_fused_op_backward_materialises_no_zero_gradient(monkeypatch):
+def test_fused_op_backward_materialises_no_zero_gradient(monkeypatch, fused_route):
     """The fused op's dlogits output takes no upstream gradient: the backward must not be handed a zero-filled
     tensor shaped like the logits for it (autograd's default for unused outputs). On an H200 that was a second
     2.4 GB buffer and about 0.8 ms per step at bf16 [8192, 151936] (benchmarks/results/nvidia-h200, run 3)."""

@@ -174,13 +174,13 @@ def test_backward_has_no_full_zero_fill_or_slice_copy(op, backend):
 
 def test_custom_op_receives_the_base_and_the_range(monkeypatch):
     seen = []
-    original = lp_ops.logprobs_fwd
+    original = lp_ops.logprobs_fwd_call
 
     def spy(logits, targets, *args):
         seen.append((tuple(logits.shape), args[3:5]))  # (row_start, row_count) after temperature, ignore, backend
         return original(logits, targets, *args)
 
-    monkeypatch.setattr(lp_ops, "logprobs_fwd", spy)
+    monkeypatch.setattr(lp_ops, "logprobs_fwd_call", spy)
     base = torch.randn(2, 6, 5, requires_grad=True)
     y = torch.randint(0, 5, (2, 4))
     rk.logprobs(base[:, 1:-1], y, backend="torch")

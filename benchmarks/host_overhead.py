@@ -1,0 +1,121 @@
+"""Host time of the ops' Python: what a call costs the CPU around its kernels.
+
+    python -m benchmarks.host_overhead [--reps 7] [--calls 300] [--out benchmarks/results/cpu-host-overhead]
+
+Why: on an H200 the PPO step at micro-batch sizes is bound by the host, not the GPU (bf16 4096 x 50257:
+1.6 ms per forward + backward against a ~0.2 ms kernel; benchmarks/results/nvidia-h200/NOTES.md, run 5). The
+target check's host sync (on by default, DESIGN §1) drains the queue per call, so the CPU's time and the
+kernels' add up instead of overlapping; this measures the CPU's part, on any machine.
+
+Each case runs on tiny CPU tensors ([1, 4, 16]), where the kernels take next to nothing, so the time per call
+is the Python, the dispatcher and autograd. ``ppo_loss cuda-path`` is the CUDA backend's fused
+forward-with-gradient path (``ppo_loss_fused``) with the CUDA kernel replaced by a CPU stub registered for
+``rlhf_kernels_C::ppo_fwd`` in this process only (``torch.library``), so the path's own Python runs as on a GPU,
+minus the device's launch latency. Cases are interleaved and repeated (``--reps``); the median over the
+repetitions of the mean over ``--calls`` calls is reported, with the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from collections.abc import Callable
+from unittest import mock
+
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import _ext
+from rlhf_kernels.ops import ppo as ppo_ops
+
+from . import common
+
+SHAPE = (1, 4, 16)
+
+
+def _stub_ppo_fwd(logits, targets, old_logp, advantages, ref_logp, weights, *scalars):
+    """The CUDA op's outputs with the right shapes: (term, logp, entropy, kl, clipped, lse) and dlogits."""
+    B, T = logits.shape[:2]
+    stats = [torch.zeros(B, T) for _ in range(6)]
+    return stats + [torch.zeros_like(logits) if weights is not None else logits.new_empty(0)]
+
+
+def _cases() -> dict[str, Callable[[], object]]:
+    g = torch.Generator().manual_seed(0)
+    B, T, V = SHAPE
+    x = torch.randn(B, T, V, generator=g)
+    ref_x = torch.randn(B, T, V, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    old, adv = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    mask = torch.ones(B, T)
+
+    def leaf():
+        return x.clone().requires_grad_()
+
+    def ppo_fused():
+        with mock.patch.object(ppo_ops, "resolve_for", lambda *a: "cuda"):
+            rk.ppo_loss(leaf(), y, old, adv, mask).loss.backward()
+
+    cases = {
+        "logprobs fwd": lambda: rk.logprobs(x, y, backend="cpu"),
+        "logprobs fwd+bwd": lambda: rk.logprobs(leaf(), y, backend="cpu").sum().backward(),
+        "kl_divergence fwd+bwd": lambda: rk.kl_divergence(leaf(), ref_x, backend="cpu").sum().backward(),
+        "ppo_loss fwd (no grad)": lambda: rk.ppo_loss(x, y, old, adv, mask, backend="cpu"),
+        "ppo_loss fwd+bwd": lambda: rk.ppo_loss(leaf(), y, old, adv, mask, backend="cpu").loss.backward(),
+    }
+    if _ext.has_cuda_kernels():  # the op's schema exists only in an extension built with its CUDA kernels
+        cases["ppo_loss cuda-path fwd+bwd"] = ppo_fused
+    return cases
+
+
+def measure(reps: int, calls: int) -> list[tuple[str, float, float, float]]:
+    """(case, median, min, max) of the per-call time in µs over ``reps`` interleaved repetitions."""
+    cases = _cases()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, fn in cases.items():
+            for _ in range(max(calls // 10, 3)):  # warm-up
+                fn()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return [(name, statistics.median(v), min(v), max(v)) for name, v in times.items()]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--out", type=Path, default=None, help="folder for host_overhead.md (printed either way)")
+    args = p.parse_args(argv)
+    if args.reps < 1 or args.calls < 1:
+        raise SystemExit("--reps and --calls must be at least 1")
+    torch.set_num_threads(1)  # the host's per-call cost, not a thread pool's start-up
+    lib = None
+    if _ext.has_cuda_kernels():
+        lib = torch.library.Library("rlhf_kernels_C", "IMPL")
+        lib.impl("ppo_fwd", _stub_ppo_fwd, "CPU")
+    try:
+        rows = measure(args.reps, args.calls)
+    finally:
+        if lib is not None:  # the stub leaves with the run: the real op has no CPU kernel
+            lib._destroy()
+    lines = [f"# Host time per call, tiny CPU tensors {'x'.join(map(str, SHAPE))}", "",
+             common.stamp_line(common.environment(torch.device("cpu"))), "",
+             f"median of {args.reps} interleaved repetitions of {args.calls} calls each", "",
+             "| case | µs per call | spread |", "|---|---|---|"]
+    lines += [f"| {name} | {med:.0f} | {lo:.0f}-{hi:.0f} |" for name, med, lo, hi in rows]
+    text = "\n".join(lines) + "\n"
+    sys.stdout.write(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "host_overhead.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
