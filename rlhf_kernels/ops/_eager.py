@@ -56,13 +56,12 @@ def eager_autograd(op: Callable, impl: Callable, backward: Callable, setup_conte
     n_params = len(params)
     name = getattr(impl, "__name__", "op").lstrip("_")
 
-    def forward(ctx, *args):
-        out = impl(*args)
-        setup_context(ctx, args, out)
-        return out
-
-    function = type(f"Eager_{name}", (torch.autograd.Function,),
-                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    # forward without ctx and a separate setup_context: the form torch.func transforms (grad, vjp) accept
+    function = type(f"Eager_{name}", (torch.autograd.Function,), {
+        "forward": staticmethod(impl),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    })
 
     def call(*args: Any):
         if len(args) < n_params:  # the op's defaults, as its dispatcher fills them in before setup_context

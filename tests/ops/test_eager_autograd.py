@@ -185,3 +185,24 @@ def test_every_differentiable_logits_op_has_its_eager_caller():
                          (ppo_ops, "ppo_loss_fused")):
         call = getattr(module, name + "_call")
         assert call.op is getattr(module, name)
+
+
+def test_torch_func_grad_behaves_alike_on_both_routes(monkeypatch):
+    """torch.func transforms: the eager Function has the setup_context form they need; whatever the op route does
+    (today its backward op has no functorch rule, so both raise), the eager route does the same."""
+    x, _, y, *_ = _case(7)
+
+    def f(x):
+        return rk.logprobs(x, y, backend="torch").sum()
+
+    outcomes = []
+    for route in ("eager", "op"):
+        if route == "op":
+            _through_the_op(monkeypatch)
+        try:
+            outcomes.append(("ok", torch.func.grad(f)(x)))
+        except RuntimeError as err:
+            outcomes.append(("raises", type(err)))
+    assert outcomes[0][0] == outcomes[1][0], outcomes
+    if outcomes[0][0] == "ok":
+        torch.testing.assert_close(outcomes[0][1], outcomes[1][1], rtol=0, atol=0)
