@@ -89,7 +89,14 @@ def test_asking_for_cuda_without_a_gpu_names_device(monkeypatch):
 def test_a_model_name_that_resolves_to_nothing_is_a_value_error(loader, what, monkeypatch):
     from rlhf_kernels.trainer import models
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here either way: answer from the cache at once
+    # no network here either way: answer from the cache at once. The variable alone is read at import, so the
+    # libraries' flags are set too (without them each lookup waited on the network: 70 s of the CPU suite)
+    import huggingface_hub.constants
+    import transformers.utils.hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(transformers.utils.hub, "_is_offline_mode", True, raising=False)  # transformers < 5
     name = "no-such-org/no-such-model-rk"
     arg = models.ModelConfig(model=name) if loader == "build_policy" else name
     with pytest.raises(ValueError, match=f"{what} '{name}' is neither"):
