@@ -206,3 +206,22 @@ def test_torch_func_grad_behaves_alike_on_both_routes(monkeypatch):
     assert outcomes[0][0] == outcomes[1][0], outcomes
     if outcomes[0][0] == "ok":
         torch.testing.assert_close(outcomes[0][1], outcomes[1][1], rtol=0, atol=0)
+
+
+def test_inference_mode_and_activation_checkpointing_work_through_the_eager_route():
+    """Reference / old-policy passes run under inference_mode; policies under activation checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, r, y, old, adv, mask = _case(8)
+    with torch.no_grad():
+        expected = (rk.logprobs(x, y, backend="cpu"), rk.kl_divergence(x, r, backend="cpu"),
+                    rk.ppo_loss(x, y, old, adv, mask, backend="cpu").loss)
+    with torch.inference_mode():
+        got = (rk.logprobs(x, y, backend="cpu"), rk.kl_divergence(x, r, backend="cpu"),
+               rk.ppo_loss(x, y, old, adv, mask, backend="cpu").loss)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    rk.logprobs(xa * 2.0, y, backend="cpu").sum().backward()
+    checkpoint(lambda z: rk.logprobs(z * 2.0, y, backend="cpu").sum(), xb, use_reentrant=False).backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=0)
