@@ -22,8 +22,8 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from unittest import mock
 
 import torch

@@ -68,7 +68,6 @@ import torch
 from .. import _ext, reference
 from ..reference import PPOLossOutput
 from . import _forward_grads as forward_grads
-from ._eager import eager_autograd
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -85,6 +84,7 @@ from ._checks import (
     rows_in_range,
     zero_outside,
 )
+from ._eager import eager_autograd
 from .logprobs import IMPLEMENTED as _LOGPROBS_IMPLEMENTED
 from .logprobs import (
     _torch_bwd,
@@ -148,11 +148,12 @@ def _cuda_ppo_plan_name(device_index: int, vocab: int, dtype_name: str, code: in
     return _ext.load().ppo_plan(vocab, dtype_name, code, True, device_index)[0]
 
 
-def check_cuda_ppo_path_runs(path: str, logits: torch.Tensor) -> None:
+def check_cuda_ppo_path_runs(path: str, logits: torch.Tensor, cluster: Optional[int]) -> None:
     """Refuse a forced ``RLHF_KERNELS_CUDA_PPO`` path that cannot run for ``logits``' vocabulary and dtype on its
     GPU (``shared`` when a row does not fit one CTA's shared memory, ``cluster`` / ``pipe`` without sm_90
-    clusters): ``ValueError`` naming the setting, before any kernel. ``auto`` and ``two-pass`` always run. The
-    answer is cached per (device, V, dtype, path, cluster setting), so a training loop asks the GPU once.
+    clusters): ``ValueError`` naming the setting, before any kernel. ``auto`` and ``two-pass`` always run.
+    ``path`` and ``cluster``: the caller's ``cuda_ppo_path()`` and ``cuda_ppo_cluster()``. The answer is cached
+    per (device, V, dtype, path, cluster setting), so a training loop asks the GPU once.
 
     Why here and not only in the binding: the binding's own refusal (a C++ ``TORCH_CHECK``) ended an H200
     process with SIGSEGV instead of raising (run 5, ``benchmarks/results/nvidia-h200/logs/run5/shared_crash.log``).
@@ -162,7 +163,7 @@ def check_cuda_ppo_path_runs(path: str, logits: torch.Tensor) -> None:
     index = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     dtype_name = str(logits.dtype).replace("torch.", "")
     vocab = int(logits.shape[-1])
-    if _cuda_ppo_plan_name(index, vocab, dtype_name, CUDA_PPO_PATHS[path], cuda_ppo_cluster()) == "none":
+    if _cuda_ppo_plan_name(index, vocab, dtype_name, CUDA_PPO_PATHS[path], cluster) == "none":
         why = "a row does not fit in one CTA's shared memory" if path == "shared" else (
             "it needs sm_90 thread-block clusters whose slices fit in shared memory")
         raise ValueError(f"RLHF_KERNELS_CUDA_PPO={path} cannot run for V = {vocab} in {dtype_name} on this GPU "
@@ -632,10 +633,10 @@ def ppo_loss(
     # logits[:, a:a+T] of the model's [B, L, V] output: the ops take the base and the range, so the
     # gradient is written into a [B, L, V] tensor (no zero-fill + copy by autograd's SliceBackward)
     source, row_start, row_count = base_and_range(logits)
-    if chosen == "cuda" and torch.is_grad_enabled() and logits.requires_grad and cuda_ppo_path() != "two-pass":
-        cuda_ppo_prefetch()  # validated by name; the launcher reads it
-        cuda_ppo_cluster()  # likewise
-        check_cuda_ppo_path_runs(cuda_ppo_path(), source)
+    fused = chosen == "cuda" and torch.is_grad_enabled() and logits.requires_grad
+    if fused and (path := cuda_ppo_path()) != "two-pass":  # the setting read once, only where it matters
+        cuda_ppo_prefetch()  # validated by name; the launcher reads it (and the cluster setting, likewise)
+        check_cuda_ppo_path_runs(path, source, cuda_ppo_cluster())
         loss, term, logp, entropy, kl, clipped = ppo_loss_fused_call(
             source,
             targets.long(),
@@ -652,7 +653,7 @@ def ppo_loss(
             float(clip_high),
             dual_clip,
             loss_agg,
-            CUDA_PPO_PATHS[cuda_ppo_path()],
+            CUDA_PPO_PATHS[path],
             chosen,
             row_start,
             row_count,

@@ -166,14 +166,14 @@ def test_a_forced_ppo_path_that_cannot_run_is_refused_by_name(monkeypatch):
     logits = SimpleNamespace(device=torch.device("cuda", 1), dtype=torch.bfloat16, shape=(2, 3, 151936))
     for path in ("shared", "pipe"):
         with pytest.raises(ValueError, match=f"RLHF_KERNELS_CUDA_PPO={path} cannot run for V = 151936 in bfloat16"):
-            ppo_ops.check_cuda_ppo_path_runs(path, logits)
+            ppo_ops.check_cuda_ppo_path_runs(path, logits, ppo_ops.cuda_ppo_cluster())
     for path in ("auto", "two-pass"):
-        ppo_ops.check_cuda_ppo_path_runs(path, logits)
+        ppo_ops.check_cuda_ppo_path_runs(path, logits, ppo_ops.cuda_ppo_cluster())
     for _ in range(3):
-        ppo_ops.check_cuda_ppo_path_runs("global", logits)
+        ppo_ops.check_cuda_ppo_path_runs("global", logits, ppo_ops.cuda_ppo_cluster())
     assert asked == [(151936, "bfloat16", 2, 1), (151936, "bfloat16", 6, 1), (151936, "bfloat16", 1, 1)]
     monkeypatch.setenv("RLHF_KERNELS_CUDA_CLUSTER", "8")  # changes the plan, so it is asked again
-    ppo_ops.check_cuda_ppo_path_runs("global", logits)
+    ppo_ops.check_cuda_ppo_path_runs("global", logits, ppo_ops.cuda_ppo_cluster())
     assert len(asked) == 4
     ppo_ops._cuda_ppo_plan_name.cache_clear()
 
