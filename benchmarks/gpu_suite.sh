@@ -29,6 +29,9 @@
 #             RLHF_KERNELS_CUDA_FWD_THREADS cap, against Triton (benchmarks/tune_cuda.py; TUNE_CUDA_ARGS)
 #   tune-triton every Triton forward autotune candidate (BLOCK_V x LANES_V x warps), the backward's block
 #             table and where the rest of the op time goes (benchmarks/tune_triton.py; TUNE_TRITON_ARGS)
+#   probe     where the fused PPO step's time goes inside its kernel: the probe instantiation timed with each
+#             stage left out and stamping every CTA's phases (benchmarks/probe_ppo.py; PROBE_ARGS, default
+#             cluster and global at 8192x151936 bf16): probe.md, probe_<path>.npz (raw stamps), probe_<path>.png
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck on tests/cuda/sanitize_small.py
 #   profile   Nsight Compute (SpeedOfLight, Occupancy, LaunchStats, WarpStateStats) on one call of each
 #             bandwidth-bound kernel (benchmarks/profile_kernels.py; PROFILE_ARGS, e.g. "--cases logprobs"):
@@ -94,7 +97,7 @@ note() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/gpu_suite.log
 # Rough seconds a stage needs on an H100 to be worth starting (past logs: build ~65 s, pytest -m gpu
 # 50-90 s, headline 45-60 s); a bench stage only needs to finish a few cases.
 declare -A STAGE_MIN=([setup]=15 [build]=90 [tests]=120 [headline]=75 [linear-headline]=120
-  [ppo-paths]=60 [tune-cuda]=60 [tune-triton]=90 [sanitize]=90 [profile]=120 [logits]=60 [klppo]=60 [linear]=60 [gae]=60 [trainer]=60
+  [ppo-paths]=60 [tune-cuda]=60 [probe]=40 [tune-triton]=90 [sanitize]=90 [profile]=120 [logits]=60 [klppo]=60 [linear]=60 [gae]=60 [trainer]=60
   [coverage]=20)
 if [ -n "$DEADLINE" ] && ! [[ "$DEADLINE" =~ ^[0-9]+$ ]]; then
   note "GPU_DEADLINE must be whole seconds, got '$DEADLINE'"; exit 2
@@ -291,6 +294,12 @@ stage_tune_cuda() {  # the CUDA forwards' CTA size cap against Triton (benchmark
     "${TUNE_CUDA_ARGS:-}"
 }
 
+stage_probe() {  # the fused PPO kernel's probe (benchmarks/probe_ppo.py); its files beside the logs, which
+  # merge_gpu_results copies (top-level files only)
+  run_tuner probe probe_ppo "the fused PPO step's stages and CTA phases at 8192x151936 bf16" \
+    "--out $OUT ${PROBE_ARGS:-}"
+}
+
 stage_tune_triton() {  # the Triton forwards' autotune candidates and the backward's blocks (benchmarks/tune_triton.py)
   run_tuner tune-triton tune_triton "Triton forward candidates and backward blocks at 8192x151936 bf16" \
     "${TUNE_TRITON_ARGS:-}"
@@ -356,7 +365,7 @@ stage_coverage() {
   grep -c "differs" "$OUT/preference.md" | sed 's/^/preference: table rows whose suggested order differs from GPU_PREFERENCE: /' >&2
 }
 
-STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths tune-cuda tune-triton sanitize profile coverage bench grid all priority"
+STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths tune-cuda tune-triton probe sanitize profile coverage bench grid all priority"
 
 run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part; a single stage is gated, then archived
   case "$1" in
@@ -400,6 +409,7 @@ run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part;
     ppo-paths) stage_ppo_paths ;;
     tune-cuda) stage_tune_cuda ;;
     tune-triton) stage_tune_triton ;;
+    probe) stage_probe ;;
     coverage) stage_coverage ;;
     sanitize) shift; stage_sanitize "$@" ;;
     profile) stage_profile ;;

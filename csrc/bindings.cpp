@@ -209,12 +209,14 @@ cuda::PpoPlan ppo_plan_for(const at::Tensor& logits, int64_t path, bool with_gra
 }
 
 // kl_estimator: 1 = k1, 2 = k2, 3 = k3. With weights: also grad = weights·∂term/∂logits.
-std::vector<at::Tensor> ppo_fwd_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& old_logp,
+// `probe` (benchmarks/probe_ppo.py only): run the kernel's probe instantiation with it.
+std::vector<at::Tensor> ppo_fwd_impl(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& old_logp,
                                      const at::Tensor& advantages, const std::optional<at::Tensor>& ref_logp,
                                      const std::optional<at::Tensor>& weights, double temperature,
                                      int64_t ignore_index, double kl_coef, int64_t kl_estimator, double entropy_coef,
                                      double clip_low, double clip_high, std::optional<double> dual_clip,
-                                     int64_t path, const std::optional<at::Tensor>& grad_out) {
+                                     int64_t path, const std::optional<at::Tensor>& grad_out,
+                                     const cuda::PpoProbe* probe) {
   check_rows(logits, "logits");
   TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 3, "kl_estimator must be 1, 2 or 3, got ", kl_estimator);
   const cuda::DType dtype = cuda_dtype(logits, "ppo_loss");
@@ -261,10 +263,58 @@ std::vector<at::Tensor> ppo_fwd_cuda(const at::Tensor& logits, const at::Tensor&
                            out[1].data_ptr<float>(), out[2].data_ptr<float>(), out[3].data_ptr<float>(),
                            out[4].data_ptr<float>(), out[5].data_ptr<float>(), with_grad ? grad.data_ptr() : nullptr,
                            B, T, logits.stride(0), logits.stride(1), with_grad ? grad.stride(0) : 0,
-                           with_grad ? grad.stride(1) : 0, V, params, c10::cuda::getCurrentCUDAStream()),
+                           with_grad ? grad.stride(1) : 0, V, params, c10::cuda::getCurrentCUDAStream(), probe),
       "ppo_fwd");
   out.push_back(result_grad());
   return out;
+}
+
+std::vector<at::Tensor> ppo_fwd_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& old_logp,
+                                     const at::Tensor& advantages, const std::optional<at::Tensor>& ref_logp,
+                                     const std::optional<at::Tensor>& weights, double temperature,
+                                     int64_t ignore_index, double kl_coef, int64_t kl_estimator, double entropy_coef,
+                                     double clip_low, double clip_high, std::optional<double> dual_clip,
+                                     int64_t path, const std::optional<at::Tensor>& grad_out) {
+  return ppo_fwd_impl(logits, targets, old_logp, advantages, ref_logp, weights, temperature, ignore_index, kl_coef,
+                      kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, path, grad_out, nullptr);
+}
+
+// ppo_fwd through the kernel's probe (csrc/cuda/ppo_probe.cuh): `stamps` is an int64 CUDA tensor of
+// [CTAs, kProbeSlots] (CTAs = rows x the plan's cluster) that thread 0 of each CTA fills, or None; `skip` the
+// stages to leave out (ProbeSkip bits; the results are then wrong, for timing only).
+std::vector<at::Tensor> ppo_fwd_probe(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& old_logp,
+                                      const at::Tensor& advantages, const std::optional<at::Tensor>& ref_logp,
+                                      const std::optional<at::Tensor>& weights, double temperature,
+                                      int64_t ignore_index, double kl_coef, int64_t kl_estimator,
+                                      double entropy_coef, double clip_low, double clip_high,
+                                      std::optional<double> dual_clip, int64_t path,
+                                      const std::optional<at::Tensor>& stamps, int64_t skip) {
+  TORCH_CHECK(logits.is_cuda(), "ppo_fwd_probe needs CUDA tensors, got logits on ", logits.device());
+  check_rows(logits, "logits");
+  const unsigned known = cuda::kProbeNoExchange | cuda::kProbeNoRowTail | cuda::kProbeNoSweep2 |
+                         cuda::kProbeCopySweep2;
+  TORCH_CHECK(skip >= 0 && (static_cast<uint64_t>(skip) & ~static_cast<uint64_t>(known)) == 0,
+              "skip must be a combination of the ProbeSkip bits 1, 2, 4 and 8, got ", skip);
+  cuda::PpoProbe probe{nullptr, static_cast<unsigned>(skip)};
+  const bool with_grad = weights.has_value();
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const cuda::PpoPlan plan = ppo_plan_for(logits, with_grad ? path : 0, with_grad);
+  TORCH_CHECK(plan.path != cuda::PpoPath::kPipe, "the probe stamps one row per CTA: the 'pipe' path has no probe");
+  TORCH_CHECK(!(skip & cuda::kProbeCopySweep2) || plan.path == cuda::PpoPath::kCluster,
+              "skip bit 8 (copy in sweep 2) exists on the 'cluster' path only, this plan is '",
+              ppo_path_name(plan.path), "'");
+  if (stamps.has_value()) {
+    const int64_t ctas = logits.size(0) * logits.size(1) * plan.cluster;
+    TORCH_CHECK(stamps->device() == logits.device() && stamps->scalar_type() == at::kLong &&
+                    stamps->is_contiguous() && stamps->dim() == 2 && stamps->size(0) == ctas &&
+                    stamps->size(1) == cuda::kProbeSlots,
+                "stamps must be a contiguous int64 tensor of [", ctas, ", ", static_cast<int>(cuda::kProbeSlots),
+                "] on ", logits.device(), " (one row per CTA: rows x cluster ", plan.cluster, "), got ",
+                stamps->scalar_type(), " ", stamps->sizes(), " on ", stamps->device());
+    probe.stamps = reinterpret_cast<unsigned long long*>(stamps->data_ptr<int64_t>());
+  }
+  return ppo_fwd_impl(logits, targets, old_logp, advantages, ref_logp, weights, temperature, ignore_index, kl_coef,
+                      kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, path, std::nullopt, &probe);
 }
 
 void scale_unless_one_cuda(at::Tensor& x, const at::Tensor& scale) {
@@ -368,4 +418,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     return std::make_tuple(std::string(), 0, 0, int64_t(0));
 #endif
   });
+  // The fused PPO kernel's probe (benchmarks/probe_ppo.py): ppo_fwd's arguments (no grad_out), then the stamps
+  // tensor or None and the skipped stages; the probe's slot and skip constants come with it.
+#ifdef RLHF_KERNELS_WITH_CUDA
+  module.def("ppo_fwd_probe", &rlhf_kernels::ppo_fwd_probe, pybind11::arg("logits"), pybind11::arg("targets"),
+             pybind11::arg("old_logp"), pybind11::arg("advantages"), pybind11::arg("ref_logp"),
+             pybind11::arg("weights"), pybind11::arg("temperature"), pybind11::arg("ignore_index"),
+             pybind11::arg("kl_coef"), pybind11::arg("kl_estimator"), pybind11::arg("entropy_coef"),
+             pybind11::arg("clip_low"), pybind11::arg("clip_high"), pybind11::arg("dual_clip"), pybind11::arg("path"),
+             pybind11::arg("stamps"), pybind11::arg("skip"));
+  module.attr("PROBE_SLOTS") = static_cast<int>(rlhf_kernels::cuda::kProbeSlots);
+#endif
 }

@@ -84,15 +84,43 @@ struct PpoPlan {
 // that cannot run here comes back as kGlobal with cluster = 0 so callers can say why).
 PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, int device);
 
+// The fused PPO kernel's probe (ppo_probe.cuh; benchmarks/probe_ppo.py): `stamps` (may be null) holds
+// kProbeSlots unsigned 64-bit values per CTA of the launch (rows x plan.cluster), written by thread 0:
+enum ProbeSlot : int {
+  kProbeStartNs = 0,  // %globaltimer at the CTA's start (ns)
+  kProbeStart = 1,    // clock64() at the start; the phase stamps below are clock64() too
+  kProbeSweep1 = 2,   // sweep 1 done and block-reduced (the slice loaded, its statistics known)
+  kProbeSynced = 3,   // the cluster barrier passed (every peer's statistics readable)
+  kProbeMerged = 4,   // the cluster's statistics merged
+  kProbeRow = 5,      // the row's term written and sweep 2's coefficients visible to the CTA
+  kProbeSweep2 = 6,   // sweep 2 written by every thread
+  kProbeExit = 7,     // the closing cluster barrier passed
+  kProbeEndNs = 8,    // %globaltimer at the end (ns)
+  kProbeSm = 9,       // the SM the CTA ran on
+  kProbeSlots = 10,
+};
+// `skip`: stages left out, for timing only (the results are then wrong).
+enum ProbeSkip : unsigned {
+  kProbeNoExchange = 1,   // the cluster path does not exchange statistics (no cluster barrier)
+  kProbeNoRowTail = 2,    // thread 0 does not compute the row's term (sweep 2 gets zero coefficients)
+  kProbeNoSweep2 = 4,     // no gradient is written
+  kProbeCopySweep2 = 8,   // sweep 2 writes the logits unchanged instead of their gradient
+};
+struct PpoProbe {
+  unsigned long long* stamps;
+  unsigned skip;
+};
+
 // Fused PPO per-token term: (term, logp, entropy, kl, clipped, lse) per row; when `weights`
 // is not null, also grad = weight_row·∂term/∂logits ([B, T, V], logits' dtype, vocab stride 1,
 // rows at the given strides as in launch_logprobs_bwd). ref_logp may be null (has_ref = false).
+// With `probe` (not for kPipe) the kernel's probe instantiation runs instead (ppo_probe.cuh).
 cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits, const int64_t* targets,
                            const float* old_logp, const float* advantages, const float* ref_logp,
                            const float* weights, float* term, float* logp, float* entropy, float* kl, float* clipped,
                            float* lse, void* grad, int64_t rows_outer, int64_t rows_inner, int64_t stride_b,
                            int64_t stride_t, int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab,
-                           const PpoParams& params, cudaStream_t stream);
+                           const PpoParams& params, cudaStream_t stream, const PpoProbe* probe = nullptr);
 
 // x[0:n] *= *scale in place, skipped (no memory traffic) when *scale == 1 (read on the device).
 cudaError_t launch_scale_unless_one(DType dtype, void* x, int64_t n, const float* scale, cudaStream_t stream);

@@ -32,8 +32,14 @@
 //             until a GPU run times it against kCluster.
 // With RLHF_KERNELS_CUDA_PREFETCH=1 the on-chip paths fill their shared-memory slice with cp.async,
 // kPrefetchDepth groups of 4 vectors in flight per thread (row_prefetch.cuh); same results, bit for bit.
+// ppo_fwd_kernel<T, kCluster, kProbe = true> is the probe (ppo_probe.cuh, benchmarks/probe_ppo.py): the same
+// kernel with per-CTA phase stamps and stages that can be left out; the production instantiations compile to the
+// same SASS as without it (checked with cuobjdump when it was added).
 #include <cooperative_groups.h>
 
+#include <type_traits>
+
+#include "ppo_probe.cuh"
 #include "ppo_term.cuh"
 #include "row_common.cuh"
 #include "row_pipeline.cuh"
@@ -46,12 +52,14 @@ namespace {
 using namespace detail;
 namespace cg = cooperative_groups;
 
-template <typename T, bool kCluster>
+// kProbe: the probe instantiation (ppo_probe.cuh): stamps and skipped stages, for benchmarks/probe_ppo.py only.
+template <typename T, bool kCluster, bool kProbe = false>
 __global__ void __launch_bounds__(512, 2)
     ppo_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, PpoOutputs io,
                    T* __restrict__ grad, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
                    int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab, PpoParams p, int64_t vecs_per_cta,
-                   bool in_smem, bool prefetch, bool reverse_sweep2) {
+                   bool in_smem, bool prefetch, bool reverse_sweep2,
+                   std::conditional_t<kProbe, PpoProbe, NoProbe> probe) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   if constexpr (kCluster) {
     __trap();  // the host launches the cluster variant only where it was compiled for sm_90+
@@ -66,6 +74,12 @@ __global__ void __launch_bounds__(512, 2)
     int64_t row = blockIdx.x;
     (void)csize;
     (void)partial;
+    (void)probe;
+    if constexpr (kProbe) {
+      probe_mark(probe, kProbeStartNs);
+      probe_mark(probe, kProbeStart);
+      probe_mark(probe, kProbeSm);
+    }
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
     if constexpr (kCluster) {
       rank = static_cast<int>(cg::this_cluster().block_rank());
@@ -96,28 +110,43 @@ __global__ void __launch_bounds__(512, 2)
     // the target's logit, loaded before the reduction (and the cluster's exchange) that it would otherwise follow
     const float xy = threadIdx.x == 0 ? target_value(x, y, vocab, p.ignore_index) : 0.f;
     st = block_stats_reduce(st, c);  // ends with __syncthreads: the cache is visible to the whole CTA
+    if constexpr (kProbe) probe_mark(probe, kProbeSweep1);
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
     if constexpr (kCluster) {
-      if (threadIdx.x == 0) partial = st;
-      cg::this_cluster().sync();
-      if (threadIdx.x == 0) {
-        // every CTA merges the slices in rank order: the same bits everywhere
-        RowStats total = stats_init();
-        for (int r = 0; r < csize; ++r) {
-          total = stats_merge(total, *cg::this_cluster().map_shared_rank(&partial, r), c);
+      if (!probe_skips(probe, kProbeNoExchange)) {
+        if (threadIdx.x == 0) partial = st;
+        cg::this_cluster().sync();
+        if constexpr (kProbe) probe_mark(probe, kProbeSynced);
+        if (threadIdx.x == 0) {
+          // every CTA merges the slices in rank order: the same bits everywhere
+          RowStats total = stats_init();
+          for (int r = 0; r < csize; ++r) {
+            total = stats_merge(total, *cg::this_cluster().map_shared_rank(&partial, r), c);
+          }
+          st = total;
         }
-        st = total;
+        // Split barrier: arrive once this CTA has read its peers' `partial` (thread 0 above; release), wait at
+        // the end, before exiting frees this CTA's `partial`. A full sync at the end instead held every CTA, and its
+        // 76 KB slice of shared memory, until the slowest peer had written its part of dlogits.
+        __cluster_barrier_arrive();
       }
-      // Split barrier: arrive once this CTA has read its peers' `partial` (thread 0 above; release), wait at
-      // the end, before exiting frees this CTA's `partial`. A full sync at the end instead held every CTA, and its
-      // 76 KB slice of shared memory, until the slowest peer had written its part of dlogits.
-      __cluster_barrier_arrive();
     }
 #endif
+    if constexpr (kProbe) {
+      if (!kCluster || probe_skips(probe, kProbeNoExchange)) probe_mark(probe, kProbeSynced);
+      probe_mark(probe, kProbeMerged);
+    }
     const bool valid = y != p.ignore_index;
-    if (threadIdx.x == 0) finish_ppo_row(xy, y, vocab, st, scalars, p, io, row, rank == 0, grad != nullptr, tok);
-    if (grad != nullptr) {
+    if (threadIdx.x == 0) {
+      if (!probe_skips(probe, kProbeNoRowTail)) {
+        finish_ppo_row(xy, y, vocab, st, scalars, p, io, row, rank == 0, grad != nullptr, tok);
+      } else {
+        tok[0] = tok[1] = tok[2] = tok[3] = 0.f;
+      }
+    }
+    if (grad != nullptr && !probe_skips(probe, kProbeNoSweep2)) {
       __syncthreads();
+      if constexpr (kProbe) probe_mark(probe, kProbeRow);
       // sweep 2: this CTA's columns of dlogits, from shared memory or from the logits again
       const int64_t c_lo = max(k_lo * kVec - rv.pre, int64_t(0));
       const int64_t c_hi = min(k_hi * kVec - rv.pre, vocab);
@@ -128,12 +157,32 @@ __global__ void __launch_bounds__(512, 2)
         const LogprobGrad f = make_logprob_grad(tok[0], tok[1], tok[2], tok[3], p.inv_t);
         // cache element i holds column i + k_lo·kVec - pre: src[c] below is that element
         const T* src = in_smem ? reinterpret_cast<const T*>(cache) - (k_lo * kVec - rv.pre) : x;
-        write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f, reverse_sweep2);
+        if constexpr (kProbe && kCluster) {  // (the non-cluster kernel spills with the copy's select: refused there)
+          const bool copy = probe_skips(probe, kProbeCopySweep2);
+          write_row_range(dx, src, c_lo, c_hi, copy ? 1.f : p.inv_t, y, threadIdx.x, blockDim.x, ProbeGrad{f, copy},
+                          reverse_sweep2);
+        } else {
+          write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f, reverse_sweep2);
+        }
       }
     }
+    if constexpr (kProbe) {
+      if (grad == nullptr || probe_skips(probe, kProbeNoSweep2)) {
+        __syncthreads();
+        probe_mark(probe, kProbeRow);
+      }
+      __syncthreads();  // every thread's part of sweep 2 is written
+      probe_mark(probe, kProbeSweep2);
+    }
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-    if constexpr (kCluster) __cluster_barrier_wait();  // every peer has read `partial` (arrived above)
+    if constexpr (kCluster) {
+      if (!probe_skips(probe, kProbeNoExchange)) __cluster_barrier_wait();  // every peer has read `partial` (arrived above)
+    }
 #endif
+    if constexpr (kProbe) {
+      probe_mark(probe, kProbeExit);
+      probe_mark(probe, kProbeEndNs);
+    }
   }
 }
 
@@ -410,12 +459,55 @@ PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, 
   return plan;
 }
 
+namespace {
+
+// Launches ppo_fwd_kernel<T, ·, kProbe> for a kGlobal / kShared / kCluster / kL2 plan (kPipe has its own kernel).
+template <typename T, bool kProbe>
+cudaError_t launch_ppo_rows(const PpoPlan& plan, int64_t per_cta, const T* x, const int64_t* targets,
+                            const PpoOutputs& io, T* dx, int64_t rows, int64_t rows_inner, int64_t stride_b,
+                            int64_t stride_t, int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab,
+                            const PpoParams& params, std::conditional_t<kProbe, PpoProbe, NoProbe> probe,
+                            cudaStream_t stream) {
+  const bool in_smem = plan.path == PpoPath::kShared || plan.path == PpoPath::kCluster;
+  const bool prefetch = in_smem && prefetch_enabled();
+  if (in_smem && per_cta * 16 > plan.smem_bytes) return cudaErrorInvalidValue;
+  // kL2 asks for shared memory it does not use: the request caps its CTAs per SM (plan_ppo)
+  const size_t smem = in_smem || plan.path == PpoPath::kL2 ? static_cast<size_t>(plan.smem_bytes) : 0;
+  const bool reverse = plan.path == PpoPath::kL2;
+  if (plan.path != PpoPath::kCluster) {
+    const auto kernel = ppo_fwd_kernel<T, false, kProbe>;
+    if (smem > 48 * 1024) {
+      const cudaError_t err =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (err != cudaSuccess) return err;
+    }
+    kernel<<<static_cast<unsigned>(rows), plan.threads, smem, stream>>>(
+        x, targets, io, dx, rows_inner, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab, params, per_cta,
+        in_smem, prefetch, reverse, probe);
+    return cudaGetLastError();
+  }
+  const auto kernel = ppo_fwd_kernel<T, true, kProbe>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err == cudaSuccess && plan.cluster > 8) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  }
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_launch(rows, plan.cluster, plan.threads, smem, stream, attribute);
+  err = cudaLaunchKernelEx(&config, kernel, x, targets, io, dx, rows_inner, stride_b, stride_t, grad_stride_b,
+                           grad_stride_t, vocab, params, per_cta, true, prefetch, false, probe);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+}  // namespace
+
 cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits, const int64_t* targets,
                            const float* old_logp, const float* advantages, const float* ref_logp,
                            const float* weights, float* term, float* logp, float* entropy, float* kl, float* clipped,
                            float* lse, void* grad, int64_t rows_outer, int64_t rows_inner, int64_t stride_b,
                            int64_t stride_t, int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab,
-                           const PpoParams& params, cudaStream_t stream) {
+                           const PpoParams& params, cudaStream_t stream, const PpoProbe* probe) {
   const int64_t rows = rows_outer * rows_inner;
   if (rows == 0) return cudaSuccess;
   if (vocab < 1 || plan.cluster < 1 || (grad != nullptr) != (weights != nullptr) ||
@@ -429,43 +521,20 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
     const int64_t nvec = vectors_per_row<T>(vocab);
     const auto* x = static_cast<const T*>(logits);
     auto* dx = static_cast<T*>(grad);
-    if (plan.path == PpoPath::kPipe) {
-      const int64_t per = (nvec + plan.cluster - 1) / plan.cluster;
-      if (2 * per * 16 > plan.smem_bytes || plan.cluster > 8) return cudaErrorInvalidValue;
-      return launch_ppo_pipe<T>(plan, per, x, targets, io, dx, rows, rows_inner, stride_b, stride_t, grad_stride_b,
-                                grad_stride_t, vocab, params, stream);
-    }
-    const bool in_smem = plan.path == PpoPath::kShared || plan.path == PpoPath::kCluster;
-    const bool prefetch = in_smem && prefetch_enabled();
     const int64_t per_cta = (nvec + plan.cluster - 1) / plan.cluster;
-    if (in_smem && per_cta * 16 > plan.smem_bytes) return cudaErrorInvalidValue;
-    // kL2 asks for shared memory it does not use: the request caps its CTAs per SM (plan_ppo)
-    const size_t smem = in_smem || plan.path == PpoPath::kL2 ? static_cast<size_t>(plan.smem_bytes) : 0;
-    const bool reverse = plan.path == PpoPath::kL2;
-    if (plan.path != PpoPath::kCluster) {
-      if (smem > 48 * 1024) {
-        const cudaError_t err =
-            cudaFuncSetAttribute(ppo_fwd_kernel<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(smem));
-        if (err != cudaSuccess) return err;
-      }
-      ppo_fwd_kernel<T, false><<<static_cast<unsigned>(rows), plan.threads, smem, stream>>>(
-          x, targets, io, dx, rows_inner, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab, params, per_cta,
-          in_smem, prefetch, reverse);
-      return cudaGetLastError();
+    if (plan.path == PpoPath::kPipe) {
+      if (probe != nullptr) return cudaErrorNotSupported;  // the probe stamps one row per CTA
+      if (2 * per_cta * 16 > plan.smem_bytes || plan.cluster > 8) return cudaErrorInvalidValue;
+      return launch_ppo_pipe<T>(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t,
+                                grad_stride_b, grad_stride_t, vocab, params, stream);
     }
-    cudaError_t err = cudaFuncSetAttribute(ppo_fwd_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
-    if (err == cudaSuccess && plan.cluster > 8) {
-      err = cudaFuncSetAttribute(ppo_fwd_kernel<T, true>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (probe != nullptr) {
+      if ((probe->skip & kProbeCopySweep2) && plan.path != PpoPath::kCluster) return cudaErrorNotSupported;
+      return launch_ppo_rows<T, true>(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t,
+                                      grad_stride_b, grad_stride_t, vocab, params, *probe, stream);
     }
-    if (err != cudaSuccess) return err;
-    cudaLaunchAttribute attribute;
-    const cudaLaunchConfig_t config = cluster_launch(rows, plan.cluster, plan.threads, smem, stream, attribute);
-    err = cudaLaunchKernelEx(&config, ppo_fwd_kernel<T, true>, x, targets, io, dx, rows_inner, stride_b, stride_t,
-                             grad_stride_b, grad_stride_t, vocab, params, per_cta, true, prefetch, false);
-    if (err != cudaSuccess) return err;
-    return cudaGetLastError();
+    return launch_ppo_rows<T, false>(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t,
+                                     grad_stride_b, grad_stride_t, vocab, params, NoProbe{}, stream);
   });
 }
 
