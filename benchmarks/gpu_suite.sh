@@ -36,6 +36,9 @@
 #   profile   Nsight Compute (SpeedOfLight, Occupancy, LaunchStats, WarpStateStats) on one call of each
 #             bandwidth-bound kernel (benchmarks/profile_kernels.py; PROFILE_ARGS, e.g. "--cases logprobs"):
 #             ncu_kernels.csv and the table ncu_summary.md
+#   stalls    Nsight Compute's warp stall reasons (smsp__average_warps_issue_stalled_*) of the fused PPO kernel on
+#             each CUDA path at 8192x151936 bf16 (benchmarks/profile_kernels.py --cases ppo_fwd+bwd/cuda):
+#             ncu_stalls.csv and the table ncu_stalls.md, the probe's complement (what the warps wait on)
 #   coverage  which cells of DESIGN §6's grid the results cover, and the commands for the rest
 #             ($OUT/coverage.md; benchmarks/coverage.py), and the backend order per op the results suggest
 #             against GPU_PREFERENCE ($OUT/preference.md; benchmarks/preference.py)
@@ -97,7 +100,7 @@ note() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/gpu_suite.log
 # Rough seconds a stage needs on an H100 to be worth starting (past logs: build ~65 s, pytest -m gpu
 # 50-90 s, headline 45-60 s); a bench stage only needs to finish a few cases.
 declare -A STAGE_MIN=([setup]=15 [build]=90 [tests]=120 [headline]=75 [linear-headline]=120
-  [ppo-paths]=60 [tune-cuda]=60 [probe]=40 [tune-triton]=90 [sanitize]=90 [profile]=120 [logits]=60 [klppo]=60 [linear]=60 [gae]=60 [trainer]=60
+  [ppo-paths]=60 [tune-cuda]=60 [probe]=40 [tune-triton]=90 [sanitize]=90 [profile]=120 [stalls]=60 [logits]=60 [klppo]=60 [linear]=60 [gae]=60 [trainer]=60
   [coverage]=20)
 if [ -n "$DEADLINE" ] && ! [[ "$DEADLINE" =~ ^[0-9]+$ ]]; then
   note "GPU_DEADLINE must be whole seconds, got '$DEADLINE'"; exit 2
@@ -350,6 +353,22 @@ stage_profile() {
     && cat "$OUT/ncu_summary.md" >&2
 }
 
+stage_stalls() {
+  local ncu rc
+  need_cuda stalls || return
+  ncu=$(cuda_tool ncu)
+  if [ -z "$ncu" ]; then note "stalls: ncu not found"; return; fi
+  note "stalls: $ncu warp stall reasons of ppo_fwd on each CUDA path"
+  limited "$ncu" --profile-from-start off --clock-control none --kernel-name 'regex:ppo_fwd' \
+    --metrics 'regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$' \
+    --csv --page raw --log-file "$OUT/ncu_stalls.csv" \
+    "$PY" -m benchmarks.profile_kernels --cases ppo_fwd+bwd/cuda >"$OUT/stalls_times.log" 2>&1
+  rc=$?
+  [ $rc -ne 0 ] && { was_cut $rc stalls || { note "ncu (stalls) exited $rc (see stalls_times.log)"; RC=1; }; }
+  "$PY" -m benchmarks.profile_kernels --stalls "$OUT/ncu_stalls.csv" >"$OUT/ncu_stalls.md" 2>>"$OUT/stalls_times.log" \
+    && cat "$OUT/ncu_stalls.md" >&2
+}
+
 stage_coverage() {
   seed_results
   local dirs=("$OUT"/results/*/results.csv) d list=() rc
@@ -365,7 +384,7 @@ stage_coverage() {
   grep -c "differs" "$OUT/preference.md" | sed 's/^/preference: table rows whose suggested order differs from GPU_PREFERENCE: /' >&2
 }
 
-STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths tune-cuda tune-triton probe sanitize profile coverage bench grid all priority"
+STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths tune-cuda tune-triton probe sanitize profile stalls coverage bench grid all priority"
 
 run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part; a single stage is gated, then archived
   case "$1" in
@@ -413,6 +432,7 @@ run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part;
     coverage) stage_coverage ;;
     sanitize) shift; stage_sanitize "$@" ;;
     profile) stage_profile ;;
+    stalls) stage_stalls ;;
   esac
   archive
 }

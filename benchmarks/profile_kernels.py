@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Callable, Dict, List, Tuple
 
@@ -140,6 +141,50 @@ def summarize(csv_path: str) -> str:
     return "\n".join(out) + "\n"
 
 
+STALL_METRIC = re.compile(r"^smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
+
+
+def stall_table(csv_path: str, top: int = 10) -> str:
+    """Markdown of warp stall reasons per kernel from ``ncu --csv --page raw`` with the
+    ``smsp__average_warps_issue_stalled_*_per_issue_active.ratio`` metrics (``gpu_suite.sh stalls``).
+
+    Each value is the average number of warps stalled for that reason per issued instruction; over all reasons
+    they add up to about the cycles per issued instruction. Rows: the ``top`` reasons by their largest value,
+    columns: the kernels in launch order (short name, grid and block, which tell the PPO paths apart).
+    """
+    import csv
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(line for line in f if line.startswith('"')))
+    if len(rows) < 2:
+        raise ValueError(f"{csv_path}: no ncu raw rows (header, units, kernels) in it")
+    header, data = rows[0], [r for r in rows[2:] if len(r) == len(rows[0])]  # rows[1] holds the units
+    reasons = {i: m.group(1) for i, name in enumerate(header) if (m := STALL_METRIC.match(name))}
+    if not reasons or not data:
+        raise ValueError(f"{csv_path}: no stall-reason metrics or no kernels in it")
+    col = {name: i for i, name in enumerate(header)}
+
+    def value(r: List[str], i: int) -> float:
+        try:
+            return float(r[i].replace(",", ""))
+        except ValueError:
+            return 0.0
+
+    labels = []
+    for r in data:
+        name = r[col["Kernel Name"]].split("(")[0].replace("void ", "").split("::")[-1]
+        grid, block = (r[col[k]].strip("()").split(",")[0].strip() if k in col else "?"
+                       for k in ("Grid Size", "Block Size"))
+        labels.append(f"{r[col['ID']]}: {name[:44]} {grid}x{block}")
+    ranked = sorted(reasons, key=lambda i: -max(value(r, i) for r in data))[:top]
+    out = ["| stall reason (warps per issued instruction) | " + " | ".join(labels) + " |",
+           "|" + "---|" * (len(labels) + 1)]
+    for i in ranked:
+        out.append(f"| {reasons[i]} | " + " | ".join(f"{value(r, i):.2f}" for r in data) + " |")
+    out.append("| **all reasons** | " + " | ".join(f"{sum(value(r, i) for i in reasons):.2f}" for r in data) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="8192x151936", help="NxV of the bf16 logits")
@@ -147,7 +192,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--summarize", metavar="NCU_CSV", default=None,
                    help="instead of running: print a markdown summary of an `ncu --csv --page details` file")
+    p.add_argument("--stalls", metavar="NCU_RAW_CSV", default=None,
+                   help="instead of running: print the warp stall reasons of an `ncu --csv --page raw` file")
     args = p.parse_args(argv)
+    if args.stalls:
+        sys.stdout.write(stall_table(args.stalls))
+        return 0
     if args.summarize:
         sys.stdout.write(summarize(args.summarize))
         return 0

@@ -206,6 +206,34 @@ def test_profile_summary_pivots_ncu_csv(tmp_path):
     assert rows[3].startswith("| 10 | kl_fwd_kernel<float> |") and "| 77.5 |" in rows[3]
 
 
+def test_stall_table_ranks_ncu_stall_reasons_per_kernel(tmp_path):
+    """benchmarks.profile_kernels --stalls: ncu's raw page (header, units, one row per kernel) as reasons x kernels,
+    the largest reasons first, other metrics ignored, thousands separators read."""
+    from benchmarks import profile_kernels
+
+    m = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    text = (
+        "==PROF== Connected to process 1\n"
+        f'"ID","Kernel Name","Block Size","Grid Size","{m.format("barrier")}","{m.format("long_scoreboard")}",'
+        f'"{m.format("wait")}","dram__bytes.sum"\n'
+        '"","","","","ratio","ratio","ratio","byte"\n'
+        '"0","void rlhf_kernels::cuda::ppo_fwd_kernel<__nv_bfloat16, 1, 0>(const T1 *)","(256, 1, 1)",'
+        '"(32768, 1, 1)","3.5","1,200.25","0.5","9"\n'
+        '"1","void rlhf_kernels::cuda::ppo_fwd_kernel<__nv_bfloat16, 0, 0>(const T1 *)","(256, 1, 1)",'
+        '"(8192, 1, 1)","0.25","4","0.75","9"\n'
+    )
+    path = tmp_path / "stalls.csv"
+    path.write_text(text)
+    rows = profile_kernels.stall_table(str(path), top=2).splitlines()
+    assert "0: ppo_fwd_kernel<__nv_bfloat16, 1, 0> 32768x256" in rows[0] and "1: ppo_fwd_kernel" in rows[0]
+    assert rows[2] == "| long_scoreboard | 1200.25 | 4.00 |"
+    assert rows[3] == "| barrier | 3.50 | 0.25 |"  # wait (0.75 at most) is not in the top 2
+    assert rows[4] == "| **all reasons** | 1204.25 | 5.00 |" and len(rows) == 5
+    (tmp_path / "empty.csv").write_text('"ID","Kernel Name"\n"",""\n')
+    with pytest.raises(ValueError, match="no stall-reason metrics"):
+        profile_kernels.stall_table(str(tmp_path / "empty.csv"))
+
+
 def test_sass_report_lists_the_forward_sweep_loops(tmp_path):
     from benchmarks import sass_report
 
