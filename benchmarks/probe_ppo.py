@@ -15,6 +15,9 @@ two measurements, per path (``--paths``; not ``pipe``, which has no probe):
    logits instead of their gradient), alone and combined, plus the forward alone. The difference to the full
    probe is what that stage costs on the critical path; each row also gives % of the one-read-one-write
    floor, a device copy of the logits timed in the same run. The variants' outputs are wrong; timing only.
+   One row is an alternative instead, with the same results (checked bit for bit): the cluster's statistics
+   pushed into each peer's shared memory before the barrier and merged locally, so no CTA reads a peer after it
+   and none waits at a closing barrier.
 2. **Stamps.** One probed launch with thread 0 of every CTA stamping its phases (clock64) and its start and end
    (global timer): per-phase durations, resident CTAs per SM, the share of SM time during which no resident
    CTA was loading or storing (DRAM sees nothing from that SM then), how soon a freed slot is refilled, and a
@@ -41,6 +44,7 @@ from .probe_analysis import (
     NO_EXCHANGE,
     NO_ROW_TAIL,
     NO_SWEEP2,
+    PUSH_EXCHANGE,
     SLOTS,
     format_summary,
     plot_timeline,
@@ -59,6 +63,7 @@ VARIANTS: Tuple[Tuple[str, int, bool], ...] = (
     ("sweep 2 copies (no gradient math)", COPY_SWEEP2, True),
     ("copy, no exchange, no row tail", COPY_SWEEP2 | NO_EXCHANGE | NO_ROW_TAIL, True),
     ("no sweep 2 (load + statistics only)", NO_SWEEP2, False),
+    ("push exchange, no closing barrier (same results)", PUSH_EXCHANGE, True),
 )
 
 
@@ -85,6 +90,10 @@ def _flat(out: List[torch.Tensor]) -> List[torch.Tensor]:
     return [o for o in out if o.numel()]
 
 
+def _same(a: List[torch.Tensor], b: List[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def probe_path(path: str, t: Dict[str, torch.Tensor], floor_ms: float, cfg: TimerConfig, out_dir: str,
                log: Callable[[str], None]) -> Optional[str]:
     """Stage prices and stamps of one path; returns its markdown section (None when the path cannot run here)."""
@@ -104,7 +113,10 @@ def probe_path(path: str, t: Dict[str, torch.Tensor], floor_ms: float, cfg: Time
     ctas = t["x"].shape[0] * t["x"].shape[1] * cluster
     stamps = torch.zeros((ctas, SLOTS), dtype=torch.int64, device=device)
     probed = _flat(C.ppo_fwd_probe(*_args(t, True, code), stamps, 0))
-    identical = len(probed) == len(production) and all(torch.equal(a, b) for a, b in zip(probed, production))
+    identical = _same(probed, production)
+    push_identical = None
+    if path == "cluster" and cluster <= 8:  # the alternative exchange must give the same bits
+        push_identical = _same(_flat(C.ppo_fwd_probe(*_args(t, True, code), None, PUSH_EXCHANGE)), production)
     torch.cuda.synchronize()
     raw = stamps.cpu().numpy()
     np.savez_compressed(os.path.join(out_dir, f"probe_{path}.npz"), stamps=raw)
@@ -128,6 +140,8 @@ def probe_path(path: str, t: Dict[str, torch.Tensor], floor_ms: float, cfg: Time
 
     lines = [f"## `{path}`: {cluster} CTA(s) per row, {threads} threads, {smem / 1024:.0f} KB shared memory per CTA",
              "", f"Probe with nothing left out bit-identical to the production kernel: **{'yes' if identical else 'NO'}**.",
+             *([f"Push exchange bit-identical to the production kernel: **{'yes' if push_identical else 'NO'}**."]
+               if push_identical is not None else []),
              "", "| variant | ms | % of the copy's time | vs the full probe |", "|---|---|---|---|"]
     for label, ms in rows:
         lines.append(f"| {label} | {ms:.3f} | {100 * floor_ms / ms:.1f}% | {ms - base:+.3f} ms |")

@@ -281,7 +281,7 @@ std::vector<at::Tensor> ppo_fwd_cuda(const at::Tensor& logits, const at::Tensor&
 
 // ppo_fwd through the kernel's probe (csrc/cuda/ppo_probe.cuh): `stamps` is an int64 CUDA tensor of
 // [CTAs, kProbeSlots] (CTAs = rows x the plan's cluster) that thread 0 of each CTA fills, or None; `skip` the
-// stages to leave out (ProbeSkip bits; the results are then wrong, for timing only).
+// stages to leave out (ProbeSkip bits; the results are then wrong, for timing only) or the alternatives to try.
 std::vector<at::Tensor> ppo_fwd_probe(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& old_logp,
                                       const at::Tensor& advantages, const std::optional<at::Tensor>& ref_logp,
                                       const std::optional<at::Tensor>& weights, double temperature,
@@ -292,9 +292,9 @@ std::vector<at::Tensor> ppo_fwd_probe(const at::Tensor& logits, const at::Tensor
   TORCH_CHECK(logits.is_cuda(), "ppo_fwd_probe needs CUDA tensors, got logits on ", logits.device());
   check_rows(logits, "logits");
   const unsigned known = cuda::kProbeNoExchange | cuda::kProbeNoRowTail | cuda::kProbeNoSweep2 |
-                         cuda::kProbeCopySweep2;
+                         cuda::kProbeCopySweep2 | cuda::kProbePushExchange;
   TORCH_CHECK(skip >= 0 && (static_cast<uint64_t>(skip) & ~static_cast<uint64_t>(known)) == 0,
-              "skip must be a combination of the ProbeSkip bits 1, 2, 4 and 8, got ", skip);
+              "skip must be a combination of the ProbeSkip bits 1, 2, 4, 8 and 16, got ", skip);
   cuda::PpoProbe probe{nullptr, static_cast<unsigned>(skip)};
   const bool with_grad = weights.has_value();
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -303,6 +303,12 @@ std::vector<at::Tensor> ppo_fwd_probe(const at::Tensor& logits, const at::Tensor
   TORCH_CHECK(!(skip & cuda::kProbeCopySweep2) || plan.path == cuda::PpoPath::kCluster,
               "skip bit 8 (copy in sweep 2) exists on the 'cluster' path only, this plan is '",
               ppo_path_name(plan.path), "'");
+  TORCH_CHECK(!(skip & cuda::kProbePushExchange) ||
+                  (plan.path == cuda::PpoPath::kCluster && plan.cluster <= cuda::kProbeMaxCluster),
+              "skip bit 16 (push exchange) exists on the 'cluster' path of at most ", cuda::kProbeMaxCluster,
+              " CTAs only, this plan is '", ppo_path_name(plan.path), "' over ", plan.cluster);
+  TORCH_CHECK(!((skip & cuda::kProbePushExchange) && (skip & cuda::kProbeNoExchange)),
+              "skip bits 1 (no exchange) and 16 (push exchange) exclude each other");
   if (stamps.has_value()) {
     const int64_t ctas = logits.size(0) * logits.size(1) * plan.cluster;
     TORCH_CHECK(stamps->device() == logits.device() && stamps->scalar_type() == at::kLong &&

@@ -99,13 +99,16 @@ enum ProbeSlot : int {
   kProbeSm = 9,       // the SM the CTA ran on
   kProbeSlots = 10,
 };
-// `skip`: stages left out, for timing only (the results are then wrong).
+// `skip`: stages left out, for timing only (the results are then wrong), and alternatives to try (results unchanged).
 enum ProbeSkip : unsigned {
   kProbeNoExchange = 1,   // the cluster path does not exchange statistics (no cluster barrier)
   kProbeNoRowTail = 2,    // thread 0 does not compute the row's term (sweep 2 gets zero coefficients)
   kProbeNoSweep2 = 4,     // no gradient is written
   kProbeCopySweep2 = 8,   // sweep 2 writes the logits unchanged instead of their gradient
+  kProbePushExchange = 16,  // an alternative, same results: each CTA pushes its statistics into its peers' shared
+                            // memory before the cluster barrier and merges them locally; no closing barrier
 };
+constexpr int kProbeMaxCluster = 8;  // the push exchange's slots per CTA
 struct PpoProbe {
   unsigned long long* stamps;
   unsigned skip;

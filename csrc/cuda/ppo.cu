@@ -85,6 +85,11 @@ __global__ void __launch_bounds__(512, 2)
       rank = static_cast<int>(cg::this_cluster().block_rank());
       csize = static_cast<int>(cg::this_cluster().num_blocks());
       row = blockIdx.x / csize;
+      if constexpr (kProbe) {
+        // the push exchange writes into the peers' shared memory, which exists once every CTA has started
+        // (waited for before the first push)
+        if (probe_skips(probe, kProbePushExchange)) __cluster_barrier_arrive_relaxed();
+      }
     }
 #endif
     const T* x = row_ptr(logits, row, rows_inner, stride_b, stride_t);
@@ -112,8 +117,29 @@ __global__ void __launch_bounds__(512, 2)
     st = block_stats_reduce(st, c);  // ends with __syncthreads: the cache is visible to the whole CTA
     if constexpr (kProbe) probe_mark(probe, kProbeSweep1);
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+    if constexpr (kCluster && kProbe) {
+      if (probe_skips(probe, kProbePushExchange)) {
+        // the probe's alternative exchange: thread 0 pushes this CTA's statistics into slot `rank` of every
+        // peer (remote stores, nothing waited on), the barrier publishes them (release / acquire), and each CTA
+        // merges its own slots in rank order (the same bits). No CTA touches a peer after that barrier, so none
+        // waits again before exiting; the barrier phase it saves at the end is spent at the start instead (the
+        // peers must have started before the pushes), where every CTA has long arrived by the time it waits.
+        __shared__ RowStats pushed[kProbeMaxCluster];
+        __cluster_barrier_wait();  // every peer has started (arrived at its start, above)
+        if (threadIdx.x == 0) {
+          for (int r = 0; r < csize; ++r) *cg::this_cluster().map_shared_rank(&pushed[rank], r) = st;
+        }
+        cg::this_cluster().sync();
+        probe_mark(probe, kProbeSynced);
+        if (threadIdx.x == 0) {
+          RowStats total = stats_init();
+          for (int r = 0; r < csize; ++r) total = stats_merge(total, pushed[r], c);
+          st = total;
+        }
+      }
+    }
     if constexpr (kCluster) {
-      if (!probe_skips(probe, kProbeNoExchange)) {
+      if (!probe_skips(probe, kProbeNoExchange) && !probe_skips(probe, kProbePushExchange)) {
         if (threadIdx.x == 0) partial = st;
         cg::this_cluster().sync();
         if constexpr (kProbe) probe_mark(probe, kProbeSynced);
@@ -133,7 +159,7 @@ __global__ void __launch_bounds__(512, 2)
     }
 #endif
     if constexpr (kProbe) {
-      if (!kCluster || probe_skips(probe, kProbeNoExchange)) probe_mark(probe, kProbeSynced);
+      if (!kCluster || probe_skips(probe, kProbeNoExchange)) probe_mark(probe, kProbeSynced);  // (no barrier)
       probe_mark(probe, kProbeMerged);
     }
     const bool valid = y != p.ignore_index;
@@ -176,7 +202,8 @@ __global__ void __launch_bounds__(512, 2)
     }
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
     if constexpr (kCluster) {
-      if (!probe_skips(probe, kProbeNoExchange)) __cluster_barrier_wait();  // every peer has read `partial` (arrived above)
+      // every peer has read `partial` (arrived above)
+      if (!probe_skips(probe, kProbeNoExchange) && !probe_skips(probe, kProbePushExchange)) __cluster_barrier_wait();
     }
 #endif
     if constexpr (kProbe) {
@@ -529,7 +556,9 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
                                 grad_stride_b, grad_stride_t, vocab, params, stream);
     }
     if (probe != nullptr) {
-      if ((probe->skip & kProbeCopySweep2) && plan.path != PpoPath::kCluster) return cudaErrorNotSupported;
+      const bool cluster_only = probe->skip & (kProbeCopySweep2 | kProbePushExchange);
+      if (cluster_only && plan.path != PpoPath::kCluster) return cudaErrorNotSupported;
+      if ((probe->skip & kProbePushExchange) && plan.cluster > kProbeMaxCluster) return cudaErrorNotSupported;
       return launch_ppo_rows<T, true>(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t,
                                       grad_stride_b, grad_stride_t, vocab, params, *probe, stream);
     }
