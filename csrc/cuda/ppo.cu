@@ -32,6 +32,9 @@
 //             until a GPU run times it against kCluster.
 // With RLHF_KERNELS_CUDA_PREFETCH=1 the on-chip paths fill their shared-memory slice with cp.async,
 // kPrefetchDepth groups of 4 vectors in flight per thread (row_prefetch.cuh); same results, bit for bit.
+// Without an entropy bonus (entropy_coef = 0, G_H = 0 in every row) the launch takes ppo_fwd_kernel<..., kNoEntropy>,
+// whose sweep 2 uses LogprobGradNoEntropy: the same values, 296 instead of 392 instructions per iteration of the
+// bf16 loop on sm_90 (benchmarks/sass_report.py).
 // ppo_fwd_kernel<T, kCluster, kProbe = true> is the probe (ppo_probe.cuh, benchmarks/probe_ppo.py): the same
 // kernel with per-CTA phase stamps and stages that can be left out; the production instantiations compile to the
 // same SASS as without it (checked with cuobjdump when it was added).
@@ -53,7 +56,9 @@ using namespace detail;
 namespace cg = cooperative_groups;
 
 // kProbe: the probe instantiation (ppo_probe.cuh): stamps and skipped stages, for benchmarks/probe_ppo.py only.
-template <typename T, bool kCluster, bool kProbe = false>
+// kNoEntropy: the launch's entropy coefficient is 0, so sweep 2 takes LogprobGradNoEntropy (row_grad.cuh; the same
+// values, three instructions fewer per column).
+template <typename T, bool kCluster, bool kProbe = false, bool kNoEntropy = false>
 __global__ void __launch_bounds__(512, 2)
     ppo_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, PpoOutputs io,
                    T* __restrict__ grad, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
@@ -183,9 +188,15 @@ __global__ void __launch_bounds__(512, 2)
         const LogprobGrad f = make_logprob_grad(tok[0], tok[1], tok[2], tok[3], p.inv_t);
         // cache element i holds column i + k_lo·kVec - pre: src[c] below is that element
         const T* src = in_smem ? reinterpret_cast<const T*>(cache) - (k_lo * kVec - rv.pre) : x;
-        if constexpr (kProbe && kCluster) {  // (the non-cluster kernel spills with the copy's select: refused there)
+        if constexpr (kProbe && kCluster) {  // (cluster only: the other kernel spilled with the copy's select)
           const bool copy = probe_skips(probe, kProbeCopySweep2);
-          write_row_range(dx, src, c_lo, c_hi, copy ? 1.f : p.inv_t, y, threadIdx.x, blockDim.x, ProbeGrad{f, copy},
+          const auto g = [&] {
+            if constexpr (kNoEntropy) return ProbeGrad<LogprobGradNoEntropy>{LogprobGradNoEntropy(f), copy};
+            else return ProbeGrad<LogprobGrad>{f, copy};
+          }();
+          write_row_range(dx, src, c_lo, c_hi, copy ? 1.f : p.inv_t, y, threadIdx.x, blockDim.x, g, reverse_sweep2);
+        } else if constexpr (kNoEntropy) {
+          write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, LogprobGradNoEntropy(f),
                           reverse_sweep2);
         } else {
           write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f, reverse_sweep2);
@@ -488,8 +499,9 @@ PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, 
 
 namespace {
 
-// Launches ppo_fwd_kernel<T, ·, kProbe> for a kGlobal / kShared / kCluster / kL2 plan (kPipe has its own kernel).
-template <typename T, bool kProbe>
+// Launches ppo_fwd_kernel<T, ·, kProbe, kNoEntropy> for a kGlobal / kShared / kCluster / kL2 plan (kPipe has its own
+// kernel).
+template <typename T, bool kProbe, bool kNoEntropy>
 cudaError_t launch_ppo_rows(const PpoPlan& plan, int64_t per_cta, const T* x, const int64_t* targets,
                             const PpoOutputs& io, T* dx, int64_t rows, int64_t rows_inner, int64_t stride_b,
                             int64_t stride_t, int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab,
@@ -502,7 +514,7 @@ cudaError_t launch_ppo_rows(const PpoPlan& plan, int64_t per_cta, const T* x, co
   const size_t smem = in_smem || plan.path == PpoPath::kL2 ? static_cast<size_t>(plan.smem_bytes) : 0;
   const bool reverse = plan.path == PpoPath::kL2;
   if (plan.path != PpoPath::kCluster) {
-    const auto kernel = ppo_fwd_kernel<T, false, kProbe>;
+    const auto kernel = ppo_fwd_kernel<T, false, kProbe, kNoEntropy>;
     if (smem > 48 * 1024) {
       const cudaError_t err =
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -513,7 +525,7 @@ cudaError_t launch_ppo_rows(const PpoPlan& plan, int64_t per_cta, const T* x, co
         in_smem, prefetch, reverse, probe);
     return cudaGetLastError();
   }
-  const auto kernel = ppo_fwd_kernel<T, true, kProbe>;
+  const auto kernel = ppo_fwd_kernel<T, true, kProbe, kNoEntropy>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err == cudaSuccess && plan.cluster > 8) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
@@ -555,15 +567,19 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
       return launch_ppo_pipe<T>(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t,
                                 grad_stride_b, grad_stride_t, vocab, params, stream);
     }
+    // no entropy bonus: every row's G_H is 0 (or NaN with its weight, which the full formula gives too)
+    const bool no_entropy = dx != nullptr && params.entropy_coef == 0.f;
     if (probe != nullptr) {
       const bool cluster_only = probe->skip & (kProbeCopySweep2 | kProbePushExchange);
       if (cluster_only && plan.path != PpoPath::kCluster) return cudaErrorNotSupported;
       if ((probe->skip & kProbePushExchange) && plan.cluster > kProbeMaxCluster) return cudaErrorNotSupported;
-      return launch_ppo_rows<T, true>(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t,
-                                      grad_stride_b, grad_stride_t, vocab, params, *probe, stream);
+      const auto launch = no_entropy ? launch_ppo_rows<T, true, true> : launch_ppo_rows<T, true, false>;
+      return launch(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t, grad_stride_b,
+                    grad_stride_t, vocab, params, *probe, stream);
     }
-    return launch_ppo_rows<T, false>(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t,
-                                     grad_stride_b, grad_stride_t, vocab, params, NoProbe{}, stream);
+    const auto launch = no_entropy ? launch_ppo_rows<T, false, true> : launch_ppo_rows<T, false, false>;
+    return launch(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t, grad_stride_b,
+                  grad_stride_t, vocab, params, NoProbe{}, stream);
   });
 }
 

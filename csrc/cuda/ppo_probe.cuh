@@ -59,11 +59,12 @@ __device__ __forceinline__ void probe_mark(const PpoProbe& probe, int slot) {
   }
 }
 
-// Sweep 2's column function in the probe: the log-prob gradient, or under kProbeCopySweep2 the cached logit
-// written back unchanged (with inv_t = 1), the gradient's arithmetic left out and every load and store kept.
-// One function with a select, not a second write_row_range: a second copy of the loop spilled (16 bytes of stack).
+// Sweep 2's column function in the probe: the log-prob gradient F, or under kProbeCopySweep2 the cached logit written
+// back unchanged (with inv_t = 1), the gradient's arithmetic left out and every load and store kept. One function with
+// a select, not a second write_row_range: a second copy of the loop spilled (16 bytes of stack).
+template <typename F>
 struct ProbeGrad {
-  LogprobGrad grad;
+  F grad;
   bool copy;
   __device__ __forceinline__ float operator()(float z, bool is_target) const {
     return copy ? z : grad(z, is_target);

@@ -162,7 +162,10 @@ int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const floa
                     float* lse) {
   // cache_mode: 0 kGlobal (sweep 2 re-reads the logits), 1 the slice cached by the register sweep's sink,
   // 2 the slice copied by sweep_row_stats_prefetch (RLHF_KERNELS_CUDA_PREFETCH=1), 3 kL2 (kGlobal with the
-  // second sweep walking each thread's vectors backwards)
+  // second sweep walking each thread's vectors backwards); plus 4: sweep 2 through LogprobGradNoEntropy, as the
+  // kernel's kNoEntropy launch (entropy_coef = 0; G_H is then 0 for every row)
+  const bool no_entropy = (cache_mode & 4) != 0;
+  cache_mode &= 3;
   const bool in_smem = cache_mode == 1 || cache_mode == 2;
   constexpr int kVec = Vec<T>::kSize;
   const float c = inv_t * kLog2e;
@@ -211,7 +214,11 @@ int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const floa
         if (!valid) {
           zero_row_range(dx, c_lo, c_hi, t, threads);
         } else {
-          write_row_range(dx, src, c_lo, c_hi, inv_t, y, t, threads, f, cache_mode == 3);
+          if (no_entropy) {
+            write_row_range(dx, src, c_lo, c_hi, inv_t, y, t, threads, LogprobGradNoEntropy(f), cache_mode == 3);
+          } else {
+            write_row_range(dx, src, c_lo, c_hi, inv_t, y, t, threads, f, cache_mode == 3);
+          }
         }
       }
     }

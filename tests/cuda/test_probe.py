@@ -76,13 +76,15 @@ def test_the_probe_is_the_production_kernel_bit_for_bit_and_stamps_every_cta(pat
         pytest.skip(f"{path} cannot run for V = {v} {dtype} on this GPU")
     n = 37
     t = _inputs(n, v, dtype)
-    production = [o for o in torch.ops.rlhf_kernels_C.ppo_fwd(*probe_ppo._args(t, True, CUDA_PPO_PATHS[path]))
-                  if o.numel()]
-    stamps = torch.zeros((n * plan[1], pa.SLOTS), dtype=torch.int64, device="cuda")
-    probed = [o for o in _probe(t, path, stamps, 0) if o.numel()]
-    assert len(probed) == len(production) == 7
-    for a, b in zip(probed, production):
-        assert torch.equal(a, b)
+    code = CUDA_PPO_PATHS[path]
+    for entropy_coef in (0.01, 0.0):  # the full gradient formula, then the no-entropy kernels (kNoEntropy)
+        args = probe_ppo._args(t, True, code, entropy_coef)
+        production = [o for o in torch.ops.rlhf_kernels_C.ppo_fwd(*args) if o.numel()]
+        stamps = torch.zeros((n * plan[1], pa.SLOTS), dtype=torch.int64, device="cuda")
+        probed = [o for o in _ext.load().ppo_fwd_probe(*args, stamps, 0) if o.numel()]
+        assert len(probed) == len(production) == 7
+        for a, b in zip(probed, production):
+            assert torch.equal(a, b)
     if path == "cluster" and plan[1] <= 8:  # the alternative exchange keeps the results, bit for bit
         pushed = [o for o in _probe(t, path, None, pa.PUSH_EXCHANGE) if o.numel()]
         for a, b in zip(pushed, production):

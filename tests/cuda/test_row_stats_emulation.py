@@ -162,6 +162,32 @@ def test_logprobs_sweep_every_alignment(emu, V, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cluster,in_smem", ((1, False), (4, True)), ids=("global", "cluster4"))
+def test_fused_ppo_gradient_without_entropy_is_the_full_formulas(emu, cluster, in_smem, dtype):
+    # ppo.cu's kNoEntropy launches (entropy_coef = 0, so G_H = 0 in every row): LogprobGradNoEntropy drops the
+    # entropy term's select and fma and must give what LogprobGrad gives there, bit for bit, -inf and NaN logits too
+    for V, offset in ((50257, 3), (4097, 1), (9, 5)):
+        x = at_offset(random_logits(4, V, dtype, seed=V + 11), offset)
+        x[1, ::7] = float("-inf")  # p = 0 exactly: the full formula's select guards 0·(-inf) there
+        x[2, 3] = float("nan")
+        y = random_targets(4, V, seed=V + 11)
+        g_logp = upstream(4, seed=V + 5)[0]
+        g_logp[3] = 0.0  # a token whose upstream gradient is zero: dz = p·0
+        g_ent = torch.zeros(4)
+        kw = dict(temperature=0.9, threads=64, cluster=cluster, in_smem=in_smem)
+        lean, outs = emulate_fused(emu, x, y, g_logp, g_ent, no_entropy=True, **kw)
+        full, outs_full = emulate_fused(emu, x, y, g_logp, g_ent, **kw)
+        assert torch.equal(lean.nan_to_num(nan=7.0), full.nan_to_num(nan=7.0))
+        assert torch.equal(lean.isnan(), full.isnan()) and not lean[[0, 1, 3]].isnan().any()
+        assert lean[2].isnan().all() or y[2] == IGNORE  # the NaN logit's row: NaN, unless its token is ignored
+        for a, b in zip(outs, outs_full):
+            assert torch.equal(a.nan_to_num(nan=7.0), b.nan_to_num(nan=7.0))
+        ok = torch.tensor([0, 1, 3])
+        g64, gl = _grad_oracle(x[ok], y[ok], 0.9, g_logp[ok], g_ent[ok], op_torch=True)
+        assert_matches_oracle(lean[ok], gl, g64, dtype, "dlogits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("threads", (32, 64, 512))
 def test_logprobs_sweep_thread_counts_and_temperature(emu, threads, dtype):
     V = 50257
@@ -376,14 +402,14 @@ def test_logprobs_backward_extreme_logits(emu, dtype):
 
 
 def emulate_fused(lib, x, y, g_logp, g_ent, *, temperature=1.0, threads=128, cluster=1, in_smem=True, grad_offset=0,
-                  prefetch=False, reverse=False):
+                  prefetch=False, reverse=False, no_entropy=False):
     rows, stride = _rows(x)
     grad = grad_buffer_like(x, grad_offset)
     out = [torch.full((rows,), float("nan")) for _ in range(3)]
+    mode = (3 if reverse else 2 if prefetch else int(in_smem)) | (4 if no_entropy else 0)
     rc = lib.rk_emulate_fused_grad(DTYPE_CODE[x.dtype], grad.data_ptr(), x.data_ptr(), y.data_ptr(), g_logp.data_ptr(),
                                    g_ent.data_ptr(), rows, stride, grad.stride(0), x.shape[1], 1.0 / temperature,
-                                   IGNORE, threads, cluster, 3 if reverse else 2 if prefetch else int(in_smem),
-                                   *(o.data_ptr() for o in out))
+                                   IGNORE, threads, cluster, mode, *(o.data_ptr() for o in out))
     assert rc == 0
     assert_only_rows_written(grad)
     return grad, out
