@@ -34,7 +34,7 @@
 // kPrefetchDepth groups of 4 vectors in flight per thread (row_prefetch.cuh); same results, bit for bit.
 // Without an entropy bonus (entropy_coef = 0, G_H = 0 in every row) the launch takes ppo_fwd_kernel<..., kNoEntropy>,
 // whose sweep 2 uses LogprobGradNoEntropy: the same values, 296 instead of 392 instructions per iteration of the
-// bf16 loop on sm_90 (benchmarks/sass_report.py).
+// bf16 loop on sm_90 (benchmarks/sass_report.py; 272 with write_row_range's loop specialised on alignment).
 // ppo_fwd_kernel<T, kCluster, kProbe = true> is the probe (ppo_probe.cuh, benchmarks/probe_ppo.py): the same
 // kernel with per-CTA phase stamps and stages that can be left out; the production instantiations compile to the
 // same SASS as without it (checked with cuobjdump when it was added).

@@ -10,6 +10,8 @@
 // so nothing outside the range is touched (neighbouring CTAs own the rest of such a vector).
 #pragma once
 
+#include <type_traits>
+
 #include "row_stats.cuh"
 
 namespace rlhf_kernels {
@@ -116,10 +118,10 @@ RK_HD void write_row_range(T* __restrict__ dst_row, const T* __restrict__ src_ro
   constexpr int kVec = Vec<T>::kSize;
   const DstVecs dv = dst_vecs(dst_row, c_lo, c_hi);
   const bool aligned = co_aligned(src_row, dst_row);
-  const auto write_vec = [&](int64_t k, bool whole) {
+  const auto write_vec = [&](int64_t k, bool whole, bool src_aligned) {
     const int64_t c0 = k * kVec - dv.pre;
     float z[kVec];
-    load_cols(src_row, c0, whole, aligned, c_lo, c_hi, inv_t, 0.f, z);
+    load_cols(src_row, c0, whole, src_aligned, c_lo, c_hi, inv_t, 0.f, z);
     const int64_t jt = target - c0;
     if (jt >= 0 && jt < kVec) {
 #pragma unroll
@@ -131,19 +133,31 @@ RK_HD void write_row_range(T* __restrict__ dst_row, const T* __restrict__ src_ro
     store_cols(dst_row, c0, whole, c_lo, c_hi, z);
   };
   // the partial vectors, at most one at each end: the head by thread 0, the tail by thread step - 1
-  if (first == 0 && dv.k_lo < dv.whole_lo) write_vec(dv.k_lo, false);
-  if (first == step - 1 && dv.whole_hi < dv.k_hi) write_vec(dv.k_hi - 1, false);
+  if (first == 0 && dv.k_lo < dv.whole_lo) write_vec(dv.k_lo, false, aligned);
+  if (first == step - 1 && dv.whole_hi < dv.k_hi) write_vec(dv.k_hi - 1, false, aligned);
   if (reverse) {
     const int64_t n = dv.whole_hi - dv.whole_lo;  // this thread's vectors: whole_lo + first + i·step < whole_hi
     if (first >= n) return;
 #pragma unroll 2
     for (int64_t k = dv.whole_lo + first + (n - 1 - first) / step * step; k >= dv.whole_lo; k -= step) {
-      write_vec(k, true);
+      write_vec(k, true, aligned);
     }
     return;
   }
+  // The whole vectors, in a loop compiled for the source's alignment: with `aligned` a runtime value inside the
+  // loop, nvcc predicated both loads into every iteration, the eight element loads and their packing (12
+  // instructions per bf16 vector) issued, switched off, beside the one 16-byte load. (Not for the reverse walk
+  // above, kL2's opt-in: a fourth copy of the loop spilled registers in the non-cluster PPO kernel.)
+  const auto whole_vecs = [&](auto src_aligned) {
+    constexpr bool kAligned = decltype(src_aligned)::value;
 #pragma unroll 2
-  for (int64_t k = dv.whole_lo + first; k < dv.whole_hi; k += step) write_vec(k, true);
+    for (int64_t k = dv.whole_lo + first; k < dv.whole_hi; k += step) write_vec(k, true, kAligned);
+  };
+  if (aligned) {
+    whole_vecs(std::true_type{});
+  } else {
+    whole_vecs(std::false_type{});
+  }
 }
 
 // dst_row[c] = 0 for c in [c_lo, c_hi) (ignored tokens: the logits are not read).
