@@ -52,7 +52,7 @@ build: $(STAMPS)/build
 gpu:
 	OUT=$${OUT:-$(CURDIR)/gpu_out} PYTHON=$${PYTHON:-python3} bash benchmarks/gpu_suite.sh
 
-# A short lent-GPU session in one call: what closes open issues first (setup, headline, fused-linear
+# A short lent-GPU session in one call: what closes open issues first (setup, headline, the fused PPO probe, fused-linear
 # headline, pytest -m gpu, sanitize, profile), stages skipped or cut to end within GPU_DEADLINE seconds
 # (default 540). On the lent tool: TAR_OUT=$OUT/g.tgz OUT=/tmp/g GPU_DEADLINE=540 make gpu-quick
 .PHONY: gpu-quick

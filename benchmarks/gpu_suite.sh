@@ -48,8 +48,8 @@
 #             again for the compile rows, then coverage
 #   all       setup tests bench                 (the default)
 #   priority  what closes open issues fastest, for a short lent-GPU session (make gpu-quick), in order:
-#             setup, headline at 8192x151936 only (unless HEADLINE_SHAPES is set), tune-cuda, linear-headline,
-#             tests, sanitize (memcheck, then racecheck and synccheck), tune-triton, profile, then grid; with
+#             setup, headline at 8192x151936 only (unless HEADLINE_SHAPES is set), probe, tune-cuda, linear-headline,
+#             tests, sanitize (memcheck, then racecheck and synccheck), tune-triton, profile, stalls, then grid; with
 #             GPU_DEADLINE the later ones are skipped or cut when too little time is left
 #
 # GPU_DEADLINE=<seconds from the script's start> (default: none) bounds the whole run: a stage is
@@ -400,6 +400,7 @@ run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part;
     priority)
       run_stage setup
       run_stage headline 8192x151936
+      run_stage probe
       run_stage tune-cuda
       run_stage linear-headline
       run_stage tests
@@ -407,6 +408,7 @@ run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part;
       run_stage sanitize racecheck synccheck
       run_stage tune-triton
       run_stage profile
+      run_stage stalls
       run_stage grid  # time left: the grid's gaps (issue 5)
       return ;;
   esac
