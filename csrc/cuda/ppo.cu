@@ -33,8 +33,8 @@
 // With RLHF_KERNELS_CUDA_PREFETCH=1 the on-chip paths fill their shared-memory slice with cp.async,
 // kPrefetchDepth groups of 4 vectors in flight per thread (row_prefetch.cuh); same results, bit for bit.
 // Without an entropy bonus (entropy_coef = 0, G_H = 0 in every row) the launch takes ppo_fwd_kernel<..., kNoEntropy>,
-// whose sweep 2 uses LogprobGradNoEntropy: the same values, 296 instead of 392 instructions per iteration of the
-// bf16 loop on sm_90 (benchmarks/sass_report.py; 272 with write_row_range's loop specialised on alignment).
+// whose sweep 2 uses LogprobGradNoEntropy: the same values, 3 instructions fewer per value (bf16 on sm_90, with
+// write_row_range's other savings: 8.6 instructions per value against 11.6 with the entropy term; benchmarks/sass_report.py).
 // ppo_fwd_kernel<T, kCluster, kProbe = true> is the probe (ppo_probe.cuh, benchmarks/probe_ppo.py): the same
 // kernel with per-CTA phase stamps and stages that can be left out; the production instantiations compile to the
 // same SASS as without it (checked with cuobjdump when it was added).
