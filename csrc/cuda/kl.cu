@@ -9,6 +9,7 @@
 //   dz = g·p·(log p - log q - KL) / T,   dr = g·(q - p) / T   (when wanted)
 // Same formulas as rlhf_kernels/triton/kl.py: q = 0 where p > 0 gives KL = +inf, NaN logits
 // propagate to their row; terms whose p underflows to 0 contribute 0 (as in the reference).
+#include "kl_grad.cuh"
 #include "kl_stats.cuh"
 #include "row_common.cuh"
 
@@ -56,7 +57,6 @@ __global__ void __launch_bounds__(256) kl_bwd_kernel(T* __restrict__ grad_z, T* 
                                                      int64_t ref_stride_t, int64_t gz_stride_b, int64_t gz_stride_t,
                                                      int64_t gr_stride_b, int64_t gr_stride_t, int64_t vocab,
                                                      float inv_t, int64_t cols_per_cta) {
-  constexpr int kVec = Vec<T>::kSize;
   const int64_t row = blockIdx.x;
   const int64_t c_lo = static_cast<int64_t>(blockIdx.y) * cols_per_cta;
   const int64_t c_hi = c_lo + cols_per_cta < vocab ? c_lo + cols_per_cta : vocab;
@@ -64,31 +64,10 @@ __global__ void __launch_bounds__(256) kl_bwd_kernel(T* __restrict__ grad_z, T* 
   const T* xr = row_ptr(ref_logits, row, rows_inner, ref_stride_b, ref_stride_t);
   T* dz_row = row_ptr(grad_z, row, rows_inner, gz_stride_b, gz_stride_t);
   T* dr_row = kRefGrad ? row_ptr(grad_r, row, rows_inner, gr_stride_b, gr_stride_t) : nullptr;
-  // co-aligned in practice (fresh allocations of one shape); if not, dr takes scalar stores
-  const bool dr_vec = kRefGrad && co_aligned(dr_row, dz_row);
   const float g = grad[row] * inv_t;
   const float klv = kl[row], lz = lse_z[row], lr = lse_r[row];
-  const DstVecs dv = dst_vecs(dz_row, c_lo, c_hi);
-  const bool x_aligned = co_aligned(x, dz_row), r_aligned = co_aligned(xr, dz_row);
-#pragma unroll 2
-  for (int64_t k = dv.k_lo + threadIdx.x; k < dv.k_hi; k += blockDim.x) {
-    const int64_t c0 = k * kVec - dv.pre;
-    const bool whole = c0 >= c_lo && c0 + kVec <= c_hi;
-    float z[kVec], r[kVec], dz[kVec];
-    load_cols(x, c0, whole, x_aligned, c_lo, c_hi, inv_t, 0.f, z);
-    load_cols(xr, c0, whole, r_aligned, c_lo, c_hi, inv_t, 0.f, r);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const float lp = z[j] - lz;
-      const float lq = r[j] - lr;
-      const float p = exp2_ftz(lp * kLog2e);
-      float d = p > 0.f ? g * p * (lp - lq - klv) : 0.f;
-      dz[j] = lp != lp ? lp : d;  // NaN logits stay NaN
-      if constexpr (kRefGrad) r[j] = g * (exp2_ftz(lq * kLog2e) - p);
-    }
-    store_cols(dz_row, c0, whole, c_lo, c_hi, dz);
-    if constexpr (kRefGrad) store_cols(dr_row, c0, whole && dr_vec, c_lo, c_hi, r);
-  }
+  write_kl_grad_range<T, kRefGrad>(dz_row, dr_row, x, xr, c_lo, c_hi, threadIdx.x, blockDim.x, g, klv, lz, lr,
+                                   inv_t);
 }
 
 }  // namespace

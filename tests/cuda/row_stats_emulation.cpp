@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kl_grad.cuh"
 #include "kl_stats.cuh"
 #include "row_grad.cuh"
 #include "row_pipeline.cuh"
@@ -126,6 +127,32 @@ int kl_rows(const T* logits, const T* ref_logits, int64_t rows, int64_t row_stri
     lse_r[row] = r.lse_r;
   }
   return 0;
+}
+
+// The KL backward (kl.cu): CTA (row, split) writes columns [split·cols, (split+1)·cols) of dz (and dr when
+// grad_r is not null) with `threads` threads, from the forward's kl, lse_z and lse_r; g = the upstream gradient.
+template <typename T>
+void kl_bwd_rows(T* grad_z, T* grad_r, const T* logits, const T* ref_logits, const float* g, const float* kl,
+                 const float* lse_z, const float* lse_r, int64_t rows, int64_t row_stride, int64_t ref_row_stride,
+                 int64_t grad_row_stride, int64_t vocab, float inv_t, int64_t cols_per_cta, int threads) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* x = logits + row * row_stride;
+    const T* xr = ref_logits + row * ref_row_stride;
+    T* dz = grad_z + row * grad_row_stride;
+    T* dr = grad_r != nullptr ? grad_r + row * grad_row_stride : nullptr;
+    for (int64_t c_lo = 0; c_lo < vocab; c_lo += cols_per_cta) {
+      const int64_t c_hi = std::min(c_lo + cols_per_cta, vocab);
+      for (int t = 0; t < threads; ++t) {
+        if (dr != nullptr) {
+          write_kl_grad_range<T, true>(dz, dr, x, xr, c_lo, c_hi, t, threads, g[row] * inv_t, kl[row], lse_z[row],
+                                       lse_r[row], inv_t);
+        } else {
+          write_kl_grad_range<T, false>(dz, dr, x, xr, c_lo, c_hi, t, threads, g[row] * inv_t, kl[row],
+                                        lse_z[row], lse_r[row], inv_t);
+        }
+      }
+    }
+  }
 }
 
 // The logprobs backward: CTA (row, split) writes columns [split·cols, (split+1)·cols) with `threads` threads.
@@ -353,6 +380,20 @@ extern "C" int rk_emulate_kl(int dtype, const void* logits, const void* ref_logi
     using T = decltype(tag);
     return kl_rows(static_cast<const T*>(logits), static_cast<const T*>(ref_logits), rows, row_stride,
                    ref_row_stride, vocab, inv_t, threads, kl, lse_z, lse_r);
+  });
+}
+
+extern "C" int rk_emulate_kl_bwd(int dtype, void* grad_z, void* grad_r, const void* logits, const void* ref_logits,
+                                 const float* g, const float* kl, const float* lse_z, const float* lse_r, int64_t rows,
+                                 int64_t row_stride, int64_t ref_row_stride, int64_t grad_row_stride, int64_t vocab,
+                                 float inv_t, int64_t cols_per_cta, int threads) {
+  if (bad_launch(threads, 1) || vocab < 1 || cols_per_cta < 1) return 2;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    kl_bwd_rows(static_cast<T*>(grad_z), static_cast<T*>(grad_r), static_cast<const T*>(logits),
+                static_cast<const T*>(ref_logits), g, kl, lse_z, lse_r, rows, row_stride, ref_row_stride,
+                grad_row_stride, vocab, inv_t, cols_per_cta, threads);
+    return 0;
   });
 }
 

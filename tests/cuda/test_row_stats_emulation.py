@@ -86,12 +86,14 @@ def emu(request, tmp_path_factory):
     lib.rk_emulate_kl.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, i64, f32, ctypes.c_int, ptr, ptr, ptr]
     lib.rk_emulate_logprobs_bwd.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
                                             i64, i64, ctypes.c_int]
+    lib.rk_emulate_kl_bwd.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
+                                      f32, i64, ctypes.c_int]
     lib.rk_emulate_fused_grad.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, i64,
                                           ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr]
     lib.rk_emulate_fused_grad_pipe.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, i64,
                                                ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr]
     for fn in (lib.rk_emulate_logprobs, lib.rk_emulate_kl, lib.rk_emulate_logprobs_bwd, lib.rk_emulate_fused_grad,
-               lib.rk_emulate_fused_grad_pipe):
+               lib.rk_emulate_fused_grad_pipe, lib.rk_emulate_kl_bwd):
         fn.restype = ctypes.c_int
     return lib
 
@@ -373,6 +375,49 @@ def check_logprobs_backward(lib, x, y, *, temperature=1.0, threads=256, cols_per
     assert_only_rows_written(grad)
     g64, gl = _grad_oracle(x, y, temperature, g_logp, g_ent, op_torch=op_torch)
     assert_matches_oracle(grad, gl, g64, x.dtype, "dlogits")
+
+
+def check_kl_backward(lib, x, r, *, temperature=1.0, threads=256, cols_per_cta=None, grad_offset=0,
+                      ref_grad=False):
+    """kl.cu's backward (write_kl_grad_range) against the float64 oracle's gradients of Σ g·KL."""
+    rows, stride = _rows(x)
+    _, ref_stride = _rows(r)
+    V = x.shape[1]
+    kl, lse_z, lse_r = emulate_kl(lib, x, r, temperature=temperature)
+    g = upstream(rows, seed=V + 17)[0]
+    gz = grad_buffer_like(x, grad_offset)
+    gr = grad_buffer_like(x, grad_offset) if ref_grad else None
+    cols = cols_per_cta or 256 * 8 * VEC[x.dtype]  # the kernel's split (row_common.cuh: split_grid)
+    rc = lib.rk_emulate_kl_bwd(DTYPE_CODE[x.dtype], gz.data_ptr(), gr.data_ptr() if ref_grad else None, x.data_ptr(),
+                               r.data_ptr(), g.data_ptr(), kl.data_ptr(), lse_z.data_ptr(), lse_r.data_ptr(), rows,
+                               stride, ref_stride, gz.stride(0), V, 1.0 / temperature, cols, threads)
+    assert rc == 0
+    assert_only_rows_written(gz)
+
+    def oracle(a, b):
+        a, b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        (reference.kl_divergence(a, b, temperature=temperature).double() * g.double()).sum().backward()
+        return a.grad, b.grad
+
+    (gz64, gr64), (gzl, grl) = oracle(x.double(), r.double()), oracle(x, r)
+    assert_matches_oracle(gz, gzl, gz64, x.dtype, "dlogits")
+    if ref_grad:
+        assert_only_rows_written(gr)
+        assert_matches_oracle(gr, grl, gr64, x.dtype, "dref")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", (1, 7, 9, 4097, 50257))
+def test_kl_backward_alignments_splits_and_reference_gradient(emu, V, dtype):
+    # the frozen reference's loop (head / tail partial vectors, then whole ones compiled for co-aligned inputs) and
+    # the reference-gradient one, at every row alignment, a reference row at another alignment, several CTA splits
+    x = random_logits(3, V, dtype, seed=V + 40)
+    r = (x.float() + random_logits(3, V, torch.float32, seed=V + 41, scale=0.7)).to(dtype)
+    for offset in range(0, VEC[dtype], 3):
+        xo = at_offset(x, offset)
+        check_kl_backward(emu, xo, at_offset(r, offset), temperature=0.9, threads=64, grad_offset=offset)
+        check_kl_backward(emu, xo, at_offset(r, offset + 1), cols_per_cta=3 * VEC[dtype] + 1, threads=32)
+        check_kl_backward(emu, xo, at_offset(r, offset), ref_grad=True, threads=32, grad_offset=offset + 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
