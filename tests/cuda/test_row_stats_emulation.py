@@ -268,6 +268,12 @@ def test_bad_launch_arguments_are_refused(emu):
 # ------------------------------------------------------------------ KL
 
 
+def random_kl_pair(V, dtype, *, seed, scale):
+    """Logits and a reference row near them (their difference ~ ``scale``), both of ``dtype``."""
+    x = random_logits(3, V, dtype, seed=seed)
+    return x, (x.float() + random_logits(3, V, torch.float32, seed=seed + 1, scale=scale)).to(dtype)
+
+
 def check_kl(lib, x, r, *, temperature=1.0, threads=128):
     kl, lse_z, lse_r = emulate_kl(lib, x, r, temperature=temperature, threads=threads)
     kl64 = reference.kl_divergence(x.double(), r.double(), temperature=temperature)
@@ -281,8 +287,7 @@ def check_kl(lib, x, r, *, temperature=1.0, threads=128):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("V", (1, 7, 9, 4097, 50257))
 def test_kl_sweep_alignments_and_non_co_aligned_reference(emu, V, dtype):
-    x = random_logits(3, V, dtype, seed=V + 2)
-    r = (x.float() + random_logits(3, V, torch.float32, seed=V + 3, scale=0.5)).to(dtype)
+    x, r = random_kl_pair(V, dtype, seed=V + 2, scale=0.5)
     for offset in range(0, VEC[dtype], 3):
         check_kl(emu, at_offset(x, offset), at_offset(r, offset), temperature=0.9, threads=32 if V < 100 else 128)
         # the reference row at another alignment: its body is read element by element
@@ -411,8 +416,7 @@ def check_kl_backward(lib, x, r, *, temperature=1.0, threads=256, cols_per_cta=N
 def test_kl_backward_alignments_splits_and_reference_gradient(emu, V, dtype):
     # the frozen reference's loop (head / tail partial vectors, then whole ones compiled for co-aligned inputs) and
     # the reference-gradient one, at every row alignment, a reference row at another alignment, several CTA splits
-    x = random_logits(3, V, dtype, seed=V + 40)
-    r = (x.float() + random_logits(3, V, torch.float32, seed=V + 41, scale=0.7)).to(dtype)
+    x, r = random_kl_pair(V, dtype, seed=V + 40, scale=0.7)
     for offset in range(0, VEC[dtype], 3):
         xo = at_offset(x, offset)
         check_kl_backward(emu, xo, at_offset(r, offset), temperature=0.9, threads=64, grad_offset=offset)
