@@ -59,8 +59,11 @@ def eager_autograd(op: Callable, impl: Callable, backward: Callable, setup_conte
     def forward(*args: Any):
         # Varargs, not impl itself: with a separate setup_context, Function.apply binds forward's signature on every
         # call (inspect.signature and bind: ~50 µs for a 19-parameter op on the CI CPU, more than the rest of
-        # apply), and `call` below has filled in the defaults already.
+        # apply), and `call` below has filled in the defaults already. The signature is precomputed too
+        # (inspect.signature returns a function's __signature__ as it is).
         return impl(*args)
+
+    forward.__signature__ = inspect.Signature([inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)])
 
     # forward without ctx and a separate setup_context: the form torch.func transforms (grad, vjp) accept
     function = type(f"Eager_{name}", (torch.autograd.Function,), {
