@@ -118,10 +118,11 @@ RK_HD void write_row_range(T* __restrict__ dst_row, const T* __restrict__ src_ro
   constexpr int kVec = Vec<T>::kSize;
   const DstVecs dv = dst_vecs(dst_row, c_lo, c_hi);
   const bool aligned = co_aligned(src_row, dst_row);
-  const auto write_vec = [&](int64_t k, bool whole, bool src_aligned) {
+  // a partial vector (head or tail of the range): element loads and stores, the target tested per column
+  const auto write_partial_vec = [&](int64_t k) {
     const int64_t c0 = k * kVec - dv.pre;
     float z[kVec];
-    load_cols(src_row, c0, whole, src_aligned, c_lo, c_hi, inv_t, 0.f, z);
+    load_cols(src_row, c0, false, aligned, c_lo, c_hi, inv_t, 0.f, z);
     const int64_t jt = target - c0;
     if (jt >= 0 && jt < kVec) {
 #pragma unroll
@@ -130,11 +131,11 @@ RK_HD void write_row_range(T* __restrict__ dst_row, const T* __restrict__ src_ro
 #pragma unroll
       for (int j = 0; j < kVec; ++j) z[j] = f(z[j], false);
     }
-    store_cols(dst_row, c0, whole, c_lo, c_hi, z);
+    store_cols(dst_row, c0, false, c_lo, c_hi, z);
   };
   // the partial vectors, at most one at each end: the head by thread 0, the tail by thread step - 1
-  if (first == 0 && dv.k_lo < dv.whole_lo) write_vec(dv.k_lo, false, aligned);
-  if (first == step - 1 && dv.whole_hi < dv.k_hi) write_vec(dv.k_hi - 1, false, aligned);
+  if (first == 0 && dv.k_lo < dv.whole_lo) write_partial_vec(dv.k_lo);
+  if (first == step - 1 && dv.whole_hi < dv.k_hi) write_partial_vec(dv.k_hi - 1);
   // This thread's whole vectors, whole_lo + first + i·step for i < count, forwards or (reverse) backwards: one loop
   // compiled per source alignment (with `aligned` a runtime value inside the loop, nvcc predicated both loads into
   // every iteration: the eight element loads and their packing, 12 instructions per bf16 vector, issued switched
