@@ -51,8 +51,8 @@ RUNTIME: tuple[Setting, ...] = (
             "the backend every op prefers (it falls back to the automatic choice where that one cannot run)",
             _reader("ops._dispatch", "preferred_backend")),
     Setting("RLHF_KERNELS_VALIDATE", "1 | async | 0", "1",
-            "the check that targets lie in [0, V): a host sync before the kernel, queued and reported by the next "
-            "op, or off (CUDA graphs; a bad target's token then gets NaN)",
+            "the check that targets lie in [0, V): a host sync (on a GPU read once the op's kernel is queued), "
+            "queued and reported by the next op, or off (CUDA graphs; a bad target's token then gets NaN)",
             _reader("ops._deferred_checks", "validation_mode")),
     Setting("RLHF_KERNELS_VIEW_GRAD", "1 | 0", "1",
             "route the gradient of a logits[:, a:a+T] view straight into its base instead of autograd's zero-fill "

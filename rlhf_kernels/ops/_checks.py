@@ -84,20 +84,32 @@ def as_rows(logits: torch.Tensor) -> torch.Tensor:
         return logits.reshape(outer, lead[-1], vocab)
 
 
-def find_bad_target(targets: torch.Tensor, vocab: int, ignore_index: int) -> Optional[tuple]:
-    """Position of the first target outside ``[0, vocab)`` that is not ``ignore_index`` (host sync).
+def target_range(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``[min, max]`` of the non-empty ``targets`` with ``ignore_index`` counted as 0, on their device (no sync).
 
-    The common answer, none, costs four small kernels and one read of two numbers: the range of the targets with
-    ``ignore_index`` counted as 0. Only a bad target pays for locating it.
+    Every target is good iff ``0 <= min`` and ``max < vocab``: three small kernels answer the common case.
+    """
+    counted = torch.where(targets == ignore_index, 0, targets)
+    return torch.stack(torch.aminmax(counted))
+
+
+def find_bad_target(targets: torch.Tensor, vocab: int, ignore_index: int, checked: bool = False) -> Optional[tuple]:
+    """Position and value of the first target outside ``[0, vocab)`` that is not ``ignore_index`` (host sync).
+
+    The common answer, none, costs ``target_range``'s kernels and one read of two numbers. Only a bad target pays
+    for locating it. ``checked``: the caller already knows from ``target_range`` that one is bad.
     """
     if targets.numel() == 0:
         return None
+    if not checked:
+        lo, hi = target_range(targets, ignore_index).tolist()  # the one host sync
+        if lo >= 0 and hi < vocab:
+            return None
     counted = torch.where(targets == ignore_index, 0, targets)
-    lo, hi = torch.stack(torch.aminmax(counted)).tolist()  # the one host sync
-    if lo >= 0 and hi < vocab:
+    hits = ((counted < 0) | (counted >= vocab)).nonzero()
+    if hits.shape[0] == 0:
         return None
-    bad = (counted < 0) | (counted >= vocab)
-    position = tuple(int(i) for i in bad.nonzero()[0].tolist())
+    position = tuple(int(i) for i in hits[0].tolist())
     return position, int(targets[position])
 
 

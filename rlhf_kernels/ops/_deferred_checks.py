@@ -1,10 +1,12 @@
 """Target checks without a host sync: ``RLHF_KERNELS_VALIDATE=async``.
 
-Why: the default check (``logprobs._validate_targets``) reads its answer on the
-host, so the CPU waits for every kernel queued so far and the GPU then idles
-while the CPU launches what comes next. On an H100 that cost 0.16 ms of a
-1.16 ms ``rk.logprobs`` call and 0.27 ms of a 1.35 ms ``rk.ppo_loss`` call
-(bf16, 8192 x 151936; ``benchmarks/results/nvidia-h100-80gb-hbm3/logs``).
+Why: the default check (``logprobs.TargetCheck``) reads its answer on the
+host, so the CPU waits for every kernel queued ahead of it; what the CPU
+launches after that runs only when it gets there. On an H100, read after the
+op's kernel, that cost 0.16 ms of a 1.16 ms ``rk.logprobs`` call and 0.27 ms of
+a 1.35 ms ``rk.ppo_loss`` call (bf16, 8192 x 151936;
+``benchmarks/results/nvidia-h100-80gb-hbm3/logs``). The default now reads it
+once the op's kernel is queued (``PendingRange``), so only the host waits.
 
 With ``async`` a check on a CUDA tensor queues three numbers instead, on the
 op's stream: whether a target is bad, the flat index of the first bad one and
@@ -39,6 +41,8 @@ MODES = {"0": "off", "1": "sync", "sync": "sync", "async": "async"}
 
 # Devices whose checks are deferred in async mode (tests add "cpu" to exercise the queue without a GPU).
 ASYNC_DEVICES: tuple[str, ...] = ("cuda",)
+# Devices whose synchronous check is read after the op's kernel is queued (``PendingRange``; tests add "cpu").
+OVERLAP_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 def validation_mode() -> str:
@@ -82,6 +86,40 @@ class _Check:
             position.append(index)
         return (bad_target_message(tuple(reversed(position)), value, self.vocab, self.ignore_index)
                 + f" (found by {ENV}=async after an earlier {self.op} call returned)")
+
+
+class PendingRange:
+    """The default (synchronous) check of one call, queued ahead of its kernel and read after it.
+
+    ``_checks.target_range`` of the targets, copied without blocking into pinned host memory behind an event.
+    The op queues its kernel, then :meth:`read` waits for that event alone, not for the kernel queued after it:
+    the GPU goes from the check straight into the kernel, while the CPU learns the answer and the error (if any)
+    still comes from the call that was given the bad target. Read before the kernel was queued, the GPU idled
+    from the check's end until the CPU had launched the kernel.
+    """
+
+    __slots__ = ("event", "host")
+
+    def __init__(self, targets: torch.Tensor, ignore_index: int):
+        from ._checks import target_range
+
+        packed = target_range(targets, ignore_index)
+        self.event = None
+        if packed.is_cuda:
+            with torch.cuda.device(packed.device):  # the copy and its event on the targets' GPU and stream
+                self.host = torch.empty(2, dtype=packed.dtype, pin_memory=True)
+                self.host.copy_(packed, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record()
+        else:
+            self.host = packed
+
+    def read(self) -> tuple[int, int]:
+        """``(min, max)`` of the targets, ``ignore_index`` counted as 0 (waits for the check, not what follows)."""
+        if self.event is not None:
+            self.event.synchronize()
+        lo, hi = self.host.tolist()
+        return lo, hi
 
 
 _QUEUE: Deque[_Check] = collections.deque()

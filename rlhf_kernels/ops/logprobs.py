@@ -67,34 +67,63 @@ def _stats_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _validate_targets(targets: torch.Tensor, vocab: int, ignore_index: int, op: str = "logprobs") -> None:
-    """``ValueError`` naming the first target outside ``[0, vocab)`` that is not ``ignore_index``.
+class TargetCheck:
+    """``with TargetCheck(targets, vocab, ignore_index, op): <queue the op's kernel>``: DESIGN §1's target check.
 
-    By default a host sync; ``RLHF_KERNELS_VALIDATE=async`` queues the check and
-    the next op reports it (``ops/_deferred_checks.py``); ``0`` skips it. The
-    ops call it *before* queueing their main kernel: the sync then waits only
-    for the work queued ahead of the op (what produced the logits and targets),
-    and everything after it (the kernel, the statistics, the loss, autograd and
-    the backward's launch) is queued while the kernel runs. Checked after the
-    kernel, the GPU sat idle while the CPU launched all of that: on an H200,
-    0.5-0.9 ms of a 1.8-2.0 ms forward + backward at bf16 8192 x 151936
-    (``benchmarks/results/nvidia-h200/logs/run3/tune_triton.log``). Every kernel
-    is safe on a bad target either way (it is never read; that token's ``logp``
-    is NaN). ``op`` names the caller in a deferred error. The mode is
-    ``deferred_checks.mode_for(targets)``'s: a host sync, queued, or none.
+    Raises ``ValueError`` naming the first target outside ``[0, vocab)`` that is not ``ignore_index``. The mode
+    is ``deferred_checks.mode_for(targets)``'s (``RLHF_KERNELS_VALIDATE``):
+
+    - ``sync`` (default), on ``deferred_checks.OVERLAP_DEVICES`` (CUDA): the check is queued on entry ahead of
+      the kernel, and its answer read on exit, after the kernel was queued (``deferred_checks.PendingRange``):
+      the host waits for the work queued ahead of the op and the check, not for the kernel, and the GPU goes
+      from the check straight into the kernel. Read on entry, the GPU idled from the check's end until the CPU
+      had launched the kernel (on an H200, bf16 8192 x 151936, ``tune_triton.log`` of run 4: validate=1 against
+      validate=async, 0.05 ms of the CUDA PPO step and 0.3 ms of Triton's). Read after a kernel the host had to
+      wait for, the GPU idled while the CPU launched everything after it (0.5-0.9 ms of a 1.8-2.0 ms forward +
+      backward, run 3). Every kernel is safe on a bad target (never read; that token's ``logp`` is NaN), so the
+      queued kernel's work on a bad batch is only thrown away with the error;
+    - ``sync`` elsewhere (CPU tensors, whose kernels run at once): checked on entry, before the kernel;
+    - ``async``: queued; a later call (or ``check_pending_targets``) reports it (``ops/_deferred_checks.py``);
+    - ``off`` (``0``): nothing. ``op`` names the caller in the error.
     """
-    mode = deferred_checks.mode_for(targets)
-    if mode == "async":
-        try:
-            deferred_checks.raise_finished()  # earlier calls' checks that have completed
-        finally:  # this call's check is queued even when an earlier one raises
-            deferred_checks.enqueue(targets, vocab, ignore_index, op)
-        return
-    if mode == "off":
-        return
-    bad = find_bad_target(targets, vocab, ignore_index)
-    if bad is not None:
-        raise ValueError(deferred_checks.bad_target_message(*bad, vocab, ignore_index))
+
+    __slots__ = ("ignore_index", "op", "pending", "targets", "vocab")
+
+    def __init__(self, targets: torch.Tensor, vocab: int, ignore_index: int, op: str = "logprobs"):
+        self.targets, self.vocab, self.ignore_index, self.op = targets, vocab, ignore_index, op
+        self.pending: Optional[deferred_checks.PendingRange] = None
+
+    def __enter__(self):
+        mode = deferred_checks.mode_for(self.targets)
+        if mode == "async":
+            try:
+                deferred_checks.raise_finished()  # earlier calls' checks that have completed
+            finally:  # this call's check is queued even when an earlier one raises
+                deferred_checks.enqueue(self.targets, self.vocab, self.ignore_index, self.op)
+        elif mode == "sync" and self.targets.numel():
+            if self.targets.device.type in deferred_checks.OVERLAP_DEVICES:
+                self.pending = deferred_checks.PendingRange(self.targets, self.ignore_index)
+            else:
+                self._raise_if_bad(find_bad_target(self.targets, self.vocab, self.ignore_index))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None and self.pending is not None:  # an error from the body wins over the check's
+            lo, hi = self.pending.read()
+            if lo < 0 or hi >= self.vocab:
+                self._raise_if_bad(find_bad_target(self.targets, self.vocab, self.ignore_index, checked=True))
+        return False
+
+    def _raise_if_bad(self, bad: Optional[tuple]) -> None:
+        if bad is not None:
+            raise ValueError(deferred_checks.bad_target_message(*bad, self.vocab, self.ignore_index))
+
+
+def _validate_targets(targets: torch.Tensor, vocab: int, ignore_index: int, op: str = "logprobs") -> None:
+    """``TargetCheck`` with nothing queued inside: the whole check now (the fused-linear ops, which call it
+    before their first chunk; a sync there costs little beside tens of milliseconds of matmuls)."""
+    with TargetCheck(targets, vocab, ignore_index, op):
+        pass
 
 
 def _torch_fwd(rows: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int):
@@ -175,15 +204,15 @@ def _logprobs_fwd(
     lead = logits.shape[:-1]
     rows = as_rows(logits)
     flat_targets = targets.reshape(rows.shape[:2])
-    _validate_targets(targets, logits.shape[-1], ignore_index, caller)  # before the kernel (see _validate_targets)
-    if backend in ("cpu", "cuda"):  # the compiled op dispatches on the device
-        out = torch.ops.rlhf_kernels_C.logprobs_fwd(rows, flat_targets.contiguous(), temperature, ignore_index)
-    elif backend == "triton":
-        from ..triton.logprobs import logprobs_fwd as triton_fwd
+    with TargetCheck(targets, logits.shape[-1], ignore_index, caller):  # read after the kernel is queued
+        if backend in ("cpu", "cuda"):  # the compiled op dispatches on the device
+            out = torch.ops.rlhf_kernels_C.logprobs_fwd(rows, flat_targets.contiguous(), temperature, ignore_index)
+        elif backend == "triton":
+            from ..triton.logprobs import logprobs_fwd as triton_fwd
 
-        out = triton_fwd(rows, flat_targets, temperature, ignore_index)
-    else:
-        out = _torch_fwd(rows, flat_targets, temperature, ignore_index)
+            out = triton_fwd(rows, flat_targets, temperature, ignore_index)
+        else:
+            out = _torch_fwd(rows, flat_targets, temperature, ignore_index)
     return tuple(t.reshape(lead) for t in out)
 
 

@@ -87,9 +87,9 @@ from ._checks import (
 from ._eager import eager_autograd
 from .logprobs import IMPLEMENTED as _LOGPROBS_IMPLEMENTED
 from .logprobs import (
+    TargetCheck,
     _torch_bwd,
     _torch_fwd,
-    _validate_targets,
     grad_like,
     logprobs_for,
     range_lead,
@@ -332,25 +332,24 @@ def _ppo_term_fwd(
     rows = as_rows(logits)
     shape2 = rows.shape[:2]
     flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
-    _validate_targets(targets, logits.shape[-1], ignore_index, "ppo_loss")  # before the kernel (_validate_targets)
-    if backend == "triton":
-        from ..triton.ppo import ppo_term_fwd as triton_fwd
+    with TargetCheck(targets, logits.shape[-1], ignore_index, "ppo_loss"):  # read after the kernel is queued
+        if backend == "triton":
+            from ..triton.ppo import ppo_term_fwd as triton_fwd
 
-        out = triton_fwd(
-            rows, *flat, temperature, ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip
-        )
-    elif backend == "cuda":
-        out = torch.ops.rlhf_kernels_C.ppo_fwd(
-            rows, flat[0], flat[1], flat[2], flat[3], None, temperature, ignore_index, kl_coef,
-            _KL_CODES[kl_estimator], entropy_coef, clip_low, clip_high, dual_clip, 0,
-        )[:6]
-    else:
-        logp, entropy, lse = _torch_fwd(rows.float(), flat[0], temperature, ignore_index)
-        term, kl, clipped = reference.ppo_token_terms(
-            logp, entropy, flat[1], flat[2], ref_logp=flat[3], kl_coef=kl_coef, kl_estimator=kl_estimator,
-            entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        )
-        out = (term, logp, entropy, kl, clipped.float(), lse)
+            out = triton_fwd(rows, *flat, temperature, ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low,
+                             clip_high, dual_clip)  # fmt: skip
+        elif backend == "cuda":
+            out = torch.ops.rlhf_kernels_C.ppo_fwd(
+                rows, flat[0], flat[1], flat[2], flat[3], None, temperature, ignore_index, kl_coef,
+                _KL_CODES[kl_estimator], entropy_coef, clip_low, clip_high, dual_clip, 0,
+            )[:6]
+        else:
+            logp, entropy, lse = _torch_fwd(rows.float(), flat[0], temperature, ignore_index)
+            term, kl, clipped = reference.ppo_token_terms(
+                logp, entropy, flat[1], flat[2], ref_logp=flat[3], kl_coef=kl_coef, kl_estimator=kl_estimator,
+                entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            )
+            out = (term, logp, entropy, kl, clipped.float(), lse)
     return tuple(t.reshape(lead).contiguous() for t in out)
 
 
@@ -477,24 +476,24 @@ def _ppo_loss_fused(
     weights = aggregation_weights(mask, loss_agg).reshape(shape2)
     flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
     full, inner = (None, None) if row_count == WHOLE else grad_for_range(base, row_start, row_count)
-    _validate_targets(targets, logits.shape[-1], ignore_index, "ppo_loss")  # before the kernel (_validate_targets)
-    if backend == "cuda":
-        term, logp, entropy, kl, clipped, _, grad = torch.ops.rlhf_kernels_C.ppo_fwd(
-            rows, flat[0], flat[1], flat[2], flat[3], weights, temperature, ignore_index, kl_coef,
-            _KL_CODES[kl_estimator], entropy_coef, clip_low, clip_high, dual_clip, path, inner,
-        )
-        grad = inner if inner is not None else grad
-    else:
-        logp, entropy, lse = _torch_fwd(rows.float(), flat[0], temperature, ignore_index)
-        term, kl, clipped = reference.ppo_token_terms(
-            logp, entropy, flat[1], flat[2], ref_logp=flat[3], kl_coef=kl_coef, kl_estimator=kl_estimator,
-            entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        )
-        clipped = clipped.float()
-        dterm, _ = _torch_dterm_dlogp(logp, flat[1], flat[2], flat[3], kl_coef, kl_estimator, clip_low, clip_high,
-                                      dual_clip)
-        grad = _torch_bwd(weights * dterm, -weights * entropy_coef, rows, flat[0].contiguous(), lse, entropy,
-                          temperature, ignore_index)
+    with TargetCheck(targets, logits.shape[-1], ignore_index, "ppo_loss"):  # read after the kernel is queued
+        if backend == "cuda":
+            term, logp, entropy, kl, clipped, _, grad = torch.ops.rlhf_kernels_C.ppo_fwd(
+                rows, flat[0], flat[1], flat[2], flat[3], weights, temperature, ignore_index, kl_coef,
+                _KL_CODES[kl_estimator], entropy_coef, clip_low, clip_high, dual_clip, path, inner,
+            )
+            grad = inner if inner is not None else grad
+        else:
+            logp, entropy, lse = _torch_fwd(rows.float(), flat[0], temperature, ignore_index)
+            term, kl, clipped = reference.ppo_token_terms(
+                logp, entropy, flat[1], flat[2], ref_logp=flat[3], kl_coef=kl_coef, kl_estimator=kl_estimator,
+                entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            )
+            clipped = clipped.float()
+            dterm, _ = _torch_dterm_dlogp(logp, flat[1], flat[2], flat[3], kl_coef, kl_estimator, clip_low,
+                                          clip_high, dual_clip)
+            grad = _torch_bwd(weights * dterm, -weights * entropy_coef, rows, flat[0].contiguous(), lse, entropy,
+                              temperature, ignore_index)
     # loss_agg is linear in the term: loss = Σ w·term, with the weights dlogits was scaled by (a product and a
     # sum, against reference.aggregate_loss's eight small kernels; the same value up to rounding)
     loss = (weights * term.reshape(shape2)).sum()

@@ -175,6 +175,31 @@ def test_logprobs_nan_stays_in_its_row():
     assert torch.isfinite(logp[[0, 2]]).all() and torch.isfinite(ent[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_the_default_check_raises_from_the_call_that_got_the_bad_target(backend, grad):
+    """On a GPU the default check's answer is read after the op's kernel is queued (``ops.logprobs.TargetCheck``):
+    the call with the bad target still raises, naming it, the fused PPO forward-with-gradient included, and the
+    same tensors with the target fixed then run as usual (nothing of the failed call is left queued)."""
+    V = 1000
+    x = make_logits((2, 5, V), torch.bfloat16, seed=13).requires_grad_(grad)
+    y = make_targets((2, 5), V, seed=13)
+    y[1, 3], y[0, 0] = V + 7, -100
+    old, adv, mask = torch.full((2, 5), -6.9, device=CUDA), torch.ones(2, 5, device=CUDA), torch.ones(2, 5, device=CUDA)
+    where = r"targets\[1, 3\] = 1007 is outside \[0, 1000\)"
+    with pytest.raises(ValueError, match=where):
+        rk.logprobs(x, y, backend=backend)
+    with pytest.raises(ValueError, match=where):
+        rk.ppo_loss(x, y, old, adv, mask, backend=backend)
+    y[1, 3] = 4
+    out = rk.ppo_loss(x, y, old, adv, mask, backend=backend)
+    if grad:
+        out.loss.backward()
+        assert torch.isfinite(x.grad).all()
+    kept = y != -100
+    assert torch.isfinite(out.logp[kept]).all() and torch.isfinite(rk.logprobs(x, y, backend=backend)[kept]).all()
+
+
 def test_logprobs_bad_targets_are_never_read(monkeypatch):
     monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "0")
     V = 50257

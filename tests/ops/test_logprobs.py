@@ -242,9 +242,10 @@ def _record_order(monkeypatch, module, name, order):
 
 
 def test_every_op_checks_targets_before_its_kernels(monkeypatch):
-    """Each op's target check (by default a host sync) runs before its kernel or first chunk, so the sync waits
-    only for the work queued ahead of the op and the rest of the step is launched while the kernel runs (on an
-    H200 a check after the kernel cost 0.5-0.9 ms per forward + backward). A bad target still raises, by name."""
+    """On the CPU (off ``OVERLAP_DEVICES``) each op's target check runs before its kernel or first chunk: a bad
+    target raises, by name, before any kernel ran. (On a GPU the check is queued first and read after the kernel
+    is queued: the next test. Read after a kernel the host waited for, it cost 0.5-0.9 ms per forward + backward
+    on an H200.)"""
     from rlhf_kernels.ops import _linear_fused
     from rlhf_kernels.ops import linear as linear_mod
     from rlhf_kernels.ops import logprobs as lp_mod
@@ -281,6 +282,64 @@ def test_every_op_checks_targets_before_its_kernels(monkeypatch):
         with pytest.raises(ValueError, match=r"\[0, 2\] = -4|\[2\] = -4"):
             call(bad)
         assert order == ["mode_for"], (name, order)  # raised before any kernel ran
+
+
+def test_the_default_check_is_read_after_the_kernel_is_queued_on_a_gpu(monkeypatch):
+    """On ``OVERLAP_DEVICES`` (CUDA; the CPU added here) the default check is queued ahead of the kernel and read
+    after it is queued (``TargetCheck``): the host does not wait for the kernel, and the GPU does not idle between
+    the check and the kernel's launch. A bad target still raises from the call that got it, naming its position;
+    the fused-linear ops read theirs before their first chunk."""
+    from rlhf_kernels.ops import _deferred_checks as deferred
+    from rlhf_kernels.ops import linear as linear_mod
+    from rlhf_kernels.ops import logprobs as lp_mod
+    from rlhf_kernels.ops import ppo as ppo_mod
+
+    monkeypatch.setattr(deferred, "OVERLAP_DEVICES", ("cpu", "cuda"))
+    order = []
+    real_read = deferred.PendingRange.read
+    monkeypatch.setattr(deferred.PendingRange, "read", lambda self: (order.append("read"), real_read(self))[1])
+    _record_order(monkeypatch, deferred, "PendingRange", order)  # queued
+    for module, kernel in ((lp_mod, "_torch_fwd"), (ppo_mod, "_torch_fwd"), (linear_mod, "_chunk_logits")):
+        _record_order(monkeypatch, module, kernel, order)
+    B, T, V, H = 2, 3, 10, 4
+    logits, ones = torch.randn(B, T, V), torch.ones(B, T)
+    targets = torch.randint(0, V, (B, T))
+    targets[1, 1] = -100
+    hidden, weight = torch.randn(B * T, H), torch.randn(V, H)
+    calls = {
+        "logprobs": lambda y: rk.logprobs(logits, y, backend="torch"),
+        "ppo_term_fwd": lambda y: ppo_mod.ppo_term_fwd(logits, y, ones * -2.3, ones, None, 1.0, -100, 0.0, "k3", 0.0,
+                                                       0.2, 0.2, None, "torch"),
+        "ppo_loss_fused": lambda y: ppo_mod.ppo_loss_fused(logits, y, ones * -2.3, ones, None, ones, 1.0, -100, 0.0,
+                                                           "k3", 0.0, 0.2, 0.2, None, "token-mean", 0, "torch"),
+    }
+    for name, call in calls.items():
+        for position, bad_value in (None, None), ((0, 2), -4), ((1, 0), V):
+            y = targets.clone()
+            order.clear()
+            if position is None:
+                call(y)
+            else:
+                y[position] = bad_value
+                where = rf"\[{position[0]}, {position[1]}\] = {bad_value}"
+                with pytest.raises(ValueError, match=where + r" is outside \[0, 10\)"):
+                    call(y)
+            assert order[0] == "PendingRange" and order[-1] == "read" and "_torch_fwd" in order, (name, order)
+    order.clear()
+    rk.linear_logprobs(hidden, weight, targets.view(-1), backend="torch")
+    assert order[:3] == ["PendingRange", "read", "_chunk_logits"], order
+
+
+def test_target_range_counts_ignore_index_as_zero():
+    from rlhf_kernels.ops._checks import find_bad_target, target_range
+
+    for dtype in (torch.int64, torch.int32):
+        t = torch.tensor([[3, -100, 7], [-100, 2, 5]], dtype=dtype)
+        assert target_range(t, -100).tolist() == [0, 7]
+        assert target_range(t, 7).tolist() == [-100, 5]
+        assert find_bad_target(t, 8, -100) is None
+        assert find_bad_target(t, 8, -100, checked=True) is None  # told "bad" wrongly: it still finds none
+        assert find_bad_target(t, 7, -100, checked=True) == ((0, 2), 7)
 
 
 def test_env_backend_preference(monkeypatch):
