@@ -32,6 +32,9 @@
 #   probe     where the fused PPO step's time goes inside its kernel: the probe instantiation timed with each
 #             stage left out and stamping every CTA's phases (benchmarks/probe_ppo.py; PROBE_ARGS, default
 #             cluster and global at 8192x151936 bf16): probe.md, probe_<path>.npz (raw stamps), probe_<path>.png
+#   host      where a ppo_loss / logprobs step goes at micro-batch sizes: GPU busy against idle time, host time,
+#             launches, syncs and the ops with the most host time, validation on and off, ours against Liger
+#             (benchmarks/step_profile.py; HOST_ARGS, default 4096x50257 and 16384x50257 bf16): step_profile.md
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck on tests/cuda/sanitize_small.py
 #   profile   Nsight Compute (SpeedOfLight, Occupancy, LaunchStats, WarpStateStats) on one call of each
 #             bandwidth-bound kernel (benchmarks/profile_kernels.py; PROFILE_ARGS, e.g. "--cases logprobs"):
@@ -48,7 +51,7 @@
 #             again for the compile rows, then coverage
 #   all       setup tests bench                 (the default)
 #   priority  what closes open issues fastest, for a short lent-GPU session (make gpu-quick), in order:
-#             setup, headline at 8192x151936 only (unless HEADLINE_SHAPES is set), probe, tune-cuda, linear-headline,
+#             setup, headline at 8192x151936 only (unless HEADLINE_SHAPES is set), probe, host, tune-cuda, linear-headline,
 #             tests, sanitize (memcheck, then racecheck and synccheck), tune-triton, profile, stalls, then grid; with
 #             GPU_DEADLINE the later ones are skipped or cut when too little time is left
 #
@@ -100,7 +103,7 @@ note() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/gpu_suite.log
 # Rough seconds a stage needs on an H100 to be worth starting (past logs: build ~65 s, pytest -m gpu
 # 50-90 s, headline 45-60 s); a bench stage only needs to finish a few cases.
 declare -A STAGE_MIN=([setup]=15 [build]=90 [tests]=120 [headline]=75 [linear-headline]=120
-  [ppo-paths]=60 [tune-cuda]=60 [probe]=40 [tune-triton]=90 [sanitize]=90 [profile]=120 [stalls]=60 [logits]=60 [klppo]=60 [linear]=60 [gae]=60 [trainer]=60
+  [ppo-paths]=60 [tune-cuda]=60 [probe]=40 [host]=40 [tune-triton]=90 [sanitize]=90 [profile]=120 [stalls]=60 [logits]=60 [klppo]=60 [linear]=60 [gae]=60 [trainer]=60
   [coverage]=20)
 if [ -n "$DEADLINE" ] && ! [[ "$DEADLINE" =~ ^[0-9]+$ ]]; then
   note "GPU_DEADLINE must be whole seconds, got '$DEADLINE'"; exit 2
@@ -303,6 +306,11 @@ stage_probe() {  # the fused PPO kernel's probe (benchmarks/probe_ppo.py); its f
     "--out $OUT ${PROBE_ARGS:-}"
 }
 
+stage_host() {  # the micro-batch step's host and GPU time (benchmarks/step_profile.py)
+  run_tuner host step_profile "ppo_loss and logprobs steps at micro-batch shapes: GPU idle time and host ops" \
+    "--out $OUT --shapes 4096x50257,16384x50257 ${HOST_ARGS:-}"
+}
+
 stage_tune_triton() {  # the Triton forwards' autotune candidates and the backward's blocks (benchmarks/tune_triton.py)
   run_tuner tune-triton tune_triton "Triton forward candidates and backward blocks at 8192x151936 bf16" \
     "${TUNE_TRITON_ARGS:-}"
@@ -384,7 +392,7 @@ stage_coverage() {
   grep -c "differs" "$OUT/preference.md" | sed 's/^/preference: table rows whose suggested order differs from GPU_PREFERENCE: /' >&2
 }
 
-STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths tune-cuda tune-triton probe sanitize profile stalls coverage bench grid all priority"
+STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths tune-cuda tune-triton probe host sanitize profile stalls coverage bench grid all priority"
 
 run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part; a single stage is gated, then archived
   case "$1" in
@@ -401,6 +409,7 @@ run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part;
       run_stage setup
       run_stage headline 8192x151936
       run_stage probe
+      run_stage host
       run_stage tune-cuda
       run_stage linear-headline
       run_stage tests
@@ -431,6 +440,7 @@ run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part;
     tune-cuda) stage_tune_cuda ;;
     tune-triton) stage_tune_triton ;;
     probe) stage_probe ;;
+    host) stage_host ;;
     coverage) stage_coverage ;;
     sanitize) shift; stage_sanitize "$@" ;;
     profile) stage_profile ;;
