@@ -28,12 +28,13 @@ On the CPU (``--device cpu``, tests) the GPU columns are empty. Writes ``step_pr
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -50,7 +51,7 @@ TOP = 12
 
 
 @contextmanager
-def _validation(value: Optional[str]) -> Iterator[None]:
+def _validation(value: str | None) -> Iterator[None]:
     """``RLHF_KERNELS_VALIDATE=value`` inside (``None``: leave it as it is)."""
     previous = os.environ.get("RLHF_KERNELS_VALIDATE")
     if value is not None:
@@ -70,10 +71,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, device: torch.device, steps: int) -> Dict[str, float]:
+def time_steps(step, device: torch.device, steps: int) -> dict[str, float]:
     """Median ``step ms`` (CUDA events; ``nan`` on the CPU) and ``host ms`` over ``steps`` back-to-back steps."""
     _sync(device)
-    host: List[float] = []
+    host: list[float] = []
     pairs = []
     for _ in range(steps):
         if device.type == "cuda":
@@ -95,7 +96,7 @@ def _is_device_event(event) -> bool:
     return kind is not None and str(kind).endswith("CUDA")
 
 
-def profile_steps(step, device: torch.device, steps: int) -> Dict[str, object]:
+def profile_steps(step, device: torch.device, steps: int) -> dict[str, object]:
     """``torch.profiler`` over ``steps`` steps: per-step kernel time, launches, sync time and the top host ops."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -119,7 +120,7 @@ def profile_steps(step, device: torch.device, steps: int) -> Dict[str, object]:
     }
 
 
-def measure_case(spec, case, provider: str, mode: str, device: torch.device, steps: int, validate: Optional[str]):
+def measure_case(spec, case, provider: str, mode: str, device: torch.device, steps: int, validate: str | None):
     """One row (and its top host ops) for ``provider`` at ``case`` under ``RLHF_KERNELS_VALIDATE=validate``."""
     sets = [spec.make_inputs(case, device, 0)]
     with _validation(validate):
@@ -133,21 +134,22 @@ def measure_case(spec, case, provider: str, mode: str, device: torch.device, ste
     return row
 
 
-def format_report(rows: Sequence[Dict[str, object]], header: str, steps: int) -> str:
+def format_report(rows: Sequence[dict[str, object]], header: str, steps: int) -> str:
     def ms(x: float) -> str:
-        return "–" if x != x else f"{x:.3f}"
+        return "–" if math.isnan(x) else f"{x:.3f}"
 
-    lines = [f"# Step profile: where a step's time goes ({steps} steps per case, medians)", "", header, "",
-             "| op | mode | shape | provider | validate | step ms | host ms | kernels ms | GPU idle ms | launches | "
-             "syncs ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    columns = ("| op | mode | shape | provider | validate | step ms | host ms | kernels ms | GPU idle ms | launches | "
+               "syncs ms |")
+    lines = [f"# Step profile: where a step's time goes ({steps} steps per case, medians)", "", header, "", columns,
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         idle = r["step_ms"] - r["kernels_ms"]
         lines.append(f"| {r['op']} | {r['mode']} | {r['shape']} | {r['provider']} | {r['validate']} | "
                      f"{ms(r['step_ms'])} | {ms(r['host_ms'])} | {ms(r['kernels_ms'])} | {ms(idle)} | "
                      f"{r['launches']:.0f} | {ms(r['sync_ms'])} |")  # fmt: skip
     for r in rows:
-        lines += ["", f"## {r['op']} {r['mode']} {r['shape']} {r['provider']}, validate={r['validate']}: host self "
-                  "time per step", "", "| op | calls | µs |", "|---|---|---|"]  # fmt: skip
+        title = f"## {r['op']} {r['mode']} {r['shape']} {r['provider']}, validate={r['validate']}: host self time per step"
+        lines += ["", title, "", "| op | calls | µs |", "|---|---|---|"]
         lines += [f"| `{key}` | {calls:g} | {us:.0f} |" for key, calls, us in r["top"]]
     return "\n".join(lines) + "\n"
 

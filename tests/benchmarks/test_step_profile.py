@@ -28,9 +28,9 @@ def test_profiles_the_suites_step_on_the_cpu(tmp_path, capsys):
 
 
 def test_report_gives_the_gpus_idle_time_as_the_step_less_its_kernels():
-    row = dict(op="ppo_loss", mode="fwd+bwd", shape="N=4096 V=50257", provider="cuda", validate="1",
-               step_ms=1.6, host_ms=1.5, kernels_ms=0.25, launches=31.0, sync_ms=0.4,
-               top=[("aten::where", 8.0, 80.4)])  # fmt: skip
+    row = {"op": "ppo_loss", "mode": "fwd+bwd", "shape": "N=4096 V=50257", "provider": "cuda", "validate": "1",
+           "step_ms": 1.6, "host_ms": 1.5, "kernels_ms": 0.25, "launches": 31.0, "sync_ms": 0.4,
+           "top": [("aten::where", 8.0, 80.4)]}
     text = sp.format_report([row], "stamp", 30)
     assert "| ppo_loss | fwd+bwd | N=4096 V=50257 | cuda | 1 | 1.600 | 1.500 | 0.250 | 1.350 | 31 | 0.400 |" in text
     assert "| `aten::where` | 8 | 80 |" in text
