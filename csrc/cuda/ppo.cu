@@ -30,6 +30,7 @@
 //             (row_pipeline.cuh): the next row's slice is on its way in while this row's gradient goes out.
 //             One read and one write, reads and writes overlapped on every SM. Opt-in (RLHF_KERNELS_CUDA_PPO=pipe)
 //             until a GPU run times it against kCluster.
+// Without a gradient (kForwardOnly) ppo_fwd_only_kernel sweeps each row once, as logprobs_fwd_kernel does.
 // With RLHF_KERNELS_CUDA_PREFETCH=1 the on-chip paths fill their shared-memory slice with cp.async,
 // kPrefetchDepth groups of 4 vectors in flight per thread (row_prefetch.cuh); same results, bit for bit.
 // Without an entropy bonus (entropy_coef = 0, G_H = 0 in every row) the launch takes ppo_fwd_kernel<..., kNoEntropy>,
@@ -222,6 +223,28 @@ __global__ void __launch_bounds__(512, 2)
       probe_mark(probe, kProbeEndNs);
     }
   }
+}
+
+// kForwardOnly (no gradient: reference and old-policy passes, evaluation): one CTA per row, logprobs_fwd_kernel's
+// sweep over the whole row and thread 0's term. Compiled apart from ppo_fwd_kernel, whose sweep 1 also carries the
+// slice bounds, the shared-memory cache and the prefetch choice (17 more instructions per 32 bf16 values on sm_90,
+// 305 against logprobs_fwd_kernel's 288) under a 64-register cap. The same threads, sweep and reduction as
+// ppo_fwd_kernel with grad == nullptr, so the same bits.
+template <typename T>
+__global__ void __launch_bounds__(512)
+    ppo_fwd_only_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, PpoOutputs io,
+                        int64_t rows_inner, int64_t stride_b, int64_t stride_t, int64_t vocab, PpoParams p) {
+  const int64_t row = blockIdx.x;
+  const T* x = row_ptr(logits, row, rows_inner, stride_b, stride_t);
+  const RowVecs rv = row_vecs(x, vocab);
+  const int64_t y = targets[row];
+  RowScalars scalars{0.f, 0.f, 0.f, 0.f};
+  if (threadIdx.x == 0) scalars = load_row_scalars(io, row, p, false);  // in flight during the sweep
+  const float c = p.inv_t * kLog2e;
+  RowStats st = sweep_row_stats<T, 4>(x, rv, vocab, 0, rv.count, threadIdx.x, blockDim.x, c, NoVecSink{});
+  const float xy = threadIdx.x == 0 ? target_value(x, y, vocab, p.ignore_index) : 0.f;
+  st = block_stats_reduce(st, c);
+  if (threadIdx.x == 0) finish_ppo_row(xy, y, vocab, st, scalars, p, io, row, true, false, nullptr);
 }
 
 // What each CTA of the kPipe path leaves for its cluster's peers per row buffer.
@@ -576,6 +599,11 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
       const auto launch = no_entropy ? launch_ppo_rows<T, true, true> : launch_ppo_rows<T, true, false>;
       return launch(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t, grad_stride_b,
                     grad_stride_t, vocab, params, *probe, stream);
+    }
+    if (plan.path == PpoPath::kForwardOnly) {
+      ppo_fwd_only_kernel<T><<<static_cast<unsigned>(rows), plan.threads, 0, stream>>>(
+          x, targets, io, rows_inner, stride_b, stride_t, vocab, params);
+      return cudaGetLastError();
     }
     const auto launch = no_entropy ? launch_ppo_rows<T, false, true> : launch_ppo_rows<T, false, false>;
     return launch(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t, grad_stride_b,

@@ -454,6 +454,22 @@ def _ref_options(options):
     return o
 
 
+@pytest.mark.parametrize("V", (7, 4097, 50257, 151936))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ppo_forward_statistics_are_the_logprobs_kernels_bit_for_bit(V, dtype):
+    """The PPO forward without a gradient (``ppo_fwd_only_kernel``) sweeps the row as ``logprobs_fwd_kernel`` does:
+    the same threads, vector loads and reduction tree, so its logp and entropy are the logprobs op's to the bit
+    (strided rows, ignored targets), and its term matches the Triton backend's."""
+    x, y, old, adv, ref, mask = _ppo_case(V, dtype, seed=V + 7)
+    with torch.no_grad():
+        out = rk.ppo_loss(x, y, old, adv, mask, ref_logp=ref, kl_coef=0.1, backend="cuda")
+        logp, ent = rk.logprobs(x, y, return_entropy=True, backend="cuda")
+        tri = rk.ppo_loss(x, y, old, adv, mask, ref_logp=ref, kl_coef=0.1, backend="triton")
+    assert torch.equal(out.logp, logp) and torch.equal(out.entropy, ent)
+    torch.testing.assert_close(out.loss, tri.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.kl, tri.kl, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
 def test_ppo_loss_forward_only_and_backward_once():
     x, y, old, adv, ref, mask = _ppo_case(50257, torch.bfloat16, seed=41)
     with torch.no_grad():
