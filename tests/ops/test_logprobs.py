@@ -241,21 +241,11 @@ def _record_order(monkeypatch, module, name, order):
     monkeypatch.setattr(module, name, lambda *a, **k: (order.append(name), real(*a, **k))[1])
 
 
-def test_every_op_checks_targets_before_its_kernels(monkeypatch):
-    """On the CPU (off ``OVERLAP_DEVICES``) each op's target check runs before its kernel or first chunk: a bad
-    target raises, by name, before any kernel ran. (On a GPU the check is queued first and read after the kernel
-    is queued: the next test. Read after a kernel the host waited for, it cost 0.5-0.9 ms per forward + backward
-    on an H200.)"""
-    from rlhf_kernels.ops import _linear_fused
-    from rlhf_kernels.ops import linear as linear_mod
-    from rlhf_kernels.ops import logprobs as lp_mod
+def _target_op_calls():
+    """``(targets, calls)``: each op with targets (``calls[name](targets)``) on [2, 3, 10] CPU inputs, the torch
+    backend; the fused-linear ones on the same targets flattened."""
     from rlhf_kernels.ops import ppo as ppo_mod
 
-    order = []
-    _record_order(monkeypatch, lp_mod.deferred_checks, "mode_for", order)  # the check's first step
-    for module, kernel in ((lp_mod, "_torch_fwd"), (ppo_mod, "_torch_fwd"), (linear_mod, "_row_forward"),
-                           (linear_mod, "_chunk_logits"), (_linear_fused, "_row_chunk_loss")):
-        _record_order(monkeypatch, module, kernel, order)
     B, T, V, H = 2, 3, 10, 4
     logits, ones = torch.randn(B, T, V), torch.ones(B, T)
     targets = torch.randint(0, V, (B, T))
@@ -272,6 +262,25 @@ def test_every_op_checks_targets_before_its_kernels(monkeypatch):
         "linear_cross_entropy": lambda y: rk.linear_cross_entropy(hidden.requires_grad_(), weight, y.view(-1),
                                                                   backend="torch"),
     }
+    return targets, calls
+
+
+def test_every_op_checks_targets_before_its_kernels(monkeypatch):
+    """On the CPU (off ``OVERLAP_DEVICES``) each op's target check runs before its kernel or first chunk: a bad
+    target raises, by name, before any kernel ran. (On a GPU the check is queued first and read after the kernel
+    is queued: the next test. Read after a kernel the host waited for, it cost 0.5-0.9 ms per forward + backward
+    on an H200.)"""
+    from rlhf_kernels.ops import _linear_fused
+    from rlhf_kernels.ops import linear as linear_mod
+    from rlhf_kernels.ops import logprobs as lp_mod
+    from rlhf_kernels.ops import ppo as ppo_mod
+
+    order = []
+    _record_order(monkeypatch, lp_mod.deferred_checks, "mode_for", order)  # the check's first step
+    for module, kernel in ((lp_mod, "_torch_fwd"), (ppo_mod, "_torch_fwd"), (linear_mod, "_row_forward"),
+                           (linear_mod, "_chunk_logits"), (_linear_fused, "_row_chunk_loss")):
+        _record_order(monkeypatch, module, kernel, order)
+    targets, calls = _target_op_calls()
     for name, call in calls.items():
         order.clear()
         call(targets)
@@ -301,19 +310,11 @@ def test_the_default_check_is_read_after_the_kernel_is_queued_on_a_gpu(monkeypat
     _record_order(monkeypatch, deferred, "PendingRange", order)  # queued
     for module, kernel in ((lp_mod, "_torch_fwd"), (ppo_mod, "_torch_fwd"), (linear_mod, "_chunk_logits")):
         _record_order(monkeypatch, module, kernel, order)
-    B, T, V, H = 2, 3, 10, 4
-    logits, ones = torch.randn(B, T, V), torch.ones(B, T)
-    targets = torch.randint(0, V, (B, T))
+    targets, calls = _target_op_calls()
     targets[1, 1] = -100
-    hidden, weight = torch.randn(B * T, H), torch.randn(V, H)
-    calls = {
-        "logprobs": lambda y: rk.logprobs(logits, y, backend="torch"),
-        "ppo_term_fwd": lambda y: ppo_mod.ppo_term_fwd(logits, y, ones * -2.3, ones, None, 1.0, -100, 0.0, "k3", 0.0,
-                                                       0.2, 0.2, None, "torch"),
-        "ppo_loss_fused": lambda y: ppo_mod.ppo_loss_fused(logits, y, ones * -2.3, ones, None, ones, 1.0, -100, 0.0,
-                                                           "k3", 0.0, 0.2, 0.2, None, "token-mean", 0, "torch"),
-    }
-    for name, call in calls.items():
+    V = 10
+    for name in ("logprobs", "ppo_term_fwd", "ppo_loss_fused"):
+        call = calls[name]
         for position, bad_value in (None, None), ((0, 2), -4), ((1, 0), V):
             y = targets.clone()
             order.clear()
@@ -326,7 +327,7 @@ def test_the_default_check_is_read_after_the_kernel_is_queued_on_a_gpu(monkeypat
                     call(y)
             assert order[0] == "PendingRange" and order[-1] == "read" and "_torch_fwd" in order, (name, order)
     order.clear()
-    rk.linear_logprobs(hidden, weight, targets.view(-1), backend="torch")
+    calls["linear_logprobs"](targets)
     assert order[:3] == ["PendingRange", "read", "_chunk_logits"], order
 
 
