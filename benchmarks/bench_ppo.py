@@ -18,6 +18,7 @@ import torch
 import rlhf_kernels as rk
 
 from .providers import (
+    COMPETITORS,
     OURS,
     Case,
     OpSpec,
@@ -103,13 +104,13 @@ def build_liger(i):
     return fn
 
 
-def _ours(backend):
+def _ours(backend, overwrite=False):
     def build(i):
         logits, targets, old_logp, adv, ref_logp, mask = _args(i)
         return lambda: (
             rk.ppo_loss(
                 logits, targets, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=KL_COEF, clip_low=CLIP,
-                clip_high=CLIP, backend=backend,
+                clip_high=CLIP, backend=backend, overwrite_logits=overwrite,
             ).loss,
         )  # fmt: skip
 
@@ -139,6 +140,17 @@ def bytes_moved(case: Case, mode: str) -> float:
     return reads + writes + case.N * 24 * (2 if mode == "fwd+bwd" else 1)
 
 
+def _measured_under_ppo_loss() -> Provider:
+    return Provider(build=lambda inputs: None, reason=lambda case, device: "measured under ppo_loss")
+
+
+# ppo_loss+overwrite: the CUDA backend with overwrite_logits=True (its fused step writes the gradient over the logits,
+# as Liger's GRPO loss does with its default inplace=True); the other providers, on which the setting changes
+# nothing, are measured under ppo_loss
+overwrite_providers = {name: _measured_under_ppo_loss() for name in COMPETITORS + OURS}
+overwrite_providers["cuda"] = Provider(_ours("cuda", overwrite=True), our_reason("ppo_loss", rk.ppo_loss, "cuda", _probe))
+
+
 OPS = {
     "ppo_loss": OpSpec(
         name="ppo_loss",
@@ -148,5 +160,15 @@ OPS = {
         providers=providers,
         bytes_moved=bytes_moved,
         description="PPO clipped loss + k3 KL penalty (token-mean) from logits [B, T+1, V], N = B·T",
-    )
+    ),
+    "ppo_loss+overwrite": OpSpec(
+        name="ppo_loss+overwrite",
+        family="logits",
+        make_inputs=make_inputs,
+        grad_names=("logits_full",),
+        providers=overwrite_providers,
+        bytes_moved=bytes_moved,
+        description="ppo_loss with overwrite_logits=True (the gradient written over the logits where the CUDA "
+                    "kernel keeps rows on chip; elsewhere the same as ppo_loss)",
+    ),
 }

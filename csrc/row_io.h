@@ -35,6 +35,26 @@ inline void check_grad_out(const at::Tensor& grad, const at::Tensor& like, const
               " with unit vocab stride, got ", grad.sizes(), " ", grad.scalar_type(), " strides ", grad.strides());
 }
 
+// How a caller-provided gradient `grad` lies against the tensor `x` it is the gradient of.
+enum class Alias { kApart, kSame, kPartial };
+
+inline Alias alias_of(const at::Tensor& grad, const at::Tensor& x) {
+  if (grad.numel() == 0 || x.numel() == 0 || !grad.storage().is_alias_of(x.storage())) return Alias::kApart;
+  if (grad.data_ptr() == x.data_ptr() && grad.sizes() == x.sizes() && grad.strides() == x.strides()) {
+    return Alias::kSame;  // every element over itself
+  }
+  // otherwise any overlap of the two byte ranges counts (strided rows leave gaps that could interleave, but a
+  // gradient written over other logits is never meant)
+  const auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* begin = static_cast<const char*>(t.data_ptr());
+    return std::make_pair(begin, begin + (last + 1) * t.element_size());
+  };
+  const auto a = span(grad), b = span(x);
+  return a.first < b.second && b.first < a.second ? Alias::kPartial : Alias::kApart;
+}
+
 // kl_divergence's statistics dtype: float64 when an input is float64, else float32.
 inline at::ScalarType kl_stats_dtype(const at::Tensor& logits, const at::Tensor& ref_logits) {
   return logits.scalar_type() == at::kDouble || ref_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

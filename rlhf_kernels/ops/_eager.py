@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _needs_the_op(args: tuple) -> bool:
+def needs_the_op(args: tuple) -> bool:
     """Whether this call must go through the registered op: compiling or tracing, a dispatch mode active
     (``FakeTensorMode``, ``FlopCounterMode``, ...), or a tensor that is not a plain tensor with storage
     (a subclass such as ``DTensor``, a fake, functional or meta tensor)."""
@@ -47,7 +47,7 @@ def eager_autograd(op: Callable, impl: Callable, backward: Callable, setup_conte
     """Register ``backward`` / ``setup_context`` as ``op``'s autograd formula and return the function to call.
 
     ``op``: the custom op (``torch.library.custom_op(...)(impl)``); ``impl``: its Python implementation. The
-    returned callable takes the op's arguments positionally and runs ``op`` where ``_needs_the_op`` says so,
+    returned callable takes the op's arguments positionally and runs ``op`` where ``needs_the_op`` says so,
     else ``impl`` inside a ``torch.autograd.Function`` with the same ``setup_context`` and ``backward``.
     """
     op.register_autograd(backward, setup_context=setup_context)
@@ -75,7 +75,7 @@ def eager_autograd(op: Callable, impl: Callable, backward: Callable, setup_conte
     def call(*args: Any):
         if len(args) < n_params:  # the op's defaults, as its dispatcher fills them in before setup_context
             args = args + defaults[len(args):]
-        if _needs_the_op(args):
+        if needs_the_op(args):
             return call.op(*args)
         return function.apply(*args)
 

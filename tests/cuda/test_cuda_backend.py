@@ -342,3 +342,119 @@ def test_fused_op_backward_materialises_no_zero_gradient(monkeypatch, fused_rout
     loss = _fused(logits, y, old.float(), adv.float(), mask, {**o, "kl_coef": 0.0})[0]
     assert zero_fills_during(loss.backward, logits.numel()) == []
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ ppo_loss(overwrite_logits=True)
+
+
+def _overwrite_case(seed, sliced):
+    """A model-like (non-leaf) ``[2, 6, 11]`` logits tensor and the fused op's call on it (or on its first 5 rows)."""
+    base = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(seed))
+    y, old, adv, mask, o = _fused_args(base[:, :-1] if sliced else base, seed + 1)
+    old, adv, ref = old.float(), adv.float(), o["ref_logp"].float()
+    start, count = (0, 5) if sliced else (0, -1)
+
+    def call(h, overwrite):
+        return ppo_ops.ppo_loss_fused_call(h, y, old, adv, ref, mask, 1.0, -100, o["kl_coef"], o["kl_estimator"],
+                                           o["entropy_coef"], o["clip_low"], o["clip_high"], o["dual_clip"],
+                                           o["loss_agg"], 0, "torch", start, count, overwrite)  # fmt: skip
+
+    return base, call
+
+
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "rows-of-base"])
+def test_fused_op_can_write_the_gradient_over_the_logits(sliced, monkeypatch):
+    """``overwrite``: the same loss, statistics and gradient, bit for bit, but the gradient is the logits' own
+    storage (no gradient-sized buffer); for a row range the base's other rows become its zero gradient. The
+    logits' version counter moves, so autograd knows their values are gone."""
+    monkeypatch.setattr(forward_grads, "HAND_OVER_DEVICES", ("cpu", "cuda"))  # as on CUDA
+    base, call = _overwrite_case(11, sliced)
+    results = {}
+    for overwrite in (False, True):
+        x = base.clone().requires_grad_()
+        h = x * 1.0  # the model's logits: not a leaf
+        version = h._version
+        outs = call(h, overwrite)
+        moved = h._version != version
+        (grad,) = torch.autograd.grad(outs[0] * 2.5, h)
+        results[overwrite] = (outs[:6], grad, moved, grad.data_ptr() == h.data_ptr(), h.detach())
+    (outs0, g0, moved0, shared0, _), (outs1, g1, moved1, shared1, h1) = results[False], results[True]
+    for a, b in zip(outs0, outs1):
+        assert torch.equal(a, b)
+    assert torch.equal(g0, g1) and g1.shape == base.shape
+    assert not moved0 and not shared0  # out of place: a new buffer, the logits untouched
+    assert moved1 and shared1 and torch.equal(h1, g1)  # in place: the logits hold the (scaled) gradient
+    if sliced:
+        assert torch.equal(h1[:, 5:], torch.zeros_like(h1[:, 5:]))
+
+
+def test_a_backward_that_needed_the_overwritten_logits_raises():
+    base, call = _overwrite_case(12, False)
+    h = base.clone().requires_grad_() * 1.0
+    side = h.pow(2).sum()  # PowBackward keeps h for its backward
+    loss = call(h, True)[0]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + side).backward()
+
+
+def test_overwrite_needs_a_contiguous_base_whose_rows_are_views_and_a_path_that_keeps_rows_on_chip(monkeypatch):
+    base = torch.randn(2, 6, 11)
+    rows = base.narrow(1, 0, 5)
+    assert ppo_ops.overwrites_logits(base, rows, "torch", 0)
+    assert not ppo_ops.overwrites_logits(base, rows.clone(), "torch", 0)  # as_rows had to copy
+    wide = torch.randn(6, 2, 11).transpose(0, 1)  # unit vocab stride, not contiguous
+    assert not ppo_ops.overwrites_logits(wide, wide, "torch", 0)
+    assert not ppo_ops.overwrites_logits(base, rows, "triton", 0)  # its gradient comes from the backward
+    plans = {}
+    monkeypatch.setattr(ppo_ops, "_cuda_ppo_plan_name", lambda index, vocab, dtype, code, cluster: plans[code])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for name, on_chip in (("cluster", True), ("shared", True), ("pipe", True), ("global", False), ("l2", False)):
+        plans[0] = name
+        assert ppo_ops.overwrites_logits(base, rows, "cuda", 0) is on_chip, name
+
+
+@pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="the CUDA op's schema comes with the CUDA kernels")
+def test_ppo_loss_overwrites_only_in_eager_calls_on_the_fused_path(monkeypatch):
+    """Through ``ppo_loss`` (its CUDA route, with the kernel replaced by a CPU stub that records ``grad_out``): the
+    eager call passes the logits themselves as the kernel's ``grad_out``; a call the registered op must take (here
+    under a dispatch mode) and a call without ``overwrite_logits`` pass a separate buffer. Non-bools are refused."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    def stub(logits, targets, old_logp, advantages, ref_logp, weights, *scalars):
+        grad_out = scalars[9] if len(scalars) > 9 else None  # (the dispatcher drops a trailing default)
+        seen.append(grad_out is not None and grad_out.data_ptr() == logits.data_ptr())
+        stats = [torch.zeros(logits.shape[:2]) for _ in range(6)]
+        return stats + [logits.new_empty(0) if grad_out is not None else torch.zeros_like(logits)]
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    lib = torch.library.Library("rlhf_kernels_C", "IMPL")
+    lib.impl("ppo_fwd", stub, "CPU")
+    try:
+        monkeypatch.setattr(ppo_ops, "resolve_for", lambda *a: "cuda")
+        monkeypatch.setattr(ppo_ops, "overwrites_logits", lambda base, rows, backend, path: backend == "cuda")
+        y, z = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)
+        for overwrite, mode in ((True, None), (False, None), (True, Passthrough)):
+            x = torch.randn(2, 3, 7, requires_grad=True)
+            with mode() if mode else torch.enable_grad():
+                rk.ppo_loss(x * 1.0, y, z, z + 1, z + 1, overwrite_logits=overwrite)
+        assert seen == [True, False, False]
+    finally:
+        lib._destroy()
+    with pytest.raises(TypeError, match="overwrite_logits must be True or False"):
+        rk.ppo_loss(torch.randn(1, 2, 5), torch.zeros(1, 2, dtype=torch.long), z[:1, :2], z[:1, :2], z[:1, :2],
+                    overwrite_logits="yes")  # fmt: skip
+
+
+def test_ppo_loss_leaves_the_logits_where_nothing_is_fused():
+    """On the CPU backend the gradient comes from a backward: ``overwrite_logits`` changes nothing."""
+    x = torch.randn(2, 4, 9, requires_grad=True)
+    h = x * 1.0
+    before = h.detach().clone()
+    y, z = torch.randint(0, 9, (2, 4)), torch.zeros(2, 4)
+    rk.ppo_loss(h, y, z - 2, z + 1, z + 1, overwrite_logits=True).loss.backward()
+    assert torch.equal(h.detach(), before) and x.grad is not None

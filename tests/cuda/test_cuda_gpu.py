@@ -470,6 +470,44 @@ def test_ppo_forward_statistics_are_the_logprobs_kernels_bit_for_bit(V, dtype):
     torch.testing.assert_close(out.kl, tri.kl, rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("V, dtype", [(4097, torch.float32), (50257, torch.bfloat16), (151936, torch.bfloat16)])
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "view"])
+def test_ppo_loss_can_write_the_gradient_over_the_logits(V, dtype, sliced):
+    """``overwrite_logits=True``: where the plan keeps rows on chip, the kernel writes the gradient over the logits
+    (their base for a ``[:, :-1]`` view), bit for bit the gradient it writes into a new buffer otherwise; the
+    logits' storage is then the gradient, their version counter has moved, the base's extra rows are zero, and the
+    step allocates no gradient-sized buffer. Elsewhere the logits are left alone."""
+    x, y, old, adv, ref, mask = _ppo_case(V, dtype, seed=V + 11)
+    source = x._base if sliced else x.contiguous()
+    grad_bytes = source.numel() * source.element_size()
+
+    def run(overwrite):
+        h = source.clone().requires_grad_() * 1  # the model's logits: not a leaf
+        logits = h[:, :-1] if sliced else h
+        version = h._version
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        out = rk.ppo_loss(logits, y, old, adv, mask, ref_logp=ref, kl_coef=0.1, backend="cuda",
+                          overwrite_logits=overwrite)  # fmt: skip
+        peak = torch.cuda.max_memory_allocated() - start
+        (g,) = torch.autograd.grad(out.loss, h)
+        return out, g, h, h._version != version, peak
+
+    out0, g0, h0, moved0, peak0 = run(False)
+    out1, g1, h1, moved1, peak1 = run(True)
+    assert torch.equal(out0.loss, out1.loss) and torch.equal(out0.logp, out1.logp)
+    assert torch.equal(g0, g1)
+    assert not moved0 and g0.data_ptr() != h0.data_ptr() and peak0 >= grad_bytes
+    rows = h1[:, :-1] if sliced else h1
+    if ppo_ops.overwrites_logits(h1, rows, "cuda", 0):
+        assert moved1 and g1.data_ptr() == h1.data_ptr() and peak1 < grad_bytes // 4, (peak1, grad_bytes)
+        if sliced:
+            assert torch.equal(h1[:, -1], torch.zeros_like(h1[:, -1]))
+    else:  # the global path re-reads the row: a separate buffer, the logits untouched
+        assert g1.data_ptr() != h1.data_ptr() and torch.equal(h1.detach(), source)
+
+
 def test_ppo_loss_forward_only_and_backward_once():
     x, y, old, adv, ref, mask = _ppo_case(50257, torch.bfloat16, seed=41)
     with torch.no_grad():
@@ -520,12 +558,20 @@ def test_the_bindings_refusal_of_a_path_is_a_python_error_not_a_crash():
             print("cuda: no error")
         except RuntimeError as e:
             print("cuda: RuntimeError", "cannot run" in str(e))
+        w = torch.ones(1, 2, device="cuda")
+        try:  # grad_out = logits on the global path, which reads the row again after writing it
+            torch.ops.rlhf_kernels_C.ppo_fwd(x, torch.zeros(1, 2, dtype=torch.long, device="cuda"), rows, rows, None,
+                                             w, 1.0, -100, 0.0, 3, 0.0, 0.2, 0.2, None, 1, x)
+            print("alias: no error")
+        except RuntimeError as e:
+            print("alias: RuntimeError", "may overlap logits only" in str(e))
     """)
     proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", child], capture_output=True, text=True,
                           timeout=300, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"the child ended with {proc.returncode}:\n{out[-3000:]}"
     assert "cpu: RuntimeError" in proc.stdout and "cuda: RuntimeError True" in proc.stdout, out[-3000:]
+    assert "alias: RuntimeError True" in proc.stdout, out[-3000:]
 
 
 def test_ppo_loss_upstream_gradient_scales(monkeypatch):

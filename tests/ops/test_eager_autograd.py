@@ -42,7 +42,7 @@ def _case(seed=0, B=2, T=5, V=11):
 
 def _through_the_op(monkeypatch):
     """Every eager call takes the registered op, as before ops/_eager.py."""
-    monkeypatch.setattr(_eager, "_needs_the_op", lambda args: True)
+    monkeypatch.setattr(_eager, "needs_the_op", lambda args: True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -116,9 +116,9 @@ def test_tensors_the_function_cannot_take_go_to_the_op(kind, monkeypatch):
     else:
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         args = (t, 1.0)
-    assert _eager._needs_the_op(args)
-    assert not _eager._needs_the_op((t, 1.0, None, "torch")) or kind == "compiling"
-    assert not _eager._needs_the_op((torch.nn.Parameter(t),)) or kind == "compiling"
+    assert _eager.needs_the_op(args)
+    assert not _eager.needs_the_op((t, 1.0, None, "torch")) or kind == "compiling"
+    assert not _eager.needs_the_op((torch.nn.Parameter(t),)) or kind == "compiling"
 
 
 def test_defaults_are_filled_in_as_the_dispatcher_does():
