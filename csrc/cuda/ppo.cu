@@ -33,7 +33,8 @@
 // Without a gradient (kForwardOnly) ppo_fwd_only_kernel sweeps each row once, as logprobs_fwd_kernel does.
 // With RLHF_KERNELS_CUDA_PREFETCH=1 the on-chip paths fill their shared-memory slice with cp.async,
 // kPrefetchDepth groups of 4 vectors in flight per thread (row_prefetch.cuh); same results, bit for bit.
-// Without an entropy bonus (entropy_coef = 0, G_H = 0 in every row) the launch takes ppo_fwd_kernel<..., kNoEntropy>,
+// Without an entropy bonus (entropy_coef = 0, G_H = 0 in every row) the launch takes ppo_fwd_kernel<..., kNoEntropy>
+// (and ppo_fwd_pipe_kernel<T, kNoEntropy>),
 // whose sweep 2 uses LogprobGradNoEntropy: the same values, 3 instructions fewer per value (bf16 on sm_90, with
 // write_row_range's other savings: 8.6 instructions per value against 11.6 with the entropy term; benchmarks/sass_report.py).
 // ppo_fwd_kernel<T, kCluster, kProbe = true> is the probe (ppo_probe.cuh, benchmarks/probe_ppo.py): the same
@@ -260,8 +261,9 @@ struct SliceShare {
 // the buffer, the block reduction, one cluster barrier to exchange (statistics, target logit) through
 // distributed shared memory, thread 0's term, sweep 2 from the buffer. The target's logit comes from the slice
 // that holds it, so no CTA waits on a dependent global load. One CTA per SM: its two buffers take most of the
-// SM's shared memory, hence 512 threads and the register budget of __launch_bounds__(512, 1).
-template <typename T>
+// SM's shared memory, hence 512 threads and the register budget of __launch_bounds__(512, 1). kNoEntropy: as for
+// ppo_fwd_kernel, sweep 2 without the entropy term when the launch's entropy_coef is 0.
+template <typename T, bool kNoEntropy>
 __global__ void __launch_bounds__(kPpoPipeCap, 1)
     ppo_fwd_pipe_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, PpoOutputs io,
                         T* __restrict__ grad, int64_t rows, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
@@ -332,7 +334,11 @@ __global__ void __launch_bounds__(kPpoPipeCap, 1)
       zero_row_range(dx, c_lo, c_hi, threadIdx.x, blockDim.x);
     } else {
       const LogprobGrad f = make_logprob_grad(tok[0], tok[1], tok[2], tok[3], p.inv_t);
-      write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f);
+      if constexpr (kNoEntropy) {
+        write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, LogprobGradNoEntropy(f));
+      } else {
+        write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f);
+      }
     }
     __syncthreads();  // `cur` and tok are free: the next row stages into `cur`'s buffer
   }
@@ -380,12 +386,12 @@ inline cudaLaunchConfig_t cluster_launch(int64_t clusters, int cluster, int thre
 // Launches kPipe's persistent grid: as many clusters as can be resident at once (cudaOccupancyMaxActiveClusters;
 // the SM count over the cluster size if the query fails), at most one per row. More clusters than fit would
 // still be correct, only no longer persistent.
-template <typename T>
+template <typename T, bool kNoEntropy>
 cudaError_t launch_ppo_pipe(const PpoPlan& plan, int64_t per_cta, const T* x, const int64_t* targets,
                             const PpoOutputs& io, T* dx, int64_t rows, int64_t rows_inner, int64_t stride_b,
                             int64_t stride_t, int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab,
                             const PpoParams& params, cudaStream_t stream) {
-  const auto kernel = ppo_fwd_pipe_kernel<T>;
+  const auto kernel = ppo_fwd_pipe_kernel<T, kNoEntropy>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem_bytes));
   if (err != cudaSuccess) return err;
@@ -584,14 +590,15 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
     const auto* x = static_cast<const T*>(logits);
     auto* dx = static_cast<T*>(grad);
     const int64_t per_cta = (nvec + plan.cluster - 1) / plan.cluster;
+    // no entropy bonus: every row's G_H is 0 (or NaN with its weight, which the full formula gives too)
+    const bool no_entropy = dx != nullptr && params.entropy_coef == 0.f;
     if (plan.path == PpoPath::kPipe) {
       if (probe != nullptr) return cudaErrorNotSupported;  // the probe stamps one row per CTA
       if (2 * per_cta * 16 > plan.smem_bytes || plan.cluster > 8) return cudaErrorInvalidValue;
-      return launch_ppo_pipe<T>(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t,
-                                grad_stride_b, grad_stride_t, vocab, params, stream);
+      const auto launch = no_entropy ? launch_ppo_pipe<T, true> : launch_ppo_pipe<T, false>;
+      return launch(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t, grad_stride_b,
+                    grad_stride_t, vocab, params, stream);
     }
-    // no entropy bonus: every row's G_H is 0 (or NaN with its weight, which the full formula gives too)
-    const bool no_entropy = dx != nullptr && params.entropy_coef == 0.f;
     if (probe != nullptr) {
       const bool cluster_only = probe->skip & (kProbeCopySweep2 | kProbePushExchange);
       if (cluster_only && plan.path != PpoPath::kCluster) return cudaErrorNotSupported;

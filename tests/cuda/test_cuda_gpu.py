@@ -393,18 +393,22 @@ def test_ppo_pipe_is_the_cluster_path_bit_for_bit(V, dtype, monkeypatch):
 
 def _assert_same_bits(case, setting, values, monkeypatch, what):
     """The fused cuda ppo_loss step on ``case`` (a ``_ppo_case``) under each of the two ``values`` of the environment
-    ``setting``: loss, logp, entropy, kl and dlogits must be the same bits."""
+    ``setting``: loss, logp, entropy, kl and dlogits must be the same bits, with an entropy bonus and without one
+    (the kernels' ``kNoEntropy`` instantiations)."""
     x, y, old, adv, ref, mask = case
-    runs = []
-    for value in values:
-        monkeypatch.setenv(setting, value)
-        xt = x.detach().clone().requires_grad_()
-        with poisoned_allocations():
-            out = rk.ppo_loss(xt, y, old, adv, mask, ref_logp=ref, kl_coef=0.1, entropy_coef=0.01, backend="cuda")
-            out.loss.backward()
-        runs.append((out.loss, out.logp, out.entropy, out.kl, xt.grad))
-    for name, a, b in zip(("loss", "logp", "entropy", "kl", "dlogits"), *runs):
-        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), f"{what} {name}"
+    for entropy_coef in (0.01, 0.0):
+        runs = []
+        for value in values:
+            monkeypatch.setenv(setting, value)
+            xt = x.detach().clone().requires_grad_()
+            with poisoned_allocations():
+                out = rk.ppo_loss(xt, y, old, adv, mask, ref_logp=ref, kl_coef=0.1, entropy_coef=entropy_coef,
+                                  backend="cuda")  # fmt: skip
+                out.loss.backward()
+            runs.append((out.loss, out.logp, out.entropy, out.kl, xt.grad))
+        for name, a, b in zip(("loss", "logp", "entropy", "kl", "dlogits"), *runs):
+            assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), \
+                f"{what} entropy_coef={entropy_coef} {name}"
 
 
 def _check_ppo_against_oracle(V, dtype, path):
