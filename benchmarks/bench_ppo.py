@@ -168,7 +168,7 @@ OPS = {
         grad_names=("logits_full",),
         providers=overwrite_providers,
         bytes_moved=bytes_moved,
-        description="ppo_loss with overwrite_logits=True (the gradient written over the logits where the CUDA "
-                    "kernel keeps rows on chip; elsewhere the same as ppo_loss)",
+        description="ppo_loss with overwrite_logits=True (the CUDA fused step writes the gradient over the logits; "
+                    "elsewhere the same as ppo_loss)",
     ),
 }

@@ -244,15 +244,12 @@ std::vector<at::Tensor> ppo_fwd_impl(const at::Tensor& logits, const at::Tensor&
     return out;
   }
   const cuda::PpoPlan plan = ppo_plan_for(logits, with_grad ? path : 0, with_grad);
+  // grad_out may be logits itself (ppo_loss(..., overwrite_logits=True)): every path reads each column of a row
+  // before it writes that column's gradient (write_row_range), but a gradient written over other logits would be
+  // read back as logits
   if (grad_out.has_value()) {
-    // grad_out may be logits itself (ppo_loss(..., overwrite_logits=True)) where sweep 2 reads the row from shared
-    // memory: every read of the logits then precedes the CTA's (and its cluster's) barrier, every write follows it
     const io::Alias alias = io::alias_of(*grad_out, logits);
-    const bool on_chip = plan.path == cuda::PpoPath::kShared || plan.path == cuda::PpoPath::kCluster ||
-                         plan.path == cuda::PpoPath::kPipe;
-    TORCH_CHECK(alias == io::Alias::kApart || (alias == io::Alias::kSame && on_chip),
-                "grad_out may overlap logits only by being logits itself, on a path that keeps the row on chip "
-                "(shared, cluster or pipe); the plan here is '", ppo_path_name(plan.path), "'");
+    TORCH_CHECK(alias != io::Alias::kPartial, "grad_out may overlap logits only by being logits itself");
   }
   cuda::PpoParams params{};
   params.inv_t = static_cast<float>(1.0 / temperature);

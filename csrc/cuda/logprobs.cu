@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(256) logprobs_bwd_kernel(T* __restrict__ grad,
   }
   const T* x = row_ptr(logits, row, rows_inner, stride_b, stride_t);
   const LogprobGrad f = make_logprob_grad(lse[row], entropy[row], grad_logp[row], grad_entropy[row], inv_t);
-  write_row_range(dx, x, c_lo, c_hi, inv_t, y, threadIdx.x, blockDim.x, f);
+  write_row_range<SharedStash<true>>(dx, x, c_lo, c_hi, inv_t, y, threadIdx.x, blockDim.x, f);
 }
 
 }  // namespace

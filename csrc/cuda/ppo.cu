@@ -176,6 +176,9 @@ __global__ void __launch_bounds__(512, 2)
       } else {
         tok[0] = tok[1] = tok[2] = tok[3] = 0.f;
       }
+      // sweep 2's target column (write_row_range) is rewritten from this, not from a re-read of the row, which
+      // ppo_loss(overwrite_logits=True) overwrites; the __syncthreads below publishes it
+      if (grad != nullptr) SharedStash<false>::put(mul_rn(xy, p.inv_t));
     }
     if (grad != nullptr && !probe_skips(probe, kProbeNoSweep2)) {
       __syncthreads();
@@ -196,12 +199,12 @@ __global__ void __launch_bounds__(512, 2)
             if constexpr (kNoEntropy) return ProbeGrad<LogprobGradNoEntropy>{LogprobGradNoEntropy(f), copy};
             else return ProbeGrad<LogprobGrad>{f, copy};
           }();
-          write_row_range(dx, src, c_lo, c_hi, copy ? 1.f : p.inv_t, y, threadIdx.x, blockDim.x, g, reverse_sweep2);
+          write_row_range<SharedStash<false>>(dx, src, c_lo, c_hi, copy ? 1.f : p.inv_t, y, threadIdx.x, blockDim.x, g, reverse_sweep2);
         } else if constexpr (kNoEntropy) {
-          write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, LogprobGradNoEntropy(f),
+          write_row_range<SharedStash<false>>(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, LogprobGradNoEntropy(f),
                           reverse_sweep2);
         } else {
-          write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f, reverse_sweep2);
+          write_row_range<SharedStash<false>>(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f, reverse_sweep2);
         }
       }
     }
@@ -325,6 +328,7 @@ __global__ void __launch_bounds__(kPpoPipeCap, 1)
       for (int r = 0; r < csize; ++r) total = stats_merge(total, cluster.map_shared_rank(&mine, r)->st, c);
       const float xy = owner >= 0 ? cluster.map_shared_rank(&mine, owner)->xy : 0.f;
       finish_ppo_row(xy, y, vocab, total, scalars, p, io, row, rank == 0, true, tok);
+      SharedStash<false>::put(mul_rn(xy, p.inv_t));  // sweep 2's target column (write_row_range)
     }
     __syncthreads();
     const int64_t c_lo = max(k_lo * kVec - rv.pre, int64_t(0));
@@ -335,9 +339,9 @@ __global__ void __launch_bounds__(kPpoPipeCap, 1)
     } else {
       const LogprobGrad f = make_logprob_grad(tok[0], tok[1], tok[2], tok[3], p.inv_t);
       if constexpr (kNoEntropy) {
-        write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, LogprobGradNoEntropy(f));
+        write_row_range<SharedStash<false>>(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, LogprobGradNoEntropy(f));
       } else {
-        write_row_range(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f);
+        write_row_range<SharedStash<false>>(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f);
       }
     }
     __syncthreads();  // `cur` and tok are free: the next row stages into `cur`'s buffer

@@ -15,6 +15,22 @@ namespace detail {
 
 constexpr int kMaxThreads = 1024;
 
+// write_row_range's Stash on the GPU: one shared-memory float per CTA, the target's logit / T, read back after the
+// loop by the thread that rewrites the target's column. kPreload: that thread reads it itself before the loop (the
+// logprobs backward); else the kernel's thread 0, which holds the target's logit from sweep 1, puts it before the
+// __syncthreads ahead of sweep 2 (the PPO kernels, whose 64-register budget a read in front of the loop overran).
+// Volatile, so it comes back from shared memory rather than in a register kept live through the loop.
+template <bool kPreloadIt>
+struct SharedStash {
+  static constexpr bool kPreload = kPreloadIt;
+  __device__ __forceinline__ static volatile float& slot() {
+    __shared__ float z;
+    return z;
+  }
+  __device__ __forceinline__ static void put(float z) { slot() = z; }
+  __device__ __forceinline__ static float get() { return slot(); }
+};
+
 __device__ __forceinline__ RowStats shfl_xor(const RowStats& st, int lane_mask) {
   return {__shfl_xor_sync(0xffffffffu, st.m, lane_mask), __shfl_xor_sync(0xffffffffu, st.s, lane_mask),
           __shfl_xor_sync(0xffffffffu, st.t, lane_mask)};

@@ -107,11 +107,13 @@ RK_HD bool co_aligned(const T* src_row, const T* dst_row) {
 // dst_row[c] = f(src_row[c]·inv_t, c == target) for c in [c_lo, c_hi). This thread takes the
 // whole vectors whole_lo + first, + step, ...; thread 0 the partial head, thread step - 1 the tail.
 // src_row may point to global or shared memory. The target's column gets f(·, true): in a partial
-// vector through a per-vector test, in a whole one by a second store after the loop. `reverse` walks this thread's
+// vector through a per-vector test, in a whole one by a second store after the loop (its logit read before the
+// loop, or by the caller, and kept by Stash::put / Stash::get, so dst_row may be src_row: every column is read
+// before it is written). `reverse` walks this thread's
 // vectors from the last to the first (the same vectors, the same values): a second sweep over a
 // row the first sweep read in increasing order then starts with the lines read last, the likeliest
 // to be still in L2.
-template <typename T, typename F>
+template <typename Stash, typename T, typename F>
 RK_HD void write_row_range(T* __restrict__ dst_row, const T* __restrict__ src_row, int64_t c_lo, int64_t c_hi,
                            float inv_t, int64_t target, int64_t first, int64_t step, const F& f,
                            bool reverse = false) {
@@ -151,10 +153,17 @@ RK_HD void write_row_range(T* __restrict__ dst_row, const T* __restrict__ src_ro
   const int64_t c_step = reverse ? -stride : stride;
   // the target's column if it lies in one of this thread's whole vectors, else -1 (decided before the loop, so that
   // only this value, not the row's bounds, stays live through it: the bounds had spilled a register on sm_80)
+  // Its z (logit / T) must be read before the loop (with dst_row == src_row the loop overwrites the logit) and is
+  // kept by Stash: Stash::kPreload, read here by the owner into Stash (a shared-memory slot on the GPU); else the
+  // caller has put it there before the call (the PPO kernels: thread 0 holds the target's logit from sweep 1; the
+  // read here, in front of the loop, made their 64-register instantiations spill).
   int64_t c_fix = -1;
   if (target >= c_lo && target < c_hi) {
     const int64_t kt = (target + dv.pre) / kVec;  // the vector holding the target's column
-    if (kt >= dv.whole_lo && kt < dv.whole_hi && (kt - dv.whole_lo) % step == first) c_fix = target;
+    if (kt >= dv.whole_lo && kt < dv.whole_hi && (kt - dv.whole_lo) % step == first) {
+      c_fix = target;
+      if constexpr (Stash::kPreload) Stash::put(mul_rn(to_float(src_row[c_fix]), inv_t));
+    }
   }
   const auto whole_vecs = [&](auto src_aligned) {
     constexpr bool kAligned = decltype(src_aligned)::value;
@@ -173,7 +182,7 @@ RK_HD void write_row_range(T* __restrict__ dst_row, const T* __restrict__ src_ro
   } else {
     whole_vecs(std::false_type{});
   }
-  if (c_fix >= 0) dst_row[c_fix] = from_float<T>(f(mul_rn(to_float(src_row[c_fix]), inv_t), true));
+  if (c_fix >= 0) dst_row[c_fix] = from_float<T>(f(Stash::get(), true));
 }
 
 // dst_row[c] = 0 for c in [c_lo, c_hi) (ignored tokens: the logits are not read).

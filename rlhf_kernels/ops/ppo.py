@@ -434,26 +434,18 @@ def _(grad_term, grad_logp, grad_entropy, grad_kl, logits, targets, logp, entrop
 # ------------------------------------------------------------- forward that also produces the gradient
 
 
-ON_CHIP_PATHS = ("shared", "cluster", "pipe")
-
-
-def overwrites_logits(base: torch.Tensor, rows: torch.Tensor, backend: str, path: int) -> bool:
+def overwrites_logits(base: torch.Tensor, rows: torch.Tensor, backend: str) -> bool:
     """Whether the fused forward can write its gradient over the logits (``ppo_loss(overwrite_logits=True)``).
 
-    The CUDA kernel can where it keeps each row on chip (``ON_CHIP_PATHS``): it reads the whole row into shared
-    memory before writing any of its gradient. The ``global`` and ``l2`` paths read the row again while writing
-    it, so they keep a separate buffer; so do rows that are a copy of ``base`` (``as_rows`` could not view them).
-    The ``torch`` backend (tests) copies its gradient over the rows.
+    The CUDA kernel can on every path: each thread reads a column before it writes that column's gradient, and the
+    target's column, rewritten last, from a copy taken before (``write_row_range`` in ``csrc/cuda/row_grad.cuh``).
+    Not when the rows are a copy of ``base`` (``as_rows`` could not view them) or ``base`` is not contiguous (the
+    backward's in-place scale takes a contiguous gradient). The ``torch`` backend (tests) copies its gradient over
+    the rows.
     """
-    if not base.is_contiguous() or rows.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
-        return False  # (the backward's in-place scale takes a contiguous gradient)
-    if backend == "torch":
-        return True
-    if backend != "cuda":
+    if backend not in ("cuda", "torch") or not base.is_contiguous():
         return False
-    index = base.device.index if base.device.index is not None else torch.cuda.current_device()
-    dtype_name = str(base.dtype).replace("torch.", "")
-    return _cuda_ppo_plan_name(index, int(base.shape[-1]), dtype_name, path, cuda_ppo_cluster()) in ON_CHIP_PATHS
+    return rows.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
 
 
 def _ppo_loss_fused(
@@ -503,7 +495,7 @@ def _ppo_loss_fused(
     shape2 = rows.shape[:2]
     weights = aggregation_weights(mask, loss_agg).reshape(shape2)
     flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
-    in_place = overwrite and overwrites_logits(base, rows, backend, path)
+    in_place = overwrite and overwrites_logits(base, rows, backend)
     if in_place:  # the gradient goes over the rows it is computed from, and over the rest of base (zeros)
         full, inner = base.detach(), rows
     else:
@@ -653,10 +645,9 @@ def ppo_loss(
     gradient-sized buffer (bf16 8192 x 151936: 2.4 GB less at the peak). The
     logits are lost: use them for nothing after the call (their version
     counter is bumped, so a backward that saved them raises instead of using
-    the gradient). Honoured where the kernel keeps each row on chip (the
-    ``shared``, ``cluster`` and ``pipe`` paths: sm_90, or rows that fit one
-    CTA's shared memory) and the base is contiguous; elsewhere (other paths and
-    backends, ``torch.compile``, no gradient) the logits are left as they are.
+    the gradient). Honoured on every path of that fused step when the base is
+    contiguous; elsewhere (``two-pass``, other backends, ``torch.compile``, no
+    gradient) the logits are left as they are.
 
     Returns:
         ``PPOLossOutput(loss, logp, entropy, kl, clip_frac, approx_kl)``: the

@@ -27,6 +27,20 @@ using namespace rlhf_kernels::cuda::detail;
 
 namespace {
 
+// write_row_range's Stash here: the kernels' SharedStash (row_common.cuh), one slot, as the emulation runs one
+// thread at a time. kPreload as there: the logprobs backward's owner thread reads the target's z itself; the PPO
+// paths have it put by "thread 0" from the target's logit before sweep 2, as their kernels do.
+template <bool kPreloadIt>
+struct HostStash {
+  static constexpr bool kPreload = kPreloadIt;
+  static float& slot() {
+    static float z = 0.f;
+    return z;
+  }
+  static void put(float z) { slot() = z; }
+  static float get() { return slot(); }
+};
+
 template <typename S, typename Merge>
 S warp_reduce(S* lanes, Merge merge) {
   for (int off = 16; off > 0; off >>= 1) {
@@ -172,7 +186,7 @@ void logprobs_bwd_rows(T* grad, const T* logits, const int64_t* targets, const f
         if (y == ignore_index) {
           zero_row_range(dx, c_lo, c_hi, t, threads);
         } else {
-          write_row_range(dx, x, c_lo, c_hi, inv_t, y, t, threads, f);
+          write_row_range<HostStash<true>>(dx, x, c_lo, c_hi, inv_t, y, t, threads, f);
         }
       }
     }
@@ -228,6 +242,7 @@ int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const floa
     entropy[row] = out.entropy;
     lse[row] = out.lse;
     const bool valid = out.valid;
+    HostStash<false>::put(mul_rn(target_value(x, y, vocab, ignore_index), inv_t));  // thread 0's, before sweep 2
     const LogprobGrad f = make_logprob_grad(out.lse, out.entropy, g_logp[row], g_ent[row], inv_t);
     for (int rank = 0; rank < cluster; ++rank) {
       const int64_t k_lo = std::min<int64_t>(rank * per_cta, rv.count);
@@ -242,9 +257,10 @@ int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const floa
           zero_row_range(dx, c_lo, c_hi, t, threads);
         } else {
           if (no_entropy) {
-            write_row_range(dx, src, c_lo, c_hi, inv_t, y, t, threads, LogprobGradNoEntropy(f), cache_mode == 3);
+            write_row_range<HostStash<false>>(dx, src, c_lo, c_hi, inv_t, y, t, threads, LogprobGradNoEntropy(f),
+                                              cache_mode == 3);
           } else {
-            write_row_range(dx, src, c_lo, c_hi, inv_t, y, t, threads, f, cache_mode == 3);
+            write_row_range<HostStash<false>>(dx, src, c_lo, c_hi, inv_t, y, t, threads, f, cache_mode == 3);
           }
         }
       }
@@ -322,6 +338,7 @@ int pipe_grad_rows(T* grad, const T* logits, const int64_t* targets, const float
       logp[row] = out.logp;
       entropy[row] = out.entropy;
       lse[row] = out.lse;
+      HostStash<false>::put(mul_rn(xy, inv_t));  // thread 0's, before sweep 2
       const LogprobGrad f = make_logprob_grad(out.lse, out.entropy, g_logp[row], g_ent[row], inv_t);
       for (int rank = 0; rank < cluster; ++rank) {
         const auto [lo, hi] = bounds(rv, rank);
@@ -332,7 +349,7 @@ int pipe_grad_rows(T* grad, const T* logits, const int64_t* targets, const float
           if (y == ignore_index) {
             zero_row_range(dx, c_lo, c_hi, t, threads);
           } else {
-            write_row_range(dx, src, c_lo, c_hi, inv_t, y, t, threads, f);
+            write_row_range<HostStash<false>>(dx, src, c_lo, c_hi, inv_t, y, t, threads, f);
           }
         }
       }

@@ -476,11 +476,11 @@ def test_ppo_forward_statistics_are_the_logprobs_kernels_bit_for_bit(V, dtype):
 
 @pytest.mark.parametrize("V, dtype", [(4097, torch.float32), (50257, torch.bfloat16), (151936, torch.bfloat16)])
 @pytest.mark.parametrize("sliced", [False, True], ids=["whole", "view"])
-def test_ppo_loss_can_write_the_gradient_over_the_logits(V, dtype, sliced):
-    """``overwrite_logits=True``: where the plan keeps rows on chip, the kernel writes the gradient over the logits
-    (their base for a ``[:, :-1]`` view), bit for bit the gradient it writes into a new buffer otherwise; the
-    logits' storage is then the gradient, their version counter has moved, the base's extra rows are zero, and the
-    step allocates no gradient-sized buffer. Elsewhere the logits are left alone."""
+def test_ppo_loss_can_write_the_gradient_over_the_logits(V, dtype, sliced, monkeypatch):
+    """``overwrite_logits=True``: on each path the kernel writes the gradient over the logits (their base for a
+    ``[:, :-1]`` view), bit for bit the gradient it writes into a new buffer otherwise; the logits' storage is then
+    the gradient, their version counter has moved, the base's extra rows are zero, and the step allocates no
+    gradient-sized buffer."""
     x, y, old, adv, ref, mask = _ppo_case(V, dtype, seed=V + 11)
     source = x._base if sliced else x.contiguous()
     grad_bytes = source.numel() * source.element_size()
@@ -498,18 +498,17 @@ def test_ppo_loss_can_write_the_gradient_over_the_logits(V, dtype, sliced):
         (g,) = torch.autograd.grad(out.loss, h)
         return out, g, h, h._version != version, peak
 
-    out0, g0, h0, moved0, peak0 = run(False)
-    out1, g1, h1, moved1, peak1 = run(True)
-    assert torch.equal(out0.loss, out1.loss) and torch.equal(out0.logp, out1.logp)
-    assert torch.equal(g0, g1)
-    assert not moved0 and g0.data_ptr() != h0.data_ptr() and peak0 >= grad_bytes
-    rows = h1[:, :-1] if sliced else h1
-    if ppo_ops.overwrites_logits(h1, rows, "cuda", 0):
-        assert moved1 and g1.data_ptr() == h1.data_ptr() and peak1 < grad_bytes // 4, (peak1, grad_bytes)
+    paths = ["auto", "global", "l2"] + [p for p in ("shared", "cluster", "pipe") if _path_possible(p, V, dtype)]
+    for path in paths:
+        monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", path)
+        out0, g0, h0, moved0, peak0 = run(False)
+        out1, g1, h1, moved1, peak1 = run(True)
+        assert torch.equal(out0.loss, out1.loss) and torch.equal(out0.logp, out1.logp), path
+        assert torch.equal(g0, g1), path
+        assert not moved0 and g0.data_ptr() != h0.data_ptr() and peak0 >= grad_bytes, path
+        assert moved1 and g1.data_ptr() == h1.data_ptr() and peak1 < grad_bytes // 4, (path, peak1, grad_bytes)
         if sliced:
-            assert torch.equal(h1[:, -1], torch.zeros_like(h1[:, -1]))
-    else:  # the global path re-reads the row: a separate buffer, the logits untouched
-        assert g1.data_ptr() != h1.data_ptr() and torch.equal(h1.detach(), source)
+            assert torch.equal(h1[:, -1], torch.zeros_like(h1[:, -1])), path
 
 
 def test_ppo_loss_forward_only_and_backward_once():
@@ -563,9 +562,10 @@ def test_the_bindings_refusal_of_a_path_is_a_python_error_not_a_crash():
         except RuntimeError as e:
             print("cuda: RuntimeError", "cannot run" in str(e))
         w = torch.ones(1, 2, device="cuda")
-        try:  # grad_out = logits on the global path, which reads the row again after writing it
-            torch.ops.rlhf_kernels_C.ppo_fwd(x, torch.zeros(1, 2, dtype=torch.long, device="cuda"), rows, rows, None,
-                                             w, 1.0, -100, 0.0, 3, 0.0, 0.2, 0.2, None, 1, x)
+        big = torch.zeros(1, 3, 4097, dtype=torch.bfloat16, device="cuda")
+        try:  # grad_out overlapping the logits other than being them: rows 1-2 of a buffer whose rows 0-1 they are
+            torch.ops.rlhf_kernels_C.ppo_fwd(big[:, :2], torch.zeros(1, 2, dtype=torch.long, device="cuda"), rows,
+                                             rows, None, w, 1.0, -100, 0.0, 3, 0.0, 0.2, 0.2, None, 0, big[:, 1:])
             print("alias: no error")
         except RuntimeError as e:
             print("alias: RuntimeError", "may overlap logits only" in str(e))

@@ -584,3 +584,45 @@ def test_prefetch_sweep_is_bit_identical(emu, dtype, threads, cluster):
                            g1.view(torch.int16 if dtype != torch.float32 else torch.int32)), f"V={V} dlogits"
         for a, b, name in zip(outs0, outs1, ("logp", "entropy", "lse")):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"V={V} {name}"
+
+
+def _in_place_fused(lib, x, y, g_logp, g_ent, *, mode, threads, cluster):
+    """rk_emulate_fused_grad with the gradient written over the logits (``ppo_loss(overwrite_logits=True)``)."""
+    rows, stride = _rows(x)
+    base = x if x._base is None else x._base
+    buf = base.clone().as_strided(x.shape, x.stride(), x.storage_offset())  # x's values at x's alignment
+    out = [torch.full((rows,), float("nan")) for _ in range(3)]
+    rc = lib.rk_emulate_fused_grad(DTYPE_CODE[x.dtype], buf.data_ptr(), buf.data_ptr(), y.data_ptr(),
+                                   g_logp.data_ptr(), g_ent.data_ptr(), rows, stride, stride, x.shape[1], 1.0,
+                                   IGNORE, threads, cluster, mode, *(o.data_ptr() for o in out))
+    assert rc == 0
+    return buf, out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode,cluster", ((0, 1), (3, 1), (1, 1), (1, 4), (2, 4), (4, 1), (5, 4)),
+                         ids=("global", "l2", "shared", "cluster4", "cluster4-prefetch", "global-no-entropy",
+                              "cluster4-no-entropy"))
+def test_fused_ppo_gradient_written_over_the_logits_is_the_out_of_place_one(emu, dtype, mode, cluster):
+    """``overwrite_logits``: each thread of sweep 2 writes its vectors over the very logits it reads (global and l2
+    re-read them from there), so every read of a column must come before its write; the target's column, rewritten
+    after the loop, is read before it. The same bits as into a separate buffer, every alignment of the target.
+    In the exact build only: with FMA contraction the host compiler versions some loops on whether the two
+    buffers alias, and its two versions contract differently (a last-bit difference that is the emulation's own)."""
+    if "contracted" in getattr(emu, "_name", ""):
+        pytest.skip("bit identity across the host compiler's alias-versioned loops needs the exact build")
+    for V, offset in ((4097, 1), (1031, 0), (40, 2), (9, 5)):
+        x = at_offset(random_logits(6, V, dtype, seed=V + mode), offset)
+        y = random_targets(6, V, seed=V + mode, ignore_frac=0.0)
+        y[:4] = torch.tensor([0, V - 1, V // 2, min(8, V - 1)])  # first / last / middle / a whole vector's column
+        y[5] = IGNORE
+        g_logp, g_ent = upstream(6, seed=V)
+        if mode & 4:
+            g_ent = torch.zeros(6)
+        ref, outs_ref = emulate_fused(emu, x, y, g_logp, g_ent, threads=32, cluster=cluster, in_smem=mode & 3 in (1, 2),
+                                      prefetch=mode & 3 == 2, reverse=mode & 3 == 3, no_entropy=bool(mode & 4))
+        got, outs = _in_place_fused(emu, x, y, g_logp, g_ent, mode=mode, threads=32, cluster=cluster)
+        bits = torch.int16 if dtype != torch.float32 else torch.int32
+        assert torch.equal(got.view(bits), ref.view(bits)), f"V={V} dlogits"
+        for a, b in zip(outs, outs_ref):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"V={V}"
