@@ -98,6 +98,8 @@ void logprobs_bwd_out_cuda(const at::Tensor& grad_logp, const at::Tensor& grad_e
                            double temperature, int64_t ignore_index, at::Tensor& grad) {
   check_rows(logits, "logits");
   check_grad_out(grad, logits, "grad");
+  // grad may be logits itself (logprobs(overwrite_logits=True)): each thread reads a column before writing it
+  TORCH_CHECK(io::alias_of(grad, logits) != io::Alias::kPartial, "grad may overlap logits only by being logits itself");
   const cuda::DType dtype = cuda_dtype(logits, "logprobs");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), N = B * T;

@@ -511,6 +511,29 @@ def test_ppo_loss_can_write_the_gradient_over_the_logits(V, dtype, sliced, monke
             assert torch.equal(h1[:, -1], torch.zeros_like(h1[:, -1])), path
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("V, dtype", [(4097, torch.float32), (151936, torch.bfloat16)])
+def test_logprobs_can_write_the_gradient_over_the_logits(V, dtype, backend):
+    """``logprobs(overwrite_logits=True)``: the backward writes the gradient over the saved logits (their base for a
+    ``[:, :-1]`` view), bit for bit the normal gradient, and allocates no gradient-sized buffer."""
+    base = make_logits((3, 10, V), dtype, seed=V + 5)
+    y = make_targets((3, 9), V, seed=V + 5)
+    grad_bytes = base.numel() * base.element_size()
+    runs = []
+    for overwrite in (False, True):
+        h = base.clone().requires_grad_() * 1  # the model's logits: not a leaf
+        logp, ent = rk.logprobs(h[:, :-1], y, return_entropy=True, backend=backend, overwrite_logits=overwrite)
+        loss = logp.sum() - 0.1 * ent.sum()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        (g,) = torch.autograd.grad(loss, h)
+        runs.append((g, g.data_ptr() == h.data_ptr(), torch.cuda.max_memory_allocated() - start))
+    (g0, shared0, peak0), (g1, shared1, peak1) = runs
+    assert torch.equal(g0, g1) and not shared0 and shared1
+    assert peak0 >= grad_bytes and peak1 < grad_bytes // 4, (peak0, peak1, grad_bytes)
+
+
 def test_ppo_loss_forward_only_and_backward_once():
     x, y, old, adv, ref, mask = _ppo_case(50257, torch.bfloat16, seed=41)
     with torch.no_grad():

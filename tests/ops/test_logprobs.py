@@ -354,3 +354,68 @@ def test_env_backend_preference(monkeypatch):
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", "bogus")
     with pytest.raises(ValueError, match="RLHF_KERNELS_BACKEND"):
         rk.logprobs(logits, targets)
+
+
+# ------------------------------------------------------------------ overwrite_logits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "view"])
+def test_overwrite_logits_writes_the_same_gradient_over_them(backend, sliced):
+    """``overwrite_logits=True``: the backward writes the gradient over the logits (their base for a ``[:, :-1]``
+    view): bit for bit the gradient of a normal call, adopted as ``.grad`` without a copy (it is the logits' own
+    storage), the base's other rows zero, the version counter moved."""
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(3, 6, 37, generator=g)
+    targets = torch.randint(0, 37, (3, 5 if sliced else 6), generator=g)
+    targets[1, 2] = -100
+    weights = torch.randn(targets.shape, generator=g)
+    runs = []
+    for overwrite in (False, True):
+        x = base.clone().requires_grad_()
+        logits = x[:, :-1] if sliced else x
+        version = x._version
+        logp, ent = rk.logprobs(logits, targets, return_entropy=True, temperature=0.8, backend=backend,
+                                overwrite_logits=overwrite)  # fmt: skip
+        ((logp * weights).sum() + 0.3 * ent.sum()).backward()
+        runs.append((logp, x.grad, x.grad.data_ptr() == x.data_ptr(), x._version != version, x.detach()))
+    (lp0, g0, shared0, moved0, _), (lp1, g1, shared1, moved1, x1) = runs
+    assert torch.equal(lp0, lp1) and torch.equal(g0, g1)
+    assert not shared0 and not moved0
+    assert shared1 and moved1 and torch.equal(x1, g1)
+    if sliced:
+        assert torch.equal(x1[:, -1], torch.zeros_like(x1[:, -1]))
+
+
+def test_overwrite_logits_refuses_a_backward_that_needed_them():
+    x = torch.randn(2, 4, 9, requires_grad=True)
+    h = x * 1.0
+    side = h.pow(2).sum()  # saves h; created first, so its backward runs after the logprobs one
+    logp = rk.logprobs(h, torch.randint(0, 9, (2, 4)), backend="torch", overwrite_logits=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (logp.sum() + side).backward()
+
+
+def test_overwrite_logits_is_ignored_without_a_gradient_or_on_a_copy_and_refuses_non_bools():
+    x = torch.randn(2, 4, 9)
+    before = x.clone()
+    y = torch.randint(0, 9, (2, 4))
+    with torch.no_grad():
+        rk.logprobs(x, y, backend="torch", overwrite_logits=True)
+    xt = torch.randn(4, 2, 9).transpose(0, 1).requires_grad_()  # not contiguous: a separate gradient
+    rk.logprobs(xt, y, backend="torch", overwrite_logits=True).sum().backward()
+    assert torch.equal(x, before) and xt.grad.data_ptr() != xt.data_ptr()
+    with pytest.raises(TypeError, match="overwrite_logits must be True or False"):
+        rk.logprobs(x, y, overwrite_logits=1)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="needs the C++ extension")
+def test_the_cpu_backward_refuses_a_gradient_over_other_logits():
+    """The C++ backward may write its gradient over the logits themselves, never over a shifted copy of them."""
+    big = torch.randn(2, 4, 9)
+    x, grad = big[:, :3], big[:, 1:]
+    y = torch.zeros(2, 3, dtype=torch.long)
+    z = torch.zeros(2, 3)
+    with pytest.raises(RuntimeError, match="grad may overlap logits only by being logits itself"):
+        torch.ops.rlhf_kernels_C.logprobs_bwd_out(z, z, x, y, z, z, 1.0, -100, grad)
+    torch.ops.rlhf_kernels_C.logprobs_bwd_out(z + 1, z, x, y, z, z, 1.0, -100, x)  # over themselves: allowed

@@ -191,3 +191,20 @@ def test_row_autotune_candidates_fit_the_row(table):
         assert all(k.kwargs["BLOCK_V"] >= min(cap, 512) for k in kept)
         tiled = [k for k in kept if k.kwargs["LANES_V"] < k.kwargs["BLOCK_V"]]
         assert bool(tiled) == (v >= _common._TILED_MIN_V), f"V={v}: {[(k.kwargs, k.num_warps) for k in tiled]}"
+
+
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "view"])
+def test_overwrite_logits_writes_the_gradient_over_them(sliced):
+    """The Triton backward writes each block's gradient over the logits block it read (``overwrite_logits=True``):
+    bit for bit the gradient of a normal call, in the logits' own storage (the base's for a ``[:, :-1]`` view)."""
+    base = make_logits((2, 6, 300), torch.bfloat16, seed=31)
+    y = make_targets((2, 5 if sliced else 6), 300, seed=31)
+    grads = []
+    for overwrite in (False, True):
+        x = base.clone().requires_grad_()
+        logp, ent = rk.logprobs(x[:, :-1] if sliced else x, y, return_entropy=True, temperature=0.9,
+                                backend="triton", overwrite_logits=overwrite)  # fmt: skip
+        (logp.sum() - 0.1 * ent.sum()).backward()
+        grads.append((x.grad, x.grad.data_ptr() == x.data_ptr(), x.detach()))
+    (g0, shared0, _), (g1, shared1, x1) = grads
+    assert torch.equal(g0, g1) and not shared0 and shared1 and torch.equal(x1, g1)
