@@ -148,27 +148,19 @@ def _measured_under_ppo_loss() -> Provider:
 # as Liger's GRPO loss does with its default inplace=True); the other providers, on which the setting changes
 # nothing, are measured under ppo_loss
 overwrite_providers = {name: _measured_under_ppo_loss() for name in COMPETITORS + OURS}
-overwrite_providers["cuda"] = Provider(_ours("cuda", overwrite=True), our_reason("ppo_loss", rk.ppo_loss, "cuda", _probe))
+overwrite_providers["cuda"] = Provider(_ours("cuda", overwrite=True),
+                                       our_reason("ppo_loss", rk.ppo_loss, "cuda", _probe))
+
+
+def _spec(name: str, providers_of: dict, description: str) -> OpSpec:
+    return OpSpec(name=name, family="logits", make_inputs=make_inputs, grad_names=("logits_full",),
+                  providers=providers_of, bytes_moved=bytes_moved, description=description)  # fmt: skip
 
 
 OPS = {
-    "ppo_loss": OpSpec(
-        name="ppo_loss",
-        family="logits",
-        make_inputs=make_inputs,
-        grad_names=("logits_full",),
-        providers=providers,
-        bytes_moved=bytes_moved,
-        description="PPO clipped loss + k3 KL penalty (token-mean) from logits [B, T+1, V], N = B·T",
-    ),
-    "ppo_loss+overwrite": OpSpec(
-        name="ppo_loss+overwrite",
-        family="logits",
-        make_inputs=make_inputs,
-        grad_names=("logits_full",),
-        providers=overwrite_providers,
-        bytes_moved=bytes_moved,
-        description="ppo_loss with overwrite_logits=True (the CUDA fused step writes the gradient over the logits; "
-                    "elsewhere the same as ppo_loss)",
-    ),
+    "ppo_loss": _spec("ppo_loss", providers,
+                      "PPO clipped loss + k3 KL penalty (token-mean) from logits [B, T+1, V], N = B·T"),
+    "ppo_loss+overwrite": _spec("ppo_loss+overwrite", overwrite_providers,
+                                "ppo_loss with overwrite_logits=True (the CUDA fused step writes the gradient over the "
+                                "logits; elsewhere the same as ppo_loss)"),
 }
