@@ -91,7 +91,9 @@ from .logprobs import (
     _torch_bwd,
     _torch_fwd,
     grad_like,
+    grad_over,
     logprobs_for,
+    overwritable,
     range_lead,
     resolve_for,
 )
@@ -317,6 +319,7 @@ def _ppo_term_fwd(
     backend: str,
     row_start: int = 0,
     row_count: int = WHOLE,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token PPO term from ``logits[*, V]``: ``(term, logp, entropy, kl, clipped, lse)``, each float32 ``[*]``.
 
@@ -325,7 +328,8 @@ def _ppo_term_fwd(
     (fused kernels) and ``torch`` (reference math). With ``row_count != WHOLE``
     the op computes on ``logits[:, row_start:row_start + row_count]`` of a
     ``[B, L, V]`` ``logits`` and its gradient is shaped like ``logits``
-    (``logprobs_fwd``).
+    (``logprobs_fwd``). ``overwrite`` (eager calls only): the backward writes the
+    gradient over ``logits`` (``logprobs.grad_over``).
     """
     logits = rows_in_range(logits, row_start, row_count)
     lead = logits.shape[:-1]
@@ -358,7 +362,7 @@ ppo_term_fwd = torch.library.custom_op("rlhf_kernels::ppo_term_fwd", mutates_arg
 
 @ppo_term_fwd.register_fake
 def _(logits, targets, old_logp, advantages, ref_logp, temperature, ignore_index, kl_coef, kl_estimator,
-      entropy_coef, clip_low, clip_high, dual_clip, backend, row_start=0, row_count=WHOLE):
+      entropy_coef, clip_low, clip_high, dual_clip, backend, row_start=0, row_count=WHOLE, overwrite=False):
     return tuple(logits.new_empty(range_lead(logits, row_start, row_count), dtype=torch.float32) for _ in range(6))
 
 
@@ -393,6 +397,17 @@ def ppo_term_bwd(
     Shaped like ``logits``; with a row range the kernel writes the range's rows
     in place and the others are zero (``logprobs.grad_like``).
     """
+    _, write = _term_backward_writer(grad_term, grad_logp, grad_entropy, grad_kl, logits, targets, logp, entropy, lse,
+                                     old_logp, advantages, ref_logp, temperature, ignore_index, kl_coef, kl_estimator,
+                                     entropy_coef, clip_low, clip_high, dual_clip, backend, row_start, row_count)
+    return grad_like(logits, row_start, row_count, write)
+
+
+def _term_backward_writer(grad_term, grad_logp, grad_entropy, grad_kl, logits, targets, logp, entropy, lse, old_logp,
+                          advantages, ref_logp, temperature, ignore_index, kl_coef, kl_estimator, entropy_coef,
+                          clip_low, clip_high, dual_clip, backend, row_start, row_count):
+    """``(rows, write)`` of ``ppo_term_bwd``: the rows it computes on and ``write(out)``, which writes their gradient
+    into ``out`` (``None``: a new tensor) and returns what it wrote (``grad_like`` / ``logprobs.grad_over``)."""
     rows = as_rows(rows_in_range(logits, row_start, row_count))
     shape2 = rows.shape[:2]
     per_token = [
@@ -421,7 +436,7 @@ def ppo_term_bwd(
             return out
         return _torch_bwd(*args)
 
-    return grad_like(logits, row_start, row_count, write)
+    return rows, write
 
 
 @ppo_term_bwd.register_fake
@@ -443,9 +458,7 @@ def overwrites_logits(base: torch.Tensor, rows: torch.Tensor, backend: str) -> b
     backward's in-place scale takes a contiguous gradient). The ``torch`` backend (tests) copies its gradient over
     the rows.
     """
-    if backend not in ("cuda", "torch") or not base.is_contiguous():
-        return False
-    return rows.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    return backend in ("cuda", "torch") and overwritable(base, rows)
 
 
 def _ppo_loss_fused(
@@ -568,15 +581,19 @@ def _ppo_setup_context(ctx, inputs, output):
     ctx.has_ref = ref_logp is not None
     saved = (logits, targets, logp, entropy, lse, old_logp, advantages) + ((ref_logp,) if ctx.has_ref else ())
     ctx.save_for_backward(*saved)
-    ctx.scalars = inputs[5:]
+    ctx.scalars, ctx.overwrite = inputs[5:-1], inputs[-1]  # ppo_term_bwd's scalars (all but overwrite)
 
 
 def _ppo_backward(ctx, g_term, g_logp, g_ent, g_kl, g_clipped, g_lse):
     logits, targets, logp, entropy, lse, old_logp, advantages, *rest = ctx.saved_tensors
     ref_logp = rest[0] if ctx.has_ref else None
     zeros = [torch.zeros_like(logp) if g is None else g for g in (g_term, g_logp, g_ent, g_kl)]
-    grad = ppo_term_bwd(*zeros, logits, targets, logp, entropy, lse, old_logp, advantages, ref_logp, *ctx.scalars)
-    return (grad,) + (None,) * 15
+    args = (*zeros, logits, targets, logp, entropy, lse, old_logp, advantages, ref_logp, *ctx.scalars)
+    if ctx.overwrite:  # eager only (ppo_loss): every backend reads a column before it writes it
+        rows, write = _term_backward_writer(*args)
+        if overwritable(logits, rows):
+            return (grad_over(logits, rows, *ctx.scalars[-2:], write),) + (None,) * 16
+    return (ppo_term_bwd(*args),) + (None,) * 16
 
 
 ppo_term_fwd_call = eager_autograd(ppo_term_fwd, _ppo_term_fwd, _ppo_backward, _ppo_setup_context)
@@ -639,15 +656,15 @@ def ppo_loss(
     eager mode), the kernels write the gradient straight into a tensor shaped like
     ``base``, zeroing only the other ``L - T`` rows (``_checks.slice_of_base``).
 
-    ``overwrite_logits=True`` (eager, CUDA backend): the forward writes the
-    gradient over ``logits`` (over their ``[B, L, V]`` base for a
-    ``logits[:, :-1]`` view) instead of into a new tensor, so the step needs no
-    gradient-sized buffer (bf16 8192 x 151936: 2.4 GB less at the peak). The
-    logits are lost: use them for nothing after the call (their version
-    counter is bumped, so a backward that saved them raises instead of using
-    the gradient). Honoured on every path of that fused step when the base is
-    contiguous; elsewhere (``two-pass``, other backends, ``torch.compile``, no
-    gradient) the logits are left as they are.
+    ``overwrite_logits=True`` (eager calls): the gradient is written over
+    ``logits`` (over their ``[B, L, V]`` base for a ``logits[:, :-1]`` view)
+    instead of into a new tensor, so the step needs no gradient-sized buffer
+    (bf16 8192 x 151936: 2.4 GB less at the peak). The CUDA fused step writes it
+    in the forward (use the logits for nothing after the call); the other paths
+    and backends in the backward (``logprobs(overwrite_logits=True)``). Either
+    way the logits' version counter moves, so a backward that saved them raises
+    instead of reading the gradient. Needs a contiguous base; under
+    ``torch.compile`` or without a gradient the logits are left as they are.
 
     Returns:
         ``PPOLossOutput(loss, logp, entropy, kl, clip_frac, approx_kl)``: the
@@ -675,6 +692,8 @@ def ppo_loss(
     # gradient is written into a [B, L, V] tensor (no zero-fill + copy by autograd's SliceBackward)
     source, row_start, row_count = base_and_range(logits)
     fused = chosen == "cuda" and torch.is_grad_enabled() and logits.requires_grad
+    # the registered op never writes over its input: only eager calls overwrite
+    overwrite = overwrite_logits and torch.is_grad_enabled() and logits.requires_grad and not needs_the_op((source,))
     if fused and (path := cuda_ppo_path()) != "two-pass":  # the setting read once, only where it matters
         cuda_ppo_prefetch()  # validated by name; the launcher reads it (and the cluster setting, likewise)
         check_cuda_ppo_path_runs(path, source, cuda_ppo_cluster())
@@ -698,7 +717,7 @@ def ppo_loss(
             chosen,
             row_start,
             row_count,
-            bool(overwrite_logits) and not needs_the_op((source,)),  # the registered op never aliases its input
+            overwrite,
         )[:6]
         return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss)
     if chosen in ("triton", "cuda"):
@@ -719,11 +738,12 @@ def ppo_loss(
             chosen,
             row_start,
             row_count,
+            overwrite,
         )  # clipped: float32 0 / 1, as ppo_output's clip_frac wants it
     else:
         logp, entropy = logprobs_for(
             "ppo_loss", logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
-            backend=chosen,
+            backend=chosen, overwrite_logits=overwrite,
         )
         term, kl, clipped = composed_ppo_terms(
             logp, entropy, old_logp, advantages, ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,

@@ -478,9 +478,9 @@ def test_ppo_forward_statistics_are_the_logprobs_kernels_bit_for_bit(V, dtype):
 @pytest.mark.parametrize("sliced", [False, True], ids=["whole", "view"])
 def test_ppo_loss_can_write_the_gradient_over_the_logits(V, dtype, sliced, monkeypatch):
     """``overwrite_logits=True``: on each path the kernel writes the gradient over the logits (their base for a
-    ``[:, :-1]`` view), bit for bit the gradient it writes into a new buffer otherwise; the logits' storage is then
-    the gradient, their version counter has moved, the base's extra rows are zero, and the step allocates no
-    gradient-sized buffer."""
+    ``[:, :-1]`` view; the fused paths in the forward, ``two-pass`` in the backward), bit for bit the gradient it
+    writes into a new buffer otherwise; the logits' storage is then the gradient, their version counter has moved,
+    the base's extra rows are zero, and the step allocates no gradient-sized buffer."""
     x, y, old, adv, ref, mask = _ppo_case(V, dtype, seed=V + 11)
     source = x._base if sliced else x.contiguous()
     grad_bytes = source.numel() * source.element_size()
@@ -494,11 +494,12 @@ def test_ppo_loss_can_write_the_gradient_over_the_logits(V, dtype, sliced, monke
         start = torch.cuda.memory_allocated()
         out = rk.ppo_loss(logits, y, old, adv, mask, ref_logp=ref, kl_coef=0.1, backend="cuda",
                           overwrite_logits=overwrite)  # fmt: skip
-        peak = torch.cuda.max_memory_allocated() - start
         (g,) = torch.autograd.grad(out.loss, h)
+        peak = torch.cuda.max_memory_allocated() - start  # forward and backward (two-pass writes in the backward)
         return out, g, h, h._version != version, peak
 
-    paths = ["auto", "global", "l2"] + [p for p in ("shared", "cluster", "pipe") if _path_possible(p, V, dtype)]
+    on_chip = [p for p in ("shared", "cluster", "pipe") if _path_possible(p, V, dtype)]
+    paths = ["auto", "global", "l2", "two-pass", *on_chip]
     for path in paths:
         monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", path)
         out0, g0, h0, moved0, peak0 = run(False)

@@ -419,3 +419,21 @@ def test_the_cpu_backward_refuses_a_gradient_over_other_logits():
     with pytest.raises(RuntimeError, match="grad may overlap logits only by being logits itself"):
         torch.ops.rlhf_kernels_C.logprobs_bwd_out(z, z, x, y, z, z, 1.0, -100, grad)
     torch.ops.rlhf_kernels_C.logprobs_bwd_out(z + 1, z, x, y, z, z, 1.0, -100, x)  # over themselves: allowed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ppo_loss_overwrite_logits_off_the_fused_path_writes_in_the_backward(backend):
+    """``ppo_loss(overwrite_logits=True)`` where the gradient comes from a backward (CPU backends here; Triton and
+    CUDA's two-pass path likewise): that backward writes it over the logits' base, bit for bit the normal one."""
+    g = torch.Generator().manual_seed(23)
+    base = torch.randn(2, 7, 29, generator=g)
+    y = torch.randint(0, 29, (2, 6), generator=g)
+    old, adv, mask = torch.randn(2, 6, generator=g) - 3, torch.randn(2, 6, generator=g), torch.ones(2, 6)
+    runs = []
+    for overwrite in (False, True):
+        x = base.clone().requires_grad_()
+        out = rk.ppo_loss(x[:, :-1], y, old, adv, mask, entropy_coef=0.01, backend=backend, overwrite_logits=overwrite)
+        out.loss.backward()
+        runs.append((out.loss, x.grad, x.grad.data_ptr() == x.data_ptr()))
+    (l0, g0, shared0), (l1, g1, shared1) = runs
+    assert torch.equal(l0, l1) and torch.equal(g0, g1) and not shared0 and shared1

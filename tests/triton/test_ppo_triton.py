@@ -146,3 +146,22 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(loss_c, loss_e)
     torch.testing.assert_close(frac_c, frac_e)
     torch.testing.assert_close(xc.grad, xe.grad)
+
+
+def test_ppo_loss_overwrite_logits_writes_the_backward_over_them():
+    """Triton's two-pass ``ppo_loss`` with ``overwrite_logits=True``: its backward writes each block's gradient over
+    the logits block it read, bit for bit the normal gradient, in the logits' own storage."""
+    g = torch.Generator().manual_seed(41)
+    base = torch.randn(2, 7, 300, generator=g).to(DEVICE)
+    y = torch.randint(0, 300, (2, 6), generator=g).to(DEVICE)
+    old, adv = (torch.randn(2, 6, generator=g) - 3).to(DEVICE), torch.randn(2, 6, generator=g).to(DEVICE)
+    mask = torch.ones(2, 6, device=DEVICE)
+    runs = []
+    for overwrite in (False, True):
+        x = base.clone().requires_grad_()
+        out = rk.ppo_loss(x[:, :-1], y, old, adv, mask, entropy_coef=0.01, backend="triton",
+                          overwrite_logits=overwrite)  # fmt: skip
+        out.loss.backward()
+        runs.append((x.grad, x.grad.data_ptr() == x.data_ptr()))
+    (g0, shared0), (g1, shared1) = runs
+    assert torch.equal(g0, g1) and not shared0 and shared1
