@@ -52,7 +52,8 @@ RUNTIME: tuple[Setting, ...] = (
             _reader("ops._dispatch", "preferred_backend")),
     Setting("RLHF_KERNELS_VALIDATE", "1 | async | 0", "1",
             "the check that targets lie in [0, V): a host sync (on a GPU read once the op's kernel is queued), "
-            "queued and reported by the next op, or off (CUDA graphs; a bad target's token then gets NaN)",
+            "queued and reported by the next op, or off (a bad target's token then gets NaN); skipped while a CUDA "
+            "graph is captured",
             _reader("ops._deferred_checks", "validation_mode")),
     Setting("RLHF_KERNELS_VIEW_GRAD", "1 | 0", "1",
             "route the gradient of a logits[:, a:a+T] view straight into its base instead of autograd's zero-fill "

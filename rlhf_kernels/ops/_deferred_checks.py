@@ -19,9 +19,10 @@ The price: the error surfaces one call late, after the bad call's NaN log-prob
 pending when Python exits is waited for and reported on stderr.
 
 CPU tensors are checked at once (their kernels have already run, so there is
-no queue to stall). During CUDA graph capture the async check is skipped, as
+no queue to stall). During CUDA graph capture every check is skipped, as
 ``RLHF_KERNELS_VALIDATE=0`` would be (a captured copy would refill the buffer
-at every replay, long after this call's check was read).
+at every replay, long after this call's check was read; the kernels never read
+a bad target, whose token gets NaN).
 """
 
 from __future__ import annotations
@@ -127,16 +128,17 @@ _LOCK = threading.Lock()
 
 
 def mode_for(targets: torch.Tensor) -> str:
-    """How ``targets`` are checked: ``validation_mode()``, except that async mode checks tensors off
-    ``ASYNC_DEVICES`` at once (``"sync"``) and skips the check while a CUDA graph is captured (``"off"``)."""
+    """How ``targets`` are checked: ``validation_mode()``, except that the check is skipped while a CUDA graph is
+    captured (``"off"``: a captured check could only read the capture-time targets, never a replay's, and reading
+    it would break the capture), and async mode checks tensors off ``ASYNC_DEVICES`` at once (``"sync"``)."""
     mode = validation_mode()
-    if mode != "async":
+    if mode == "off":
         return mode
-    if targets.device.type not in ASYNC_DEVICES:
-        return "sync"
     if targets.is_cuda and torch.cuda.is_current_stream_capturing():
         return "off"
-    return "async"
+    if mode == "async" and targets.device.type not in ASYNC_DEVICES:
+        return "sync"
+    return mode
 
 
 def enqueue(targets: torch.Tensor, vocab: int, ignore_index: int, op: str) -> None:

@@ -200,6 +200,37 @@ def test_the_default_check_raises_from_the_call_that_got_the_bad_target(backend,
     assert torch.isfinite(out.logp[kept]).all() and torch.isfinite(rk.logprobs(x, y, backend=backend)[kept]).all()
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_ops_capture_in_a_cuda_graph_with_the_default_target_check(backend):
+    """While a CUDA graph is captured the target check is skipped (``_deferred_checks.mode_for``), so logprobs and
+    the PPO step capture with ``RLHF_KERNELS_VALIDATE`` unset; replays recompute on new inputs in place. Outside the
+    capture the check still raises."""
+    V = 4097
+    x = make_logits((2, 6, V), torch.bfloat16, seed=17)
+    y = make_targets((2, 6), V, seed=17)
+    old, adv, mask = torch.full((2, 6), -8.0, device=CUDA), torch.ones(2, 6, device=CUDA), torch.ones(2, 6, device=CUDA)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture (Triton compiles, allocator pools)
+        for _ in range(2):
+            rk.logprobs(x, y, backend=backend)
+            rk.ppo_loss(x, y, old, adv, mask, backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lp = rk.logprobs(x, y, backend=backend)
+        loss = rk.ppo_loss(x, y, old, adv, mask, backend=backend).loss
+    x.copy_(make_logits((2, 6, V), torch.bfloat16, seed=18))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(lp, rk.logprobs(x, y, backend=backend), rtol=0, atol=0)
+    torch.testing.assert_close(loss, rk.ppo_loss(x, y, old, adv, mask, backend=backend).loss, rtol=1e-6, atol=1e-7)
+    bad = y.clone()
+    bad[0, 0] = V
+    with pytest.raises(ValueError, match=r"targets\[0, 0\] = 4097"):
+        rk.logprobs(x, bad, backend=backend)
+
+
 def test_logprobs_bad_targets_are_never_read(monkeypatch):
     monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "0")
     V = 50257
