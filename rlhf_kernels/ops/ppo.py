@@ -254,9 +254,10 @@ def composed_ppo_terms(logp, entropy, old_logp, advantages, ref_logp, **options)
 
 
 def ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg: str,
-               loss: Optional[torch.Tensor] = None) -> PPOLossOutput:
+               loss: Optional[torch.Tensor] = None, means: Optional[torch.Tensor] = None) -> PPOLossOutput:
     """Aggregate the per-token ``term`` (unless a fused op already did: ``loss``) and attach the detached
-    statistics users log: ``clip_frac`` and ``approx_kl``, masked means as in ``reference.ppo_loss``.
+    statistics users log: ``clip_frac`` and ``approx_kl``, masked means as in ``reference.ppo_loss`` (unless a fused
+    op already computed them: ``means``, ``[clip_frac, approx_kl]``).
 
     Written for few launches: on a GPU each small kernel here costs a few µs beside a main kernel of ~0.6 ms
     (bf16 8192 x 151936), and they were ~20% of the PPO forward's time on the H200. The mask's count and its
@@ -264,6 +265,9 @@ def ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg: str,
     for token-mean, against 33 for ``reference.aggregate_loss`` plus two ``_safe_divide`` means. The same
     arithmetic: ``Σ m·x / Σ m``, 0 (with finite gradients) when ``Σ m == 0``.
     """
+    if loss is not None and means is not None and means.numel() == 2:
+        clip_frac, approx_kl = means.detach().unbind()
+        return PPOLossOutput(loss, logp.detach(), entropy.detach(), kl.detach(), clip_frac, approx_kl)
     maskf = mask.to(logp.dtype)
     count = maskf.sum()
     nonzero = count != 0
@@ -482,13 +486,16 @@ def _ppo_loss_fused(
     row_start: int = 0,
     row_count: int = WHOLE,
     overwrite: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, term, logp, entropy, kl, clipped, dlogits)`` in one kernel.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """``(loss, term, logp, entropy, kl, clipped, dlogits, means)`` in one kernel.
 
     ``loss = aggregate_loss(term, mask, loss_agg)`` (a float32 scalar; the only
     differentiable output), per-token float32 ``[*]`` statistics, and
     ``dlogits = ∂loss/∂logits`` (``[*, V]``, logits' dtype) written by the forward
-    kernel from the per-token weights ``aggregation_weights(mask, loss_agg)``.
+    kernel from the per-token weights ``aggregation_weights(mask, loss_agg)``, and
+    ``means = [clip_frac, approx_kl]`` for ``token-mean`` (empty otherwise; see
+    ``_fused_loss_and_means``).
     ``path``: 0 auto, 1 global, 2 shared, 3 cluster (``csrc/cuda/ppo.cu``).
     Backends: ``cuda``, and ``torch`` (the same contract in PyTorch: tests, CPU).
     With ``row_count != WHOLE``, ``logits`` is the ``[B, L, V]`` base of the rows
@@ -531,19 +538,36 @@ def _ppo_loss_fused(
                                           clip_high, dual_clip)
             grad = _torch_bwd(weights * dterm, -weights * entropy_coef, rows, flat[0].contiguous(), lse, entropy,
                               temperature, ignore_index)
-    # loss_agg is linear in the term: loss = Σ w·term, with the weights dlogits was scaled by (a product and a
-    # sum, against reference.aggregate_loss's eight small kernels; the same value up to rounding)
-    loss = (weights * term.reshape(shape2)).sum()
+    loss, means = _fused_loss_and_means(term, clipped, logp, flat[1], weights, mask, loss_agg)
     stats = tuple(t.reshape(lead).contiguous() for t in (term, logp, entropy, kl, clipped))
     if full is None:
-        return (loss,) + stats + (grad.reshape(logits.shape),)
+        return (loss,) + stats + (grad.reshape(logits.shape), means)
     if grad is not inner:  # the reference computed [B, T, V]: copy its rows
         inner.copy_(grad.reshape(inner.shape))
     if in_place:
         torch.autograd.graph.increment_version(base)  # its values are gone: a saved copy of them must not be used
         if row_count == WHOLE:
-            return (loss,) + stats + (full,)
-    return (loss,) + stats + (zero_outside(full, row_start, row_count),)
+            return (loss,) + stats + (full, means)
+    return (loss,) + stats + (zero_outside(full, row_start, row_count), means)
+
+
+def _fused_loss_and_means(term, clipped, logp, old_logp, weights, mask, loss_agg: str):
+    """``(loss, [clip_frac, approx_kl])`` of the fused op from its per-token values, in few launches.
+
+    ``loss_agg`` is linear in the term, so ``loss = Σ w·term`` with the weights dlogits was scaled by (against
+    ``reference.aggregate_loss``'s eight small kernels; the same value up to rounding). With ``token-mean`` those
+    weights ``m / Σm`` are also ``ppo_output``'s masked-mean weights (0 where ``Σm = 0``, as there), so the two
+    statistics come from the same product: one stacked multiply and sum for all three, seven launches against
+    fourteen for the loss and ``ppo_output``'s means (each a few µs of host time beside a micro-batch's kernel).
+    Other aggregations take ``ppo_output``'s own means (an empty tensor here).
+    """
+    n = weights.numel()
+    if loss_agg != "token-mean":
+        return (weights * term.reshape(weights.shape)).sum(), weights.new_empty(0)
+    d = logp.reshape(n) - old_logp.reshape(n)
+    per_token = torch.stack((clipped.reshape(n), d * (0.5 * d), term.reshape(n)))
+    sums = (per_token * weights.reshape(n)).sum(1)
+    return sums[2].clone(), sums[:2]  # (a custom op's outputs may not alias each other)
 
 
 ppo_loss_fused = torch.library.custom_op("rlhf_kernels::ppo_loss_fused", mutates_args=())(_ppo_loss_fused)
@@ -555,7 +579,8 @@ def _(logits, targets, old_logp, advantages, ref_logp, mask, temperature, ignore
       overwrite=False):
     per_token = tuple(logits.new_empty(range_lead(logits, row_start, row_count), dtype=torch.float32) for _ in range(5))
     loss = logits.new_empty((), dtype=torch.float32)
-    return (loss,) + per_token + (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device),)
+    means = logits.new_empty((2 if loss_agg == "token-mean" else 0,), dtype=torch.float32)
+    return (loss,) + per_token + (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device), means)
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -697,7 +722,7 @@ def ppo_loss(
     if fused and (path := cuda_ppo_path()) != "two-pass":  # the setting read once, only where it matters
         cuda_ppo_prefetch()  # validated by name; the launcher reads it (and the cluster setting, likewise)
         check_cuda_ppo_path_runs(path, source, cuda_ppo_cluster())
-        loss, term, logp, entropy, kl, clipped = ppo_loss_fused_call(
+        loss, term, logp, entropy, kl, clipped, _, means = ppo_loss_fused_call(
             source,
             targets.long(),
             old_logp.detach().float(),
@@ -718,8 +743,8 @@ def ppo_loss(
             row_start,
             row_count,
             overwrite,
-        )[:6]
-        return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss)
+        )
+        return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss, means=means)
     if chosen in ("triton", "cuda"):
         term, logp, entropy, kl, clipped, _ = ppo_term_fwd_call(
             source,

@@ -279,6 +279,11 @@ def test_fused_op_loss_and_gradient_match_the_reference(loss_agg, fused_route):
     out = _fused(x2, y, old, adv, mask, o)
     torch.testing.assert_close(out[0].double(), expected.loss, rtol=1e-6, atol=1e-7)
     assert all(not t.requires_grad for t in out[1:])
+    if loss_agg == "token-mean":  # clip_frac and approx_kl from the loss's own weighted sum
+        torch.testing.assert_close(out[7].double(), torch.stack((expected.clip_frac, expected.approx_kl)).double(),
+                                   rtol=1e-6, atol=1e-7)  # fmt: skip
+    else:  # ppo_output computes them
+        assert out[7].numel() == 0
     # the forward's dlogits is the gradient for an upstream gradient of 1; backward scales it
     (g,) = torch.autograd.grad(out[0] * 2.5, x2)
     torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-9)
