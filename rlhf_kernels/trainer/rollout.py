@@ -78,16 +78,29 @@ def sequence_logprobs(model, batch, temperature=1.0, backend=None, return_entrop
                        backend=backend)
 
 
+def logits_are_free_after_the_loss(model) -> bool:
+    """Whether the loss may write its gradient over ``model``'s logits (``overwrite_logits=True``): nothing in the
+    model's own graph keeps them for its backward. True for a plain LM head (a linear layer keeps its input, not its
+    output); False for a soft-capped one (Gemma's ``tanh``, whose backward reads its output, the logits). Were it
+    wrong, autograd would still refuse that backward (the logits' version counter moves), not compute garbage."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "final_logit_softcapping", None) is None
+
+
 def policy_loss(model, e: dict, **kw):
     """The PPO / GRPO policy loss of minibatch ``e`` (``input_ids, attention_mask [B, T]``; ``targets,
     old_logp, adv, mask [B, T-1]``): ``rk.ppo_loss`` on ``logits[:, :-1]``, or for a ``FusedHeadLM``
     (DDP-wrapped or not) ``rk.linear_ppo_loss`` inside its forward. ``kw``: ``rk.ppo_loss``'s options
-    (clip, KL, entropy, temperature, loss_agg, backend). Returns ``PPOLossOutput``."""
+    (clip, KL, entropy, temperature, loss_agg, backend). Returns ``PPOLossOutput``.
+
+    The logits are used for nothing else, so their gradient is written over them (``overwrite_logits``: one
+    ``[B, T, V]`` buffer less at the step's peak) unless the model's head keeps them for its own backward."""
     if is_fused_head(model):
         return model(e["input_ids"], e["attention_mask"], e["targets"], op="ppo", old_logp=e["old_logp"],
                      advantages=e["adv"], mask=e["mask"], **kw)
     logits = lm_logits(model, e["input_ids"], e["attention_mask"])
-    return rk.ppo_loss(logits[:, :-1], e["targets"], e["old_logp"], e["adv"], e["mask"], **kw)
+    return rk.ppo_loss(logits[:, :-1], e["targets"], e["old_logp"], e["adv"], e["mask"],
+                       overwrite_logits=logits_are_free_after_the_loss(model), **kw)  # fmt: skip
 
 
 @torch.no_grad()

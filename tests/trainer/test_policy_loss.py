@@ -1,0 +1,58 @@
+"""rollout.policy_loss writes the gradient over the model's logits unless its head keeps them (overwrite_logits)."""
+
+import copy
+
+import torch
+
+from rlhf_kernels.trainer import rollout
+
+
+def _tiny_lm(**extra):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    conf = GPT2Config(vocab_size=37, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                      attn_pdrop=0.0, **extra)  # no dropout: two runs must see the same graph
+    return GPT2LMHeadModel(conf)
+
+
+def _minibatch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 37, (3, 9), generator=g)
+    mask = torch.ones(3, 8)
+    mask[0, :3] = 0  # a prompt
+    targets = torch.where(mask.bool(), ids[:, 1:], torch.full_like(ids[:, 1:], -100))
+    return {"input_ids": ids, "attention_mask": torch.ones(3, 9, dtype=torch.long), "targets": targets,
+            "old_logp": torch.randn(3, 8, generator=g) - 3, "adv": torch.randn(3, 8, generator=g), "mask": mask}
+
+
+def test_the_policy_loss_overwrites_a_plain_heads_logits_with_the_same_gradients(monkeypatch):
+    model, e = _tiny_lm(), _minibatch()
+    assert rollout.logits_are_free_after_the_loss(model)
+    assert rollout.logits_are_free_after_the_loss(torch.nn.Linear(2, 3))  # no config at all
+    grads, flags = [], []
+    real = rollout.rk.ppo_loss
+    for free in (False, True):
+        monkeypatch.setattr(rollout, "logits_are_free_after_the_loss", lambda m, free=free: free)
+        monkeypatch.setattr(rollout.rk, "ppo_loss",
+                            lambda *a, **k: (flags.append(k["overwrite_logits"]), real(*a, **k))[1])
+        m = copy.deepcopy(model)
+        out = rollout.policy_loss(m, e, entropy_coef=0.01)
+        out.loss.backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert flags == [False, True]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_soft_capped_head_keeps_its_logits():
+    class Capped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"final_logit_softcapping": 30.0})()
+
+    assert not rollout.logits_are_free_after_the_loss(Capped())
+    wrapped = torch.nn.Module()
+    wrapped.module = Capped()  # as DDP holds it
+    assert not rollout.logits_are_free_after_the_loss(wrapped)
+    assert rollout.logits_are_free_after_the_loss(_tiny_lm())
