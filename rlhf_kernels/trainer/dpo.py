@@ -39,7 +39,7 @@ from .data import batches, collate_pairs, load_jsonl, shifted_targets, validate_
 from .distributed import all_reduce, all_reduce_mean_dict, barrier, clip_grad_norm, dist_setup, wrap_model
 from .fused_head import FusedHeadLM, is_fused_head
 from .loop import run_steps
-from .models import fit_max_len, lm_logits, load_policy
+from .models import fit_max_len, lm_logits, load_policy, logits_are_free_after_the_loss
 from .rollout import SamplingConfig, evaluate_gold, generate_responses, sequence_logprobs
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -94,7 +94,8 @@ def pair_logps(model, batch, backend=None):
         logp = model(batch["input_ids"], batch["attention_mask"], targets, backend=backend)
     else:
         logits = lm_logits(model, batch["input_ids"], batch["attention_mask"])
-        logp = rk.logprobs(logits[:, :-1], targets, backend=backend)
+        logp = rk.logprobs(logits[:, :-1], targets, backend=backend,
+                           overwrite_logits=logits_are_free_after_the_loss(model))  # the logits serve nothing else
     s = logp.sum(-1)
     B = s.shape[0] // 2
     return s[:B], s[B:]

@@ -157,6 +157,15 @@ def lm_logits(model, input_ids, attention_mask):
                  position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
 
 
+def logits_are_free_after_the_loss(model) -> bool:
+    """Whether a loss may write its gradient over ``model``'s logits (``overwrite_logits=True``): nothing in the
+    model's own graph keeps them for its backward. True for a plain LM head (a linear layer keeps its input, not its
+    output); False for a soft-capped one (Gemma's ``tanh``, whose backward reads its output, the logits). Were it
+    wrong, autograd would still refuse that backward (the logits' version counter moves), not compute garbage."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "final_logit_softcapping", None) is None
+
+
 def last_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of the last non-pad token of each row (works for left and right padding)."""
     ar = torch.arange(mask.shape[-1], device=mask.device)

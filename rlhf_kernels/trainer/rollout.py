@@ -18,7 +18,7 @@ import rlhf_kernels as rk
 from .data import collate_prompts, shifted_targets
 from .distributed import dist_world, is_fsdp
 from .fused_head import is_fused_head
-from .models import lm_logits
+from .models import lm_logits, logits_are_free_after_the_loss
 
 
 @dataclass
@@ -76,15 +76,6 @@ def sequence_logprobs(model, batch, temperature=1.0, backend=None, return_entrop
     logits = lm_logits(model, batch["input_ids"], batch["attention_mask"])
     return rk.logprobs(logits[:, :-1], targets, temperature=temperature, return_entropy=return_entropy,
                        backend=backend)
-
-
-def logits_are_free_after_the_loss(model) -> bool:
-    """Whether the loss may write its gradient over ``model``'s logits (``overwrite_logits=True``): nothing in the
-    model's own graph keeps them for its backward. True for a plain LM head (a linear layer keeps its input, not its
-    output); False for a soft-capped one (Gemma's ``tanh``, whose backward reads its output, the logits). Were it
-    wrong, autograd would still refuse that backward (the logits' version counter moves), not compute garbage."""
-    config = getattr(getattr(model, "module", model), "config", None)
-    return getattr(config, "final_logit_softcapping", None) is None
 
 
 def policy_loss(model, e: dict, **kw):

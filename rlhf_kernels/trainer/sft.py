@@ -24,7 +24,7 @@ from .data import batches, collate_sft, load_jsonl, shifted_targets, validate_ro
 from .distributed import all_reduce, barrier, clip_grad_norm, dist_setup, global_loss_scale, wrap_model
 from .fused_head import FusedHeadLM, is_fused_head
 from .loop import run_steps
-from .models import build_policy, fit_max_len
+from .models import build_policy, fit_max_len, logits_are_free_after_the_loss
 
 
 @dataclass
@@ -53,7 +53,9 @@ def sft_loss(model, batch, backend=None):
         return model(batch["input_ids"], batch["attention_mask"], targets, op="cross_entropy", backend=backend), n
     # HF's default positions (arange): SFT batches are right-padded, so they equal the mask's on every real token
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logp = rk.logprobs(logits[:, :-1], targets, backend=backend)  # strided view, no copy
+    # a strided view, no copy; the logits serve nothing else, so the backward writes their gradient over them
+    logp = rk.logprobs(logits[:, :-1], targets, backend=backend,
+                       overwrite_logits=logits_are_free_after_the_loss(model))
     return -logp.sum() / n.clamp(min=1), n
 
 

@@ -1,4 +1,5 @@
-"""rollout.policy_loss writes the gradient over the model's logits unless its head keeps them (overwrite_logits)."""
+"""The trainer's losses write the gradient over the model's logits unless its head keeps them (overwrite_logits):
+the PPO / GRPO policy loss, the SFT loss and DPO's sequence log-probs."""
 
 import copy
 
@@ -56,3 +57,26 @@ def test_a_soft_capped_head_keeps_its_logits():
     wrapped.module = Capped()  # as DDP holds it
     assert not rollout.logits_are_free_after_the_loss(wrapped)
     assert rollout.logits_are_free_after_the_loss(_tiny_lm())
+
+
+def test_the_sft_and_dpo_losses_overwrite_with_the_same_gradients(monkeypatch):
+    from rlhf_kernels.trainer import dpo, sft
+
+    e = _minibatch()
+    batch = {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"],
+             "loss_mask": torch.cat([torch.zeros(3, 1), e["mask"]], 1).long()}  # fmt: skip
+    for module, loss_of in ((sft, lambda m: sft.sft_loss(m, batch)[0]),
+                            (dpo, lambda m: sum(t.sum() for t in dpo.pair_logps(m, batch)))):
+        grads, flags = [], []
+        real = module.rk.logprobs
+        for free in (False, True):
+            monkeypatch.setattr(module, "logits_are_free_after_the_loss", lambda m, free=free: free)
+            monkeypatch.setattr(module.rk, "logprobs",
+                                lambda *a, **k: (flags.append(k["overwrite_logits"]), real(*a, **k))[1])
+            m = copy.deepcopy(_tiny_lm())
+            loss_of(m).backward()
+            grads.append([p.grad.clone() for p in m.parameters()])
+        monkeypatch.setattr(module.rk, "logprobs", real)
+        assert flags == [False, True], module.__name__
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
