@@ -37,6 +37,8 @@ from typing import Deque, List, Optional
 
 import torch
 
+from ._checks import target_range
+
 ENV = "RLHF_KERNELS_VALIDATE"
 MODES = {"0": "off", "1": "sync", "sync": "sync", "async": "async"}
 
@@ -102,8 +104,6 @@ class PendingRange:
     __slots__ = ("event", "host")
 
     def __init__(self, targets: torch.Tensor, ignore_index: int):
-        from ._checks import target_range
-
         packed = target_range(targets, ignore_index)
         self.event = None
         if packed.is_cuda:

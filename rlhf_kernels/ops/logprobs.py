@@ -202,6 +202,18 @@ def grad_over(logits: torch.Tensor, rows: torch.Tensor, row_start: int, row_coun
     return full
 
 
+def backward_grad(overwrite: bool, writer, op, args: tuple, logits: torch.Tensor, row_start: int, row_count: int):
+    """A backward's gradient w.r.t. ``logits``: ``op(*args)`` (a new tensor), or with ``overwrite`` (eager calls of
+    ``overwrite_logits=True``) written over ``logits`` by ``grad_over`` when they are ``overwritable``.
+    ``writer(*args)`` gives ``(rows, write)`` (``_backward_writer``, ``ppo._term_backward_writer``): every
+    backend's kernel reads a column before it writes it."""
+    if overwrite:
+        rows, write = writer(*args)
+        if overwritable(logits, rows):
+            return grad_over(logits, rows, row_start, row_count, write)
+    return op(*args)
+
+
 def _logprobs_fwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -328,11 +340,8 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
         grad_entropy = torch.zeros_like(lse)
     args = (grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature, ctx.ignore_index, ctx.backend,
             *ctx.row_range)  # fmt: skip
-    if ctx.overwrite:  # eager only (logprobs_for): the kernels read each column before they write it
-        rows, write = _backward_writer(*args)
-        if overwritable(logits, rows):
-            return (grad_over(logits, rows, *ctx.row_range, write),) + (None,) * 8
-    return (logprobs_bwd(*args),) + (None,) * 8
+    grad = backward_grad(ctx.overwrite, _backward_writer, logprobs_bwd, args, logits, *ctx.row_range)
+    return (grad,) + (None,) * 8
 
 
 logprobs_fwd_call = eager_autograd(logprobs_fwd, _logprobs_fwd, _backward, _setup_context)

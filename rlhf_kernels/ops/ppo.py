@@ -90,6 +90,7 @@ from .logprobs import (
     TargetCheck,
     _torch_bwd,
     _torch_fwd,
+    backward_grad,
     grad_like,
     grad_over,
     logprobs_for,
@@ -516,8 +517,8 @@ def _ppo_loss_fused(
     weights = aggregation_weights(mask, loss_agg).reshape(shape2)
     flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
     in_place = overwrite and overwrites_logits(base, rows, backend)
-    if in_place:  # the gradient goes over the rows it is computed from, and over the rest of base (zeros)
-        full, inner = base.detach(), rows
+    if in_place:  # the kernel writes the gradient over the rows it reads (grad_over then finishes base)
+        full, inner = None, rows
     else:
         full, inner = (None, None) if row_count == WHOLE else grad_for_range(base, row_start, row_count)
     with TargetCheck(targets, logits.shape[-1], ignore_index, "ppo_loss"):  # read after the kernel is queued
@@ -538,20 +539,18 @@ def _ppo_loss_fused(
                                           clip_high, dual_clip)
             grad = _torch_bwd(weights * dterm, -weights * entropy_coef, rows, flat[0].contiguous(), lse, entropy,
                               temperature, ignore_index)
-    loss, means = _fused_loss_and_means(term, clipped, logp, flat[1], weights, mask, loss_agg)
+    loss, means = _fused_loss_and_means(term, clipped, logp, flat[1], weights, loss_agg)
     stats = tuple(t.reshape(lead).contiguous() for t in (term, logp, entropy, kl, clipped))
+    if in_place:  # (the reference's [B, T, V] gradient copied over the rows, the rest of base zeroed)
+        return (loss,) + stats + (grad_over(base, rows, row_start, row_count, lambda _rows: grad), means)
     if full is None:
         return (loss,) + stats + (grad.reshape(logits.shape), means)
     if grad is not inner:  # the reference computed [B, T, V]: copy its rows
         inner.copy_(grad.reshape(inner.shape))
-    if in_place:
-        torch.autograd.graph.increment_version(base)  # its values are gone: a saved copy of them must not be used
-        if row_count == WHOLE:
-            return (loss,) + stats + (full, means)
     return (loss,) + stats + (zero_outside(full, row_start, row_count), means)
 
 
-def _fused_loss_and_means(term, clipped, logp, old_logp, weights, mask, loss_agg: str):
+def _fused_loss_and_means(term, clipped, logp, old_logp, weights, loss_agg: str):
     """``(loss, [clip_frac, approx_kl])`` of the fused op from its per-token values, in few launches.
 
     ``loss_agg`` is linear in the term, so ``loss = Σ w·term`` with the weights dlogits was scaled by (against
@@ -614,11 +613,8 @@ def _ppo_backward(ctx, g_term, g_logp, g_ent, g_kl, g_clipped, g_lse):
     ref_logp = rest[0] if ctx.has_ref else None
     zeros = [torch.zeros_like(logp) if g is None else g for g in (g_term, g_logp, g_ent, g_kl)]
     args = (*zeros, logits, targets, logp, entropy, lse, old_logp, advantages, ref_logp, *ctx.scalars)
-    if ctx.overwrite:  # eager only (ppo_loss): every backend reads a column before it writes it
-        rows, write = _term_backward_writer(*args)
-        if overwritable(logits, rows):
-            return (grad_over(logits, rows, *ctx.scalars[-2:], write),) + (None,) * 16
-    return (ppo_term_bwd(*args),) + (None,) * 16
+    grad = backward_grad(ctx.overwrite, _term_backward_writer, ppo_term_bwd, args, logits, *ctx.scalars[-2:])
+    return (grad,) + (None,) * 16
 
 
 ppo_term_fwd_call = eager_autograd(ppo_term_fwd, _ppo_term_fwd, _ppo_backward, _ppo_setup_context)
@@ -716,9 +712,10 @@ def ppo_loss(
     # logits[:, a:a+T] of the model's [B, L, V] output: the ops take the base and the range, so the
     # gradient is written into a [B, L, V] tensor (no zero-fill + copy by autograd's SliceBackward)
     source, row_start, row_count = base_and_range(logits)
-    fused = chosen == "cuda" and torch.is_grad_enabled() and logits.requires_grad
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
+    fused = chosen == "cuda" and with_grad
     # the registered op never writes over its input: only eager calls overwrite
-    overwrite = overwrite_logits and torch.is_grad_enabled() and logits.requires_grad and not needs_the_op((source,))
+    overwrite = overwrite_logits and with_grad and not needs_the_op((source,))
     if fused and (path := cuda_ppo_path()) != "two-pass":  # the setting read once, only where it matters
         cuda_ppo_prefetch()  # validated by name; the launcher reads it (and the cluster setting, likewise)
         check_cuda_ppo_path_runs(path, source, cuda_ppo_cluster())
