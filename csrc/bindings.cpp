@@ -98,8 +98,7 @@ void logprobs_bwd_out_cuda(const at::Tensor& grad_logp, const at::Tensor& grad_e
                            double temperature, int64_t ignore_index, at::Tensor& grad) {
   check_rows(logits, "logits");
   check_grad_out(grad, logits, "grad");
-  // grad may be logits itself (logprobs(overwrite_logits=True)): each thread reads a column before writing it
-  TORCH_CHECK(io::alias_of(grad, logits) != io::Alias::kPartial, "grad may overlap logits only by being logits itself");
+  io::check_not_partly_over(grad, logits, "grad");  // it may be logits itself (logprobs(overwrite_logits=True))
   const cuda::DType dtype = cuda_dtype(logits, "logprobs");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2), N = B * T;
@@ -247,12 +246,8 @@ std::vector<at::Tensor> ppo_fwd_impl(const at::Tensor& logits, const at::Tensor&
   }
   const cuda::PpoPlan plan = ppo_plan_for(logits, with_grad ? path : 0, with_grad);
   // grad_out may be logits itself (ppo_loss(..., overwrite_logits=True)): every path reads each column of a row
-  // before it writes that column's gradient (write_row_range), but a gradient written over other logits would be
-  // read back as logits
-  if (grad_out.has_value()) {
-    const io::Alias alias = io::alias_of(*grad_out, logits);
-    TORCH_CHECK(alias != io::Alias::kPartial, "grad_out may overlap logits only by being logits itself");
-  }
+  // before it writes that column's gradient (write_row_range)
+  if (grad_out.has_value()) io::check_not_partly_over(*grad_out, logits, "grad_out");
   cuda::PpoParams params{};
   params.inv_t = static_cast<float>(1.0 / temperature);
   params.ignore_index = ignore_index;

@@ -35,16 +35,14 @@ inline void check_grad_out(const at::Tensor& grad, const at::Tensor& like, const
               " with unit vocab stride, got ", grad.sizes(), " ", grad.scalar_type(), " strides ", grad.strides());
 }
 
-// How a caller-provided gradient `grad` lies against the tensor `x` it is the gradient of.
-enum class Alias { kApart, kSame, kPartial };
-
-inline Alias alias_of(const at::Tensor& grad, const at::Tensor& x) {
-  if (grad.numel() == 0 || x.numel() == 0 || !grad.storage().is_alias_of(x.storage())) return Alias::kApart;
-  if (grad.data_ptr() == x.data_ptr() && grad.sizes() == x.sizes() && grad.strides() == x.strides()) {
-    return Alias::kSame;  // every element over itself
-  }
-  // otherwise any overlap of the two byte ranges counts (strided rows leave gaps that could interleave, but a
-  // gradient written over other logits is never meant)
+// A caller-provided gradient may be the tensor `x` it is the gradient of (written over it: the kernels read every
+// element before they write it; overwrite_logits=True) or lie apart from it, never over only part of it: a gradient
+// written over other logits would be read back as logits.
+inline void check_not_partly_over(const at::Tensor& grad, const at::Tensor& x, const char* name) {
+  if (grad.numel() == 0 || x.numel() == 0 || !grad.storage().is_alias_of(x.storage())) return;
+  if (grad.data_ptr() == x.data_ptr() && grad.sizes() == x.sizes() && grad.strides() == x.strides()) return;
+  // any overlap of the two byte ranges counts (strided rows leave gaps that could interleave, but a gradient
+  // written between the logits is never meant)
   const auto span = [](const at::Tensor& t) {
     int64_t last = 0;
     for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
@@ -52,7 +50,7 @@ inline Alias alias_of(const at::Tensor& grad, const at::Tensor& x) {
     return std::make_pair(begin, begin + (last + 1) * t.element_size());
   };
   const auto a = span(grad), b = span(x);
-  return a.first < b.second && b.first < a.second ? Alias::kPartial : Alias::kApart;
+  TORCH_CHECK(!(a.first < b.second && b.first < a.second), name, " may overlap logits only by being logits itself");
 }
 
 // kl_divergence's statistics dtype: float64 when an input is float64, else float32.

@@ -247,8 +247,7 @@ void logprobs_bwd_out(
                   grad.device().is_cpu(),
               "grad must be a CPU tensor shaped like logits ", logits.sizes(), " of its dtype with unit vocab stride, got ",
               grad.sizes(), " ", grad.scalar_type(), " strides ", grad.strides());
-  // grad may be logits itself (logprobs(overwrite_logits=True)): every element is read before it is written
-  TORCH_CHECK(io::alias_of(grad, logits) != io::Alias::kPartial, "grad may overlap logits only by being logits itself");
+  io::check_not_partly_over(grad, logits, "grad");  // it may be logits itself (logprobs(overwrite_logits=True))
   const int64_t rows = L.outer * L.inner;
   const auto stat_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const at::Tensor* t : {&grad_logp, &grad_entropy, &lse, &entropy}) {

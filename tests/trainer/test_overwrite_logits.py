@@ -27,23 +27,29 @@ def _minibatch():
             "old_logp": torch.randn(3, 8, generator=g) - 3, "adv": torch.randn(3, 8, generator=g), "mask": mask}
 
 
-def test_the_policy_loss_overwrites_a_plain_heads_logits_with_the_same_gradients(monkeypatch):
-    model, e = _tiny_lm(), _minibatch()
-    assert rollout.logits_are_free_after_the_loss(model)
-    assert rollout.logits_are_free_after_the_loss(torch.nn.Linear(2, 3))  # no config at all
+def _assert_same_gradients_either_way(monkeypatch, module, op_name, loss_of):
+    """Run ``loss_of(model)`` backward with ``module``'s ``logits_are_free_after_the_loss`` forced False then True:
+    the flag reaches ``rk.<op_name>`` as ``overwrite_logits``, and every parameter gradient is the same bits."""
     grads, flags = [], []
-    real = rollout.rk.ppo_loss
+    real = getattr(module.rk, op_name)
     for free in (False, True):
-        monkeypatch.setattr(rollout, "logits_are_free_after_the_loss", lambda m, free=free: free)
-        monkeypatch.setattr(rollout.rk, "ppo_loss",
-                            lambda *a, **k: (flags.append(k["overwrite_logits"]), real(*a, **k))[1])
-        m = copy.deepcopy(model)
-        out = rollout.policy_loss(m, e, entropy_coef=0.01)
-        out.loss.backward()
+        monkeypatch.setattr(module, "logits_are_free_after_the_loss", lambda m, free=free: free)
+        monkeypatch.setattr(module.rk, op_name, lambda *a, **k: (flags.append(k["overwrite_logits"]), real(*a, **k))[1])
+        m = copy.deepcopy(_tiny_lm())
+        loss_of(m).backward()
         grads.append([p.grad.clone() for p in m.parameters()])
-    assert flags == [False, True]
+    monkeypatch.setattr(module.rk, op_name, real)
+    assert flags == [False, True], module.__name__
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_policy_loss_overwrites_a_plain_heads_logits_with_the_same_gradients(monkeypatch):
+    assert rollout.logits_are_free_after_the_loss(_tiny_lm())
+    assert rollout.logits_are_free_after_the_loss(torch.nn.Linear(2, 3))  # no config at all
+    e = _minibatch()
+    _assert_same_gradients_either_way(monkeypatch, rollout, "ppo_loss",
+                                      lambda m: rollout.policy_loss(m, e, entropy_coef=0.01).loss)
 
 
 def test_a_soft_capped_head_keeps_its_logits():
@@ -65,18 +71,6 @@ def test_the_sft_and_dpo_losses_overwrite_with_the_same_gradients(monkeypatch):
     e = _minibatch()
     batch = {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"],
              "loss_mask": torch.cat([torch.zeros(3, 1), e["mask"]], 1).long()}  # fmt: skip
-    for module, loss_of in ((sft, lambda m: sft.sft_loss(m, batch)[0]),
-                            (dpo, lambda m: sum(t.sum() for t in dpo.pair_logps(m, batch)))):
-        grads, flags = [], []
-        real = module.rk.logprobs
-        for free in (False, True):
-            monkeypatch.setattr(module, "logits_are_free_after_the_loss", lambda m, free=free: free)
-            monkeypatch.setattr(module.rk, "logprobs",
-                                lambda *a, **k: (flags.append(k["overwrite_logits"]), real(*a, **k))[1])
-            m = copy.deepcopy(_tiny_lm())
-            loss_of(m).backward()
-            grads.append([p.grad.clone() for p in m.parameters()])
-        monkeypatch.setattr(module.rk, "logprobs", real)
-        assert flags == [False, True], module.__name__
-        for a, b in zip(*grads):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_same_gradients_either_way(monkeypatch, sft, "logprobs", lambda m: sft.sft_loss(m, batch)[0])
+    _assert_same_gradients_either_way(monkeypatch, dpo, "logprobs",
+                                      lambda m: sum(t.sum() for t in dpo.pair_logps(m, batch)))
