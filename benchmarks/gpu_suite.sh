@@ -24,7 +24,8 @@
 #             head), linear_logprobs+rows (its row chunks), linear_logprobs+frozen (a LoRA-style frozen head), linear_ppo_loss) against eager
 #             (materialised) and Liger at LINEAR_HEADLINE_SHAPES (default 8192x128256x4096,16384x151936x4096),
 #             bf16; the run's matmul throughput (the floor) is measured with them
-#   ppo-paths the cuda ppo_loss fwd+bwd at 8192x151936 bf16 under each RLHF_KERNELS_CUDA_PPO path
+#   ppo-paths the cuda ppo_loss fwd+bwd at 8192x151936 bf16 (PPO_PATHS_SHAPES) under each RLHF_KERNELS_CUDA_PPO path
+#             (PPO_PATHS; cluster+bulk and shared+bulk: with RLHF_KERNELS_CUDA_PREFETCH=bulk)
 #   tune-cuda the CUDA forwards (logprobs+ent, kl_divergence, ppo_loss fwd and fused fwd+bwd) under each
 #             RLHF_KERNELS_CUDA_FWD_THREADS cap, against Triton (benchmarks/tune_cuda.py; TUNE_CUDA_ARGS)
 #   tune-triton every Triton forward autotune candidate (BLOCK_V x LANES_V x warps), the backward's block
@@ -274,10 +275,14 @@ stage_linear_headline() {
 stage_ppo_paths() {
   local path rc
   need_cuda ppo-paths || return
-  for path in ${PPO_PATHS:-pipe cluster l2 global shared two-pass}; do
+  # path+bulk: that path with its on-chip slice copied in by the TMA (RLHF_KERNELS_CUDA_PREFETCH=bulk)
+  for path in ${PPO_PATHS:-cluster cluster+bulk pipe l2 global shared shared+bulk two-pass}; do
     [ -n "$DEADLINE" ] && [ "$(left)" -lt 20 ] && { note "ppo path $path: skipped by GPU_DEADLINE"; continue; }
-    RLHF_KERNELS_CUDA_PPO=$path limited "$PY" -m benchmarks.run --ops ppo_loss --providers cuda --shapes 8192x151936 \
-      --dtypes bf16 --mode fwd+bwd --no-plots --no-progress --out "$OUT/ppo_paths_$path" >"$OUT/bench_ppo_$path.log" 2>&1
+    local fill=1
+    [ "${path#*+}" = bulk ] && fill=bulk
+    RLHF_KERNELS_CUDA_PPO=${path%+bulk} RLHF_KERNELS_CUDA_PREFETCH=$fill limited "$PY" -m benchmarks.run --ops ppo_loss \
+      --providers cuda --shapes "${PPO_PATHS_SHAPES:-8192x151936}" --dtypes bf16 --mode fwd+bwd --no-plots --no-progress \
+      --out "$OUT/ppo_paths_$path" >"$OUT/bench_ppo_$path.log" 2>&1
     rc=$?
     [ $rc -ne 0 ] && { was_cut $rc "ppo path $path" || note "ppo path $path exited $rc (see bench_ppo_$path.log)"; }
     echo "RLHF_KERNELS_CUDA_PPO=$path: $(grep -E ' cuda ' "$OUT/bench_ppo_$path.log" | cut -c1-140)" >&2

@@ -12,8 +12,9 @@ script times, for every cap, the ops through ``rk`` with target validation off:
 * ``rk.kl_divergence`` forward (two reads),
 * ``rk.ppo_loss`` forward, and forward + backward on the fused path (one read + one write when
   the row stays on chip), the latter with the register sweep (``RLHF_KERNELS_CUDA_PREFETCH=0``) and with
-  the on-chip slice filled by cp.async (the default since the H200's run 3; checked bit-identical to the
-  register sweep at the same cap), with the row split over clusters of at least 4 and 8 CTAs
+  the on-chip slice filled by cp.async (the default since the H200's run 3) and by the TMA's bulk copies
+  (``RLHF_KERNELS_CUDA_PREFETCH=bulk``, caps up to 256), each checked bit-identical to the register sweep at the
+  same cap, with the row split over clusters of at least 4 and 8 CTAs
   (``RLHF_KERNELS_CUDA_CLUSTER``), on the paths that re-read the row, ``global`` and ``l2``
   (``RLHF_KERNELS_CUDA_PPO``), and on the persistent cluster path ``pipe`` against ``cluster`` (same slices and CTA
   size, so checked bit-identical),
@@ -42,6 +43,7 @@ ENV = "RLHF_KERNELS_CUDA_FWD_THREADS"
 PREFETCH = "RLHF_KERNELS_CUDA_PREFETCH"
 CLUSTER = "RLHF_KERNELS_CUDA_CLUSTER"
 PPO_PATH = "RLHF_KERNELS_CUDA_PPO"
+BULK_MAX_THREADS = 256  # kBulkMaxThreads, csrc/cuda/row_bulk.cuh
 
 
 def _cases(N: int, V: int, dtype: torch.dtype) -> List[Tuple[str, Callable[[str], object], int]]:
@@ -136,19 +138,23 @@ def main(argv=None) -> int:
             if backend == "cuda" and ok:
                 consider(name, ms, str(cap))
     os.environ.pop(ENV, None)
-    # the fused forward-with-gradient with its shared-memory slice filled by cp.async (row_prefetch.cuh)
+    # the fused forward-with-gradient with its shared-memory slice filled by cp.async (row_prefetch.cuh), and by the
+    # TMA's bulk copies (row_bulk.cuh; its kernels' CTAs hold at most BULK_MAX_THREADS threads)
     name, fn, moved = cases[-1]
     for cap in caps:
         os.environ[ENV] = str(cap)
         os.environ[PREFETCH] = "0"
         expected = _flat(fn("cuda"))
-        os.environ[PREFETCH] = "1"
-        got = _flat(fn("cuda"))
-        same = all(torch.equal(a, b) for a, b in zip(got, expected))  # same cap, same order: the same bits
-        ms = timed(name, f"cuda prefetch {cap}", lambda: fn("cuda"), moved,
-                   "" if same else "NOT BIT-IDENTICAL to the register sweep")
-        if same:
-            consider(name, ms, f"{cap} with RLHF_KERNELS_CUDA_PREFETCH=1")
+        for mode, label in (("1", "prefetch"), ("bulk", "bulk")):
+            if mode == "bulk" and cap > BULK_MAX_THREADS:
+                continue
+            os.environ[PREFETCH] = mode
+            got = _flat(fn("cuda"))
+            same = all(torch.equal(a, b) for a, b in zip(got, expected))  # same cap, same order: the same bits
+            ms = timed(name, f"cuda {label} {cap}", lambda: fn("cuda"), moved,
+                       "" if same else "NOT BIT-IDENTICAL to the register sweep")
+            if same:
+                consider(name, ms, f"{cap} with RLHF_KERNELS_CUDA_PREFETCH={mode}")
     os.environ.pop(PREFETCH, None)
     # the cluster path over more CTAs per row (smaller slices, more CTAs per SM), prefetch on, at each cap
     os.environ.pop(ENV, None)

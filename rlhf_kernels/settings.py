@@ -70,8 +70,9 @@ RUNTIME: tuple[Setting, ...] = (
     Setting("RLHF_KERNELS_CUDA_PPO", "auto | shared | cluster | global | l2 | pipe | two-pass", "auto",
             "where the CUDA ppo_loss forward-with-gradient keeps a row between its two sweeps",
             _reader("ops.ppo", "cuda_ppo_path")),
-    Setting("RLHF_KERNELS_CUDA_PREFETCH", "1 | 0", "1",
-            "fill the fused CUDA PPO path's shared-memory slice with cp.async (bit-identical results)",
+    Setting("RLHF_KERNELS_CUDA_PREFETCH", "1 | 0 | bulk", "1",
+            "how the fused CUDA PPO path fills its shared-memory slice: cp.async, the register sweep, or the TMA's "
+            "bulk copies (sm_90; bit-identical results)",
             _reader("ops.ppo", "cuda_ppo_prefetch")),
     Setting("RLHF_KERNELS_CUDA_CLUSTER", "2 | 4 | 8", "the smallest cluster whose slices fit",
             "the smallest thread-block cluster the fused CUDA PPO path splits a row over",

@@ -31,8 +31,9 @@
 //             One read and one write, reads and writes overlapped on every SM. Opt-in (RLHF_KERNELS_CUDA_PPO=pipe)
 //             until a GPU run times it against kCluster.
 // Without a gradient (kForwardOnly) ppo_fwd_only_kernel sweeps each row once, as logprobs_fwd_kernel does.
-// With RLHF_KERNELS_CUDA_PREFETCH=1 the on-chip paths fill their shared-memory slice with cp.async,
-// kPrefetchDepth groups of 4 vectors in flight per thread (row_prefetch.cuh); same results, bit for bit.
+// With RLHF_KERNELS_CUDA_PREFETCH=1 (the default) the on-chip paths fill their shared-memory slice with cp.async,
+// kPrefetchDepth groups of 4 vectors in flight per thread (row_prefetch.cuh); with =bulk (sm_90, opt-in) thread 0
+// has the TMA copy the whole slice in at most kBulkMaxChunks bulk copies (row_bulk.cuh); same results, bit for bit.
 // Without an entropy bonus (entropy_coef = 0, G_H = 0 in every row) the launch takes ppo_fwd_kernel<..., kNoEntropy>
 // (and ppo_fwd_pipe_kernel<T, kNoEntropy>),
 // whose sweep 2 uses LogprobGradNoEntropy: the same values, 3 instructions fewer per value (bf16 on sm_90, with
@@ -46,6 +47,7 @@
 
 #include "ppo_probe.cuh"
 #include "ppo_term.cuh"
+#include "row_bulk.cuh"
 #include "row_common.cuh"
 #include "row_pipeline.cuh"
 #include "row_prefetch.cuh"
@@ -60,21 +62,24 @@ namespace cg = cooperative_groups;
 // kProbe: the probe instantiation (ppo_probe.cuh): stamps and skipped stages, for benchmarks/probe_ppo.py only.
 // kNoEntropy: the launch's entropy coefficient is 0, so sweep 2 takes LogprobGradNoEntropy (row_grad.cuh; the same
 // values, three instructions fewer per column).
-template <typename T, bool kCluster, bool kProbe = false, bool kNoEntropy = false>
-__global__ void __launch_bounds__(512, 2)
+template <typename T, bool kCluster, bool kProbe = false, bool kNoEntropy = false, bool kBulk = false>
+__global__ void __launch_bounds__(kBulk ? kBulkMaxThreads : 512, kBulk ? 3 : 2)
     ppo_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, PpoOutputs io,
                    T* __restrict__ grad, int64_t rows_inner, int64_t stride_b, int64_t stride_t,
                    int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab, PpoParams p, int64_t vecs_per_cta,
                    bool in_smem, bool prefetch, bool reverse_sweep2,
                    std::conditional_t<kProbe, PpoProbe, NoProbe> probe) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  if constexpr (kCluster) {
-    __trap();  // the host launches the cluster variant only where it was compiled for sm_90+
+  if constexpr (kCluster || kBulk) {
+    __trap();  // the host launches the cluster and bulk variants only where they were compiled for sm_90+
   } else
 #endif
   {
     constexpr int kVec = Vec<T>::kSize;
     extern __shared__ uint4 cache[];   // this CTA's slice of the row (kShared / kCluster)
+    // (constant in the bulk kernel, which runs the on-chip paths only: fewer live registers under the 64 cap)
+    const bool on_chip = kBulk || in_smem;
+    const bool reverse = !kBulk && reverse_sweep2;
     __shared__ RowStats partial;       // this CTA's statistics, read by the cluster's peers
     __shared__ float tok[4];           // lse, entropy, G_logp, G_H of the row
     int rank = 0, csize = 1;
@@ -113,12 +118,18 @@ __global__ void __launch_bounds__(512, 2)
     // sweep 1: statistics of this CTA's slice (the whole row unless clustered), caching it
     const float c = p.inv_t * kLog2e;
     const auto cache_vec = [&](int64_t k, const uint4& raw) {
-      if (in_smem) cache[k - k_lo] = raw;
+      if (on_chip) cache[k - k_lo] = raw;
     };
-    RowStats st = in_smem && prefetch
-                      ? sweep_row_stats_prefetch<T, 4, kPrefetchDepth>(x, rv, vocab, k_lo, k_hi, threadIdx.x,
-                                                                        blockDim.x, c, cache)
-                      : sweep_row_stats<T, 4>(x, rv, vocab, k_lo, k_hi, threadIdx.x, blockDim.x, c, cache_vec);
+    RowStats st;
+    if constexpr (kBulk) {
+      __shared__ uint64_t bulk_bars[kBulkMaxChunks];
+      st = sweep_row_stats_bulk<T, 4>(x, rv, vocab, k_lo, k_hi, threadIdx.x, blockDim.x, c, cache, bulk_bars);
+    } else {
+      st = on_chip && prefetch
+               ? sweep_row_stats_prefetch<T, 4, kPrefetchDepth>(x, rv, vocab, k_lo, k_hi, threadIdx.x, blockDim.x,
+                                                                 c, cache)
+               : sweep_row_stats<T, 4>(x, rv, vocab, k_lo, k_hi, threadIdx.x, blockDim.x, c, cache_vec);
+    }
     // the target's logit, loaded before the reduction (and the cluster's exchange) that it would otherwise follow
     const float xy = threadIdx.x == 0 ? target_value(x, y, vocab, p.ignore_index) : 0.f;
     st = block_stats_reduce(st, c);  // ends with __syncthreads: the cache is visible to the whole CTA
@@ -192,19 +203,19 @@ __global__ void __launch_bounds__(512, 2)
       } else {
         const LogprobGrad f = make_logprob_grad(tok[0], tok[1], tok[2], tok[3], p.inv_t);
         // cache element i holds column i + k_lo·kVec - pre: src[c] below is that element
-        const T* src = in_smem ? reinterpret_cast<const T*>(cache) - (k_lo * kVec - rv.pre) : x;
+        const T* src = on_chip ? reinterpret_cast<const T*>(cache) - (k_lo * kVec - rv.pre) : x;
         if constexpr (kProbe && kCluster) {  // (cluster only: the other kernel spilled with the copy's select)
           const bool copy = probe_skips(probe, kProbeCopySweep2);
           const auto g = [&] {
             if constexpr (kNoEntropy) return ProbeGrad<LogprobGradNoEntropy>{LogprobGradNoEntropy(f), copy};
             else return ProbeGrad<LogprobGrad>{f, copy};
           }();
-          write_row_range<SharedStash<false>>(dx, src, c_lo, c_hi, copy ? 1.f : p.inv_t, y, threadIdx.x, blockDim.x, g, reverse_sweep2);
+          write_row_range<SharedStash<false>>(dx, src, c_lo, c_hi, copy ? 1.f : p.inv_t, y, threadIdx.x, blockDim.x, g, reverse);
         } else if constexpr (kNoEntropy) {
           write_row_range<SharedStash<false>>(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, LogprobGradNoEntropy(f),
-                          reverse_sweep2);
+                          reverse);
         } else {
-          write_row_range<SharedStash<false>>(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f, reverse_sweep2);
+          write_row_range<SharedStash<false>>(dx, src, c_lo, c_hi, p.inv_t, y, threadIdx.x, blockDim.x, f, reverse);
         }
       }
     }
@@ -532,44 +543,62 @@ PpoPlan plan_ppo(DType dtype, int64_t vocab, PpoPath requested, bool with_grad, 
 
 namespace {
 
-// Launches ppo_fwd_kernel<T, ·, kProbe, kNoEntropy> for a kGlobal / kShared / kCluster / kL2 plan (kPipe has its own
-// kernel).
-template <typename T, bool kProbe, bool kNoEntropy>
+// Launches ppo_fwd_kernel<T, ·, kProbe, kNoEntropy, kBulk> for a kGlobal / kShared / kCluster / kL2 plan (kPipe has
+// its own kernel; kBulk only for kShared / kCluster).
+template <typename T, bool kProbe, bool kNoEntropy, bool kBulk = false>
 cudaError_t launch_ppo_rows(const PpoPlan& plan, int64_t per_cta, const T* x, const int64_t* targets,
                             const PpoOutputs& io, T* dx, int64_t rows, int64_t rows_inner, int64_t stride_b,
                             int64_t stride_t, int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab,
                             const PpoParams& params, std::conditional_t<kProbe, PpoProbe, NoProbe> probe,
                             cudaStream_t stream) {
   const bool in_smem = plan.path == PpoPath::kShared || plan.path == PpoPath::kCluster;
-  const bool prefetch = in_smem && prefetch_enabled();
+  const bool prefetch = in_smem && prefetch_mode() != kPrefetchOff;  // (the kBulk kernel ignores it)
   if (in_smem && per_cta * 16 > plan.smem_bytes) return cudaErrorInvalidValue;
+  if (kBulk && !in_smem) return cudaErrorInvalidValue;
+  // (the bulk kernel's launch bounds: any CTA size gives the same results as the other sweeps at that size)
+  const int threads = kBulk && plan.threads > kBulkMaxThreads ? kBulkMaxThreads : plan.threads;
   // kL2 asks for shared memory it does not use: the request caps its CTAs per SM (plan_ppo)
   const size_t smem = in_smem || plan.path == PpoPath::kL2 ? static_cast<size_t>(plan.smem_bytes) : 0;
   const bool reverse = plan.path == PpoPath::kL2;
   if (plan.path != PpoPath::kCluster) {
-    const auto kernel = ppo_fwd_kernel<T, false, kProbe, kNoEntropy>;
+    const auto kernel = ppo_fwd_kernel<T, false, kProbe, kNoEntropy, kBulk>;
     if (smem > 48 * 1024) {
       const cudaError_t err =
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       if (err != cudaSuccess) return err;
     }
-    kernel<<<static_cast<unsigned>(rows), plan.threads, smem, stream>>>(
+    kernel<<<static_cast<unsigned>(rows), threads, smem, stream>>>(
         x, targets, io, dx, rows_inner, stride_b, stride_t, grad_stride_b, grad_stride_t, vocab, params, per_cta,
         in_smem, prefetch, reverse, probe);
     return cudaGetLastError();
   }
-  const auto kernel = ppo_fwd_kernel<T, true, kProbe, kNoEntropy>;
+  const auto kernel = ppo_fwd_kernel<T, true, kProbe, kNoEntropy, kBulk>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err == cudaSuccess && plan.cluster > 8) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   }
   if (err != cudaSuccess) return err;
   cudaLaunchAttribute attribute;
-  const cudaLaunchConfig_t config = cluster_launch(rows, plan.cluster, plan.threads, smem, stream, attribute);
+  const cudaLaunchConfig_t config = cluster_launch(rows, plan.cluster, threads, smem, stream, attribute);
   err = cudaLaunchKernelEx(&config, kernel, x, targets, io, dx, rows_inner, stride_b, stride_t, grad_stride_b,
                            grad_stride_t, vocab, params, per_cta, true, prefetch, false, probe);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
+}
+
+// Whether an on-chip plan takes the bulk-copy sweep (RLHF_KERNELS_CUDA_PREFETCH=bulk): only where its kernel was
+// compiled for sm_90+ (the binary the device runs; a PTX-only sm_80 build JIT-compiled on an H100 has no bulk copies),
+// else the cp.async sweep runs instead, as the setting's documentation says.
+template <typename T, bool kNoEntropy>
+bool bulk_copies_run(const PpoPlan& plan) {
+  if ((plan.path != PpoPath::kShared && plan.path != PpoPath::kCluster) || prefetch_mode() != kPrefetchBulk) {
+    return false;
+  }
+  cudaFuncAttributes attr{};
+  const bool ok = cudaFuncGetAttributes(&attr, ppo_fwd_kernel<T, false, false, kNoEntropy, true>) == cudaSuccess &&
+                  attr.binaryVersion >= 90;
+  cudaGetLastError();  // a failed query must not look like a launch error later
+  return ok;
 }
 
 }  // namespace
@@ -616,7 +645,9 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
           x, targets, io, rows_inner, stride_b, stride_t, vocab, params);
       return cudaGetLastError();
     }
-    const auto launch = no_entropy ? launch_ppo_rows<T, false, true> : launch_ppo_rows<T, false, false>;
+    const bool bulk = no_entropy ? bulk_copies_run<T, true>(plan) : bulk_copies_run<T, false>(plan);
+    const auto launch = no_entropy ? (bulk ? launch_ppo_rows<T, false, true, true> : launch_ppo_rows<T, false, true>)
+                                   : (bulk ? launch_ppo_rows<T, false, false, true> : launch_ppo_rows<T, false, false>);
     return launch(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t, grad_stride_b,
                   grad_stride_t, vocab, params, NoProbe{}, stream);
   });

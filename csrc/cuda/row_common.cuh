@@ -109,6 +109,7 @@ __device__ __forceinline__ float kl_k_dlogp(float logp, float ref, int estimator
 // ---------------------------------------------------------------- host helpers
 
 #include <cstdlib>
+#include <cstring>
 
 #include "launchers.h"
 
@@ -157,12 +158,18 @@ inline int forward_thread_cap(int default_cap) {
   return n >= 32 && n <= 512 && (n & (n - 1)) == 0 ? n : default_cap;
 }
 
-// The fused PPO forward's shared-memory paths fill their slice with cp.async (row_prefetch.cuh) unless
-// RLHF_KERNELS_CUDA_PREFETCH=0 (read at every launch; ops/ppo.py rejects values other than 0 / 1 by name).
-// On by default since the H200's run 3: faster than the register sweep at every CTA cap (tune_cuda.py).
-inline bool prefetch_enabled() {
+// How the fused PPO forward's shared-memory paths fill their slice: RLHF_KERNELS_CUDA_PREFETCH=0 the register sweep
+// (sweep_row_stats' sink), 1 or unset cp.async (row_prefetch.cuh; on by default since the H200's run 3: faster than
+// the register sweep at every CTA cap, tune_cuda.py), bulk the TMA's bulk copies (row_bulk.cuh; sm_90, opt-in until
+// a GPU run times it; kernels compiled for older GPUs take cp.async instead). Read at every launch; ops/ppo.py
+// rejects other values by name.
+enum PrefetchMode : int { kPrefetchOff = 0, kPrefetchCopies = 1, kPrefetchBulk = 2 };
+
+inline int prefetch_mode() {
   const char* text = std::getenv("RLHF_KERNELS_CUDA_PREFETCH");
-  return !(text != nullptr && text[0] == '0' && text[1] == '\0');
+  if (text == nullptr) return kPrefetchCopies;
+  if (std::strcmp(text, "0") == 0) return kPrefetchOff;
+  return std::strcmp(text, "bulk") == 0 ? kPrefetchBulk : kPrefetchCopies;
 }
 
 // The smallest thread-block cluster the fused PPO forward's cluster path may split a row over:

@@ -31,15 +31,11 @@ struct StagedPartials {
   int64_t head_slot, tail_slot;
 };
 
-// Issues this thread's copies of vectors [k_lo, k_hi) of the row into slice[k - k_lo] (one cp.async group,
-// always committed, empty or not, so every thread's group count stays in step) and loads its partial vectors.
+// The partial head (thread 0) and tail (thread step - 1) vectors of [k_lo, k_hi), element loads into registers,
+// with the slots store_partial_vecs puts them in.
 template <typename T>
-RK_HD StagedPartials stage_slice(uint4* slice, const T* row, const RowVecs& rv, int64_t V, int64_t k_lo,
-                                 int64_t k_hi, int64_t first, int64_t step) {
-  const VecRange body = split_vecs(rv, k_lo, k_hi);
-  const uint4* vecs = reinterpret_cast<const uint4*>(row - rv.pre);
-  for (int64_t k = body.body_lo + first; k < body.body_hi; k += step) copy_vec_async(slice + (k - k_lo), vecs + k);
-  commit_copies();
+RK_HD StagedPartials load_partial_vecs(const T* row, const RowVecs& rv, int64_t V, int64_t k_lo, int64_t k_hi,
+                                       const VecRange& body, int64_t first, int64_t step) {
   StagedPartials out{uint4{0u, 0u, 0u, 0u}, uint4{0u, 0u, 0u, 0u}, -1, -1};
   if (first == 0 && k_lo < body.body_lo) {
     out.head = load_vec_masked(row, k_lo, rv.pre, V);
@@ -52,17 +48,35 @@ RK_HD StagedPartials stage_slice(uint4* slice, const T* row, const RowVecs& rv, 
   return out;
 }
 
+// Issues this thread's copies of vectors [k_lo, k_hi) of the row into slice[k - k_lo] (one cp.async group,
+// always committed, empty or not, so every thread's group count stays in step) and loads its partial vectors.
+template <typename T>
+RK_HD StagedPartials stage_slice(uint4* slice, const T* row, const RowVecs& rv, int64_t V, int64_t k_lo,
+                                 int64_t k_hi, int64_t first, int64_t step) {
+  const VecRange body = split_vecs(rv, k_lo, k_hi);
+  const uint4* vecs = reinterpret_cast<const uint4*>(row - rv.pre);
+  for (int64_t k = body.body_lo + first; k < body.body_hi; k += step) copy_vec_async(slice + (k - k_lo), vecs + k);
+  commit_copies();
+  return load_partial_vecs(row, rv, V, k_lo, k_hi, body, first, step);
+}
+
 // Stores the partial vectors stage_slice loaded into the slice they belong to.
 RK_HD void store_partial_vecs(uint4* slice, const StagedPartials& s) {
   if (s.head_slot >= 0) slice[s.head_slot] = s.head;
   if (s.tail_slot >= 0) slice[s.tail_slot] = s.tail;
 }
 
+// No wait before a fold: every vector of the slice is visible to the thread already (kPipe).
+struct SliceReady {
+  RK_HD void operator()(int64_t) const {}
+};
+
 // This thread's statistics of the staged vectors [k_lo, k_hi) (slice[k - k_lo]), folded in sweep_row_stats'
-// order, so the result is the register sweep's to the bit.
-template <typename T, int kUnroll>
+// order, so the result is the register sweep's to the bit. ready(k) runs before the body vectors up to k are read
+// (row_bulk.cuh waits there for the chunk of the slice that holds k); k only grows from one call to the next.
+template <typename T, int kUnroll, typename Ready = SliceReady>
 RK_HD RowStats sweep_slice_stats(const uint4* slice, const RowVecs& rv, int64_t V, int64_t k_lo, int64_t k_hi,
-                                 int64_t first, int64_t step, float c) {
+                                 int64_t first, int64_t step, float c, Ready ready = Ready{}) {
   constexpr int kVec = Vec<T>::kSize;
   const VecRange body = split_vecs(rv, k_lo, k_hi);
   RowStats st = stats_init();
@@ -75,12 +89,14 @@ RK_HD RowStats sweep_slice_stats(const uint4* slice, const RowVecs& rv, int64_t 
   if (first == step - 1 && body.body_hi < k_hi) partial(k_hi - 1);
   int64_t k = body.body_lo + first;
   for (; k + (kUnroll - 1) * step < body.body_hi; k += kUnroll * step) {
+    ready(k + (kUnroll - 1) * step);
     float x[kUnroll][kVec];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) vec_to_floats(slice[k + u * step - k_lo], x[u], T{});
     stats_update(st, x, c);
   }
   for (; k < body.body_hi; k += step) {
+    ready(k);
     float x[1][kVec];
     vec_to_floats(slice[k - k_lo], x[0], T{});
     stats_update(st, x, c);

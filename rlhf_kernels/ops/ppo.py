@@ -43,7 +43,10 @@ The ``shared`` and ``cluster`` paths fill their slice with ``cp.async``, 16 vect
 instead of 4, with the same results bit for bit (``csrc/cuda/row_prefetch.cuh``); ``RLHF_KERNELS_CUDA_PREFETCH=0``
 keeps the register sweep. On an H200 (bf16 8192 x 151936, the cluster path) the prefetch was the faster at each
 of the five CTA caps, 2.624 against 2.732 ms at the default 256
-(``benchmarks/results/nvidia-h200/logs/run3/tune_cuda.log``).
+(``benchmarks/results/nvidia-h200/logs/run3/tune_cuda.log``). ``RLHF_KERNELS_CUDA_PREFETCH=bulk`` (sm_90, opt-in,
+not yet timed on a GPU) has thread 0 copy the whole slice in with the TMA's bulk copies, at most 8 per CTA, each
+landing behind its own mbarrier, so the slice is in flight at once and the other threads only fold it
+(``csrc/cuda/row_bulk.cuh``; CTAs of at most 256 threads; the same bits).
 
 ``RLHF_KERNELS_CUDA_CLUSTER=2|4|8`` sets the smallest cluster the ``cluster`` path may use (default: the
 smallest whose slices fit, 4 CTAs for a bf16 row of 151936).
@@ -117,15 +120,18 @@ def cuda_ppo_path() -> str:
     return value
 
 
-def cuda_ppo_prefetch() -> bool:
-    """The ``RLHF_KERNELS_CUDA_PREFETCH`` setting: ``1`` or unset (the default) fills the fused path's
-    shared-memory slice with cp.async (``csrc/cuda/row_prefetch.cuh``, bit-identical results), ``0`` keeps the
-    register sweep. The kernel launcher reads the variable itself; anything else is rejected here, by name,
-    before a launch."""
-    value = os.environ.get("RLHF_KERNELS_CUDA_PREFETCH", "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"RLHF_KERNELS_CUDA_PREFETCH must be 0 or 1, got {value!r}")
-    return value != "0"
+CUDA_PREFETCH_MODES = ("1", "0", "bulk")
+
+
+def cuda_ppo_prefetch() -> str:
+    """The ``RLHF_KERNELS_CUDA_PREFETCH`` setting, how the fused path fills its shared-memory slice: ``1`` or unset
+    (the default) with cp.async (``csrc/cuda/row_prefetch.cuh``), ``0`` with the register sweep, ``bulk`` with the
+    TMA's bulk copies (``csrc/cuda/row_bulk.cuh``; sm_90, cp.async elsewhere); bit-identical results. The kernel
+    launcher reads the variable itself; anything else is rejected here, by name, before a launch."""
+    value = os.environ.get("RLHF_KERNELS_CUDA_PREFETCH", "") or "1"
+    if value not in CUDA_PREFETCH_MODES:
+        raise ValueError(f"RLHF_KERNELS_CUDA_PREFETCH must be one of {CUDA_PREFETCH_MODES}, got {value!r}")
+    return value
 
 
 CUDA_CLUSTER_SIZES = (2, 4, 8)

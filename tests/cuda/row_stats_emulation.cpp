@@ -18,6 +18,7 @@
 
 #include "kl_grad.cuh"
 #include "kl_stats.cuh"
+#include "row_bulk.cuh"
 #include "row_grad.cuh"
 #include "row_pipeline.cuh"
 #include "row_prefetch.cuh"
@@ -60,15 +61,21 @@ S block_reduce_emulated(std::vector<S> states, S identity, Merge merge) {
   return warp_reduce(slots, merge);
 }
 
+// One CTA's statistics: sweep(t) for each of its `threads` threads in turn, then block_reduce.
+template <typename Sweep>
+RowStats reduce_cta(int threads, float c, Sweep sweep) {
+  std::vector<RowStats> states;
+  for (int t = 0; t < threads; ++t) states.push_back(sweep(t));
+  return block_reduce_emulated(states, stats_init(), [c](const RowStats& a, const RowStats& b) {
+    return stats_merge(a, b, c);
+  });
+}
+
 // One CTA of a forward kernel: `threads` threads sweep vectors [k_lo, k_hi) of the row, then block_reduce.
 template <typename T, typename Sink>
 RowStats cta_stats(const T* x, const RowVecs& rv, int64_t vocab, int64_t k_lo, int64_t k_hi, int threads, float c,
                    const Sink& sink) {
-  std::vector<RowStats> states;
-  for (int t = 0; t < threads; ++t) states.push_back(sweep_row_stats<T, 4>(x, rv, vocab, k_lo, k_hi, t, threads, c, sink));
-  return block_reduce_emulated(states, stats_init(), [c](const RowStats& a, const RowStats& b) {
-    return stats_merge(a, b, c);
-  });
+  return reduce_cta(threads, c, [&](int t) { return sweep_row_stats<T, 4>(x, rv, vocab, k_lo, k_hi, t, threads, c, sink); });
 }
 
 // Checks what the PPO kernel caches through on_vec: each vector of the slice exactly once, and
@@ -204,9 +211,14 @@ int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const floa
   // cache_mode: 0 kGlobal (sweep 2 re-reads the logits), 1 the slice cached by the register sweep's sink,
   // 2 the slice copied by sweep_row_stats_prefetch (RLHF_KERNELS_CUDA_PREFETCH=1), 3 kL2 (kGlobal with the
   // second sweep walking each thread's vectors backwards); plus 4: sweep 2 through LogprobGradNoEntropy, as the
-  // kernel's kNoEntropy launch (entropy_coef = 0; G_H is then 0 for every row)
+  // kernel's kNoEntropy launch (entropy_coef = 0; G_H is then 0 for every row); plus 8 (with 1 or 2): the slice
+  // copied by sweep_row_stats_bulk (RLHF_KERNELS_CUDA_PREFETCH=bulk), its whole-vector body reset to NaN bytes
+  // before each thread's sweep, so a thread that read a chunk it had not waited for (the copy arrives when a
+  // thread waits) folds NaN
   const bool no_entropy = (cache_mode & 4) != 0;
+  const bool bulk = (cache_mode & 8) != 0;
   cache_mode &= 3;
+  if (bulk && cache_mode != 1 && cache_mode != 2) return 2;
   const bool in_smem = cache_mode == 1 || cache_mode == 2;
   constexpr int kVec = Vec<T>::kSize;
   const float c = inv_t * kLog2e;
@@ -223,14 +235,16 @@ int fused_grad_rows(T* grad, const T* logits, const int64_t* targets, const floa
       std::vector<uint4>& cache = caches[static_cast<size_t>(rank)];
       cache.assign(static_cast<size_t>(std::max<int64_t>(k_hi - k_lo, 1)), uint4{0u, 0u, 0u, 0u});
       const auto sink = [&](int64_t k, const uint4& raw) { cache[static_cast<size_t>(k - k_lo)] = raw; };
-      if (cache_mode == 2) {
-        std::vector<RowStats> states;
-        for (int t = 0; t < threads; ++t) {
-          states.push_back(sweep_row_stats_prefetch<T, 4, kPrefetchDepth>(x, rv, vocab, k_lo, k_hi, t, threads, c,
-                                                                          cache.data()));
-        }
-        total = stats_merge(total, block_reduce_emulated(states, stats_init(), [c](const RowStats& a, const RowStats& b) {
-          return stats_merge(a, b, c);
+      if (bulk) {
+        const VecRange body = split_vecs(rv, k_lo, k_hi);
+        const uint4 nan_bytes{~0u, ~0u, ~0u, ~0u};
+        total = stats_merge(total, reduce_cta(threads, c, [&](int t) {
+          std::fill(cache.begin() + (body.body_lo - k_lo), cache.begin() + (body.body_hi - k_lo), nan_bytes);
+          return sweep_row_stats_bulk<T, 4>(x, rv, vocab, k_lo, k_hi, t, threads, c, cache.data(), nullptr);
+        }), c);
+      } else if (cache_mode == 2) {
+        total = stats_merge(total, reduce_cta(threads, c, [&](int t) {
+          return sweep_row_stats_prefetch<T, 4, kPrefetchDepth>(x, rv, vocab, k_lo, k_hi, t, threads, c, cache.data());
         }), c);
       } else {
         total = stats_merge(total, cta_stats(x, rv, vocab, k_lo, k_hi, threads, c, sink), c);
@@ -326,12 +340,9 @@ int pipe_grad_rows(T* grad, const T* logits, const int64_t* targets, const float
       float xy = 0.f;
       for (int rank = 0; rank < cluster; ++rank) {
         const auto [lo, hi] = bounds(rv, rank);
-        std::vector<RowStats> states;
-        for (int t = 0; t < threads; ++t) {
-          states.push_back(sweep_slice_stats<T, 4>(buffer(rank, i), rv, vocab, lo, hi, t, threads, c));
-        }
-        const auto merge = [c](const RowStats& a, const RowStats& b) { return stats_merge(a, b, c); };
-        total = stats_merge(total, block_reduce_emulated(states, stats_init(), merge), c);
+        total = stats_merge(total, reduce_cta(threads, c, [&](int t) {
+          return sweep_slice_stats<T, 4>(buffer(rank, i), rv, vocab, lo, hi, t, threads, c);
+        }), c);
         if (owner == rank) xy = to_float((reinterpret_cast<const T*>(buffer(rank, i)) - (lo * kVec - rv.pre))[y]);
       }
       const TokenOutputs out = token_outputs_at(xy, y, vocab, inv_t, ignore_index, total);

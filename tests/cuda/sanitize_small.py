@@ -9,8 +9,8 @@ Shapes are chosen for the edges of the index math: odd V (rows start at every
 blocks in the backward, an ignored target and out-of-range targets with
 validation off (never read), and each path of the fused PPO forward-with-gradient
 (global re-read, shared-memory row, sm_90 cluster when the GPU has it; the last two also with their
-slice filled by cp.async, RLHF_KERNELS_CUDA_PREFETCH=1, and the cluster over 8 CTAs), with the
-forward kernels' CTA size at its defaults, then capped at 512 and 32 threads. Exits 1
+slice filled by cp.async, RLHF_KERNELS_CUDA_PREFETCH=1, or by the TMA's bulk copies, =bulk, and the cluster
+over 8 CTAs), with the forward kernels' CTA size at its defaults, then capped at 512 and 32 threads. Exits 1
 if a result is not finite where it should be; the sanitizer reports memory errors.
 """
 
@@ -69,7 +69,7 @@ def main() -> int:
             mask = torch.ones(2, 5, device=dev)
             mask[1, 1] = mask[1, 2] = 0
             for path in ("two-pass", "global", "l2", "shared", "cluster", "shared+prefetch", "cluster+prefetch",
-                         "cluster+prefetch+8", "pipe", "pipe++8"):
+                         "cluster+prefetch+8", "shared+bulk", "cluster+bulk", "cluster+bulk+8", "pipe", "pipe++8"):
                 path, _, options = path.partition("+")
                 prefetch, _, cluster = options.partition("+")
                 os.environ["RLHF_KERNELS_CUDA_CLUSTER"] = cluster or "2"  # 8: each row over 8 CTAs
@@ -79,7 +79,7 @@ def main() -> int:
                     if plan[0] == "none":
                         continue
                 os.environ["RLHF_KERNELS_CUDA_PPO"] = path
-                os.environ["RLHF_KERNELS_CUDA_PREFETCH"] = "1" if prefetch else "0"
+                os.environ["RLHF_KERNELS_CUDA_PREFETCH"] = {"prefetch": "1", "bulk": "bulk"}.get(prefetch, "0")
                 xt = x.detach().clone().requires_grad_()
                 out = rk.ppo_loss(xt, y, old, adv, mask, ref_logp=old, kl_coef=0.1, entropy_coef=0.01,
                                   dual_clip=3.0, backend="cuda")
@@ -87,7 +87,7 @@ def main() -> int:
                 with torch.no_grad():
                     rk.ppo_loss(x, y, old, adv, mask, backend="cuda")  # the forward-only kernel
                 if not (torch.isfinite(out.logp[good]).all() and torch.isfinite(xt.grad[good]).all()):
-                    what = " ".join(w for w in (path, prefetch and "prefetch", cluster and f"cluster {cluster}") if w)
+                    what = " ".join(w for w in (path, prefetch, cluster and f"cluster {cluster}") if w)
                     failures.append(f"ppo_loss {what} {tag}")
     torch.cuda.synchronize()
     print("ok" if not failures else "non-finite results: " + ", ".join(failures))

@@ -197,13 +197,13 @@ def test_cuda_forward_threads_setting(monkeypatch):
 
 def test_cuda_prefetch_setting(monkeypatch):
     monkeypatch.delenv("RLHF_KERNELS_CUDA_PREFETCH", raising=False)
-    assert ppo_ops.cuda_ppo_prefetch() is True  # the default since the H200's run 3
-    for value, expected in (("0", False), ("1", True), ("", True)):
+    assert ppo_ops.cuda_ppo_prefetch() == "1"  # cp.async, the default since the H200's run 3
+    for value, expected in (("0", "0"), ("1", "1"), ("", "1"), ("bulk", "bulk")):
         monkeypatch.setenv("RLHF_KERNELS_CUDA_PREFETCH", value)
-        assert ppo_ops.cuda_ppo_prefetch() is expected
-    for bad in ("yes", "2", " 1", "true"):  # the launcher reads exactly "1": anything else is refused by name
+        assert ppo_ops.cuda_ppo_prefetch() == expected
+    for bad in ("yes", "2", " 1", "true", "Bulk", "tma"):  # the launcher reads exactly these: the rest is refused
         monkeypatch.setenv("RLHF_KERNELS_CUDA_PREFETCH", bad)
-        with pytest.raises(ValueError, match="RLHF_KERNELS_CUDA_PREFETCH must be 0 or 1"):
+        with pytest.raises(ValueError, match="RLHF_KERNELS_CUDA_PREFETCH must be one of"):
             ppo_ops.cuda_ppo_prefetch()
 
 

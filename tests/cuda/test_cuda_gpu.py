@@ -423,9 +423,9 @@ def test_ppo_pipe_is_the_cluster_path_bit_for_bit(V, dtype, monkeypatch):
 
 
 def _assert_same_bits(case, setting, values, monkeypatch, what):
-    """The fused cuda ppo_loss step on ``case`` (a ``_ppo_case``) under each of the two ``values`` of the environment
-    ``setting``: loss, logp, entropy, kl and dlogits must be the same bits, with an entropy bonus and without one
-    (the kernels' ``kNoEntropy`` instantiations)."""
+    """The fused cuda ppo_loss step on ``case`` (a ``_ppo_case``) under each of the ``values`` of the environment
+    ``setting``: loss, logp, entropy, kl and dlogits must be the first value's bits, with an entropy bonus and
+    without one (the kernels' ``kNoEntropy`` instantiations)."""
     x, y, old, adv, ref, mask = case
     for entropy_coef in (0.01, 0.0):
         runs = []
@@ -437,9 +437,10 @@ def _assert_same_bits(case, setting, values, monkeypatch, what):
                                   backend="cuda")  # fmt: skip
                 out.loss.backward()
             runs.append((out.loss, out.logp, out.entropy, out.kl, xt.grad))
-        for name, a, b in zip(("loss", "logp", "entropy", "kl", "dlogits"), *runs):
-            assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), \
-                f"{what} entropy_coef={entropy_coef} {name}"
+        for value, run in zip(values[1:], runs[1:]):
+            for name, a, b in zip(("loss", "logp", "entropy", "kl", "dlogits"), runs[0], run):
+                assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), \
+                    f"{what} {setting}={value} entropy_coef={entropy_coef} {name}"
 
 
 def _check_ppo_against_oracle(V, dtype, path):
@@ -473,13 +474,14 @@ def _check_ppo_against_oracle(V, dtype, path):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("V", (4097, 50257, 151936))
 def test_ppo_prefetch_is_bit_identical(V, dtype, path, monkeypatch):
-    """RLHF_KERNELS_CUDA_PREFETCH=1 (the on-chip slice filled by cp.async, csrc/cuda/row_prefetch.cuh) folds every
-    thread's vectors in the register sweep's order: loss, statistics and dlogits are the same bits (strided rows)."""
+    """RLHF_KERNELS_CUDA_PREFETCH=1 (the on-chip slice filled by cp.async, csrc/cuda/row_prefetch.cuh) and =bulk (by
+    the TMA's bulk copies, row_bulk.cuh; cp.async before sm_90) fold every thread's vectors in the register sweep's
+    order: loss, statistics and dlogits are the same bits (strided rows)."""
     if not _path_possible(path, V, dtype):
         pytest.skip(f"path {path} cannot run for V={V} {dtype} on this GPU")
     monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", path)
-    _assert_same_bits(_ppo_case(V, dtype, seed=V + 61), "RLHF_KERNELS_CUDA_PREFETCH", ("0", "1"), monkeypatch,
-                      f"{path} V={V}")
+    _assert_same_bits(_ppo_case(V, dtype, seed=V + 61), "RLHF_KERNELS_CUDA_PREFETCH", ("0", "1", "bulk"),
+                      monkeypatch, f"{path} V={V}")
 
 
 def _ref_options(options):
@@ -530,9 +532,11 @@ def test_ppo_loss_can_write_the_gradient_over_the_logits(V, dtype, sliced, monke
         return out, g, h, h._version != version, peak
 
     on_chip = [p for p in ("shared", "cluster", "pipe") if _path_possible(p, V, dtype)]
-    paths = ["auto", "global", "l2", "two-pass", *on_chip]
+    # (+bulk: the on-chip slice copied in by the TMA, RLHF_KERNELS_CUDA_PREFETCH=bulk, which the gradient then overwrites)
+    paths = ["auto", "global", "l2", "two-pass", *on_chip, *(f"{p}+bulk" for p in on_chip if p != "pipe")]
     for path in paths:
-        monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", path)
+        monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", path.partition("+")[0])
+        monkeypatch.setenv("RLHF_KERNELS_CUDA_PREFETCH", "bulk" if path.endswith("+bulk") else "1")
         out0, g0, h0, moved0, peak0 = run(False)
         out1, g1, h1, moved1, peak1 = run(True)
         assert torch.equal(out0.loss, out1.loss) and torch.equal(out0.logp, out1.logp), path

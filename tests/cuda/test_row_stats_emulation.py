@@ -450,12 +450,16 @@ def test_logprobs_backward_extreme_logits(emu, dtype):
     check_logprobs_backward(emu, x, torch.tensor([0, V - 1, 1, V - 2, V // 2]), op_torch=True)
 
 
+# rk_emulate_fused_grad's cache_mode flag for the slice copied by row_bulk.cuh (RLHF_KERNELS_CUDA_PREFETCH=bulk)
+BULK = 8
+
+
 def emulate_fused(lib, x, y, g_logp, g_ent, *, temperature=1.0, threads=128, cluster=1, in_smem=True, grad_offset=0,
-                  prefetch=False, reverse=False, no_entropy=False):
+                  prefetch=False, reverse=False, no_entropy=False, bulk=False):
     rows, stride = _rows(x)
     grad = grad_buffer_like(x, grad_offset)
     out = [torch.full((rows,), float("nan")) for _ in range(3)]
-    mode = (3 if reverse else 2 if prefetch else int(in_smem)) | (4 if no_entropy else 0)
+    mode = (3 if reverse else 2 if prefetch else int(in_smem or bulk)) | (4 if no_entropy else 0) | (BULK if bulk else 0)
     rc = lib.rk_emulate_fused_grad(DTYPE_CODE[x.dtype], grad.data_ptr(), x.data_ptr(), y.data_ptr(), g_logp.data_ptr(),
                                    g_ent.data_ptr(), rows, stride, grad.stride(0), x.shape[1], 1.0 / temperature,
                                    IGNORE, threads, cluster, mode, *(o.data_ptr() for o in out))
@@ -467,9 +471,9 @@ def emulate_fused(lib, x, y, g_logp, g_ent, *, temperature=1.0, threads=128, clu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cluster,in_smem,prefetch",
                          ((1, True, False), (1, False, False), (2, True, False), (3, True, False), (8, True, False),
-                          (1, True, True), (4, True, True)),
+                          (1, True, True), (4, True, True), (1, True, "bulk"), (4, True, "bulk")),
                          ids=("shared", "global", "cluster2", "cluster3", "cluster8", "shared-prefetch",
-                              "cluster4-prefetch"))
+                              "cluster4-prefetch", "shared-bulk", "cluster4-bulk"))
 def test_fused_ppo_gradient_paths(emu, cluster, in_smem, prefetch, dtype):
     # ppo.cu's kShared / kGlobal / kCluster paths: the gradient of G_logp·logp + G_H·H written in
     # the forward, per CTA slice, from the cached row or the logits
@@ -479,7 +483,7 @@ def test_fused_ppo_gradient_paths(emu, cluster, in_smem, prefetch, dtype):
         g_logp, g_ent = upstream(3, seed=V)
         grad, (logp, ent, lse) = emulate_fused(emu, x, y, g_logp, g_ent, temperature=0.9, threads=64,
                                                cluster=cluster, in_smem=in_smem, grad_offset=grad_offset,
-                                               prefetch=prefetch)
+                                               prefetch=prefetch is True, bulk=prefetch == "bulk")
         lp64, ent64 = reference.logprobs(x.double(), y, temperature=0.9, return_entropy=True)
         lpl, entl = reference.logprobs(x, y, temperature=0.9, return_entropy=True)
         assert_matches_oracle(logp, lpl, lp64, dtype, "logp")
@@ -566,10 +570,12 @@ def test_pipe_path_matches_the_cluster_path_bit_for_bit(emu, dtype, threads, clu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("threads,cluster", ((32, 1), (64, 3), (128, 4), (256, 2)))
 def test_prefetch_sweep_is_bit_identical(emu, dtype, threads, cluster):
-    """row_prefetch.cuh (RLHF_KERNELS_CUDA_PREFETCH=1): the cp.async pipeline folds each thread's vectors in the
-    register sweep's grouping, so logp, entropy, lse and dlogits equal the cached register sweep's bit for bit, for
-    every misalignment, row lengths that leave partial groups, a pipeline deeper than a thread's vectors (V = 9), and
-    -inf / extreme logits."""
+    """row_prefetch.cuh (RLHF_KERNELS_CUDA_PREFETCH=1) and row_bulk.cuh (=bulk): the cp.async pipeline and the fold
+    of the TMA's chunks take each thread's vectors in the register sweep's grouping, so logp, entropy, lse and dlogits
+    equal the cached register sweep's bit for bit, for every misalignment, row lengths that leave partial groups, a
+    pipeline deeper than a thread's vectors (V = 9), slices of one to eight bulk chunks, and -inf / extreme logits.
+    The bulk emulation lands a chunk only when a thread waits for it (its slice reset to NaN bytes before each
+    thread), so a fold that read a chunk before waiting for it would not match."""
     for V, offset in ((50257, 3), (4097, 1), (9, 5), (1031, 0), (777, 7)):
         x = random_logits(3, V, dtype, seed=V + threads)
         x[1, : V // 3] = float("-inf")
@@ -577,13 +583,14 @@ def test_prefetch_sweep_is_bit_identical(emu, dtype, threads, cluster):
         x = at_offset(x.to(dtype), offset)
         y = random_targets(3, V, seed=V + cluster)
         g_logp, g_ent = upstream(3, seed=V + 1)
-        runs = [emulate_fused(emu, x, y, g_logp, g_ent, temperature=0.7, threads=threads, cluster=cluster,
-                              grad_offset=offset, prefetch=p) for p in (False, True)]
-        (g0, outs0), (g1, outs1) = runs
-        assert torch.equal(g0.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                           g1.view(torch.int16 if dtype != torch.float32 else torch.int32)), f"V={V} dlogits"
-        for a, b, name in zip(outs0, outs1, ("logp", "entropy", "lse")):
-            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"V={V} {name}"
+        kw = {"temperature": 0.7, "threads": threads, "cluster": cluster, "grad_offset": offset}
+        g0, outs0 = emulate_fused(emu, x, y, g_logp, g_ent, **kw)
+        bits = torch.int16 if dtype != torch.float32 else torch.int32
+        for sweep in ("prefetch", "bulk"):
+            g1, outs1 = emulate_fused(emu, x, y, g_logp, g_ent, **kw, **{sweep: True})
+            assert torch.equal(g0.view(bits), g1.view(bits)), f"{sweep} V={V} dlogits"
+            for a, b, name in zip(outs0, outs1, ("logp", "entropy", "lse")):
+                assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{sweep} V={V} {name}"
 
 
 def _in_place_fused(lib, x, y, g_logp, g_ent, *, mode, threads, cluster):
@@ -600,9 +607,9 @@ def _in_place_fused(lib, x, y, g_logp, g_ent, *, mode, threads, cluster):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mode,cluster", ((0, 1), (3, 1), (1, 1), (1, 4), (2, 4), (4, 1), (5, 4)),
-                         ids=("global", "l2", "shared", "cluster4", "cluster4-prefetch", "global-no-entropy",
-                              "cluster4-no-entropy"))
+@pytest.mark.parametrize("mode,cluster", ((0, 1), (3, 1), (1, 1), (1, 4), (2, 4), (1 | BULK, 4), (4, 1), (5, 4)),
+                         ids=("global", "l2", "shared", "cluster4", "cluster4-prefetch", "cluster4-bulk",
+                              "global-no-entropy", "cluster4-no-entropy"))
 def test_fused_ppo_gradient_written_over_the_logits_is_the_out_of_place_one(emu, dtype, mode, cluster):
     """``overwrite_logits``: each thread of sweep 2 writes its vectors over the very logits it reads (global and l2
     re-read them from there), so every read of a column must come before its write; the target's column, rewritten
@@ -620,7 +627,8 @@ def test_fused_ppo_gradient_written_over_the_logits_is_the_out_of_place_one(emu,
         if mode & 4:
             g_ent = torch.zeros(6)
         ref, outs_ref = emulate_fused(emu, x, y, g_logp, g_ent, threads=32, cluster=cluster, in_smem=mode & 3 in (1, 2),
-                                      prefetch=mode & 3 == 2, reverse=mode & 3 == 3, no_entropy=bool(mode & 4))
+                                      prefetch=mode & 3 == 2, reverse=mode & 3 == 3, no_entropy=bool(mode & 4),
+                                      bulk=bool(mode & BULK))
         got, outs = _in_place_fused(emu, x, y, g_logp, g_ent, mode=mode, threads=32, cluster=cluster)
         bits = torch.int16 if dtype != torch.float32 else torch.int32
         assert torch.equal(got.view(bits), ref.view(bits)), f"V={V} dlogits"
