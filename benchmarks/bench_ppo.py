@@ -29,6 +29,7 @@ from .providers import (
     eager_logprobs,
     generator,
     liger_reason,
+    measured_under,
     our_reason,
     randint,
     randn,
@@ -140,14 +141,10 @@ def bytes_moved(case: Case, mode: str) -> float:
     return reads + writes + case.N * 24 * (2 if mode == "fwd+bwd" else 1)
 
 
-def _measured_under_ppo_loss() -> Provider:
-    return Provider(build=lambda inputs: None, reason=lambda case, device: "measured under ppo_loss")
-
-
 # ppo_loss+overwrite: the CUDA backend with overwrite_logits=True (its fused step writes the gradient over the logits,
 # as Liger's GRPO loss does with its default inplace=True); the other providers, on which the setting changes
 # nothing, are measured under ppo_loss
-overwrite_providers = {name: _measured_under_ppo_loss() for name in COMPETITORS + OURS}
+overwrite_providers = {name: measured_under("ppo_loss") for name in COMPETITORS + OURS}
 overwrite_providers["cuda"] = Provider(_ours("cuda", overwrite=True),
                                        our_reason("ppo_loss", rk.ppo_loss, "cuda", _probe))
 

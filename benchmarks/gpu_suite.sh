@@ -260,7 +260,7 @@ stage_headline() {  # stage_headline [default shapes]
   need_cuda headline || return
   seed_results
   note "headline: our backends and Liger at the target shapes (re-measured)"
-  headline_run headline --ops logprobs,logprobs+ent,kl_divergence,ppo_loss,ppo_loss+overwrite \
+  headline_run headline --ops logprobs,logprobs+ent,kl_divergence,ppo_loss,ppo_loss+overwrite,kl_divergence+overwrite \
     --shapes "${HEADLINE_SHAPES:-${1:-8192x151936,16384x128256}}" --dtypes bf16 --providers liger,triton,cuda
 }
 

@@ -185,6 +185,12 @@ def no_liger(why: str) -> Provider:
     return Provider(build=lambda inputs: None, reason=lambda case, device: f"no Liger-Kernel equivalent: {why}")
 
 
+def measured_under(op: str) -> Provider:
+    """A provider of an op's variant (``ppo_loss+overwrite``) on which the variant's setting changes nothing: its
+    numbers are the base op's."""
+    return Provider(build=lambda inputs: None, reason=lambda case, device: f"measured under {op}")
+
+
 # --------------------------------------------------------------------------- our backends
 
 _PROBES: Dict[Tuple[str, str, str], Optional[str]] = {}

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
     p.add_argument("--ops", default=",".join(DEFAULT_OPS),
                    help="comma list of: " + ", ".join(DEFAULT_OPS + EXTRA_OPS) + " (or 'all'; default: the first "
-                   + str(len(DEFAULT_OPS)) + "); also the linear losses' +recompute and +vocab variants, linear_logprobs+rows, linear_logprobs+frozen, ppo_loss+overwrite, and "
+                   + str(len(DEFAULT_OPS)) + "); also the linear losses' +recompute and +vocab variants, linear_logprobs+rows, linear_logprobs+frozen, ppo_loss+overwrite, kl_divergence+overwrite, and "
                    "linear_cross_entropy+liger-fp32acc")  # fmt: skip
     p.add_argument("--shapes", default=None, help="NxV[,NxV...] (NxVxH for linear ops); default per device (DESIGN §6)")
     p.add_argument("--hidden", default=None, help="H values for the linear ops when --shapes gives NxV (default 2048,4096 on GPU)")

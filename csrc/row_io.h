@@ -38,7 +38,8 @@ inline void check_grad_out(const at::Tensor& grad, const at::Tensor& like, const
 // A caller-provided gradient may be the tensor `x` it is the gradient of (written over it: the kernels read every
 // element before they write it; overwrite_logits=True) or lie apart from it, never over only part of it: a gradient
 // written over other logits would be read back as logits.
-inline void check_not_partly_over(const at::Tensor& grad, const at::Tensor& x, const char* name) {
+inline void check_not_partly_over(const at::Tensor& grad, const at::Tensor& x, const char* name,
+                                  const char* x_name = "logits") {
   if (grad.numel() == 0 || x.numel() == 0 || !grad.storage().is_alias_of(x.storage())) return;
   if (grad.data_ptr() == x.data_ptr() && grad.sizes() == x.sizes() && grad.strides() == x.strides()) return;
   // any overlap of the two byte ranges counts (strided rows leave gaps that could interleave, but a gradient
@@ -50,7 +51,8 @@ inline void check_not_partly_over(const at::Tensor& grad, const at::Tensor& x, c
     return std::make_pair(begin, begin + (last + 1) * t.element_size());
   };
   const auto a = span(grad), b = span(x);
-  TORCH_CHECK(!(a.first < b.second && b.first < a.second), name, " may overlap logits only by being logits itself");
+  TORCH_CHECK(!(a.first < b.second && b.first < a.second), name, " may overlap ", x_name, " only by being ", x_name,
+              " itself");
 }
 
 // kl_divergence's statistics dtype: float64 when an input is float64, else float32.
@@ -82,8 +84,18 @@ struct KlGrads {
 inline KlGrads kl_grad_buffers(const at::Tensor& logits, const at::Tensor& ref_logits, const at::Tensor& x,
                                const at::Tensor& r, bool need_ref_grad, const std::optional<at::Tensor>& grad_out,
                                const std::optional<at::Tensor>& ref_grad_out) {
-  if (grad_out.has_value()) check_grad_out(*grad_out, logits, "grad_out");
-  if (need_ref_grad && ref_grad_out.has_value()) check_grad_out(*ref_grad_out, ref_logits, "ref_grad_out");
+  // a gradient may be written over the input it is the gradient of (kl_divergence(overwrite_logits=True): every
+  // column of both inputs is read before its gradient is written), never over part of either input
+  if (grad_out.has_value()) {
+    check_grad_out(*grad_out, logits, "grad_out");
+    check_not_partly_over(*grad_out, logits, "grad_out");
+    check_not_partly_over(*grad_out, ref_logits, "grad_out", "ref_logits");
+  }
+  if (need_ref_grad && ref_grad_out.has_value()) {
+    check_grad_out(*ref_grad_out, ref_logits, "ref_grad_out");
+    check_not_partly_over(*ref_grad_out, ref_logits, "ref_grad_out", "ref_logits");
+    check_not_partly_over(*ref_grad_out, logits, "ref_grad_out");
+  }
   KlGrads out;
   out.dz_direct = grad_out.has_value() && grad_out->scalar_type() == x.scalar_type();
   out.dr_direct = need_ref_grad && ref_grad_out.has_value() && ref_grad_out->scalar_type() == r.scalar_type();

@@ -30,8 +30,8 @@ from ._checks import (
     rows_in_range,
     zero_outside,
 )
-from ._eager import eager_autograd
-from .logprobs import range_lead, resolve_for
+from ._eager import eager_autograd, needs_the_op
+from .logprobs import overwritable, range_lead, resolve_for
 
 # Backends with a kernel (the reference "torch" is implied): exact KL, and the k1/k2/k3 estimators.
 # The extension's kernels (torch.ops.rlhf_kernels_C, dispatched on the tensors' device).
@@ -80,12 +80,15 @@ def _kl_divergence_fwd(
     row_count: int = WHOLE,
     ref_row_start: int = 0,
     ref_row_count: int = WHOLE,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``logits, ref_logits[*, V]`` -> ``(kl, lse_z, lse_r)``, each ``[*]`` float32 (float64 for float64 inputs).
 
     Row ranges as in ``logprobs_fwd``, one per input: with ``row_count != WHOLE``
     the op reads ``logits[:, row_start:row_start + row_count]`` of a ``[B, L, V]``
     ``logits`` and its gradient is shaped like ``logits`` (likewise ``ref_*``).
+    ``overwrite`` (eager calls only; ``kl_divergence(overwrite_logits=True)``): the
+    backward writes ``dlogits`` over ``logits`` (``_kl_grads``); the forward is the same.
     """
     logits = rows_in_range(logits, row_start, row_count)
     ref_logits = rows_in_range(ref_logits, ref_row_start, ref_row_count)
@@ -105,13 +108,13 @@ kl_divergence_fwd = torch.library.custom_op("rlhf_kernels::kl_divergence_fwd", m
 
 
 @kl_divergence_fwd.register_fake
-def _(logits, ref_logits, temperature, backend, row_start=0, row_count=WHOLE, ref_row_start=0, ref_row_count=WHOLE):
+def _(logits, ref_logits, temperature, backend, row_start=0, row_count=WHOLE, ref_row_start=0, ref_row_count=WHOLE,
+      overwrite=False):
     dtype = _kl_dtype(logits, ref_logits)
     return tuple(logits.new_empty(range_lead(logits, row_start, row_count), dtype=dtype) for _ in range(3))
 
 
-@torch.library.custom_op("rlhf_kernels::kl_divergence_bwd", mutates_args=())
-def kl_divergence_bwd(
+def _kl_grads(
     grad: torch.Tensor,
     logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -125,16 +128,27 @@ def kl_divergence_bwd(
     row_count: int = WHOLE,
     ref_row_start: int = 0,
     ref_row_count: int = WHOLE,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dlogits, dref_logits)`` shaped like the inputs; ``dref_logits`` is empty unless ``need_ref_grad``.
 
     With row ranges (``kl_divergence_fwd``) the kernel writes the range's rows of
     the ``[B, L, V]`` gradients in place and only the rows outside are zeroed.
+
+    ``overwrite`` (eager calls of ``overwrite_logits=True`` where ``overwrites_logits`` allows it, never the
+    registered op): ``dlogits`` is written over ``logits`` themselves. Every backend reads a column of ``logits``
+    and ``ref_logits`` before it writes that column's gradient; the rows of ``logits`` outside a range become its
+    zeros, and ``logits``' version counter moves (a backward that saved their values raises). ``dlogits`` is then
+    a new tensor object over ``logits``' storage.
     """
     x = rows_in_range(logits, row_start, row_count)
     r = rows_in_range(ref_logits, ref_row_start, ref_row_count)
-    # where a range is given: the full gradient and the rows the kernel writes
-    dz_full, dz_out = (None, None) if row_count == WHOLE else grad_for_range(logits, row_start, row_count)
+    # the full gradient and the rows the kernel writes: over the logits, or where a range is given, into a
+    # [B, L, V] tensor whose other rows are then zeroed (None: the backend allocates)
+    if overwrite:
+        dz_full, dz_out = logits.detach(), as_rows(x)
+    else:
+        dz_full, dz_out = (None, None) if row_count == WHOLE else grad_for_range(logits, row_start, row_count)
     dr_full, dr_out = (None, None)
     if need_ref_grad and ref_row_count != WHOLE:
         dr_full, dr_out = grad_for_range(ref_logits, ref_row_start, ref_row_count)
@@ -158,26 +172,39 @@ def kl_divergence_bwd(
         dr = dr_out if dr_out is not None else dr
     else:
         dz, dr = _torch_kl_bwd(grad, x, r, kl, lse_z, lse_r, temperature, need_ref_grad)
-    if dz_full is None:
-        dz = dz.reshape(logits.shape)
-    else:
-        if dz is not dz_out:  # the reference computed the rows: copy them
-            dz_out.copy_(dz.reshape(dz_out.shape))
-        dz = zero_outside(dz_full, row_start, row_count)
-    if not need_ref_grad:
-        dr = ref_logits.new_empty(0)
-    elif dr_full is None:
-        dr = dr.reshape(ref_logits.shape)
-    else:
-        if dr is not dr_out:
-            dr_out.copy_(dr.reshape(dr_out.shape))
-        dr = zero_outside(dr_full, ref_row_start, ref_row_count)
+    dz = _gradient_of(dz, dz_full, dz_out, logits, row_start, row_count)
+    if overwrite:
+        torch.autograd.graph.increment_version(logits)
+    dr = _gradient_of(dr, dr_full, dr_out, ref_logits, ref_row_start, ref_row_count) if need_ref_grad else (
+        ref_logits.new_empty(0))
     return dz, dr
+
+
+def _gradient_of(d, full, out, like, row_start, row_count):
+    """An input's gradient from the rows the backend computed, ``d``: shaped like the input ``like``, or ``full``
+    with ``out`` (its rows in the range) holding them, the rest of a range zero."""
+    if full is None:
+        return d.reshape(like.shape)
+    if d is not out:  # the reference computed the rows: copy them
+        out.copy_(d.reshape(out.shape))
+    return full if row_count == WHOLE else zero_outside(full, row_start, row_count)
+
+
+def overwrites_logits(logits: torch.Tensor, ref_logits: torch.Tensor, row_start: int, row_count: int) -> bool:
+    """Whether ``kl_divergence``'s backward can write ``dlogits`` over ``logits`` (``overwrite_logits=True``): they
+    are ``overwritable`` (contiguous, their rows a view, not a copy) and ``ref_logits`` lies in other memory (a
+    gradient written over logits that are also read as the reference would be read back)."""
+    if ref_logits.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+        return False
+    return overwritable(logits, as_rows(rows_in_range(logits, row_start, row_count)))
+
+
+kl_divergence_bwd = torch.library.custom_op("rlhf_kernels::kl_divergence_bwd", mutates_args=())(_kl_grads)
 
 
 @kl_divergence_bwd.register_fake
 def _(grad, logits, ref_logits, kl, lse_z, lse_r, temperature, need_ref_grad, backend, row_start=0, row_count=WHOLE,
-      ref_row_start=0, ref_row_count=WHOLE):
+      ref_row_start=0, ref_row_count=WHOLE, overwrite=False):
     dr = torch.empty_like(ref_logits, memory_format=torch.contiguous_format) if need_ref_grad else ref_logits.new_empty(0)
     return torch.empty_like(logits, memory_format=torch.contiguous_format), dr
 
@@ -187,7 +214,7 @@ def _kl_setup_context(ctx, inputs, output):
     kl, lse_z, lse_r = output
     ctx.save_for_backward(logits, ref_logits, kl, lse_z, lse_r)
     ctx.temperature, ctx.backend = temperature, backend
-    ctx.row_ranges = tuple(inputs[4:])
+    ctx.row_ranges, ctx.overwrite = tuple(inputs[4:8]), inputs[8]
 
 
 def _kl_backward(ctx, grad_kl, grad_lse_z, grad_lse_r):
@@ -196,10 +223,12 @@ def _kl_backward(ctx, grad_kl, grad_lse_z, grad_lse_r):
     if grad_kl is None:
         grad_kl = torch.zeros_like(kl)
     need_ref = bool(ctx.needs_input_grad[1])
-    dz, dr = kl_divergence_bwd(
-        grad_kl, logits, ref_logits, kl, lse_z, lse_r, ctx.temperature, need_ref, ctx.backend, *ctx.row_ranges
-    )
-    return (dz if ctx.needs_input_grad[0] else None), (dr if need_ref else None), None, None, None, None, None, None
+    args = (grad_kl, logits, ref_logits, kl, lse_z, lse_r, ctx.temperature, need_ref, ctx.backend, *ctx.row_ranges)
+    if ctx.overwrite and ctx.needs_input_grad[0] and overwrites_logits(logits, ref_logits, *ctx.row_ranges[:2]):
+        dz, dr = _kl_grads(*args, overwrite=True)  # (eager only: the registered op never writes over its input)
+    else:
+        dz, dr = kl_divergence_bwd(*args)
+    return (dz if ctx.needs_input_grad[0] else None), (dr if need_ref else None), *(None,) * 7
 
 
 kl_divergence_fwd_call = eager_autograd(kl_divergence_fwd, _kl_divergence_fwd, _kl_backward, _kl_setup_context)
@@ -212,6 +241,7 @@ def kl_divergence(
     temperature: float = 1.0,
     mask: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
+    overwrite_logits: bool = False,
 ) -> torch.Tensor:
     """Exact per-token ``KL(softmax(z) ‖ softmax(r))`` over the full vocabulary.
 
@@ -228,6 +258,14 @@ def kl_divergence(
     of ``_dispatch.GPU_PREFERENCE["kl_divergence"]`` (the CUDA kernel, then Triton) for CUDA tensors and the
     C++ kernel (``csrc/cpu/kl.cpp``) for CPU tensors. ``"cuda"`` runs ``csrc/cuda/kl.cu``; both compiled
     backends run mixed input dtypes on copies in the statistics dtype.
+
+    ``overwrite_logits=True`` (eager calls; distillation, where the student's logits are used for nothing after
+    the loss): the backward writes ``dlogits`` over ``logits`` (over their ``[B, L, V]`` base for a
+    ``logits[:, :-1]`` view, whose other rows become zeros) instead of into a new tensor, so the step needs no
+    gradient-sized buffer for them; every backend reads a column before it writes its gradient. The logits'
+    version counter moves, so a backward that saved them raises instead of reading the gradient. Left as they are
+    without a gradient, under ``torch.compile``, for a non-contiguous base, and when ``ref_logits`` shares their
+    memory; ``ref_logits``' gradient, when it needs one, is always a new tensor.
     """
     check_logits("logits", logits)
     check_logits("ref_logits", ref_logits)
@@ -237,14 +275,19 @@ def kl_divergence(
         check_tensor("mask", mask)
         check_same_shape("mask", mask, logits.shape[:-1], "logits.shape[:-1]")
     temperature = check_positive("temperature", temperature)
+    if not isinstance(overwrite_logits, bool):
+        raise TypeError(f"overwrite_logits must be True or False, got {overwrite_logits!r}")
     probe = logits if logits.dtype == torch.float64 else ref_logits
     chosen = resolve_for("kl_divergence", probe, backend, IMPLEMENTED)
     # slices base[:, a:a+T] of [B, L, V] model outputs: the op takes the bases and the ranges, and
     # writes the gradients into [B, L, V] tensors (no zero-fill + copy by autograd's SliceBackward)
     source, row_start, row_count = base_and_range(logits)
     ref_source, ref_row_start, ref_row_count = base_and_range(ref_logits)
+    # the registered op never writes over its input: only eager calls overwrite
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
+    overwrite = overwrite_logits and with_grad and not needs_the_op((source, ref_source))
     kl, _, _ = kl_divergence_fwd_call(
-        source, ref_source, temperature, chosen, row_start, row_count, ref_row_start, ref_row_count
+        source, ref_source, temperature, chosen, row_start, row_count, ref_row_start, ref_row_count, overwrite
     )
     if mask is not None:
         kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))

@@ -570,6 +570,33 @@ def test_logprobs_can_write_the_gradient_over_the_logits(V, dtype, backend):
     assert peak0 >= grad_bytes and peak1 < grad_bytes // 4, (peak0, peak1, grad_bytes)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("V, dtype", [(4097, torch.float32), (151936, torch.bfloat16)])
+def test_kl_divergence_can_write_the_gradient_over_the_logits(V, dtype, backend):
+    """``kl_divergence(overwrite_logits=True)``: the backward writes dlogits over the saved logits (their base for a
+    ``[:, :-1]`` view), bit for bit the normal gradient, allocating no gradient-sized buffer for it; the frozen
+    reference is read, never written."""
+    base = make_logits((3, 10, V), dtype, seed=V + 7)
+    ref = make_logits((3, 9, V), dtype, seed=V + 8)
+    ref_before = ref.clone()
+    g = torch.randn(3, 9, device=base.device)
+    grad_bytes = base.numel() * base.element_size()
+    runs = []
+    for overwrite in (False, True):
+        h = base.clone().requires_grad_() * 1  # the student's logits: not a leaf
+        kl = rk.kl_divergence(h[:, :-1], ref, temperature=0.9, backend=backend, overwrite_logits=overwrite)
+        loss = (kl * g).sum()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        (dh,) = torch.autograd.grad(loss, h)
+        runs.append((kl, dh, dh.data_ptr() == h.data_ptr(), torch.cuda.max_memory_allocated() - start))
+    (kl0, g0, shared0, peak0), (kl1, g1, shared1, peak1) = runs
+    assert torch.equal(kl0, kl1) and torch.equal(g0, g1) and not shared0 and shared1
+    assert torch.equal(ref, ref_before)
+    assert peak0 >= grad_bytes and peak1 < grad_bytes // 4, (peak0, peak1, grad_bytes)
+
+
 def test_ppo_loss_forward_only_and_backward_once():
     x, y, old, adv, ref, mask = _ppo_case(50257, torch.bfloat16, seed=41)
     with torch.no_grad():

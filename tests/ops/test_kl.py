@@ -168,3 +168,20 @@ def test_bad_layouts_are_clear_errors():
     kl, lz, lr = torch.ops.rlhf_kernels_C.kl_divergence_fwd(x[None], r[None], 1.0)
     with pytest.raises(RuntimeError, match="grad must have B\\*T = 2 elements"):
         torch.ops.rlhf_kernels_C.kl_divergence_bwd(kl[:, :1], x[None], r[None], kl, lz, lr, 1.0, True)
+
+
+def test_the_backward_refuses_a_gradient_over_part_of_either_input():
+    """The C++ backward may write dlogits over the logits themselves (``kl_divergence(overwrite_logits=True)``),
+    never over a shifted view of them or of the reference: a gradient written there would be read back as input."""
+    big, ref = _rows(8, 16).reshape(2, 4, V), _rows(6, 17).reshape(2, 3, V)
+    x = big[:, :3]
+    kl, lz, lr = torch.ops.rlhf_kernels_C.kl_divergence_fwd(x, ref, 1.0)
+    g = torch.ones_like(kl)
+    with pytest.raises(RuntimeError, match="grad_out may overlap logits only by being logits itself"):
+        torch.ops.rlhf_kernels_C.kl_divergence_bwd(g, x, ref, kl, lz, lr, 1.0, False, big[:, 1:], None)
+    refs = torch.cat([ref, ref[:, :1]], 1)  # the reference, with a shifted view of it to write into
+    with pytest.raises(RuntimeError, match="grad_out may overlap ref_logits only by being ref_logits itself"):
+        torch.ops.rlhf_kernels_C.kl_divergence_bwd(g, x, refs[:, :3], kl, lz, lr, 1.0, False, refs[:, 1:], None)
+    expected, _ = torch.ops.rlhf_kernels_C.kl_divergence_bwd(g, x, ref, kl, lz, lr, 1.0, False, None, None)
+    torch.ops.rlhf_kernels_C.kl_divergence_bwd(g, x, ref, kl, lz, lr, 1.0, False, x, None)  # over themselves
+    assert torch.equal(x, expected)

@@ -333,3 +333,62 @@ def test_gradcheck_torch_backend_float64():
     x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     r = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: rk.kl_divergence(a, b, temperature=0.7, backend="torch"), (x, r))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "view"])
+@pytest.mark.parametrize("ref_grad", [False, True], ids=["frozen-ref", "trained-ref"])
+def test_overwrite_logits_writes_the_gradient_over_them(backend, sliced, ref_grad):
+    """``kl_divergence(overwrite_logits=True)``: the backward writes dlogits over the logits (their base for a
+    ``[:, :-1]`` view, whose other rows become zeros), bit for bit the gradient of a normal call, adopted as
+    ``.grad`` without a copy; the version counter moves; the reference's gradient, when it has one, is the same
+    new tensor as without the flag, and the reference itself is left as it was."""
+    base = make_logits((2, 6, 300), torch.bfloat16, seed=41)
+    ref = make_logits((2, 5 if sliced else 6, 300), torch.bfloat16, seed=42)
+    g = torch.randn(ref.shape[:-1], generator=torch.Generator().manual_seed(43)).to(base.device)
+    runs = []
+    for overwrite in (False, True):
+        x = base.clone().requires_grad_()
+        r = ref.clone().requires_grad_(ref_grad)
+        version = x._version
+        kl = rk.kl_divergence(x[:, :-1] if sliced else x, r, temperature=0.9, backend=backend,
+                              overwrite_logits=overwrite)  # fmt: skip
+        (kl * g).sum().backward()
+        runs.append((kl, x.grad, x.grad.data_ptr() == x.data_ptr(), x._version != version, x.detach(), r.grad,
+                     r.detach()))
+    (kl0, g0, shared0, moved0, _, dr0, _), (kl1, g1, shared1, moved1, x1, dr1, r1) = runs
+    assert torch.equal(kl0, kl1) and torch.equal(g0, g1)
+    assert not shared0 and not moved0
+    assert shared1 and moved1 and torch.equal(x1, g1)
+    if sliced:
+        assert torch.equal(x1[:, -1], torch.zeros_like(x1[:, -1]))
+    assert torch.equal(r1, ref)
+    if ref_grad:
+        assert torch.equal(dr0, dr1) and dr1.data_ptr() != r1.data_ptr()
+    else:
+        assert dr0 is None and dr1 is None
+
+
+def test_overwrite_logits_is_left_alone_where_it_cannot_or_must_not_write():
+    """No gradient, a non-contiguous base, or a reference in the logits' own memory: the logits keep their values
+    and the gradient is a new tensor. A backward that saved the logits raises after they were overwritten."""
+    x = make_logits((2, 4, 50), torch.float32, seed=44)
+    r = make_logits((2, 4, 50), torch.float32, seed=45)
+    before = x.clone()
+    with torch.no_grad():
+        rk.kl_divergence(x, r, overwrite_logits=True)
+    assert torch.equal(x, before)
+    xt = make_logits((4, 2, 50), torch.float32, seed=46).transpose(0, 1).requires_grad_()  # not contiguous
+    rk.kl_divergence(xt, r, overwrite_logits=True).sum().backward()
+    assert xt.grad.data_ptr() != xt.data_ptr()
+    both = make_logits((2, 5, 50), torch.float32, seed=47).requires_grad_()
+    kept = both.detach().clone()
+    rk.kl_divergence(both[:, 1:], both[:, :-1].detach(), overwrite_logits=True).sum().backward()  # ref in its memory
+    assert torch.equal(both.detach(), kept) and both.grad.data_ptr() != both.data_ptr()
+    h = x.clone().requires_grad_() * 1.0
+    side = h.pow(2).sum()  # saves h; created first, so its backward runs after the KL's
+    kl = rk.kl_divergence(h, r, overwrite_logits=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (kl.sum() + side).backward()
+    with pytest.raises(TypeError, match="overwrite_logits must be True or False"):
+        rk.kl_divergence(x, r, overwrite_logits="yes")
