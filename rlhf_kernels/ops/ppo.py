@@ -193,7 +193,7 @@ def aggregation_weights(mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
     """
     m = mask.to(torch.float32)
     if loss_agg == "token-mean":
-        return reference._safe_divide(m, m.sum())
+        return _divide_or_zero(m, m.sum())
     num_seqs = m.numel() // m.shape[-1] if m.numel() else 0
     if loss_agg == "seq-mean-token-sum":
         return m / num_seqs if num_seqs else m
@@ -201,7 +201,14 @@ def aggregation_weights(mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
         return m / (num_seqs * m.shape[-1]) if num_seqs else m
     seq_len = m.sum(-1, keepdim=True)
     non_empty = (seq_len > 0).to(torch.float32).sum()
-    return reference._safe_divide(reference._safe_divide(m, seq_len), non_empty)
+    return _divide_or_zero(_divide_or_zero(m, seq_len), non_empty)
+
+
+def _divide_or_zero(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den``, 0 where ``den == 0``: ``reference._safe_divide``'s values in three kernels instead of six (its
+    two fills and second select keep a gradient finite, which constant weights never need; each launch is host
+    time beside a micro-batch's kernel)."""
+    return torch.where(den != 0, num / den, 0.0)
 
 
 def check_ppo_args(
@@ -566,12 +573,11 @@ def _fused_loss_and_means(term, clipped, logp, old_logp, weights, loss_agg: str)
     fourteen for the loss and ``ppo_output``'s means (each a few µs of host time beside a micro-batch's kernel).
     Other aggregations take ``ppo_output``'s own means (an empty tensor here).
     """
-    n = weights.numel()
+    # every per-token tensor here is [B, T] like the weights (``_ppo_loss_fused``'s rows): no reshapes
     if loss_agg != "token-mean":
-        return (weights * term.reshape(weights.shape)).sum(), weights.new_empty(0)
-    d = logp.reshape(n) - old_logp.reshape(n)
-    per_token = torch.stack((clipped.reshape(n), d * (0.5 * d), term.reshape(n)))
-    sums = (per_token * weights.reshape(n)).sum(1)
+        return (weights * term).sum(), weights.new_empty(0)
+    d = logp - old_logp
+    sums = (torch.stack((clipped, d * (0.5 * d), term)) * weights).sum((1, 2))
     return sums[2].clone(), sums[:2]  # (a custom op's outputs may not alias each other)
 
 
