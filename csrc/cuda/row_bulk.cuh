@@ -93,18 +93,24 @@ RK_HD void issue_bulk_copies(uint4* cache, const uint4* vecs, const BulkChunks& 
 }
 
 #ifdef __CUDACC__
+// Spins of wait_bulk_chunk before it gives up: each failed try_wait suspends the thread for a while first, so this
+// is seconds, where a chunk lands in microseconds. A copy that never completes its barrier (a bug) then ends the
+// kernel with an error instead of hanging the process, and the GPU session's time with it.
+constexpr unsigned kBulkWaitSpins = 1u << 24;
+
 // Blocks until chunk i has landed in the slice (the barriers' first phase, parity 0: one row per CTA).
 __device__ __forceinline__ void wait_bulk_chunk(uint64_t* bars, int i) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const unsigned bar = shared_address(bars + i);
   unsigned done = 0;
-  do {
+  for (unsigned spins = 0; !done; ++spins) {
+    if (spins == kBulkWaitSpins) __trap();
     asm volatile(
         "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
         : "r"(bar)
         : "memory");
-  } while (!done);
+  }
 #else
   (void)bars, (void)i;
   __trap();  // ppo.cu takes this sweep only where it was compiled for sm_90+
