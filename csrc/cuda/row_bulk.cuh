@@ -4,7 +4,8 @@
 // Why: the cp.async sweep (row_prefetch.cuh) has every thread issue its own 16-byte copies, 31 instructions per
 // group of 4, with kPrefetchDepth groups (64 KB per 256-thread CTA) in flight. The H200's run 3 put the cluster
 // path at 0.61 issued instructions per cycle per scheduler with DRAM at 54% of its throughput: neither the memory
-// nor the SM at its limit, the pattern of a kernel short of loads in flight while it spends issue slots on them.
+// nor the SM at its limit, which suggests too few loads in flight while issue slots go to issuing them (a GPU
+// run is to say: the next one times this against the cp.async sweep).
 // Here thread 0 issues the whole slice as at most kBulkMaxChunks bulk copies (cp.async.bulk, one instruction
 // each, no register per byte), so all of the slice (76 KB per CTA at bf16 V = 151936 over 4 CTAs) is in flight
 // from the kernel's first microseconds, and the other threads' issue slots go to folding. Each chunk lands behind
