@@ -234,6 +234,12 @@ def test_aggregation_weights_are_the_gradient_of_the_aggregate(loss_agg):
     torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=1e-8)
     # an all-empty mask gives zero weights, never NaN
     assert torch.equal(ppo_ops.aggregation_weights(torch.zeros(3, 5), loss_agg), torch.zeros(3, 5))
+    # as does a signed mask whose sums are zero (the denominators, not the entries, decide), as the reference's
+    # aggregate has a zero gradient there
+    signed = torch.tensor([[1.0, -1.0, 0.5, -0.5], [2.0, 0.0, -2.0, 0.0]])
+    term64 = torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad(reference.aggregate_loss(term64, signed, loss_agg), term64)
+    torch.testing.assert_close(ppo_ops.aggregation_weights(signed, loss_agg).double(), expected, rtol=1e-6, atol=1e-8)
 
 
 def _fused_args(logits, seed, *, ref=True, loss_agg="token-mean", dual_clip=3.0):
