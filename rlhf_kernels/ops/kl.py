@@ -31,7 +31,7 @@ from ._checks import (
     zero_outside,
 )
 from ._eager import eager_autograd, needs_the_op
-from .logprobs import overwritable, range_lead, resolve_for
+from .logprobs import grad_like, grad_over, overwritable, range_lead, resolve_for
 
 # Backends with a kernel (the reference "torch" is implied): exact KL, and the k1/k2/k3 estimators.
 # The extension's kernels (torch.ops.rlhf_kernels_C, dispatched on the tensors' device).
@@ -143,51 +143,49 @@ def _kl_grads(
     """
     x = rows_in_range(logits, row_start, row_count)
     r = rows_in_range(ref_logits, ref_row_start, ref_row_count)
-    # the full gradient and the rows the kernel writes: over the logits, or where a range is given, into a
-    # [B, L, V] tensor whose other rows are then zeroed (None: the backend allocates)
-    if overwrite:
-        dz_full, dz_out = logits.detach(), as_rows(x)
-    else:
-        dz_full, dz_out = (None, None) if row_count == WHOLE else grad_for_range(logits, row_start, row_count)
+    # where the reference's range is given: its full gradient and the rows the kernel writes
     dr_full, dr_out = (None, None)
     if need_ref_grad and ref_row_count != WHOLE:
         dr_full, dr_out = grad_for_range(ref_logits, ref_row_start, ref_row_count)
-    if backend == "triton":
-        from ..triton.kl import kl_divergence_bwd as triton_bwd
+    dr = None
 
-        rows = as_rows(x)
-        shape2 = rows.shape[:2]
-        dz, dr = triton_bwd(
-            grad.reshape(shape2).to(kl.dtype), rows, as_rows(r), kl.reshape(shape2),
-            lse_z.reshape(shape2), lse_r.reshape(shape2), temperature, need_ref_grad, dz_out, dr_out,
-        )
-    elif backend in _COMPILED:
-        rows = as_rows(x)
-        shape2 = rows.shape[:2]
-        dz, dr = torch.ops.rlhf_kernels_C.kl_divergence_bwd(
-            grad.reshape(shape2), rows, as_rows(r), kl.reshape(shape2), lse_z.reshape(shape2),
-            lse_r.reshape(shape2), temperature, need_ref_grad, dz_out, dr_out,
-        )
-        dz = dz_out if dz_out is not None else dz  # written in place; an empty placeholder came back
-        dr = dr_out if dr_out is not None else dr
-    else:
+    def write(dz_out):
+        """The rows' dlogits written into ``dz_out`` (``None``: a new tensor) and returned (``logprobs.grad_like``
+        / ``grad_over``); the same launch writes the reference's gradient, kept in ``dr``."""
+        nonlocal dr
+        if backend == "triton":
+            from ..triton.kl import kl_divergence_bwd as triton_bwd
+
+            rows = as_rows(x)
+            shape2 = rows.shape[:2]
+            dz, dr = triton_bwd(
+                grad.reshape(shape2).to(kl.dtype), rows, as_rows(r), kl.reshape(shape2),
+                lse_z.reshape(shape2), lse_r.reshape(shape2), temperature, need_ref_grad, dz_out, dr_out,
+            )
+            return dz
+        if backend in _COMPILED:
+            rows = as_rows(x)
+            shape2 = rows.shape[:2]
+            dz, dr = torch.ops.rlhf_kernels_C.kl_divergence_bwd(
+                grad.reshape(shape2), rows, as_rows(r), kl.reshape(shape2), lse_z.reshape(shape2),
+                lse_r.reshape(shape2), temperature, need_ref_grad, dz_out, dr_out,
+            )
+            dr = dr_out if dr_out is not None else dr  # written in place; an empty placeholder came back
+            return dz_out if dz_out is not None else dz
         dz, dr = _torch_kl_bwd(grad, x, r, kl, lse_z, lse_r, temperature, need_ref_grad)
-    dz = _gradient_of(dz, dz_full, dz_out, logits, row_start, row_count)
+        return dz
+
     if overwrite:
-        torch.autograd.graph.increment_version(logits)
-    dr = _gradient_of(dr, dr_full, dr_out, ref_logits, ref_row_start, ref_row_count) if need_ref_grad else (
-        ref_logits.new_empty(0))
-    return dz, dr
-
-
-def _gradient_of(d, full, out, like, row_start, row_count):
-    """An input's gradient from the rows the backend computed, ``d``: shaped like the input ``like``, or ``full``
-    with ``out`` (its rows in the range) holding them, the rest of a range zero."""
-    if full is None:
-        return d.reshape(like.shape)
-    if d is not out:  # the reference computed the rows: copy them
-        out.copy_(d.reshape(out.shape))
-    return full if row_count == WHOLE else zero_outside(full, row_start, row_count)
+        dz = grad_over(logits, as_rows(x), row_start, row_count, write)
+    else:
+        dz = grad_like(logits, row_start, row_count, write)
+    if not need_ref_grad:
+        return dz, ref_logits.new_empty(0)
+    if dr_full is None:
+        return dz, dr.reshape(ref_logits.shape)
+    if dr is not dr_out:  # the reference computed the rows: copy them
+        dr_out.copy_(dr.reshape(dr_out.shape))
+    return dz, zero_outside(dr_full, ref_row_start, ref_row_count)
 
 
 def overwrites_logits(logits: torch.Tensor, ref_logits: torch.Tensor, row_start: int, row_count: int) -> bool:
