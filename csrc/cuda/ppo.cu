@@ -586,16 +586,16 @@ cudaError_t launch_ppo_rows(const PpoPlan& plan, int64_t per_cta, const T* x, co
   return cudaGetLastError();
 }
 
-// Whether an on-chip plan takes the bulk-copy sweep (RLHF_KERNELS_CUDA_PREFETCH=bulk): only where its kernel was
-// compiled for sm_90+ (the binary the device runs; a PTX-only sm_80 build JIT-compiled on an H100 has no bulk copies),
-// else the cp.async sweep runs instead, as the setting's documentation says.
-template <typename T, bool kNoEntropy>
+// Whether an on-chip plan takes the bulk-copy sweep (RLHF_KERNELS_CUDA_PREFETCH=bulk): only where its kernels were
+// compiled for sm_90+ (the binary the device runs, one for every instantiation; a PTX-only sm_80 build JIT-compiled on
+// an H100 has no bulk copies), else the cp.async sweep runs instead, as the setting's documentation says.
+template <typename T>
 bool bulk_copies_run(const PpoPlan& plan) {
   if ((plan.path != PpoPath::kShared && plan.path != PpoPath::kCluster) || prefetch_mode() != kPrefetchBulk) {
     return false;
   }
   cudaFuncAttributes attr{};
-  const bool ok = cudaFuncGetAttributes(&attr, ppo_fwd_kernel<T, false, false, kNoEntropy, true>) == cudaSuccess &&
+  const bool ok = cudaFuncGetAttributes(&attr, ppo_fwd_kernel<T, false, false, false, true>) == cudaSuccess &&
                   attr.binaryVersion >= 90;
   cudaGetLastError();  // a failed query must not look like a launch error later
   return ok;
@@ -645,7 +645,7 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
           x, targets, io, rows_inner, stride_b, stride_t, vocab, params);
       return cudaGetLastError();
     }
-    const bool bulk = no_entropy ? bulk_copies_run<T, true>(plan) : bulk_copies_run<T, false>(plan);
+    const bool bulk = bulk_copies_run<T>(plan);
     const auto launch = no_entropy ? (bulk ? launch_ppo_rows<T, false, true, true> : launch_ppo_rows<T, false, true>)
                                    : (bulk ? launch_ppo_rows<T, false, false, true> : launch_ppo_rows<T, false, false>);
     return launch(plan, per_cta, x, targets, io, dx, rows, rows_inner, stride_b, stride_t, grad_stride_b,

@@ -55,6 +55,11 @@ RK_HD BulkChunks bulk_chunks(const VecRange& body, int64_t round) {
   return {body.body_lo, body.body_hi, per > 0 ? per : round, n > 0 ? static_cast<int>((n + per - 1) / per) : 0};
 }
 
+// One past chunk `lo`'s last vector (lo = body_lo + i·per).
+RK_HD int64_t chunk_end(const BulkChunks& ch, int64_t lo) {
+  return lo + ch.per < ch.body_hi ? lo + ch.per : ch.body_hi;
+}
+
 RK_HD void cta_sync() {
 #ifdef __CUDA_ARCH__
   __syncthreads();
@@ -78,8 +83,7 @@ RK_HD void issue_bulk_copies(uint4* cache, const uint4* vecs, const BulkChunks& 
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   for (int i = 0; i < ch.count; ++i) {
     const int64_t lo = ch.body_lo + i * ch.per;
-    const int64_t hi = lo + ch.per < ch.body_hi ? lo + ch.per : ch.body_hi;
-    const unsigned bytes = static_cast<unsigned>((hi - lo) * 16);
+    const unsigned bytes = static_cast<unsigned>((chunk_end(ch, lo) - lo) * 16);
     const unsigned bar = shared_address(bars + i);
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
     asm volatile(
@@ -139,8 +143,8 @@ RK_HD RowStats sweep_row_stats_bulk(const T* row, const RowVecs& rv, int64_t V, 
 #ifdef __CUDA_ARCH__
     wait_bulk_chunk(bars, landed);
 #else  // the host's copy engine: the chunk arrives when a thread first waits for it
-    const int64_t hi = landed_end + ch.per < ch.body_hi ? landed_end + ch.per : ch.body_hi;
-    std::memcpy(cache + (landed_end - k_lo), vecs + landed_end, static_cast<size_t>(hi - landed_end) * 16);
+    std::memcpy(cache + (landed_end - k_lo), vecs + landed_end,
+                static_cast<size_t>(chunk_end(ch, landed_end) - landed_end) * 16);
 #endif
     ++landed;
     landed_end += ch.per;
