@@ -9,9 +9,9 @@ kernels' add up instead of overlapping; this measures the CPU's part, on any mac
 
 Each case runs on tiny CPU tensors ([1, 4, 16]), where the kernels take next to nothing, so the time per call
 is the Python, the dispatcher and autograd. ``ppo_loss cuda-path`` is the CUDA backend's fused
-forward-with-gradient path (``ppo_loss_fused``) with the CUDA kernel replaced by a CPU stub registered for
-``rlhf_kernels_C::ppo_fwd`` in this process only (``torch.library``), so the path's own Python runs as on a GPU,
-minus the device's launch latency. Cases are interleaved and repeated (``--reps``); each repetition's time is
+forward-with-gradient path (``ppo_loss_fused``) with the CUDA kernels replaced by a CPU stub registered for
+``rlhf_kernels_C::ppo_fwd_loss`` in this process only (``torch.library``), so the path's own Python runs as on a GPU,
+minus the device's launch latency (``GRPO``: with ``loss_agg="seq-mean-token-mean"``). Cases are interleaved and repeated (``--reps``); each repetition's time is
 the mean over ``--calls`` calls, and the best repetition is the headline (a shared CPU only ever adds time), with
 the median and the slowest beside it.
 """
@@ -37,11 +37,12 @@ from . import common
 SHAPE = (1, 4, 16)
 
 
-def _stub_ppo_fwd(logits, targets, old_logp, advantages, ref_logp, weights, *scalars):
-    """The CUDA op's outputs with the right shapes: (term, logp, entropy, kl, clipped, lse) and dlogits."""
+def _stub_ppo_fwd_loss(logits, targets, old_logp, advantages, ref_logp, mask, *scalars):
+    """The CUDA op's outputs with the right shapes: (term, logp, entropy, kl, clipped, lse), dlogits, the loss and
+    the two means."""
     B, T = logits.shape[:2]
     stats = [torch.zeros(B, T) for _ in range(6)]
-    return stats + [torch.zeros_like(logits) if weights is not None else logits.new_empty(0)]
+    return stats + [torch.zeros_like(logits), torch.zeros(()), torch.zeros(2)]
 
 
 def _cases() -> dict[str, Callable[[], object]]:
@@ -56,9 +57,9 @@ def _cases() -> dict[str, Callable[[], object]]:
     def leaf():
         return x.clone().requires_grad_()
 
-    def ppo_fused():
+    def ppo_fused(loss_agg="token-mean"):
         with mock.patch.object(ppo_ops, "resolve_for", lambda *a: "cuda"):
-            rk.ppo_loss(leaf(), y, old, adv, mask).loss.backward()
+            rk.ppo_loss(leaf(), y, old, adv, mask, loss_agg=loss_agg).loss.backward()
 
     cases = {
         "logprobs fwd": lambda: rk.logprobs(x, y, backend="cpu"),
@@ -69,6 +70,7 @@ def _cases() -> dict[str, Callable[[], object]]:
     }
     if _ext.has_cuda_kernels():  # the op's schema exists only in an extension built with its CUDA kernels
         cases["ppo_loss cuda-path fwd+bwd"] = ppo_fused
+        cases["ppo_loss cuda-path fwd+bwd, GRPO"] = lambda: ppo_fused("seq-mean-token-mean")
     return cases
 
 
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
     lib = None
     if _ext.has_cuda_kernels():
         lib = torch.library.Library("rlhf_kernels_C", "IMPL")
-        lib.impl("ppo_fwd", _stub_ppo_fwd, "CPU")
+        lib.impl("ppo_fwd_loss", _stub_ppo_fwd_loss, "CPU")
     try:
         rows = measure(args.reps, args.calls)
     finally:

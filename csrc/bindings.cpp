@@ -283,6 +283,49 @@ std::vector<at::Tensor> ppo_fwd_cuda(const at::Tensor& logits, const at::Tensor&
                       kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, path, grad_out, nullptr);
 }
 
+// The fused PPO training step: ppo_fwd with the weights of `loss_agg` (0 token-mean, 1 seq-mean-token-mean,
+// 2 seq-mean-token-sum, 3 seq-mean-token-sum-norm) computed from `mask` on the GPU before the kernel, and the loss
+// and the logged means after it (csrc/cuda/ppo_aggregate.cuh): ppo_fwd's seven outputs, then the loss (a float32
+// scalar) and [clip_frac, approx_kl]. Three launches, where the same in PyTorch took 13 to 30 small kernels around
+// the fused one, each a Python call on the host.
+std::vector<at::Tensor> ppo_fwd_loss_cuda(const at::Tensor& logits, const at::Tensor& targets,
+                                          const at::Tensor& old_logp, const at::Tensor& advantages,
+                                          const std::optional<at::Tensor>& ref_logp, const at::Tensor& mask,
+                                          int64_t loss_agg, double temperature, int64_t ignore_index, double kl_coef,
+                                          int64_t kl_estimator, double entropy_coef, double clip_low,
+                                          double clip_high, std::optional<double> dual_clip, int64_t path,
+                                          const std::optional<at::Tensor>& grad_out) {
+  check_rows(logits, "logits");
+  TORCH_CHECK(loss_agg >= 0 && loss_agg <= 3,
+              "loss_agg must be 0 (token-mean), 1 (seq-mean-token-mean), 2 (seq-mean-token-sum) or 3 "
+              "(seq-mean-token-sum-norm), got ", loss_agg);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0), T = logits.size(1), N = B * T;
+  const at::Tensor m = per_row(mask, N, at::kFloat, logits, "mask");
+  const at::Tensor old = per_row(old_logp, N, at::kFloat, logits, "old_logp");
+  const auto opts = logits.options().dtype(at::kFloat);
+  const at::Tensor weights = at::empty({B, T}, opts), total = at::empty({1}, opts);
+  const at::Tensor loss = at::empty({}, opts), means = at::empty({2}, opts);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_cuda_error(cuda::launch_loss_weights(m.const_data_ptr<float>(), weights.data_ptr<float>(),
+                                             total.data_ptr<float>(), B, T, static_cast<cuda::LossAgg>(loss_agg),
+                                             stream),
+                   "ppo_fwd_loss (weights)");
+  std::vector<at::Tensor> out =
+      ppo_fwd_impl(logits, targets, old, advantages, ref_logp, weights, temperature, ignore_index, kl_coef,
+                   kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, path, grad_out, nullptr);
+  // out: term, logp, entropy, kl, clipped, lse ([B, T] float32, contiguous), grad
+  check_cuda_error(cuda::launch_loss_sums(weights.const_data_ptr<float>(), m.const_data_ptr<float>(),
+                                          total.const_data_ptr<float>(), out[0].const_data_ptr<float>(),
+                                          out[4].const_data_ptr<float>(), out[1].const_data_ptr<float>(),
+                                          old.const_data_ptr<float>(), loss.data_ptr<float>(),
+                                          means.data_ptr<float>(), N, stream),
+                   "ppo_fwd_loss (sums)");
+  out.push_back(loss);
+  out.push_back(means);
+  return out;
+}
+
 // ppo_fwd through the kernel's probe (csrc/cuda/ppo_probe.cuh): `stamps` is an int64 CUDA tensor of
 // [CTAs, kProbeSlots] (CTAs = rows x the plan's cluster) that thread 0 of each CTA fills, or None; `skip` the
 // stages to leave out (ProbeSkip bits; the results are then wrong, for timing only) or the alternatives to try.
@@ -352,7 +395,7 @@ TORCH_LIBRARY(rlhf_kernels_C, m) {
       "logprobs_bwd_out(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor targets, Tensor lse, "
       "Tensor entropy, float temperature, int ignore_index, Tensor(a!) grad) -> ()");
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
-  // kl_divergence: the cpu and cuda backends; ppo_fwd and scale_unless_one_: CUDA only.
+  // kl_divergence: the cpu and cuda backends; ppo_fwd, ppo_fwd_loss and scale_unless_one_: CUDA only.
   m.def("kl_divergence_fwd(Tensor logits, Tensor ref_logits, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def(
       "kl_divergence_bwd(Tensor grad, Tensor logits, Tensor ref_logits, Tensor kl, Tensor lse_z, Tensor lse_r, "
@@ -362,6 +405,11 @@ TORCH_LIBRARY(rlhf_kernels_C, m) {
       "ppo_fwd(Tensor logits, Tensor targets, Tensor old_logp, Tensor advantages, Tensor? ref_logp, "
       "Tensor? weights, float temperature, int ignore_index, float kl_coef, int kl_estimator, float entropy_coef, "
       "float clip_low, float clip_high, float? dual_clip, int path, Tensor(a!)? grad_out=None) -> Tensor[]");
+  m.def(
+      "ppo_fwd_loss(Tensor logits, Tensor targets, Tensor old_logp, Tensor advantages, Tensor? ref_logp, "
+      "Tensor mask, int loss_agg, float temperature, int ignore_index, float kl_coef, int kl_estimator, "
+      "float entropy_coef, float clip_low, float clip_high, float? dual_clip, int path, Tensor(a!)? grad_out=None) "
+      "-> Tensor[]");
   m.def("scale_unless_one_(Tensor(a!) x, Tensor scale) -> ()");
 }
 
@@ -383,6 +431,7 @@ TORCH_LIBRARY_IMPL(rlhf_kernels_C, CUDA, m) {
   m.impl("kl_divergence_fwd", &rlhf_kernels::kl_divergence_fwd_cuda);
   m.impl("kl_divergence_bwd", &rlhf_kernels::kl_divergence_bwd_cuda);
   m.impl("ppo_fwd", &rlhf_kernels::ppo_fwd_cuda);
+  m.impl("ppo_fwd_loss", &rlhf_kernels::ppo_fwd_loss_cuda);
   m.impl("scale_unless_one_", &rlhf_kernels::scale_unless_one_cuda);
 }
 #endif
@@ -405,7 +454,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     kernels = {{"logprobs", "logprobs_fwd_kernel, logprobs_bwd_kernel"},
                {"kl_divergence", "kl_fwd_kernel, kl_bwd_kernel"},
                {"ppo_loss", "ppo_fwd_kernel (forward, or forward + dlogits: global / shared / cluster), "
-                            "logprobs_bwd_kernel, scale_unless_one_kernel"},
+                            "loss_weights_kernel, loss_sums_kernel, logprobs_bwd_kernel, scale_unless_one_kernel"},
                {"gae", "gae_fwd_kernel"}};
 #endif
     return kernels;

@@ -125,6 +125,20 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
                            int64_t stride_t, int64_t grad_stride_b, int64_t grad_stride_t, int64_t vocab,
                            const PpoParams& params, cudaStream_t stream, const PpoProbe* probe = nullptr);
 
+// ppo_loss's loss_agg (the order of reference.LOSS_AGG_MODES); the weights and sums in ppo_aggregate.cuh.
+enum class LossAgg : int { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3 };
+
+// The fused step's per-token weights w = ∂loss/∂term ([rows, cols] float32, contiguous) of `agg` from the mask
+// (the same layout), and total = Σ mask (one float), on one CTA.
+cudaError_t launch_loss_weights(const float* mask, float* weights, float* total, int64_t rows, int64_t cols,
+                                LossAgg agg, cudaStream_t stream);
+
+// After the fused kernel: loss = Σ w·term, means = [Σ m·clipped, Σ m·½(logp - old_logp)²] / total (0 when total is
+// 0), over n contiguous float32 tokens, on one CTA (the same order every call).
+cudaError_t launch_loss_sums(const float* weights, const float* mask, const float* total, const float* term,
+                             const float* clipped, const float* logp, const float* old_logp, float* loss,
+                             float* means, int64_t n, cudaStream_t stream);
+
 // x[0:n] *= *scale in place, skipped (no memory traffic) when *scale == 1 (read on the device).
 cudaError_t launch_scale_unless_one(DType dtype, void* x, int64_t n, const float* scale, cudaStream_t stream);
 

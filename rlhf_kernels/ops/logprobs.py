@@ -184,7 +184,7 @@ def grad_like(logits: torch.Tensor, row_start: int, row_count: int, write) -> to
 def overwritable(logits: torch.Tensor, rows: torch.Tensor) -> bool:
     """Whether an op's gradient can be written over ``logits`` (``overwrite_logits=True``): a contiguous tensor whose
     rows ``rows`` (``as_rows`` of its range) are a view of it, not a copy. (Contiguous: an in-place scale of the
-    gradient downstream, ``_forward_grads.scale_grad_unless_one_``, takes a contiguous one.)"""
+    gradient downstream, ``_forward_grads.scale_grad_unless_one``, takes a contiguous one.)"""
     return logits.is_contiguous() and rows.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
 
 

@@ -16,7 +16,10 @@ per-token term, ``loss = Σ w·term`` with weights ``w`` that depend on the mask
 alone (``aggregation_weights``), so the kernel writes ``dlogits = w·∂term/∂logits``
 as soon as a row's statistics are known and the backward only multiplies by the
 scalar upstream gradient (a no-op, with no memory traffic, when it is 1, as in
-``loss.backward()``). Where the row waits between the kernel's two sweeps is
+``loss.backward()``). The weights, the loss and the logged means come from two
+one-CTA kernels launched by the same C++ call (``rlhf_kernels_C::ppo_fwd_loss``,
+``csrc/cuda/ppo_aggregate.cuh``) instead of 13-30 small PyTorch kernels, each a
+Python call: at micro-batch sizes the step is bound by the host. Where the row waits between the kernel's two sweeps is
 chosen per call (``RLHF_KERNELS_CUDA_PPO``, default ``auto``):
 
 - ``shared``: the whole row in one CTA's shared memory, when it fits (bf16 rows up
@@ -108,6 +111,8 @@ __all__ = ["PPOLossOutput", "check_ppo_args", "composed_ppo_terms", "ppo_loss", 
 IMPLEMENTED = tuple(dict.fromkeys(("triton", "cuda") + tuple(_LOGPROBS_IMPLEMENTED)))
 
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+# loss_agg as ppo_fwd_loss takes it (csrc/cuda/launchers.h: LossAgg)
+_LOSS_AGG_CODES = {mode: code for code, mode in enumerate(reference.LOSS_AGG_MODES)}
 # RLHF_KERNELS_CUDA_PPO: how the cuda backend of ppo_loss produces dlogits (see the module docstring).
 CUDA_PPO_PATHS = {"auto": 0, "global": 1, "shared": 2, "cluster": 3, "l2": 5, "pipe": 6, "two-pass": -1}
 
@@ -508,8 +513,10 @@ def _ppo_loss_fused(
     differentiable output), per-token float32 ``[*]`` statistics, and
     ``dlogits = ∂loss/∂logits`` (``[*, V]``, logits' dtype) written by the forward
     kernel from the per-token weights ``aggregation_weights(mask, loss_agg)``, and
-    ``means = [clip_frac, approx_kl]`` for ``token-mean`` (empty otherwise; see
-    ``_fused_loss_and_means``).
+    ``means = [clip_frac, approx_kl]`` (token means over the mask, as ``ppo_output``'s).
+    On ``cuda`` the weights, the loss and the means come from the same C++ call as
+    the kernel (``rlhf_kernels_C::ppo_fwd_loss``); on ``torch`` from PyTorch
+    (``aggregation_weights``, ``_fused_loss_and_means``).
     ``path``: 0 auto, 1 global, 2 shared, 3 cluster (``csrc/cuda/ppo.cu``).
     Backends: ``cuda``, and ``torch`` (the same contract in PyTorch: tests, CPU).
     With ``row_count != WHOLE``, ``logits`` is the ``[B, L, V]`` base of the rows
@@ -527,21 +534,22 @@ def _ppo_loss_fused(
     lead = logits.shape[:-1]
     rows = as_rows(logits)
     shape2 = rows.shape[:2]
-    weights = aggregation_weights(mask, loss_agg).reshape(shape2)
-    flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
     in_place = overwrite and overwrites_logits(base, rows, backend)
     if in_place:  # the kernel writes the gradient over the rows it reads (grad_over then finishes base)
         full, inner = None, rows
     else:
         full, inner = (None, None) if row_count == WHOLE else grad_for_range(base, row_start, row_count)
     with TargetCheck(targets, logits.shape[-1], ignore_index, "ppo_loss"):  # read after the kernel is queued
-        if backend == "cuda":
-            term, logp, entropy, kl, clipped, _, grad = torch.ops.rlhf_kernels_C.ppo_fwd(
-                rows, flat[0], flat[1], flat[2], flat[3], weights, temperature, ignore_index, kl_coef,
-                _KL_CODES[kl_estimator], entropy_coef, clip_low, clip_high, dual_clip, path, inner,
+        if backend == "cuda":  # the weights, the kernel, the loss and the means: one call, three launches
+            term, logp, entropy, kl, clipped, _, grad, loss, means = torch.ops.rlhf_kernels_C.ppo_fwd_loss.default(
+                rows, targets, old_logp, advantages, ref_logp, mask, _LOSS_AGG_CODES[loss_agg], temperature,
+                ignore_index, kl_coef, _KL_CODES[kl_estimator], entropy_coef, clip_low, clip_high, dual_clip, path,
+                inner,
             )
             grad = inner if inner is not None else grad
         else:
+            flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
+            weights = aggregation_weights(mask, loss_agg).reshape(shape2)
             logp, entropy, lse = _torch_fwd(rows.float(), flat[0], temperature, ignore_index)
             term, kl, clipped = reference.ppo_token_terms(
                 logp, entropy, flat[1], flat[2], ref_logp=flat[3], kl_coef=kl_coef, kl_estimator=kl_estimator,
@@ -552,8 +560,12 @@ def _ppo_loss_fused(
                                           clip_high, dual_clip)
             grad = _torch_bwd(weights * dterm, -weights * entropy_coef, rows, flat[0].contiguous(), lse, entropy,
                               temperature, ignore_index)
-    loss, means = _fused_loss_and_means(term, clipped, logp, flat[1], weights, loss_agg)
-    stats = tuple(t.reshape(lead).contiguous() for t in (term, logp, entropy, kl, clipped))
+            loss, means = _fused_loss_and_means(term, clipped, logp, flat[1], weights, mask.reshape(shape2),
+                                                loss_agg)
+    # the kernel's [B, T] statistics are already shaped like the tokens unless their leading shape is not [B, T]
+    stats = (term, logp, entropy, kl, clipped)
+    if stats[0].shape != lead:
+        stats = tuple(t.reshape(lead).contiguous() for t in stats)
     if in_place:  # (the reference's [B, T, V] gradient copied over the rows, the rest of base zeroed)
         return (loss,) + stats + (grad_over(base, rows, row_start, row_count, lambda _rows: grad), means)
     if full is None:
@@ -563,22 +575,22 @@ def _ppo_loss_fused(
     return (loss,) + stats + (zero_outside(full, row_start, row_count), means)
 
 
-def _fused_loss_and_means(term, clipped, logp, old_logp, weights, loss_agg: str):
-    """``(loss, [clip_frac, approx_kl])`` of the fused op from its per-token values, in few launches.
+def _fused_loss_and_means(term, clipped, logp, old_logp, weights, mask, loss_agg: str):
+    """``(loss, [clip_frac, approx_kl])`` of the fused op's ``torch`` branch from its per-token ``[B, T]`` values:
+    what ``ppo_fwd_loss``'s sums kernel computes on the GPU (``csrc/cuda/ppo_aggregate.cuh``).
 
-    ``loss_agg`` is linear in the term, so ``loss = Σ w·term`` with the weights dlogits was scaled by (against
-    ``reference.aggregate_loss``'s eight small kernels; the same value up to rounding). With ``token-mean`` those
-    weights ``m / Σm`` are also ``ppo_output``'s masked-mean weights (0 where ``Σm = 0``, as there), so the two
-    statistics come from the same product: one stacked multiply and sum for all three, seven launches against
-    fourteen for the loss and ``ppo_output``'s means (each a few µs of host time beside a micro-batch's kernel).
-    Other aggregations take ``ppo_output``'s own means (an empty tensor here).
+    ``loss_agg`` is linear in the term, so ``loss = Σ w·term`` with the weights dlogits was scaled by (the value of
+    ``reference.aggregate_loss`` up to rounding). The means are token means over the mask whatever ``loss_agg`` is,
+    ``Σ m·x / Σ m`` (0 where ``Σ m = 0``): with ``token-mean`` those are the loss's own weights.
     """
-    # every per-token tensor here is [B, T] like the weights (``_ppo_loss_fused``'s rows): no reshapes
-    if loss_agg != "token-mean":
-        return (weights * term).sum(), weights.new_empty(0)
+    if loss_agg == "token-mean":
+        token_weights = weights
+    else:
+        m = mask.to(torch.float32)
+        token_weights = _divide_or_zero(m, m.sum())
     d = logp - old_logp
-    sums = (torch.stack((clipped, d * (0.5 * d), term)) * weights).sum((1, 2))
-    return sums[2].clone(), sums[:2]  # (a custom op's outputs may not alias each other)
+    means = (torch.stack((clipped, d * (0.5 * d))) * token_weights).sum((1, 2))
+    return (weights * term).sum(), means
 
 
 ppo_loss_fused = torch.library.custom_op("rlhf_kernels::ppo_loss_fused", mutates_args=())(_ppo_loss_fused)
@@ -590,7 +602,7 @@ def _(logits, targets, old_logp, advantages, ref_logp, mask, temperature, ignore
       overwrite=False):
     per_token = tuple(logits.new_empty(range_lead(logits, row_start, row_count), dtype=torch.float32) for _ in range(5))
     loss = logits.new_empty((), dtype=torch.float32)
-    means = logits.new_empty((2 if loss_agg == "token-mean" else 0,), dtype=torch.float32)
+    means = logits.new_empty((2,), dtype=torch.float32)
     return (loss,) + per_token + (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device), means)
 
 

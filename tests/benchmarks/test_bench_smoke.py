@@ -272,12 +272,12 @@ def test_host_overhead_reports_every_case_and_removes_its_stub(tmp_path, capsys)
     text = (tmp_path / "host_overhead.md").read_text()
     cases = ["logprobs fwd", "logprobs fwd+bwd", "kl_divergence fwd+bwd", "ppo_loss fwd (no grad)", "ppo_loss fwd+bwd"]
     if _ext.has_cuda_kernels():
-        cases.append("ppo_loss cuda-path fwd+bwd")
+        cases += ["ppo_loss cuda-path fwd+bwd", "ppo_loss cuda-path fwd+bwd, GRPO"]
         x = torch.zeros(1, 2, 8)
         rows = torch.zeros(1, 2)
         with pytest.raises(NotImplementedError):  # the CPU stub is gone with the run
-            torch.ops.rlhf_kernels_C.ppo_fwd(x, torch.zeros(1, 2, dtype=torch.long), rows, rows, None, rows, 1.0,
-                                             -100, 0.0, 3, 0.0, 0.2, 0.2, None, 0, None)
+            torch.ops.rlhf_kernels_C.ppo_fwd_loss(x, torch.zeros(1, 2, dtype=torch.long), rows, rows, None, rows, 0,
+                                                  1.0, -100, 0.0, 3, 0.0, 0.2, 0.2, None, 0, None)
     for case in cases:
         row = next(line for line in text.splitlines() if line.startswith(f"| {case} |"))
         assert float(row.split("|")[2]) > 0, row

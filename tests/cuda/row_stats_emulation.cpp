@@ -18,6 +18,7 @@
 
 #include "kl_grad.cuh"
 #include "kl_stats.cuh"
+#include "ppo_aggregate.cuh"
 #include "row_bulk.cuh"
 #include "row_grad.cuh"
 #include "row_pipeline.cuh"
@@ -464,4 +465,49 @@ extern "C" int rk_emulate_fused_grad_pipe(int dtype, void* grad, const void* log
                           row_stride, grad_row_stride, vocab, inv_t, ignore_index, threads, cluster, n_clusters,
                           logp, entropy, lse);
   });
+}
+
+// ppo_aggregate.cu's two one-CTA kernels of `threads` threads: loss_weights_kernel (the weights of loss_agg `agg`
+// and total = Σ mask) then, over the fused kernel's per-token outputs, loss_sums_kernel (loss and means), with the
+// kernels' strided partial sums, warp butterflies and block_reduce trees.
+extern "C" int rk_emulate_loss_aggregate(const float* mask, int64_t rows, int64_t cols, int agg, int threads,
+                                         const float* term, const float* clipped, const float* logp,
+                                         const float* old_logp, float* weights, float* loss, float* means) {
+  if (bad_launch(threads, 1) || agg < 0 || agg > 3 || rows < 0 || cols < 0) return 2;
+  const auto mode = static_cast<rlhf_kernels::cuda::LossAgg>(agg);
+  const int64_t n = rows * cols;
+  const int warps = threads / 32;
+  const auto plus = [](float a, float b) { return a + b; };
+  std::vector<float> parts(threads);
+  for (int t = 0; t < threads; ++t) parts[t] = strided_sum(mask, n, t, threads);
+  const float total = block_reduce_emulated(parts, 0.f, plus);
+  // a warp's Σ_t m of row r: lane 0's butterfly result, which warp_sum hands to every lane
+  const auto row_sum = [&](int64_t r) {
+    float lanes[32];
+    for (int l = 0; l < 32; ++l) lanes[l] = lane_row_sum(mask, r, cols, l);
+    return warp_reduce(lanes, plus);
+  };
+  if (mode == rlhf_kernels::cuda::LossAgg::kSeqMeanTokenMean) {
+    std::vector<float> positive(threads, 0.f);  // lane 0 of each warp holds its rows' count
+    for (int w = 0; w < warps; ++w) {
+      for (int64_t r = w; r < rows; r += warps) {
+        const float s = row_sum(r);
+        positive[32 * w] += s > 0.f ? 1.f : 0.f;
+        for (int64_t c = 0; c < cols; ++c) weights[r * cols + c] = divide_or_zero(mask[r * cols + c], s);
+      }
+    }
+    const float non_empty = block_reduce_emulated(positive, 0.f, plus);
+    for (int64_t i = 0; i < n; ++i) weights[i] = divide_or_zero(weights[i], non_empty);
+  } else {
+    for (int64_t i = 0; i < n; ++i) weights[i] = token_weight(mode, mask[i], total, rows, cols);
+  }
+  std::vector<LossSums> sums(threads);
+  for (int t = 0; t < threads; ++t) {
+    sums[t] = strided_loss_sums(weights, mask, term, clipped, logp, old_logp, n, t, threads);
+  }
+  const LossSums s = block_reduce_emulated(sums, LossSums{0.f, 0.f, 0.f}, loss_sums_merge);
+  *loss = s.loss;
+  means[0] = divide_or_zero(s.clipped, total);
+  means[1] = divide_or_zero(s.half_sq, total);
+  return 0;
 }

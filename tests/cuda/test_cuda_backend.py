@@ -39,10 +39,10 @@ def test_extension_holds_the_cuda_kernels_and_info_lists_them():
     if not _has_cuda_kernels():
         pytest.skip("extension built without CUDA kernels")
     for name in ("logprobs_fwd", "logprobs_bwd", "kl_divergence_fwd", "kl_divergence_bwd", "ppo_fwd",
-                 "scale_unless_one_"):
+                 "ppo_fwd_loss", "scale_unless_one_"):
         assert hasattr(torch.ops.rlhf_kernels_C, name), name
     # the CUDA dispatch key has an implementation of each (not only a schema)
-    for name in ("logprobs_fwd", "logprobs_bwd", "kl_divergence_fwd", "ppo_fwd"):
+    for name in ("logprobs_fwd", "logprobs_bwd", "kl_divergence_fwd", "ppo_fwd", "ppo_fwd_loss"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rlhf_kernels_C::{name}", "CUDA"), name
     report = rk.info(print_report=False)
     assert {"logprobs", "kl_divergence", "ppo_loss"} <= set(report["extension"]["cuda_kernels_per_op"])
@@ -285,11 +285,9 @@ def test_fused_op_loss_and_gradient_match_the_reference(loss_agg, fused_route):
     out = _fused(x2, y, old, adv, mask, o)
     torch.testing.assert_close(out[0].double(), expected.loss, rtol=1e-6, atol=1e-7)
     assert all(not t.requires_grad for t in out[1:])
-    if loss_agg == "token-mean":  # clip_frac and approx_kl from the loss's own weighted sum
-        torch.testing.assert_close(out[7].double(), torch.stack((expected.clip_frac, expected.approx_kl)).double(),
-                                   rtol=1e-6, atol=1e-7)  # fmt: skip
-    else:  # ppo_output computes them
-        assert out[7].numel() == 0
+    # clip_frac and approx_kl (token means over the mask whatever loss_agg is), as the CUDA sums kernel gives them
+    torch.testing.assert_close(out[7].double(), torch.stack((expected.clip_frac, expected.approx_kl)).double(),
+                               rtol=1e-6, atol=1e-7)  # fmt: skip
     # the forward's dlogits is the gradient for an upstream gradient of 1; backward scales it
     (g,) = torch.autograd.grad(out[0] * 2.5, x2)
     torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-9)
@@ -428,18 +426,19 @@ def test_ppo_loss_overwrites_only_in_eager_calls_on_the_fused_path(monkeypatch):
 
     seen = []
 
-    def stub(logits, targets, old_logp, advantages, ref_logp, weights, *scalars):
-        grad_out = scalars[9] if len(scalars) > 9 else None  # (the dispatcher drops a trailing default)
+    def stub(logits, targets, old_logp, advantages, ref_logp, mask, *scalars):
+        grad_out = scalars[10] if len(scalars) > 10 else None  # (the dispatcher drops a trailing default)
         seen.append(grad_out is not None and grad_out.data_ptr() == logits.data_ptr())
         stats = [torch.zeros(logits.shape[:2]) for _ in range(6)]
-        return stats + [logits.new_empty(0) if grad_out is not None else torch.zeros_like(logits)]
+        grad = logits.new_empty(0) if grad_out is not None else torch.zeros_like(logits)
+        return stats + [grad, torch.zeros(()), torch.zeros(2)]
 
     class Passthrough(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
     lib = torch.library.Library("rlhf_kernels_C", "IMPL")
-    lib.impl("ppo_fwd", stub, "CPU")
+    lib.impl("ppo_fwd_loss", stub, "CPU")
     try:
         monkeypatch.setattr(ppo_ops, "resolve_for", lambda *a: "cuda")
         y, z = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)

@@ -490,6 +490,43 @@ def test_ppo_prefetch_is_bit_identical(V, dtype, path, fill, monkeypatch):
                       monkeypatch, f"{path} V={V}")
 
 
+@pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
+@pytest.mark.parametrize("masking", ("some", "none"))
+def test_fused_step_loss_and_means_are_the_aggregate_of_its_per_token_values(loss_agg, masking):
+    """The fused step's loss, clip_frac and approx_kl come from ppo_fwd_loss's one-CTA kernels
+    (csrc/cuda/ppo_aggregate.cuh): they equal the float64 aggregate of the step's own per-token logp and entropy
+    (terms recomputed by the reference), for every loss_agg, with an empty sequence and with an empty mask (0, not
+    NaN), and the same bits on a second call."""
+    x, y, old, adv, ref, mask = _ppo_case(4097, torch.bfloat16, seed=4097 + 13, B=5, L=70)
+    if masking == "none":
+        mask = torch.zeros_like(mask)
+    options = {"ref_logp": ref, "kl_coef": 0.05, "entropy_coef": 0.01, "clip_high": 0.28, "loss_agg": loss_agg}
+    runs = []
+    for _ in range(2):
+        xt = x.detach().clone().requires_grad_()
+        out = rk.ppo_loss(xt, y, old, adv, mask, backend="cuda", **options)
+        out.loss.backward()
+        runs.append(out)
+    out = runs[0]
+    for name in ("loss", "clip_frac", "approx_kl"):
+        assert torch.equal(getattr(runs[0], name), getattr(runs[1], name)), name
+    term, _, clipped = reference.ppo_token_terms(
+        out.logp.double(), out.entropy.double(), old.double(), adv.double(), ref_logp=ref.double(), kl_coef=0.05,
+        kl_estimator="k3", entropy_coef=0.01, clip_low=0.2, clip_high=0.28, dual_clip=None,
+    )
+    m = mask.double()
+    loss = reference.aggregate_loss(term, m, loss_agg)
+    count = m.sum()
+    d = out.logp.double() - old.double()
+    means = [(m * clipped.double()).sum(), (m * 0.5 * d * d).sum()]
+    means = [v / count if count else torch.zeros_like(v) for v in means]
+    torch.testing.assert_close(out.loss.double(), loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.clip_frac.double(), means[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.approx_kl.double(), means[1], rtol=1e-5, atol=1e-6)
+    if masking == "none":
+        assert out.loss.item() == 0.0 and out.clip_frac.item() == 0.0 and out.approx_kl.item() == 0.0
+
+
 def _ref_options(options):
     o = dict(options)
     if "ref_logp" in o:

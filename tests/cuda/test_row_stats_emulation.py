@@ -92,8 +92,10 @@ def emu(request, tmp_path_factory):
                                           ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr]
     lib.rk_emulate_fused_grad_pipe.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, i64,
                                                ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr]
+    lib.rk_emulate_loss_aggregate.argtypes = [ptr, i64, i64, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
+                                              ptr, ptr]
     for fn in (lib.rk_emulate_logprobs, lib.rk_emulate_kl, lib.rk_emulate_logprobs_bwd, lib.rk_emulate_fused_grad,
-               lib.rk_emulate_fused_grad_pipe, lib.rk_emulate_kl_bwd):
+               lib.rk_emulate_fused_grad_pipe, lib.rk_emulate_kl_bwd, lib.rk_emulate_loss_aggregate):
         fn.restype = ctypes.c_int
     return lib
 
@@ -634,3 +636,76 @@ def test_fused_ppo_gradient_written_over_the_logits_is_the_out_of_place_one(emu,
         assert torch.equal(got.view(bits), ref.view(bits)), f"V={V} dlogits"
         for a, b in zip(outs, outs_ref):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"V={V}"
+
+
+# ------------------------------------------------------------------ the fused step's loss aggregation
+
+def emulate_loss_aggregate(lib, mask, term, clipped, logp, old_logp, loss_agg, threads):
+    """ppo_aggregate.cu's kernels on [rows, cols] float32 inputs: (weights, loss, means)."""
+    rows, cols = mask.shape
+    inputs = [t.float().contiguous() for t in (mask, term, clipped, logp, old_logp)]
+    weights = torch.full_like(inputs[0], float("nan"))  # poisoned: every weight must be written
+    loss, means = torch.full((), float("nan")), torch.full((2,), float("nan"))
+    code = reference.LOSS_AGG_MODES.index(loss_agg)
+    rc = lib.rk_emulate_loss_aggregate(inputs[0].data_ptr(), rows, cols, code, threads, *(t.data_ptr() for t in inputs[1:]),
+                                       weights.data_ptr(), loss.data_ptr(), means.data_ptr())
+    assert rc == 0
+    return weights, loss, means
+
+
+def _aggregate_case(rows, cols, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = {
+        "binary": lambda: (torch.rand(rows, cols, generator=g) < 0.7).float(),
+        "empty": lambda: torch.zeros(rows, cols),
+        "fractional": lambda: torch.rand(rows, cols, generator=g),
+        # rows summing to zero, negative and positive rows (the weights' divide-or-zero and the non-empty count)
+        "signed": lambda: torch.randn(rows, cols, generator=g).round() * torch.tensor([0.0, 1.0, -1.0]).repeat(
+            rows // 3 + 1)[:rows, None],
+    }[kind]()
+    if kind == "binary" and rows > 1:
+        mask[0] = 0.0  # an empty row among full ones
+    term, logp = torch.randn(rows, cols, generator=g), -torch.rand(rows, cols, generator=g) * 5
+    old_logp = logp + 0.1 * torch.randn(rows, cols, generator=g)
+    clipped = (torch.rand(rows, cols, generator=g) < 0.3).float()
+    return mask, term, clipped, logp, old_logp
+
+
+@pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
+@pytest.mark.parametrize("threads", (32, 512))
+@pytest.mark.parametrize("rows,cols", ((1, 1), (3, 5), (4, 37), (40, 7), (2, 1000), (0, 5), (5, 0)))
+@pytest.mark.parametrize("kind", ("binary", "empty", "fractional", "signed"))
+def test_loss_aggregation_matches_the_float64_aggregate(emu, loss_agg, threads, rows, cols, kind):
+    """ppo_fwd_loss's weights kernel gives ``aggregation_weights``' values (the same bits for 0/1 masks, whose sums
+    are exact) and its sums kernel the float64 oracle's loss (``reference.aggregate_loss``) and token means of
+    ``clipped`` and ``½(logp - old_logp)²`` over the mask (0 for an empty mask): every loss_agg, rows over more
+    than one warp's turn (40 rows against 16 warps), rows longer than a warp, empty and signed masks."""
+    from rlhf_kernels.ops import ppo as ppo_ops
+
+    mask, term, clipped, logp, old_logp = _aggregate_case(rows, cols, kind, seed=rows * 1000 + cols + threads)
+    weights, loss, means = emulate_loss_aggregate(emu, mask, term, clipped, logp, old_logp, loss_agg, threads)
+    expected = ppo_ops.aggregation_weights(mask, loss_agg)
+    if kind in ("binary", "empty"):
+        assert torch.equal(weights, expected), loss_agg
+    else:
+        torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-7)
+    m64 = mask.double()
+    loss64 = reference.aggregate_loss(term.double(), m64, loss_agg) if m64.numel() else torch.zeros((), dtype=torch.float64)
+    d = logp.double() - old_logp.double()
+    count = m64.sum()
+    means64 = torch.stack([(m64 * clipped.double()).sum(), (m64 * 0.5 * d * d).sum()])
+    means64 = means64 / count if count != 0 else torch.zeros(2, dtype=torch.float64)
+    scale = max(1.0, float(m64.abs().sum()))  # signed masks: sums of cancelling terms
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(means.double(), means64, rtol=1e-5, atol=1e-6 * scale)
+    if kind == "empty":
+        assert loss.item() == 0.0 and means.tolist() == [0.0, 0.0]
+
+
+def test_loss_aggregation_rejects_a_bad_launch(emu):
+    x = torch.zeros(2, 3)
+    out = torch.zeros(2, 3)
+    for threads, code in ((48, 0), (2048, 0), (64, 4), (64, -1)):
+        assert emu.rk_emulate_loss_aggregate(x.data_ptr(), 2, 3, code, threads, x.data_ptr(), x.data_ptr(),
+                                             x.data_ptr(), x.data_ptr(), out.data_ptr(), out.data_ptr(),
+                                             out.data_ptr()) == 2
