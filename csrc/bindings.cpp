@@ -380,6 +380,21 @@ void scale_unless_one_cuda(at::Tensor& x, const at::Tensor& scale) {
                    "scale_unless_one_");
 }
 
+// The target check's range (ops/_deferred_checks.py: PendingRange): [min, max] of `targets` with ignore_index
+// counted as 0, computed by one kernel and copied without blocking into `host` (2 int64 in pinned memory).
+void target_range_to_host_cuda(const at::Tensor& targets, int64_t ignore_index, at::Tensor& host) {
+  TORCH_CHECK(host.numel() == 2 && host.scalar_type() == at::kLong && host.device().is_cpu() && host.is_contiguous(),
+              "host must be 2 contiguous int64 on the CPU (pinned), got ", host.sizes(), " ", host.scalar_type(),
+              " on ", host.device());
+  const c10::cuda::CUDAGuard guard(targets.device());
+  const at::Tensor y = targets.to(at::kLong).contiguous();
+  const at::Tensor range = at::empty({2}, y.options());
+  check_cuda_error(cuda::launch_target_range(y.const_data_ptr<int64_t>(), y.numel(), ignore_index,
+                                             range.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
+                   "target_range_to_host");
+  host.copy_(range, /*non_blocking=*/true);
+}
+
 }  // namespace
 #endif
 
@@ -395,7 +410,8 @@ TORCH_LIBRARY(rlhf_kernels_C, m) {
       "logprobs_bwd_out(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor targets, Tensor lse, "
       "Tensor entropy, float temperature, int ignore_index, Tensor(a!) grad) -> ()");
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
-  // kl_divergence: the cpu and cuda backends; ppo_fwd, ppo_fwd_loss and scale_unless_one_: CUDA only.
+  // kl_divergence: the cpu and cuda backends; ppo_fwd, ppo_fwd_loss, scale_unless_one_ and target_range_to_host:
+  // CUDA only.
   m.def("kl_divergence_fwd(Tensor logits, Tensor ref_logits, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def(
       "kl_divergence_bwd(Tensor grad, Tensor logits, Tensor ref_logits, Tensor kl, Tensor lse_z, Tensor lse_r, "
@@ -411,6 +427,7 @@ TORCH_LIBRARY(rlhf_kernels_C, m) {
       "float entropy_coef, float clip_low, float clip_high, float? dual_clip, int path, Tensor(a!)? grad_out=None) "
       "-> Tensor[]");
   m.def("scale_unless_one_(Tensor(a!) x, Tensor scale) -> ()");
+  m.def("target_range_to_host(Tensor targets, int ignore_index, Tensor(a!) host) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_kernels_C, CPU, m) {
@@ -433,6 +450,7 @@ TORCH_LIBRARY_IMPL(rlhf_kernels_C, CUDA, m) {
   m.impl("ppo_fwd", &rlhf_kernels::ppo_fwd_cuda);
   m.impl("ppo_fwd_loss", &rlhf_kernels::ppo_fwd_loss_cuda);
   m.impl("scale_unless_one_", &rlhf_kernels::scale_unless_one_cuda);
+  m.impl("target_range_to_host", &rlhf_kernels::target_range_to_host_cuda);
 }
 #endif
 

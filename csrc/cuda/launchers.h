@@ -139,6 +139,10 @@ cudaError_t launch_loss_sums(const float* weights, const float* mask, const floa
                              const float* clipped, const float* logp, const float* old_logp, float* loss,
                              float* means, int64_t n, cudaStream_t stream);
 
+// range = [min, max] of targets[0:n] (int64, contiguous) with ignore_index counted as 0 ([0, 0] when n = 0).
+cudaError_t launch_target_range(const int64_t* targets, int64_t n, int64_t ignore_index, int64_t* range,
+                                cudaStream_t stream);
+
 // x[0:n] *= *scale in place, skipped (no memory traffic) when *scale == 1 (read on the device).
 cudaError_t launch_scale_unless_one(DType dtype, void* x, int64_t n, const float* scale, cudaStream_t stream);
 

@@ -37,6 +37,7 @@ from typing import Deque, List, Optional
 
 import torch
 
+from .. import _ext
 from ._checks import target_range
 
 ENV = "RLHF_KERNELS_VALIDATE"
@@ -94,7 +95,8 @@ class _Check:
 class PendingRange:
     """The default (synchronous) check of one call, queued ahead of its kernel and read after it.
 
-    ``_checks.target_range`` of the targets, copied without blocking into pinned host memory behind an event.
+    ``_checks.target_range`` of the targets (on CUDA one kernel of the extension, ``target_range_to_host``, where
+    PyTorch takes four), copied without blocking into pinned host memory behind an event.
     The op queues its kernel, then :meth:`read` waits for that event alone, not for the kernel queued after it:
     the GPU goes from the check straight into the kernel, while the CPU learns the answer and the error (if any)
     still comes from the call that was given the bad target. Read before the kernel was queued, the GPU idled
@@ -104,16 +106,20 @@ class PendingRange:
     __slots__ = ("event", "host")
 
     def __init__(self, targets: torch.Tensor, ignore_index: int):
-        packed = target_range(targets, ignore_index)
         self.event = None
-        if packed.is_cuda:
-            with torch.cuda.device(packed.device):  # the copy and its event on the targets' GPU and stream
+        if not targets.is_cuda:
+            self.host = target_range(targets, ignore_index)
+            return
+        with torch.cuda.device(targets.device):  # the copy and its event on the targets' GPU and stream
+            if _ext.has_cuda_kernels():  # one kernel and the copy, from one call (csrc/cuda/target_range.cu)
+                self.host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+                torch.ops.rlhf_kernels_C.target_range_to_host.default(targets, ignore_index, self.host)
+            else:  # four small PyTorch kernels, then the copy
+                packed = target_range(targets, ignore_index)
                 self.host = torch.empty(2, dtype=packed.dtype, pin_memory=True)
                 self.host.copy_(packed, non_blocking=True)
-                self.event = torch.cuda.Event()
-                self.event.record()
-        else:
-            self.host = packed
+            self.event = torch.cuda.Event()
+            self.event.record()
 
     def read(self) -> tuple[int, int]:
         """``(min, max)`` of the targets, ``ignore_index`` counted as 0 (waits for the check, not what follows)."""

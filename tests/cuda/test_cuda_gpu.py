@@ -527,6 +527,26 @@ def test_fused_step_loss_and_means_are_the_aggregate_of_its_per_token_values(los
         assert out.loss.item() == 0.0 and out.clip_frac.item() == 0.0 and out.approx_kl.item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", (torch.int64, torch.int32))
+@pytest.mark.parametrize("n", (0, 1, 511, 513, 100_003))
+def test_target_range_to_host_is_the_pytorch_range(n, dtype):
+    """The target check's one kernel (csrc/cuda/target_range.cu): [min, max] with ignore_index counted as 0, as
+    ``_checks.target_range`` computes it, for target counts below, at and far above the CTA's 512 threads, with bad
+    targets on both sides, copied into pinned memory; no targets give [0, 0]."""
+    from rlhf_kernels.ops._checks import target_range
+
+    g = torch.Generator(device=CUDA).manual_seed(n + 1)
+    y = torch.randint(0, 1000, (n,), generator=g, device=CUDA, dtype=dtype)
+    if n > 2:
+        y[n // 3] = -100  # ignored: counted as 0
+        y[n // 2] = -7 if n % 2 else 1000  # out of range, on one side or the other
+    host = torch.full((2,), 12345, dtype=torch.int64).pin_memory()
+    torch.ops.rlhf_kernels_C.target_range_to_host(y, -100, host)
+    torch.cuda.synchronize()
+    expected = target_range(y, -100).tolist() if n else [0, 0]
+    assert host.tolist() == expected
+
+
 def _ref_options(options):
     o = dict(options)
     if "ref_logp" in o:
