@@ -81,3 +81,23 @@ def eager_autograd(op: Callable, impl: Callable, backward: Callable, setup_conte
 
     call.op = op  # the registered op, for opcheck and tests
     return call
+
+
+def eager_call(op: Callable, impl: Callable) -> Callable:
+    """The function a backward calls for ``op``, a registered custom op without an autograd formula (a backward's
+    kernels), whose Python implementation is ``impl``: ``impl`` itself in an eager backward, ``op`` where
+    ``needs_the_op`` says so or while a graph of the backward is recorded (``create_graph=True``, where ``op``
+    refuses a double backward by name).
+
+    Why: the op's Python dispatch (``torch.library``'s autograd and backend wrappers and ``torch._dynamo``'s
+    disable guard) took about half of an eager ``logprobs`` backward's host time on the CI CPU, around a kernel
+    call of a few µs; an eager backward gains nothing from it.
+    """
+
+    def call(*args: Any):
+        if torch.is_grad_enabled() or needs_the_op(args):
+            return call.op(*args)
+        return impl(*args)
+
+    call.op = op  # the registered op, for tests
+    return call

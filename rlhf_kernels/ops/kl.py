@@ -30,7 +30,7 @@ from ._checks import (
     rows_in_range,
     zero_outside,
 )
-from ._eager import eager_autograd, needs_the_op
+from ._eager import eager_autograd, eager_call, needs_the_op
 from .logprobs import grad_like, grad_over, overwritable, range_lead, resolve_for
 
 # Backends with a kernel (the reference "torch" is implied): exact KL, and the k1/k2/k3 estimators.
@@ -198,6 +198,7 @@ def overwrites_logits(logits: torch.Tensor, ref_logits: torch.Tensor, row_start:
 
 
 kl_divergence_bwd = torch.library.custom_op("rlhf_kernels::kl_divergence_bwd", mutates_args=())(_kl_grads)
+kl_divergence_bwd_call = eager_call(kl_divergence_bwd, _kl_grads)  # what the backward calls
 
 
 @kl_divergence_bwd.register_fake
@@ -225,7 +226,7 @@ def _kl_backward(ctx, grad_kl, grad_lse_z, grad_lse_r):
     if ctx.overwrite and ctx.needs_input_grad[0] and overwrites_logits(logits, ref_logits, *ctx.row_ranges[:2]):
         dz, dr = _kl_grads(*args, overwrite=True)  # (eager only: the registered op never writes over its input)
     else:
-        dz, dr = kl_divergence_bwd(*args)
+        dz, dr = kl_divergence_bwd_call(*args)
     return (dz if ctx.needs_input_grad[0] else None), (dr if need_ref else None), *(None,) * 7
 
 
@@ -312,8 +313,7 @@ def _(logp, ref_logp, estimator, clamp, backend):
     return logp.new_empty(logp.shape, dtype=torch.promote_types(logp.dtype, ref_logp.dtype))
 
 
-@torch.library.custom_op("rlhf_kernels::kl_estimate_bwd", mutates_args=())
-def kl_estimate_bwd(
+def _kl_estimate_bwd(
     grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: Optional[float], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dlogp, dref_logp)`` in the inputs' dtypes."""
@@ -331,6 +331,10 @@ def kl_estimate_bwd(
     return g.to(logp.dtype).contiguous(), (-g).to(ref_logp.dtype).contiguous()
 
 
+kl_estimate_bwd = torch.library.custom_op("rlhf_kernels::kl_estimate_bwd", mutates_args=())(_kl_estimate_bwd)
+kl_estimate_bwd_call = eager_call(kl_estimate_bwd, _kl_estimate_bwd)  # what the backward calls
+
+
 @kl_estimate_bwd.register_fake
 def _(grad, logp, ref_logp, estimator, clamp, backend):
     return torch.empty_like(logp, memory_format=torch.contiguous_format), torch.empty_like(
@@ -346,7 +350,7 @@ def _est_setup_context(ctx, inputs, output):
 
 def _est_backward(ctx, grad):
     logp, ref_logp = ctx.saved_tensors
-    dlogp, dref = kl_estimate_bwd(grad, logp, ref_logp, ctx.estimator, ctx.clamp, ctx.backend)
+    dlogp, dref = kl_estimate_bwd_call(grad, logp, ref_logp, ctx.estimator, ctx.clamp, ctx.backend)
     return dlogp, dref, None, None, None
 
 

@@ -31,7 +31,7 @@ from ._checks import (
 )
 from . import _deferred_checks as deferred_checks
 from ._dispatch import resolve_backend
-from ._eager import eager_autograd, needs_the_op
+from ._eager import eager_autograd, eager_call, needs_the_op
 
 # Backends with a kernel for this family (the reference "torch" is implied).
 IMPLEMENTED = ("triton", "cuda", "cpu")
@@ -263,8 +263,7 @@ def _(logits, targets, temperature, ignore_index, backend, row_start=0, row_coun
     return tuple(logits.new_empty(shape, dtype=dtype) for _ in range(3))
 
 
-@torch.library.custom_op("rlhf_kernels::logprobs_bwd", mutates_args=())
-def logprobs_bwd(
+def _logprobs_bwd(
     grad_logp: torch.Tensor,
     grad_entropy: torch.Tensor,
     logits: torch.Tensor,
@@ -286,6 +285,10 @@ def logprobs_bwd(
     rows, write = _backward_writer(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index,
                                    backend, row_start, row_count)
     return grad_like(logits, row_start, row_count, write)
+
+
+logprobs_bwd = torch.library.custom_op("rlhf_kernels::logprobs_bwd", mutates_args=())(_logprobs_bwd)
+logprobs_bwd_call = eager_call(logprobs_bwd, _logprobs_bwd)  # what the backward calls
 
 
 def _backward_writer(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend,
@@ -340,7 +343,7 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
         grad_entropy = torch.zeros_like(lse)
     args = (grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature, ctx.ignore_index, ctx.backend,
             *ctx.row_range)  # fmt: skip
-    grad = backward_grad(ctx.overwrite, _backward_writer, logprobs_bwd, args, logits, *ctx.row_range)
+    grad = backward_grad(ctx.overwrite, _backward_writer, logprobs_bwd_call, args, logits, *ctx.row_range)
     return (grad,) + (None,) * 8
 
 

@@ -90,7 +90,7 @@ from ._checks import (
     rows_in_range,
     zero_outside,
 )
-from ._eager import eager_autograd, needs_the_op
+from ._eager import eager_autograd, eager_call, needs_the_op
 from .logprobs import IMPLEMENTED as _LOGPROBS_IMPLEMENTED
 from .logprobs import (
     TargetCheck,
@@ -389,8 +389,7 @@ def _(logits, targets, old_logp, advantages, ref_logp, temperature, ignore_index
     return tuple(logits.new_empty(range_lead(logits, row_start, row_count), dtype=torch.float32) for _ in range(6))
 
 
-@torch.library.custom_op("rlhf_kernels::ppo_term_bwd", mutates_args=())
-def ppo_term_bwd(
+def _ppo_term_bwd(
     grad_term: torch.Tensor,
     grad_logp: torch.Tensor,
     grad_entropy: torch.Tensor,
@@ -424,6 +423,10 @@ def ppo_term_bwd(
                                      old_logp, advantages, ref_logp, temperature, ignore_index, kl_coef, kl_estimator,
                                      entropy_coef, clip_low, clip_high, dual_clip, backend, row_start, row_count)
     return grad_like(logits, row_start, row_count, write)
+
+
+ppo_term_bwd = torch.library.custom_op("rlhf_kernels::ppo_term_bwd", mutates_args=())(_ppo_term_bwd)
+ppo_term_bwd_call = eager_call(ppo_term_bwd, _ppo_term_bwd)  # what the backward calls
 
 
 def _term_backward_writer(grad_term, grad_logp, grad_entropy, grad_kl, logits, targets, logp, entropy, lse, old_logp,
@@ -637,7 +640,7 @@ def _ppo_backward(ctx, g_term, g_logp, g_ent, g_kl, g_clipped, g_lse):
     ref_logp = rest[0] if ctx.has_ref else None
     zeros = [torch.zeros_like(logp) if g is None else g for g in (g_term, g_logp, g_ent, g_kl)]
     args = (*zeros, logits, targets, logp, entropy, lse, old_logp, advantages, ref_logp, *ctx.scalars)
-    grad = backward_grad(ctx.overwrite, _term_backward_writer, ppo_term_bwd, args, logits, *ctx.scalars[-2:])
+    grad = backward_grad(ctx.overwrite, _term_backward_writer, ppo_term_bwd_call, args, logits, *ctx.scalars[-2:])
     return (grad,) + (None,) * 16
 
 

@@ -94,6 +94,47 @@ def test_eager_calls_skip_the_op_and_dispatch_modes_see_it(monkeypatch):
     assert taken == [9] and "rlhf_kernels.logprobs_fwd.default" in seen.names  # a mode active: the op (9 args)
 
 
+@pytest.mark.parametrize("name", ["logprobs", "kl_divergence", "ppo_loss"])
+def test_eager_backwards_skip_the_backward_op_and_recorded_ones_take_it(name, monkeypatch):
+    """An eager backward runs the backward op's implementation directly (``eager_call``), with the op's values; a
+    backward recorded into a graph (``create_graph=True``) or run under a dispatch mode takes the registered op.
+    (ppo_loss: its two-pass ops run on the Triton backend, here in the interpreter.)"""
+    if name == "ppo_loss":
+        pytest.importorskip("triton")
+    x, r, y, old, adv, mask = _case(11)
+    module, call_name = {"logprobs": (lp_ops, "logprobs_bwd_call"), "kl_divergence": (kl_ops, "kl_divergence_bwd_call"),
+                         "ppo_loss": (ppo_ops, "ppo_term_bwd_call")}[name]
+    call = getattr(module, call_name)
+    taken = []
+    original = call.op
+
+    def spy(*args):
+        taken.append(name)
+        return original(*args)
+
+    monkeypatch.setattr(call, "op", spy)
+
+    def loss(t):
+        if name == "logprobs":
+            return rk.logprobs(t, y, backend="torch").sum()
+        if name == "kl_divergence":
+            return rk.kl_divergence(t, r, backend="torch").sum()
+        return rk.ppo_loss(t.float(), y, old, adv, mask, backend="triton").loss
+
+    grads = []
+    for how in ("eager", "graph", "mode"):
+        t = x.clone().requires_grad_()
+        if how == "mode":
+            with _OpNames():
+                (g,) = torch.autograd.grad(loss(t), t)
+        else:
+            (g,) = torch.autograd.grad(loss(t), t, create_graph=how == "graph")
+        grads.append(g.detach())
+        assert len(taken) == (0, 1, 2)[len(grads) - 1], (how, taken)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[2], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["meta", "fake", "subclass", "compiling", "functional"])
 def test_tensors_the_function_cannot_take_go_to_the_op(kind, monkeypatch):
     t = torch.zeros(2, 3)
