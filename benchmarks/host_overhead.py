@@ -10,10 +10,10 @@ kernels' add up instead of overlapping; this measures the CPU's part, on any mac
 Each case runs on tiny CPU tensors ([1, 4, 16]), where the kernels take next to nothing, so the time per call
 is the Python, the dispatcher and autograd. ``ppo_loss cuda-path`` is the CUDA backend's fused
 forward-with-gradient path (``ppo_loss_fused``) with the CUDA kernels replaced by a CPU stub registered for
-``rlhf_kernels_C::ppo_fwd_loss`` in this process only (``torch.library``), so the path's own Python runs as on a GPU,
-minus the device's launch latency (``GRPO``: with ``loss_agg="seq-mean-token-mean"``). Cases are interleaved and repeated (``--reps``); each repetition's time is
-the mean over ``--calls`` calls, and the best repetition is the headline (a shared CPU only ever adds time), with
-the median and the slowest beside it.
+``rlhf_kernels_C::ppo_fwd_loss`` in this process only (``torch.library``), so the path's own Python runs as on a
+GPU, minus the device's launch latency (``GRPO``: with ``loss_agg="seq-mean-token-mean"``). Cases are interleaved
+and repeated (``--reps``); each repetition's time is the mean over ``--calls`` calls, and the best repetition is the
+headline (a shared CPU only ever adds time), with the median and the slowest beside it.
 """
 
 from __future__ import annotations

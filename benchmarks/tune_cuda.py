@@ -13,8 +13,8 @@ script times, for every cap, the ops through ``rk`` with target validation off:
 * ``rk.ppo_loss`` forward, and forward + backward on the fused path (one read + one write when
   the row stays on chip), the latter with the register sweep (``RLHF_KERNELS_CUDA_PREFETCH=0``) and with
   the on-chip slice filled by cp.async (the default since the H200's run 3) and by the TMA's bulk copies
-  (``RLHF_KERNELS_CUDA_PREFETCH=bulk``, caps up to 256; timed last, after the summary), each checked bit-identical to the register sweep at the
-  same cap, with the row split over clusters of at least 4 and 8 CTAs
+  (``RLHF_KERNELS_CUDA_PREFETCH=bulk``, caps up to 256; timed last, after the summary), each checked
+  bit-identical to the register sweep at the same cap, with the row split over clusters of at least 4 and 8 CTAs
   (``RLHF_KERNELS_CUDA_CLUSTER``), on the paths that re-read the row, ``global`` and ``l2``
   (``RLHF_KERNELS_CUDA_PPO``), and on the persistent cluster path ``pipe`` against ``cluster`` (same slices and CTA
   size, so checked bit-identical),

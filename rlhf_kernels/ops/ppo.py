@@ -19,8 +19,9 @@ scalar upstream gradient (a no-op, with no memory traffic, when it is 1, as in
 ``loss.backward()``). The weights, the loss and the logged means come from two
 one-CTA kernels launched by the same C++ call (``rlhf_kernels_C::ppo_fwd_loss``,
 ``csrc/cuda/ppo_aggregate.cuh``) instead of 13-30 small PyTorch kernels, each a
-Python call: at micro-batch sizes the step is bound by the host. Where the row waits between the kernel's two sweeps is
-chosen per call (``RLHF_KERNELS_CUDA_PPO``, default ``auto``):
+Python call: at micro-batch sizes the step is bound by the host. Where the row
+waits between the kernel's two sweeps is chosen per call (``RLHF_KERNELS_CUDA_PPO``,
+default ``auto``):
 
 - ``shared``: the whole row in one CTA's shared memory, when it fits (bf16 rows up
   to ~56K entries on H100/H200, ~40K on A100);

@@ -647,8 +647,9 @@ def emulate_loss_aggregate(lib, mask, term, clipped, logp, old_logp, loss_agg, t
     weights = torch.full_like(inputs[0], float("nan"))  # poisoned: every weight must be written
     loss, means = torch.full((), float("nan")), torch.full((2,), float("nan"))
     code = reference.LOSS_AGG_MODES.index(loss_agg)
-    rc = lib.rk_emulate_loss_aggregate(inputs[0].data_ptr(), rows, cols, code, threads, *(t.data_ptr() for t in inputs[1:]),
-                                       weights.data_ptr(), loss.data_ptr(), means.data_ptr())
+    rc = lib.rk_emulate_loss_aggregate(inputs[0].data_ptr(), rows, cols, code, threads,
+                                       *(t.data_ptr() for t in inputs[1:]), weights.data_ptr(), loss.data_ptr(),
+                                       means.data_ptr())
     assert rc == 0
     return weights, loss, means
 
@@ -690,7 +691,8 @@ def test_loss_aggregation_matches_the_float64_aggregate(emu, loss_agg, threads, 
     else:
         torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-7)
     m64 = mask.double()
-    loss64 = reference.aggregate_loss(term.double(), m64, loss_agg) if m64.numel() else torch.zeros((), dtype=torch.float64)
+    loss64 = (reference.aggregate_loss(term.double(), m64, loss_agg) if m64.numel()
+              else torch.zeros((), dtype=torch.float64))
     d = logp.double() - old_logp.double()
     count = m64.sum()
     means64 = torch.stack([(m64 * clipped.double()).sum(), (m64 * 0.5 * d * d).sum()])
