@@ -537,9 +537,10 @@ def test_target_range_to_host_is_the_pytorch_range(n, dtype):
 
     g = torch.Generator(device=CUDA).manual_seed(n + 1)
     y = torch.randint(0, 1000, (n,), generator=g, device=CUDA, dtype=dtype)
-    if n > 2:
+    if n > 3:
         y[n // 3] = -100  # ignored: counted as 0
-        y[n // 2] = -7 if n % 2 else 1000  # out of range, on one side or the other
+        y[n // 2] = -7  # out of range below
+        y[n - 1] = 1000  # and above (the last element: the strided loop's tail)
     host = torch.full((2,), 12345, dtype=torch.int64).pin_memory()
     torch.ops.rlhf_kernels_C.target_range_to_host(y, -100, host)
     torch.cuda.synchronize()
