@@ -7,6 +7,7 @@ one warning says why.
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Optional
 
@@ -71,6 +72,31 @@ def cuda_arch_list() -> str:
     """The CUDA architectures the extension was compiled for ('' when none)."""
     ext = load()
     return ext.cuda_arch_list() if ext is not None else ""
+
+
+def oldest_cuda_arch() -> tuple[int, int]:
+    """The oldest architecture in ``cuda_arch_list()`` as ``(major, minor)``; ``(0, 0)`` when none is listed."""
+    versions = [(int(m.group(1)), int(m.group(2))) for m in re.finditer(r"(\d+)\.(\d+)", cuda_arch_list())]
+    return min(versions) if versions else (0, 0)
+
+
+_runs_on: dict = {}  # device index -> whether the CUDA kernels run there
+
+
+def cuda_kernels_run_on(device) -> bool:
+    """Whether the extension's CUDA kernels can run on the CUDA ``device``: built with them, and the GPU at least
+    the oldest architecture they were compiled for (its SASS runs on that major's later minors, the PTX of the
+    newest on later GPUs; a pre-Ampere GPU has no kernel image for the default ``8.0;9.0+PTX``). Read once per
+    device index."""
+    if not has_cuda_kernels():
+        return False
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    runs = _runs_on.get(index)
+    if runs is None:
+        runs = _runs_on[index] = tuple(torch.cuda.get_device_capability(index)) >= oldest_cuda_arch()
+    return runs
 
 
 def cuda_kernels() -> dict:

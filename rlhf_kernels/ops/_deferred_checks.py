@@ -111,7 +111,7 @@ class PendingRange:
             self.host = target_range(targets, ignore_index)
             return
         with torch.cuda.device(targets.device):  # the copy and its event on the targets' GPU and stream
-            if _ext.has_cuda_kernels():  # one kernel and the copy, from one call (csrc/cuda/target_range.cu)
+            if _ext.cuda_kernels_run_on(targets.device):  # one kernel and the copy (csrc/cuda/target_range.cu)
                 self.host = torch.empty(2, dtype=torch.int64, pin_memory=True)
                 torch.ops.rlhf_kernels_C.target_range_to_host.default(targets, ignore_index, self.host)
             else:  # four small PyTorch kernels, then the copy

@@ -98,6 +98,11 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
             return "extension built without CUDA kernels" if _ext.available() else (
                 f"compiled extension missing ({_ext.load_error()})"
             )
+        # (not while compiling: tracing need not see the device; on a GPU the kernels cannot run on, their launch fails)
+        if not torch.compiler.is_compiling() and not _ext.cuda_kernels_run_on(device):
+            major, minor = torch.cuda.get_device_capability(device)
+            return (f"the CUDA kernels were compiled for {_ext.cuda_arch_list()}, not for this GPU "
+                    f"(sm_{major}{minor}); rebuild with TORCH_CUDA_ARCH_LIST including it")
         return None
     if backend == "triton":
         if not triton_importable():

@@ -54,7 +54,7 @@ def scale_grad_unless_one(grad: torch.Tensor, scale: torch.Tensor) -> None:
     fused step."""
     from .. import _ext
 
-    if grad.is_cuda and grad.dtype != torch.float64 and _ext.has_cuda_kernels():
+    if grad.is_cuda and grad.dtype != torch.float64 and _ext.cuda_kernels_run_on(grad.device):
         torch.ops.rlhf_kernels_C.scale_unless_one_.default(grad, scale)
     elif grad.is_cuda:
         grad.mul_(scale.to(grad.dtype))  # no extension kernel: one pass, no host sync

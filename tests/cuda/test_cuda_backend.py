@@ -52,6 +52,38 @@ def test_extension_holds_the_cuda_kernels_and_info_lists_them():
     assert "cuda kernels (csrc/cuda, compiled for" in text and report["extension"]["cuda_archs"] in text
 
 
+def test_oldest_cuda_arch_reads_the_arch_list(monkeypatch):
+    for listed, oldest in (("8.0;9.0+PTX", (8, 0)), ("", (0, 0)), ("7.5 8.6+PTX", (7, 5)), ("9.0a;10.0", (9, 0))):
+        monkeypatch.setattr(_ext, "cuda_arch_list", lambda listed=listed: listed)
+        assert _ext.oldest_cuda_arch() == oldest, listed
+
+
+@pytest.mark.parametrize("capability, runs", [((7, 5), False), ((7, 0), False), ((8, 0), True), ((8, 6), True),
+                                              ((9, 0), True), ((10, 0), True)])
+def test_a_gpu_older_than_the_kernels_is_not_given_the_cuda_backend(capability, runs, monkeypatch):
+    """On a GPU older than the oldest architecture compiled (a T4 against the default 8.0;9.0+PTX) the CUDA kernels
+    have no image: the cuda backend is unavailable there, by name (the automatic choice moves on, a forced one
+    raises). The target check and the backward's scale ask the same ``cuda_kernels_run_on`` before they use the
+    extension's kernels. No GPU needed: the device's capability is faked."""
+    if not _has_cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
+    monkeypatch.setattr(_ext, "cuda_arch_list", lambda: "8.0;9.0+PTX")
+    monkeypatch.setattr(_ext, "_runs_on", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    gpu = torch.device("cuda")
+    assert _ext.cuda_kernels_run_on(gpu) is runs
+    reason = _dispatch.unavailable_reason("cuda", gpu)
+    if runs:
+        assert reason is None
+    else:
+        assert f"sm_{capability[0]}{capability[1]}" in reason and "8.0;9.0+PTX" in reason
+        assert "TORCH_CUDA_ARCH_LIST" in reason
+        assert _dispatch.resolve_backend("logprobs", gpu, None, lp_ops.IMPLEMENTED) != "cuda"
+        with pytest.raises(RuntimeError, match="cannot run logprobs"):
+            _dispatch.resolve_backend("logprobs", gpu, "cuda", lp_ops.IMPLEMENTED)
+
+
 def test_no_cuda_kernel_spills_to_local_memory():
     """Every compiled kernel keeps its state in registers, on every built architecture: no local memory, no stack.
 
