@@ -47,6 +47,9 @@ MODES = {"0": "off", "1": "sync", "sync": "sync", "async": "async"}
 ASYNC_DEVICES: tuple[str, ...] = ("cuda",)
 # Devices whose synchronous check is read after the op's kernel is queued (``PendingRange``; tests add "cpu").
 OVERLAP_DEVICES: tuple[str, ...] = ("cuda",)
+# The most targets the extension's one-CTA range kernel checks (512 KB of int64); more go to PyTorch's reductions,
+# which spread over the GPU.
+ONE_CTA_TARGETS = 1 << 16
 
 
 def validation_mode() -> str:
@@ -111,7 +114,8 @@ class PendingRange:
             self.host = target_range(targets, ignore_index)
             return
         with torch.cuda.device(targets.device):  # the copy and its event on the targets' GPU and stream
-            if _ext.cuda_kernels_run_on(targets.device):  # one kernel and the copy (csrc/cuda/target_range.cu)
+            # one kernel and the copy (csrc/cuda/target_range.cu), up to the targets one CTA reads in a few µs
+            if targets.numel() <= ONE_CTA_TARGETS and _ext.cuda_kernels_run_on(targets.device):
                 self.host = torch.empty(2, dtype=torch.int64, pin_memory=True)
                 torch.ops.rlhf_kernels_C.target_range_to_host.default(targets, ignore_index, self.host)
             else:  # four small PyTorch kernels, then the copy
