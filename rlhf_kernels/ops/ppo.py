@@ -285,7 +285,7 @@ def ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg: str,
     for token-mean, against 33 for ``reference.aggregate_loss`` plus two ``_safe_divide`` means. The same
     arithmetic: ``Σ m·x / Σ m``, 0 (with finite gradients) when ``Σ m == 0``.
     """
-    if loss is not None and means is not None and means.numel() == 2:
+    if means is not None:  # (the fused op, which gives the loss too)
         clip_frac, approx_kl = means.detach().unbind()
         return PPOLossOutput(loss, logp.detach(), entropy.detach(), kl.detach(), clip_frac, approx_kl)
     maskf = mask.to(logp.dtype)
@@ -587,11 +587,7 @@ def _fused_loss_and_means(term, clipped, logp, old_logp, weights, mask, loss_agg
     ``reference.aggregate_loss`` up to rounding). The means are token means over the mask whatever ``loss_agg`` is,
     ``Σ m·x / Σ m`` (0 where ``Σ m = 0``): with ``token-mean`` those are the loss's own weights.
     """
-    if loss_agg == "token-mean":
-        token_weights = weights
-    else:
-        m = mask.to(torch.float32)
-        token_weights = _divide_or_zero(m, m.sum())
+    token_weights = weights if loss_agg == "token-mean" else aggregation_weights(mask, "token-mean")
     d = logp - old_logp
     means = (torch.stack((clipped, d * (0.5 * d))) * token_weights).sum((1, 2))
     return (weights * term).sum(), means
