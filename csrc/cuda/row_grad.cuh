@@ -199,6 +199,15 @@ RK_HD void zero_row_range(T* __restrict__ dst_row, int64_t c_lo, int64_t c_hi, i
   }
 }
 
+// p·t + G_logp/T·[c == y] as one explicit FMA whose addend is 0 off the target (p·t rounded once, as a product;
+// only a zero's sign can differ, which no comparison sees). Left to the compiler, the target's p·t + g was fused
+// where `is_target` is a constant (write_row_range's rewrite after its loop) and rounded twice where it is a
+// runtime select (a partial vector's per-column test): the target's gradient then changed in its last bit with
+// the gradient row's alignment (H200 run 6, fp32 V = 7: written into the logits' base against a fresh buffer).
+RK_HD float target_term(float p, float t, float g_logp, bool is_target) {
+  return fmaf(p, t, is_target ? g_logp : 0.f);
+}
+
 // ∂(G_logp·logp + G_H·H)/∂x at one column of z = x / T:
 //   (p·(-(G_logp + G_H·H) - G_H·lp) + G_logp·[c == y]) / T,   lp = z - lse, p = exp(lp)
 // The 1/T is folded into the three coefficients; p is one ex2 (0 below 2^-126, as the forward).
@@ -208,8 +217,7 @@ struct LogprobGrad {
     float lp = z - lse;
     const float p = exp2_ftz(lp * kLog2e);
     lp = lp == neg_inf() ? 0.f : lp;  // p = 0 there: keeps 0·(-inf) out
-    const float dz = p * (a - g_ent * lp);
-    return is_target ? dz + g_logp : dz;
+    return target_term(p, fmaf(-g_ent, lp, a), g_logp, is_target);
   }
 };
 
@@ -227,8 +235,7 @@ struct LogprobGradNoEntropy {
   RK_HD explicit LogprobGradNoEntropy(const LogprobGrad& f) : lse(f.lse), a(f.a), g_logp(f.g_logp) {}
   RK_HD float operator()(float z, bool is_target) const {
     const float p = exp2_ftz((z - lse) * kLog2e);
-    const float dz = p * a;
-    return is_target ? dz + g_logp : dz;
+    return target_term(p, a, g_logp, is_target);
   }
 };
 
