@@ -8,8 +8,10 @@
 # Stages
 #   setup     installs benchmarks/wheels/*.whl (Liger-Kernel) with --no-index --no-deps when present,
 #             builds the extension (pip install -e .) when it is missing or lacks its CUDA kernels
-#             (RLHF_SKIP_BUILD=1 skips that), and records `rlhf-kernels info` and nvidia-smi
-#   tests     pytest -m "gpu and not bulk", then -m "gpu and bulk" (the opt-in TMA copies) in a process of its own
+#             (RLHF_SKIP_BUILD=1 skips that), and records `rlhf-kernels info`, nvidia-smi and where a C++ error
+#             raises or crashes (exceptions.md, benchmarks/exception_probe.py)
+#   tests     pytest -m "gpu and not bulk", then -m "gpu and bulk" (the opt-in TMA copies) in a process of its own;
+#             each failure also goes to pytest_gpu[_bulk]_failures.log as it happens
 #   logits    logprobs, logprobs+ent            (N x V of DESIGN §6, bf16 and fp32)
 #   klppo     kl_divergence, ppo_loss
 #   linear    linear_logprobs, linear_cross_entropy, linear_ppo_loss (adds H = 2048, 4096)
@@ -205,6 +207,8 @@ stage_setup() {
   fi
   { limited nvidia-smi || true; } >"$OUT/nvidia-smi.log" 2>&1
   limited "$PY" -m rlhf_kernels.cli info >"$OUT/info.log" 2>&1 || note "rlhf-kernels info failed (see info.log)"
+  # where a C++ error of the extension raises and where it ends the process (runs 5 and 6 crashed on one)
+  limited "$PY" -m benchmarks.exception_probe >"$OUT/exceptions.md" 2>&1 || note "a C++ error crashed (see exceptions.md)"
   "$PY" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" >>"$OUT/info.log" 2>&1 || true
   cat "$OUT/info.log" >&2
 }
@@ -216,8 +220,11 @@ stage_tests() {  # pytest -m gpu, in two processes: the opt-in bulk copies' test
     log=$OUT/pytest_gpu.log
     [ "$marks" = "gpu and bulk" ] && log=$OUT/pytest_gpu_bulk.log
     note "pytest -m \"$marks\""
-    # --durations: where the GPU minutes go (run 3: 192 s of a 530 s session), to trim the slowest next time
-    limited "$PY" -m pytest -m "$marks" -q -rfEs --durations=25 -p no:cacheprovider >"$log" 2>&1
+    # --durations: where the GPU minutes go (run 3: 192 s of a 530 s session), to trim the slowest next time;
+    # RLHF_KERNELS_TEST_FAILURES: each failure written as it happens (tests/conftest.py), so a test that ends the
+    # process (run 6) cannot take the earlier failures' reports with it
+    RLHF_KERNELS_TEST_FAILURES="${log%.log}_failures.log" \
+      limited "$PY" -m pytest -m "$marks" -q -rfEs --durations=25 -p no:cacheprovider >"$log" 2>&1
     rc=$?
     tail -n 15 "$log" >&2
     # 5: no test collected is not a failure of the suite
