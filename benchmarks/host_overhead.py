@@ -42,7 +42,9 @@ def _stub_ppo_fwd_loss(logits, targets, old_logp, advantages, ref_logp, mask, *s
     the two means."""
     B, T = logits.shape[:2]
     stats = [torch.zeros(B, T) for _ in range(6)]
-    return stats + [torch.zeros_like(logits), torch.zeros(()), torch.zeros(2)]
+    with_grad = scalars[11] if len(scalars) > 11 else True  # (the dispatcher drops trailing defaults)
+    grad = torch.zeros_like(logits) if with_grad else logits.new_empty(0)
+    return stats + [grad, torch.zeros(()), torch.zeros(2)]
 
 
 def _cases() -> dict[str, Callable[[], object]]:
@@ -61,6 +63,10 @@ def _cases() -> dict[str, Callable[[], object]]:
         with mock.patch.object(ppo_ops, "resolve_for", lambda *a: "cuda"):
             rk.ppo_loss(leaf(), y, old, adv, mask, loss_agg=loss_agg).loss.backward()
 
+    def ppo_forward():
+        with mock.patch.object(ppo_ops, "resolve_for", lambda *a: "cuda"), torch.no_grad():
+            rk.ppo_loss(x, y, old, adv, mask)
+
     cases = {
         "logprobs fwd": lambda: rk.logprobs(x, y, backend="cpu"),
         "logprobs fwd+bwd": lambda: rk.logprobs(leaf(), y, backend="cpu").sum().backward(),
@@ -71,6 +77,7 @@ def _cases() -> dict[str, Callable[[], object]]:
     if _ext.has_cuda_kernels():  # the op's schema exists only in an extension built with its CUDA kernels
         cases["ppo_loss cuda-path fwd+bwd"] = ppo_fused
         cases["ppo_loss cuda-path fwd+bwd, GRPO"] = lambda: ppo_fused("seq-mean-token-mean")
+        cases["ppo_loss cuda-path fwd (no grad)"] = ppo_forward
     return cases
 
 

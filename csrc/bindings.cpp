@@ -283,7 +283,8 @@ std::vector<at::Tensor> ppo_fwd_cuda(const at::Tensor& logits, const at::Tensor&
                       kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, path, grad_out, nullptr);
 }
 
-// The fused PPO training step: ppo_fwd with the weights of `loss_agg` (0 token-mean, 1 seq-mean-token-mean,
+// The fused PPO training step (with_grad; without it the same loss and means over the forward-only kernel): ppo_fwd
+// with the weights of `loss_agg` (0 token-mean, 1 seq-mean-token-mean,
 // 2 seq-mean-token-sum, 3 seq-mean-token-sum-norm) computed from `mask` on the GPU before the kernel, and the loss
 // and the logged means after it (csrc/cuda/ppo_aggregate.cuh): ppo_fwd's seven outputs, then the loss (a float32
 // scalar) and [clip_frac, approx_kl]. Three launches, where the same in PyTorch took 13 to 30 small kernels around
@@ -294,8 +295,9 @@ std::vector<at::Tensor> ppo_fwd_loss_cuda(const at::Tensor& logits, const at::Te
                                           int64_t loss_agg, double temperature, int64_t ignore_index, double kl_coef,
                                           int64_t kl_estimator, double entropy_coef, double clip_low,
                                           double clip_high, std::optional<double> dual_clip, int64_t path,
-                                          const std::optional<at::Tensor>& grad_out) {
+                                          const std::optional<at::Tensor>& grad_out, bool with_grad) {
   check_rows(logits, "logits");
+  TORCH_CHECK(with_grad || !grad_out.has_value(), "ppo_fwd_loss: grad_out needs with_grad");
   TORCH_CHECK(loss_agg >= 0 && loss_agg <= 3,
               "loss_agg must be 0 (token-mean), 1 (seq-mean-token-mean), 2 (seq-mean-token-sum) or 3 "
               "(seq-mean-token-sum-norm), got ", loss_agg);
@@ -311,9 +313,13 @@ std::vector<at::Tensor> ppo_fwd_loss_cuda(const at::Tensor& logits, const at::Te
                                              total.data_ptr<float>(), B, T, static_cast<cuda::LossAgg>(loss_agg),
                                              stream),
                    "ppo_fwd_loss (weights)");
+  // without with_grad the kernel takes no weights: its forward-only form (one read of the logits, no dlogits);
+  // the weights still make the loss
   std::vector<at::Tensor> out =
-      ppo_fwd_impl(logits, targets, old, advantages, ref_logp, weights, temperature, ignore_index, kl_coef,
-                   kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, path, grad_out, nullptr);
+      ppo_fwd_impl(logits, targets, old, advantages, ref_logp, with_grad ? std::optional<at::Tensor>(weights)
+                                                                          : std::nullopt,
+                   temperature, ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip,
+                   path, grad_out, nullptr);
   // out: term, logp, entropy, kl, clipped, lse ([B, T] float32, contiguous), grad
   check_cuda_error(cuda::launch_loss_sums(weights.const_data_ptr<float>(), m.const_data_ptr<float>(),
                                           total.const_data_ptr<float>(), out[0].const_data_ptr<float>(),
@@ -424,8 +430,8 @@ TORCH_LIBRARY(rlhf_kernels_C, m) {
   m.def(
       "ppo_fwd_loss(Tensor logits, Tensor targets, Tensor old_logp, Tensor advantages, Tensor? ref_logp, "
       "Tensor mask, int loss_agg, float temperature, int ignore_index, float kl_coef, int kl_estimator, "
-      "float entropy_coef, float clip_low, float clip_high, float? dual_clip, int path, Tensor(a!)? grad_out=None) "
-      "-> Tensor[]");
+      "float entropy_coef, float clip_low, float clip_high, float? dual_clip, int path, Tensor(a!)? grad_out=None, "
+      "bool with_grad=True) -> Tensor[]");
   m.def("scale_unless_one_(Tensor(a!) x, Tensor scale) -> ()");
   m.def("target_range_to_host(Tensor targets, int ignore_index, Tensor(a!) host) -> ()");
 }

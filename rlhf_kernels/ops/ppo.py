@@ -10,7 +10,10 @@ per-token weight. Other backends compose the fused ``logprobs`` op (C++ CPU
 kernel or reference) with the per-token arithmetic in PyTorch.
 
 CUDA backend (``csrc/cuda/ppo.cu``): without a gradient, the same one-read
-forward kernel. When ``logits`` requires grad, the forward also produces the
+forward kernel, with the loss and the logged means from the aggregation kernels
+below in the same C++ call (``ppo_loss_fused(..., with_grad=False)``; through the
+per-token op and PyTorch's aggregation the call had been host-bound on the H200,
+0.80 ms at bf16 4096 x 50257 against Liger-Kernel's 0.30). When ``logits`` requires grad, the forward also produces the
 gradient (``rlhf_kernels::ppo_loss_fused``): ``loss_agg`` is linear in the
 per-token term, ``loss = Σ w·term`` with weights ``w`` that depend on the mask
 alone (``aggregation_weights``), so the kernel writes ``dlogits = w·∂term/∂logits``
@@ -47,8 +50,8 @@ The ``shared`` and ``cluster`` paths fill their slice with ``cp.async``, 16 vect
 instead of 4, with the same results bit for bit (``csrc/cuda/row_prefetch.cuh``); ``RLHF_KERNELS_CUDA_PREFETCH=0``
 keeps the register sweep. On an H200 (bf16 8192 x 151936, the cluster path) the prefetch was the faster at each
 of the five CTA caps, 2.624 against 2.732 ms at the default 256
-(``benchmarks/results/nvidia-h200/logs/run3/tune_cuda.log``). ``RLHF_KERNELS_CUDA_PREFETCH=bulk`` (sm_90, opt-in,
-not yet timed on a GPU) has thread 0 copy the whole slice in with the TMA's bulk copies, at most 8 per CTA, each
+(``benchmarks/results/nvidia-h200/logs/run3/tune_cuda.log``). ``RLHF_KERNELS_CUDA_PREFETCH=bulk`` (sm_90, opt-in;
+measured slower on an H200, 1.675 against 1.619 ms, ``logs/run6/bench_ppo_cluster+bulk.log``) has thread 0 copy the whole slice in with the TMA's bulk copies, at most 8 per CTA, each
 landing behind its own mbarrier, so the slice is in flight at once and the other threads only fold it
 (``csrc/cuda/row_bulk.cuh``; CTAs of at most 256 threads; the same bits).
 
@@ -509,6 +512,7 @@ def _ppo_loss_fused(
     row_start: int = 0,
     row_count: int = WHOLE,
     overwrite: bool = False,
+    with_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """``(loss, term, logp, entropy, kl, clipped, dlogits, means)`` in one kernel.
@@ -532,23 +536,28 @@ def _ppo_loss_fused(
     where that is safe (``overwrites_logits``), and ``dlogits`` is then ``logits``' own storage (a new tensor
     object over it, ``logits.detach()``); ``logits``' version counter is bumped, so autograd refuses a backward
     that needed their old values. No gradient-sized buffer is allocated.
+
+    ``with_grad=False`` (a call without autograd: reference / old-policy losses, evaluation): no ``dlogits``
+    (an empty tensor in its place; on ``cuda`` the kernel's forward-only form, one read of the logits), the same
+    loss, statistics and means from the same few launches.
     """
     base = logits
     logits = rows_in_range(logits, row_start, row_count)
     lead = logits.shape[:-1]
     rows = as_rows(logits)
     shape2 = rows.shape[:2]
-    in_place = overwrite and overwrites_logits(base, rows, backend)
+    in_place = with_grad and overwrite and overwrites_logits(base, rows, backend)
     if in_place:  # the kernel writes the gradient over the rows it reads (grad_over then finishes base)
         full, inner = None, rows
     else:
-        full, inner = (None, None) if row_count == WHOLE else grad_for_range(base, row_start, row_count)
+        full, inner = (None, None) if row_count == WHOLE or not with_grad else grad_for_range(base, row_start,
+                                                                                              row_count)
     with TargetCheck(targets, logits.shape[-1], ignore_index, "ppo_loss"):  # read after the kernel is queued
         if backend == "cuda":  # the weights, the kernel, the loss and the means: one call, three launches
             term, logp, entropy, kl, clipped, _, grad, loss, means = torch.ops.rlhf_kernels_C.ppo_fwd_loss.default(
                 rows, targets, old_logp, advantages, ref_logp, mask, _LOSS_AGG_CODES[loss_agg], temperature,
                 ignore_index, kl_coef, _KL_CODES[kl_estimator], entropy_coef, clip_low, clip_high, dual_clip, path,
-                inner,
+                inner, with_grad,
             )
             grad = inner if inner is not None else grad
         else:
@@ -562,14 +571,16 @@ def _ppo_loss_fused(
             clipped = clipped.float()
             dterm, _ = _torch_dterm_dlogp(logp, flat[1], flat[2], flat[3], kl_coef, kl_estimator, clip_low,
                                           clip_high, dual_clip)
-            grad = _torch_bwd(weights * dterm, -weights * entropy_coef, rows, flat[0].contiguous(), lse, entropy,
-                              temperature, ignore_index)
+            grad = (_torch_bwd(weights * dterm, -weights * entropy_coef, rows, flat[0].contiguous(), lse, entropy,
+                               temperature, ignore_index) if with_grad else rows.new_empty((0,)))
             loss, means = _fused_loss_and_means(term, clipped, logp, flat[1], weights, mask.reshape(shape2),
                                                 loss_agg)
     # the kernel's [B, T] statistics are already shaped like the tokens unless their leading shape is not [B, T]
     stats = (term, logp, entropy, kl, clipped)
     if stats[0].shape != lead:
         stats = tuple(t.reshape(lead).contiguous() for t in stats)
+    if not with_grad:
+        return (loss,) + stats + (grad, means)
     if in_place:  # (the reference's [B, T, V] gradient copied over the rows, the rest of base zeroed)
         return (loss,) + stats + (grad_over(base, rows, row_start, row_count, lambda _rows: grad), means)
     if full is None:
@@ -599,11 +610,12 @@ ppo_loss_fused = torch.library.custom_op("rlhf_kernels::ppo_loss_fused", mutates
 @ppo_loss_fused.register_fake
 def _(logits, targets, old_logp, advantages, ref_logp, mask, temperature, ignore_index, kl_coef, kl_estimator,
       entropy_coef, clip_low, clip_high, dual_clip, loss_agg, path, backend, row_start=0, row_count=WHOLE,
-      overwrite=False):
+      overwrite=False, with_grad=True):
     per_token = tuple(logits.new_empty(range_lead(logits, row_start, row_count), dtype=torch.float32) for _ in range(5))
     loss = logits.new_empty((), dtype=torch.float32)
     means = logits.new_empty((2,), dtype=torch.float32)
-    return (loss,) + per_token + (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device), means)
+    grad_shape = logits.shape if with_grad else (0,)
+    return (loss,) + per_token + (torch.empty(grad_shape, dtype=logits.dtype, device=logits.device), means)
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -613,10 +625,12 @@ def _fused_setup_context(ctx, inputs, output):
 
 def _fused_backward(ctx, g_loss, *unused):
     # dlogits was computed for an upstream gradient of 1; handed over without a copy (ops/_forward_grads.py)
-    return forward_grads.hand_over(ctx, g_loss, "ppo_loss (cuda forward-with-gradient)") + (None,) * 19
+    return forward_grads.hand_over(ctx, g_loss, "ppo_loss (cuda forward-with-gradient)") + (None,) * 20
 
 
 ppo_loss_fused_call = eager_autograd(ppo_loss_fused, _ppo_loss_fused, _fused_backward, _fused_setup_context)
+# calls with with_grad=False, made under no_grad (nothing to record): the implementation itself in eager calls
+ppo_loss_forward_call = eager_call(ppo_loss_fused, _ppo_loss_fused)
 
 
 _PPO_SCALARS = ("temperature", "ignore_index", "kl_coef", "kl_estimator", "entropy_coef", "clip_low", "clip_high",
@@ -765,6 +779,17 @@ def ppo_loss(
             row_count,
             overwrite,
         )
+        return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss, means=means)
+    if chosen == "cuda" and not with_grad:
+        # no gradient: the forward-only kernel and the same aggregation kernels, one C++ call (the per-token op and
+        # PyTorch's aggregation took ~17 launches, each a Python call: host-bound on the H200, run 6)
+        with torch.no_grad():
+            loss, term, logp, entropy, kl, clipped, _, means = ppo_loss_forward_call(
+                source, targets.long(), old_logp.detach().float(), advantages.detach().float(),
+                None if ref_logp is None else ref_logp.detach().float(), mask.detach(), temperature,
+                int(ignore_index), float(kl_coef), kl_estimator, float(entropy_coef), float(clip_low),
+                float(clip_high), dual_clip, loss_agg, 0, chosen, row_start, row_count, False, False,
+            )  # fmt: skip
         return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss, means=means)
     if chosen in ("triton", "cuda"):
         term, logp, entropy, kl, clipped, _ = ppo_term_fwd_call(

@@ -325,6 +325,28 @@ def test_fused_op_loss_and_gradient_match_the_reference(loss_agg, fused_route):
     torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("sliced", (False, True), ids=("whole", "range"))
+@pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
+def test_fused_op_without_grad_gives_the_same_loss_and_statistics_and_no_gradient(loss_agg, sliced):
+    """with_grad=False (ppo_loss under no_grad on the cuda backend): the loss, the per-token values and the means of
+    the with-gradient call, and an empty tensor where dlogits was; both routes, a whole tensor and a row range."""
+    base = torch.randn(3, 7, 13, generator=torch.Generator().manual_seed(5))
+    logits, rng = (base, ()) if not sliced else (base, (1, 5))
+    lead = (3, 5) if sliced else (3, 7)
+    y, old, adv, mask, o = _fused_args(torch.empty(*lead, 13), lead[1], loss_agg=loss_agg)
+    old, adv, o["ref_logp"] = old.float(), adv.float(), o["ref_logp"].float()
+    args = (logits, y, old, adv, o["ref_logp"], mask, 1.0, -100, o["kl_coef"], o["kl_estimator"], o["entropy_coef"],
+            o["clip_low"], o["clip_high"], o["dual_clip"], loss_agg, 0, "torch") + (rng or (0, ppo_ops.WHOLE))
+    with_grad = ppo_ops.ppo_loss_fused(args[0].clone().requires_grad_(), *args[1:])
+    for route in (ppo_ops.ppo_loss_fused, ppo_ops.ppo_loss_forward_call):
+        with torch.no_grad():
+            out = route(*args, False, False)
+        assert out[6].numel() == 0
+        for i in (0, 1, 2, 3, 4, 5, 7):
+            assert torch.equal(out[i], with_grad[i].detach()), i
+    torch.library.opcheck(ppo_ops.ppo_loss_fused, args + (False, False))
+
+
 def test_fused_op_passes_opcheck_and_compiles():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(2, 5, 11, generator=g).requires_grad_()
@@ -450,6 +472,37 @@ def test_overwrite_needs_a_contiguous_base_whose_rows_are_views():
 
 
 @pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="the CUDA op's schema comes with the CUDA kernels")
+def test_ppo_loss_without_grad_on_cuda_takes_the_forward_only_aggregating_call(monkeypatch):
+    """No gradient wanted (no_grad, or logits that do not require it): ppo_loss on the cuda backend makes one
+    ppo_fwd_loss call with with_grad=False (the forward-only kernel and the aggregation kernels), not the per-token
+    op and PyTorch's aggregation; its loss and means are what ppo_loss returns. Stubbed on the CPU."""
+    calls = []
+
+    def stub(logits, targets, old_logp, advantages, ref_logp, mask, *scalars):
+        with_grad = scalars[11] if len(scalars) > 11 else True
+        calls.append(with_grad)
+        stats = [torch.full(logits.shape[:2], 0.5) for _ in range(6)]
+        grad = torch.zeros_like(logits) if with_grad else logits.new_empty(0)
+        return stats + [grad, torch.tensor(1.25), torch.tensor([0.125, 0.375])]
+
+    lib = torch.library.Library("rlhf_kernels_C", "IMPL")
+    lib.impl("ppo_fwd_loss", stub, "CPU")
+    try:
+        monkeypatch.setattr(ppo_ops, "resolve_for", lambda *a: "cuda")
+        monkeypatch.setattr(ppo_ops, "ppo_term_fwd_call", None)  # the per-token route must not be taken
+        y, z = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3)
+        x = torch.randn(2, 4, 7)
+        with torch.no_grad():
+            out = rk.ppo_loss(x.requires_grad_()[:, :-1], y, z, z + 1, z + 1)
+        out2 = rk.ppo_loss(x.detach()[:, :-1], y, z, z + 1, z + 1)  # grad enabled, logits without it
+        assert calls == [False, False]
+        for o in (out, out2):
+            assert o.loss.item() == 1.25 and (o.clip_frac.item(), o.approx_kl.item()) == (0.125, 0.375)
+            assert o.logp.shape == (2, 3) and not o.loss.requires_grad
+    finally:
+        lib._destroy()
+
+
 def test_ppo_loss_overwrites_only_in_eager_calls_on_the_fused_path(monkeypatch):
     """Through ``ppo_loss`` (its CUDA route, with the kernel replaced by a CPU stub that records ``grad_out``): the
     eager call passes the logits themselves as the kernel's ``grad_out``; a call the registered op must take (here

@@ -492,11 +492,13 @@ def test_ppo_prefetch_is_bit_identical(V, dtype, path, fill, monkeypatch):
 
 @pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
 @pytest.mark.parametrize("masking", ("some", "none"))
-def test_fused_step_loss_and_means_are_the_aggregate_of_its_per_token_values(loss_agg, masking):
+@pytest.mark.parametrize("grad", (True, False), ids=("fwd+bwd", "no-grad"))
+def test_fused_step_loss_and_means_are_the_aggregate_of_its_per_token_values(loss_agg, masking, grad):
     """The fused step's loss, clip_frac and approx_kl come from ppo_fwd_loss's one-CTA kernels
     (csrc/cuda/ppo_aggregate.cuh): they equal the float64 aggregate of the step's own per-token logp and entropy
     (terms recomputed by the reference), for every loss_agg, with an empty sequence and with an empty mask (0, not
-    NaN), and the same bits on a second call."""
+    NaN), and the same bits on a second call. Without a gradient (no_grad: with_grad=False, the forward-only
+    kernel) the same holds."""
     x, y, old, adv, ref, mask = _ppo_case(4097, torch.bfloat16, seed=4097 + 13, B=5, L=70)
     if masking == "none":
         mask = torch.zeros_like(mask)
@@ -504,8 +506,10 @@ def test_fused_step_loss_and_means_are_the_aggregate_of_its_per_token_values(los
     runs = []
     for _ in range(2):
         xt = x.detach().clone().requires_grad_()
-        out = rk.ppo_loss(xt, y, old, adv, mask, backend="cuda", **options)
-        out.loss.backward()
+        with torch.set_grad_enabled(grad):
+            out = rk.ppo_loss(xt, y, old, adv, mask, backend="cuda", **options)
+        if grad:
+            out.loss.backward()
         runs.append(out)
     out = runs[0]
     for name in ("loss", "clip_frac", "approx_kl"):
