@@ -4,8 +4,9 @@ Why: on the lent H200 (torch 2.11, the extension built there) a ``TORCH_CHECK`` 
 with SIGSEGV instead of raising ``RuntimeError``, twice (run 5: the ``ppo_fwd`` op's path refusal; run 6: the
 probe binding's argument check, which took the whole ``pytest -m gpu`` run down with it). Here, on CI and with
 torch 2.6 the same checks raise. Each case below throws from a different place (PyTorch's own C++, this
-extension's CPU op through the dispatcher, its pybind11 function, its CUDA op), so the table says where the
-exception path breaks::
+extension's CPU op through the dispatcher, its pybind11 functions (a plain C++ throw, which needs only the unwinder,
+and a ``TORCH_CHECK``, whose ``c10::Error`` also walks the stack for a backtrace), its CUDA op), so the table says
+where the exception path breaks::
 
     python -m benchmarks.exception_probe            # a markdown table; exit status 1 when a case crashed
 
@@ -15,6 +16,7 @@ The GPU suite's setup stage writes it to ``exceptions.md``; ``tests/cuda/test_cu
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import signal
 import subprocess
@@ -31,6 +33,8 @@ _ext.load()
 # name -> (needs a GPU and the CUDA kernels, code that must raise RuntimeError, a phrase its message holds)
 CASES: Dict[str, tuple] = {
     "torch's own C++ check": (False, "torch.empty(2).view(3)", "invalid for input of size"),
+    "extension pybind11, plain C++ throw": (False, "_ext.load().throw_for_diagnosis(0)", "plain C++ exception"),
+    "extension pybind11, TORCH_CHECK": (False, "_ext.load().throw_for_diagnosis(1)", "throw_for_diagnosis"),
     "extension CPU op (dispatcher)": (
         False,
         "torch.ops.rlhf_kernels_C.logprobs_fwd(torch.zeros(2, 3, 8).transpose(1, 2), "
@@ -118,16 +122,31 @@ def environment() -> List[str]:
     import torch
 
     lines = [f"python {platform.python_version()}, torch {torch.__version__}"]
-    try:
-        cxx = subprocess.run(["c++", "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()
-        lines.append(f"c++: {cxx[0] if cxx else '?'}")
-    except (OSError, subprocess.TimeoutExpired):
-        lines.append("c++: not found")
+    lines.append(f"c++: {_first_line(['c++', '--version']) or 'not found'}")
     config = [ln.strip() for ln in torch.__config__.show().splitlines()
               if any(k in ln for k in ("GCC", "clang", "C++ Version", "CXX_COMPILER", "CXX11_ABI", "CXX_FLAGS"))]
     lines += [f"torch built with: {ln[:300]}" for ln in config]
     lines.append(f"torch._C._GLIBCXX_USE_CXX11_ABI = {torch._C._GLIBCXX_USE_CXX11_ABI}")
+    lines.append(f"ld: {_first_line(['ld', '--version'])}")
+    # an unwinder that cannot find a frame's FDE crashes instead of raising: the extension's unwind sections
+    try:
+        from rlhf_kernels import _C
+
+        sections = _first_line(["readelf", "-SW", _C.__file__], keep=lambda ln: ".eh_frame" in ln, every=True)
+        lines.append(f"extension {os.path.basename(_C.__file__)} unwind sections: {sections or 'none found'}")
+    except ImportError as e:
+        lines.append(f"extension not importable: {e}")
     return lines
+
+
+def _first_line(cmd: List[str], keep=lambda ln: True, every: bool = False) -> str:
+    """The first output line of ``cmd`` that ``keep`` accepts (all of them, joined, with ``every``); '' if none."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    kept = [" ".join(ln.split()) for ln in out if keep(ln)]
+    return "; ".join(kept) if every else (kept[0] if kept else "")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

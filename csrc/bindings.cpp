@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <stdexcept>
+
 #include "cpu/advantages.h"
 #include "cpu/kl.h"
 #include "cpu/logprobs.h"
@@ -512,4 +514,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("stamps"), pybind11::arg("skip"));
   module.attr("PROBE_SLOTS") = static_cast<int>(rlhf_kernels::cuda::kProbeSlots);
 #endif
+  // benchmarks/exception_probe.py: a throw from this library's own frames with no c10 machinery (kind 0: a plain
+  // std::runtime_error, which needs only the unwinder) or through TORCH_CHECK (kind 1: c10::Error, which also
+  // captures a backtrace when it is built), to tell where a crashing throw breaks (H200 runs 5 and 6).
+  module.def("throw_for_diagnosis", [](int64_t kind) {
+    if (kind == 0) throw std::runtime_error("throw_for_diagnosis: plain C++ exception");
+    TORCH_CHECK(kind != 1, "throw_for_diagnosis: TORCH_CHECK");
+    return kind;
+  });
 }
