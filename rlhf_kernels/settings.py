@@ -97,6 +97,9 @@ TOOLS: tuple[Setting, ...] = (
             "make the tests fail, instead of skip, where the compiled extension is missing (make test sets it)"),
     Setting("RLHF_KERNELS_COMMIT", "a git hash", "git's HEAD",
             "the commit benchmark rows are stamped with where the checkout has no git metadata (the GPU machine)"),
+    Setting("RLHF_KERNELS_TEST_FAILURES", "a file path", "unset",
+            "pytest appends each failure's report there as it happens, so a test that ends the process cannot take "
+            "the earlier reports with it (the GPU suite sets it)"),
 )
 
 # Preprocessor macros of the extension's build, not environment variables (csrc/build_config.h).
