@@ -208,7 +208,8 @@ stage_setup() {
   { limited nvidia-smi || true; } >"$OUT/nvidia-smi.log" 2>&1
   limited "$PY" -m rlhf_kernels.cli info >"$OUT/info.log" 2>&1 || note "rlhf-kernels info failed (see info.log)"
   # where a C++ error of the extension raises and where it ends the process (runs 5 and 6 crashed on one)
-  limited "$PY" -m benchmarks.exception_probe >"$OUT/exceptions.md" 2>&1 || note "a C++ error crashed (see exceptions.md)"
+  limited "$PY" -m benchmarks.exception_probe >"$OUT/exceptions.md" 2>&1 ||
+    note "a C++ error crashed (see exceptions.md)"
   "$PY" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" >>"$OUT/info.log" 2>&1 || true
   cat "$OUT/info.log" >&2
 }

@@ -13,9 +13,9 @@ CUDA backend (``csrc/cuda/ppo.cu``): without a gradient, the same one-read
 forward kernel, with the loss and the logged means from the aggregation kernels
 below in the same C++ call (``ppo_loss_fused(..., with_grad=False)``; through the
 per-token op and PyTorch's aggregation the call had been host-bound on the H200,
-0.80 ms at bf16 4096 x 50257 against Liger-Kernel's 0.30). When ``logits`` requires grad, the forward also produces the
-gradient (``rlhf_kernels::ppo_loss_fused``): ``loss_agg`` is linear in the
-per-token term, ``loss = Σ w·term`` with weights ``w`` that depend on the mask
+0.80 ms at bf16 4096 x 50257 against Liger-Kernel's 0.30). When ``logits``
+requires grad, the forward also produces the gradient (``rlhf_kernels::ppo_loss_fused``):
+``loss_agg`` is linear in the per-token term, ``loss = Σ w·term`` with weights ``w`` that depend on the mask
 alone (``aggregation_weights``), so the kernel writes ``dlogits = w·∂term/∂logits``
 as soon as a row's statistics are known and the backward only multiplies by the
 scalar upstream gradient (a no-op, with no memory traffic, when it is 1, as in
@@ -51,9 +51,10 @@ instead of 4, with the same results bit for bit (``csrc/cuda/row_prefetch.cuh``)
 keeps the register sweep. On an H200 (bf16 8192 x 151936, the cluster path) the prefetch was the faster at each
 of the five CTA caps, 2.624 against 2.732 ms at the default 256
 (``benchmarks/results/nvidia-h200/logs/run3/tune_cuda.log``). ``RLHF_KERNELS_CUDA_PREFETCH=bulk`` (sm_90, opt-in;
-measured slower on an H200, 1.675 against 1.619 ms, ``logs/run6/bench_ppo_cluster+bulk.log``) has thread 0 copy the whole slice in with the TMA's bulk copies, at most 8 per CTA, each
-landing behind its own mbarrier, so the slice is in flight at once and the other threads only fold it
-(``csrc/cuda/row_bulk.cuh``; CTAs of at most 256 threads; the same bits).
+measured slower on an H200, 1.675 against 1.619 ms, ``logs/run6/bench_ppo_cluster+bulk.log``) has thread 0 copy
+the whole slice in with the TMA's bulk copies, at most 8 per CTA, each landing behind its own mbarrier, so the
+slice is in flight at once and the other threads only fold it (``csrc/cuda/row_bulk.cuh``; CTAs of at most 256
+threads; the same bits).
 
 ``RLHF_KERNELS_CUDA_CLUSTER=2|4|8`` sets the smallest cluster the ``cluster`` path may use (default: the
 smallest whose slices fit, 4 CTAs for a bf16 row of 151936).
