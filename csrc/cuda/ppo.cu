@@ -59,6 +59,10 @@ namespace {
 using namespace detail;
 namespace cg = cooperative_groups;
 
+// The largest thread-block cluster a launch may ask for (16 with the non-portable attribute; the planner's paths
+// use at most 8): the cluster exchange gathers one peer per lane of warp 0 into this many slots.
+constexpr int kMaxClusterCtas = 16;
+
 // kProbe: the probe instantiation (ppo_probe.cuh): stamps and skipped stages, for benchmarks/probe_ppo.py only.
 // kNoEntropy: the launch's entropy coefficient is 0, so sweep 2 takes LogprobGradNoEntropy (row_grad.cuh; the same
 // values, three instructions fewer per column).
@@ -161,15 +165,25 @@ __global__ void __launch_bounds__(kBulk ? kBulkMaxThreads : 512, kBulk ? 3 : 2)
         if (threadIdx.x == 0) partial = st;
         cg::this_cluster().sync();
         if constexpr (kProbe) probe_mark(probe, kProbeSynced);
-        if (threadIdx.x == 0) {
-          // every CTA merges the slices in rank order: the same bits everywhere
+        // Lane r of warp 0 fetches peer r's statistics, so the cluster's remote loads are in flight together
+        // (thread 0 alone had waited out one distributed-shared-memory round trip per peer in turn: H200 run 6's
+        // probe put the merge at 2.2 µs of a CTA's 17); the warp then merges them in rank order through shuffles,
+        // as thread 0 had: the same bits everywhere. A lane's shuffle needs its load back, so each lane's remote
+        // loads are complete before its arrive below.
+        if (threadIdx.x < 32) {
+          RowStats mine = stats_init();
+          if (static_cast<int>(threadIdx.x) < csize) {
+            mine = *static_cast<const RowStats*>(__cluster_map_shared_rank(&partial, threadIdx.x));
+          }
           RowStats total = stats_init();
           for (int r = 0; r < csize; ++r) {
-            total = stats_merge(total, *cg::this_cluster().map_shared_rank(&partial, r), c);
+            const RowStats peer{__shfl_sync(0xffffffffu, mine.m, r), __shfl_sync(0xffffffffu, mine.s, r),
+                                __shfl_sync(0xffffffffu, mine.t, r)};
+            total = stats_merge(total, peer, c);
           }
-          st = total;
+          if (threadIdx.x == 0) st = total;
         }
-        // Split barrier: arrive once this CTA has read its peers' `partial` (thread 0 above; release), wait at
+        // Split barrier: arrive once this CTA has read its peers' `partial` (warp 0 above; release), wait at
         // the end, before exiting frees this CTA's `partial`. A full sync at the end instead held every CTA, and its
         // 76 KB slice of shared memory, until the slowest peer had written its part of dlogits.
         __cluster_barrier_arrive();
@@ -572,6 +586,7 @@ cudaError_t launch_ppo_rows(const PpoPlan& plan, int64_t per_cta, const T* x, co
         in_smem, prefetch, reverse, probe);
     return cudaGetLastError();
   }
+  if (plan.cluster > kMaxClusterCtas) return cudaErrorInvalidValue;
   const auto kernel = ppo_fwd_kernel<T, true, kProbe, kNoEntropy, kBulk>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err == cudaSuccess && plan.cluster > 8) {
