@@ -37,7 +37,7 @@ START_NS, START, SWEEP1, SYNCED, MERGED, ROW, SWEEP2, EXIT, END_NS, SM = range(1
 SLOTS = 10
 
 # ProbeSkip of csrc/cuda/launchers.h: stages left out, then an alternative that keeps the results
-NO_EXCHANGE, NO_ROW_TAIL, NO_SWEEP2, COPY_SWEEP2, PUSH_EXCHANGE = 1, 2, 4, 8, 16
+NO_EXCHANGE, NO_ROW_TAIL, NO_SWEEP2, COPY_SWEEP2, PUSH_EXCHANGE, RELAXED_ARRIVE = 1, 2, 4, 8, 16, 32
 
 PHASES: Tuple[Tuple[str, int, int], ...] = (
     ("sweep 1 (load + statistics)", START, SWEEP1),

@@ -347,9 +347,9 @@ std::vector<at::Tensor> ppo_fwd_probe(const at::Tensor& logits, const at::Tensor
   TORCH_CHECK(logits.is_cuda(), "ppo_fwd_probe needs CUDA tensors, got logits on ", logits.device());
   check_rows(logits, "logits");
   const unsigned known = cuda::kProbeNoExchange | cuda::kProbeNoRowTail | cuda::kProbeNoSweep2 |
-                         cuda::kProbeCopySweep2 | cuda::kProbePushExchange;
+                         cuda::kProbeCopySweep2 | cuda::kProbePushExchange | cuda::kProbeRelaxedArrive;
   TORCH_CHECK(skip >= 0 && (static_cast<uint64_t>(skip) & ~static_cast<uint64_t>(known)) == 0,
-              "skip must be a combination of the ProbeSkip bits 1, 2, 4, 8 and 16, got ", skip);
+              "skip must be a combination of the ProbeSkip bits 1, 2, 4, 8, 16 and 32, got ", skip);
   cuda::PpoProbe probe{nullptr, static_cast<unsigned>(skip)};
   const bool with_grad = weights.has_value();
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -364,6 +364,12 @@ std::vector<at::Tensor> ppo_fwd_probe(const at::Tensor& logits, const at::Tensor
               " CTAs only, this plan is '", ppo_path_name(plan.path), "' over ", plan.cluster);
   TORCH_CHECK(!((skip & cuda::kProbePushExchange) && (skip & cuda::kProbeNoExchange)),
               "skip bits 1 (no exchange) and 16 (push exchange) exclude each other");
+  TORCH_CHECK(!(skip & cuda::kProbeRelaxedArrive) || plan.path == cuda::PpoPath::kCluster,
+              "skip bit 32 (relaxed closing arrive) exists on the 'cluster' path only, this plan is '",
+              ppo_path_name(plan.path), "'");
+  TORCH_CHECK(!((skip & cuda::kProbeRelaxedArrive) && (skip & (cuda::kProbeNoExchange | cuda::kProbePushExchange))),
+              "skip bit 32 (relaxed closing arrive) excludes bits 1 (no exchange) and 16 (push exchange), which "
+              "have no closing arrive");
   if (stamps.has_value()) {
     const int64_t ctas = logits.size(0) * logits.size(1) * plan.cluster;
     TORCH_CHECK(stamps->device() == logits.device() && stamps->scalar_type() == at::kLong &&

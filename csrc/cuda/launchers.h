@@ -107,6 +107,8 @@ enum ProbeSkip : unsigned {
   kProbeCopySweep2 = 8,   // sweep 2 writes the logits unchanged instead of their gradient
   kProbePushExchange = 16,  // an alternative, same results: each CTA pushes its statistics into its peers' shared
                             // memory before the cluster barrier and merges them locally; no closing barrier
+  kProbeRelaxedArrive = 32,  // an alternative, same results: the arrive after the merge without its release fence
+                             // (MEMBAR.ALL.GPU on sm_90): each lane consumed the peer's values it read before arriving
 };
 constexpr int kProbeMaxCluster = 8;  // the push exchange's slots per CTA
 struct PpoProbe {

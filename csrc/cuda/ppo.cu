@@ -185,8 +185,13 @@ __global__ void __launch_bounds__(kBulk ? kBulkMaxThreads : 512, kBulk ? 3 : 2)
         }
         // Split barrier: arrive once this CTA has read its peers' `partial` (warp 0 above; release), wait at
         // the end, before exiting frees this CTA's `partial`. A full sync at the end instead held every CTA, and its
-        // 76 KB slice of shared memory, until the slowest peer had written its part of dlogits.
-        __cluster_barrier_arrive();
+        // 76 KB slice of shared memory, until the slowest peer had written its part of dlogits. (The probe's
+        // kProbeRelaxedArrive times the arrive without the release's GPU-scope fence.)
+        if (probe_skips(probe, kProbeRelaxedArrive)) {
+          __cluster_barrier_arrive_relaxed();
+        } else {
+          __cluster_barrier_arrive();
+        }
       }
     }
 #endif
@@ -648,7 +653,7 @@ cudaError_t launch_ppo_fwd(DType dtype, const PpoPlan& plan, const void* logits,
                     grad_stride_t, vocab, params, stream);
     }
     if (probe != nullptr) {
-      const bool cluster_only = probe->skip & (kProbeCopySweep2 | kProbePushExchange);
+      const bool cluster_only = probe->skip & (kProbeCopySweep2 | kProbePushExchange | kProbeRelaxedArrive);
       if (cluster_only && plan.path != PpoPath::kCluster) return cudaErrorNotSupported;
       if ((probe->skip & kProbePushExchange) && plan.cluster > kProbeMaxCluster) return cudaErrorNotSupported;
       const auto launch = no_entropy ? launch_ppo_rows<T, true, true> : launch_ppo_rows<T, true, false>;

@@ -9,9 +9,10 @@
 //           was moving data;
 //   skips   leave one stage out (the cluster exchange, thread 0's row tail, sweep 2) or replace sweep 2's
 //           gradient with a plain copy of the cached logits, so CUDA-event times of the variants, taken
-//           differences of, price each stage (results are wrong then: timing only); one more bit swaps in an
-//           alternative exchange with the same results (kProbePushExchange: statistics pushed to the peers,
-//           no closing barrier), to time a candidate before it replaces the production code.
+//           differences of, price each stage (results are wrong then: timing only); two more bits swap in
+//           alternatives with the same results (kProbePushExchange: statistics pushed to the peers, no closing
+//           barrier; kProbeRelaxedArrive: the closing arrive without its release fence), to time a candidate
+//           before it replaces the production code.
 // The production instantiations (kProbe = false) take an empty NoProbe instead and compile to the same code.
 // CUDA headers only.
 #pragma once

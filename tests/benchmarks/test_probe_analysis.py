@@ -50,8 +50,9 @@ def test_the_slot_and_skip_numbers_match_the_kernel_header():
     assert slots["Synced"] == pa.SYNCED and slots["Merged"] == pa.MERGED and slots["Row"] == pa.ROW
     assert slots["Sweep2"] == pa.SWEEP2 and slots["Exit"] == pa.EXIT and slots["EndNs"] == pa.END_NS
     assert slots["Sm"] == pa.SM and slots["Slots"] == pa.SLOTS
-    assert (slots["NoExchange"], slots["NoRowTail"], slots["NoSweep2"], slots["CopySweep2"],
-            slots["PushExchange"]) == (pa.NO_EXCHANGE, pa.NO_ROW_TAIL, pa.NO_SWEEP2, pa.COPY_SWEEP2, pa.PUSH_EXCHANGE)
+    assert (slots["NoExchange"], slots["NoRowTail"], slots["NoSweep2"], slots["CopySweep2"], slots["PushExchange"],
+            slots["RelaxedArrive"]) == (pa.NO_EXCHANGE, pa.NO_ROW_TAIL, pa.NO_SWEEP2, pa.COPY_SWEEP2,
+                                        pa.PUSH_EXCHANGE, pa.RELAXED_ARRIVE)
 
 
 def test_the_clock_and_the_timer_tick_come_from_the_stamps():

@@ -86,10 +86,11 @@ def test_the_probe_is_the_production_kernel_bit_for_bit_and_stamps_every_cta(pat
         assert len(probed) == len(production) == 7
         for a, b in zip(probed, production):
             assert torch.equal(a, b)
-    if path == "cluster" and plan[1] <= 8:  # the alternative exchange keeps the results, bit for bit
-        pushed = [o for o in _probe(t, path, None, pa.PUSH_EXCHANGE) if o.numel()]
-        for a, b in zip(pushed, production):
-            assert torch.equal(a, b)
+    if path == "cluster" and plan[1] <= 8:  # the alternatives keep the results, bit for bit
+        for alternative in (pa.PUSH_EXCHANGE, pa.RELAXED_ARRIVE):
+            other = [o for o in _probe(t, path, None, alternative) if o.numel()]
+            for a, b in zip(other, production):
+                assert torch.equal(a, b), alternative
     s = pa.check_stamps(stamps.cpu().numpy())
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert (s[:, pa.SM] >= 0).all() and (s[:, pa.SM] < sms).all()
@@ -119,16 +120,20 @@ def test_every_skipped_stage_runs_and_stamps():
 
 def _probe_refusals():
     t = _inputs(4, 4097, torch.bfloat16)
-    with pytest.raises(RuntimeError, match="skip must be a combination of the ProbeSkip bits 1, 2, 4, 8 and 16"):
-        _probe(t, "global", None, 32)
+    with pytest.raises(RuntimeError, match="skip must be a combination of the ProbeSkip bits 1, 2, 4, 8, 16 and 32"):
+        _probe(t, "global", None, 64)
     with pytest.raises(RuntimeError, match=r"skip bit 8 \(copy in sweep 2\) exists on the 'cluster' path only"):
         _probe(t, "global", None, pa.COPY_SWEEP2)
     with pytest.raises(RuntimeError, match=r"skip bit 16 \(push exchange\) exists on the 'cluster' path"):
         _probe(t, "global", None, pa.PUSH_EXCHANGE)
+    with pytest.raises(RuntimeError, match=r"skip bit 32 \(relaxed closing arrive\) exists on the 'cluster' path"):
+        _probe(t, "global", None, pa.RELAXED_ARRIVE)
     if _plan("cluster", 151936, torch.bfloat16)[0] != "none":
         big = _inputs(2, 151936, torch.bfloat16)
         with pytest.raises(RuntimeError, match="skip bits 1 .* and 16 .* exclude each other"):
             _probe(big, "cluster", None, pa.PUSH_EXCHANGE | pa.NO_EXCHANGE)
+        with pytest.raises(RuntimeError, match=r"skip bit 32 \(relaxed closing arrive\) excludes bits 1"):
+            _probe(big, "cluster", None, pa.RELAXED_ARRIVE | pa.PUSH_EXCHANGE)
     with pytest.raises(RuntimeError, match=r"stamps must be a contiguous int64 tensor of \[4, 10\]"):
         _probe(t, "global", torch.zeros((3, pa.SLOTS), dtype=torch.int64, device="cuda"), 0)
     if _plan("pipe", 151936, torch.bfloat16)[0] != "none":
