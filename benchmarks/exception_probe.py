@@ -122,31 +122,30 @@ def environment() -> List[str]:
     import torch
 
     lines = [f"python {platform.python_version()}, torch {torch.__version__}"]
-    lines.append(f"c++: {_first_line(['c++', '--version']) or 'not found'}")
+    lines.append(f"c++: {next(iter(_output_lines(['c++', '--version'])), 'not found')}")
     config = [ln.strip() for ln in torch.__config__.show().splitlines()
               if any(k in ln for k in ("GCC", "clang", "C++ Version", "CXX_COMPILER", "CXX11_ABI", "CXX_FLAGS"))]
     lines += [f"torch built with: {ln[:300]}" for ln in config]
     lines.append(f"torch._C._GLIBCXX_USE_CXX11_ABI = {torch._C._GLIBCXX_USE_CXX11_ABI}")
-    lines.append(f"ld: {_first_line(['ld', '--version'])}")
+    lines.append(f"ld: {next(iter(_output_lines(['ld', '--version'])), 'not found')}")
     # an unwinder that cannot find a frame's FDE crashes instead of raising: the extension's unwind sections
     try:
         from rlhf_kernels import _C
 
-        sections = _first_line(["readelf", "-SW", _C.__file__], keep=lambda ln: ".eh_frame" in ln, every=True)
+        sections = "; ".join(ln for ln in _output_lines(["readelf", "-SW", _C.__file__]) if ".eh_frame" in ln)
         lines.append(f"extension {os.path.basename(_C.__file__)} unwind sections: {sections or 'none found'}")
     except ImportError as e:
         lines.append(f"extension not importable: {e}")
     return lines
 
 
-def _first_line(cmd: List[str], keep=lambda ln: True, every: bool = False) -> str:
-    """The first output line of ``cmd`` that ``keep`` accepts (all of them, joined, with ``every``); '' if none."""
+def _output_lines(cmd: List[str]) -> List[str]:
+    """``cmd``'s output lines, blanks collapsed; none when it cannot run."""
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.splitlines()
     except (OSError, subprocess.TimeoutExpired):
-        return ""
-    kept = [" ".join(ln.split()) for ln in out if keep(ln)]
-    return "; ".join(kept) if every else (kept[0] if kept else "")
+        return []
+    return [" ".join(ln.split()) for ln in out]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

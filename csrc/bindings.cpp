@@ -285,9 +285,9 @@ std::vector<at::Tensor> ppo_fwd_cuda(const at::Tensor& logits, const at::Tensor&
                       kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, path, grad_out, nullptr);
 }
 
-// The fused PPO training step (with_grad; without it the same loss and means over the forward-only kernel): ppo_fwd
-// with the weights of `loss_agg` (0 token-mean, 1 seq-mean-token-mean,
-// 2 seq-mean-token-sum, 3 seq-mean-token-sum-norm) computed from `mask` on the GPU before the kernel, and the loss
+// The fused PPO training step (with_grad; without it the same loss and means over the forward-only kernel):
+// ppo_fwd with the weights of `loss_agg` (0 token-mean, 1 seq-mean-token-mean, 2 seq-mean-token-sum,
+// 3 seq-mean-token-sum-norm) computed from `mask` on the GPU before the kernel, and the loss
 // and the logged means after it (csrc/cuda/ppo_aggregate.cuh): ppo_fwd's seven outputs, then the loss (a float32
 // scalar) and [clip_frac, approx_kl]. Three launches, where the same in PyTorch took 13 to 30 small kernels around
 // the fused one, each a Python call on the host.

@@ -60,7 +60,7 @@ using namespace detail;
 namespace cg = cooperative_groups;
 
 // The largest thread-block cluster a launch may ask for (16 with the non-portable attribute; the planner's paths
-// use at most 8): the cluster exchange gathers one peer per lane of warp 0 into this many slots.
+// use at most 8); the cluster exchange has lane r of warp 0 fetch peer r, so it must stay within a warp.
 constexpr int kMaxClusterCtas = 16;
 
 // kProbe: the probe instantiation (ppo_probe.cuh): stamps and skipped stages, for benchmarks/probe_ppo.py only.

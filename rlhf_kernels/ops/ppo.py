@@ -630,8 +630,14 @@ def _fused_backward(ctx, g_loss, *unused):
 
 
 ppo_loss_fused_call = eager_autograd(ppo_loss_fused, _ppo_loss_fused, _fused_backward, _fused_setup_context)
-# calls with with_grad=False, made under no_grad (nothing to record): the implementation itself in eager calls
-ppo_loss_forward_call = eager_call(ppo_loss_fused, _ppo_loss_fused)
+_ppo_loss_forward_eager = eager_call(ppo_loss_fused, _ppo_loss_fused)
+
+
+def ppo_loss_forward_call(*args):
+    """``ppo_loss_fused`` called with ``with_grad=False``: nothing to record, so under ``no_grad``, where an eager
+    call runs the implementation itself (the op where ``needs_the_op`` says so)."""
+    with torch.no_grad():
+        return _ppo_loss_forward_eager(*args)
 
 
 _PPO_SCALARS = ("temperature", "ignore_index", "kl_coef", "kl_estimator", "entropy_coef", "clip_low", "clip_high",
@@ -752,13 +758,20 @@ def ppo_loss(
     # gradient is written into a [B, L, V] tensor (no zero-fill + copy by autograd's SliceBackward)
     source, row_start, row_count = base_and_range(logits)
     with_grad = torch.is_grad_enabled() and logits.requires_grad
-    fused = chosen == "cuda" and with_grad
     # the registered op never writes over its input: only eager calls overwrite
     overwrite = overwrite_logits and with_grad and not needs_the_op((source,))
-    if fused and (path := cuda_ppo_path()) != "two-pass":  # the setting read once, only where it matters
-        cuda_ppo_prefetch()  # validated by name; the launcher reads it (and the cluster setting, likewise)
-        check_cuda_ppo_path_runs(path, source, cuda_ppo_cluster())
-        loss, term, logp, entropy, kl, clipped, _, means = ppo_loss_fused_call(
+    # on cuda one C++ call gives the loss and the logged means: with a gradient the fused step (unless the
+    # two-pass path is asked for; the setting read once, only where it matters), without one the forward-only
+    # kernel and the same aggregation kernels (the per-token op and PyTorch's aggregation took ~17 launches, each a
+    # Python call: host-bound on the H200, run 6)
+    if chosen == "cuda" and (not with_grad or (path := cuda_ppo_path()) != "two-pass"):
+        if with_grad:
+            cuda_ppo_prefetch()  # validated by name; the launcher reads it (and the cluster setting, likewise)
+            check_cuda_ppo_path_runs(path, source, cuda_ppo_cluster())
+            call, path_code = ppo_loss_fused_call, CUDA_PPO_PATHS[path]
+        else:
+            call, path_code = ppo_loss_forward_call, 0
+        loss, term, logp, entropy, kl, clipped, _, means = call(
             source,
             targets.long(),
             old_logp.detach().float(),
@@ -774,23 +787,13 @@ def ppo_loss(
             float(clip_high),
             dual_clip,
             loss_agg,
-            CUDA_PPO_PATHS[path],
+            path_code,
             chosen,
             row_start,
             row_count,
             overwrite,
+            with_grad,
         )
-        return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss, means=means)
-    if chosen == "cuda" and not with_grad:
-        # no gradient: the forward-only kernel and the same aggregation kernels, one C++ call (the per-token op and
-        # PyTorch's aggregation took ~17 launches, each a Python call: host-bound on the H200, run 6)
-        with torch.no_grad():
-            loss, term, logp, entropy, kl, clipped, _, means = ppo_loss_forward_call(
-                source, targets.long(), old_logp.detach().float(), advantages.detach().float(),
-                None if ref_logp is None else ref_logp.detach().float(), mask.detach(), temperature,
-                int(ignore_index), float(kl_coef), kl_estimator, float(entropy_coef), float(clip_low),
-                float(clip_high), dual_clip, loss_agg, 0, chosen, row_start, row_count, False, False,
-            )  # fmt: skip
         return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss, means=means)
     if chosen in ("triton", "cuda"):
         term, logp, entropy, kl, clipped, _ = ppo_term_fwd_call(
