@@ -35,6 +35,9 @@
 #   probe     where the fused PPO step's time goes inside its kernel: the probe instantiation timed with each
 #             stage left out and stamping every CTA's phases (benchmarks/probe_ppo.py; PROBE_ARGS, default
 #             cluster and global at 8192x151936 bf16): probe.md, probe_<path>.npz (raw stamps), probe_<path>.png
+#   gemm-align the fused-linear GEMMs at GPT-2's V = 50257 (odd): one GEMM on the padded chunk buffer against
+#             ops/_linear_gemm's aligned bulk + tail split, and V rounded up to 64 as the ceiling, bf16, H = 2048 and
+#             4096 (benchmarks/gemm_alignment.py; GEMM_ALIGN_ARGS): gemm_alignment.md
 #   host      where a ppo_loss / logprobs step goes at micro-batch sizes: GPU busy against idle time, host time,
 #             launches, syncs and the ops with the most host time, validation on and off, ours against Liger
 #             (benchmarks/step_profile.py; HOST_ARGS, default 4096x50257 and 16384x50257 bf16): step_profile.md
@@ -54,9 +57,9 @@
 #             again for the compile rows, then coverage
 #   all       setup tests bench                 (the default)
 #   priority  what closes open issues fastest, for a short lent-GPU session (make gpu-quick), in order:
-#             setup, headline at 8192x151936 only (unless HEADLINE_SHAPES is set), probe, host, tune-cuda, linear-headline,
-#             tests, sanitize (memcheck, then racecheck and synccheck), tune-triton, profile, stalls, then grid; with
-#             GPU_DEADLINE the later ones are skipped or cut when too little time is left
+#             setup, headline at 8192x151936 only (unless HEADLINE_SHAPES is set), probe, host, tune-cuda,
+#             linear-headline, gemm-align, tests, sanitize (memcheck, then racecheck and synccheck), tune-triton,
+#             profile, stalls, then grid; with GPU_DEADLINE the later ones are skipped or cut when too little time is left
 #
 # GPU_DEADLINE=<seconds from the script's start> (default: none) bounds the whole run: a stage is
 # skipped, with a note in gpu_suite.log, when less time is left than its rough minimum (STAGE_MIN
@@ -106,7 +109,7 @@ note() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" | tee -a "$OUT/gpu_suite.log
 # Rough seconds a stage needs on an H100 to be worth starting (past logs: build ~65 s, pytest -m gpu
 # 50-90 s, headline 45-60 s); a bench stage only needs to finish a few cases.
 declare -A STAGE_MIN=([setup]=15 [build]=90 [tests]=120 [headline]=75 [linear-headline]=120
-  [ppo-paths]=60 [tune-cuda]=60 [probe]=40 [host]=40 [tune-triton]=90 [sanitize]=90 [profile]=120 [stalls]=60 [logits]=60 [klppo]=60 [linear]=60 [gae]=60 [trainer]=60
+  [ppo-paths]=60 [tune-cuda]=60 [probe]=40 [gemm-align]=20 [host]=40 [tune-triton]=90 [sanitize]=90 [profile]=120 [stalls]=60 [logits]=60 [klppo]=60 [linear]=60 [gae]=60 [trainer]=60
   [coverage]=20)
 if [ -n "$DEADLINE" ] && ! [[ "$DEADLINE" =~ ^[0-9]+$ ]]; then
   note "GPU_DEADLINE must be whole seconds, got '$DEADLINE'"; exit 2
@@ -325,6 +328,11 @@ stage_probe() {  # the fused PPO kernel's probe (benchmarks/probe_ppo.py); its f
     "--out $OUT ${PROBE_ARGS:-}"
 }
 
+stage_gemm_align() {  # one GEMM against the split at an unaligned vocabulary (benchmarks/gemm_alignment.py)
+  run_tuner gemm-align gemm_alignment "the fused-linear GEMMs at V = 50257: one GEMM against the aligned split" \
+    "--out $OUT ${GEMM_ALIGN_ARGS:-}"
+}
+
 stage_host() {  # the micro-batch step's host and GPU time (benchmarks/step_profile.py)
   run_tuner host step_profile "ppo_loss and logprobs steps at micro-batch shapes: GPU idle time and host ops" \
     "--out $OUT --shapes 4096x50257,16384x50257 ${HOST_ARGS:-}"
@@ -411,7 +419,7 @@ stage_coverage() {
   grep -c "differs" "$OUT/preference.md" | sed 's/^/preference: table rows whose suggested order differs from GPU_PREFERENCE: /' >&2
 }
 
-STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths tune-cuda tune-triton probe host sanitize profile stalls coverage bench grid all priority"
+STAGES="setup tests logits klppo linear gae trainer headline linear-headline ppo-paths tune-cuda tune-triton probe gemm-align host sanitize profile stalls coverage bench grid all priority"
 
 run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part; a single stage is gated, then archived
   case "$1" in
@@ -431,6 +439,7 @@ run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part;
       run_stage host
       run_stage tune-cuda
       run_stage linear-headline
+      run_stage gemm-align
       run_stage tests
       run_stage sanitize memcheck
       run_stage sanitize racecheck synccheck
@@ -459,6 +468,7 @@ run_stage() {  # run_stage <stage> [args]: a composite calls run_stage per part;
     tune-cuda) stage_tune_cuda ;;
     tune-triton) stage_tune_triton ;;
     probe) stage_probe ;;
+    gemm-align) stage_gemm_align ;;
     host) stage_host ;;
     coverage) stage_coverage ;;
     sanitize) shift; stage_sanitize "$@" ;;

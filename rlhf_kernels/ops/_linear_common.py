@@ -1,6 +1,6 @@
 """Shared pieces of the fused-linear ops (``ops/linear.py``): their input checks and dtype promotion, the sizes of
-row chunks and vocabulary slabs, each chunk's logits GEMM into a 16-byte aligned buffer, the backend's log-prob
-kernels on one chunk, and the gradient GEMMs that follow them."""
+row chunks and vocabulary slabs, each chunk's logits into a 16-byte aligned buffer, the backend's log-prob
+kernels on one chunk, and the gradients that follow them (the GEMMs themselves: ``_linear_gemm``)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ._checks import (
     check_same_shape,
     check_tensor,
 )
+from ._linear_gemm import grad_hidden_gemm, grad_weight_gemm, logits_gemm
 from .logprobs import IMPLEMENTED as _LOGPROBS_IMPLEMENTED
 from .logprobs import _torch_bwd, _torch_fwd
 
@@ -152,8 +153,9 @@ def _kernel_bwd(g_logp, g_ent, logits, targets, lse, entropy, temperature: float
 
 
 # Rows of a chunk buffer start 16-byte aligned (a multiple of 64 elements apart) when V is not a
-# multiple of 8: cuBLAS's fast GEMMs (TMA on Hopper) need 16-byte leading dimensions, and at
-# V = 50257 the unaligned bf16 logits GEMM ran at ~110 TFLOP/s on an H100 against ~800 aligned.
+# multiple of 8: cuBLAS's fast GEMMs (TMA on Hopper) need 16-byte leading dimensions (at V = 50257 the
+# unaligned bf16 logits GEMM ran at ~110 TFLOP/s on an H100 against ~800 aligned). They need an aligned
+# extent along V as well, which _linear_gemm gives by splitting each GEMM at the last whole vector.
 _ROW_ALIGN = 64
 
 
@@ -181,10 +183,7 @@ def _chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     if buffer is None:
         return F.linear(hidden_c, weight, bias)
     logits = buffer[: hidden_c.shape[0]]
-    if bias is None:
-        torch.mm(hidden_c, weight.t(), out=logits)
-    else:  # one rounding, as F.linear: the bias joins the GEMM's float32 accumulation (beta = 1)
-        torch.addmm(bias, hidden_c, weight.t(), out=logits)
+    logits_gemm(hidden_c, weight, bias, logits)  # an unaligned V in two GEMMs (_linear_gemm)
     return logits
 
 
@@ -196,15 +195,18 @@ def _chunk_buffers(backend: str) -> int:
 
 def _grad_buffer(logits: torch.Tensor, backend: str, spare: Optional[torch.Tensor]) -> torch.Tensor:
     """Where a chunk's ``dlogits`` go (``_chunk_buffers``): over its ``logits``, or the first rows of
-    ``spare`` (an aligned ``_row_buffer``) or a fresh tensor when a second buffer is needed."""
+    ``spare`` (an aligned ``_row_buffer``) or a fresh one (aligned as well: the gradient GEMMs read it) when a
+    second buffer is needed."""
     if _chunk_buffers(backend) == 1:
         return logits
+    if spare is None:
+        spare = _row_buffer(logits.shape[0], logits.shape[1], logits)
     return spare[: logits.shape[0]] if spare is not None else torch.empty_like(logits)
 
 
 def _accumulator(n: int, like: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """A float32 (float64) gradient buffer shaped like ``like`` (``[V, H]`` for the weight, ``[N, H]`` for the
-    hidden states): uninitialised, as the first chunk's GEMM writes it whole (``_accumulate_mm``); zeros when there
+    hidden states): uninitialised, as the first chunk's GEMM writes it whole (``accumulate_mm``); zeros when there
     is no chunk (``N = 0``)."""
     make = torch.empty if n > 0 else torch.zeros
     return make(like.shape, dtype=acc, device=like.device)
@@ -216,9 +218,9 @@ def _apply_chunk_grad(dlogits, weight, hidden_c, grad_hidden, grad_weight, grad_
     ``first`` chunk, so the accumulator needs no zero-fill) and ``db += Σ dlogits`` (accumulated in
     ``acc``); a ``None`` buffer is skipped."""
     if grad_hidden is not None:
-        torch.mm(dlogits, weight, out=grad_hidden)
+        grad_hidden_gemm(grad_hidden, dlogits, weight, True)
     if grad_weight is not None:
-        _accumulate_mm(grad_weight, dlogits.t(), hidden_c, first)
+        grad_weight_gemm(grad_weight, dlogits, hidden_c, first)
     if grad_bias is not None:
         grad_bias += dlogits.sum(0, dtype=acc)
 
@@ -231,34 +233,6 @@ def _in_param_dtypes(grad_weight, grad_bias, weight, bias, need_weight: bool, ne
     if need_bias and bias is not None and grad_bias.dtype != bias.dtype:
         grad_bias = grad_bias.to(bias.dtype)
     return grad_weight, grad_bias
-
-
-def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """``out (+)= a @ b`` in ``out``'s dtype (float32 / float64) whatever the operands' dtype: the weight
-    gradient ``dlogits.T @ hidden_c`` of each chunk, or a vocabulary slab's ``dlogits @ weight_s`` share of
-    the hidden states' gradient.
-
-    ``first``: ``out`` is uninitialised and gets the product (the GEMM then
-    neither reads it nor needs it zeroed: for the weight gradient at V = 128256,
-    H = 4096 that is two 2.1 GB passes saved).
-    """
-    if a.dtype != out.dtype:
-        if a.is_cuda:
-            # bf16 / fp16 tensor-core GEMM writing / accumulating straight into the fp32 buffer (no fp32 copies).
-            try:
-                if first:
-                    torch.ops.aten.mm.dtype_out(a, b, out.dtype, out=out)
-                else:
-                    torch.ops.aten.addmm.dtype_out(out, a, b, out.dtype, out=out)
-                return
-            except (AttributeError, RuntimeError, NotImplementedError):  # torch without the mixed-dtype GEMMs
-                pass
-        # CPU (no mixed-dtype GEMM): one chunk-sized upcast of each operand.
-        a, b = a.to(out.dtype), b.to(out.dtype)
-    if first:
-        torch.mm(a, b, out=out)
-    else:
-        out.addmm_(a, b)
 
 
 def slab_columns(n: int, vocab: int, dtype: torch.dtype, device: torch.device, chunk_size: int,

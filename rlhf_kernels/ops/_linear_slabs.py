@@ -13,7 +13,6 @@ import torch
 from ._linear_common import (
     _GPU_SLAB_BYTES,
     _acc_dtype,
-    _accumulate_mm,
     _accumulator,
     _chunk_buffers,
     _chunk_logits,
@@ -25,6 +24,7 @@ from ._linear_common import (
     float32_gemm_reduction,
     slab_columns,
 )
+from ._linear_gemm import grad_hidden_gemm, grad_weight_gemm
 
 def _slabs(weight: torch.Tensor, hidden: torch.Tensor, chunk_size: int, backend: str,
            gpu_bytes: int = _GPU_SLAB_BYTES):
@@ -115,10 +115,10 @@ def _slab_gradients(g_logp, g_ent, hidden, weight, targets, bias, lse, entropy, 
                               _grad_buffer(logits, backend, None))
         del logits
         if dx is not None:
-            _accumulate_mm(dx, dlogits, weight[s:e], i == 0)
+            grad_hidden_gemm(dx, dlogits, weight[s:e], i == 0)
         if need_weight:  # one GEMM over all N tokens: float32 sums, each rounded once into the weight's dtype
             with float32_gemm_reduction(dlogits):
-                torch.mm(dlogits.t(), hidden, out=grad_weight[s:e])
+                grad_weight_gemm(grad_weight[s:e], dlogits, hidden, True)
         if need_bias:
             grad_bias[s:e] = dlogits.sum(0, dtype=acc)
         del dlogits

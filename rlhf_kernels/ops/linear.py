@@ -113,7 +113,6 @@ from ._linear_common import (
     autocast_linear,
     IMPLEMENTED,
     _acc_dtype,
-    _accumulate_mm,
     _accumulator,
     _apply_chunk_grad,
     _check_linear_args,
@@ -132,6 +131,7 @@ from ._linear_common import (
 from ._linear_common import auto_chunk_size, chunk_rows, float32_gemm_reduction, slab_columns  # noqa: F401
 from ._linear_fused import _fused_loss, _grad_in_forward
 from ._linear_fused import LINEAR_GRAD_PATHS, linear_grad_path, linear_loss_fused  # noqa: F401 (re-exported)
+from ._linear_gemm import grad_hidden_gemm
 from ._linear_layout import linear_chunk_by, logprobs_chunk_by
 from ._linear_layout import AUTO_CHUNK_DEVICES, LINEAR_CHUNK_BY  # noqa: F401 (re-exported)
 from ._linear_slabs import _slab_forward, _slab_gradients
@@ -360,7 +360,7 @@ def linear_logprobs_frozen_head(
         dlogits = _kernel_bwd(ones, torch.zeros_like(lp), logits, targets_c, lse, ent, temperature, ignore_index,
                               backend, _grad_buffer(logits, backend, spare))
         del logits
-        _accumulate_mm(direction[s:e], dlogits, weight, True)
+        grad_hidden_gemm(direction[s:e], dlogits, weight, True)
         del dlogits
     return logp, direction
 
