@@ -17,13 +17,15 @@ beyond the inputs), so a training step holds one chunk of logits at a time
 ``dlogits`` in place), and a no-grad call (reference / old-policy log-probs)
 one chunk. When ``V`` is not a multiple of 8 (GPT-2's 50257) the chunk lives in
 a buffer whose rows are padded to 64 elements, so that every GEMM sees 16-byte
-aligned leading dimensions (cuBLAS falls back to far slower kernels
-otherwise). The per-chunk reduction is the backend's fused ``logprobs`` kernel
+aligned leading dimensions, and on a GPU each GEMM runs as an aligned bulk and
+a tail of fewer than 8 columns (cuBLAS falls back to far slower kernels for an
+unaligned leading dimension or extent). The per-chunk reduction is the backend's fused ``logprobs`` kernel
 (C++ CPU, Triton, or the PyTorch reference), called directly, so the loop has
 no host synchronisation (targets are validated once, after the loop is queued).
 
 Code: this file holds ``linear_logprobs``'s custom ops and the public functions;
-``_linear_common.py`` the chunk sizes, buffers, per-chunk kernels and GEMMs;
+``_linear_common.py`` the chunk sizes, buffers and per-chunk kernels;
+``_linear_gemm.py`` the GEMMs;
 ``_linear_layout.py`` the ``chunk_by`` choice; ``_linear_slabs.py`` the
 vocabulary slabs; ``_linear_fused.py`` the losses' forward with the gradient.
 
