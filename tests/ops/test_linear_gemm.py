@@ -177,3 +177,41 @@ def test_a_second_gradient_buffer_is_aligned_too():
     assert grad.shape == (5, 301) and grad.stride(0) % 8 == 0 and grad.data_ptr() != logits.data_ptr()
     assert C._grad_buffer(torch.empty(5, 304, dtype=torch.bfloat16), "cuda", None).is_contiguous()
     assert C._grad_buffer(logits, "cpu", None) is logits  # one buffer: dlogits over the logits
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("path", ["frozen", "rows", "vocab"])
+def test_gpu_split_at_gpt2_vocab_matches_the_oracle_and_one_gemm(monkeypatch, dtype, path):
+    """At V = 50257 on the GPU (bf16 splits 50256 + 1, fp32 too): the frozen head's direction (a float32 output
+    summed over the split), the row chunks and the slabs, against the float64 oracle, and close to the same call
+    with one GEMM each (``SPLIT_DEVICES`` emptied)."""
+    N, H, V = 1500, 256, 50257
+    assert gemm.vocab_parts(V, torch.empty(0, dtype=dtype, device="cuda")) == ((0, 50256), (50256, V))
+    hidden, weight, targets, bias = (t.cuda() for t in _inputs((N,), H, V, dtype, seed=4, ignore=(0, 9)))
+    upstream = torch.randn(N, generator=torch.Generator().manual_seed(2), dtype=torch.float64).cuda()
+    frozen = path == "frozen"
+    chunk_by = "rows" if frozen else path
+
+    def run(h, w, b, fn):
+        leaves = [h.detach().requires_grad_(True)] + [t.detach().requires_grad_(not frozen) for t in (w, b)]
+        lp = fn(*leaves)
+        grads = torch.autograd.grad((lp.double() * upstream).sum(), [t for t in leaves if t.requires_grad])
+        return [lp] + list(grads)
+
+    def fast(h, w, b):
+        return rk.linear_logprobs(h, w, targets, b, chunk_size=700 if chunk_by == "rows" else 4096, chunk_by=chunk_by)
+
+    split = run(hidden, weight, bias, fast)
+    monkeypatch.setattr(gemm, "SPLIT_DEVICES", ())
+    single = run(hidden, weight, bias, fast)
+    in_dtype = run(hidden, weight, bias, lambda h, w, b: R.logprobs(F.linear(h, w, b), targets))
+    oracle = run(hidden.double(), weight.double(), bias.double(),
+                 lambda h, w, b: R.linear_logprobs(h, w, targets, b))
+    names = ("logp", "grad_hidden", "grad_weight", "grad_bias")
+    for name, s, one, r, o in zip(names, split, single, in_dtype, oracle):
+        assert_matches_oracle(s, r, o, dtype, what=f"gpu/{path}/{dtype}/{name}")
+        scale = max(1.0, one.abs().max().item())
+        atol = (2e-2 if dtype == torch.bfloat16 else 1e-5) * scale
+        torch.testing.assert_close(s.double(), one.double(), rtol=0, atol=atol)
