@@ -25,11 +25,12 @@ RK_HD void write_kl_grad_range(T* __restrict__ dz_row, T* __restrict__ dr_row, c
   // co-aligned in practice (fresh allocations of one shape); if not, dr takes scalar stores
   const bool dr_vec = kRefGrad && co_aligned(dr_row, dz_row);
   const bool x_aligned = co_aligned(x, dz_row), r_aligned = co_aligned(xr, dz_row);
-  const auto write_vec = [&](int64_t k, bool whole, bool xa, bool ra) {
+  const auto write_vec = [&](int64_t k, bool whole, bool xa, bool ra, auto unit_t) {
+    constexpr bool kUnit = decltype(unit_t)::value;  // inv_t == 1: z = x, r = x_ref without the multiplies
     const int64_t c0 = k * kVec - dv.pre;
     float z[kVec], r[kVec], dz[kVec];
-    load_cols(x, c0, whole, xa, c_lo, c_hi, inv_t, 0.f, z);
-    load_cols(xr, c0, whole, ra, c_lo, c_hi, inv_t, 0.f, r);
+    load_cols<T, kUnit>(x, c0, whole, xa, c_lo, c_hi, inv_t, 0.f, z);
+    load_cols<T, kUnit>(xr, c0, whole, ra, c_lo, c_hi, inv_t, 0.f, r);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const float lp = z[j] - lz;
@@ -46,7 +47,7 @@ RK_HD void write_kl_grad_range(T* __restrict__ dz_row, T* __restrict__ dr_row, c
 #pragma unroll 2
     for (int64_t k = dv.k_lo + first; k < dv.k_hi; k += step) {
       const int64_t c0 = k * kVec - dv.pre;
-      write_vec(k, c0 >= c_lo && c0 + kVec <= c_hi, x_aligned, r_aligned);
+      write_vec(k, c0 >= c_lo && c0 + kVec <= c_hi, x_aligned, r_aligned, std::false_type{});
     }
     return;
   }
@@ -55,15 +56,18 @@ RK_HD void write_kl_grad_range(T* __restrict__ dz_row, T* __restrict__ dr_row, c
   // inside one loop, nvcc predicated every load path into every iteration (the element loads of both inputs issued,
   // switched off, beside the 16-byte ones)
   const int64_t last = step - 1;
-  if (first == 0 && dv.k_lo < dv.whole_lo) write_vec(dv.k_lo, false, x_aligned, r_aligned);
-  if (first == last && dv.whole_hi < dv.k_hi) write_vec(dv.k_hi - 1, false, x_aligned, r_aligned);
-  if (x_aligned && r_aligned) {
+  if (first == 0 && dv.k_lo < dv.whole_lo) write_vec(dv.k_lo, false, x_aligned, r_aligned, std::false_type{});
+  if (first == last && dv.whole_hi < dv.k_hi) write_vec(dv.k_hi - 1, false, x_aligned, r_aligned, std::false_type{});
+  if (x_aligned && r_aligned && inv_t == 1.f) {  // T = 1, the usual case: two multiplies fewer per column
 #pragma unroll 2
-    for (int64_t k = dv.whole_lo + first; k < dv.whole_hi; k += step) write_vec(k, true, true, true);
+    for (int64_t k = dv.whole_lo + first; k < dv.whole_hi; k += step) write_vec(k, true, true, true, std::true_type{});
+  } else if (x_aligned && r_aligned) {
+#pragma unroll 2
+    for (int64_t k = dv.whole_lo + first; k < dv.whole_hi; k += step) write_vec(k, true, true, true, std::false_type{});
   } else {
 #pragma unroll 2
     for (int64_t k = dv.whole_lo + first; k < dv.whole_hi; k += step) {
-      write_vec(k, true, x_aligned, r_aligned);
+      write_vec(k, true, x_aligned, r_aligned, std::false_type{});
     }
   }
 }
