@@ -158,6 +158,73 @@ def launch_row_kernel(kernel, tuned, grid, *args, vocab: int, device: torch.devi
     kernel[grid](*args, BLOCK_V=block, LANES_V=lanes, num_warps=warps, **constexprs)
 
 
+# ---------------------------------------------------------------- rows whose length or stride is not a multiple of 16
+
+# Triton issues 16-byte loads and stores only where it can prove a block's addresses 16-byte aligned, and it learns
+# a row's alignment from integer arguments divisible by 16 (its launch specialisation). At GPT-2's V = 50257 (an odd
+# row stride, or an odd length with the fused-linear ops' padded rows) it could not: the backward kernels moved
+# every value with a 2-byte access (sm_90 PTX: 16 ld.global.b16 and 16 st.global.b16 per thread and block, against
+# 2 ld / st.global.v4 at V = 151936), and the H200 ran the Triton logprobs step at 4096 x 50257 at 37% of the copy
+# bandwidth against 76% at 151936 (benchmarks/results/nvidia-h200). With ``ALIGNED_BODY`` a backward kernel walks
+# each row as its head (the columns before the first 16-byte boundary), whole blocks from that boundary on
+# (unmasked, their offsets asserted multiples of 16 bytes: 16-byte accesses) and the rest (the head and the tail,
+# gathered under a mask), the same values column by column.
+
+
+def body_aligned(rows: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether a backward kernel may take ``ALIGNED_BODY`` for ``rows[B, T, V]`` and the ``others`` it reads or
+    writes alongside (the gradient, the reference rows): every base address 16-byte aligned, the same element size,
+    and row strides equal modulo a 16-byte vector, so one column offset is 16-byte aligned in all of them at once;
+    and only where Triton's own specialisation would not already prove it (``V`` or a row stride not a multiple
+    of 16 elements)."""
+    size = rows.element_size()
+    vec = 16 // size
+    tensors = (rows,) + others
+    if vec < 2 or any(t.element_size() != size or t.data_ptr() % 16 for t in tensors):
+        return False
+    if any(t.stride(i) % vec != rows.stride(i) % vec for t in others for i in (0, 1)):
+        return False
+    return rows.shape[-1] % 16 != 0 or any(t.stride(i) % 16 for t in tensors for i in (0, 1))
+
+
+@triton.jit
+def body_split(row_off, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """``(head, whole)`` of a row starting ``row_off`` elements past a 16-byte aligned base: ``head`` columns before
+    its first 16-byte boundary (at most ``V``), then ``whole`` blocks of ``BLOCK_V`` columns (``BLOCK_V`` a multiple
+    of ``VEC``, the values per 16 bytes)."""
+    head = tl.minimum((VEC - row_off % VEC) % VEC, V)
+    return head, (V - head) // BLOCK_V
+
+
+@triton.jit
+def rest_columns(j, head, whole, V, BLOCK_V: tl.constexpr):
+    """``(cols, mask)`` of program ``j >= whole`` along a row: its head and its tail, ``BLOCK_V`` columns at a time
+    (``cdiv(V, BLOCK_V)`` programs cover the row: ``whole`` blocks, then the rest)."""
+    r = (j - whole).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = tl.where(r < head, r, r + whole.to(tl.int64) * BLOCK_V)
+    return cols, cols < V
+
+
+@triton.jit
+def load_cols(ptr, offs, mask, WHOLE: tl.constexpr):
+    """``ptr[offs]`` as float32; ``WHOLE``: every column is in the row (``mask`` unused: no mask, so 16-byte
+    loads where aligned), else the masked-off ones read ``-inf``."""
+    if WHOLE:
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=mask, other=float("-inf"))
+    return x.to(tl.float32)
+
+
+@triton.jit
+def store_cols(ptr, offs, value, mask, WHOLE: tl.constexpr):
+    """``ptr[offs] = value`` in ``ptr``'s dtype, under ``mask`` unless ``WHOLE``."""
+    if WHOLE:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
 # Tests set this to fill every launcher output with NaN first, proving the kernels write all of it.
 POISON_OUTPUTS = False
 

@@ -33,13 +33,18 @@ import triton.language as tl
 from . import _common
 from ._common import (
     KL_EST_CODES,
+    body_aligned,
+    body_split,
     device_guard,
     kl_k,
     kl_k_dlogp,
     launch_row_kernel,
+    load_cols,
     next_pow2,
+    rest_columns,
     row_autotune,
     row_tile,
+    store_cols,
     tile_max,
     vocab_config,
 )
@@ -182,26 +187,54 @@ def _kl_divergence_bwd_kernel(
     inv_t,
     NEED_REF_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    ALIGNED_BODY: tl.constexpr = False,
+    VEC: tl.constexpr = 8,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
+    j = tl.program_id(1)
     b = row // T
     t = row - b * T
-    z = tl.load(x_ptr + b * stride_xb + t * stride_xt + cols, mask=col_mask, other=float("-inf")).to(tl.float32) * inv_t
-    r = tl.load(r_ptr + b * stride_rb + t * stride_rt + cols, mask=col_mask, other=float("-inf")).to(tl.float32) * inv_t
+    # the four rows' offsets; with ALIGNED_BODY they agree modulo VEC (_common.body_aligned)
+    x_off = b * stride_xb + t * stride_xt
+    r_off = b * stride_rb + t * stride_rt
+    dx_off = b * stride_dxb + t * stride_dxt
+    dr_off = b * stride_drb + t * stride_drt
     g = tl.load(g_ptr + row).to(tl.float32) * inv_t
     kl = tl.load(kl_ptr + row).to(tl.float32)
-    lp = z - tl.load(lse_z_ptr + row).to(tl.float32)
-    lq = r - tl.load(lse_r_ptr + row).to(tl.float32)
+    lse_z = tl.load(lse_z_ptr + row).to(tl.float32)
+    lse_r = tl.load(lse_r_ptr + row).to(tl.float32)
+    if ALIGNED_BODY:  # (_common: whole 16-byte aligned blocks unmasked, then the row's head and tail)
+        head, whole = body_split(x_off, V, BLOCK_V, VEC)
+        if j < whole:
+            c0 = head + j.to(tl.int64) * BLOCK_V
+            ar = tl.arange(0, BLOCK_V)
+            _kl_grad_block(dx_ptr, dr_ptr, x_ptr, r_ptr, tl.multiple_of(dx_off + c0, VEC) + ar,
+                           tl.multiple_of(dr_off + c0, VEC) + ar, tl.multiple_of(x_off + c0, VEC) + ar,
+                           tl.multiple_of(r_off + c0, VEC) + ar, 0, g, kl, lse_z, lse_r, inv_t, NEED_REF_GRAD, True)
+        else:
+            cols, mask = rest_columns(j, head, whole, V, BLOCK_V)
+            _kl_grad_block(dx_ptr, dr_ptr, x_ptr, r_ptr, dx_off + cols, dr_off + cols, x_off + cols, r_off + cols,
+                           mask, g, kl, lse_z, lse_r, inv_t, NEED_REF_GRAD, False)
+    else:
+        cols = j * BLOCK_V + tl.arange(0, BLOCK_V)
+        _kl_grad_block(dx_ptr, dr_ptr, x_ptr, r_ptr, dx_off + cols, dr_off + cols, x_off + cols, r_off + cols,
+                       cols < V, g, kl, lse_z, lse_r, inv_t, NEED_REF_GRAD, False)
+
+
+@triton.jit
+def _kl_grad_block(dx_ptr, dr_ptr, x_ptr, r_ptr, dx_offs, dr_offs, x_offs, r_offs, mask, g, kl, lse_z, lse_r, inv_t,
+                   NEED_REF_GRAD: tl.constexpr, WHOLE: tl.constexpr):
+    """One block of the KL's gradients (``WHOLE``: every column in the row, no mask: 16-byte accesses where
+    aligned)."""
+    lp = load_cols(x_ptr, x_offs, mask, WHOLE) * inv_t - lse_z
+    lq = load_cols(r_ptr, r_offs, mask, WHOLE) * inv_t - lse_r
     p = tl.exp2(lp * 1.4426950408889634)
     dz = tl.where(p > 0, g * p * (lp - lq - kl), 0.0)
     dz = tl.where(lp != lp, lp, dz)  # NaN logits stay NaN
-    tl.store(dx_ptr + b * stride_dxb + t * stride_dxt + cols, dz.to(dx_ptr.dtype.element_ty), mask=col_mask)
+    store_cols(dx_ptr, dx_offs, dz, mask, WHOLE)
     if NEED_REF_GRAD:
         q = tl.exp2(lq * 1.4426950408889634)
-        dr = (g * (q - p)).to(dr_ptr.dtype.element_ty)
-        tl.store(dr_ptr + b * stride_drb + t * stride_drt + cols, dr, mask=col_mask)
+        store_cols(dr_ptr, dr_offs, g * (q - p), mask, WHOLE)
 
 
 def _check_rows(name: str, rows: torch.Tensor) -> None:
@@ -263,6 +296,8 @@ def kl_divergence_bwd(
             ref_rows.stride(0), ref_rows.stride(1), dx.stride(0), dx.stride(1),
             (dr if need_ref_grad else dx).stride(0), (dr if need_ref_grad else dx).stride(1), 1.0 / float(temperature),
             NEED_REF_GRAD=bool(need_ref_grad), BLOCK_V=block, num_warps=warps,
+            ALIGNED_BODY=body_aligned(rows, ref_rows, dx, *([dr] if need_ref_grad else [])),
+            VEC=16 // rows.element_size(),
         )
     return dx, dr
 

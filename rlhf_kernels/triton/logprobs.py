@@ -26,7 +26,18 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import device_guard, launch_row_kernel, row_autotune, row_logp_entropy_lse, vocab_config
+from ._common import (
+    body_aligned,
+    body_split,
+    device_guard,
+    launch_row_kernel,
+    load_cols,
+    rest_columns,
+    row_autotune,
+    row_logp_entropy_lse,
+    store_cols,
+    vocab_config,
+)
 
 
 @triton.jit
@@ -77,22 +88,46 @@ def _logprobs_bwd_kernel(
     inv_t,
     ignore_index,
     BLOCK_V: tl.constexpr,
+    ALIGNED_BODY: tl.constexpr = False,
+    VEC: tl.constexpr = 8,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
+    j = tl.program_id(1)
     b = row // T
-    x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
-    dx_row = dx_ptr + b * stride_ob + (row - b * T) * stride_ot
+    x_off = b * stride_b + (row - b * T) * stride_t
+    dx_off = b * stride_ob + (row - b * T) * stride_ot
     y = tl.load(y_ptr + row)
     g_logp = tl.load(g_logp_ptr + row).to(tl.float32)
     g_ent = tl.load(g_ent_ptr + row).to(tl.float32)
     lse = tl.load(lse_ptr + row).to(tl.float32)
     ent = tl.load(ent_ptr + row).to(tl.float32)
-    z = tl.load(x_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32) * inv_t
-    dz = logprobs_dz(z, cols, y, lse, ent, g_logp, g_ent)
-    dz = tl.where(y != ignore_index, dz, 0.0) * inv_t
-    tl.store(dx_row + cols, dz.to(dx_ptr.dtype.element_ty), mask=col_mask)
+    valid = y != ignore_index
+    if ALIGNED_BODY:  # (_common: whole 16-byte aligned blocks unmasked, then the row's head and tail)
+        head, whole = body_split(x_off, V, BLOCK_V, VEC)
+        if j < whole:
+            c0 = head + j.to(tl.int64) * BLOCK_V
+            ar = tl.arange(0, BLOCK_V)
+            logprobs_grad_block(dx_ptr, x_ptr, tl.multiple_of(dx_off + c0, VEC) + ar,
+                                tl.multiple_of(x_off + c0, VEC) + ar, c0 + ar, 0, y, lse, ent, g_logp, g_ent,
+                                inv_t, valid, True)
+        else:
+            cols, mask = rest_columns(j, head, whole, V, BLOCK_V)
+            logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, mask, y, lse, ent, g_logp, g_ent,
+                                inv_t, valid, False)
+    else:
+        cols = j * BLOCK_V + tl.arange(0, BLOCK_V)
+        logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, cols < V, y, lse, ent, g_logp, g_ent,
+                            inv_t, valid, False)
+
+
+@triton.jit
+def logprobs_grad_block(dx_ptr, x_ptr, dx_offs, x_offs, cols, mask, y, lse, ent, g_logp, g_ent, inv_t, valid,
+                        WHOLE: tl.constexpr):
+    """One block of a row's ``dlogits`` (``WHOLE``: every column in the row, no mask: 16-byte accesses where
+    aligned): ``logprobs_dz`` of ``z = x·inv_t``, over ``T``; 0 for an ignored target (``valid`` false)."""
+    z = load_cols(x_ptr, x_offs, mask, WHOLE) * inv_t
+    dz = tl.where(valid, logprobs_dz(z, cols, y, lse, ent, g_logp, g_ent), 0.0) * inv_t
+    store_cols(dx_ptr, dx_offs, dz, mask, WHOLE)
 
 
 @triton.jit
@@ -172,5 +207,6 @@ def logprobs_bwd(
         _logprobs_bwd_kernel[(B * T, triton.cdiv(V, block))](
             grad, rows, *flat, T, V, rows.stride(0), rows.stride(1), grad.stride(0), grad.stride(1),
             1.0 / float(temperature), int(ignore_index), BLOCK_V=block, num_warps=warps,
+            ALIGNED_BODY=body_aligned(rows, grad), VEC=16 // rows.element_size(),
         )
     return grad

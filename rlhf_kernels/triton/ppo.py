@@ -33,15 +33,18 @@ import triton.language as tl
 from . import _common
 from ._common import (
     KL_EST_CODES,
+    body_aligned,
+    body_split,
     device_guard,
     kl_k,
     kl_k_dlogp,
     launch_row_kernel,
+    rest_columns,
     row_autotune,
     row_logp_entropy_lse,
     vocab_config,
 )
-from .logprobs import _check_out, logprobs_dz
+from .logprobs import _check_out, logprobs_grad_block
 
 
 @triton.jit
@@ -161,13 +164,14 @@ def _ppo_bwd_kernel(
     KL_EST: tl.constexpr,
     HAS_DUAL: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    ALIGNED_BODY: tl.constexpr = False,
+    VEC: tl.constexpr = 8,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
+    j = tl.program_id(1)
     b = row // T
-    x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
-    dx_row = dx_ptr + b * stride_ob + (row - b * T) * stride_ot
+    x_off = b * stride_b + (row - b * T) * stride_t
+    dx_off = b * stride_ob + (row - b * T) * stride_ot
     y = tl.load(y_ptr + row)
     logp = tl.load(logp_ptr + row).to(tl.float32)
     ent = tl.load(ent_ptr + row).to(tl.float32)
@@ -181,10 +185,23 @@ def _ppo_bwd_kernel(
         dk = kl_k_dlogp(logp, tl.load(ref_ptr + row).to(tl.float32), KL_EST)
         g_logp += (g_term * kl_coef + tl.load(g_kl_ptr + row).to(tl.float32)) * dk
     g_ent = tl.load(g_ent_ptr + row).to(tl.float32) - g_term * ent_coef
-    z = tl.load(x_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32) * inv_t
-    dz = logprobs_dz(z, cols, y, lse, ent, g_logp, g_ent)
-    dz = tl.where(y != ignore_index, dz, 0.0) * inv_t
-    tl.store(dx_row + cols, dz.to(dx_ptr.dtype.element_ty), mask=col_mask)
+    valid = y != ignore_index
+    if ALIGNED_BODY:  # (_common: whole 16-byte aligned blocks unmasked, then the row's head and tail)
+        head, whole = body_split(x_off, V, BLOCK_V, VEC)
+        if j < whole:
+            c0 = head + j.to(tl.int64) * BLOCK_V
+            ar = tl.arange(0, BLOCK_V)
+            logprobs_grad_block(dx_ptr, x_ptr, tl.multiple_of(dx_off + c0, VEC) + ar,
+                                tl.multiple_of(x_off + c0, VEC) + ar, c0 + ar, 0, y, lse, ent, g_logp, g_ent,
+                                inv_t, valid, True)
+        else:
+            cols, mask = rest_columns(j, head, whole, V, BLOCK_V)
+            logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, mask, y, lse, ent, g_logp, g_ent,
+                                inv_t, valid, False)
+    else:
+        cols = j * BLOCK_V + tl.arange(0, BLOCK_V)
+        logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, cols < V, y, lse, ent, g_logp, g_ent,
+                            inv_t, valid, False)
 
 
 def _check_rows(rows: torch.Tensor) -> None:
@@ -277,5 +294,6 @@ def ppo_term_bwd(
             int(ignore_index), float(kl_coef), float(entropy_coef), float(clip_low), float(clip_high),
             float(dual_clip or 0.0), HAS_REF=ref_logp is not None, KL_EST=KL_EST_CODES[kl_estimator],
             HAS_DUAL=dual_clip is not None, BLOCK_V=block, num_warps=warps,
+            ALIGNED_BODY=body_aligned(rows, grad), VEC=16 // rows.element_size(),
         )
     return grad

@@ -57,12 +57,36 @@ def resource_usage(k):
         usage = sass_report.resource_usage(CUOBJDUMP, f.name, f"sm_{target.arch}")
     return next(iter(usage.values()), None)
 
+def vector_accesses(k):
+    """How many 16-byte (v4) global loads and stores a compiled kernel's PTX has."""
+    ptx = k.asm["ptx"]
+    return ptx.count("ld.global.v4"), ptx.count("st.global.v4")
+
+
+unvectorised = []
+
+
+def build_backward(kernel, types, consts, warps):
+    """A backward kernel as launched on rows of an odd length and stride (GPT-2's V = 50257: only the pointers are
+    16-byte aligned), with and without ALIGNED_BODY; with it, the whole blocks must load and store 16 bytes at a
+    time (triton/_common.py), without it (the rows' alignment unknown to Triton) they cannot."""
+    pointers = tuple(n for n in kernel.arg_names if n.endswith("_ptr"))
+    vec = {"*bf16": 8, "*fp16": 8, "*fp32": 4}[types["x_ptr"]]
+    for body in (False, True):
+        k = build(kernel, types, dict(consts, ALIGNED_BODY=body, VEC=vec), warps, pointers)
+        loads, stores = vector_accesses(k)
+        print(f"   16-byte loads {loads}, stores {stores}")
+        if body != (loads > 0 and stores > 0):
+            unvectorised.append(f"{kernel.__name__} {types['x_ptr']} {consts} ALIGNED_BODY={body}: {loads} / {stores}")
+
+
 for dt in ("*bf16", "*fp16", "*fp32"):
     build(logprobs._logprobs_fwd_kernel, {"x_ptr": dt, "y_ptr": "*i64"}, {"BLOCK_V": 4096, "LANES_V": 4096}, 8)
-    build(logprobs._logprobs_bwd_kernel, {"x_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"}, {"BLOCK_V": 4096}, 8)
+    build_backward(logprobs._logprobs_bwd_kernel, {"x_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"}, {"BLOCK_V": 4096}, 8)
     build(kl._kl_divergence_fwd_kernel, {"x_ptr": dt, "r_ptr": dt}, {"BLOCK_V": 4096, "LANES_V": 4096}, 16)
     for need in (True, False):
-        build(kl._kl_divergence_bwd_kernel, {"x_ptr": dt, "r_ptr": dt, "dx_ptr": dt, "dr_ptr": dt}, {"BLOCK_V": 4096, "NEED_REF_GRAD": need}, 8)
+        build_backward(kl._kl_divergence_bwd_kernel, {"x_ptr": dt, "r_ptr": dt, "dx_ptr": dt, "dr_ptr": dt},
+                       {"BLOCK_V": 4096, "NEED_REF_GRAD": need}, 8)
     for est in (1, 2, 3):
         for clamp in (True, False):
             build(kl._kl_estimate_fwd_kernel, {"logp_ptr": dt, "ref_ptr": dt, "out_ptr": dt}, {"KL_EST": est, "HAS_CLAMP": clamp, "BLOCK": 1024}, 4)
@@ -71,7 +95,7 @@ for dt in ("*bf16", "*fp16", "*fp32"):
         for dual in (True, False):
             c = {"BLOCK_V": 4096, "HAS_REF": has_ref, "KL_EST": 3, "HAS_DUAL": dual}
             build(ppo._ppo_fwd_kernel, {"x_ptr": dt, "y_ptr": "*i64"}, dict(c, LANES_V=4096), 8)
-            build(ppo._ppo_bwd_kernel, {"x_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"}, c, 8)
+            build_backward(ppo._ppo_bwd_kernel, {"x_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"}, c, 8)
     build(advantages._gae_fwd_kernel, {"r_ptr": dt, "v_ptr": dt, "adv_ptr": dt, "ret_ptr": dt}, {"BLOCK_B": 32}, 1)
 for est in (1, 2):
     build(ppo._ppo_fwd_kernel, {"x_ptr": "*bf16", "y_ptr": "*i64"}, {"BLOCK_V": 4096, "LANES_V": 4096, "HAS_REF": True, "KL_EST": est, "HAS_DUAL": True}, 8)
@@ -98,5 +122,9 @@ for kernel, candidates, consts, aligned in forwards:
                 spilled.append(f"{kernel.__name__} {dt} {block}x{lanes}x{warps}: {usage}")
 if spilled:
     print("SPILLS (a forward candidate keeps state in local memory):\n" + "\n".join(spilled))
+    sys.exit(1)
+if unvectorised:
+    print("16-BYTE ACCESSES not as expected (ALIGNED_BODY: whole blocks vectorised; without it: none):\n"
+          + "\n".join(unvectorised))
     sys.exit(1)
 print("ALL OK")
