@@ -163,17 +163,19 @@ def launch_row_kernel(kernel, tuned, grid, *args, vocab: int, device: torch.devi
 # Triton issues 16-byte loads and stores only where it can prove a block's addresses 16-byte aligned, and it learns
 # a row's alignment from integer arguments divisible by 16 (its launch specialisation). At GPT-2's V = 50257 (an odd
 # row stride, or an odd length with the fused-linear ops' padded rows) it could not: the backward kernels moved
-# every value with a 2-byte access (sm_90 PTX: 16 ld.global.b16 and 16 st.global.b16 per thread and block, against
-# 2 ld / st.global.v4 at V = 151936), and the H200 ran the Triton logprobs step at 4096 x 50257 at 37% of the copy
-# bandwidth against 76% at 151936 (benchmarks/results/nvidia-h200). With ``ALIGNED_BODY`` a backward kernel walks
-# each row as its head (the columns before the first 16-byte boundary), whole blocks from that boundary on
-# (unmasked, their offsets asserted multiples of 16 bytes: 16-byte accesses) and the rest (the head and the tail,
-# gathered under a mask), the same values column by column.
+# every value with a 2-byte access (sm_90 PTX of the backwards: 16 ld.global.b16 and 16 st.global.b16 per thread
+# and block, against 2 ld / st.global.v4 at V = 151936), and the H200 ran the Triton logprobs step at 4096 x 50257
+# at 37% of the copy bandwidth against 76% at 151936 (benchmarks/results/nvidia-h200). With ``ALIGNED_BODY`` a
+# kernel walks each row as its head (the columns before the first 16-byte boundary), whole blocks from that boundary
+# on (unmasked, their offsets asserted multiples of 16 bytes: 16-byte accesses) and the rest (the head and the
+# tail, gathered under a mask): the backwards the same values column by column, the forwards' row sums
+# (``row_softmax_stats``, the KL's two rows) the same sums in another order. tests/triton/aot_compile_kernels.py
+# checks the 16-byte accesses in each kernel's PTX.
 
 
 def body_aligned(rows: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether a backward kernel may take ``ALIGNED_BODY`` for ``rows[B, T, V]`` and the ``others`` it reads or
-    writes alongside (the gradient, the reference rows): every base address 16-byte aligned, the same element size,
+    """Whether a kernel may take ``ALIGNED_BODY`` for ``rows[B, T, V]`` and the ``others`` it reads or writes
+    alongside (the gradient, the reference rows): every base address 16-byte aligned, the same element size,
     and row strides equal modulo a 16-byte vector, so one column offset is 16-byte aligned in all of them at once;
     and only where Triton's own specialisation would not already prove it (``V`` or a row stride not a multiple
     of 16 elements)."""
@@ -264,8 +266,9 @@ def tile_max(x):
 
 
 @triton.jit
-def row_softmax_stats(x_row, V, scale2, BLOCK_V: tl.constexpr, LANES_V: tl.constexpr):
-    """One read of a row of ``V`` logits at ``x_row``: ``(mx, S, T2)`` with ``scale2 = log2(e) / temperature``.
+def row_softmax_stats(x_ptr, row_off, V, scale2, BLOCK_V: tl.constexpr, LANES_V: tl.constexpr,
+                      ALIGNED_BODY: tl.constexpr = False, VEC: tl.constexpr = 8):
+    """One read of a row of ``V`` logits at ``x_ptr + row_off``: ``(mx, S, T2)``, ``scale2 = log2(e) / temperature``.
 
     ``mx = max x`` (raw logits), and in log2 units ``d = (x - mx)·scale2``:
     ``S = Σ 2^d = Σ exp(z - max z)`` and ``T2 = Σ 2^d·d``. A *block-max* state:
@@ -287,40 +290,65 @@ def row_softmax_stats(x_row, V, scale2, BLOCK_V: tl.constexpr, LANES_V: tl.const
     logits (|z| ~ 1e5) lose nothing to the scaling. ``d`` is floored at -256 so
     that an underflowed term adds exactly 0 to ``t`` (no 0·(-inf)); NaN passes the
     floor and makes the row's sums NaN.
+
+    ``ALIGNED_BODY`` (``body_aligned``): the whole blocks from the row's first
+    16-byte boundary are read unmasked with their offsets asserted multiples of
+    ``VEC`` (16-byte loads), then the head and the tail under a mask; the same
+    sums in another order.
     """
     m = tl.max(tl.full([LANES_V], float("-inf"), tl.float32), 0)
     s = tl.zeros([LANES_V], tl.float32)
     t = tl.zeros([LANES_V], tl.float32)
     tile = row_tile(LANES_V, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tile
-        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tile_max(x))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: sums stay 0
-        alpha = tl.exp2((m - m_use) * scale2)
-        dm = tl.where(m == float("-inf"), 0.0, (m - m_use) * scale2)
-        d = tl.maximum((x - m_use) * scale2, -256.0, propagate_nan=tl.PropagateNan.ALL)
-        e = tl.exp2(d)
-        t = alpha * (t + s * dm) + tl.sum(e * d, 0)
-        s = s * alpha + tl.sum(e, 0)
-        m = m_new
+    if ALIGNED_BODY:
+        head, whole = body_split(row_off, V, BLOCK_V, VEC)
+        for i in range(0, whole):
+            x = tl.load(x_ptr + tl.multiple_of(row_off + head + i * BLOCK_V, VEC) + tile).to(tl.float32)
+            m, s, t = _fold_tile(x, m, s, t, scale2)
+        for k in range(0, V - whole * BLOCK_V, BLOCK_V):  # the head, then the tail
+            r = k + tile
+            cols = tl.where(r < head, r, r + whole * BLOCK_V)
+            x = tl.load(x_ptr + row_off + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m, s, t = _fold_tile(x, m, s, t, scale2)
+    else:
+        for start in range(0, V, BLOCK_V):
+            cols = start + tile
+            x = tl.load(x_ptr + row_off + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m, s, t = _fold_tile(x, m, s, t, scale2)
     return m, tl.sum(s, 0), tl.sum(t, 0)
 
 
 @triton.jit
-def row_logp_entropy_lse(x_row, y, V, inv_t, BLOCK_V: tl.constexpr, LANES_V: tl.constexpr):
-    """``(logp, entropy, lse)`` of row ``x_row`` at target ``y`` under ``softmax(x·inv_t)``, one read of the row.
+def _fold_tile(x, m, s, t, scale2):
+    """One :func:`row_tile` of logits folded into the block-max state ``(m, s, t)`` (:func:`row_softmax_stats`)."""
+    m_new = tl.maximum(m, tile_max(x))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: sums stay 0
+    alpha = tl.exp2((m - m_use) * scale2)
+    dm = tl.where(m == float("-inf"), 0.0, (m - m_use) * scale2)
+    d = tl.maximum((x - m_use) * scale2, -256.0, propagate_nan=tl.PropagateNan.ALL)
+    e = tl.exp2(d)
+    t = alpha * (t + s * dm) + tl.sum(e * d, 0)
+    s = s * alpha + tl.sum(e, 0)
+    return m_new, s, t
+
+
+@triton.jit
+def row_logp_entropy_lse(x_ptr, row_off, y, V, inv_t, BLOCK_V: tl.constexpr, LANES_V: tl.constexpr,
+                         ALIGNED_BODY: tl.constexpr = False, VEC: tl.constexpr = 8):
+    """``(logp, entropy, lse)`` of the row at ``x_ptr + row_off`` at target ``y`` under ``softmax(x·inv_t)``, one
+    read of the row.
 
     With ``(mx, S, T2)`` of :func:`row_softmax_stats`: ``lse = mx·inv_t + ln S``
     (``mx·inv_t`` rounds exactly as the backward's ``z = x·inv_t`` does at the
     max), ``H = ln2·(log2 S - T2 / S)``, ``logp = (x[y] - mx)·inv_t - ln S``. An
     out-of-range ``y`` is never read and gives a NaN ``logp``.
     """
-    mx, S, T2 = row_softmax_stats(x_row, V, inv_t * 1.4426950408889634, BLOCK_V, LANES_V)
+    mx, S, T2 = row_softmax_stats(x_ptr, row_off, V, inv_t * 1.4426950408889634, BLOCK_V, LANES_V, ALIGNED_BODY,
+                                  VEC)
     ln2 = 0.6931471805599453
     log2_s = tl.log2(S)
     in_range = (y >= 0) & (y < V)
-    xy = tl.load(x_row + tl.where(in_range, y, 0), mask=in_range, other=0.0).to(tl.float32)
+    xy = tl.load(x_ptr + row_off + tl.where(in_range, y, 0), mask=in_range, other=0.0).to(tl.float32)
     logp = tl.where(in_range, (xy - mx) * inv_t - log2_s * ln2, float("nan"))
     return logp, (log2_s - T2 / S) * ln2, mx * inv_t + log2_s * ln2
 

@@ -67,6 +67,8 @@ def _kl_divergence_fwd_kernel(
     inv_t,
     BLOCK_V: tl.constexpr,
     LANES_V: tl.constexpr,
+    ALIGNED_BODY: tl.constexpr = False,
+    VEC: tl.constexpr = 8,
 ):
     """Row ``(b, t)`` of ``x, x_ref[B, T, V]`` -> ``kl, lse_z, lse_r[b, t]`` for ``softmax(x·inv_t)`` and ``x_ref``.
 
@@ -115,8 +117,8 @@ def _kl_divergence_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
-    x_row = x_ptr + b * stride_xb + t * stride_xt
-    r_row = r_ptr + b * stride_rb + t * stride_rt
+    x_off = b * stride_xb + t * stride_xt
+    r_off = b * stride_rb + t * stride_rt  # with ALIGNED_BODY, equal to x_off modulo VEC (_common.body_aligned)
     scale2 = inv_t * 1.4426950408889634
     mz = tl.max(tl.full([LANES_V], float("-inf"), tl.float32), 0)
     mr = tl.max(tl.full([LANES_V], float("-inf"), tl.float32), 0)
@@ -124,33 +126,26 @@ def _kl_divergence_fwd_kernel(
     sr = tl.zeros([LANES_V], tl.float32)
     u = tl.zeros([LANES_V], tl.float32)
     tile = row_tile(LANES_V, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tile
-        col_mask = cols < V
-        x = tl.load(x_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32)
-        r = tl.load(r_row + cols, mask=col_mask, other=float("-inf")).to(tl.float32)
-        mz_new = tl.maximum(mz, tile_max(x))
-        mr_new = tl.maximum(mr, tile_max(r))
-        # all -inf so far: measure from 0 (the sums stay 0, no -inf - -inf)
-        mz_use = tl.where(mz_new == float("-inf"), 0.0, mz_new)
-        mr_use = tl.where(mr_new == float("-inf"), 0.0, mr_new)
-        # the shifts (<= 0). From a -inf policy max dmz = -inf and az = 0 clears the (zero) sums;
-        # dmr is 0 there instead, as u (+inf where q = 0 so far) is not rescaled by the reference
-        dmz = mz - mz_use
-        dmr = tl.where(mr == float("-inf"), 0.0, mr - mr_use)
-        az = tl.exp2(dmz * scale2)
-        # an underflowed rescale drops the old terms (a +inf u too: no 0·inf)
-        u = tl.where(az > 0, az * (u + sz * (dmz - dmr)), 0.0)
-        sz = sz * az
-        sr = sr * tl.exp2(dmr * scale2)
-        a = x - mz_use
-        c = r - mr_use  # -inf where q = 0
-        ez = tl.exp2(a * scale2)
-        sz += tl.sum(ez, 0)
-        sr += tl.sum(tl.exp2(c * scale2), 0)
-        u += tl.sum(ez * tl.where(ez > 0, a - c, 0.0), 0)
-        mz = mz_new
-        mr = mr_new
+    if ALIGNED_BODY:  # whole 16-byte aligned blocks unmasked, then the head and the tail (_common.row_softmax_stats)
+        head, whole = body_split(x_off, V, BLOCK_V, VEC)
+        for i in range(0, whole):
+            c0 = head + i * BLOCK_V
+            x = tl.load(x_ptr + tl.multiple_of(x_off + c0, VEC) + tile).to(tl.float32)
+            r = tl.load(r_ptr + tl.multiple_of(r_off + c0, VEC) + tile).to(tl.float32)
+            mz, mr, sz, sr, u = _fold_two_rows(x, r, mz, mr, sz, sr, u, scale2)
+        for k in range(0, V - whole * BLOCK_V, BLOCK_V):
+            q = k + tile
+            cols = tl.where(q < head, q, q + whole * BLOCK_V)
+            x = tl.load(x_ptr + x_off + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            r = tl.load(r_ptr + r_off + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            mz, mr, sz, sr, u = _fold_two_rows(x, r, mz, mr, sz, sr, u, scale2)
+    else:
+        for start in range(0, V, BLOCK_V):
+            cols = start + tile
+            col_mask = cols < V
+            x = tl.load(x_ptr + x_off + cols, mask=col_mask, other=float("-inf")).to(tl.float32)
+            r = tl.load(r_ptr + r_off + cols, mask=col_mask, other=float("-inf")).to(tl.float32)
+            mz, mr, sz, sr, u = _fold_two_rows(x, r, mz, mr, sz, sr, u, scale2)
     Sz = tl.sum(sz, 0)
     Sr = tl.sum(sr, 0)
     ln2 = 0.6931471805599453
@@ -162,6 +157,32 @@ def _kl_divergence_fwd_kernel(
 
 
 _kl_divergence_fwd_tuned = row_autotune(_kl_divergence_fwd_kernel, _common._TWO_ROW_FWD_CANDIDATES)
+
+
+@triton.jit
+def _fold_two_rows(x, r, mz, mr, sz, sr, u, scale2):
+    """One :func:`._common.row_tile` of both rows folded into the KL forward's state (its docstring's update)."""
+    mz_new = tl.maximum(mz, tile_max(x))
+    mr_new = tl.maximum(mr, tile_max(r))
+    # all -inf so far: measure from 0 (the sums stay 0, no -inf - -inf)
+    mz_use = tl.where(mz_new == float("-inf"), 0.0, mz_new)
+    mr_use = tl.where(mr_new == float("-inf"), 0.0, mr_new)
+    # the shifts (<= 0). From a -inf policy max dmz = -inf and az = 0 clears the (zero) sums;
+    # dmr is 0 there instead, as u (+inf where q = 0 so far) is not rescaled by the reference
+    dmz = mz - mz_use
+    dmr = tl.where(mr == float("-inf"), 0.0, mr - mr_use)
+    az = tl.exp2(dmz * scale2)
+    # an underflowed rescale drops the old terms (a +inf u too: no 0·inf)
+    u = tl.where(az > 0, az * (u + sz * (dmz - dmr)), 0.0)
+    sz = sz * az
+    sr = sr * tl.exp2(dmr * scale2)
+    a = x - mz_use
+    c = r - mr_use  # -inf where q = 0
+    ez = tl.exp2(a * scale2)
+    sz += tl.sum(ez, 0)
+    sr += tl.sum(tl.exp2(c * scale2), 0)
+    u += tl.sum(ez * tl.where(ez > 0, a - c, 0.0), 0)
+    return mz_new, mr_new, sz, sr, u
 
 
 @triton.jit
@@ -257,7 +278,7 @@ def kl_divergence_fwd(rows: torch.Tensor, ref_rows: torch.Tensor, temperature: f
         launch_row_kernel(
             _kl_divergence_fwd_kernel, _kl_divergence_fwd_tuned, (B * T,), rows, ref_rows, kl, lse_z, lse_r, T, V,
             rows.stride(0), rows.stride(1), ref_rows.stride(0), ref_rows.stride(1), 1.0 / float(temperature),
-            vocab=V, device=rows.device,
+            vocab=V, device=rows.device, ALIGNED_BODY=body_aligned(rows, ref_rows), VEC=16 // rows.element_size(),
         )
     return kl, lse_z, lse_r
 

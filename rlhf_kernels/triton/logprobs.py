@@ -55,12 +55,14 @@ def _logprobs_fwd_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
     LANES_V: tl.constexpr,
+    ALIGNED_BODY: tl.constexpr = False,
+    VEC: tl.constexpr = 8,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
-    x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
+    x_off = b * stride_b + (row - b * T) * stride_t
     y = tl.load(y_ptr + row)
-    logp, ent, lse = row_logp_entropy_lse(x_row, y, V, inv_t, BLOCK_V, LANES_V)
+    logp, ent, lse = row_logp_entropy_lse(x_ptr, x_off, y, V, inv_t, BLOCK_V, LANES_V, ALIGNED_BODY, VEC)
     valid = y != ignore_index
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
     tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
@@ -176,6 +178,7 @@ def logprobs_fwd(
         launch_row_kernel(
             _logprobs_fwd_kernel, _logprobs_fwd_tuned, (B * T,), rows, targets, logp, entropy, lse, T, V,
             rows.stride(0), rows.stride(1), 1.0 / float(temperature), int(ignore_index), vocab=V, device=rows.device,
+            ALIGNED_BODY=body_aligned(rows), VEC=16 // rows.element_size(),
         )
     return logp, entropy, lse
 

@@ -103,12 +103,14 @@ def _ppo_fwd_kernel(
     HAS_DUAL: tl.constexpr,
     BLOCK_V: tl.constexpr,
     LANES_V: tl.constexpr,
+    ALIGNED_BODY: tl.constexpr = False,
+    VEC: tl.constexpr = 8,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
-    x_row = x_ptr + b * stride_b + (row - b * T) * stride_t
+    x_off = b * stride_b + (row - b * T) * stride_t
     y = tl.load(y_ptr + row)
-    logp, ent, lse = row_logp_entropy_lse(x_row, y, V, inv_t, BLOCK_V, LANES_V)
+    logp, ent, lse = row_logp_entropy_lse(x_ptr, x_off, y, V, inv_t, BLOCK_V, LANES_V, ALIGNED_BODY, VEC)
     valid = y != ignore_index
     logp = tl.where(valid, logp, 0.0)
     ent = tl.where(valid, ent, 0.0)
@@ -246,6 +248,7 @@ def ppo_term_fwd(
             rows.stride(1), 1.0 / float(temperature), int(ignore_index), float(kl_coef), float(entropy_coef),
             float(clip_low), float(clip_high), float(dual_clip or 0.0), vocab=V, device=rows.device,
             HAS_REF=ref_logp is not None, KL_EST=KL_EST_CODES[kl_estimator], HAS_DUAL=dual_clip is not None,
+            ALIGNED_BODY=body_aligned(rows), VEC=16 // rows.element_size(),
         )
     return tuple(outs)
 

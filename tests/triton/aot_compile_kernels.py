@@ -66,26 +66,29 @@ def vector_accesses(k):
 unvectorised = []
 
 
-def build_backward(kernel, types, consts, warps):
-    """A backward kernel as launched on rows of an odd length and stride (GPT-2's V = 50257: only the pointers are
-    16-byte aligned), with and without ALIGNED_BODY; with it, the whole blocks must load and store 16 bytes at a
-    time (triton/_common.py), without it (the rows' alignment unknown to Triton) they cannot."""
+def build_odd_rows(kernel, types, consts, warps, stores=True):
+    """A kernel as launched on rows of an odd length and stride (GPT-2's V = 50257: only the pointers are 16-byte
+    aligned), with and without ALIGNED_BODY; with it, the whole blocks must load (a backward: and store) 16 bytes at
+    a time (triton/_common.py), without it (the rows' alignment unknown to Triton) they cannot."""
     pointers = tuple(n for n in kernel.arg_names if n.endswith("_ptr"))
     vec = {"*bf16": 8, "*fp16": 8, "*fp32": 4}[types["x_ptr"]]
     for body in (False, True):
         k = build(kernel, types, dict(consts, ALIGNED_BODY=body, VEC=vec), warps, pointers)
-        loads, stores = vector_accesses(k)
-        print(f"   16-byte loads {loads}, stores {stores}")
-        if body != (loads > 0 and stores > 0):
-            unvectorised.append(f"{kernel.__name__} {types['x_ptr']} {consts} ALIGNED_BODY={body}: {loads} / {stores}")
+        loads, wide_stores = vector_accesses(k)
+        print(f"   16-byte loads {loads}, stores {wide_stores}")
+        if body != (loads > 0 and (wide_stores > 0 or not stores)):
+            unvectorised.append(f"{kernel.__name__} {types['x_ptr']} {consts} ALIGNED_BODY={body}: {loads} / "
+                                f"{wide_stores}")
 
 
 for dt in ("*bf16", "*fp16", "*fp32"):
-    build(logprobs._logprobs_fwd_kernel, {"x_ptr": dt, "y_ptr": "*i64"}, {"BLOCK_V": 4096, "LANES_V": 4096}, 8)
-    build_backward(logprobs._logprobs_bwd_kernel, {"x_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"}, {"BLOCK_V": 4096}, 8)
-    build(kl._kl_divergence_fwd_kernel, {"x_ptr": dt, "r_ptr": dt}, {"BLOCK_V": 4096, "LANES_V": 4096}, 16)
+    build_odd_rows(logprobs._logprobs_fwd_kernel, {"x_ptr": dt, "y_ptr": "*i64"}, {"BLOCK_V": 4096, "LANES_V": 4096}, 8,
+                   stores=False)
+    build_odd_rows(logprobs._logprobs_bwd_kernel, {"x_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"}, {"BLOCK_V": 4096}, 8)
+    build_odd_rows(kl._kl_divergence_fwd_kernel, {"x_ptr": dt, "r_ptr": dt}, {"BLOCK_V": 4096, "LANES_V": 4096}, 16,
+                   stores=False)
     for need in (True, False):
-        build_backward(kl._kl_divergence_bwd_kernel, {"x_ptr": dt, "r_ptr": dt, "dx_ptr": dt, "dr_ptr": dt},
+        build_odd_rows(kl._kl_divergence_bwd_kernel, {"x_ptr": dt, "r_ptr": dt, "dx_ptr": dt, "dr_ptr": dt},
                        {"BLOCK_V": 4096, "NEED_REF_GRAD": need}, 8)
     for est in (1, 2, 3):
         for clamp in (True, False):
@@ -94,13 +97,13 @@ for dt in ("*bf16", "*fp16", "*fp32"):
     for has_ref in (True, False):
         for dual in (True, False):
             c = {"BLOCK_V": 4096, "HAS_REF": has_ref, "KL_EST": 3, "HAS_DUAL": dual}
-            build(ppo._ppo_fwd_kernel, {"x_ptr": dt, "y_ptr": "*i64"}, dict(c, LANES_V=4096), 8)
-            build_backward(ppo._ppo_bwd_kernel, {"x_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"}, c, 8)
+            build_odd_rows(ppo._ppo_fwd_kernel, {"x_ptr": dt, "y_ptr": "*i64"}, dict(c, LANES_V=4096), 8, stores=False)
+            build_odd_rows(ppo._ppo_bwd_kernel, {"x_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"}, c, 8)
     build(advantages._gae_fwd_kernel, {"r_ptr": dt, "v_ptr": dt, "adv_ptr": dt, "ret_ptr": dt}, {"BLOCK_B": 32}, 1)
 for est in (1, 2):
-    build(ppo._ppo_fwd_kernel, {"x_ptr": "*bf16", "y_ptr": "*i64"}, {"BLOCK_V": 4096, "LANES_V": 4096, "HAS_REF": True, "KL_EST": est, "HAS_DUAL": True}, 8)
+    build(ppo._ppo_fwd_kernel, {"x_ptr": "*bf16", "y_ptr": "*i64"}, {"BLOCK_V": 4096, "LANES_V": 4096, "HAS_REF": True, "KL_EST": est, "HAS_DUAL": True, "ALIGNED_BODY": False, "VEC": 8}, 8)
 # float64 outputs (forced triton on float64 logits)
-build(logprobs._logprobs_fwd_kernel, {"x_ptr": "*fp64", "y_ptr": "*i64", "logp_ptr": "*fp64", "ent_ptr": "*fp64", "lse_ptr": "*fp64"}, {"BLOCK_V": 4096, "LANES_V": 4096}, 8)
+build(logprobs._logprobs_fwd_kernel, {"x_ptr": "*fp64", "y_ptr": "*i64", "logp_ptr": "*fp64", "ent_ptr": "*fp64", "lse_ptr": "*fp64"}, {"BLOCK_V": 4096, "LANES_V": 4096, "ALIGNED_BODY": True, "VEC": 2}, 8)
 
 # Every forward autotune candidate, as launched on 16-byte aligned rows: none may spill.
 from rlhf_kernels.triton import _common
@@ -115,11 +118,15 @@ spilled = []
 for kernel, candidates, consts, aligned in forwards:
     for dt in ("*bf16", "*fp32"):
         for block, lanes, warps in candidates:
-            k = build(kernel, {"x_ptr": dt, "r_ptr": dt, "y_ptr": "*i64"}, dict(consts, BLOCK_V=block, LANES_V=lanes), warps, aligned)
-            usage = resource_usage(k)
-            print(f"   {usage}")
-            if usage is not None and not ("STACK:0" in usage and "LOCAL:0" in usage):
-                spilled.append(f"{kernel.__name__} {dt} {block}x{lanes}x{warps}: {usage}")
+            # as launched on aligned rows, and (ALIGNED_BODY) on rows of an odd length and stride
+            for body, proven in ((False, aligned), (True, tuple(n for n in aligned if n.endswith("_ptr")))):
+                vec = {"*bf16": 8, "*fp32": 4}[dt]
+                k = build(kernel, {"x_ptr": dt, "r_ptr": dt, "y_ptr": "*i64"},
+                          dict(consts, BLOCK_V=block, LANES_V=lanes, ALIGNED_BODY=body, VEC=vec), warps, proven)
+                usage = resource_usage(k)
+                print(f"   {usage}")
+                if usage is not None and not ("STACK:0" in usage and "LOCAL:0" in usage):
+                    spilled.append(f"{kernel.__name__} {dt} {block}x{lanes}x{warps} ALIGNED_BODY={body}: {usage}")
 if spilled:
     print("SPILLS (a forward candidate keeps state in local memory):\n" + "\n".join(spilled))
     sys.exit(1)

@@ -1,11 +1,12 @@
-"""The Triton backward kernels' ``ALIGNED_BODY`` walk (``triton/_common.py``): rows of an odd length or stride
+"""The Triton kernels' ``ALIGNED_BODY`` walk (``triton/_common.py``): rows of an odd length or stride
 split into their head, whole 16-byte aligned blocks and the rest, the same values as the plain walk.
 
 Elementwise kernels, so the two walks must agree bit for bit, at every row misalignment (odd V: rows of one
 tensor start at every offset modulo a 16-byte vector), contiguous and strided (``[:, :-1]`` views), with the head,
 whole blocks and a rest wider than one block all present (V = 198 in the interpreter's 64-column blocks: a head of
-7 leaves a rest of 70), for logprobs, the exact KL (with and without the reference's gradient) and the PPO term. ``aot_compile_kernels.py`` checks that the walk compiles to 16-byte
-accesses on sm_90 (and that the plain walk cannot).
+7 leaves a rest of 70), for logprobs, the exact KL (with and without the reference's gradient) and the PPO term;
+the forwards to float32 rounding (their sums in another order). ``aot_compile_kernels.py`` checks that the walk
+compiles to 16-byte accesses on sm_90 (and that the plain walk cannot).
 """
 
 import pytest
@@ -126,3 +127,29 @@ def test_body_split_starts_the_whole_blocks_on_a_vector_boundary(vec, V):
     fits = (offs + head) % vec == 0
     assert bool(((head < vec) & (head <= V) & (fits | (head == V))).all()), (offs, head)
     assert torch.equal(whole, (V - head) // 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", [198, 301, 7])
+def test_forward_walks_agree_up_to_the_order_of_their_sums(monkeypatch, dtype, V):
+    """The forwards (logprobs, the PPO term, the exact KL) fold the whole blocks first, then the head and the tail:
+    the same sums in another order, so equal to float32 rounding (the oracle tests cover their accuracy)."""
+    close = dict(rtol=1e-5, atol=1e-5)
+    for case, (x, _) in enumerate(_cases(V, dtype, seed=V + 7)):
+        n = tuple(x.shape[:2])
+        y = make_targets(n, V, seed=case)
+        a, p = _both_walks(monkeypatch, logprobs, lambda: logprobs.logprobs_fwd(x, y, 0.8, -100))
+        for u, w in zip(a, p):
+            torch.testing.assert_close(u, w, **close)
+        g = torch.Generator().manual_seed(case)
+        old, adv, ref = (torch.randn(n, generator=g).to(DEVICE) - 5 for _ in range(3))
+        kw = dict(temperature=0.8, ignore_index=-100, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01,
+                  clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+        a, p = _both_walks(monkeypatch, ppo, lambda: ppo.ppo_term_fwd(x, y, old, adv, ref, **kw))
+        for u, w in zip(a, p):
+            torch.testing.assert_close(u, w, **close)
+        r = make_logits((2, 9, V), dtype, seed=case)[:, :-1] if not x.is_contiguous() else make_logits(
+            tuple(x.shape), dtype, seed=case)
+        a, p = _both_walks(monkeypatch, kl, lambda: kl.kl_divergence_fwd(x, r, 0.9))
+        for u, w in zip(a, p):
+            torch.testing.assert_close(u, w, **close)
