@@ -166,11 +166,11 @@ def launch_row_kernel(kernel, tuned, grid, *args, vocab: int, device: torch.devi
 # every value with a 2-byte access (sm_90 PTX of the backwards: 16 ld.global.b16 and 16 st.global.b16 per thread
 # and block, against 2 ld / st.global.v4 at V = 151936), and the H200 ran the Triton logprobs step at 4096 x 50257
 # at 37% of the copy bandwidth against 76% at 151936 (benchmarks/results/nvidia-h200). With ``ALIGNED_BODY`` a
-# kernel walks each row as its head (the columns before the first 16-byte boundary), whole blocks from that boundary
-# on (unmasked, their offsets asserted multiples of 16 bytes: 16-byte accesses) and the rest (the head and the
-# tail, gathered under a mask): the backwards the same values column by column, the forwards' row sums
-# (``row_softmax_stats``, the KL's two rows) the same sums in another order. tests/triton/aot_compile_kernels.py
-# checks the 16-byte accesses in each kernel's PTX.
+# kernel walks each row in blocks that start at the 16-byte boundary at or before it (``aligned_blocks``): the whole
+# ones unmasked, their offsets asserted multiples of 16 bytes (16-byte accesses), the first (the row's head) and the
+# last (its tail) contiguous under a mask. The backwards compute the same values column by column, the forwards'
+# row sums (``row_softmax_stats``, the KL's two rows) the same sums grouped otherwise.
+# tests/triton/aot_compile_kernels.py checks the 16-byte accesses in each kernel's PTX.
 
 
 def body_aligned(rows: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -189,22 +189,24 @@ def body_aligned(rows: torch.Tensor, *others: torch.Tensor) -> bool:
     return rows.shape[-1] % 16 != 0 or any(t.stride(i) % 16 for t in tensors for i in (0, 1))
 
 
-@triton.jit
-def body_split(row_off, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
-    """``(head, whole)`` of a row starting ``row_off`` elements past a 16-byte aligned base: ``head`` columns before
-    its first 16-byte boundary (at most ``V``), then ``whole`` blocks of ``BLOCK_V`` columns (``BLOCK_V`` a multiple
-    of ``VEC``, the values per 16 bytes)."""
-    head = tl.minimum((VEC - row_off % VEC) % VEC, V)
-    return head, (V - head) // BLOCK_V
+def column_blocks(vocab: int, block: int, aligned: bool, rows: torch.Tensor) -> int:
+    """Programs per row of a backward's 2-D grid: ``cdiv(V, block)``, one more of reach with ``ALIGNED_BODY``
+    (its blocks start up to a vector before the row: ``aligned_blocks``; a row that needs fewer masks the rest
+    off)."""
+    return triton.cdiv(vocab + (16 // rows.element_size() - 1 if aligned else 0), block)
 
 
 @triton.jit
-def rest_columns(j, head, whole, V, BLOCK_V: tl.constexpr):
-    """``(cols, mask)`` of program ``j >= whole`` along a row: its head and its tail, ``BLOCK_V`` columns at a time
-    (``cdiv(V, BLOCK_V)`` programs cover the row: ``whole`` blocks, then the rest)."""
-    r = (j - whole).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    cols = tl.where(r < head, r, r + whole.to(tl.int64) * BLOCK_V)
-    return cols, cols < V
+def aligned_blocks(row_off, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """``(shift, base, end, whole_end)`` of a row starting ``row_off`` elements past a 16-byte aligned base pointer:
+    its columns sit at ``[shift, end)`` past ``base = row_off - shift``, a multiple of ``VEC`` (the values per 16
+    bytes), ``end = shift + V``. Of the ``BLOCK_V`` blocks from ``base``, ``1 .. whole_end - 1`` lie wholly inside
+    the row (unmasked, 16-byte accesses); block 0 (the row's head) and those from ``max(whole_end, 1)`` up to
+    ``cdiv(end, BLOCK_V)`` (its tail) take a mask. ``shift`` and ``end`` are 32-bit, so a masked block's column
+    tensors stay 32-bit."""
+    shift = (row_off % VEC).to(tl.int32)
+    end = shift + V
+    return shift, row_off - shift, end, end // BLOCK_V
 
 
 @triton.jit
@@ -291,24 +293,25 @@ def row_softmax_stats(x_ptr, row_off, V, scale2, BLOCK_V: tl.constexpr, LANES_V:
     that an underflowed term adds exactly 0 to ``t`` (no 0·(-inf)); NaN passes the
     floor and makes the row's sums NaN.
 
-    ``ALIGNED_BODY`` (``body_aligned``): the whole blocks from the row's first
-    16-byte boundary are read unmasked with their offsets asserted multiples of
-    ``VEC`` (16-byte loads), then the head and the tail under a mask; the same
-    sums in another order.
+    ``ALIGNED_BODY`` (``body_aligned``): blocks start at the 16-byte boundary at
+    or before the row (``aligned_blocks``), the whole ones read unmasked with
+    their offsets asserted multiples of ``VEC`` (16-byte loads), the first and
+    the last under a mask; the same sums, grouped otherwise.
     """
     m = tl.max(tl.full([LANES_V], float("-inf"), tl.float32), 0)
     s = tl.zeros([LANES_V], tl.float32)
     t = tl.zeros([LANES_V], tl.float32)
     tile = row_tile(LANES_V, BLOCK_V)
     if ALIGNED_BODY:
-        head, whole = body_split(row_off, V, BLOCK_V, VEC)
-        for i in range(0, whole):
-            x = tl.load(x_ptr + tl.multiple_of(row_off + head + i * BLOCK_V, VEC) + tile).to(tl.float32)
+        shift, base, end, whole_end = aligned_blocks(row_off, V, BLOCK_V, VEC)
+        x = tl.load(x_ptr + base + tile, mask=(tile >= shift) & (tile < end), other=float("-inf")).to(tl.float32)
+        m, s, t = _fold_tile(x, m, s, t, scale2)  # block 0: the head
+        for i in range(1, whole_end):
+            x = tl.load(x_ptr + tl.multiple_of(base + i * BLOCK_V, VEC) + tile).to(tl.float32)
             m, s, t = _fold_tile(x, m, s, t, scale2)
-        for k in range(0, V - whole * BLOCK_V, BLOCK_V):  # the head, then the tail
-            r = k + tile
-            cols = tl.where(r < head, r, r + whole * BLOCK_V)
-            x = tl.load(x_ptr + row_off + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        for i in range(tl.maximum(whole_end, 1), tl.cdiv(end, BLOCK_V)):  # the tail
+            rel = i * BLOCK_V + tile
+            x = tl.load(x_ptr + base + rel, mask=rel < end, other=float("-inf")).to(tl.float32)
             m, s, t = _fold_tile(x, m, s, t, scale2)
     else:
         for start in range(0, V, BLOCK_V):

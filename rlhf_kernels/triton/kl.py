@@ -34,14 +34,13 @@ from . import _common
 from ._common import (
     KL_EST_CODES,
     body_aligned,
-    body_split,
+    aligned_blocks,
     device_guard,
     kl_k,
     kl_k_dlogp,
     launch_row_kernel,
     load_cols,
     next_pow2,
-    rest_columns,
     row_autotune,
     row_tile,
     store_cols,
@@ -126,18 +125,21 @@ def _kl_divergence_fwd_kernel(
     sr = tl.zeros([LANES_V], tl.float32)
     u = tl.zeros([LANES_V], tl.float32)
     tile = row_tile(LANES_V, BLOCK_V)
-    if ALIGNED_BODY:  # whole 16-byte aligned blocks unmasked, then the head and the tail (_common.row_softmax_stats)
-        head, whole = body_split(x_off, V, BLOCK_V, VEC)
-        for i in range(0, whole):
-            c0 = head + i * BLOCK_V
-            x = tl.load(x_ptr + tl.multiple_of(x_off + c0, VEC) + tile).to(tl.float32)
-            r = tl.load(r_ptr + tl.multiple_of(r_off + c0, VEC) + tile).to(tl.float32)
+    if ALIGNED_BODY:  # blocks from the rows' 16-byte boundary, the whole ones unmasked (_common.aligned_blocks)
+        shift, x_base, end, whole_end = aligned_blocks(x_off, V, BLOCK_V, VEC)
+        r_base = r_off - shift
+        head = (tile >= shift) & (tile < end)
+        x = tl.load(x_ptr + x_base + tile, mask=head, other=float("-inf")).to(tl.float32)
+        r = tl.load(r_ptr + r_base + tile, mask=head, other=float("-inf")).to(tl.float32)
+        mz, mr, sz, sr, u = _fold_two_rows(x, r, mz, mr, sz, sr, u, scale2)
+        for i in range(1, whole_end):
+            x = tl.load(x_ptr + tl.multiple_of(x_base + i * BLOCK_V, VEC) + tile).to(tl.float32)
+            r = tl.load(r_ptr + tl.multiple_of(r_base + i * BLOCK_V, VEC) + tile).to(tl.float32)
             mz, mr, sz, sr, u = _fold_two_rows(x, r, mz, mr, sz, sr, u, scale2)
-        for k in range(0, V - whole * BLOCK_V, BLOCK_V):
-            q = k + tile
-            cols = tl.where(q < head, q, q + whole * BLOCK_V)
-            x = tl.load(x_ptr + x_off + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            r = tl.load(r_ptr + r_off + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        for i in range(tl.maximum(whole_end, 1), tl.cdiv(end, BLOCK_V)):
+            rel = i * BLOCK_V + tile
+            x = tl.load(x_ptr + x_base + rel, mask=rel < end, other=float("-inf")).to(tl.float32)
+            r = tl.load(r_ptr + r_base + rel, mask=rel < end, other=float("-inf")).to(tl.float32)
             mz, mr, sz, sr, u = _fold_two_rows(x, r, mz, mr, sz, sr, u, scale2)
     else:
         for start in range(0, V, BLOCK_V):
@@ -224,18 +226,19 @@ def _kl_divergence_bwd_kernel(
     kl = tl.load(kl_ptr + row).to(tl.float32)
     lse_z = tl.load(lse_z_ptr + row).to(tl.float32)
     lse_r = tl.load(lse_r_ptr + row).to(tl.float32)
-    if ALIGNED_BODY:  # (_common: whole 16-byte aligned blocks unmasked, then the row's head and tail)
-        head, whole = body_split(x_off, V, BLOCK_V, VEC)
-        if j < whole:
-            c0 = head + j.to(tl.int64) * BLOCK_V
+    if ALIGNED_BODY:  # blocks from the rows' 16-byte boundary, the whole ones unmasked (_common.aligned_blocks)
+        shift, _, end, whole_end = aligned_blocks(x_off, V, BLOCK_V, VEC)
+        rel = j * BLOCK_V + tl.arange(0, BLOCK_V)
+        cols = rel - shift
+        if (j >= 1) & (j < whole_end):
+            c0 = j * BLOCK_V - shift
             ar = tl.arange(0, BLOCK_V)
             _kl_grad_block(dx_ptr, dr_ptr, x_ptr, r_ptr, tl.multiple_of(dx_off + c0, VEC) + ar,
                            tl.multiple_of(dr_off + c0, VEC) + ar, tl.multiple_of(x_off + c0, VEC) + ar,
                            tl.multiple_of(r_off + c0, VEC) + ar, 0, g, kl, lse_z, lse_r, inv_t, NEED_REF_GRAD, True)
         else:
-            cols, mask = rest_columns(j, head, whole, V, BLOCK_V)
             _kl_grad_block(dx_ptr, dr_ptr, x_ptr, r_ptr, dx_off + cols, dr_off + cols, x_off + cols, r_off + cols,
-                           mask, g, kl, lse_z, lse_r, inv_t, NEED_REF_GRAD, False)
+                           (rel >= shift) & (rel < end), g, kl, lse_z, lse_r, inv_t, NEED_REF_GRAD, False)
     else:
         cols = j * BLOCK_V + tl.arange(0, BLOCK_V)
         _kl_grad_block(dx_ptr, dr_ptr, x_ptr, r_ptr, dx_off + cols, dr_off + cols, x_off + cols, r_off + cols,
@@ -312,13 +315,13 @@ def kl_divergence_bwd(
         return dx, dr
     block, warps = vocab_config(V, rows.device, "bwd")
     with device_guard(rows):
-        _kl_divergence_bwd_kernel[(B * T, triton.cdiv(V, block))](
+        aligned = body_aligned(rows, ref_rows, dx, *([dr] if need_ref_grad else []))
+        _kl_divergence_bwd_kernel[(B * T, _common.column_blocks(V, block, aligned, rows))](
             dx, dr if need_ref_grad else dx, rows, ref_rows, *flat, T, V, rows.stride(0), rows.stride(1),
             ref_rows.stride(0), ref_rows.stride(1), dx.stride(0), dx.stride(1),
             (dr if need_ref_grad else dx).stride(0), (dr if need_ref_grad else dx).stride(1), 1.0 / float(temperature),
             NEED_REF_GRAD=bool(need_ref_grad), BLOCK_V=block, num_warps=warps,
-            ALIGNED_BODY=body_aligned(rows, ref_rows, dx, *([dr] if need_ref_grad else [])),
-            VEC=16 // rows.element_size(),
+            ALIGNED_BODY=aligned, VEC=16 // rows.element_size(),
         )
     return dx, dr
 

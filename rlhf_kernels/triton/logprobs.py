@@ -28,11 +28,10 @@ import triton.language as tl
 from . import _common
 from ._common import (
     body_aligned,
-    body_split,
+    aligned_blocks,
     device_guard,
     launch_row_kernel,
     load_cols,
-    rest_columns,
     row_autotune,
     row_logp_entropy_lse,
     store_cols,
@@ -104,18 +103,19 @@ def _logprobs_bwd_kernel(
     lse = tl.load(lse_ptr + row).to(tl.float32)
     ent = tl.load(ent_ptr + row).to(tl.float32)
     valid = y != ignore_index
-    if ALIGNED_BODY:  # (_common: whole 16-byte aligned blocks unmasked, then the row's head and tail)
-        head, whole = body_split(x_off, V, BLOCK_V, VEC)
-        if j < whole:
-            c0 = head + j.to(tl.int64) * BLOCK_V
+    if ALIGNED_BODY:  # blocks from the row's 16-byte boundary, the whole ones unmasked (_common.aligned_blocks)
+        shift, _, end, whole_end = aligned_blocks(x_off, V, BLOCK_V, VEC)
+        rel = j * BLOCK_V + tl.arange(0, BLOCK_V)
+        cols = rel - shift
+        if (j >= 1) & (j < whole_end):
+            c0 = j * BLOCK_V - shift
             ar = tl.arange(0, BLOCK_V)
             logprobs_grad_block(dx_ptr, x_ptr, tl.multiple_of(dx_off + c0, VEC) + ar,
-                                tl.multiple_of(x_off + c0, VEC) + ar, c0 + ar, 0, y, lse, ent, g_logp, g_ent,
+                                tl.multiple_of(x_off + c0, VEC) + ar, cols, 0, y, lse, ent, g_logp, g_ent,
                                 inv_t, valid, True)
         else:
-            cols, mask = rest_columns(j, head, whole, V, BLOCK_V)
-            logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, mask, y, lse, ent, g_logp, g_ent,
-                                inv_t, valid, False)
+            logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, (rel >= shift) & (rel < end), y,
+                                lse, ent, g_logp, g_ent, inv_t, valid, False)
     else:
         cols = j * BLOCK_V + tl.arange(0, BLOCK_V)
         logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, cols < V, y, lse, ent, g_logp, g_ent,
@@ -207,9 +207,10 @@ def logprobs_bwd(
         return grad
     block, warps = vocab_config(V, rows.device, "bwd")
     with device_guard(rows):
-        _logprobs_bwd_kernel[(B * T, triton.cdiv(V, block))](
+        aligned = body_aligned(rows, grad)
+        _logprobs_bwd_kernel[(B * T, _common.column_blocks(V, block, aligned, rows))](
             grad, rows, *flat, T, V, rows.stride(0), rows.stride(1), grad.stride(0), grad.stride(1),
             1.0 / float(temperature), int(ignore_index), BLOCK_V=block, num_warps=warps,
-            ALIGNED_BODY=body_aligned(rows, grad), VEC=16 // rows.element_size(),
+            ALIGNED_BODY=aligned, VEC=16 // rows.element_size(),
         )
     return grad

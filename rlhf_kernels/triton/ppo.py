@@ -34,12 +34,11 @@ from . import _common
 from ._common import (
     KL_EST_CODES,
     body_aligned,
-    body_split,
+    aligned_blocks,
     device_guard,
     kl_k,
     kl_k_dlogp,
     launch_row_kernel,
-    rest_columns,
     row_autotune,
     row_logp_entropy_lse,
     vocab_config,
@@ -188,18 +187,19 @@ def _ppo_bwd_kernel(
         g_logp += (g_term * kl_coef + tl.load(g_kl_ptr + row).to(tl.float32)) * dk
     g_ent = tl.load(g_ent_ptr + row).to(tl.float32) - g_term * ent_coef
     valid = y != ignore_index
-    if ALIGNED_BODY:  # (_common: whole 16-byte aligned blocks unmasked, then the row's head and tail)
-        head, whole = body_split(x_off, V, BLOCK_V, VEC)
-        if j < whole:
-            c0 = head + j.to(tl.int64) * BLOCK_V
+    if ALIGNED_BODY:  # blocks from the row's 16-byte boundary, the whole ones unmasked (_common.aligned_blocks)
+        shift, _, end, whole_end = aligned_blocks(x_off, V, BLOCK_V, VEC)
+        rel = j * BLOCK_V + tl.arange(0, BLOCK_V)
+        cols = rel - shift
+        if (j >= 1) & (j < whole_end):
+            c0 = j * BLOCK_V - shift
             ar = tl.arange(0, BLOCK_V)
             logprobs_grad_block(dx_ptr, x_ptr, tl.multiple_of(dx_off + c0, VEC) + ar,
-                                tl.multiple_of(x_off + c0, VEC) + ar, c0 + ar, 0, y, lse, ent, g_logp, g_ent,
+                                tl.multiple_of(x_off + c0, VEC) + ar, cols, 0, y, lse, ent, g_logp, g_ent,
                                 inv_t, valid, True)
         else:
-            cols, mask = rest_columns(j, head, whole, V, BLOCK_V)
-            logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, mask, y, lse, ent, g_logp, g_ent,
-                                inv_t, valid, False)
+            logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, (rel >= shift) & (rel < end), y,
+                                lse, ent, g_logp, g_ent, inv_t, valid, False)
     else:
         cols = j * BLOCK_V + tl.arange(0, BLOCK_V)
         logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, cols < V, y, lse, ent, g_logp, g_ent,
@@ -291,12 +291,13 @@ def ppo_term_bwd(
     ref = _flat(ref_logp, n) if ref_logp is not None else flat[-2]
     block, warps = vocab_config(V, rows.device, "bwd")
     with device_guard(rows):
-        _ppo_bwd_kernel[(n, triton.cdiv(V, block))](
+        aligned = body_aligned(rows, grad)
+        _ppo_bwd_kernel[(n, _common.column_blocks(V, block, aligned, rows))](
             grad, rows, *flat, ref, T, V, rows.stride(0), rows.stride(1), grad.stride(0), grad.stride(1),
             1.0 / float(temperature),
             int(ignore_index), float(kl_coef), float(entropy_coef), float(clip_low), float(clip_high),
             float(dual_clip or 0.0), HAS_REF=ref_logp is not None, KL_EST=KL_EST_CODES[kl_estimator],
             HAS_DUAL=dual_clip is not None, BLOCK_V=block, num_warps=warps,
-            ALIGNED_BODY=body_aligned(rows, grad), VEC=16 // rows.element_size(),
+            ALIGNED_BODY=aligned, VEC=16 // rows.element_size(),
         )
     return grad

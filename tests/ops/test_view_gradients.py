@@ -8,7 +8,8 @@ the ``[B, T, V]`` gradient into it. Checked here for every backend that runs on 
 CPU (``cpu``, ``torch``, ``triton`` under ``TRITON_INTERPRET=1``):
 
 - gradients through ``base[:, :-1]``, ``base[:, 1:]``, ``base[:, 1:-1]`` equal those of
-  the contiguous path bit for bit, with every element written (NaN-poisoned
+  the contiguous path bit for bit (Triton: to float32 rounding, its forwards' sums
+  grouped by the rows' alignment), with every element written (NaN-poisoned
   allocations) and the dropped rows exactly zero;
 - no ``slice_backward`` and no ``[B, L, V]``-sized zero fill in the backward
   (a dispatch mode records the ops; the fallback path is the negative control);
@@ -84,18 +85,30 @@ def _view_vs_contiguous(op, backend, sl, dtype=torch.float32, B=3, L=7, V=33):
     rc = ref_base[:, sl].contiguous().requires_grad_() if op == "kl" else None
     loss_c = _loss(op, c, y, old, adv, mask, ref, backend, rc)
     loss_c.backward()
-    assert torch.equal(loss.detach(), loss_c.detach())
+    same = _same_bits if backend != "triton" else _same_up_to_alignment
+    same(loss.detach(), loss_c.detach())
     expected = torch.zeros_like(base)
     expected[:, sl] = c.grad
     assert x.grad.shape == base.shape and x.grad.dtype == dtype
-    assert torch.equal(x.grad, expected), (x.grad - expected).abs().max()
+    same(x.grad, expected)
     if op == "kl":
         expected_r = torch.zeros_like(ref_base)
         expected_r[:, sl] = rc.grad
-        assert torch.equal(r.grad, expected_r)
+        same(r.grad, expected_r)
     dropped = torch.ones(L, dtype=torch.bool)
     dropped[sl] = False
     assert torch.all(x.grad[:, dropped] == 0)
+
+
+def _same_bits(got, expected):
+    assert torch.equal(got, expected), (got - expected).abs().max()
+
+
+def _same_up_to_alignment(got, expected):
+    """The Triton forwards group a row's sums by its 16-byte alignment where the row length or stride is odd
+    (``ALIGNED_BODY``, ``triton/_common.py``), which a view and its contiguous copy need not share: the same values
+    to float32 rounding, not the same bits (the backwards themselves are elementwise, the same bits)."""
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6 * max(1.0, expected.abs().max().item()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -253,6 +266,8 @@ def test_autograd_corner_cases(backend):
     B, L, V = 2, 6, 11
     w, y, _old, _adv, _mask, _ref = _inputs(B, L, V, L - 2)
     w.requires_grad_()
+    # the same bits, but for Triton's forwards, whose sums follow the rows' alignment (_same_up_to_alignment)
+    exact = dict(rtol=0, atol=0) if backend != "triton" else dict(rtol=2e-6, atol=2e-6)
 
     def grads(fn):
         w.grad = None
@@ -269,10 +284,10 @@ def test_autograd_corner_cases(backend):
         base = w * 2
         return sum(t.sum() for t in lp(base[:, 1:][:, :-1])) + base.square().sum()
 
-    torch.testing.assert_close(grads(non_leaf), expected, rtol=0, atol=0)
+    torch.testing.assert_close(grads(non_leaf), expected, **exact)
     two = grads(lambda: lp(w[:, :-2])[0].sum() + lp(w[:, 2:])[1].sum())
     two_ref = grads(lambda: lp(w[:, :-2].contiguous())[0].sum() + lp(w[:, 2:].contiguous())[1].sum())
-    torch.testing.assert_close(two, two_ref, rtol=0, atol=0)
+    torch.testing.assert_close(two, two_ref, **exact)
 
     # in-place on the base before the call (its grad_fn becomes CopySlices): still right
     def inplace_before(contiguous):
@@ -281,8 +296,7 @@ def test_autograd_corner_cases(backend):
         x = base[:, :-2]
         return lp(x.contiguous() if contiguous else x)[0].sum()
 
-    torch.testing.assert_close(grads(lambda: inplace_before(False)), grads(lambda: inplace_before(True)), rtol=0,
-                               atol=0)
+    torch.testing.assert_close(grads(lambda: inplace_before(False)), grads(lambda: inplace_before(True)), **exact)
 
     # in-place on the base after the call: autograd refuses, as it does for the plain view
     base = w * 1

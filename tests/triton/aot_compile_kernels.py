@@ -38,8 +38,10 @@ def build(kernel, types, consts, warps, aligned=()):
     if "constexprs" in inspect.signature(ASTSource).parameters:  # triton >= 3.3
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
         src = ASTSource(fn=fn, signature=sig_for(fn, types, consts), constexprs=consts, attrs=attrs)
-    else:  # triton 3.2
-        src = ASTSource(fn=fn, signature=sig_for(fn, types, consts), constants=consts)
+    else:  # triton 3.2: the divisibility hints through its AttrsDescriptor
+        from triton.backends.compiler import AttrsDescriptor
+        attrs = AttrsDescriptor.from_hints({fn.arg_names.index(n): 16 for n in aligned})
+        src = ASTSource(fn=fn, signature=sig_for(fn, types, consts), constants=consts, attrs=attrs)
     k = compile(src, target=target, options={"num_warps": warps})
     md = k.metadata
     print(f"ok {fn.__name__:32s} {types.get('x_ptr', '')} consts={consts} warps={warps} shared={md.shared} regs={getattr(k, 'n_regs', '?')}")

@@ -2,9 +2,9 @@
 split into their head, whole 16-byte aligned blocks and the rest, the same values as the plain walk.
 
 Elementwise kernels, so the two walks must agree bit for bit, at every row misalignment (odd V: rows of one
-tensor start at every offset modulo a 16-byte vector), contiguous and strided (``[:, :-1]`` views), with the head,
-whole blocks and a rest wider than one block all present (V = 198 in the interpreter's 64-column blocks: a head of
-7 leaves a rest of 70), for logprobs, the exact KL (with and without the reference's gradient) and the PPO term;
+tensor start at every offset modulo a 16-byte vector), contiguous and strided (``[:, :-1]`` views), with a masked
+head block, whole blocks and a masked tail (V = 198, 301 in the interpreter's 64-column blocks; V = 7 in one
+block), for logprobs, the exact KL (with and without the reference's gradient) and the PPO term;
 the forwards to float32 rounding (their sums in another order). ``aot_compile_kernels.py`` checks that the walk
 compiles to 16-byte accesses on sm_90 (and that the plain walk cannot).
 """
@@ -109,24 +109,28 @@ def test_body_aligned_takes_the_walk_only_where_it_is_sound_and_needed():
 
 
 @triton.jit
-def _split_kernel(off_ptr, head_ptr, whole_ptr, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+def _blocks_kernel(off_ptr, out_ptr, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
     i = tl.program_id(0)
-    head, whole = _common.body_split(tl.load(off_ptr + i), V, BLOCK_V, VEC)
-    tl.store(head_ptr + i, head)
-    tl.store(whole_ptr + i, whole)
+    shift, base, end, whole_end = _common.aligned_blocks(tl.load(off_ptr + i), V, BLOCK_V, VEC)
+    tl.store(out_ptr + 4 * i, shift.to(tl.int64))
+    tl.store(out_ptr + 4 * i + 1, base)
+    tl.store(out_ptr + 4 * i + 2, end.to(tl.int64))
+    tl.store(out_ptr + 4 * i + 3, whole_end.to(tl.int64))
 
 
 @pytest.mark.parametrize("vec", [2, 4, 8])
 @pytest.mark.parametrize("V", [1, 7, 198, 50257])
-def test_body_split_starts_the_whole_blocks_on_a_vector_boundary(vec, V):
+def test_aligned_blocks_start_on_a_vector_boundary(vec, V):
     """What the 16-byte hints rest on (the interpreter ignores them, so the walks' agreement alone cannot tell):
-    ``row_off + head`` is a multiple of ``VEC``, ``head < VEC`` and ``<= V``, and the whole blocks fit the row."""
+    ``base`` is a multiple of ``VEC`` at or before the row, ``end - shift = V``, and blocks ``1 .. whole_end - 1``
+    lie inside ``[shift, end)``."""
     offs = torch.arange(0, 40, dtype=torch.int64, device=DEVICE) * 50257 + 3  # every residue modulo 8
-    head, whole = torch.empty_like(offs), torch.empty_like(offs)
-    _split_kernel[(offs.numel(),)](offs, head, whole, V, BLOCK_V=64, VEC=vec)
-    fits = (offs + head) % vec == 0
-    assert bool(((head < vec) & (head <= V) & (fits | (head == V))).all()), (offs, head)
-    assert torch.equal(whole, (V - head) // 64)
+    out = torch.empty(offs.numel(), 4, dtype=torch.int64, device=DEVICE)
+    _blocks_kernel[(offs.numel(),)](offs, out, V, BLOCK_V=64, VEC=vec)
+    shift, base, end, whole_end = out.unbind(1)
+    assert bool(((base % vec == 0) & (base + shift == offs) & (shift < vec) & (end - shift == V)).all()), out
+    assert torch.equal(whole_end, end // 64)
+    assert bool((whole_end * 64 <= end).all() and (shift <= 64).all())  # block whole_end - 1 ends inside the row
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
