@@ -210,6 +210,22 @@ def aligned_blocks(row_off, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
+def block_columns(j, row_off, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ALIGNED_BODY: tl.constexpr):
+    """``(whole, c0, cols, mask)`` of a backward's block ``j`` along a row: columns ``cols = c0 + arange(BLOCK_V)``,
+    ``mask`` those inside the row; ``whole`` (``ALIGNED_BODY`` only, else the constant False): all of them inside it
+    and ``row_off + c0`` a multiple of ``VEC`` (``aligned_blocks``)."""
+    if ALIGNED_BODY:
+        shift, _, end, whole_end = aligned_blocks(row_off, V, BLOCK_V, VEC)
+        c0 = j * BLOCK_V - shift
+        whole = (j >= 1) & (j < whole_end)
+    else:
+        c0 = j * BLOCK_V
+        whole = False
+    cols = c0 + tl.arange(0, BLOCK_V)
+    return whole, c0, cols, (cols >= 0) & (cols < V)
+
+
+@triton.jit
 def load_cols(ptr, offs, mask, WHOLE: tl.constexpr):
     """``ptr[offs]`` as float32; ``WHOLE``: every column is in the row (``mask`` unused: no mask, so 16-byte
     loads where aligned), else the masked-off ones read ``-inf``."""

@@ -35,6 +35,7 @@ from ._common import (
     KL_EST_CODES,
     body_aligned,
     aligned_blocks,
+    block_columns,
     device_guard,
     kl_k,
     kl_k_dlogp,
@@ -226,23 +227,16 @@ def _kl_divergence_bwd_kernel(
     kl = tl.load(kl_ptr + row).to(tl.float32)
     lse_z = tl.load(lse_z_ptr + row).to(tl.float32)
     lse_r = tl.load(lse_r_ptr + row).to(tl.float32)
-    if ALIGNED_BODY:  # blocks from the rows' 16-byte boundary, the whole ones unmasked (_common.aligned_blocks)
-        shift, _, end, whole_end = aligned_blocks(x_off, V, BLOCK_V, VEC)
-        rel = j * BLOCK_V + tl.arange(0, BLOCK_V)
-        cols = rel - shift
-        if (j >= 1) & (j < whole_end):
-            c0 = j * BLOCK_V - shift
-            ar = tl.arange(0, BLOCK_V)
-            _kl_grad_block(dx_ptr, dr_ptr, x_ptr, r_ptr, tl.multiple_of(dx_off + c0, VEC) + ar,
-                           tl.multiple_of(dr_off + c0, VEC) + ar, tl.multiple_of(x_off + c0, VEC) + ar,
-                           tl.multiple_of(r_off + c0, VEC) + ar, 0, g, kl, lse_z, lse_r, inv_t, NEED_REF_GRAD, True)
-        else:
-            _kl_grad_block(dx_ptr, dr_ptr, x_ptr, r_ptr, dx_off + cols, dr_off + cols, x_off + cols, r_off + cols,
-                           (rel >= shift) & (rel < end), g, kl, lse_z, lse_r, inv_t, NEED_REF_GRAD, False)
+    # a whole block unmasked with 16-byte accesses (ALIGNED_BODY: _common.block_columns), else under a mask
+    whole, c0, cols, mask = block_columns(j, x_off, V, BLOCK_V, VEC, ALIGNED_BODY)
+    if whole:
+        ar = tl.arange(0, BLOCK_V)
+        _kl_grad_block(dx_ptr, dr_ptr, x_ptr, r_ptr, tl.multiple_of(dx_off + c0, VEC) + ar,
+                       tl.multiple_of(dr_off + c0, VEC) + ar, tl.multiple_of(x_off + c0, VEC) + ar,
+                       tl.multiple_of(r_off + c0, VEC) + ar, 0, g, kl, lse_z, lse_r, inv_t, NEED_REF_GRAD, True)
     else:
-        cols = j * BLOCK_V + tl.arange(0, BLOCK_V)
-        _kl_grad_block(dx_ptr, dr_ptr, x_ptr, r_ptr, dx_off + cols, dr_off + cols, x_off + cols, r_off + cols,
-                       cols < V, g, kl, lse_z, lse_r, inv_t, NEED_REF_GRAD, False)
+        _kl_grad_block(dx_ptr, dr_ptr, x_ptr, r_ptr, dx_off + cols, dr_off + cols, x_off + cols, r_off + cols, mask, g,
+                       kl, lse_z, lse_r, inv_t, NEED_REF_GRAD, False)
 
 
 @triton.jit

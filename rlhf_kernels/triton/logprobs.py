@@ -28,7 +28,7 @@ import triton.language as tl
 from . import _common
 from ._common import (
     body_aligned,
-    aligned_blocks,
+    block_columns,
     device_guard,
     launch_row_kernel,
     load_cols,
@@ -102,24 +102,23 @@ def _logprobs_bwd_kernel(
     g_ent = tl.load(g_ent_ptr + row).to(tl.float32)
     lse = tl.load(lse_ptr + row).to(tl.float32)
     ent = tl.load(ent_ptr + row).to(tl.float32)
-    valid = y != ignore_index
-    if ALIGNED_BODY:  # blocks from the row's 16-byte boundary, the whole ones unmasked (_common.aligned_blocks)
-        shift, _, end, whole_end = aligned_blocks(x_off, V, BLOCK_V, VEC)
-        rel = j * BLOCK_V + tl.arange(0, BLOCK_V)
-        cols = rel - shift
-        if (j >= 1) & (j < whole_end):
-            c0 = j * BLOCK_V - shift
-            ar = tl.arange(0, BLOCK_V)
-            logprobs_grad_block(dx_ptr, x_ptr, tl.multiple_of(dx_off + c0, VEC) + ar,
-                                tl.multiple_of(x_off + c0, VEC) + ar, cols, 0, y, lse, ent, g_logp, g_ent,
-                                inv_t, valid, True)
-        else:
-            logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, (rel >= shift) & (rel < end), y,
-                                lse, ent, g_logp, g_ent, inv_t, valid, False)
+    logprobs_grad_row_block(dx_ptr, x_ptr, j, dx_off, x_off, V, y, lse, ent, g_logp, g_ent, inv_t, y != ignore_index,
+                            BLOCK_V, ALIGNED_BODY, VEC)
+
+
+@triton.jit
+def logprobs_grad_row_block(dx_ptr, x_ptr, j, dx_off, x_off, V, y, lse, ent, g_logp, g_ent, inv_t, valid,
+                            BLOCK_V: tl.constexpr, ALIGNED_BODY: tl.constexpr, VEC: tl.constexpr):
+    """Block ``j`` of the row at ``x_off`` (its gradient at ``dx_off``): a whole one unmasked with 16-byte accesses
+    (``ALIGNED_BODY``: ``_common.block_columns``), else under a mask (``logprobs_grad_block``)."""
+    whole, c0, cols, mask = block_columns(j, x_off, V, BLOCK_V, VEC, ALIGNED_BODY)
+    if whole:
+        ar = tl.arange(0, BLOCK_V)
+        logprobs_grad_block(dx_ptr, x_ptr, tl.multiple_of(dx_off + c0, VEC) + ar, tl.multiple_of(x_off + c0, VEC) + ar,
+                            cols, 0, y, lse, ent, g_logp, g_ent, inv_t, valid, True)
     else:
-        cols = j * BLOCK_V + tl.arange(0, BLOCK_V)
-        logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, cols < V, y, lse, ent, g_logp, g_ent,
-                            inv_t, valid, False)
+        logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, mask, y, lse, ent, g_logp, g_ent, inv_t,
+                            valid, False)
 
 
 @triton.jit

@@ -34,7 +34,6 @@ from . import _common
 from ._common import (
     KL_EST_CODES,
     body_aligned,
-    aligned_blocks,
     device_guard,
     kl_k,
     kl_k_dlogp,
@@ -43,7 +42,7 @@ from ._common import (
     row_logp_entropy_lse,
     vocab_config,
 )
-from .logprobs import _check_out, logprobs_grad_block
+from .logprobs import _check_out, logprobs_grad_row_block
 
 
 @triton.jit
@@ -186,24 +185,8 @@ def _ppo_bwd_kernel(
         dk = kl_k_dlogp(logp, tl.load(ref_ptr + row).to(tl.float32), KL_EST)
         g_logp += (g_term * kl_coef + tl.load(g_kl_ptr + row).to(tl.float32)) * dk
     g_ent = tl.load(g_ent_ptr + row).to(tl.float32) - g_term * ent_coef
-    valid = y != ignore_index
-    if ALIGNED_BODY:  # blocks from the row's 16-byte boundary, the whole ones unmasked (_common.aligned_blocks)
-        shift, _, end, whole_end = aligned_blocks(x_off, V, BLOCK_V, VEC)
-        rel = j * BLOCK_V + tl.arange(0, BLOCK_V)
-        cols = rel - shift
-        if (j >= 1) & (j < whole_end):
-            c0 = j * BLOCK_V - shift
-            ar = tl.arange(0, BLOCK_V)
-            logprobs_grad_block(dx_ptr, x_ptr, tl.multiple_of(dx_off + c0, VEC) + ar,
-                                tl.multiple_of(x_off + c0, VEC) + ar, cols, 0, y, lse, ent, g_logp, g_ent,
-                                inv_t, valid, True)
-        else:
-            logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, (rel >= shift) & (rel < end), y,
-                                lse, ent, g_logp, g_ent, inv_t, valid, False)
-    else:
-        cols = j * BLOCK_V + tl.arange(0, BLOCK_V)
-        logprobs_grad_block(dx_ptr, x_ptr, dx_off + cols, x_off + cols, cols, cols < V, y, lse, ent, g_logp, g_ent,
-                            inv_t, valid, False)
+    logprobs_grad_row_block(dx_ptr, x_ptr, j, dx_off, x_off, V, y, lse, ent, g_logp, g_ent, inv_t, y != ignore_index,
+                            BLOCK_V, ALIGNED_BODY, VEC)
 
 
 def _check_rows(rows: torch.Tensor) -> None:
