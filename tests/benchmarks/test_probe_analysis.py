@@ -82,6 +82,23 @@ def test_residency_idle_memory_time_and_refill():
     assert s.refill_us == pytest.approx(50 / 2 / 1e3)  # SM 0's one exit followed by a start, 50 cycles later
 
 
+def test_sweep1_against_the_other_loaders_of_its_sm():
+    c = pa.sweep1_contention(_stamps(), 2.0)
+    # SM 0's two CTAs run one after the other (nobody else loading), SM 1's side by side (one other loader each)
+    assert [(name, n) for name, n, _ in c.groups] == [("0", 2), ("1", 2)]
+    assert all(us == pytest.approx(100 / 2 / 1e3) for _, _, us in c.groups)
+    assert c.fit[0] == pytest.approx(0.05) and c.fit[1] == pytest.approx(0.0, abs=1e-9)
+    # SM 1's second CTA with a sweep 1 of 200 cycles: beside the other's sweep 1 (100 of them: 0.5 loaders) and its
+    # sweep 2 (cycles 160-200: 0.2 storers); the other CTA saw 1.0 loaders and no storer. Exactly solved by
+    # 0.05 µs + 0 per loader + 0.25 per storer (0.05 + 0.25·0.2 = 0.1 µs)
+    s = _stamps()
+    s[3, pa.SWEEP1:pa.EXIT + 1] += 100
+    s[3, pa.END_NS] += 50
+    c = pa.sweep1_contention(s, 2.0)
+    assert c.fit == pytest.approx((0.05, 0.0, 0.25), abs=1e-9)
+    assert [(name, n) for name, n, _ in c.groups] == [("0", 2), ("1", 2)]
+
+
 def test_bad_stamps_are_named_not_misread():
     s = _stamps()
     with pytest.raises(ValueError, match=r"stamps must be \[CTAs > 0, 10\]"):
@@ -102,6 +119,7 @@ def test_the_report_and_the_timeline_plot(tmp_path):
     assert "| sweep 1 (load + statistics) | 0.05 |" in text and "| lifetime | 0.12 |" in text
     assert "2 SMs, 2.0 CTAs each" in text and "most 2" in text
     assert f"**{100 * ((1 - 360 / 550) + (1 - 180 / 250)) / 2:.1f}%**" in text
+    assert "were loading meanwhile: 0: 2 CTAs, 0.05 µs; 1: 2 CTAs, 0.05 µs; least squares 0.05 µs" in text
     png = pa.plot_timeline(s, str(tmp_path / "t.png"), "test", window_us=1.0)
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
