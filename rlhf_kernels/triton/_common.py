@@ -189,11 +189,17 @@ def body_aligned(rows: torch.Tensor, *others: torch.Tensor) -> bool:
     return rows.shape[-1] % 16 != 0 or any(t.stride(i) % 16 for t in tensors for i in (0, 1))
 
 
-def column_blocks(vocab: int, block: int, aligned: bool, rows: torch.Tensor) -> int:
-    """Programs per row of a backward's 2-D grid: ``cdiv(V, block)``, one more of reach with ``ALIGNED_BODY``
-    (its blocks start up to a vector before the row: ``aligned_blocks``; a row that needs fewer masks the rest
-    off)."""
-    return triton.cdiv(vocab + (16 // rows.element_size() - 1 if aligned else 0), block)
+def body_walk(rows: torch.Tensor, *others: torch.Tensor) -> dict:
+    """The ``ALIGNED_BODY`` and ``VEC`` (values per 16 bytes) constexprs of a launch over ``rows`` and ``others``
+    (``body_aligned``)."""
+    return {"ALIGNED_BODY": body_aligned(rows, *others), "VEC": 16 // rows.element_size()}
+
+
+def column_blocks(vocab: int, block: int, walk: dict) -> int:
+    """Programs per row of a backward's 2-D grid launched with ``walk`` (``body_walk``): ``cdiv(V, block)``, one
+    more of reach with ``ALIGNED_BODY`` (its blocks start up to a vector before the row: ``aligned_blocks``; a row
+    that needs fewer masks the rest off)."""
+    return triton.cdiv(vocab + (walk["VEC"] - 1 if walk["ALIGNED_BODY"] else 0), block)
 
 
 @triton.jit

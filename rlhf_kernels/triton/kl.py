@@ -33,7 +33,7 @@ import triton.language as tl
 from . import _common
 from ._common import (
     KL_EST_CODES,
-    body_aligned,
+    body_walk,
     aligned_blocks,
     block_columns,
     device_guard,
@@ -275,7 +275,7 @@ def kl_divergence_fwd(rows: torch.Tensor, ref_rows: torch.Tensor, temperature: f
         launch_row_kernel(
             _kl_divergence_fwd_kernel, _kl_divergence_fwd_tuned, (B * T,), rows, ref_rows, kl, lse_z, lse_r, T, V,
             rows.stride(0), rows.stride(1), ref_rows.stride(0), ref_rows.stride(1), 1.0 / float(temperature),
-            vocab=V, device=rows.device, ALIGNED_BODY=body_aligned(rows, ref_rows), VEC=16 // rows.element_size(),
+            vocab=V, device=rows.device, **body_walk(rows, ref_rows),
         )
     return kl, lse_z, lse_r
 
@@ -309,13 +309,12 @@ def kl_divergence_bwd(
         return dx, dr
     block, warps = vocab_config(V, rows.device, "bwd")
     with device_guard(rows):
-        aligned = body_aligned(rows, ref_rows, dx, *([dr] if need_ref_grad else []))
-        _kl_divergence_bwd_kernel[(B * T, _common.column_blocks(V, block, aligned, rows))](
+        walk = body_walk(rows, ref_rows, dx, *([dr] if need_ref_grad else []))
+        _kl_divergence_bwd_kernel[(B * T, _common.column_blocks(V, block, walk))](
             dx, dr if need_ref_grad else dx, rows, ref_rows, *flat, T, V, rows.stride(0), rows.stride(1),
             ref_rows.stride(0), ref_rows.stride(1), dx.stride(0), dx.stride(1),
             (dr if need_ref_grad else dx).stride(0), (dr if need_ref_grad else dx).stride(1), 1.0 / float(temperature),
-            NEED_REF_GRAD=bool(need_ref_grad), BLOCK_V=block, num_warps=warps,
-            ALIGNED_BODY=aligned, VEC=16 // rows.element_size(),
+            NEED_REF_GRAD=bool(need_ref_grad), BLOCK_V=block, num_warps=warps, **walk,
         )
     return dx, dr
 

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import (
-    body_aligned,
+    body_walk,
     block_columns,
     device_guard,
     launch_row_kernel,
@@ -177,7 +177,7 @@ def logprobs_fwd(
         launch_row_kernel(
             _logprobs_fwd_kernel, _logprobs_fwd_tuned, (B * T,), rows, targets, logp, entropy, lse, T, V,
             rows.stride(0), rows.stride(1), 1.0 / float(temperature), int(ignore_index), vocab=V, device=rows.device,
-            ALIGNED_BODY=body_aligned(rows), VEC=16 // rows.element_size(),
+            **body_walk(rows),
         )
     return logp, entropy, lse
 
@@ -206,10 +206,9 @@ def logprobs_bwd(
         return grad
     block, warps = vocab_config(V, rows.device, "bwd")
     with device_guard(rows):
-        aligned = body_aligned(rows, grad)
-        _logprobs_bwd_kernel[(B * T, _common.column_blocks(V, block, aligned, rows))](
+        walk = body_walk(rows, grad)
+        _logprobs_bwd_kernel[(B * T, _common.column_blocks(V, block, walk))](
             grad, rows, *flat, T, V, rows.stride(0), rows.stride(1), grad.stride(0), grad.stride(1),
-            1.0 / float(temperature), int(ignore_index), BLOCK_V=block, num_warps=warps,
-            ALIGNED_BODY=aligned, VEC=16 // rows.element_size(),
+            1.0 / float(temperature), int(ignore_index), BLOCK_V=block, num_warps=warps, **walk,
         )
     return grad

@@ -33,7 +33,7 @@ import triton.language as tl
 from . import _common
 from ._common import (
     KL_EST_CODES,
-    body_aligned,
+    body_walk,
     device_guard,
     kl_k,
     kl_k_dlogp,
@@ -231,7 +231,7 @@ def ppo_term_fwd(
             rows.stride(1), 1.0 / float(temperature), int(ignore_index), float(kl_coef), float(entropy_coef),
             float(clip_low), float(clip_high), float(dual_clip or 0.0), vocab=V, device=rows.device,
             HAS_REF=ref_logp is not None, KL_EST=KL_EST_CODES[kl_estimator], HAS_DUAL=dual_clip is not None,
-            ALIGNED_BODY=body_aligned(rows), VEC=16 // rows.element_size(),
+            **body_walk(rows),
         )
     return tuple(outs)
 
@@ -274,13 +274,12 @@ def ppo_term_bwd(
     ref = _flat(ref_logp, n) if ref_logp is not None else flat[-2]
     block, warps = vocab_config(V, rows.device, "bwd")
     with device_guard(rows):
-        aligned = body_aligned(rows, grad)
-        _ppo_bwd_kernel[(n, _common.column_blocks(V, block, aligned, rows))](
+        walk = body_walk(rows, grad)
+        _ppo_bwd_kernel[(n, _common.column_blocks(V, block, walk))](
             grad, rows, *flat, ref, T, V, rows.stride(0), rows.stride(1), grad.stride(0), grad.stride(1),
             1.0 / float(temperature),
             int(ignore_index), float(kl_coef), float(entropy_coef), float(clip_low), float(clip_high),
             float(dual_clip or 0.0), HAS_REF=ref_logp is not None, KL_EST=KL_EST_CODES[kl_estimator],
-            HAS_DUAL=dual_clip is not None, BLOCK_V=block, num_warps=warps,
-            ALIGNED_BODY=aligned, VEC=16 // rows.element_size(),
+            HAS_DUAL=dual_clip is not None, BLOCK_V=block, num_warps=warps, **walk,
         )
     return grad

@@ -29,19 +29,23 @@ def _cases(V, dtype, seed):
     return [(whole, None), (big[:, :-1], torch.empty_like(big)[:, :-1])]
 
 
-def _both_walks(monkeypatch, module, call):
-    """``call()`` with the launcher's ``body_aligned`` as is (asserted to choose ALIGNED_BODY), then forced off."""
+_BODY_ALIGNED = _common.body_aligned
+
+
+def _both_walks(monkeypatch, call):
+    """``call()`` with ``body_aligned`` as is (asserted to choose ALIGNED_BODY), then forced off (the launchers
+    reach it through ``_common.body_walk``)."""
     chosen = []
-    real = _common.body_aligned
+    real = _BODY_ALIGNED  # (not _common's attribute: a previous call's patch may still be on it)
 
     def spy(*tensors):
         chosen.append(real(*tensors))
         return chosen[-1]
 
-    monkeypatch.setattr(module, "body_aligned", spy)
+    monkeypatch.setattr(_common, "body_aligned", spy)
     aligned = call()
     assert chosen and all(chosen), chosen
-    monkeypatch.setattr(module, "body_aligned", lambda *tensors: False)
+    monkeypatch.setattr(_common, "body_aligned", lambda *tensors: False)
     plain = call()
     return aligned, plain
 
@@ -59,13 +63,13 @@ def test_logprobs_and_ppo_backward_walks_agree(monkeypatch, dtype, V):
         g = torch.Generator().manual_seed(case)
         g_logp, g_ent, g_term, g_kl = (torch.randn(n, generator=g).to(DEVICE) for _ in range(4))
         logp, ent, lse = logprobs.logprobs_fwd(x, y, 0.8, -100)
-        a, p = _both_walks(monkeypatch, logprobs,
+        a, p = _both_walks(monkeypatch,
                            lambda: logprobs.logprobs_bwd(g_logp, g_ent, x, y, lse, ent, 0.8, -100, out=out).clone())
         assert torch.equal(_bits(a), _bits(p)), f"logprobs case {case}"
         old, adv, ref = logp + 0.1, torch.randn(n, generator=g).to(DEVICE), logp - 0.2
         kw = dict(temperature=0.8, ignore_index=-100, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01,
                   clip_low=0.2, clip_high=0.28, dual_clip=3.0)
-        a, p = _both_walks(monkeypatch, ppo, lambda: ppo.ppo_term_bwd(
+        a, p = _both_walks(monkeypatch, lambda: ppo.ppo_term_bwd(
             g_term, g_logp, g_ent, g_kl, x, y, logp, ent, lse, old, adv, ref, **kw, out=out).clone())
         assert torch.equal(_bits(a), _bits(p)), f"ppo case {case}"
 
@@ -88,7 +92,7 @@ def test_kl_backward_walks_agree(monkeypatch, dtype, need_ref_grad):
             dx, dr = kl.kl_divergence_bwd(g, x, r, klv, lz, lr, 0.9, need_ref_grad, out=out, ref_out=ref_out)
             return dx.clone(), None if dr is None else dr.clone()
 
-        a, p = _both_walks(monkeypatch, kl, call)
+        a, p = _both_walks(monkeypatch, call)
         assert torch.equal(_bits(a[0]), _bits(p[0])), f"dlogits case {case}"
         if need_ref_grad:
             assert torch.equal(_bits(a[1]), _bits(p[1])), f"dref case {case}"
@@ -142,18 +146,18 @@ def test_forward_walks_agree_up_to_the_order_of_their_sums(monkeypatch, dtype, V
     for case, (x, _) in enumerate(_cases(V, dtype, seed=V + 7)):
         n = tuple(x.shape[:2])
         y = make_targets(n, V, seed=case)
-        a, p = _both_walks(monkeypatch, logprobs, lambda: logprobs.logprobs_fwd(x, y, 0.8, -100))
+        a, p = _both_walks(monkeypatch, lambda: logprobs.logprobs_fwd(x, y, 0.8, -100))
         for u, w in zip(a, p):
             torch.testing.assert_close(u, w, **close)
         g = torch.Generator().manual_seed(case)
         old, adv, ref = (torch.randn(n, generator=g).to(DEVICE) - 5 for _ in range(3))
         kw = dict(temperature=0.8, ignore_index=-100, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01,
                   clip_low=0.2, clip_high=0.28, dual_clip=3.0)
-        a, p = _both_walks(monkeypatch, ppo, lambda: ppo.ppo_term_fwd(x, y, old, adv, ref, **kw))
+        a, p = _both_walks(monkeypatch, lambda: ppo.ppo_term_fwd(x, y, old, adv, ref, **kw))
         for u, w in zip(a, p):
             torch.testing.assert_close(u, w, **close)
         r = make_logits((2, 9, V), dtype, seed=case)[:, :-1] if not x.is_contiguous() else make_logits(
             tuple(x.shape), dtype, seed=case)
-        a, p = _both_walks(monkeypatch, kl, lambda: kl.kl_divergence_fwd(x, r, 0.9))
+        a, p = _both_walks(monkeypatch, lambda: kl.kl_divergence_fwd(x, r, 0.9))
         for u, w in zip(a, p):
             torch.testing.assert_close(u, w, **close)
