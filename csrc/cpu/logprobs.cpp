@@ -2,11 +2,10 @@
 // no [N, V] temporaries, fp32 accumulation (fp64 for fp64 inputs).
 //
 // Forward, per row with z = x / T:
-//   online over chunks of the vocabulary: m = max z, s = Σ exp(z - m),
-//   t = Σ exp(z - m)·(z - m)
-//   lse = m + log s,  entropy = log s - t / s,  logp = z[y] - lse
-// Keeping t relative to the running max makes the entropy exact even for
-// logits of size 1e4 (no lse - Σp·z cancellation).
+//   online over chunks of the vocabulary: m = max x, d = (x - m) / T, s = Σ exp(d), t = Σ exp(d)·d
+//   lse = m / T + log s,  entropy = log s - t / s,  logp = (x[y] - m) / T - log s
+// Keeping t and logp relative to the running max makes them exact even for
+// logits of size 1e4 (no lse - Σp·z or z[y] - lse cancellation).
 //
 // Backward, per element with lp = z - lse, p = exp(lp), H the entropy:
 //   dz = g_logp·(onehot(y) - p) - g_ent·p·(lp + H);   dlogits = dz / T
@@ -31,7 +30,9 @@ namespace {
 
 using namespace detail;
 
-// With z = src·inv_t: adds Σ exp(z - m) to *s and Σ exp(z - m)·(z - m) to *t.
+// With d = (src - m)·inv_t (m the raw running maximum): adds Σ exp(d) to *s and Σ exp(d)·d to *t. Subtracting
+// before scaling keeps d exact near the maximum however large the logits (src·inv_t - m·inv_t would differ by
+// the two products' rounding, ~ulp(src·inv_t), which is 1e-3 at |z| ~ 1e4).
 template <typename acc_t>
 inline void chunk_sum_exp(const acc_t* src, int64_t n, acc_t inv_t, acc_t m, acc_t* s, acc_t* t) {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -41,7 +42,7 @@ inline void chunk_sum_exp(const acc_t* src, int64_t n, acc_t inv_t, acc_t m, acc
   Vec vs(0), vt(0);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec d = at::vec::fmsub(Vec::loadu(src + i), vinv, vm);
+    Vec d = (Vec::loadu(src + i) - vm) * vinv;
     Vec e = fast_exp(d);
     vs = vs + e;
     vt = at::vec::fmadd(e, at::vec::maximum(d, floor_shift), vt);
@@ -49,7 +50,7 @@ inline void chunk_sum_exp(const acc_t* src, int64_t n, acc_t inv_t, acc_t m, acc
   if (i < n) {
     const int64_t rest = n - i;
     // Lanes past the tail become -inf so they add exactly 0 (loadu zero-fills them).
-    Vec d = Vec::set(Vec(neg_inf<acc_t>()), at::vec::fmsub(Vec::loadu(src + i, rest), vinv, vm), rest);
+    Vec d = Vec::set(Vec(neg_inf<acc_t>()), (Vec::loadu(src + i, rest) - vm) * vinv, rest);
     Vec e = fast_exp(d);
     vs = vs + e;
     vt = at::vec::fmadd(e, at::vec::maximum(d, floor_shift), vt);
@@ -58,7 +59,8 @@ inline void chunk_sum_exp(const acc_t* src, int64_t n, acc_t inv_t, acc_t m, acc
   *t += at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vt);
 }
 
-// dst[0:n] = p·(a + b·lp) with lp = src·inv_t - lse, p = exp(lp): the softmax part of dlogits.
+// dst[0:n] = p·(a + b·lp) with lp = z - lse, z = src·inv_t rounded (as the forward's lse, which holds the
+// maximum's rounded z; one FMA would not round it), p = exp(lp): the softmax part of dlogits.
 template <typename acc_t>
 inline void chunk_grad(const acc_t* src, int64_t n, acc_t inv_t, acc_t lse, acc_t a, acc_t b, acc_t* dst) {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -67,7 +69,7 @@ inline void chunk_grad(const acc_t* src, int64_t n, acc_t inv_t, acc_t lse, acc_
   const Vec floor_lp(acc_t(-1e4));
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const int64_t lanes = std::min<int64_t>(Vec::size(), n - i);
-    Vec lp = at::vec::fmsub(Vec::loadu(src + i, lanes), vinv, vlse);
+    Vec lp = Vec::loadu(src + i, lanes) * vinv - vlse;
     Vec p = fast_exp(lp);
     (p * at::vec::fmadd(vb, at::vec::maximum(lp, floor_lp), va)).store(dst + i, lanes);
   }
@@ -98,14 +100,14 @@ void forward_rows(
     for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
       const int64_t n = std::min(kChunk, vocab - c0);
       const acc_t* src = chunk_source(x + c0, n, buf);
-      const acc_t cm = chunk_max(src, n) * inv_t;  // scaling by inv_t > 0 is monotone: max commutes
+      const acc_t cm = chunk_max(src, n);  // raw units: m is the row's largest logit so far
       if (std::isnan(cm)) {
         has_nan = true;
         break;
       }
       if (cm > m) {
         if (m != neg_inf<acc_t>()) {
-          const acc_t shift = m - cm;
+          const acc_t shift = (m - cm) * inv_t;
           const acc_t f = std::exp(shift);
           t = (t + s * shift) * f;
           s *= f;
@@ -115,12 +117,12 @@ void forward_rows(
       if (m == neg_inf<acc_t>()) continue;  // every entry so far is -inf: contributes nothing
       chunk_sum_exp(src, n, inv_t, m, &s, &t);
     }
-    acc_t lse, entropy;
+    acc_t lse, entropy, log_s;
     if (has_nan) {
-      lse = entropy = std::numeric_limits<acc_t>::quiet_NaN();
+      lse = entropy = log_s = std::numeric_limits<acc_t>::quiet_NaN();
     } else {
-      const acc_t log_s = std::log(s);
-      lse = m + log_s;
+      log_s = std::log(s);
+      lse = m * inv_t + log_s;
       entropy = log_s - t / s;
     }
     const int64_t y = targets[row];
@@ -131,7 +133,8 @@ void forward_rows(
     } else if (y < 0 || y >= vocab) {
       logp = std::numeric_limits<acc_t>::quiet_NaN();  // unvalidated bad target: never read out of bounds
     } else {
-      logp = static_cast<acc_t>(x[y]) * inv_t - lse;
+      // Relative to the maximum, as the CUDA and Triton kernels: z[y] - lse would cancel to ulp(lse) for |z| ~ 1e4.
+      logp = (static_cast<acc_t>(x[y]) - m) * inv_t - log_s;
     }
     logp_out[row] = logp;
     entropy_out[row] = entropy;
