@@ -415,7 +415,7 @@ def kl_k_dlogp(logp, ref, KL_EST: tl.constexpr):
     """``∂k/∂logp`` (``∂k/∂ref`` is its negative)."""
     d = ref - logp
     if KL_EST == 1:
-        g = d * 0.0 + 1.0
+        g = tl.zeros_like(d) + 1.0  # not d·0 + 1: an infinite d (a target of probability 0) would make it NaN
     elif KL_EST == 2:
         g = -d
     else:

@@ -296,6 +296,19 @@ def test_kl_estimate(estimator, clamp, dtype):
     assert_rule("dref", b.grad, dbl, db64, dtype)
 
 
+def test_k1_gradient_at_an_infinite_log_ratio():
+    """k1 = logp - ref has the constant derivatives (1, -1), also where logp = -inf (a target of probability 0);
+    the kernel's derivative was ``d·0 + 1``, NaN there."""
+    logp = torch.tensor([-1.0, float("-inf"), -2.5], device=DEVICE, requires_grad=True)
+    ref = torch.tensor([-1.5, -0.7, float("-inf")], device=DEVICE, requires_grad=True)
+    grad = torch.tensor([0.3, -1.2, 2.0], device=DEVICE)
+    out = rk.kl_estimate(logp, ref, "k1", backend="triton")
+    (out * grad).sum().backward()
+    assert out[1] == float("-inf") and out[2] == float("inf")
+    torch.testing.assert_close(logp.grad, grad)
+    torch.testing.assert_close(ref.grad, -grad)
+
+
 def test_k3_is_accurate_near_zero():
     logp = -torch.rand(1000, generator=torch.Generator().manual_seed(8)).to(DEVICE)
     ref = logp + torch.logspace(-4, -1, 1000).to(DEVICE)

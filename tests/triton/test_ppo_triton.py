@@ -81,6 +81,30 @@ def test_wild_ratios_hit_the_log_ratio_clamp(dual_clip):
     _check(x, y, old, adv, mask, dict(ref_logp=ref, kl_coef=0.05, dual_clip=dual_clip))
 
 
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+def test_a_target_of_probability_zero(kl_estimator):
+    """A target whose logit is -inf has logp = -inf: its ratio sits at the clamp (no policy-gradient), and k1's
+    derivative is the constant 1, so the k1 gradient is finite and the reference's (it was NaN: ``inf·0 + 1``);
+    k2 and k3 have infinite derivatives there: a non-finite row for that token only, as the reference's."""
+    x, y, old, adv, mask, ref = _inputs(2, 5, 33, torch.float32, seed=31)
+    x[0, 1, y[0, 1]] = float("-inf")  # a masked-out vocabulary entry that is the target
+    mask[0, 1] = True
+    old[0, 1] = -3.0
+    kwargs = dict(ref_logp=ref, kl_coef=0.5, kl_estimator=kl_estimator, entropy_coef=0.1)
+    out, grad = _run(rk.ppo_loss, x, (y, old, adv, mask), dict(kwargs, backend="triton"), 1.0)
+    out64, grad64 = _run(reference.ppo_loss, x.double(), (y, old, adv, mask), kwargs, 1.0)
+    assert out.logp[0, 1] == float("-inf")
+    if kl_estimator == "k1":
+        finite = torch.isfinite(x.double())
+        assert torch.isfinite(grad).all()
+        torch.testing.assert_close(grad.double()[finite], grad64[finite], rtol=1e-5, atol=1e-6)
+    else:
+        assert not torch.isfinite(grad[0, 1]).any() and not torch.isfinite(grad64[0, 1]).all()
+        others = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        others[0, 1] = False
+        assert torch.isfinite(grad[others]).all()
+
+
 def test_empty_mask_and_all_ignored():
     x, y, old, adv, mask, _ = _inputs(2, 4, 40, torch.float32, seed=22)
     y[:] = -100
