@@ -14,7 +14,7 @@ import rlhf_kernels as rk
 from rlhf_kernels import _ext
 from rlhf_kernels import reference as R
 from rlhf_kernels.ops import kl as kl_ops
-from tests.tolerance import assert_matches_oracle
+from tests.tolerance import assert_matches_oracle, assert_rows_match_oracle
 
 pytestmark = [
     pytest.mark.skipif(not _ext.available(), reason="needs the compiled extension"),
@@ -82,6 +82,28 @@ def test_rows_equal_up_to_a_constant_give_exactly_zero(dtype):
     assert torch.equal(r[1].double() - 64.0, x[1].double())
     kl = rk.kl_divergence(x, r, temperature=0.7, backend="cpu")
     assert torch.equal(kl, torch.zeros_like(kl))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_huge_float32_logits_keep_the_kl_precise_in_every_row(backend):
+    """Each row judged on its own at logits of size 1e4: the KL holds float32 precision (no ``z - lse``
+    cancellation in either row's log-softmax), the gradient the documented ``|z|·2^-24`` (README, "Accuracy")."""
+    x = _rows(4, 21, scale=1.0) + 1e4
+    r = _rows(4, 22, scale=1.0) + 1e4
+    x[1] = 1e4  # uniform against noise
+    r[2] = -1e4 + _rows(1, 23, scale=1.0)[0]
+    kw = dict(temperature=0.7)
+    outs = []
+    for a, b, fn in ((x, r, lambda a, b: rk.kl_divergence(a, b, backend=backend, **kw)),
+                     (x, r, lambda a, b: R.kl_divergence(a, b, **kw)),
+                     (x.double(), r.double(), lambda a, b: R.kl_divergence(a, b, **kw))):
+        a = a.detach().requires_grad_()
+        kl = fn(a, b)
+        outs.append((kl.detach(), torch.autograd.grad(kl.sum(), a)[0]))
+    assert_rows_match_oracle(outs[0][0], outs[1][0], outs[2][0], torch.float32, f"{backend}/kl")
+    z_absmax = torch.maximum(x.abs().amax(-1), r.abs().amax(-1)) / 0.7
+    assert_rows_match_oracle(outs[0][1], outs[1][1], outs[2][1], torch.float32, f"{backend}/grad", vocab_last=True,
+                             z_absmax=z_absmax)
 
 
 def test_inf_runs_across_chunks():
