@@ -14,13 +14,17 @@ std::tuple<at::Tensor, at::Tensor> gae(
   TORCH_CHECK(values.dim() == 2, "values must be [B, T], got ", values.sizes());
   TORCH_CHECK(rewards.sizes() == values.sizes() && mask.sizes() == values.sizes(),
               "rewards, values and mask must share one [B, T] shape");
-  const at::Tensor r = rewards.to(values.scalar_type()).contiguous();
-  const at::Tensor v = values.contiguous();
-  const at::Tensor m = mask.to(values.scalar_type()).contiguous();
+  // 16-bit values scan in float32 (as the CUDA and Triton kernels) and come back in their dtype: the scan's
+  // running advantage must not be rounded to 8 bits at every step, nor the rewards before it.
+  const at::ScalarType out_type = values.scalar_type();
+  const at::ScalarType scan_type = at::isReducedFloatingType(out_type) ? at::kFloat : out_type;
+  const at::Tensor r = rewards.to(scan_type).contiguous();
+  const at::Tensor v = values.to(scan_type).contiguous();
+  const at::Tensor m = mask.to(scan_type).contiguous();
   at::Tensor adv = at::empty_like(v);
   at::Tensor ret = at::empty_like(v);
   const int64_t B = v.size(0), T = v.size(1);
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "gae_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(scan_type, "gae_cpu", [&] {
     const scalar_t* rp = r.const_data_ptr<scalar_t>();
     const scalar_t* vp = v.const_data_ptr<scalar_t>();
     const scalar_t* mp = m.const_data_ptr<scalar_t>();
@@ -43,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> gae(
       }
     });
   });
-  return {adv, ret};
+  return {adv.to(out_type), ret.to(out_type)};
 }
 
 }  // namespace cpu
