@@ -31,6 +31,17 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def clamp_closed(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``x.clamp(low, high)`` whose gradient passes on the closed interval ``[low, high]``, bounds included.
+
+    ``torch.clamp``'s own choice at a bound changed between releases (torch 2.6 passes the gradient there,
+    torch 2.14 does not), which would make this oracle's gradients, and the kernels' agreement with them, depend
+    on the torch installed wherever a value lands exactly on a bound (16-bit log-probs often do). Every kernel
+    passes it on the closed interval.
+    """
+    return torch.where((x >= low) & (x <= high), x, x.clamp(low, high).detach())
+
+
 def _xlogy_safe(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``p * x`` with the convention ``0 * (-inf) = 0`` (masked vocabulary entries).
 
@@ -90,7 +101,7 @@ def kl_estimate(
     else:
         raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
     if clamp is not None:
-        kl = kl.clamp(-clamp, clamp)
+        kl = clamp_closed(kl, -clamp, clamp)
     return kl
 
 
@@ -189,10 +200,10 @@ def ppo_token_terms(
 
     Returns ``(term, kl, clipped)`` with ``clipped`` a bool tensor.
     """
-    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
+    log_ratio = clamp_closed(logp - old_logp, -20.0, 20.0)
     ratio = log_ratio.exp()
     pg_unclipped = -advantages * ratio
-    pg_clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    pg_clipped = -advantages * clamp_closed(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg = torch.maximum(pg_unclipped, pg_clipped)
     clipped = pg_clipped > pg_unclipped
     if dual_clip is not None:
@@ -273,7 +284,7 @@ def value_loss(
     if clip is None:
         term = 0.5 * unclipped
     else:
-        v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+        v_clipped = old_values + clamp_closed(values - old_values, -clip, clip)
         term = 0.5 * torch.maximum(unclipped, (v_clipped - returns) ** 2)
     return aggregate_loss(term, mask, loss_agg)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
 
+import rlhf_kernels as rk
 from rlhf_kernels import reference as R
 
 torch.manual_seed(0)
@@ -70,6 +73,35 @@ def test_kl_estimators_match_math():
             assert got[i].item() == pytest.approx(fn(logp[i].item(), ref[i].item()), abs=1e-12)
     clamped = R.kl_estimate(logp * 10, ref, "k1", clamp=0.5)
     assert clamped.abs().max() <= 0.5
+
+
+def test_clamps_pass_the_gradient_at_their_bounds_on_every_torch():
+    """The oracle's clamps (KL estimate, PPO log-ratio and ratio, value loss) pass the gradient on the closed
+    interval, as every kernel does; torch.clamp alone passes it at a bound on torch 2.6 but not on 2.14."""
+    x = torch.tensor([-10.0, -3.0, 10.0, 11.0, -12.0, float("nan")], dtype=torch.float64, requires_grad=True)
+    y = R.clamp_closed(x, -10.0, 10.0)
+    assert torch.equal(y[:5], torch.tensor([-10.0, -3.0, 10.0, 10.0, -10.0], dtype=torch.float64))
+    assert torch.isnan(y[5])
+    (grad,) = torch.autograd.grad(y.nansum(), x)
+    assert torch.equal(grad, torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+    # k1 landing exactly on the clamp (bf16 log-probs 10 apart): the reference and the op's backends pass it
+    logp = torch.tensor([-36.5, -1.0], dtype=torch.bfloat16)
+    ref = torch.tensor([-46.5, -1.5], dtype=torch.bfloat16)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton")
+    backends = ["torch"] + (["triton"] if interpreted else [])  # Triton on CPU tensors: its interpreter
+    for fn in [lambda a, b: R.kl_estimate(a, b, "k1", clamp=10.0)] + [
+        lambda a, b, backend=backend: rk.kl_estimate(a, b, "k1", clamp=10.0, backend=backend) for backend in backends
+    ]:
+        a, b = logp.clone().requires_grad_(), ref.clone().requires_grad_()
+        k = fn(a, b)
+        assert k[0].item() == 10.0
+        da, db = torch.autograd.grad(k.float().sum(), (a, b))
+        assert torch.equal(da.float(), torch.ones(2)) and torch.equal(db.float(), -torch.ones(2))
+    # a value exactly clip away from its old value: both branches' gradients pass
+    v = torch.tensor([1.25], dtype=torch.float64, requires_grad=True)
+    old, ret = torch.tensor([1.0], dtype=torch.float64), torch.tensor([3.0], dtype=torch.float64)
+    (gv,) = torch.autograd.grad(R.value_loss(v, old, ret, torch.ones(1), clip=0.25), v)
+    assert gv.item() == (1.25 - 3.0)
 
 
 def test_kl_divergence_matches_loops_and_design_gradient():
