@@ -1,6 +1,8 @@
 """Randomly drawn configurations of every logits op against the float64 oracle, per row.
 
-The hand-written tests vary one thing at a time (a shape, a dtype, a layout, an extreme row). Here each case draws
+The ops: logprobs, kl_divergence, ppo_loss, and from hidden states linear_logprobs, linear_cross_entropy and
+linear_ppo_loss (chunk sizes, row chunks or vocabulary slabs, the gradient in the forward or recomputed). The
+hand-written tests vary one thing at a time (a shape, a dtype, a layout, an extreme row). Here each case draws
 all of them at once from a seeded generator: leading shape, vocabulary (1 to 8200, odd and aligned), dtype (mixed
 for the KL's two inputs), row layout (contiguous, ``[:, :-1]``, a column window of a wider buffer, which misaligns
 every row, transposed leading dims), temperature, ``ignore_index`` (including one inside ``[0, V)``), ignored
@@ -417,7 +419,7 @@ CPU_BACKENDS = ["cpu", "torch"] if _ext.available() else ["torch"]
 INTERPRETED_TRITON = os.environ.get("TRITON_INTERPRET") == "1"
 CPU_CASES = 300  # ~10 ms each on the CPU backends
 TRITON_CPU_CASES = 120  # ~0.15 s each under the interpreter
-GPU_CASES = 150  # each new dtype / vocabulary / layout compiles Triton variants: seconds of the GPU run
+GPU_CASES = 60  # each new dtype / vocabulary / layout compiles Triton variants: seconds of a short GPU run
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -458,9 +460,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for seed in range(args.first, args.first + args.cases):
         try:
             run_case(seed, args.backend, device)
-        except AssertionError as e:
+        except Exception as e:  # an error raised by an op is a failure of its case too
             failures += 1
-            print(f"seed {seed}: {e}", file=sys.stderr)
+            print(f"seed {seed}: {type(e).__name__}: {e}", file=sys.stderr)
     print(f"{args.cases} cases on {args.backend} ({device}), {failures} failed")
     return 1 if failures else 0
 
