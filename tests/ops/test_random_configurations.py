@@ -99,6 +99,12 @@ def _logits(rng: random.Random, lead: List[int], V: int, dtype: torch.dtype, ext
     return base, layout
 
 
+def _writable(leaf: torch.Tensor, overwrite: bool) -> torch.Tensor:
+    """With ``overwrite``, a contiguous non-leaf copy of ``leaf`` (what a model's logits are), which
+    ``overwrite_logits=True`` may turn into its own gradient; else ``leaf`` itself."""
+    return leaf * 1.0 if overwrite else leaf
+
+
 def _targets(rng: random.Random, lead: List[int], V: int, ignore_index: int) -> torch.Tensor:
     targets = torch.randint(0, V, lead)
     targets[torch.rand(lead) < rng.choice((0.0, 0.1, 0.5, 1.0))] = ignore_index
@@ -155,14 +161,16 @@ def logprobs_case(rng: random.Random, backend: str, device: torch.device) -> str
     T = rng.choice((1.0, 1.0, 0.7, 1.3, 0.25, 3.0))
     weights = (torch.randn(lead, dtype=torch.float64), torch.randn(lead, dtype=torch.float64))
     kw = dict(temperature=T, ignore_index=ignore_index, return_entropy=True)
-    what = f"logprobs/{backend}/{dtype}/{lead}x{V}/{layout}/T={T}/ignore={ignore_index}"
+    overwrite = rng.random() < 0.25
+    what = f"logprobs/{backend}/{dtype}/{lead}x{V}/{layout}/T={T}/ignore={ignore_index}/overwrite={overwrite}"
 
     def run(fn, logits, y):
         leaf = logits.detach().requires_grad_()
         outs = fn(leaf, y)
         return [o.detach().cpu() for o in outs], _grads(outs, weights, [leaf])[0].cpu()
 
-    fast = run(lambda a, y: rk.logprobs(a, y, backend=backend, **kw), x.to(device), targets.to(device))
+    fast = run(lambda a, y: rk.logprobs(_writable(a, overwrite), y, backend=backend, overwrite_logits=overwrite, **kw),
+               x.to(device), targets.to(device))
     in_dtype = run(lambda a, y: R.logprobs(a, y, **kw), x, targets)
     oracle = run(lambda a, y: R.logprobs(a, y, **kw), x.double(), targets)
     for i, name in enumerate(("logp", "entropy")):
@@ -244,7 +252,8 @@ def ppo_loss_case(rng: random.Random, backend: str, device: torch.device) -> str
         loss_agg=rng.choice(LOSS_AGGS),
         ignore_index=ignore_index,
     )
-    what = f"ppo_loss/{backend}/{dtype}/{lead}x{V}/{layout}/ref={ref_logp is not None}/{options}"
+    overwrite = rng.random() < 0.25
+    what = f"ppo_loss/{backend}/{dtype}/{lead}x{V}/{layout}/ref={ref_logp is not None}/overwrite={overwrite}/{options}"
 
     def run(fn, logits, cast, dev):
         leaf = logits.detach().requires_grad_()
@@ -254,7 +263,8 @@ def ppo_loss_case(rng: random.Random, backend: str, device: torch.device) -> str
         (grad,) = torch.autograd.grad(out.loss, leaf)
         return out, grad.cpu()
 
-    fast = run(lambda a, y, o, adv, m, ref: rk.ppo_loss(a, y, o, adv, m, ref_logp=ref, backend=backend, **options),
+    fast = run(lambda a, y, o, adv, m, ref: rk.ppo_loss(_writable(a, overwrite), y, o, adv, m, ref_logp=ref,
+                                                        backend=backend, overwrite_logits=overwrite, **options),
                x.to(device), torch.float32, device)
     in_dtype = run(lambda a, y, o, adv, m, ref: R.ppo_loss(a, y, o, adv, m, ref_logp=ref, **options), x,
                    torch.float32, "cpu")
