@@ -12,15 +12,20 @@ import torch
 FLOORS = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-def _non_finite_entries_match(fast: torch.Tensor, oracle: torch.Tensor, what: str) -> torch.Tensor:
-    """NaN where the oracle has NaN, its infinities exactly, finite values elsewhere; returns where it is finite."""
+def _compared(fast: torch.Tensor, reference_in_dtype: torch.Tensor, oracle: torch.Tensor, what: str):
+    """The three as float64 CPU tensors of one shape, with NaN where the oracle has NaN, its infinities exactly and
+    finite values elsewhere; returns ``(fast, reference_in_dtype, oracle, where the oracle is finite)``."""
+    fast = fast.detach().double().cpu()
+    ref = reference_in_dtype.detach().double().cpu()
+    oracle = oracle.detach().double().cpu()
+    assert fast.shape == oracle.shape, f"{what}: shape {tuple(fast.shape)} != {tuple(oracle.shape)}"
     finite = torch.isfinite(oracle)
     assert torch.equal(torch.isnan(fast[~finite]), torch.isnan(oracle[~finite])), f"{what}: NaN pattern differs"
     assert torch.equal(fast[~finite & ~torch.isnan(oracle)], oracle[~finite & ~torch.isnan(oracle)]), (
         f"{what}: infinities differ"
     )
     assert torch.isfinite(fast[finite]).all(), f"{what}: non-finite values where the oracle is finite"
-    return finite
+    return fast, ref, oracle, finite
 
 
 def assert_matches_oracle(fast: torch.Tensor, reference_in_dtype: torch.Tensor, oracle: torch.Tensor, dtype, what="",
@@ -34,11 +39,7 @@ def assert_matches_oracle(fast: torch.Tensor, reference_in_dtype: torch.Tensor, 
     the dtype (a gradient of the logits before the matmul with the LM head) carries
     a few ulps of its terms' sum, which cancellation can leave large next to the sum.
     """
-    fast = fast.detach().double().cpu()
-    ref = reference_in_dtype.detach().double().cpu()
-    oracle = oracle.detach().double().cpu()
-    assert fast.shape == oracle.shape, f"{what}: shape {tuple(fast.shape)} != {tuple(oracle.shape)}"
-    finite = _non_finite_entries_match(fast, oracle, what)
+    fast, ref, oracle, finite = _compared(fast, reference_in_dtype, oracle, what)
     if not finite.any():
         return
     err_fast = (fast[finite] - oracle[finite]).abs().max().item()
@@ -58,9 +59,11 @@ def poison_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
 
 
-# Unit roundoff of float32: a row of logits as large as 1e4 holds its lse to ~1e4·2^-24 = 6e-4, and every backend
-# keeps one float32 lse per row for the backward, so p = exp(z - lse) carries that relative error there.
-FLOAT32_ROUNDOFF = 2.0**-24
+def float32_lse_error(z_absmax: torch.Tensor) -> torch.Tensor:
+    """Relative error a float32 gradient row may carry from its one stored float32 lse: ``16·2^-24·max|z|``
+    (``assert_rows_match_oracle``). A row of logits as large as 1e4 holds its lse to ~1e4·2^-24 = 6e-4, and every
+    backend keeps one float32 lse per row for the backward, so ``p = exp(z - lse)`` carries that error there."""
+    return 16.0 * 2.0**-24 * z_absmax
 
 
 def assert_rows_match_oracle(fast, reference_in_dtype, oracle, dtype, what="", *, vocab_last=False, z_absmax=None):
@@ -76,11 +79,7 @@ def assert_rows_match_oracle(fast, reference_in_dtype, oracle, dtype, what="", *
     backward-stable float32 algorithm there; the KL's ``(log p - log q - KL) / T`` sums three such roundings,
     each of a term up to ``2·z_absmax``, before the division. The forward values get no such allowance.
     """
-    fast = fast.detach().double().cpu()
-    ref = reference_in_dtype.detach().double().cpu()
-    oracle = oracle.detach().double().cpu()
-    assert fast.shape == oracle.shape, f"{what}: shape {tuple(fast.shape)} != {tuple(oracle.shape)}"
-    finite = _non_finite_entries_match(fast, oracle, what)
+    fast, ref, oracle, finite = _compared(fast, reference_in_dtype, oracle, what)
     width = fast.shape[-1] if vocab_last else 1
 
     def rows(t):
@@ -94,7 +93,7 @@ def assert_rows_match_oracle(fast, reference_in_dtype, oracle, dtype, what="", *
     scale = torch.where(keep, rows(oracle).abs(), zero).amax(-1).clamp_min(1.0)
     floor = torch.full_like(scale, FLOORS[dtype])
     if z_absmax is not None and dtype == torch.float32:
-        floor = torch.maximum(floor, 16.0 * FLOAT32_ROUNDOFF * z_absmax.detach().double().cpu().reshape(-1))
+        floor = torch.maximum(floor, float32_lse_error(z_absmax.detach().double().cpu().reshape(-1)))
     bound = torch.maximum(2.0 * err_ref, floor * scale)
     bad = err_fast > bound
     if bad.any():
