@@ -379,8 +379,8 @@ def row_logp_entropy_lse(x_ptr, row_off, y, V, inv_t, BLOCK_V: tl.constexpr, LAN
 
 
 @triton.jit
-def expm1_minus_x(d):
-    """``exp(d) - 1 - d`` without cancellation near 0 (Taylor to d^12 for |d| < 0.5)."""
+def expm1_series(d):
+    """``(expm1(d) - d) / d²`` by its Taylor series to d^12: used for |d| < 0.5, where ``exp(d) - 1 - d`` cancels."""
     p = 1.0 / 479001600.0
     p = p * d + 1.0 / 39916800.0
     p = p * d + 1.0 / 3628800.0
@@ -391,10 +391,13 @@ def expm1_minus_x(d):
     p = p * d + 1.0 / 120.0
     p = p * d + 1.0 / 24.0
     p = p * d + 1.0 / 6.0
-    p = p * d + 0.5
-    series = p * d * d
-    direct = tl.exp(d) - 1.0 - d
-    return tl.where(tl.abs(d) < 0.5, series, direct)
+    return p * d + 0.5
+
+
+@triton.jit
+def expm1_minus_x(d):
+    """``exp(d) - 1 - d`` without cancellation near 0."""
+    return tl.where(tl.abs(d) < 0.5, expm1_series(d) * d * d, tl.exp(d) - 1.0 - d)
 
 
 @triton.jit
@@ -419,7 +422,9 @@ def kl_k_dlogp(logp, ref, KL_EST: tl.constexpr):
     elif KL_EST == 2:
         g = -d
     else:
-        g = -(d + expm1_minus_x(d))  # -expm1(d)
+        # -expm1(d), taken as 1 - exp(d) away from 0 rather than -(d + expm1_minus_x(d)): that sum is -inf + inf
+        # where the reference's log-prob is -inf (d = -inf), whose limit 1 the oracle's autograd gives
+        g = tl.where(tl.abs(d) < 0.5, -(d + expm1_series(d) * d * d), 1.0 - tl.exp(d))
     return g
 
 

@@ -309,6 +309,21 @@ def test_k1_gradient_at_an_infinite_log_ratio():
     torch.testing.assert_close(ref.grad, -grad)
 
 
+def test_k3_gradient_where_the_reference_log_prob_is_minus_inf():
+    """k3's derivative -expm1(d) is 1 at d = ref - logp = -inf (a sampled token the reference policy excludes), as
+    the oracle's autograd gives; the kernel took it as -(d + expm1_minus_x(d)) = -(-inf + inf), NaN there."""
+    logp = torch.tensor([-1.0, -2.5, -0.3, -4.0], device=DEVICE, requires_grad=True)
+    ref = torch.tensor([float("-inf"), -2.4, float("-inf"), -90.0], device=DEVICE, requires_grad=True)
+    grad = torch.tensor([0.3, -1.2, 2.0, 0.7], device=DEVICE)
+    out = rk.kl_estimate(logp, ref, "k3", backend="triton")
+    (out * grad).sum().backward()
+    x64, r64 = logp.detach().double().requires_grad_(), ref.detach().double().requires_grad_()
+    (reference.kl_estimate(x64, r64, "k3") * grad.double()).sum().backward()
+    assert out[0] == float("inf") and out[2] == float("inf")
+    torch.testing.assert_close(logp.grad.double(), x64.grad, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ref.grad.double(), r64.grad, rtol=1e-5, atol=0)
+
+
 def test_k3_is_accurate_near_zero():
     logp = -torch.rand(1000, generator=torch.Generator().manual_seed(8)).to(DEVICE)
     ref = logp + torch.logspace(-4, -1, 1000).to(DEVICE)

@@ -105,6 +105,21 @@ def test_a_target_of_probability_zero(kl_estimator):
         assert torch.isfinite(grad[others]).all()
 
 
+def test_a_reference_log_prob_of_minus_inf_keeps_the_k3_gradient_finite():
+    """ref_logp = -inf (the reference policy excludes the sampled token): k3 is +inf, so the loss is, but its
+    derivative in logp is the finite 1 and every row of dlogits is the oracle's (it was NaN: -(-inf + inf))."""
+    x, y, old, adv, mask, ref = _inputs(2, 5, 33, torch.float32, seed=32)
+    ref = ref.clone()
+    ref[0, 1] = float("-inf")
+    mask[0, 1] = True
+    kwargs = dict(ref_logp=ref, kl_coef=0.5, kl_estimator="k3")
+    out, grad = _run(rk.ppo_loss, x, (y, old, adv, mask), dict(kwargs, backend="triton"), 1.0)
+    out64, grad64 = _run(reference.ppo_loss, x.double(), (y, old, adv, mask), kwargs, 1.0)
+    assert out.kl[0, 1] == float("inf") and out64.kl[0, 1] == float("inf")
+    assert torch.isfinite(grad64).all()
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-6)
+
+
 def test_empty_mask_and_all_ignored():
     x, y, old, adv, mask, _ = _inputs(2, 4, 40, torch.float32, seed=22)
     y[:] = -100
