@@ -4,40 +4,11 @@
 #pragma once
 
 #include "row_common.cuh"
+#include "token_terms.cuh"  // kl_k, kl_k_dlogp, ppo_pg
 
 namespace rlhf_kernels {
 namespace cuda {
 namespace detail {
-
-// pg, whether a clip was active, and ∂pg/∂logp for one token (see _ppo_pg in triton/ppo.py).
-struct PolicyGrad {
-  float pg, dpg;
-  bool clipped;
-};
-
-__device__ __forceinline__ PolicyGrad ppo_pg(float logp, float old, float adv, const PpoParams& p) {
-  const float raw = logp - old;
-  const float log_ratio = raw < -20.f ? -20.f : (raw > 20.f ? 20.f : raw);  // NaN stays NaN
-  const bool in_lr = raw >= -20.f && raw <= 20.f;
-  const float ratio = expf(log_ratio);
-  const float lo = 1.f - p.clip_low, hi = 1.f + p.clip_high;
-  const float ratio_c = ratio < lo ? lo : (ratio > hi ? hi : ratio);
-  const float pg_u = -adv * ratio, pg_c = -adv * ratio_c;
-  PolicyGrad out;
-  out.clipped = pg_c > pg_u;
-  out.pg = out.clipped ? pg_c : pg_u;
-  float dpg = out.clipped ? 0.f : -adv;  // ties (ratio inside the range) take the unclipped derivative
-  if (p.has_dual) {
-    const float pg_d = -adv * p.dual_clip;
-    const bool neg = adv < 0.f;
-    const bool use_dual = neg && pg_d < out.pg;
-    dpg = (neg && out.pg == pg_d) ? 0.5f * dpg : (use_dual ? 0.f : dpg);
-    out.pg = use_dual ? pg_d : out.pg;
-    out.clipped = out.clipped || use_dual;
-  }
-  out.dpg = in_lr ? dpg * ratio : 0.f;
-  return out;
-}
 
 // The per-row inputs and outputs of the fused kernels ([rows] float32 each; ref_logp and weights may be null).
 struct PpoOutputs {

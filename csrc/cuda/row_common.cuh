@@ -1,5 +1,5 @@
 // Device helpers shared by the row kernels (logprobs.cu, kl.cu, ppo.cu): block reductions, the
-// gradient writer, the log-prob gradient and the KL estimators. CUDA headers only.
+// gradient writer and the log-prob gradient. CUDA headers only.
 //
 // Rows are walked in 16-byte vectors aligned to the row's *address*, not to column 0 (see RowVecs
 // in row_stats.cuh, which also holds the forward sweep's statistics), so any row start (odd V,
@@ -70,36 +70,6 @@ __device__ __forceinline__ P* row_ptr(P* base, int64_t row, int64_t rows_inner, 
                                       int64_t stride_t) {
   const int64_t b = row / rows_inner;
   return base + b * stride_b + (row - b * rows_inner) * stride_t;
-}
-
-// ---------------------------------------------------------------- KL estimators (k1/k2/k3)
-
-// exp(d) - 1 - d without cancellation near 0 (Taylor to d^12 for |d| < 0.5), as the Triton kernels.
-__device__ __forceinline__ float expm1_minus_x(float d) {
-  float p = 1.f / 479001600.f;
-  p = fmaf(p, d, 1.f / 39916800.f);
-  p = fmaf(p, d, 1.f / 3628800.f);
-  p = fmaf(p, d, 1.f / 362880.f);
-  p = fmaf(p, d, 1.f / 40320.f);
-  p = fmaf(p, d, 1.f / 5040.f);
-  p = fmaf(p, d, 1.f / 720.f);
-  p = fmaf(p, d, 1.f / 120.f);
-  p = fmaf(p, d, 1.f / 24.f);
-  p = fmaf(p, d, 1.f / 6.f);
-  p = fmaf(p, d, 0.5f);
-  return fabsf(d) < 0.5f ? p * d * d : expf(d) - 1.f - d;
-}
-
-// estimator 1: k1 = -d, 2: k2 = d²/2, 3: k3 = exp(d) - 1 - d, with d = ref - logp.
-__device__ __forceinline__ float kl_k(float logp, float ref, int estimator) {
-  const float d = ref - logp;
-  return estimator == 1 ? -d : (estimator == 2 ? 0.5f * d * d : expm1_minus_x(d));
-}
-
-// ∂k/∂logp (∂k/∂ref is its negative).
-__device__ __forceinline__ float kl_k_dlogp(float logp, float ref, int estimator) {
-  const float d = ref - logp;
-  return estimator == 1 ? 1.f : (estimator == 2 ? -d : -(d + expm1_minus_x(d)));
 }
 
 }  // namespace detail

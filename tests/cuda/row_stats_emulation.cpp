@@ -3,6 +3,8 @@
 // machines without a GPU (tests/cuda/test_row_stats_emulation.py builds this file with nvcc as host code
 // and calls it through ctypes).
 //
+// Also the per-token arithmetic of the fused PPO kernels (token_terms.cuh: the clipped surrogate, the KL
+// estimators and their derivatives), token by token.
 // What is emulated exactly: each thread's sweep (the same template the kernels call, with the
 // same first / step / head-tail split and kUnroll), block_reduce's tree (butterfly over the 32
 // lanes of each warp, then warp 0 over the warp results), the cluster's rank-order merge
@@ -24,6 +26,7 @@
 #include "row_pipeline.cuh"
 #include "row_prefetch.cuh"
 #include "row_stats.cuh"
+#include "token_terms.cuh"
 
 using namespace rlhf_kernels::cuda::detail;
 
@@ -509,5 +512,30 @@ extern "C" int rk_emulate_loss_aggregate(const float* mask, int64_t rows, int64_
   *loss = s.loss;
   means[0] = divide_or_zero(s.clipped, total);
   means[1] = divide_or_zero(s.half_sq, total);
+  return 0;
+}
+
+// token_terms.cuh's per-token arithmetic (what ppo_term.cuh's finish_ppo_row takes from it), token by token over n
+// tokens: pg, ∂pg/∂logp and clipped (1 / 0) of the clipped surrogate, and with estimator 1-3 (ref not null) the
+// KL estimate k and ∂k/∂logp; estimator 0 leaves kl and dk alone.
+extern "C" int rk_emulate_ppo_token(const float* logp, const float* old, const float* adv, const float* ref, int64_t n,
+                                    float clip_low, float clip_high, int has_dual, float dual_clip, int estimator,
+                                    float* pg, float* dpg, float* clipped, float* kl, float* dk) {
+  if (n < 0 || estimator < 0 || estimator > 3 || (estimator > 0 && ref == nullptr)) return 2;
+  rlhf_kernels::cuda::PpoParams p{};
+  p.clip_low = clip_low;
+  p.clip_high = clip_high;
+  p.has_dual = has_dual != 0;
+  p.dual_clip = dual_clip;
+  for (int64_t i = 0; i < n; ++i) {
+    const PolicyGrad g = ppo_pg(logp[i], old[i], adv[i], p);
+    pg[i] = g.pg;
+    dpg[i] = g.dpg;
+    clipped[i] = g.clipped ? 1.f : 0.f;
+    if (estimator > 0) {
+      kl[i] = kl_k(logp[i], ref[i], estimator);
+      dk[i] = kl_k_dlogp(logp[i], ref[i], estimator);
+    }
+  }
   return 0;
 }

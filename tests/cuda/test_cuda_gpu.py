@@ -470,6 +470,31 @@ def _check_ppo_against_oracle(V, dtype, path):
         assert_matches_oracle(xt.grad, xl.grad, x64.grad, dtype, f"{what} dlogits")
 
 
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_ppo_loss_tokens_of_probability_zero(backend, kl_estimator):
+    """A reference log-prob of -inf (k = +inf; k1's and k3's derivatives in logp are 1, finite) and, for k1, a
+    target whose logit is -inf (logp = -inf, the ratio on its clamp): every dlogits row is the oracle's, finite. The
+    arithmetic is tests/cuda/test_token_terms_emulation.py's; this runs it in the kernels."""
+    x, y, old, adv, ref, mask = _ppo_case(4097, torch.float32, seed=41)
+    y[0, 1], ref[0, 1], mask[0, 1] = 5, float("-inf"), True
+    if kl_estimator == "k1":  # k2's and k3's derivatives are infinite at logp = -inf: no finite row to compare
+        y[1, 2], mask[1, 2] = 7, True
+        x.data[1, 2, 7] = float("-inf")
+    options = {"ref_logp": ref, "kl_coef": 0.3, "kl_estimator": kl_estimator}
+    xt = x.detach().clone().requires_grad_()
+    out = rk.ppo_loss(xt, y, old, adv, mask, backend=backend, **options)
+    out.loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    exp64 = reference.ppo_loss(x64, y, old.double(), adv.double(), mask, **_ref_options(options))
+    exp64.loss.backward()
+    assert out.kl[0, 1].item() == float("inf")
+    if kl_estimator != "k2":  # k2's derivative -d is infinite at ref = -inf
+        assert torch.isfinite(x64.grad[torch.isfinite(x64)]).all()
+        finite = torch.isfinite(x.detach())
+        torch.testing.assert_close(xt.grad.double()[finite], x64.grad[finite], rtol=1e-5, atol=1e-6)
+
+
 # The opt-in bulk copies' cases carry the `bulk` mark: gpu_suite.sh runs them in a pytest process of their own, so
 # that a kernel trapped there (row_bulk.cuh traps on a chunk that never lands) cannot end the main run's CUDA context.
 PREFETCH_FILLS = ("1", pytest.param("bulk", marks=pytest.mark.bulk))

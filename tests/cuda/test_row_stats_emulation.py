@@ -16,14 +16,6 @@ Not covered here: the GPU's approximate ex2 and the memory system (``pytest -m g
 
 from __future__ import annotations
 
-import ctypes
-import os
-import platform
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -33,71 +25,10 @@ from tests.tolerance import assert_matches_oracle
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-ROOT = Path(__file__).resolve().parents[2]
-SOURCE = ROOT / "tests" / "cuda" / "row_stats_emulation.cpp"
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DTYPES = tuple(DTYPE_CODE)
 VEC = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}  # elements per 16-byte vector
 IGNORE = -100
-
-
-def _cuda_include_dir() -> Path | None:
-    """A directory with the CUDA runtime headers (toolkit, or the pip CUDA / Triton copies)."""
-    roots = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")))]
-    candidates = [Path(r) / "include" for r in roots if r]
-    for site in map(Path, sys.path):
-        candidates += sorted(site.glob("nvidia/cu*/include")) + [site / "nvidia" / "cuda_runtime" / "include"]
-        candidates.append(site / "triton" / "backends" / "nvidia" / "include")
-    for d in candidates:
-        if (d / "cuda_bf16.h").exists() and (d / "cuda_runtime.h").exists():
-            return d
-    return None
-
-
-def _cpu_has_fma() -> bool:
-    try:
-        return platform.machine() in ("x86_64", "AMD64") and " fma " in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-# "contracted": a*b + c fused into one FMA wherever the compiler likes, as nvcc does on the GPU, so a
-# product that must be rounded on its own (mul_rn: exact zeros, logp <= 0) is checked here too.
-BUILDS = {"exact": ["-ffp-contract=off"], "contracted": ["-mfma", "-ffp-contract=fast"]}
-
-
-@pytest.fixture(scope="module", params=tuple(BUILDS))
-def emu(request, tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    include = _cuda_include_dir()
-    if cxx is None or include is None:
-        pytest.skip("needs a C++ compiler and the CUDA runtime headers")
-    if request.param == "contracted" and not _cpu_has_fma():
-        pytest.skip("this CPU has no FMA instructions")
-    lib_path = tmp_path_factory.mktemp("emu") / f"librow_stats_emulation_{request.param}.so"
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", *BUILDS[request.param], "-x", "c++",
-           f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{include}", str(SOURCE), "-o", str(lib_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, f"compiling the emulation failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}"
-    lib = ctypes.CDLL(str(lib_path))
-    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    lib.rk_emulate_logprobs.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, f32, i64, ctypes.c_int, ctypes.c_int,
-                                        ptr, ptr, ptr]
-    lib.rk_emulate_kl.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, i64, f32, ctypes.c_int, ptr, ptr, ptr]
-    lib.rk_emulate_logprobs_bwd.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
-                                            i64, i64, ctypes.c_int]
-    lib.rk_emulate_kl_bwd.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
-                                      f32, i64, ctypes.c_int]
-    lib.rk_emulate_fused_grad.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, i64,
-                                          ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr]
-    lib.rk_emulate_fused_grad_pipe.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, i64,
-                                               ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr]
-    lib.rk_emulate_loss_aggregate.argtypes = [ptr, i64, i64, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
-                                              ptr, ptr]
-    for fn in (lib.rk_emulate_logprobs, lib.rk_emulate_kl, lib.rk_emulate_logprobs_bwd, lib.rk_emulate_fused_grad,
-               lib.rk_emulate_fused_grad_pipe, lib.rk_emulate_kl_bwd, lib.rk_emulate_loss_aggregate):
-        fn.restype = ctypes.c_int
-    return lib
 
 
 def _rows(x: torch.Tensor) -> tuple[int, int]:
