@@ -20,7 +20,6 @@ CPU tensors run the ``cpu`` and ``torch`` backends (and ``triton`` under the int
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import os
@@ -38,6 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 import rlhf_kernels as rk
 from rlhf_kernels import _ext
 from rlhf_kernels import reference as R
+from tests.random_cases import device_for, failures_of, seed_parser
 from tests.tolerance import assert_matches_oracle, assert_rows_match_oracle, float32_lse_error
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -503,21 +503,10 @@ def test_the_custom_ops_of_a_random_configuration_pass_opcheck(seed):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", default="cpu", help="cpu | torch | triton | cuda")
-    parser.add_argument("--device", default=None, help="default: cuda for triton / cuda when available, else cpu")
-    parser.add_argument("--first", type=int, default=0, help="first seed")
-    parser.add_argument("--cases", type=int, default=1000)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if args.backend in ("triton", "cuda") and torch.cuda.is_available()
-                                          else "cpu"))
-    failures = 0
-    for seed in range(args.first, args.first + args.cases):
-        try:
-            run_case(seed, args.backend, device)
-        except Exception as e:  # an error raised by an op is a failure of its case too
-            failures += 1
-            print(f"seed {seed}: {type(e).__name__}: {e}", file=sys.stderr)
+    args = seed_parser(__doc__.split("\n\n")[0], backend="cpu", cases=1000).parse_args(argv)
+    device = device_for(args)
+    seeds = range(args.first, args.first + args.cases)
+    failures = failures_of(lambda seed: run_case(seed, args.backend, device), seeds)
     print(f"{args.cases} cases on {args.backend} ({device}), {failures} failed")
     return 1 if failures else 0
 
