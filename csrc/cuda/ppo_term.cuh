@@ -1,9 +1,12 @@
 // The fused PPO per-token term and its derivative, from a row's merged softmax statistics: what thread 0 of
 // each of ppo.cu's kernels computes once a row's sweep 1 is reduced (DESIGN.md §2; mirrors
-// rlhf_kernels/triton/ppo.py). The formulas are in ppo.cu's header comment. CUDA headers only.
+// rlhf_kernels/triton/ppo.py). The formulas are in ppo.cu's header comment. CUDA headers only; every function
+// here is __host__ __device__, so the CPU emulation (tests/cuda/row_stats_emulation.cpp) runs these very lines.
 #pragma once
 
-#include "row_common.cuh"
+#include <cstdint>
+
+#include "row_stats.cuh"    // RowStats, token_outputs_at, RK_HD
 #include "token_terms.cuh"  // kl_k, kl_k_dlogp, ppo_pg
 
 namespace rlhf_kernels {
@@ -21,8 +24,7 @@ struct RowScalars {
   float old, adv, ref, w;
 };
 
-__device__ __forceinline__ RowScalars load_row_scalars(const PpoOutputs& io, int64_t row, const PpoParams& p,
-                                                       bool with_grad) {
+RK_HD RowScalars load_row_scalars(const PpoOutputs& io, int64_t row, const PpoParams& p, bool with_grad) {
   RowScalars s{io.old_logp[row], io.advantages[row], 0.f, 0.f};
   if (p.has_ref) s.ref = io.ref_logp[row];
   if (with_grad) s.w = io.weights[row];
@@ -33,9 +35,9 @@ __device__ __forceinline__ RowScalars load_row_scalars(const PpoOutputs& io, int
 // writes term, logp, entropy, kl, clipped and lse when write_outputs (one CTA of a cluster), and with a gradient
 // leaves sweep 2's coefficients in tok = (lse, entropy, G_logp, G_H):
 // G_logp = w·∂term/∂logp, G_H = -w·entropy_coef.
-__device__ __forceinline__ void finish_ppo_row(float xy, int64_t y, int64_t vocab, const RowStats& st,
-                                               const RowScalars& s, const PpoParams& p, const PpoOutputs& io,
-                                               int64_t row, bool write_outputs, bool with_grad, float* tok) {
+RK_HD void finish_ppo_row(float xy, int64_t y, int64_t vocab, const RowStats& st, const RowScalars& s,
+                          const PpoParams& p, const PpoOutputs& io, int64_t row, bool write_outputs, bool with_grad,
+                          float* tok) {
   const TokenOutputs r = token_outputs_at(xy, y, vocab, p.inv_t, p.ignore_index, st);
   const float logp = r.logp, ent = r.entropy;
   const PolicyGrad pg = ppo_pg(logp, s.old, s.adv, p);

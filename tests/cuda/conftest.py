@@ -72,8 +72,11 @@ def emu(request, tmp_path_factory):
                                               ptr, ptr]
     lib.rk_emulate_ppo_token.argtypes = [ptr, ptr, ptr, ptr, i64, f32, f32, ctypes.c_int, f32, ctypes.c_int, ptr, ptr,
                                          ptr, ptr, ptr]
+    lib.rk_emulate_ppo_rows.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, f32, i64, ctypes.c_int, ctypes.c_int,
+                                        ptr, ptr, ptr, ptr, f32, ctypes.c_int, f32, f32, f32, ctypes.c_int, f32, ptr,
+                                        ptr]
     for fn in (lib.rk_emulate_logprobs, lib.rk_emulate_kl, lib.rk_emulate_logprobs_bwd, lib.rk_emulate_fused_grad,
                lib.rk_emulate_fused_grad_pipe, lib.rk_emulate_kl_bwd, lib.rk_emulate_loss_aggregate,
-               lib.rk_emulate_ppo_token):
+               lib.rk_emulate_ppo_token, lib.rk_emulate_ppo_rows):
         fn.restype = ctypes.c_int
     return lib

@@ -4,7 +4,8 @@
 // and calls it through ctypes).
 //
 // Also the per-token arithmetic of the fused PPO kernels (token_terms.cuh: the clipped surrogate, the KL
-// estimators and their derivatives), token by token.
+// estimators and their derivatives), token by token, and thread 0's end of each PPO row (ppo_term.cuh:
+// finish_ppo_row, from the row's statistics to its outputs and sweep 2's coefficients).
 // What is emulated exactly: each thread's sweep (the same template the kernels call, with the
 // same first / step / head-tail split and kUnroll), block_reduce's tree (butterfly over the 32
 // lanes of each warp, then warp 0 over the warp results), the cluster's rank-order merge
@@ -26,6 +27,7 @@
 #include "row_pipeline.cuh"
 #include "row_prefetch.cuh"
 #include "row_stats.cuh"
+#include "ppo_term.cuh"
 #include "token_terms.cuh"
 
 using namespace rlhf_kernels::cuda::detail;
@@ -107,31 +109,60 @@ struct CacheCheck {
   }
 };
 
+// A forward kernel's statistics of row x: its `cluster` CTAs (one without a cluster) each sweep their slice with
+// `threads` threads, merged in rank order. False when the PPO cache check failed.
+template <typename T>
+bool row_stats_of(const T* x, int64_t vocab, int threads, int cluster, float c, RowStats* total) {
+  const int64_t per_cta = (vectors_per_row<T>(vocab) + cluster - 1) / cluster;
+  const RowVecs rv = row_vecs(x, vocab);
+  *total = stats_init();
+  for (int rank = 0; rank < cluster; ++rank) {
+    const int64_t k_lo = std::min<int64_t>(rank * per_cta, rv.count);
+    const int64_t k_hi = std::min<int64_t>(k_lo + per_cta, rv.count);
+    std::vector<int> seen(static_cast<size_t>(k_hi - k_lo), 0);
+    bool ok = true;
+    const CacheCheck<T> sink{x, rv.pre, vocab, k_lo, &seen, &ok};
+    const RowStats cta = cta_stats(x, rv, vocab, k_lo, k_hi, threads, c, sink);
+    for (const int n : seen) ok = ok && n == 1;
+    if (!ok) return false;
+    *total = stats_merge(*total, cta, c);
+  }
+  return true;
+}
+
 template <typename T>
 int logprobs_rows(const T* logits, const int64_t* targets, int64_t rows, int64_t row_stride, int64_t vocab,
                   float inv_t, int64_t ignore_index, int threads, int cluster, float* logp, float* entropy,
                   float* lse) {
   const float c = inv_t * kLog2e;
-  const int64_t per_cta = (vectors_per_row<T>(vocab) + cluster - 1) / cluster;
   for (int64_t row = 0; row < rows; ++row) {
     const T* x = logits + row * row_stride;
-    const RowVecs rv = row_vecs(x, vocab);
-    RowStats total = stats_init();
-    for (int rank = 0; rank < cluster; ++rank) {
-      const int64_t k_lo = std::min<int64_t>(rank * per_cta, rv.count);
-      const int64_t k_hi = std::min<int64_t>(k_lo + per_cta, rv.count);
-      std::vector<int> seen(static_cast<size_t>(k_hi - k_lo), 0);
-      bool ok = true;
-      const CacheCheck<T> sink{x, rv.pre, vocab, k_lo, &seen, &ok};
-      const RowStats cta = cta_stats(x, rv, vocab, k_lo, k_hi, threads, c, sink);
-      for (const int n : seen) ok = ok && n == 1;
-      if (!ok) return 1;
-      total = stats_merge(total, cta, c);
-    }
+    RowStats total;
+    if (!row_stats_of(x, vocab, threads, cluster, c, &total)) return 1;
     const TokenOutputs out = token_outputs(x, targets[row], vocab, inv_t, ignore_index, total);
     logp[row] = out.logp;
     entropy[row] = out.entropy;
     lse[row] = out.lse;
+  }
+  return 0;
+}
+
+// ppo.cu's forward of a row: sweep 1's statistics (as logprobs_rows), then thread 0's finish_ppo_row
+// (ppo_term.cuh) with the row's scalars: the per-token outputs, and with weights the coefficients tok[4·row ...]
+// (lse, entropy, G_logp, G_H) that sweep 2 writes dlogits from.
+template <typename T>
+int ppo_rows(const T* logits, const int64_t* targets, int64_t rows, int64_t row_stride, int64_t vocab, int threads,
+             int cluster, const rlhf_kernels::cuda::PpoParams& p, const PpoOutputs& io, float* tok) {
+  const float c = p.inv_t * kLog2e;
+  const bool with_grad = io.weights != nullptr;
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* x = logits + row * row_stride;
+    RowStats total;
+    if (!row_stats_of(x, vocab, threads, cluster, c, &total)) return 1;
+    const int64_t y = targets[row];
+    const RowScalars scalars = load_row_scalars(io, row, p, with_grad);
+    finish_ppo_row(target_value(x, y, vocab, p.ignore_index), y, vocab, total, scalars, p, io, row, true, with_grad,
+                   with_grad ? tok + 4 * row : nullptr);
   }
   return 0;
 }
@@ -538,4 +569,33 @@ extern "C" int rk_emulate_ppo_token(const float* logp, const float* old, const f
     }
   }
   return 0;
+}
+
+// ppo.cu's per-row forward (ppo_rows) over `rows` rows: outputs[6 · rows] = term, logp, entropy, kl, clipped, lse
+// (each [rows]); ref_logp may be null (no KL term), weights too (no gradient: tok is not written).
+extern "C" int rk_emulate_ppo_rows(int dtype, const void* logits, const int64_t* targets, int64_t rows,
+                                   int64_t row_stride, int64_t vocab, float inv_t, int64_t ignore_index, int threads,
+                                   int cluster, const float* old_logp, const float* advantages, const float* ref_logp,
+                                   const float* weights, float kl_coef, int estimator, float entropy_coef,
+                                   float clip_low, float clip_high, int has_dual, float dual_clip, float* outputs,
+                                   float* tok) {
+  if (bad_launch(threads, cluster) || vocab < 1 || rows < 0 || estimator < 1 || estimator > 3) return 2;
+  rlhf_kernels::cuda::PpoParams p{};
+  p.inv_t = inv_t;
+  p.ignore_index = ignore_index;
+  p.kl_coef = kl_coef;
+  p.entropy_coef = entropy_coef;
+  p.clip_low = clip_low;
+  p.clip_high = clip_high;
+  p.dual_clip = dual_clip;
+  p.has_ref = ref_logp != nullptr;
+  p.has_dual = has_dual != 0;
+  p.kl_estimator = estimator;
+  float* out = outputs;
+  const PpoOutputs io{old_logp, advantages, ref_logp, weights, out, out + rows, out + 2 * rows, out + 3 * rows,
+                      out + 4 * rows, out + 5 * rows};
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return ppo_rows(static_cast<const T*>(logits), targets, rows, row_stride, vocab, threads, cluster, p, io, tok);
+  });
 }

@@ -8,6 +8,12 @@ the host (``rk_emulate_ppo_token`` in ``row_stats_emulation.cpp``) and held agai
 drawn to reach every branch: ratios inside and outside the clip range, log-ratios past the ±20 clamp and on it,
 negative advantages under the dual clip, zero advantages, KL near 0 (the series) and far from it, and the
 infinities of a target or a reference token of probability 0.
+
+``rk_emulate_ppo_rows`` then runs the fused PPO kernels' whole per-row forward on logits: sweep 1's statistics
+(the emulated threads and cluster slices), ``finish_ppo_row`` itself, and what it writes: the term, log-prob,
+entropy, KL, clip flag and lse of each token and the coefficients ``G_logp = w·∂term/∂logp``, ``G_H =
+-w·entropy_coef`` that the kernels' second sweep writes dlogits from (that sweep given those coefficients is
+``test_row_stats_emulation.py``'s ``test_fused_ppo_gradient_paths``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import pytest
 import torch
 
 from rlhf_kernels import reference
+from tests.cuda.test_row_stats_emulation import DTYPE_CODE, DTYPES, IGNORE, VEC
 from tests.tolerance import assert_rows_match_oracle
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -161,3 +168,115 @@ def test_a_bad_estimator_is_refused(emu):
     rc = emu.rk_emulate_ppo_token(*(t.data_ptr() for t in (t, t, t, t)), 2, 0.2, 0.2, False, 0.0, 4,
                                   *(t.data_ptr() for _ in range(5)))
     assert rc == 2
+
+
+# ----------------------------------------------------------------------------- whole rows: finish_ppo_row
+
+PPO_OUTPUTS = ("term", "logp", "entropy", "kl", "clipped", "lse")
+
+
+def emulate_ppo_rows(lib, x, y, old, adv, ref, weights, opts, *, threads=128, cluster=1):
+    """``(outputs, coefficients)`` of ppo.cu's per-row forward on ``x[rows, V]`` (vocab stride 1): outputs a dict of
+    ``PPO_OUTPUTS``, coefficients ``[rows, 2]`` = (G_logp, G_H), None without ``weights``; all poisoned first."""
+    rows, V = x.shape
+    assert x.stride(1) == 1
+    outputs = torch.full((6, rows), float("nan"))
+    tok = torch.full((rows, 4), float("nan"))
+    scalars = [None if t is None else t.float().contiguous() for t in (old, adv, ref, weights)]
+    ptr = [None if t is None else t.data_ptr() for t in scalars]
+    rc = lib.rk_emulate_ppo_rows(
+        DTYPE_CODE[x.dtype], x.data_ptr(), y.contiguous().data_ptr(), rows, x.stride(0), V, 1.0 / opts["temperature"],
+        IGNORE, threads, cluster, *ptr, opts["kl_coef"], ESTIMATORS[opts["kl_estimator"]], opts["entropy_coef"],
+        opts["clip_low"], opts["clip_high"], opts["dual_clip"] is not None, opts["dual_clip"] or 0.0,
+        outputs.data_ptr(), tok.data_ptr())
+    assert rc == 0
+    return dict(zip(PPO_OUTPUTS, outputs)), (None if weights is None else tok[:, 2:])
+
+
+def oracle_ppo_rows(x, y, old, adv, ref, weights, opts):
+    """The same from the reference on ``x`` in its own dtype (float64 for the oracle): log-probs and entropies,
+    ``ppo_token_terms`` on them, and the coefficients by autograd of the weighted terms."""
+    T = opts["temperature"]
+    with torch.no_grad():
+        logp, entropy = reference.logprobs(x, y, temperature=T, ignore_index=IGNORE, return_entropy=True)
+    dtype = logp.dtype
+    logp, entropy = logp.requires_grad_(), entropy.requires_grad_()
+    term, kl, clipped = reference.ppo_token_terms(
+        logp, entropy, old.to(dtype), adv.to(dtype), ref_logp=None if ref is None else ref.to(dtype),
+        kl_coef=opts["kl_coef"], kl_estimator=opts["kl_estimator"], entropy_coef=opts["entropy_coef"],
+        clip_low=opts["clip_low"], clip_high=opts["clip_high"], dual_clip=opts["dual_clip"])
+    lse = torch.logsumexp(x.to(dtype) / T, dim=-1)
+    outputs = dict(zip(PPO_OUTPUTS, (term.detach(), logp.detach(), entropy.detach(), kl, clipped.to(dtype), lse)))
+    if weights is None:
+        return outputs, None
+    g_logp, g_ent = torch.autograd.grad((term * weights.to(dtype)).sum(), (logp, entropy))
+    return outputs, torch.stack([g_logp, g_ent], dim=-1)
+
+
+def random_ppo_rows(seed: int, dtype: torch.dtype, V: int, rows: int = 48):
+    """Logits rows starting at every 16-byte misalignment, extreme ones among them, targets (some ignored, one of
+    probability 0), and the rows' PPO scalars around the oracle's log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    offset = seed % VEC[dtype]
+    wide = torch.randn(rows, V + VEC[dtype], generator=g) * 3.0
+    x = wide[:, offset:offset + V]
+    x[0] = 1e4 if dtype == torch.float32 else 60.0  # all equal
+    x[1, ::3] = float("-inf")
+    if V > 1:
+        x[2] = torch.linspace(-1e4, 1e4, V) if dtype != torch.float16 else torch.linspace(-6e4, 6e4, V)
+    y = torch.randint(0, V, (rows,), generator=g)
+    y[torch.rand(rows, generator=g) < 0.1] = IGNORE
+    y[1] = 0  # a target of probability 0: its logit is -inf
+    x = x.to(dtype)
+    with torch.no_grad():
+        logp = reference.logprobs(x.double(), y, ignore_index=IGNORE).float()
+    finite = torch.isfinite(logp)
+
+    def pick(*choices):
+        return torch.tensor(choices)[torch.randint(len(choices), (rows,), generator=g)]
+
+    noise = torch.randn(rows, generator=g)
+    old = torch.where(finite, logp, torch.full_like(logp, -3.0)) + noise * pick(0.01, 0.3, 30.0)
+    adv = torch.randn(rows, generator=g) * pick(0.0, 1.0, 10.0)
+    noise = torch.randn(rows, generator=g)
+    ref = torch.where(finite, logp, torch.full_like(logp, -2.0)) + noise * pick(1e-3, 0.3, 3.0)
+    ref[3] = float("-inf")  # the reference policy excludes this row's token
+    weights = torch.rand(rows, generator=g) * (torch.rand(rows, generator=g) < 0.8)
+    return x, y, old, adv, ref, weights
+
+
+PPO_SETTINGS = (
+    dict(temperature=1.0, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, clip_low=0.2, clip_high=0.2,
+         dual_clip=3.0),
+    dict(temperature=0.7, kl_coef=0.05, kl_estimator="k2", entropy_coef=0.0, clip_low=0.2, clip_high=0.28,
+         dual_clip=None),
+    dict(temperature=1.0, kl_coef=1.0, kl_estimator="k1", entropy_coef=0.3, clip_low=0.1, clip_high=0.2,
+         dual_clip=None),
+)
+
+
+@pytest.mark.parametrize("with_ref", [True, False])
+@pytest.mark.parametrize("setting", range(len(PPO_SETTINGS)))
+@pytest.mark.parametrize("V,cluster", [(1, 1), (7, 1), (300, 2), (4097, 4)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ppo_rows_forward_matches_the_oracle(emu, dtype, V, cluster, setting, with_ref):
+    opts = PPO_SETTINGS[setting]
+    x, y, old, adv, ref, weights = random_ppo_rows(V + setting, dtype, V)
+    ref = ref if with_ref else None
+    opts = dict(opts, kl_coef=opts["kl_coef"] if with_ref else 0.0)
+    for w in (weights, None):  # the forward-with-gradient kernels, and the forward-only one
+        fast, fast_coef = emulate_ppo_rows(emu, x, y, old, adv, ref, w, opts, cluster=cluster)
+        in_dtype, ref_coef = oracle_ppo_rows(x, y, old, adv, ref, w, opts)
+        oracle, oracle_coef = oracle_ppo_rows(x.double(), y, old, adv, ref, w, opts)
+        what = f"{dtype}/V={V}/cluster={cluster}/{opts}/grad={w is not None}"
+        kinks = _near_a_kink(oracle["logp"], old, adv, clip_low=opts["clip_low"], clip_high=opts["clip_high"],
+                             dual_clip=opts["dual_clip"])
+        for name in PPO_OUTPUTS:
+            keep = ~kinks if name == "clipped" else slice(None)
+            assert_rows_match_oracle(fast[name][keep], in_dtype[name][keep], oracle[name][keep], dtype,
+                                     f"{what}/{name}")
+        if w is not None:
+            for i, name in enumerate(("G_logp", "G_H")):
+                keep = ~kinks if name == "G_logp" else slice(None)
+                assert_rows_match_oracle(fast_coef[keep, i], ref_coef[keep, i], oracle_coef[keep, i], dtype,
+                                         f"{what}/{name}")
