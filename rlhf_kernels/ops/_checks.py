@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 from typing import Optional, Sequence
@@ -47,11 +49,46 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others: Op
             )
 
 
+def check_number(name: str, value, *, low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real number (a Python or NumPy scalar: not a bool, not a tensor, whose conversion would hide a
+    device sync) within ``[low, high]`` (either end open, or absent); returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = " (a tensor: pass a Python number, e.g. t.item())" if isinstance(value, torch.Tensor) else ""
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}{hint}")
+    number = float(value)
+    if not -math.inf < number < math.inf:  # (NaN too; not math.isfinite, which torch.compile cannot trace)
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    below = low is not None and (number <= low if low_open else number < low)
+    above = high is not None and (number >= high if high_open else number > high)
+    if below or above:
+        left = "" if low is None else f"{'(' if low_open else '['}{low:g}, "
+        right = "" if high is None else f"{high:g}{')' if high_open else ']'}"
+        where = f"in {left}{right}" if low is not None and high is not None else (
+            f"{'>' if low_open else '>='} {low:g}" if low is not None else f"{'<' if high_open else '<='} {high:g}")
+        raise ValueError(f"{name} must be {where}, got {value!r}")
+    return number
+
+
 def check_positive(name: str, value: float) -> float:
     """A finite number > 0."""
-    if not isinstance(value, (int, float)) or not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_number(name, value, low=0.0, low_open=True)
+
+
+def check_integer(name: str, value) -> int:
+    """An integer (a Python or NumPy one, not a bool), returned as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_chunk_size(chunk_size) -> Optional[int]:
+    """``None`` (chosen automatically) or an integer >= 1."""
+    if chunk_size is None:
+        return None
+    if check_integer("chunk_size", chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
+    return int(chunk_size)
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_chunk_size,
+    check_integer,
     check_same_device,
     check_same_shape,
     check_tensor,
@@ -308,7 +310,7 @@ def autocast_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return cast(hidden), cast(weight), cast(bias), torch.autocast(device_type, enabled=False)
 
 
-def _check_linear_args(hidden, weight, targets, bias, chunk_size) -> None:
+def _check_linear_args(hidden, weight, targets, bias, chunk_size, ignore_index) -> None:
     check_tensor("hidden", hidden, FLOAT_DTYPES)
     check_tensor("weight", weight, FLOAT_DTYPES)
     check_tensor("targets", targets, INDEX_DTYPES)
@@ -322,8 +324,8 @@ def _check_linear_args(hidden, weight, targets, bias, chunk_size) -> None:
     if bias is not None:
         check_tensor("bias", bias, FLOAT_DTYPES)
         check_same_shape("bias", bias, weight.shape[:1], "weight.shape[0]")
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
+    check_integer("ignore_index", ignore_index)
     check_same_device("hidden", hidden, weight=weight, targets=targets, bias=bias)
 
 

@@ -35,6 +35,8 @@ _auto_fallback_warned = False
 
 def _chunk_by_setting(chunk_by: Optional[str]) -> str:
     """``chunk_by`` as given, else ``RLHF_KERNELS_LINEAR_CHUNK_BY``, else ``"auto"``; checked against ``LINEAR_CHUNK_BY``."""
+    if chunk_by is not None and not isinstance(chunk_by, str):
+        raise TypeError(f"chunk_by must be a string or None, got {type(chunk_by).__name__} {chunk_by!r}")
     value = chunk_by if chunk_by is not None else os.environ.get("RLHF_KERNELS_LINEAR_CHUNK_BY", "")
     value = value.strip().lower() or "auto"
     if value not in LINEAR_CHUNK_BY:

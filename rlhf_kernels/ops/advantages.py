@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ._checks import FLOAT_DTYPES, check_same_device, check_same_shape, check_tensor
+from ._checks import FLOAT_DTYPES, check_number, check_same_device, check_same_shape, check_tensor
 from .logprobs import resolve_for
 
 # CUDA tensors try Triton first, then the CUDA C++ kernel (ops/_dispatch.py order).
@@ -43,9 +43,8 @@ def gae(
     check_same_shape("rewards", rewards, values.shape, "values")
     check_same_shape("mask", mask, values.shape, "values")
     check_same_device("values", values, rewards=rewards, mask=mask)
-    for name, value in (("gamma", gamma), ("lam", lam)):
-        if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    gamma = check_number("gamma", gamma, low=0.0, high=1.0)
+    lam = check_number("lam", lam, low=0.0, high=1.0)
     chosen = resolve_for("gae", values, backend, IMPLEMENTED)
     with torch.no_grad():
         if chosen == "triton":

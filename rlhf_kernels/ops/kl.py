@@ -270,10 +270,10 @@ def kl_divergence(
     check_logits("logits", logits)
     check_logits("ref_logits", ref_logits)
     check_same_shape("ref_logits", ref_logits, logits.shape, "logits")
-    check_same_device("logits", logits, ref_logits=ref_logits, mask=mask)
     if mask is not None:
         check_tensor("mask", mask)
         check_same_shape("mask", mask, logits.shape[:-1], "logits.shape[:-1]")
+    check_same_device("logits", logits, ref_logits=ref_logits, mask=mask)
     temperature = check_positive("temperature", temperature)
     if not isinstance(overwrite_logits, bool):
         raise TypeError(f"overwrite_logits must be True or False, got {overwrite_logits!r}")

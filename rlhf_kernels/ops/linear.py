@@ -486,7 +486,7 @@ def linear_logprobs(
     """
     hidden, weight, bias, autocast_off = autocast_linear(hidden, weight, bias)
     with autocast_off:  # the GEMMs in autocast's dtype on every path (autocast_linear)
-        _check_linear_args(hidden, weight, targets, bias, chunk_size)
+        _check_linear_args(hidden, weight, targets, bias, chunk_size, ignore_index)
         temperature = check_positive("temperature", temperature)
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
         chunk_by = logprobs_chunk_by(chunk_by, weight if grad else None, chunk_size)
@@ -579,12 +579,12 @@ def linear_ppo_loss(
     """
     hidden, weight, bias, autocast_off = autocast_linear(hidden, weight, bias)
     with autocast_off:  # the GEMMs in autocast's dtype on every path (autocast_linear)
-        _check_linear_args(hidden, weight, targets, bias, chunk_size)
+        _check_linear_args(hidden, weight, targets, bias, chunk_size, ignore_index)
         lead = hidden.shape[:-1]
         check_ppo_args(
             lead, "hidden.shape[:-1]", "hidden", hidden, old_logp, advantages, mask, ref_logp,
-            kl_coef=kl_coef, kl_estimator=kl_estimator, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-            loss_agg=loss_agg,
+            kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low,
+            clip_high=clip_high, dual_clip=dual_clip, loss_agg=loss_agg, ignore_index=ignore_index,
         )
 
         options = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low,
@@ -642,9 +642,9 @@ def linear_cross_entropy(
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     hidden, weight, bias, autocast_off = autocast_linear(hidden, weight, bias)
     with autocast_off:  # the GEMMs in autocast's dtype on every path (autocast_linear)
+        _check_linear_args(hidden, weight, targets, bias, chunk_size, ignore_index)
         grad_path = reduction != "none" and _grad_in_forward(grad_in_forward, hidden, weight, bias)
         if grad_path:
-            _check_linear_args(hidden, weight, targets, bias, chunk_size)
             temperature = check_positive("temperature", temperature)
             valid = targets != ignore_index
             loss, _, _ = _fused_loss(

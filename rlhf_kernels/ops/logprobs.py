@@ -19,6 +19,7 @@ from ._checks import (
     WHOLE,
     as_rows,
     base_and_range,
+    check_integer,
     check_logits,
     check_positive,
     check_same_device,
@@ -420,6 +421,7 @@ def logprobs_for(caller: str, logits, targets, *, temperature=1.0, ignore_index=
     check_same_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
     check_same_device("logits", logits, targets=targets)
     temperature = check_positive("temperature", temperature)
+    check_integer("ignore_index", ignore_index)
     if not isinstance(overwrite_logits, bool):
         raise TypeError(f"overwrite_logits must be True or False, got {overwrite_logits!r}")
     chosen = resolve_for("logprobs", logits, backend, IMPLEMENTED)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ._checks import FLOAT_DTYPES, check_choice, check_same_device, check_same_shape, check_tensor
+from ._checks import FLOAT_DTYPES, check_choice, check_number, check_same_device, check_same_shape, check_tensor
 
 
 def aggregate_loss(term: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean") -> torch.Tensor:
@@ -20,6 +20,7 @@ def aggregate_loss(term: torch.Tensor, mask: torch.Tensor, loss_agg: str = "toke
     check_tensor("term", term, FLOAT_DTYPES)
     check_tensor("mask", mask)
     check_same_shape("mask", mask, term.shape, "term")
+    check_same_device("term", term, mask=mask)
     check_choice("loss_agg", loss_agg, reference.LOSS_AGG_MODES)
     return reference.aggregate_loss(term, mask, loss_agg)
 
@@ -39,12 +40,12 @@ def value_loss(
     """
     check_tensor("values", values, FLOAT_DTYPES)
     for name, value in (("old_values", old_values), ("returns", returns), ("mask", mask)):
-        check_tensor(name, value)
+        check_tensor(name, value, None if name == "mask" else FLOAT_DTYPES)
         check_same_shape(name, value, values.shape, "values")
     check_same_device("values", values, old_values=old_values, returns=returns, mask=mask)
     check_choice("loss_agg", loss_agg, reference.LOSS_AGG_MODES)
-    if clip is not None and not float(clip) > 0:
-        raise ValueError(f"clip must be > 0 or None, got {clip!r}")
+    if clip is not None:
+        clip = check_number("clip", clip, low=0.0, low_open=True)
     return reference.value_loss(values, old_values, returns, mask, clip=clip, loss_agg=loss_agg)
 
 
@@ -63,8 +64,12 @@ def reward_model_loss(
     check_tensor("r_rejected", r_rejected, FLOAT_DTYPES)
     check_same_shape("r_rejected", r_rejected, r_chosen.shape, "r_chosen")
     if isinstance(margin, torch.Tensor):
+        check_tensor("margin", margin, FLOAT_DTYPES)
         check_same_shape("margin", margin, r_chosen.shape, "r_chosen")
         check_same_device("r_chosen", r_chosen, margin=margin)
+    elif margin is not None:
+        margin = check_number("margin", margin)
+    center_coef = check_number("center_coef", center_coef)
     check_same_device("r_chosen", r_chosen, r_rejected=r_rejected)
     return reference.reward_model_loss(r_chosen, r_rejected, margin=margin, center_coef=center_coef)
 
@@ -90,10 +95,8 @@ def dpo_loss(
         check_same_shape(name, value, pi_chosen.shape, "pi_chosen")
     check_same_device("pi_chosen", pi_chosen, pi_rejected=pi_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
     check_choice("loss_type", loss_type, reference.DPO_LOSS_TYPES)
-    if not float(beta) > 0:
-        raise ValueError(f"beta must be > 0, got {beta!r}")
-    if not 0.0 <= float(label_smoothing) < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    beta = check_number("beta", beta, low=0.0, low_open=True)
+    label_smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True)
     return reference.dpo_loss(
         pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
     )

@@ -86,7 +86,9 @@ from ._checks import (
     as_rows,
     base_and_range,
     check_choice,
+    check_integer,
     check_logits,
+    check_number,
     check_positive,
     check_same_device,
     check_same_shape,
@@ -233,15 +235,17 @@ def check_ppo_args(
     *,
     kl_coef: float,
     kl_estimator: str,
+    entropy_coef: float,
     clip_low: float,
     clip_high: float,
     dual_clip: Optional[float],
     loss_agg: str,
+    ignore_index: int,
 ) -> None:
     """The checks shared by ``ppo_loss`` and ``linear_ppo_loss``: per-token inputs of shape ``lead``, the options, and
     a ``[B, T, *]`` ``device_tensor`` for the per-sequence ``loss_agg`` modes."""
     for name, value in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)):
-        if value is not None:
+        if value is not None or name != "ref_logp":
             check_tensor(name, value, FLOAT_DTYPES)
             check_same_shape(name, value, lead, lead_from)
     check_tensor("mask", mask)
@@ -249,13 +253,14 @@ def check_ppo_args(
     check_same_device(device_name, device_tensor, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp)
     check_choice("kl_estimator", kl_estimator, reference.KL_ESTIMATORS)
     check_choice("loss_agg", loss_agg, reference.LOSS_AGG_MODES)
-    for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
-        if not 0.0 <= float(value):
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
-    if clip_low >= 1.0:
-        raise ValueError(f"clip_low must be < 1 (the ratio's lower bound is 1 - clip_low), got {clip_low!r}")
-    if dual_clip is not None and not float(dual_clip) > 1.0:
-        raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip!r}")
+    # (clip_low < 1: the ratio's lower bound is 1 - clip_low)
+    check_number("clip_low", clip_low, low=0.0, high=1.0, high_open=True)
+    check_number("clip_high", clip_high, low=0.0)
+    if dual_clip is not None:
+        check_number("dual_clip", dual_clip, low=1.0, low_open=True)
+    check_number("kl_coef", kl_coef)
+    check_number("entropy_coef", entropy_coef)
+    check_integer("ignore_index", ignore_index)
     if kl_coef and ref_logp is None:
         raise ValueError("kl_coef != 0 needs ref_logp")
     if loss_agg != "token-mean" and len(lead) < 2:
@@ -744,8 +749,8 @@ def ppo_loss(
     check_same_device("logits", logits, targets=targets)
     check_ppo_args(
         lead, "logits.shape[:-1]", "logits", logits, old_logp, advantages, mask, ref_logp,
-        kl_coef=kl_coef, kl_estimator=kl_estimator, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        loss_agg=loss_agg,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, clip_low=clip_low,
+        clip_high=clip_high, dual_clip=dual_clip, loss_agg=loss_agg, ignore_index=ignore_index,
     )
     temperature = check_positive("temperature", temperature)
     if not isinstance(overwrite_logits, bool):
