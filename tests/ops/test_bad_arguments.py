@@ -32,8 +32,9 @@ from tests.random_cases import device_for, failures_of, seed_parser
 B, T, V, H = 2, 3, 11, 5
 
 
-def valid_call(op: str):
-    """``(tensors, options)`` of a valid call of ``rk.<op>``: the tensors positional, the options by keyword."""
+def valid_call(op: str, device: torch.device):
+    """``(tensors, options)`` of a valid call of ``rk.<op>`` on ``device``: the tensors positional, the options by
+    keyword."""
     lp = -torch.rand(B, T)
     mask = torch.ones(B, T)
     hidden, weight = torch.randn(B * T, H), torch.randn(V, H)
@@ -58,15 +59,16 @@ def valid_call(op: str):
                      dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0)),
         "aggregate_loss": ((torch.randn(B, T), mask), dict(loss_agg="token-mean")),
     }
-    return calls[op]
+    tensors, options = calls[op]
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return [move(t) for t in tensors], {k: move(v) for k, v in options.items()}
 
 
 OPS = ("logprobs", "kl_divergence", "kl_estimate", "ppo_loss", "linear_logprobs", "linear_cross_entropy",
        "linear_ppo_loss", "gae", "value_loss", "reward_model_loss", "dpo_loss", "aggregate_loss")
-BACKENDS = {"logprobs": ("cpu", "torch", "triton"), "kl_divergence": ("cpu", "torch", "triton"),
-            "kl_estimate": ("torch", "triton"), "ppo_loss": ("cpu", "torch", "triton"),
-            "linear_logprobs": ("cpu", "torch", "triton"), "linear_cross_entropy": ("cpu", "torch", "triton"),
-            "linear_ppo_loss": ("cpu", "torch", "triton"), "gae": ("cpu", "torch", "triton")}
+ALL = ("cpu", "torch", "triton", "cuda")
+BACKENDS = {"logprobs": ALL, "kl_divergence": ALL, "kl_estimate": ("torch", "triton"), "ppo_loss": ALL,
+            "linear_logprobs": ALL, "linear_cross_entropy": ALL, "linear_ppo_loss": ALL, "gae": ALL}
 # the positional parameters' names, for the messages
 TENSOR_NAMES = {
     "logprobs": ("logits", "targets"), "kl_divergence": ("logits", "ref_logits"), "kl_estimate": ("logp", "ref_logp"),
@@ -84,7 +86,7 @@ BAD_OPTIONS = (float("nan"), float("inf"), float("-inf"), -1.0, 0.0, "bogus", No
 def spoil_tensor(rng: random.Random, t: torch.Tensor):
     """``(what was done, the spoiled value)``."""
     kind = rng.choice(("dim+", "dim-", "size", "int", "bool", "complex", "meta", "stride", "none", "list", "empty",
-                       "float64", "float16"))
+                       "float64", "float16") + (("on the cpu",) * 2 if t.is_cuda else ()))
     if kind == "dim+":
         return kind, t.unsqueeze(0)
     if kind == "dim-":
@@ -95,8 +97,8 @@ def spoil_tensor(rng: random.Random, t: torch.Tensor):
         dtype = {"int": torch.int64 if t.is_floating_point() else torch.float32, "bool": torch.bool,
                  "complex": torch.complex64, "float64": torch.float64, "float16": torch.float16}[kind]
         return kind, t.to(dtype)
-    if kind == "meta":
-        return kind, t.to("meta")
+    if kind in ("meta", "on the cpu"):
+        return kind, t.to(kind.split()[-1])
     if kind == "stride":
         return kind, torch.stack([t, t], dim=-1).flatten(-2)[..., ::2]
     if kind == "empty":
@@ -104,12 +106,12 @@ def spoil_tensor(rng: random.Random, t: torch.Tensor):
     return kind, None if kind == "none" else t.tolist()
 
 
-def run_case(seed: int, op: str, backend: Optional[str]) -> str:
-    """Spoils one argument of a valid ``op`` call (drawn from ``seed``) and checks the outcome; returns what it did."""
+def run_case(seed: int, op: str, backend: Optional[str], device: torch.device = torch.device("cpu")) -> str:
+    """Spoils one argument of a valid ``op`` call on ``device`` (drawn from ``seed``) and checks the outcome;
+    returns what it did. On a GPU one tensor may also be left on the CPU."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    tensors, options = valid_call(op)
-    tensors = list(tensors)
+    tensors, options = valid_call(op, device)
     names = list(TENSOR_NAMES[op]) + list(options)
     name = rng.choice(names)
     if name in TENSOR_NAMES[op]:
@@ -136,6 +138,7 @@ def run_case(seed: int, op: str, backend: Optional[str]) -> str:
 
 
 def cases(backend: str) -> List[str]:
+    """The ops ``backend`` runs (and those without a backend argument)."""
     return [op for op in OPS if op not in BACKENDS or backend in BACKENDS[op]]
 
 
@@ -151,6 +154,20 @@ def test_a_spoiled_argument_is_named_or_harmless(backend, seed):
     run_case(seed, ops[seed % len(ops)], backend)
 
 
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("seed", range(300))
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_spoiled_argument_is_named_or_harmless_on_the_gpu(backend, seed):
+    """CUDA tensors reach the GPU backends' own paths (and the C++ checks behind them, whose throw ended H200 run
+    6's process: the Python checks must come first); a CPU tensor among them is one more spoiling."""
+    if backend == "cuda" and not _ext.has_cuda_kernels():
+        pytest.skip("the extension was built without its CUDA kernels")
+    ops = cases(backend)
+    run_case(seed, ops[seed % len(ops)], backend, torch.device("cuda"))
+
+
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.skipif(not INTERPRETED_TRITON, reason="the Triton kernels run on CPU tensors under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("seed", range(600, 800))
@@ -162,12 +179,10 @@ def test_a_spoiled_argument_is_named_or_harmless_on_triton(seed):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = seed_parser(__doc__.split("\n\n")[0], backend="cpu", cases=5000).parse_args(argv)
-    if device_for(args).type != "cpu":
-        print("the spoiled calls are built on the CPU")
-        return 2
+    device = device_for(args)
     ops = cases(args.backend)
     seeds = range(args.first, args.first + args.cases)
-    failures = failures_of(lambda seed: run_case(seed, ops[seed % len(ops)], args.backend), seeds)
+    failures = failures_of(lambda seed: run_case(seed, ops[seed % len(ops)], args.backend, device), seeds)
     print(f"{args.cases} cases on {args.backend}, {failures} failed")
     return 1 if failures else 0
 
