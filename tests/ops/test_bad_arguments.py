@@ -157,7 +157,7 @@ def test_a_spoiled_argument_is_named_or_harmless(backend, seed):
 @pytest.mark.gpu
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("seed", range(300))
+@pytest.mark.parametrize("seed", range(150))  # each new dtype or layout of a call compiles Triton variants
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_a_spoiled_argument_is_named_or_harmless_on_the_gpu(backend, seed):
     """CUDA tensors reach the GPU backends' own paths (and the C++ checks behind them, whose throw ended H200 run
