@@ -315,8 +315,9 @@ def gae(
         adv = delta + gamma * lam * next_adv * next_mask
         advantages[..., t] = adv
         next_value, next_adv, next_mask = values[..., t], adv, mask[..., t]
-    advantages = advantages * mask
+    # returns from the unmasked A: (A + V)·m, as the kernels; (A·m + V)·m would differ for a mask that is not 0 / 1
     returns = (advantages + values) * mask
+    advantages = advantages * mask
     return advantages, returns
 
 

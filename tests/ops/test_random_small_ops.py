@@ -4,8 +4,8 @@ against the float64 oracle, element by element (DESIGN.md §5's rule, ``toleranc
 The logits ops have ``test_random_configurations.py``; these two scan or map ``[B, T]`` tensors, and each case
 draws at once what their fixed tests vary one at a time. GAE: batch and length (one step to 300, past a block of
 sequences), the values' and the rewards' dtypes (a bf16 value head with float32 rewards), the mask (response
-suffixes after a prompt, holes, empty rows, all ones, bool / float / int), γ and λ at their ends (0, 1), strided
-inputs, sparse end-of-sequence rewards and large ones. The KL estimators: k1 / k2 / k3, mixed dtypes, a clamp
+suffixes after a prompt, holes, empty rows, all ones, bool / float / int, fractional weights), γ and λ at their
+ends (0, 1), strided inputs, sparse end-of-sequence rewards and large ones. The KL estimators: k1 / k2 / k3, mixed dtypes, a clamp
 (small, large, exactly hit), log-probs from 0 to -1e4, reference log-probs near (k3's series), far (overflow)
 and of probability 0 (-inf) on either side, and gradients to both inputs.
 
@@ -60,7 +60,7 @@ def _rounding_allowance(backend: str, dtype: torch.dtype, oracle: torch.Tensor) 
 
 
 def _gae_mask(rng: random.Random, B: int, T: int) -> torch.Tensor:
-    kind = rng.choice(("suffix", "suffix", "holes", "ones", "empty rows"))
+    kind = rng.choice(("suffix", "suffix", "holes", "ones", "empty rows", "weights"))
     steps = torch.arange(T)[None]
     if kind == "suffix":  # a prompt (masked) then a response of random length, then padding
         start = torch.randint(0, T, (B, 1))
@@ -70,9 +70,11 @@ def _gae_mask(rng: random.Random, B: int, T: int) -> torch.Tensor:
         mask = torch.rand(B, T) < 0.7
     elif kind == "ones":
         mask = torch.ones(B, T, dtype=torch.bool)
-    else:
+    elif kind == "empty rows":
         mask = torch.rand(B, T) < 0.8
         mask[torch.rand(B) < 0.5] = False
+    else:  # per-token weights in [0, 1], zeros among them: the scan and both outputs are scaled by them
+        return torch.rand(B, T) * (torch.rand(B, T) < 0.9)
     return mask.to(rng.choice((torch.bool, torch.float32, torch.int64)))
 
 

@@ -50,6 +50,26 @@ def test_gae_matches_oracle(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("backend", GAE_BACKENDS)
+def test_gae_with_fractional_mask_weights(backend):
+    """A mask of weights in [0, 1] scales the scan's carries and both outputs: returns = (A + V)·m from the unmasked
+    A, as DESIGN §2 writes it and every kernel computes it (the oracle took (A·m + V)·m, which only 0 / 1 masks
+    make equal)."""
+    torch.manual_seed(9)
+    rewards, values, mask = torch.randn(3, 40), torch.randn(3, 40), torch.rand(3, 40)
+    adv, ret = rk.gae(rewards, values, mask, gamma=0.97, lam=0.9, backend=backend)
+    # the unmasked scan with the weights as carries: A_t = δ_t + γλ·A_{t+1}·m_{t+1}, δ with γ·V_{t+1}·m_{t+1}
+    a, nv, na, nm = torch.zeros(3, dtype=torch.float64), torch.zeros(3), torch.zeros(3), torch.zeros(3)
+    expected_adv, expected_ret = torch.zeros(3, 40, dtype=torch.float64), torch.zeros(3, 40, dtype=torch.float64)
+    for t in reversed(range(40)):
+        r, v, m = rewards[:, t].double(), values[:, t].double(), mask[:, t].double()
+        a = r + 0.97 * nv * nm - v + 0.97 * 0.9 * na * nm
+        expected_adv[:, t], expected_ret[:, t] = a * m, (a + v) * m
+        nv, na, nm = v, a, m
+    torch.testing.assert_close(adv.double(), expected_adv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ret.double(), expected_ret, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GAE_BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
 def test_gae_of_no_sequences_or_no_steps_is_empty(backend, shape):
     x = torch.randn(shape)
