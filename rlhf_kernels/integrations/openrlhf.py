@@ -45,6 +45,7 @@ from typing import List
 import torch
 
 from ..ops.logprobs import logprobs as _rk_logprobs
+from ._ids import check_ids
 from ._patching import ModulePatch
 
 __all__ = ["compute_entropy", "log_probs_from_logits", "patch_openrlhf", "unpatch_openrlhf"]
@@ -61,6 +62,7 @@ def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperatur
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    check_ids("labels", labels, logits)  # before the in-place division below
     if temperature != 1.0:
         logits.div_(temperature)
     return _rk_logprobs(logits, labels)

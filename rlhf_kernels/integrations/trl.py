@@ -33,8 +33,10 @@ from typing import List, Optional
 
 import torch
 
+from ..ops._checks import INDEX_DTYPES, check_tensor
 from ..ops.linear import linear_logprobs as _rk_linear_logprobs
 from ..ops.logprobs import logprobs as _rk_logprobs
+from ._ids import check_ids
 from ._patching import ModulePatch
 
 __all__ = [
@@ -90,7 +92,9 @@ def selective_log_softmax(
     is added in the backward.
     """
     _check_temperature(temperature)
+    check_tensor("index", index, INDEX_DTYPES)
     if index.dim() == logits.dim() - 1:
+        check_ids("index", index, logits)
         logp = _rk_logprobs(logits, _masked_targets(index, row_mask), temperature=float(temperature))
         return logp.to(logits.dtype)
     if index.dim() != logits.dim() or index.shape[:-1] != logits.shape[:-1]:
@@ -151,6 +155,7 @@ def selective_log_softmax_and_entropy(
         raise ValueError(
             f"index must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(index.shape)}"
         )
+    check_ids("index", index, logits)
     logp, entropy = _rk_logprobs(
         logits, _masked_targets(index, row_mask), temperature=float(temperature), return_entropy=True
     )

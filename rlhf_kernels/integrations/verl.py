@@ -46,6 +46,7 @@ from .. import reference
 from ..ops._checks import check_same_shape
 from ..ops.logprobs import logprobs as _rk_logprobs
 from ..ops.losses import aggregate_loss as _rk_aggregate_loss
+from ._ids import check_ids
 
 __all__ = [
     "LOSS_AGG_MODES",
@@ -70,6 +71,7 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_bac
     a float32 ``[N, V]`` copy, which is what flash-attn's in-place backward saves.
     """
     del inplace_backward
+    check_ids("labels", labels, logits)
     return _rk_logprobs(logits, labels)
 
 

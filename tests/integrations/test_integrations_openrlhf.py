@@ -196,3 +196,13 @@ def test_actor_forward_agrees_with_the_patch(openrlhf, temperature):
         got = run()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bad_labels_tensor_is_reported_as_labels_before_the_in_place_division():
+    logits = _logits((2, 5), torch.float32)
+    original = logits.clone()
+    with pytest.raises(TypeError, match="^labels must have dtype"):
+        rk_orl.log_probs_from_logits(logits, torch.rand(2, 5), temperature=0.5)
+    with pytest.raises(ValueError, match="^labels must have shape"):
+        rk_orl.log_probs_from_logits(logits, torch.randint(0, V, (2, 4)), temperature=0.5)
+    assert torch.equal(logits, original)  # refused before OpenRLHF's in-place temperature

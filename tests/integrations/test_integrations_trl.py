@@ -431,3 +431,16 @@ def test_grpo_trainer_agrees_with_lm_head_patch(monkeypatch):
         assert l1 == pytest.approx(l0, rel=1e-4, abs=1e-6)
         assert e1 == pytest.approx(e0, rel=1e-5)
         assert g1 == pytest.approx(g0, rel=1e-4)
+
+
+def test_a_bad_index_is_reported_as_index():
+    """TRL's argument is ``index``: a float, misshapen or misplaced one is named so, not as the op's ``targets``."""
+    logits = _logits((2, 4, 9), torch.float32, seed=33)
+    index = _index((2, 4), 9, seed=34)
+    for fn in (rk_trl.selective_log_softmax, rk_trl.selective_log_softmax_and_entropy):
+        with pytest.raises(TypeError, match="^index must have dtype"):
+            fn(logits, index.float())
+        with pytest.raises(ValueError, match="^index must have shape"):
+            fn(logits, index[:, :3])
+        with pytest.raises(ValueError, match="^index is on meta"):
+            fn(logits, index.to("meta"))

@@ -241,3 +241,12 @@ def test_torch_compile_fullgraph():
     (rk_verl.entropy_from_logits(y).sum() + rk_verl.logprobs_from_logits(y, labels).sum()).backward()
     torch.testing.assert_close(x.grad, y.grad)
     torch.testing.assert_close(entropy(logits), rk_verl.entropy_from_logits(logits))
+
+
+def test_a_bad_labels_tensor_is_reported_as_labels():
+    """verl's argument is ``labels``: a bad one is named so, not as the fused op's ``targets``."""
+    logits = torch.randn(2, 5, 11)
+    with pytest.raises(TypeError, match="^labels must have dtype"):
+        rk_verl.logprobs_from_logits(logits, torch.rand(2, 5))
+    with pytest.raises(ValueError, match="^labels must have shape"):
+        rk_verl.logprobs_from_logits(logits, torch.randint(0, 11, (2, 4)))
