@@ -132,6 +132,13 @@ def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
+def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x·mask``, exactly 0 where ``mask == 0`` even where ``x`` is not finite: a masked-out token (padding, a
+    prompt) never turns a sum over the batch into NaN (DESIGN §2: a non-finite value stays in its own token).
+    Its gradient to ``x`` there is 0 times ``x``'s own derivative, as with the plain product."""
+    return torch.where(mask != 0, x * mask, 0.0)
+
+
 def aggregate_loss(term: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean") -> torch.Tensor:
     """Reduce a per-token ``term[B, T]`` under ``mask[B, T]`` to a scalar.
 
@@ -142,16 +149,17 @@ def aggregate_loss(term: torch.Tensor, mask: torch.Tensor, loss_agg: str = "toke
     - ``seq-mean-token-sum-norm``: ``Σ m·term / (B·T)`` (Dr. GRPO; ``T`` = mask's last dim).
 
     The sequence axis is the last one; all leading axes index sequences.
-    An empty mask gives 0, never NaN.
+    An empty mask gives 0, never NaN; a token with ``m = 0`` adds nothing, even where its ``term`` is not finite
+    (``masked``).
     """
     mask = mask.to(term.dtype)
     if loss_agg == "token-mean":
-        return _safe_divide((term * mask).sum(), mask.sum())
+        return _safe_divide(masked(term, mask).sum(), mask.sum())
     if loss_agg not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
     if term.dim() < 2:
         raise ValueError(f"loss_agg={loss_agg!r} needs [num_seqs, seq_len] inputs, got term of shape {tuple(term.shape)}")
-    seq_sum = (term * mask).sum(-1).reshape(-1)
+    seq_sum = masked(term, mask).sum(-1).reshape(-1)
     if loss_agg == "seq-mean-token-sum":
         return seq_sum.mean()
     if loss_agg == "seq-mean-token-sum-norm":
@@ -262,8 +270,8 @@ def ppo_loss(
     loss = aggregate_loss(term, mask, loss_agg)
     with torch.no_grad():
         maskf = mask.to(dtype)
-        clip_frac = _safe_divide((clipped.to(dtype) * maskf).sum(), maskf.sum())
-        approx_kl = _safe_divide((0.5 * (logp - old_logp.to(dtype)) ** 2 * maskf).sum(), maskf.sum())
+        clip_frac = _safe_divide(masked(clipped.to(dtype), maskf).sum(), maskf.sum())
+        approx_kl = _safe_divide(masked(0.5 * (logp - old_logp.to(dtype)) ** 2, maskf).sum(), maskf.sum())
     return PPOLossOutput(loss, logp.detach(), entropy.detach(), kl.detach(), clip_frac, approx_kl)
 
 

@@ -8,7 +8,8 @@
 //   seq-mean-token-mean       w = (m / Σ_t m) / (number of rows with Σ_t m > 0)
 //   seq-mean-token-sum        w = m / B
 //   seq-mean-token-sum-norm   w = m / (B·T)
-// and 0 where a denominator is 0 (an empty mask gives a 0 loss and 0 gradients). The means users log are
+// and 0 where a denominator is 0 (an empty mask gives a 0 loss and 0 gradients; a token of weight 0 adds nothing to
+// the loss, even a non-finite term: strided_loss_sums). The means users log are
 // token means over the mask whatever loss_agg is (reference.ppo_loss):
 //   clip_frac = Σ m·clipped / Σ m,   approx_kl = Σ m·½(logp - old_logp)² / Σ m   (0 when Σ m = 0).
 //
@@ -46,15 +47,19 @@ RK_HD float strided_sum(const float* x, int64_t n, int t, int threads) {
   return s;
 }
 
-// Thread `t` of `threads`: its part of the step's statistics over tokens i = t, t + threads, ... < n.
+// Thread `t` of `threads`: its part of the step's statistics over tokens i = t, t + threads, ... < n. A token of
+// weight (or mask) 0 adds exactly nothing, even where its term or log-prob is not finite (reference.masked: padding
+// never turns the loss into NaN); a weight is 0 exactly where the mask is, or where its whole row or mask is empty.
 RK_HD LossSums strided_loss_sums(const float* w, const float* m, const float* term, const float* clipped,
                                  const float* logp, const float* old_logp, int64_t n, int t, int threads) {
   LossSums s{0.f, 0.f, 0.f};
   for (int64_t i = t; i < n; i += threads) {
     const float d = logp[i] - old_logp[i];
-    s.loss += w[i] * term[i];
-    s.clipped += m[i] * clipped[i];
-    s.half_sq += m[i] * (d * (0.5f * d));
+    s.loss += w[i] != 0.f ? w[i] * term[i] : 0.f;
+    if (m[i] != 0.f) {
+      s.clipped += m[i] * clipped[i];
+      s.half_sq += m[i] * (d * (0.5f * d));
+    }
   }
   return s;
 }

@@ -94,7 +94,7 @@ def _aggregate_terms(logp, entropy, w, mask, old_logp, advantages, ref_logp, los
             entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         )[0]
     if loss_agg == "sum":
-        return (term * w).sum()
+        return reference.masked(term, w).sum()
     return reference.aggregate_loss(term.reshape(mask.shape), mask, loss_agg)
 
 

@@ -303,13 +303,13 @@ def ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg: str,
     den = torch.where(nonzero, count, 1.0)
     if loss is None:
         if loss_agg == "token-mean":
-            masked_sum = (term * maskf.to(term.dtype)).sum()
+            masked_sum = reference.masked(term, maskf.to(term.dtype)).sum()
             loss = torch.where(nonzero, masked_sum / den.to(term.dtype), 0.0)
         else:
             loss = reference.aggregate_loss(term, mask, loss_agg)
     with torch.no_grad():
         per_token = torch.stack((clipped.to(logp.dtype), 0.5 * (logp - old_logp.to(logp.dtype)).square()))
-        means = (per_token * maskf).reshape(2, -1).sum(1) / den
+        means = reference.masked(per_token, maskf).reshape(2, -1).sum(1) / den
         clip_frac, approx_kl = torch.where(nonzero, means, 0.0).unbind()
     return PPOLossOutput(loss, logp.detach(), entropy.detach(), kl.detach(), clip_frac, approx_kl)
 
@@ -606,8 +606,9 @@ def _fused_loss_and_means(term, clipped, logp, old_logp, weights, mask, loss_agg
     """
     token_weights = weights if loss_agg == "token-mean" else aggregation_weights(mask, "token-mean")
     d = logp - old_logp
-    means = (torch.stack((clipped, d * (0.5 * d))) * token_weights).sum((1, 2))
-    return (weights * term).sum(), means
+    # a weight is 0 exactly where the mask is (or the whole mask is empty): such tokens add nothing, even non-finite
+    means = reference.masked(torch.stack((clipped, d * (0.5 * d))), token_weights).sum((1, 2))
+    return reference.masked(term, weights).sum(), means
 
 
 ppo_loss_fused = torch.library.custom_op("rlhf_kernels::ppo_loss_fused", mutates_args=())(_ppo_loss_fused)

@@ -671,6 +671,31 @@ def test_loss_aggregation_matches_the_float64_aggregate(emu, loss_agg, threads, 
         assert loss.item() == 0.0 and means.tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
+@pytest.mark.parametrize("kind", ("binary", "empty", "fractional"))
+def test_masked_tokens_with_non_finite_terms_add_nothing(emu, loss_agg, kind):
+    """A token of mask 0 whose term and log-prob are +-inf or NaN (padding, a masked vocabulary entry as target)
+    leaves the loss and the means as they are without it (``reference.masked``); 0·inf had made them NaN, also for
+    an empty mask, which DESIGN §2 gives a loss of 0."""
+    mask, term, clipped, logp, old_logp = _aggregate_case(6, 9, kind, seed=77)
+    if kind == "fractional":
+        mask[mask < 0.3] = 0.0
+    off = mask == 0
+    assert off.any()
+    bad = torch.tensor([float("inf"), float("-inf"), float("nan")]).repeat(term.numel())[:term.numel()].view_as(term)
+    term, logp = torch.where(off, bad, term), torch.where(off, bad.flip(0), logp)
+    weights, loss, means = emulate_loss_aggregate(emu, mask, term, clipped, logp, old_logp, loss_agg, 64)
+    m64 = mask.double()
+    loss64 = reference.aggregate_loss(term.double(), m64, loss_agg)
+    assert torch.isfinite(loss64) and torch.isfinite(loss) and torch.isfinite(means).all()
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    d = torch.where(off, 0.0, logp.double() - old_logp.double())
+    count = m64.sum()
+    means64 = torch.stack([(m64 * clipped.double()).sum(), (m64 * 0.5 * d * d).sum()])
+    means64 = means64 / count if count != 0 else torch.zeros(2, dtype=torch.float64)
+    torch.testing.assert_close(means.double(), means64, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_aggregation_rejects_a_bad_launch(emu):
     x = torch.zeros(2, 3)
     out = torch.zeros(2, 3)

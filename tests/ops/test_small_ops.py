@@ -208,3 +208,82 @@ def test_ppo_output_matches_the_reference_aggregation(loss_agg, mask_kind):
     torch.testing.assert_close(out.approx_kl, approx_kl, atol=1e-12, rtol=1e-12)
     if mask_kind == "empty":
         assert out.loss.item() == 0.0 and (grad == 0).all()
+
+
+@pytest.mark.parametrize("loss_agg", R.LOSS_AGG_MODES)
+@pytest.mark.parametrize("mask_kind", ["random", "empty", "one-empty-row", "weights"])
+def test_masked_tokens_with_non_finite_terms_add_nothing(loss_agg, mask_kind):
+    """A token of mask 0 whose term is +-inf or NaN leaves every aggregation as it is without it (R.masked), in
+    the oracle, ppo_output's fewer-launch path and the fused ops' Σ w·term; 0·inf had made the loss NaN (an empty
+    mask included, which DESIGN §2 gives 0)."""
+    from rlhf_kernels.ops import ppo as ppo_ops
+
+    g = torch.Generator().manual_seed(6)
+    B, T = 3, 7
+    mask = {"random": (torch.rand(B, T, generator=g) > 0.3).double(), "empty": torch.zeros(B, T, dtype=torch.float64),
+            "one-empty-row": torch.ones(B, T, dtype=torch.float64).index_fill_(0, torch.tensor([1]), 0.0),
+            "weights": torch.rand(B, T, dtype=torch.float64, generator=g)}[mask_kind]
+    if mask_kind == "weights":
+        mask[mask < 0.3] = 0.0
+    off = mask == 0
+    finite = torch.randn(B, T, dtype=torch.float64, generator=g)
+    bad = torch.tensor([float("inf"), float("-inf"), float("nan")], dtype=torch.float64).repeat(B * T)[:B * T]
+    term = torch.where(off, bad.view(B, T), finite)
+    logp = torch.where(off, bad.view(B, T).flip(0), -torch.rand(B, T, dtype=torch.float64, generator=g))
+    old = logp.nan_to_num(0.0, 0.0, 0.0) - 0.1
+    clipped = torch.rand(B, T, generator=g) > 0.6
+    expected = R.aggregate_loss(finite * (~off), mask, loss_agg)  # the same batch with harmless masked terms
+    assert torch.isfinite(expected)
+    assert torch.equal(R.aggregate_loss(term, mask, loss_agg), expected)
+    out = ppo_ops.ppo_output(term, logp, logp, logp, clipped, old, mask, loss_agg)
+    torch.testing.assert_close(out.loss, expected, atol=1e-12, rtol=1e-12)
+    assert torch.isfinite(out.clip_frac) and torch.isfinite(out.approx_kl)
+    weights = ppo_ops.aggregation_weights(mask, loss_agg).double()
+    loss, means = ppo_ops._fused_loss_and_means(term, clipped.double(), logp, old, weights, mask, loss_agg)
+    torch.testing.assert_close(loss, expected, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(means, torch.stack((out.clip_frac, out.approx_kl)), atol=1e-7, rtol=1e-6)
+
+
+def _ppo_backends():
+    import importlib.util
+    import os
+
+    from rlhf_kernels import _ext
+
+    cases = [("torch", None)] + ([("cpu", None)] if _ext.available() else [])
+    if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":
+        cases += [("triton", "fused"), ("triton", "two-pass")]
+    return cases
+
+
+@pytest.mark.parametrize("backend,path", _ppo_backends())
+@pytest.mark.parametrize("loss_agg", R.LOSS_AGG_MODES)
+def test_ppo_loss_ignores_a_masked_token_of_probability_zero(backend, path, loss_agg, monkeypatch):
+    """The masked-out token's target has a -inf logit (a masked vocabulary entry as padding's target): its log-prob,
+    k1 estimate and term are -inf, yet the loss, the logged means and every other token's gradient are the oracle's
+    and finite on each CPU backend (the Triton one through its fused and its two-pass forms)."""
+    if path is not None:
+        monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", path)
+    g = torch.Generator().manual_seed(8)
+    B, T, V = 2, 5, 40
+    x = torch.randn(B, T, V, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    x[1, 2, y[1, 2]] = float("-inf")
+    mask = torch.ones(B, T)
+    mask[1, 2] = 0.0
+    old = R.logprobs(x, y).nan_to_num(0.0, 0.0, 0.0) - 0.1
+    old[1, 2] = -3.0
+    ref, adv = old - 0.2, torch.randn(B, T, generator=g)
+    kwargs = dict(ref_logp=ref, kl_coef=0.5, kl_estimator="k1", entropy_coef=0.01, loss_agg=loss_agg)
+    leaf = x.clone().requires_grad_()
+    out = rk.ppo_loss(leaf, y, old, adv, mask, backend=backend, **kwargs)
+    (grad,) = torch.autograd.grad(out.loss, leaf)
+    x64 = x.double().requires_grad_()
+    oracle = R.ppo_loss(x64, y, old.double(), adv.double(), mask.double(), **{**kwargs, "ref_logp": ref.double()})
+    (grad64,) = torch.autograd.grad(oracle.loss, x64)
+    assert out.logp[1, 2] == float("-inf") and torch.isfinite(oracle.loss)
+    for name in ("loss", "clip_frac", "approx_kl"):
+        torch.testing.assert_close(getattr(out, name).double(), getattr(oracle, name), atol=1e-6, rtol=1e-5)
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[1, 2] = False  # (that row's gradient is 0·∞ in the oracle's autograd as in the kernels: NaN)
+    torch.testing.assert_close(grad.double()[keep], grad64[keep], atol=1e-6, rtol=1e-4)
