@@ -70,6 +70,9 @@ RUNTIME: tuple[Setting, ...] = (
     Setting("RLHF_KERNELS_CUDA_PPO", "auto | shared | cluster | global | l2 | pipe | two-pass", "auto",
             "where the CUDA ppo_loss forward-with-gradient keeps a row between its two sweeps",
             _reader("ops.ppo", "cuda_ppo_path")),
+    Setting("RLHF_KERNELS_TRITON_PPO", "fused | two-pass", "fused",
+            "whether the Triton ppo_loss writes its gradient in the forward (one kernel) or in a backward kernel",
+            _reader("ops.ppo", "triton_ppo_path")),
     Setting("RLHF_KERNELS_CUDA_PREFETCH", "1 | 0 | bulk", "1",
             "how the fused CUDA PPO path fills its shared-memory slice: cp.async, the register sweep, or the TMA's "
             "bulk copies (sm_90; bit-identical results)",

@@ -1,6 +1,6 @@
 """Gradients computed in the forward, handed to autograd by the backward without a copy.
 
-The fused losses (``ppo_loss``'s CUDA forward-with-gradient, ``linear_cross_entropy`` and
+The fused losses (``ppo_loss``'s CUDA and Triton forward-with-gradient, ``linear_cross_entropy`` and
 ``linear_ppo_loss``) know their upstream gradient inside the forward (``loss = Σ w·term``, the weights
 depend on the mask alone), so the forward writes ``∂loss/∂input`` for an upstream gradient of 1 and the
 backward only multiplies by the scalar ``g`` it receives.
@@ -27,6 +27,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+
+from ._dispatch import triton_importable
 
 _ATTR = "forward_grads"
 # Devices whose backward hands the kept gradients over (once) instead of keeping them for another backward.
@@ -56,8 +58,12 @@ def scale_grad_unless_one(grad: torch.Tensor, scale: torch.Tensor) -> None:
 
     if grad.is_cuda and grad.dtype != torch.float64 and _ext.cuda_kernels_run_on(grad.device):
         torch.ops.rlhf_kernels_C.scale_unless_one_.default(grad, scale)
+    elif grad.is_cuda and grad.is_contiguous() and triton_importable():  # (a Triton-only install)
+        from ..triton.scale import scale_unless_one_
+
+        scale_unless_one_(grad, scale)
     elif grad.is_cuda:
-        grad.mul_(scale.to(grad.dtype))  # no extension kernel: one pass, no host sync
+        grad.mul_(scale.to(grad.dtype))  # no kernel of ours: one pass, no host sync
     elif scale.item() != 1.0:  # on the CPU reading the scale costs nothing
         grad.mul_(scale.to(grad.dtype))
 

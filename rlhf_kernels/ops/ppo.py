@@ -2,12 +2,21 @@
 
 Triton backend: one fused kernel (``rlhf_kernels::ppo_term_fwd``) goes from
 logits to the per-token PPO term (log-prob, entropy, ratio, clips, KL
-estimator, entropy bonus) in one read of the vocabulary; its backward
-(``rlhf_kernels::ppo_term_bwd``) computes the per-token derivative of the term
-in-kernel and writes ``dlogits`` directly. The ``loss_agg`` reduction over
-``[B, T]`` stays in PyTorch around it; its gradient reaches the kernel as a
-per-token weight. Other backends compose the fused ``logprobs`` op (C++ CPU
-kernel or reference) with the per-token arithmetic in PyTorch.
+estimator, entropy bonus) in one read of the vocabulary. When ``logits``
+requires grad, the forward also writes the gradient, as the CUDA backend's
+(below): ``rlhf_kernels::ppo_loss_fused`` computes the per-token weights
+``w`` of ``loss = Σ w·term`` in PyTorch, and one kernel per row (``triton.ppo.ppo_fused_fwd``)
+sweeps the row for its statistics, then sweeps it again (just read: mostly from L2) writing
+``dlogits = w·∂term/∂logits``; the backward only scales it by the upstream gradient. Two launches
+fewer than the two-pass form (forward kernel; the aggregation's backward in PyTorch; a backward
+kernel reading the logits again from memory), whose host time bound the Triton step on an H200 at
+4096 x 50257 (2.05 ms for 0.70 ms of kernels, run 6). ``RLHF_KERNELS_TRITON_PPO=two-pass``
+keeps the two-pass form, which ``overwrite_logits=True`` also takes (the autotuner runs a kernel more
+than once, so the fused one cannot write over the logits it reads): ``ppo_term_fwd``, then
+``rlhf_kernels::ppo_term_bwd`` computing the per-token derivative in-kernel from the ``[B, T]``
+gradient of the ``loss_agg`` reduction, which stays in PyTorch.
+Other backends compose the fused ``logprobs`` op (C++ CPU kernel or reference)
+with the per-token arithmetic in PyTorch.
 
 CUDA backend (``csrc/cuda/ppo.cu``): without a gradient, the same one-read
 forward kernel, with the loss and the logged means from the aggregation kernels
@@ -129,6 +138,18 @@ def cuda_ppo_path() -> str:
     value = os.environ.get("RLHF_KERNELS_CUDA_PPO", "auto").strip().lower() or "auto"
     if value not in CUDA_PPO_PATHS:
         raise ValueError(f"RLHF_KERNELS_CUDA_PPO must be one of {tuple(CUDA_PPO_PATHS)}, got {value!r}")
+    return value
+
+
+TRITON_PPO_PATHS = ("fused", "two-pass")
+
+
+def triton_ppo_path() -> str:
+    """The ``RLHF_KERNELS_TRITON_PPO`` setting (``fused`` when unset): how the triton backend of ``ppo_loss`` produces
+    ``dlogits`` when the logits require grad (the module docstring)."""
+    value = os.environ.get("RLHF_KERNELS_TRITON_PPO", "fused").strip().lower() or "fused"
+    if value not in TRITON_PPO_PATHS:
+        raise ValueError(f"RLHF_KERNELS_TRITON_PPO must be one of {TRITON_PPO_PATHS}, got {value!r}")
     return value
 
 
@@ -529,10 +550,12 @@ def _ppo_loss_fused(
     kernel from the per-token weights ``aggregation_weights(mask, loss_agg)``, and
     ``means = [clip_frac, approx_kl]`` (token means over the mask, as ``ppo_output``'s).
     On ``cuda`` the weights, the loss and the means come from the same C++ call as
-    the kernel (``rlhf_kernels_C::ppo_fwd_loss``); on ``torch`` from PyTorch
-    (``aggregation_weights``, ``_fused_loss_and_means``).
-    ``path``: 0 auto, 1 global, 2 shared, 3 cluster (``csrc/cuda/ppo.cu``).
-    Backends: ``cuda``, and ``torch`` (the same contract in PyTorch: tests, CPU).
+    the kernel (``rlhf_kernels_C::ppo_fwd_loss``); on ``triton`` and ``torch`` from PyTorch
+    (``aggregation_weights``, ``_fused_loss_and_means``) around the kernel
+    (``triton.ppo.ppo_fused_fwd``: the forward's sweep, then the gradient's over the same row) or the formulas.
+    ``path``: 0 auto, 1 global, 2 shared, 3 cluster (``csrc/cuda/ppo.cu``; the other backends ignore it).
+    Backends: ``cuda``, ``triton`` (with a gradient only, never ``overwrite``), and ``torch`` (the same contract
+    in PyTorch: tests, CPU).
     With ``row_count != WHOLE``, ``logits`` is the ``[B, L, V]`` base of the rows
     ``logits[:, row_start:row_start + row_count]`` the loss is computed on, and
     ``dlogits`` is ``[B, L, V]``: the kernel writes the range's rows in place, the
@@ -566,6 +589,16 @@ def _ppo_loss_fused(
                 inner, with_grad,
             )
             grad = inner if inner is not None else grad
+        elif backend == "triton":  # the weights and the loss in PyTorch around one kernel
+            from ..triton.ppo import ppo_fused_fwd
+
+            flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
+            weights = aggregation_weights(mask, loss_agg).reshape(shape2)
+            term, logp, entropy, kl, clipped, _, grad = ppo_fused_fwd(
+                rows, *flat, weights, temperature, ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low,
+                clip_high, dual_clip, out=inner)
+            loss, means = _fused_loss_and_means(term, clipped, logp, flat[1], weights, mask.reshape(shape2),
+                                                loss_agg)
         else:
             flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
             weights = aggregation_weights(mask, loss_agg).reshape(shape2)
@@ -632,7 +665,7 @@ def _fused_setup_context(ctx, inputs, output):
 
 def _fused_backward(ctx, g_loss, *unused):
     # dlogits was computed for an upstream gradient of 1; handed over without a copy (ops/_forward_grads.py)
-    return forward_grads.hand_over(ctx, g_loss, "ppo_loss (cuda forward-with-gradient)") + (None,) * 20
+    return forward_grads.hand_over(ctx, g_loss, "ppo_loss (forward-with-gradient)") + (None,) * 20
 
 
 ppo_loss_fused_call = eager_autograd(ppo_loss_fused, _ppo_loss_fused, _fused_backward, _fused_setup_context)
@@ -644,6 +677,30 @@ def ppo_loss_forward_call(*args):
     call runs the implementation itself (the op where ``needs_the_op`` says so)."""
     with torch.no_grad():
         return _ppo_loss_forward_eager(*args)
+
+
+def _fused_route(backend: str, logits: torch.Tensor, with_grad: bool, overwrite: bool):
+    """``(call, path code)`` of ``ppo_loss_fused`` where ``ppo_loss`` takes it, else ``None`` (the per-token op).
+
+    On cuda one C++ call gives the loss and the logged means: with a gradient the fused step (unless the two-pass
+    path is asked for; the setting read once, only where it matters), without one the forward-only kernel and the
+    same aggregation kernels (the per-token op and PyTorch's aggregation took ~17 launches, each a Python call:
+    host-bound on the H200, run 6). On triton, with a gradient, the fused kernel (``RLHF_KERNELS_TRITON_PPO``,
+    ``fused`` by default), except where the gradient is to be written over the logits, which only the two-pass
+    backward does.
+    """
+    if backend == "cuda":
+        if not with_grad:
+            return ppo_loss_forward_call, 0
+        path = cuda_ppo_path()
+        if path == "two-pass":
+            return None
+        cuda_ppo_prefetch()  # validated by name; the launcher reads it (and the cluster setting, likewise)
+        check_cuda_ppo_path_runs(path, logits, cuda_ppo_cluster())
+        return ppo_loss_fused_call, CUDA_PPO_PATHS[path]
+    if backend == "triton" and with_grad and not overwrite and triton_ppo_path() == "fused":
+        return ppo_loss_fused_call, 0
+    return None
 
 
 _PPO_SCALARS = ("temperature", "ignore_index", "kl_coef", "kl_estimator", "entropy_coef", "clip_low", "clip_high",
@@ -766,17 +823,9 @@ def ppo_loss(
     with_grad = torch.is_grad_enabled() and logits.requires_grad
     # the registered op never writes over its input: only eager calls overwrite
     overwrite = overwrite_logits and with_grad and not needs_the_op((source,))
-    # on cuda one C++ call gives the loss and the logged means: with a gradient the fused step (unless the
-    # two-pass path is asked for; the setting read once, only where it matters), without one the forward-only
-    # kernel and the same aggregation kernels (the per-token op and PyTorch's aggregation took ~17 launches, each a
-    # Python call: host-bound on the H200, run 6)
-    if chosen == "cuda" and (not with_grad or (path := cuda_ppo_path()) != "two-pass"):
-        if with_grad:
-            cuda_ppo_prefetch()  # validated by name; the launcher reads it (and the cluster setting, likewise)
-            check_cuda_ppo_path_runs(path, source, cuda_ppo_cluster())
-            call, path_code = ppo_loss_fused_call, CUDA_PPO_PATHS[path]
-        else:
-            call, path_code = ppo_loss_forward_call, 0
+    route = _fused_route(chosen, source, with_grad, overwrite)
+    if route is not None:
+        call, path_code = route
         loss, term, logp, entropy, kl, clipped, _, means = call(
             source,
             targets.long(),

@@ -20,6 +20,12 @@ and writes ``dlogits`` from ``G_logp = g_logp + g_term·∂term/∂logp + g_kl·
 and ``G_H = g_H - g_term·entropy_coef`` with the log-prob backward formula.
 The ``[B, T]`` aggregation (``loss_agg``) stays outside: its gradient arrives
 as the per-token weight ``g_term``.
+
+Forward that also writes the gradient (``ppo_fused_fwd``, ``ops.ppo_loss``'s default when
+the logits require grad): ``loss = Σ w·term`` with weights ``w`` known from the mask, so one
+program per row does the forward's sweep, then sweeps the row again (just read: mostly from
+L2, where the separate backward kernel read it from memory) writing ``dlogits`` with
+``G_logp = w·∂term/∂logp``, ``G_H = -w·entropy_coef`` (the coefficients of ``csrc/cuda/ppo_term.cuh``).
 """
 
 from __future__ import annotations
@@ -106,7 +112,19 @@ def _ppo_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
-    x_off = b * stride_b + (row - b * T) * stride_t
+    _ppo_row_forward(x_ptr, y_ptr, old_ptr, adv_ptr, ref_ptr, term_ptr, logp_ptr, ent_ptr, kl_ptr, clip_ptr, lse_ptr,
+                     row, b * stride_b + (row - b * T) * stride_t, V, inv_t, ignore_index, kl_coef, ent_coef,
+                     clip_low, clip_high, dual_clip, HAS_REF, KL_EST, HAS_DUAL, BLOCK_V, LANES_V, ALIGNED_BODY, VEC)
+
+
+@triton.jit
+def _ppo_row_forward(x_ptr, y_ptr, old_ptr, adv_ptr, ref_ptr, term_ptr, logp_ptr, ent_ptr, kl_ptr, clip_ptr, lse_ptr,
+                     row, x_off, V, inv_t, ignore_index, kl_coef, ent_coef, clip_low, clip_high, dual_clip,
+                     HAS_REF: tl.constexpr, KL_EST: tl.constexpr, HAS_DUAL: tl.constexpr, BLOCK_V: tl.constexpr,
+                     LANES_V: tl.constexpr, ALIGNED_BODY: tl.constexpr, VEC: tl.constexpr):
+    """One row's forward (one read of its logits): stores ``term, logp, entropy, kl, clipped, lse`` at ``row`` and
+    returns ``(y, logp, entropy, lse, dpg, dk)``: the derivatives in ``logp`` of the clipped surrogate and of the KL
+    estimator (0 without ``ref_logp``), as ``_ppo_bwd_kernel`` recomputes them from the stored ``logp``."""
     y = tl.load(y_ptr + row)
     logp, ent, lse = row_logp_entropy_lse(x_ptr, x_off, y, V, inv_t, BLOCK_V, LANES_V, ALIGNED_BODY, VEC)
     valid = y != ignore_index
@@ -114,22 +132,98 @@ def _ppo_fwd_kernel(
     ent = tl.where(valid, ent, 0.0)
     old = tl.load(old_ptr + row).to(tl.float32)
     adv = tl.load(adv_ptr + row).to(tl.float32)
-    pg, clipped, _ = _ppo_pg(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
+    pg, clipped, dpg = _ppo_pg(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
     term = pg - ent_coef * ent
     if HAS_REF:
-        kl = kl_k(logp, tl.load(ref_ptr + row).to(tl.float32), KL_EST)
+        ref = tl.load(ref_ptr + row).to(tl.float32)
+        kl = kl_k(logp, ref, KL_EST)
         term = term + kl_coef * kl
+        dk = kl_k_dlogp(logp, ref, KL_EST)
     else:
         kl = tl.zeros_like(ent)  # 0, even where logp is NaN (bad target)
+        dk = tl.zeros_like(ent)
     tl.store(term_ptr + row, term)
     tl.store(logp_ptr + row, logp)
     tl.store(ent_ptr + row, ent)
     tl.store(kl_ptr + row, kl)
     tl.store(clip_ptr + row, clipped.to(tl.float32))
     tl.store(lse_ptr + row, lse)
+    return y, logp, ent, lse, dpg, dk
 
 
 _ppo_fwd_tuned = row_autotune(_ppo_fwd_kernel)
+
+
+@triton.jit
+def _ppo_fused_kernel(
+    dx_ptr,
+    x_ptr,
+    y_ptr,
+    old_ptr,
+    adv_ptr,
+    ref_ptr,
+    w_ptr,
+    term_ptr,
+    logp_ptr,
+    ent_ptr,
+    kl_ptr,
+    clip_ptr,
+    lse_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    stride_ob,
+    stride_ot,
+    inv_t,
+    ignore_index,
+    kl_coef,
+    ent_coef,
+    clip_low,
+    clip_high,
+    dual_clip,
+    HAS_REF: tl.constexpr,
+    KL_EST: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    LANES_V: tl.constexpr,
+    ALIGNED_BODY: tl.constexpr = False,
+    VEC: tl.constexpr = 8,
+):
+    """The forward that also writes the gradient of ``loss = Σ w·term``: one program per row, the forward's sweep,
+    then a second sweep over the same row (just read, so mostly from L2) writing
+    ``dlogits = w·∂term/∂logits``, ``G_logp = w·dpg + (w·kl_coef)·dk`` and ``G_H = -w·entropy_coef`` through the
+    log-prob backward formula (``csrc/cuda/ppo_term.cuh``'s coefficients)."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    x_off = b * stride_b + (row - b * T) * stride_t
+    dx_off = b * stride_ob + (row - b * T) * stride_ot
+    y, logp, ent, lse, dpg, dk = _ppo_row_forward(
+        x_ptr, y_ptr, old_ptr, adv_ptr, ref_ptr, term_ptr, logp_ptr, ent_ptr, kl_ptr, clip_ptr, lse_ptr, row, x_off,
+        V, inv_t, ignore_index, kl_coef, ent_coef, clip_low, clip_high, dual_clip, HAS_REF, KL_EST, HAS_DUAL, BLOCK_V,
+        LANES_V, ALIGNED_BODY, VEC)
+    w = tl.load(w_ptr + row).to(tl.float32)
+    g_logp = w * dpg
+    if HAS_REF:
+        g_logp += (w * kl_coef) * dk
+    g_ent = 0.0 - w * ent_coef
+    valid = y != ignore_index
+    # the backward's blocks (``_common.column_blocks``): ALIGNED_BODY's start up to a vector before the row
+    if ALIGNED_BODY:
+        blocks = tl.cdiv(V + (VEC - 1), BLOCK_V)
+    else:
+        blocks = tl.cdiv(V, BLOCK_V)
+    for j in range(0, blocks):
+        logprobs_grad_row_block(dx_ptr, x_ptr, j, dx_off, x_off, V, y, lse, ent, g_logp, g_ent, inv_t, valid,
+                                BLOCK_V, ALIGNED_BODY, VEC)
+
+
+# The fused kernel's sweep 2 takes a whole BLOCK_V per iteration, as a flat block: the forward's candidates that give
+# a thread at most 32 columns of it (the sm_90 builds of 2048 x 256 x 1, 4096 x 256 x 1 and 4096 x 512 x 2, 64-128
+# columns per thread, spilled 144-856 bytes to the stack; tests/triton/aot_compile_kernels.py). The autotuner times
+# both sweeps together.
+_PPO_FUSED_CANDIDATES = tuple(c for c in _common._ROW_FWD_CANDIDATES if c[0] <= 32 * 32 * c[2])
+_ppo_fused_tuned = row_autotune(_ppo_fused_kernel, _PPO_FUSED_CANDIDATES)
 
 
 @triton.jit
@@ -283,3 +377,49 @@ def ppo_term_bwd(
             HAS_DUAL=dual_clip is not None, BLOCK_V=block, num_warps=warps, **walk,
         )
     return grad
+
+
+def ppo_fused_fwd(
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logp: Optional[torch.Tensor],
+    weights: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: Optional[float],
+    out: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, ...]:
+    """``ppo_term_fwd``'s ``(term, logp, entropy, kl, clipped, lse)`` and ``dlogits = ∂(Σ w·term)/∂rows`` in one
+    launch: ``weights[B, T]`` float32 are the per-token ``w`` (``ops.ppo.aggregation_weights``).
+
+    ``dlogits`` is a new contiguous ``[B, T, V]`` tensor in ``rows.dtype``, or written into ``out`` (unit vocab
+    stride, any row strides, not overlapping ``rows``: the autotuner runs the kernel more than once on a key's
+    first call, so the gradient cannot be written over the logits it reads).
+    Returns ``(term, logp, entropy, kl, clipped, lse, dlogits)``.
+    """
+    _check_rows(rows)
+    B, T, V = rows.shape
+    n = B * T
+    stats = [_common.alloc((B, T), torch.float32, rows.device) for _ in range(6)]
+    grad = _common.alloc((B, T, V), rows.dtype, rows.device) if out is None else _check_out(out, rows)
+    if n == 0:
+        return tuple(stats) + (grad,)
+    y, old, adv = _flat(targets.to(torch.int64), n), _flat(old_logp, n), _flat(advantages, n)
+    ref = _flat(ref_logp, n) if ref_logp is not None else old
+    w = _flat(weights.to(torch.float32), n)
+    with device_guard(rows):
+        launch_row_kernel(
+            _ppo_fused_kernel, _ppo_fused_tuned, (n,), grad, rows, y, old, adv, ref, w, *stats, T, V, rows.stride(0),
+            rows.stride(1), grad.stride(0), grad.stride(1), 1.0 / float(temperature), int(ignore_index),
+            float(kl_coef), float(entropy_coef), float(clip_low), float(clip_high), float(dual_clip or 0.0),
+            vocab=V, device=rows.device, HAS_REF=ref_logp is not None, KL_EST=KL_EST_CODES[kl_estimator],
+            HAS_DUAL=dual_clip is not None, **body_walk(rows, grad),
+        )
+    return tuple(stats) + (grad,)

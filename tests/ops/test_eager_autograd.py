@@ -98,9 +98,10 @@ def test_eager_calls_skip_the_op_and_dispatch_modes_see_it(monkeypatch):
 def test_eager_backwards_skip_the_backward_op_and_recorded_ones_take_it(name, monkeypatch):
     """An eager backward runs the backward op's implementation directly (``eager_call``), with the op's values; a
     backward recorded into a graph (``create_graph=True``) or run under a dispatch mode takes the registered op.
-    (ppo_loss: its two-pass ops run on the Triton backend, here in the interpreter.)"""
+    (ppo_loss: its two-pass ops run on the Triton backend, here in the interpreter, with RLHF_KERNELS_TRITON_PPO=two-pass.)"""
     if name == "ppo_loss":
         pytest.importorskip("triton")
+        monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", "two-pass")  # (the fused form has no backward op)
     x, r, y, old, adv, mask = _case(11)
     module, call_name = {"logprobs": (lp_ops, "logprobs_bwd_call"), "kl_divergence": (kl_ops, "kl_divergence_bwd_call"),
                          "ppo_loss": (ppo_ops, "ppo_term_bwd_call")}[name]

@@ -160,14 +160,24 @@ def _full_size_fills(calls, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", ["logprobs", "ppo_loss"])
-def test_backward_has_no_full_zero_fill_or_slice_copy(op, backend):
+@pytest.mark.parametrize("op", ["logprobs", "ppo_loss", "ppo_loss-fused"])
+def test_backward_has_no_full_zero_fill_or_slice_copy(op, backend, monkeypatch):
+    """No [B, L, V] zero fill or slice_backward copy: the custom op writes the base-shaped gradient itself, in the
+    backward, or (``ppo_loss-fused``: Triton's forward-with-gradient) in the forward, whose backward then makes none."""
+    if op == "ppo_loss-fused" and backend != "triton":
+        pytest.skip("the fused forward-with-gradient is Triton's (and CUDA's) route")
+    if op == "ppo_loss" and backend == "triton":
+        monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", "two-pass")
     B, L, V = 2, 6, 17
     base, y, old, adv, mask, ref = _inputs(B, L, V, L - 1)
     x = base.requires_grad_()
-    loss = _loss(op, x[:, :-1], y, old, adv, mask, ref, backend)
+    with _Recorder() as forward:
+        loss = _loss(op.split("-")[0], x[:, :-1], y, old, adv, mask, ref, backend)
     with _Recorder() as rec:
         loss.backward()
+    if op == "ppo_loss-fused":
+        assert any(name.startswith("rlhf_kernels.ppo_loss_fused") for name, _ in forward.calls)
+        rec.calls = forward.calls + rec.calls
     names = [name for name, _ in rec.calls]
     assert any(name.startswith("rlhf_kernels.") for name in names), names
     assert _full_size_fills(rec.calls, (B, L, V)) == []
@@ -178,7 +188,7 @@ def test_backward_has_no_full_zero_fill_or_slice_copy(op, backend):
     x.grad = None
     view = x[:, :-1]
     view.retain_grad()
-    loss = _loss(op, view, y, old, adv, mask, ref, backend)
+    loss = _loss(op.split("-")[0], view, y, old, adv, mask, ref, backend)
     with _Recorder() as rec:
         loss.backward()
     assert _full_size_fills(rec.calls, (B, L, V)) != []

@@ -10,7 +10,7 @@ import os, sys, inspect, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 from triton.compiler import ASTSource, compile
 from triton.backends.compiler import GPUTarget
-from rlhf_kernels.triton import logprobs, kl, ppo, advantages
+from rlhf_kernels.triton import logprobs, kl, ppo, advantages, scale
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks import sass_report  # noqa: E402 (the checkout's root, for the cubin resource reader)
@@ -26,6 +26,8 @@ def sig_for(fn, types, consts):
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
             sig[n] = types.get(n, "*fp32")
+        elif n in types:
+            sig[n] = types[n]
         elif n in ("inv_t", "kl_coef", "ent_coef", "clip_low", "clip_high", "dual_clip", "clamp", "gamma", "gamma_lam"):
             sig[n] = "fp32"
         else:
@@ -101,6 +103,13 @@ for dt in ("*bf16", "*fp16", "*fp32"):
             c = {"BLOCK_V": 4096, "HAS_REF": has_ref, "KL_EST": 3, "HAS_DUAL": dual}
             build_odd_rows(ppo._ppo_fwd_kernel, {"x_ptr": dt, "y_ptr": "*i64"}, dict(c, LANES_V=4096), 8, stores=False)
             build_odd_rows(ppo._ppo_bwd_kernel, {"x_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"}, c, 8)
+            build_odd_rows(ppo._ppo_fused_kernel, {"x_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"}, dict(c, LANES_V=4096),
+                           8)
+    for n_type in ("i32", "i64"):  # (n past 2^31 elements arrives as i64)
+        k = build(scale._scale_unless_one_kernel, {"x_ptr": dt, "scale_ptr": "*fp32", "n": n_type}, {"BLOCK": 4096}, 8,
+                  ("x_ptr", "n"))  # (n divisible by 16, as Triton's launch specialises it: N·V at V = 151936)
+        if vector_accesses(k) == (0, 0):
+            unvectorised.append(f"_scale_unless_one_kernel {dt} n {n_type}: no 16-byte accesses")
     build(advantages._gae_fwd_kernel, {"r_ptr": dt, "v_ptr": dt, "adv_ptr": dt, "ret_ptr": dt}, {"BLOCK_B": 32}, 1)
 for est in (1, 2):
     build(ppo._ppo_fwd_kernel, {"x_ptr": "*bf16", "y_ptr": "*i64"}, {"BLOCK_V": 4096, "LANES_V": 4096, "HAS_REF": True, "KL_EST": est, "HAS_DUAL": True, "ALIGNED_BODY": False, "VEC": 8}, 8)
@@ -113,6 +122,8 @@ row_aligned = ("x_ptr", "V", "stride_b", "stride_t")
 forwards = [
     (logprobs._logprobs_fwd_kernel, _common._ROW_FWD_CANDIDATES, {}, row_aligned),
     (ppo._ppo_fwd_kernel, _common._ROW_FWD_CANDIDATES, {"HAS_REF": True, "KL_EST": 3, "HAS_DUAL": True}, row_aligned),
+    (ppo._ppo_fused_kernel, ppo._PPO_FUSED_CANDIDATES, {"HAS_REF": True, "KL_EST": 3, "HAS_DUAL": True},
+     row_aligned + ("dx_ptr", "stride_ob", "stride_ot")),
     (kl._kl_divergence_fwd_kernel, _common._TWO_ROW_FWD_CANDIDATES, {},
      ("x_ptr", "r_ptr", "V", "stride_xb", "stride_xt", "stride_rb", "stride_rt")),
 ]
@@ -123,7 +134,7 @@ for kernel, candidates, consts, aligned in forwards:
             # as launched on aligned rows, and (ALIGNED_BODY) on rows of an odd length and stride
             for body, proven in ((False, aligned), (True, tuple(n for n in aligned if n.endswith("_ptr")))):
                 vec = {"*bf16": 8, "*fp32": 4}[dt]
-                k = build(kernel, {"x_ptr": dt, "r_ptr": dt, "y_ptr": "*i64"},
+                k = build(kernel, {"x_ptr": dt, "r_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"},
                           dict(consts, BLOCK_V=block, LANES_V=lanes, ALIGNED_BODY=body, VEC=vec), warps, proven)
                 usage = resource_usage(k)
                 print(f"   {usage}")

@@ -11,6 +11,13 @@ from triton_testutils import DEVICE, DTYPES, assert_rule, make_logits, make_targ
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
+@pytest.fixture(params=["fused", "two-pass"])
+def ppo_path(request, monkeypatch):
+    """``RLHF_KERNELS_TRITON_PPO``: the forward-with-gradient kernel (default) or the forward and backward kernels."""
+    monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", request.param)
+    return request.param
+
+
 def _inputs(B, T, V, dtype, seed, *, strided=False):
     g = torch.Generator().manual_seed(seed)
     x = make_logits((B, T + 1, V), dtype, seed=seed)
@@ -52,6 +59,7 @@ def _check(x, y, old, adv, mask, kwargs):
     assert not out.logp.requires_grad and not out.kl.requires_grad
 
 
+@pytest.mark.usefixtures("ppo_path")
 @pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
 @pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
 @pytest.mark.parametrize("dual_clip", [None, 2.0])
@@ -63,6 +71,7 @@ def test_matches_reference(loss_agg, kl_estimator, dual_clip):
     _check(x, y, old, adv, mask, kwargs)
 
 
+@pytest.mark.usefixtures("ppo_path")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dtypes_and_odd_shapes(dtype):
     for B, T, V in ((1, 1, 1), (2, 3, 7), (2, 4, 130)):
@@ -70,6 +79,7 @@ def test_dtypes_and_odd_shapes(dtype):
         _check(x, y, old, adv, mask, dict(entropy_coef=0.02, loss_agg="seq-mean-token-mean"))
 
 
+@pytest.mark.usefixtures("ppo_path")
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
 def test_wild_ratios_hit_the_log_ratio_clamp(dual_clip):
     x, y, old, adv, mask, ref = _inputs(2, 6, 50, torch.float32, seed=21)
@@ -81,6 +91,7 @@ def test_wild_ratios_hit_the_log_ratio_clamp(dual_clip):
     _check(x, y, old, adv, mask, dict(ref_logp=ref, kl_coef=0.05, dual_clip=dual_clip))
 
 
+@pytest.mark.usefixtures("ppo_path")
 @pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
 def test_a_target_of_probability_zero(kl_estimator):
     """A target whose logit is -inf has logp = -inf: its ratio sits at the clamp (no policy-gradient), and k1's
@@ -105,6 +116,7 @@ def test_a_target_of_probability_zero(kl_estimator):
         assert torch.isfinite(grad[others]).all()
 
 
+@pytest.mark.usefixtures("ppo_path")
 def test_a_reference_log_prob_of_minus_inf_keeps_the_k3_gradient_finite():
     """ref_logp = -inf (the reference policy excludes the sampled token): k3 is +inf, so the loss is, but its
     derivative in logp is the finite 1 and every row of dlogits is the oracle's (it was NaN: -(-inf + inf))."""
@@ -120,6 +132,7 @@ def test_a_reference_log_prob_of_minus_inf_keeps_the_k3_gradient_finite():
     torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("ppo_path")
 def test_empty_mask_and_all_ignored():
     x, y, old, adv, mask, _ = _inputs(2, 4, 40, torch.float32, seed=22)
     y[:] = -100
@@ -169,6 +182,7 @@ def test_opcheck(backend):
     torch.library.opcheck(ppo_ops.ppo_term_bwd, (*gs, x.detach(), y, logp, ent, lse, old, adv, ref) + scal + (2.0, backend))
 
 
+@pytest.mark.usefixtures("ppo_path")
 def test_torch_compile_fullgraph():
     x, y, old, adv, mask, ref = _inputs(2, 4, 60, torch.float32, seed=26)
 
@@ -204,3 +218,109 @@ def test_ppo_loss_overwrite_logits_writes_the_backward_over_them():
         runs.append((x.grad, x.grad.data_ptr() == x.data_ptr()))
     (g0, shared0), (g1, shared1) = runs
     assert torch.equal(g0, g1) and not shared0 and shared1
+
+
+def _counting(monkeypatch, module, names):
+    """Counts the calls of ``module``'s functions ``names`` (their launches)."""
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(module, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return counts
+
+
+@pytest.mark.parametrize("path", ["fused", "two-pass"])
+def test_each_path_launches_its_kernels(path, monkeypatch):
+    """``fused`` (the default): one forward-with-gradient kernel and no backward kernel, the backward a scale;
+    ``two-pass`` (and ``overwrite_logits=True``): the forward kernel, then the backward kernel."""
+    from rlhf_kernels.triton import ppo as triton_ppo
+
+    monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", path)
+    counts = _counting(monkeypatch, triton_ppo, ("ppo_fused_fwd", "ppo_term_fwd", "ppo_term_bwd"))
+    x, y, old, adv, mask, ref = _inputs(2, 3, 40, torch.float32, seed=27)
+    _run(rk.ppo_loss, x, (y, old, adv, mask), dict(ref_logp=ref, kl_coef=0.1, backend="triton"), 1.0)
+    fused = path == "fused"
+    assert counts == {"ppo_fused_fwd": int(fused), "ppo_term_fwd": int(not fused), "ppo_term_bwd": int(not fused)}
+    counts.update(dict.fromkeys(counts, 0))
+    base = x.detach().clone().requires_grad_()
+    rk.ppo_loss(base * 1.0, y, old, adv, mask, backend="triton", overwrite_logits=True).loss.backward()
+    assert counts == {"ppo_fused_fwd": 0, "ppo_term_fwd": 1, "ppo_term_bwd": 1}
+    counts.update(dict.fromkeys(counts, 0))
+    with torch.no_grad():  # no gradient: the forward kernel alone, on either path
+        rk.ppo_loss(x, y, old, adv, mask, backend="triton")
+    assert counts == {"ppo_fused_fwd": 0, "ppo_term_fwd": 1, "ppo_term_bwd": 0}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "view of the base"])
+@pytest.mark.parametrize("V", [97, 112])  # the ALIGNED_BODY walk; the plain one (rows of whole 16-byte vectors)
+def test_fused_and_two_pass_agree(dtype, layout, V, monkeypatch):
+    """The same per-token statistics bit for bit (one forward code), and the gradient within the rounding of the
+    weights (``aggregation_weights`` against autograd's gradient of the aggregation), every element written: over
+    every ``loss_agg``, with a reference, the dual clip, an entropy bonus, ignored targets and T != 1; through
+    ``logits[:, :-1]`` of a leaf the gradient lands in its base."""
+    runs = {}
+    for path in ("fused", "two-pass"):
+        monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", path)
+        for loss_agg in reference.LOSS_AGG_MODES:
+            g = torch.Generator().manual_seed(28)
+            base = make_logits((3, 6, V), dtype, seed=28)
+            y = make_targets((3, 5), V, seed=28)
+            old = (torch.randn(3, 5, generator=g) * 0.5 - 4).to(DEVICE)
+            adv = torch.randn(3, 5, generator=g).to(DEVICE)
+            mask = (torch.rand(3, 5, generator=g) > 0.3).to(DEVICE)
+            ref = (old + 0.2 * torch.randn(3, 5, generator=g).to(DEVICE))
+            leaf = base.clone().requires_grad_()
+            x = leaf[:, :-1] if layout == "view of the base" else leaf[:, :-1].detach().contiguous().requires_grad_()
+            with poisoned_outputs():
+                out = rk.ppo_loss(x, y, old, adv, mask, ref_logp=ref, kl_coef=0.2, kl_estimator="k2",
+                                  entropy_coef=0.05, clip_high=0.28, dual_clip=2.5, temperature=0.7, loss_agg=loss_agg,
+                                  backend="triton")
+                (out.loss * 1.5).backward()
+            runs[path, loss_agg] = (out, leaf.grad if layout == "view of the base" else x.grad)
+    for loss_agg in reference.LOSS_AGG_MODES:
+        (a, ga), (b, gb) = runs["fused", loss_agg], runs["two-pass", loss_agg]
+        for name in ("logp", "entropy", "kl"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (loss_agg, name)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a.clip_frac, b.clip_frac, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a.approx_kl, b.approx_kl, rtol=1e-6, atol=1e-7)
+        assert ga.dtype == dtype and torch.isfinite(ga).all()
+        tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+        torch.testing.assert_close(ga.float(), gb.float(), **tol)
+        if layout == "view of the base":
+            assert (ga[:, -1] == 0).all()
+
+
+def test_fused_op_under_opcheck():
+    """``ppo_loss_fused`` on the Triton backend: schema, fake tensors, autograd registration, AOT dispatch; whole rows
+    and a row range of a base."""
+    x, y, old, adv, mask, ref = _inputs(2, 3, 40, torch.float32, seed=29)
+    scal = (0.8, -100, 0.1, "k3", 0.01, 0.2, 0.3, 2.5, "seq-mean-token-mean", 0, "triton")
+    torch.library.opcheck(ppo_ops.ppo_loss_fused, (x.clone().requires_grad_(), y, old, adv, ref, mask) + scal)
+    base = torch.cat([x, x[:, :1]], 1)
+    torch.library.opcheck(ppo_ops.ppo_loss_fused,
+                          (base.clone().requires_grad_(), y, old, adv, None, mask) + scal + (0, 3))
+
+
+def test_fused_backward_scales_by_the_upstream_gradient_and_may_run_again_on_the_cpu():
+    """The backward scales the forward's gradient by the upstream one; on the CPU the kept gradient stays for a
+    retained graph's second backward (ops/_forward_grads.py; on a GPU it is handed over once)."""
+    x, y, old, adv, mask, ref = _inputs(2, 3, 40, torch.float32, seed=30)
+    leaf = x.clone().requires_grad_()
+    out = rk.ppo_loss(leaf, y, old, adv, mask, ref_logp=ref, kl_coef=0.1, backend="triton")
+    (g1,) = torch.autograd.grad(out.loss * 3.0, leaf, retain_graph=True)
+    (g2,) = torch.autograd.grad(out.loss, leaf)
+    torch.testing.assert_close(g1, 3.0 * g2)
+
+
+def test_a_bad_triton_ppo_setting_is_named(monkeypatch):
+    monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", "one-pass")
+    x, y, old, adv, mask, _ = _inputs(1, 2, 20, torch.float32, seed=31)
+    with pytest.raises(ValueError, match="RLHF_KERNELS_TRITON_PPO must be one of"):
+        rk.ppo_loss(x.clone().requires_grad_(), y, old, adv, mask, backend="triton")

@@ -85,11 +85,13 @@ def test_kl_divergence_full_vocab(V, dtype):
     _check(x, r, temperature=0.9, seed=V, ref_grad=dtype != torch.float16)
 
 
+@pytest.mark.parametrize("path", ["fused", "two-pass"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("V", VOCABS)
-def test_ppo_loss_full_vocab(V, dtype):
+def test_ppo_loss_full_vocab(V, dtype, path, monkeypatch):
     from test_ppo_triton import _check
 
+    monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", path)
     g = torch.Generator().manual_seed(V)
     x = make_logits((3, 7, V), dtype, seed=V + 4, device=CUDA)[:, :-1]
     y = make_targets((3, 6), V, seed=V + 4, device=CUDA)
@@ -216,3 +218,49 @@ def test_view_fwd_bwd_peak_memory_is_one_gradient(op, monkeypatch):
         m.setattr(_checks, "slice_of_base", lambda view: None)
         base.grad = None
         assert peak_extra_cuda_bytes(step) > 1.8 * grad_bytes
+
+
+@pytest.mark.parametrize("extension_scale", [True, False])
+def test_fused_ppo_step_hands_its_gradient_over(extension_scale, monkeypatch):
+    """Triton's forward-with-gradient on a GPU: the backward hands the forward's buffer over as ``.grad`` (no copy;
+    a second backward raises), scaled by the upstream gradient, by the extension's kernel or, where the extension's
+    CUDA kernels do not run (a Triton-only install), by ``triton.scale.scale_unless_one_``."""
+    from rlhf_kernels import _ext
+    from rlhf_kernels.triton import scale as triton_scale
+
+    if not extension_scale:
+        monkeypatch.setattr(_ext, "cuda_kernels_run_on", lambda device: False)
+    calls = []
+    original = triton_scale.scale_unless_one_
+    monkeypatch.setattr(triton_scale, "scale_unless_one_", lambda x, s: calls.append(1) or original(x, s))
+    monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", "fused")
+    V = 50257
+    x = make_logits((2, 64, V), torch.bfloat16, seed=12, device=CUDA)
+    y = make_targets((2, 64), V, seed=12, device=CUDA)
+    old = torch.randn(2, 64, device=CUDA) - 10
+    adv = torch.randn(2, 64, device=CUDA)
+    mask = y != -100
+    grads = []
+    for upstream in (1.0, 0.5):
+        leaf = x.clone().requires_grad_()
+        out = rk.ppo_loss(leaf, y, old, adv, mask, entropy_coef=0.01, backend="triton")
+        (out.loss * upstream).backward(retain_graph=True)
+        grads.append(leaf.grad)
+        with pytest.raises(RuntimeError, match="its backward already ran"):
+            out.loss.backward()
+    torch.testing.assert_close(grads[1].float(), (grads[0].float() * 0.5).to(torch.bfloat16).float())
+    assert len(calls) == (0 if extension_scale else 2)
+
+
+def test_scale_unless_one_on_the_gpu():
+    from rlhf_kernels.triton.scale import scale_unless_one_
+
+    n = (1 << 20) + 3
+    x = torch.randn(n, device=CUDA, dtype=torch.bfloat16)
+    y = x.clone()
+    scale_unless_one_(y, torch.full((), 0.3, device=CUDA))
+    assert torch.equal(y, (x.float() * 0.3).to(torch.bfloat16))
+    bits = torch.arange(0x7F800001, 0x7F800001 + n, dtype=torch.int32, device=CUDA)  # signalling NaNs
+    z = bits.clone().view(torch.float32)
+    scale_unless_one_(z, torch.ones((), device=CUDA))
+    assert torch.equal(z.view(torch.int32), bits)
