@@ -141,12 +141,13 @@ def bytes_moved(case: Case, mode: str) -> float:
     return reads + writes + case.N * 24 * (2 if mode == "fwd+bwd" else 1)
 
 
-# ppo_loss+overwrite: the CUDA backend with overwrite_logits=True (its fused step writes the gradient over the logits,
-# as Liger's GRPO loss does with its default inplace=True); the other providers, on which the setting changes
-# nothing, are measured under ppo_loss
+# ppo_loss+overwrite: our GPU backends with overwrite_logits=True: CUDA's fused step writes the gradient over the
+# logits, as Liger's GRPO loss does with its default inplace=True; Triton takes its two-pass form, whose backward
+# writes over them (its fused kernel cannot: ops/ppo.py), so its row is also that form's time against the fused
+# ppo_loss row. The other providers, on which the setting changes nothing, are measured under ppo_loss
 overwrite_providers = {name: measured_under("ppo_loss") for name in COMPETITORS + OURS}
-overwrite_providers["cuda"] = Provider(_ours("cuda", overwrite=True),
-                                       our_reason("ppo_loss", rk.ppo_loss, "cuda", _probe))
+for _b in ("cuda", "triton"):
+    overwrite_providers[_b] = Provider(_ours(_b, overwrite=True), our_reason("ppo_loss", rk.ppo_loss, _b, _probe))
 
 
 def _spec(name: str, providers_of: dict, description: str) -> OpSpec:
@@ -159,5 +160,5 @@ OPS = {
                       "PPO clipped loss + k3 KL penalty (token-mean) from logits [B, T+1, V], N = B·T"),
     "ppo_loss+overwrite": _spec("ppo_loss+overwrite", overwrite_providers,
                                 "ppo_loss with overwrite_logits=True (the CUDA fused step writes the gradient over the "
-                                "logits; elsewhere the same as ppo_loss)"),
+                                "logits, Triton's two-pass backward likewise; elsewhere the same as ppo_loss)"),
 }

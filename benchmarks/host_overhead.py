@@ -11,7 +11,10 @@ Each case runs on tiny CPU tensors ([1, 4, 16]), where the kernels take next to 
 is the Python, the dispatcher and autograd. ``ppo_loss cuda-path`` is the CUDA backend's fused
 forward-with-gradient path (``ppo_loss_fused``) with the CUDA kernels replaced by a CPU stub registered for
 ``rlhf_kernels_C::ppo_fwd_loss`` in this process only (``torch.library``), so the path's own Python runs as on a
-GPU, minus the device's launch latency (``GRPO``: with ``loss_agg="seq-mean-token-mean"``). Cases are interleaved
+GPU, minus the device's launch latency (``GRPO``: with ``loss_agg="seq-mean-token-mean"``). ``ppo_loss triton-path``
+is the Triton backend's route with its launchers stubbed (``_stub_triton_ppo``): the forward-with-gradient
+(``RLHF_KERNELS_TRITON_PPO=fused``, the default) against the forward + backward kernels (``two-pass``), each without
+the Triton launcher's own time (one launch against two). Cases are interleaved
 and repeated (``--reps``); each repetition's time is the mean over ``--calls`` calls, and the best repetition is the
 headline (a shared CPU only ever adds time), with the median and the slowest beside it.
 """
@@ -19,6 +22,9 @@ headline (a shared CPU only ever adds time), with the median and the slowest bes
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -47,6 +53,24 @@ def _stub_ppo_fwd_loss(logits, targets, old_logp, advantages, ref_logp, mask, *s
     return stats + [grad, torch.zeros(()), torch.zeros(2)]
 
 
+def _stub_triton_ppo():
+    """The Triton PPO launchers replaced by functions returning outputs of the right shapes (``triton/ppo.py``), so a
+    ``ppo_loss`` call on the Triton route runs its own Python and PyTorch glue on CPU tensors, minus the kernels."""
+    from rlhf_kernels.triton import ppo as triton_ppo
+
+    def stats(rows):
+        return tuple(torch.zeros(rows.shape[:2]) for _ in range(6))
+
+    def fused(rows, *args, out=None):
+        return stats(rows) + (torch.zeros_like(rows) if out is None else out,)
+
+    def backward(g_term, g_logp, g_ent, g_kl, rows, *args, out=None):
+        return torch.zeros_like(rows) if out is None else out
+
+    return mock.patch.multiple(triton_ppo, ppo_fused_fwd=fused, ppo_term_fwd=lambda rows, *a: stats(rows),
+                               ppo_term_bwd=backward)
+
+
 def _cases() -> dict[str, Callable[[], object]]:
     g = torch.Generator().manual_seed(0)
     B, T, V = SHAPE
@@ -67,6 +91,10 @@ def _cases() -> dict[str, Callable[[], object]]:
         with mock.patch.object(ppo_ops, "resolve_for", lambda *a: "cuda"), torch.no_grad():
             rk.ppo_loss(x, y, old, adv, mask)
 
+    def ppo_triton(path):  # (main installs the stubs and lets "triton" run on CPU tensors for the whole run)
+        os.environ["RLHF_KERNELS_TRITON_PPO"] = path
+        rk.ppo_loss(leaf(), y, old, adv, mask, backend="triton").loss.backward()
+
     cases = {
         "logprobs fwd": lambda: rk.logprobs(x, y, backend="cpu"),
         "logprobs fwd+bwd": lambda: rk.logprobs(leaf(), y, backend="cpu").sum().backward(),
@@ -74,6 +102,9 @@ def _cases() -> dict[str, Callable[[], object]]:
         "ppo_loss fwd (no grad)": lambda: rk.ppo_loss(x, y, old, adv, mask, backend="cpu"),
         "ppo_loss fwd+bwd": lambda: rk.ppo_loss(leaf(), y, old, adv, mask, backend="cpu").loss.backward(),
     }
+    if importlib.util.find_spec("triton") is not None:
+        cases["ppo_loss triton-path fwd+bwd (fused)"] = lambda: ppo_triton("fused")
+        cases["ppo_loss triton-path fwd+bwd (two-pass)"] = lambda: ppo_triton("two-pass")
     if _ext.has_cuda_kernels():  # the op's schema exists only in an extension built with its CUDA kernels
         cases["ppo_loss cuda-path fwd+bwd"] = ppo_fused
         cases["ppo_loss cuda-path fwd+bwd, GRPO"] = lambda: ppo_fused("seq-mean-token-mean")
@@ -109,9 +140,21 @@ def main(argv=None) -> int:
     if _ext.has_cuda_kernels():
         lib = torch.library.Library("rlhf_kernels_C", "IMPL")
         lib.impl("ppo_fwd_loss", _stub_ppo_fwd_loss, "CPU")
+    triton_setting = os.environ.get("RLHF_KERNELS_TRITON_PPO")
     try:
-        rows = measure(args.reps, args.calls)
+        with contextlib.ExitStack() as stack:
+            if importlib.util.find_spec("triton") is not None:
+                stack.enter_context(_stub_triton_ppo())
+                resolve = ppo_ops.resolve_for
+                stack.enter_context(mock.patch.object(
+                    ppo_ops, "resolve_for", lambda op, t, backend, impl: backend if backend == "triton" else resolve(
+                        op, t, backend, impl)))
+            rows = measure(args.reps, args.calls)
     finally:
+        if triton_setting is None:
+            os.environ.pop("RLHF_KERNELS_TRITON_PPO", None)
+        else:
+            os.environ["RLHF_KERNELS_TRITON_PPO"] = triton_setting
         if lib is not None:  # the stub leaves with the run: the real op has no CPU kernel
             lib._destroy()
     lines = [f"# Host time per call, tiny CPU tensors {'x'.join(map(str, SHAPE))}", "",
