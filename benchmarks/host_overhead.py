@@ -54,8 +54,10 @@ def _stub_ppo_fwd_loss(logits, targets, old_logp, advantages, ref_logp, mask, *s
 
 
 def _stub_triton_ppo():
-    """The Triton PPO launchers replaced by functions returning outputs of the right shapes (``triton/ppo.py``), so a
+    """The Triton PPO launchers replaced by functions returning outputs of the right shapes (``triton/ppo.py``,
+    ``triton/aggregate.py``), so a
     ``ppo_loss`` call on the Triton route runs its own Python and PyTorch glue on CPU tensors, minus the kernels."""
+    from rlhf_kernels.triton import aggregate as triton_aggregate
     from rlhf_kernels.triton import ppo as triton_ppo
 
     def stats(rows):
@@ -67,8 +69,15 @@ def _stub_triton_ppo():
     def backward(g_term, g_logp, g_ent, g_kl, rows, *args, out=None):
         return torch.zeros_like(rows) if out is None else out
 
-    return mock.patch.multiple(triton_ppo, ppo_fused_fwd=fused, ppo_term_fwd=lambda rows, *a: stats(rows),
-                               ppo_term_bwd=backward)
+    def weights(mask, loss_agg):
+        return torch.zeros(mask.shape), torch.zeros(1)
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.multiple(triton_ppo, ppo_fused_fwd=fused, ppo_term_fwd=lambda rows, *a: stats(rows),
+                                            ppo_term_bwd=backward))
+    stack.enter_context(mock.patch.multiple(triton_aggregate, loss_weights=weights,
+                                            loss_sums=lambda *a: (torch.zeros(()), torch.zeros(2))))
+    return stack
 
 
 def _cases() -> dict[str, Callable[[], object]]:

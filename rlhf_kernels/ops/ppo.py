@@ -5,11 +5,12 @@ logits to the per-token PPO term (log-prob, entropy, ratio, clips, KL
 estimator, entropy bonus) in one read of the vocabulary. When ``logits``
 requires grad, the forward also writes the gradient, as the CUDA backend's
 (below): ``rlhf_kernels::ppo_loss_fused`` computes the per-token weights
-``w`` of ``loss = Σ w·term`` in PyTorch, and one kernel per row (``triton.ppo.ppo_fused_fwd``)
+``w`` of ``loss = Σ w·term`` (one-program kernels before and after, ``triton/aggregate.py``,
+as CUDA's), and one kernel per row (``triton.ppo.ppo_fused_fwd``)
 sweeps the row for its statistics, then sweeps it again (just read: mostly from L2) writing
-``dlogits = w·∂term/∂logits``; the backward only scales it by the upstream gradient. Two launches
-fewer than the two-pass form (forward kernel; the aggregation's backward in PyTorch; a backward
-kernel reading the logits again from memory), whose host time bound the Triton step on an H200 at
+``dlogits = w·∂term/∂logits``; the backward only scales it by the upstream gradient. Three launches
+where the two-pass form (forward kernel; PyTorch's aggregation and its backward; a backward kernel
+reading the logits again from memory) took 32, whose host time bound the Triton step on an H200 at
 4096 x 50257 (2.05 ms for 0.70 ms of kernels, run 6). ``RLHF_KERNELS_TRITON_PPO=two-pass``
 keeps the two-pass form, which ``overwrite_logits=True`` also takes (the autotuner runs a kernel more
 than once, so the fused one cannot write over the logits it reads): ``ppo_term_fwd``, then
@@ -550,9 +551,9 @@ def _ppo_loss_fused(
     kernel from the per-token weights ``aggregation_weights(mask, loss_agg)``, and
     ``means = [clip_frac, approx_kl]`` (token means over the mask, as ``ppo_output``'s).
     On ``cuda`` the weights, the loss and the means come from the same C++ call as
-    the kernel (``rlhf_kernels_C::ppo_fwd_loss``); on ``triton`` and ``torch`` from PyTorch
-    (``aggregation_weights``, ``_fused_loss_and_means``) around the kernel
-    (``triton.ppo.ppo_fused_fwd``: the forward's sweep, then the gradient's over the same row) or the formulas.
+    the kernel (``rlhf_kernels_C::ppo_fwd_loss``); on ``triton`` from one-program kernels around
+    the row kernel (``triton/aggregate.py``; ``triton.ppo.ppo_fused_fwd``: the forward's sweep, then the
+    gradient's over the same row); on ``torch`` from PyTorch (``aggregation_weights``, ``_fused_loss_and_means``).
     ``path``: 0 auto, 1 global, 2 shared, 3 cluster (``csrc/cuda/ppo.cu``; the other backends ignore it).
     Backends: ``cuda``, ``triton`` (with a gradient only, never ``overwrite``), and ``torch`` (the same contract
     in PyTorch: tests, CPU).
@@ -589,16 +590,17 @@ def _ppo_loss_fused(
                 inner, with_grad,
             )
             grad = inner if inner is not None else grad
-        elif backend == "triton":  # the weights and the loss in PyTorch around one kernel
+        elif backend == "triton":  # the weights, the kernel, the loss and the means: three launches
+            from ..triton.aggregate import loss_sums, loss_weights
             from ..triton.ppo import ppo_fused_fwd
 
             flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
-            weights = aggregation_weights(mask, loss_agg).reshape(shape2)
+            mask2 = mask.reshape(shape2)
+            weights, total = loss_weights(mask2, loss_agg)
             term, logp, entropy, kl, clipped, _, grad = ppo_fused_fwd(
                 rows, *flat, weights, temperature, ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low,
                 clip_high, dual_clip, out=inner)
-            loss, means = _fused_loss_and_means(term, clipped, logp, flat[1], weights, mask.reshape(shape2),
-                                                loss_agg)
+            loss, means = loss_sums(weights, mask2, total, term, clipped, logp, flat[1])
         else:
             flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
             weights = aggregation_weights(mask, loss_agg).reshape(shape2)

@@ -10,7 +10,7 @@ import os, sys, inspect, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 from triton.compiler import ASTSource, compile
 from triton.backends.compiler import GPUTarget
-from rlhf_kernels.triton import logprobs, kl, ppo, advantages, scale
+from rlhf_kernels.triton import logprobs, kl, ppo, advantages, scale, aggregate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks import sass_report  # noqa: E402 (the checkout's root, for the cubin resource reader)
@@ -111,6 +111,10 @@ for dt in ("*bf16", "*fp16", "*fp32"):
         if vector_accesses(k) == (0, 0):
             unvectorised.append(f"_scale_unless_one_kernel {dt} n {n_type}: no 16-byte accesses")
     build(advantages._gae_fwd_kernel, {"r_ptr": dt, "v_ptr": dt, "adv_ptr": dt, "ret_ptr": dt}, {"BLOCK_B": 32}, 1)
+for mask_type in ("*fp32", "*u8", "*i64", "*fp16"):  # the fused PPO step's aggregation (triton/aggregate.py)
+    for agg in range(4):
+        build(aggregate._loss_weights_kernel, {"mask_ptr": mask_type}, {"AGG": agg, "BLOCK": 1024}, 4)
+    build(aggregate._loss_sums_kernel, {"mask_ptr": mask_type}, {"BLOCK": 1024}, 4)
 for est in (1, 2):
     build(ppo._ppo_fwd_kernel, {"x_ptr": "*bf16", "y_ptr": "*i64"}, {"BLOCK_V": 4096, "LANES_V": 4096, "HAS_REF": True, "KL_EST": est, "HAS_DUAL": True, "ALIGNED_BODY": False, "VEC": 8}, 8)
 # float64 outputs (forced triton on float64 logits)

@@ -220,9 +220,10 @@ def test_ppo_loss_overwrite_logits_writes_the_backward_over_them():
     assert torch.equal(g0, g1) and not shared0 and shared1
 
 
-def _counting(monkeypatch, module, names):
-    """Counts the calls of ``module``'s functions ``names`` (their launches)."""
-    counts = dict.fromkeys(names, 0)
+def _counting(monkeypatch, module, names, counts=None):
+    """Counts the calls of ``module``'s functions ``names`` (their launches) in ``counts`` (a new dict by default)."""
+    counts = {} if counts is None else counts
+    counts.update(dict.fromkeys(names, 0))
     for name in names:
         original = getattr(module, name)
 
@@ -236,24 +237,31 @@ def _counting(monkeypatch, module, names):
 
 @pytest.mark.parametrize("path", ["fused", "two-pass"])
 def test_each_path_launches_its_kernels(path, monkeypatch):
-    """``fused`` (the default): one forward-with-gradient kernel and no backward kernel, the backward a scale;
+    """``fused`` (the default): the weights, one forward-with-gradient kernel and the sums, no backward kernel (the
+    backward a scale);
     ``two-pass`` (and ``overwrite_logits=True``): the forward kernel, then the backward kernel."""
+    from rlhf_kernels.triton import aggregate as triton_aggregate
     from rlhf_kernels.triton import ppo as triton_ppo
 
     monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", path)
     counts = _counting(monkeypatch, triton_ppo, ("ppo_fused_fwd", "ppo_term_fwd", "ppo_term_bwd"))
+    _counting(monkeypatch, triton_aggregate, ("loss_weights", "loss_sums"), counts)
+    calls = counts.copy
+
+    def expect(fused=0, fwd=0, bwd=0):
+        assert calls() == {"ppo_fused_fwd": fused, "ppo_term_fwd": fwd, "ppo_term_bwd": bwd, "loss_weights": fused,
+                           "loss_sums": fused}
+        counts.update(dict.fromkeys(counts, 0))
+
     x, y, old, adv, mask, ref = _inputs(2, 3, 40, torch.float32, seed=27)
     _run(rk.ppo_loss, x, (y, old, adv, mask), dict(ref_logp=ref, kl_coef=0.1, backend="triton"), 1.0)
-    fused = path == "fused"
-    assert counts == {"ppo_fused_fwd": int(fused), "ppo_term_fwd": int(not fused), "ppo_term_bwd": int(not fused)}
-    counts.update(dict.fromkeys(counts, 0))
+    expect(fused=1) if path == "fused" else expect(fwd=1, bwd=1)
     base = x.detach().clone().requires_grad_()
     rk.ppo_loss(base * 1.0, y, old, adv, mask, backend="triton", overwrite_logits=True).loss.backward()
-    assert counts == {"ppo_fused_fwd": 0, "ppo_term_fwd": 1, "ppo_term_bwd": 1}
-    counts.update(dict.fromkeys(counts, 0))
+    expect(fwd=1, bwd=1)
     with torch.no_grad():  # no gradient: the forward kernel alone, on either path
         rk.ppo_loss(x, y, old, adv, mask, backend="triton")
-    assert counts == {"ppo_fused_fwd": 0, "ppo_term_fwd": 1, "ppo_term_bwd": 0}
+    expect(fwd=1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
