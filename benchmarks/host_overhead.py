@@ -104,6 +104,10 @@ def _cases() -> dict[str, Callable[[], object]]:
         os.environ["RLHF_KERNELS_TRITON_PPO"] = path
         rk.ppo_loss(leaf(), y, old, adv, mask, backend="triton").loss.backward()
 
+    def ppo_triton_forward():
+        with torch.no_grad():
+            rk.ppo_loss(x, y, old, adv, mask, backend="triton")
+
     cases = {
         "logprobs fwd": lambda: rk.logprobs(x, y, backend="cpu"),
         "logprobs fwd+bwd": lambda: rk.logprobs(leaf(), y, backend="cpu").sum().backward(),
@@ -114,6 +118,7 @@ def _cases() -> dict[str, Callable[[], object]]:
     if importlib.util.find_spec("triton") is not None:
         cases["ppo_loss triton-path fwd+bwd (fused)"] = lambda: ppo_triton("fused")
         cases["ppo_loss triton-path fwd+bwd (two-pass)"] = lambda: ppo_triton("two-pass")
+        cases["ppo_loss triton-path fwd (no grad)"] = ppo_triton_forward
     if _ext.has_cuda_kernels():  # the op's schema exists only in an extension built with its CUDA kernels
         cases["ppo_loss cuda-path fwd+bwd"] = ppo_fused
         cases["ppo_loss cuda-path fwd+bwd, GRPO"] = lambda: ppo_fused("seq-mean-token-mean")

@@ -555,8 +555,7 @@ def _ppo_loss_fused(
     the row kernel (``triton/aggregate.py``; ``triton.ppo.ppo_fused_fwd``: the forward's sweep, then the
     gradient's over the same row); on ``torch`` from PyTorch (``aggregation_weights``, ``_fused_loss_and_means``).
     ``path``: 0 auto, 1 global, 2 shared, 3 cluster (``csrc/cuda/ppo.cu``; the other backends ignore it).
-    Backends: ``cuda``, ``triton`` (with a gradient only, never ``overwrite``), and ``torch`` (the same contract
-    in PyTorch: tests, CPU).
+    Backends: ``cuda``, ``triton`` (never ``overwrite``), and ``torch`` (the same contract in PyTorch: tests, CPU).
     With ``row_count != WHOLE``, ``logits`` is the ``[B, L, V]`` base of the rows
     ``logits[:, row_start:row_start + row_count]`` the loss is computed on, and
     ``dlogits`` is ``[B, L, V]``: the kernel writes the range's rows in place, the
@@ -592,14 +591,17 @@ def _ppo_loss_fused(
             grad = inner if inner is not None else grad
         elif backend == "triton":  # the weights, the kernel, the loss and the means: three launches
             from ..triton.aggregate import loss_sums, loss_weights
-            from ..triton.ppo import ppo_fused_fwd
+            from ..triton.ppo import ppo_fused_fwd, ppo_term_fwd
 
             flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
             mask2 = mask.reshape(shape2)
             weights, total = loss_weights(mask2, loss_agg)
-            term, logp, entropy, kl, clipped, _, grad = ppo_fused_fwd(
-                rows, *flat, weights, temperature, ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low,
-                clip_high, dual_clip, out=inner)
+            scalars = (temperature, ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip)
+            if with_grad:
+                term, logp, entropy, kl, clipped, _, grad = ppo_fused_fwd(rows, *flat, weights, *scalars, out=inner)
+            else:  # the forward kernel: one read of the logits
+                term, logp, entropy, kl, clipped, _ = ppo_term_fwd(rows, *flat, *scalars)
+                grad = rows.new_empty((0,))
             loss, means = loss_sums(weights, mask2, total, term, clipped, logp, flat[1])
         else:
             flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
@@ -687,9 +689,9 @@ def _fused_route(backend: str, logits: torch.Tensor, with_grad: bool, overwrite:
     On cuda one C++ call gives the loss and the logged means: with a gradient the fused step (unless the two-pass
     path is asked for; the setting read once, only where it matters), without one the forward-only kernel and the
     same aggregation kernels (the per-token op and PyTorch's aggregation took ~17 launches, each a Python call:
-    host-bound on the H200, run 6). On triton, with a gradient, the fused kernel (``RLHF_KERNELS_TRITON_PPO``,
-    ``fused`` by default), except where the gradient is to be written over the logits, which only the two-pass
-    backward does.
+    host-bound on the H200, run 6). On triton likewise, with ``triton/aggregate.py``'s kernels around the forward
+    kernel, or, with a gradient, the fused one (``RLHF_KERNELS_TRITON_PPO``, ``fused`` by default), except where
+    the gradient is to be written over the logits, which only the two-pass backward does.
     """
     if backend == "cuda":
         if not with_grad:
@@ -700,8 +702,11 @@ def _fused_route(backend: str, logits: torch.Tensor, with_grad: bool, overwrite:
         cuda_ppo_prefetch()  # validated by name; the launcher reads it (and the cluster setting, likewise)
         check_cuda_ppo_path_runs(path, logits, cuda_ppo_cluster())
         return ppo_loss_fused_call, CUDA_PPO_PATHS[path]
-    if backend == "triton" and with_grad and not overwrite and triton_ppo_path() == "fused":
-        return ppo_loss_fused_call, 0
+    if backend == "triton":
+        if not with_grad:
+            return ppo_loss_forward_call, 0
+        if not overwrite and triton_ppo_path() == "fused":
+            return ppo_loss_fused_call, 0
     return None
 
 

@@ -238,7 +238,7 @@ def _counting(monkeypatch, module, names, counts=None):
 @pytest.mark.parametrize("path", ["fused", "two-pass"])
 def test_each_path_launches_its_kernels(path, monkeypatch):
     """``fused`` (the default): the weights, one forward-with-gradient kernel and the sums, no backward kernel (the
-    backward a scale);
+    backward a scale); without a gradient the forward kernel between the same weights and sums;
     ``two-pass`` (and ``overwrite_logits=True``): the forward kernel, then the backward kernel."""
     from rlhf_kernels.triton import aggregate as triton_aggregate
     from rlhf_kernels.triton import ppo as triton_ppo
@@ -248,9 +248,10 @@ def test_each_path_launches_its_kernels(path, monkeypatch):
     _counting(monkeypatch, triton_aggregate, ("loss_weights", "loss_sums"), counts)
     calls = counts.copy
 
-    def expect(fused=0, fwd=0, bwd=0):
-        assert calls() == {"ppo_fused_fwd": fused, "ppo_term_fwd": fwd, "ppo_term_bwd": bwd, "loss_weights": fused,
-                           "loss_sums": fused}
+    def expect(fused=0, fwd=0, bwd=0, agg=None):
+        agg = fused if agg is None else agg
+        assert calls() == {"ppo_fused_fwd": fused, "ppo_term_fwd": fwd, "ppo_term_bwd": bwd, "loss_weights": agg,
+                           "loss_sums": agg}
         counts.update(dict.fromkeys(counts, 0))
 
     x, y, old, adv, mask, ref = _inputs(2, 3, 40, torch.float32, seed=27)
@@ -259,9 +260,9 @@ def test_each_path_launches_its_kernels(path, monkeypatch):
     base = x.detach().clone().requires_grad_()
     rk.ppo_loss(base * 1.0, y, old, adv, mask, backend="triton", overwrite_logits=True).loss.backward()
     expect(fwd=1, bwd=1)
-    with torch.no_grad():  # no gradient: the forward kernel alone, on either path
+    with torch.no_grad():  # no gradient: the forward kernel and the aggregation kernels, on either path
         rk.ppo_loss(x, y, old, adv, mask, backend="triton")
-    expect(fwd=1)
+    expect(fwd=1, agg=1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -332,3 +333,26 @@ def test_a_bad_triton_ppo_setting_is_named(monkeypatch):
     x, y, old, adv, mask, _ = _inputs(1, 2, 20, torch.float32, seed=31)
     with pytest.raises(ValueError, match="RLHF_KERNELS_TRITON_PPO must be one of"):
         rk.ppo_loss(x.clone().requires_grad_(), y, old, adv, mask, backend="triton")
+
+
+@pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_without_a_gradient(loss_agg, dtype):
+    """``ppo_loss`` under ``no_grad`` (reference / old-policy passes, evaluation): the forward kernel between the
+    aggregation kernels gives the oracle's loss, statistics and means, and the with-gradient call's to float32
+    rounding."""
+    x, y, old, adv, mask, ref = _inputs(3, 5, 70, dtype, seed=33, strided=True)
+    kwargs = dict(ref_logp=ref, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, clip_high=0.28, dual_clip=2.0,
+                  temperature=0.9, loss_agg=loss_agg)
+    with torch.no_grad(), poisoned_outputs():
+        out = rk.ppo_loss(x, y, old, adv, mask, backend="triton", **kwargs)
+    with_grad = rk.ppo_loss(x.detach().clone().requires_grad_(), y, old, adv, mask, backend="triton", **kwargs)
+    out64 = reference.ppo_loss(x.double(), y, old, adv, mask, **kwargs)
+    outl = reference.ppo_loss(x, y, old, adv, mask, **kwargs)
+    for name in ("loss", "logp", "entropy", "kl", "approx_kl"):
+        assert_rule(name, getattr(out, name), getattr(outl, name), getattr(out64, name), dtype)
+    torch.testing.assert_close(out.clip_frac.double(), out64.clip_frac, atol=1.01 / mask.numel(), rtol=0)
+    for name in ("loss", "logp", "entropy", "kl", "clip_frac", "approx_kl"):  # (the kernels' row walks may group
+        # a row's sums differently: the fused one's follows the gradient's alignment too)
+        torch.testing.assert_close(getattr(out, name), getattr(with_grad, name).detach(), rtol=1e-5, atol=1e-5)
+    assert not out.loss.requires_grad
