@@ -214,8 +214,10 @@ def _ppo_fused_kernel(
     else:
         blocks = tl.cdiv(V, BLOCK_V)
     for j in range(0, blocks):
-        logprobs_grad_row_block(dx_ptr, x_ptr, j, dx_off, x_off, V, y, lse, ent, g_logp, g_ent, inv_t, valid,
-                                BLOCK_V, ALIGNED_BODY, VEC)
+        # (j + 0·blocks: a tensor, as the backward kernel's program id is; Triton 3.2's interpreter cannot combine
+        # the Python int its loops give with a tensor condition, block_columns' `(j >= 1) & ...`)
+        logprobs_grad_row_block(dx_ptr, x_ptr, j + 0 * blocks, dx_off, x_off, V, y, lse, ent, g_logp, g_ent, inv_t,
+                                valid, BLOCK_V, ALIGNED_BODY, VEC)
 
 
 # The fused kernel's sweep 2 takes a whole BLOCK_V per iteration, as a flat block: the forward's candidates that give
