@@ -29,7 +29,7 @@ from ._common import device_guard
 
 # loss_agg codes (the order of reference.LOSS_AGG_MODES, as csrc/cuda/launchers.h's LossAgg)
 _TOKEN_MEAN, _SEQ_MEAN_TOKEN_MEAN, _SEQ_MEAN_TOKEN_SUM, _SEQ_MEAN_TOKEN_SUM_NORM = 0, 1, 2, 3
-_BLOCK = 1024
+_BLOCK = 2048  # values per program and step: 8 per thread at 8 warps
 
 
 @triton.jit
@@ -39,8 +39,12 @@ def _divide_or_zero(num, den):
 
 
 @triton.jit
-def _loss_weights_kernel(mask_ptr, w_ptr, total_ptr, rows, cols, AGG: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: ``w[rows·cols]`` float32 from ``mask`` (any dtype, contiguous ``[rows, cols]``) and ``Σ m``."""
+def _loss_weights_kernel(mask_ptr, w_ptr, total_ptr, rows, cols, AGG: tl.constexpr, BLOCK: tl.constexpr,
+                         ROWS_B: tl.constexpr, COLS_B: tl.constexpr):
+    """One program: ``w[rows·cols]`` float32 from ``mask`` (any dtype, contiguous ``[rows, cols]``) and ``Σ m``.
+
+    The per-row sums of ``seq-mean-token-mean`` walk ``[ROWS_B, COLS_B]`` tiles, so that short rows are summed
+    ``ROWS_B`` at a time (a row at a time, 128 rows of 128 tokens took 256 dependent iterations)."""
     n = rows * cols
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
@@ -49,22 +53,26 @@ def _loss_weights_kernel(mask_ptr, w_ptr, total_ptr, rows, cols, AGG: tl.constex
     total = tl.sum(acc, 0)
     tl.store(total_ptr, total)
     if AGG == 1:  # seq-mean-token-mean: m / Σ_t m per row, then / the number of non-empty rows (two roundings)
-        non_empty = 0.0
-        for r in range(0, rows):
-            row_acc = tl.zeros([BLOCK], tl.float32)
-            for c0 in range(0, cols, BLOCK):
-                c = c0 + tl.arange(0, BLOCK)
-                row_acc += tl.load(mask_ptr + r * cols + c, mask=c < cols, other=0).to(tl.float32)
-            row_sum = tl.sum(row_acc, 0)
-            non_empty += tl.where(row_sum > 0.0, 1.0, 0.0)
-            for c0 in range(0, cols, BLOCK):
-                c = c0 + tl.arange(0, BLOCK)
-                m = tl.load(mask_ptr + r * cols + c, mask=c < cols, other=0).to(tl.float32)
-                tl.store(w_ptr + r * cols + c, _divide_or_zero(m, row_sum), mask=c < cols)
+        non_empty = tl.zeros([ROWS_B], tl.float32)
+        for r0 in range(0, rows, ROWS_B):
+            r = r0 + tl.arange(0, ROWS_B)
+            tile_acc = tl.zeros([ROWS_B, COLS_B], tl.float32)
+            for c0 in range(0, cols, COLS_B):
+                c = c0 + tl.arange(0, COLS_B)
+                inside = (r[:, None] < rows) & (c[None, :] < cols)
+                tile_acc += tl.load(mask_ptr + r[:, None] * cols + c[None, :], mask=inside, other=0).to(tl.float32)
+            row_sum = tl.sum(tile_acc, 1)
+            non_empty += tl.where((row_sum > 0.0) & (r < rows), 1.0, 0.0)
+            for c0 in range(0, cols, COLS_B):
+                c = c0 + tl.arange(0, COLS_B)
+                inside = (r[:, None] < rows) & (c[None, :] < cols)
+                m = tl.load(mask_ptr + r[:, None] * cols + c[None, :], mask=inside, other=0).to(tl.float32)
+                tl.store(w_ptr + r[:, None] * cols + c[None, :], _divide_or_zero(m, row_sum[:, None]), mask=inside)
+        count = tl.sum(non_empty, 0)
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             w = tl.load(w_ptr + offs, mask=offs < n, other=0.0)
-            tl.store(w_ptr + offs, _divide_or_zero(w, non_empty), mask=offs < n)
+            tl.store(w_ptr + offs, _divide_or_zero(w, count), mask=offs < n)
     else:
         if AGG == 0:
             den = total
@@ -109,6 +117,10 @@ def _block(n: int) -> int:
     return max(16, min(_BLOCK, triton.next_power_of_2(max(n, 1))))
 
 
+def _warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
 def loss_weights(mask: torch.Tensor, loss_agg: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w, total)``: the float32 weights of ``mask[B, T]`` (any dtype; shaped like it) under ``loss_agg`` and
     ``Σ m`` (a float32 one-element tensor), in one launch."""
@@ -122,8 +134,11 @@ def loss_weights(mask: torch.Tensor, loss_agg: str) -> tuple[torch.Tensor, torch
     rows, cols = m.shape
     w = torch.empty(m.shape, dtype=torch.float32, device=m.device)
     total = torch.empty(1, dtype=torch.float32, device=m.device)
+    block = _block(rows * cols)
+    cols_b = min(block, triton.next_power_of_2(max(cols, 1)))
     with device_guard(m):
-        _loss_weights_kernel[(1,)](m, w, total, rows, cols, AGG=_CODES[loss_agg], BLOCK=_block(rows * cols))
+        _loss_weights_kernel[(1,)](m, w, total, rows, cols, AGG=_CODES[loss_agg], BLOCK=block,
+                                   ROWS_B=block // cols_b, COLS_B=cols_b, num_warps=_warps(block))
     return w, total
 
 
@@ -137,6 +152,7 @@ def loss_sums(weights, mask, total, term, clipped, logp, old_logp) -> tuple[torc
     loss = torch.empty((), dtype=torch.float32, device=m.device)
     means = torch.empty(2, dtype=torch.float32, device=m.device)
     with device_guard(m):
+        block = _block(n)
         _loss_sums_kernel[(1,)](weights, m, total, term.contiguous(), clipped.contiguous(), logp.contiguous(),
-                                old_logp.float().contiguous(), loss, means, n, BLOCK=_block(n))
+                                old_logp.float().contiguous(), loss, means, n, BLOCK=block, num_warps=_warps(block))
     return loss, means

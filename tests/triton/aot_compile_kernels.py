@@ -113,8 +113,10 @@ for dt in ("*bf16", "*fp16", "*fp32"):
     build(advantages._gae_fwd_kernel, {"r_ptr": dt, "v_ptr": dt, "adv_ptr": dt, "ret_ptr": dt}, {"BLOCK_B": 32}, 1)
 for mask_type in ("*fp32", "*u8", "*i64", "*fp16"):  # the fused PPO step's aggregation (triton/aggregate.py)
     for agg in range(4):
-        build(aggregate._loss_weights_kernel, {"mask_ptr": mask_type}, {"AGG": agg, "BLOCK": 1024}, 4)
-    build(aggregate._loss_sums_kernel, {"mask_ptr": mask_type}, {"BLOCK": 1024}, 4)
+        for rows_b, cols_b in ((1, 2048), (16, 128)):
+            build(aggregate._loss_weights_kernel, {"mask_ptr": mask_type},
+                  {"AGG": agg, "BLOCK": 2048, "ROWS_B": rows_b, "COLS_B": cols_b}, 8)
+    build(aggregate._loss_sums_kernel, {"mask_ptr": mask_type}, {"BLOCK": 2048}, 8)
 for est in (1, 2):
     build(ppo._ppo_fwd_kernel, {"x_ptr": "*bf16", "y_ptr": "*i64"}, {"BLOCK_V": 4096, "LANES_V": 4096, "HAS_REF": True, "KL_EST": est, "HAS_DUAL": True, "ALIGNED_BODY": False, "VEC": 8}, 8)
 # float64 outputs (forced triton on float64 logits)

@@ -41,12 +41,12 @@ def _oracle(mask, term, clipped, logp, old_logp, loss_agg):
 
 
 @pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
-@pytest.mark.parametrize("rows,cols", ((1, 1), (3, 5), (4, 37), (40, 7), (2, 1500), (0, 5), (5, 0)))
+@pytest.mark.parametrize("rows,cols", ((1, 1), (3, 5), (4, 37), (40, 7), (300, 5), (2, 1500), (0, 5), (5, 0)))
 @pytest.mark.parametrize("kind", ("binary", "empty", "fractional", "signed"))
 def test_weights_loss_and_means_match_the_oracle(loss_agg, rows, cols, kind):
-    """Every loss_agg; rows longer than a block (1500 > 1024), many short rows, empty and signed masks: the weights
-    are ``aggregation_weights``' (the same bits for 0/1 masks, whose sums are exact), the loss and the token means
-    the float64 oracle's; an empty mask gives exactly 0."""
+    """Every loss_agg; rows longer than a 1024-wide tile (1500), short rows over several row tiles (300 x 5), empty
+    and signed masks: the weights are ``aggregation_weights``' (the same bits for 0/1 masks, whose sums are exact),
+    the loss and the token means the float64 oracle's; an empty mask gives exactly 0."""
     mask, term, clipped, logp, old_logp = (t.to(DEVICE) for t in _case(rows, cols, kind, seed=rows * 1000 + cols))
     weights, total = loss_weights(mask, loss_agg)
     expected = ppo_ops.aggregation_weights(mask, loss_agg)
