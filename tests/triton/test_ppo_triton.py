@@ -307,14 +307,18 @@ def test_fused_and_two_pass_agree(dtype, layout, V, monkeypatch):
 
 
 def test_fused_op_under_opcheck():
-    """``ppo_loss_fused`` on the Triton backend: schema, fake tensors, autograd registration, AOT dispatch; whole rows
-    and a row range of a base."""
+    """``ppo_loss_fused`` on the Triton backend: schema, fake tensors, autograd registration, AOT dispatch; whole rows,
+    a row range of a base, and the forward without a gradient."""
     x, y, old, adv, mask, ref = _inputs(2, 3, 40, torch.float32, seed=29)
     scal = (0.8, -100, 0.1, "k3", 0.01, 0.2, 0.3, 2.5, "seq-mean-token-mean", 0, "triton")
     torch.library.opcheck(ppo_ops.ppo_loss_fused, (x.clone().requires_grad_(), y, old, adv, ref, mask) + scal)
     base = torch.cat([x, x[:, :1]], 1)
     torch.library.opcheck(ppo_ops.ppo_loss_fused,
                           (base.clone().requires_grad_(), y, old, adv, None, mask) + scal + (0, 3))
+    from rlhf_kernels.ops._checks import WHOLE
+
+    # without a gradient (no_grad calls): the forward kernel between the aggregation kernels, no dlogits
+    torch.library.opcheck(ppo_ops.ppo_loss_fused, (x, y, old, adv, ref, mask) + scal + (0, WHOLE, False, False))
 
 
 def test_fused_backward_scales_by_the_upstream_gradient_and_may_run_again_on_the_cpu():
