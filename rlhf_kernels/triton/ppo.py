@@ -23,8 +23,7 @@ as the per-token weight ``g_term``.
 
 Forward that also writes the gradient (``ppo_fused_fwd``, ``ops.ppo_loss``'s default when
 the logits require grad): ``loss = Σ w·term`` with weights ``w`` known from the mask, so one
-program per row does the forward's sweep, then sweeps the row again (just read: mostly from
-L2, where the separate backward kernel read it from memory) writing ``dlogits`` with
+program per row does the forward's sweep, then sweeps the row again writing ``dlogits`` with
 ``G_logp = w·∂term/∂logp``, ``G_H = -w·entropy_coef`` (the coefficients of ``csrc/cuda/ppo_term.cuh``).
 """
 
@@ -191,7 +190,7 @@ def _ppo_fused_kernel(
     VEC: tl.constexpr = 8,
 ):
     """The forward that also writes the gradient of ``loss = Σ w·term``: one program per row, the forward's sweep,
-    then a second sweep over the same row (just read, so mostly from L2) writing
+    then a second sweep over the same row (from L2 only where the rows in flight fit in it) writing
     ``dlogits = w·∂term/∂logits``, ``G_logp = w·dpg + (w·kl_coef)·dk`` and ``G_H = -w·entropy_coef`` through the
     log-prob backward formula (``csrc/cuda/ppo_term.cuh``'s coefficients)."""
     row = tl.program_id(0).to(tl.int64)
