@@ -190,7 +190,7 @@ def _ppo_fused_kernel(
     VEC: tl.constexpr = 8,
 ):
     """The forward that also writes the gradient of ``loss = Σ w·term``: one program per row, the forward's sweep,
-    then a second sweep over the same row (from L2 only where the rows in flight fit in it) writing
+    then a second sweep over the same row, last block first (from L2 only where the rows in flight fit in it), writing
     ``dlogits = w·∂term/∂logits``, ``G_logp = w·dpg + (w·kl_coef)·dk`` and ``G_H = -w·entropy_coef`` through the
     log-prob backward formula (``csrc/cuda/ppo_term.cuh``'s coefficients)."""
     row = tl.program_id(0).to(tl.int64)
@@ -212,10 +212,12 @@ def _ppo_fused_kernel(
         blocks = tl.cdiv(V + (VEC - 1), BLOCK_V)
     else:
         blocks = tl.cdiv(V, BLOCK_V)
-    for j in range(0, blocks):
-        # (j + 0·blocks: a tensor, as the backward kernel's program id is; Triton 3.2's interpreter cannot combine
-        # the Python int its loops give with a tensor condition, block_columns' `(j >= 1) & ...`)
-        logprobs_grad_row_block(dx_ptr, x_ptr, j + 0 * blocks, dx_off, x_off, V, y, lse, ent, g_logp, g_ent, inv_t,
+    # Backwards, from the row's last block: the first blocks sweep 2 reads again are the ones sweep 1 read last, the
+    # likeliest to be still in L2 (csrc/cuda's reverse_sweep2). (blocks - 1 - i is a tensor, as the backward kernel's
+    # program id is: Triton 3.2's interpreter could not combine the Python int its loops give with a tensor condition,
+    # block_columns' `(j >= 1) & ...`.)
+    for i in range(0, blocks):
+        logprobs_grad_row_block(dx_ptr, x_ptr, blocks - 1 - i, dx_off, x_off, V, y, lse, ent, g_logp, g_ent, inv_t,
                                 valid, BLOCK_V, ALIGNED_BODY, VEC)
 
 
