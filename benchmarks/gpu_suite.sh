@@ -334,8 +334,9 @@ stage_gemm_align() {  # one GEMM against the split at an unaligned vocabulary (b
 }
 
 stage_host() {  # the micro-batch step's host and GPU time (benchmarks/step_profile.py)
+  # (ppo_loss+overwrite: Triton's two-pass form beside its fused step, and CUDA's step writing over the logits)
   run_tuner host step_profile "ppo_loss and logprobs steps at micro-batch shapes: GPU idle time and host ops" \
-    "--out $OUT --shapes 4096x50257,16384x50257 ${HOST_ARGS:-}"
+    "--out $OUT --shapes 4096x50257,16384x50257 --ops ppo_loss,ppo_loss+overwrite,logprobs ${HOST_ARGS:-}"
 }
 
 stage_tune_triton() {  # the Triton forwards' autotune candidates and the backward's blocks (benchmarks/tune_triton.py)
