@@ -21,6 +21,7 @@ import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels import reference
+from tests.aggregate_cases import aggregate_case, aggregate_oracle, with_masked_non_finite
 from tests.tolerance import assert_matches_oracle
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -621,24 +622,6 @@ def emulate_loss_aggregate(lib, mask, term, clipped, logp, old_logp, loss_agg, t
     return weights, loss, means
 
 
-def _aggregate_case(rows, cols, kind, seed):
-    g = torch.Generator().manual_seed(seed)
-    mask = {
-        "binary": lambda: (torch.rand(rows, cols, generator=g) < 0.7).float(),
-        "empty": lambda: torch.zeros(rows, cols),
-        "fractional": lambda: torch.rand(rows, cols, generator=g),
-        # rows summing to zero, negative and positive rows (the weights' divide-or-zero and the non-empty count)
-        "signed": lambda: torch.randn(rows, cols, generator=g).round() * torch.tensor([0.0, 1.0, -1.0]).repeat(
-            rows // 3 + 1)[:rows, None],
-    }[kind]()
-    if kind == "binary" and rows > 1:
-        mask[0] = 0.0  # an empty row among full ones
-    term, logp = torch.randn(rows, cols, generator=g), -torch.rand(rows, cols, generator=g) * 5
-    old_logp = logp + 0.1 * torch.randn(rows, cols, generator=g)
-    clipped = (torch.rand(rows, cols, generator=g) < 0.3).float()
-    return mask, term, clipped, logp, old_logp
-
-
 @pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
 @pytest.mark.parametrize("threads", (32, 512))
 @pytest.mark.parametrize("rows,cols", ((1, 1), (3, 5), (4, 37), (40, 7), (2, 1000), (0, 5), (5, 0)))
@@ -650,21 +633,15 @@ def test_loss_aggregation_matches_the_float64_aggregate(emu, loss_agg, threads, 
     than one warp's turn (40 rows against 16 warps), rows longer than a warp, empty and signed masks."""
     from rlhf_kernels.ops import ppo as ppo_ops
 
-    mask, term, clipped, logp, old_logp = _aggregate_case(rows, cols, kind, seed=rows * 1000 + cols + threads)
+    mask, term, clipped, logp, old_logp = aggregate_case(rows, cols, kind, seed=rows * 1000 + cols + threads)
     weights, loss, means = emulate_loss_aggregate(emu, mask, term, clipped, logp, old_logp, loss_agg, threads)
     expected = ppo_ops.aggregation_weights(mask, loss_agg)
     if kind in ("binary", "empty"):
         assert torch.equal(weights, expected), loss_agg
     else:
         torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-7)
-    m64 = mask.double()
-    loss64 = (reference.aggregate_loss(term.double(), m64, loss_agg) if m64.numel()
-              else torch.zeros((), dtype=torch.float64))
-    d = logp.double() - old_logp.double()
-    count = m64.sum()
-    means64 = torch.stack([(m64 * clipped.double()).sum(), (m64 * 0.5 * d * d).sum()])
-    means64 = means64 / count if count != 0 else torch.zeros(2, dtype=torch.float64)
-    scale = max(1.0, float(m64.abs().sum()))  # signed masks: sums of cancelling terms
+    loss64, means64 = aggregate_oracle(mask, term, clipped, logp, old_logp, loss_agg)
+    scale = max(1.0, float(mask.abs().sum()))  # signed masks: sums of cancelling terms
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6 * scale)
     torch.testing.assert_close(means.double(), means64, rtol=1e-5, atol=1e-6 * scale)
     if kind == "empty":
@@ -677,22 +654,15 @@ def test_masked_tokens_with_non_finite_terms_add_nothing(emu, loss_agg, kind):
     """A token of mask 0 whose term and log-prob are +-inf or NaN (padding, a masked vocabulary entry as target)
     leaves the loss and the means as they are without it (``reference.masked``); 0·inf had made them NaN, also for
     an empty mask, which DESIGN §2 gives a loss of 0."""
-    mask, term, clipped, logp, old_logp = _aggregate_case(6, 9, kind, seed=77)
+    mask, term, clipped, logp, old_logp = aggregate_case(6, 9, kind, seed=77)
     if kind == "fractional":
         mask[mask < 0.3] = 0.0
-    off = mask == 0
-    assert off.any()
-    bad = torch.tensor([float("inf"), float("-inf"), float("nan")]).repeat(term.numel())[:term.numel()].view_as(term)
-    term, logp = torch.where(off, bad, term), torch.where(off, bad.flip(0), logp)
+    assert (mask == 0).any()
+    term, logp = with_masked_non_finite(mask, term, logp)
     weights, loss, means = emulate_loss_aggregate(emu, mask, term, clipped, logp, old_logp, loss_agg, 64)
-    m64 = mask.double()
-    loss64 = reference.aggregate_loss(term.double(), m64, loss_agg)
+    loss64, means64 = aggregate_oracle(mask, term, clipped, logp, old_logp, loss_agg)
     assert torch.isfinite(loss64) and torch.isfinite(loss) and torch.isfinite(means).all()
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
-    d = torch.where(off, 0.0, logp.double() - old_logp.double())
-    count = m64.sum()
-    means64 = torch.stack([(m64 * clipped.double()).sum(), (m64 * 0.5 * d * d).sum()])
-    means64 = means64 / count if count != 0 else torch.zeros(2, dtype=torch.float64)
     torch.testing.assert_close(means.double(), means64, rtol=1e-5, atol=1e-6)
 
 

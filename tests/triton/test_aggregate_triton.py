@@ -7,47 +7,21 @@ import torch
 from rlhf_kernels import reference
 from rlhf_kernels.ops import ppo as ppo_ops
 from rlhf_kernels.triton.aggregate import loss_sums, loss_weights
+from tests.aggregate_cases import KINDS, aggregate_case, aggregate_oracle, with_masked_non_finite
 from triton_testutils import DEVICE
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # (inf·0 in the branch a where discards)
 
 
-def _case(rows, cols, kind, seed):
-    g = torch.Generator().manual_seed(seed)
-    mask = {
-        "binary": lambda: (torch.rand(rows, cols, generator=g) < 0.7).float(),
-        "empty": lambda: torch.zeros(rows, cols),
-        "fractional": lambda: torch.rand(rows, cols, generator=g),
-        # rows summing to zero, negative and positive rows (the weights' divide-or-zero and the non-empty count)
-        "signed": lambda: torch.randn(rows, cols, generator=g).round() * torch.tensor([0.0, 1.0, -1.0]).repeat(
-            rows // 3 + 1)[:rows, None],
-    }[kind]()
-    if kind == "binary" and rows > 1:
-        mask[0] = 0.0  # an empty row among full ones
-    term, logp = torch.randn(rows, cols, generator=g), -torch.rand(rows, cols, generator=g) * 5
-    old_logp = logp + 0.1 * torch.randn(rows, cols, generator=g)
-    clipped = (torch.rand(rows, cols, generator=g) < 0.3).float()
-    return mask, term, clipped, logp, old_logp
-
-
-def _oracle(mask, term, clipped, logp, old_logp, loss_agg):
-    m64 = mask.double()
-    loss = (reference.aggregate_loss(term.double(), m64, loss_agg) if m64.numel()
-            else torch.zeros((), dtype=torch.float64))
-    d = torch.where(m64 != 0, logp.double() - old_logp.double(), 0.0)
-    count = m64.sum()
-    means = torch.stack([reference.masked(clipped.double(), m64).sum(), (m64 * 0.5 * d * d).sum()])
-    return loss, (means / count if count != 0 else torch.zeros(2, dtype=torch.float64))
-
-
 @pytest.mark.parametrize("loss_agg", reference.LOSS_AGG_MODES)
 @pytest.mark.parametrize("rows,cols", ((1, 1), (3, 5), (4, 37), (40, 7), (300, 5), (2, 1500), (0, 5), (5, 0)))
-@pytest.mark.parametrize("kind", ("binary", "empty", "fractional", "signed"))
+@pytest.mark.parametrize("kind", KINDS)
 def test_weights_loss_and_means_match_the_oracle(loss_agg, rows, cols, kind):
     """Every loss_agg; rows longer than a 1024-wide tile (1500), short rows over several row tiles (300 x 5), empty
     and signed masks: the weights are ``aggregation_weights``' (the same bits for 0/1 masks, whose sums are exact),
     the loss and the token means the float64 oracle's; an empty mask gives exactly 0."""
-    mask, term, clipped, logp, old_logp = (t.to(DEVICE) for t in _case(rows, cols, kind, seed=rows * 1000 + cols))
+    case = aggregate_case(rows, cols, kind, seed=rows * 1000 + cols)
+    mask, term, clipped, logp, old_logp = (t.to(DEVICE) for t in case)
     weights, total = loss_weights(mask, loss_agg)
     expected = ppo_ops.aggregation_weights(mask, loss_agg)
     if kind in ("binary", "empty"):
@@ -55,7 +29,7 @@ def test_weights_loss_and_means_match_the_oracle(loss_agg, rows, cols, kind):
     else:
         torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-7)
     loss, means = loss_sums(weights, mask, total, term, clipped, logp, old_logp)
-    loss64, means64 = _oracle(*(t.cpu() for t in (mask, term, clipped, logp, old_logp)), loss_agg)
+    loss64, means64 = aggregate_oracle(*(t.cpu() for t in (mask, term, clipped, logp, old_logp)), loss_agg)
     scale = max(1.0, float(mask.abs().sum()))  # signed masks: sums of cancelling terms
     torch.testing.assert_close(loss.cpu().double(), loss64, rtol=1e-5, atol=1e-6 * scale)
     torch.testing.assert_close(means.cpu().double(), means64, rtol=1e-5, atol=1e-6 * scale)
@@ -68,16 +42,14 @@ def test_weights_loss_and_means_match_the_oracle(loss_agg, rows, cols, kind):
 def test_mask_dtypes_and_masked_non_finite_tokens(dtype, loss_agg):
     """A bool / integer / 16-bit mask gives the float mask's results; tokens of mask 0 whose term and log-prob are
     +-inf or NaN add nothing to the loss or the means (``reference.masked``)."""
-    mask, term, clipped, logp, old_logp = _case(6, 9, "binary", seed=3)
-    off = mask == 0
-    bad = torch.tensor([float("inf"), float("-inf"), float("nan")]).repeat(term.numel())[:term.numel()].view_as(term)
-    term, logp = torch.where(off, bad, term), torch.where(off, bad.flip(0), logp)
+    mask, term, clipped, logp, old_logp = aggregate_case(6, 9, "binary", seed=3)
+    term, logp = with_masked_non_finite(mask, term, logp)
     args = [t.to(DEVICE) for t in (term, clipped, logp, old_logp)]
     typed = mask.to(dtype).to(DEVICE)
     weights, total = loss_weights(typed, loss_agg)
     assert torch.equal(weights.cpu(), ppo_ops.aggregation_weights(mask, loss_agg))
     loss, means = loss_sums(weights, typed, total, *args)
-    loss64, means64 = _oracle(mask, term, clipped, logp, old_logp, loss_agg)
+    loss64, means64 = aggregate_oracle(mask, term, clipped, logp, old_logp, loss_agg)
     assert torch.isfinite(loss64) and torch.isfinite(loss) and torch.isfinite(means).all()
     torch.testing.assert_close(loss.cpu().double(), loss64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(means.cpu().double(), means64, rtol=1e-5, atol=1e-6)
