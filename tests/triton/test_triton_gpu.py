@@ -264,3 +264,24 @@ def test_scale_unless_one_on_the_gpu():
     z = bits.clone().view(torch.float32)
     scale_unless_one_(z, torch.ones((), device=CUDA))
     assert torch.equal(z.view(torch.int32), bits)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("V", VOCABS)
+def test_ppo_loss_without_a_gradient_full_vocab(V, dtype):
+    """Triton's ``ppo_loss`` under ``no_grad``: the forward kernel between ``triton/aggregate.py``'s kernels, against
+    the oracle at the full vocabularies, every ``loss_agg``, 0 / 1 and fractional masks."""
+    from test_ppo_triton import _inputs
+
+    for loss_agg in reference.LOSS_AGG_MODES:
+        x, y, old, adv, mask, ref = _inputs(4, 33, V, dtype, seed=V % 97, strided=True)
+        x, y, old, adv, ref = (t.to(CUDA) for t in (x, y, old, adv, ref))
+        for m in (mask.to(CUDA), torch.rand(mask.shape, device=CUDA) * mask.to(CUDA)):
+            kwargs = dict(ref_logp=ref, kl_coef=0.05, entropy_coef=0.01, clip_high=0.28, loss_agg=loss_agg)
+            with torch.no_grad(), poisoned_outputs():
+                out = rk.ppo_loss(x, y, old, adv, m, backend="triton", **kwargs)
+            out64 = reference.ppo_loss(x.double(), y, old, adv, m, **kwargs)
+            outl = reference.ppo_loss(x, y, old, adv, m, **kwargs)
+            for name in ("loss", "logp", "entropy", "kl", "approx_kl"):
+                assert_rule(f"{loss_agg}/{name}", getattr(out, name), getattr(outl, name), getattr(out64, name),
+                            dtype)
