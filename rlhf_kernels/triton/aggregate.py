@@ -38,7 +38,9 @@ def _divide_or_zero(num, den):
     return tl.where(den != 0.0, num / tl.where(den != 0.0, den, 1.0), 0.0)
 
 
-@triton.jit
+# (do_not_specialize: Triton makes an integer argument equal to 1 a compile-time constant, which has no .to(); a
+# single sequence (rows = 1) or token is an ordinary call here)
+@triton.jit(do_not_specialize=["rows", "cols"])
 def _loss_weights_kernel(mask_ptr, w_ptr, total_ptr, rows, cols, AGG: tl.constexpr, BLOCK: tl.constexpr,
                          ROWS_B: tl.constexpr, COLS_B: tl.constexpr):
     """One program: ``w[rows·cols]`` float32 from ``mask`` (any dtype, contiguous ``[rows, cols]``) and ``Σ m``.
@@ -86,7 +88,7 @@ def _loss_weights_kernel(mask_ptr, w_ptr, total_ptr, rows, cols, AGG: tl.constex
             tl.store(w_ptr + offs, _divide_or_zero(m, den), mask=offs < n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _loss_sums_kernel(w_ptr, mask_ptr, total_ptr, term_ptr, clip_ptr, logp_ptr, old_ptr, loss_ptr, means_ptr, n,
                       BLOCK: tl.constexpr):
     """One program: ``loss = Σ w·term`` and the two token means over the mask, weight- / mask-0 tokens skipped."""
