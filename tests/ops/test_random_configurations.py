@@ -215,8 +215,16 @@ def kl_divergence_case(rng: random.Random, backend: str, device: torch.device) -
     underflow = torch.isinf(oracle[0]) & torch.isfinite(in_dtype[0])
     assert_rows_match_oracle(fast[0], in_dtype[0], torch.where(underflow, in_dtype[0].double(), oracle[0]), dtype,
                              f"{what}/kl")
-    if not torch.isfinite(oracle[0]).all():
-        return what + " (an infinite KL: no finite gradient to compare)"
+    # A row whose float64 KL is infinite before the mask (p > 0 where q = 0) has no finite gradient to compare, masked
+    # or not: 0·inf makes the oracle's NaN, and in float32 that p may have underflowed to 0 (a finite KL, a finite
+    # gradient). Those rows are left out; the others are compared.
+    with torch.no_grad():
+        infinite = ~torch.isfinite(R.kl_divergence(x.double(), r.double(), temperature=T))
+    if infinite.all():
+        return what + " (an infinite KL in every row: no finite gradient to compare)"
+    for grads in (fast[1], in_dtype[1], oracle[1]):
+        for g in grads:
+            g[infinite] = 0.0
     z_absmax = _z_absmax(x, r, temperature=T)
     # (where the policy's logit is -inf, p = 0 and its gradient's limit is 0; where only the reference's is, q = 0)
     for i, (name, dt, inf_at) in enumerate((("grad", dtype, x), ("ref_grad", ref_dtype, r))[: 1 + ref_grad]):
@@ -300,7 +308,8 @@ def _linear_problem(rng: random.Random) -> SimpleNamespace:
     return p
 
 
-def _check_linear(what: str, p: SimpleNamespace, fused, materialised, names, device: torch.device) -> str:
+def _check_linear(what: str, p: SimpleNamespace, fused, materialised, names, device: torch.device,
+                  coefficients: Optional[SimpleNamespace] = None) -> str:
     """A fused-linear op against the materialised path (``F.linear`` then the reference) in float64 (the oracle)
     and in the input dtype (as a user's materialised bf16 path runs it).
 
@@ -308,6 +317,9 @@ def _check_linear(what: str, p: SimpleNamespace, fused, materialised, names, dev
     ``(values, objective)``: the outputs compared (named by ``names``) and the scalar whose gradients to ``hidden``,
     ``weight`` and ``bias`` are compared, those with an ``allowance`` (``assert_matches_oracle``) for the error of
     the logits' gradient carried through the GEMMs, from the oracle's logits gradient (below).
+    ``coefficients`` (optional, ``_coefficient_allowance``): each token's ``g_logp = ∂objective/∂logp``,
+    ``g_ent = ∂objective/∂H`` and how far ``g_logp`` may move with its log-prob's rounding; ``values`` (if set),
+    an allowance per named output for the same rounding.
     """
     def run(cast, dev, fn=None):
         leaves = [t.to(cast).to(dev).requires_grad_() for t in (p.hidden, p.weight, p.bias) if t is not None]
@@ -325,8 +337,9 @@ def _check_linear(what: str, p: SimpleNamespace, fused, materialised, names, dev
     fast = run(p.dtype, device, fused)
     in_dtype = run(p.dtype, "cpu")
     oracle = run(torch.float64, "cpu")
+    value_allowances = getattr(coefficients, "values", {})
     for name, f, r, o in zip(names, fast[0], in_dtype[0], oracle[0]):
-        assert_matches_oracle(f, r, o, p.dtype, f"{what}/{name}")
+        assert_matches_oracle(f, r, o, p.dtype, f"{what}/{name}", allowance=value_allowances.get(name))
     # Each row of dlogits may be off by 2 ulps of the dtype (rounded to it before the GEMMs: one neighbour or the
     # other, and the result's own rounding) and, in float32, by what its one float32 lse allows
     # (tolerance.float32_lse_error); the GEMMs carry that through their terms' magnitudes.
@@ -334,11 +347,81 @@ def _check_linear(what: str, p: SimpleNamespace, fused, materialised, names, dev
     z_absmax = _z_absmax(h @ w.T + (0.0 if p.bias is None else p.bias.double()), temperature=p.temperature)
     lse_error = float32_lse_error(z_absmax) if p.dtype == torch.float32 else torch.zeros_like(z_absmax)
     dlogits = (2.0 * torch.finfo(p.dtype).eps + lse_error).unsqueeze(-1) * oracle[1][-1].abs().reshape(-1, p.V)
+    if coefficients is not None:
+        dlogits = dlogits + _coefficient_allowance(p, coefficients, lse_error)
     allowance = (dlogits @ w.abs(), dlogits.T @ h.abs(), dlogits.sum(0))
     for i, name in enumerate(("grad_hidden", "grad_weight", "grad_bias")[: len(fast[1])]):
         assert_matches_oracle(fast[1][i], in_dtype[1][i], oracle[1][i], p.dtype, f"{what}/{name}",
                               allowance=allowance[i].reshape(oracle[1][i].shape))
     return what
+
+
+def _coefficient_allowance(p: SimpleNamespace, c: SimpleNamespace, z_error: torch.Tensor) -> torch.Tensor:
+    """``[N, V]``: what each element of ``dlogits = g_logp·(onehot(y) - p)/T + g_ent·∂H/∂logits`` may carry beyond
+    ``_check_linear``'s share of ``|dlogits|``, from the per-token coefficients ``c.g_logp``, ``c.g_ent`` and
+    ``c.g_logp_error`` (``[*lead]``, float64):
+
+    - ``z_error·p·(|g_logp| + |g_ent|·(1 + |log p| + H)) / T``: the fused path computes the logits again for its
+      gradient (another GEMM, rounded otherwise) against the forward's lse, which moves ``p`` by ``z_error`` (per
+      row, relative; ``tolerance.float32_lse_error``). Next to ``|dlogits|`` that is unbounded where ``p_y`` nears
+      1: with V = 1 the gradient is exactly 0 and the recomputed one ``g_logp·(1 - e^{δz})``;
+    - ``c.g_logp_error·|onehot(y) - p| / T``: ``g_logp``'s own error (``_ppo_coefficients``).
+    """
+    logits = F.linear(p.hidden.double(), p.weight.double(), None if p.bias is None else p.bias.double())
+    log_prob = torch.log_softmax(logits.reshape(-1, p.V) / p.temperature, dim=-1)
+    prob = log_prob.exp()
+    y = p.targets.reshape(-1)
+    valid = (y != p.ignore_index).unsqueeze(-1)
+    onehot = F.one_hot(torch.where(valid.squeeze(-1), y, 0), p.V).double()
+    entropy = -(prob * torch.where(prob > 0, log_prob, 0.0)).sum(-1, keepdim=True)
+    g_logp, g_ent, g_err = (t.double().reshape(-1, 1) for t in (c.g_logp, c.g_ent, c.g_logp_error))
+    moved = z_error.reshape(-1, 1) * prob * (g_logp.abs() + g_ent.abs() * (1.0 + torch.where(prob > 0, log_prob, 0.0).abs() + entropy))
+    return torch.where(valid, moved + g_err * (onehot - prob).abs(), 0.0) / p.temperature
+
+
+def _ppo_coefficients(p: SimpleNamespace, rows: Dict[str, torch.Tensor], ref_logp, options) -> SimpleNamespace:
+    """The PPO loss's per-token ``g_logp = ∂loss/∂logp``, ``g_ent = ∂loss/∂H`` (float64, from the reference's
+    ``ppo_token_terms`` and ``aggregate_loss``) and ``g_logp_error``.
+
+    ``g_logp_error``: per token, ``|∂²loss/∂logp²|·δlogp``, how far ``g_logp`` moves when the log-prob is off by its own
+    rounding ``δlogp = 4·eps·(|z_y| + |lse|)`` (eps of the logits' dtype, at least float32's). ``G`` depends on
+    ``logp`` through the ratio and the KL estimator's derivative, and can be a small difference of large numbers
+    (k2's ``logp - ref`` with ``logp`` near -33 and ``ref`` 0.02 away): one ulp of ``logp``, which any float32
+    implementation may have, is then a large relative error of ``G`` and so of that token's gradient row."""
+    logits = F.linear(p.hidden.double(), p.weight.double(), None if p.bias is None else p.bias.double())
+    with torch.no_grad():
+        logp, entropy = R.logprobs(logits, p.targets, temperature=p.temperature, ignore_index=p.ignore_index,
+                                   return_entropy=True)
+        z = logits / p.temperature
+        valid = p.targets != p.ignore_index
+        z_y = torch.where(valid, z.gather(-1, torch.where(valid, p.targets, 0).unsqueeze(-1)).squeeze(-1), 0.0)
+        eps = max(torch.finfo(p.dtype).eps, 2.0**-23)
+        delta = 4.0 * eps * (z_y.abs() + torch.logsumexp(z, dim=-1).abs())
+    leaf = logp.detach().requires_grad_()
+    ent_leaf = entropy.detach().requires_grad_()
+    term, _, _ = R.ppo_token_terms(
+        leaf, ent_leaf, rows["old_logp"].double(), rows["advantages"].double(),
+        ref_logp=None if ref_logp is None else ref_logp.double(), kl_coef=options["kl_coef"],
+        kl_estimator=options["kl_estimator"], entropy_coef=options["entropy_coef"], clip_low=options["clip_low"],
+        clip_high=options["clip_high"], dual_clip=options["dual_clip"])
+    loss = R.aggregate_loss(term, rows["mask"].double(), options["loss_agg"])
+    coefficient, g_ent = torch.autograd.grad(loss, (leaf, ent_leaf), create_graph=True)
+    (curvature,) = torch.autograd.grad(coefficient.sum(), leaf, allow_unused=True)  # tokens are separable
+    curvature = torch.zeros_like(logp) if curvature is None else curvature
+    finite = lambda t: t.detach().nan_to_num(0.0, 0.0, 0.0)  # noqa: E731
+    # the logged values move with logp too, to first order by their slope times delta: the loss by Σ|g_logp|·δ, each
+    # token's KL estimate by |∂k/∂logp|·δ (k2's logp - ref, k3's 1 - e^(ref - logp)), approx_kl by its masked mean of
+    # |logp - old_logp|·δ
+    kl_slope = torch.zeros_like(logp)
+    if ref_logp is not None:
+        (kl_slope,) = torch.autograd.grad(R.kl_estimate(leaf, ref_logp.double(), options["kl_estimator"]).sum(), leaf)
+    mask = rows["mask"].double()
+    approx_slope = mask * (logp - rows["old_logp"].double()).abs() / max(1.0, float(mask.sum()))
+    delta = torch.where(valid, delta, 0.0)
+    values = {"loss": (finite(coefficient).abs() * delta).sum(), "kl": finite(kl_slope).abs() * delta,
+              "approx_kl": (finite(approx_slope) * delta).sum()}
+    return SimpleNamespace(g_logp=finite(coefficient), g_ent=finite(g_ent),
+                           g_logp_error=finite(curvature).abs() * delta, values=values)
 
 
 def linear_logprobs_case(rng: random.Random, backend: str, device: torch.device) -> str:
@@ -351,10 +434,12 @@ def linear_logprobs_case(rng: random.Random, backend: str, device: torch.device)
         outs = outs if entropy else (outs,)
         return outs, sum((o.double().cpu() * w).sum() for o, w in zip(outs, weights))
 
+    zero = torch.zeros(p.lead, dtype=torch.float64)
+    coefficients = SimpleNamespace(g_logp=weights[0], g_ent=weights[1] if entropy else zero, g_logp_error=zero)
     return _check_linear(
         f"linear_logprobs/{backend}/{p.what}/entropy={entropy}", p,
         lambda h, w, y, b: objective(rk.linear_logprobs(h, w, y, b, backend=backend, **kw, **p.chunking)),
-        lambda logits, y, cast: objective(R.logprobs(logits, y, **kw)), ("logp", "entropy"), device)
+        lambda logits, y, cast: objective(R.logprobs(logits, y, **kw)), ("logp", "entropy"), device, coefficients)
 
 
 def linear_loss_case(rng: random.Random, backend: str, device: torch.device) -> str:
@@ -376,8 +461,13 @@ def linear_loss_case(rng: random.Random, backend: str, device: torch.device) -> 
                                            grad_in_forward=grad_in_forward, **kw, **p.chunking)
             return (loss,), loss
 
+        valid = p.targets != p.ignore_index
+        count = max(1, int(valid.sum()))
+        zero = torch.zeros(p.lead, dtype=torch.float64)
+        g_logp = torch.where(valid, -1.0 if reduction == "sum" else -1.0 / count, 0.0).double()
         return _check_linear(f"linear_cross_entropy/{backend}/{p.what}/{reduction}/grad_in_forward={grad_in_forward}",
-                             p, fused, cross_entropy, ("loss",), device)
+                             p, fused, cross_entropy, ("loss",), device,
+                             SimpleNamespace(g_logp=g_logp, g_ent=zero, g_logp_error=zero))
     with torch.no_grad():
         logp = R.linear_logprobs(p.hidden.double(), p.weight.double(), p.targets,
                                  None if p.bias is None else p.bias.double(), temperature=p.temperature,
@@ -410,7 +500,7 @@ def linear_loss_case(rng: random.Random, backend: str, device: torch.device) -> 
         return values(R.ppo_loss(logits, y, *args, ref_logp=ref, **options))
 
     return _check_linear(f"linear_ppo_loss/{backend}/{p.what}/grad_in_forward={grad_in_forward}/{options}", p,
-                         fused, materialised, names, device)
+                         fused, materialised, names, device, _ppo_coefficients(p, rows, ref_logp, options))
 
 
 CASES: Dict[str, Callable[[random.Random, str, torch.device], str]] = {
