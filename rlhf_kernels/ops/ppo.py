@@ -357,6 +357,11 @@ def _torch_dterm_dlogp(logp, old_logp, advantages, ref_logp, kl_coef, kl_estimat
     return dpg + kl_coef * dk, dk
 
 
+def _token_rows(shape2: torch.Size, *tensors: Optional[torch.Tensor]) -> list:
+    """The per-token ``[*]`` inputs (``None`` kept) as the ``[B, T]`` rows of ``as_rows``' ``shape2``."""
+    return [None if t is None else t.reshape(shape2) for t in tensors]
+
+
 def _ppo_term_fwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -390,7 +395,7 @@ def _ppo_term_fwd(
     lead = logits.shape[:-1]
     rows = as_rows(logits)
     shape2 = rows.shape[:2]
-    flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
+    flat = _token_rows(shape2, targets, old_logp, advantages, ref_logp)
     with TargetCheck(targets, logits.shape[-1], ignore_index, "ppo_loss"):  # read after the kernel is queued
         if backend == "triton":
             from ..triton.ppo import ppo_term_fwd as triton_fwd
@@ -593,7 +598,7 @@ def _ppo_loss_fused(
             from ..triton.aggregate import loss_sums, loss_weights
             from ..triton.ppo import ppo_fused_fwd, ppo_term_fwd
 
-            flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
+            flat = _token_rows(shape2, targets, old_logp, advantages, ref_logp)
             mask2 = mask.reshape(shape2)
             weights, total = loss_weights(mask2, loss_agg)
             scalars = (temperature, ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip)
@@ -604,7 +609,7 @@ def _ppo_loss_fused(
                 grad = rows.new_empty((0,))
             loss, means = loss_sums(weights, mask2, total, term, clipped, logp, flat[1])
         else:
-            flat = [None if t is None else t.reshape(shape2) for t in (targets, old_logp, advantages, ref_logp)]
+            flat = _token_rows(shape2, targets, old_logp, advantages, ref_logp)
             weights = aggregation_weights(mask, loss_agg).reshape(shape2)
             logp, entropy, lse = _torch_fwd(rows.float(), flat[0], temperature, ignore_index)
             term, kl, clipped = reference.ppo_token_terms(

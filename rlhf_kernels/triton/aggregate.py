@@ -123,6 +123,12 @@ def _warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
+def _mask_values(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` contiguous, a bool one viewed as its bytes (Triton's bool pointers vary across versions)."""
+    m = mask.contiguous()
+    return m.view(torch.uint8) if m.dtype == torch.bool else m
+
+
 def loss_weights(mask: torch.Tensor, loss_agg: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w, total)``: the float32 weights of ``mask[B, T]`` (any dtype; shaped like it) under ``loss_agg`` and
     ``Σ m`` (a float32 one-element tensor), in one launch."""
@@ -130,9 +136,7 @@ def loss_weights(mask: torch.Tensor, loss_agg: str) -> tuple[torch.Tensor, torch
         raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
     if loss_agg not in _CODES:
         raise ValueError(f"loss_agg must be one of {tuple(_CODES)}, got {loss_agg!r}")
-    m = mask.contiguous()
-    if m.dtype == torch.bool:
-        m = m.view(torch.uint8)  # (Triton's bool pointers vary across versions; the same bytes)
+    m = _mask_values(mask)
     rows, cols = m.shape
     w = torch.empty(m.shape, dtype=torch.float32, device=m.device)
     total = torch.empty(1, dtype=torch.float32, device=m.device)
@@ -147,9 +151,7 @@ def loss_weights(mask: torch.Tensor, loss_agg: str) -> tuple[torch.Tensor, torch
 def loss_sums(weights, mask, total, term, clipped, logp, old_logp) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, means)``: ``Σ w·term`` (a float32 scalar) and ``[clip_frac, approx_kl]`` from the ``[B, T]`` weights
     and mask of ``loss_weights`` and the fused kernel's per-token float32 outputs, in one launch."""
-    m = mask.contiguous()
-    if m.dtype == torch.bool:
-        m = m.view(torch.uint8)
+    m = _mask_values(mask)
     n = m.numel()
     loss = torch.empty((), dtype=torch.float32, device=m.device)
     means = torch.empty(2, dtype=torch.float32, device=m.device)

@@ -295,6 +295,13 @@ def _flat(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(n).contiguous()
 
 
+def _token_inputs(n: int, targets, old_logp, advantages, ref_logp) -> tuple[torch.Tensor, ...]:
+    """``(y, old, adv, ref)`` flat and contiguous for the forward kernels; without ``ref_logp`` its pointer is
+    ``old``'s (never read: ``HAS_REF`` is off)."""
+    y, old, adv = _flat(targets.to(torch.int64), n), _flat(old_logp, n), _flat(advantages, n)
+    return y, old, adv, (_flat(ref_logp, n) if ref_logp is not None else old)
+
+
 def ppo_term_fwd(
     rows: torch.Tensor,
     targets: torch.Tensor,
@@ -320,8 +327,7 @@ def ppo_term_fwd(
     outs = [_common.alloc((B, T), torch.float32, rows.device) for _ in range(6)]
     if n == 0:
         return tuple(outs)
-    y, old, adv = _flat(targets.to(torch.int64), n), _flat(old_logp, n), _flat(advantages, n)
-    ref = _flat(ref_logp, n) if ref_logp is not None else old
+    y, old, adv, ref = _token_inputs(n, targets, old_logp, advantages, ref_logp)
     with device_guard(rows):
         launch_row_kernel(
             _ppo_fwd_kernel, _ppo_fwd_tuned, (n,), rows, y, old, adv, ref, *outs, T, V, rows.stride(0),
@@ -414,8 +420,7 @@ def ppo_fused_fwd(
     grad = _common.alloc((B, T, V), rows.dtype, rows.device) if out is None else _check_out(out, rows)
     if n == 0:
         return tuple(stats) + (grad,)
-    y, old, adv = _flat(targets.to(torch.int64), n), _flat(old_logp, n), _flat(advantages, n)
-    ref = _flat(ref_logp, n) if ref_logp is not None else old
+    y, old, adv, ref = _token_inputs(n, targets, old_logp, advantages, ref_logp)
     w = _flat(weights.to(torch.float32), n)
     with device_guard(rows):
         launch_row_kernel(

@@ -344,11 +344,12 @@ def _check_linear(what: str, p: SimpleNamespace, fused, materialised, names, dev
     # other, and the result's own rounding) and, in float32, by what its one float32 lse allows
     # (tolerance.float32_lse_error); the GEMMs carry that through their terms' magnitudes.
     h, w = p.hidden.double().reshape(-1, p.H), p.weight.double()
-    z_absmax = _z_absmax(h @ w.T + (0.0 if p.bias is None else p.bias.double()), temperature=p.temperature)
+    logits = _oracle_logits(p).reshape(-1, p.V)
+    z_absmax = _z_absmax(logits, temperature=p.temperature)
     lse_error = float32_lse_error(z_absmax) if p.dtype == torch.float32 else torch.zeros_like(z_absmax)
     dlogits = (2.0 * torch.finfo(p.dtype).eps + lse_error).unsqueeze(-1) * oracle[1][-1].abs().reshape(-1, p.V)
     if coefficients is not None:
-        dlogits = dlogits + _coefficient_allowance(p, coefficients, lse_error)
+        dlogits = dlogits + _coefficient_allowance(p, logits, coefficients, lse_error)
     allowance = (dlogits @ w.abs(), dlogits.T @ h.abs(), dlogits.sum(0))
     for i, name in enumerate(("grad_hidden", "grad_weight", "grad_bias")[: len(fast[1])]):
         assert_matches_oracle(fast[1][i], in_dtype[1][i], oracle[1][i], p.dtype, f"{what}/{name}",
@@ -356,7 +357,13 @@ def _check_linear(what: str, p: SimpleNamespace, fused, materialised, names, dev
     return what
 
 
-def _coefficient_allowance(p: SimpleNamespace, c: SimpleNamespace, z_error: torch.Tensor) -> torch.Tensor:
+def _oracle_logits(p: SimpleNamespace) -> torch.Tensor:
+    """``hidden @ weight.T + bias`` in float64: the logits the fused-linear ops never materialise, ``[*lead, V]``."""
+    return F.linear(p.hidden.double(), p.weight.double(), None if p.bias is None else p.bias.double())
+
+
+def _coefficient_allowance(p: SimpleNamespace, logits: torch.Tensor, c: SimpleNamespace,
+                           z_error: torch.Tensor) -> torch.Tensor:
     """``[N, V]``: what each element of ``dlogits = g_logp·(onehot(y) - p)/T + g_ent·∂H/∂logits`` may carry beyond
     ``_check_linear``'s share of ``|dlogits|``, from the per-token coefficients ``c.g_logp``, ``c.g_ent`` and
     ``c.g_logp_error`` (``[*lead]``, float64):
@@ -367,15 +374,15 @@ def _coefficient_allowance(p: SimpleNamespace, c: SimpleNamespace, z_error: torc
       1: with V = 1 the gradient is exactly 0 and the recomputed one ``g_logp·(1 - e^{δz})``;
     - ``c.g_logp_error·|onehot(y) - p| / T``: ``g_logp``'s own error (``_ppo_coefficients``).
     """
-    logits = F.linear(p.hidden.double(), p.weight.double(), None if p.bias is None else p.bias.double())
-    log_prob = torch.log_softmax(logits.reshape(-1, p.V) / p.temperature, dim=-1)
+    log_prob = torch.log_softmax(logits / p.temperature, dim=-1)
     prob = log_prob.exp()
+    log_prob = torch.where(prob > 0, log_prob, 0.0)  # (p·log p -> 0 where p underflows)
     y = p.targets.reshape(-1)
     valid = (y != p.ignore_index).unsqueeze(-1)
     onehot = F.one_hot(torch.where(valid.squeeze(-1), y, 0), p.V).double()
-    entropy = -(prob * torch.where(prob > 0, log_prob, 0.0)).sum(-1, keepdim=True)
+    entropy = -(prob * log_prob).sum(-1, keepdim=True)
     g_logp, g_ent, g_err = (t.double().reshape(-1, 1) for t in (c.g_logp, c.g_ent, c.g_logp_error))
-    moved = z_error.reshape(-1, 1) * prob * (g_logp.abs() + g_ent.abs() * (1.0 + torch.where(prob > 0, log_prob, 0.0).abs() + entropy))
+    moved = z_error.reshape(-1, 1) * prob * (g_logp.abs() + g_ent.abs() * (1.0 + log_prob.abs() + entropy))
     return torch.where(valid, moved + g_err * (onehot - prob).abs(), 0.0) / p.temperature
 
 
@@ -388,7 +395,7 @@ def _ppo_coefficients(p: SimpleNamespace, rows: Dict[str, torch.Tensor], ref_log
     ``logp`` through the ratio and the KL estimator's derivative, and can be a small difference of large numbers
     (k2's ``logp - ref`` with ``logp`` near -33 and ``ref`` 0.02 away): one ulp of ``logp``, which any float32
     implementation may have, is then a large relative error of ``G`` and so of that token's gradient row."""
-    logits = F.linear(p.hidden.double(), p.weight.double(), None if p.bias is None else p.bias.double())
+    logits = _oracle_logits(p)
     with torch.no_grad():
         logp, entropy = R.logprobs(logits, p.targets, temperature=p.temperature, ignore_index=p.ignore_index,
                                    return_entropy=True)
