@@ -115,9 +115,12 @@ def kl_divergence(
     """Exact full-vocabulary ``KL(softmax(z) ‖ softmax(r))`` per row.
 
     ``KL = Σ p·(log p - log q)`` with ``log p = z - lse_z``, ``log q = r - lse_r``;
-    0 where ``mask == 0``. Shapes: ``[*, V]`` x2 (+ ``mask[*]``) -> ``[*]``.
+    0 where ``mask == 0``, with a gradient of 0 there. Shapes: ``[*, V]`` x2 (+ ``mask[*]``) -> ``[*]``.
     """
     dtype = _compute_dtype(logits, ref_logits)
+    if mask is not None:  # a masked row's gradient is 0, even where its KL is infinite (without_gradient_where)
+        logits = without_gradient_where(logits, mask.unsqueeze(-1))
+        ref_logits = without_gradient_where(ref_logits, mask.unsqueeze(-1))
     log_p = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
     log_q = torch.log_softmax(ref_logits.to(dtype) / temperature, dim=-1)
     kl = _xlogy_safe(log_p.exp(), log_p - log_q).sum(-1)
@@ -135,8 +138,21 @@ def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``x·mask``, exactly 0 where ``mask == 0`` even where ``x`` is not finite: a masked-out token (padding, a
     prompt) never turns a sum over the batch into NaN (DESIGN §2: a non-finite value stays in its own token).
-    Its gradient to ``x`` there is 0 times ``x``'s own derivative, as with the plain product."""
+    Its gradient to ``x`` there is 0 times ``x``'s own derivative, as with the plain product (NaN where that
+    derivative is infinite: ``without_gradient_where`` keeps such a token out of the gradient as well)."""
     return torch.where(mask != 0, x * mask, 0.0)
+
+
+def without_gradient_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, whose gradient is exactly 0 where ``mask == 0`` (``mask`` broadcast against ``x``).
+
+    A masked-out token adds 0 to the loss (``masked``), so it must add 0 to the gradient too, even where the
+    derivative of its term is not finite: an infinite KL estimate (a target or reference log-prob of -inf), a
+    NaN advantage or return left in a padded position. Autograd would give ``0·inf = NaN`` there, and that NaN
+    would spread from the token's logits to every weight of the model. A ``where`` *selects* instead of
+    multiplying: the gradient reaching ``x`` through the detached branch is dropped, not scaled by 0.
+    """
+    return torch.where(mask != 0, x, x.detach())
 
 
 def aggregate_loss(term: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean") -> torch.Tensor:
@@ -248,14 +264,15 @@ def ppo_loss(
     """PPO clipped policy loss straight from logits (formula in ``ppo_token_terms``).
 
     Shapes: ``logits[B, T, V]``, ``targets/old_logp/advantages/mask[B, T]``
-    (``token-mean`` accepts any leading shape). Gradient flows to ``logits`` only.
+    (``token-mean`` accepts any leading shape). Gradient flows to ``logits`` only; a token with ``mask == 0``
+    adds 0 to the loss and to the gradient, whatever its inputs (``without_gradient_where``).
     """
     logp, entropy = logprobs(
         logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=True
     )
     dtype = logp.dtype
     term, kl, clipped = ppo_token_terms(
-        logp,
+        without_gradient_where(logp, mask),  # a masked token's gradient is 0, even where its term's slope is not finite
         entropy,
         old_logp.detach().to(dtype),
         advantages.detach().to(dtype),
@@ -286,8 +303,10 @@ def value_loss(
 ) -> torch.Tensor:
     """Clipped value loss ``½·max((v - R)², (clip(v, v_old ± clip) - R)²)``, aggregated.
 
-    ``clip=None`` gives the plain ``½·(v - R)²``. Shapes: all ``[B, T]``.
+    ``clip=None`` gives the plain ``½·(v - R)²``. Shapes: all ``[B, T]``. A token with ``mask == 0`` adds 0 to
+    the loss and to the gradient, whatever its inputs (``without_gradient_where``).
     """
+    values = without_gradient_where(values, mask)
     unclipped = (values - returns) ** 2
     if clip is None:
         term = 0.5 * unclipped

@@ -119,12 +119,14 @@ void forward_rows(const sx_t* logits, const sr_t* ref, int64_t rows_inner, int64
   }
 }
 
-// dz[0:n] = gt·p·(lp - lq - kl) (0 where p = 0) and, when dr, dr[0:n] = gt·(q - p); gt = g / T.
+// dz[0:n] = gt·p·(lp - lq - kl) (0 where p = 0 or gt = 0) and, when dr, dr[0:n] = gt·(q - p); gt = g / T.
 template <typename acc_t>
 inline void chunk_kl_grad(const acc_t* xs, const acc_t* rs, int64_t n, acc_t inv_t, acc_t lse_z, acc_t lse_r,
                           acc_t kl, acc_t gt, acc_t* dz, acc_t* dr) {
   using Vec = at::vec::Vectorized<acc_t>;
   const Vec vinv(inv_t), vlz(lse_z), vlr(lse_r), vkl(kl), vg(gt), zero(0);
+  // all lanes off in a row of zero upstream gradient: a masked row's dz is 0, even where its KL is infinite
+  const Vec live = vg != zero;
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const int64_t lanes = std::min<int64_t>(Vec::size(), n - i);
     // z = x/T rounded first, then z - lse (not one FMA): at the maximum of a one-entry row lse = Mz/T
@@ -132,7 +134,7 @@ inline void chunk_kl_grad(const acc_t* xs, const acc_t* rs, int64_t n, acc_t inv
     Vec lp = (Vec::loadu(xs + i, lanes) * vinv) - vlz;
     Vec lq = (Vec::loadu(rs + i, lanes) * vinv) - vlr;
     Vec p = fast_exp(lp);
-    Vec::blendv(zero, vg * p * (lp - lq - vkl), p > zero).store(dz + i, lanes);
+    Vec::blendv(zero, vg * p * (lp - lq - vkl), (p > zero) & live).store(dz + i, lanes);
     if (dr != nullptr) (vg * (fast_exp(lq) - p)).store(dr + i, lanes);
   }
 }

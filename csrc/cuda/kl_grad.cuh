@@ -2,7 +2,8 @@
 // CPU emulation (tests/cuda/row_stats_emulation.cpp) thread by thread. CUDA headers only.
 //
 // With p = softmax(z), q = softmax(r), z = x / T, r = x_ref / T and the row's upstream gradient G:
-//   ∂KL/∂x     = G/T · p·(log p - log q - KL)       (0 where p is 0; NaN logits stay NaN)
+//   ∂KL/∂x     = G/T · p·(log p - log q - KL)       (0 where p or G is 0, a masked row's KL may be infinite;
+//                                                    NaN logits stay NaN)
 //   ∂KL/∂x_ref = G/T · (q - p)                      (kRefGrad only)
 // from the forward's lse_z, lse_r and KL (log p = z - lse_z, log q = r - lse_r).
 #pragma once
@@ -36,7 +37,7 @@ RK_HD void write_kl_grad_range(T* __restrict__ dz_row, T* __restrict__ dr_row, c
       const float lp = z[j] - lz;
       const float lq = r[j] - lr;
       const float p = exp2_ftz(lp * kLog2e);
-      float d = p > 0.f ? g * p * (lp - lq - klv) : 0.f;
+      float d = (p > 0.f && g != 0.f) ? g * p * (lp - lq - klv) : 0.f;
       dz[j] = lp != lp ? lp : d;  // NaN logits stay NaN
       if constexpr (kRefGrad) r[j] = g * (exp2_ftz(lq * kLog2e) - p);
     }

@@ -34,7 +34,7 @@ RK_HD RowScalars load_row_scalars(const PpoOutputs& io, int64_t row, const PpoPa
 // Thread 0's end of a row, from the merged statistics st and the target's logit xy (target_value's convention):
 // writes term, logp, entropy, kl, clipped and lse when write_outputs (one CTA of a cluster), and with a gradient
 // leaves sweep 2's coefficients in tok = (lse, entropy, G_logp, G_H):
-// G_logp = w·∂term/∂logp, G_H = -w·entropy_coef.
+// G_logp = w·∂term/∂logp (0 where w is), G_H = -w·entropy_coef.
 RK_HD void finish_ppo_row(float xy, int64_t y, int64_t vocab, const RowStats& st, const RowScalars& s,
                           const PpoParams& p, const PpoOutputs& io, int64_t row, bool write_outputs, bool with_grad,
                           float* tok) {
@@ -59,6 +59,7 @@ RK_HD void finish_ppo_row(float xy, int64_t y, int64_t vocab, const RowStats& st
   if (with_grad) {
     float g_logp = s.w * pg.dpg;
     if (p.has_ref) g_logp += (s.w * p.kl_coef) * dk;
+    if (s.w == 0.f) g_logp = 0.f;  // a masked token's row is 0, even where dpg or dk is not finite (not 0·inf)
     tok[0] = r.lse;
     tok[1] = ent;
     tok[2] = g_logp;

@@ -37,7 +37,7 @@ from ._linear_common import (
 )
 from ._linear_slabs import _slab_gradients
 from .logprobs import _validate_targets, resolve_for
-from .ppo import _torch_dterm_dlogp, aggregation_weights
+from .ppo import _torch_dterm_dlogp, aggregation_weights, weighted
 
 # RLHF_KERNELS_LINEAR_GRAD: where linear_cross_entropy / linear_ppo_loss compute their gradient.
 LINEAR_GRAD_PATHS = ("auto", "forward", "recompute")
@@ -80,7 +80,7 @@ def _token_grads(lp, w_c, loss, old_logp, advantages, ref_logp, s, e, kl_coef, k
     dterm, _ = _torch_dterm_dlogp(
         lp, old_logp[s:e], advantages[s:e], ref_c, kl_coef, kl_estimator, clip_low, clip_high, dual_clip
     )
-    return w_c * dterm, w_c * -entropy_coef
+    return weighted(w_c, dterm), w_c * -entropy_coef
 
 
 def _aggregate_terms(logp, entropy, w, mask, old_logp, advantages, ref_logp, loss, loss_agg, kl_coef, kl_estimator,

@@ -67,7 +67,8 @@ def _torch_kl_bwd(grad, logits, ref_logits, kl, lse_z, lse_r, temperature: float
     p = log_p.exp()
     g = (grad.to(dtype) / temperature).unsqueeze(-1)
     inner = torch.where(p > 0, log_p - log_q - kl.unsqueeze(-1), torch.zeros_like(p))
-    dz = (g * p * inner).to(logits.dtype)
+    # 0 in a row of zero upstream gradient (a masked row, whose KL may be infinite), as the kernels
+    dz = torch.where(g != 0, g * p * inner, 0.0).to(logits.dtype)
     dr = (g * (log_q.exp() - p)).to(ref_logits.dtype) if need_ref_grad else None
     return dz, dr
 
@@ -246,7 +247,8 @@ def kl_divergence(
     """Exact per-token ``KL(softmax(z) ‖ softmax(r))`` over the full vocabulary.
 
     ``KL = Σ_v p_v·(z_v - r_v) - lse_z + lse_r`` with ``z = logits / T``,
-    ``r = ref_logits / T``; 0 where ``mask == 0``. One pass over both rows
+    ``r = ref_logits / T``; 0 where ``mask == 0``, with zero gradients there even where the row's KL is infinite
+    (as in any row whose upstream gradient is 0: not ``0·inf = NaN``). One pass over both rows
     (Triton, CUDA, C++ CPU). Gradients: ``dz = p·(log p - log q - KL)``, ``dr = q - p`` (both
     ``/ T``; ``dr`` only when ``ref_logits`` requires grad), in each input's dtype.
 

@@ -548,7 +548,8 @@ def linear_ppo_loss(
         pg   = min(pg, -A·dual_clip)            where A < 0 (when dual_clip is set)
         term = pg + kl_coef·k(logp, ref_logp) - entropy_coef·entropy
 
-    aggregated over ``mask`` by ``loss_agg``. Shapes: ``hidden[B, T, H]``,
+    aggregated over ``mask`` by ``loss_agg`` (a token with ``mask == 0`` adds 0 to the loss and to every gradient,
+    whatever it holds: ``ppo.weighted``). Shapes: ``hidden[B, T, H]``,
     ``weight[V, H]``, ``targets, old_logp, advantages, mask (, ref_logp)[B, T]``
     (``token-mean`` accepts any leading shape). Gradients flow to ``hidden``,
     ``weight`` and ``bias``.
@@ -603,7 +604,7 @@ def linear_ppo_loss(
                 hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
                 chunk_size=chunk_size, backend=backend, chunk_by=chunk_by,
             )
-        term, kl, clipped = composed_ppo_terms(logp, entropy, old_logp, advantages, ref_logp, **options)
+        term, kl, clipped = composed_ppo_terms(logp, entropy, old_logp, advantages, ref_logp, mask, **options)
         return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg, loss=loss)
 
 

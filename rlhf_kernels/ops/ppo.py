@@ -291,11 +291,12 @@ def check_ppo_args(
                          f"got {tuple(device_tensor.shape)}")
 
 
-def composed_ppo_terms(logp, entropy, old_logp, advantages, ref_logp, **options):
-    """``reference.ppo_token_terms`` on detached per-token inputs cast to ``logp``'s dtype (the non-fused path)."""
+def composed_ppo_terms(logp, entropy, old_logp, advantages, ref_logp, mask, **options):
+    """``reference.ppo_token_terms`` on detached per-token inputs cast to ``logp``'s dtype (the non-fused path);
+    ``logp``'s gradient is 0 where ``mask == 0`` (``reference.without_gradient_where``)."""
     dtype = logp.dtype
     return reference.ppo_token_terms(
-        logp,
+        reference.without_gradient_where(logp, mask),
         entropy,
         old_logp.detach().to(dtype),
         advantages.detach().to(dtype),
@@ -355,6 +356,15 @@ def _torch_dterm_dlogp(logp, old_logp, advantages, ref_logp, kl_coef, kl_estimat
     d = ref_logp - logp
     dk = {"k1": torch.ones_like(d), "k2": -d, "k3": -torch.expm1(d)}[kl_estimator]
     return dpg + kl_coef * dk, dk
+
+
+def weighted(weight: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """``weight·slope`` per token, exactly 0 where ``weight == 0``: a token outside the mask (or under a zero
+    upstream gradient) gets a zero gradient row even where its term's slope is not finite (an infinite KL
+    estimate, a NaN advantage in a padded position), where ``0·inf`` would be NaN and spread through the model's
+    weights. The kernels' rule too (``csrc/cuda/ppo_term.cuh``, ``triton/ppo.py``);
+    ``reference.without_gradient_where`` is the oracle's."""
+    return torch.where(weight != 0, weight * slope, 0.0)
 
 
 def _token_rows(shape2: torch.Size, *tensors: Optional[torch.Tensor]) -> list:
@@ -489,7 +499,7 @@ def _term_backward_writer(grad_term, grad_logp, grad_entropy, grad_kl, logits, t
                 ignore_index, kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip, out,
             )
         dterm, dk = _torch_dterm_dlogp(lp, old, adv, ref, kl_coef, kl_estimator, clip_low, clip_high, dual_clip)
-        total_logp = g_logp + g_term * dterm + g_kl * dk
+        total_logp = g_logp + weighted(g_term, dterm) + weighted(g_kl, dk)
         total_ent = g_ent - g_term * entropy_coef
         args = (total_logp, total_ent, rows, flat_targets.contiguous(), lse_, ent, temperature, ignore_index)
         if backend == "cuda":  # the per-token derivative above is [B, T]; the [B, T, V] sweep is the kernel's
@@ -619,7 +629,7 @@ def _ppo_loss_fused(
             clipped = clipped.float()
             dterm, _ = _torch_dterm_dlogp(logp, flat[1], flat[2], flat[3], kl_coef, kl_estimator, clip_low,
                                           clip_high, dual_clip)
-            grad = (_torch_bwd(weights * dterm, -weights * entropy_coef, rows, flat[0].contiguous(), lse, entropy,
+            grad = (_torch_bwd(weighted(weights, dterm), -weights * entropy_coef, rows, flat[0].contiguous(), lse, entropy,
                                temperature, ignore_index) if with_grad else rows.new_empty((0,)))
             loss, means = _fused_loss_and_means(term, clipped, logp, flat[1], weights, mask.reshape(shape2),
                                                 loss_agg)
@@ -792,7 +802,8 @@ def ppo_loss(
 
     Shapes: ``logits[B, T, V]``; ``targets, old_logp, advantages, mask
     (, ref_logp)[B, T]`` (``token-mean`` accepts any leading shape).
-    The gradient flows to ``logits`` only. When ``logits`` is the slice
+    The gradient flows to ``logits`` only. A token with ``mask == 0`` adds 0 to the loss and its gradient row is
+    0, whatever it holds (padding's ``-inf`` log-probs, NaN advantages: ``weighted``). When ``logits`` is the slice
     ``base[:, a:a+T]`` of the model's ``[B, L, V]`` output (``logits[:, :-1]``, in
     eager mode), the kernels write the gradient straight into a tensor shaped like
     ``base``, zeroing only the other ``L - T`` rows (``_checks.slice_of_base``).
@@ -888,7 +899,7 @@ def ppo_loss(
             backend=chosen, overwrite_logits=overwrite,
         )
         term, kl, clipped = composed_ppo_terms(
-            logp, entropy, old_logp, advantages, ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
+            logp, entropy, old_logp, advantages, ref_logp, mask, kl_coef=kl_coef, kl_estimator=kl_estimator,
             entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         )
     return ppo_output(term, logp, entropy, kl, clipped, old_logp, mask, loss_agg)

@@ -248,6 +248,9 @@ def _kl_grad_block(dx_ptr, dr_ptr, x_ptr, r_ptr, dx_offs, dr_offs, x_offs, r_off
     lq = load_cols(r_ptr, r_offs, mask, WHOLE) * inv_t - lse_r
     p = tl.exp2(lp * 1.4426950408889634)
     dz = tl.where(p > 0, g * p * (lp - lq - kl), 0.0)
+    # 0 in a row of zero upstream gradient (a masked row, whose KL may be infinite: not 0·inf). (Two selects: the
+    # interpreter cannot `&` a row's scalar condition with a block's.)
+    dz = tl.where(g != 0, dz, 0.0)
     dz = tl.where(lp != lp, lp, dz)  # NaN logits stay NaN
     store_cols(dx_ptr, dx_offs, dz, mask, WHOLE)
     if NEED_REF_GRAD:

@@ -205,6 +205,7 @@ def _ppo_fused_kernel(
     g_logp = w * dpg
     if HAS_REF:
         g_logp += (w * kl_coef) * dk
+    g_logp = tl.where(w != 0, g_logp, 0.0)  # a masked token's row is 0, even where dpg or dk is not finite
     g_ent = 0.0 - w * ent_coef
     valid = y != ignore_index
     # the backward's blocks (``_common.column_blocks``): ALIGNED_BODY's start up to a vector before the row
@@ -277,10 +278,16 @@ def _ppo_bwd_kernel(
     adv = tl.load(adv_ptr + row).to(tl.float32)
     g_term = tl.load(g_term_ptr + row).to(tl.float32)
     _, _, dpg = _ppo_pg(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
-    g_logp = tl.load(g_logp_ptr + row).to(tl.float32) + g_term * dpg
+    # each upstream gradient's product is 0 where that gradient is (ops.ppo.weighted): a masked token's row is 0,
+    # even where dpg or dk is not finite
+    g_logp = tl.load(g_logp_ptr + row).to(tl.float32)
     if HAS_REF:
         dk = kl_k_dlogp(logp, tl.load(ref_ptr + row).to(tl.float32), KL_EST)
-        g_logp += (g_term * kl_coef + tl.load(g_kl_ptr + row).to(tl.float32)) * dk
+        g_kl = tl.load(g_kl_ptr + row).to(tl.float32)
+        g_logp += tl.where(g_term != 0, g_term * dpg + (g_term * kl_coef) * dk, 0.0)
+        g_logp += tl.where(g_kl != 0, g_kl * dk, 0.0)
+    else:
+        g_logp += tl.where(g_term != 0, g_term * dpg, 0.0)
     g_ent = tl.load(g_ent_ptr + row).to(tl.float32) - g_term * ent_coef
     logprobs_grad_row_block(dx_ptr, x_ptr, j, dx_off, x_off, V, y, lse, ent, g_logp, g_ent, inv_t, y != ignore_index,
                             BLOCK_V, ALIGNED_BODY, VEC)

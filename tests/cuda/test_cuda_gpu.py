@@ -495,6 +495,66 @@ def test_ppo_loss_tokens_of_probability_zero(backend, kl_estimator):
         torch.testing.assert_close(xt.grad.double()[finite], x64.grad[finite], rtol=1e-5, atol=1e-6)
 
 
+_MASKED_ROUTES = [("cuda", path) for path in PPO_PATHS] + [("triton", "fused"), ("triton", "two-pass")]
+
+
+@pytest.mark.parametrize("kl_estimator", ["k2", "k3"])
+@pytest.mark.parametrize("backend, path", _MASKED_ROUTES, ids=["-".join(r) for r in _MASKED_ROUTES])
+def test_ppo_loss_masked_tokens_whatever_they_hold(backend, path, kl_estimator, monkeypatch):
+    """Masked-out tokens holding what padding may hold (a target logit of -inf, a reference or old log-prob of -inf,
+    a NaN advantage): their terms or slopes are not finite, yet the loss and every dlogits row are the oracle's and
+    finite on each route, the masked rows exactly 0 (not 0·inf = NaN). tests/ops/test_small_ops.py holds the same on
+    the CPU backends; tests/cuda/test_token_terms_emulation.py the CUDA per-token code on the host."""
+    V, dtype = 50257, torch.bfloat16
+    if backend == "cuda":
+        if not _path_possible(path, V, dtype):
+            pytest.skip(f"path {path} cannot run for V={V} {dtype} on this GPU")
+        monkeypatch.setenv("RLHF_KERNELS_CUDA_PPO", path)
+    else:
+        monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", path)
+    x, y, old, adv, ref, mask = _ppo_case(V, dtype, seed=43)
+    y[0, 1] = 5
+    x.data[0, 1, 5] = float("-inf")  # a target of probability 0
+    ref[0, 4], adv[1, 2], old[1, 6] = float("-inf"), float("nan"), float("-inf")
+    cells = ((0, 1), (0, 4), (1, 2), (1, 6))
+    for cell in cells:
+        mask[cell] = False
+    options = {"ref_logp": ref, "kl_coef": 0.3, "kl_estimator": kl_estimator, "entropy_coef": 0.01,
+               "loss_agg": "seq-mean-token-mean"}
+    xt = x.detach().clone().requires_grad_()
+    with poisoned_allocations():
+        out = rk.ppo_loss(xt, y, old, adv, mask, backend=backend, **options)
+        out.loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    exp64 = reference.ppo_loss(x64, y, old.double(), adv.double(), mask, **_ref_options(options))
+    exp64.loss.backward()
+    xl = x.detach().clone().requires_grad_()
+    expl = reference.ppo_loss(xl, y, old, adv, mask, **options)
+    expl.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(xt.grad).all() and torch.isfinite(x64.grad).all()
+    for cell in cells:
+        assert (xt.grad[cell] == 0).all() and (x64.grad[cell] == 0).all()
+    what = f"{backend}/{path}/{kl_estimator}"
+    assert_matches_oracle(out.loss, expl.loss, exp64.loss, dtype, f"{what} loss")
+    assert_matches_oracle(xt.grad, xl.grad, x64.grad, dtype, f"{what} dlogits")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_kl_divergence_masked_rows_of_infinite_kl_have_zero_gradients(backend):
+    """A masked row whose KL is infinite (p > 0 where q = 0) gets zero gradients, as the oracle's, not NaN."""
+    x = make_logits((4, 4097), torch.float32, seed=44)
+    r = make_logits((4, 4097), torch.float32, seed=45)
+    r[0, 3000] = r[3, 7] = float("-inf")
+    mask = torch.tensor([False, True, True, False], device=CUDA)
+    xt, rt = x.clone().requires_grad_(), r.clone().requires_grad_()
+    kl = rk.kl_divergence(xt, rt, mask=mask, backend=backend)
+    (kl * torch.tensor([0.5, -1.0, 2.0, 1.5], device=CUDA)).sum().backward()
+    for grad in (xt.grad, rt.grad):
+        assert torch.isfinite(grad).all() and (grad[[0, 3]] == 0).all()
+    if backend == "cuda":
+        check_kl(x, r, mask=mask, seed=46)
+
+
 # The opt-in bulk copies' cases carry the `bulk` mark: gpu_suite.sh runs them in a pytest process of their own, so
 # that a kernel trapped there (row_bulk.cuh traps on a chunk that never lands) cannot end the main run's CUDA context.
 PREFETCH_FILLS = ("1", pytest.param("bulk", marks=pytest.mark.bulk))

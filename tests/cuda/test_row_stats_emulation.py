@@ -359,6 +359,31 @@ def test_kl_backward_alignments_splits_and_reference_gradient(emu, V, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kl_backward_row_of_zero_upstream_gradient_is_zero_even_with_an_infinite_kl(emu, dtype):
+    """A masked row (upstream gradient 0) whose KL is infinite (p > 0 where the reference's q = 0) gets a zero
+    gradient, as the oracle's (reference.kl_divergence with a mask), not 0·inf = NaN; with a gradient the same
+    row stays non-finite, as the oracle's."""
+    V = 37
+    x = random_logits(4, V, dtype, seed=61, scale=1.0)
+    r = random_logits(4, V, dtype, seed=62, scale=1.0)
+    r[:, 5] = float("-inf")  # q = 0 where p > 0: KL = inf in every row
+    kl, lse_z, lse_r = emulate_kl(emu, x, r)
+    assert torch.isinf(kl).all()
+    g = torch.tensor([0.0, 0.7, 0.0, -1.2])
+    gz = grad_buffer_like(x, 0)
+    rc = emu.rk_emulate_kl_bwd(DTYPE_CODE[dtype], gz.data_ptr(), None, x.data_ptr(), r.data_ptr(), g.data_ptr(),
+                               kl.data_ptr(), lse_z.data_ptr(), lse_r.data_ptr(), 4, x.stride(0), r.stride(0),
+                               gz.stride(0), V, 1.0, V, 32)
+    assert rc == 0
+    assert_only_rows_written(gz)
+    assert torch.equal(gz[0::2].float(), torch.zeros(2, V)) and not torch.isfinite(gz[1::2].float()).all()
+    x64 = x.double().requires_grad_()
+    kl64 = reference.kl_divergence(x64, r.double(), mask=g != 0)
+    (kl64 * g.double()).sum().backward()
+    assert torch.equal(x64.grad[0::2], torch.zeros(2, V, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("V", (1, 7, 9, 4097, 50257))
 def test_logprobs_backward_alignments_and_splits(emu, V, dtype):
     x = random_logits(3, V, dtype, seed=V + 30)

@@ -209,7 +209,14 @@ def oracle_ppo_rows(x, y, old, adv, ref, weights, opts):
     outputs = dict(zip(PPO_OUTPUTS, (term.detach(), logp.detach(), entropy.detach(), kl, clipped.to(dtype), lse)))
     if weights is None:
         return outputs, None
-    g_logp, g_ent = torch.autograd.grad((term * weights.to(dtype)).sum(), (logp, entropy))
+    w = weights.to(dtype)
+    # a zero-weight (masked) token's coefficients are 0, even where its term's slope is infinite (reference.ppo_loss)
+    term = reference.ppo_token_terms(
+        reference.without_gradient_where(logp, w), entropy, old.to(dtype), adv.to(dtype),
+        ref_logp=None if ref is None else ref.to(dtype), kl_coef=opts["kl_coef"], kl_estimator=opts["kl_estimator"],
+        entropy_coef=opts["entropy_coef"], clip_low=opts["clip_low"], clip_high=opts["clip_high"],
+        dual_clip=opts["dual_clip"])[0]
+    g_logp, g_ent = torch.autograd.grad(reference.masked(term, w).sum(), (logp, entropy))
     return outputs, torch.stack([g_logp, g_ent], dim=-1)
 
 
@@ -280,3 +287,26 @@ def test_ppo_rows_forward_matches_the_oracle(emu, dtype, V, cluster, setting, wi
                 keep = ~kinks if name == "G_logp" else slice(None)
                 assert_rows_match_oracle(fast_coef[keep, i], ref_coef[keep, i], oracle_coef[keep, i], dtype,
                                          f"{what}/{name}")
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_a_zero_weight_token_has_zero_coefficients_whatever_its_inputs(emu, estimator):
+    """A masked token (weight 0) gets G_logp = G_H = 0 even where its term's slope is not finite: a target of
+    probability 0 (k2's ∂k/∂logp = -inf), a reference of -inf, a NaN advantage, an old log-prob of -inf. With a
+    weight the same tokens keep the oracle's non-finite coefficient (they are the user's to see)."""
+    x = torch.randn(6, 9, generator=torch.Generator().manual_seed(3))
+    x[0, 4] = float("-inf")
+    y = torch.tensor([4, 1, 2, 3, 5, 6])
+    old = torch.tensor([-2.0, -1.5, -2.2, -INF, -1.0, -2.5])
+    adv = torch.tensor([0.8, -0.4, float("nan"), 1.1, 0.3, -0.9])
+    ref = torch.tensor([-2.1, -INF, -2.0, -1.9, float("nan"), -2.4])
+    opts = dict(temperature=1.0, kl_coef=0.1, kl_estimator=estimator, entropy_coef=0.01, clip_low=0.2,
+                clip_high=0.2, dual_clip=None)
+    for weights in (torch.zeros(6), torch.full((6,), 0.25)):
+        _, coef = emulate_ppo_rows(emu, x, y, old, adv, ref, weights, opts)
+        _, oracle = oracle_ppo_rows(x.double(), y, old, adv, ref, weights, opts)
+        if weights[0] == 0:
+            assert torch.equal(coef, torch.zeros(6, 2)) and torch.equal(oracle, torch.zeros(6, 2, dtype=oracle.dtype))
+        else:  # the weighted tokens: non-finite where the oracle's are, as the oracle's
+            assert torch.equal(torch.isfinite(coef), torch.isfinite(oracle))
+            assert not torch.isfinite(coef[:, 0]).all() and torch.isfinite(coef[5]).all()

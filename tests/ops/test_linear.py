@@ -476,6 +476,43 @@ def test_linear_ppo_loss_matches_ppo_loss(backend, loss_agg):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["forward-grad", "recompute"])
+@pytest.mark.parametrize("chunk_by", ["rows", "vocab"])
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_linear_ppo_loss_ignores_masked_tokens_whatever_they_hold(backend, grad_in_forward, chunk_by, estimator):
+    """Masked-out tokens holding what padding may hold (a reference or old log-prob of -inf, a NaN advantage or
+    reference): their terms or slopes are not finite, yet the loss and the three gradients are the oracle's and
+    finite on both gradient paths. One such token's NaN dlogits row used to reach every entry of grad_weight."""
+    hidden, weight, targets, bias = _inputs((2, 7), 10, 23, torch.float32, ignore=(5,))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        logp = R.linear_logprobs(hidden.double(), weight.double(), targets, bias.double()).float()
+    old = logp + 0.2 * torch.randn(2, 7, generator=g)
+    ref, adv = logp - 0.3, torch.randn(2, 7, generator=g)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    padding = [(-3.0, float("-inf"), 0.5), (float("-inf"), -2.0, 0.5), (-3.0, -2.0, float("nan")),
+               (-3.0, float("nan"), 0.5)]  # (old, ref, advantage) of masked tokens [0, 1], [1, 2], [0, 3], [1, 4]
+    for i, (o, r, a) in enumerate(padding):
+        t = (i % 2, i + 1)
+        mask[t], old[t], ref[t], adv[t] = False, o, r, a
+    kw = dict(ref_logp=ref, kl_coef=0.1, kl_estimator=estimator, entropy_coef=0.01, loss_agg="seq-mean-token-mean")
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    out = rk.linear_ppo_loss(*leaves[:2], targets, old, adv, mask, bias=leaves[2], chunk_size=4, backend=backend,
+                             grad_in_forward=grad_in_forward, chunk_by=chunk_by, **kw)
+    grads = torch.autograd.grad(out.loss, leaves)
+    leaves64 = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
+    oracle = R.ppo_loss(F.linear(*leaves64), targets, old.double(), adv.double(), mask,
+                        **{**kw, "ref_logp": ref.double()})
+    grads64 = torch.autograd.grad(oracle.loss, leaves64)
+    assert torch.isfinite(oracle.loss) and all(torch.isfinite(t).all() for t in grads64)
+    torch.testing.assert_close(out.loss.double(), oracle.loss, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(("hidden", "weight", "bias"), grads, grads64):
+        assert torch.isfinite(a).all(), f"grad_{name} is not finite"
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4)
+    assert torch.equal(grads[0][~mask], torch.zeros_like(grads[0][~mask]))  # no gradient from a masked token
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_linear_cross_entropy_matches_torch(reduction):
     hidden, weight, targets, bias = _inputs((4, 5), 9, 23, torch.float64, ignore=(2, 7))

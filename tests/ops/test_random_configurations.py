@@ -215,11 +215,14 @@ def kl_divergence_case(rng: random.Random, backend: str, device: torch.device) -
     underflow = torch.isinf(oracle[0]) & torch.isfinite(in_dtype[0])
     assert_rows_match_oracle(fast[0], in_dtype[0], torch.where(underflow, in_dtype[0].double(), oracle[0]), dtype,
                              f"{what}/kl")
-    # A row whose float64 KL is infinite before the mask (p > 0 where q = 0) has no finite gradient to compare, masked
-    # or not: 0·inf makes the oracle's NaN, and in float32 that p may have underflowed to 0 (a finite KL, a finite
-    # gradient). Those rows are left out; the others are compared.
+    # An unmasked row whose float64 KL is infinite (p > 0 where q = 0) has no finite gradient to compare: its weight
+    # times inf makes the oracle's NaN, and in float32 that p may have underflowed to 0 (a finite KL, a finite
+    # gradient). Those rows are left out; the others are compared, masked ones included: their gradient is exactly 0
+    # whatever their KL, in the oracle (reference.without_gradient_where) and in the kernels.
     with torch.no_grad():
         infinite = ~torch.isfinite(R.kl_divergence(x.double(), r.double(), temperature=T))
+        if mask is not None:
+            infinite &= mask != 0
     if infinite.all():
         return what + " (an infinite KL in every row: no finite gradient to compare)"
     for grads in (fast[1], in_dtype[1], oracle[1]):

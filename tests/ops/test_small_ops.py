@@ -130,6 +130,29 @@ def test_losses_match_reference_and_check_arguments():
         rk.dpo_loss(rc, rr, rr, rc, beta=0)
 
 
+@pytest.mark.parametrize("clip", [0.2, None])
+@pytest.mark.parametrize("loss_agg", R.LOSS_AGG_MODES)
+def test_value_loss_ignores_masked_tokens_whatever_they_hold(clip, loss_agg):
+    """Masked-out positions whose returns or old values are NaN or infinite (padding): the loss and the values'
+    gradient are those of the same batch with harmless padding, the masked gradients exactly 0 (not 0·NaN)."""
+    g = torch.Generator().manual_seed(9)
+    v, vo, ret = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(3, 5, dtype=torch.float64)
+    mask[0, 1] = mask[1, 3] = mask[2, 0] = 0.0
+    bad_ret, bad_old = ret.clone(), vo.clone()
+    bad_ret[0, 1], bad_old[1, 3], bad_ret[2, 0] = float("nan"), float("-inf"), float("inf")
+    losses = []
+    for old_values, returns in ((bad_old, bad_ret), (vo, ret)):
+        leaf = v.clone().requires_grad_()
+        loss = rk.value_loss(leaf, old_values, returns, mask, clip=clip, loss_agg=loss_agg)
+        losses.append((loss, torch.autograd.grad(loss, leaf)[0]))
+    (loss, grad), (expected, expected_grad) = losses
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=1e-12)
+    assert (grad[mask == 0] == 0).all()
+
+
 @pytest.mark.parametrize("loss_agg", R.LOSS_AGG_MODES)
 def test_aggregate_loss_empty_mask_is_zero(loss_agg):
     term = torch.randn(2, 3, requires_grad=True)
@@ -250,40 +273,73 @@ def _ppo_backends():
 
     from rlhf_kernels import _ext
 
-    cases = [("torch", None)] + ([("cpu", None)] if _ext.available() else [])
+    # ("torch", "fused-op" / "two-pass-op"): the PyTorch twins of the CUDA backend's two routes, called as ops
+    cases = [("torch", None), ("torch", "fused-op"), ("torch", "two-pass-op")] + ([("cpu", None)] if _ext.available() else [])
     if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":
         cases += [("triton", "fused"), ("triton", "two-pass")]
     return cases
 
 
+def _ppo_loss_by_op(route, logits, y, old, adv, mask, ref, *, kl_coef, kl_estimator, entropy_coef, loss_agg):
+    """``ppo_loss`` through one of its ops on the ``torch`` backend: ``fused-op`` (the forward writes dlogits, as
+    the CUDA fused kernels) or ``two-pass-op`` (the per-token op and its backward, as the CUDA two-pass path)."""
+    from rlhf_kernels.ops import ppo as ppo_ops
+
+    scalars = (kl_coef, kl_estimator, entropy_coef, 0.2, 0.2, None)
+    if route == "fused-op":
+        loss, term, logp, entropy, kl, clipped, _, means = ppo_ops.ppo_loss_fused_call(
+            logits, y, old, adv, ref, mask, 1.0, -100, *scalars, loss_agg, 0, "torch", 0, ppo_ops.WHOLE, False, True)
+        return ppo_ops.ppo_output(term, logp, entropy, kl, clipped, old, mask, loss_agg, loss=loss, means=means)
+    term, logp, entropy, kl, clipped, _ = ppo_ops.ppo_term_fwd_call(
+        logits, y, old, adv, ref, 1.0, -100, *scalars, "torch", 0, ppo_ops.WHOLE, False)
+    return ppo_ops.ppo_output(term, logp, entropy, kl, clipped, old, mask, loss_agg)
+
+
+MASKED_NON_FINITE = {  # what a padded position may carry: (token [1, 2]'s target logit, old, ref, advantage)
+    "target-of-probability-0": (float("-inf"), -3.0, -3.2, 0.4),
+    "reference-of-probability-0": (None, -3.0, float("-inf"), 0.4),
+    "old-of-probability-0": (None, float("-inf"), -3.2, 0.4),
+    "nan-advantage": (None, -3.0, -3.2, float("nan")),
+    "nan-reference": (None, -3.0, float("nan"), 0.4),
+}
+
+
 @pytest.mark.parametrize("backend,path", _ppo_backends())
-@pytest.mark.parametrize("loss_agg", R.LOSS_AGG_MODES)
-def test_ppo_loss_ignores_a_masked_token_of_probability_zero(backend, path, loss_agg, monkeypatch):
-    """The masked-out token's target has a -inf logit (a masked vocabulary entry as padding's target): its log-prob,
-    k1 estimate and term are -inf, yet the loss, the logged means and every other token's gradient are the oracle's
-    and finite on each CPU backend (the Triton one through its fused and its two-pass forms)."""
-    if path is not None:
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("padding", list(MASKED_NON_FINITE))
+def test_ppo_loss_ignores_a_masked_token_whatever_it_holds(backend, path, loss_agg, estimator, padding, monkeypatch):
+    """A masked-out token holding what padding may hold (a target logit of -inf, an old or reference log-prob of
+    -inf, a NaN advantage or reference): its term may be infinite or NaN and so may its slope (k2's ∂k/∂logp at
+    logp = -inf), yet the loss, the logged means and the gradient are the oracle's and finite on each CPU backend
+    (the Triton one through its fused and its two-pass forms), that token's gradient row exactly 0. Autograd's
+    0·inf had made that row NaN, and a NaN row reaches every weight of the model through the LM head."""
+    if backend == "triton":
         monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", path)
     g = torch.Generator().manual_seed(8)
     B, T, V = 2, 5, 40
     x = torch.randn(B, T, V, generator=g)
     y = torch.randint(0, V, (B, T), generator=g)
-    x[1, 2, y[1, 2]] = float("-inf")
+    target_logit, old_value, ref_value, adv_value = MASKED_NON_FINITE[padding]
+    if target_logit is not None:
+        x[1, 2, y[1, 2]] = target_logit
     mask = torch.ones(B, T)
     mask[1, 2] = 0.0
     old = R.logprobs(x, y).nan_to_num(0.0, 0.0, 0.0) - 0.1
-    old[1, 2] = -3.0
     ref, adv = old - 0.2, torch.randn(B, T, generator=g)
-    kwargs = dict(ref_logp=ref, kl_coef=0.5, kl_estimator="k1", entropy_coef=0.01, loss_agg=loss_agg)
+    old[1, 2], ref[1, 2], adv[1, 2] = old_value, ref_value, adv_value
+    kwargs = dict(kl_coef=0.5, kl_estimator=estimator, entropy_coef=0.01, loss_agg=loss_agg)
     leaf = x.clone().requires_grad_()
-    out = rk.ppo_loss(leaf, y, old, adv, mask, backend=backend, **kwargs)
+    if path in ("fused-op", "two-pass-op"):
+        out = _ppo_loss_by_op(path, leaf, y, old, adv, mask, ref, **kwargs)
+    else:
+        out = rk.ppo_loss(leaf, y, old, adv, mask, ref_logp=ref, backend=backend, **kwargs)
     (grad,) = torch.autograd.grad(out.loss, leaf)
     x64 = x.double().requires_grad_()
-    oracle = R.ppo_loss(x64, y, old.double(), adv.double(), mask.double(), **{**kwargs, "ref_logp": ref.double()})
+    oracle = R.ppo_loss(x64, y, old.double(), adv.double(), mask.double(), ref_logp=ref.double(), **kwargs)
     (grad64,) = torch.autograd.grad(oracle.loss, x64)
-    assert out.logp[1, 2] == float("-inf") and torch.isfinite(oracle.loss)
+    assert torch.isfinite(oracle.loss) and torch.isfinite(grad64).all()
     for name in ("loss", "clip_frac", "approx_kl"):
         torch.testing.assert_close(getattr(out, name).double(), getattr(oracle, name), atol=1e-6, rtol=1e-5)
-    keep = torch.ones(B, T, dtype=torch.bool)
-    keep[1, 2] = False  # (that row's gradient is 0·∞ in the oracle's autograd as in the kernels: NaN)
-    torch.testing.assert_close(grad.double()[keep], grad64[keep], atol=1e-6, rtol=1e-4)
+    assert torch.equal(grad[1, 2], torch.zeros(V)) and torch.equal(grad64[1, 2], torch.zeros(V, dtype=torch.float64))
+    torch.testing.assert_close(grad.double(), grad64, atol=1e-6, rtol=1e-4)

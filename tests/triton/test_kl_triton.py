@@ -200,6 +200,26 @@ def test_q_zero_where_p_positive_gives_inf(backend):
     torch.testing.assert_close(lse_r, _lse64(r, 0.8), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_masked_rows_of_infinite_kl_have_zero_gradients(backend):
+    """A masked row whose KL is infinite (p > 0 where q = 0) adds 0 to the loss and 0 to both gradients, on every
+    backend and in the oracle, rather than 0·inf = NaN (that NaN would reach every weight behind the logits)."""
+    x = make_logits((4, 300), torch.float32, seed=22)
+    r = make_logits((4, 300), torch.float32, seed=23)
+    r[0, 210] = float("-inf")  # q = 0 where p > 0: KL = inf (a late block)
+    r[3, :64] = float("-inf")  # (the whole first block)
+    mask = torch.tensor([False, True, True, False], device=DEVICE)
+    assert torch.isinf(reference.kl_divergence(x.double(), r.double())[[0, 3]]).all()
+    xt, rt = x.clone().requires_grad_(), r.clone().requires_grad_()
+    with poisoned_outputs():
+        kl = rk.kl_divergence(xt, rt, mask=mask, backend=backend)
+        (kl * torch.tensor([0.5, -1.0, 2.0, 1.5], device=DEVICE)).sum().backward()
+    assert kl[[0, 3]].tolist() == [0.0, 0.0]
+    for grad in (xt.grad, rt.grad):
+        assert torch.isfinite(grad).all() and torch.equal(grad[[0, 3]], torch.zeros_like(grad[[0, 3]]))
+    _check(x, r, mask=mask, seed=5, backend=backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_stays_in_its_row(backend):
     x = make_logits((6, 300), torch.float32, seed=20)
