@@ -331,8 +331,7 @@ def copy_bandwidth(device: torch.device, cfg: TimerConfig) -> float:
     nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    timing = time_fn([lambda: dst.copy_(src)], device, _roof_config(cfg))
-    del src, dst
+    timing = time_fn([lambda: dst.copy_(src)], device, _roof_config(cfg))  # (both freed on return)
     return 2.0 * nbytes / (timing.min_ms * 1e-3)
 
 
@@ -342,7 +341,6 @@ def matmul_throughput(device: torch.device, dtype: torch.dtype, cfg: TimerConfig
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     timing = time_fn([lambda: a @ b], device, _roof_config(cfg))
-    del a, b
     return 2.0 * size**3 / (timing.min_ms * 1e-3)
 
 
