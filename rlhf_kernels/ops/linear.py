@@ -549,7 +549,7 @@ def linear_ppo_loss(
         term = pg + kl_coef·k(logp, ref_logp) - entropy_coef·entropy
 
     aggregated over ``mask`` by ``loss_agg`` (a token with ``mask == 0`` adds 0 to the loss and to every gradient,
-    whatever it holds: ``ppo.weighted``). Shapes: ``hidden[B, T, H]``,
+    whatever its per-token inputs hold: ``ppo.weighted``). Shapes: ``hidden[B, T, H]``,
     ``weight[V, H]``, ``targets, old_logp, advantages, mask (, ref_logp)[B, T]``
     (``token-mean`` accepts any leading shape). Gradients flow to ``hidden``,
     ``weight`` and ``bias``.

@@ -796,14 +796,15 @@ def ppo_loss(
     its CUDA kernels) runs ``csrc/cuda/ppo.cu`` and, when ``logits`` requires
     grad, writes ``dlogits`` in the forward itself (the backward is a scale by
     the upstream gradient; paths and ``RLHF_KERNELS_CUDA_PPO`` in this module's
-    docstring); ``"triton"`` (the default otherwise) runs one fused kernel from
-    logits to the per-token term and writes ``dlogits`` in its backward;
+    docstring); ``"triton"`` (the default otherwise) likewise writes ``dlogits``
+    in the forward, one program per row (``RLHF_KERNELS_TRITON_PPO=two-pass``:
+    a forward kernel to the per-token term, ``dlogits`` in its backward);
     ``"cpu"`` / ``"torch"`` compose the ``logprobs`` op with PyTorch arithmetic.
 
     Shapes: ``logits[B, T, V]``; ``targets, old_logp, advantages, mask
     (, ref_logp)[B, T]`` (``token-mean`` accepts any leading shape).
     The gradient flows to ``logits`` only. A token with ``mask == 0`` adds 0 to the loss and its gradient row is
-    0, whatever it holds (padding's ``-inf`` log-probs, NaN advantages: ``weighted``). When ``logits`` is the slice
+    0, whatever its per-token inputs hold (padding's ``-inf`` log-probs, NaN advantages: ``weighted``). When ``logits`` is the slice
     ``base[:, a:a+T]`` of the model's ``[B, L, V]`` output (``logits[:, :-1]``, in
     eager mode), the kernels write the gradient straight into a tensor shaped like
     ``base``, zeroing only the other ``L - T`` rows (``_checks.slice_of_base``).
