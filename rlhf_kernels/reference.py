@@ -329,6 +329,10 @@ def gae(
     ``δ_t = r_t + γ·V_{t+1}·m_{t+1} - V_t``; ``A_t = δ_t + γλ·A_{t+1}·m_{t+1}``
     (``V_T = A_T = 0``); ``returns = A + V``; both 0 where ``mask == 0``.
     Shapes: ``[B, T]`` -> ``(advantages[B, T], returns[B, T])``.
+
+    The products with ``m`` are ``masked``'s: a masked step (padding) adds exactly nothing, to its own outputs or to
+    the steps before it, even where its reward or value is NaN or infinite (``0·inf`` would be NaN, and the scan
+    would carry it to every earlier token of the sequence).
     """
     mask = mask.to(values.dtype)
     T = rewards.shape[-1]
@@ -341,10 +345,11 @@ def gae(
         delta = rewards[..., t] + gamma * next_value * next_mask - values[..., t]
         adv = delta + gamma * lam * next_adv * next_mask
         advantages[..., t] = adv
-        next_value, next_adv, next_mask = values[..., t], adv, mask[..., t]
+        on = mask[..., t] != 0
+        next_value, next_adv, next_mask = torch.where(on, values[..., t], 0.0), torch.where(on, adv, 0.0), mask[..., t]
     # returns from the unmasked A: (A + V)·m, as the kernels; (A·m + V)·m would differ for a mask that is not 0 / 1
-    returns = (advantages + values) * mask
-    advantages = advantages * mask
+    returns = masked(advantages + values, mask)
+    advantages = masked(advantages, mask)
     return advantages, returns
 
 

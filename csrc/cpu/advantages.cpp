@@ -38,11 +38,14 @@ std::tuple<at::Tensor, at::Tensor> gae(
         for (int64_t t = T - 1; t >= 0; --t) {
           const scalar_t delta = rp[o + t] + g * next_value * next_mask - vp[o + t];
           const scalar_t a = delta + gl * next_adv * next_mask;
-          ap[o + t] = a * mp[o + t];
-          tp[o + t] = (a + vp[o + t]) * mp[o + t];
-          next_value = vp[o + t];
-          next_adv = a;
-          next_mask = mp[o + t];
+          const scalar_t m = mp[o + t];
+          const bool live = m != 0;
+          ap[o + t] = live ? a * m : scalar_t(0);
+          tp[o + t] = live ? (a + vp[o + t]) * m : scalar_t(0);
+          // a masked step passes nothing back: padding's V or r may be NaN / inf, and 0·inf is NaN
+          next_value = live ? vp[o + t] : scalar_t(0);
+          next_adv = live ? a : scalar_t(0);
+          next_mask = m;
         }
       }
     });

@@ -1,6 +1,7 @@
 // GAE on the GPU: each thread owns one sequence and scans it backwards.
 //   δ_t = r_t + γ·V_{t+1}·m_{t+1} - V_t,   A_t = δ_t + γλ·A_{t+1}·m_{t+1},
-//   returns = A + V; both zeroed where m_t == 0.
+//   returns = A + V; both 0 where m_t == 0, and a masked step adds nothing to the others whatever its r_t and V_t
+//   hold (padding's NaN / inf: 0·inf would be NaN).
 // The scan is sequential in t, but B sequences run in parallel and the
 // whole [B, T] problem is one launch instead of T Python iterations.
 #include "launchers.h"
@@ -22,10 +23,12 @@ __global__ void gae_fwd_kernel(const float* __restrict__ rewards, const float* _
     const float m = mask[offset + t];
     const float delta = rewards[offset + t] + gamma * next_value * next_mask - v;
     const float a = delta + gamma_lam * next_adv * next_mask;
-    advantages[offset + t] = a * m;
-    returns[offset + t] = (a + v) * m;
-    next_value = v;
-    next_adv = a;
+    const bool live = m != 0.f;
+    advantages[offset + t] = live ? a * m : 0.f;
+    returns[offset + t] = live ? (a + v) * m : 0.f;
+    // a masked step passes nothing back: padding's V or r may be NaN / inf, and 0·inf is NaN
+    next_value = live ? v : 0.f;
+    next_adv = live ? a : 0.f;
     next_mask = m;
   }
 }

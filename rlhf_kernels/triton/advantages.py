@@ -6,7 +6,7 @@ program per sequence) and walks ``t = T-1 … 0``::
     δ_t = r_t + γ·V_{t+1}·m_{t+1} - V_t;   A_t = δ_t + γλ·A_{t+1}·m_{t+1}
     advantages = A·m;   returns = (A + V)·m
 
-in fp32, written in ``values``' dtype. Inputs are made contiguous ``[B, T]``.
+(0 where ``m = 0``, and a masked step carries nothing back, whatever its ``r`` and ``V`` hold) in fp32, written in ``values``' dtype. Inputs are made contiguous ``[B, T]``.
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ def _gae_fwd_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, B, T, gamma, gamma_la
         v = tl.load(v_ptr + base + t, mask=live, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + base + t, mask=live, other=0.0).to(tl.float32)
         a = r + gamma * next_v * next_m - v + gamma_lam * next_a * next_m
-        tl.store(adv_ptr + base + t, (a * m).to(adv_ptr.dtype.element_ty), mask=live)
-        tl.store(ret_ptr + base + t, ((a + v) * m).to(ret_ptr.dtype.element_ty), mask=live)
-        next_v = v
-        next_a = a
+        on = m != 0
+        tl.store(adv_ptr + base + t, tl.where(on, a * m, 0.0).to(adv_ptr.dtype.element_ty), mask=live)
+        tl.store(ret_ptr + base + t, tl.where(on, (a + v) * m, 0.0).to(ret_ptr.dtype.element_ty), mask=live)
+        # a masked step passes nothing back: padding's V or r may be NaN / inf, and 0·inf is NaN
+        next_v = tl.where(on, v, 0.0)
+        next_a = tl.where(on, a, 0.0)
         next_m = m
 
 

@@ -92,8 +92,15 @@ def gae_case(rng: random.Random, backend: str, device: torch.device) -> str:
         rewards[:, -1] = torch.randn(B) * scale
     values = torch.randn(B, T) * rng.choice((0.1, 1.0, 10.0))
     mask = _gae_mask(rng, B, T)
+    spoiled = rng.random() < 0.3
+    if spoiled:  # padding holding NaN / ±inf rewards and values: a masked step must add nothing, anywhere
+        junk = torch.tensor([float("nan"), float("inf"), float("-inf")])
+        off = mask == 0
+        rewards = torch.where(off, junk[torch.randint(3, (B, T))], rewards)
+        values = torch.where(off, junk[torch.randint(3, (B, T))], values)
     rewards, values = _strided(rng, rewards.to(rewards_dtype)), _strided(rng, values.to(values_dtype))
-    what = f"gae/{backend}/{values_dtype},{rewards_dtype}/{B}x{T}/{mask.dtype}/gamma={gamma}/lam={lam}/x{scale}"
+    what = (f"gae/{backend}/{values_dtype},{rewards_dtype}/{B}x{T}/{mask.dtype}/gamma={gamma}/lam={lam}/x{scale}"
+            f"{'/spoiled padding' if spoiled else ''}")
     adv, ret = rk.gae(rewards.to(device), values.to(device), mask.to(device), gamma=gamma, lam=lam, backend=backend)
     assert adv.dtype == values_dtype and ret.dtype == values_dtype and adv.shape == (B, T), what
     in_dtype = R.gae(rewards, values, mask, gamma=gamma, lam=lam)
@@ -102,6 +109,7 @@ def gae_case(rng: random.Random, backend: str, device: torch.device) -> str:
         assert_rows_match_oracle(fast.cpu(), ref, exact, values_dtype, f"{what}/{name}",
                                  allowance=_rounding_allowance(backend, values_dtype, exact))
         assert (fast.cpu()[mask == 0] == 0).all(), f"{what}/{name}: not zero where the mask is"
+        assert torch.isfinite(exact).all(), f"{what}/{name}: the oracle is not finite"
     return what
 
 

@@ -69,6 +69,43 @@ def test_gae_with_fractional_mask_weights(backend):
     torch.testing.assert_close(ret.double(), expected_ret, rtol=1e-5, atol=1e-5)
 
 
+def _gae_backends():
+    import importlib.util
+    import os
+
+    interpreted = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+    return GAE_BACKENDS + (["triton"] if interpreted else [])
+
+
+@pytest.mark.parametrize("backend", _gae_backends())
+@pytest.mark.parametrize("mask_kind", ["padding", "prompt-and-padding", "holes", "weights"])
+def test_gae_ignores_masked_steps_whatever_they_hold(backend, mask_kind):
+    """Masked steps whose rewards and values are NaN or ±inf (padding filled with junk) change nothing: both outputs
+    equal those of the same batch with finite padding, bit for bit, and are 0 at the masked steps. The literal
+    ``γ·V_{t+1}·m_{t+1}`` made the step before a NaN-valued pad NaN (0·inf), and the scan carried it to the whole
+    sequence."""
+    g = torch.Generator().manual_seed(12)
+    B, T = 4, 23
+    steps = torch.arange(T)[None]
+    ends = torch.tensor([[23], [15], [1], [9]])
+    mask = {"padding": steps < ends, "prompt-and-padding": (steps >= 3) & (steps < ends),
+            "holes": torch.rand(B, T, generator=g) < 0.7,
+            "weights": torch.rand(B, T, generator=g) * (torch.rand(B, T, generator=g) < 0.7)}[mask_kind].float()
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    junk = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    off = mask == 0
+    spoiled_r = torch.where(off, junk[torch.randint(3, (B, T), generator=g)], rewards)
+    spoiled_v = torch.where(off, junk[torch.randint(3, (B, T), generator=g)], values)
+    clean = rk.gae(rewards, values, mask, gamma=0.99, lam=0.95, backend=backend)
+    spoiled = rk.gae(spoiled_r, spoiled_v, mask, gamma=0.99, lam=0.95, backend=backend)
+    oracle = R.gae(spoiled_r.double(), spoiled_v.double(), mask, gamma=0.99, lam=0.95)
+    for name, c, s_, o in zip(("advantages", "returns"), clean, spoiled, oracle):
+        assert torch.isfinite(s_).all() and torch.isfinite(o).all(), name
+        assert torch.equal(s_, c), f"{name}: junk in masked steps changed the result"
+        assert (s_[off] == 0).all() and (o[off] == 0).all()
+        torch.testing.assert_close(s_.double(), o, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", GAE_BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
 def test_gae_of_no_sequences_or_no_steps_is_empty(backend, shape):
