@@ -629,8 +629,8 @@ def _ppo_loss_fused(
             clipped = clipped.float()
             dterm, _ = _torch_dterm_dlogp(logp, flat[1], flat[2], flat[3], kl_coef, kl_estimator, clip_low,
                                           clip_high, dual_clip)
-            grad = (_torch_bwd(weighted(weights, dterm), -weights * entropy_coef, rows, flat[0].contiguous(), lse, entropy,
-                               temperature, ignore_index) if with_grad else rows.new_empty((0,)))
+            grad = (_torch_bwd(weighted(weights, dterm), -weights * entropy_coef, rows, flat[0].contiguous(), lse,
+                               entropy, temperature, ignore_index) if with_grad else rows.new_empty((0,)))
             loss, means = _fused_loss_and_means(term, clipped, logp, flat[1], weights, mask.reshape(shape2),
                                                 loss_agg)
     # the kernel's [B, T] statistics are already shaped like the tokens unless their leading shape is not [B, T]
@@ -804,8 +804,8 @@ def ppo_loss(
     Shapes: ``logits[B, T, V]``; ``targets, old_logp, advantages, mask
     (, ref_logp)[B, T]`` (``token-mean`` accepts any leading shape).
     The gradient flows to ``logits`` only. A token with ``mask == 0`` adds 0 to the loss and its gradient row is
-    0, whatever its per-token inputs hold (padding's ``-inf`` log-probs, NaN advantages: ``weighted``). When ``logits`` is the slice
-    ``base[:, a:a+T]`` of the model's ``[B, L, V]`` output (``logits[:, :-1]``, in
+    0, whatever its per-token inputs hold (padding's ``-inf`` log-probs, NaN advantages: ``weighted``).
+    When ``logits`` is the slice ``base[:, a:a+T]`` of the model's ``[B, L, V]`` output (``logits[:, :-1]``, in
     eager mode), the kernels write the gradient straight into a tensor shaped like
     ``base``, zeroing only the other ``L - T`` rows (``_checks.slice_of_base``).
 

@@ -6,7 +6,8 @@ program per sequence) and walks ``t = T-1 … 0``::
     δ_t = r_t + γ·V_{t+1}·m_{t+1} - V_t;   A_t = δ_t + γλ·A_{t+1}·m_{t+1}
     advantages = A·m;   returns = (A + V)·m
 
-(0 where ``m = 0``, and a masked step carries nothing back, whatever its ``r`` and ``V`` hold) in fp32, written in ``values``' dtype. Inputs are made contiguous ``[B, T]``.
+(0 where ``m = 0``, and a masked step carries nothing back, whatever its ``r`` and ``V`` hold) in fp32, written in
+``values``' dtype. Inputs are made contiguous ``[B, T]``.
 """
 
 from __future__ import annotations

@@ -278,16 +278,16 @@ def _ppo_bwd_kernel(
     adv = tl.load(adv_ptr + row).to(tl.float32)
     g_term = tl.load(g_term_ptr + row).to(tl.float32)
     _, _, dpg = _ppo_pg(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
-    # each upstream gradient's product is 0 where that gradient is (ops.ppo.weighted): a masked token's row is 0,
-    # even where dpg or dk is not finite
-    g_logp = tl.load(g_logp_ptr + row).to(tl.float32)
+    # g_logp + g_term·dterm + g_kl·dk, each product 0 where its upstream gradient is (ops.ppo.weighted, the torch
+    # twin): a masked token's row is 0, even where dpg or dk is not finite
+    dterm = dpg
     if HAS_REF:
         dk = kl_k_dlogp(logp, tl.load(ref_ptr + row).to(tl.float32), KL_EST)
+        dterm += kl_coef * dk
+    g_logp = tl.load(g_logp_ptr + row).to(tl.float32) + tl.where(g_term != 0, g_term * dterm, 0.0)
+    if HAS_REF:
         g_kl = tl.load(g_kl_ptr + row).to(tl.float32)
-        g_logp += tl.where(g_term != 0, g_term * dpg + (g_term * kl_coef) * dk, 0.0)
         g_logp += tl.where(g_kl != 0, g_kl * dk, 0.0)
-    else:
-        g_logp += tl.where(g_term != 0, g_term * dpg, 0.0)
     g_ent = tl.load(g_ent_ptr + row).to(tl.float32) - g_term * ent_coef
     logprobs_grad_row_block(dx_ptr, x_ptr, j, dx_off, x_off, V, y, lse, ent, g_logp, g_ent, inv_t, y != ignore_index,
                             BLOCK_V, ALIGNED_BODY, VEC)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -11,6 +14,8 @@ from rlhf_kernels import reference as R
 from tests.tolerance import assert_matches_oracle
 
 GAE_BACKENDS = ["cpu", "torch"] if _ext.available() else ["torch"]
+# the Triton kernels run on CPU tensors only under the interpreter
+INTERPRETED_TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.mark.parametrize("backend", GAE_BACKENDS)
@@ -69,15 +74,7 @@ def test_gae_with_fractional_mask_weights(backend):
     torch.testing.assert_close(ret.double(), expected_ret, rtol=1e-5, atol=1e-5)
 
 
-def _gae_backends():
-    import importlib.util
-    import os
-
-    interpreted = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
-    return GAE_BACKENDS + (["triton"] if interpreted else [])
-
-
-@pytest.mark.parametrize("backend", _gae_backends())
+@pytest.mark.parametrize("backend", GAE_BACKENDS + (["triton"] if INTERPRETED_TRITON else []))
 @pytest.mark.parametrize("mask_kind", ["padding", "prompt-and-padding", "holes", "weights"])
 def test_gae_ignores_masked_steps_whatever_they_hold(backend, mask_kind):
     """Masked steps whose rewards and values are NaN or ±inf (padding filled with junk) change nothing: both outputs
@@ -305,14 +302,10 @@ def test_masked_tokens_with_non_finite_terms_add_nothing(loss_agg, mask_kind):
 
 
 def _ppo_backends():
-    import importlib.util
-    import os
-
-    from rlhf_kernels import _ext
-
     # ("torch", "fused-op" / "two-pass-op"): the PyTorch twins of the CUDA backend's two routes, called as ops
-    cases = [("torch", None), ("torch", "fused-op"), ("torch", "two-pass-op")] + ([("cpu", None)] if _ext.available() else [])
-    if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":
+    cases = [("torch", None), ("torch", "fused-op"), ("torch", "two-pass-op")]
+    cases += [("cpu", None)] if _ext.available() else []
+    if INTERPRETED_TRITON:
         cases += [("triton", "fused"), ("triton", "two-pass")]
     return cases
 
