@@ -273,6 +273,15 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"{flag} must be > 0, got {value}")
     if args.device is not None and device_kind(args.device) is None:
         parser.error(f"--device must be cpu or cuda (cuda:N), got {args.device!r}")
+    unknown = [o for o in _csv_list(args.ops) if o not in all_ops() and o not in ("trainer", "all")]
+    if unknown:
+        parser.error(f"unknown --ops {unknown}; known: {sorted(all_ops()) + ['trainer']} (or 'all')")
+    if args.mode != "all" and any(m not in MODES for m in _csv_list(args.mode)):
+        parser.error(f"--mode must be among {MODES} (or 'all'), got {args.mode!r}")
+    if any(p not in ALL_PROVIDERS for p in _csv_list(args.providers)):
+        parser.error(f"--providers must be among {PROVIDER_ORDER}, got {args.providers!r}")
+    if any(d not in DTYPES for d in _csv_list(args.dtypes)):
+        parser.error(f"--dtypes must be among {sorted(DTYPES)}, got {args.dtypes!r}")
 
 
 def _resolve_device(text: Optional[str]) -> torch.device:
@@ -357,23 +366,9 @@ def _main(args, device, env, run_id, out_dir, log, tqdm, argv) -> int:
         ops_wanted = list(DEFAULT_OPS + EXTRA_OPS)
     specs = all_ops()
     status = 0
-    unknown = [o for o in ops_wanted if o not in specs and o != "trainer"]
-    if unknown:
-        log(f"unknown --ops {unknown}; known: {sorted(specs) + ['trainer']}")
-        return 2
-    modes = list(MODES) if args.mode == "all" else _csv_list(args.mode)
-    if any(m not in MODES for m in modes):
-        log(f"--mode must be among {MODES} (or 'all'), got {args.mode!r}")
-        return 2
-    providers = _csv_list(args.providers)
-    if any(p not in ALL_PROVIDERS for p in providers):
-        log(f"--providers must be among {PROVIDER_ORDER}, got {args.providers!r}")
-        return 2
-    providers = [p for p in PROVIDER_ORDER if p in providers]
+    modes = list(MODES) if args.mode == "all" else _csv_list(args.mode)  # names checked by check_args
+    providers = [p for p in PROVIDER_ORDER if p in _csv_list(args.providers)]
     dtype_names = _csv_list(args.dtypes) or (["bf16", "fp32"] if device.type == "cuda" else ["fp32"])
-    if any(d not in DTYPES for d in dtype_names):
-        log(f"--dtypes must be among {sorted(DTYPES)}, got {args.dtypes!r}")
-        return 2
     dtypes = [DTYPES[d] for d in dtype_names]
 
     timer = common.TimerConfig(warmup_ms=10.0, rep_ms=60.0, min_reps=5, max_reps=50)

@@ -314,6 +314,10 @@ def test_trainer_benchmark_runs_every_stage_and_variant(tmp_path, capsys):
     (["--rep-ms", "-5"], "--rep-ms must be > 0"),
     (["--time-budget", "0"], "--time-budget must be > 0"),
     (["--device", "tpu"], "--device must be cpu or cuda"),
+    (["--ops", "logprobs,ppo_los"], "unknown --ops ['ppo_los']"),
+    (["--mode", "fwd,backward"], "--mode must be among"),
+    (["--providers", "eager,liger-kernel"], "--providers must be among"),
+    (["--dtypes", "bf16,int8"], "--dtypes must be among"),
 ])  # fmt: skip
 def test_malformed_flags_are_usage_errors_before_anything_is_written(flags, message, tmp_path, capsys):
     from benchmarks.run import main
