@@ -17,7 +17,7 @@
 // policy row has sz = 0: NaN KL and -inf lse_z, as the reference.
 //
 // Backward, per element from the saved per-row kl, lse_z, lse_r:
-//   dz = g·p·(log p - log q - KL) / T  (0 where p = 0),   dr = g·(q - p) / T  (when wanted)
+//   dz = g·p·(log p - log q - KL) / T  (0 where p = 0; NaN where log p is),   dr = g·(q - p) / T  (when wanted)
 #include "kl.h"
 
 #include <ATen/Parallel.h>
@@ -119,7 +119,7 @@ void forward_rows(const sx_t* logits, const sr_t* ref, int64_t rows_inner, int64
   }
 }
 
-// dz[0:n] = gt·p·(lp - lq - kl) (0 where p = 0 or gt = 0) and, when dr, dr[0:n] = gt·(q - p); gt = g / T.
+// dz[0:n] = gt·p·(lp - lq - kl) (0 where p = 0 or gt = 0, NaN where lp is) and, when dr, dr[0:n] = gt·(q - p); gt = g / T.
 template <typename acc_t>
 inline void chunk_kl_grad(const acc_t* xs, const acc_t* rs, int64_t n, acc_t inv_t, acc_t lse_z, acc_t lse_r,
                           acc_t kl, acc_t gt, acc_t* dz, acc_t* dr) {
@@ -134,8 +134,13 @@ inline void chunk_kl_grad(const acc_t* xs, const acc_t* rs, int64_t n, acc_t inv
     Vec lp = (Vec::loadu(xs + i, lanes) * vinv) - vlz;
     Vec lq = (Vec::loadu(rs + i, lanes) * vinv) - vlr;
     Vec p = fast_exp(lp);
-    Vec::blendv(zero, vg * p * (lp - lq - vkl), (p > zero) & live).store(dz + i, lanes);
-    if (dr != nullptr) (vg * (fast_exp(lq) - p)).store(dr + i, lanes);
+    // NaN logits stay NaN, as on the GPU: fast_exp clamps NaN to a finite value and p > 0 is false for NaN
+    const Vec d = Vec::blendv(zero, vg * p * (lp - lq - vkl), (p > zero) & live);
+    Vec::blendv(d, lp, lp != lp).store(dz + i, lanes);
+    if (dr != nullptr) {
+      const Vec either = lp + lq;  // NaN where either row's log-prob is
+      Vec::blendv(vg * (fast_exp(lq) - p), either, either != either).store(dr + i, lanes);
+    }
   }
 }
 

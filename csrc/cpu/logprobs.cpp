@@ -96,12 +96,14 @@ void forward_rows(
   for (int64_t row = begin; row < end; ++row) {
     const scalar_t* x = row_at(logits, row, rows_inner, stride_outer, stride_inner);
     acc_t m = neg_inf<acc_t>(), s = 0, t = 0;
-    bool has_nan = false;
+    bool has_nan = false;  // a NaN or +inf logit: the row's outputs are NaN
     for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
       const int64_t n = std::min(kChunk, vocab - c0);
       const acc_t* src = chunk_source(x + c0, n, buf);
       const acc_t cm = chunk_max(src, n);  // raw units: m is the row's largest logit so far
-      if (std::isnan(cm)) {
+      // +inf too: lse = inf, so every log-prob is -inf or inf - inf (the oracle's NaN, as the GPU kernels'); without
+      // this the shifted exps (-inf, NaN) reached fast_exp, which clamps NaN, and a finite row's logp came out -inf
+      if (std::isnan(cm) || cm == std::numeric_limits<acc_t>::infinity()) {
         has_nan = true;
         break;
       }
