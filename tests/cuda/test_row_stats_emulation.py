@@ -189,6 +189,34 @@ def test_logprobs_sweep_nan_stays_in_its_row_and_targets(emu):
     assert torch.isnan(logp[3]) and torch.isfinite(ent[3])  # out of range: NaN, never read
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cluster", (1, 4))
+def test_an_infinite_logit_makes_its_row_nan_as_the_oracle(emu, cluster, dtype):
+    """+inf in a row: lse = inf, so the log-prob is -inf or inf - inf and the entropy inf - inf: the oracle's NaN
+    (tests/ops/test_nonfinite_logits.py holds every CPU backend to it, and the GPU kernels under -m gpu). Every other
+    row is the oracle's; a KL row with +inf in either row is NaN too."""
+    V = 4097
+    x = random_logits(6, V, dtype, seed=12)
+    x[0, 5] = float("inf")  # away from the target
+    x[1, 7] = float("inf")  # at the target
+    x[2, [5, V - 1]] = float("inf")  # two, one in the ragged tail
+    x[3, V - 1] = float("inf")  # the last column alone
+    y = torch.tensor([3, 7, 3, 3, 3, IGNORE])
+    x[5, 9] = float("inf")  # an ignored token: 0 and 0, as the oracle's
+    for offset in (0, 1):
+        logp, ent, _ = emulate_logprobs(emu, at_offset(x, offset), y, cluster=cluster, threads=64)
+        lp64, ent64 = reference.logprobs(x.double(), y, return_entropy=True)
+        assert torch.isnan(lp64[:4]).all() and torch.isnan(ent64[:4]).all() and lp64[5] == 0
+        assert_matches_oracle(logp, reference.logprobs(x, y), lp64, dtype, "logp")
+        assert_matches_oracle(ent, reference.logprobs(x, y, return_entropy=True)[1], ent64, dtype, "entropy")
+    r = random_logits(6, V, dtype, seed=13)
+    r[4, 11] = float("inf")
+    kl, _, _ = emulate_kl(emu, x, r)
+    kl64 = reference.kl_divergence(x.double(), r.double())
+    assert torch.isnan(kl64[[0, 1, 2, 3, 4, 5]]).all()
+    assert torch.equal(torch.isnan(kl), torch.isnan(kl64))
+
+
 def test_bad_launch_arguments_are_refused(emu):
     x = random_logits(1, 8, torch.float32, seed=0)
     y = torch.zeros(1, dtype=torch.int64)
