@@ -4,7 +4,8 @@ Catches what only the compiler sees (branch type mismatches, unsupported ops)
 while CI has no GPU. Then every forward autotune candidate is compiled as the
 autotuner would see it on a GPU (16-byte aligned rows) and its cubin's resource
 usage read with cuobjdump (the toolkit's, or the copy Triton ships): a candidate that spills registers to
-local memory or a stack fails the run. Usage: python aot_compile_kernels.py [sm]
+local memory or a stack fails the run. Usage: python aot_compile_kernels.py [sm] [shard/shards]
+(``1/2``: the second of two halves of the compiles, every other one, so two processes share a 2-core machine).
 """
 import os, sys, inspect, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
@@ -16,6 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from benchmarks import sass_report  # noqa: E402 (the checkout's root, for the cubin resource reader)
 
 target = GPUTarget("cuda", int(sys.argv[1]) if len(sys.argv) > 1 else 90, 32)
+SHARD, SHARDS = map(int, (sys.argv[2] if len(sys.argv) > 2 else "0/1").split("/"))
+assert 0 <= SHARD < SHARDS, f"shard {SHARD}/{SHARDS}"
+_compiles = 0  # compiles asked for so far: this process does those whose index falls in its shard
 CUOBJDUMP = sass_report.find_cuobjdump()
 
 def sig_for(fn, types, consts):
@@ -35,7 +39,12 @@ def sig_for(fn, types, consts):
     return sig
 
 def build(kernel, types, consts, warps, aligned=()):
-    """Compile ``kernel``; ``aligned``: arguments the GPU launch would see divisible by 16 (pointers, V, strides)."""
+    """Compile ``kernel``; ``aligned``: arguments the GPU launch would see divisible by 16 (pointers, V, strides).
+    None when the compile belongs to another shard."""
+    global _compiles
+    _compiles += 1
+    if (_compiles - 1) % SHARDS != SHARD:
+        return None
     fn = kernel
     if "constexprs" in inspect.signature(ASTSource).parameters:  # triton >= 3.3
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
@@ -78,6 +87,8 @@ def build_odd_rows(kernel, types, consts, warps, stores=True):
     vec = {"*bf16": 8, "*fp16": 8, "*fp32": 4}[types["x_ptr"]]
     for body in (False, True):
         k = build(kernel, types, dict(consts, ALIGNED_BODY=body, VEC=vec), warps, pointers)
+        if k is None:
+            continue
         loads, wide_stores = vector_accesses(k)
         print(f"   16-byte loads {loads}, stores {wide_stores}")
         if body != (loads > 0 and (wide_stores > 0 or not stores)):
@@ -108,7 +119,7 @@ for dt in ("*bf16", "*fp16", "*fp32"):
     for n_type in ("i32", "i64"):  # (n past 2^31 elements arrives as i64)
         k = build(scale._scale_unless_one_kernel, {"x_ptr": dt, "scale_ptr": "*fp32", "n": n_type}, {"BLOCK": 4096}, 8,
                   ("x_ptr", "n"))  # (n divisible by 16, as Triton's launch specialises it: N·V at V = 151936)
-        if vector_accesses(k) == (0, 0):
+        if k is not None and vector_accesses(k) == (0, 0):
             unvectorised.append(f"_scale_unless_one_kernel {dt} n {n_type}: no 16-byte accesses")
     build(advantages._gae_fwd_kernel, {"r_ptr": dt, "v_ptr": dt, "adv_ptr": dt, "ret_ptr": dt}, {"BLOCK_B": 32}, 1)
 for mask_type in ("*fp32", "*u8", "*i64", "*fp16"):  # the fused PPO step's aggregation (triton/aggregate.py)
@@ -142,6 +153,8 @@ for kernel, candidates, consts, aligned in forwards:
                 vec = {"*bf16": 8, "*fp32": 4}[dt]
                 k = build(kernel, {"x_ptr": dt, "r_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"},
                           dict(consts, BLOCK_V=block, LANES_V=lanes, ALIGNED_BODY=body, VEC=vec), warps, proven)
+                if k is None:
+                    continue
                 usage = resource_usage(k)
                 print(f"   {usage}")
                 if usage is not None and not ("STACK:0" in usage and "LOCAL:0" in usage):
@@ -153,4 +166,4 @@ if unvectorised:
     print("16-BYTE ACCESSES not as expected (ALIGNED_BODY: whole blocks vectorised; without it: none):\n"
           + "\n".join(unvectorised))
     sys.exit(1)
-print("ALL OK")
+print(f"ALL OK ({_compiles} compiles, shard {SHARD}/{SHARDS})")
