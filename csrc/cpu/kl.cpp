@@ -17,7 +17,8 @@
 // policy row has sz = 0: NaN KL and -inf lse_z, as the reference.
 //
 // Backward, per element from the saved per-row kl, lse_z, lse_r:
-//   dz = g·p·(log p - log q - KL) / T  (0 where p = 0; NaN where log p is),   dr = g·(q - p) / T  (when wanted)
+//   dz = g·p·(log p - log q - KL) / T  (0 where p = 0; NaN where log p is),
+//   dr = g·(q - p) / T  (when wanted; NaN where log p or log q is)
 #include "kl.h"
 
 #include <ATen/Parallel.h>
@@ -119,7 +120,8 @@ void forward_rows(const sx_t* logits, const sr_t* ref, int64_t rows_inner, int64
   }
 }
 
-// dz[0:n] = gt·p·(lp - lq - kl) (0 where p = 0 or gt = 0, NaN where lp is) and, when dr, dr[0:n] = gt·(q - p); gt = g / T.
+// dz[0:n] = gt·p·(lp - lq - kl) (0 where p = 0 or gt = 0, NaN where lp is) and, when dr, dr[0:n] = gt·(q - p)
+// (NaN where lp or lq is); gt = g / T.
 template <typename acc_t>
 inline void chunk_kl_grad(const acc_t* xs, const acc_t* rs, int64_t n, acc_t inv_t, acc_t lse_z, acc_t lse_r,
                           acc_t kl, acc_t gt, acc_t* dz, acc_t* dr) {
