@@ -273,9 +273,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"{flag} must be > 0, got {value}")
     if args.device is not None and device_kind(args.device) is None:
         parser.error(f"--device must be cpu or cuda (cuda:N), got {args.device!r}")
-    unknown = [o for o in _csv_list(args.ops) if o not in all_ops() and o not in ("trainer", "all")]
+    known_ops = all_ops()
+    unknown = [o for o in _csv_list(args.ops) if o not in known_ops and o not in ("trainer", "all")]
     if unknown:
-        parser.error(f"unknown --ops {unknown}; known: {sorted(all_ops()) + ['trainer']} (or 'all')")
+        parser.error(f"unknown --ops {unknown}; known: {sorted(known_ops) + ['trainer']} (or 'all')")
     if args.mode != "all" and any(m not in MODES for m in _csv_list(args.mode)):
         parser.error(f"--mode must be among {MODES} (or 'all'), got {args.mode!r}")
     if any(p not in ALL_PROVIDERS for p in _csv_list(args.providers)):

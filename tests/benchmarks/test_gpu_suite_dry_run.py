@@ -104,13 +104,6 @@ def _check_module_arguments(module_name: str, argv: list) -> None:
     assert status in (0, None), f"python -m {module_name} {' '.join(argv)} returned {status}"
 
 
-def _registered_marks() -> set:
-    with open(os.path.join(ROOT, "pyproject.toml")) as fh:
-        text = fh.read()
-    block = text.split("markers = [", 1)[1].split("]", 1)[0]
-    return set(re.findall(r'"(\w+):', block))
-
-
 def _python_commands(calls: list) -> list:
     """Every python command line the suite ran, directly or under compute-sanitizer / ncu: (argv, env)."""
     commands = []
@@ -142,10 +135,10 @@ def test_every_benchmark_tool_of_the_suite_is_reached(dry_run):
     assert {"compute-sanitizer", "ncu", "nvidia-smi"} <= tools
 
 
-def test_every_recorded_command_passes_its_programs_own_checks(dry_run, monkeypatch):
+def test_every_recorded_command_passes_its_programs_own_checks(dry_run, monkeypatch, pytestconfig):
     from rlhf_kernels import settings
 
-    marks = _registered_marks()
+    marks = {line.split(":", 1)[0].strip() for line in pytestconfig.getini("markers")}  # pyproject.toml's
     checked = 0
     for argv, env in _python_commands(dry_run[1]):
         for name in [k for k in os.environ if k.startswith("RLHF_KERNELS_")]:

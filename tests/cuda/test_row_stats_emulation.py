@@ -203,12 +203,13 @@ def test_an_infinite_logit_makes_its_row_nan_as_the_oracle(emu, cluster, dtype):
     x[3, V - 1] = float("inf")  # the last column alone
     y = torch.tensor([3, 7, 3, 3, 3, IGNORE])
     x[5, 9] = float("inf")  # an ignored token: 0 and 0, as the oracle's
+    lp64, ent64 = reference.logprobs(x.double(), y, return_entropy=True)
+    assert torch.isnan(lp64[:4]).all() and torch.isnan(ent64[:4]).all() and lp64[5] == 0
+    lp_in_dtype, ent_in_dtype = reference.logprobs(x, y, return_entropy=True)
     for offset in (0, 1):
         logp, ent, _ = emulate_logprobs(emu, at_offset(x, offset), y, cluster=cluster, threads=64)
-        lp64, ent64 = reference.logprobs(x.double(), y, return_entropy=True)
-        assert torch.isnan(lp64[:4]).all() and torch.isnan(ent64[:4]).all() and lp64[5] == 0
-        assert_matches_oracle(logp, reference.logprobs(x, y), lp64, dtype, "logp")
-        assert_matches_oracle(ent, reference.logprobs(x, y, return_entropy=True)[1], ent64, dtype, "entropy")
+        assert_matches_oracle(logp, lp_in_dtype, lp64, dtype, "logp")
+        assert_matches_oracle(ent, ent_in_dtype, ent64, dtype, "entropy")
     r = random_logits(6, V, dtype, seed=13)
     r[4, 11] = float("inf")
     kl, _, _ = emulate_kl(emu, x, r)

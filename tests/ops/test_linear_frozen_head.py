@@ -18,6 +18,7 @@ from rlhf_kernels import reference as R
 from rlhf_kernels.ops import linear as L
 from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
 from tests.ops.test_linear import BACKENDS, _inputs, _MatmulCounter
+from tests.ops.test_random_configurations import _z_absmax
 from tests.poison import poisoned_allocations
 from tests.tolerance import assert_matches_oracle, float32_lse_error
 
@@ -38,8 +39,7 @@ def _grad_hidden_allowance(hidden, weight, targets, bias, g, dtype, temperature)
     an AVX2 machine (error 1.49e-5 against 1.48e-5, the materialised float32 path itself 7.3e-6)."""
     logits = F.linear(hidden.double(), weight.double(), bias.double()).requires_grad_(True)
     (dlogits,) = torch.autograd.grad((R.logprobs(logits, targets, temperature=temperature) * g).sum(), logits)
-    z = (logits.detach() / temperature).abs()
-    z_absmax = torch.where(torch.isfinite(z), z, torch.zeros_like(z)).amax(-1, keepdim=True)
+    z_absmax = _z_absmax(logits, temperature=temperature).unsqueeze(-1)
     lse_error = float32_lse_error(z_absmax) if dtype == torch.float32 else torch.zeros_like(z_absmax)
     return (dlogits.abs() * (2.0 * torch.finfo(dtype).eps + lse_error)) @ weight.double().abs()
 

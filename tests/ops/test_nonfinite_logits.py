@@ -11,20 +11,18 @@ row shows as a wrong row. On a GPU (``pytest -m gpu``) the Triton and CUDA kerne
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels import _ext
 from rlhf_kernels import reference as R
+from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
 from tests.tolerance import assert_matches_oracle
 
 INF, NAN = float("inf"), float("nan")
 V = 300
-INTERPRETED_TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED_TRITON = triton_importable() and triton_interpreting()
 CPU_BACKENDS = ["torch"] + (["cpu"] if _ext.available() else []) + (["triton"] if INTERPRETED_TRITON else [])
 GPU_BACKENDS = ["triton"] + (["cuda"] if _ext.available() and _ext.has_cuda_kernels() else [])
 
@@ -119,8 +117,8 @@ def _check_ppo(backend, device):
     x64 = x.double().cpu().requires_grad_()
     cpu = [t.double().cpu() for t in (old, adv, mask, ref)]
     R.ppo_loss(x64, y.cpu(), cpu[0], cpu[1], cpu[2], **{**kwargs, "ref_logp": cpu[3]})[0].backward()
-    spoiled = torch.isnan(R.logprobs(x.double().cpu(), y.cpu(), temperature=1.3, return_entropy=True)[0])
-    spoiled |= torch.isnan(R.logprobs(x.double().cpu(), y.cpu(), temperature=1.3, return_entropy=True)[1])
+    o_logp, o_ent = R.logprobs(x.double().cpu(), y.cpu(), temperature=1.3, return_entropy=True)
+    spoiled = torch.isnan(o_logp) | torch.isnan(o_ent)
     # the oracle's loss is NaN, so its gradient is NaN in every row: compare the clean rows with a clean batch's
     clean = ~spoiled
     x_clean = x.double().cpu()[clean].requires_grad_()
