@@ -7,7 +7,7 @@ VENV        := .venv
 BIN         := $(VENV)/bin
 STAMPS      := .make
 TORCH_SPEC  ?= torch==2.14.1
-DEPS        := numpy transformers datasets pyyaml matplotlib tqdm pybind11 ninja pytest pytest-benchmark trl
+DEPS        := numpy transformers datasets pyyaml matplotlib tqdm pybind11 ninja pytest pytest-benchmark pytest-xdist trl
 OPENRLHF_SPEC := openrlhf==0.11.2
 # ninja and the venv's tools must be on PATH for torch's extension builder
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -17,8 +17,15 @@ SOURCES     := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name 
 
 .PHONY: test demo build bench-cpu bench bench-quick readme coverage gpu info clean
 
+# pytest-xdist workers for the test suites: one per core, at most 4 (each holds torch, transformers and Triton's
+# interpreter: ~1-2 GB); 0 (one process) on a single core. `make test TEST_WORKERS=0` runs them in one process.
+# Each file goes to one worker (its module fixtures built once), in the collection's order, where tests/conftest.py
+# puts the slow ones first (xdist's own reorder, by test count, would leave the one-test sm_90 compile to the end).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; [ $$n -lt 2 ] && n=0; echo $$n)
+XDIST       = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: $(STAMPS)/build
-	RLHF_KERNELS_REQUIRE_EXTENSION=1 $(BIN)/python -m pytest -q
+	RLHF_KERNELS_REQUIRE_EXTENSION=1 $(BIN)/python -m pytest -q $(XDIST)
 
 demo: $(STAMPS)/build
 	$(BIN)/python -m rlhf_kernels.cli demo
@@ -91,7 +98,7 @@ clean:
 # CPU kernels only (RLHF_KERNELS_SKIP_CUDA=1; the CUDA sources compile in `make test`). CI runs it after `make test`.
 OLDEST      := $(STAMPS)/oldest
 OLDEST_SPEC ?= torch==2.6.0 triton==3.2.0 numpy<2.3 transformers==4.45.2 datasets<4
-OLDEST_DEPS := pyyaml matplotlib tqdm pybind11 ninja pytest pytest-benchmark
+OLDEST_DEPS := pyyaml matplotlib tqdm pybind11 ninja pytest pytest-benchmark pytest-xdist
 .PHONY: test-oldest
 test-oldest: $(STAMPS)/oldest-deps
 	rm -rf $(OLDEST)/src && mkdir -p $(OLDEST)/src
@@ -99,7 +106,7 @@ test-oldest: $(STAMPS)/oldest-deps
 	cd $(OLDEST)/src && PATH=$(CURDIR)/$(OLDEST)/venv/bin:$$PATH RLHF_KERNELS_SKIP_CUDA=1 \
 		$(CURDIR)/$(OLDEST)/venv/bin/pip install -q --no-build-isolation --no-deps -e .
 	cd $(OLDEST)/src && RLHF_KERNELS_SKIP_CUDA=1 RLHF_KERNELS_REQUIRE_EXTENSION=1 \
-		$(CURDIR)/$(OLDEST)/venv/bin/python -m pytest -q
+		$(CURDIR)/$(OLDEST)/venv/bin/python -m pytest -q $(XDIST)
 
 # The C++ CPU kernels under AddressSanitizer and UBSan (DESIGN §2: nothing reads out of bounds, nothing crashes): a
 # copy of the tree in .make/asan built with GCC's sanitizers (CPU kernels only), then the op, trainer and build

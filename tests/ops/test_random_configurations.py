@@ -295,7 +295,13 @@ def ppo_loss_case(rng: random.Random, backend: str, device: torch.device) -> str
     return what
 
 
-def _linear_problem(rng: random.Random) -> SimpleNamespace:
+# Under TRITON_INTERPRET=1 each kernel launch costs ~0.1 s: a slab of 1 column of a 1000-word vocabulary is a
+# thousand launches (42 s for one case). The interpreted cases keep at most this many chunks; compiled and C++
+# backends take the drawn chunk size as it is.
+INTERPRETED_MAX_CHUNKS = 64
+
+
+def _linear_problem(rng: random.Random, backend: str, device: torch.device) -> SimpleNamespace:
     """Hidden states, an LM head (and bias), targets and the chunking options of one fused-linear case."""
     p = SimpleNamespace(dtype=rng.choice(DTYPES), lead=[rng.randrange(1, 5) for _ in range(rng.choice((1, 2)))],
                         V=rng.choice((1, 7, 9, 17, 64, 65, 301, 1000, 2049)), H=rng.choice((1, 3, 8, 13, 32, 33)),
@@ -306,6 +312,9 @@ def _linear_problem(rng: random.Random) -> SimpleNamespace:
     p.targets = _targets(rng, p.lead, p.V, p.ignore_index)
     p.temperature = rng.choice((1.0, 0.7))
     p.chunking = dict(chunk_size=rng.choice((None, 1, 3, 16, 64)), chunk_by=rng.choice((None, "rows", "vocab")))
+    if backend == "triton" and device.type == "cpu" and p.chunking["chunk_size"] is not None:
+        # rows per chunk or columns per slab: either way at most INTERPRETED_MAX_CHUNKS of them
+        p.chunking["chunk_size"] = max(p.chunking["chunk_size"], -(-p.V // INTERPRETED_MAX_CHUNKS))
     p.what = (f"{p.dtype}/{p.lead}x{p.V}x{p.H}/bias={p.bias is not None}/T={p.temperature}/"
               f"ignore={p.ignore_index}/{p.chunking}")
     return p
@@ -435,7 +444,7 @@ def _ppo_coefficients(p: SimpleNamespace, rows: Dict[str, torch.Tensor], ref_log
 
 
 def linear_logprobs_case(rng: random.Random, backend: str, device: torch.device) -> str:
-    p = _linear_problem(rng)
+    p = _linear_problem(rng, backend, device)
     entropy = rng.random() < 0.6
     weights = [torch.randn(p.lead, dtype=torch.float64) for _ in range(1 + entropy)]
     kw = dict(temperature=p.temperature, ignore_index=p.ignore_index, return_entropy=entropy)
@@ -454,7 +463,7 @@ def linear_logprobs_case(rng: random.Random, backend: str, device: torch.device)
 
 def linear_loss_case(rng: random.Random, backend: str, device: torch.device) -> str:
     """``linear_cross_entropy`` or ``linear_ppo_loss``: their gradient computed in the forward, or recomputed."""
-    p = _linear_problem(rng)
+    p = _linear_problem(rng, backend, device)
     grad_in_forward = rng.choice((None, True, False))
     if rng.random() < 0.4:
         reduction = rng.choice(("mean", "sum"))
@@ -545,6 +554,7 @@ def test_random_configuration_on_the_cpu(backend, seed):
     run_case(seed, backend, torch.device("cpu"))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.skipif(not INTERPRETED_TRITON, reason="the Triton kernels run on CPU tensors under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("seed", range(CPU_CASES, CPU_CASES + TRITON_CPU_CASES))

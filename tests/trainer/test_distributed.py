@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # one torchrun launch of every scenario: ~35 s
+
 
 def _fsdp2_missing() -> str | None:
     """Why FSDP2 cannot be tested here on the CPU (this torch has no ``fully_shard``, or one for CUDA only), or

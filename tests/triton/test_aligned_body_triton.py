@@ -17,7 +17,7 @@ import triton.language as tl
 from rlhf_kernels.triton import _common, kl, logprobs, ppo
 from triton_testutils import DEVICE, DTYPES, make_logits, make_targets
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.slow]
 
 
 def _cases(V, dtype, seed):

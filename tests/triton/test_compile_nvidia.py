@@ -18,6 +18,7 @@ def _can_aot_compile() -> bool:
     return os.path.exists(ptxas)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_aot_compile(), reason="needs triton with the bundled NVIDIA ptxas")
 def test_all_kernels_compile_for_sm90(tmp_path):
     env = dict(os.environ)

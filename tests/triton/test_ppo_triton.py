@@ -265,6 +265,7 @@ def test_each_path_launches_its_kernels(path, monkeypatch):
     expect(fwd=1, agg=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "view of the base"])
 @pytest.mark.parametrize("V", [97, 112])  # the ALIGNED_BODY walk; the plain one (rows of whole 16-byte vectors)
