@@ -16,7 +16,6 @@ To run more seeds: ``python -m tests.ops.test_bad_arguments --backend cpu --case
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 import warnings
@@ -27,6 +26,7 @@ import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels import _ext
+from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
 from tests.random_cases import device_for, failures_of, seed_parser
 
 B, T, V, H = 2, 3, 11, 5
@@ -142,7 +142,7 @@ def cases(backend: str) -> List[str]:
     return [op for op in OPS if op not in BACKENDS or backend in BACKENDS[op]]
 
 
-INTERPRETED_TRITON = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED_TRITON = triton_importable() and triton_interpreting()
 CPU_BACKENDS = ["cpu", "torch"] if _ext.available() else ["torch"]
 
 

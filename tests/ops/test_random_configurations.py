@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import random
 import sys
 from types import SimpleNamespace
@@ -37,6 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 import rlhf_kernels as rk
 from rlhf_kernels import _ext
 from rlhf_kernels import reference as R
+from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
 from tests.random_cases import device_for, failures_of, seed_parser
 from tests.tolerance import assert_matches_oracle, assert_rows_match_oracle, float32_lse_error
 
@@ -541,7 +541,7 @@ def run_case(seed: int, backend: str, device: torch.device) -> str:
 # ----------------------------------------------------------------------------- pytest
 
 CPU_BACKENDS = ["cpu", "torch"] if _ext.available() else ["torch"]
-INTERPRETED_TRITON = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED_TRITON = triton_importable() and triton_interpreting()
 CPU_CASES = 300  # ~10 ms each on the CPU backends
 TRITON_CPU_CASES = 120  # ~0.15 s each under the interpreter
 GPU_CASES = 60  # each new dtype / vocabulary / layout compiles Triton variants: seconds of a short GPU run

@@ -19,7 +19,6 @@ CPU tensors run ``gae``'s C++ kernel and both ops' Triton kernels under the inte
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 from typing import List, Optional
@@ -30,6 +29,7 @@ import torch
 import rlhf_kernels as rk
 from rlhf_kernels import _ext
 from rlhf_kernels import reference as R
+from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
 from tests.random_cases import device_for, failures_of, seed_parser
 from tests.tolerance import assert_rows_match_oracle, interpreter_bf16_allowance
 
@@ -197,7 +197,7 @@ def run_case(seed: int, op: str, backend: str, device: torch.device) -> str:
 
 # ----------------------------------------------------------------------------- pytest
 
-INTERPRETED_TRITON = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED_TRITON = triton_importable() and triton_interpreting()
 CPU_CASES = 200  # the C++ scan: a few ms each
 TRITON_CPU_CASES = 100  # the interpreter: ~0.1 s each
 GPU_CASES = 60

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels import reference as R
+from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
 
 torch.manual_seed(0)
 
@@ -87,7 +86,7 @@ def test_clamps_pass_the_gradient_at_their_bounds_on_every_torch():
     # k1 landing exactly on the clamp (bf16 log-probs 10 apart): the reference and the op's backends pass it
     logp = torch.tensor([-36.5, -1.0], dtype=torch.bfloat16)
     ref = torch.tensor([-46.5, -1.5], dtype=torch.bfloat16)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton")
+    interpreted = triton_importable() and triton_interpreting()
     backends = ["torch"] + (["triton"] if interpreted else [])  # Triton on CPU tensors: its interpreter
     for fn in [lambda a, b: R.kl_estimate(a, b, "k1", clamp=10.0)] + [
         lambda a, b, backend=backend: rk.kl_estimate(a, b, "k1", clamp=10.0, backend=backend) for backend in backends

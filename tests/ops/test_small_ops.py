@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 import rlhf_kernels as rk
 from rlhf_kernels import _ext
 from rlhf_kernels import reference as R
+from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
 from tests.tolerance import assert_matches_oracle
 
 GAE_BACKENDS = ["cpu", "torch"] if _ext.available() else ["torch"]
 # the Triton kernels run on CPU tensors only under the interpreter
-INTERPRETED_TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED_TRITON = triton_importable() and triton_interpreting()
 
 
 @pytest.mark.parametrize("backend", GAE_BACKENDS)

@@ -22,9 +22,6 @@ CPU (``cpu``, ``torch``, ``triton`` under ``TRITON_INTERPRET=1``):
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -35,11 +32,12 @@ from rlhf_kernels.ops import kl as kl_ops
 from rlhf_kernels.ops import logprobs as lp_ops
 from rlhf_kernels.ops import ppo as ppo_ops
 from rlhf_kernels.ops._checks import WHOLE, slice_of_base
+from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
 from tests.poison import poisoned_allocations
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-_TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+_TRITON = triton_importable() and triton_interpreting()
 BACKENDS = (["cpu"] if _ext.available() else []) + ["torch"] + (["triton"] if _TRITON else [])
 KL_BACKENDS = (["cpu"] if _ext.available() else []) + ["torch"] + (["triton"] if _TRITON else [])
 SLICES = {"[:-1]": slice(None, -1), "[1:]": slice(1, None), "[1:-1]": slice(1, -1)}
