@@ -13,6 +13,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # about half of the interpreter's time went to re-patching triton.language on every nested @triton.jit call
+    from tests.interpreter_patching import patch_the_language_once_per_launch
+
+    patch_the_language_once_per_launch()
 
 
 def pytest_runtest_logreport(report):
