@@ -3,8 +3,11 @@
 // Raw kernels live in the `rlhf_kernels_C` operator namespace; the public,
 // differentiable ops (`rlhf_kernels::*`) are registered from Python with
 // torch.library.custom_op and call these.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
+#include <torch/python.h>
 
 #include <stdexcept>
 

@@ -2,7 +2,8 @@
 // per-row tensors, caller-provided gradient outputs, and kl_divergence's inputs and gradients.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <optional>
 #include <tuple>

@@ -55,6 +55,18 @@ def test_cuda_home_is_found_behind_a_wrapper_script(tmp_path):
     assert setup_module._toolkit_root_from_nvcc(str(tmp_path / "bin" / "missing")) is None
 
 
+@pytest.mark.parametrize("cflags, expected", [(None, ["-g0"]), ("-O2 -march=native", ["-g0"]), ("-O1 -g", []),
+                                              ("-fsanitize=address,undefined -g", []), ("-ggdb3", [])])
+def test_debug_information_only_when_cflags_ask_for_it(monkeypatch, cflags, expected):
+    """Python's own -g doubled each C++ file's compile; a builder's CFLAGS with -g (make asan) keep it."""
+    setup_module = _load_setup_module()
+    if cflags is None:
+        monkeypatch.delenv("CFLAGS", raising=False)
+    else:
+        monkeypatch.setenv("CFLAGS", cflags)
+    assert setup_module.debug_info_flags() == expected
+
+
 def test_package_works_without_the_extension_and_says_so_once():
     script = textwrap.dedent(
         """

@@ -4,6 +4,7 @@
 #include "advantages.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 
 namespace rlhf_kernels {

@@ -1,7 +1,7 @@
 // CPU generalised advantage estimation (reverse scan per sequence).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 

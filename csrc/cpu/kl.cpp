@@ -21,6 +21,7 @@
 //   dr = g·(q - p) / T  (when wanted; NaN where log p or log q is)
 #include "kl.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>

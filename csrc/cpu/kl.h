@@ -1,7 +1,7 @@
 // CPU exact full-vocabulary KL kernels (see kl.cpp for the math).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>

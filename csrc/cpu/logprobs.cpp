@@ -15,6 +15,7 @@
 #include "../row_io.h"
 #include "row_common.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

@@ -1,7 +1,7 @@
 // CPU log-prob + entropy kernels (see logprobs.cpp for the math).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 #include <type_traits>

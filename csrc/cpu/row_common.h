@@ -2,7 +2,7 @@
 // exp used, widening a chunk to the accumulation type, its maximum, and the buffers' page advice.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
