@@ -67,6 +67,14 @@ def test_debug_information_only_when_cflags_ask_for_it(monkeypatch, cflags, expe
     assert setup_module.debug_info_flags() == expected
 
 
+def test_compiles_start_with_the_cuda_files_largest_first():
+    """setuptools sorts the sources by name, which left csrc/cuda/ppo.cu, the longest compile, to run last alone."""
+    setup_module = _load_setup_module()
+    by_name = ["csrc/bindings.cpp", "csrc/cpu/kl.cpp", "csrc/cuda/kl.cu", "csrc/cuda/ppo.cu"]
+    assert setup_module.longest_compiles_first(by_name) == ["csrc/cuda/ppo.cu", "csrc/cuda/kl.cu", "csrc/bindings.cpp",
+                                                             "csrc/cpu/kl.cpp"]
+
+
 def test_package_works_without_the_extension_and_says_so_once():
     script = textwrap.dedent(
         """
