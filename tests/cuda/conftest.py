@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "tests" / "cuda" / "row_stats_emulation.cpp"
@@ -42,6 +43,24 @@ def _cpu_has_fma() -> bool:
 BUILDS = {"exact": ["-ffp-contract=off"], "contracted": ["-mfma", "-ffp-contract=fast"]}
 
 
+def _built_library(cxx: str, include: Path, build: str, tmp_path_factory) -> Path:
+    """The emulation compiled with ``BUILDS[build]`` (~13 s each on 2 cores). Under pytest-xdist the workers of one run
+    share the build (their base temp directories' parent is the run's own), so each is compiled once per run
+    rather than once per worker that has an emulation test file."""
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    directory = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.mktemp("emu")
+    lib_path = directory / f"librow_stats_emulation_{build}.so"
+    with FileLock(str(lib_path) + ".lock"):
+        if not lib_path.exists():
+            partial = lib_path.with_suffix(f".{os.getpid()}.tmp")
+            cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", *BUILDS[build], "-x", "c++",
+                   f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{include}", str(SOURCE), "-o", str(partial)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            assert done.returncode == 0, f"compiling the emulation failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}"
+            partial.rename(lib_path)
+    return lib_path
+
+
 @pytest.fixture(scope="session", params=tuple(BUILDS))
 def emu(request, tmp_path_factory):
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
@@ -50,12 +69,7 @@ def emu(request, tmp_path_factory):
         pytest.skip("needs a C++ compiler and the CUDA runtime headers")
     if request.param == "contracted" and not _cpu_has_fma():
         pytest.skip("this CPU has no FMA instructions")
-    lib_path = tmp_path_factory.mktemp("emu") / f"librow_stats_emulation_{request.param}.so"
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", *BUILDS[request.param], "-x", "c++",
-           f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{include}", str(SOURCE), "-o", str(lib_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, f"compiling the emulation failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}"
-    lib = ctypes.CDLL(str(lib_path))
+    lib = ctypes.CDLL(str(_built_library(cxx, include, request.param, tmp_path_factory)))
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.rk_emulate_logprobs.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, f32, i64, ctypes.c_int, ctypes.c_int,
                                         ptr, ptr, ptr]
