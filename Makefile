@@ -93,9 +93,11 @@ clean:
 
 # The oldest versions pyproject.toml allows (torch 2.6, Triton 3.2, whose interpreter needs numpy < 2.3;
 # transformers 4.45 with a datasets of its time; no trl, whose releases that import need newer transformers), the
-# whole CPU suite, in a venv and a copy of the tree of their own (.make/oldest: the in-place build's _C*.so has the
+# CPU suite, in a venv and a copy of the tree of their own (.make/oldest: the in-place build's _C*.so has the
 # same name for both torches). torch 2.6 is a CUDA 12 build and refuses CUDA 13's nvcc, so its extension holds the
 # CPU kernels only (RLHF_KERNELS_SKIP_CUDA=1; the CUDA sources compile in `make test`). CI runs it after `make test`.
+# --oldest-versions (tests/conftest.py): what can differ between versions, once; the version-independent tests (the
+# CUDA device code's host emulation), 3 of every 4 fuzz seeds and the sm_90 compile's candidate sweep are make test's.
 OLDEST      := $(STAMPS)/oldest
 OLDEST_SPEC ?= torch==2.6.0 triton==3.2.0 numpy<2.3 transformers==4.45.2 datasets<4
 OLDEST_DEPS := pyyaml matplotlib tqdm pybind11 ninja pytest pytest-benchmark pytest-xdist
@@ -106,7 +108,7 @@ test-oldest: $(STAMPS)/oldest-deps
 	cd $(OLDEST)/src && PATH=$(CURDIR)/$(OLDEST)/venv/bin:$$PATH RLHF_KERNELS_SKIP_CUDA=1 \
 		$(CURDIR)/$(OLDEST)/venv/bin/pip install -q --no-build-isolation --no-deps -e .
 	cd $(OLDEST)/src && RLHF_KERNELS_SKIP_CUDA=1 RLHF_KERNELS_REQUIRE_EXTENSION=1 \
-		$(CURDIR)/$(OLDEST)/venv/bin/python -m pytest -q $(XDIST)
+		$(CURDIR)/$(OLDEST)/venv/bin/python -m pytest -q $(XDIST) --oldest-versions
 
 # The C++ CPU kernels under AddressSanitizer and UBSan (DESIGN §2: nothing reads out of bounds, nothing crashes): a
 # copy of the tree in .make/asan built with GCC's sanitizers (CPU kernels only), then the op, trainer and build

@@ -30,11 +30,40 @@ def pytest_runtest_logreport(report):
             f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n\n")
 
 
+# --oldest-versions runs every FUZZ_SHARE-th seed of the tests marked fuzz
+FUZZ_SHARE = 4
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--oldest-versions", action="store_true",
+        help="the run on the oldest supported torch / Triton / transformers (make test-oldest): what can differ "
+             "between versions, once; leaves out the tests marked version_independent, runs every "
+             f"{FUZZ_SHARE}th seed of those marked fuzz, and the sm_90 compile without its autotune-candidate sweep "
+             "(make test runs everything on the newest versions)")
+
+
+def _left_to_the_newest_versions(item) -> bool:
+    """Whether ``--oldest-versions`` leaves ``item`` to ``make test``: a version-independent test, or a fuzz seed
+    not in the share kept (the seeds draw their op family at random, so the kept ones still reach every family)."""
+    if item.get_closest_marker("version_independent"):
+        return True
+    callspec = getattr(item, "callspec", None)
+    seed = callspec.params.get("seed") if callspec is not None else None
+    return bool(item.get_closest_marker("fuzz")) and isinstance(seed, int) and seed % FUZZ_SHARE != 0
+
+
 def pytest_collection_modifyitems(config, items):
-    """The tests marked ``slow`` (the sm_90 compile of every kernel, the interpreted Triton fuzz, ...) run first,
-    the rest in their order. Under pytest-xdist a long test near the end of the collection runs alone on one worker
-    while the others have finished (the compile: ~200 s of a 15-minute ``make test``); started first, it runs beside
-    everything else. The sort is stable: within each group the collection's order holds."""
+    """With ``--oldest-versions``, the selection above. Then the tests marked ``slow`` (the sm_90 compile of every
+    kernel, the interpreted Triton fuzz, ...) run first, the rest in their order. Under pytest-xdist a long test near
+    the end of the collection runs alone on one worker while the others have finished (the compile: ~200 s of a
+    15-minute ``make test``); started first, it runs beside everything else. The sort is stable: within each group
+    the collection's order holds."""
+    if config.getoption("--oldest-versions"):
+        left = [item for item in items if _left_to_the_newest_versions(item)]
+        if left:
+            config.hook.pytest_deselected(items=left)
+            items[:] = [item for item in items if not _left_to_the_newest_versions(item)]
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

@@ -24,7 +24,7 @@ from rlhf_kernels import reference
 from tests.aggregate_cases import aggregate_case, aggregate_oracle, with_masked_non_finite
 from tests.tolerance import assert_matches_oracle
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.version_independent]
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DTYPES = tuple(DTYPE_CODE)

@@ -27,7 +27,7 @@ from rlhf_kernels import reference
 from tests.cuda.test_row_stats_emulation import DTYPE_CODE, DTYPES, IGNORE, VEC
 from tests.tolerance import assert_rows_match_oracle
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.version_independent]
 
 ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
 INF = float("inf")

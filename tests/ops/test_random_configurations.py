@@ -547,6 +547,7 @@ TRITON_CPU_CASES = 120  # ~0.15 s each under the interpreter
 GPU_CASES = 60  # each new dtype / vocabulary / layout compiles Triton variants: seconds of a short GPU run
 
 
+@pytest.mark.fuzz
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("seed", range(CPU_CASES))
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -555,6 +556,7 @@ def test_random_configuration_on_the_cpu(backend, seed):
 
 
 @pytest.mark.slow
+@pytest.mark.fuzz
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.skipif(not INTERPRETED_TRITON, reason="the Triton kernels run on CPU tensors under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("seed", range(CPU_CASES, CPU_CASES + TRITON_CPU_CASES))
@@ -564,6 +566,7 @@ def test_random_configuration_triton_interpreted(seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.fuzz
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("seed", range(GPU_CASES))
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -591,6 +594,7 @@ class _RecordCustomOps(TorchDispatchMode):
 OPCHECK_SEEDS = range(60)  # on the CPU backends (the Triton interpreter under opcheck's repeated runs: minutes)
 
 
+@pytest.mark.fuzz
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("seed", OPCHECK_SEEDS)
 def test_the_custom_ops_of_a_random_configuration_pass_opcheck(seed):

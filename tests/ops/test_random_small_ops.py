@@ -203,6 +203,7 @@ TRITON_CPU_CASES = 100  # the interpreter: ~0.1 s each
 GPU_CASES = 60
 
 
+@pytest.mark.fuzz
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.skipif(not _ext.available(), reason="the C++ extension is not built")
 @pytest.mark.parametrize("seed", range(CPU_CASES))
@@ -210,6 +211,7 @@ def test_random_gae_on_the_cpu_kernel(seed):
     run_case(seed, "gae", "cpu", torch.device("cpu"))
 
 
+@pytest.mark.fuzz
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.skipif(not INTERPRETED_TRITON, reason="the Triton kernels run on CPU tensors under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("seed", range(TRITON_CPU_CASES))
@@ -220,6 +222,7 @@ def test_random_configuration_triton_interpreted(op, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.fuzz
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("seed", range(GPU_CASES))
 @pytest.mark.parametrize("op,backend", [("gae", "triton"), ("gae", "cuda"), ("kl_estimate", "triton")])

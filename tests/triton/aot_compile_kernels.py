@@ -4,7 +4,7 @@ Catches what only the compiler sees (branch type mismatches, unsupported ops)
 while CI has no GPU. Then every forward autotune candidate is compiled as the
 autotuner would see it on a GPU (16-byte aligned rows) and its cubin's resource
 usage read with cuobjdump (the toolkit's, or the copy Triton ships): a candidate that spills registers to
-local memory or a stack fails the run. Usage: python aot_compile_kernels.py [sm] [shard/shards]
+local memory or a stack fails the run. Usage: python aot_compile_kernels.py [sm] [shard/shards] [--no-candidate-sweep]
 (``1/2``: the second of two halves of the compiles, every other one, so two processes share a 2-core machine).
 """
 import os, sys, inspect, tempfile
@@ -16,8 +16,11 @@ from rlhf_kernels.triton import logprobs, kl, ppo, advantages, scale, aggregate
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks import sass_report  # noqa: E402 (the checkout's root, for the cubin resource reader)
 
-target = GPUTarget("cuda", int(sys.argv[1]) if len(sys.argv) > 1 else 90, 32)
-SHARD, SHARDS = map(int, (sys.argv[2] if len(sys.argv) > 2 else "0/1").split("/"))
+# --no-candidate-sweep: the kernels' variants only, not every forward autotune candidate (the oldest Triton's run)
+CANDIDATE_SWEEP = "--no-candidate-sweep" not in sys.argv[1:]
+positional = [a for a in sys.argv[1:] if not a.startswith("--")]
+target = GPUTarget("cuda", int(positional[0]) if positional else 90, 32)
+SHARD, SHARDS = map(int, (positional[1] if len(positional) > 1 else "0/1").split("/"))
 assert 0 <= SHARD < SHARDS, f"shard {SHARD}/{SHARDS}"
 _compiles = 0  # compiles asked for so far: this process does those whose index falls in its shard
 CUOBJDUMP = sass_report.find_cuobjdump()
@@ -145,7 +148,7 @@ forwards = [
      ("x_ptr", "r_ptr", "V", "stride_xb", "stride_xt", "stride_rb", "stride_rt")),
 ]
 spilled = []
-for kernel, candidates, consts, aligned in forwards:
+for kernel, candidates, consts, aligned in forwards if CANDIDATE_SWEEP else ():
     for dt in ("*bf16", "*fp32"):
         for block, lanes, warps in candidates:
             # as launched on aligned rows, and (ALIGNED_BODY) on rows of an odd length and stride

@@ -20,14 +20,17 @@ def _can_aot_compile() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _can_aot_compile(), reason="needs triton with the bundled NVIDIA ptxas")
-def test_all_kernels_compile_for_sm90(tmp_path):
+def test_all_kernels_compile_for_sm90(tmp_path, pytestconfig):
+    """Every kernel compiles; on the newest Triton also every forward autotune candidate, checked for spills (the
+    oldest Triton, ``--oldest-versions``, compiles each kernel's variants only: half the compiles)."""
+    sweep = [] if not pytestconfig.getoption("--oldest-versions") else ["--no-candidate-sweep"]
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     script = os.path.join(os.path.dirname(__file__), "aot_compile_kernels.py")
     # two halves of the compiles in two processes (~2x on CI's 2 cores: one process took over 300 s on a slow one)
     shards = 2
-    procs = [subprocess.Popen([sys.executable, script, "90", f"{i}/{shards}"], env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, script, "90", f"{i}/{shards}", *sweep], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(shards)]
     try:
         outputs = [p.communicate(timeout=900) for p in procs]
