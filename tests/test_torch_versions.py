@@ -1,7 +1,7 @@
 """What keeps the package importable and traceable on the oldest torch / Triton it supports (torch 2.6, Triton 3.2).
 
-The full suite runs on those versions with ``make test-oldest``; these checks catch the commonest break on the
-newest torch too, without installing the old one.
+The suite runs on those versions with ``make test-oldest`` (``--oldest-versions``); these checks catch the commonest
+break on the newest torch too, without installing the old one.
 """
 
 from __future__ import annotations
