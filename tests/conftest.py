@@ -60,10 +60,10 @@ def pytest_collection_modifyitems(config, items):
     15-minute ``make test``); started first, it runs beside everything else. The sort is stable: within each group
     the collection's order holds."""
     if config.getoption("--oldest-versions"):
-        left = [item for item in items if _left_to_the_newest_versions(item)]
+        left = {item for item in items if _left_to_the_newest_versions(item)}
         if left:
-            config.hook.pytest_deselected(items=left)
-            items[:] = [item for item in items if not _left_to_the_newest_versions(item)]
+            config.hook.pytest_deselected(items=list(left))
+            items[:] = [item for item in items if item not in left]
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

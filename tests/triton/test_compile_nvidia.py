@@ -23,7 +23,7 @@ def _can_aot_compile() -> bool:
 def test_all_kernels_compile_for_sm90(tmp_path, pytestconfig):
     """Every kernel compiles; on the newest Triton also every forward autotune candidate, checked for spills (the
     oldest Triton, ``--oldest-versions``, compiles each kernel's variants only: half the compiles)."""
-    sweep = [] if not pytestconfig.getoption("--oldest-versions") else ["--no-candidate-sweep"]
+    sweep = ["--no-candidate-sweep"] if pytestconfig.getoption("--oldest-versions") else []
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")

@@ -30,8 +30,9 @@ def test_a_launch_patches_the_language_once_and_its_helpers_compute_as_before(mo
 
     from tests.interpreter_patching import patch_the_language_once_per_launch
 
-    assert patch_the_language_once_per_launch()
-    assert getattr(interpreter._patch_lang, "_once_per_launch", False), "tests/conftest.py installs the wrapper"
+    installed = interpreter._patch_lang
+    assert getattr(installed, "_once_per_launch", False), "tests/conftest.py installs the wrapper"
+    assert patch_the_language_once_per_launch() and interpreter._patch_lang is installed, "a second call wraps nothing"
     # _patch_lang_core: called by Triton's _patch_lang once per language module it patches
     calls = []
     core = interpreter._patch_lang_core
