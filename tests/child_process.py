@@ -9,6 +9,7 @@ fails only this test, by name.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -26,3 +27,12 @@ def run_in_child(fn, *args, timeout: float = 300.0):
         except BrokenProcessPool:
             pytest.fail(f"{fn.__module__}.{fn.__qualname__} ended its child process (a C++ error that crashed "
                         "instead of raising? `python -m benchmarks.exception_probe` says where)", pytrace=False)
+
+
+def child_pytest_environment(**overrides: str) -> dict[str, str]:
+    """This process's environment, with ``overrides``, for a pytest run in a child process: without pytest-xdist's
+    ``PYTEST_XDIST_*`` variables, since under ``make test`` a child that inherits ``PYTEST_XDIST_WORKER`` believes
+    it is a worker too (pytest-benchmark then disables its benchmarks)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_XDIST_")}
+    env.update(overrides)
+    return env

@@ -3,20 +3,21 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.child_process import child_pytest_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["tests/ops/test_random_small_ops.py", "tests/cuda/test_token_terms_emulation.py"]
 
 
 def _collected(*options: str) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           *options, *FILES], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           *options, *FILES], cwd=ROOT, env=child_pytest_environment(), capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [line for line in done.stdout.splitlines() if "::" in line]
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from rlhf_kernels import _ext
+from tests.child_process import child_pytest_environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -252,13 +253,9 @@ def test_cpu_kernel_microbenchmarks_run_and_report(tmp_path):
     """``make bench-cpu``'s kernel file at tiny shapes: every op's cpu / eager / chunked step runs, the outputs
     agree with eager's, and the report lists each op and mode."""
     report = tmp_path / "kernels.md"
-    env = dict(os.environ, RLHF_BENCH_N="32", RLHF_BENCH_V="300", RLHF_BENCH_B="2", RLHF_BENCH_T="16",
-               RLHF_BENCH_ROUNDS="1", RLHF_BENCH_WARMUP="0", RLHF_BENCH_KERNELS_REPORT=str(report))
+    env = child_pytest_environment(RLHF_BENCH_N="32", RLHF_BENCH_V="300", RLHF_BENCH_B="2", RLHF_BENCH_T="16",
+                                   RLHF_BENCH_ROUNDS="1", RLHF_BENCH_WARMUP="0", RLHF_BENCH_KERNELS_REPORT=str(report))
     env.pop("TRITON_INTERPRET", None)
-    # under pytest-xdist (make test), a child that inherits PYTEST_XDIST_WORKER believes it is a worker too, and
-    # pytest-benchmark then disables its benchmarks
-    for name in [n for n in env if n.startswith("PYTEST_XDIST_")]:
-        env.pop(name)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_cpu_kernels.py"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
