@@ -91,7 +91,7 @@ $(STAMPS)/build: $(STAMPS)/deps $(SOURCES)
 clean:
 	rm -rf build $(STAMPS) rlhf_kernels/_C*.so csrc/build_config.h *.egg-info
 
-# The oldest versions pyproject.toml allows (torch 2.6, Triton 3.2, whose interpreter needs numpy < 2.3;
+# The oldest versions pyproject.toml allows (torch 2.6, Triton 3.2 with a numpy of its time: its interpreter needs < 2.4;
 # transformers 4.45 with a datasets of its time; no trl, whose releases that import need newer transformers), the
 # CPU suite, in a venv and a copy of the tree of their own (.make/oldest: the in-place build's _C*.so has the
 # same name for both torches). torch 2.6 is a CUDA 12 build and refuses CUDA 13's nvcc, so its extension holds the

@@ -20,6 +20,18 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     patch_the_language_once_per_launch()
 
 
+def pytest_report_header(config):
+    """A Triton / numpy pair whose interpreter cannot run is said once, before the interpreted tests fail one by one
+    (those calling a kernel directly with the interpreter's own TypeError)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from rlhf_kernels.ops._dispatch import triton_interpreter_conflict
+
+        conflict = triton_interpreter_conflict()
+        if conflict:
+            return f"WARNING: {conflict}; the tests of the interpreted Triton kernels will fail"
+    return None
+
+
 def pytest_runtest_logreport(report):
     """With RLHF_KERNELS_TEST_FAILURES=<file>, each failure is appended there as it happens (name and traceback):
     pytest prints its summary only at the end, and a test that ends the process (H200 run 6) took every earlier

@@ -10,7 +10,9 @@ devices it cannot serve.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import itertools
 import os
 from typing import Iterable, Optional
 
@@ -46,6 +48,53 @@ GPU_PREFERENCE = {
 
 # Looked up once at import (without importing triton): a constant for torch.compile to trace.
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
+def _release(version: str) -> tuple:
+    """The leading numbers of a version string: ``"2.4.6"`` -> ``(2, 4, 6)``, ``"3.6.0+git1a2b"`` -> ``(3, 6, 0)``."""
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
+
+
+def interpreter_numpy_conflict(triton_version: Optional[str], numpy_version: Optional[str]) -> Optional[str]:
+    """Why Triton's CPU interpreter cannot run with these installed versions (``None`` when it can).
+
+    The interpreter holds tensors as numpy arrays. Up to Triton 3.6 it takes a loop bound's Python value as
+    ``int()`` of a one-element array, which numpy 2.4 refuses (``TypeError: only 0-dimensional arrays can be
+    converted to Python scalars``, deep inside the first kernel with a loop); Triton 3.7 squeezes the array first."""
+    if triton_version is None:
+        return None
+    if numpy_version is None:
+        return "Triton's interpreter (TRITON_INTERPRET=1) needs numpy: pip install numpy"
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) needs numpy < 2.4, found numpy "
+                f"{numpy_version}: pip install 'numpy<2.4' (or Triton >= 3.7)")
+    return None
+
+
+def _installed_version(distribution: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# Also a constant (the installed versions do not change while the process runs); read without importing either.
+_INTERPRETER_CONFLICT = (
+    interpreter_numpy_conflict(_installed_version("triton"), _installed_version("numpy"))
+    if _TRITON_IMPORTABLE
+    else None
+)
+
+
+def triton_interpreter_conflict() -> Optional[str]:
+    """Why the installed Triton's CPU interpreter cannot run with the installed numpy (``None`` when it can)."""
+    return _INTERPRETER_CONFLICT
 
 
 def triton_importable() -> bool:
@@ -107,8 +156,10 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     if backend == "triton":
         if not triton_importable():
             return "triton is not installed"
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+        if device.type == "cuda":
             return None
+        if device.type == "cpu" and triton_interpreting():
+            return triton_interpreter_conflict()
         return f"triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
