@@ -8,10 +8,13 @@ import pytest
 import torch
 
 import rlhf_kernels as rk
+from rlhf_kernels import _ext
 from rlhf_kernels import reference as R
 from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
 
 torch.manual_seed(0)
+
+CPU_BACKENDS = ["cpu", "torch"] if _ext.available() else ["torch"]
 
 
 def _row_stats(row):
@@ -144,31 +147,107 @@ def _agg_by_hand(term, mask, mode):
 @pytest.mark.parametrize("loss_agg", R.LOSS_AGG_MODES)
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
 def test_ppo_loss_matches_per_token_loops(loss_agg, dual_clip):
+    """The loss and every statistic (per-token log-prob, entropy and KL; clip fraction, approx KL) by hand. Two
+    tokens have log-ratios beyond the ±20 clamp: +30 with a negative advantage (the unclipped surrogate, |A|·e^20,
+    wins without a dual clip) and -30 with a positive one (A·e^-20 beside the 0.8 bound)."""
     B, T, V = 3, 4, 6
     logits = torch.randn(B, T, V, dtype=torch.float64)
     targets = torch.randint(0, V, (B, T))
+    logp, ent = R.logprobs(logits, targets, return_entropy=True)
     old = R.logprobs(logits + 0.5 * torch.randn_like(logits), targets)
     ref = R.logprobs(logits + 0.5 * torch.randn_like(logits), targets)
     adv = torch.randn(B, T, dtype=torch.float64)
+    old[0, 1], adv[0, 1] = logp[0, 1] - 30.0, -abs(adv[0, 1]) - 0.1
+    old[1, 0], adv[1, 0] = logp[1, 0] + 30.0, abs(adv[1, 0]) + 0.1
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.float64)
     out = R.ppo_loss(
         logits, targets, old, adv, mask, ref_logp=ref, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01,
         clip_low=0.2, clip_high=0.28, dual_clip=dual_clip, loss_agg=loss_agg,
     )
-    logp, ent = R.logprobs(logits, targets, return_entropy=True)
-    term = []
+    term, clipped, approx_kl = [], 0, 0.0
     for b in range(B):
         row = []
         for t in range(T):
             lp, a = logp[b, t].item(), adv[b, t].item()
             r = math.exp(max(-20.0, min(20.0, lp - old[b, t].item())))
-            pg = max(-a * r, -a * min(max(r, 0.8), 1.28))
+            pg_unclipped, pg_clipped = -a * r, -a * min(max(r, 0.8), 1.28)
+            pg = max(pg_unclipped, pg_clipped)
+            active = pg_clipped > pg_unclipped
             if dual_clip is not None and a < 0:
+                active = active or -a * dual_clip < pg
                 pg = min(pg, -a * dual_clip)
             d = ref[b, t].item() - lp
-            row.append(pg + 0.1 * (math.exp(d) - d - 1) - 0.01 * ent[b, t].item())
+            kl = math.exp(d) - d - 1
+            assert out.kl[b, t].item() == pytest.approx(kl, abs=1e-12)
+            assert out.logp[b, t].item() == pytest.approx(lp, abs=1e-12)
+            assert out.entropy[b, t].item() == pytest.approx(ent[b, t].item(), abs=1e-12)
+            row.append(pg + 0.1 * kl - 0.01 * ent[b, t].item())
+            if mask[b, t]:
+                clipped += active
+                approx_kl += 0.5 * (lp - old[b, t].item()) ** 2
         term.append(row)
-    assert out.loss.item() == pytest.approx(_agg_by_hand(term, mask.tolist(), loss_agg), abs=1e-12)
+    tokens = mask.sum().item()
+    assert out.loss.item() == pytest.approx(_agg_by_hand(term, mask.tolist(), loss_agg), rel=1e-12, abs=1e-12)
+    assert out.clip_frac.item() == pytest.approx(clipped / tokens, abs=1e-12)
+    assert out.approx_kl.item() == pytest.approx(approx_kl / tokens, rel=1e-12)
+
+
+@pytest.mark.parametrize("loss_agg", R.LOSS_AGG_MODES)
+def test_aggregate_loss_takes_every_leading_axis_as_sequences(loss_agg):
+    """``term[2, 3, 5]`` aggregates as the 6 sequences of its ``[6, 5]`` view (by hand), in the oracle and in the op
+    (``ppo_loss`` on ``[2, 3, 5, V]`` logits against the same tokens as ``[6, 5, V]``)."""
+    term = torch.randn(2, 3, 5, dtype=torch.float64)
+    mask = (torch.rand(2, 3, 5) < 0.6).to(torch.float64)
+    mask[1, 2] = 0  # an empty sequence
+    by_hand = _agg_by_hand(term.reshape(6, 5).tolist(), mask.reshape(6, 5).tolist(), loss_agg)
+    assert R.aggregate_loss(term, mask, loss_agg).item() == pytest.approx(by_hand, abs=1e-12)
+
+    logits = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    targets = torch.randint(0, 7, (2, 3, 5))
+    old, adv = torch.randn(2, 3, 5, dtype=torch.float64) - 2, torch.randn(2, 3, 5, dtype=torch.float64)
+    for backend in CPU_BACKENDS:
+        nested = rk.ppo_loss(logits, targets, old, adv, mask, loss_agg=loss_agg, backend=backend)
+        flat = rk.ppo_loss(logits.reshape(6, 5, 7), targets.reshape(6, 5), old.reshape(6, 5), adv.reshape(6, 5),
+                           mask.reshape(6, 5), loss_agg=loss_agg, backend=backend)
+        assert nested.loss.item() == pytest.approx(flat.loss.item(), abs=1e-12), backend
+        assert nested.clip_frac.item() == pytest.approx(flat.clip_frac.item(), abs=1e-12), backend
+
+
+def test_the_ops_defaults_are_the_oracles():
+    """Every keyword default of a reference function is its op's (DESIGN.md §2's signatures), so a test that calls
+    both with defaults compares like with like; and the ops called without options match the oracle called with
+    DESIGN.md's values spelled out."""
+    import inspect
+
+    checked = []
+    for name, oracle in inspect.getmembers(R, inspect.isfunction):
+        op = getattr(rk, name, None)
+        if oracle.__module__ != R.__name__ or name.startswith("_") or op is None:
+            continue
+        op_params = inspect.signature(op).parameters
+        for key, param in inspect.signature(oracle).parameters.items():
+            if param.default is not inspect.Parameter.empty:
+                assert key in op_params, f"rk.{name} has no keyword {key!r}, which the oracle has"
+                assert op_params[key].default == param.default, f"{name}({key}=...): op and oracle differ"
+        checked.append(name)
+    assert {"logprobs", "kl_divergence", "kl_estimate", "ppo_loss", "gae", "linear_logprobs"} <= set(checked)
+
+    rewards, values = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.float64)
+    torch.testing.assert_close(rk.gae(rewards, values, mask), R.gae(rewards, values, mask, gamma=1.0, lam=0.95))
+    logits, ref_logits = torch.randn(3, 4, 9, dtype=torch.float64), torch.randn(3, 4, 9, dtype=torch.float64)
+    torch.testing.assert_close(rk.kl_divergence(logits, ref_logits),
+                               R.kl_divergence(logits, ref_logits, temperature=1.0, mask=None))
+    targets = torch.randint(0, 9, (3, 4))
+    targets[0, 0] = -100
+    old, ref, adv = (torch.randn(3, 4, dtype=torch.float64) - 2 for _ in range(3))
+    mask = torch.ones(3, 4, dtype=torch.float64)
+    got = rk.ppo_loss(logits, targets, old, adv, mask, ref_logp=ref)
+    want = R.ppo_loss(logits, targets, old, adv, mask, ref_logp=ref, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
+                      clip_low=0.2, clip_high=0.2, dual_clip=None, temperature=1.0, loss_agg="token-mean",
+                      ignore_index=-100)
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(got.clip_frac, want.clip_frac)
 
 
 def test_ppo_loss_empty_mask_is_zero_with_finite_grad():
