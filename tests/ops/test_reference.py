@@ -202,15 +202,22 @@ def test_aggregate_loss_takes_every_leading_axis_as_sequences(loss_agg):
     by_hand = _agg_by_hand(term.reshape(6, 5).tolist(), mask.reshape(6, 5).tolist(), loss_agg)
     assert R.aggregate_loss(term, mask, loss_agg).item() == pytest.approx(by_hand, abs=1e-12)
 
-    logits = torch.randn(2, 3, 5, 7, dtype=torch.float64)
     targets = torch.randint(0, 7, (2, 3, 5))
     old, adv = torch.randn(2, 3, 5, dtype=torch.float64) - 2, torch.randn(2, 3, 5, dtype=torch.float64)
-    for backend in CPU_BACKENDS:
+    interpreted = ["triton"] if triton_importable() and triton_interpreting() else []
+    for backend in CPU_BACKENDS + interpreted:  # Triton's fused step takes its weights from aggregation_weights
+        dtype = torch.float32 if backend == "triton" else torch.float64
+        logits = torch.randn(2, 3, 5, 7, dtype=dtype, requires_grad=True)
         nested = rk.ppo_loss(logits, targets, old, adv, mask, loss_agg=loss_agg, backend=backend)
-        flat = rk.ppo_loss(logits.reshape(6, 5, 7), targets.reshape(6, 5), old.reshape(6, 5), adv.reshape(6, 5),
+        (nested_grad,) = torch.autograd.grad(nested.loss, logits)
+        flat_logits = logits.detach().reshape(6, 5, 7).requires_grad_()
+        flat = rk.ppo_loss(flat_logits, targets.reshape(6, 5), old.reshape(6, 5), adv.reshape(6, 5),
                            mask.reshape(6, 5), loss_agg=loss_agg, backend=backend)
-        assert nested.loss.item() == pytest.approx(flat.loss.item(), abs=1e-12), backend
-        assert nested.clip_frac.item() == pytest.approx(flat.clip_frac.item(), abs=1e-12), backend
+        (flat_grad,) = torch.autograd.grad(flat.loss, flat_logits)
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        assert nested.loss.item() == pytest.approx(flat.loss.item(), abs=tol), backend
+        assert nested.clip_frac.item() == pytest.approx(flat.clip_frac.item(), abs=tol), backend
+        torch.testing.assert_close(nested_grad.reshape(6, 5, 7), flat_grad, atol=tol, rtol=tol, msg=backend)
 
 
 def test_the_ops_defaults_are_the_oracles():
