@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import platform
-from importlib import metadata
 
 import torch
 
 from . import _ext, settings
 from .ops import advantages, kl, logprobs, ppo
-from .ops._dispatch import _GPU_DEFAULT, BACKENDS, GPU_PREFERENCE, unavailable_reason
+from .ops._dispatch import _GPU_DEFAULT, BACKENDS, GPU_PREFERENCE, installed_version, unavailable_reason
 
 # Which backends have a kernel for each op family (the reference "torch" serves every op).
 OP_KERNELS = {
@@ -22,10 +21,7 @@ OP_KERNELS = {
 
 
 def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+    return installed_version(package) or "not installed"
 
 
 # The stacks the drop-ins (rlhf_kernels/integrations) and the benchmarks were checked against: another installed

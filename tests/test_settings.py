@@ -123,7 +123,7 @@ def test_info_shows_each_setting_and_flags_a_bad_one(monkeypatch):
 def test_info_names_the_other_stacks_and_the_versions_checked(monkeypatch):
     """``rlhf-kernels info`` lists TRL, verl, OpenRLHF and Liger-Kernel: the installed version (or "not installed")
     and the one the drop-ins / benchmarks were checked against."""
-    from importlib import metadata  # info.py reads versions through this module's attribute
+    from importlib import metadata  # info.py reads versions through this module's attribute (ops._dispatch)
 
     real = metadata.version
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import itertools
 import os
 from typing import Iterable, Optional
 
+import packaging.version
 import torch
 
 from .. import _ext
@@ -50,15 +50,12 @@ GPU_PREFERENCE = {
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 
-def _release(version: str) -> tuple:
-    """The leading numbers of a version string: ``"2.4.6"`` -> ``(2, 4, 6)``, ``"3.6.0+git1a2b"`` -> ``(3, 6, 0)``."""
-    numbers = []
-    for part in version.split("+")[0].split("."):
-        digits = "".join(itertools.takewhile(str.isdigit, part))
-        if not digits:
-            break
-        numbers.append(int(digits))
-    return tuple(numbers)
+def _release(version: str) -> Optional[tuple]:
+    """The release numbers of a version string (``"3.6.0+git1a2b"`` -> ``(3, 6, 0)``), None if it is not PEP 440."""
+    try:
+        return packaging.version.Version(version).release
+    except packaging.version.InvalidVersion:
+        return None
 
 
 def interpreter_numpy_conflict(triton_version: Optional[str], numpy_version: Optional[str]) -> Optional[str]:
@@ -71,13 +68,17 @@ def interpreter_numpy_conflict(triton_version: Optional[str], numpy_version: Opt
         return None
     if numpy_version is None:
         return "Triton's interpreter (TRITON_INTERPRET=1) needs numpy: pip install numpy"
-    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+    triton_release, numpy_release = _release(triton_version), _release(numpy_version)
+    if triton_release is None or numpy_release is None:  # a build whose version says nothing we can compare
+        return None
+    if triton_release < (3, 7) and numpy_release >= (2, 4):
         return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) needs numpy < 2.4, found numpy "
                 f"{numpy_version}: pip install 'numpy<2.4' (or Triton >= 3.7)")
     return None
 
 
-def _installed_version(distribution: str) -> Optional[str]:
+def installed_version(distribution: str) -> Optional[str]:
+    """The installed version of ``distribution`` (its metadata, without importing it), None if not installed."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -86,7 +87,7 @@ def _installed_version(distribution: str) -> Optional[str]:
 
 # Also a constant (the installed versions do not change while the process runs); read without importing either.
 _INTERPRETER_CONFLICT = (
-    interpreter_numpy_conflict(_installed_version("triton"), _installed_version("numpy"))
+    interpreter_numpy_conflict(installed_version("triton"), installed_version("numpy"))
     if _TRITON_IMPORTABLE
     else None
 )

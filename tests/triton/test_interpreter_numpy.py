@@ -37,6 +37,7 @@ def test_pairs_that_work_are_not_refused(triton_version, numpy_version):
 def test_missing_numpy_and_missing_triton():
     assert "needs numpy" in _dispatch.interpreter_numpy_conflict("3.8.0", None)
     assert _dispatch.interpreter_numpy_conflict(None, "2.4.6") is None
+    assert _dispatch.interpreter_numpy_conflict("3.6.0", "not a version") is None  # nothing to compare: not refused
 
 
 def test_the_installed_pair_is_what_the_interpreted_tests_run_on():
