@@ -132,6 +132,13 @@ def masked_whiten(x, mask, eps=1e-8):
     return (x - mean) * torch.rsqrt(var + eps) * m
 
 
+def adapted_kl_coef(kl_coef: float, kl: float, cfg: PPOConfig) -> float:
+    """Ziegler et al. (2019)'s proportional controller: the KL coefficient β for the next step from this step's
+    KL (nats per sequence), ``β·(1 + clip(KL / kl_target - 1, -0.2, 0.2)·rollout_batch / kl_horizon)``."""
+    error = max(-0.2, min(0.2, kl / cfg.kl_target - 1.0))
+    return kl_coef * (1.0 + error * cfg.rollout_batch / cfg.kl_horizon)
+
+
 @torch.no_grad()
 def make_experience(cfg, policy, ref, critic, rm, tok, rows, kl_coef, dev, task=None):
     """Rollout + scoring + GAE. Returns a dict of [B, T-1] tensors aligned with logits[:, :-1]."""
@@ -263,9 +270,8 @@ def train_ppo(cfg: PPOConfig, policy=None, tok=None, rm=None, prompts=None, task
         t1 = time.perf_counter()
         upd = ppo_update(cfg, model, vmodel, opt, copt, exp, kl_coef)
         sched.step()
-        if cfg.adaptive_kl:  # Ziegler et al. 2019 proportional controller
-            err = max(-0.2, min(0.2, stats["kl"] / cfg.kl_target - 1.0))
-            kl_coef *= 1.0 + err * cfg.rollout_batch / cfg.kl_horizon
+        if cfg.adaptive_kl:
+            kl_coef = adapted_kl_coef(kl_coef, stats["kl"], cfg)
         fields = {**stats, **upd, "kl_coef": kl_coef, "rollout_s": t1 - t0}  # the coefficient the next step uses
         # generation and scoring passes, then the training passes
         return fields, exp["attention_mask"].numel() * world * (1 + 2 + cfg.ppo_epochs * 2)

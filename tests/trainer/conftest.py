@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 # a tiny model: the whole trainer suite has a CPU budget of a few minutes
 TINY = dict(n_embd=32, n_layer=1, n_head=2, n_positions=32, max_len=32, progress=False, log_every=0, device="cpu",
@@ -29,3 +30,24 @@ def rm_run(tmp_path_factory, tiny, sft_run):
                    n_train=2400, eval_frac=0.2)
     rm, tok, hist, acc = train_rm(cfg)
     return {"dir": str(out / "final"), "history": hist, "acc": acc}
+
+
+@pytest.fixture(scope="session")
+def eval_models(sft_run, rm_run):
+    """The trained policy, a reference perturbed away from it (so the KL is not 0), a critic perturbed away from the
+    reward model, and the reward model, all in eval mode; for tests that recompute the trainer's steps by hand."""
+    import copy
+
+    from rlhf_kernels.trainer.models import ScalarHeadModel, load_policy
+    policy, tok = load_policy(sft_run["dir"])
+    ref = copy.deepcopy(policy)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    rm = ScalarHeadModel.from_pretrained(rm_run["dir"])
+    critic = copy.deepcopy(rm)
+    with torch.no_grad():
+        for p in critic.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return [m.eval() for m in (policy, ref, critic, rm)], tok
