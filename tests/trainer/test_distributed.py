@@ -111,6 +111,12 @@ def _whiten_input():
     return x, mask
 
 
+def _group_rewards():
+    """12 rewards in groups of 4; the last 4 (rank 1's share) spread more widely, so a per-rank std would differ."""
+    g = torch.Generator().manual_seed(6)
+    return torch.randn(12, generator=g) * torch.tensor([1.0] * 8 + [4.0] * 4)
+
+
 def _ppo_run_kw(spec):
     return dict(spec["tiny"], sft=spec["sft"], rm=spec["rm"], task="letters-easy", steps=3, rollout_batch=8,
                 ppo_epochs=2, minibatches=2, adaptive_kl=True, kl_target=0.5, eval_prompts=16, max_new_tokens=8)
@@ -206,6 +212,17 @@ def test_whitening_uses_global_statistics(dist_run):
     want = masked_whiten(x, mask)
     got = torch.load(dist_run / "whiten.pt", weights_only=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_scaled_group_advantages_use_global_statistics(dist_run):
+    """GRPO's ``scale_rewards: batch`` under torchrun: every rank scales its groups by the std of all ranks'
+    rewards (the all-reduced count, sum and sum of squares), as one process does with all of them."""
+    from rlhf_kernels.trainer.grpo import group_advantages
+    rewards = _group_rewards()
+    want = group_advantages(rewards, 4, "batch")
+    got = torch.load(dist_run / "batch_advantages.pt", weights_only=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(group_advantages(rewards[:8], 4, "batch"), want[:8], rtol=1e-2)   # a rank's own std
 
 
 @pytest.mark.skipif(FSDP_SKIP is not None, reason=str(FSDP_SKIP))
@@ -410,6 +427,13 @@ def _rank_main(spec_path):
     w[rows] = masked_whiten(x[rows], mask[rows])
     dist.all_reduce(w)
     save(w, "whiten.pt")
+    from rlhf_kernels.trainer.grpo import group_advantages
+    rewards = _group_rewards()
+    rows = slice(0, 8) if rank == 0 else slice(8, 12)   # unequal shares of whole groups
+    a = torch.zeros_like(rewards)
+    a[rows] = group_advantages(rewards[rows], 4, "batch")
+    dist.all_reduce(a)
+    save(a, "batch_advantages.pt")
 
     ppo_exp = torch.load(os.path.join(out, "ppo_exp.pt"), weights_only=True)
     grpo_exp = torch.load(os.path.join(out, "grpo_exp.pt"), weights_only=True)
