@@ -116,6 +116,20 @@ def test_agg_loss_global_batch_arguments(mode):
         rk_verl.agg_loss(new, mask, "seq-sum")
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_agg_loss_at_the_edges_of_its_global_arguments(mode):
+    """A sequence of one token counts as a sequence; a global batch of one sequence (or one token) divides by 1; with
+    two data-parallel ranks the global count is required, as verl asserts."""
+    _, new, _, mask = _batch(5, empty_rows=(0,))
+    mask[2, 1:] = 0   # a response of one token is not empty
+    torch.testing.assert_close(rk_verl.agg_loss(new, mask, mode), verl_agg_loss(new, mask, mode))
+    kw = dict(dp_size=1, batch_num_tokens=1.0, global_batch_size=1)
+    torch.testing.assert_close(rk_verl.agg_loss(new, mask, mode, **kw), verl_agg_loss(new, mask, mode, **kw))
+    if mode != "token-sum":
+        with pytest.raises(ValueError, match="batch_num_tokens" if mode == "token-mean" else "global_batch_size"):
+            rk_verl.agg_loss(new, mask, mode, dp_size=2)
+
+
 @pytest.mark.parametrize("mode", MODES[:4])
 def test_loss_agg_mode_names_map_to_rk(mode):
     """The documented mapping: verl's names are rk.aggregate_loss's, equal when no sequence is empty."""
@@ -226,6 +240,18 @@ def test_entropy_from_logits(dtype):
     torch.testing.assert_close(chunked, ours.detach())
     grad_tol = tol if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(x.grad.double(), y.grad, **grad_tol)
+
+
+def test_entropy_of_a_single_row_and_the_smallest_chunk():
+    logits = torch.randn(11, generator=torch.Generator().manual_seed(10), dtype=torch.float64).float()
+    y = logits.double()
+    want = torch.logsumexp(y, -1) - (torch.softmax(y, -1) * y).sum(-1)
+    ours = rk_verl.entropy_from_logits(logits)
+    assert ours.shape == ()
+    torch.testing.assert_close(ours.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rk_verl.entropy_from_logits_with_chunking(logits, chunk_size=1), ours)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        rk_verl.entropy_from_logits_with_chunking(logits, chunk_size=0)
 
 
 def test_torch_compile_fullgraph():
