@@ -51,3 +51,18 @@ def eval_models(sft_run, rm_run):
         for p in critic.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return [m.eval() for m in (policy, ref, critic, rm)], tok
+
+
+@pytest.fixture
+def record_rollouts(monkeypatch):
+    """``record_rollouts(module)`` wraps ``module.generate_responses`` for the test and returns the list that every
+    rollout it produces is appended to, so that a test can recompute by hand what the trainer did with them."""
+    def record(module):
+        rolls, generate = [], module.generate_responses
+
+        def recording(*args, **kwargs):
+            rolls.append(generate(*args, **kwargs))
+            return rolls[-1]
+        monkeypatch.setattr(module, "generate_responses", recording)
+        return rolls
+    return record

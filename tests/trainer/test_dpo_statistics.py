@@ -36,19 +36,13 @@ def test_pair_eval_over_several_batches_is_the_statistics_of_all_pairs(eval_mode
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
-def test_sampled_kl_is_the_k1_sum_per_sequence_over_every_batch(monkeypatch, eval_models):
+def test_sampled_kl_is_the_k1_sum_per_sequence_over_every_batch(record_rollouts, eval_models):
     from rlhf_kernels.tasks import get_task
     from rlhf_kernels.trainer import dpo
     from rlhf_kernels.trainer.models import lm_logits
     from rlhf_kernels.trainer.rollout import SamplingConfig
     (policy, ref, _, _), tok = eval_models
-    rolls = []
-
-    def recorded(*a, **kw):
-        rolls.append(generate(*a, **kw))
-        return rolls[-1]
-    generate = dpo.generate_responses
-    monkeypatch.setattr(dpo, "generate_responses", recorded)
+    rolls = record_rollouts(dpo)
     torch.manual_seed(7)
     prompts = get_task("letters-easy").prompts(7, 0)
     got = dpo.sampled_kl(policy, ref, tok, prompts, SamplingConfig(temperature=1.2, max_new_tokens=6),

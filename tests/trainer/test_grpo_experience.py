@@ -20,7 +20,7 @@ def _group_advantages_by_hand(rewards, G, scale):
 
 
 @pytest.mark.parametrize("reward, scale", [("gold", "group"), ("rm", "batch"), ("rm", "none")])
-def test_make_group_experience_by_hand(monkeypatch, tiny, eval_models, reward, scale):
+def test_make_group_experience_by_hand(record_rollouts, tiny, eval_models, reward, scale):
     from rlhf_kernels.tasks import get_task
     from rlhf_kernels.trainer import grpo
     from rlhf_kernels.trainer.rollout import gold_rewards
@@ -28,13 +28,7 @@ def test_make_group_experience_by_hand(monkeypatch, tiny, eval_models, reward, s
     task = get_task("letters-easy")
     cfg = grpo.GRPOConfig(**tiny, reward=reward, scale_rewards=scale, num_generations=3, max_new_tokens=7,
                           missing_eos_penalty=1.5)
-    rolls = []
-
-    def recorded(*a, **kw):
-        rolls.append(generate(*a, **kw))
-        return rolls[-1]
-    generate = grpo.generate_responses
-    monkeypatch.setattr(grpo, "generate_responses", recorded)
+    rolls = record_rollouts(grpo)
     torch.manual_seed(5)
     prompts = task.prompts(4, 0)
     exp, stats = grpo.make_group_experience(cfg, policy, ref, rm, tok, prompts, torch.device("cpu"), task)

@@ -57,7 +57,7 @@ def test_masked_whiten_of_a_constant_is_zero_and_its_eps_is_inside_the_root():
 
 @pytest.mark.parametrize("kl_in_reward, estimator, whiten", [(True, "k1", True), (True, "k3", False),
                                                               (False, "k2", True)])
-def test_make_experience_by_hand(monkeypatch, tiny, eval_models, kl_in_reward, estimator, whiten):
+def test_make_experience_by_hand(record_rollouts, tiny, eval_models, kl_in_reward, estimator, whiten):
     from rlhf_kernels.tasks import get_task
     from rlhf_kernels.trainer import ppo
     from rlhf_kernels.trainer.models import lm_logits
@@ -65,13 +65,7 @@ def test_make_experience_by_hand(monkeypatch, tiny, eval_models, kl_in_reward, e
     task = get_task("letters-easy")
     cfg = ppo.PPOConfig(**tiny, kl_in_reward=kl_in_reward, kl_estimator=estimator, whiten_advantages=whiten,
                         kl_coef=0.3, gamma=0.9, lam=0.8, max_new_tokens=7, missing_eos_penalty=2.5, temperature=1.3)
-    rolls = []
-
-    def recorded(*a, **kw):
-        rolls.append(generate(*a, **kw))
-        return rolls[-1]
-    generate = ppo.generate_responses
-    monkeypatch.setattr(ppo, "generate_responses", recorded)
+    rolls = record_rollouts(ppo)
     torch.manual_seed(3)
     exp, stats = ppo.make_experience(cfg, policy, ref, critic, rm, tok, task.prompts(12, 0), cfg.kl_coef,
                                      torch.device("cpu"), task)

@@ -23,17 +23,11 @@ def test_minibatches_partition_every_epoch_and_keep_rows_together():
     assert [p["input_ids"][:, 0].tolist() for p in parts[:3]] != [p["input_ids"][:, 0].tolist() for p in parts[3:]]
 
 
-def test_evaluate_gold_means_over_every_generation_batch(monkeypatch, sft_run):
+def test_evaluate_gold_means_over_every_generation_batch(record_rollouts, sft_run):
     from rlhf_kernels.tasks import get_task
     from rlhf_kernels.trainer import rollout
     task = get_task("letters-easy")
-    rolls = []
-
-    def recorded(*a, **kw):
-        rolls.append(generate(*a, **kw))
-        return rolls[-1]
-    generate = rollout.generate_responses
-    monkeypatch.setattr(rollout, "generate_responses", recorded)
+    rolls = record_rollouts(rollout)
     torch.manual_seed(8)
     got = rollout.evaluate_gold(sft_run["model"].eval(), sft_run["tok"], task, task.prompts(7, 0),
                                 rollout.SamplingConfig(max_new_tokens=7), "cpu", batch_size=3, max_len=32)
