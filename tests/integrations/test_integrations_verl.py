@@ -163,6 +163,17 @@ def test_compute_policy_loss_matches_verl(mode, clips):
     assert x_ours.grad.abs().sum() > 0
 
 
+def test_compute_policy_loss_clamps_the_log_ratio_at_20():
+    """Log-ratios past ±20 (a token whose probability collapsed or exploded) count as ±20, in the loss and in
+    ppo_kl, as in verl."""
+    old, new, adv, mask = _batch(11)
+    new[1, 0], new[2, 0], adv[1, 0], adv[2, 0] = old[1, 0] + 25.0, old[2, 0] - 30.0, -0.5, 0.7
+    ours = rk_verl.compute_policy_loss(old, new, adv, mask, cliprange=0.2)
+    theirs = verl_compute_policy_loss(old, new, adv, mask, cliprange=0.2)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_compute_policy_loss_float32_and_validation():
     old, new, adv, mask = _batch(6, dtype=torch.float32)
     ours = rk_verl.compute_policy_loss(old, new, adv, mask, cliprange=0.2)
@@ -174,6 +185,8 @@ def test_compute_policy_loss_float32_and_validation():
         rk_verl.compute_policy_loss(old, new, adv, mask, cliprange=0.2, clip_ratio_c=1.0)
     with pytest.raises(ValueError, match="cliprange"):
         rk_verl.compute_policy_loss(old, new, adv, mask)
+    with pytest.raises(ValueError, match="cliprange"):
+        rk_verl.compute_policy_loss(old, new, adv, mask, cliprange_low=0.2)   # no upper bound
     with pytest.raises(ValueError, match="advantages"):
         rk_verl.compute_policy_loss(old, new, adv[:, :3], mask, cliprange=0.2)
 
