@@ -118,6 +118,8 @@ def test_selective_log_softmax_k_form_row_mask_and_errors():
     torch.testing.assert_close(
         rk_trl.selective_log_softmax(logits, index, row_mask=row_mask), TRL_SLS(logits, index, row_mask=row_mask)
     )
+    empty = index[..., :0]   # K = 0 columns: an empty result, as TRL's gather gives
+    assert rk_trl.selective_log_softmax(logits, empty).shape == TRL_SLS(logits, empty).shape == (2, 4, 0)
     with pytest.raises(ValueError, match="temperature"):
         rk_trl.selective_log_softmax(logits, index, temperature=0.0)
     with pytest.raises(ValueError, match="index"):
