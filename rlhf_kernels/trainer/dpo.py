@@ -203,9 +203,10 @@ def train_dpo(cfg: DPOConfig, policy=None, tok=None, rows=None, eval_rows=None, 
         loss.backward()
         gn = clip_grad_norm(policy.parameters(), cfg.grad_clip)
         opt.step()
+        lr = sched.get_last_lr()[0]   # the rate this step used (after sched.step(), the next step's)
         sched.step()
         stats = all_reduce_mean_dict({"loss": loss.item(), **dpo_stats(pc, pr, rc, rr, cfg.beta)}, dev)
-        fields = {**stats, "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}
+        fields = {**stats, "grad_norm": float(gn), "lr": lr}
         return fields, all_reduce(b["attention_mask"].sum()).item() * 2  # policy + reference passes
 
     step, finished = run_steps(cfg, "dpo", "dpo", step, dev, history, train_step, save)

@@ -119,10 +119,11 @@ def train_rm(cfg: RMConfig, rm=None, tok=None, rows=None, eval_rows=None):
         loss.backward()
         gn = clip_grad_norm(rm.parameters(), cfg.grad_clip)
         opt.step()
+        lr = sched.get_last_lr()[0]   # the rate this step used (after sched.step(), the next step's)
         sched.step()
         stats = all_reduce_mean_dict({"loss": loss.item(), "acc": (rc > rr).float().mean().item(),
                                       "margin": (rc - rr).mean().item()}, dev)   # equal shares: global means
-        fields = {**stats, "grad_norm": gn, "lr": sched.get_last_lr()[0]}
+        fields = {**stats, "grad_norm": gn, "lr": lr}
         return fields, all_reduce(b["attention_mask"].sum()).item()
 
     def save(step, **more):

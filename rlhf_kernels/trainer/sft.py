@@ -96,9 +96,10 @@ def train_sft(cfg: SFTConfig, model=None, tok=None, rows=None):
         loss.backward()
         gn = clip_grad_norm(model.parameters(), cfg.grad_clip)
         opt.step()
+        lr = sched.get_last_lr()[0]   # the rate this step used (after sched.step(), the next step's)
         sched.step()
         loss_v = all_reduce(loss.detach()).item() / world   # the rank shares average to the global loss
-        fields = {"loss": loss_v, "grad_norm": gn, "lr": sched.get_last_lr()[0]}
+        fields = {"loss": loss_v, "grad_norm": gn, "lr": lr}
         return fields, all_reduce(batch["attention_mask"].sum()).item()
 
     def save(step):
