@@ -154,6 +154,18 @@ def test_entropy_from_logits_chunk_size_and_masked_vocab():
     torch.testing.assert_close(rk_trl.entropy_from_logits(masked), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="chunk_size"):
         rk_trl.entropy_from_logits(logits, chunk_size=0)
+    row = logits[0, 0]   # one row [V]: a 0-d entropy
+    assert rk_trl.entropy_from_logits(row).shape == ()
+    torch.testing.assert_close(rk_trl.entropy_from_logits(row), a[0, 0])
+
+
+def test_the_defaults_are_trls():
+    logits = _logits((2, 5, 19), torch.float32, seed=64).requires_grad_(True)
+    index = _index((2, 5), 19, seed=65)
+    for ours, theirs in zip(rk_trl.selective_log_softmax_and_entropy(logits, index), TRL_SLSE(logits, index)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        assert ours.requires_grad == theirs.requires_grad   # the entropy's gradient too, by default
+    torch.testing.assert_close(rk_trl.selective_log_softmax(logits, index), TRL_SLS(logits, index))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
