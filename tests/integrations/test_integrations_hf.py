@@ -212,3 +212,51 @@ def test_bias_and_logit_scale_folded():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(NotImplementedError, match="soft-caps"):
         causal_lm_logprobs(model, input_ids, attention_mask)
+
+
+def test_granite_divides_its_logits_by_logits_scaling():
+    """Granite's head output is ``logits / logits_scaling``: folded into the temperature as T·logits_scaling."""
+    cfg = transformers.GraniteConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+        logits_scaling=4.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GraniteForCausalLM(cfg).eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    input_ids, attention_mask = _inputs("right", seed=10)
+    targets = shifted_targets(input_ids, attention_mask)
+    ref, ref_entropy = _reference(model, input_ids, attention_mask, targets, temperature=1.5)   # the model's logits
+    logp, entropy = causal_lm_logprobs(model, input_ids, attention_mask, temperature=1.5, return_entropy=True)
+    torch.testing.assert_close(logp.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
+
+
+def test_a_float32_head_on_a_bfloat16_body():
+    """Mixed dtypes: the log-probs are those of the body's bfloat16 output times the head's float32 weight, in
+    float32 (the model's own forward would refuse the mix)."""
+    model = _model("llama")   # untied: the head keeps float32 while the body goes to bfloat16
+    model.model.to(torch.bfloat16)
+    input_ids, attention_mask = _inputs("none", seed=11)
+    targets = shifted_targets(input_ids, attention_mask)
+    with torch.no_grad():
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        log_p = torch.log_softmax(hidden.double() @ model.lm_head.weight.double().T, -1)
+    ref = log_p.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != -100)
+    logp = causal_lm_logprobs(model, input_ids, attention_mask)
+    assert logp.dtype == torch.float32
+    torch.testing.assert_close(logp.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_heads_that_cannot_be_used_are_clear_errors(monkeypatch):
+    model = _model("gpt2-untied")
+    input_ids, attention_mask = _inputs("none", seed=12)
+    model.config.logit_scale = 0.0
+    with pytest.raises(NotImplementedError, match="logit scale 0.0"):
+        causal_lm_logprobs(model, input_ids, attention_mask)
+    model.config.logit_scale = None
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: torch.nn.Identity())   # a head without a weight
+    with pytest.raises(ValueError, match="no output embedding"):
+        causal_lm_logprobs(model, input_ids, attention_mask)
