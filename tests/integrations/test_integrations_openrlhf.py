@@ -92,6 +92,8 @@ def test_compute_entropy_matches_the_formula(dtype):
                                atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
     with pytest.raises(ValueError, match="logits"):
         rk_orl.compute_entropy(torch.tensor(1.0))
+    row = logits.detach()[1, 2]   # one row [V]: a 0-d entropy
+    torch.testing.assert_close(rk_orl.compute_entropy(row), got.detach()[1, 2])
 
 
 # ----------------------------------------------------------------------------- OpenRLHF itself
