@@ -39,18 +39,36 @@ def eval_models(sft_run, rm_run):
     import copy
 
     from rlhf_kernels.trainer.models import ScalarHeadModel, load_policy
-    policy, tok = load_policy(sft_run["dir"])
-    ref = copy.deepcopy(policy)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in ref.parameters():
+
+    @torch.no_grad()
+    def perturbed(model):
+        copied = copy.deepcopy(model)
+        for p in copied.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        return copied
+
+    policy, tok = load_policy(sft_run["dir"])
     rm = ScalarHeadModel.from_pretrained(rm_run["dir"])
-    critic = copy.deepcopy(rm)
-    with torch.no_grad():
-        for p in critic.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    ref, critic = perturbed(policy), perturbed(rm)
     return [m.eval() for m in (policy, ref, critic, rm)], tok
+
+
+@pytest.fixture(scope="session")
+def oracle_logprobs():
+    """``oracle_logprobs(model, roll, temperature)``: float64 log-probs [B, T-1] of a rollout's response tokens
+    (``reference.logprobs`` on the model's logits; 0 off the response), written here rather than through the
+    trainer's own ``shifted_targets`` / ``sequence_logprobs``."""
+    from rlhf_kernels import reference
+    from rlhf_kernels.trainer.models import lm_logits
+
+    @torch.no_grad()
+    def logprobs(model, roll, temperature):
+        ids, on_response = roll["input_ids"], roll["loss_mask"][:, 1:].bool()
+        targets = torch.where(on_response, ids[:, 1:], -100)
+        logits = lm_logits(model, ids, roll["attention_mask"])[:, :-1].double()
+        return reference.logprobs(logits, targets, temperature=temperature)
+    return logprobs
 
 
 @pytest.fixture

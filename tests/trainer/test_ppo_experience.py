@@ -57,10 +57,9 @@ def test_masked_whiten_of_a_constant_is_zero_and_its_eps_is_inside_the_root():
 
 @pytest.mark.parametrize("kl_in_reward, estimator, whiten", [(True, "k1", True), (True, "k3", False),
                                                               (False, "k2", True)])
-def test_make_experience_by_hand(record_rollouts, tiny, eval_models, kl_in_reward, estimator, whiten):
+def test_make_experience_by_hand(record_rollouts, oracle_logprobs, tiny, eval_models, kl_in_reward, estimator, whiten):
     from rlhf_kernels.tasks import get_task
     from rlhf_kernels.trainer import ppo
-    from rlhf_kernels.trainer.models import lm_logits
     (policy, ref, critic, rm), tok = eval_models
     task = get_task("letters-easy")
     cfg = ppo.PPOConfig(**tiny, kl_in_reward=kl_in_reward, kl_estimator=estimator, whiten_advantages=whiten,
@@ -74,10 +73,8 @@ def test_make_experience_by_hand(record_rollouts, tiny, eval_models, kl_in_rewar
     assert has_eos.any() and not has_eos.all(), "the sample must hold responses with and without EOS"
     mask = roll["loss_mask"][:, 1:].double()
     torch.testing.assert_close(exp["mask"].double(), mask)
-    targets = torch.where(roll["loss_mask"][:, 1:].bool(), ids[:, 1:], -100)
+    old, ref_lp = oracle_logprobs(policy, roll, 1.3), oracle_logprobs(ref, roll, 1.3)
     with torch.no_grad():
-        old, ref_lp = (reference.logprobs(lm_logits(m, ids, attn)[:, :-1].double(), targets, temperature=1.3)
-                       for m in (policy, ref))
         values = critic(ids, attn)[:, :-1].double() * mask
         score = rm.score(ids, attn).double() - 2.5 * (~has_eos).double()
     torch.testing.assert_close(exp["old_logp"].double(), old, rtol=1e-5, atol=1e-5)
