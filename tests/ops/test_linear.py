@@ -962,3 +962,34 @@ def test_float32_gemm_reduction_turns_off_reduced_precision_split_k_for_16_bit_c
     finally:
         for name, value in saved.items():
             setattr(matmul, name, value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["forward-grad", "recompute"])
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_linear_ppo_loss_in_every_clip_regime(backend, grad_in_forward, dual_clip):
+    """Loss and the three gradients against the oracle for ratios on each side of each clip, beyond a dual clip of 3
+    and past the ±20 log-ratio clamp, with both signs of the advantage (test_small_ops' clip-regime test for the
+    fused-linear head). The forward-gradient path's max(pg_u, pg_c) turned into min(...) passed every other test:
+    their old log-probs were near the policy's, or compared with ``ppo_loss``, which shares that derivative."""
+    log_ratio = torch.tensor([-25.0, -1.0, -0.1, 0.1, 0.6, 1.5, 2.5, 25.0]).expand(2, 8)  # ≥ 0.1 from each kink
+    hidden, weight, targets, bias = _inputs((2, 8), 10, 37, torch.float32, seed=6)
+    with torch.no_grad():
+        logp = R.linear_logprobs(hidden.double(), weight.double(), targets, bias.double(), temperature=0.9)
+    old = (logp - log_ratio).float()
+    adv = torch.tensor([[-1.3], [0.7]]).expand(2, 8).contiguous()
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    kw = dict(ref_logp=old + 0.3, kl_coef=0.1, entropy_coef=0.01, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip,
+              temperature=0.9)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    out = rk.linear_ppo_loss(*leaves[:2], targets, old, adv, mask, bias=leaves[2], chunk_size=5, backend=backend,
+                             grad_in_forward=grad_in_forward, **kw)
+    grads = torch.autograd.grad(out.loss, leaves)
+    leaves64 = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
+    oracle = R.ppo_loss(F.linear(*leaves64), targets, old.double(), adv.double(), mask,
+                        **{**kw, "ref_logp": kw["ref_logp"].double()})
+    grads64 = torch.autograd.grad(oracle.loss, leaves64)
+    for name in ("loss", "clip_frac", "approx_kl"):
+        torch.testing.assert_close(getattr(out, name).double(), getattr(oracle, name), atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(("hidden", "weight", "bias"), grads, grads64):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"grad_{name}: {m}")

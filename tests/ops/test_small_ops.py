@@ -308,18 +308,20 @@ def _ppo_backends():
     return cases
 
 
-def _ppo_loss_by_op(route, logits, y, old, adv, mask, ref, *, kl_coef, kl_estimator, entropy_coef, loss_agg):
+def _ppo_loss_by_op(route, logits, y, old, adv, mask, ref, *, kl_coef, kl_estimator, entropy_coef, loss_agg,
+                    clip_low=0.2, clip_high=0.2, dual_clip=None, temperature=1.0):
     """``ppo_loss`` through one of its ops on the ``torch`` backend: ``fused-op`` (the forward writes dlogits, as
     the CUDA fused kernels) or ``two-pass-op`` (the per-token op and its backward, as the CUDA two-pass path)."""
     from rlhf_kernels.ops import ppo as ppo_ops
 
-    scalars = (kl_coef, kl_estimator, entropy_coef, 0.2, 0.2, None)
+    scalars = (kl_coef, kl_estimator, entropy_coef, clip_low, clip_high, dual_clip)
     if route == "fused-op":
         loss, term, logp, entropy, kl, clipped, _, means = ppo_ops.ppo_loss_fused_call(
-            logits, y, old, adv, ref, mask, 1.0, -100, *scalars, loss_agg, 0, "torch", 0, ppo_ops.WHOLE, False, True)
+            logits, y, old, adv, ref, mask, temperature, -100, *scalars, loss_agg, 0, "torch", 0, ppo_ops.WHOLE, False,
+            True)
         return ppo_ops.ppo_output(term, logp, entropy, kl, clipped, old, mask, loss_agg, loss=loss, means=means)
     term, logp, entropy, kl, clipped, _ = ppo_ops.ppo_term_fwd_call(
-        logits, y, old, adv, ref, 1.0, -100, *scalars, "torch", 0, ppo_ops.WHOLE, False)
+        logits, y, old, adv, ref, temperature, -100, *scalars, "torch", 0, ppo_ops.WHOLE, False)
     return ppo_ops.ppo_output(term, logp, entropy, kl, clipped, old, mask, loss_agg)
 
 
@@ -370,4 +372,46 @@ def test_ppo_loss_ignores_a_masked_token_whatever_it_holds(backend, path, loss_a
     for name in ("loss", "clip_frac", "approx_kl"):
         torch.testing.assert_close(getattr(out, name).double(), getattr(oracle, name), atol=1e-6, rtol=1e-5)
     assert torch.equal(grad[1, 2], torch.zeros(V)) and torch.equal(grad64[1, 2], torch.zeros(V, dtype=torch.float64))
+    torch.testing.assert_close(grad.double(), grad64, atol=1e-6, rtol=1e-4)
+
+
+# log(ratio) of the tokens below: each side of each clip, past the dual clip (ratio > 3), past the ±20 clamp
+CLIP_REGIME_LOG_RATIOS = (-25.0, -1.0, -0.1, 0.1, 0.6, 1.5, 2.5, 25.0)
+
+
+@pytest.mark.parametrize("backend,path", _ppo_backends())
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_ppo_gradient_in_every_clip_regime(backend, path, dual_clip, monkeypatch):
+    """Loss, clip fraction and dlogits against the oracle for ratios in every regime of the clipped objective, with
+    both signs of the advantage: below 1 - clip_low, inside, above 1 + clip_high, beyond the dual clip and past the
+    ±20 log-ratio clamp. The other tests draw old log-probs near the policy's, whose ratios stay within e^±0.9: a
+    dual clip of 3 was never active there, and the CPU backends' backward with max(pg_u, pg_c) turned into a
+    min(...) passed every test. Log-ratios sit ≥ 0.1 from each kink (sub-gradients are a convention there)."""
+    if backend == "triton":
+        monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", path)
+    g = torch.Generator().manual_seed(11)
+    B, T, V = 2, len(CLIP_REGIME_LOG_RATIOS), 37
+    x = torch.randn(B, T, V, generator=g) * 2
+    y = torch.randint(0, V, (B, T), generator=g)
+    adv = torch.tensor([[-1.3], [0.7]]).expand(B, T).contiguous()  # each ratio with each sign
+    log_ratio = torch.tensor(CLIP_REGIME_LOG_RATIOS).expand(B, T)
+    old = (R.logprobs(x.double(), y, temperature=0.9) - log_ratio).float()
+    ref = old + 0.3
+    mask = torch.ones(B, T)
+    kwargs = dict(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, loss_agg="token-mean", clip_low=0.2,
+                  clip_high=0.28, dual_clip=dual_clip)
+    active = (adv < 0) & (log_ratio.exp() > 3.0)
+    assert active.sum() == 3 and (log_ratio.abs() > 20).sum() == 4  # the dual clip's regime and the clamp's
+    leaf = x.clone().requires_grad_()
+    if path in ("fused-op", "two-pass-op"):
+        out = _ppo_loss_by_op(path, leaf, y, old, adv, mask, ref, temperature=0.9, **kwargs)
+    else:
+        out = rk.ppo_loss(leaf, y, old, adv, mask, ref_logp=ref, temperature=0.9, backend=backend, **kwargs)
+    (grad,) = torch.autograd.grad(out.loss, leaf)
+    x64 = x.double().requires_grad_()
+    oracle = R.ppo_loss(x64, y, old.double(), adv.double(), mask.double(), ref_logp=ref.double(), temperature=0.9,
+                        **kwargs)
+    (grad64,) = torch.autograd.grad(oracle.loss, x64)
+    for name in ("loss", "clip_frac", "approx_kl"):
+        torch.testing.assert_close(getattr(out, name).double(), getattr(oracle, name), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grad.double(), grad64, atol=1e-6, rtol=1e-4)
