@@ -246,18 +246,24 @@ def test_out_of_range_target_names_its_position(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_validation_off_gives_nan_for_that_token_only(backend, monkeypatch):
+    """With the check off, the kernels themselves keep a bad target from being read: its log-prob is NaN and its
+    gradient row has no one-hot term, ``-g·softmax`` (float64 oracle). Target ``V`` in the last row is the bound's
+    edge: ``y > V`` instead of ``y >= V`` in the C++ forward read one element past the logits and passed."""
     monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "0")
     logits = torch.randn(2, 3, 10, requires_grad=True)
     targets = torch.randint(0, 10, (2, 3))
     targets[0, 1] = 10**9
     targets[1, 0] = -7
+    targets[1, 2] = 10  # = V, in the last row: one past the end of the logits
     lp = rk.logprobs(logits, targets, backend=backend)
-    assert torch.isnan(lp[0, 1]) and torch.isnan(lp[1, 0])
     good = torch.ones(2, 3, dtype=torch.bool)
-    good[0, 1] = good[1, 0] = False
-    assert torch.isfinite(lp[good]).all()
-    lp[good].sum().backward()
-    assert torch.isfinite(logits.grad).all()
+    good[0, 1] = good[1, 0] = good[1, 2] = False
+    assert torch.isnan(lp[~good]).all() and torch.isfinite(lp[good]).all()
+    g = torch.rand(2, 3) + 0.5
+    (grad,) = torch.autograd.grad(lp, logits, g)
+    probs = torch.softmax(logits.detach().double(), -1)
+    onehot = torch.nn.functional.one_hot(targets.clamp(0, 9), 10).double() * good[..., None]
+    torch.testing.assert_close(grad.double(), g.double()[..., None] * (onehot - probs), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
