@@ -415,3 +415,32 @@ def test_ppo_gradient_in_every_clip_regime(backend, path, dual_clip, monkeypatch
     for name in ("loss", "clip_frac", "approx_kl"):
         torch.testing.assert_close(getattr(out, name).double(), getattr(oracle, name), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grad.double(), grad64, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"] if INTERPRETED_TRITON else ["torch"])
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+def test_ppo_term_op_backward_through_every_output(backend, kl_estimator):
+    """The per-token op ``rlhf_kernels::ppo_term_fwd`` (the CUDA two-pass route's forward; its backward's per-token
+    derivative is the CUDA one's) differentiated through each of its outputs at once, term, logp, entropy and kl,
+    each with its own upstream weight, against float64 autograd of the oracle. ``ppo_loss`` detaches ``kl``, so the
+    kl output's gradient ran in no test: its sign flipped in ``_term_backward_writer`` passed."""
+    from rlhf_kernels.ops import ppo as ppo_ops
+
+    g = torch.Generator().manual_seed(12)
+    B, T, V = 2, len(CLIP_REGIME_LOG_RATIOS), 23
+    x = torch.randn(B, T, V, generator=g) * 2
+    y = torch.randint(0, V, (B, T), generator=g)
+    old = (R.logprobs(x.double(), y, temperature=0.9) - torch.tensor(CLIP_REGIME_LOG_RATIOS)).float()
+    adv, ref = torch.randn(B, T, generator=g), old + 0.3
+    weights = torch.rand(4, B, T, generator=g, dtype=torch.float64) + 0.5
+    options = dict(kl_coef=0.1, kl_estimator=kl_estimator, entropy_coef=0.01, clip_low=0.2, clip_high=0.28,
+                   dual_clip=3.0)
+    leaf = x.clone().requires_grad_()
+    outputs = ppo_ops.ppo_term_fwd_call(leaf, y, old, adv, ref, 0.9, -100, *options.values(), backend, 0,
+                                        ppo_ops.WHOLE, False)[:4]
+    (grad,) = torch.autograd.grad(outputs, leaf, list(weights.float()))
+    x64 = x.double().requires_grad_()
+    logp, entropy = R.logprobs(x64, y, temperature=0.9, return_entropy=True)
+    term, kl, _ = R.ppo_token_terms(logp, entropy, old.double(), adv.double(), ref_logp=ref.double(), **options)
+    (grad64,) = torch.autograd.grad((term, logp, entropy, kl), x64, list(weights))
+    torch.testing.assert_close(grad.double(), grad64, atol=1e-5, rtol=1e-4)
