@@ -14,6 +14,7 @@ from rlhf_kernels import reference as R
 from rlhf_kernels.ops import _forward_grads as forward_grads
 from rlhf_kernels.ops import linear as L
 from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
+from tests.clip_regimes import old_logp_and_advantages
 from tests.poison import poisoned_allocations, zero_fills_during
 from tests.tolerance import assert_matches_oracle
 
@@ -972,12 +973,10 @@ def test_linear_ppo_loss_in_every_clip_regime(backend, grad_in_forward, dual_cli
     and past the ±20 log-ratio clamp, with both signs of the advantage (test_small_ops' clip-regime test for the
     fused-linear head). The forward-gradient path's max(pg_u, pg_c) turned into min(...) passed every other test:
     their old log-probs were near the policy's, or compared with ``ppo_loss``, which shares that derivative."""
-    log_ratio = torch.tensor([-25.0, -1.0, -0.1, 0.1, 0.6, 1.5, 2.5, 25.0]).expand(2, 8)  # ≥ 0.1 from each kink
-    hidden, weight, targets, bias = _inputs((2, 8), 10, 37, torch.float32, seed=6)
+    hidden, weight, targets, bias = _inputs((2, 8), 10, 37, torch.float32, seed=6)  # 8 tokens a row: LOG_RATIOS
     with torch.no_grad():
         logp = R.linear_logprobs(hidden.double(), weight.double(), targets, bias.double(), temperature=0.9)
-    old = (logp - log_ratio).float()
-    adv = torch.tensor([[-1.3], [0.7]]).expand(2, 8).contiguous()
+    old, adv = old_logp_and_advantages(logp)
     mask = torch.ones(2, 8, dtype=torch.bool)
     kw = dict(ref_logp=old + 0.3, kl_coef=0.1, entropy_coef=0.01, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip,
               temperature=0.9)

@@ -9,6 +9,7 @@ import rlhf_kernels as rk
 from rlhf_kernels import _ext
 from rlhf_kernels import reference as R
 from rlhf_kernels.ops._dispatch import triton_importable, triton_interpreting
+from tests.clip_regimes import LOG_RATIOS, old_logp_and_advantages
 from tests.tolerance import assert_matches_oracle
 
 GAE_BACKENDS = ["cpu", "torch"] if _ext.available() else ["torch"]
@@ -375,10 +376,6 @@ def test_ppo_loss_ignores_a_masked_token_whatever_it_holds(backend, path, loss_a
     torch.testing.assert_close(grad.double(), grad64, atol=1e-6, rtol=1e-4)
 
 
-# log(ratio) of the tokens below: each side of each clip, past the dual clip (ratio > 3), past the ±20 clamp
-CLIP_REGIME_LOG_RATIOS = (-25.0, -1.0, -0.1, 0.1, 0.6, 1.5, 2.5, 25.0)
-
-
 @pytest.mark.parametrize("backend,path", _ppo_backends())
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
 def test_ppo_gradient_in_every_clip_regime(backend, path, dual_clip, monkeypatch):
@@ -390,12 +387,11 @@ def test_ppo_gradient_in_every_clip_regime(backend, path, dual_clip, monkeypatch
     if backend == "triton":
         monkeypatch.setenv("RLHF_KERNELS_TRITON_PPO", path)
     g = torch.Generator().manual_seed(11)
-    B, T, V = 2, len(CLIP_REGIME_LOG_RATIOS), 37
+    B, T, V = 2, len(LOG_RATIOS), 37
     x = torch.randn(B, T, V, generator=g) * 2
     y = torch.randint(0, V, (B, T), generator=g)
-    adv = torch.tensor([[-1.3], [0.7]]).expand(B, T).contiguous()  # each ratio with each sign
-    log_ratio = torch.tensor(CLIP_REGIME_LOG_RATIOS).expand(B, T)
-    old = (R.logprobs(x.double(), y, temperature=0.9) - log_ratio).float()
+    old, adv = old_logp_and_advantages(R.logprobs(x.double(), y, temperature=0.9))  # each ratio with each sign
+    log_ratio = torch.tensor(LOG_RATIOS).expand(B, T)
     ref = old + 0.3
     mask = torch.ones(B, T)
     kwargs = dict(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, loss_agg="token-mean", clip_low=0.2,
@@ -427,10 +423,10 @@ def test_ppo_term_op_backward_through_every_output(backend, kl_estimator):
     from rlhf_kernels.ops import ppo as ppo_ops
 
     g = torch.Generator().manual_seed(12)
-    B, T, V = 2, len(CLIP_REGIME_LOG_RATIOS), 23
+    B, T, V = 2, len(LOG_RATIOS), 23
     x = torch.randn(B, T, V, generator=g) * 2
     y = torch.randint(0, V, (B, T), generator=g)
-    old = (R.logprobs(x.double(), y, temperature=0.9) - torch.tensor(CLIP_REGIME_LOG_RATIOS)).float()
+    old, _ = old_logp_and_advantages(R.logprobs(x.double(), y, temperature=0.9))
     adv, ref = torch.randn(B, T, generator=g), old + 0.3
     weights = torch.rand(4, B, T, generator=g, dtype=torch.float64) + 0.5
     options = dict(kl_coef=0.1, kl_estimator=kl_estimator, entropy_coef=0.01, clip_low=0.2, clip_high=0.28,
