@@ -91,7 +91,7 @@
 # Environment: OUT (default ./gpu_out), TAR_OUT, PYTHON (default python3), BENCH_BUDGET, BENCH_ARGS (extra
 # arguments for every `python -m benchmarks.run`, e.g. "--mode all" or "--dtypes bf16"), RLHF_KERNELS_COMMIT,
 # GPU_DEADLINE, GRACE_S, HEADLINE_SHAPES, LINEAR_HEADLINE_SHAPES, HEADLINE_BUDGET, BENCH_PROVIDERS (the bench
-# stages' --providers; default: every provider).
+# stages' --providers; default: every provider), GPU_TEST_WORKERS (the tests stage's pytest-xdist workers, default 8).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -219,7 +219,12 @@ stage_setup() {
 
 stage_tests() {  # pytest -m gpu, in two processes: the opt-in bulk copies' tests (mark `bulk`) after the rest
   # (a kernel that traps ends its process's CUDA context, so a trap there cannot fail the main run's later tests)
-  local marks log rc
+  local marks log rc workers=() n=${GPU_TEST_WORKERS:-8}
+  # pytest-xdist workers (GPU_TEST_WORKERS, default 8, 0 = one process): the GPU tests grew from 348 (run 5, 216 s
+  # in one process) to 1112 (the random configurations, the spoiled arguments), and most of their time is the CPU's
+  # (Triton compiles, references in float64); the workers share the one GPU. A worker a test kills is replaced,
+  # and its test reported as failed, so one crash (run 6) no longer ends the run.
+  if [ "$n" != 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then workers=(-n "$n"); fi
   for marks in "gpu and not bulk" "gpu and bulk"; do
     log=$OUT/pytest_gpu.log
     [ "$marks" = "gpu and bulk" ] && log=$OUT/pytest_gpu_bulk.log
@@ -228,7 +233,7 @@ stage_tests() {  # pytest -m gpu, in two processes: the opt-in bulk copies' test
     # RLHF_KERNELS_TEST_FAILURES: each failure written as it happens (tests/conftest.py), so a test that ends the
     # process (run 6) cannot take the earlier failures' reports with it
     RLHF_KERNELS_TEST_FAILURES="${log%.log}_failures.log" \
-      limited "$PY" -m pytest -m "$marks" -q -rfEs --durations=25 -p no:cacheprovider >"$log" 2>&1
+      limited "$PY" -m pytest -m "$marks" "${workers[@]}" -q -rfEs --durations=25 -p no:cacheprovider >"$log" 2>&1
     rc=$?
     tail -n 15 "$log" >&2
     # 5: no test collected is not a failure of the suite
