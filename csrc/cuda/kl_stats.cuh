@@ -67,7 +67,10 @@ RK_HD void kl_fold(KlStats& out, const KlStats& x, float c) {
     const float dmz = mul_rn(x.mz - out.mz, c);
     const float wz = exp2_ftz(dmz);
     out.sz += wz * x.sz;
-    if (wz > 0.f) out.u += wz * (x.u + x.sz * (dmz - mul_rn(x.mr - out.mr, c)));
+    // equal reference maxima shift by 0, both -inf too: a part of the row whose q is 0 throughout, folded into a
+    // state that has seen no live q either, keeps its u (+inf where p lives) instead of (-inf) - (-inf) = NaN
+    const float dmr = x.mr == out.mr ? 0.f : mul_rn(x.mr - out.mr, c);
+    if (wz > 0.f) out.u += wz * (x.u + x.sz * (dmz - dmr));
   }
   if (x.sr != 0.f) out.sr += exp2_ftz((x.mr - out.mr) * c) * x.sr;
 }

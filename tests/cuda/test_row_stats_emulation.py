@@ -278,6 +278,26 @@ def test_kl_sweep_extremes_and_exact_zero(emu, V):
     assert shifted.abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("V", (300, 50257))
+@pytest.mark.parametrize("threads", (32, 128))
+def test_kl_sweep_one_live_column_in_each_row_is_an_infinite_kl(emu, V, threads):
+    """p one-hot at column 7, q one-hot at column 8: KL = +inf. Most threads see no live column in either row, so
+    the merge folds states whose reference maxima are both -inf (H200 run 7: the CUDA forward gave NaN for this
+    row of test_nonfinite_logits, from (-inf) - (-inf) in kl_fold's shift of the reference maximum)."""
+    x = torch.full((3, V), float("-inf"))
+    r = torch.full((3, V), float("-inf"))
+    x[0, 7], r[0, 8] = 1.5, -0.5  # different live columns: +inf
+    x[1, 7], r[1, 7] = 1.5, -0.5  # the same live column: KL 0
+    x[2, 7], r[2, V - 1] = 1.5, 2.0  # the reference's live column at the row's far end: +inf
+    for temperature in (1.0, 0.9):
+        kl, lse_z, lse_r = emulate_kl(emu, x, r, temperature=temperature, threads=threads)
+        assert kl.tolist() == [float("inf"), 0.0, float("inf")], kl
+        torch.testing.assert_close(lse_z, torch.full((3,), 1.5 / temperature))  # one live column: its z
+        torch.testing.assert_close(lse_r, r.max(-1).values / temperature)
+    expected = reference.kl_divergence(x.double(), r.double())
+    assert expected.tolist() == [float("inf"), 0.0, float("inf")]
+
+
 def test_kl_sweep_underflowed_p_against_zero_q(emu):
     # where p underflows to 0 even in float64 and q = 0, the term is 0 (the reference's 0·x = 0)
     V = 4097
