@@ -188,11 +188,16 @@ def _ppo_fused_kernel(
     LANES_V: tl.constexpr,
     ALIGNED_BODY: tl.constexpr = False,
     VEC: tl.constexpr = 8,
+    ALIGNED_GRAD: tl.constexpr = False,
 ):
     """The forward that also writes the gradient of ``loss = Σ w·term``: one program per row, the forward's sweep,
     then a second sweep over the same row, last block first (from L2 only where the rows in flight fit in it), writing
     ``dlogits = w·∂term/∂logits``, ``G_logp = w·dpg + (w·kl_coef)·dk`` and ``G_H = -w·entropy_coef`` through the
-    log-prob backward formula (``csrc/cuda/ppo_term.cuh``'s coefficients)."""
+    log-prob backward formula (``csrc/cuda/ppo_term.cuh``'s coefficients).
+
+    Two walks: the first sweep's (``ALIGNED_BODY``, ``_common.body_aligned`` of the logits alone) groups the row's
+    sums, so it must not depend on where the gradient goes; the second's (``ALIGNED_GRAD``, of the logits and the
+    gradient together) is elementwise, the same bits either way."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     x_off = b * stride_b + (row - b * T) * stride_t
@@ -208,8 +213,8 @@ def _ppo_fused_kernel(
     g_logp = tl.where(w != 0, g_logp, 0.0)  # a masked token's row is 0, even where dpg or dk is not finite
     g_ent = 0.0 - w * ent_coef
     valid = y != ignore_index
-    # the backward's blocks (``_common.column_blocks``): ALIGNED_BODY's start up to a vector before the row
-    if ALIGNED_BODY:
+    # the backward's blocks (``_common.column_blocks``): ALIGNED_GRAD's start up to a vector before the row
+    if ALIGNED_GRAD:
         blocks = tl.cdiv(V + (VEC - 1), BLOCK_V)
     else:
         blocks = tl.cdiv(V, BLOCK_V)
@@ -219,7 +224,7 @@ def _ppo_fused_kernel(
     # block_columns' `(j >= 1) & ...`.)
     for i in range(0, blocks):
         logprobs_grad_row_block(dx_ptr, x_ptr, blocks - 1 - i, dx_off, x_off, V, y, lse, ent, g_logp, g_ent, inv_t,
-                                valid, BLOCK_V, ALIGNED_BODY, VEC)
+                                valid, BLOCK_V, ALIGNED_GRAD, VEC)
 
 
 # The fused kernel's sweep 2 takes a whole BLOCK_V per iteration, as a flat block: the forward's candidates that give
@@ -435,6 +440,7 @@ def ppo_fused_fwd(
             rows.stride(1), grad.stride(0), grad.stride(1), 1.0 / float(temperature), int(ignore_index),
             float(kl_coef), float(entropy_coef), float(clip_low), float(clip_high), float(dual_clip or 0.0),
             vocab=V, device=rows.device, HAS_REF=ref_logp is not None, KL_EST=KL_EST_CODES[kl_estimator],
-            HAS_DUAL=dual_clip is not None, **body_walk(rows, grad),
+            HAS_DUAL=dual_clip is not None, **body_walk(rows),
+            ALIGNED_GRAD=_common.body_aligned(rows, grad),  # (the sums' walk above follows the logits alone)
         )
     return tuple(stats) + (grad,)

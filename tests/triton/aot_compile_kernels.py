@@ -82,6 +82,12 @@ def vector_accesses(k):
 unvectorised = []
 
 
+def both_walks(kernel, body):
+    """The fused PPO kernel's second walk (its gradient's, ``ALIGNED_GRAD``) as its first, as launched with a
+    co-aligned gradient; nothing for the other kernels."""
+    return {"ALIGNED_GRAD": body} if "ALIGNED_GRAD" in kernel.arg_names else {}
+
+
 def build_odd_rows(kernel, types, consts, warps, stores=True):
     """A kernel as launched on rows of an odd length and stride (GPT-2's V = 50257: only the pointers are 16-byte
     aligned), with and without ALIGNED_BODY; with it, the whole blocks must load (a backward: and store) 16 bytes at
@@ -89,7 +95,7 @@ def build_odd_rows(kernel, types, consts, warps, stores=True):
     pointers = tuple(n for n in kernel.arg_names if n.endswith("_ptr"))
     vec = {"*bf16": 8, "*fp16": 8, "*fp32": 4}[types["x_ptr"]]
     for body in (False, True):
-        k = build(kernel, types, dict(consts, ALIGNED_BODY=body, VEC=vec), warps, pointers)
+        k = build(kernel, types, dict(consts, ALIGNED_BODY=body, VEC=vec, **both_walks(kernel, body)), warps, pointers)
         if k is None:
             continue
         loads, wide_stores = vector_accesses(k)
@@ -155,7 +161,8 @@ for kernel, candidates, consts, aligned in forwards if CANDIDATE_SWEEP else ():
             for body, proven in ((False, aligned), (True, tuple(n for n in aligned if n.endswith("_ptr")))):
                 vec = {"*bf16": 8, "*fp32": 4}[dt]
                 k = build(kernel, {"x_ptr": dt, "r_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"},
-                          dict(consts, BLOCK_V=block, LANES_V=lanes, ALIGNED_BODY=body, VEC=vec), warps, proven)
+                          dict(consts, BLOCK_V=block, LANES_V=lanes, ALIGNED_BODY=body, VEC=vec,
+                               **both_walks(kernel, body)), warps, proven)
                 if k is None:
                     continue
                 usage = resource_usage(k)

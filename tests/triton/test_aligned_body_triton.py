@@ -161,3 +161,34 @@ def test_forward_walks_agree_up_to_the_order_of_their_sums(monkeypatch, dtype, V
         a, p = _both_walks(monkeypatch, lambda: kl.kl_divergence_fwd(x, r, 0.9))
         for u, w in zip(a, p):
             torch.testing.assert_close(u, w, **close)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", [198, 301])
+def test_fused_ppo_results_do_not_depend_on_where_the_gradient_goes(dtype, V):
+    """The fused forward-with-gradient sums each row once, for its outputs and its gradient alike: the walk of that
+    sum follows the logits alone, so the outputs and the gradient are the same bits whether the gradient goes to a
+    fresh contiguous buffer, to a slice of a co-aligned one (``out=``, as ppo_loss does for a view's base) or to one
+    whose rows sit at another offset. (H200 run 7: the walk followed the gradient too, and ppo_loss on a view
+    ``base[:, :-1]`` at V = 50257 gave a base gradient 1 ulp off the one autograd's slice built.)"""
+    x = make_logits((2, 9, V), dtype, seed=V + 11)[:, :-1]
+    n = tuple(x.shape[:2])
+    y = make_targets(n, V, seed=3)
+    g = torch.Generator().manual_seed(4)
+    old, adv, ref = (torch.randn(n, generator=g).to(DEVICE) - 5 for _ in range(3))
+    w = torch.rand(n, generator=g).to(DEVICE)
+    kw = dict(temperature=0.8, ignore_index=-100, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01,
+              clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    placements = {
+        "fresh": None,
+        "co-aligned slice": torch.empty(2, 9, V, dtype=dtype, device=DEVICE)[:, :-1],
+        "other offset": torch.empty(2, 8, V + 3, dtype=dtype, device=DEVICE)[..., :V],
+    }
+    results = {}
+    for name, out in placements.items():
+        outputs = ppo.ppo_fused_fwd(x, y, old, adv, ref, w, **kw, out=out)
+        results[name] = [t.clone() for t in outputs[:6]] + [(outputs[6] if out is None else out).clone()]
+    first = results["fresh"]
+    for name, got in results.items():
+        for i, (a, b) in enumerate(zip(first, got)):
+            assert torch.equal(_bits(a), _bits(b)), f"{name}: output {i} differs from the fresh buffer's"
