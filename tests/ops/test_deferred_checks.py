@@ -119,8 +119,11 @@ def test_a_check_pending_at_exit_is_reported_on_stderr(async_cpu, capsys):
 
 @pytest.mark.gpu
 def test_async_validation_does_not_sync_the_host(monkeypatch):
-    """Under torch's sync debug mode ("error") the synchronous check raises, the async one does not; the bad
-    target is still reported, by check_pending_targets."""
+    """The default check waits for its answer: since 07c9a31 on the event behind its copy into pinned memory
+    (PendingRange), a wait torch's sync debug mode does not see (H200 run 7: the version of this test that expected
+    that mode to raise failed), so the waits are counted on torch.cuda.Event.synchronize. The async check waits on
+    nothing and makes no sync the debug mode sees ("error"); the bad target is still reported, by
+    check_pending_targets."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     logits = torch.randn(4, 64, 1000, device="cuda")
@@ -129,15 +132,27 @@ def test_async_validation_does_not_sync_the_host(monkeypatch):
     bad = targets.clone()
     bad[3, 7] = 1000  # outside the debug mode: writing a Python scalar into a CUDA tensor counts as a sync
     deferred._QUEUE.clear()
+    waits = []
+    wait = torch.cuda.Event.synchronize
+
+    def counted(event):
+        waits.append(event)
+        return wait(event)
+
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", counted)
+    rk.logprobs(logits, targets)  # the default check
+    assert waits, "the default check did not wait for its answer"
+    with pytest.raises(ValueError, match=r"targets\[3, 7\] = 1000 is outside \[0, 1000\)"):
+        rk.logprobs(logits, bad)  # ... and its error comes from the call given the bad target
+    waits.clear()
     previous = torch.cuda.get_sync_debug_mode()
     try:
         torch.cuda.set_sync_debug_mode("error")
-        with pytest.raises(RuntimeError):  # the default check: a host sync
-            rk.logprobs(logits, targets)
         monkeypatch.setenv("RLHF_KERNELS_VALIDATE", "async")
         lp = rk.logprobs(logits, bad)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+    assert not waits, "the async check waited"
     assert torch.isnan(lp[3, 7]).item()
     with pytest.raises(ValueError, match=r"targets\[3, 7\] = 1000 is outside \[0, 1000\)"):
         rk.check_pending_targets()
