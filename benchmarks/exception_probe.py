@@ -55,6 +55,34 @@ CASES: Dict[str, tuple] = {
         "0.2, None, 2, None)",
         "cannot run",
     ),
+    # H200 run 7: the path refusal above crashed, the overlap check below raised, both in the same op and after
+    # the same device guard and plan. These three split the difference: a check before the guard, one after it
+    # whose message formats a dtype and sizes (as the refusal's does), and the refusal's own throw
+    # (bindings.cpp's ppo_plan_for) reached through pybind11 instead of the dispatcher.
+    "extension CUDA op, check before the device guard": (
+        True,
+        "rows = torch.zeros(1, 2, device='cuda')\n"
+        "torch.ops.rlhf_kernels_C.ppo_fwd(torch.zeros(1, 2, 4097, dtype=torch.bfloat16, device='cuda'), "
+        "torch.zeros(1, 2, dtype=torch.long, device='cuda'), rows, rows, None, rows, 1.0, -100, 0.0, 4, 0.0, 0.2, "
+        "0.2, None, 0, None)",
+        "kl_estimator must be 1, 2 or 3",
+    ),
+    "extension CUDA op, check after the guard, dtype in its message": (
+        True,
+        "rows = torch.zeros(1, 2, device='cuda')\n"
+        "torch.ops.rlhf_kernels_C.ppo_fwd(torch.zeros(1, 2, 4097, dtype=torch.bfloat16, device='cuda'), "
+        "torch.zeros(1, 2, dtype=torch.long, device='cuda'), rows, rows, None, rows, 1.0, -100, 0.0, 3, 0.0, 0.2, "
+        "0.2, None, 0, torch.zeros(1, 2, 4096, dtype=torch.bfloat16, device='cuda'))",
+        "must be shaped like",
+    ),
+    "extension pybind11 function, the path refusal": (
+        True,
+        "rows = torch.zeros(1, 2, device='cuda')\n"
+        "_ext.load().ppo_fwd_probe(torch.zeros(1, 2, 151936, dtype=torch.bfloat16, device='cuda'), "
+        "torch.zeros(1, 2, dtype=torch.long, device='cuda'), rows, rows, None, rows, 1.0, -100, 0.0, 3, 0.0, 0.2, "
+        "0.2, None, 2, None, 0)",
+        "cannot run",
+    ),
     "extension CUDA op, overlap check": (
         True,
         "rows, w = torch.zeros(1, 2, device='cuda'), torch.ones(1, 2, device='cuda')\n"
