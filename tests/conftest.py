@@ -37,7 +37,9 @@ def pytest_runtest_logreport(report):
     pytest prints its summary only at the end, and a test that ends the process (H200 run 6) took every earlier
     failure's report with it. The GPU suite sets it (pytest_gpu_failures.log)."""
     path = os.environ.get("RLHF_KERNELS_TEST_FAILURES")
-    if path and report.failed:
+    # under pytest-xdist the controller sees every worker's reports (and outlives a worker a test kills): it alone
+    # writes, once per failure (H200 run 7's log held each one twice)
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
         with open(path, "a", encoding="utf-8") as f:
             f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n\n")
 
