@@ -27,7 +27,8 @@ CPU_BACKENDS = ["torch"] + (["cpu"] if _ext.available() else []) + (["triton"] i
 GPU_BACKENDS = ["triton"] + (["cuda"] if _ext.available() and _ext.has_cuda_kernels() else [])
 
 # row -> (policy entries, reference entries) as {column: value}; targets below. Rows 0-7 hold a non-finite value
-# that spoils their outputs, rows 8-10 only -inf entries (valid: a masked vocabulary), row 11 none.
+# that spoils their outputs, rows 8-10 only -inf entries (valid: a masked vocabulary), row 11 none, rows 12-13 a
+# wholly masked row (no distribution: the oracle's 0/0 is NaN; a kernel's sums that start at 0 must stay 0 there).
 ROWS = [
     ({40: NAN}, {}),  # NaN policy logit
     ({}, {40: NAN}),  # NaN reference logit (log-prob and entropy fine, KL NaN)
@@ -41,8 +42,10 @@ ROWS = [
     ({c: -INF for c in range(V) if c != 7}, {c: -INF for c in range(V) if c != 8}),  # one live column each: KL inf
     ({c: -INF for c in range(V) if c != 7}, {}),  # one-hot policy
     ({}, {}),
+    ({c: -INF for c in range(V)}, {c: -INF for c in range(V)}),  # both rows wholly masked: 0/0, NaN everywhere
+    ({c: -INF for c in range(V)}, {}),  # the policy row wholly masked
 ]
-TARGETS = [3, 3, 3, 7, 3, 3, 3, 3, 4, 7, 7, 3]
+TARGETS = [3, 3, 3, 7, 3, 3, 3, 3, 4, 7, 7, 3, 3, 3]
 
 
 def _inputs(device):
