@@ -174,13 +174,18 @@ def test_find_bad_target_names_the_first_bad_one(dtype):
     g = torch.Generator().manual_seed(5)
     assert find_bad_target(torch.empty(0, 3, dtype=dtype), 10, -100) is None
     assert find_bad_target(torch.full((2, 3), -100, dtype=dtype), 10, -100) is None
-    for ignore in (-100, 0, 3, 10, 12):
-        for _ in range(20):
-            t = torch.randint(-2, 13, (3, 4), generator=g, dtype=torch.int64).to(dtype)
-            t[torch.rand(3, 4, generator=g) < 0.3] = ignore
-            assert find_bad_target(t, 10, ignore) == scan(t, 10, ignore), (ignore, t)
-        t = torch.randint(0, 10, (3, 4), generator=g).to(dtype)
-        assert find_bad_target(t, 10, ignore) is None
+    # vocab 1 too: there an ignored target counted as anything but 0 would be out of range
+    for vocab in (10, 1):
+        for ignore in (-100, 0, 3, 10, 12):
+            for _ in range(20):
+                t = torch.randint(-2, 13, (3, 4), generator=g, dtype=torch.int64).to(dtype)
+                t[torch.rand(3, 4, generator=g) < 0.3] = ignore
+                expected = scan(t, vocab, ignore)
+                assert find_bad_target(t, vocab, ignore) == expected, (vocab, ignore, t)
+                if expected is not None:  # the caller's range check already found one: located without it
+                    assert find_bad_target(t, vocab, ignore, checked=True) == expected, (vocab, ignore, t)
+            t = torch.randint(0, vocab, (3, 4), generator=g).to(dtype)
+            assert find_bad_target(t, vocab, ignore) is None
 
 
 def test_async_target_checks_queues_inside_and_raises_on_leaving(monkeypatch):
