@@ -157,22 +157,21 @@ forwards = [
 # +34, to 127 where bfloat16 took 93) and fewer in 4 (at most 8 fewer, all under 50 registers): float32 is the build
 # that nears the limit, and the sweep's bfloat16 half cost CI ~100 s. (Every kernel's bfloat16 variants are still
 # compiled above, with their 16-byte access checks.)
+SWEEP_DT, SWEEP_VEC = "*fp32", 4
 spilled = []
 for kernel, candidates, consts, aligned in forwards if CANDIDATE_SWEEP else ():
-    for dt in ("*fp32",):
-        for block, lanes, warps in candidates:
-            # as launched on aligned rows, and (ALIGNED_BODY) on rows of an odd length and stride
-            for body, proven in ((False, aligned), (True, tuple(n for n in aligned if n.endswith("_ptr")))):
-                vec = {"*bf16": 8, "*fp32": 4}[dt]
-                k = build(kernel, {"x_ptr": dt, "r_ptr": dt, "dx_ptr": dt, "y_ptr": "*i64"},
-                          dict(consts, BLOCK_V=block, LANES_V=lanes, ALIGNED_BODY=body, VEC=vec,
-                               **both_walks(kernel, body)), warps, proven)
-                if k is None:
-                    continue
-                usage = resource_usage(k)
-                print(f"   {usage}")
-                if usage is not None and not ("STACK:0" in usage and "LOCAL:0" in usage):
-                    spilled.append(f"{kernel.__name__} {dt} {block}x{lanes}x{warps} ALIGNED_BODY={body}: {usage}")
+    for block, lanes, warps in candidates:
+        # as launched on aligned rows, and (ALIGNED_BODY) on rows of an odd length and stride
+        for body, proven in ((False, aligned), (True, tuple(n for n in aligned if n.endswith("_ptr")))):
+            k = build(kernel, {"x_ptr": SWEEP_DT, "r_ptr": SWEEP_DT, "dx_ptr": SWEEP_DT, "y_ptr": "*i64"},
+                      dict(consts, BLOCK_V=block, LANES_V=lanes, ALIGNED_BODY=body, VEC=SWEEP_VEC,
+                           **both_walks(kernel, body)), warps, proven)
+            if k is None:
+                continue
+            usage = resource_usage(k)
+            print(f"   {usage}")
+            if usage is not None and not ("STACK:0" in usage and "LOCAL:0" in usage):
+                spilled.append(f"{kernel.__name__} {SWEEP_DT} {block}x{lanes}x{warps} ALIGNED_BODY={body}: {usage}")
 if spilled:
     print("SPILLS (a forward candidate keeps state in local memory):\n" + "\n".join(spilled))
     sys.exit(1)
